@@ -290,7 +290,7 @@ def rd_points(eval_csvs: Iterable[str | Path]):
     for csv_path in map(Path, eval_csvs):
         if not csv_path.is_file():
             raise FileNotFoundError(f"evaluation CSV not found: {csv_path}")
-        frame = pd.read_csv(csv_path)
+        frame = pd.read_csv(csv_path, float_precision="round_trip")
         missing = [c for c in REQUIRED_EVAL_COLUMNS if c not in frame.columns]
         if missing:
             raise ValueError(f"{csv_path}: missing column(s) {missing}; is it an hpcm.evaluate CSV?")
@@ -337,7 +337,7 @@ def read_points(path: str | Path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"R-D points file not found: {path}")
-    table = pd.read_csv(path)
+    table = pd.read_csv(path, float_precision="round_trip")
     missing = [c for c in ("dataset", "variant", "lmbda", "bpp", "psnr") if c not in table.columns]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}")
