@@ -1,0 +1,54 @@
+"""Optimizers of the study: Cautious Adam, Balanced (FAMO / QP weighting), HierarchicalBalanced.
+
+``build_optimizer`` maps the run-config name (adam | cautious_adam | balanced | qp |
+hierarchical_balanced) to a constructed optimizer, so the training module stays a thin wiring.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+from hpcm.optim.balanced import LOG_EPS, UPDATE_MODES, WEIGHTINGS, Balanced
+from hpcm.optim.cautious_adam import CautiousAdam
+from hpcm.optim.hierarchical import HIERARCHICAL_TASKS, SEED_TASK_NAMES, HierarchicalBalanced
+from hpcm.optim.qp import qp_task_weights
+
+OPTIMIZER_NAMES = ("adam", "cautious_adam", "balanced", "qp", "hierarchical_balanced")
+
+
+def build_optimizer(
+    name: str,
+    params: Iterable,
+    lr: float,
+    *,
+    gamma: float = 0.003,
+    w_lr: float = 0.025,
+    max_norm: float = 1.0,
+    update_mode: str = "same_batch",
+    gammas: Sequence[float] = (0.008, 0.006, 0.004),
+    scale_weights: Sequence[float] = (0.3, 0.4, 0.3),
+    min_losses: float = -1.0,
+) -> torch.optim.Optimizer:
+    """One optimizer from its run-config name; unknown names raise ValueError listing the valid ones."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "cautious_adam":
+        return CautiousAdam(params, lr=lr)
+    if name in ("balanced", "qp"):
+        return Balanced(params, lr=lr, n_tasks=2, gamma=gamma, w_lr=w_lr, max_norm=max_norm,
+                        min_losses=min_losses, update_mode=update_mode,
+                        weighting="qp" if name == "qp" else "famo")
+    if name == "hierarchical_balanced":
+        g1, g2, g3 = (float(g) for g in gammas)
+        return HierarchicalBalanced(params, lr=lr, gamma_s1=g1, gamma_s2=g2, gamma_s3=g3,
+                                    w_lr=w_lr, max_norm=max_norm, scale_weights=scale_weights,
+                                    min_losses=min_losses, update_mode=update_mode)
+    raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZER_NAMES)}")
+
+
+__all__ = [
+    "Balanced", "CautiousAdam", "HierarchicalBalanced", "build_optimizer", "qp_task_weights",
+    "OPTIMIZER_NAMES", "UPDATE_MODES", "WEIGHTINGS", "HIERARCHICAL_TASKS", "SEED_TASK_NAMES", "LOG_EPS",
+]

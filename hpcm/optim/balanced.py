@@ -1,0 +1,426 @@
+"""Balanced R-D optimizer: Cautious Adam on the model plus FAMO (or QP) task weighting.
+
+Equations (research/balanced.md sections 2.2-2.4, official ``Balanced`` class):
+
+* Surrogate for the model parameters, with logits w, z = softmax(w), lower bounds m (default -1)
+  and D_i = L_i - m_i + 1e-8:   loss = (1/c) sum_i z_i log D_i,  c = sum_i z_i / D_i (detached).
+  Its gradient is the convex combination sum_i a_i grad L_i with a_i = (z_i/D_i) / c.
+* After the parameter step, with L' the losses at the new parameters:
+  delta_i = log D_i(L) - log D_i(L'),  g_w = (diag(z) - z z^T) delta + gamma * w,
+  and one torch Adam step (lr = w_lr, betas 0.9/0.999, eps 1e-8) on w.
+* The parameter step is ``CautiousAdam`` (same maths as ``Balanced.step``).
+
+Weight-update modes (``update_mode``):
+
+* ``same_batch`` (official): after ``step`` the training loop runs a second, no-grad forward
+  on the SAME batch and passes its losses to ``update_task_weights``. delta then measures only
+  the effect of the parameter step (plus fresh quantisation noise), at the cost of one extra
+  forward pass per iteration (about +20 % step time).
+* ``next_batch``: no extra forward. The next call of ``get_weighted_loss`` (next iteration,
+  next batch) first applies the pending update with that batch's losses as L'. Free, but delta
+  now also contains the difference in difficulty between two batches: noisier weights, which
+  the Adam averaging on w and gamma damp. ``update_task_weights`` must not be called.
+  ``needs_second_forward`` tells the loop which of the two it is.
+
+Non-finite task losses (or, in ``same_batch``, non-finite second-forward losses) and non-finite
+gradients skip the parameter step and the weight update; ``skipped_steps`` and
+``skipped_weight_updates`` count them. A finite loss at or below its lower bound is a
+configuration error (log of a non-positive number) and raises ``ValueError``.
+
+``weighting="qp"`` replaces FAMO by the analytic Solution-2 weights (``hpcm.optim.qp``): per-task
+gradients of the log losses, clipped QP weights, the same renormalised convex combination.
+Use ``backward_with_task_balancing`` (n backward passes); ``get_weighted_loss`` also works but
+costs one more. ``update_task_weights`` is then a no-op: the weights come from the gradients.
+
+With one task the surrogate's gradient is exactly grad L (a = 1): plain Cautious Adam.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from hpcm.io import atomic_torch_save
+from hpcm.optim.cautious_adam import CautiousAdam
+from hpcm.optim.qp import gram_matrix, qp_task_weights
+
+LOG_EPS = 1e-8  # inside the log, as in FAMO and the official code
+UPDATE_MODES = ("same_batch", "next_batch")
+WEIGHTINGS = ("famo", "qp")
+
+
+def default_task_names(n_tasks: int) -> list[str]:
+    if n_tasks == 2:
+        return ["distortion", "bpp"]
+    return [f"task{i}" for i in range(n_tasks)]
+
+
+class Balanced(CautiousAdam):
+    """Cautious Adam + FAMO task balancing with the seed API (``set_min_losses``, ...)."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        n_tasks: int = 2,
+        gamma: float = 0.003,
+        w_lr: float = 0.025,
+        max_norm: float = 1.0,
+        *,
+        min_losses: float | Sequence[float] | torch.Tensor = -1.0,
+        update_mode: str = "same_batch",
+        weighting: str = "famo",
+        cautious: bool = True,
+        task_names: Sequence[str] | None = None,
+        device: torch.device | str | None = None,
+        foreach: bool | None = None,
+    ):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         amsgrad=amsgrad, cautious=cautious, foreach=foreach)
+        if int(n_tasks) != n_tasks or n_tasks < 1:
+            raise ValueError(f"n_tasks must be a positive integer, got {n_tasks!r}")
+        if update_mode not in UPDATE_MODES:
+            raise ValueError(f"update_mode must be one of {UPDATE_MODES}, got {update_mode!r}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        if not w_lr > 0:
+            raise ValueError(f"w_lr must be > 0, got {w_lr}")
+        if not max_norm >= 0:
+            raise ValueError(f"max_norm must be >= 0 (0 disables clipping), got {max_norm}")
+        self.n_tasks = int(n_tasks)
+        self.task_names = list(task_names) if task_names is not None else default_task_names(self.n_tasks)
+        if len(self.task_names) != self.n_tasks:
+            raise ValueError(f"task_names has {len(self.task_names)} names for n_tasks={self.n_tasks}")
+        first = next((p for g in self.param_groups for p in g["params"]), None)
+        self.device = torch.device(device) if device is not None else (
+            first.device if first is not None else torch.device("cpu"))
+        self.max_norm = float(max_norm)
+        self.update_mode = update_mode
+        self.weighting = weighting
+        self.w = torch.zeros(self.n_tasks, device=self.device, requires_grad=True)
+        self.w_opt = torch.optim.Adam([self.w], lr=w_lr)
+        self.task_gammas = torch.full((self.n_tasks,), float(gamma), device=self.device)
+        self.task_modulation: torch.Tensor | None = None  # per-task factors (HierarchicalBalanced)
+        self.min_losses = torch.zeros(self.n_tasks, device=self.device)
+        self.set_min_losses(min_losses)
+        self.prev_loss: torch.Tensor | None = None
+        self.qp_weights = torch.full((self.n_tasks,), 1.0 / self.n_tasks, device=self.device)
+        self.last_effective_weights: torch.Tensor | None = None
+        self.skipped_steps = 0
+        self.skipped_weight_updates = 0
+        self._pending_update = False  # next_batch: a step was taken since prev_loss was stored
+        self._skip_next_step = False  # the current losses were non-finite
+        self._last_step_skipped = False
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def gamma(self) -> float:
+        """The logit L2 coefficient (mean over tasks when they differ, as the seed's avg_gamma)."""
+        return float(self.task_gammas.mean())
+
+    @gamma.setter
+    def gamma(self, value: float) -> None:
+        if not value >= 0:
+            raise ValueError(f"gamma must be >= 0, got {value}")
+        self.task_gammas.fill_(float(value))
+
+    @property
+    def needs_second_forward(self) -> bool:
+        """True when the loop must run the no-grad forward and call ``update_task_weights``."""
+        return self.weighting == "famo" and self.update_mode == "same_batch"
+
+    def set_min_losses(self, losses: float | Sequence[float] | torch.Tensor) -> None:
+        """Set the per-task lower bounds m (a scalar broadcasts to every task)."""
+        value = torch.as_tensor(losses, dtype=torch.float32).detach().to(self.device)
+        if value.ndim == 0:
+            value = value.expand(self.n_tasks).clone()
+        if value.shape != (self.n_tasks,):
+            raise ValueError(f"min_losses must have shape ({self.n_tasks},), got {tuple(value.shape)}")
+        if not torch.isfinite(value).all():
+            raise ValueError(f"min_losses must be finite, got {value.tolist()}")
+        self.min_losses = value
+
+    # ------------------------------------------------------------------ task weighting
+    def _task_probabilities(self) -> torch.Tensor:
+        """z = softmax(w), or the last QP weights; detached (w gets its gradient by hand)."""
+        if self.weighting == "qp":
+            return self.qp_weights
+        with torch.no_grad():
+            return F.softmax(self.w, -1)
+
+    def _surrogate_weights(self, probabilities: torch.Tensor) -> torch.Tensor:
+        if self.task_modulation is None:
+            return probabilities
+        modulated = probabilities * self.task_modulation
+        return modulated / modulated.sum()
+
+    def _check_losses(self, losses: torch.Tensor, what: str) -> torch.Tensor | None:
+        """Validate shape; return float32 losses, or None when they are not finite."""
+        if losses.shape != (self.n_tasks,):
+            raise ValueError(f"{what} must have shape ({self.n_tasks},), got {tuple(losses.shape)}")
+        if losses.dtype not in (torch.float32, torch.float64):
+            losses = losses.float()  # fp16/bf16 losses from autocast
+        detached = losses.detach()
+        finite, below = torch.stack([
+            torch.isfinite(detached).all(),
+            (detached - self.min_losses + LOG_EPS <= 0).any(),
+        ]).tolist()  # one device sync for both checks
+        if not finite:
+            return None
+        if below:
+            raise ValueError(
+                f"{what} {detached.tolist()} are at or below min_losses {self.min_losses.tolist()} "
+                f"(task names {self.task_names}); log(L - m) is undefined. Lower the bounds with "
+                "set_min_losses (the official value is -1).")
+        return losses
+
+    def get_weighted_loss(self, losses: torch.Tensor) -> torch.Tensor:
+        """The FAMO surrogate (1/c) sum_i z_i log(L_i - m_i + eps); stores prev_loss."""
+        checked = self._check_losses(losses, "task losses")
+        if self.update_mode == "next_batch" and self._pending_update:
+            self._pending_update = False
+            if checked is None:
+                self.skipped_weight_updates += 1
+            else:
+                self._apply_weight_update(checked.detach())
+        if checked is None:
+            self._skip_next_step = True
+            self.prev_loss = None
+            return losses.float().sum() * float("nan")
+        self._skip_next_step = False
+        if self.weighting == "qp":
+            self.qp_weights = self._solve_qp(checked, retain_graph=True)[0]
+        self.prev_loss = checked.detach().clone()
+        weights = self._surrogate_weights(self._task_probabilities())
+        gaps = checked - self.min_losses + LOG_EPS
+        c = (weights / gaps).sum().detach()
+        self.last_effective_weights = (weights / gaps.detach() / c).detach()
+        return (gaps.log() * weights / c).sum()
+
+    def backward_with_task_balancing(
+        self,
+        losses: torch.Tensor,
+        shared_parameters: Iterable[torch.nn.Parameter] | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Weighted loss, backward, then clip to ``max_norm`` (when parameters are given).
+
+        Returns the surrogate loss (NaN, with no backward, when the losses are not finite).
+        """
+        if self.weighting == "famo":
+            loss = self.get_weighted_loss(losses)
+            if self._skip_next_step:
+                return loss.detach()
+            loss.backward()
+        else:
+            loss = self._qp_backward(losses)
+            if self._skip_next_step:
+                return loss
+        if self.max_norm > 0 and shared_parameters is not None:
+            torch.nn.utils.clip_grad_norm_(shared_parameters, self.max_norm)
+        return loss
+
+    def update_task_weights(self, curr_loss: torch.Tensor) -> None:
+        """same_batch mode: one Adam step on the logits from the post-step losses.
+
+        Skipped (and counted) when the last step was skipped or ``curr_loss`` is not finite.
+        A no-op for ``weighting="qp"``.
+        """
+        if self.weighting == "qp":
+            return
+        if self.update_mode == "next_batch":
+            raise RuntimeError(
+                "update_task_weights is not used with update_mode='next_batch': the next "
+                "get_weighted_loss call applies the update with the next batch's losses")
+        if self._last_step_skipped:
+            self.skipped_weight_updates += 1
+            return
+        if self.prev_loss is None:  # no step taken yet: nothing to compare with (official)
+            return
+        checked = self._check_losses(curr_loss.detach(), "post-step losses")
+        if checked is None:
+            self.skipped_weight_updates += 1
+            return
+        self._apply_weight_update(checked)
+
+    def _apply_weight_update(self, curr_loss: torch.Tensor) -> None:
+        if self.prev_loss is None:
+            return
+        with torch.no_grad():
+            delta = (self.prev_loss - self.min_losses + LOG_EPS).log() - (
+                curr_loss - self.min_losses + LOG_EPS).log()
+            z = F.softmax(self.w, -1)
+            # Vector-Jacobian product of softmax: (diag(z) - z z^T) delta.
+            grad = z * (delta - (z * delta).sum())
+            grad = grad + self.task_gammas * self.w
+        self.w_opt.zero_grad()
+        self.w.grad = grad.to(self.w.dtype)
+        self.w_opt.step()
+
+    # ------------------------------------------------------------------ QP (Solution 2)
+    def _trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    def _solve_qp(self, losses: torch.Tensor, retain_graph: bool):
+        """Per-task gradients, QP weights on their log-loss versions; returns (weights, grads)."""
+        params = self._trainable_parameters()
+        gaps = (losses - self.min_losses + LOG_EPS).detach()
+        task_grads = []
+        for i in range(self.n_tasks):
+            keep = retain_graph or i < self.n_tasks - 1
+            grads = torch.autograd.grad(losses[i], params, retain_graph=keep, allow_unused=True)
+            task_grads.append(list(grads))
+        gram = gram_matrix(task_grads)
+        inv_gap = (1.0 / gaps.double()).cpu()
+        log_gram = gram * inv_gap.unsqueeze(0) * inv_gap.unsqueeze(1)
+        weights = qp_task_weights(log_gram).to(device=self.device, dtype=torch.float32)
+        return weights, task_grads
+
+    def _qp_backward(self, losses: torch.Tensor) -> torch.Tensor:
+        checked = self._check_losses(losses, "task losses")
+        if checked is None:
+            self._skip_next_step = True
+            self.prev_loss = None
+            return torch.tensor(float("nan"), device=self.device)
+        self._skip_next_step = False
+        self.qp_weights, task_grads = self._solve_qp(checked, retain_graph=False)
+        self.prev_loss = checked.detach().clone()
+        weights = self._surrogate_weights(self.qp_weights)
+        gaps = self.prev_loss - self.min_losses + LOG_EPS
+        c = (weights / gaps).sum()
+        coefficients = weights / gaps / c
+        self.last_effective_weights = coefficients
+        coefficient_list = coefficients.tolist()
+        with torch.no_grad():
+            for k, p in enumerate(self._trainable_parameters()):
+                parts = [(a, g[k]) for a, g in zip(coefficient_list, task_grads) if g[k] is not None]
+                if not parts:
+                    continue
+                combined = sum(a * g for a, g in parts)
+                p.grad = combined if p.grad is None else p.grad.add_(combined)
+            return (gaps.log() * weights / c).sum()
+
+    # ------------------------------------------------------------------ parameter step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None,
+             task_losses: torch.Tensor | None = None):
+        """Cautious Adam step; skipped when the losses or the gradients are not finite.
+
+        ``task_losses`` is accepted for the official call signature; the official code only
+        re-stores them as ``prev_loss`` (same values), which is all that happens here.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if task_losses is not None and not self._skip_next_step:
+            stored = task_losses.detach()
+            if stored.dtype not in (torch.float32, torch.float64):
+                stored = stored.float()
+            if stored.shape == (self.n_tasks,) and bool(torch.isfinite(stored).all()):
+                self.prev_loss = stored.clone()
+        if self._skip_next_step or not self._gradients_finite():
+            self._skip_next_step = False
+            self._last_step_skipped = True
+            self._pending_update = False
+            self.skipped_steps += 1
+            return loss
+        super().step()
+        self._last_step_skipped = False
+        self._pending_update = self.update_mode == "next_batch" and self.weighting == "famo"
+        return loss
+
+    def _gradients_finite(self) -> bool:
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return True
+        norms = torch._foreach_norm(grads, 2.0)
+        return bool(torch.isfinite(torch.stack([n.float().to(self.device) for n in norms])).all())
+
+    # ------------------------------------------------------------------ reporting
+    def get_task_weights(self) -> dict[str, float]:
+        """z = softmax(w) (FAMO) or the last QP weights, by task name."""
+        values = self._task_probabilities().tolist()
+        return dict(zip(self.task_names, values))
+
+    def get_effective_weights(self) -> dict[str, float]:
+        """a_i of the last surrogate: the convex coefficients of the task gradients."""
+        if self.last_effective_weights is None:
+            return {}
+        return dict(zip(self.task_names, self.last_effective_weights.tolist()))
+
+    # ------------------------------------------------------------------ state
+    def _balancing_state(self) -> dict:
+        return {
+            "n_tasks": self.n_tasks,
+            "task_names": list(self.task_names),
+            "weighting": self.weighting,
+            "update_mode": self.update_mode,
+            "max_norm": self.max_norm,
+            "w": self.w.detach().clone(),
+            "w_optimizer_state": self.w_opt.state_dict(),
+            "task_gammas": self.task_gammas.clone(),
+            "min_losses": self.min_losses.clone(),
+            "prev_loss": None if self.prev_loss is None else self.prev_loss.clone(),
+            "qp_weights": self.qp_weights.clone(),
+            "pending_update": self._pending_update,
+            "last_step_skipped": self._last_step_skipped,
+            "skipped_steps": self.skipped_steps,
+            "skipped_weight_updates": self.skipped_weight_updates,
+        }
+
+    def state_dict(self) -> dict:
+        """Model moments (torch layout) plus everything of the task weighting under 'balancing'."""
+        state = super().state_dict()
+        state["balancing"] = self._balancing_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("balancing", None)
+        if extra is None:
+            raise ValueError(
+                "optimizer state has no 'balancing' entry: it was not saved by Balanced "
+                "(a torch Adam state cannot resume Balanced; start a fresh optimizer instead)")
+        for key, mine in (("n_tasks", self.n_tasks), ("weighting", self.weighting),
+                          ("update_mode", self.update_mode)):
+            if extra[key] != mine:
+                raise ValueError(f"saved Balanced state has {key}={extra[key]!r}, this optimizer {mine!r}")
+        super().load_state_dict(state_dict)
+        self._load_balancing_state(extra)
+
+    def _load_balancing_state(self, extra: dict) -> None:
+        with torch.no_grad():
+            self.w.copy_(extra["w"].to(self.device))
+        self.w_opt.load_state_dict(extra["w_optimizer_state"])
+        self.task_gammas = extra["task_gammas"].to(self.device).clone()
+        self.min_losses = extra["min_losses"].to(self.device).clone()
+        prev = extra["prev_loss"]
+        self.prev_loss = None if prev is None else prev.to(self.device).clone()
+        self.qp_weights = extra["qp_weights"].to(self.device).clone()
+        self.max_norm = float(extra["max_norm"])
+        self._pending_update = bool(extra["pending_update"])
+        self._last_step_skipped = bool(extra["last_step_skipped"])
+        self.skipped_steps = int(extra["skipped_steps"])
+        self.skipped_weight_updates = int(extra["skipped_weight_updates"])
+
+    def save_state(self, path: str | Path) -> None:
+        """Atomically write ``state_dict()`` (the official ``balanced_state_*.pth`` role)."""
+        atomic_torch_save(self.state_dict(), path)
+
+    def load_state(self, path: str | Path) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"Balanced state file not found: {path}")
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as error:  # noqa: BLE001 - re-raised with the file name
+            raise ValueError(f"cannot read Balanced state {path}: {error}") from error
+        self.load_state_dict(state)
+

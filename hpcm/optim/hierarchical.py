@@ -1,0 +1,102 @@
+"""HierarchicalBalanced: Balanced over HPCM's 5 scale tasks (seed Phase 3).
+
+Tasks, in this order: [s1_d, s1_b, s2_d, s2_b, s3_b] (``HIERARCHICAL_TASKS``).
+
+* Per-task gammas from the three scale gammas: [g1, g1, g2, g2, g3]; the logit update is
+  g_w = (diag(z) - z z^T) delta + gammas * w (elementwise), as in the seed.
+* Scale modulation: scale_weights [a, b, c] become per-task factors [a, a, b, b, c]; the FAMO
+  probabilities are modulated and renormalised, z' = z*f / sum(z*f), and the surrogate is
+  (1/c') sum_i z'_i log D_i with c' = sum_i z'_i / D_i. The seed divides by c of the
+  UNmodulated z instead; that changes only the overall gradient scale (Adam is invariant to
+  it up to eps, and the norm clip sees it), and with c' the task gradients form a convex
+  combination exactly as in Balanced, so equal scale weights give back Balanced exactly.
+* ``get_task_weights`` / ``get_scale_contributions`` report z (unmodulated), as the seed does.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+from hpcm.optim.balanced import Balanced
+
+HIERARCHICAL_TASKS = ("s1_d", "s1_b", "s2_d", "s2_b", "s3_b")
+# Seed names of the task weights (wandb keys weights/s1_distortion, ...).
+SEED_TASK_NAMES = ("s1_distortion", "s1_bpp", "s2_distortion", "s2_bpp", "s3_bpp")
+TASK_SCALE = (0, 0, 1, 1, 2)  # which scale (s1, s2, s3) each task belongs to
+SCALES = ("s1", "s2", "s3")
+
+
+def per_task(values: Sequence[float], what: str) -> list[float]:
+    """Expand [s1, s2, s3] values to the 5 tasks: [s1, s1, s2, s2, s3]."""
+    values = [float(v) for v in values]
+    if len(values) != 3:
+        raise ValueError(f"{what} needs 3 values [s1, s2, s3], got {values}")
+    return [values[scale] for scale in TASK_SCALE]
+
+
+class HierarchicalBalanced(Balanced):
+    """Balanced with 5 scale tasks, per-scale gammas and scale modulation (seed API)."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        n_tasks: int = 5,
+        gamma_s1: float = 0.008,
+        gamma_s2: float = 0.006,
+        gamma_s3: float = 0.004,
+        w_lr: float = 0.025,
+        max_norm: float = 1.0,
+        scale_weights: Sequence[float] | None = None,
+        **kwargs,
+    ):
+        if n_tasks != 5:
+            raise ValueError(f"HierarchicalBalanced requires n_tasks=5, got {n_tasks}")
+        if kwargs.get("weighting", "famo") != "famo":
+            raise ValueError("HierarchicalBalanced supports weighting='famo' only")
+        kwargs.setdefault("task_names", SEED_TASK_NAMES)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         amsgrad=amsgrad, n_tasks=5, gamma=0.0, w_lr=w_lr,
+                         max_norm=max_norm, **kwargs)
+        self.set_scale_gammas(gamma_s1, gamma_s2, gamma_s3)
+        self.set_scale_weights([0.3, 0.4, 0.3] if scale_weights is None else scale_weights)
+
+    def set_scale_gammas(self, gamma_s1: float, gamma_s2: float, gamma_s3: float) -> None:
+        gammas = per_task([gamma_s1, gamma_s2, gamma_s3], "scale gammas")
+        if any(not g >= 0 for g in gammas):
+            raise ValueError(f"scale gammas must be >= 0, got {[gamma_s1, gamma_s2, gamma_s3]}")
+        self.task_gammas = torch.tensor(gammas, device=self.device)
+
+    @property
+    def scale_gammas(self) -> dict[str, float]:
+        return {scale: float(self.task_gammas[TASK_SCALE.index(i)]) for i, scale in enumerate(SCALES)}
+
+    def set_scale_weights(self, scale_weights: Sequence[float]) -> None:
+        factors = per_task(scale_weights, "scale_weights")
+        if any(not f > 0 for f in factors):
+            raise ValueError(f"scale_weights must be > 0, got {list(scale_weights)}")
+        self.scale_weights = [float(v) for v in scale_weights]
+        self.task_modulation = torch.tensor(factors, device=self.device)
+
+    def get_scale_contributions(self) -> dict[str, float]:
+        """Sum of z over each scale's tasks: s1 = z0 + z1, s2 = z2 + z3, s3 = z4."""
+        z = self._task_probabilities().tolist()
+        totals = [0.0, 0.0, 0.0]
+        for value, scale in zip(z, TASK_SCALE):
+            totals[scale] += value
+        return dict(zip(SCALES, totals))
+
+    def _balancing_state(self) -> dict:
+        state = super()._balancing_state()
+        state["scale_weights"] = list(self.scale_weights)
+        return state
+
+    def _load_balancing_state(self, extra: dict) -> None:
+        super()._load_balancing_state(extra)
+        self.set_scale_weights(extra["scale_weights"])
