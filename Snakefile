@@ -1,0 +1,31 @@
+# HPCM x Balanced R-D: every variant x lambda -> training -> real-bitstream evaluation -> R-D points,
+# BD-rate tables, ablation tables and plots. Run from the repository root:
+#
+#   snakemake --cores 2                                                  # the embedded demo (config.yaml)
+#   snakemake --configfile workflow/configs/paper.yaml --profile profiles/slurm   # the paper study
+#
+# The grid lives in the config (see workflow/schemas/config.schema.yaml and docs/workflow.md);
+# every rule calls one thin module of the `hpcm` package.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/analysis.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        final_outputs(),

@@ -1,0 +1,1 @@
+# Tables and plots for the HTML report (`snakemake --report results/report.html`).

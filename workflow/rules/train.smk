@@ -1,0 +1,54 @@
+# Training: one run per (variant, lambda). The run YAML holds the experiment; `--set` adds how to
+# run it (device first). Re-running an interrupted job resumes from the run's own checkpoint
+# (checkpoint_last.pth.tar is deliberately not a declared output, so Snakemake never deletes it).
+
+
+localrules:
+    run_config,
+
+
+rule run_config:
+    input:
+        unpack(sample_inputs),
+        init=init_checkpoint,
+    output:
+        "results/configs/{variant}/lmbda{lmbda}.yaml",
+    log:
+        "logs/run_config/{variant}/lmbda{lmbda}.log",
+    params:
+        run=run_config,
+    run:
+        write_run_config(output[0], params.run, log[0])
+
+
+rule train:
+    input:
+        unpack(sample_inputs),
+        config="results/configs/{variant}/lmbda{lmbda}.yaml",
+        init=init_checkpoint,
+    output:
+        # The selected weights (a hard link to epoch_best.pth.tar, tables updated), protected
+        # against accidental deletion; `done` is written last by the trainer.
+        weights=protected("results/train/{variant}/lmbda{lmbda}/final.pth.tar"),
+        done="results/train/{variant}/lmbda{lmbda}/done",
+    log:
+        "logs/train/{variant}/lmbda{lmbda}.log",
+    benchmark:
+        "results/benchmarks/train/{variant}/lmbda{lmbda}.tsv"
+    params:
+        outdir=run_dir_of,
+        settings=runtime_settings,
+        gpu_lock=gpu_lock,
+    threads: threads_of("train")
+    resources:
+        gpu=gpus_per_job,
+        mem_mb=mem_mb_of("train"),
+        runtime=runtime_of("train"),
+    retries: retries_of("train")
+    conda:
+        "../../envs/hpcm.yaml"
+    shell:
+        "{params.gpu_lock}"
+        "python -m hpcm.train --config {input.config} --output-dir {params.outdir} {params.settings} "
+        ">> {log} 2>&1 && "
+        "ln -f {params.outdir}/epoch_best.pth.tar {output.weights}"
