@@ -11,7 +11,11 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# The embedded default applies only when no --configfile is given: Snakemake would otherwise merge
+# the two (a study config would inherit the demo's variants and datasets).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
 
 
 report: "workflow/report/workflow.rst"
@@ -23,6 +27,10 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/analysis.smk"
 include: "workflow/rules/report.smk"
+
+
+onstart:
+    warn_if_gpus_unlimited()
 
 
 rule all:

@@ -157,8 +157,10 @@ def check_references(cfg, variants, lambdas):
         if name not in variants:
             raise config_error(key, f"unknown variant {name!r} (known: {', '.join(variants)})")
     for name, spec in cfg["datasets"].items():
-        if spec["kind"] != "samples" and not spec.get("source"):
-            raise config_error(f"datasets.{name}.source", f"kind {spec['kind']!r} needs a source")
+        if spec["kind"] == "folder" and not spec["source"]:
+            raise config_error(f"datasets.{name}.source", "kind 'folder' needs a source directory")
+        if spec["only"] and spec["kind"] != "kodak":
+            raise config_error(f"datasets.{name}.only", "a subset is only supported for kind 'kodak'")
 
 
 def alternatives(names):
@@ -280,6 +282,16 @@ def gpu_lock(wildcards):
     )
 
 
+def warn_if_gpus_unlimited():
+    """Locally, nothing but `--resources gpu=N` stops Snakemake from starting more GPU jobs than
+    there are GPUs; say so before the run rather than after an out-of-memory error."""
+    if config["device"] != "cpu" and workflow.local_exec and "gpu" not in workflow.global_resources:
+        logger.warning(
+            f"device is {config['device']!r} but no GPU limit was given: "
+            "pass --resources gpu=N (N = GPUs on this machine) to avoid oversubscribing them"
+        )
+
+
 def threads_of(rule_name):
     return config["compute"][rule_name]["threads"]
 
@@ -323,6 +335,17 @@ def eval_inputs(wildcards):
     return {"data": eval_dir(wildcards.dataset)}
 
 
+def prepare_args(wildcards):
+    """Arguments of `python -m hpcm.datasets prepare` for one configured dataset."""
+    spec = DATASETS[wildcards.dataset]
+    args = [spec["kind"]]
+    if spec["source"]:
+        args += ["--source", spec["source"]]
+    if spec["only"]:
+        args += ["--only", ",".join(spec["only"])]
+    return " ".join(shlex.quote(a) for a in args)
+
+
 def lookup_eval_dir(wildcards):
     return eval_dir(wildcards.dataset)
 
@@ -361,7 +384,7 @@ LAMBDAS = {fmt_lmbda(l): float(l) for l in config["lambdas"]}
 VARIANTS = resolve_variants(config)
 check_references(config, VARIANTS, LAMBDAS)
 DATASETS = config["datasets"]
-PREPARED_DATASETS = [name for name, spec in DATASETS.items() if spec["kind"] in ("kodak", "clic")]
+PREPARED_DATASETS = [n for n, spec in DATASETS.items() if spec["kind"] in ("kodak", "clic2020-professional")]
 OFFICIAL_CHECKPOINTS = {fmt_lmbda(e["lmbda"]): e["path"] for e in config["official_checkpoints"]}
 
 

@@ -1,5 +1,11 @@
 # Images: the embedded sample photos (train / val / test splits) and the checksum-verified
-# evaluation sets (Kodak, CLIC 2020 professional validation).
+# evaluation sets (Kodak, CLIC 2020 professional validation), prepared once and shared by all runs.
+# Both run on the submitting host under SLURM: they are light, and downloads need the network.
+
+
+localrules:
+    export_samples,
+    prepare_dataset,
 
 
 rule export_samples:
@@ -25,9 +31,8 @@ rule prepare_dataset:
     log:
         "logs/prepare_dataset/{dataset}.log",
     params:
-        kind=lookup(dpath="datasets/{dataset}/kind", within=config),
-        source=lookup(dpath="datasets/{dataset}/source", within=config),
+        args=prepare_args,
     conda:
         "../../envs/hpcm.yaml"
     shell:
-        "python -m hpcm.datasets prepare {params.kind} --source {params.source:q} --output {output} > {log} 2>&1"
+        "python -m hpcm.datasets prepare {params.args} --output {output} > {log} 2>&1"
