@@ -1,0 +1,35 @@
+"""Ablation presets of the seed's Phase-3 studies, as plain data (the DAG expands them into runs).
+
+Study 1 varies the scale modulation weights ``scale_weights`` [s1, s2, s3]; Study 2 varies the
+per-scale gammas ``gammas`` [s1, s2, s3]. Each entry maps a variant name to run-config overrides.
+"""
+
+from __future__ import annotations
+
+STUDY1_SCALE_WEIGHTS: dict[str, dict[str, list[float]]] = {
+    "equal": {"scale_weights": [0.33, 0.33, 0.34]},
+    "s1_emphasis": {"scale_weights": [0.5, 0.3, 0.2]},
+    "s2_emphasis": {"scale_weights": [0.3, 0.4, 0.3]},
+    "s3_emphasis": {"scale_weights": [0.2, 0.3, 0.5]},
+}
+
+STUDY2_GAMMAS: dict[str, dict[str, list[float]]] = {
+    "uniform": {"gammas": [0.006, 0.006, 0.006]},
+    "increasing": {"gammas": [0.004, 0.006, 0.008]},
+    "decreasing": {"gammas": [0.008, 0.006, 0.004]},
+}
+
+STUDIES: dict[str, dict[str, dict[str, list[float]]]] = {
+    "study1_scale_weights": STUDY1_SCALE_WEIGHTS,
+    "study2_gammas": STUDY2_GAMMAS,
+}
+
+
+def ablation_overrides(study: str, variant: str) -> dict[str, list[float]]:
+    """A copy of the run-config overrides of one ablation variant; unknown names raise ValueError."""
+    if study not in STUDIES:
+        raise ValueError(f"unknown ablation study {study!r}; valid: {', '.join(STUDIES)}")
+    variants = STUDIES[study]
+    if variant not in variants:
+        raise ValueError(f"unknown variant {variant!r} of {study}; valid: {', '.join(variants)}")
+    return {key: list(value) for key, value in variants[variant].items()}
