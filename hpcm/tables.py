@@ -1,0 +1,417 @@
+"""Ablation tables from measured results only (CSV + Markdown + LaTeX).
+
+Inputs: the R-D points (``python -m hpcm.rd points``), the training run folders (each with
+``metrics.csv`` and ``run.yaml``), optionally Snakemake benchmark TSVs of the training jobs, and
+the ``analysis`` section of the workflow config (reference variant, anchors, gains, studies).
+Nothing here is a constant: every number comes from those files, and a number that cannot be
+computed (missing lambda, non-monotonic curve, no overlap) is shown as n/a with the reason.
+
+Tables written to ``--output-dir`` as ``NAME.csv``, ``NAME.md`` and ``NAME.tex``:
+
+- ``bd_vs_<reference>``: BD-rate (%) and BD-PSNR (dB) of every variant vs the reference variant,
+  per dataset, with overlap and point counts;
+- ``bd_vs_anchor-<anchor>``: the same against each published anchor (``hpcm.anchors``);
+- ``expected_gains``: the seed's "Expected Gains" table as measured: BD-PSNR, BD-rate and the
+  convergence epoch (first epoch whose validation loss is within 1 % of the run's best, mean over
+  lambdas) of Phase 1, 2, 3 (and the reference for comparison);
+- ``<study>`` for each study (Study 1 scale weights, Study 2 gammas): BD-PSNR, BD-rate, the
+  stability figure (coefficient of variation, std/mean with ddof=1, of the training loss over
+  the last 10 % of steps, mean over lambdas) and skipped steps (sum over lambdas);
+- ``overhead``: time per step (mean ``step_time`` of the runs) and peak memory (``max_rss`` of
+  the Snakemake benchmark, MB) per optimizer and decomposition, with the ratio to plain Adam.
+
+CLI::
+
+    python -m hpcm.tables --points results/rd/points.csv --runs results/train
+        --config config.yaml --output-dir results/tables
+        [--benchmarks results/benchmarks/train] [--method pchip] [--metric psnr]
+
+``--config`` is a YAML file whose ``analysis`` key (or top level) holds ``reference``,
+``bd_method``, ``anchors`` (list of anchor names), ``gains`` (label -> variant) and ``studies``
+(name -> {title, rows: label -> variant}). Run folders are found recursively under ``--runs``
+(every folder with a ``metrics.csv``); variant and lambda come from its ``run.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+REQUIRED_METRIC_COLUMNS = ("step", "epoch", "loss", "val_loss")
+CONVERGENCE_TOLERANCE = 0.01
+STABILITY_TAIL = 0.10
+
+
+class TableError(ValueError):
+    """Bad table input; the message names the file, column or value at fault."""
+
+
+# --------------------------------------------------------------------------------------------
+# Per-run figures from metrics.csv
+# --------------------------------------------------------------------------------------------
+
+
+def read_metrics(path: str | Path):
+    """metrics.csv as a DataFrame; missing required columns are an error naming them."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise TableError(f"metrics file not found: {path}")
+    frame = pd.read_csv(path)
+    missing = [c for c in REQUIRED_METRIC_COLUMNS if c not in frame.columns]
+    if missing:
+        raise TableError(f"{path}: missing required column(s) {missing}")
+    return frame
+
+
+def convergence_epoch(metrics, tolerance: float = CONVERGENCE_TOLERANCE) -> float:
+    """First epoch whose validation loss is within ``tolerance`` of the run's best (NaN if none)."""
+    val = metrics.dropna(subset=["val_loss"]).sort_values("step")
+    if val.empty:
+        return math.nan
+    best = val["val_loss"].min()
+    # Within 1 % of the best: loss <= best + 1 % of |best| (losses are positive here).
+    hit = val[val["val_loss"] <= best + tolerance * abs(best)]
+    return float(hit["epoch"].iloc[0])
+
+
+def loss_cv(metrics, tail: float = STABILITY_TAIL) -> float:
+    """Coefficient of variation (std, ddof=1, over |mean|) of the training loss, last ``tail``."""
+    train = metrics.dropna(subset=["loss"]).sort_values("step")
+    if train.empty:
+        return math.nan
+    first, last = train["step"].iloc[0], train["step"].iloc[-1]
+    window = train[train["step"] >= last - tail * (last - first)]["loss"].to_numpy(float)
+    if window.size < 2:
+        window = train["loss"].to_numpy(float)[-2:]  # too few logged rows: the last two
+    if window.size < 2 or np.mean(window) == 0:
+        return math.nan
+    return float(np.std(window, ddof=1) / abs(np.mean(window)))
+
+
+def _last(metrics, column: str) -> float:
+    if column not in metrics.columns:
+        return math.nan
+    values = metrics[column].dropna()
+    return float(values.iloc[-1]) if len(values) else math.nan
+
+
+def _mean(metrics, column: str) -> float:
+    if column not in metrics.columns:
+        return math.nan
+    values = metrics[column].dropna()
+    return float(values.mean()) if len(values) else math.nan
+
+
+def _read_benchmark(path: Path) -> dict[str, float]:
+    import pandas as pd
+
+    if not path.is_file():
+        return {}
+    frame = pd.read_csv(path, sep="\t")
+    if "max_rss" not in frame.columns:
+        raise TableError(f"{path}: not a Snakemake benchmark file (no max_rss column)")
+    rss = pd.to_numeric(frame["max_rss"], errors="coerce")
+    seconds = pd.to_numeric(frame.get("s"), errors="coerce") if "s" in frame else None
+    return {"peak_rss_mb": float(rss.max()),
+            "job_seconds": float(seconds.mean()) if seconds is not None else math.nan}
+
+
+def load_runs(root: str | Path, benchmarks: str | Path | None = None):
+    """One row per training run under ``root``: config facts and the per-run figures."""
+    import pandas as pd
+    import yaml
+
+    root = Path(root)
+    if not root.is_dir():
+        raise TableError(f"runs folder not found: {root}")
+    rows = []
+    for metrics_path in sorted(root.rglob("metrics.csv")):
+        run_dir = metrics_path.parent
+        config: dict[str, Any] = {}
+        if (run_dir / "run.yaml").is_file():
+            loaded = yaml.safe_load((run_dir / "run.yaml").read_text()) or {}
+            config = loaded.get("config", loaded) if isinstance(loaded.get("config"), dict) \
+                else loaded
+        if "variant" not in config or "lmbda" not in config:
+            raise TableError(f"{run_dir}: run.yaml lacks 'variant' or 'lmbda'")
+        metrics = read_metrics(metrics_path)
+        rel = run_dir.relative_to(root)
+        bench = _read_benchmark(Path(benchmarks) / f"{rel}.tsv") if benchmarks else {}
+        peak_cols = [c for c in ("peak_memory_mb", "max_memory_mb") if c in metrics.columns]
+        rows.append({
+            "variant": str(config["variant"]), "lmbda": float(config["lmbda"]),
+            "optimizer": str(config.get("optimizer", "")),
+            "decomposition": str(config.get("decomposition", "")) if config.get(
+                "optimizer") == "hierarchical_balanced" else "",
+            "scale_weights": config.get("scale_weights"), "gammas": config.get("gammas"),
+            "convergence_epoch": convergence_epoch(metrics), "loss_cv": loss_cv(metrics),
+            "skipped_steps": _last(metrics, "skipped_steps"),
+            "step_time": _mean(metrics, "step_time"),
+            "peak_memory_mb": _mean(metrics, peak_cols[0]) if peak_cols else bench.get(
+                "peak_rss_mb", math.nan),
+            "best_val_loss": float(metrics["val_loss"].min()),
+            "run_dir": str(run_dir),
+        })
+    if not rows:
+        raise TableError(f"no metrics.csv under {root}")
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Table:
+    name: str
+    title: str
+    frame: Any  # pandas DataFrame with the numbers (written as CSV)
+    formats: dict[str, str]  # column -> format for Markdown/LaTeX
+    notes: list[str]
+
+
+def _cell(value: Any, fmt: str | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if fmt and isinstance(value, (int, float, np.floating, np.integer)):
+        return format(value, fmt)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(f"{v:g}" for v in value) + "]"
+    return str(value)
+
+
+def to_markdown(table: Table) -> str:
+    cols = list(table.frame.columns)
+    lines = [f"### {table.title}", "", "| " + " | ".join(cols) + " |",
+             "|" + "|".join("---" for _ in cols) + "|"]
+    for _, row in table.frame.iterrows():
+        lines.append("| " + " | ".join(_cell(row[c], table.formats.get(c)) for c in cols) + " |")
+    lines += [""] + [f"- {note}" for note in table.notes]
+    return "\n".join(lines) + "\n"
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#",
+                  "$": r"\$", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}"}
+
+
+def _latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
+
+
+def to_latex(table: Table) -> str:
+    cols = list(table.frame.columns)
+    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{_latex_escape(table.title)}}}",
+             rf"\begin{{tabular}}{{{'l' * len(cols)}}}", r"\toprule",
+             " & ".join(_latex_escape(c) for c in cols) + r" \\", r"\midrule"]
+    for _, row in table.frame.iterrows():
+        lines.append(" & ".join(_latex_escape(_cell(row[c], table.formats.get(c)))
+                                for c in cols) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    lines += [f"% {note}" for note in table.notes]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(table: Table, output_dir: str | Path) -> list[Path]:
+    from hpcm.io import atomic_write_text
+
+    output_dir = Path(output_dir)
+    paths = [output_dir / f"{table.name}.{ext}" for ext in ("csv", "md", "tex")]
+    atomic_write_text(paths[0], table.frame.to_csv(index=False))
+    atomic_write_text(paths[1], to_markdown(table))
+    atomic_write_text(paths[2], to_latex(table))
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
+# The tables
+# --------------------------------------------------------------------------------------------
+
+BD_FORMATS = {"BD-rate (%)": "+.2f", "BD-PSNR (dB)": "+.3f", "overlap (%)": ".0f"}
+
+
+def _bd_notes(bd) -> list[str]:
+    notes = [f"{r.dataset}/{r.variant}: {r.error}" for r in bd.itertuples() if r.error]
+    notes += [f"{r.dataset}/{r.variant}: low overlap ({r.overlap_rate * 100:.0f} % of the "
+              "distortion range); BD covers the overlap only"
+              for r in bd.itertuples() if r.low_overlap and not r.error]
+    return notes
+
+
+def bd_vs(points, reference: str, method: str, metric: str, anchor: str | None = None) -> Table:
+    from hpcm.rd import bd_table
+
+    curves = None
+    if anchor:
+        from hpcm.anchors import anchor_curves_by_dataset
+
+        curves = anchor_curves_by_dataset(anchor, metric)
+        reference = anchor
+    bd = bd_table(points, reference, metric, method, curves)
+    frame = bd.rename(columns={"bd_rate": "BD-rate (%)", "bd_psnr": "BD-PSNR (dB)"})
+    frame["overlap (%)"] = bd["overlap_rate"] * 100
+    frame = frame[["dataset", "variant", "BD-rate (%)", "BD-PSNR (dB)", "overlap (%)",
+                   "n_reference", "n_test"]]
+    quality = "PSNR" if metric == "psnr" else "MS-SSIM (dB)"
+    title = (f"BD-rate and BD-{quality} vs {'anchor ' if anchor else ''}{reference} "
+             f"({method})")
+    name = f"bd_vs_anchor-{anchor}" if anchor else f"bd_vs_{reference}"
+    return Table(name, title, frame, BD_FORMATS, _bd_notes(bd))
+
+
+def _bd_lookup(points, reference: str, method: str, metric: str):
+    from hpcm.rd import bd_table
+
+    bd = bd_table(points, reference, metric, method)
+    return {(r.dataset, r.variant): r for r in bd.itertuples()}, bd
+
+
+def _run_stat(runs, variant: str, column: str, how: str = "mean") -> float:
+    values = runs.loc[runs["variant"] == variant, column].dropna()
+    if values.empty:
+        return math.nan
+    return float(values.sum() if how == "sum" else values.mean())
+
+
+def expected_gains(points, runs, gains: dict[str, str], reference: str, method: str,
+                   metric: str) -> Table:
+    import pandas as pd
+
+    lookup, bd = _bd_lookup(points, reference, method, metric)
+    rows = []
+    for dataset in sorted(points["dataset"].unique()):
+        for label, variant in [(reference, reference), *gains.items()]:
+            r = lookup.get((dataset, variant))
+            is_ref = variant == reference
+            rows.append({
+                "dataset": dataset, "phase": label, "variant": variant,
+                "BD-PSNR (dB)": 0.0 if is_ref else (r.bd_psnr if r else math.nan),
+                "BD-rate (%)": 0.0 if is_ref else (r.bd_rate if r else math.nan),
+                "convergence epoch": _run_stat(runs, variant, "convergence_epoch"),
+                "lambdas": int((points[(points["dataset"] == dataset)
+                                       & (points["variant"] == variant)]).shape[0]),
+            })
+    notes = _bd_notes(bd[bd["variant"].isin(gains.values())])
+    notes.append("convergence epoch: first epoch with validation loss within 1 % of the run's "
+                 "best, mean over lambdas")
+    return Table("expected_gains", f"Expected gains as measured (vs {reference}, {method})",
+                 pd.DataFrame(rows), {**BD_FORMATS, "convergence epoch": ".1f"}, notes)
+
+
+def study_table(name: str, title: str, rows_spec: dict[str, str], points, runs, reference: str,
+                method: str, metric: str) -> Table:
+    import pandas as pd
+
+    lookup, bd = _bd_lookup(points, reference, method, metric)
+    rows = []
+    for dataset in sorted(points["dataset"].unique()):
+        for label, variant in rows_spec.items():
+            r = lookup.get((dataset, variant))
+            sel = runs[runs["variant"] == variant]
+            rows.append({
+                "dataset": dataset, "config": label, "variant": variant,
+                "scale weights": sel["scale_weights"].iloc[0] if len(sel) else None,
+                "gammas": sel["gammas"].iloc[0] if len(sel) else None,
+                "BD-PSNR (dB)": r.bd_psnr if r else math.nan,
+                "BD-rate (%)": r.bd_rate if r else math.nan,
+                "loss CV (last 10 %)": _run_stat(runs, variant, "loss_cv"),
+                "skipped steps": _run_stat(runs, variant, "skipped_steps", "sum"),
+            })
+    notes = _bd_notes(bd[bd["variant"].isin(rows_spec.values())])
+    notes.append("loss CV: std/mean (ddof=1) of the training loss over the last 10 % of steps, "
+                 "mean over lambdas; skipped steps: non-finite gradients, summed over lambdas")
+    return Table(name, f"{title} (vs {reference}, {method})", pd.DataFrame(rows),
+                 {**BD_FORMATS, "loss CV (last 10 %)": ".4f", "skipped steps": ".0f"}, notes)
+
+
+def overhead_table(runs) -> Table:
+    grouped = (runs.groupby(["optimizer", "decomposition"], sort=True)
+               .agg(runs=("variant", "size"), step_time=("step_time", "mean"),
+                    peak_memory=("peak_memory_mb", "max")).reset_index())
+    adam = grouped.loc[grouped["optimizer"] == "adam", "step_time"]
+    base = float(adam.iloc[0]) if len(adam) else math.nan
+    grouped["time vs adam"] = grouped["step_time"] / base
+    frame = grouped.rename(columns={"step_time": "time per step (s)",
+                                    "peak_memory": "peak memory (MB)"})
+    notes = ["time per step: mean of metrics.csv step_time over the runs; peak memory: max_rss "
+             "of the Snakemake benchmark of the training job (process RSS, includes data loading)"]
+    return Table("overhead", "Computational overhead per optimizer and decomposition", frame,
+                 {"time per step (s)": ".4f", "peak memory (MB)": ".0f", "time vs adam": ".2f"},
+                 notes)
+
+
+def build_all(points_path: str | Path, runs_root: str | Path, analysis: dict[str, Any],
+              output_dir: str | Path, benchmarks: str | Path | None = None,
+              method: str | None = None, metric: str = "psnr") -> list[Path]:
+    from hpcm.rd import read_points
+
+    points = read_points(points_path)
+    runs = load_runs(runs_root, benchmarks)
+    reference = analysis.get("reference", "baseline")
+    method = method or analysis.get("bd_method", "pchip")
+    tables = [bd_vs(points, reference, method, metric)]
+    tables += [bd_vs(points, reference, method, metric, anchor=a)
+               for a in analysis.get("anchors") or []]
+    if analysis.get("gains"):
+        tables.append(expected_gains(points, runs, dict(analysis["gains"]), reference, method,
+                                     metric))
+    for name, spec in (analysis.get("studies") or {}).items():
+        if "rows" not in spec:
+            raise TableError(f"analysis.studies.{name}: no 'rows' mapping label -> variant")
+        tables.append(study_table(name, spec.get("title", name), dict(spec["rows"]), points,
+                                  runs, reference, method, metric))
+    tables.append(overhead_table(runs))
+    written = []
+    for table in tables:
+        written += write_table(table, output_dir)
+    return written
+
+
+def read_analysis(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise TableError(f"config file not found: {path}")
+    doc = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(doc, dict):
+        raise TableError(f"{path}: expected a YAML mapping")
+    return doc.get("analysis", doc)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m hpcm.tables", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--points", required=True, help="R-D points CSV (hpcm.rd points)")
+    parser.add_argument("--runs", required=True, help="folder holding the training run folders")
+    parser.add_argument("--config", required=True, help="YAML with the 'analysis' section")
+    parser.add_argument("--output-dir", required=True, help="where the tables go")
+    parser.add_argument("--benchmarks", help="Snakemake benchmark folder of the training jobs")
+    parser.add_argument("--method", choices=("pchip", "akima", "cubic"),
+                        help="BD interpolation (default: analysis.bd_method, else pchip)")
+    parser.add_argument("--metric", default="psnr", choices=("psnr", "ms_ssim_db"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        written = build_all(args.points, args.runs, read_analysis(args.config), args.output_dir,
+                            args.benchmarks, args.method, args.metric)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Tables from a small synthetic set of run outputs (missing lambda, non-monotonic curve)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+bjontegaard = pytest.importorskip("bjontegaard")
+
+from hpcm import rd, tables  # noqa: E402
+
+LAMBDAS = (0.0035, 0.013, 0.0483)
+# (bpp, psnr) per lambda; the image-level rows below average exactly to these values.
+CURVES = {
+    "baseline": [(0.20, 29.0), (0.45, 32.0), (0.90, 35.0)],
+    "phase1": [(0.19, 29.2), (0.43, 32.3), (0.88, 35.2)],
+    "phase2": [(0.18, 29.3), (0.42, 32.4), (0.86, 35.4)],
+    "phase3": [(0.17, 29.5), None, (0.85, 35.5)],  # missing lambda 0.013
+    "study1_equal": [(0.19, 29.1), (0.44, 28.0), (0.90, 35.1)],  # non-monotonic
+    "study1_s1": [(0.20, 29.0), None, None],  # a single point: no curve
+}
+ANALYSIS = {
+    "reference": "baseline", "bd_method": "pchip", "anchors": [],
+    "gains": {"phase1": "phase1", "phase2": "phase2", "phase3": "phase3"},
+    "studies": {"study1": {"title": "Study 1: scale weights",
+                           "rows": {"equal": "study1_equal", "s1_emphasis": "study1_s1",
+                                    "s2_emphasis": "phase3"}}},
+}
+OPTIMIZERS = {"baseline": "adam", "phase1": "balanced", "phase2": "balanced"}
+
+
+def _val_losses(variant: str) -> list[float]:
+    # Best 2.0 at epoch 5; 2.015 (within 1 %) first reached at epoch 4 for phase runs, 5 else.
+    return [10.0, 5.0, 3.0, 2.015, 2.0, 2.1] if variant.startswith("phase") else \
+        [10.0, 5.0, 3.0, 2.5, 2.0, 2.3]
+
+
+def _write_run(root: Path, variant: str, lmbda: float, seed: int) -> np.ndarray:
+    run = root / variant / f"lmbda{lmbda}"
+    run.mkdir(parents=True)
+    optimizer = OPTIMIZERS.get(variant, "hierarchical_balanced")
+    (run / "run.yaml").write_text(
+        f"variant: {variant}\nlmbda: {lmbda}\noptimizer: {optimizer}\ndecomposition: measured\n"
+        "scale_weights: [0.3, 0.4, 0.3]\ngammas: [0.008, 0.006, 0.004]\n")
+    rng = np.random.default_rng(seed)
+    losses = 5.0 + rng.normal(0, 0.1, 60)
+    vals = iter(_val_losses(variant))
+    with open(run / "metrics.csv", "w", newline="") as handle:
+        # Optional columns (task weights, gammas, ...) left out on purpose.
+        writer = csv.writer(handle)
+        writer.writerow(["step", "epoch", "lr", "loss", "val_loss", "skipped_steps", "step_time"])
+        for step in range(1, 61):
+            writer.writerow([step, (step - 1) // 10 + 1, 1e-4, losses[step - 1], "",
+                             1 if step > 30 and variant == "phase3" else 0, 0.5])
+            if step % 10 == 0:
+                writer.writerow([step, step // 10, "", "", next(vals), "", ""])
+    return losses
+
+
+def _write_eval_csv(root: Path, variant: str, lmbda: float, bpp: float, psnr: float) -> Path:
+    path = root / "eval" / "kodak" / variant / f"lmbda{lmbda}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "variant", "lmbda", "dataset", "bpp", "psnr", "ms_ssim",
+                         "decode_ok"])
+        for k, delta in enumerate((-0.25, 0.25)):  # two images around the point
+            writer.writerow([f"img{k}.png", variant, lmbda, "kodak", bpp + delta * 0.1,
+                             psnr + delta, 0.95, True])
+    return path
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    eval_csvs, losses = [], {}
+    for seed, (variant, points) in enumerate(CURVES.items()):
+        for i, (lmbda, point) in enumerate(zip(LAMBDAS, points)):
+            losses[(variant, lmbda)] = _write_run(root / "train", variant, lmbda, seed * 10 + i)
+            if point is not None:
+                eval_csvs.append(_write_eval_csv(root, variant, lmbda, *point))
+    assert rd.main(["points", "--eval-csv", *map(str, eval_csvs), "--output",
+                    str(root / "points.csv")]) == 0
+    bench = root / "bench" / "baseline"
+    bench.mkdir(parents=True)
+    for lmbda in LAMBDAS:
+        (bench / f"lmbda{lmbda}.tsv").write_text(
+            "s\th:m:s\tmax_rss\tmax_vms\n12.5\t0:00:12\t812.5\t2000\n")
+    config = root / "config.yaml"
+    import yaml
+
+    config.write_text(yaml.safe_dump({"analysis": ANALYSIS}))
+    out = root / "tables"
+    assert tables.main(["--points", str(root / "points.csv"), "--runs", str(root / "train"),
+                        "--config", str(config), "--output-dir", str(out), "--benchmarks",
+                        str(root / "bench")]) == 0
+    return {"root": root, "out": out, "losses": losses}
+
+
+def _read(out: Path, name: str) -> list[dict]:
+    with open(out / f"{name}.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _package_bd(variant: str) -> tuple[float, float]:
+    ref = [p for p in CURVES["baseline"] if p]
+    test = [p for p in CURVES[variant] if p]
+    args = ([p[0] for p in ref], [p[1] for p in ref], [p[0] for p in test], [p[1] for p in test])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return (bjontegaard.bd_rate(*args, method="pchip", require_matching_points=False),
+                bjontegaard.bd_psnr(*args, method="pchip", require_matching_points=False))
+
+
+def test_all_formats_written(synthetic):
+    names = {p.name for p in synthetic["out"].iterdir()}
+    for table in ("bd_vs_baseline", "expected_gains", "study1", "overhead"):
+        assert {f"{table}.csv", f"{table}.md", f"{table}.tex"} <= names
+    tex = (synthetic["out"] / "expected_gains.tex").read_text()
+    assert r"\begin{tabular}" in tex and "phase1" in tex
+    md = (synthetic["out"] / "study1.md").read_text()
+    assert "| config |" in md and "n/a" in md
+
+
+def test_bd_vs_baseline_equals_package_on_the_measured_points(synthetic):
+    rows = {r["variant"]: r for r in _read(synthetic["out"], "bd_vs_baseline")}
+    for variant in ("phase1", "phase2", "phase3"):
+        expected_rate, expected_psnr = _package_bd(variant)
+        assert float(rows[variant]["BD-rate (%)"]) == pytest.approx(expected_rate, abs=1e-6)
+        assert float(rows[variant]["BD-PSNR (dB)"]) == pytest.approx(expected_psnr, abs=1e-6)
+    assert rows["phase3"]["n_test"] == "2"  # the missing lambda leaves two points
+
+
+def test_invalid_curves_are_na_with_the_reason(synthetic):
+    rows = {r["variant"]: r for r in _read(synthetic["out"], "bd_vs_baseline")}
+    assert rows["study1_equal"]["BD-rate (%)"] == ""  # NaN in the CSV
+    md = (synthetic["out"] / "bd_vs_baseline.md").read_text()
+    assert "kodak/study1_equal" in md and "not monotonic" in md
+    assert "kodak/study1_s1" in md and "needs at least 2" in md
+
+
+def test_expected_gains_convergence_epoch(synthetic):
+    rows = {r["phase"]: r for r in _read(synthetic["out"], "expected_gains")}
+    assert float(rows["phase1"]["convergence epoch"]) == 4.0
+    assert float(rows["baseline"]["convergence epoch"]) == 5.0
+    assert float(rows["baseline"]["BD-rate (%)"]) == 0.0
+    assert float(rows["phase2"]["BD-PSNR (dB)"]) == pytest.approx(_package_bd("phase2")[1],
+                                                                    abs=1e-6)
+    assert rows["phase3"]["lambdas"] == "2"
+
+
+def test_study_stability_figures(synthetic):
+    rows = {r["config"]: r for r in _read(synthetic["out"], "study1")}
+    # Independent CV: the last 10 % of the 60 steps -> steps >= 54.1 -> steps 55..60.
+    cvs = []
+    for lmbda in LAMBDAS:
+        tail = synthetic["losses"][("phase3", lmbda)][54:]
+        cvs.append(np.std(tail, ddof=1) / np.mean(tail))
+    assert float(rows["s2_emphasis"]["loss CV (last 10 %)"]) == pytest.approx(np.mean(cvs))
+    assert float(rows["s2_emphasis"]["skipped steps"]) == 3.0  # 1 per run, 3 lambdas
+    assert float(rows["equal"]["skipped steps"]) == 0.0
+
+
+def test_overhead_table(synthetic):
+    rows = {r["optimizer"]: r for r in _read(synthetic["out"], "overhead")}
+    assert float(rows["adam"]["time per step (s)"]) == pytest.approx(0.5)
+    assert float(rows["adam"]["peak memory (MB)"]) == pytest.approx(812.5)
+    assert float(rows["balanced"]["time vs adam"]) == pytest.approx(1.0)
+    assert rows["hierarchical_balanced"]["decomposition"] == "measured"
+    assert math.isnan(float(rows["balanced"]["peak memory (MB)"] or "nan"))
+
+
+def test_missing_required_metrics_column(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "metrics.csv").write_text("step,epoch,loss\n1,1,2.0\n")
+    with pytest.raises(tables.TableError, match=r"metrics.csv: missing required column\(s\) "
+                                                r"\['val_loss'\]"):
+        tables.read_metrics(run / "metrics.csv")
