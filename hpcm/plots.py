@@ -1,0 +1,293 @@
+"""Figures (PNG + PDF, matplotlib Agg): R-D curves, task weights, scale contributions, γ schedules,
+training curves. One colour per variant everywhere (``variant_color``); anchors are dashed grey.
+
+CLI::
+
+    python -m hpcm.plots all --points results/rd/points.csv --runs results/train
+        --output-dir results/plots [--anchors vtm hm ...] [--metric psnr|ms_ssim_db]
+    python -m hpcm.plots rd --points P --output-dir D [--anchors ...] [--metric ...]
+        rd_<dataset>_<metric>.{png,pdf}: every variant's measured curve (solid, markers) and the
+        published anchors of that dataset (dashed).
+    python -m hpcm.plots runs --runs R --output-dir D
+        training_lmbda<λ>.{png,pdf}: training loss (line) and validation loss (dots) vs step,
+        one colour per variant; task_weights_<variant>_lmbda<λ>: FAMO task weights vs step
+        (balanced runs); scale_contributions_<variant>_lmbda<λ>: Phase-3 s1/s2/s3 shares.
+    python -m hpcm.plots gammas --output-dir D [--total-epochs 3000]
+        gamma_schedules.{png,pdf}: the per-scale γ of every ScaleGammaManager strategy (the
+        seed's visualize_gamma_schedules); the adaptive strategy is driven by a synthetic
+        decaying, noisy scale loss (it reacts to losses, so it has no loss-free curve).
+
+Run folders (anything with ``metrics.csv``) are found recursively; variant and λ come from
+``run.yaml``. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import sys
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on cluster nodes and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from hpcm.io import atomic_write_bytes  # noqa: E402
+
+KNOWN_COLORS = {"baseline": "#222222", "phase1": "#1f77b4", "phase2": "#ff7f0e",
+                "phase2_qp": "#d62728", "phase3": "#2ca02c"}
+SCALE_COLORS = {"s1": "#1f77b4", "s2": "#ff7f0e", "s3": "#2ca02c"}
+METRIC_LABELS = {"psnr": "PSNR (dB)", "ms_ssim_db": "MS-SSIM (dB)"}
+
+
+def variant_color(variant: str) -> str:
+    """A fixed colour per variant name: the same in every figure and every run of the DAG."""
+    if variant in KNOWN_COLORS:
+        return KNOWN_COLORS[variant]
+    palette = plt.get_cmap("tab20").colors
+    index = int(hashlib.md5(variant.encode()).hexdigest(), 16) % len(palette)
+    return matplotlib.colors.to_hex(palette[index])
+
+
+def save_figure(fig, output_dir: str | Path, stem: str) -> list[Path]:
+    output_dir = Path(output_dir)
+    paths = []
+    for ext in ("png", "pdf"):
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=ext, dpi=150, bbox_inches="tight")
+        path = output_dir / f"{stem}.{ext}"
+        atomic_write_bytes(path, buffer.getvalue())
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
+# R-D curves
+# --------------------------------------------------------------------------------------------
+
+
+def plot_rd(points, output_dir: str | Path, anchors: Sequence[str] = (),
+            metric: str = "psnr") -> list[Path]:
+    from hpcm.anchors import anchor_curve, load_anchors
+
+    table = load_anchors() if anchors else None
+    written = []
+    for dataset in sorted(points["dataset"].unique()):
+        fig, ax = plt.subplots(figsize=(6.4, 4.8))
+        sel = points[points["dataset"] == dataset]
+        for variant in sorted(sel["variant"].unique()):
+            cur = sel[sel["variant"] == variant].sort_values("bpp")
+            ax.plot(cur["bpp"], cur[metric], "-o", color=variant_color(variant), label=variant,
+                    markersize=4)
+        for name in anchors:
+            try:
+                bpp, values = anchor_curve(dataset, name, metric, table)
+            except ValueError:
+                continue  # this dataset has no such published curve
+            label = table.loc[table["anchor"] == name, "label"].iloc[0]
+            ax.plot(bpp, values, "--", color="0.55", linewidth=1, label=f"{label} (published)")
+        ax.set_xlabel("Rate (bpp)")
+        ax.set_ylabel(METRIC_LABELS[metric])
+        ax.set_title(f"Rate-distortion on {dataset}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        written += save_figure(fig, output_dir, f"rd_{dataset}_{metric}")
+    return written
+
+
+# --------------------------------------------------------------------------------------------
+# Training runs
+# --------------------------------------------------------------------------------------------
+
+
+def iter_runs(root: str | Path) -> Iterable[tuple[str, float, object]]:
+    """(variant, lmbda, metrics DataFrame) of every run folder under ``root``."""
+    import pandas as pd
+    import yaml
+
+    root = Path(root)
+    found = sorted(root.rglob("metrics.csv"))
+    if not found:
+        raise FileNotFoundError(f"no metrics.csv under {root}")
+    for path in found:
+        run_yaml = path.parent / "run.yaml"
+        if not run_yaml.is_file():
+            raise FileNotFoundError(f"{path.parent}: no run.yaml (variant and lambda unknown)")
+        config = yaml.safe_load(run_yaml.read_text()) or {}
+        config = config.get("config", config) if isinstance(config.get("config"), dict) \
+            else config
+        frame = pd.read_csv(path)
+        if "step" not in frame.columns:
+            raise ValueError(f"{path}: no 'step' column")
+        yield str(config["variant"]), float(config["lmbda"]), frame
+
+
+def _lines(ax, frame, columns: Sequence[str], labels: Sequence[str], colors=None) -> bool:
+    drew = False
+    for i, (column, label) in enumerate(zip(columns, labels)):
+        if column not in frame.columns:
+            continue
+        rows = frame.dropna(subset=[column])
+        if rows.empty:
+            continue
+        ax.plot(rows["step"], rows[column], label=label,
+                color=colors[i] if colors else None)
+        drew = True
+    return drew
+
+
+TASK_COLUMNS = {
+    2: (("task_weight_distortion", "task_weight_bpp"), ("distortion", "bpp")),
+    5: (tuple(f"task_weight_{t}" for t in ("s1_distortion", "s1_bpp", "s2_distortion", "s2_bpp",
+                                          "s3_bpp")),
+        ("s1 distortion", "s1 bpp", "s2 distortion", "s2 bpp", "s3 bpp")),
+}
+
+
+def plot_runs(root: str | Path, output_dir: str | Path) -> list[Path]:
+    written = []
+    by_lambda: dict[float, list] = {}
+    for variant, lmbda, frame in iter_runs(root):
+        by_lambda.setdefault(lmbda, []).append((variant, frame))
+        for n_tasks, (columns, labels) in TASK_COLUMNS.items():
+            fig, ax = plt.subplots(figsize=(6.4, 4))
+            if _lines(ax, frame, columns, labels):
+                ax.set_xlabel("training step")
+                ax.set_ylabel("task weight (softmax, sums to 1)")
+                ax.set_title(f"Task weights: {variant}, λ={lmbda:g}")
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=8)
+                suffix = "" if n_tasks == 2 else "_scales"
+                written += save_figure(fig, output_dir,
+                                       f"task_weights{suffix}_{variant}_lmbda{lmbda:g}")
+            else:
+                plt.close(fig)
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        scales = ("s1", "s2", "s3")
+        if _lines(ax, frame, [f"scale_contribution_{s}" for s in scales], scales,
+                  [SCALE_COLORS[s] for s in scales]):
+            ax.set_xlabel("training step")
+            ax.set_ylabel("scale contribution (share of the weighted loss)")
+            ax.set_title(f"Phase 3 scale contributions: {variant}, λ={lmbda:g}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+            written += save_figure(fig, output_dir, f"scale_contributions_{variant}_lmbda{lmbda:g}")
+        else:
+            plt.close(fig)
+    for lmbda, runs in sorted(by_lambda.items()):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for variant, frame in sorted(runs, key=lambda r: r[0]):
+            color = variant_color(variant)
+            if "loss" in frame.columns:
+                train = frame.dropna(subset=["loss"])
+                ax.plot(train["step"], train["loss"], color=color, label=f"{variant} train",
+                        linewidth=1)
+            if "val_loss" in frame.columns:
+                val = frame.dropna(subset=["val_loss"])
+                ax.plot(val["step"], val["val_loss"], "o", color=color, markersize=4,
+                        label=f"{variant} val")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("loss = λ·255²·MSE + bpp")
+        ax.set_yscale("log")
+        ax.set_title(f"Training curves, λ={lmbda:g}")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, ncol=2)
+        written += save_figure(fig, output_dir, f"training_lmbda{lmbda:g}")
+    return written
+
+
+# --------------------------------------------------------------------------------------------
+# γ schedules
+# --------------------------------------------------------------------------------------------
+
+
+def gamma_trajectories(total_epochs: int = 3000, seed: int = 0) -> dict[str, np.ndarray]:
+    """strategy -> (epochs, 3) gammas of s1, s2, s3 from ``hpcm.schedules.ScaleGammaManager``."""
+    from hpcm.schedules import GAMMA_STRATEGIES, ScaleGammaManager
+
+    rng = np.random.default_rng(seed)
+    epochs = np.arange(total_epochs + 1)
+    # Synthetic scale losses for 'adaptive': decaying, noisier early (it only reacts to losses).
+    decay = np.exp(-epochs / (0.3 * total_epochs))
+    noise = rng.normal(0.0, 1.0, (epochs.size, 3)) * (0.02 + 0.1 * decay)[:, None]
+    losses = (1.0 + decay)[:, None] * np.array([1.0, 0.8, 0.6]) * (1 + noise)
+    out = {}
+    for strategy in GAMMA_STRATEGIES:
+        manager = ScaleGammaManager(strategy=strategy, total_epochs=total_epochs)
+        values = []
+        for i, epoch in enumerate(epochs):
+            scale_losses = dict(zip(("s1", "s2", "s3"), losses[i])) \
+                if strategy == "adaptive" else None
+            gammas = manager.step(float(epoch), scale_losses)
+            values.append([gammas["s1"], gammas["s2"], gammas["s3"]])
+        out[strategy] = np.asarray(values)
+    return out
+
+
+def plot_gammas(output_dir: str | Path, total_epochs: int = 3000) -> list[Path]:
+    trajectories = gamma_trajectories(total_epochs)
+    fig, axes = plt.subplots(1, len(trajectories), figsize=(4 * len(trajectories), 3.6),
+                             sharey=True)
+    epochs = np.arange(total_epochs + 1)
+    for ax, (strategy, values) in zip(np.atleast_1d(axes), trajectories.items()):
+        for k, scale in enumerate(("s1", "s2", "s3")):
+            ax.plot(epochs, values[:, k], color=SCALE_COLORS[scale], label=scale)
+        ax.set_title(strategy + (" (synthetic losses)" if strategy == "adaptive" else ""))
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].set_ylabel("γ (task-weight regularisation)")
+    np.atleast_1d(axes)[0].legend(fontsize=8)
+    fig.suptitle("ScaleGammaManager γ schedules per strategy (initial γ = 0.008 / 0.006 / 0.004)")
+    return save_figure(fig, output_dir, "gamma_schedules")
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m hpcm.plots", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands = {name: sub.add_parser(name) for name in ("all", "rd", "runs", "gammas")}
+    for name, p in commands.items():
+        p.add_argument("--output-dir", required=True)
+        if name in ("all", "rd"):
+            p.add_argument("--points", required=True, help="R-D points CSV (hpcm.rd points)")
+            p.add_argument("--anchors", nargs="*", default=[], help="published anchors to draw")
+            p.add_argument("--metric", default="psnr", choices=tuple(METRIC_LABELS))
+        if name in ("all", "runs"):
+            p.add_argument("--runs", required=True, help="folder holding the run folders")
+        if name in ("all", "gammas"):
+            p.add_argument("--total-epochs", type=int, default=3000)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    written: list[Path] = []
+    try:
+        if args.command in ("all", "rd"):
+            from hpcm.rd import read_points
+
+            written += plot_rd(read_points(args.points), args.output_dir, args.anchors,
+                               args.metric)
+        if args.command in ("all", "runs"):
+            written += plot_runs(args.runs, args.output_dir)
+        if args.command in ("all", "gammas"):
+            written += plot_gammas(args.output_dir, args.total_epochs)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
