@@ -214,7 +214,7 @@ def gamma_trajectories(total_epochs: int = 3000, seed: int = 0) -> dict[str, np.
     epochs = np.arange(total_epochs + 1)
     # Synthetic scale losses for 'adaptive': decaying, noisier early (it only reacts to losses).
     decay = np.exp(-epochs / (0.3 * total_epochs))
-    noise = rng.normal(0.0, 1.0, (epochs.size, 3)) * (0.02 + 0.1 * decay)[:, None]
+    noise = rng.normal(0.0, 1.0, (epochs.size, 3)) * (0.003 + 0.08 * decay)[:, None]
     losses = (1.0 + decay)[:, None] * np.array([1.0, 0.8, 0.6]) * (1 + noise)
     out = {}
     for strategy in GAMMA_STRATEGIES:
@@ -242,7 +242,8 @@ def plot_gammas(output_dir: str | Path, total_epochs: int = 3000) -> list[Path]:
         ax.grid(alpha=0.3)
     np.atleast_1d(axes)[0].set_ylabel("γ (task-weight regularisation)")
     np.atleast_1d(axes)[0].legend(fontsize=8)
-    fig.suptitle("ScaleGammaManager γ schedules per strategy (initial γ = 0.008 / 0.006 / 0.004)")
+    fig.suptitle("ScaleGammaManager γ schedules per strategy (initial γ = 0.008 / 0.006 / 0.004)",
+                 y=1.04)
     return save_figure(fig, output_dir, "gamma_schedules")
 
 
