@@ -1,0 +1,202 @@
+"""Overhead of the study's optimizers: time of one training step and peak memory, vs Adam.
+
+One model, one batch, every variant on its own copy of the same initial weights:
+  adam, cautious_adam, balanced (same_batch, next_batch), qp, and hierarchical_balanced with each
+  decomposition (fixed_ratio, adaptive, measured). Steps are timed round-robin (one step of each
+  variant per round) so that load drifts on a shared machine hit all variants alike; the median
+  per variant is reported with its ratio to Adam. Peak memory: CUDA max_memory_allocated per
+  variant; on CPU the peak RSS of a fresh subprocess per variant (``--no-memory`` skips it).
+
+    python benchmarks/optimizer_overhead.py --model HPCM_Tiny --batch-size 2 --patch-size 64
+
+Goals (issue 3): balanced next_batch within 3 % of Adam; hierarchical within 2 % of balanced
+(same update mode; ``--hier-mode``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hpcm.losses import build_decomposition, rate_distortion  # noqa: E402
+from hpcm.optim import Balanced, CautiousAdam, HierarchicalBalanced  # noqa: E402
+
+VARIANTS = (
+    "adam", "cautious_adam", "balanced_same_batch", "balanced_next_batch", "qp",
+    "hier_fixed_ratio", "hier_adaptive", "hier_measured",
+)
+CLIP = 1.0
+
+
+def load_model(name: str, device: torch.device) -> torch.nn.Module:
+    try:
+        from hpcm.models import build_model
+    except ImportError as error:
+        raise SystemExit(f"hpcm.models.build_model is not available ({error}); the benchmark needs the HPCM model")
+    model = build_model(name)
+    return model.to(device).train()
+
+
+def make_step(variant: str, model: torch.nn.Module, x: torch.Tensor, args) -> Callable[[], None]:
+    """A closure running one full training iteration of ``variant`` on batch ``x``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    lmbda = args.lmbda
+
+    if variant in ("adam", "cautious_adam"):
+        opt = torch.optim.Adam(params, lr=1e-4) if variant == "adam" else CautiousAdam(params, lr=1e-4)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            rate_distortion(model(x), x, lmbda)["loss"].backward()
+            norm = torch.nn.utils.clip_grad_norm_(params, CLIP)
+            if torch.isfinite(norm):  # the official HPCM loop skips non-finite batches (a sync)
+                opt.step()
+        return step
+
+    if variant.startswith("hier_"):
+        decomposition = build_decomposition(variant.removeprefix("hier_"), lmbda).to(x.device)
+        opt = HierarchicalBalanced(params, lr=1e-4, update_mode=args.hier_mode)
+
+        def task_losses():
+            out = model(x)
+            bits = model.scale_bits(out["likelihoods"]["y"]) if variant == "hier_measured" else None
+            return decomposition(out, x, bits)[0]
+    else:
+        mode = "next_batch" if variant == "balanced_next_batch" else "same_batch"
+        opt = Balanced(params, lr=1e-4, update_mode=mode, weighting="qp" if variant == "qp" else "famo")
+
+        def task_losses():
+            rd = rate_distortion(model(x), x, lmbda)
+            return torch.stack([rd["distortion"], rd["bpp_loss"]])
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        opt.backward_with_task_balancing(task_losses(), params)
+        opt.step()
+        if opt.needs_second_forward:
+            with torch.no_grad():
+                opt.update_task_weights(task_losses())
+    return step
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_variants(args, device: torch.device) -> dict[str, dict[str, float]]:
+    torch.manual_seed(0)
+    base = load_model(args.model, device)
+    x = torch.rand(args.batch_size, 3, args.patch_size, args.patch_size, device=device)
+    steps = {}
+    for variant in args.variants:
+        model = copy.deepcopy(base)
+        steps[variant] = (model, make_step(variant, model, x, args))
+    times: dict[str, list[float]] = {v: [] for v in args.variants}
+    peaks: dict[str, float] = {v: 0.0 for v in args.variants}
+    rounds = args.warmup + args.steps
+    for round_index in tqdm(range(rounds), desc="rounds", unit="round"):
+        for variant, (_, step) in steps.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            if round_index >= args.warmup:
+                times[variant].append(time.perf_counter() - start)
+            if device.type == "cuda":
+                peaks[variant] = max(peaks[variant], torch.cuda.max_memory_allocated(device) / 2**20)
+    return {v: {"median_s": statistics.median(t), "min_s": min(t), "peak_mb": peaks[v] or float("nan")}
+            for v, t in times.items()}
+
+
+def cpu_peak_rss(args, variant: str) -> float:
+    """Peak RSS (MiB) of a fresh process running two steps of one variant."""
+    command = [sys.executable, __file__, "--model", args.model, "--batch-size", str(args.batch_size),
+               "--patch-size", str(args.patch_size), "--lmbda", str(args.lmbda), "--device", "cpu",
+               "--hier-mode", args.hier_mode, "--memory-child", variant]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"memory run of {variant} failed:\n{result.stderr[-2000:]}")
+    return float(json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mb"])
+
+
+def memory_child(args) -> None:
+    torch.manual_seed(0)
+    model = load_model(args.model, torch.device("cpu"))
+    x = torch.rand(args.batch_size, 3, args.patch_size, args.patch_size)
+    step = make_step(args.memory_child, model, x, args)
+    for _ in range(2):
+        step()
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps({"peak_rss_mb": peak_kib / 1024}))
+
+
+def report(results: dict[str, dict[str, float]], args, device: torch.device) -> None:
+    adam = results.get("adam", {}).get("median_s")
+    print(f"\nmodel {args.model}, batch {args.batch_size}x3x{args.patch_size}x{args.patch_size}, "
+          f"device {device}, {args.steps} timed steps (median), torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}")
+    print(f"{'variant':<22}{'step ms':>10}{'min ms':>10}{'x Adam':>9}{'peak MiB':>11}")
+    for variant, r in results.items():
+        ratio = r["median_s"] / adam if adam else float("nan")
+        print(f"{variant:<22}{r['median_s'] * 1e3:>10.1f}{r['min_s'] * 1e3:>10.1f}{ratio:>9.3f}{r['peak_mb']:>11.1f}")
+    pairs = [("balanced_next_batch", "adam", 1.03)]
+    hier_ref = "balanced_next_batch" if args.hier_mode == "next_batch" else "balanced_same_batch"
+    pairs += [(v, hier_ref, 1.02) for v in results if v.startswith("hier_")]
+    print("\ngoals:")
+    for variant, reference, goal in pairs:
+        if variant in results and reference in results:
+            ratio = results[variant]["median_s"] / results[reference]["median_s"]
+            verdict = "met" if ratio <= goal else "NOT met"
+            print(f"  {variant} / {reference} = {ratio:.3f} (goal <= {goal:.2f}: {verdict})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="HPCM_Tiny")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--patch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--lmbda", type=float, default=0.013)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--hier-mode", choices=("same_batch", "next_batch"), default="next_batch")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--no-memory", action="store_true", help="skip the CPU peak-RSS subprocesses")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args)
+        return
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    if "adam" not in args.variants:
+        args.variants = ["adam", *args.variants]
+    results = time_variants(args, device)
+    if device.type == "cpu" and not args.no_memory:
+        for variant in tqdm(args.variants, desc="peak RSS", unit="variant"):
+            results[variant]["peak_mb"] = cpu_peak_rss(args, variant)
+    report(results, args, device)
+    if args.json:
+        from hpcm.io import atomic_write_text
+        atomic_write_text(args.json, json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
