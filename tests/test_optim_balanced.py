@@ -324,3 +324,25 @@ def test_save_state_and_load_state_files(tmp_path):
     assert torch.equal(fresh.prev_loss, opt.prev_loss)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         fresh.load_state(tmp_path / "missing.pth")
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_matches_golden_run_of_the_official_class(foreach):
+    """30 float32 steps of the official Balanced (fixture made by tests/fixtures/make_official_balanced_golden.py)."""
+    import json
+    from pathlib import Path
+
+    golden = json.loads((Path(__file__).parent / "fixtures" / "official_balanced_golden.json").read_text())
+    params = [p.float().requires_grad_(True) for p in make_params()]
+    batches = [(x.float(), y.float()) for x, y in make_batches(golden["steps"] + 1)]
+    opt = Balanced(params, lr=1e-2, gamma=0.003, w_lr=0.025, max_norm=1.0, foreach=foreach)
+    for x, y in batches[: golden["steps"]]:
+        opt.zero_grad()
+        losses = task_losses(params, x, y)
+        opt.backward_with_task_balancing(losses, params)
+        opt.step(task_losses=losses)
+        with torch.no_grad():
+            opt.update_task_weights(task_losses(params, x, y))
+    for mine, theirs in zip(params, golden["params"]):
+        torch.testing.assert_close(mine.detach().flatten(), torch.tensor(theirs), rtol=0, atol=1e-6)
+    assert opt.w.detach().tolist() == pytest.approx(golden["w"], abs=1e-6)
