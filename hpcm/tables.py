@@ -103,11 +103,13 @@ def _last(metrics, column: str) -> float:
     return float(values.iloc[-1]) if len(values) else math.nan
 
 
-def _mean(metrics, column: str) -> float:
+def _mean(metrics, column: str, how: str = "mean") -> float:
     if column not in metrics.columns:
         return math.nan
     values = metrics[column].dropna()
-    return float(values.mean()) if len(values) else math.nan
+    if values.empty:
+        return math.nan
+    return float(values.median() if how == "median" else values.mean())
 
 
 def _read_benchmark(path: Path) -> dict[str, float]:
@@ -154,7 +156,8 @@ def load_runs(root: str | Path, benchmarks: str | Path | None = None):
             "scale_weights": config.get("scale_weights"), "gammas": config.get("gammas"),
             "convergence_epoch": convergence_epoch(metrics), "loss_cv": loss_cv(metrics),
             "skipped_steps": _last(metrics, "skipped_steps"),
-            "step_time": _mean(metrics, "step_time"),
+            # median: the first logged steps include warm-up (allocations, autotuning)
+            "step_time": _mean(metrics, "step_time", "median"),
             "peak_memory_mb": _mean(metrics, peak_cols[0]) if peak_cols else bench.get(
                 "peak_rss_mb", math.nan),
             "best_val_loss": float(metrics["val_loss"].min()),
@@ -281,6 +284,16 @@ def _run_stat(runs, variant: str, column: str, how: str = "mean") -> float:
     return float(values.sum() if how == "sum" else values.mean())
 
 
+def _absent(points, runs, variants) -> list[str]:
+    notes = []
+    for variant in dict.fromkeys(variants):
+        if not (points["variant"] == variant).any():
+            notes.append(f"{variant}: no measured R-D points")
+        if not (runs["variant"] == variant).any():
+            notes.append(f"{variant}: no training run found")
+    return notes
+
+
 def expected_gains(points, runs, gains: dict[str, str], reference: str, method: str,
                    metric: str) -> Table:
     import pandas as pd
@@ -299,7 +312,7 @@ def expected_gains(points, runs, gains: dict[str, str], reference: str, method: 
                 "lambdas": int((points[(points["dataset"] == dataset)
                                        & (points["variant"] == variant)]).shape[0]),
             })
-    notes = _bd_notes(bd[bd["variant"].isin(gains.values())])
+    notes = _bd_notes(bd[bd["variant"].isin(gains.values())]) + _absent(points, runs, gains.values())
     notes.append("convergence epoch: first epoch with validation loss within 1 % of the run's "
                  "best, mean over lambdas")
     return Table("expected_gains", f"Expected gains as measured (vs {reference}, {method})",
@@ -325,7 +338,8 @@ def study_table(name: str, title: str, rows_spec: dict[str, str], points, runs, 
                 "loss CV (last 10 %)": _run_stat(runs, variant, "loss_cv"),
                 "skipped steps": _run_stat(runs, variant, "skipped_steps", "sum"),
             })
-    notes = _bd_notes(bd[bd["variant"].isin(rows_spec.values())])
+    notes = _bd_notes(bd[bd["variant"].isin(rows_spec.values())]) + _absent(points, runs,
+                                                                            rows_spec.values())
     notes.append("loss CV: std/mean (ddof=1) of the training loss over the last 10 % of steps, "
                  "mean over lambdas; skipped steps: non-finite gradients, summed over lambdas")
     return Table(name, f"{title} (vs {reference}, {method})", pd.DataFrame(rows),
@@ -341,7 +355,8 @@ def overhead_table(runs) -> Table:
     grouped["time vs adam"] = grouped["step_time"] / base
     frame = grouped.rename(columns={"step_time": "time per step (s)",
                                     "peak_memory": "peak memory (MB)"})
-    notes = ["time per step: mean of metrics.csv step_time over the runs; peak memory: max_rss "
+    notes = ["time per step: median of each run's metrics.csv step_time, averaged over the runs; "
+             "peak memory: max_rss "
              "of the Snakemake benchmark of the training job (process RSS, includes data loading)"]
     return Table("overhead", "Computational overhead per optimizer and decomposition", frame,
                  {"time per step (s)": ".4f", "peak memory (MB)": ".0f", "time vs adam": ".2f"},
