@@ -220,7 +220,7 @@ def test_non_finite_loss_skips_step_and_weight_update():
     opt.update_task_weights(task_losses(params, x, y).detach())
     assert all(torch.equal(a, b.detach()) for a, b in zip(before, params))
     assert torch.equal(w_before, opt.w.detach())
-    assert opt.skipped_steps == 1 and opt.skipped_weight_updates == 1
+    assert opt.skipped_steps == 1 and opt.skipped_weight_updates == 1 and opt.last_step_skipped
     # Training continues normally afterwards.
     opt.zero_grad()
     opt.backward_with_task_balancing(task_losses(params, x, y), params)

@@ -251,3 +251,18 @@ def test_cautious_adam_state_round_trip_is_exact(amsgrad):
             opt.step()
         return p.detach()
     assert torch.equal(run(None), run(5))
+
+
+def test_build_optimizer_names_and_gamma_property():
+    p = torch.zeros(2, requires_grad=True)
+    assert isinstance(build_optimizer("cautious_adam", [p], 1e-3), CautiousAdam)
+    hier = build_optimizer("hierarchical_balanced", [p], 1e-3, gammas=[0.004, 0.006, 0.008], scale_weights=[0.2, 0.3, 0.5])
+    assert hier.scale_gammas == pytest.approx({"s1": 0.004, "s2": 0.006, "s3": 0.008})
+    assert hier.gamma == pytest.approx(0.006)  # the seed's average gamma
+    balanced = build_optimizer("balanced", [p], 1e-3, gamma=0.001, update_mode="next_batch")
+    balanced.gamma = 0.0025
+    assert balanced.task_gammas.tolist() == pytest.approx([0.0025, 0.0025])
+    with pytest.raises(ValueError, match="gamma"):
+        balanced.gamma = -1.0
+    with pytest.raises(ValueError, match="hierarchical_balanced"):
+        build_optimizer("sgd", [p], 1e-3)

@@ -136,6 +136,11 @@ class Balanced(CautiousAdam):
         """True when the loop must run the no-grad forward and call ``update_task_weights``."""
         return self.weighting == "famo" and self.update_mode == "same_batch"
 
+    @property
+    def last_step_skipped(self) -> bool:
+        """Whether the latest ``step`` was skipped (non-finite losses or gradients)."""
+        return self._last_step_skipped
+
     def set_min_losses(self, losses: float | Sequence[float] | torch.Tensor) -> None:
         """Set the per-task lower bounds m (a scalar broadcasts to every task)."""
         value = torch.as_tensor(losses, dtype=torch.float32).detach().to(self.device)

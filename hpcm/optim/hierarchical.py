@@ -74,6 +74,15 @@ class HierarchicalBalanced(Balanced):
         self.task_gammas = torch.tensor(gammas, device=self.device)
 
     @property
+    def gamma(self) -> float:
+        """Mean of the three scale gammas (the seed's avg_gamma); setting it sets all scales."""
+        return sum(self.scale_gammas.values()) / 3
+
+    @gamma.setter
+    def gamma(self, value: float) -> None:
+        Balanced.gamma.fset(self, value)
+
+    @property
     def scale_gammas(self) -> dict[str, float]:
         return {scale: float(self.task_gammas[TASK_SCALE.index(i)]) for i, scale in enumerate(SCALES)}
 
