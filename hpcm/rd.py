@@ -24,11 +24,13 @@ Two jobs live here:
 
 CLI::
 
-    python -m hpcm.rd points --eval-csv results/eval/*/*.csv --output results/rd/points.csv
+    python -m hpcm.rd points --eval-csv results/eval/*/*/*.csv --output results/rd/points.csv
         Reads the per-image CSVs (columns variant, lmbda, dataset, bpp, psnr, ms_ssim, ...), writes
         one row per (variant, lmbda, dataset): means over images following CompressAI (PSNR
         averaged in dB, bpp and MS-SSIM averaged per image; ms_ssim_db = -10 log10(1 - mean)),
         n_images, and provenance (source CSV, its SHA-256, checkpoint). Written atomically.
+        [--curves-dir results/rd/curves]: also one CompressAI-format JSON per (dataset, variant)
+        curve, DIR/<dataset>/<variant>.json, readable by python -m compressai.utils.plot.
 
     python -m hpcm.rd bd --points results/rd/points.csv --reference baseline --output bd.csv
         [--method pchip] [--metric psnr|ms_ssim_db] [--anchor kodak/vtm]
@@ -429,10 +431,39 @@ def _write_csv(frame, path: str | Path) -> None:
     atomic_write_text(path, frame.to_csv(index=False))
 
 
+def curve_documents(points) -> dict[tuple[str, str], dict]:
+    """(dataset, variant) -> CompressAI-format JSON document of that curve, sorted by rate."""
+    docs = {}
+    for (dataset, variant), group in points.groupby(["dataset", "variant"], sort=True):
+        group = group.sort_values("bpp")
+        docs[(dataset, variant)] = {
+            "name": variant,
+            "description": f"hpcm.evaluate on {dataset} (real bitstreams)",
+            "results": {
+                "bpp": group["bpp"].tolist(), "psnr-rgb": group["psnr"].tolist(),
+                "ms-ssim-rgb": group["ms_ssim"].tolist(),
+                "encoding_time": group["encoding_time"].tolist(),
+                "decoding_time": group["decoding_time"].tolist(),
+            },
+            "meta": {"dataset": dataset, "lmbda": group["lmbda"].tolist(),
+                     "n_images": group["n_images"].tolist()},
+        }
+    return docs
+
+
 def _cmd_points(args: argparse.Namespace) -> None:
+    import json
+
+    from hpcm.io import atomic_write_text
+
     table = rd_points(args.eval_csv)
     _write_csv(table, args.output)
     print(f"wrote {len(table)} R-D point(s) to {args.output}")
+    if args.curves_dir:
+        for (dataset, variant), doc in curve_documents(table).items():
+            path = Path(args.curves_dir) / dataset / f"{variant}.json"
+            atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+        print(f"wrote one CompressAI-format curve per (dataset, variant) under {args.curves_dir}")
 
 
 def _cmd_bd(args: argparse.Namespace) -> None:
@@ -456,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("points", help="per-image evaluation CSVs -> long-format R-D points CSV")
     p.add_argument("--eval-csv", nargs="+", required=True, help="hpcm.evaluate per-image CSVs")
     p.add_argument("--output", required=True, help="points CSV to write (atomically)")
+    p.add_argument("--curves-dir", help="also write DIR/<dataset>/<variant>.json curves "
+                                        "(CompressAI format, for compressai.utils.plot)")
     p.set_defaults(func=_cmd_points)
     b = sub.add_parser("bd", help="BD-rate/BD-PSNR of every variant against a reference")
     b.add_argument("--points", required=True, help="points CSV from the 'points' command")

@@ -85,7 +85,7 @@ def synthetic(tmp_path_factory):
             if point is not None:
                 eval_csvs.append(_write_eval_csv(root, variant, lmbda, *point))
     assert rd.main(["points", "--eval-csv", *map(str, eval_csvs), "--output",
-                    str(root / "points.csv")]) == 0
+                    str(root / "points.csv"), "--curves-dir", str(root / "curves")]) == 0
     bench = root / "bench" / "baseline"
     bench.mkdir(parents=True)
     for lmbda in LAMBDAS:
@@ -182,3 +182,18 @@ def test_missing_required_metrics_column(tmp_path):
     with pytest.raises(tables.TableError, match=r"metrics.csv: missing required column\(s\) "
                                                 r"\['val_loss'\]"):
         tables.read_metrics(run / "metrics.csv")
+
+
+def test_points_and_curves_follow_compressai_aggregation(synthetic):
+    from compressai.utils.plot.__main__ import parse_json_file
+
+    points = rd.read_points(synthetic["root"] / "points.csv")
+    phase3 = points[points["variant"] == "phase3"].sort_values("bpp")
+    # Two images at psnr -/+ 0.25 dB and bpp -/+ 0.025 average back to the curve's point.
+    assert phase3["psnr"].tolist() == pytest.approx([29.5, 35.5])
+    assert phase3["bpp"].tolist() == pytest.approx([0.17, 0.85])
+    assert phase3["n_images"].tolist() == [2, 2]
+    assert (phase3["source_sha256"].str.len() == 64).all()
+    parsed = parse_json_file(synthetic["root"] / "curves" / "kodak" / "phase3.json", "psnr")
+    assert parsed["name"] == "phase3"
+    assert parsed["xs"] == pytest.approx([0.17, 0.85]) and parsed["ys"] == pytest.approx([29.5, 35.5])
