@@ -14,6 +14,13 @@ Contents (see the ``note`` column for details):
 - HPCM-Base / HPCM-Large published points (lyq133/LIC-HPCM README.md and R-D_Data.md) on Kodak,
   CLIC Pro Valid and Tecnick, PSNR models and MS-SSIM models (``*-msssim``, MS-SSIM in dB only).
 
+Caution (measured with ``python -m hpcm.anchors bd``): on Kodak the CompressAI curves reproduce
+the BD-rates of orchestration.md §4.3 and HPCM-Base/Large come out at -16.0 % / -20.0 % vs
+CompressAI's VTM (paper: -15.31 % / -19.19 % vs VTM-22.0). On CLIC the CompressAI curves are
+clearly not on HPCM's image set (CompressAI's VTM reaches 34.2 dB at 0.14 bpp, HPCM-Base 32.5 dB
+at 0.13 bpp, i.e. +49 % "BD-rate" against a paper figure of -14.23 %): never mix the two
+families in one CLIC BD number.
+
 Dataset names: ``kodak``, ``clic2020-professional``, ``tecnick``; evaluate with the same
 ``--dataset-name`` so that every BD table can use any anchor of that dataset.
 
