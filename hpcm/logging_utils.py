@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -132,7 +133,7 @@ class WandbLogger:
         if id_file.exists():
             run_id = id_file.read_text().strip()
         else:
-            run_id = wandb.util.generate_id()
+            run_id = secrets.token_hex(8)  # wandb run ids: lowercase letters and digits
             atomic_write_text(id_file, run_id + "\n")
         self.run = wandb.init(
             mode=cfg["wandb_mode"], project=cfg["wandb_project"], entity=cfg["wandb_entity"],

@@ -109,7 +109,7 @@ KEYS: dict[str, Key] = {
     "device": Key("str", "auto", "auto (CUDA when present), cpu, cuda or cuda:N"),
     "bf16": Key("bool", False, "bf16 autocast for forward passes on CUDA"),
     # bookkeeping
-    "log_every": Key("int", 100, "steps between metrics.csv/wandb rows (the only host syncs)", check=_positive,
+    "log_every": Key("int", 100, "steps between metrics.csv/wandb rows (metrics are summed on the device in between)", check=_positive,
                      constraint="must be > 0"),
     "val_every": Key("int", 1000, "steps between validations (always once at the end)", check=_positive,
                      constraint="must be > 0"),
@@ -239,6 +239,9 @@ def load_file(path: str | Path | None) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"run config {str(path)!r}: expected a mapping of key: value, got {type(data).__name__}")
+    # A run.yaml written by hpcm.train is a valid config: its ``meta`` block (versions, commit) is not.
+    if isinstance(data.get("meta"), dict):
+        data = {k: v for k, v in data.items() if k != "meta"}
     return data
 
 

@@ -49,6 +49,8 @@ from hpcm import checkpointing, data, losses, models, optim, run_config, schedul
 from hpcm.io import atomic_write_text
 from hpcm.logging_utils import SCALE_TASKS, MetricsCSV, WandbLogger, git_commit, log_line, print_err
 
+__doc__ = (__doc__ or "") + "\n" + run_config.help_text()  # every key, also in help(hpcm.train)
+
 EXIT_OK = 0
 EXIT_CRASH = 1
 EXIT_CONFIG = 2
@@ -246,6 +248,8 @@ class Run:
         """Forward pass -> (metrics dict, task vector or None for the plain-loss optimizers)."""
         with self.autocast:
             out = self.model(x)
+        if self.cfg["bf16"] and self.cuda:  # losses and bit counts in float32, whatever autocast produced
+            out = {"x_hat": out["x_hat"].float(), "likelihoods": {k: v.float() for k, v in out["likelihoods"].items()}}
         if self.decomposition is not None:
             bits = self.model.scale_bits(out["likelihoods"]["y"]) if self.cfg["decomposition"] == "measured" else None
             tasks, details = self.decomposition(out, x, scale_bits=bits)
@@ -434,7 +438,12 @@ def run_training(cfg: dict[str, Any], out: Path) -> int:
                 if problem:
                     raise run_config.ConfigError(problem)
             run.build(state)
-        except (run_config.ConfigError, data.DataConfigError, data.ImageError) as exc:
+            if state is not None and state["total_steps"] != run.total_steps:
+                raise run_config.ConfigError(
+                    f"the run length changed from {state['total_steps']} steps (checkpoint) to {run.total_steps} "
+                    f"(epochs = {cfg['epochs']!r} over {len(run.train_set)} training images); restore the data "
+                    "or use a new output directory")
+        except (run_config.ConfigError, data.DataConfigError, data.ImageError, models.CheckpointError) as exc:
             print_err(f"error: {exc}")
             return EXIT_CONFIG
         out.mkdir(parents=True, exist_ok=True)
