@@ -18,13 +18,16 @@ Tables written to ``--output-dir`` as ``NAME.csv``, ``NAME.md`` and ``NAME.tex``
   stability figure (coefficient of variation, std/mean with ddof=1, of the training loss over
   the last 10 % of steps, mean over lambdas) and skipped steps (sum over lambdas);
 - ``overhead``: time per step (mean ``step_time`` of the runs) and peak memory (``max_rss`` of
-  the Snakemake benchmark, MB) per optimizer and decomposition, with the ratio to plain Adam.
+  the Snakemake benchmark, MB) per optimizer and decomposition, with the ratio to plain Adam;
+- ``overhead_benchmark`` (with ``--overhead-json``): the same from the controlled training-step
+  benchmark ``benchmarks/optimizer_overhead.py --json FILE`` (median step time, peak memory).
 
 CLI::
 
     python -m hpcm.tables --points results/rd/points.csv --runs results/train
         --config config.yaml --output-dir results/tables
         [--benchmarks results/benchmarks/train] [--method pchip] [--metric psnr]
+        [--overhead-json benchmarks/out/optimizer_overhead.json]
 
 ``--config`` is a YAML file whose ``analysis`` key (or top level) holds ``reference``,
 ``bd_method``, ``anchors`` (list of anchor names), ``gains`` (label -> variant) and ``studies``
@@ -363,9 +366,44 @@ def overhead_table(runs) -> Table:
                  notes)
 
 
+def overhead_from_benchmark(path: str | Path) -> Table:
+    """Overhead table from ``benchmarks/optimizer_overhead.py --json`` (one model, one batch)."""
+    import json
+
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise TableError(f"benchmark file not found: {path}")
+    results = json.loads(path.read_text())
+    if not isinstance(results, dict) or "adam" not in results:
+        raise TableError(f"{path}: expected {{variant: {{median_s, peak_mb}}}} including 'adam'")
+    rows = []
+    for variant, r in results.items():
+        for key in ("median_s", "peak_mb"):
+            if key not in r:
+                raise TableError(f"{path}: variant {variant!r} lacks {key!r}")
+        if variant.startswith("hier_"):
+            optimizer, decomposition, mode = "hierarchical_balanced", variant[5:], ""
+        elif variant.startswith("balanced_"):
+            optimizer, decomposition, mode = "balanced", "", variant[len("balanced_"):]
+        else:
+            optimizer, decomposition, mode = variant, "", ""
+        rows.append({"optimizer": optimizer, "decomposition": decomposition,
+                     "update mode": mode, "time per step (s)": float(r["median_s"]),
+                     "time vs adam": float(r["median_s"]) / float(results["adam"]["median_s"]),
+                     "peak memory (MB)": float(r["peak_mb"])})
+    notes = [f"from {path.name}: median step time of one model on one batch (round-robin timing); "
+             "peak memory: CUDA max allocated, or peak RSS of a fresh process on CPU"]
+    return Table("overhead_benchmark", "Computational overhead (training-step benchmark)",
+                 pd.DataFrame(rows), {"time per step (s)": ".4f", "time vs adam": ".3f",
+                                      "peak memory (MB)": ".0f"}, notes)
+
+
 def build_all(points_path: str | Path, runs_root: str | Path, analysis: dict[str, Any],
               output_dir: str | Path, benchmarks: str | Path | None = None,
-              method: str | None = None, metric: str = "psnr") -> list[Path]:
+              method: str | None = None, metric: str = "psnr",
+              overhead_json: str | Path | None = None) -> list[Path]:
     from hpcm.rd import read_points
 
     points = read_points(points_path)
@@ -384,6 +422,8 @@ def build_all(points_path: str | Path, runs_root: str | Path, analysis: dict[str
         tables.append(study_table(name, spec.get("title", name), dict(spec["rows"]), points,
                                   runs, reference, method, metric))
     tables.append(overhead_table(runs))
+    if overhead_json:
+        tables.append(overhead_from_benchmark(overhead_json))
     written = []
     for table in tables:
         written += write_table(table, output_dir)
@@ -413,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", choices=("pchip", "akima", "cubic"),
                         help="BD interpolation (default: analysis.bd_method, else pchip)")
     parser.add_argument("--metric", default="psnr", choices=("psnr", "ms_ssim_db"))
+    parser.add_argument("--overhead-json", help="benchmarks/optimizer_overhead.py --json output")
     return parser
 
 
@@ -420,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         written = build_all(args.points, args.runs, read_analysis(args.config), args.output_dir,
-                            args.benchmarks, args.method, args.metric)
+                            args.benchmarks, args.method, args.metric, args.overhead_json)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

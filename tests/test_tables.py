@@ -197,3 +197,19 @@ def test_points_and_curves_follow_compressai_aggregation(synthetic):
     parsed = parse_json_file(synthetic["root"] / "curves" / "kodak" / "phase3.json", "psnr")
     assert parsed["name"] == "phase3"
     assert parsed["xs"] == pytest.approx([0.17, 0.85]) and parsed["ys"] == pytest.approx([29.5, 35.5])
+
+
+def test_overhead_from_the_step_benchmark(tmp_path):
+    import json
+
+    path = tmp_path / "overhead.json"
+    path.write_text(json.dumps({"adam": {"median_s": 0.2, "min_s": 0.19, "peak_mb": 100.0},
+                                "balanced_next_batch": {"median_s": 0.205, "peak_mb": 101.0},
+                                "hier_measured": {"median_s": 0.21, "peak_mb": 103.0}}))
+    frame = tables.overhead_from_benchmark(path).frame.set_index("optimizer")
+    assert frame.loc["balanced", "update mode"] == "next_batch"
+    assert frame.loc["hierarchical_balanced", "decomposition"] == "measured"
+    assert frame.loc["hierarchical_balanced", "time vs adam"] == pytest.approx(1.05)
+    path.write_text(json.dumps({"adam": {"median_s": 0.2}}))
+    with pytest.raises(tables.TableError, match="'adam' lacks 'peak_mb'"):
+        tables.overhead_from_benchmark(path)
