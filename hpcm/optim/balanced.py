@@ -167,7 +167,7 @@ class Balanced(CautiousAdam):
         return modulated / modulated.sum()
 
     def _check_losses(self, losses: torch.Tensor, what: str) -> torch.Tensor | None:
-        """Validate shape; return float32 losses, or None when they are not finite."""
+        """Validate shape; return the losses (at least fp32), or None when they are not finite."""
         if losses.shape != (self.n_tasks,):
             raise ValueError(f"{what} must have shape ({self.n_tasks},), got {tuple(losses.shape)}")
         if losses.dtype not in (torch.float32, torch.float64):
