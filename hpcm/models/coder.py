@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from compressai.ans import BufferedRansEncoder, RansDecoder
+from hpcm.models.compressai_ext import BufferedRansEncoder, RansDecoder
 
 from hpcm.models.entropy import GGM, get_scale_table
 

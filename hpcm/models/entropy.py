@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from compressai._CXX import pmf_to_quantized_cdf as _pmf_to_quantized_cdf
+from hpcm.models.compressai_ext import pmf_to_quantized_cdf as _pmf_to_quantized_cdf
 
 __all__ = [
     "GGM",
