@@ -1,0 +1,41 @@
+"""HPCM models: the official HPCM_Base / HPCM_Large, CPU presets, real entropy coding.
+
+Public API
+----------
+``build_model(name, **overrides) -> HPCM``  names: HPCM_Base, HPCM_Large, HPCM_Small, HPCM_Tiny;
+    overrides replace fields of :class:`HPCMConfig` (e.g. ``attn_windows=(2, 4, 4)``).
+``HPCM``: ``model(x)`` -> {"x_hat", "likelihoods": {"y", "z"}}; ``scale_map``, ``step_map``,
+    ``scale_bits``; ``update``, ``compress``, ``decompress``; ``pad_multiple``.
+``pad_image(x, multiple) -> (x_padded, pad)``, ``crop_image(x_padded, pad)``.
+``load_checkpoint(path, name=None, map_location="cpu")``, ``save_checkpoint(model, path, **extra)``.
+"""
+
+from __future__ import annotations
+
+from hpcm.models.checkpoint import CheckpointError, infer_model_name, load_checkpoint, save_checkpoint
+from hpcm.models.hpcm import HPCM
+from hpcm.models.padding import crop_image, pad_image
+from hpcm.models.presets import PRESETS, HPCMConfig, preset_config
+
+MODEL_NAMES = tuple(PRESETS)
+
+
+def build_model(name: str, **overrides) -> HPCM:
+    """A freshly initialised HPCM of preset ``name`` (unknown name -> ValueError listing the valid ones)."""
+    return HPCM(preset_config(name, **overrides), name=name)
+
+
+__all__ = [
+    "HPCM",
+    "HPCMConfig",
+    "MODEL_NAMES",
+    "PRESETS",
+    "CheckpointError",
+    "build_model",
+    "crop_image",
+    "infer_model_name",
+    "load_checkpoint",
+    "pad_image",
+    "preset_config",
+    "save_checkpoint",
+]
