@@ -71,6 +71,14 @@ def _read_state(path: Path, map_location: Any) -> dict[str, Any]:
     return state
 
 
+def model_weights_of_training_state(path: str | Path) -> dict[str, torch.Tensor] | None:
+    """The model state dict inside a training checkpoint of this project, or None for any other file."""
+    try:
+        return _read_state(Path(path), "cpu")["model"]
+    except Exception:  # not ours (or unreadable): the caller reports its own error
+        return None
+
+
 def load_latest_state(run_dir: str | Path, map_location: Any = "cpu") -> dict[str, Any] | None:
     """The newest valid training state in ``run_dir``, or None when there is none at all.
 

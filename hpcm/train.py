@@ -94,6 +94,24 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def load_initial_model(path: str, name: str) -> torch.nn.Module:
+    """Weights to fine-tune from: official raw state dicts, epoch_best files, or a training checkpoint."""
+    try:
+        return models.load_checkpoint(path, name=name)
+    except models.CheckpointError:
+        weights = checkpointing.model_weights_of_training_state(path)
+        if weights is None:
+            raise
+        model = models.build_model(name)
+        for key, param in model.named_parameters():  # name the first misfit, not a page of keys
+            if key not in weights or weights[key].shape != param.shape:
+                found = tuple(weights[key].shape) if key in weights else "missing"
+                raise models.CheckpointError(f"{path} does not fit {name}: parameter {key!r} is {found}, "
+                                             f"the model expects {tuple(param.shape)}") from None
+        model.load_state_dict(weights)
+        return model
+
+
 def seed_everything(seed: int) -> None:
     import random
 
@@ -107,7 +125,7 @@ def seed_everything(seed: int) -> None:
 # ----------------------------------------------------------------------------- the pieces of a run
 
 class Run:
-    """Everything one training run wires together; ``Run.start`` builds it, ``train`` runs it."""
+    """Everything one training run wires together: ``open_data``, then ``build`` (fresh or from a state)."""
 
     def __init__(self, cfg: dict[str, Any], out: Path):
         self.cfg, self.out = cfg, out
@@ -135,7 +153,7 @@ class Run:
         seed_everything(cfg["seed"])
         if state is None and cfg["init_checkpoint"]:
             # Phase 2 fine-tuning: official raw state dicts and project files alike; fresh optimizer.
-            self.model = models.load_checkpoint(cfg["init_checkpoint"], name=cfg["model"])
+            self.model = load_initial_model(cfg["init_checkpoint"], cfg["model"])
         else:
             self.model = models.build_model(cfg["model"])
         if cfg["patch_size"] % self.model.pad_multiple:

@@ -202,6 +202,21 @@ def test_fine_tuning_from_an_official_layout_checkpoint(tmp_path):
     assert math.isfinite(float(metrics["loss"].detach())) and run.skipped_steps() == 0
 
 
+def test_fine_tuning_from_a_project_training_checkpoint_and_a_misfit(tmp_path, capsys):
+    torch.manual_seed(7)
+    source = models.build_model("HPCM_Tiny")
+    checkpointing.save_training_state(tmp_path / "old", {"step": 3, "model": source.state_dict(), "optimizer": {},
+                                                         "config": {}})
+    path = tmp_path / "old" / checkpointing.CHECKPOINT_LAST
+    run = make_run(tmp_path / "ft", init_checkpoint=str(path))
+    for key, value in source.named_parameters():
+        assert torch.equal(run.model.state_dict()[key], value.detach()), key
+    code = train.main(cli_args(tmp_path / "misfit", steps=1, model="HPCM_Small", patch_size=128,
+                               init_checkpoint=str(path)))
+    assert code == train.EXIT_CONFIG
+    assert f"{path} does not fit HPCM_Small: parameter" in capsys.readouterr().err
+
+
 def test_sigterm_to_the_process_group_saves_and_exits_with_the_documented_code(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
