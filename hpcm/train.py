@@ -416,8 +416,9 @@ def train(run: Run, stop: StopFlag) -> int:
             if row is not None:
                 metrics_csv.write(row)
                 wandb_logger.log(row, step)
-                bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", bpp=f"{row.get('bpp', float('nan')):.4f}",
-                                psnr=f"{row.get('psnr', float('nan')):.2f}", refresh=False)
+                if "loss" in row:  # validation-only rows carry no training loss
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", bpp=f"{row['bpp']:.4f}", psnr=f"{row['psnr']:.2f}",
+                                    refresh=False)
                 if cfg["quiet"]:
                     print_err(log_line(row, run.total_steps))
             if step % cfg["checkpoint_every"] == 0 or last or stop.signum is not None:
