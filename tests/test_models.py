@@ -7,7 +7,7 @@ import torch
 
 from hpcm.models import MODEL_NAMES, build_model, crop_image, pad_image
 from hpcm.models.hpcm import _Quantizer
-from tests.fixtures.hpcm_support import golden, init_like_golden
+from tests.fixtures.hpcm_support import golden, init_like_golden, single_thread
 
 # hpcm.md section 1.4, written out independently of the implementation: per channel group of M/8,
 # the s1 point and the three s2-only points as (row mod 4, col mod 4).
@@ -38,13 +38,7 @@ def closed_form_scale_map(M: int, H: int, W: int) -> torch.Tensor:
     return out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP barriers with 2 threads were >10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 
 
 @pytest.fixture(scope="module")

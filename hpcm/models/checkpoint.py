@@ -103,6 +103,8 @@ def infer_model_name(state: Mapping[str, Tensor]) -> str:
 def load_checkpoint(path: str | os.PathLike, name: str | None = None, map_location="cpu") -> HPCM:
     """Build the model of ``name`` (inferred when None) and load the weights in ``path``."""
     path = os.fspath(path)
+    if name is not None:
+        preset_config(name)  # unknown name -> ValueError listing the valid ones, before any I/O
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
