@@ -15,7 +15,7 @@ min_version("9.0")
 # the two (a study config would inherit the demo's variants and datasets).
 if not workflow.overwrite_configfiles:
 
-    configfile: "config.yaml"
+    configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
 report: "workflow/report/workflow.rst"

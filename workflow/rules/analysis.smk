@@ -1,37 +1,55 @@
-# Phase 4 analysis: R-D points from every evaluation, BD-rate / BD-PSNR tables against the
-# reference variant and the published anchors.
+# Phase 4 analysis: R-D points from every evaluation, then every table (BD-rate / BD-PSNR against
+# the reference variant and the published anchors, expected gains, the ablation studies, the
+# optimizer overhead) from measured files only.
 
 
 localrules:
     rd_points,
-    bd_table,
+    analysis_config,
+    tables,
 
 
 rule rd_points:
     input:
         all_eval_csvs(),
     output:
-        "results/rd/points.csv",
+        points="results/rd/points.csv",
     log:
         "logs/rd_points/points.log",
     conda:
         "../../envs/hpcm.yaml"
     shell:
-        "python -m hpcm.rd points --eval-csv {input} --output {output} > {log} 2>&1"
+        "python -m hpcm.rd points --eval-csv {input} --output {output.points} > {log} 2>&1"
 
 
-rule bd_table:
-    input:
-        "results/rd/points.csv",
+rule analysis_config:
     output:
-        "results/rd/bd_vs_{target}.csv",
+        "results/configs/analysis.yaml",
     log:
-        "logs/bd_table/{target}.log",
+        "logs/analysis_config/analysis.log",
     params:
-        against=bd_against,
+        analysis=config["analysis"],
+    run:
+        write_yaml(output[0], {"analysis": params.analysis}, log[0])
+
+
+rule tables:
+    input:
+        points="results/rd/points.csv",
+        analysis="results/configs/analysis.yaml",
+        runs=all_done_markers(),
+    output:
+        table_outputs(),
+    log:
+        "logs/tables/tables.log",
+    params:
+        runs=runs_root,
+        benchmarks=TRAIN_BENCHMARKS_DIR,
+        outdir=tables_dir,
         method=config["analysis"]["bd_method"],
     conda:
         "../../envs/hpcm.yaml"
     shell:
-        "python -m hpcm.rd bd --points {input} {params.against} --method {params.method} "
-        "--output {output} > {log} 2>&1"
+        "python -m hpcm.tables --points {input.points} --runs {params.runs} --config {input.analysis} "
+        "--benchmarks {params.benchmarks} --method {params.method} --output-dir {params.outdir} "
+        "> {log} 2>&1"

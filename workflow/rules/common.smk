@@ -56,6 +56,9 @@ TRAINING_RUNTIME_KEYS = (
     "quiet",
 )
 SAMPLES_DIR = "results/data/samples"
+RUNS_DIR = "results/train"
+TABLES_DIR = "results/tables"
+TRAIN_BENCHMARKS_DIR = "results/benchmarks/train"
 
 
 def config_error(key, message):
@@ -174,7 +177,7 @@ def alternatives(names):
 # Paths
 # ---------------------------------------------------------------------------------------------
 def run_dir(variant, lmbda):
-    return f"results/train/{variant}/lmbda{lmbda}"
+    return f"{RUNS_DIR}/{variant}/lmbda{lmbda}"
 
 
 def final_weights(variant, lmbda):
@@ -317,17 +320,6 @@ def retries_of(rule_name):
     return config["compute"][rule_name]["retries"]
 
 
-def write_run_config(path, run, log_path):
-    """Write the run YAML. Not atomic on purpose: Snakemake marks an interrupted job's outputs
-    incomplete and regenerates them (--rerun-incomplete), so a torn file is never used."""
-    import yaml
-
-    with open(path, "w") as handle:
-        yaml.safe_dump(run, handle, sort_keys=False)
-    with open(log_path, "w") as handle:
-        handle.write(f"wrote {path}: {run}\n")
-
-
 def eval_inputs(wildcards):
     """The evaluation images as an input when the DAG makes them (samples, kodak, clic)."""
     if DATASETS[wildcards.dataset]["kind"] == "folder":
@@ -358,21 +350,62 @@ def all_eval_csvs():
     ]
 
 
-def bd_targets():
-    """The reference variant and every configured anchor."""
-    return [config["analysis"]["reference"]] + [f"anchor-{a}" for a in config["analysis"]["anchors"]]
+def all_done_markers():
+    return [f"{run_dir(variant, lmbda)}/done" for variant, lmbda in all_runs()]
 
 
-def bd_against(wildcards):
-    target = wildcards.target
-    if target.startswith("anchor-"):
-        return f"--anchor {shlex.quote(target[len('anchor-'):])}"
-    return f"--reference {shlex.quote(target)}"
+def table_names():
+    """The tables `python -m hpcm.tables` writes for this config (see its docstring)."""
+    analysis = config["analysis"]
+    names = [f"bd_vs_{analysis['reference']}"]
+    names += [f"bd_vs_anchor-{anchor}" for anchor in analysis["anchors"]]
+    names += ["expected_gains"] if analysis["gains"] else []
+    names += list(analysis["studies"])
+    return names + ["overhead"]
+
+
+def table_outputs():
+    """Every table as CSV (in the report), Markdown and LaTeX."""
+    outputs = []
+    for name in table_names():
+        caption = "../report/table_bd.rst" if name.startswith("bd_vs_") else f"../report/table_{table_kind(name)}.rst"
+        outputs.append(report(f"{TABLES_DIR}/{name}.csv", caption=caption, category="Tables"))
+        outputs += [f"{TABLES_DIR}/{name}.md", f"{TABLES_DIR}/{name}.tex"]
+    return outputs
+
+
+def table_kind(name):
+    return name if name in ("expected_gains", "overhead") else "study"
+
+
+def runs_root(wildcards, input):
+    """results/train, from the run markers results/train/<variant>/lmbda<l>/done."""
+    return os.path.dirname(os.path.dirname(os.path.dirname(input.runs[0])))
+
+
+def tables_dir(wildcards, output):
+    return os.path.dirname(output[0])
+
+
+def parent_of_png(wildcards, output):
+    return os.path.dirname(output.png)
+
+
+def write_yaml(path, content, log_path):
+    """Write a small YAML file from a `run:` rule. Not atomic on purpose: Snakemake marks an
+    interrupted job's outputs incomplete and regenerates them (--rerun-incomplete)."""
+    import yaml
+
+    with open(path, "w") as handle:
+        yaml.safe_dump(content, handle, sort_keys=False)
+    with open(log_path, "w") as handle:
+        handle.write(f"wrote {path}\n")
 
 
 def final_outputs():
     targets = all_eval_csvs()
-    targets += [f"results/rd/bd_vs_{t}.csv" for t in bd_targets()]
+    targets += [f"{TABLES_DIR}/{name}.{ext}" for name in table_names() for ext in ("csv", "md", "tex")]
+    targets += ["results/plots/rd", "results/plots/runs", "results/plots/gamma_schedules.png"]
     return targets
 
 
@@ -392,4 +425,3 @@ wildcard_constraints:
     variant=alternatives(VARIANTS),
     lmbda=alternatives(LAMBDAS),
     dataset=alternatives(DATASETS),
-    target=alternatives(bd_targets()),

@@ -30,4 +30,5 @@ rule evaluate:
         "{params.gpu_lock}"
         "python -m hpcm.evaluate --checkpoint {input.weights} --dataset {params.data:q} "
         "--output {output.csv} --json {output.json} --dataset-name {wildcards.dataset} "
-        "--model {params.model} --device {params.device} > {log} 2>&1"
+        "--model {params.model} --variant {wildcards.variant} --lmbda {wildcards.lmbda} "
+        "--device {params.device} > {log} 2>&1"

@@ -1,1 +1,69 @@
-# Tables and plots for the HTML report (`snakemake --report results/report.html`).
+# Figures for the HTML report (`snakemake --report results/report.html`): R-D curves with the
+# anchors, training curves, task weights, Phase-3 scale contributions, gamma schedules. The file
+# names depend on the runs (one task-weight figure per balanced run), so the per-run figures are
+# directory outputs that the report lists by pattern.
+
+
+localrules:
+    plot_rd,
+    plot_runs,
+    plot_gammas,
+
+
+rule plot_rd:
+    input:
+        points="results/rd/points.csv",
+    output:
+        report(
+            directory("results/plots/rd"),
+            patterns=["{name}.png"],
+            caption="../report/plot_rd.rst",
+            category="R-D curves",
+        ),
+    log:
+        "logs/plot_rd/plots.log",
+    params:
+        anchors=config["analysis"]["anchors"],
+    conda:
+        "../../envs/hpcm.yaml"
+    shell:
+        "python -m hpcm.plots rd --points {input.points} --anchors {params.anchors} "
+        "--output-dir {output} > {log} 2>&1"
+
+
+rule plot_runs:
+    input:
+        runs=all_done_markers(),
+    output:
+        report(
+            directory("results/plots/runs"),
+            patterns=["{name}.png"],
+            caption="../report/plot_runs.rst",
+            category="Training",
+        ),
+    log:
+        "logs/plot_runs/plots.log",
+    params:
+        runs=runs_root,
+    conda:
+        "../../envs/hpcm.yaml"
+    shell:
+        "python -m hpcm.plots runs --runs {params.runs} --output-dir {output} > {log} 2>&1"
+
+
+rule plot_gammas:
+    output:
+        png=report(
+            "results/plots/gamma_schedules.png",
+            caption="../report/plot_gammas.rst",
+            category="Gamma schedules",
+        ),
+        pdf="results/plots/gamma_schedules.pdf",
+    log:
+        "logs/plot_gammas/plots.log",
+    params:
+        outdir=parent_of_png,
+    conda:
+        "../../envs/hpcm.yaml"
+    shell:
+        "python -m hpcm.plots gammas --output-dir {params.outdir} > {log} 2>&1"

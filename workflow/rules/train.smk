@@ -18,7 +18,7 @@ rule run_config:
     params:
         run=run_config,
     run:
-        write_run_config(output[0], params.run, log[0])
+        write_yaml(output[0], params.run, log[0])
 
 
 rule train:
