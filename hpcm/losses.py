@@ -201,8 +201,9 @@ class MeasuredHierarchicalLoss(nn.Module):
         return torch.stack(tasks), _details(rd, tasks)
 
     def _check_rate(self, scale_total: torch.Tensor, y_bpp: torch.Tensor) -> None:
-        # A wrong scale map would silently break "tasks sum to the R-D loss"; one sync to be sure.
-        scale_value, y_value = float(scale_total), float(y_bpp)
+        # A wrong scale map would silently break "tasks sum to the R-D loss"; one sync (both
+        # values in a single transfer) to be sure.
+        scale_value, y_value = torch.stack([scale_total.double(), y_bpp.double()]).tolist()
         if abs(scale_value - y_value) > self.rate_rtol * max(abs(y_value), 1e-12):
             raise ValueError(
                 f"scale_bits sum to {scale_value:.6g} bpp but the y likelihoods give {y_value:.6g} bpp; "

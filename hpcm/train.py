@@ -283,7 +283,7 @@ class Run:
         if self.balanced:
             optimizer.backward_with_task_balancing(tasks, self.params)
             optimizer.step(task_losses=tasks)
-            if optimizer.needs_second_forward and not optimizer._last_step_skipped:
+            if optimizer.needs_second_forward and not optimizer.last_step_skipped:
                 # official same_batch update: losses of the updated model on the same batch
                 with torch.no_grad():
                     _, new_tasks = self.objective(x)

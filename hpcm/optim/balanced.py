@@ -324,13 +324,21 @@ class Balanced(CautiousAdam):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        stored = None
         if task_losses is not None and not self._skip_next_step:
             stored = task_losses.detach()
             if stored.dtype not in (torch.float32, torch.float64):
                 stored = stored.float()
-            if stored.shape == (self.n_tasks,) and bool(torch.isfinite(stored).all()):
+            if stored.shape != (self.n_tasks,):
+                stored = None
+        if self._skip_next_step:
+            gradients_finite = False
+        else:
+            # One host synchronisation for both checks (gradients, and the re-stored losses).
+            gradients_finite, losses_finite = self._finite_flags(stored)
+            if losses_finite:
                 self.prev_loss = stored.clone()
-        if self._skip_next_step or not self._gradients_finite():
+        if not gradients_finite:
             self._skip_next_step = False
             self._last_step_skipped = True
             self._pending_update = False
@@ -341,12 +349,20 @@ class Balanced(CautiousAdam):
         self._pending_update = self.update_mode == "next_batch" and self.weighting == "famo"
         return loss
 
-    def _gradients_finite(self) -> bool:
+    def _finite_flags(self, losses: torch.Tensor | None) -> tuple[bool, bool]:
+        """(all gradients finite, ``losses`` given and finite), read with a single device sync."""
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
-            return True
-        norms = torch._foreach_norm(grads, 2.0)
-        return bool(torch.isfinite(torch.stack([n.float().to(self.device) for n in norms])).all())
+        flags = []
+        if grads:
+            # A norm is finite exactly when every element is; one list kernel per device.
+            norms = torch._foreach_norm(grads, 2.0)
+            flags.append(torch.isfinite(torch.stack([n.float().to(self.device) for n in norms])).all())
+        else:
+            flags.append(torch.ones((), dtype=torch.bool, device=self.device))
+        if losses is not None:
+            flags.append(torch.isfinite(losses.to(self.device)).all())
+        values = torch.stack(flags).tolist()
+        return bool(values[0]), len(values) > 1 and bool(values[1])
 
     # ------------------------------------------------------------------ reporting
     def get_task_weights(self) -> dict[str, float]:

@@ -100,17 +100,24 @@ class CautiousAdam(Optimizer):
             steps.append(state["step"])
         if not params:
             return
-        use_foreach = group["foreach"]
-        if use_foreach is None:
-            # The fused list kernels need one dtype across params, grads and moments.
-            use_foreach = all(p.dtype == g.dtype == m.dtype for p, g, m in zip(params, grads, exp_avgs))
-        update = _foreach_update if use_foreach else _single_tensor_update
-        update(
-            params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps,
+        options = dict(
             amsgrad=group["amsgrad"], cautious=group["cautious"],
             beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"],
             weight_decay=group["weight_decay"], eps=group["eps"],
         )
+        if group["foreach"] is False:
+            _single_tensor_update(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, **options)
+            return
+        # The list kernels need one device and one dtype across params, grads and moments.
+        buckets: dict[tuple, list[int]] = {}
+        for i, (p, g, m) in enumerate(zip(params, grads, exp_avgs)):
+            buckets.setdefault((p.device, p.dtype, g.dtype, m.dtype), []).append(i)
+        for (_, p_dtype, g_dtype, m_dtype), index in buckets.items():
+            pick = lambda items: [items[i] for i in index]  # noqa: E731
+            mixed = not p_dtype == g_dtype == m_dtype  # e.g. fp16 params with fp32 moments
+            update = _single_tensor_update if mixed else _foreach_update
+            update(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
+                   pick(max_sqs) if max_sqs else [], pick(steps), **options)
 
 
 def _single_tensor_update(
@@ -143,12 +150,21 @@ def _single_tensor_update(
 def _foreach_update(
     params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, *,
     amsgrad: bool, cautious: bool, beta1: float, beta2: float, lr: float,
-    weight_decay: float, eps: float,
+    weight_decay: float, eps: float, host_scales: bool | None = None,
 ) -> None:
-    """Same maths on tensor lists: a few fused kernels instead of ~10 launches per tensor.
+    """Same maths on tensor lists: a few list kernels instead of ~10 launches per tensor.
 
-    No host synchronisation: the per-tensor mask means stay on the device.
+    Bitwise equal to ``_single_tensor_update``: every element sees the same IEEE operations in
+    the same order. Two rewrites are exact: the mask mean is count/numel (a sum of 0/1 values
+    is exact below 2^24 elements per tensor, as torch's mean is sum/numel), and
+    m * (phi * s) is computed as (m * s) * phi (phi is exactly 0 or 1, so both round once).
+
+    ``host_scales`` (default: on CPU only) reads the per-tensor rescales as Python floats, which
+    is free on CPU and lets each rescale be a scalar argument; on an accelerator they stay on the
+    device (no host synchronisation) and multiply as 0-dim tensors.
     """
+    if host_scales is None:
+        host_scales = params[0].device.type == "cpu"
     if weight_decay != 0:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
     torch._foreach_mul_(exp_avgs, beta1)
@@ -158,25 +174,33 @@ def _foreach_update(
     if amsgrad:
         torch._foreach_maximum_(max_sqs, exp_avg_sqs)
     denom = torch._foreach_sqrt(max_sqs if amsgrad else exp_avg_sqs)
-    torch._foreach_div_(denom, [math.sqrt(1 - beta2**s) for s in steps])
+    # One scalar when every tensor is at the same step (the usual case): a scalar list costs a
+    # wrapped-tensor copy per tensor on CPU.
+    same_step = len(set(steps)) == 1
+    torch._foreach_div_(denom, math.sqrt(1 - beta2**steps[0]) if same_step
+                        else [math.sqrt(1 - beta2**s) for s in steps])
     torch._foreach_add_(denom, eps)
     if cautious:
         # phi = 1[m*g > 0] computed as clamp(sign(m*g), 0): exactly 0 or 1.
-        direction = torch._foreach_mul(exp_avgs, grads)
-        torch._foreach_sign_(direction)
-        torch._foreach_clamp_min_(direction, 0.0)
-        # The L1 norm of a 0/1 tensor is its count of ones (exact below 2^24 elements per tensor).
-        counts = torch.stack(torch._foreach_norm(direction, 1))
-        numels = torch.tensor([d.numel() for d in direction], dtype=counts.dtype, device=counts.device)
+        mask = torch._foreach_mul(exp_avgs, grads)
+        torch._foreach_sign_(mask)
+        torch._foreach_clamp_min_(mask, 0.0)
+        if host_scales:  # per-tensor sums are cheaper than the generic norm kernel on CPU
+            counts = torch.stack([m.sum() for m in mask])
+        else:  # the L1 norm of a 0/1 tensor is its count of ones (one fused kernel on CUDA)
+            counts = torch.stack(torch._foreach_norm(mask, 1))
+        numels = torch.tensor([m.numel() for m in mask], dtype=counts.dtype, device=counts.device)
         scales = (1 / (counts / numels).clamp_(min=MASK_MEAN_FLOOR)).clamp_(max=MASK_SCALE_CAP)
-        torch._foreach_mul_(direction, list(scales.unbind(0)))
-        torch._foreach_mul_(direction, exp_avgs)
+        direction = torch._foreach_mul(exp_avgs, scales.tolist() if host_scales else list(scales.unbind(0)))
+        torch._foreach_mul_(direction, mask)
+        del mask
     else:
         direction = torch._foreach_mul(exp_avgs, 1.0)
     torch._foreach_div_(direction, denom)
-    step_sizes = [lr / (1 - beta1**s) for s in steps]
-    if len(set(step_sizes)) == 1:
-        torch._foreach_add_(params, direction, alpha=-step_sizes[0])
-    else:
-        torch._foreach_mul_(direction, [-s for s in step_sizes])
-        torch._foreach_add_(params, direction)
+    if same_step:
+        torch._foreach_add_(params, direction, alpha=-(lr / (1 - beta1**steps[0])))
+    else:  # one call per distinct step: add with alpha rounds like the per-tensor path
+        for step in sorted(set(steps)):
+            index = [i for i, s in enumerate(steps) if s == step]
+            torch._foreach_add_([params[i] for i in index], [direction[i] for i in index],
+                                alpha=-(lr / (1 - beta1**step)))
