@@ -4,7 +4,9 @@ A run directory keeps two generations of the full training state: ``checkpoint_l
 (newest) and ``checkpoint_prev.pth.tar`` (the one before). Saving rotates last -> prev and then
 writes the new last atomically (``hpcm.io``: temporary file, fsync, rename), so at every instant at
 least one complete checkpoint exists. Resuming takes the newest checkpoint that loads and carries
-the expected format tag; an unreadable newest one falls back to the previous with a warning.
+the expected format tag; an unreadable newest one falls back to the previous with a warning and
+is renamed aside to ``checkpoint_last.corrupt`` (so the next save cannot rotate it over the only
+valid generation in ``checkpoint_prev``).
 
 ``epoch_best.pth.tar`` is different on purpose: a raw model state dict in the official HPCM layout
 (what ``hpcm.evaluate`` and the official ``test.py`` load), with the entropy-coder tables built.
@@ -26,6 +28,7 @@ from hpcm.io import atomic_torch_save
 
 CHECKPOINT_LAST = "checkpoint_last.pth.tar"
 CHECKPOINT_PREV = "checkpoint_prev.pth.tar"
+CHECKPOINT_CORRUPT = "checkpoint_last.corrupt"
 BEST_MODEL = "epoch_best.pth.tar"
 BEST_BALANCED_STATE = "balanced_state_best.pth"
 STATE_FORMAT = "hpcm-train-state/1"
@@ -100,8 +103,14 @@ def load_latest_state(run_dir: str | Path, map_location: Any = "cpu") -> dict[st
         raise RuntimeError("no readable training checkpoint in {}:\n  {}".format(run_dir, "\n  ".join(problems)))
     path, state = max(loaded, key=lambda item: item[1]["step"])
     if problems:
-        warnings.warn("ignoring unreadable checkpoint(s):\n  {}\nresuming from {} (step {})".format(
-            "\n  ".join(problems), path, state["step"]), stacklevel=2)
+        moved = ""
+        last = run_dir / CHECKPOINT_LAST
+        if last.exists() and all(p != last for p, _ in loaded):
+            # The next save rotates last -> prev: a corrupt last must not replace the valid prev.
+            os.replace(last, run_dir / CHECKPOINT_CORRUPT)
+            moved = f"\nmoved the unreadable {last.name} aside to {CHECKPOINT_CORRUPT}"
+        warnings.warn("ignoring unreadable checkpoint(s):\n  {}\nresuming from {} (step {}){}".format(
+            "\n  ".join(problems), path, state["step"], moved), stacklevel=2)
     state["_path"] = str(path)
     return state
 

@@ -49,6 +49,23 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous_with_a_warning(tmp_pat
     assert loaded["step"] == 1
 
 
+def test_saving_after_a_fallback_keeps_the_valid_previous_checkpoint(tmp_path):
+    checkpointing.save_training_state(tmp_path, state(1))
+    checkpointing.save_training_state(tmp_path, state(2))
+    (tmp_path / checkpointing.CHECKPOINT_LAST).write_bytes(b"\x00" * 100)
+    with pytest.warns(UserWarning, match="aside to checkpoint_last.corrupt"):
+        resumed = checkpointing.load_latest_state(tmp_path)
+    assert resumed["step"] == 1
+    assert (tmp_path / "checkpoint_last.corrupt").read_bytes() == b"\x00" * 100
+    # The resumed run saves step 2 again: the generation it resumed from must survive as prev.
+    checkpointing.save_training_state(tmp_path, state(2))
+    prev = torch.load(tmp_path / checkpointing.CHECKPOINT_PREV, weights_only=False)
+    assert prev["step"] == 1
+    (tmp_path / checkpointing.CHECKPOINT_LAST).write_bytes(b"broken again")  # and a second crash
+    with pytest.warns(UserWarning):
+        assert checkpointing.load_latest_state(tmp_path)["step"] == 1
+
+
 def test_every_checkpoint_corrupt_is_an_error_not_a_fresh_start(tmp_path):
     (tmp_path / checkpointing.CHECKPOINT_LAST).write_bytes(b"broken")
     with pytest.raises(RuntimeError, match="no readable training checkpoint"):
