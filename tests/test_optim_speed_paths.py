@@ -6,6 +6,8 @@ count/numel, m*(phi*s) as (m*s)*phi); both are exact, so the two paths must agre
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
@@ -31,16 +33,19 @@ def run_steps(params, opt, steps: int, seed: int = 1, skip_first_grad_until: int
         opt.step()
 
 
+@pytest.mark.parametrize("fast", [True, None], ids=["foreach", "flat"])
 @pytest.mark.parametrize("cautious", [True, False])
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_foreach_path_equals_single_tensor_path_bitwise(cautious, amsgrad, weight_decay):
+@pytest.mark.parametrize("skip", [0, 3], ids=["same_steps", "differing_steps"])
+def test_fast_paths_equal_single_tensor_path_bitwise(fast, cautious, amsgrad, weight_decay, skip):
+    """foreach=True: list kernels; None (default on CPU): flat buffers while steps agree."""
     results = []
-    for foreach in (False, True):
+    for foreach in (False, fast):
         params = make_params()
         opt = CautiousAdam(params, lr=1e-2, weight_decay=weight_decay, amsgrad=amsgrad,
                            cautious=cautious, foreach=foreach)
-        run_steps(params, opt, steps=12, skip_first_grad_until=3)
+        run_steps(params, opt, steps=12, skip_first_grad_until=skip)
         results.append((params, opt))
     (p_single, o_single), (p_foreach, o_foreach) = results
     for a, b in zip(p_single, p_foreach):
@@ -91,3 +96,50 @@ def test_balanced_step_single_sync_keeps_skip_behaviour():
     assert opt.last_step_skipped and opt.skipped_steps == 1
     assert torch.equal(opt.prev_loss, losses)  # non-finite task_losses are not stored
     assert all(torch.equal(a, b.detach()) for a, b in zip(before, params))
+
+
+def test_flat_path_state_dict_resume_equals_uninterrupted():
+    """Moments are views into flat buffers; a saved and reloaded state continues identically."""
+    reference = make_params()
+    run_steps(reference, CautiousAdam(reference, lr=1e-2), steps=10, seed=5)
+    first = make_params()
+    opt = CautiousAdam(first, lr=1e-2)
+    generator_steps = 4
+    run_steps(first, opt, steps=generator_steps, seed=5)
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach() for p in first], "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    resumed = [p.clone().requires_grad_(True) for p in saved["params"]]
+    opt2 = CautiousAdam(resumed, lr=1e-2)
+    opt2.load_state_dict(saved["opt"])
+    # replay the same gradient stream: skip the first generator_steps draws
+    generator = torch.Generator().manual_seed(5)
+    for t in range(10):
+        grads = []
+        for p in resumed:
+            grad = torch.randn(p.shape, generator=generator, dtype=torch.float32)
+            grad[..., 0] = 0.0
+            grads.append(grad)
+        if t < generator_steps:
+            continue
+        for p, g in zip(resumed, grads):
+            p.grad = g
+        opt2.step()
+    assert all(torch.equal(a, b) for a, b in zip(reference, resumed))
+    # the state entries stay per-parameter tensors of the parameter's shape
+    assert all(opt2.state[p]["exp_avg"].shape == p.shape for p in resumed)
+
+
+def test_flat_path_follows_replaced_state_entries():
+    """A state entry replaced from outside is copied into fresh buffers, not silently ignored."""
+    params, reference = make_params(), make_params()
+    opt, opt_ref = CautiousAdam(params, lr=1e-2), CautiousAdam(reference, lr=1e-2, foreach=False)
+    run_steps(params, opt, steps=3)
+    run_steps(reference, opt_ref, steps=3)
+    for p, q in zip(params, reference):
+        opt.state[p]["exp_avg"] = opt.state[p]["exp_avg"].clone() * 0.5
+        opt_ref.state[q]["exp_avg"].mul_(0.5)
+    run_steps(params, opt, steps=3, seed=2)
+    run_steps(reference, opt_ref, steps=3, seed=2)
+    assert all(torch.equal(a, b) for a, b in zip(reference, params))

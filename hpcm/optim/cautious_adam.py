@@ -24,6 +24,8 @@ from typing import Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
+from hpcm.optim.cautious_flat import MOMENT_KEYS, FlatMoments, build_flat_moments, flat_update
+
 # Constants of the official code: the mask mean is clamped below, the rescale capped above.
 MASK_MEAN_FLOOR = 1e-3
 MASK_SCALE_CAP = 10.0
@@ -112,12 +114,30 @@ class CautiousAdam(Optimizer):
         buckets: dict[tuple, list[int]] = {}
         for i, (p, g, m) in enumerate(zip(params, grads, exp_avgs)):
             buckets.setdefault((p.device, p.dtype, g.dtype, m.dtype), []).append(i)
-        for (_, p_dtype, g_dtype, m_dtype), index in buckets.items():
+        for key, index in buckets.items():
+            device, p_dtype, g_dtype, m_dtype = key
             pick = lambda items: [items[i] for i in index]  # noqa: E731
-            mixed = not p_dtype == g_dtype == m_dtype  # e.g. fp16 params with fp32 moments
-            update = _single_tensor_update if mixed else _foreach_update
+            if not p_dtype == g_dtype == m_dtype:  # e.g. fp16 params with fp32 moments
+                update = _single_tensor_update
+            elif group["foreach"] is None and device.type == "cpu" and len(set(pick(steps))) == 1:
+                self._flat_step(key, pick(params), pick(grads), pick(steps)[0], options)
+                continue
+            else:
+                update = _foreach_update
             update(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
                    pick(max_sqs) if max_sqs else [], pick(steps), **options)
+
+    def _flat_step(self, key: tuple, params: list, grads: list, step: int, options: dict) -> None:
+        """CPU default: the bucket's moments in one flat buffer (see ``cautious_flat``)."""
+        if not hasattr(self, "_flat_moments"):
+            self._flat_moments: dict[tuple, FlatMoments] = {}
+        states = [self.state[p] for p in params]
+        keys = MOMENT_KEYS if options["amsgrad"] else MOMENT_KEYS[:2]
+        flat = self._flat_moments.get(key)
+        if flat is None or flat.params != tuple(id(p) for p in params) or not flat.owns(states, keys):
+            flat = self._flat_moments[key] = build_flat_moments(params, states, keys)
+        flat_update(flat, params, grads, step, mask_mean_floor=MASK_MEAN_FLOOR,
+                    mask_scale_cap=MASK_SCALE_CAP, **options)
 
 
 def _single_tensor_update(
