@@ -44,7 +44,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -91,19 +91,24 @@ def anchor_curve(dataset: str, anchor: str, metric: str = "psnr",
     return rows["bpp"].to_numpy(float), rows[metric].to_numpy(float)
 
 
-def anchor_curves_by_dataset(anchor: str, metric: str = "psnr",
-                             table=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Every dataset's curve of ``anchor`` (datasets without it are left out)."""
+def anchor_curves_by_dataset(anchor: str, metric: str = "psnr", table=None,
+                             datasets: Iterable[str] = ()
+                             ) -> dict[str, tuple[np.ndarray, np.ndarray] | str]:
+    """Every dataset's curve of ``anchor``, or the reason it has none, as a string.
+
+    Covers the datasets the anchor is published on plus ``datasets`` (those being compared), so a
+    BD table can show an n/a row with the reason instead of silently dropping a dataset.
+    """
     table = load_anchors() if table is None else table
-    datasets = sorted(table.loc[table["anchor"] == anchor, "dataset"].unique())
-    if not datasets:
+    published = set(table.loc[table["anchor"] == anchor, "dataset"].unique())
+    if not published:
         raise ValueError(f"unknown anchor {anchor!r}; available: {anchor_names(None, table)}")
-    curves = {}
-    for dataset in datasets:
+    curves: dict[str, tuple[np.ndarray, np.ndarray] | str] = {}
+    for dataset in sorted(published | set(datasets)):
         try:
             curves[dataset] = anchor_curve(dataset, anchor, metric, table)
-        except ValueError:
-            continue  # e.g. an MS-SSIM-only anchor asked for PSNR
+        except ValueError as err:  # not on this dataset, or e.g. MS-SSIM only and PSNR asked
+            curves[dataset] = str(err)
     return curves
 
 

@@ -264,20 +264,31 @@ def dataset_means(results: Sequence[ImageResult]) -> dict[str, float]:
                                        "dec_time")}
 
 
+def _json_safe(value: Any) -> Any:
+    """NaN/inf -> None (JSON null): ``json`` would otherwise write bare NaN, which is not JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def compressai_json(results: Sequence[ImageResult], name: str, meta: dict[str, Any]) -> dict:
+    """CompressAI's results document. A metric with no measured value (e.g. MS-SSIM of images
+    under 161 px) is left out of ``results`` and named in ``meta.not_measured``: CompressAI's
+    plot cannot read a null there, and a made-up number would be worse."""
     means = dataset_means(results)
+    measured = {"psnr-rgb": means["psnr"], "ms-ssim-rgb": means["ms_ssim"], "bpp": means["bpp"],
+                "encoding_time": means["enc_time"], "decoding_time": means["dec_time"]}
     return {
         "name": name,
         "description": "Inference (ans)",
-        "results": {
-            "psnr-rgb": [means["psnr"]],
-            "ms-ssim-rgb": [means["ms_ssim"]],
-            "bpp": [means["bpp"]],
-            "encoding_time": [means["enc_time"]],
-            "decoding_time": [means["dec_time"]],
-        },
-        "meta": {**meta, "bpp_est": means["bpp_est"], "n_images": len(results),
-                 "decode_ok": all(r.decode_ok for r in results)},
+        "results": {k: [v] for k, v in measured.items() if not math.isnan(v)},
+        "meta": _json_safe({**meta, "bpp_est": means["bpp_est"], "n_images": len(results),
+                            "decode_ok": all(r.decode_ok for r in results),
+                            "not_measured": [k for k, v in measured.items() if math.isnan(v)]}),
     }
 
 
@@ -326,7 +337,7 @@ def evaluate(checkpoint: str | Path, dataset: str | Path, output: str | Path,
     if json_path:
         label = f"{meta['model']}-{meta['variant'] or 'model'}-lmbda{meta['lmbda']:g}"
         doc = compressai_json(results, label, {**meta, "dataset_dir": str(dataset)})
-        atomic_write_text(json_path, json.dumps(doc, indent=2) + "\n")
+        atomic_write_text(json_path, json.dumps(doc, indent=2, allow_nan=False) + "\n")
     return results
 
 

@@ -275,7 +275,9 @@ def _sha256(path: Path) -> str:
 
 
 def ms_ssim_to_db(value: float) -> float:
-    """CompressAI's convention: -10 log10(1 - MS-SSIM)."""
+    """CompressAI's convention: -10 log10(1 - MS-SSIM); NaN (not measured) stays NaN."""
+    if math.isnan(value):
+        return math.nan
     return -10.0 * math.log10(1.0 - value) if value < 1.0 else math.inf
 
 
@@ -301,6 +303,10 @@ def rd_points(eval_csvs: Iterable[str | Path]):
         digest = _sha256(csv_path)
         for key, group in frame.groupby(list(POINT_KEYS), sort=True, dropna=False):
             key = (str(key[0]), str(key[1]), float(key[2]))
+            if math.isnan(key[2]):
+                raise ValueError(f"{csv_path}: empty lmbda for variant {key[1]!r} on {key[0]!r} "
+                                 "(evaluated without a run.yaml beside the checkpoint?); an R-D "
+                                 "point needs its lambda")
             if key in seen:
                 raise ValueError(f"point (dataset={key[0]}, variant={key[1]}, lmbda={key[2]}) "
                                  f"appears in both {seen[key]} and {csv_path}")
@@ -392,21 +398,30 @@ def bd_row(dataset: str, variant: str, reference: str, ref_curve, test_curve, me
 
 
 def bd_table(points, reference: str, metric: str = "psnr", method: str = "pchip",
-             anchor_curves: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+             anchor_curves: dict[str, tuple[np.ndarray, np.ndarray] | str] | None = None,
              variants: Sequence[str] | None = None):
     """BD of every variant (except the reference) per dataset.
 
     ``reference`` is a variant name in ``points`` unless ``anchor_curves`` maps dataset -> curve
-    (a published anchor), in which case every variant is compared with that curve.
+    (a published anchor), in which case every variant is compared with that curve; a dataset
+    mapped to a string instead of a curve (or absent from the mapping) has no such anchor: its
+    variants get n/a rows with that string (or a generic reason) as the error.
     """
     import pandas as pd
 
     rows = []
     for dataset in sorted(points["dataset"].unique()):
         if anchor_curves is not None:
-            if dataset not in anchor_curves:
+            ref = anchor_curves.get(dataset, f"no {reference!r} curve for dataset {dataset!r}")
+            if isinstance(ref, str):  # no anchor here: n/a rows that say why, not silence
+                names = variants or sorted(points.loc[points["dataset"] == dataset,
+                                                      "variant"].unique())
+                for variant in names:
+                    n_test = curve(points, dataset, variant, metric)[0].size
+                    rows.append(asdict(BDRow(dataset, variant, reference, metric, method,
+                                             math.nan, math.nan, math.nan, math.nan, False, 0,
+                                             n_test, ref)))
                 continue
-            ref = anchor_curves[dataset]
         else:
             ref = curve(points, dataset, reference, metric)
             if ref[0].size == 0:
@@ -473,7 +488,8 @@ def _cmd_bd(args: argparse.Namespace) -> None:
     if args.anchor:
         from hpcm.anchors import anchor_curves_by_dataset
 
-        anchor_curves = anchor_curves_by_dataset(args.anchor, args.metric)
+        anchor_curves = anchor_curves_by_dataset(args.anchor, args.metric,
+                                                 datasets=points["dataset"].unique())
         reference = args.anchor
     table = bd_table(points, reference, args.metric, args.method, anchor_curves)
     _write_csv(table, args.output)

@@ -259,7 +259,7 @@ def bd_vs(points, reference: str, method: str, metric: str, anchor: str | None =
     if anchor:
         from hpcm.anchors import anchor_curves_by_dataset
 
-        curves = anchor_curves_by_dataset(anchor, metric)
+        curves = anchor_curves_by_dataset(anchor, metric, datasets=points["dataset"].unique())
         reference = anchor
     bd = bd_table(points, reference, metric, method, curves)
     frame = bd.rename(columns={"bd_rate": "BD-rate (%)", "bd_psnr": "BD-PSNR (dB)"})

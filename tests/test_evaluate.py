@@ -85,12 +85,32 @@ def test_bpp_counts_bitstream_bytes_over_original_pixels(run):
     assert int(run["rows"][1]["bytes_y"]) + int(run["rows"][1]["bytes_z"]) == n_bytes
 
 
+def _decode_here(run_dir: Path, original: np.ndarray) -> np.ndarray:
+    """Compress and decode ``original`` with the checkpoint, outside hpcm.evaluate: 8-bit RGB."""
+    from hpcm.models import load_checkpoint
+
+    model = load_checkpoint(run_dir / "epoch_best.pth.tar", "HPCM_Tiny")
+    model.update(force=True)
+    x = torch.from_numpy(original.astype(np.float32) / 255).permute(2, 0, 1)[None]
+    multiple = model.pad_multiple
+    height, width = x.shape[-2:]
+    # CompressAI's convention: zero padding centred on the image.
+    extra_h, extra_w = -height % multiple, -width % multiple
+    top, left = extra_h // 2, extra_w // 2
+    padded = torch.nn.functional.pad(x, (left, extra_w - left, top, extra_h - top))
+    with torch.no_grad():
+        enc = model.compress(padded)
+        decoded = model.decompress(enc["strings"], enc["shape"])["x_hat"]
+    decoded = decoded[..., top:top + height, left:left + width].clamp(0, 1)
+    return (decoded[0].permute(1, 2, 0).numpy().astype(np.float64) * 255).round()
+
+
 def test_psnr_and_ms_ssim_on_8bit_output_match_independent_computation(run):
     from pytorch_msssim import ms_ssim
 
     for row in run["rows"]:
         original = run["originals"][row["image"]].astype(np.float64)
-        decoded = np.asarray(Image.open(run["recon"] / row["image"])).astype(np.float64)
+        decoded = _decode_here(run["run_dir"], run["originals"][row["image"]])
         mse = np.mean((original - decoded) ** 2)
         assert float(row["psnr"]) == pytest.approx(10 * np.log10(255**2 / mse), abs=1e-9)
         a = torch.from_numpy(original).permute(2, 0, 1)[None].float() / 255
@@ -98,6 +118,9 @@ def test_psnr_and_ms_ssim_on_8bit_output_match_independent_computation(run):
         expected = ms_ssim(a, b, data_range=1.0).item()
         assert float(row["ms_ssim"]) == pytest.approx(expected, abs=1e-5)
         assert float(row["ms_ssim_db"]) == pytest.approx(-10 * math.log10(1 - expected), abs=1e-3)
+        # --save-reconstructions writes exactly the decoded image the metrics saw.
+        saved = np.asarray(Image.open(run["recon"] / row["image"])).astype(np.float64)
+        np.testing.assert_array_equal(saved, decoded)
 
 
 def test_json_is_compressai_format_and_readable_by_its_plot(run, tmp_path, monkeypatch):
@@ -116,6 +139,31 @@ def test_json_is_compressai_format_and_readable_by_its_plot(run, tmp_path, monke
     png = tmp_path / "rd.png"
     plot_main(["-f", str(run["json"]), "-o", str(png), "--backend", "matplotlib"])
     assert png.stat().st_size > 0
+
+
+def test_json_is_strict_when_a_metric_was_not_measured(run, tmp_path):
+    from compressai.utils.plot.__main__ import parse_json_file
+
+    from hpcm.evaluate import main
+
+    # 64 px images: too small for 5-scale MS-SSIM; no run.yaml beside the copy: no lambda.
+    small = tmp_path / "small"
+    small.mkdir()
+    Image.fromarray(run["originals"]["kodim04.png"][:64, :64]).save(small / "a.png")
+    ckpt = tmp_path / "weights.pth.tar"
+    ckpt.write_bytes((run["run_dir"] / "epoch_best.pth.tar").read_bytes())
+    out_json = tmp_path / "small.json"
+    assert main(["--checkpoint", str(ckpt), "--dataset", str(small), "--output",
+                 str(tmp_path / "small.csv"), "--json", str(out_json), "--model", "HPCM_Tiny"]) == 0
+
+    def reject(constant):
+        raise AssertionError(f"bare {constant} in the JSON")
+
+    doc = json.loads(out_json.read_text(), parse_constant=reject)
+    assert "ms-ssim-rgb" not in doc["results"] and doc["meta"]["not_measured"] == ["ms-ssim-rgb"]
+    assert doc["meta"]["lmbda"] is None
+    parsed = parse_json_file(out_json, "psnr")
+    assert parsed["ys"] == doc["results"]["psnr-rgb"] and math.isfinite(parsed["ys"][0])
 
 
 def test_rd_points_from_the_evaluation_csv(run):

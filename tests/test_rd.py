@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import warnings
 
+import bjontegaard  # the pinned reference: missing, the suite must fail rather than skip
 import numpy as np
 import pytest
 
-bjontegaard = pytest.importorskip("bjontegaard")
-
-from hpcm import rd  # noqa: E402
+from hpcm import rd
 
 # Test vectors of orchestration.md §4.2: (anchor rate, anchor PSNR, test rate, test PSNR).
 VECTORS = {
@@ -157,3 +156,45 @@ def test_unknown_method():
     ra, da, rt, dt = VECTORS["vceg_m33"]
     with pytest.raises(ValueError, match="unknown BD method 'spline'"):
         rd.bd_rate(ra, da, rt, dt, method="spline")
+
+
+def test_ms_ssim_to_db_keeps_nan_and_follows_compressai():
+    import math
+
+    assert math.isnan(rd.ms_ssim_to_db(float("nan")))
+    assert rd.ms_ssim_to_db(0.99) == pytest.approx(20.0)
+    assert rd.ms_ssim_to_db(1.0) == math.inf
+
+
+def _eval_csv(path, lmbda):
+    path.write_text("image,variant,lmbda,dataset,bpp,psnr,ms_ssim\n"
+                    f"a.png,phase1,{lmbda},kodak,0.2,30.0,0.95\n")
+    return path
+
+
+def test_a_point_without_lambda_is_rejected_naming_the_csv(tmp_path):
+    good = rd.rd_points([_eval_csv(tmp_path / "good.csv", 0.0067)])
+    assert good["lmbda"].tolist() == [0.0067]
+    bad = _eval_csv(tmp_path / "no_run_yaml.csv", "")
+    with pytest.raises(ValueError, match=r"no_run_yaml\.csv: empty lmbda for variant 'phase1'"):
+        rd.rd_points([bad])
+
+
+def test_a_dataset_without_the_anchor_is_an_na_row_with_the_reason():
+    import pandas as pd
+
+    from hpcm.anchors import anchor_curves_by_dataset
+
+    rows = [(d, "phase1", lm, bpp, psnr) for d in ("kodak", "samples")
+            for lm, bpp, psnr in ((0.0035, 0.2, 29.0), (0.013, 0.45, 32.0), (0.0483, 0.9, 35.0))]
+    points = pd.DataFrame(rows, columns=["dataset", "variant", "lmbda", "bpp", "psnr"])
+    curves = anchor_curves_by_dataset("vtm", "psnr", datasets=points["dataset"].unique())
+    assert isinstance(curves["kodak"], tuple) and "samples" in curves["samples"]
+    table = rd.bd_table(points, "vtm", "psnr", "pchip", curves).set_index("dataset")
+    assert np.isfinite(table.loc["kodak", "bd_rate"]) and table.loc["kodak", "error"] == ""
+    assert np.isnan(table.loc["samples", "bd_rate"])
+    assert "no anchor 'vtm' for dataset 'samples'" in table.loc["samples", "error"]
+    # A curve mapping without the dataset at all still yields the row, with a reason.
+    table = rd.bd_table(points, "vtm", "psnr", "pchip", {"kodak": curves["kodak"]})
+    assert table.loc[table["dataset"] == "samples", "error"].item() == (
+        "no 'vtm' curve for dataset 'samples'")
