@@ -1,10 +1,13 @@
 """Figures (PNG + PDF, matplotlib Agg): R-D curves, task weights, scale contributions, γ schedules,
-training curves. One colour per variant everywhere (``variant_color``); anchors are dashed grey.
+training curves. One colour per variant everywhere (``variant_colors``: assigned in the order of a
+variant list, so no two variants share a colour); each anchor is grey with its own dash pattern and
+marker.
 
 CLI::
 
     python -m hpcm.plots all --points results/rd/points.csv --runs results/train
         --output-dir results/plots [--anchors vtm hm ...] [--metric psnr|ms_ssim_db]
+        [--variants baseline phase1 ...]
     python -m hpcm.plots rd --points P --output-dir D [--anchors ...] [--metric ...]
         rd_<dataset>_<metric>.{png,pdf}: every variant's measured curve (solid, markers) and the
         published anchors of that dataset (dashed).
@@ -17,15 +20,18 @@ CLI::
         seed's visualize_gamma_schedules); the adaptive strategy is driven by a synthetic
         decaying, noisy scale loss (it reacts to losses, so it has no loss-free curve).
 
-Run folders (anything with ``metrics.csv``) are found recursively; variant and λ come from
-``run.yaml``. Every file is written atomically.
+Colours: ``--variants`` lists every variant in a fixed order (the workflow config's order); the
+i-th gets the i-th colour of a fixed palette, so separate calls colour a variant the same way.
+Without it, the variants one call sees are sorted by name. Run folders (anything with
+``metrics.csv``) are found recursively; variant and λ come from ``run.yaml``. Every file is
+written atomically.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
+import itertools
 import sys
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -38,19 +44,46 @@ import numpy as np  # noqa: E402
 
 from hpcm.io import atomic_write_bytes  # noqa: E402
 
-KNOWN_COLORS = {"baseline": "#222222", "phase1": "#1f77b4", "phase2": "#ff7f0e",
-                "phase2_qp": "#d62728", "phase3": "#2ca02c"}
 SCALE_COLORS = {"s1": "#1f77b4", "s2": "#ff7f0e", "s3": "#2ca02c"}
 METRIC_LABELS = {"psnr": "PSNR (dB)", "ms_ssim_db": "MS-SSIM (dB)"}
+ANCHOR_COLOR = "0.55"
+# Anchors are all grey; each gets its own (dash pattern, marker) pair, in the order asked for.
+ANCHOR_STYLES = [(line, marker) for marker in ("s", "^", "D", "v", "P", "X")
+                 for line in ("--", "-.", ":")]
 
 
-def variant_color(variant: str) -> str:
-    """A fixed colour per variant name: the same in every figure and every run of the DAG."""
-    if variant in KNOWN_COLORS:
-        return KNOWN_COLORS[variant]
-    palette = plt.get_cmap("tab20").colors
-    index = int(hashlib.md5(variant.encode()).hexdigest(), 16) % len(palette)
-    return matplotlib.colors.to_hex(palette[index])
+def _palette() -> list[str]:
+    """Distinct, non-grey colours: tab10, then the light tab20 tones, then Dark2 and Set1."""
+    grey = {"#7f7f7f", "#c7c7c7", "#666666", "#999999"}
+    colors = list(plt.get_cmap("tab10").colors) + list(plt.get_cmap("tab20").colors[1::2]) \
+        + list(plt.get_cmap("Dark2").colors) + list(plt.get_cmap("Set1").colors)
+    hexes = [matplotlib.colors.to_hex(c) for c in colors]
+    return [c for c in dict.fromkeys(hexes) if c not in grey]
+
+
+def variant_colors(variants: Sequence[str]) -> dict[str, str]:
+    """Variant -> colour: the i-th distinct name of ``variants`` gets the i-th palette colour.
+
+    Deterministic in the list, so passing the same ordered list (the config's variants) to every
+    figure gives a variant the same colour everywhere, and no two variants share one.
+    """
+    names = list(dict.fromkeys(variants))
+    palette = _palette()
+    if len(names) > len(palette):  # more variants than curated colours: evenly spaced hues
+        extra = len(names) - len(palette)
+        palette += [matplotlib.colors.to_hex(plt.get_cmap("hsv")(i / extra)) for i in range(extra)]
+    return dict(zip(names, palette))
+
+
+def _colors_for(colors: dict[str, str] | None, variants: Iterable[str]) -> dict[str, str]:
+    variants = list(variants)
+    if colors is None:
+        return variant_colors(sorted(set(variants)))
+    unknown = sorted(set(variants) - set(colors))
+    if unknown:
+        raise ValueError(f"variant(s) {unknown} missing from the --variants list "
+                         f"{list(colors)}")
+    return colors
 
 
 def save_figure(fig, output_dir: str | Path, stem: str) -> list[Path]:
@@ -72,17 +105,19 @@ def save_figure(fig, output_dir: str | Path, stem: str) -> list[Path]:
 
 
 def plot_rd(points, output_dir: str | Path, anchors: Sequence[str] = (),
-            metric: str = "psnr") -> list[Path]:
+            metric: str = "psnr", colors: dict[str, str] | None = None) -> list[Path]:
     from hpcm.anchors import anchor_curve, load_anchors
 
     table = load_anchors() if anchors else None
+    colors = _colors_for(colors, points["variant"].unique())
+    anchor_styles = dict(zip(dict.fromkeys(anchors), itertools.cycle(ANCHOR_STYLES)))
     written = []
     for dataset in sorted(points["dataset"].unique()):
         fig, ax = plt.subplots(figsize=(6.4, 4.8))
         sel = points[points["dataset"] == dataset]
         for variant in sorted(sel["variant"].unique()):
             cur = sel[sel["variant"] == variant].sort_values("bpp")
-            ax.plot(cur["bpp"], cur[metric], "-o", color=variant_color(variant), label=variant,
+            ax.plot(cur["bpp"], cur[metric], "-o", color=colors[variant], label=variant,
                     markersize=4)
         for name in anchors:
             try:
@@ -90,7 +125,9 @@ def plot_rd(points, output_dir: str | Path, anchors: Sequence[str] = (),
             except ValueError:
                 continue  # this dataset has no such published curve
             label = table.loc[table["anchor"] == name, "label"].iloc[0]
-            ax.plot(bpp, values, "--", color="0.55", linewidth=1, label=f"{label} (published)")
+            linestyle, marker = anchor_styles[name]
+            ax.plot(bpp, values, linestyle=linestyle, marker=marker, color=ANCHOR_COLOR,
+                    linewidth=1, markersize=3, label=f"{label} (published)")
         ax.set_xlabel("Rate (bpp)")
         ax.set_ylabel(METRIC_LABELS[metric])
         ax.set_title(f"Rate-distortion on {dataset}")
@@ -149,10 +186,13 @@ TASK_COLUMNS = {
 }
 
 
-def plot_runs(root: str | Path, output_dir: str | Path) -> list[Path]:
+def plot_runs(root: str | Path, output_dir: str | Path,
+              colors: dict[str, str] | None = None) -> list[Path]:
     written = []
     by_lambda: dict[float, list] = {}
-    for variant, lmbda, frame in iter_runs(root):
+    runs = list(iter_runs(root))
+    colors = _colors_for(colors, (variant for variant, _, _ in runs))
+    for variant, lmbda, frame in runs:
         by_lambda.setdefault(lmbda, []).append((variant, frame))
         for n_tasks, (columns, labels) in TASK_COLUMNS.items():
             fig, ax = plt.subplots(figsize=(6.4, 4))
@@ -182,7 +222,7 @@ def plot_runs(root: str | Path, output_dir: str | Path) -> list[Path]:
     for lmbda, runs in sorted(by_lambda.items()):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for variant, frame in sorted(runs, key=lambda r: r[0]):
-            color = variant_color(variant)
+            color = colors[variant]
             if "loss" in frame.columns:
                 train = frame.dropna(subset=["loss"])
                 ax.plot(train["step"], train["loss"], color=color, label=f"{variant} train",
@@ -206,7 +246,8 @@ def plot_runs(root: str | Path, output_dir: str | Path) -> list[Path]:
 # --------------------------------------------------------------------------------------------
 
 
-def gamma_trajectories(total_epochs: int = 3000, seed: int = 0) -> dict[str, np.ndarray]:
+def gamma_trajectories(total_epochs: int = 3000, seed: int = 0,
+                       initial_gammas: Sequence[float] | None = None) -> dict[str, np.ndarray]:
     """strategy -> (epochs, 3) gammas of s1, s2, s3 from ``hpcm.schedules.ScaleGammaManager``."""
     from hpcm.schedules import GAMMA_STRATEGIES, ScaleGammaManager
 
@@ -218,7 +259,8 @@ def gamma_trajectories(total_epochs: int = 3000, seed: int = 0) -> dict[str, np.
     losses = (1.0 + decay)[:, None] * np.array([1.0, 0.8, 0.6]) * (1 + noise)
     out = {}
     for strategy in GAMMA_STRATEGIES:
-        manager = ScaleGammaManager(strategy=strategy, total_epochs=total_epochs)
+        manager = ScaleGammaManager(strategy=strategy, total_epochs=total_epochs,
+                                    initial_gammas=initial_gammas)
         values = []
         for i, epoch in enumerate(epochs):
             scale_losses = dict(zip(("s1", "s2", "s3"), losses[i])) \
@@ -229,8 +271,14 @@ def gamma_trajectories(total_epochs: int = 3000, seed: int = 0) -> dict[str, np.
     return out
 
 
-def plot_gammas(output_dir: str | Path, total_epochs: int = 3000) -> list[Path]:
-    trajectories = gamma_trajectories(total_epochs)
+def plot_gammas(output_dir: str | Path, total_epochs: int = 3000,
+                initial_gammas: Sequence[float] | None = None) -> list[Path]:
+    from hpcm.schedules import ScaleGammaManager
+
+    trajectories = gamma_trajectories(total_epochs, initial_gammas=initial_gammas)
+    # The title states the γs the curves start from, as the manager resolved them.
+    start = ScaleGammaManager(strategy="fixed", total_epochs=total_epochs,
+                              initial_gammas=initial_gammas).initial_gammas
     fig, axes = plt.subplots(1, len(trajectories), figsize=(4 * len(trajectories), 3.6),
                              sharey=True)
     epochs = np.arange(total_epochs + 1)
@@ -242,8 +290,8 @@ def plot_gammas(output_dir: str | Path, total_epochs: int = 3000) -> list[Path]:
         ax.grid(alpha=0.3)
     np.atleast_1d(axes)[0].set_ylabel("γ (task-weight regularisation)")
     np.atleast_1d(axes)[0].legend(fontsize=8)
-    fig.suptitle("ScaleGammaManager γ schedules per strategy (initial γ = 0.008 / 0.006 / 0.004)",
-                 y=1.04)
+    fig.suptitle("ScaleGammaManager γ schedules per strategy (initial γ s1/s2/s3 = "
+                 + " / ".join(f"{start[s]:g}" for s in ("s1", "s2", "s3")) + ")", y=1.04)
     return save_figure(fig, output_dir, "gamma_schedules")
 
 
@@ -259,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = {name: sub.add_parser(name) for name in ("all", "rd", "runs", "gammas")}
     for name, p in commands.items():
         p.add_argument("--output-dir", required=True)
+        if name in ("all", "rd", "runs"):
+            p.add_argument("--variants", nargs="+",
+                           help="every variant in a fixed order (the config's): colour i goes to "
+                                "the i-th, the same in every call (default: sorted names seen)")
         if name in ("all", "rd"):
             p.add_argument("--points", required=True, help="R-D points CSV (hpcm.rd points)")
             p.add_argument("--anchors", nargs="*", default=[], help="published anchors to draw")
@@ -274,13 +326,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     written: list[Path] = []
     try:
+        colors = variant_colors(args.variants) if getattr(args, "variants", None) else None
+        points = None
         if args.command in ("all", "rd"):
             from hpcm.rd import read_points
 
-            written += plot_rd(read_points(args.points), args.output_dir, args.anchors,
-                               args.metric)
+            points = read_points(args.points)
+        if args.command == "all" and colors is None:  # one call: one assignment for all figures
+            seen = set(points["variant"]) | {variant for variant, _, _ in iter_runs(args.runs)}
+            colors = variant_colors(sorted(seen))
+        if points is not None:
+            written += plot_rd(points, args.output_dir, args.anchors, args.metric, colors)
         if args.command in ("all", "runs"):
-            written += plot_runs(args.runs, args.output_dir)
+            written += plot_runs(args.runs, args.output_dir, colors)
         if args.command in ("all", "gammas"):
             written += plot_gammas(args.output_dir, args.total_epochs)
     except (ValueError, FileNotFoundError, KeyError) as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +50,9 @@ def captured(monkeypatch):
 
     def capture(fig, output_dir, stem):
         figures[stem] = [(ax.get_xlabel(), ax.get_ylabel(),
-                          [(line.get_label(), line.get_color(), line.get_linestyle())
-                           for line in ax.get_lines()]) for ax in fig.axes]
+                          [(line.get_label(), line.get_color(), line.get_linestyle(),
+                            line.get_marker()) for line in ax.get_lines()]) for ax in fig.axes]
+        figures[stem + ":suptitle"] = fig._suptitle.get_text() if fig._suptitle else ""
         return original(fig, output_dir, stem)
 
     monkeypatch.setattr(plots, "save_figure", capture)
@@ -75,14 +77,63 @@ def test_all_figures_written_with_units_and_consistent_colours(tmp_path, capture
 
     xlabel, ylabel, lines = captured["rd_kodak_psnr"][0]
     assert (xlabel, ylabel) == ("Rate (bpp)", "PSNR (dB)")
-    styles = {label: (color, style) for label, color, style in lines}
-    assert styles["VTM (published)"][1] == "--" and styles["HPCM-Base (paper) (published)"][1] == "--"
+    styles = {label: (color, style, marker) for label, color, style, marker in lines}
+    vtm, hpcm_base = styles["VTM (published)"], styles["HPCM-Base (paper) (published)"]
+    assert vtm[1] != "-" and hpcm_base[1] != "-"  # anchors are never solid
+    assert vtm[1:] != hpcm_base[1:]  # and each has its own dash pattern / marker
     assert styles["phase3"][1] == "-"
-    training = {label: color for label, color, _ in captured["training_lmbda0.0035"][0][2]}
+    training = {label: color for label, color, _, _ in captured["training_lmbda0.0035"][0][2]}
+    assert styles["baseline"][0] != styles["phase3"][0]
     for variant in ("baseline", "phase3"):
-        assert styles[variant][0] == training[f"{variant} train"] == plots.variant_color(variant)
-    assert plots.variant_color("study1_equal") == plots.variant_color("study1_equal")
-    assert plots.variant_color("baseline") != plots.variant_color("phase3")
+        assert styles[variant][0] == training[f"{variant} train"]
+
+
+def _config_variants() -> list[str]:
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())
+    names = list(config["variants"])
+    for grid, spec in (config.get("grids") or {}).items():
+        axes = spec["axes"]
+        for values in itertools.product(*axes.values()):
+            names.append(grid + "".join(f"-{k}{v:g}" for k, v in zip(axes, values)))
+    return names
+
+
+def test_no_two_config_variants_share_a_colour():
+    names = _config_variants()
+    assert {"phase3", "study1_s1", "study2_increasing"} <= set(names) and len(names) > 12
+    colors = plots.variant_colors(names)
+    assert set(colors) == set(names)
+    assert len(set(colors.values())) == len(names)
+    assert not {"#7f7f7f", "#c7c7c7"} & set(colors.values())  # grey is the anchors' colour
+    # Many more variants than the curated palette: still pairwise distinct.
+    many = plots.variant_colors([f"v{i}" for i in range(60)])
+    assert len(set(many.values())) == 60
+
+
+def test_separate_calls_with_the_variant_list_colour_a_variant_alike(tmp_path, captured):
+    runs = tmp_path / "train"
+    _run(runs, "warmup", 0.0035, False)  # trained but never evaluated: only in the runs figures
+    _run(runs, "phase3", 0.0035, True)
+    order = ["warmup", "baseline", "phase3"]
+    assert plots.main(["rd", "--points", str(_points(tmp_path / "points.csv")), "--output-dir",
+                       str(tmp_path / "a"), "--variants", *order]) == 0
+    assert plots.main(["runs", "--runs", str(runs), "--output-dir", str(tmp_path / "b"),
+                       "--variants", *order]) == 0
+    rd_colors = {label: color for label, color, _, _ in captured["rd_kodak_psnr"][0][2]}
+    train = {label: color for label, color, _, _ in captured["training_lmbda0.0035"][0][2]}
+    assert train["phase3 train"] == rd_colors["phase3"] == plots.variant_colors(order)["phase3"]
+    assert train["warmup train"] not in (rd_colors["phase3"], rd_colors["baseline"])
+    code = plots.main(["runs", "--runs", str(runs), "--output-dir", str(tmp_path / "c"),
+                       "--variants", "baseline"])
+    assert code == 2  # a variant missing from the list would get no fixed colour
+
+
+def test_gamma_figure_title_states_the_managers_initial_gammas(tmp_path, captured):
+    plots.plot_gammas(tmp_path, total_epochs=20, initial_gammas=(0.01, 0.02, 0.03))
+    assert "0.01 / 0.02 / 0.03" in captured["gamma_schedules:suptitle"]
+    assert "0.008" not in captured["gamma_schedules:suptitle"]
 
 
 def test_gamma_trajectories_follow_the_manager():
