@@ -33,8 +33,8 @@ class FlatMoments:
     buffers: dict[str, torch.Tensor]
     offsets: list[int]
     numels: list[int]
-    lengths: torch.Tensor  # int64 sizes, for the per-tensor segment sums
     numels_float: torch.Tensor
+    scratch: tuple[torch.Tensor, torch.Tensor] | None = None  # (gradient / direction, denominator)
 
     def owns(self, states: list[dict], keys: tuple[str, ...]) -> bool:
         """True when every state entry is still the view into our buffer it was made as."""
@@ -64,7 +64,6 @@ def build_flat_moments(params: list[torch.Tensor], states: list[dict], keys: tup
     device = params[0].device
     return FlatMoments(
         params=tuple(id(p) for p in params), buffers=buffers, offsets=offsets, numels=numels,
-        lengths=torch.tensor(numels, dtype=torch.int64, device=device),
         numels_float=torch.tensor(numels, dtype=params[0].dtype, device=device),
     )
 
@@ -76,7 +75,12 @@ def flat_update(
 ) -> None:
     """One Cautious Adam step of a bucket whose parameters are all at the same ``step``."""
     exp_avg, exp_avg_sq = flat.buffers["exp_avg"], flat.buffers["exp_avg_sq"]
-    grad = torch.cat([g.reshape(-1) for g in grads])
+    if flat.scratch is None:
+        # Two persistent work buffers: fresh bucket-sized temporaries are fresh pages from the
+        # OS on every step (page faults cost more than the arithmetic).
+        flat.scratch = (torch.empty_like(exp_avg), torch.empty_like(exp_avg))
+    grad, denom = flat.scratch
+    torch.cat([g.reshape(-1) for g in grads], out=grad)
     if weight_decay != 0:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
     exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
@@ -85,15 +89,19 @@ def flat_update(
     if amsgrad:
         second = flat.buffers["max_exp_avg_sq"]
         torch.maximum(second, exp_avg_sq, out=second)
-    denom = (second.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+    torch.sqrt(second, out=denom).div_(math.sqrt(1 - beta2**step)).add_(eps)
     if cautious:
-        direction = torch.mul(exp_avg, grad).gt_(0)  # 1.0 where m*g > 0, else 0.0
-        counts = torch.segment_reduce(direction, "sum", lengths=flat.lengths)
+        direction = grad.mul_(exp_avg).gt_(0)  # 1.0 where m*g > 0, else 0.0 (g is not needed after)
+        pieces = direction.split(flat.numels)
+        # Per-tensor sums and scalar multiplies: cheaper on CPU than segment_reduce and
+        # repeat_interleave (an index_select over the whole bucket); this path is CPU only,
+        # so reading the scales as Python floats costs no device synchronisation.
+        counts = torch.stack([piece.sum() for piece in pieces])
         scales = (1 / (counts / flat.numels_float).clamp_(min=mask_mean_floor)).clamp_(max=mask_scale_cap)
-        direction.mul_(torch.repeat_interleave(scales, flat.lengths, output_size=direction.numel()))
+        torch._foreach_mul_(list(pieces), scales.tolist())  # phi * s
         direction.mul_(exp_avg)  # (phi * s) * m: the reference's m * (phi * s)
     else:
-        direction = exp_avg.clone()
+        direction = grad.copy_(exp_avg)
     direction.div_(denom)
     chunks = [chunk.view(p.shape) for chunk, p in zip(direction.split(flat.numels), params)]
     torch._foreach_add_(params, chunks, alpha=-(lr / (1 - beta1**step)))
