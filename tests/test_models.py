@@ -237,6 +237,23 @@ def test_masks_are_cached(tiny):
     assert tiny._partitions.get(4, 8, torch.device("cpu"), torch.float32) is part
 
 
+def test_per_size_caches_are_bounded():
+    """Evaluation meets a new image size per image: masks and label maps must not pile up."""
+    model = build_model("HPCM_Tiny")
+    bound = model._partitions.max_entries
+    sizes = [(4, 4 + 4 * i) for i in range(bound + 5)]
+    first = model.scale_map(*sizes[0])
+    for h, w in sizes:
+        assert model.scale_map(h, w).shape == (model.M, h, w)
+        model._partitions.get(h, w, torch.device("cpu"), torch.float32)
+    assert len(model._label_cache) == bound and len(model._partitions) == bound
+    last = sizes[-1]
+    assert model.step_map(*last).data_ptr() == model.step_map(*last).data_ptr()  # still cached
+    again = model.scale_map(*sizes[0])  # evicted, rebuilt identically
+    assert again is not first and torch.equal(again, first)
+    assert len(model._label_cache) == bound
+
+
 @pytest.mark.parametrize("size", [(200, 300), (64, 64), (65, 1), (512, 768)])
 def test_pad_and_crop(size):
     x = torch.rand(1, 3, *size)

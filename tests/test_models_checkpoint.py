@@ -33,7 +33,8 @@ def assert_same_weights(a, b):
 def test_raw_state_dict_with_module_prefix(tiny, tmp_path):
     path = tmp_path / "dp.pth.tar"
     torch.save({f"module.{k}": v for k, v in tiny.state_dict().items()}, path)
-    loaded = load_checkpoint(path)  # name inferred from shapes
+    with pytest.warns(UserWarning, match="preset defaults"):
+        loaded = load_checkpoint(path)  # name inferred from shapes
     assert loaded.name == "HPCM_Tiny" and not loaded.training
     assert_same_weights(loaded, tiny)
     assert load_checkpoint(path, name="HPCM_Tiny").name == "HPCM_Tiny"
@@ -55,8 +56,13 @@ def test_current_release_loads_without_warning(tiny, tmp_path):
     torch.save(tiny.state_dict(), path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        loaded = load_checkpoint(path)
+        loaded = load_checkpoint(path, name="HPCM_Tiny")
     assert torch.equal(loaded.adaptive_params_list[9], tiny.adaptive_params_list[9])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_checkpoint(path)  # inferred: only the "defaults assumed" warning, no legacy one
+    assert [str(w.message) for w in caught if "adaptive_params_list" in str(w.message)] == []
+    assert any("preset defaults" in str(w.message) for w in caught)
 
 
 def test_wrong_architecture_names_first_mismatching_key(tiny, tmp_path):
@@ -91,16 +97,26 @@ def test_own_checkpoint_with_tables_and_overrides(tmp_path):
     model.update()
     path = tmp_path / "own.pth.tar"
     save_checkpoint(model, path, step=7)
-    loaded = load_checkpoint(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the config travels with the file: nothing is assumed
+        loaded = load_checkpoint(path)
     assert loaded.config == model.config
     assert_same_weights(loaded, model)
     x = torch.rand(1, 3, 64, 64)
     enc = model.compress(x)  # the loaded tables decode the original's stream
     assert torch.equal(loaded.decompress(enc["strings"], enc["shape"])["x_hat"],
                        model.decompress(enc["strings"], enc["shape"])["x_hat"])
-    # a nested training checkpoint ("model" key) also loads
+    # a file without the config (nested training checkpoint, or a raw state dict as epoch_best):
+    # the window override cannot be recovered from shapes; inferring the name says so loudly
     torch.save({"model": model.state_dict(), "optimizer": {}, "epoch": 3}, tmp_path / "train.pth.tar")
-    assert load_checkpoint(tmp_path / "train.pth.tar", name="HPCM_Tiny", ).config.attn_windows == (1, 2, 4)
+    torch.save(model.state_dict(), tmp_path / "raw.pth.tar")
+    for file in ("train.pth.tar", "raw.pth.tar"):
+        with pytest.warns(UserWarning, match=r"HPCM_Tiny.*preset defaults \(attn_windows=\(1, 2, 4\)"):
+            assert load_checkpoint(tmp_path / file).config.attn_windows == (1, 2, 4)
+    # naming the preset is the caller's explicit choice of its defaults: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_checkpoint(tmp_path / "train.pth.tar", name="HPCM_Tiny").config.attn_windows == (1, 2, 4)
 
 
 def test_infer_official_architectures_from_shapes():

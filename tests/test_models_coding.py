@@ -7,9 +7,18 @@ import pytest
 import torch
 
 from hpcm.models import build_model, crop_image, pad_image
-from hpcm.models.entropy import build_indexes_conditional, get_scale_table
-from hpcm.models.hpcm import _Quantizer
-from tests.fixtures.hpcm_support import KODAK, image_tensor, init_like_golden, kodak_image, single_thread
+from hpcm.models.diagnostics import escaped_symbols
+from hpcm.models.entropy import get_scale_table
+from tests.fixtures.hpcm_support import (
+    KODAK,
+    calibrate_output_biases,
+    calibrate_to_latents,
+    centre_crop,
+    image_tensor,
+    init_like_golden,
+    kodak_image,
+    single_thread,
+)
 
 STREAM_OVERHEAD_BYTES = 16  # per rANS stream: flushed state and padding (compressai writes 32-bit words)
 
@@ -37,22 +46,6 @@ def round_trip(model, x: torch.Tensor):
     enc = model.compress(padded)
     dec = model.decompress(enc["strings"], enc["shape"])
     return padded, pad, forward, enc, dec
-
-
-def symbols_inside_tables(model, padded: torch.Tensor) -> bool:
-    """Every y residual lies inside its coder table (no escape coding needed)."""
-    with torch.no_grad():
-        y = model.g_a(padded)
-        z_hat = torch.round(model.h_a(y) - model.means_hyper) + model.means_hyper
-        params = model.h_s(z_hat)
-        part = model._partitions.get(*params.shape[-2:], params.device, params.dtype)
-        q = _Quantizer(part, y, training=False)
-        model._progressive(params, q)
-        symbols = torch.round(q.full(q.res, part)).long()
-        index = build_indexes_conditional(q.full(q.scales, part), model.scale_table).long()
-    low = model.offset_y.long()[index]
-    high = low + model.cdf_length_y.long()[index] - 3
-    return bool(((symbols >= low) & (symbols <= high)).all())
 
 
 @pytest.mark.parametrize("source", [
@@ -87,26 +80,13 @@ def test_compress_is_deterministic_and_per_image(tiny):
 
 
 def calibrated_tiny(scale_bias: float) -> torch.nn.Module:
-    """Golden-init Tiny whose predicted scales sit near ``scale_bias`` and means near 0.
-
-    Random weights predict means of a few units and scales unrelated to the residuals, so most
-    symbols would be escape-coded. Here the output biases of h_s and of both spatial priors are set
-    to (scales = scale_bias, means = 0): every latent then lies inside its coder table, as for a
-    trained model, and the rate estimate is meaningful.
-    """
-    model = init_like_golden(build_model("HPCM_Tiny")).eval()
-    M = model.M
-    with torch.no_grad():
-        for bias in (model.y_spatial_prior_s1_s2.branch_2[-1].bias, model.y_spatial_prior_s3.branch_2[-1].bias,
-                     model.h_s.branch[-1].branch[-1].bias):
-            bias[:M] = scale_bias
-            bias[M:] = 0.0
-    return model
+    """Golden-init Tiny with predicted scales near ``scale_bias`` and means 0 (latents inside the tables)."""
+    return calibrate_output_biases(init_like_golden(build_model("HPCM_Tiny")).eval(), scale_bias)
 
 
 def rate_gaps(model, x: torch.Tensor) -> dict[str, tuple[int, float]]:
     padded, _ = pad_image(x, model.pad_multiple)
-    assert symbols_inside_tables(model, padded)  # precondition of the claim
+    assert not escaped_symbols(model, padded).any  # precondition of the claim
     with torch.no_grad():
         forward = model(padded)
     enc = model.compress(padded)
@@ -138,6 +118,32 @@ def test_official_scale_table_gap_comes_from_table_spacing():
         gaps.append((actual - estimate) / estimate)
     assert gaps[0] > gaps[1] > gaps[2]
     assert gaps[0] < 0.06
+
+
+@pytest.mark.skipif(not (KODAK / "kodim01.png").is_file(), reason=f"shared Kodak copy not available at {KODAK}")
+def test_base_official_table_gap_on_kodak_crop():
+    """The issue's claim as stated: HPCM_Base, the official 60-level table, a Kodak crop with
+    in-table latents -> bitstream within 2 % of the estimated rate plus a few bytes (per stream)."""
+    model = init_like_golden(build_model("HPCM_Base")).eval()
+    x = centre_crop(kodak_image(1), 256, 256)
+    calibrate_to_latents(model, x)
+    model.update(scale_table=get_scale_table(0.12, 64, 60))
+    for key, (actual, estimate) in rate_gaps(model, x).items():
+        assert abs(actual - estimate) <= 0.02 * estimate + 8 * STREAM_OVERHEAD_BYTES, (key, actual, estimate)
+
+
+def test_escape_count_sees_out_of_table_latents():
+    """Scales forced to the table minimum (0.12) leave the latents far outside their tables."""
+    x = photo(128, 128)
+    narrow = calibrated_tiny(-10.0)  # predicted scales < 0, lower-bounded to 0.12
+    narrow.update()
+    count = escaped_symbols(narrow, x)
+    assert count.y_total == narrow.M * 8 * 8 and count.z_total == narrow.N * 2 * 2
+    assert 0 < count.y_escaped < count.y_total and count.z_escaped == 0
+    matched = calibrated_tiny(0.0)
+    calibrate_to_latents(matched, x)
+    matched.update()
+    assert not escaped_symbols(matched, x).any
 
 
 def test_coding_needs_update(tiny):

@@ -8,6 +8,10 @@ Accepted layouts:
   trained with, and a warning says so;
 * a dict holding the state dict under ``state_dict`` / ``model`` / ``model_state_dict`` / ``net``,
   optionally with ``model_name`` and ``model_config`` (what :func:`save_checkpoint` writes).
+
+Settings that change no tensor shape (``attn_windows``, ``attn_heads``) cannot
+be recovered from the weights. Only :func:`save_checkpoint` files carry them; for any other file
+whose architecture is inferred from shapes a warning says that the preset defaults are assumed.
 """
 
 from __future__ import annotations
@@ -113,10 +117,21 @@ def load_checkpoint(path: str | os.PathLike, name: str | None = None, map_locati
         raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({exc})") from exc
     state, stored_name, stored_config = _split_checkpoint(obj, path)
 
+    inferred = name is None and stored_name is None
     if name is None:
         name = stored_name or infer_model_name(state)
     overrides = dict(stored_config) if stored_config and name == stored_name else {}
     config = preset_config(name, **overrides)
+    if inferred and not stored_config:
+        # shapes fix the preset but not settings without weights (attention windows, heads):
+        # a model trained with overridden ones would load "successfully" and code differently
+        warnings.warn(
+            f"{path}: no model config stored and no name given; inferred {name} from the tensor shapes "
+            f"and assumed its preset defaults (attn_windows={config.attn_windows}, "
+            f"attn_heads={config.attn_heads}). Pass name= (and rebuild with the run's overrides) "
+            "or save with hpcm.models.save_checkpoint to keep them",
+            stacklevel=2,
+        )
     mismatch = first_mismatch(_expected_shapes(config), state)
     if mismatch:
         raise CheckpointError(f"{path} does not fit {name}: {mismatch}")

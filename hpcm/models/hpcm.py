@@ -32,7 +32,7 @@ from hpcm.models.layers import (
     hyper_synthesis,
     synthesis_transform,
 )
-from hpcm.models.partition import Partition, PartitionCache, label_maps
+from hpcm.models.partition import BoundedCache, Partition, PartitionCache, label_maps
 from hpcm.models.presets import HPCMConfig
 
 # Official step wiring: the s2/s3 loops index their adaptor lists with [i - 1] from i = 0, so the
@@ -156,7 +156,8 @@ class HPCM(nn.Module):
         self.context_net = nn.ModuleList(conv1x1(2 * M, 2 * M) for _ in range(2))
 
         self._partitions = PartitionCache(M)
-        self._label_cache: dict[tuple, Tensor] = {}
+        # (M, Hy, Wy) int64 pairs: ~8 MB per Kodak size for Base, so bounded like the partitions
+        self._label_cache = BoundedCache(self._partitions.max_entries)
         self._tables_built_for: Tensor | None = None  # scales_hyper the z tables were built from
 
     # ------------------------------------------------------------------ geometry and labels
@@ -185,9 +186,8 @@ class HPCM(nn.Module):
 
     def _labels(self, which: int, height: int, width: int, device) -> Tensor:
         key = (height, width, str(torch.device(device) if device is not None else "cpu"))
-        if key not in self._label_cache:
-            self._label_cache[key] = torch.stack(label_maps(self.M, height, width, device))
-        return self._label_cache[key][which]
+        maps = self._label_cache.get(key, lambda: torch.stack(label_maps(self.M, height, width, device)))
+        return maps[which]
 
     def scale_map(self, y_height: int, y_width: int, device=None) -> Tensor:
         """LongTensor (M, Hy, Wy): the scale (1 = s1, 2 = s2, 3 = s3) that codes each y element."""

@@ -20,6 +20,7 @@ Everything here depends only on (M, Hy, Wy), never on data or weights, and is ca
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -206,24 +207,42 @@ def build_partition(M: int, height: int, width: int, device: torch.device, dtype
     )
 
 
-class PartitionCache:
+class BoundedCache:
+    """A dict of at most ``max_entries`` built values; the oldest entry goes first.
+
+    Evaluation sees a new image size per dataset image, so per-size caches must not grow without bound.
+    """
+
+    def __init__(self, max_entries: int = 16):
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        self.max_entries = max_entries
+        self._cache: dict[tuple, object] = {}
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def get(self, key: tuple, build: Callable[[], object]):
+        value = self._cache.get(key)
+        if value is None:
+            if len(self._cache) >= self.max_entries:
+                self._cache.pop(next(iter(self._cache)))
+            value = build()
+            self._cache[key] = value
+        return value
+
+
+class PartitionCache(BoundedCache):
     """Builds each Partition once per (M, size, device, dtype); masks are never rebuilt per call."""
 
     def __init__(self, M: int, max_entries: int = 16):
         check_channels(M)
+        super().__init__(max_entries)
         self.M = M
-        self.max_entries = max_entries
-        self._cache: dict[tuple, Partition] = {}
 
     def get(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> Partition:
         key = (height, width, str(device), dtype)
-        part = self._cache.get(key)
-        if part is None:
-            if len(self._cache) >= self.max_entries:  # bounded: evaluation sees many image sizes
-                self._cache.pop(next(iter(self._cache)))
-            part = build_partition(self.M, height, width, torch.device(device), dtype)
-            self._cache[key] = part
-        return part
+        return super().get(key, lambda: build_partition(self.M, height, width, torch.device(device), dtype))
 
 
 def label_maps(M: int, height: int, width: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
