@@ -16,7 +16,9 @@ Tables written to ``--output-dir`` as ``NAME.csv``, ``NAME.md`` and ``NAME.tex``
   lambdas) of Phase 1, 2, 3 (and the reference for comparison);
 - ``<study>`` for each study (Study 1 scale weights, Study 2 gammas): BD-PSNR, BD-rate, the
   stability figure (coefficient of variation, std/mean with ddof=1, of the training loss over
-  the last 10 % of steps, mean over lambdas) and skipped steps (sum over lambdas);
+  the last 10 % of steps, mean over lambdas: pooled from per-step statistics when metrics.csv
+  has ``loss_std``, else of the logged window means, and then labelled so) and skipped steps
+  (sum over lambdas);
 - ``overhead``: time per step (mean ``step_time`` of the runs) and peak memory (``max_rss`` of
   the Snakemake benchmark, MB) per optimizer and decomposition, with the ratio to plain Adam;
 - ``overhead_benchmark`` (with ``--overhead-json``): the same from the controlled training-step
@@ -85,18 +87,61 @@ def convergence_epoch(metrics, tolerance: float = CONVERGENCE_TOLERANCE) -> floa
     return float(hit["epoch"].iloc[0])
 
 
-def loss_cv(metrics, tail: float = STABILITY_TAIL) -> float:
-    """Coefficient of variation (std, ddof=1, over |mean|) of the training loss, last ``tail``."""
+LOGGED_CV = "CoV of logged loss (means over log_every steps), last 10 %"
+PER_STEP_CV = "CoV of per-step loss, last 10 % (pooled from loss/loss_std)"
+MIN_TAIL_ROWS = 3
+
+
+@dataclass
+class Stability:
+    value: float
+    per_step: bool  # True: pooled per-step statistics; False: the logged window means
+    note: str  # why ``value`` is NaN ("" when it is not)
+
+
+def _tail(train, tail: float):
+    """Training rows whose logging window ends in the last ``tail`` of the run's steps."""
+    first, last = train["step"].iloc[0], train["step"].iloc[-1]
+    return train[train["step"] >= last - tail * (last - first)]
+
+
+def loss_cv(metrics, tail: float = STABILITY_TAIL, use_per_step: bool = True) -> Stability:
+    """Coefficient of variation (std with ddof=1 over |mean|) of the training loss, last ``tail``.
+
+    With a ``loss_std`` column (std, ddof=0, of the per-step losses of each logging window; the
+    window's step count in ``loss_steps``, else the step gap to the previous row), the per-step
+    CoV is pooled exactly from the windows' means and stds. Without it, only the logged rows
+    exist, and those are means over ``log_every`` steps (their spread understates the per-step
+    one): their CoV is returned with ``per_step=False`` so the table labels it as such. Fewer than
+    ``MIN_TAIL_ROWS`` rows in the tail give NaN with the reason, never a wider window.
+    ``use_per_step=False`` ignores ``loss_std`` (to compare runs that lack it on the same basis).
+    """
     train = metrics.dropna(subset=["loss"]).sort_values("step")
     if train.empty:
-        return math.nan
-    first, last = train["step"].iloc[0], train["step"].iloc[-1]
-    window = train[train["step"] >= last - tail * (last - first)]["loss"].to_numpy(float)
-    if window.size < 2:
-        window = train["loss"].to_numpy(float)[-2:]  # too few logged rows: the last two
-    if window.size < 2 or np.mean(window) == 0:
-        return math.nan
-    return float(np.std(window, ddof=1) / abs(np.mean(window)))
+        return Stability(math.nan, False, "no training-loss rows")
+    per_step = use_per_step and "loss_std" in train.columns and train["loss_std"].notna().all()
+    if per_step:
+        gaps = train["step"].diff().fillna(train["step"].iloc[0])
+        counts = train["loss_steps"] if "loss_steps" in train.columns else gaps
+        train = train.assign(_n=counts.to_numpy(float))
+    rows = _tail(train, tail)
+    if len(rows) < MIN_TAIL_ROWS:
+        return Stability(math.nan, per_step, f"only {len(rows)} logged row(s) in the last "
+                         f"{tail:.0%} of steps (need {MIN_TAIL_ROWS}); log more often")
+    means = rows["loss"].to_numpy(float)
+    if not per_step:
+        mean, std = float(np.mean(means)), float(np.std(means, ddof=1))
+    else:
+        n = rows["_n"].to_numpy(float)
+        stds = rows["loss_std"].to_numpy(float)
+        total = n.sum()
+        mean = float((n * means).sum() / total)
+        # Pooled: sum of squared deviations = within-window + between-window parts.
+        squares = float((n * stds**2).sum() + (n * (means - mean) ** 2).sum())
+        std = math.sqrt(squares / (total - 1)) if total > 1 else math.nan
+    if mean == 0 or not math.isfinite(std):
+        return Stability(math.nan, per_step, "mean training loss is zero or the std undefined")
+    return Stability(std / abs(mean), per_step, "")
 
 
 def _last(metrics, column: str) -> float:
@@ -148,6 +193,7 @@ def load_runs(root: str | Path, benchmarks: str | Path | None = None):
         if "variant" not in config or "lmbda" not in config:
             raise TableError(f"{run_dir}: run.yaml lacks 'variant' or 'lmbda'")
         metrics = read_metrics(metrics_path)
+        stability, logged = loss_cv(metrics), loss_cv(metrics, use_per_step=False)
         rel = run_dir.relative_to(root)
         bench = _read_benchmark(Path(benchmarks) / f"{rel}.tsv") if benchmarks else {}
         peak_cols = [c for c in ("peak_memory_mb", "max_memory_mb") if c in metrics.columns]
@@ -157,7 +203,9 @@ def load_runs(root: str | Path, benchmarks: str | Path | None = None):
             "decomposition": str(config.get("decomposition", "")) if config.get(
                 "optimizer") == "hierarchical_balanced" else "",
             "scale_weights": config.get("scale_weights"), "gammas": config.get("gammas"),
-            "convergence_epoch": convergence_epoch(metrics), "loss_cv": loss_cv(metrics),
+            "convergence_epoch": convergence_epoch(metrics), "loss_cv": stability.value,
+            "loss_cv_per_step": stability.per_step, "loss_cv_note": stability.note,
+            "loss_cv_logged": logged.value, "loss_cv_logged_note": logged.note,
             "skipped_steps": _last(metrics, "skipped_steps"),
             # median: the first logged steps include warm-up (allocations, autotuning)
             "step_time": _mean(metrics, "step_time", "median"),
@@ -301,16 +349,21 @@ def expected_gains(points, runs, gains: dict[str, str], reference: str, method: 
                    metric: str) -> Table:
     import pandas as pd
 
+    from hpcm.rd import bd_row, curve
+
     lookup, bd = _bd_lookup(points, reference, method, metric)
     rows = []
     for dataset in sorted(points["dataset"].unique()):
+        # The reference row is measured too (its curve against itself), not a written-in 0.
+        ref_curve = curve(points, dataset, reference, metric)
+        lookup[(dataset, reference)] = bd_row(dataset, reference, reference, ref_curve,
+                                              ref_curve, metric, method)
         for label, variant in [(reference, reference), *gains.items()]:
             r = lookup.get((dataset, variant))
-            is_ref = variant == reference
             rows.append({
                 "dataset": dataset, "phase": label, "variant": variant,
-                "BD-PSNR (dB)": 0.0 if is_ref else (r.bd_psnr if r else math.nan),
-                "BD-rate (%)": 0.0 if is_ref else (r.bd_rate if r else math.nan),
+                "BD-PSNR (dB)": r.bd_psnr if r else math.nan,
+                "BD-rate (%)": r.bd_rate if r else math.nan,
                 "convergence epoch": _run_stat(runs, variant, "convergence_epoch"),
                 "lambdas": int((points[(points["dataset"] == dataset)
                                        & (points["variant"] == variant)]).shape[0]),
@@ -327,6 +380,10 @@ def study_table(name: str, title: str, rows_spec: dict[str, str], points, runs, 
     import pandas as pd
 
     lookup, bd = _bd_lookup(points, reference, method, metric)
+    study_runs = runs[runs["variant"].isin(rows_spec.values())]
+    # One label for the whole column: per-step only when every run logged per-step statistics.
+    per_step = bool(len(study_runs)) and bool(study_runs["loss_cv_per_step"].all())
+    cv_column = PER_STEP_CV if per_step else LOGGED_CV
     rows = []
     for dataset in sorted(points["dataset"].unique()):
         for label, variant in rows_spec.items():
@@ -338,15 +395,23 @@ def study_table(name: str, title: str, rows_spec: dict[str, str], points, runs, 
                 "gammas": sel["gammas"].iloc[0] if len(sel) else None,
                 "BD-PSNR (dB)": r.bd_psnr if r else math.nan,
                 "BD-rate (%)": r.bd_rate if r else math.nan,
-                "loss CV (last 10 %)": _run_stat(runs, variant, "loss_cv"),
+                cv_column: _run_stat(runs, variant, "loss_cv") if per_step else
+                _run_stat(runs, variant, "loss_cv_logged"),
                 "skipped steps": _run_stat(runs, variant, "skipped_steps", "sum"),
             })
     notes = _bd_notes(bd[bd["variant"].isin(rows_spec.values())]) + _absent(points, runs,
                                                                             rows_spec.values())
-    notes.append("loss CV: std/mean (ddof=1) of the training loss over the last 10 % of steps, "
-                 "mean over lambdas; skipped steps: non-finite gradients, summed over lambdas")
+    basis = ("the per-step training losses, pooled exactly from each logging window's mean "
+             "and std" if per_step else "the logged training-loss rows, each a MEAN over "
+             "log_every steps (this understates the per-step spread; the runs logged no "
+             "loss_std)")
+    notes.append(f"CoV: std/mean (ddof=1) of {basis}, over the last 10 % of steps, mean over "
+                 "lambdas; skipped steps: non-finite gradients, summed over lambdas")
+    note_column = "loss_cv_note" if per_step else "loss_cv_logged_note"
+    notes += [f"{r.variant} (lambda {r.lmbda:g}): CoV n/a: {getattr(r, note_column)}"
+              for r in study_runs.itertuples() if getattr(r, note_column)]
     return Table(name, f"{title} (vs {reference}, {method})", pd.DataFrame(rows),
-                 {**BD_FORMATS, "loss CV (last 10 %)": ".4f", "skipped steps": ".0f"}, notes)
+                 {**BD_FORMATS, cv_column: ".4f", "skipped steps": ".0f"}, notes)
 
 
 def overhead_table(runs) -> Table:

@@ -7,12 +7,11 @@ import math
 import warnings
 from pathlib import Path
 
+import bjontegaard  # the pinned reference: missing, the suite must fail rather than skip
 import numpy as np
 import pytest
 
-bjontegaard = pytest.importorskip("bjontegaard")
-
-from hpcm import rd, tables  # noqa: E402
+from hpcm import rd, tables
 
 LAMBDAS = (0.0035, 0.013, 0.0483)
 # (bpp, psnr) per lambda; the image-level rows below average exactly to these values.
@@ -107,8 +106,8 @@ def _read(out: Path, name: str) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def _package_bd(variant: str) -> tuple[float, float]:
-    ref = [p for p in CURVES["baseline"] if p]
+def _package_bd(variant: str, reference: str = "baseline") -> tuple[float, float]:
+    ref = [p for p in CURVES[reference] if p]
     test = [p for p in CURVES[variant] if p]
     args = ([p[0] for p in ref], [p[1] for p in ref], [p[0] for p in test], [p[1] for p in test])
     with warnings.catch_warnings():
@@ -148,7 +147,12 @@ def test_expected_gains_convergence_epoch(synthetic):
     rows = {r["phase"]: r for r in _read(synthetic["out"], "expected_gains")}
     assert float(rows["phase1"]["convergence epoch"]) == 4.0
     assert float(rows["baseline"]["convergence epoch"]) == 5.0
-    assert float(rows["baseline"]["BD-rate (%)"]) == 0.0
+    # The reference row is computed like the others (its curve against itself).
+    ref_rate, ref_psnr = _package_bd("baseline", "baseline")
+    assert float(rows["baseline"]["BD-rate (%)"]) == pytest.approx(ref_rate, abs=1e-9)
+    assert float(rows["baseline"]["BD-PSNR (dB)"]) == pytest.approx(ref_psnr, abs=1e-9)
+    assert float(rows["phase1"]["BD-rate (%)"]) == pytest.approx(_package_bd("phase1")[0],
+                                                                   abs=1e-6)
     assert float(rows["phase2"]["BD-PSNR (dB)"]) == pytest.approx(_package_bd("phase2")[1],
                                                                     abs=1e-6)
     assert rows["phase3"]["lambdas"] == "2"
@@ -161,9 +165,71 @@ def test_study_stability_figures(synthetic):
     for lmbda in LAMBDAS:
         tail = synthetic["losses"][("phase3", lmbda)][54:]
         cvs.append(np.std(tail, ddof=1) / np.mean(tail))
-    assert float(rows["s2_emphasis"]["loss CV (last 10 %)"]) == pytest.approx(np.mean(cvs))
+    # The runs log no loss_std: the column says it is the CoV of the logged rows.
+    assert float(rows["s2_emphasis"][tables.LOGGED_CV]) == pytest.approx(np.mean(cvs))
+    assert "MEAN over log_every steps" in (synthetic["out"] / "study1.md").read_text()
     assert float(rows["s2_emphasis"]["skipped steps"]) == 3.0  # 1 per run, 3 lambdas
     assert float(rows["equal"]["skipped steps"]) == 0.0
+
+
+def _windows(losses: np.ndarray, every: int, with_std: bool, with_count: bool = False):
+    """metrics.csv rows as hpcm.train logs them: per-window mean (and std, ddof=0)."""
+    import pandas as pd
+
+    rows = []
+    for end in range(every, losses.size + 1, every):
+        window = losses[end - every:end]
+        row = {"step": end, "epoch": 1, "loss": window.mean(), "val_loss": np.nan}
+        if with_std:
+            row["loss_std"] = window.std()
+        if with_count:
+            row["loss_steps"] = every
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("with_count", [False, True])
+def test_loss_cv_pools_per_step_statistics_exactly(with_count):
+    losses = 4.0 + np.random.default_rng(3).normal(0, 0.2, 200)
+    result = tables.loss_cv(_windows(losses, 5, True, with_count))
+    # Windows ending at step >= 200 - 0.1 * 195 = 180.5: 185..200, i.e. steps 181..200.
+    tail = losses[180:]
+    assert result.per_step and result.note == ""
+    assert result.value == pytest.approx(np.std(tail, ddof=1) / np.mean(tail), rel=1e-9)
+    logged = tables.loss_cv(_windows(losses, 5, True), use_per_step=False)
+    means = losses[180:].reshape(4, 5).mean(1)
+    assert not logged.per_step
+    assert logged.value == pytest.approx(np.std(means, ddof=1) / np.mean(means), rel=1e-9)
+    assert logged.value < result.value  # window means hide the per-step spread
+
+
+def test_loss_cv_with_too_few_tail_rows_is_nan_with_a_reason():
+    losses = 4.0 + np.random.default_rng(4).normal(0, 0.2, 100)
+    result = tables.loss_cv(_windows(losses, 5, False))  # tail: steps >= 90.5 -> 2 rows
+    assert math.isnan(result.value) and not result.per_step
+    assert "only 2 logged row(s) in the last 10% of steps (need 3)" in result.note
+
+
+def test_study_column_is_per_step_only_when_every_run_logged_loss_std(tmp_path, synthetic):
+    runs = tables.load_runs(synthetic["root"] / "train")
+    assert not runs["loss_cv_per_step"].any()
+    points = rd.read_points(synthetic["root"] / "points.csv")
+    spec = {"s2_emphasis": "phase3"}
+    table = tables.study_table("s", "S", spec, points, runs, "baseline", "pchip", "psnr")
+    assert tables.LOGGED_CV in table.frame.columns and tables.PER_STEP_CV not in table.frame
+    # Give phase3's runs per-step statistics: the column switches to the per-step CoV.
+    for lmbda in LAMBDAS:
+        run = tmp_path / "train" / f"lmbda{lmbda}"
+        run.mkdir(parents=True)
+        (run / "run.yaml").write_text(f"variant: phase3\nlmbda: {lmbda}\n")
+        frame = _windows(synthetic["losses"][("phase3", lmbda)], 2, True)
+        frame.to_csv(run / "metrics.csv", index=False)
+    runs = tables.load_runs(tmp_path / "train")
+    table = tables.study_table("s", "S", spec, points, runs, "baseline", "pchip", "psnr")
+    # Windows of 2 steps ending at >= 60 - 0.1 * 58: steps 55..60 of each run's losses.
+    expected = np.mean([np.std(synthetic["losses"][("phase3", lm)][54:], ddof=1)
+                        / np.mean(synthetic["losses"][("phase3", lm)][54:]) for lm in LAMBDAS])
+    assert table.frame[tables.PER_STEP_CV].iloc[0] == pytest.approx(expected)
 
 
 def test_overhead_table(synthetic):
