@@ -15,6 +15,7 @@ The table ``KEYS`` is the single source of truth: ``--help`` and the docs are ge
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -136,6 +137,26 @@ RESUME_SAFE_KEYS = frozenset({
 })
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2 booleans: only true/false are booleans; on/off/yes/no stay the text typed.
+
+    YAML 1.1 reads ``update_mode: on`` as True, so a choice-key error would show True instead of
+    what the user wrote; bool keys still accept yes/no/on/off (``_coerce``).
+    """
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _fail(key: str, value: Any, why: str) -> ConfigError:
     return ConfigError(f"run config: key {key!r} = {value!r}: {why}")
 
@@ -188,8 +209,9 @@ def _coerce(key: str, value: Any) -> Any:
             raise _fail(key, value, f"expected an integer, got {type(value).__name__}")
         out = value_num
     elif kind == "bool":
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            out = value.lower() in ("true", "yes", "1")
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off",
+                                                        "1", "0"):
+            out = value.lower() in ("true", "yes", "on", "1")
         elif isinstance(value, bool):
             out = value
         else:
@@ -219,7 +241,7 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected key=value")
         try:
-            out[key] = yaml.safe_load(raw) if raw.strip() else ""
+            out[key] = _yaml_load(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc})") from None
     return out
@@ -230,7 +252,7 @@ def load_file(path: str | Path | None) -> dict[str, Any]:
         return {}
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _yaml_load(path.read_text())
     except OSError as exc:
         raise ConfigError(f"run config {str(path)!r}: cannot read ({exc.strerror})") from None
     except yaml.YAMLError as exc:

@@ -84,6 +84,20 @@ def test_bad_set_syntax_and_bad_files(tmp_path):
         run_config.load(tmp_path / "missing.yaml")
 
 
+def test_yaml_1_1_booleans_stay_the_text_typed_for_choice_keys(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("steps: 5\nupdate_mode: on\nbf16: on\nquiet: yes\nskip_bad_images: off\n")
+    with pytest.raises(ConfigError) as error:
+        run_config.load(config)
+    assert "'update_mode' = 'on'" in str(error.value) and "True" not in str(error.value)
+    with pytest.raises(ConfigError, match="'decomposition' = 'off': must be one of"):
+        run_config.load(None, ["steps=5", "decomposition=off"])
+    config.write_text("steps: 5\nbf16: on\nquiet: yes\nskip_bad_images: off\n")
+    cfg = run_config.load(config, ["wandb_mode=disabled"])
+    assert (cfg["bf16"], cfg["quiet"], cfg["skip_bad_images"]) == (True, True, False)
+    assert run_config.load(None, ["steps=5", "bf16=True"])["bf16"] is True
+
+
 def test_resume_mismatch_ignores_bookkeeping_keys_only():
     saved = resolve()
     assert run_config.resume_mismatch(saved, {**saved, "num_workers": 0, "quiet": True, "device": "cpu"}) is None
