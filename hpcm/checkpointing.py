@@ -34,6 +34,10 @@ BEST_BALANCED_STATE = "balanced_state_best.pth"
 STATE_FORMAT = "hpcm-train-state/1"
 
 
+class CheckpointCorruptError(RuntimeError):
+    """Every checkpoint of a run directory is unreadable; the message names each file and why."""
+
+
 def rng_state() -> dict[str, Any]:
     """Every random generator a training step may draw from."""
     return {
@@ -85,8 +89,8 @@ def model_weights_of_training_state(path: str | Path) -> dict[str, torch.Tensor]
 def load_latest_state(run_dir: str | Path, map_location: Any = "cpu") -> dict[str, Any] | None:
     """The newest valid training state in ``run_dir``, or None when there is none at all.
 
-    Corrupt candidates are reported with a warning; if every candidate is corrupt, raise RuntimeError
-    rather than silently starting over (that would overwrite the work the files stand for).
+    Corrupt candidates are reported with a warning; if every candidate is corrupt, raise
+    CheckpointCorruptError (a RuntimeError) rather than silently starting over (that would overwrite the work the files stand for).
     """
     run_dir = Path(run_dir)
     candidates = [run_dir / CHECKPOINT_LAST, run_dir / CHECKPOINT_PREV]
@@ -100,7 +104,8 @@ def load_latest_state(run_dir: str | Path, map_location: Any = "cpu") -> dict[st
         except Exception as exc:  # any failure to unpickle means "corrupt", whatever its exception type
             problems.append(f"{path}: {type(exc).__name__}: {exc}")
     if not loaded:
-        raise RuntimeError("no readable training checkpoint in {}:\n  {}".format(run_dir, "\n  ".join(problems)))
+        raise CheckpointCorruptError("no readable training checkpoint in {}:\n  {}\nmove the files aside "
+                                     "to start over".format(run_dir, "\n  ".join(problems)))
     path, state = max(loaded, key=lambda item: item[1]["step"])
     if problems:
         moved = ""

@@ -68,8 +68,10 @@ def test_saving_after_a_fallback_keeps_the_valid_previous_checkpoint(tmp_path):
 
 def test_every_checkpoint_corrupt_is_an_error_not_a_fresh_start(tmp_path):
     (tmp_path / checkpointing.CHECKPOINT_LAST).write_bytes(b"broken")
-    with pytest.raises(RuntimeError, match="no readable training checkpoint"):
+    with pytest.raises(checkpointing.CheckpointCorruptError, match="no readable training checkpoint") as error:
         checkpointing.load_latest_state(tmp_path)
+    assert str(tmp_path / checkpointing.CHECKPOINT_LAST) in str(error.value)
+    assert (tmp_path / checkpointing.CHECKPOINT_LAST).read_bytes() == b"broken"  # left as it was
 
 
 def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint_intact(tmp_path):
