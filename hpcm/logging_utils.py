@@ -26,7 +26,10 @@ from hpcm.io import atomic_write_text
 SCALE_TASKS = ("s1_distortion", "s1_bpp", "s2_distortion", "s2_bpp", "s3_bpp")
 
 METRIC_COLUMNS = (
-    "step", "epoch", "lr", "loss", "distortion", "bpp", "y_bpp", "z_bpp", "mse", "psnr",
+    # loss: mean over the logging window; loss_std (ddof=0) and loss_steps describe that window's
+    # per-step losses, so the stability table can pool the per-step spread exactly.
+    "step", "epoch", "lr", "loss", "loss_std", "loss_steps", "distortion", "bpp", "y_bpp", "z_bpp",
+    "mse", "psnr",
     "val_loss", "val_distortion", "val_bpp", "val_psnr",
     "task_weight_distortion", "task_weight_bpp",
     *(f"task_weight_{t}" for t in SCALE_TASKS),

@@ -376,7 +376,10 @@ def train(run: Run, stop: StopFlag) -> int:
                                skip_bad_images=cfg["skip_bad_images"], pin_memory=run.cuda)
     bar = tqdm(total=run.total_steps, initial=start_step, disable=cfg["quiet"], desc=f"{cfg['variant']} "
                f"lmbda={cfg['lmbda']}", dynamic_ncols=True, file=sys.stderr)
-    sums = torch.zeros(len(TRAIN_SUMS), device=run.device)
+    # Window sums of the TRAIN_SUMS metrics, then of loss**2 (for loss_std), on the device: the
+    # only host sync is the .tolist() of a logged step. float64 so that the variance (mean of
+    # squares minus squared mean) does not cancel away over long windows.
+    sums = torch.zeros(len(TRAIN_SUMS) + 1, dtype=torch.float64, device=run.device)
     logged_steps, last_log_time = 0, time.perf_counter()
     exit_code = EXIT_CRASH
     try:
@@ -387,7 +390,8 @@ def train(run: Run, stop: StopFlag) -> int:
             if run.cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             metrics = run.train_step(x)
-            sums += run.stack_metrics(metrics)
+            stacked = run.stack_metrics(metrics).double()
+            sums += torch.cat([stacked, stacked[:1].square()])  # TRAIN_SUMS starts with the loss
             run.step = step
             logged_steps += 1
             run.adapt_gammas_at_epoch_end(step)
@@ -397,8 +401,13 @@ def train(run: Run, stop: StopFlag) -> int:
             row: dict[str, Any] | None = None
             if step % cfg["log_every"] == 0 or last or stop.signum is not None:
                 now = time.perf_counter()
-                means = dict(zip(TRAIN_SUMS, (sums / logged_steps).tolist()))
+                *window_means, mean_square = (sums / logged_steps).tolist()
+                means = dict(zip(TRAIN_SUMS, window_means))
+                # std (ddof=0) of the per-step losses of this window, and its size, so that
+                # hpcm.tables pools the per-step spread exactly (the row's loss is only a mean).
+                loss_std = math.sqrt(max(mean_square - means["loss"] ** 2, 0.0))
                 row = {"step": step, "epoch": run.epoch(step), "lr": lr, **means,
+                       "loss_std": loss_std, "loss_steps": logged_steps,
                        "skipped_steps": run.skipped_steps(), "step_time": (now - last_log_time) / logged_steps,
                        **run.weight_columns()}
                 if not run.hierarchical:
@@ -436,6 +445,11 @@ def train(run: Run, stop: StopFlag) -> int:
                                              f"{run.best_val_loss!r}\n")
         exit_code = EXIT_OK
         return exit_code
+    except data.ImageError:
+        # Raised while fetching the next batch: every finished step is consistent, keep them.
+        if run.step > start_step:
+            save_checkpoint(run)
+        raise
     finally:
         bar.close()
         metrics_csv.close()
@@ -462,7 +476,8 @@ def run_training(cfg: dict[str, Any], out: Path) -> int:
                     f"the run length changed from {state['total_steps']} steps (checkpoint) to {run.total_steps} "
                     f"(epochs = {cfg['epochs']!r} over {len(run.train_set)} training images); restore the data "
                     "or use a new output directory")
-        except (run_config.ConfigError, data.DataConfigError, data.ImageError, models.CheckpointError) as exc:
+        except (run_config.ConfigError, data.DataConfigError, data.ImageError, models.CheckpointError,
+                checkpointing.CheckpointCorruptError) as exc:
             print_err(f"error: {exc}")
             return EXIT_CONFIG
         out.mkdir(parents=True, exist_ok=True)
@@ -470,7 +485,13 @@ def run_training(cfg: dict[str, Any], out: Path) -> int:
         if state is not None:
             print_err(f"resuming {out} from step {run.step} ({state['_path']})")
         write_run_yaml(run, resumed)
-        return train(run, stop)
+        try:
+            return train(run, stop)
+        except data.ImageError as exc:  # an image that became unreadable mid-run (state was saved)
+            saved = f"training state saved at step {run.step}; " if run.step else ""
+            print_err(f"error: {exc}\n{saved}fix or remove the image (or set skip_bad_images) and re-run "
+                      "the same command to resume")
+            return EXIT_CONFIG
 
 
 # ----------------------------------------------------------------------------- command line

@@ -127,7 +127,13 @@ def final_state(out: Path) -> dict:
     return torch.load(out / checkpointing.CHECKPOINT_LAST, map_location="cpu", weights_only=False)
 
 
-@pytest.mark.parametrize("variant", [{"variant": "baseline"}, {"variant": "phase3", "update_mode": "next_batch"}])
+@pytest.mark.parametrize("variant", [
+    {"variant": "baseline"},
+    {"variant": "phase1", "update_mode": "same_batch"},
+    {"optimizer": "qp"},
+    {"variant": "phase3", "update_mode": "next_batch"},
+    {"variant": "phase3", "decomposition": "adaptive", "gamma_strategy": "adaptive"},
+], ids=["baseline", "phase1_same_batch", "qp", "phase3_next_batch", "phase3_adaptive"])
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch, variant):
     settings = {"steps": 4, "checkpoint_every": 1, **variant}
     full, parted = tmp_path / "full", tmp_path / "parted"
@@ -184,6 +190,71 @@ def test_outputs_of_a_balanced_run(tmp_path):
     assert meta["variant"] == "phase1" and meta["optimizer"] == "balanced" and meta["meta"]["git_commit"]
     balanced_state = torch.load(out / "balanced_state_best.pth", map_location="cpu", weights_only=False)
     assert "w" in balanced_state["balancing"]
+
+
+def test_logged_loss_std_describes_the_per_step_losses_of_each_window(tmp_path, monkeypatch):
+    import numpy as np
+
+    from hpcm import tables
+
+    per_step: list[float] = []
+    real_step = train.Run.train_step
+
+    def recording_step(self, x):
+        metrics = real_step(self, x)
+        per_step.append(float(metrics["loss"].detach()))
+        return metrics
+
+    monkeypatch.setattr(train.Run, "train_step", recording_step)
+    out = tmp_path / "run"
+    assert train.main(cli_args(out, steps=7, log_every=3, val_every=7)) == train.EXIT_OK
+    rows = [r for r in read_csv(out / "metrics.csv") if r["loss"]]
+    assert [(r["step"], r["loss_steps"]) for r in rows] == [("3", "3"), ("6", "3"), ("7", "1")]
+    losses = np.array(per_step)
+    for row, window in zip(rows, (losses[0:3], losses[3:6], losses[6:7])):
+        assert float(row["loss"]) == pytest.approx(window.mean(), rel=1e-6)
+        assert float(row["loss_std"]) == pytest.approx(window.std(), rel=1e-4, abs=1e-7)
+    import pandas as pd
+
+    stability = tables.loss_cv(pd.read_csv(out / "metrics.csv"), tail=1.0)
+    assert stability.per_step
+    assert stability.value == pytest.approx(losses.std(ddof=1) / losses.mean(), rel=1e-4)
+
+
+def test_all_checkpoints_corrupt_is_a_clear_error_not_a_traceback(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / checkpointing.CHECKPOINT_LAST).write_bytes(b"truncated")
+    assert train.main(cli_args(out, steps=2)) == train.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "error: no readable training checkpoint" in err
+    assert str(out / checkpointing.CHECKPOINT_LAST) in err and "Traceback" not in err
+    assert (out / checkpointing.CHECKPOINT_LAST).read_bytes() == b"truncated"  # nothing overwritten
+
+
+def test_an_image_that_breaks_mid_run_is_a_clear_error_and_work_is_kept(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for k in range(2):
+        Image.fromarray((torch.rand(72, 80, 3) * 255).byte().numpy()).save(folder / f"img{k}.png")
+    real_step = train.Run.train_step
+
+    def corrupt_after_step_2(self, x):
+        metrics = real_step(self, x)
+        if self.step + 1 == 2:  # the disk goes bad after the run was validated and started
+            for path in folder.iterdir():
+                path.write_bytes(b"\x89PNG garbage")
+        return metrics
+
+    monkeypatch.setattr(train.Run, "train_step", corrupt_after_step_2)
+    out = tmp_path / "run"
+    assert train.main(cli_args(out, steps=6, train_data=str(folder))) == train.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "error: " in err and str(folder / "img") in err and "Traceback" not in err
+    assert "training state saved at step 2" in err
+    assert final_state(out)["step"] == 2 and not (out / "done").exists()
 
 
 def test_fine_tuning_from_an_official_layout_checkpoint(tmp_path):
