@@ -11,7 +11,8 @@ Recipe (every variant, so that comparisons are fair): lr 1e-4 dropped to 3e-5 / 
 fractions 2750/3000, 2850/3000, 2950/3000 of the run (official HPCM), gradient-norm clip 1.0,
 batches whose gradient norm is not finite are skipped (and counted, with no task-weight update).
 
-Writes in DIR: ``metrics.csv``, ``checkpoint_last.pth.tar`` (+ ``checkpoint_prev.pth.tar``, the
+Writes in DIR: ``metrics.csv`` (window means per logged step, plus ``loss_std``/``loss_steps``
+of the window's per-step losses), ``checkpoint_last.pth.tar`` (+ ``checkpoint_prev.pth.tar``, the
 fallback), ``epoch_best.pth.tar`` (official-layout state dict with coder tables built, best
 validation loss), ``balanced_state_best.pth`` (balanced optimizers), ``run.yaml`` (resolved config,
 package version, git commit), wandb files (``wandb/``), and ``done``, written last.
@@ -23,7 +24,8 @@ SIGTERM / SIGINT (e.g. SLURM pre-emption) finish the current step, save and exit
 checkpointed, so on CPU a resumed run ends with the same weights as an uninterrupted one.
 
 Exit codes: 0 finished (or already finished), 2 bad command line / config / data (nothing was
-done), 75 interrupted by SIGTERM/SIGINT after saving a checkpoint (EX_TEMPFAIL: re-run to
+done; also every checkpoint unreadable, or an image unreadable mid-run after saving the state),
+75 interrupted by SIGTERM/SIGINT after saving a checkpoint (EX_TEMPFAIL: re-run to
 resume), 1 anything else (a crash; the last checkpoint is intact).
 """
 
@@ -501,7 +503,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m hpcm.train", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train one (variant, lambda) HPCM run; re-run the same command to resume.",
         epilog=run_config.help_text() + f"\n\nexit codes: {EXIT_OK} finished (or already finished), "
-        f"{EXIT_CONFIG} bad command line/config/data (nothing done), {EXIT_INTERRUPTED} stopped by "
+        f"{EXIT_CONFIG} bad command line/config/data (nothing done; or no readable checkpoint, or an "
+        f"image unreadable mid-run after saving the state), {EXIT_INTERRUPTED} stopped by "
         f"SIGTERM/SIGINT after saving a checkpoint (re-run to resume), {EXIT_CRASH} crash.")
     parser.add_argument("--config", help="run config YAML (flat key: value mapping); omitted = defaults only")
     parser.add_argument("--output-dir", required=True, help="run directory (created; resumed when it has a checkpoint)")
