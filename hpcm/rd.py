@@ -447,21 +447,24 @@ def _write_csv(frame, path: str | Path) -> None:
 
 
 def curve_documents(points) -> dict[tuple[str, str], dict]:
-    """(dataset, variant) -> CompressAI-format JSON document of that curve, sorted by rate."""
+    """(dataset, variant) -> CompressAI-format JSON document of that curve, sorted by rate.
+
+    Strict JSON: a metric with any unmeasured (NaN) point is left out of ``results`` and named in
+    ``meta.not_measured`` (CompressAI's plot reads neither NaN nor null in a curve).
+    """
     docs = {}
     for (dataset, variant), group in points.groupby(["dataset", "variant"], sort=True):
         group = group.sort_values("bpp")
+        results = {"bpp": group["bpp"], "psnr-rgb": group["psnr"], "ms-ssim-rgb": group["ms_ssim"],
+                   "encoding_time": group["encoding_time"],
+                   "decoding_time": group["decoding_time"]}
         docs[(dataset, variant)] = {
             "name": variant,
             "description": f"hpcm.evaluate on {dataset} (real bitstreams)",
-            "results": {
-                "bpp": group["bpp"].tolist(), "psnr-rgb": group["psnr"].tolist(),
-                "ms-ssim-rgb": group["ms_ssim"].tolist(),
-                "encoding_time": group["encoding_time"].tolist(),
-                "decoding_time": group["decoding_time"].tolist(),
-            },
+            "results": {k: v.tolist() for k, v in results.items() if not v.isna().any()},
             "meta": {"dataset": dataset, "lmbda": group["lmbda"].tolist(),
-                     "n_images": group["n_images"].tolist()},
+                     "n_images": group["n_images"].tolist(),
+                     "not_measured": [k for k, v in results.items() if v.isna().any()]},
         }
     return docs
 
@@ -477,7 +480,7 @@ def _cmd_points(args: argparse.Namespace) -> None:
     if args.curves_dir:
         for (dataset, variant), doc in curve_documents(table).items():
             path = Path(args.curves_dir) / dataset / f"{variant}.json"
-            atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+            atomic_write_text(path, json.dumps(doc, indent=2, allow_nan=False) + "\n")
         print(f"wrote one CompressAI-format curve per (dataset, variant) under {args.curves_dir}")
 
 

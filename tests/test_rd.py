@@ -198,3 +198,22 @@ def test_a_dataset_without_the_anchor_is_an_na_row_with_the_reason():
     table = rd.bd_table(points, "vtm", "psnr", "pchip", {"kodak": curves["kodak"]})
     assert table.loc[table["dataset"] == "samples", "error"].item() == (
         "no 'vtm' curve for dataset 'samples'")
+
+
+def test_curve_documents_are_strict_json_without_unmeasured_metrics(tmp_path):
+    import json
+
+    csv_path = tmp_path / "small.csv"
+    csv_path.write_text("image,variant,lmbda,dataset,bpp,psnr,ms_ssim,enc_time,dec_time\n"
+                        "a.png,phase1,0.0067,kodak,0.2,30.0,nan,0.1,0.2\n"
+                        "a.png,phase1,0.013,kodak,0.4,32.0,0.97,0.1,0.2\n")
+    assert rd.main(["points", "--eval-csv", str(csv_path), "--output", str(tmp_path / "p.csv"),
+                    "--curves-dir", str(tmp_path / "curves")]) == 0
+
+    def reject(constant):
+        raise AssertionError(f"bare {constant} in the JSON")
+
+    doc = json.loads((tmp_path / "curves" / "kodak" / "phase1.json").read_text(),
+                     parse_constant=reject)
+    assert doc["results"]["psnr-rgb"] == [30.0, 32.0] and "ms-ssim-rgb" not in doc["results"]
+    assert doc["meta"]["not_measured"] == ["ms-ssim-rgb"]
