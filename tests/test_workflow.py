@@ -60,8 +60,13 @@ def expected_counts(cfg: dict) -> dict[str, int]:
         "run_config": n_runs,
         "train": n_runs,
         "evaluate": n_runs * len(datasets),
+        # one job each: R-D points, the analysis section, all tables, the three figure sets, all
         "rd_points": 1,
-        "bd_table": 1 + len(cfg["analysis"]["anchors"]),
+        "analysis_config": 1,
+        "tables": 1,
+        "plot_rd": 1,
+        "plot_runs": 1,
+        "plot_gammas": 1,
         "all": 1,
     }
     return {rule: n for rule, n in counts.items() if n}
@@ -80,8 +85,8 @@ def test_paper_dry_run_lists_every_job():
     assert {d["kind"] for d in cfg["datasets"].values()} == {"kodak", "clic2020-professional"}
     counts = dry_run(PAPER)
     assert counts == expected_counts(cfg)
-    # 11 named variants + a 2 x 2 phase-2 grid, 6 lambdas, 2 datasets
-    assert counts["train"] == 15 * 6 and counts["evaluate"] == 15 * 6 * 2
+    # 10 named variants + a 2 x 2 phase-2 grid, 6 lambdas, 2 datasets
+    assert counts["train"] == 14 * 6 and counts["evaluate"] == 14 * 6 * 2
 
 
 def test_adding_a_lambda_and_a_variant_adds_exactly_their_jobs(tmp_path):
@@ -92,9 +97,9 @@ def test_adding_a_lambda_and_a_variant_adds_exactly_their_jobs(tmp_path):
     bigger = tmp_path / "bigger.yaml"
     bigger.write_text(yaml.safe_dump(cfg))
     after = dry_run(bigger)
-    n_variants, n_lambdas, n_datasets = 16, 7, 2
-    assert after["train"] - before["train"] == n_variants * n_lambdas - 15 * 6
-    assert after["evaluate"] - before["evaluate"] == (n_variants * n_lambdas - 15 * 6) * n_datasets
+    n_variants, n_lambdas, n_datasets = 15, 7, 2
+    assert after["train"] - before["train"] == n_variants * n_lambdas - 14 * 6
+    assert after["evaluate"] - before["evaluate"] == (n_variants * n_lambdas - 14 * 6) * n_datasets
     unchanged = {r: n for r, n in after.items() if r not in ("train", "run_config", "evaluate")}
     assert unchanged == {r: n for r, n in before.items() if r not in ("train", "run_config", "evaluate")}
 
@@ -166,3 +171,24 @@ def test_every_rule_has_a_log_and_shell_rules_an_env():
         if "    shell:" in body:
             env = re.search(r'    conda:\n\s+"\.\./\.\./(envs/[\w.-]+\.yaml)"', body)
             assert env and (ROOT / env.group(1)).is_file(), f"rule {name} names no env from envs/"
+
+
+def test_local_gpu_jobs_each_lock_their_own_device(tmp_path):
+    """With local_gpus: 2, the training command's prefix gives concurrent jobs distinct devices
+    and refuses a third one."""
+    result = snakemake("-n", "-p", "--config", "device=cuda", "local_gpus=2", "--resources", "gpu=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    line = next(line for line in output.splitlines() if "python -m hpcm.train" in line)
+    command = line.split("Shell command:", 1)[-1].strip()
+    prefix = command[: command.index("python -m hpcm.train")]
+    assert "flock" in prefix and "--set device=cuda" in command
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_JOB_ID"}
+    script = f"set -euo pipefail; {prefix} echo $CUDA_VISIBLE_DEVICES; sleep 3"
+    jobs = [subprocess.Popen(["bash", "-c", script], cwd=tmp_path, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
+    outputs = [job.communicate(timeout=30) for job in jobs]
+    devices = sorted(out.strip() for (out, _), job in zip(outputs, jobs) if job.returncode == 0)
+    refused = [err for (_, err), job in zip(outputs, jobs) if job.returncode != 0]
+    assert devices == ["0", "1"]
+    assert len(refused) == 1 and "all 2 local GPUs are locked" in refused[0]

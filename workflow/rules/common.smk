@@ -6,6 +6,7 @@ import re
 import shlex
 
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 from snakemake.utils import validate
 
 # Run-config keys a variant may set (they go into the run YAML of `python -m hpcm.train`).
@@ -70,7 +71,9 @@ def validate_config(cfg):
     try:
         validate(cfg, schema="../schemas/config.schema.yaml")
     except WorkflowError as err:
-        cause = next((a for a in err.args if hasattr(a, "absolute_path")), None)
+        # The jsonschema error is the exception being handled when validate() raised.
+        candidates = list(err.args) + [err.__cause__, err.__context__]
+        cause = next((a for a in candidates if hasattr(a, "absolute_path")), None)
         if cause is None:
             raise
         key = ".".join(str(part) for part in cause.absolute_path) or "<top level>"
