@@ -24,11 +24,13 @@ rule plot_rd:
         "logs/plot_rd/plots.log",
     params:
         anchors=config["analysis"]["anchors"],
+        # the config's variant order fixes each variant's colour in every figure
+        variants=list(VARIANTS),
     conda:
         "../../envs/hpcm.yaml"
     shell:
         "python -m hpcm.plots rd --points {input.points} --anchors {params.anchors} "
-        "--output-dir {output} > {log} 2>&1"
+        "--variants {params.variants} --output-dir {output} > {log} 2>&1"
 
 
 rule plot_runs:
@@ -45,10 +47,12 @@ rule plot_runs:
         "logs/plot_runs/plots.log",
     params:
         runs=runs_root,
+        variants=list(VARIANTS),
     conda:
         "../../envs/hpcm.yaml"
     shell:
-        "python -m hpcm.plots runs --runs {params.runs} --output-dir {output} > {log} 2>&1"
+        "python -m hpcm.plots runs --runs {params.runs} --variants {params.variants} "
+        "--output-dir {output} > {log} 2>&1"
 
 
 rule plot_gammas:
