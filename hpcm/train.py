@@ -180,7 +180,7 @@ class Run:
             self.optimizer = optim.build_optimizer(
                 cfg["optimizer"], params, cfg["lr"], gamma=cfg["gamma"], w_lr=cfg["w_lr"],
                 max_norm=cfg["clip_max_norm"], update_mode=cfg["update_mode"], gammas=cfg["gammas"],
-                scale_weights=cfg["scale_weights"])
+                scale_weights=cfg["scale_weights"], sync_free=self.cuda)  # CUDA: skip decisions on device
         self.params = params
         self.gamma_schedule = schedules.GammaSchedule(cfg["gamma_schedule"], cfg["gamma"], cfg["gamma_final"],
                                                       self.total_steps) \
@@ -285,7 +285,8 @@ class Run:
         if self.balanced:
             optimizer.backward_with_task_balancing(tasks, self.params)
             optimizer.step(task_losses=tasks)
-            if optimizer.needs_second_forward and not optimizer.last_step_skipped:
+            # sync_free (CUDA) never reads last_step_skipped: the update then skips on the device
+            if optimizer.needs_second_forward and (optimizer.sync_free or not optimizer.last_step_skipped):
                 # official same_batch update: losses of the updated model on the same batch
                 with torch.no_grad():
                     _, new_tasks = self.objective(x)
@@ -298,7 +299,9 @@ class Run:
             if isinstance(optimizer, torch.optim.Adam):
                 optimizer.found_inf = found_inf  # fused Adam skips the update on device
                 optimizer.step()
-            elif not bool(found_inf):  # CautiousAdam: one scalar sync to skip the step
+            elif optimizer.sync_free:  # CautiousAdam on CUDA: the skip is decided on the device
+                optimizer.sync_free_step(ok=torch.isfinite(norm))
+            elif not bool(found_inf):  # CautiousAdam on CPU: one scalar read (free there)
                 optimizer.step()
             self.skipped += found_inf
         if self.hierarchical:

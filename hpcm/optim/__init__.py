@@ -30,21 +30,26 @@ def build_optimizer(
     gammas: Sequence[float] = (0.008, 0.006, 0.004),
     scale_weights: Sequence[float] = (0.3, 0.4, 0.3),
     min_losses: float = -1.0,
+    sync_free: bool = False,
 ) -> torch.optim.Optimizer:
-    """One optimizer from its run-config name; unknown names raise ValueError listing the valid ones."""
+    """One optimizer from its run-config name; unknown names raise ValueError listing the valid ones.
+
+    ``sync_free`` (CautiousAdam and the FAMO optimizers; QP decides on the host) keeps the skip
+    decisions on the device, see ``hpcm.optim.balanced``.
+    """
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
     if name == "cautious_adam":
-        return CautiousAdam(params, lr=lr)
+        return CautiousAdam(params, lr=lr, sync_free=sync_free)
     if name in ("balanced", "qp"):
         return Balanced(params, lr=lr, n_tasks=2, gamma=gamma, w_lr=w_lr, max_norm=max_norm,
                         min_losses=min_losses, update_mode=update_mode,
-                        weighting="qp" if name == "qp" else "famo")
+                        weighting="qp" if name == "qp" else "famo", sync_free=sync_free and name != "qp")
     if name == "hierarchical_balanced":
         g1, g2, g3 = (float(g) for g in gammas)
         return HierarchicalBalanced(params, lr=lr, gamma_s1=g1, gamma_s2=g2, gamma_s3=g3,
                                     w_lr=w_lr, max_norm=max_norm, scale_weights=scale_weights,
-                                    min_losses=min_losses, update_mode=update_mode)
+                                    min_losses=min_losses, update_mode=update_mode, sync_free=sync_free)
     raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZER_NAMES)}")
 
 

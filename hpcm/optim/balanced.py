@@ -27,6 +27,16 @@ gradients skip the parameter step and the weight update; ``skipped_steps`` and
 ``skipped_weight_updates`` count them. A finite loss at or below its lower bound is a
 configuration error (log of a non-positive number) and raises ``ValueError``.
 
+``sync_free=True`` (FAMO only; ``hpcm.train`` uses it on CUDA) takes every skip decision on the
+device, with no host synchronisation per step: a 0-dim bool ``ok`` gates, through
+``torch.where``, the moments, the parameters and their device step counters (``CautiousAdam``),
+the logits w and their Adam state, prev_loss and the pending-update flag; ``skipped_steps`` and
+``skipped_weight_updates`` accumulate on the device and are read (one sync) only when accessed.
+The results are bitwise those of the default path. Difference: a finite loss at or below
+min_losses skips the step (as a non-finite one) and its ``ValueError`` is raised at the next
+read of ``skipped_steps`` / ``skipped_weight_updates`` or call of ``raise_deferred_errors``
+(the training loop reads them at every logging point), not at once.
+
 ``weighting="qp"`` replaces FAMO by the analytic Solution-2 weights (``hpcm.optim.qp``): per-task
 gradients of the log losses, clipped QP weights, the same renormalised convex combination.
 Use ``backward_with_task_balancing`` (n backward passes); ``get_weighted_loss`` also works but
@@ -44,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from hpcm.io import atomic_torch_save
+from hpcm.optim.balanced_sync_free import SyncFreeFlags, gated
 from hpcm.optim.cautious_adam import CautiousAdam
 from hpcm.optim.qp import gram_matrix, qp_task_weights
 
@@ -81,9 +92,12 @@ class Balanced(CautiousAdam):
         task_names: Sequence[str] | None = None,
         device: torch.device | str | None = None,
         foreach: bool | None = None,
+        sync_free: bool = False,
     ):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, cautious=cautious, foreach=foreach)
+                         amsgrad=amsgrad, cautious=cautious, foreach=foreach, sync_free=sync_free)
+        if sync_free and weighting != "famo":
+            raise ValueError("sync_free=True supports weighting='famo' only (QP solves on the host)")
         if int(n_tasks) != n_tasks or n_tasks < 1:
             raise ValueError(f"n_tasks must be a positive integer, got {n_tasks!r}")
         if update_mode not in UPDATE_MODES:
@@ -105,16 +119,21 @@ class Balanced(CautiousAdam):
         self.update_mode = update_mode
         self.weighting = weighting
         self.w = torch.zeros(self.n_tasks, device=self.device, requires_grad=True)
-        self.w_opt = torch.optim.Adam([self.w], lr=w_lr)
+        # capturable on CUDA keeps the step count of w on the device (sync_free gating needs it)
+        self.w_opt = torch.optim.Adam([self.w], lr=w_lr, capturable=sync_free and self.device.type == "cuda")
         self.task_gammas = torch.full((self.n_tasks,), float(gamma), device=self.device)
         self.task_modulation: torch.Tensor | None = None  # per-task factors (HierarchicalBalanced)
         self.min_losses = torch.zeros(self.n_tasks, device=self.device)
         self.set_min_losses(min_losses)
         self.prev_loss: torch.Tensor | None = None
+        if sync_free:  # a tensor always; prev_valid says whether it holds losses
+            self.prev_loss = torch.zeros(self.n_tasks, device=self.device)
         self.qp_weights = torch.full((self.n_tasks,), 1.0 / self.n_tasks, device=self.device)
         self.last_effective_weights: torch.Tensor | None = None
-        self.skipped_steps = 0
-        self.skipped_weight_updates = 0
+        self._skipped_weight_updates = torch.zeros((), device=self.device) if self.sync_free else 0
+        if not self.sync_free:
+            self.skipped_steps = 0
+        self._sf = SyncFreeFlags(self.device, self.n_tasks) if self.sync_free else None
         self._pending_update = False  # next_batch: a step was taken since prev_loss was stored
         self._skip_next_step = False  # the current losses were non-finite
         self._last_step_skipped = False
@@ -138,8 +157,48 @@ class Balanced(CautiousAdam):
 
     @property
     def last_step_skipped(self) -> bool:
-        """Whether the latest ``step`` was skipped (non-finite losses or gradients)."""
+        """Whether the latest ``step`` was skipped (non-finite losses or gradients); syncs when sync_free."""
+        if self.sync_free:
+            return bool(self._sf.last_skipped)
         return self._last_step_skipped
+
+    @property
+    def skipped_steps(self) -> int:
+        """Skipped parameter steps (sync_free: one read, and deferred errors raised here)."""
+        if self.sync_free:
+            self.raise_deferred_errors()
+            return int(self.skipped_steps_device.item())
+        return self._skipped_steps
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        if self.sync_free:
+            self.skipped_steps_device.fill_(float(value))
+        else:
+            self._skipped_steps = int(value)
+
+    @property
+    def skipped_weight_updates(self) -> int:
+        if self.sync_free:
+            self.raise_deferred_errors()
+            return int(self._skipped_weight_updates.item())
+        return self._skipped_weight_updates
+
+    @skipped_weight_updates.setter
+    def skipped_weight_updates(self, value: int) -> None:
+        if self.sync_free:
+            self._skipped_weight_updates.fill_(float(value))
+        else:
+            self._skipped_weight_updates = int(value)
+
+    def raise_deferred_errors(self) -> None:
+        """sync_free: raise the ValueError of a finite loss at or below min_losses seen so far."""
+        if self.sync_free and bool(self._sf.below):
+            self._sf.below.fill_(False)
+            raise ValueError(
+                f"task losses {self._sf.below_losses.tolist()} were at or below min_losses "
+                f"{self.min_losses.tolist()} (task names {self.task_names}); log(L - m) is undefined "
+                "(those steps were skipped). Lower the bounds with set_min_losses (the official value is -1).")
 
     def set_min_losses(self, losses: float | Sequence[float] | torch.Tensor) -> None:
         """Set the per-task lower bounds m (a scalar broadcasts to every task)."""
@@ -188,6 +247,8 @@ class Balanced(CautiousAdam):
 
     def get_weighted_loss(self, losses: torch.Tensor) -> torch.Tensor:
         """The FAMO surrogate (1/c) sum_i z_i log(L_i - m_i + eps); stores prev_loss."""
+        if self.sync_free:
+            return self._sync_free_weighted_loss(losses)
         checked = self._check_losses(losses, "task losses")
         if self.update_mode == "next_batch" and self._pending_update:
             self._pending_update = False
@@ -243,6 +304,14 @@ class Balanced(CautiousAdam):
             raise RuntimeError(
                 "update_task_weights is not used with update_mode='next_batch': the next "
                 "get_weighted_loss call applies the update with the next batch's losses")
+        if self.sync_free:
+            flags = self._sf
+            ok = self._sync_free_check(curr_loss.detach(), "post-step losses")
+            not_skipped = ~flags.last_skipped & flags.prev_valid
+            self._skipped_weight_updates.add_((flags.last_skipped | (not_skipped & ~ok)).float())
+            self._apply_weight_update(torch.where(ok, curr_loss.detach().float(), self.prev_loss),
+                                      apply=not_skipped & ok)
+            return
         if self._last_step_skipped:
             self.skipped_weight_updates += 1
             return
@@ -254,8 +323,13 @@ class Balanced(CautiousAdam):
             return
         self._apply_weight_update(checked)
 
-    def _apply_weight_update(self, curr_loss: torch.Tensor) -> None:
+    def _apply_weight_update(self, curr_loss: torch.Tensor, apply: torch.Tensor | None = None) -> None:
+        """One Adam step on w; with ``apply`` (sync_free) w and its Adam state change only where true."""
         if self.prev_loss is None:
+            return
+        if apply is not None:
+            with gated(apply, [self.w], self.w_opt):
+                self._apply_weight_update(curr_loss)
             return
         with torch.no_grad():
             delta = (self.prev_loss - self.min_losses + LOG_EPS).log() - (
@@ -331,6 +405,9 @@ class Balanced(CautiousAdam):
                 stored = stored.float()
             if stored.shape != (self.n_tasks,):
                 stored = None
+        if self.sync_free:
+            self._sync_free_step(task_losses)
+            return loss
         if self._skip_next_step:
             gradients_finite = False
         else:
@@ -348,6 +425,47 @@ class Balanced(CautiousAdam):
         self._last_step_skipped = False
         self._pending_update = self.update_mode == "next_batch" and self.weighting == "famo"
         return loss
+
+    def _sync_free_step(self, task_losses: torch.Tensor | None) -> None:
+        flags = self._sf
+        if task_losses is not None and task_losses.shape == (self.n_tasks,):
+            stored = task_losses.detach().float()
+            restore = flags.ok_losses & torch.isfinite(stored).all()
+            self.prev_loss = torch.where(restore, stored, self.prev_loss)
+        ok = self.sync_free_step(flags.ok_losses)
+        flags.last_skipped = ~ok
+        flags.pending = ok & (self.update_mode == "next_batch")
+        flags.ok_losses = torch.ones((), dtype=torch.bool, device=self.device)
+
+    def _sync_free_check(self, losses: torch.Tensor, what: str) -> torch.Tensor:
+        """Device bool: losses finite and above min_losses; a finite loss below is recorded."""
+        if losses.shape != (self.n_tasks,):
+            raise ValueError(f"{what} must have shape ({self.n_tasks},), got {tuple(losses.shape)}")
+        values = losses.detach().float()
+        finite = torch.isfinite(values).all()
+        below = finite & (values - self.min_losses + LOG_EPS <= 0).any()
+        self._sf.below_losses = torch.where(below, values, self._sf.below_losses)
+        self._sf.below |= below
+        return finite & ~below
+
+    def _sync_free_weighted_loss(self, losses: torch.Tensor) -> torch.Tensor:
+        """get_weighted_loss with every decision on the device (see the module docstring)."""
+        flags = self._sf
+        ok = self._sync_free_check(losses, "task losses")
+        checked = losses if losses.dtype in (torch.float32, torch.float64) else losses.float()
+        values = checked.detach().float()
+        if self.update_mode == "next_batch":  # the pending update, with these losses as L'
+            self._skipped_weight_updates.add_((flags.pending & ~ok).float())
+            self._apply_weight_update(torch.where(ok, values, self.prev_loss), apply=flags.pending & ok)
+            flags.pending = torch.zeros((), dtype=torch.bool, device=self.device)
+        flags.ok_losses = ok
+        flags.prev_valid = ok
+        self.prev_loss = torch.where(ok, values, self.prev_loss)
+        weights = self._surrogate_weights(self._task_probabilities())
+        gaps = checked - self.min_losses + LOG_EPS  # NaN surrogate when not ok: the step skips
+        c = (weights / gaps).sum().detach()
+        self.last_effective_weights = (weights / gaps.detach() / c).detach()
+        return (gaps.log() * weights / c).sum()
 
     def _finite_flags(self, losses: torch.Tensor | None) -> tuple[bool, bool]:
         """(all gradients finite, ``losses`` given and finite), read with a single device sync."""
@@ -378,7 +496,7 @@ class Balanced(CautiousAdam):
 
     # ------------------------------------------------------------------ state
     def _balancing_state(self) -> dict:
-        return {
+        state = {
             "n_tasks": self.n_tasks,
             "task_names": list(self.task_names),
             "weighting": self.weighting,
@@ -390,11 +508,14 @@ class Balanced(CautiousAdam):
             "min_losses": self.min_losses.clone(),
             "prev_loss": None if self.prev_loss is None else self.prev_loss.clone(),
             "qp_weights": self.qp_weights.clone(),
-            "pending_update": self._pending_update,
-            "last_step_skipped": self._last_step_skipped,
+            "pending_update": self._pending_update if self._sf is None else bool(self._sf.pending),
+            "last_step_skipped": self._last_step_skipped if self._sf is None else bool(self._sf.last_skipped),
             "skipped_steps": self.skipped_steps,
             "skipped_weight_updates": self.skipped_weight_updates,
         }
+        if self._sf is not None and not bool(self._sf.prev_valid):
+            state["prev_loss"] = None
+        return state
 
     def state_dict(self) -> dict:
         """Model moments (torch layout) plus everything of the task weighting under 'balancing'."""
@@ -430,6 +551,13 @@ class Balanced(CautiousAdam):
         self._last_step_skipped = bool(extra["last_step_skipped"])
         self.skipped_steps = int(extra["skipped_steps"])
         self.skipped_weight_updates = int(extra["skipped_weight_updates"])
+        if self._sf is not None:
+            self._sf = SyncFreeFlags(self.device, self.n_tasks)
+            self._sf.pending.fill_(self._pending_update)
+            self._sf.last_skipped.fill_(self._last_step_skipped)
+            self._sf.prev_valid.fill_(self.prev_loss is not None)
+            if self.prev_loss is None:
+                self.prev_loss = torch.zeros(self.n_tasks, device=self.device)
 
     def save_state(self, path: str | Path) -> None:
         """Atomically write ``state_dict()`` (the official ``balanced_state_*.pth`` role)."""

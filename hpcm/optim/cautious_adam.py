@@ -25,6 +25,7 @@ import torch
 from torch.optim import Optimizer
 
 from hpcm.optim.cautious_flat import MOMENT_KEYS, FlatMoments, build_flat_moments, flat_update
+from hpcm.optim.cautious_sync_free import BiasTables, grads_finite, sync_free_update
 
 # Constants of the official code: the mask mean is clamped below, the rescale capped above.
 MASK_MEAN_FLOOR = 1e-3
@@ -44,6 +45,7 @@ class CautiousAdam(Optimizer):
         amsgrad: bool = False,
         cautious: bool = True,
         foreach: bool | None = None,
+        sync_free: bool = False,
     ):
         if not lr >= 0.0:
             raise ValueError(f"Invalid learning rate lr={lr}")
@@ -59,6 +61,12 @@ class CautiousAdam(Optimizer):
             amsgrad=amsgrad, cautious=cautious, foreach=foreach,
         )
         super().__init__(params, defaults)
+        # sync_free: skip decision, step counters and skip count stay on the device (see
+        # ``cautious_sync_free``); the default keeps Python-int steps and host-side decisions.
+        self.sync_free = bool(sync_free)
+        self._step_bound: int | None = None  # an upper bound of every step counter (sync_free)
+        self._bias_tables: dict[tuple, BiasTables] = {}
+        self._skipped_device: torch.Tensor | None = None
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -73,9 +81,94 @@ class CautiousAdam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.sync_free:
+            self.sync_free_step()
+            return loss
         for group in self.param_groups:
             self._update_group(group)
         return loss
+
+    @property
+    def skipped_steps_device(self) -> torch.Tensor:
+        """sync_free: steps skipped for non-finite gradients, as a device tensor (no sync)."""
+        if self._skipped_device is None:
+            first = next(p for g in self.param_groups for p in g["params"])
+            self._skipped_device = torch.zeros((), device=first.device)
+        return self._skipped_device
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._step_bound = None
+        for state in self.state.values():  # each mode keeps its own step type
+            if "step" in state:
+                step = state["step"]
+                if self.sync_free and not torch.is_tensor(step):
+                    state["step"] = torch.tensor(float(step), device=state["exp_avg"].device)
+                elif not self.sync_free and torch.is_tensor(step):
+                    state["step"] = int(step.item())
+
+    @torch.no_grad()
+    def sync_free_step(self, ok: torch.Tensor | None = None) -> torch.Tensor:
+        """One step decided on the device: applied where ``ok`` and every gradient is finite.
+
+        Returns the 0-dim bool ``ok`` actually used; the skip is counted in
+        ``skipped_steps_device``. Nothing is read back to the host.
+        """
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        device = grads[0].device if grads else next(p for g in self.param_groups for p in g["params"]).device
+        finite = grads_finite(grads, device)
+        ok = finite if ok is None else (ok.to(device) & finite)
+        self.skipped_steps_device.add_((~ok).float())
+        if self._step_bound is None:  # once after construction or loading: one read
+            self._step_bound = max((int(s["step"]) for s in self.state.values() if "step" in s), default=0)
+        self._step_bound += 1
+        for group in self.param_groups:
+            self._sync_free_group(group, ok)
+        return ok
+
+    def _sync_free_group(self, group: dict, ok: torch.Tensor) -> None:
+        params, grads, moments, steps = [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("CautiousAdam does not support sparse gradients")
+            if p.grad.dtype != p.dtype or p.dtype not in (torch.float32, torch.float64):
+                raise RuntimeError(f"sync_free CautiousAdam needs fp32/fp64 params and grads, got "
+                                   f"{p.dtype} / {p.grad.dtype}")
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.zeros((), device=p.device)
+                for key in MOMENT_KEYS[:3 if group["amsgrad"] else 2]:
+                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif not torch.is_tensor(state["step"]):
+                state["step"] = torch.tensor(float(state["step"]), device=p.device)
+            params.append(p)
+            grads.append(p.grad)
+            moments.append(state)
+            steps.append(state["step"])
+        if not params:
+            return
+        okf = ok.to(steps[0].device).float()
+        torch._foreach_add_(steps, okf)
+        beta1, beta2 = group["betas"]
+        buckets: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            buckets.setdefault((p.device, p.dtype), []).append(i)
+        for (device, _), index in buckets.items():
+            tables = self._bias_tables.get((device, beta1, beta2))
+            if tables is None:
+                tables = self._bias_tables[(device, beta1, beta2)] = BiasTables(beta1, beta2, device)
+            tables.ensure(self._step_bound)
+            pick = lambda items: [items[i] for i in index]  # noqa: E731
+            states = pick(moments)
+            sync_free_update(
+                pick(params), pick(grads), [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
+                torch.stack(pick(steps)), ok.to(device), tables, amsgrad=group["amsgrad"],
+                cautious=group["cautious"], beta1=beta1, beta2=beta2, lr=group["lr"],
+                weight_decay=group["weight_decay"], eps=group["eps"],
+                mask_mean_floor=MASK_MEAN_FLOOR, mask_scale_cap=MASK_SCALE_CAP)
 
     def _update_group(self, group: dict) -> None:
         params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps = [], [], [], [], [], []
