@@ -286,6 +286,7 @@ class Run:
             optimizer.backward_with_task_balancing(tasks, self.params)
             optimizer.step(task_losses=tasks)
             # sync_free (CUDA) never reads last_step_skipped: the update then skips on the device
+            # (after a skipped step this extra forward draws noise: RNG streams then differ from CPU)
             if optimizer.needs_second_forward and (optimizer.sync_free or not optimizer.last_step_skipped):
                 # official same_batch update: losses of the updated model on the same batch
                 with torch.no_grad():

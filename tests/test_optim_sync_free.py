@@ -139,3 +139,47 @@ def test_sync_free_defers_the_min_losses_error_to_the_counter_read():
     assert opt.skipped_steps == 1  # raised once; the skip is counted
     with pytest.raises(ValueError, match="sync_free"):
         Balanced(net.parameters(), weighting="qp", sync_free=True)
+
+
+TRAIN_VARIANTS = {
+    "cautious_adam": {"optimizer": "cautious_adam"},
+    "balanced_same_batch": {"variant": "phase1"},
+    "balanced_next_batch": {"variant": "phase1", "update_mode": "next_batch"},
+    "phase3_measured": {"variant": "phase3"},
+}
+
+
+@pytest.mark.parametrize("name", list(TRAIN_VARIANTS))
+def test_training_loop_with_sync_free_equals_the_host_path(tmp_path, monkeypatch, name):
+    """hpcm.train's CUDA wiring, forced on CPU: same weights and skip count, NaN batch included."""
+    from hpcm import optim, run_config, train
+
+    tiny = {"model": "HPCM_Tiny", "patch_size": 64, "batch_size": 1, "num_workers": 0,
+            "wandb_mode": "disabled", "quiet": True, "steps": 10, "lr": 1e-3, **TRAIN_VARIANTS[name]}
+    torch.set_num_threads(1)
+    runs = []
+    original = optim.build_optimizer
+    for sync_free in (False, True):
+        if sync_free:
+            monkeypatch.setattr(optim, "build_optimizer", lambda *a, **k: original(*a, **{**k, "sync_free": True}))
+        run = train.Run(run_config.resolve(tiny), tmp_path / str(sync_free))
+        run.open_data()
+        run.build(None)
+        assert run.optimizer.sync_free is sync_free
+        runs.append(run)
+    runs[1].model.load_state_dict(runs[0].model.state_dict())
+    x = next(iter(train.data.train_loader(runs[0].train_set, 64, 2, seed=0, total_steps=1)))
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    for run in runs:
+        for step, batch in enumerate((x, bad, x, x), start=1):
+            # reseeded per step: in same_batch mode the sync-free loop also runs the second forward
+            # after a skipped step (its update then skips on the device), which draws quantisation noise
+            torch.manual_seed(step)
+            run.apply_schedules(step)
+            run.train_step(batch)
+            run.step = step
+    default, device_side = runs
+    assert default.skipped_steps() == device_side.skipped_steps() == 1
+    for key, value in default.model.state_dict().items():
+        assert torch.equal(value, device_side.model.state_dict()[key]), key
