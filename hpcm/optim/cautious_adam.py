@@ -25,7 +25,7 @@ import torch
 from torch.optim import Optimizer
 
 from hpcm.optim.cautious_flat import MOMENT_KEYS, FlatMoments, build_flat_moments, flat_update
-from hpcm.optim.cautious_sync_free import BiasTables, grads_finite, sync_free_update
+from hpcm.optim.cautious_sync_free import BiasTables, element_counts, grads_finite, sync_free_update
 
 # Constants of the official code: the mask mean is clamped below, the rescale capped above.
 MASK_MEAN_FLOOR = 1e-3
@@ -302,7 +302,7 @@ def _foreach_update(
             counts = torch.stack([m.sum() for m in mask])
         else:  # the L1 norm of a 0/1 tensor is its count of ones (one fused kernel on CUDA)
             counts = torch.stack(torch._foreach_norm(mask, 1))
-        numels = torch.tensor([m.numel() for m in mask], dtype=counts.dtype, device=counts.device)
+        numels = element_counts(tuple(m.numel() for m in mask), counts.dtype, counts.device)
         scales = (1 / (counts / numels).clamp_(min=MASK_MEAN_FLOOR)).clamp_(max=MASK_SCALE_CAP)
         direction = torch._foreach_mul(exp_avgs, scales.tolist() if host_scales else list(scales.unbind(0)))
         torch._foreach_mul_(direction, mask)

@@ -18,6 +18,7 @@ counter as a Python int. On CUDA that sync stalls the launch queue every step. H
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 
@@ -45,6 +46,13 @@ class BiasTables:
         self.bc2_sqrt = torch.tensor([math.sqrt(1 - self.beta2**k) if k else 1.0 for k in steps],
                                      dtype=torch.float64, device=self.device)
         self.size = size
+
+
+@lru_cache(maxsize=64)
+def element_counts(numels: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Per-tensor sizes on the device, built once: a fresh ``torch.tensor(..., device=cuda)``
+    every step would be a blocking host-to-device copy (a synchronisation)."""
+    return torch.tensor(numels, dtype=dtype, device=device)
 
 
 def grads_finite(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -80,7 +88,7 @@ def sync_free_update(
         torch._foreach_sign_(mask)
         torch._foreach_clamp_min_(mask, 0.0)
         counts = torch.stack([m.sum() for m in mask])
-        numels = torch.tensor([m.numel() for m in mask], dtype=counts.dtype, device=counts.device)
+        numels = element_counts(tuple(m.numel() for m in mask), counts.dtype, counts.device)
         scales = (1 / (counts / numels).clamp_(min=mask_mean_floor)).clamp_(max=mask_scale_cap)
         direction = torch._foreach_mul(new_m, list(scales.unbind(0)))
         torch._foreach_mul_(direction, mask)
