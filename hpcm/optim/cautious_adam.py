@@ -12,7 +12,7 @@ This is the parameter update of the official Balanced R-D code (``Balanced.step`
 
 The mask is not written back into m. fp16/bf16 gradients are cast to fp32 first. The step
 counter is a Python int per parameter, as in the official code, so ``state_dict`` round trips
-exactly. ``cautious=False`` turns the mask off, which leaves plain Adam with the same bias
+exactly (with ``sync_free=True`` it is a float32 device tensor, see ``cautious_sync_free``). ``cautious=False`` turns the mask off, which leaves plain Adam with the same bias
 correction (useful for the "FAMO weighting with plain Adam" ablation).
 """
 

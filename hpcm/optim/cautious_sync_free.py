@@ -5,7 +5,8 @@ counter as a Python int. On CUDA that sync stalls the launch queue every step. H
 
 * ``ok`` is a 0-dim bool tensor (all gradients finite, and whatever the caller adds);
 * the new moments and parameters are computed out of place and committed with
-  ``torch.where(ok, new, old)``, so a skipped step leaves every value bit-identical;
+  ``torch.where(ok, new, old)`` (over the concatenated list, then one list copy), so a skipped
+  step leaves every value bit-identical;
 * the step counter is a float32 0-dim device tensor (exact up to 2^24 steps) that grows by ``ok``;
 * the bias corrections are looked up, by that counter, in float64 tables computed on the host
   with Python's ``math`` (exactly the doubles of the default path), so the update is bitwise
@@ -103,5 +104,14 @@ def sync_free_update(
     if amsgrad:
         targets.append((max_sqs, second))
     for olds, news in targets:
-        for old, new in zip(olds, news):
-            old.copy_(torch.where(ok, new, old))
+        commit_where(ok, olds, news)
+
+
+def commit_where(ok: torch.Tensor, olds: list[torch.Tensor], news: list[torch.Tensor]) -> None:
+    """olds <- where(ok, news, olds), exactly, in a few whole-list kernels.
+
+    One ``where`` per tensor would be ~2 launches x (params + moments) per step on CUDA; a
+    blend such as lerp is not exact (and NaN in a rejected update would leak through it).
+    """
+    chosen = torch.where(ok, torch.cat([t.reshape(-1) for t in news]), torch.cat([t.reshape(-1) for t in olds]))
+    torch._foreach_copy_(olds, [c.view(o.shape) for c, o in zip(chosen.split([o.numel() for o in olds]), olds)])
