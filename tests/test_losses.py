@@ -201,3 +201,16 @@ def test_fixed_ratio_deltas_are_identical_within_groups_and_one_total_gives_no_s
     opt.update_task_weights(after.detach())
     signal = float(opt.w_opt.state[opt.w]["exp_avg"].abs().max()) / 0.1
     assert signal > 1e-3 * float(delta.abs().max())
+
+
+def test_measured_checks_the_partition_once_per_input_shape():
+    # The scale map depends only on the latent shape: the first call at each shape is checked
+    # (a host sync), later calls at that shape are not, so training makes no per-step sync.
+    out, target = fake_output(h=16, w=16)
+    loss = MeasuredHierarchicalLoss(0.01)
+    loss(out, target, split_scale_bits(out["likelihoods"]["y"]))
+    assert loss._checked_shapes == {tuple(target.shape)}
+    out_new, target_new = fake_output(h=32, w=16)
+    wrong = split_scale_bits(out_new["likelihoods"]["y"]) * torch.tensor([1.0, 1.0, 0.5])
+    with pytest.raises(ValueError, match="partition"):
+        loss(out_new, target_new, wrong)
