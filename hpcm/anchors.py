@@ -48,6 +48,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from hpcm.cli import run_command
+
 ANCHOR_TABLE = Path(__file__).with_name("anchors") / "anchors.csv"
 COLUMNS = ("dataset", "anchor", "label", "family", "point", "bpp", "psnr", "ms_ssim",
            "ms_ssim_db", "source_repo", "commit", "file", "blob_sha1", "note")
@@ -240,12 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: args.func(args))
 
 
 if __name__ == "__main__":

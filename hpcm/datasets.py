@@ -43,6 +43,8 @@ from typing import Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
+from hpcm.cli import run_command
+
 KODAK_URL = "https://r0k.us/graphics/kodak/kodak/"
 KODAK_SHA256 = {
     "kodim01.png": "a56e27cbf5f843c048b6af1d6e090760e9c92fadba88b7dee0205918a37523bd",
@@ -341,12 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: args.func(args))
 
 
 if __name__ == "__main__":

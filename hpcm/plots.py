@@ -42,6 +42,7 @@ matplotlib.use("Agg")  # no display on cluster nodes and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from hpcm.cli import run_command  # noqa: E402
 from hpcm.io import atomic_write_bytes  # noqa: E402
 
 SCALE_COLORS = {"s1": "#1f77b4", "s2": "#ff7f0e", "s3": "#2ca02c"}
@@ -324,28 +325,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    written: list[Path] = []
-    try:
-        colors = variant_colors(args.variants) if getattr(args, "variants", None) else None
-        points = None
-        if args.command in ("all", "rd"):
-            from hpcm.rd import read_points
+    return run_command(lambda: _draw(args), errors=(ValueError, OSError, KeyError))
 
-            points = read_points(args.points)
-        if args.command == "all" and colors is None:  # one call: one assignment for all figures
-            seen = set(points["variant"]) | {variant for variant, _, _ in iter_runs(args.runs)}
-            colors = variant_colors(sorted(seen))
-        if points is not None:
-            written += plot_rd(points, args.output_dir, args.anchors, args.metric, colors)
-        if args.command in ("all", "runs"):
-            written += plot_runs(args.runs, args.output_dir, colors)
-        if args.command in ("all", "gammas"):
-            written += plot_gammas(args.output_dir, args.total_epochs)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print("\n".join(str(p) for p in written))
-    return 0
+
+def _draw(args: argparse.Namespace) -> list[Path]:
+    written: list[Path] = []
+    colors = variant_colors(args.variants) if getattr(args, "variants", None) else None
+    points = None
+    if args.command in ("all", "rd"):
+        from hpcm.rd import read_points
+
+        points = read_points(args.points)
+    if args.command == "all" and colors is None:  # one call: one assignment for all figures
+        seen = set(points["variant"]) | {variant for variant, _, _ in iter_runs(args.runs)}
+        colors = variant_colors(sorted(seen))
+    if points is not None:
+        written += plot_rd(points, args.output_dir, args.anchors, args.metric, colors)
+    if args.command in ("all", "runs"):
+        written += plot_runs(args.runs, args.output_dir, colors)
+    if args.command in ("all", "gammas"):
+        written += plot_gammas(args.output_dir, args.total_epochs)
+    return written
 
 
 if __name__ == "__main__":

@@ -51,6 +51,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from hpcm.cli import run_command
+
 METHODS = ("pchip", "akima", "cubic")
 DEFAULT_MIN_OVERLAP = 0.75
 
@@ -522,12 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: args.func(args))
 
 
 if __name__ == "__main__":

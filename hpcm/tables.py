@@ -48,6 +48,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from hpcm.cli import run_command
+
 REQUIRED_METRIC_COLUMNS = ("step", "epoch", "loss", "val_loss")
 CONVERGENCE_TOLERANCE = 0.01
 STABILITY_TAIL = 0.10
@@ -524,14 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        written = build_all(args.points, args.runs, read_analysis(args.config), args.output_dir,
-                            args.benchmarks, args.method, args.metric, args.overhead_json)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print("\n".join(str(p) for p in written))
-    return 0
+    return run_command(lambda: build_all(args.points, args.runs, read_analysis(args.config), args.output_dir,
+                                         args.benchmarks, args.method, args.metric, args.overhead_json))
 
 
 if __name__ == "__main__":
