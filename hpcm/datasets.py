@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import os
 import shutil
 import sys
@@ -44,6 +43,7 @@ from typing import Iterable, Iterator, Sequence
 from tqdm import tqdm
 
 from hpcm.cli import run_command
+from hpcm.io import sha256_file
 
 KODAK_URL = "https://r0k.us/graphics/kodak/kodak/"
 KODAK_SHA256 = {
@@ -92,14 +92,6 @@ class ChecksumError(ValueError):
         super().__init__(f"checksum mismatch for {name}{where}: expected SHA-256 {expected}, "
                          f"got {actual}")
         self.name, self.expected, self.actual = name, expected, actual
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _is_url(source: str) -> bool:

@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import yaml
 from tqdm import tqdm
 
 from hpcm.io import atomic_write_text
@@ -191,17 +190,12 @@ def _save_png(x_hat: torch.Tensor, path: Path) -> None:
 
 def read_run_yaml(checkpoint: Path) -> dict[str, Any]:
     """The training run's resolved config beside the checkpoint ({} if there is none)."""
-    path = checkpoint.parent / "run.yaml"
-    if not path.is_file():
-        return {}
+    from hpcm.run_config import ConfigError, read_run_yaml as read_run_dir
+
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise EvaluationError(f"{path}: not valid YAML ({err})") from None
-    if not isinstance(data, dict):
-        raise EvaluationError(f"{path}: expected a mapping, got {type(data).__name__}")
-    # run.yaml may nest the resolved config under "config"; accept both layouts.
-    return data.get("config", data) if isinstance(data.get("config"), dict) else data
+        return read_run_dir(checkpoint.parent)
+    except ConfigError as err:
+        raise EvaluationError(str(err)) from None
 
 
 def load_model(checkpoint: Path, name: str | None, device: torch.device, update: bool = True):

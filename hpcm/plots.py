@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 
 from hpcm.cli import run_command  # noqa: E402
 from hpcm.io import atomic_write_bytes  # noqa: E402
+from hpcm.run_config import read_run_yaml  # noqa: E402
 
 SCALE_COLORS = {"s1": "#1f77b4", "s2": "#ff7f0e", "s3": "#2ca02c"}
 METRIC_LABELS = {"psnr": "PSNR (dB)", "ms_ssim_db": "MS-SSIM (dB)"}
@@ -146,19 +147,15 @@ def plot_rd(points, output_dir: str | Path, anchors: Sequence[str] = (),
 def iter_runs(root: str | Path) -> Iterable[tuple[str, float, object]]:
     """(variant, lmbda, metrics DataFrame) of every run folder under ``root``."""
     import pandas as pd
-    import yaml
 
     root = Path(root)
     found = sorted(root.rglob("metrics.csv"))
     if not found:
         raise FileNotFoundError(f"no metrics.csv under {root}")
     for path in found:
-        run_yaml = path.parent / "run.yaml"
-        if not run_yaml.is_file():
-            raise FileNotFoundError(f"{path.parent}: no run.yaml (variant and lambda unknown)")
-        config = yaml.safe_load(run_yaml.read_text()) or {}
-        config = config.get("config", config) if isinstance(config.get("config"), dict) \
-            else config
+        config = read_run_yaml(path.parent)
+        if "variant" not in config or "lmbda" not in config:
+            raise FileNotFoundError(f"{path.parent}: no run.yaml with variant and lmbda")
         frame = pd.read_csv(path)
         if "step" not in frame.columns:
             raise ValueError(f"{path}: no 'step' column")

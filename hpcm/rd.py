@@ -41,7 +41,6 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import sys
 import warnings
@@ -52,6 +51,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from hpcm.cli import run_command
+from hpcm.io import sha256_file
 
 METHODS = ("pchip", "akima", "cubic")
 DEFAULT_MIN_OVERLAP = 0.75
@@ -268,14 +268,6 @@ POINT_COLUMNS = (
 )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def ms_ssim_to_db(value: float) -> float:
     """CompressAI's convention: -10 log10(1 - MS-SSIM); NaN (not measured) stays NaN."""
     if math.isnan(value):
@@ -302,7 +294,7 @@ def rd_points(eval_csvs: Iterable[str | Path]):
             raise ValueError(f"{csv_path}: missing column(s) {missing}; is it an hpcm.evaluate CSV?")
         if frame.empty:
             raise ValueError(f"{csv_path}: no image rows")
-        digest = _sha256(csv_path)
+        digest = sha256_file(csv_path)
         for key, group in frame.groupby(list(POINT_KEYS), sort=True, dropna=False):
             key = (str(key[0]), str(key[1]), float(key[2]))
             if math.isnan(key[2]):

@@ -247,6 +247,9 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
+RUN_YAML = "run.yaml"  # written by hpcm.train beside its checkpoints
+
+
 def load_file(path: str | Path | None) -> dict[str, Any]:
     if path is None:
         return {}
@@ -265,6 +268,12 @@ def load_file(path: str | Path | None) -> dict[str, Any]:
     if isinstance(data.get("meta"), dict):
         data = {k: v for k, v in data.items() if k != "meta"}
     return data
+
+
+def read_run_yaml(run_dir: str | Path) -> dict[str, Any]:
+    """The resolved config a training run wrote to ``run_dir/run.yaml`` ({} when there is none)."""
+    path = Path(run_dir) / RUN_YAML
+    return load_file(path) if path.is_file() else {}
 
 
 def resolve(user: dict[str, Any]) -> dict[str, Any]:

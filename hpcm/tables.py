@@ -49,6 +49,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from hpcm.cli import run_command
+from hpcm.run_config import read_run_yaml
 
 REQUIRED_METRIC_COLUMNS = ("step", "epoch", "loss", "val_loss")
 CONVERGENCE_TOLERANCE = 0.01
@@ -179,7 +180,6 @@ def _read_benchmark(path: Path) -> dict[str, float]:
 def load_runs(root: str | Path, benchmarks: str | Path | None = None):
     """One row per training run under ``root``: config facts and the per-run figures."""
     import pandas as pd
-    import yaml
 
     root = Path(root)
     if not root.is_dir():
@@ -187,11 +187,7 @@ def load_runs(root: str | Path, benchmarks: str | Path | None = None):
     rows = []
     for metrics_path in sorted(root.rglob("metrics.csv")):
         run_dir = metrics_path.parent
-        config: dict[str, Any] = {}
-        if (run_dir / "run.yaml").is_file():
-            loaded = yaml.safe_load((run_dir / "run.yaml").read_text()) or {}
-            config = loaded.get("config", loaded) if isinstance(loaded.get("config"), dict) \
-                else loaded
+        config = read_run_yaml(run_dir)
         if "variant" not in config or "lmbda" not in config:
             raise TableError(f"{run_dir}: run.yaml lacks 'variant' or 'lmbda'")
         metrics = read_metrics(metrics_path)

@@ -59,7 +59,6 @@ EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 75  # sysexits EX_TEMPFAIL: state saved, run the same command again to resume
 
 DONE_MARKER = "done"
-RUN_YAML = "run.yaml"
 METRICS_CSV = "metrics.csv"
 # Running sums kept on the device between log rows (no per-step host sync): column -> loss-dict key.
 TRAIN_SUMS = {"loss": "loss", "distortion": "distortion", "bpp": "bpp_loss", "y_bpp": "y_bpp", "z_bpp": "z_bpp",
@@ -359,7 +358,7 @@ def write_run_yaml(run: Run, resumed_from: int) -> None:
         "val_images": len(run.val_set), "resumed_from_step": resumed_from,
         "command": " ".join(sys.argv),
     }
-    atomic_write_text(run.out / RUN_YAML, yaml.safe_dump({**run.cfg, "meta": meta}, sort_keys=False))
+    atomic_write_text(run.out / run_config.RUN_YAML, yaml.safe_dump({**run.cfg, "meta": meta}, sort_keys=False))
 
 
 def save_checkpoint(run: Run) -> None:
