@@ -1,6 +1,7 @@
 """Speed of the HPCM presets: forward, forward+backward (one training step), compress, decompress.
 
     python benchmarks/model_speed.py                          # CPU: HPCM_Tiny, HPCM_Small
+    python benchmarks/model_speed.py --size 64 64 --presets HPCM_Tiny
     python benchmarks/model_speed.py --presets HPCM_Base --size 256 256 --batch 1
     python benchmarks/model_speed.py --device cuda --bf16     # CUDA: channels_last, bf16 autocast
     python benchmarks/model_speed.py --presets HPCM_Base --size 256 256 --official .scratch/LIC-HPCM
@@ -148,22 +149,23 @@ def main() -> None:
           f"bf16={args.bf16} channels_last={channels_last} repeats={args.repeats}")
 
     columns = ["forward", "train step", "compress", "decompress"]
-    print(f"{'model':<22}" + "".join(f"{c + ' ms':>16}" for c in columns))
+    print(f"{'model':<22}{'params M':>10}" + "".join(f"{c + ' ms':>16}" for c in columns))
     torch.manual_seed(0)
     for name in presets:
         model = build_model(name).to(device, memory_format=memory_format)
+        params = sum(p.numel() for p in model.parameters()) / 1e6
         h, w = args.size
         if h % model.pad_multiple or w % model.pad_multiple:
-            print(f"{name:<22} skipped: size must be a multiple of {model.pad_multiple}")
+            print(f"{name:<22}{params:>10.3f}  skipped: size must be a multiple of {model.pad_multiple}")
             continue
         x = torch.rand(args.batch, 3, h, w, device=device).to(memory_format=memory_format)
         ours = measure(model, x, args, device)
-        print(f"{name:<22}" + "".join(f"{ours.get(c, float('nan')):>16.1f}" for c in columns))
+        print(f"{name:<22}{params:>10.3f}" + "".join(f"{ours.get(c, float('nan')):>16.1f}" for c in columns))
         if args.official:
             official = _OfficialAdapter(load_official(args.official, name, model, device))
             theirs = measure(official, x, args, device)
-            print(f"{'  official':<22}" + "".join(f"{theirs.get(c, float('nan')):>16.1f}" for c in columns))
-            print(f"{'  ratio official/ours':<22}"
+            print(f"{'  official':<22}{'':>10}" + "".join(f"{theirs.get(c, float('nan')):>16.1f}" for c in columns))
+            print(f"{'  ratio official/ours':<22}{'':>10}"
                   + "".join(f"{theirs[c] / ours[c]:>16.2f}" if c in ours else f"{'-':>16}" for c in columns))
 
 
