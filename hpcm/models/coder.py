@@ -13,12 +13,12 @@ empty float tensors until ``update``, as in the official ``BB.init``):
 API
 ---
 ``register_coder_buffers(model)``                     call once in ``__init__``.
-``update_coder_buffers(model, ggm, scales_hyper, scale_table=None) -> True``
+``update_coder_buffers(model, ggm, scales_hyper, scale_table=None) -> None``
     builds all tables (z: one per channel from ``scales_hyper``; y: one per scale of the table,
-    default ``get_scale_table(0.12, 64, 60)``). Always rebuilds from the current parameters (it takes
-    well under a second), so tables are never stale; the model's ``update(scale_table, force)`` can
-    simply call it and return its result.
-``resize_coder_buffers(model, state_dict, prefix="")`` call at the start of the model's
+    default ``get_scale_table(0.12, 64, 60)``) from the given parameters, every time it is called.
+    Deciding whether tables are stale is the caller's job: ``HPCM.update(scale_table, force)`` keeps
+    them while ``scales_hyper`` is unchanged and calls this only when a rebuild is needed.
+``resize_coder_buffers(model, state_dict)``           call at the start of the model's
     ``load_state_dict`` so that checkpoints saved with (or without) tables load.
 ``coder_tables(model, "y" | "z") -> CoderTables``     Python lists for the coder; raises a clear
     error when ``update()`` was not called.
@@ -115,7 +115,7 @@ def register_coder_buffers(module: nn.Module) -> None:
 
 def update_coder_buffers(
     module: nn.Module, ggm: GGM, scales_hyper: Tensor, scale_table: Tensor | None = None
-) -> bool:
+) -> None:
     """Build z tables (one per channel of ``scales_hyper``) and y tables (one per table scale)."""
     if scale_table is None:
         scale_table = get_scale_table()
@@ -134,22 +134,20 @@ def update_coder_buffers(
         module.register_buffer(f"quantized_cdf_{which}", cdf.to(device))
         module.register_buffer(f"cdf_length_{which}", length.to(device))
         module.register_buffer(f"offset_{which}", offset.to(device))
-    return True
 
 
-def resize_coder_buffers(module: nn.Module, state_dict: Mapping[str, Tensor], prefix: str = "") -> None:
+def resize_coder_buffers(module: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
     """Give the coder buffers the shapes/dtypes found in ``state_dict`` so ``load_state_dict`` fits.
 
     torch cannot load a (levels, L+2) table into an empty buffer; CompressAI resizes first, we do too.
     """
     for name in CODER_BUFFER_NAMES:
-        key = prefix + name
-        if key not in state_dict:
+        if name not in state_dict:
             continue
         current = getattr(module, name, None)
         if current is None:
             raise KeyError(f"buffer {name!r} is not registered on {type(module).__name__}")
-        src = state_dict[key]
+        src = state_dict[name]
         device = current.device
         module.register_buffer(name, torch.empty(src.shape, dtype=src.dtype, device=device))
 
