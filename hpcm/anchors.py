@@ -49,6 +49,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from hpcm.cli import run_command
+from hpcm.rd import ms_ssim_to_db
 
 ANCHOR_TABLE = Path(__file__).with_name("anchors") / "anchors.csv"
 COLUMNS = ("dataset", "anchor", "label", "family", "point", "bpp", "psnr", "ms_ssim",
@@ -151,7 +152,7 @@ def rows_from_compressai_json(path: str | Path, dataset: str, anchor: str, label
     for i, rate in enumerate(bpp):
         lin = float(ms_ssim[i]) if ms_ssim is not None else math.nan
         db = float(ms_ssim_db[i]) if ms_ssim_db is not None else (
-            -10 * math.log10(1 - lin) if not math.isnan(lin) else math.nan)
+            ms_ssim_to_db(lin))
         rows.append({
             "dataset": dataset, "anchor": anchor, "label": label, "family": family, "point": i,
             "bpp": float(rate), "psnr": float(psnr[i]) if psnr is not None else math.nan,

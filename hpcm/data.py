@@ -88,6 +88,9 @@ def list_images(root: str | Path) -> list[Path]:
 
 def to_tensor(array: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float32 in [0, 1]."""
+    # load_rgb's arrays can be read-only views of PIL's buffer; torch wants writable memory.
+    if not array.flags.writeable:
+        array = array.copy()
     return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div_(255.0)
 
 

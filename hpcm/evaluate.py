@@ -44,7 +44,10 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
+from hpcm.cli import run_command
 from hpcm.io import atomic_write_text
+from hpcm.rd import ms_ssim_to_db
+from hpcm.run_config import read_run_yaml
 
 MS_SSIM_MIN_SIDE = 161  # pytorch_msssim's 5-scale default with an 11-tap window
 CSV_COLUMNS = (
@@ -104,11 +107,6 @@ def ms_ssim_8bit(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     return ms_ssim(to_8bit(x).float(), to_8bit(x_hat).float(), data_range=255.0).item()
 
 
-def ms_ssim_db(value: float) -> float:
-    if math.isnan(value):
-        return math.nan
-    return math.inf if value >= 1 else -10 * math.log10(1 - value)
-
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -163,7 +161,7 @@ def evaluate_image(model, x: torch.Tensor, name: str = "",
         bpp_est=(float(bits_y.sum()) + bits_z) / pixels,
         bits_s1=float(bits_y[0]), bits_s2=float(bits_y[1]), bits_s3=float(bits_y[2]),
         bits_z=bits_z, bytes_y=bytes_y, bytes_z=bytes_z,
-        psnr=psnr_8bit(x, x_hat), ms_ssim=value, ms_ssim_db=ms_ssim_db(value),
+        psnr=psnr_8bit(x, x_hat), ms_ssim=value, ms_ssim_db=ms_ssim_to_db(value),
         enc_time=enc_time, dec_time=dec_time,
         decode_ok=bool(torch.equal(to_8bit(x_hat), to_8bit(x_forward))),
         decode_max_abs_diff=diff,
@@ -186,16 +184,6 @@ def _save_png(x_hat: torch.Tensor, path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # Model and run metadata
 # --------------------------------------------------------------------------------------------
-
-
-def read_run_yaml(checkpoint: Path) -> dict[str, Any]:
-    """The training run's resolved config beside the checkpoint ({} if there is none)."""
-    from hpcm.run_config import ConfigError, read_run_yaml as read_run_dir
-
-    try:
-        return read_run_dir(checkpoint.parent)
-    except ConfigError as err:
-        raise EvaluationError(str(err)) from None
 
 
 def load_model(checkpoint: Path, name: str | None, device: torch.device, update: bool = True):
@@ -244,7 +232,7 @@ def load_image(path: Path, device: torch.device) -> torch.Tensor:
         array = load_rgb(path)
     except ImageError as err:
         raise EvaluationError(str(err)) from None
-    return to_tensor(array.copy()).unsqueeze(0).to(device)
+    return to_tensor(array).unsqueeze(0).to(device)
 
 
 def dataset_means(results: Sequence[ImageResult]) -> dict[str, float]:
@@ -309,7 +297,7 @@ def evaluate(checkpoint: str | Path, dataset: str | Path, output: str | Path,
     if not checkpoint.is_file():
         raise EvaluationError(f"checkpoint not found: {checkpoint}")
     images = list_dataset(dataset, limit)  # fail on an empty folder before loading the model
-    run = read_run_yaml(checkpoint)
+    run = read_run_yaml(checkpoint.parent)
     model_name = model_name or run.get("model")
     torch_device = pick_device(device)
     model = load_model(checkpoint, model_name, torch_device, update)
@@ -357,18 +345,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        results = evaluate(args.checkpoint, args.dataset, args.output, args.json, args.model,
-                           args.device, args.dataset_name, args.variant, args.lmbda, args.limit,
-                           not args.no_update, args.save_reconstructions)
-    except (EvaluationError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_command(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> None:
+    results = evaluate(args.checkpoint, args.dataset, args.output, args.json, args.model,
+                       args.device, args.dataset_name, args.variant, args.lmbda, args.limit,
+                       not args.no_update, args.save_reconstructions)
     means = dataset_means(results)
     print(f"{len(results)} image(s): bpp {means['bpp']:.4f} (estimated {means['bpp_est']:.4f}), "
           f"PSNR {means['psnr']:.3f} dB, MS-SSIM {means['ms_ssim']:.4f}, decode "
           f"{'ok' if all(r.decode_ok for r in results) else 'MISMATCH'}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -171,10 +171,7 @@ def _read_benchmark(path: Path) -> dict[str, float]:
     frame = pd.read_csv(path, sep="\t")
     if "max_rss" not in frame.columns:
         raise TableError(f"{path}: not a Snakemake benchmark file (no max_rss column)")
-    rss = pd.to_numeric(frame["max_rss"], errors="coerce")
-    seconds = pd.to_numeric(frame.get("s"), errors="coerce") if "s" in frame else None
-    return {"peak_rss_mb": float(rss.max()),
-            "job_seconds": float(seconds.mean()) if seconds is not None else math.nan}
+    return {"peak_rss_mb": float(pd.to_numeric(frame["max_rss"], errors="coerce").max())}
 
 
 def load_runs(root: str | Path, benchmarks: str | Path | None = None):
@@ -194,7 +191,6 @@ def load_runs(root: str | Path, benchmarks: str | Path | None = None):
         stability, logged = loss_cv(metrics), loss_cv(metrics, use_per_step=False)
         rel = run_dir.relative_to(root)
         bench = _read_benchmark(Path(benchmarks) / f"{rel}.tsv") if benchmarks else {}
-        peak_cols = [c for c in ("peak_memory_mb", "max_memory_mb") if c in metrics.columns]
         rows.append({
             "variant": str(config["variant"]), "lmbda": float(config["lmbda"]),
             "optimizer": str(config.get("optimizer", "")),
@@ -207,8 +203,7 @@ def load_runs(root: str | Path, benchmarks: str | Path | None = None):
             "skipped_steps": _last(metrics, "skipped_steps"),
             # median: the first logged steps include warm-up (allocations, autotuning)
             "step_time": _mean(metrics, "step_time", "median"),
-            "peak_memory_mb": _mean(metrics, peak_cols[0]) if peak_cols else bench.get(
-                "peak_rss_mb", math.nan),
+            "peak_memory_mb": bench.get("peak_rss_mb", math.nan),
             "best_val_loss": float(metrics["val_loss"].min()),
             "run_dir": str(run_dir),
         })
@@ -298,7 +293,9 @@ def _bd_notes(bd) -> list[str]:
     return notes
 
 
-def bd_vs(points, reference: str, method: str, metric: str, anchor: str | None = None) -> Table:
+def bd_vs(points, reference: str, method: str, metric: str, anchor: str | None = None,
+          bd=None) -> Table:
+    """BD table of every variant vs ``reference`` (or a published ``anchor``); ``bd`` if computed."""
     from hpcm.rd import bd_table
 
     curves = None
@@ -307,7 +304,8 @@ def bd_vs(points, reference: str, method: str, metric: str, anchor: str | None =
 
         curves = anchor_curves_by_dataset(anchor, metric, datasets=points["dataset"].unique())
         reference = anchor
-    bd = bd_table(points, reference, metric, method, curves)
+    if bd is None:
+        bd = bd_table(points, reference, metric, method, curves)
     frame = bd.rename(columns={"bd_rate": "BD-rate (%)", "bd_psnr": "BD-PSNR (dB)"})
     frame["overlap (%)"] = bd["overlap_rate"] * 100
     frame = frame[["dataset", "variant", "BD-rate (%)", "BD-PSNR (dB)", "overlap (%)",
@@ -319,10 +317,12 @@ def bd_vs(points, reference: str, method: str, metric: str, anchor: str | None =
     return Table(name, title, frame, BD_FORMATS, _bd_notes(bd))
 
 
-def _bd_lookup(points, reference: str, method: str, metric: str):
-    from hpcm.rd import bd_table
+def _bd_lookup(points, reference: str, method: str, metric: str, bd=None):
+    """(dataset, variant) -> BD row; computes the BD table unless the caller already did."""
+    if bd is None:
+        from hpcm.rd import bd_table
 
-    bd = bd_table(points, reference, metric, method)
+        bd = bd_table(points, reference, metric, method)
     return {(r.dataset, r.variant): r for r in bd.itertuples()}, bd
 
 
@@ -344,12 +344,12 @@ def _absent(points, runs, variants) -> list[str]:
 
 
 def expected_gains(points, runs, gains: dict[str, str], reference: str, method: str,
-                   metric: str) -> Table:
+                   metric: str, bd=None) -> Table:
     import pandas as pd
 
     from hpcm.rd import bd_row, curve
 
-    lookup, bd = _bd_lookup(points, reference, method, metric)
+    lookup, bd = _bd_lookup(points, reference, method, metric, bd)
     rows = []
     for dataset in sorted(points["dataset"].unique()):
         # The reference row is measured too (its curve against itself), not a written-in 0.
@@ -374,10 +374,10 @@ def expected_gains(points, runs, gains: dict[str, str], reference: str, method: 
 
 
 def study_table(name: str, title: str, rows_spec: dict[str, str], points, runs, reference: str,
-                method: str, metric: str) -> Table:
+                method: str, metric: str, bd=None) -> Table:
     import pandas as pd
 
-    lookup, bd = _bd_lookup(points, reference, method, metric)
+    lookup, bd = _bd_lookup(points, reference, method, metric, bd)
     study_runs = runs[runs["variant"].isin(rows_spec.values())]
     # One label for the whole column: per-step only when every run logged per-step statistics.
     per_step = bool(len(study_runs)) and bool(study_runs["loss_cv_per_step"].all())
@@ -467,23 +467,24 @@ def build_all(points_path: str | Path, runs_root: str | Path, analysis: dict[str
               output_dir: str | Path, benchmarks: str | Path | None = None,
               method: str | None = None, metric: str = "psnr",
               overhead_json: str | Path | None = None) -> list[Path]:
-    from hpcm.rd import read_points
+    from hpcm.rd import bd_table, read_points
 
     points = read_points(points_path)
     runs = load_runs(runs_root, benchmarks)
     reference = analysis.get("reference", "baseline")
     method = method or analysis.get("bd_method", "pchip")
-    tables = [bd_vs(points, reference, method, metric)]
+    bd = bd_table(points, reference, metric, method)  # shared by the BD, gains and study tables
+    tables = [bd_vs(points, reference, method, metric, bd=bd)]
     tables += [bd_vs(points, reference, method, metric, anchor=a)
                for a in analysis.get("anchors") or []]
     if analysis.get("gains"):
         tables.append(expected_gains(points, runs, dict(analysis["gains"]), reference, method,
-                                     metric))
+                                     metric, bd))
     for name, spec in (analysis.get("studies") or {}).items():
         if "rows" not in spec:
             raise TableError(f"analysis.studies.{name}: no 'rows' mapping label -> variant")
         tables.append(study_table(name, spec.get("title", name), dict(spec["rows"]), points,
-                                  runs, reference, method, metric))
+                                  runs, reference, method, metric, bd))
     tables.append(overhead_table(runs))
     if overhead_json:
         tables.append(overhead_from_benchmark(overhead_json))

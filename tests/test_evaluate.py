@@ -78,7 +78,7 @@ def test_bpp_counts_bitstream_bytes_over_original_pixels(run):
     # Independent byte count for one image: compress it here, outside hpcm.evaluate.
     model = load_checkpoint(run["run_dir"] / "epoch_best.pth.tar", "HPCM_Tiny")
     model.update(force=True)
-    x = to_tensor(load_rgb(run["data"] / "kodim04.png").copy()).unsqueeze(0)
+    x = to_tensor(load_rgb(run["data"] / "kodim04.png")).unsqueeze(0)
     with torch.no_grad():
         enc = model.compress(pad_image(x, model.pad_multiple)[0])
     n_bytes = sum(len(s) for strings in enc["strings"] for s in strings)
