@@ -172,14 +172,11 @@ class Run:
         params = list(self.model.parameters())
         if self.decomposition is not None and hasattr(self.decomposition, "ratio_parameters"):
             params += self.decomposition.ratio_parameters()  # the seed's learnable ratios train with the model
-        if cfg["optimizer"] == "adam":
-            # fused Adam honours ``found_inf``: non-finite batches are skipped without a host sync.
-            self.optimizer = torch.optim.Adam(params, lr=cfg["lr"], fused=True)
-        else:
-            self.optimizer = optim.build_optimizer(
-                cfg["optimizer"], params, cfg["lr"], gamma=cfg["gamma"], w_lr=cfg["w_lr"],
-                max_norm=cfg["clip_max_norm"], update_mode=cfg["update_mode"], gammas=cfg["gammas"],
-                scale_weights=cfg["scale_weights"], sync_free=self.cuda)  # CUDA: skip decisions on device
+        # adam is fused (honours ``found_inf``); CUDA: the other optimizers' skip decisions stay on device
+        self.optimizer = optim.build_optimizer(
+            cfg["optimizer"], params, cfg["lr"], gamma=cfg["gamma"], w_lr=cfg["w_lr"],
+            max_norm=cfg["clip_max_norm"], update_mode=cfg["update_mode"], gammas=cfg["gammas"],
+            scale_weights=cfg["scale_weights"], sync_free=self.cuda)
         self.params = params
         self.gamma_schedule = schedules.GammaSchedule(cfg["gamma_schedule"], cfg["gamma"], cfg["gamma_final"],
                                                       self.total_steps) \
@@ -195,6 +192,9 @@ class Run:
         self.epoch_scale_losses = torch.zeros(3, device=self.device)  # adaptive gamma strategy input
         if state is not None:
             self.restore(state)
+        if self.gamma_manager is not None and self.gamma_manager.strategy == "fixed":
+            # Constant gammas: set once here (after a restore too) instead of every step.
+            self.optimizer.set_scale_gammas(*self.gamma_manager.step(0).values())
 
     def restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -237,7 +237,7 @@ class Run:
         progress_step = step - 1
         if self.gamma_schedule is not None:
             self.gamma_schedule.apply(self.optimizer, progress_step)
-        if self.gamma_manager is not None and self.gamma_manager.strategy != "adaptive":
+        if self.gamma_manager is not None and self.gamma_manager.strategy not in ("adaptive", "fixed"):
             self.optimizer.set_scale_gammas(*self.gamma_manager.step(progress_step).values())
         return lr
 

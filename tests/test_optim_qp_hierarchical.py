@@ -256,6 +256,7 @@ def test_cautious_adam_state_round_trip_is_exact(amsgrad):
 def test_build_optimizer_names_and_gamma_property():
     p = torch.zeros(2, requires_grad=True)
     assert isinstance(build_optimizer("cautious_adam", [p], 1e-3), CautiousAdam)
+    assert build_optimizer("adam", [p], 1e-3).defaults["fused"] is True  # training relies on found_inf
     hier = build_optimizer("hierarchical_balanced", [p], 1e-3, gammas=[0.004, 0.006, 0.008], scale_weights=[0.2, 0.3, 0.5])
     assert hier.scale_gammas == pytest.approx({"s1": 0.004, "s2": 0.006, "s3": 0.008})
     assert hier.gamma == pytest.approx(0.006)  # the seed's average gamma

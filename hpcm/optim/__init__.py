@@ -38,7 +38,9 @@ def build_optimizer(
     decisions on the device, see ``hpcm.optim.balanced``.
     """
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
+        # Fused (CPU and CUDA): it honours ``found_inf``, so training skips a non-finite batch on
+        # the device without a host sync (hpcm.train sets ``optimizer.found_inf`` before step).
+        return torch.optim.Adam(params, lr=lr, fused=True)
     if name == "cautious_adam":
         return CautiousAdam(params, lr=lr, sync_free=sync_free)
     if name in ("balanced", "qp"):

@@ -71,7 +71,10 @@ class HierarchicalBalanced(Balanced):
         gammas = per_task([gamma_s1, gamma_s2, gamma_s3], "scale gammas")
         if any(not g >= 0 for g in gammas):
             raise ValueError(f"scale gammas must be >= 0, got {[gamma_s1, gamma_s2, gamma_s3]}")
-        self.task_gammas = torch.tensor(gammas, device=self.device)
+        # Filled in place with Python scalars: a fresh torch.tensor(..., device=cuda) every
+        # training step would be a blocking host->device copy.
+        for i, value in enumerate(gammas):
+            self.task_gammas[i].fill_(value)
 
     @property
     def gamma(self) -> float:
