@@ -25,17 +25,23 @@ _DEGENERATE_RTOL = 1e-12
 def gram_matrix(task_grads: list[list[torch.Tensor | None]]) -> torch.Tensor:
     """Q_ij = sum over parameters of <g_i, g_j>, in float64; ``None`` grads count as zero."""
     n = len(task_grads)
-    gram = torch.zeros(n, n, dtype=torch.float64)
     n_params = len(task_grads[0]) if n else 0
+    # Accumulated on the gradients' device and moved to the host once: a .cpu() per parameter
+    # tensor would be one blocking synchronisation each on CUDA.
+    device = next((g.device for grads in task_grads for g in grads if g is not None), torch.device("cpu"))
+    gram = torch.zeros(n, n, dtype=torch.float64, device=device)
     for k in range(n_params):
         present = [i for i in range(n) if task_grads[i][k] is not None]
         if not present:
             continue
         flat = torch.stack([task_grads[i][k].reshape(-1).double() for i in present])
-        block = (flat @ flat.T).cpu()
-        index = torch.tensor(present)
-        gram[index.unsqueeze(1), index.unsqueeze(0)] += block
-    return gram
+        block = flat @ flat.T
+        if len(present) == n:
+            gram += block
+        else:
+            index = torch.tensor(present, device=device)
+            gram[index.unsqueeze(1), index.unsqueeze(0)] += block
+    return gram.cpu()
 
 
 def two_task_weights(gram: torch.Tensor) -> torch.Tensor:
