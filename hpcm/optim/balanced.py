@@ -398,6 +398,9 @@ class Balanced(CautiousAdam):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.sync_free:
+            self._sync_free_step(task_losses)
+            return loss
         stored = None
         if task_losses is not None and not self._skip_next_step:
             stored = task_losses.detach()
@@ -405,9 +408,6 @@ class Balanced(CautiousAdam):
                 stored = stored.float()
             if stored.shape != (self.n_tasks,):
                 stored = None
-        if self.sync_free:
-            self._sync_free_step(task_losses)
-            return loss
         if self._skip_next_step:
             gradients_finite = False
         else:
