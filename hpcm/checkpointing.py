@@ -127,7 +127,7 @@ def coder_ready_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """
     export = copy.deepcopy(model).to("cpu").eval()
     export.update(force=True)
-    return {k: v.detach().clone() for k, v in export.state_dict().items()}
+    return export.state_dict()  # the copy is discarded, so its tensors need no second copy
 
 
 def save_best_model(model: torch.nn.Module, run_dir: str | Path) -> Path:

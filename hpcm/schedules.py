@@ -194,12 +194,6 @@ class ScaleGammaManager:
             low, high = self.final_gammas[s], 1.5 * self.initial_gammas[s]
             self.current_gammas[s] = min(max(gamma, min(low, high)), high)
 
-    def get_current_gammas(self) -> dict[str, float]:
-        return dict(self.current_gammas)
-
-    def as_list(self) -> list[float]:
-        return [self.current_gammas[s] for s in SCALES]
-
     def state_dict(self) -> dict:
         return {"current_gammas": dict(self.current_gammas),
                 "scale_losses_history": {s: list(v) for s, v in self.scale_losses_history.items()}}
