@@ -22,9 +22,7 @@ from typing import Any, Callable
 
 import yaml
 
-# Official HPCM schedule: lr drops at epochs 2750 / 2850 / 2950 of 3000, expressed as run fractions.
-OFFICIAL_LR_MILESTONES = [2750 / 3000, 2850 / 3000, 2950 / 3000]
-OFFICIAL_LR_VALUES = [3e-5, 1e-5, 1e-6]
+from hpcm.schedules import HPCM_LR_MILESTONES, HPCM_LR_VALUES
 
 OPTIMIZERS = ("adam", "cautious_adam", "balanced", "qp", "hierarchical_balanced")
 BALANCED_OPTIMIZERS = ("balanced", "qp", "hierarchical_balanced")
@@ -97,10 +95,10 @@ KEYS: dict[str, Key] = {
     "epochs": Key("int", None, "run length in epochs over the training set (set steps or epochs)", optional=True,
                   check=_positive, constraint="must be > 0"),
     "lr": Key("float", 1e-4, "initial learning rate", check=_positive, constraint="must be > 0"),
-    "lr_milestones": Key("floats", list(OFFICIAL_LR_MILESTONES), "lr drop points as fractions of the run",
+    "lr_milestones": Key("floats", list(HPCM_LR_MILESTONES), "lr drop points as fractions of the run",
                          check=lambda v: all(0 < f < 1 for f in v) and v == sorted(v),
                          constraint="must be increasing fractions in (0, 1)"),
-    "lr_values": Key("floats", list(OFFICIAL_LR_VALUES), "lr after each milestone",
+    "lr_values": Key("floats", list(HPCM_LR_VALUES), "lr after each milestone",
                      check=lambda v: all(f > 0 for f in v), constraint="entries must be > 0"),
     "clip_max_norm": Key("float", 1.0, "gradient-norm clip (0 disables clipping; non-finite norms are always skipped)",
                          check=_non_negative, constraint="must be >= 0"),
