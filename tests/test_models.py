@@ -196,6 +196,15 @@ def test_scale_bits_partition_exact(tiny):
     lik_req = lik.clone().requires_grad_(True)
     tiny.scale_bits(lik_req)[:, 0].sum().backward()
     assert lik_req.grad is not None and float(lik_req.grad.abs().sum()) > 0
+    # the cached one-hot is keyed by dtype and size: float32 and another grid get their own
+    bits32 = tiny.scale_bits(lik.float())
+    assert bits32.dtype == torch.float32
+    torch.testing.assert_close(bits32, bits.float(), rtol=1e-5, atol=0)
+    lik_small = lik[..., :4, :4]
+    ref_small = closed_form_scale_map(tiny.M, 4, 4)
+    for s in (1, 2, 3):
+        expected = (-torch.log2(lik_small) * (ref_small == s)).sum((1, 2, 3))
+        torch.testing.assert_close(tiny.scale_bits(lik_small)[:, s - 1], expected, rtol=1e-13, atol=0)
 
 
 def test_train_mode_quantisation(tiny):

@@ -68,7 +68,8 @@ class _Quantizer:
     """Step coder for forward(): quantise y, remember residuals and scales for the likelihood."""
 
     def __init__(self, part: Partition, y: Tensor, training: bool):
-        self.grids = (part.y_to_s1(y), part.y_to_s2(y), y)
+        y_s2 = part.y_to_s2(y)  # y_to_s1 would recompute it
+        self.grids = (part.s2_to_s1(y_s2), y_s2, y)
         self.training = training
         self.res: list[list[Tensor]] = [[], [], []]
         self.scales: list[list[Tensor]] = [[], [], []]
@@ -158,6 +159,8 @@ class HPCM(nn.Module):
         self._partitions = PartitionCache(M)
         # (M, Hy, Wy) int64 pairs: ~8 MB per Kodak size for Base, so bounded like the partitions
         self._label_cache = BoundedCache(self._partitions.max_entries)
+        # (3, M, Hy, Wy) scale one-hots of scale_bits, which runs every training step
+        self._scale_one_hot_cache = BoundedCache(self._partitions.max_entries)
         self._tables_built_for: Tensor | None = None  # scales_hyper the z tables were built from
 
     # ------------------------------------------------------------------ geometry and labels
@@ -201,8 +204,12 @@ class HPCM(nn.Module):
         """(B, 3) bits of s1, s2, s3: -log2 p summed over each scale's elements (differentiable)."""
         if likelihood_y.dim() != 4 or likelihood_y.shape[1] != self.M:
             raise ValueError(f"likelihood_y must be (B, {self.M}, Hy, Wy), got {tuple(likelihood_y.shape)}")
-        labels = self.scale_map(*likelihood_y.shape[-2:], device=likelihood_y.device)
-        one_hot = torch.stack([labels == s for s in (1, 2, 3)]).to(likelihood_y.dtype)
+        height, width = likelihood_y.shape[-2:]
+        device, dtype = likelihood_y.device, likelihood_y.dtype
+        one_hot = self._scale_one_hot_cache.get(
+            (height, width, str(device), dtype),
+            lambda: torch.stack([self.scale_map(height, width, device) == s for s in (1, 2, 3)]).to(dtype),
+        )
         bits = -torch.log2(likelihood_y)
         return torch.einsum("bchw,schw->bs", bits, one_hot)
 
@@ -316,9 +323,9 @@ class HPCM(nn.Module):
         h, w = (int(v) for v in shape)
         tables_y, tables_z = coder.coder_tables(self, "y"), coder.coder_tables(self, "z")
         device = self.means_hyper.device
+        indexes_z = build_indexes_z((1, self.N, h, w)).to(device)  # same for every image
         images = []
         for y_string, z_string in zip(*strings):
-            indexes_z = build_indexes_z((1, self.N, h, w)).to(device)
             z_res = coder.decode_symbols(coder.make_decoder(z_string), indexes_z, tables_z)
             params = self.h_s(z_res.to(self.means_hyper.dtype) + self.means_hyper)
             reader = _Reader(coder.make_decoder(y_string), tables_y, self.scale_table)
