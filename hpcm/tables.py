@@ -318,12 +318,21 @@ def bd_vs(points, reference: str, method: str, metric: str, anchor: str | None =
 
 
 def _bd_lookup(points, reference: str, method: str, metric: str, bd=None):
-    """(dataset, variant) -> BD row; computes the BD table unless the caller already did."""
-    if bd is None:
-        from hpcm.rd import bd_table
+    """(dataset, variant) -> BD row; computes the BD table unless the caller already did.
 
+    The reference's own rows are measured too (its curve against itself), not a written-in 0,
+    so a table row that names the reference shows a number like every other row.
+    """
+    from hpcm.rd import bd_row, bd_table, curve
+
+    if bd is None:
         bd = bd_table(points, reference, metric, method)
-    return {(r.dataset, r.variant): r for r in bd.itertuples()}, bd
+    lookup: dict[tuple[str, str], Any] = {(r.dataset, r.variant): r for r in bd.itertuples()}
+    for dataset in sorted(points["dataset"].unique()):
+        ref_curve = curve(points, dataset, reference, metric)
+        lookup[(dataset, reference)] = bd_row(dataset, reference, reference, ref_curve, ref_curve,
+                                              metric, method)
+    return lookup, bd
 
 
 def _run_stat(runs, variant: str, column: str, how: str = "mean") -> float:
@@ -347,15 +356,9 @@ def expected_gains(points, runs, gains: dict[str, str], reference: str, method: 
                    metric: str, bd=None) -> Table:
     import pandas as pd
 
-    from hpcm.rd import bd_row, curve
-
     lookup, bd = _bd_lookup(points, reference, method, metric, bd)
     rows = []
     for dataset in sorted(points["dataset"].unique()):
-        # The reference row is measured too (its curve against itself), not a written-in 0.
-        ref_curve = curve(points, dataset, reference, metric)
-        lookup[(dataset, reference)] = bd_row(dataset, reference, reference, ref_curve,
-                                              ref_curve, metric, method)
         for label, variant in [(reference, reference), *gains.items()]:
             r = lookup.get((dataset, variant))
             rows.append({

@@ -214,9 +214,12 @@ def test_study_column_is_per_step_only_when_every_run_logged_loss_std(tmp_path, 
     runs = tables.load_runs(synthetic["root"] / "train")
     assert not runs["loss_cv_per_step"].any()
     points = rd.read_points(synthetic["root"] / "points.csv")
-    spec = {"s2_emphasis": "phase3"}
+    spec = {"s2_emphasis": "phase3", "reference": "baseline"}
     table = tables.study_table("s", "S", spec, points, runs, "baseline", "pchip", "psnr")
     assert tables.LOGGED_CV in table.frame.columns and tables.PER_STEP_CV not in table.frame
+    # A study row naming the reference is measured like the others (its curve against itself).
+    reference_row = table.frame[table.frame["config"] == "reference"].iloc[0]
+    assert reference_row["BD-rate (%)"] == pytest.approx(_package_bd("baseline", "baseline")[0], abs=1e-9)
     # Give phase3's runs per-step statistics: the column switches to the per-step CoV.
     for lmbda in LAMBDAS:
         run = tmp_path / "train" / f"lmbda{lmbda}"
