@@ -98,12 +98,16 @@ def test_tables_have_a_number_for_every_variant(finished_run):
         label = "phase" if name == "expected_gains" else "config"
         assert expected <= set(frame[label]), frame
         # the measured columns, named: a row count or a size would be a number even when nothing was measured
-        measured = ["BD-rate (%)", "BD-PSNR (dB)"] + (
-            ["convergence epoch"] if name == "expected_gains" else
-            [c for c in frame.columns if c.startswith("CoV")])
-        assert len(measured) >= 3, frame.columns
+        measured = ["BD-rate (%)", "BD-PSNR (dB)"] + (["convergence epoch"] if name == "expected_gains" else [])
         for column in measured:
             assert frame[column].map(is_number).all(), f"{name}.{column}: not a number in every row\n{frame}"
+        if name != "expected_gains":
+            # CoV needs >= 3 logged rows in the last 10 % of steps, which this 2-step config lacks:
+            # each cell is then n/a, and the table must say why for that variant.
+            [cov] = [c for c in frame.columns if c.startswith("CoV")]
+            md = (tables / f"{name}.md").read_text()
+            for variant, value in zip(frame["variant"], frame[cov]):
+                assert is_number(value) or f"{variant} (lambda" in md and "CoV n/a" in md, (variant, md)
     overhead = pd.read_csv(tables / "overhead.csv")
     assert overhead["time per step (s)"].map(is_number).all(), overhead
     for name in ("bd_vs_baseline", "expected_gains", "study1", "study2", "overhead"):
