@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcm.io import atomic_write_text
-
-SCALE_TASKS = ("s1_distortion", "s1_bpp", "s2_distortion", "s2_bpp", "s3_bpp")
+from hpcm.tasks import SCALES, SEED_TASK_NAMES
 
 METRIC_COLUMNS = (
     # loss: mean over the logging window; loss_std (ddof=0) and loss_steps describe that window's
@@ -32,10 +31,10 @@ METRIC_COLUMNS = (
     "mse", "psnr",
     "val_loss", "val_distortion", "val_bpp", "val_psnr",
     "task_weight_distortion", "task_weight_bpp",
-    *(f"task_weight_{t}" for t in SCALE_TASKS),
-    "gamma", "gamma_s1", "gamma_s2", "gamma_s3",
-    *SCALE_TASKS,
-    "scale_contribution_s1", "scale_contribution_s2", "scale_contribution_s3",
+    *(f"task_weight_{t}" for t in SEED_TASK_NAMES),
+    "gamma", *(f"gamma_{s}" for s in SCALES),
+    *SEED_TASK_NAMES,
+    *(f"scale_contribution_{s}" for s in SCALES),
     "skipped_steps", "step_time",
 )
 
@@ -106,18 +105,18 @@ def wandb_payload(row: dict[str, Any], prefix_val: bool = True) -> dict[str, Any
         for key, column in (("test/loss", "val_loss"), ("test/distortion", "val_distortion"),
                             ("test/bpp_loss", "val_bpp"), ("test/psnr", "val_psnr")):
             put(key, column)
-    for task in SCALE_TASKS:
+    for task in SEED_TASK_NAMES:
         put(task, task)
-    weights = {t: row[f"task_weight_{t}"] for t in SCALE_TASKS if row.get(f"task_weight_{t}") is not None}
+    weights = {t: row[f"task_weight_{t}"] for t in SEED_TASK_NAMES if row.get(f"task_weight_{t}") is not None}
     if weights:
         out["task_weights"] = weights
-    contributions = {s: row[f"scale_contribution_{s}"] for s in ("s1", "s2", "s3")
+    contributions = {s: row[f"scale_contribution_{s}"] for s in SCALES
                      if row.get(f"scale_contribution_{s}") is not None}
     if contributions:
         out["scale_contributions"] = contributions
         for scale, value in contributions.items():
             out[f"scale_contrib/{scale}"] = value
-    gammas = {s: row[f"gamma_{s}"] for s in ("s1", "s2", "s3") if row.get(f"gamma_{s}") is not None}
+    gammas = {s: row[f"gamma_{s}"] for s in SCALES if row.get(f"gamma_{s}") is not None}
     if gammas:
         out["gammas"] = gammas
     return out

@@ -55,8 +55,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-TASK_NAMES = ("s1_d", "s1_b", "s2_d", "s2_b", "s3_b")
-SEED_KEYS = ("s1_distortion", "s1_bpp", "s2_distortion", "s2_bpp", "s3_bpp")
+from hpcm.tasks import HIERARCHICAL_TASKS, SEED_TASK_NAMES
+
 DECOMPOSITIONS = ("fixed_ratio", "adaptive", "measured")
 SEED_DISTORTION_RATIOS = (0.40, 0.35, 0.25)
 SEED_BPP_RATIOS = (0.30, 0.40, 0.30)
@@ -124,8 +124,8 @@ def haar_band_energies(error: torch.Tensor, levels: int = 1) -> tuple[torch.Tens
 
 def _details(rd: dict[str, torch.Tensor], tasks: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
     out = dict(rd)
-    out.update(zip(TASK_NAMES, tasks))
-    out.update(zip(SEED_KEYS, tasks))
+    out.update(zip(HIERARCHICAL_TASKS, tasks))
+    out.update(zip(SEED_TASK_NAMES, tasks))
     return out
 
 

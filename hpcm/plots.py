@@ -45,8 +45,9 @@ import numpy as np  # noqa: E402
 from hpcm.cli import run_command  # noqa: E402
 from hpcm.io import atomic_write_bytes  # noqa: E402
 from hpcm.run_config import read_run_yaml  # noqa: E402
+from hpcm.tasks import SCALES, SEED_TASK_NAMES  # noqa: E402
 
-SCALE_COLORS = {"s1": "#1f77b4", "s2": "#ff7f0e", "s3": "#2ca02c"}
+SCALE_COLORS = dict(zip(SCALES, ("#1f77b4", "#ff7f0e", "#2ca02c")))
 METRIC_LABELS = {"psnr": "PSNR (dB)", "ms_ssim_db": "MS-SSIM (dB)"}
 ANCHOR_COLOR = "0.55"
 # Anchors are all grey; each gets its own (dash pattern, marker) pair, in the order asked for.
@@ -178,9 +179,8 @@ def _lines(ax, frame, columns: Sequence[str], labels: Sequence[str], colors=None
 
 TASK_COLUMNS = {
     2: (("task_weight_distortion", "task_weight_bpp"), ("distortion", "bpp")),
-    5: (tuple(f"task_weight_{t}" for t in ("s1_distortion", "s1_bpp", "s2_distortion", "s2_bpp",
-                                          "s3_bpp")),
-        ("s1 distortion", "s1 bpp", "s2 distortion", "s2 bpp", "s3 bpp")),
+    5: (tuple(f"task_weight_{t}" for t in SEED_TASK_NAMES),
+        tuple(t.replace("_", " ") for t in SEED_TASK_NAMES)),
 }
 
 
@@ -206,9 +206,8 @@ def plot_runs(root: str | Path, output_dir: str | Path,
             else:
                 plt.close(fig)
         fig, ax = plt.subplots(figsize=(6.4, 4))
-        scales = ("s1", "s2", "s3")
-        if _lines(ax, frame, [f"scale_contribution_{s}" for s in scales], scales,
-                  [SCALE_COLORS[s] for s in scales]):
+        if _lines(ax, frame, [f"scale_contribution_{s}" for s in SCALES], SCALES,
+                  [SCALE_COLORS[s] for s in SCALES]):
             ax.set_xlabel("training step")
             ax.set_ylabel("scale contribution (share of the weighted loss)")
             ax.set_title(f"Phase 3 scale contributions: {variant}, λ={lmbda:g}")
@@ -261,10 +260,9 @@ def gamma_trajectories(total_epochs: int = 3000, seed: int = 0,
                                     initial_gammas=initial_gammas)
         values = []
         for i, epoch in enumerate(epochs):
-            scale_losses = dict(zip(("s1", "s2", "s3"), losses[i])) \
-                if strategy == "adaptive" else None
+            scale_losses = dict(zip(SCALES, losses[i])) if strategy == "adaptive" else None
             gammas = manager.step(float(epoch), scale_losses)
-            values.append([gammas["s1"], gammas["s2"], gammas["s3"]])
+            values.append([gammas[s] for s in SCALES])
         out[strategy] = np.asarray(values)
     return out
 
@@ -281,7 +279,7 @@ def plot_gammas(output_dir: str | Path, total_epochs: int = 3000,
                              sharey=True)
     epochs = np.arange(total_epochs + 1)
     for ax, (strategy, values) in zip(np.atleast_1d(axes), trajectories.items()):
-        for k, scale in enumerate(("s1", "s2", "s3")):
+        for k, scale in enumerate(SCALES):
             ax.plot(epochs, values[:, k], color=SCALE_COLORS[scale], label=scale)
         ax.set_title(strategy + (" (synthetic losses)" if strategy == "adaptive" else ""))
         ax.set_xlabel("epoch")
@@ -289,7 +287,7 @@ def plot_gammas(output_dir: str | Path, total_epochs: int = 3000,
     np.atleast_1d(axes)[0].set_ylabel("γ (task-weight regularisation)")
     np.atleast_1d(axes)[0].legend(fontsize=8)
     fig.suptitle("ScaleGammaManager γ schedules per strategy (initial γ s1/s2/s3 = "
-                 + " / ".join(f"{start[s]:g}" for s in ("s1", "s2", "s3")) + ")", y=1.04)
+                 + " / ".join(f"{start[s]:g}" for s in SCALES) + ")", y=1.04)
     return save_figure(fig, output_dir, "gamma_schedules")
 
 

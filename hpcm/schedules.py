@@ -24,7 +24,8 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
-SCALES = ("s1", "s2", "s3")
+from hpcm.tasks import SCALES
+
 GAMMA_SCHEDULES = ("fixed", "linear", "cosine")
 GAMMA_STRATEGIES = ("fixed", "linear", "cosine", "adaptive", "hierarchical")
 

@@ -49,7 +49,8 @@ from tqdm import tqdm
 import hpcm
 from hpcm import checkpointing, data, losses, models, optim, run_config, schedules
 from hpcm.io import atomic_write_text
-from hpcm.logging_utils import SCALE_TASKS, MetricsCSV, WandbLogger, git_commit, log_line, print_err
+from hpcm.logging_utils import MetricsCSV, WandbLogger, git_commit, log_line, print_err
+from hpcm.tasks import SCALES, SEED_TASK_NAMES
 
 __doc__ = (__doc__ or "") + "\n" + run_config.help_text()  # every key, also in help(hpcm.train)
 
@@ -62,7 +63,7 @@ DONE_MARKER = "done"
 METRICS_CSV = "metrics.csv"
 # Running sums kept on the device between log rows (no per-step host sync): column -> loss-dict key.
 TRAIN_SUMS = {"loss": "loss", "distortion": "distortion", "bpp": "bpp_loss", "y_bpp": "y_bpp", "z_bpp": "z_bpp",
-              "mse": "mse", "psnr": "psnr", **{task: task for task in SCALE_TASKS}}
+              "mse": "mse", "psnr": "psnr", **{task: task for task in SEED_TASK_NAMES}}
 
 
 class StopFlag:
@@ -249,7 +250,7 @@ class Run:
             return
         means = (self.epoch_scale_losses / self.steps_per_epoch).tolist()
         self.epoch_scale_losses.zero_()
-        gammas = self.gamma_manager.step(step, dict(zip(schedules.SCALES, means)))
+        gammas = self.gamma_manager.step(step, dict(zip(SCALES, means)))
         self.optimizer.set_scale_gammas(*gammas.values())
 
     def skipped_steps(self) -> int:
@@ -416,7 +417,7 @@ def train(run: Run, stop: StopFlag) -> int:
                        "skipped_steps": run.skipped_steps(), "step_time": (now - last_log_time) / logged_steps,
                        **run.weight_columns()}
                 if not run.hierarchical:
-                    for task in SCALE_TASKS:
+                    for task in SEED_TASK_NAMES:
                         row.pop(task, None)
                 sums.zero_()
                 logged_steps, last_log_time = 0, now

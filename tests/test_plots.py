@@ -74,6 +74,8 @@ def test_all_figures_written_with_units_and_consistent_colours(tmp_path, capture
         for ext in ("png", "pdf"):
             assert (out / f"{stem}.{ext}").stat().st_size > 1000, stem
     assert not (out / "scale_contributions_baseline_lmbda0.0035.png").exists()
+    scale_labels = [label for label, *_ in captured["task_weights_scales_phase3_lmbda0.0035"][0][2]]
+    assert scale_labels == ["s1 distortion", "s1 bpp", "s2 distortion", "s2 bpp", "s3 bpp"]
 
     xlabel, ylabel, lines = captured["rd_kodak_psnr"][0]
     assert (xlabel, ylabel) == ("Rate (bpp)", "PSNR (dB)")

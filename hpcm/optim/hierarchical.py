@@ -20,12 +20,8 @@ from typing import Iterable, Sequence
 import torch
 
 from hpcm.optim.balanced import Balanced
-
-HIERARCHICAL_TASKS = ("s1_d", "s1_b", "s2_d", "s2_b", "s3_b")
-# Seed names of the task weights (wandb keys weights/s1_distortion, ...).
-SEED_TASK_NAMES = ("s1_distortion", "s1_bpp", "s2_distortion", "s2_bpp", "s3_bpp")
-TASK_SCALE = (0, 0, 1, 1, 2)  # which scale (s1, s2, s3) each task belongs to
-SCALES = ("s1", "s2", "s3")
+# Defined once in hpcm.tasks; hpcm.optim re-exports HIERARCHICAL_TASKS and SEED_TASK_NAMES from here.
+from hpcm.tasks import HIERARCHICAL_TASKS, SCALES, SEED_TASK_NAMES, TASK_SCALE  # noqa: F401
 
 
 def per_task(values: Sequence[float], what: str) -> list[float]:
