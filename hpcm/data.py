@@ -255,6 +255,11 @@ class TrainCrops(torch.utils.data.Dataset):
         raise ImageError(f"no readable image left in the training set (last tried {self.images.labels[index]!r})")
 
 
+def epoch_of(step: int, batch_size: int, num_images: int) -> int:
+    """The epoch the last sample of ``step`` belongs to (step 0, before any training: epoch 0)."""
+    return max(0, (step * batch_size - 1) // num_images)
+
+
 class StepBatchSampler(torch.utils.data.Sampler):
     """Batches for steps ``start_step+1 .. total_steps`` as lists of ``(image_index, sample_seed)``.
 
@@ -285,8 +290,7 @@ class StepBatchSampler(torch.utils.data.Sampler):
         return out
 
     def epoch_of(self, step: int) -> int:
-        """The epoch the last sample of ``step`` belongs to."""
-        return (step * self.batch_size - 1) // self.num_images
+        return epoch_of(step, self.batch_size, self.num_images)
 
     def __iter__(self) -> Iterator[list[tuple[int, tuple[int, ...]]]]:
         for step in range(self.start_step + 1, self.total_steps + 1):

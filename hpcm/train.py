@@ -230,7 +230,7 @@ class Run:
         return schedules.lr_at(step - 1, self.total_steps, cfg["lr"], cfg["lr_milestones"], cfg["lr_values"])
 
     def epoch(self, step: int) -> int:
-        return max(0, (step * self.cfg["batch_size"] - 1) // len(self.train_set))
+        return data.epoch_of(step, self.cfg["batch_size"], len(self.train_set))
 
     def apply_schedules(self, step: int) -> float:
         lr = self.lr_at(step)

@@ -113,6 +113,13 @@ def test_data_order_is_a_pure_function_of_seed_and_step():
     assert list(data.StepBatchSampler(5, 3, seed=8, total_steps=10)) != batches
 
 
+def test_epoch_of_a_step_is_the_epoch_of_its_last_sample():
+    # 10 images, batch 4: step s covers stream positions 4(s-1) .. 4s-1, epoch = position // 10
+    assert [data.epoch_of(step, 4, 10) for step in range(0, 7)] == [0, 0, 0, 1, 1, 1, 2]
+    sampler = data.StepBatchSampler(num_images=10, batch_size=4, seed=0, total_steps=6)
+    assert [sampler.epoch_of(step) for step in range(1, 7)] == [0, 0, 1, 1, 1, 2]
+
+
 def test_loader_output_does_not_depend_on_workers_or_start_step():
     images = data.open_image_set("samples", "val", "val_data")
     serial = [x for x in data.train_loader(images, 64, 2, seed=3, total_steps=3)]
