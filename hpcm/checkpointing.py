@@ -30,7 +30,7 @@ CHECKPOINT_LAST = "checkpoint_last.pth.tar"
 CHECKPOINT_PREV = "checkpoint_prev.pth.tar"
 CHECKPOINT_CORRUPT = "checkpoint_last.corrupt"
 BEST_MODEL = "epoch_best.pth.tar"
-BEST_BALANCED_STATE = "balanced_state_best.pth"
+BEST_BALANCED_STATE = "balanced_state_best.pth"  # written by Balanced.save_state (hpcm.train)
 STATE_FORMAT = "hpcm-train-state/1"
 
 
@@ -133,10 +133,4 @@ def coder_ready_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_best_model(model: torch.nn.Module, run_dir: str | Path) -> Path:
     path = Path(run_dir) / BEST_MODEL
     atomic_torch_save(coder_ready_state_dict(model), path)
-    return path
-
-
-def save_best_balanced_state(optimizer_state: dict[str, Any], run_dir: str | Path) -> Path:
-    path = Path(run_dir) / BEST_BALANCED_STATE
-    atomic_torch_save(optimizer_state, path)
     return path

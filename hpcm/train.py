@@ -368,8 +368,8 @@ def save_checkpoint(run: Run) -> None:
 
 def save_best(run: Run) -> None:
     checkpointing.save_best_model(run.model, run.out)
-    if run.balanced:
-        checkpointing.save_best_balanced_state(run.optimizer.state_dict(), run.out)
+    if run.balanced:  # the seed's writer of the official balanced_state_best.pth (atomic)
+        run.optimizer.save_state(run.out / checkpointing.BEST_BALANCED_STATE)
 
 
 def train(run: Run, stop: StopFlag) -> int:
