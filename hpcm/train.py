@@ -62,6 +62,7 @@ EXIT_INTERRUPTED = 75  # sysexits EX_TEMPFAIL: state saved, run the same command
 DONE_MARKER = "done"
 METRICS_CSV = "metrics.csv"
 # Running sums kept on the device between log rows (no per-step host sync): column -> loss-dict key.
+# The loss comes first (its square is summed too, for loss_std); the scale tasks only in Phase 3.
 TRAIN_SUMS = {"loss": "loss", "distortion": "distortion", "bpp": "bpp_loss", "y_bpp": "y_bpp", "z_bpp": "z_bpp",
               "mse": "mse", "psnr": "psnr", **{task: task for task in SEED_TASK_NAMES}}
 
@@ -139,6 +140,11 @@ class Run:
                          else nullcontext())
         self.balanced = cfg["optimizer"] in run_config.BALANCED_OPTIMIZERS
         self.hierarchical = cfg["optimizer"] == "hierarchical_balanced"
+        # The TRAIN_SUMS columns of this run (the scale tasks exist in Phase 3 only), and one
+        # buffer that every step's values are stacked into (no per-step allocation).
+        self.sum_columns = [c for c in TRAIN_SUMS if self.hierarchical or c not in SEED_TASK_NAMES]
+        self._sum_keys = [TRAIN_SUMS[c] for c in self.sum_columns]
+        self._step_values = torch.zeros(len(self.sum_columns), device=self.device)
 
     # -- data (scanned before the model is built: bad data fails before any work)
     def open_data(self) -> None:
@@ -260,8 +266,8 @@ class Run:
         return int(self.skipped.item())
 
     def stack_metrics(self, metrics: dict[str, torch.Tensor]) -> torch.Tensor:
-        zero = torch.zeros((), device=self.device)
-        return torch.stack([metrics[key].detach().float() if key in metrics else zero for key in TRAIN_SUMS.values()])
+        """This step's values of ``sum_columns`` (float32), in a buffer reused by the next step."""
+        return torch.stack([metrics[key].detach() for key in self._sum_keys], out=self._step_values)
 
     # -- one optimisation step
     def objective(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
@@ -382,10 +388,12 @@ def train(run: Run, stop: StopFlag) -> int:
                                skip_bad_images=cfg["skip_bad_images"], pin_memory=run.cuda)
     bar = tqdm(total=run.total_steps, initial=start_step, disable=cfg["quiet"], desc=f"{cfg['variant']} "
                f"lmbda={cfg['lmbda']}", dynamic_ncols=True, file=sys.stderr)
-    # Window sums of the TRAIN_SUMS metrics, then of loss**2 (for loss_std), on the device: the
-    # only host sync is the .tolist() of a logged step. float64 so that the variance (mean of
-    # squares minus squared mean) does not cancel away over long windows.
-    sums = torch.zeros(len(TRAIN_SUMS) + 1, dtype=torch.float64, device=run.device)
+    # Window sums of the run's TRAIN_SUMS metrics, then of loss**2 (for loss_std), on the device:
+    # the only host sync is the .tolist() of a logged step. float64 so that the variance (mean of
+    # squares minus squared mean) does not cancel away over long windows; the float32 step values
+    # are added (and the loss squared) in float64 by type promotion, in place.
+    sums = torch.zeros(len(run.sum_columns) + 1, dtype=torch.float64, device=run.device)
+    window_sums, loss_square_sum = sums[:-1], sums[-1:]
     logged_steps, last_log_time = 0, time.perf_counter()
     exit_code = EXIT_CRASH
     try:
@@ -396,8 +404,9 @@ def train(run: Run, stop: StopFlag) -> int:
             if run.cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             metrics = run.train_step(x)
-            stacked = run.stack_metrics(metrics).double()
-            sums += torch.cat([stacked, stacked[:1].square()])  # TRAIN_SUMS starts with the loss
+            stacked = run.stack_metrics(metrics)
+            window_sums += stacked
+            loss_square_sum.addcmul_(stacked[:1], stacked[:1])  # TRAIN_SUMS starts with the loss
             run.step = step
             logged_steps += 1
             run.adapt_gammas_at_epoch_end(step)
@@ -408,7 +417,7 @@ def train(run: Run, stop: StopFlag) -> int:
             if step % cfg["log_every"] == 0 or last or stop.signum is not None:
                 now = time.perf_counter()
                 *window_means, mean_square = (sums / logged_steps).tolist()
-                means = dict(zip(TRAIN_SUMS, window_means))
+                means = dict(zip(run.sum_columns, window_means))
                 # std (ddof=0) of the per-step losses of this window, and its size, so that
                 # hpcm.tables pools the per-step spread exactly (the row's loss is only a mean).
                 loss_std = math.sqrt(max(mean_square - means["loss"] ** 2, 0.0))
@@ -416,9 +425,6 @@ def train(run: Run, stop: StopFlag) -> int:
                        "loss_std": loss_std, "loss_steps": logged_steps,
                        "skipped_steps": run.skipped_steps(), "step_time": (now - last_log_time) / logged_steps,
                        **run.weight_columns()}
-                if not run.hierarchical:
-                    for task in SEED_TASK_NAMES:
-                        row.pop(task, None)
                 sums.zero_()
                 logged_steps, last_log_time = 0, now
             if step % cfg["val_every"] == 0 or last:

@@ -190,6 +190,33 @@ def test_outputs_of_a_balanced_run(tmp_path):
     assert meta["variant"] == "phase1" and meta["optimizer"] == "balanced" and meta["meta"]["git_commit"]
     balanced_state = torch.load(out / "balanced_state_best.pth", map_location="cpu", weights_only=False)
     assert "w" in balanced_state["balancing"]
+    assert all(row["s1_distortion"] == "" and row["s3_bpp"] == "" for row in rows)  # Phase 3 columns only
+
+
+def test_logged_rows_are_window_means_of_the_step_metrics(tmp_path, monkeypatch):
+    """Phase 3: every summed column, the scale tasks included, is the mean of its window's steps."""
+    import numpy as np
+
+    # metrics.csv column -> key of the loss dict that train_step returns
+    columns = {"loss": "loss", "distortion": "distortion", "bpp": "bpp_loss", "y_bpp": "y_bpp",
+               "psnr": "psnr", "s1_distortion": "s1_d", "s2_bpp": "s2_b", "s3_bpp": "s3_b"}
+    per_step: list[dict[str, float]] = []
+    real_step = train.Run.train_step
+
+    def recording_step(self, x):
+        metrics = real_step(self, x)
+        per_step.append({column: float(metrics[key].detach()) for column, key in columns.items()})
+        return metrics
+
+    monkeypatch.setattr(train.Run, "train_step", recording_step)
+    out = tmp_path / "run"
+    assert train.main(cli_args(out, variant="phase3", steps=4, log_every=2, val_every=4)) == train.EXIT_OK
+    rows = [r for r in read_csv(out / "metrics.csv") if r["loss"]]
+    assert [r["step"] for r in rows] == ["2", "4"]
+    for row, window in zip(rows, (per_step[0:2], per_step[2:4])):
+        for column in columns:
+            expected = np.mean([step[column] for step in window], dtype=np.float64)
+            assert float(row[column]) == pytest.approx(expected, rel=1e-6), column
 
 
 def test_logged_loss_std_describes_the_per_step_losses_of_each_window(tmp_path, monkeypatch):
