@@ -184,11 +184,11 @@ TASK_COLUMNS = {
 }
 
 
-def plot_runs(root: str | Path, output_dir: str | Path,
+def plot_runs(runs: Sequence[tuple[str, float, object]], output_dir: str | Path,
               colors: dict[str, str] | None = None) -> list[Path]:
+    """The per-run and per-λ training figures of ``runs``, the list ``iter_runs`` yields."""
     written = []
     by_lambda: dict[float, list] = {}
-    runs = list(iter_runs(root))
     colors = _colors_for(colors, (variant for variant, _, _ in runs))
     for variant, lmbda, frame in runs:
         by_lambda.setdefault(lmbda, []).append((variant, frame))
@@ -326,18 +326,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _draw(args: argparse.Namespace) -> list[Path]:
     written: list[Path] = []
     colors = variant_colors(args.variants) if getattr(args, "variants", None) else None
-    points = None
+    points = runs = None
     if args.command in ("all", "rd"):
         from hpcm.rd import read_points
 
         points = read_points(args.points)
+    if args.command in ("all", "runs"):
+        runs = list(iter_runs(args.runs))  # read once: the colours and the figures share it
     if args.command == "all" and colors is None:  # one call: one assignment for all figures
-        seen = set(points["variant"]) | {variant for variant, _, _ in iter_runs(args.runs)}
+        seen = set(points["variant"]) | {variant for variant, _, _ in runs}
         colors = variant_colors(sorted(seen))
     if points is not None:
         written += plot_rd(points, args.output_dir, args.anchors, args.metric, colors)
-    if args.command in ("all", "runs"):
-        written += plot_runs(args.runs, args.output_dir, colors)
+    if runs is not None:
+        written += plot_runs(runs, args.output_dir, colors)
     if args.command in ("all", "gammas"):
         written += plot_gammas(args.output_dir, args.total_epochs)
     return written

@@ -90,6 +90,18 @@ def test_all_figures_written_with_units_and_consistent_colours(tmp_path, capture
         assert styles[variant][0] == training[f"{variant} train"]
 
 
+def test_all_reads_every_run_once(tmp_path, monkeypatch):
+    runs = tmp_path / "train"
+    _run(runs, "baseline", 0.0035, False)
+    _run(runs, "phase3", 0.0035, True)
+    reads = []
+    original = plots.read_run_yaml
+    monkeypatch.setattr(plots, "read_run_yaml", lambda folder: reads.append(folder) or original(folder))
+    assert plots.main(["all", "--points", str(_points(tmp_path / "points.csv")), "--runs", str(runs),
+                       "--output-dir", str(tmp_path / "plots"), "--total-epochs", "20"]) == 0
+    assert sorted(reads) == [runs / "baseline" / "lmbda0.0035", runs / "phase3" / "lmbda0.0035"]
+
+
 def _config_variants() -> list[str]:
     import yaml
 
