@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import os
 import shutil
 import sys
@@ -218,12 +219,6 @@ def prepare_kodak(source: str | Path | None, output: str | Path,
 # --------------------------------------------------------------------------------------------
 
 
-def _write_manifest(folder: Path) -> None:
-    lines = [f"{sha256_file(p)}  {p.name}\n" for p in sorted(folder.iterdir())
-             if p.suffix.lower() in IMAGE_SUFFIXES]
-    (folder / MANIFEST).write_text("".join(lines))
-
-
 def verify_manifest(folder: str | Path) -> list[Path]:
     """Check every file listed in ``folder/SHA256SUMS``; return the image paths."""
     folder = Path(folder)
@@ -287,10 +282,14 @@ def prepare_clic(source: str | Path | None, output: str | Path,
             archive.unlink()  # a downloaded archive is not part of the dataset folder
         if expected_images is not None and len(images) != expected_images:
             raise ValueError(f"{archive.name}: {len(images)} images, expected {expected_images}")
+        # Hashed from the bytes written (already covered by the archive's hash): no second read.
+        digests = {}
         for name, data in tqdm(images, desc="CLIC", unit="img"):
             (staging / name).write_bytes(data)
-        _write_manifest(staging)
-    return verify_manifest(output)
+            digests[name] = hashlib.sha256(data).hexdigest()
+        names = sorted(digests)
+        (staging / MANIFEST).write_text("".join(f"{digests[name]}  {name}\n" for name in names))
+    return [output / name for name in names]
 
 
 # --------------------------------------------------------------------------------------------

@@ -98,14 +98,21 @@ def _fake_clic_zip(path: Path, n_images: int = 3) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_clic_zip_verified_forks_dropped_and_manifest_written(tmp_path):
+def test_clic_zip_verified_forks_dropped_and_manifest_written(tmp_path, monkeypatch):
     archive = tmp_path / "clic2020_professional_valid.zip"
     digest = _fake_clic_zip(archive)
     out = tmp_path / "clic"
+    hashed = []
+    real_sha256_file = datasets.sha256_file
+    monkeypatch.setattr(datasets, "sha256_file", lambda path: hashed.append(Path(path)) or real_sha256_file(path))
     paths = datasets.prepare_clic(archive, out, expected_sha256=digest, expected_images=3)
+    assert hashed == [archive]  # the images are hashed from the bytes written, not read back
     assert sorted(p.name for p in paths) == ["img0.png", "img1.png", "img2.png"]
     assert sorted(p.name for p in out.iterdir()) == ["SHA256SUMS", "img0.png", "img1.png",
                                                       "img2.png"]
+    assert (out / "SHA256SUMS").read_text() == "".join(
+        f"{hashlib.sha256(f'png-bytes-{i}'.encode()).hexdigest()}  img{i}.png\n" for i in range(3))
+    assert datasets.verify_manifest(out) == paths
     (out / "img1.png").write_bytes(b"changed")
     with pytest.raises(datasets.ChecksumError, match="img1.png"):
         datasets.verify_manifest(out)
