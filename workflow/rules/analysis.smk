@@ -46,10 +46,9 @@ rule tables:
         runs=runs_root,
         benchmarks=TRAIN_BENCHMARKS_DIR,
         outdir=tables_dir,
-        method=config["analysis"]["bd_method"],
     conda:
         "../../envs/hpcm.yaml"
     shell:
+        # the BD method, reference, anchors and studies all come from the analysis YAML
         "python -m hpcm.tables --points {input.points} --runs {params.runs} --config {input.analysis} "
-        "--benchmarks {params.benchmarks} --method {params.method} --output-dir {params.outdir} "
-        "> {log} 2>&1"
+        "--benchmarks {params.benchmarks} --output-dir {params.outdir} > {log} 2>&1"
