@@ -8,6 +8,9 @@ A run config is a flat YAML mapping. Values are resolved in this order (later wi
 3. the config file,
 4. ``--set key=value`` overrides (values are parsed as YAML, so lists are ``[a,b,c]``).
 
+``scale_weights`` and ``gammas`` also take the name of an ablation preset (``hpcm.presets``:
+``scale_weights: equal``, ``gammas: increasing``), resolved to its numbers here.
+
 Everything is checked before any work starts; every error names the key and the value at fault.
 The table ``KEYS`` is the single source of truth: ``--help`` and the docs are generated from it.
 """
@@ -22,6 +25,7 @@ from typing import Any, Callable
 
 import yaml
 
+from hpcm import presets
 from hpcm.schedules import HPCM_LR_MILESTONES, HPCM_LR_VALUES
 
 OPTIMIZERS = ("adam", "cautious_adam", "balanced", "qp", "hierarchical_balanced")
@@ -73,13 +77,17 @@ KEYS: dict[str, Key] = {
     # Phase 3
     "decomposition": Key("str", "measured", "5-task decomposition for hierarchical_balanced",
                          choices=("fixed_ratio", "adaptive", "measured")),
-    "gammas": Key("floats3", [0.008, 0.006, 0.004], "per-scale gammas [s1, s2, s3] (initial values)",
+    "gammas": Key("floats3", presets.preset_value("gammas", "decreasing"),
+                  "per-scale gammas [s1, s2, s3] (initial values), or a Study 2 preset: "
+                  + ", ".join(presets.STUDY2_GAMMAS),
                   check=lambda v: min(v) >= 0, constraint="entries must be >= 0"),
     "gammas_final": Key("floats3", None, "final per-scale gammas for linear/cosine gamma_strategy", optional=True,
                         check=lambda v: min(v) >= 0, constraint="entries must be >= 0"),
     "gamma_strategy": Key("str", "fixed", "ScaleGammaManager strategy",
                           choices=("fixed", "linear", "cosine", "adaptive", "hierarchical")),
-    "scale_weights": Key("floats3", [0.3, 0.4, 0.3], "scale modulation [s1, s2, s3]",
+    "scale_weights": Key("floats3", presets.preset_value("scale_weights", "s2_emphasis"),
+                         "scale modulation [s1, s2, s3], or a Study 1 preset: "
+                         + ", ".join(presets.STUDY1_SCALE_WEIGHTS),
                          check=lambda v: min(v) > 0, constraint="entries must be > 0"),
     # data
     "train_data": Key("str", "samples", "training image folder (recursive PNG/JPEG) or 'samples' (embedded set)"),
@@ -215,6 +223,10 @@ def _coerce(key: str, value: Any) -> Any:
         else:
             raise _fail(key, value, "expected true or false")
     elif kind in ("floats3", "floats"):
+        try:
+            value = presets.preset_value(key, value)  # a preset name (scale_weights, gammas) -> its list
+        except ValueError as exc:
+            raise _fail(key, value, str(exc)) from None
         if not isinstance(value, (list, tuple)):
             raise _fail(key, value, "expected a list such as [0.1, 0.2, 0.3]")
         out = [as_float(v) for v in value]

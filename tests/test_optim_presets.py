@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hpcm.optim import HierarchicalBalanced
-from hpcm.presets import STUDY1_SCALE_WEIGHTS, STUDY2_GAMMAS, ablation_overrides
+from hpcm.presets import STUDY1_SCALE_WEIGHTS, STUDY2_GAMMAS, ablation_overrides, preset_value
 
 
 def test_study_values_are_the_issue_values():
@@ -28,3 +28,14 @@ def test_every_preset_builds_an_optimizer_and_lookups_validate():
         ablation_overrides("study3", "x")
     with pytest.raises(ValueError, match="uniform"):
         ablation_overrides("study2_gammas", "flat")
+
+
+def test_a_preset_name_stands_for_its_values_under_its_key_only():
+    assert preset_value("scale_weights", "equal") == [0.33, 0.33, 0.34]
+    assert preset_value("gammas", "increasing") == [0.004, 0.006, 0.008]
+    assert preset_value("gammas", [0.1, 0.2, 0.3]) == [0.1, 0.2, 0.3]  # numbers pass through
+    assert preset_value("optimizer", "equal") == "equal"  # not a preset key
+    preset_value("gammas", "uniform").append(1.0)  # a copy: the table stays intact
+    assert STUDY2_GAMMAS["uniform"]["gammas"] == [0.006] * 3
+    with pytest.raises(ValueError, match="'equal' of study2_gammas"):
+        preset_value("gammas", "equal")

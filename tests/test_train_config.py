@@ -32,6 +32,14 @@ def test_variant_presets_sit_under_user_values():
     assert ablation["variant"] == "study1_s1" and ablation["scale_weights"] == [0.5, 0.3, 0.2]
 
 
+def test_scale_weights_and_gammas_may_name_the_ablation_presets():
+    # the seed's Study 1 / Study 2 values (issue 3), also the defaults (s2 emphasis, decreasing)
+    cfg = run_config.load(None, ["steps=3", "scale_weights=s3_emphasis", "gammas=uniform"])
+    assert cfg["scale_weights"] == [0.2, 0.3, 0.5] and cfg["gammas"] == [0.006, 0.006, 0.006]
+    assert resolve()["scale_weights"] == [0.3, 0.4, 0.3] and resolve()["gammas"] == [0.008, 0.006, 0.004]
+    assert "or a Study 1 preset: equal, s1_emphasis, s2_emphasis, s3_emphasis" in run_config.help_text()
+
+
 def test_set_values_are_yaml_and_numbers_in_exponent_form_work(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("lmbda: 0.0067\nsteps: 5\nlr: 1e-4\n")
@@ -49,6 +57,8 @@ def test_set_values_are_yaml_and_numbers_in_exponent_form_work(tmp_path):
     ({"batch_size": True}, ["'batch_size'", "True"]),
     ({"lmbda": 0.0}, ["'lmbda'", "0.0", "> 0"]),
     ({"gammas": [0.1, 0.2]}, ["'gammas'", "[0.1, 0.2]", "3 values"]),
+    ({"gammas": "flat"}, ["'gammas'", "'flat'", "uniform, increasing, decreasing"]),
+    ({"scale_weights": "equal", "gammas": "equal"}, ["'gammas'", "'equal'", "study2_gammas"]),
     ({"update_mode": "later"}, ["'update_mode'", "'later'", "same_batch"]),
     ({"lr_milestones": [0.9, 0.5], "lr_values": [1, 2]}, ["'lr_milestones'", "increasing"]),
     ({"lr_values": [1e-5]}, ["'lr_milestones'", "'lr_values'", "same length"]),

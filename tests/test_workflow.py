@@ -147,6 +147,7 @@ def write_config(tmp_path: Path, **changes) -> Path:
         ({"analysis__reference": "nope"}, "analysis.reference", "unknown variant 'nope'"),
         ({"variants__phase2_qp__init_from": "ghost"}, "variants.phase2_qp.init_from", "ghost"),
         ({"variants__phase2_qp__init_from": "official"}, "variants.phase2_qp.init_from", "official_checkpoints"),
+        ({"variants__study1_s1__scale_weights": "s4_emphasis"}, "variants.study1_s1.scale_weights", "s3_emphasis"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, changes, key, words):
@@ -155,6 +156,23 @@ def test_config_errors_name_the_key(tmp_path, changes, key, words):
     message = result.stdout + result.stderr
     assert f"config key '{key}'" in message, message
     assert words in message, message
+
+
+def test_a_variant_naming_presets_gets_their_numbers_in_its_run_config(tmp_path):
+    """`scale_weights: equal` / `gammas: increasing` become the Study 1 / Study 2 lists (issue 3)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    config = write_config(tmp_path, train_data=str(images), val_data=str(images), lambdas=[0.013],
+                          variants={"named": {"optimizer": "hierarchical_balanced", "scale_weights": "equal",
+                                              "gammas": "increasing"},
+                                    "child": {"extends": "named", "gammas": [0.001, 0.002, 0.003]}},
+                          grids={}, analysis__reference="named", analysis__gains={}, analysis__studies={})
+    targets = [f"results/configs/{name}/lmbda0.013.yaml" for name in ("named", "child")]
+    result = snakemake(*targets, "--cores", "1", "--configfile", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    named, child = (yaml.safe_load((tmp_path / target).read_text()) for target in targets)
+    assert named["scale_weights"] == [0.33, 0.33, 0.34] and named["gammas"] == [0.004, 0.006, 0.008]
+    assert child["scale_weights"] == [0.33, 0.33, 0.34] and child["gammas"] == [0.001, 0.002, 0.003]
 
 
 def test_lint_is_clean():

@@ -9,6 +9,10 @@ from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 from snakemake.utils import validate
 
+# The ablation presets' values live in hpcm.presets alone (Snakemake puts the repository root,
+# the Snakefile's folder, on sys.path; the module needs nothing beyond the standard library).
+from hpcm import presets
+
 # Run-config keys a variant may set (they go into the run YAML of `python -m hpcm.train`).
 VARIANT_RUN_KEYS = (
     "optimizer",
@@ -121,6 +125,11 @@ def resolve_variants(cfg):
         if name in chain:
             raise config_error(f"variants.{name}.extends", f"cycle {' -> '.join(chain + [name])}")
         entry = {k: v for k, v in raw[name].items() if v is not None}
+        for key in presets.NAMED_KEYS.keys() & entry.keys():  # `scale_weights: equal` -> its numbers
+            try:
+                entry[key] = presets.preset_value(key, entry[key])
+            except ValueError as err:
+                raise config_error(f"variants.{name}.{key}", str(err)) from None
         parent = entry.pop("extends", None)
         merged = dict(resolve(parent, chain + [name])) if parent else {}
         merged.pop("description", None)
