@@ -2,6 +2,7 @@
 
 The list-kernel update (``foreach``) rewrites two steps of the official maths (mask mean as
 count/numel, m*(phi*s) as (m*s)*phi); both are exact, so the two paths must agree bit for bit.
+So must the CPU paths: flat torch buffers (``fused=False``) and the C kernel (``fused=True``).
 """
 
 from __future__ import annotations
@@ -33,18 +34,21 @@ def run_steps(params, opt, steps: int, seed: int = 1, skip_first_grad_until: int
         opt.step()
 
 
-@pytest.mark.parametrize("fast", [True, None], ids=["foreach", "flat"])
+FAST_PATHS = {"foreach": dict(foreach=True), "flat": dict(fused=False), "native": dict(fused=True)}
+
+
+@pytest.mark.parametrize("fast", list(FAST_PATHS))
 @pytest.mark.parametrize("cautious", [True, False])
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 @pytest.mark.parametrize("skip", [0, 3], ids=["same_steps", "differing_steps"])
 def test_fast_paths_equal_single_tensor_path_bitwise(fast, cautious, amsgrad, weight_decay, skip):
-    """foreach=True: list kernels; None (default on CPU): flat buffers while steps agree."""
+    """foreach=True: list kernels; fused False/True (CPU): flat buffers / C kernel while steps agree."""
     results = []
-    for foreach in (False, fast):
+    for options in (dict(foreach=False), FAST_PATHS[fast]):
         params = make_params()
         opt = CautiousAdam(params, lr=1e-2, weight_decay=weight_decay, amsgrad=amsgrad,
-                           cautious=cautious, foreach=foreach)
+                           cautious=cautious, **options)
         run_steps(params, opt, steps=12, skip_first_grad_until=skip)
         results.append((params, opt))
     (p_single, o_single), (p_foreach, o_foreach) = results

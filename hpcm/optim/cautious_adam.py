@@ -24,6 +24,7 @@ from typing import Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
+from hpcm.optim import cautious_native
 from hpcm.optim.cautious_flat import MOMENT_KEYS, FlatMoments, build_flat_moments, flat_update
 from hpcm.optim.cautious_sync_free import BiasTables, element_counts, grads_finite, sync_free_update
 
@@ -46,6 +47,7 @@ class CautiousAdam(Optimizer):
         cautious: bool = True,
         foreach: bool | None = None,
         sync_free: bool = False,
+        fused: bool | None = None,
     ):
         if not lr >= 0.0:
             raise ValueError(f"Invalid learning rate lr={lr}")
@@ -56,11 +58,18 @@ class CautiousAdam(Optimizer):
                 raise ValueError(f"Invalid beta parameter at index {index}: betas={betas}")
         if not weight_decay >= 0.0:
             raise ValueError(f"Invalid weight_decay={weight_decay}")
+        if fused and (foreach is not None or sync_free):
+            raise ValueError(f"fused=True (the CPU C kernel) excludes foreach={foreach!r} and sync_free={sync_free!r}")
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-            amsgrad=amsgrad, cautious=cautious, foreach=foreach,
+            amsgrad=amsgrad, cautious=cautious, foreach=foreach, fused=fused,
         )
         super().__init__(params, defaults)
+        if fused:
+            devices = {p.device.type for g in self.param_groups for p in g["params"]}
+            if devices != {"cpu"}:
+                raise ValueError(f"fused=True is the CPU C kernel; parameters are on {sorted(devices)}")
+            cautious_native.load()  # raises NativeKernelUnavailable with the reason, before any step
         # sync_free: skip decision, step counters and skip count stay on the device (see
         # ``cautious_sync_free``); the default keeps Python-int steps and host-side decisions.
         self.sync_free = bool(sync_free)
@@ -74,6 +83,7 @@ class CautiousAdam(Optimizer):
             group.setdefault("amsgrad", False)
             group.setdefault("cautious", True)
             group.setdefault("foreach", None)
+            group.setdefault("fused", None)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
@@ -108,15 +118,20 @@ class CautiousAdam(Optimizer):
                     state["step"] = int(step.item())
 
     @torch.no_grad()
-    def sync_free_step(self, ok: torch.Tensor | None = None) -> torch.Tensor:
+    def sync_free_step(self, ok: torch.Tensor | None = None, grads_are_finite: torch.Tensor | None = None) -> torch.Tensor:
         """One step decided on the device: applied where ``ok`` and every gradient is finite.
 
-        Returns the 0-dim bool ``ok`` actually used; the skip is counted in
-        ``skipped_steps_device``. Nothing is read back to the host.
+        ``grads_are_finite``: that second condition when the caller knows it already (from the
+        clip's gradient norm); otherwise computed here. Returns the 0-dim bool ``ok`` actually
+        used; the skip is counted in ``skipped_steps_device``. Nothing is read back to the host.
         """
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        device = grads[0].device if grads else next(p for g in self.param_groups for p in g["params"]).device
-        finite = grads_finite(grads, device)
+        if grads_are_finite is None:
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            device = grads[0].device if grads else next(p for g in self.param_groups for p in g["params"]).device
+            finite = grads_finite(grads, device)
+        else:
+            finite = grads_are_finite
+        device = finite.device
         ok = finite if ok is None else (ok.to(device) & finite)
         self.skipped_steps_device.add_((~ok).float())
         if self._step_bound is None:  # once after construction or loading: one read
@@ -171,66 +186,83 @@ class CautiousAdam(Optimizer):
                 mask_mean_floor=MASK_MEAN_FLOOR, mask_scale_cap=MASK_SCALE_CAP)
 
     def _update_group(self, group: dict) -> None:
-        params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps = [], [], [], [], [], []
+        amsgrad = group["amsgrad"]
+        params, grads, states = [], [], []
         for p in group["params"]:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError("CautiousAdam does not support sparse gradients")
-            grad = p.grad.float() if p.grad.dtype in (torch.float16, torch.bfloat16) else p.grad
+            if grad.dtype in (torch.float16, torch.bfloat16):
+                grad = grad.float()
             state = self.state[p]
             if len(state) == 0:
                 state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if group["amsgrad"]:
-                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                for key in MOMENT_KEYS[:3 if amsgrad else 2]:
+                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["step"] += 1
             params.append(p)
             grads.append(grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            if group["amsgrad"]:
-                max_sqs.append(state["max_exp_avg_sq"])
-            steps.append(state["step"])
+            states.append(state)
         if not params:
             return
         options = dict(
-            amsgrad=group["amsgrad"], cautious=group["cautious"],
+            amsgrad=amsgrad, cautious=group["cautious"],
             beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"],
             weight_decay=group["weight_decay"], eps=group["eps"],
         )
         if group["foreach"] is False:
-            _single_tensor_update(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, **options)
+            _single_tensor_update(params, grads, *_moment_lists(states, amsgrad), **options)
             return
         # The list kernels need one device and one dtype across params, grads and moments.
         buckets: dict[tuple, list[int]] = {}
-        for i, (p, g, m) in enumerate(zip(params, grads, exp_avgs)):
-            buckets.setdefault((p.device, p.dtype, g.dtype, m.dtype), []).append(i)
+        for i, (p, g, state) in enumerate(zip(params, grads, states)):
+            buckets.setdefault((p.device, p.dtype, g.dtype, state["exp_avg"].dtype), []).append(i)
         for key, index in buckets.items():
             device, p_dtype, g_dtype, m_dtype = key
-            pick = lambda items: [items[i] for i in index]  # noqa: E731
+            if len(buckets) == 1:
+                bucket_params, bucket_grads, bucket_states = params, grads, states
+            else:
+                bucket_params, bucket_grads, bucket_states = ([items[i] for i in index]
+                                                              for items in (params, grads, states))
+            steps = [state["step"] for state in bucket_states]
             if not p_dtype == g_dtype == m_dtype:  # e.g. fp16 params with fp32 moments
                 update = _single_tensor_update
-            elif group["foreach"] is None and device.type == "cpu" and len(set(pick(steps))) == 1:
-                self._flat_step(key, pick(params), pick(grads), pick(steps)[0], options)
+            elif group["foreach"] is None and device.type == "cpu" and steps.count(steps[0]) == len(steps):
+                self._flat_step(key, bucket_params, bucket_grads, bucket_states, steps[0], options,
+                                group["fused"])
                 continue
             else:
                 update = _foreach_update
-            update(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
-                   pick(max_sqs) if max_sqs else [], pick(steps), **options)
+            update(bucket_params, bucket_grads, *_moment_lists(bucket_states, amsgrad), **options)
 
-    def _flat_step(self, key: tuple, params: list, grads: list, step: int, options: dict) -> None:
-        """CPU default: the bucket's moments in one flat buffer (see ``cautious_flat``)."""
+    def _flat_step(self, key: tuple, params: list, grads: list, states: list, step: int, options: dict,
+                   fused: bool | None) -> None:
+        """CPU default: the bucket's moments in one flat buffer (see ``cautious_flat``), updated by
+        the C kernel (``cautious_native``) unless ``fused`` is False or the kernel cannot be built."""
         if not hasattr(self, "_flat_moments"):
             self._flat_moments: dict[tuple, FlatMoments] = {}
-        states = [self.state[p] for p in params]
         keys = MOMENT_KEYS if options["amsgrad"] else MOMENT_KEYS[:2]
         flat = self._flat_moments.get(key)
-        if flat is None or flat.params != tuple(id(p) for p in params) or not flat.owns(states, keys):
+        if flat is None or not flat.serves(params, states, keys):
             flat = self._flat_moments[key] = build_flat_moments(params, states, keys)
-        flat_update(flat, params, grads, step, mask_mean_floor=MASK_MEAN_FLOOR,
-                    mask_scale_cap=MASK_SCALE_CAP, **options)
+        update = flat_update
+        if fused is not False:
+            reason = cautious_native.ineligible_reason(key[1], [*params, *grads]) or cautious_native.unavailable_reason()
+            if reason is None:
+                update = cautious_native.native_update
+            elif fused:
+                raise cautious_native.NativeKernelUnavailable(f"fused=True: {reason}")
+            elif params[0].dtype == torch.float32:  # float64 buckets have no kernel: not a fallback
+                cautious_native.warn_fallback_once(reason)
+        update(flat, params, grads, step, mask_mean_floor=MASK_MEAN_FLOOR, mask_scale_cap=MASK_SCALE_CAP, **options)
+
+
+def _moment_lists(states: list[dict], amsgrad: bool) -> tuple[list, list, list, list]:
+    """exp_avgs, exp_avg_sqs, max_exp_avg_sqs ([] without amsgrad) and steps, from the states."""
+    return ([s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if amsgrad else [], [s["step"] for s in states])
 
 
 def _single_tensor_update(

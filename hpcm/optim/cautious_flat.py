@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -29,23 +30,24 @@ MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 class FlatMoments:
     """Flat moment buffers of one bucket and where each parameter's slice starts."""
 
-    params: tuple[int, ...]  # ids of the parameters, in order
+    params: list[torch.Tensor]  # the bucket's parameters, in order
     buffers: dict[str, torch.Tensor]
+    views: dict[str, list[torch.Tensor]]  # per key, the state entries made as views of the buffer
     offsets: list[int]
     numels: list[int]
     numels_float: torch.Tensor
     scratch: tuple[torch.Tensor, torch.Tensor] | None = None  # (gradient / direction, denominator)
+    native_numels: Any = None  # the numels as a ctypes array for the C kernel (cautious_native)
 
-    def owns(self, states: list[dict], keys: tuple[str, ...]) -> bool:
-        """True when every state entry is still the view into our buffer it was made as."""
+    def serves(self, params: list[torch.Tensor], states: list[dict], keys: tuple[str, ...]) -> bool:
+        """True for the same parameters whose state entries are still the views made here
+        (``load_state_dict`` or a state entry replaced from outside makes it False)."""
+        if len(params) != len(self.params) or any(p is not q for p, q in zip(params, self.params)):
+            return False
         for key in keys:
-            buffer = self.buffers.get(key)
-            if buffer is None:
+            views = self.views.get(key)
+            if views is None or any(state[key] is not view for state, view in zip(states, views)):
                 return False
-            base, size = buffer.data_ptr(), buffer.element_size()
-            for state, offset in zip(states, self.offsets):
-                if state[key].data_ptr() != base + offset * size:
-                    return False
         return True
 
 
@@ -55,15 +57,17 @@ def build_flat_moments(params: list[torch.Tensor], states: list[dict], keys: tup
     offsets = [0]
     for n in numels[:-1]:
         offsets.append(offsets[-1] + n)
-    buffers = {}
+    buffers, views = {}, {}
     for key in keys:
         buffer = torch.cat([state[key].reshape(-1) for state in states])
+        views[key] = []
         for p, state, offset, n in zip(params, states, offsets, numels):
             state[key] = buffer[offset:offset + n].view(p.shape)
+            views[key].append(state[key])
         buffers[key] = buffer
     device = params[0].device
     return FlatMoments(
-        params=tuple(id(p) for p in params), buffers=buffers, offsets=offsets, numels=numels,
+        params=list(params), buffers=buffers, views=views, offsets=offsets, numels=numels,
         numels_float=torch.tensor(numels, dtype=params[0].dtype, device=device),
     )
 
