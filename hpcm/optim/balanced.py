@@ -136,6 +136,7 @@ class Balanced(CautiousAdam):
         self._sf = SyncFreeFlags(self.device, self.n_tasks) if self.sync_free else None
         self._pending_update = False  # next_batch: a step was taken since prev_loss was stored
         self._skip_next_step = False  # the current losses were non-finite
+        self._clip_record: tuple | None = None  # (norm, grads, versions) of the last clip (see step)
         self._last_step_skipped = False
 
     # ------------------------------------------------------------------ configuration
@@ -288,8 +289,11 @@ class Balanced(CautiousAdam):
             loss = self._qp_backward(losses)
             if self._skip_next_step:
                 return loss
+        self._clip_record = None
         if self.max_norm > 0 and shared_parameters is not None:
-            torch.nn.utils.clip_grad_norm_(shared_parameters, self.max_norm)
+            clipped = [shared_parameters] if torch.is_tensor(shared_parameters) else list(shared_parameters)
+            norm = torch.nn.utils.clip_grad_norm_(clipped, self.max_norm)
+            self._record_clip(norm, clipped)
         return loss
 
     def update_task_weights(self, curr_loss: torch.Tensor) -> None:
@@ -412,9 +416,10 @@ class Balanced(CautiousAdam):
             gradients_finite = False
         else:
             # One host synchronisation for both checks (gradients, and the re-stored losses).
-            gradients_finite, losses_finite = self._finite_flags(stored)
+            gradients_finite, losses_finite = self._finite_flags(stored, self._current_clip_norm())
             if losses_finite:
                 self.prev_loss = stored.clone()
+        self._clip_record = None
         if not gradients_finite:
             self._skip_next_step = False
             self._last_step_skipped = True
@@ -432,7 +437,8 @@ class Balanced(CautiousAdam):
             stored = task_losses.detach().float()
             restore = flags.ok_losses & torch.isfinite(stored).all()
             self.prev_loss = torch.where(restore, stored, self.prev_loss)
-        ok = self.sync_free_step(flags.ok_losses)
+        norm, self._clip_record = self._current_clip_norm(), None
+        ok = self.sync_free_step(flags.ok_losses, None if norm is None else torch.isfinite(norm))
         flags.last_skipped = ~ok
         flags.pending = ok & (self.update_mode == "next_batch")
         flags.ok_losses = torch.ones((), dtype=torch.bool, device=self.device)
@@ -467,11 +473,44 @@ class Balanced(CautiousAdam):
         self.last_effective_weights = (weights / gaps.detach() / c).detach()
         return (gaps.log() * weights / c).sum()
 
-    def _finite_flags(self, losses: torch.Tensor | None) -> tuple[bool, bool]:
-        """(all gradients finite, ``losses`` given and finite), read with a single device sync."""
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+    def _record_clip(self, norm: torch.Tensor, clipped: list[torch.Tensor]) -> None:
+        """Keep the clip's gradient norm for ``step`` when the clip saw every parameter we step.
+
+        A norm is finite exactly when every gradient element is (the official HPCM loop tests
+        it so), which saves ``step`` a second pass over the gradients. The gradients and their
+        version counters are kept too: a gradient replaced or changed in place after the clip
+        makes ``step`` check the gradients themselves.
+        """
+        clipped_ids = {id(p) for p in clipped}
+        stepped = [p for g in self.param_groups for p in g["params"]]
+        if all(id(p) in clipped_ids for p in stepped):
+            grads = [p.grad for p in stepped]
+            self._clip_record = (norm, grads, [None if g is None else g._version for g in grads])
+
+    def _current_clip_norm(self) -> torch.Tensor | None:
+        """The recorded clip norm if no gradient changed since; else None."""
+        if self._clip_record is None:
+            return None
+        norm, grads, versions = self._clip_record
+        stepped = [p for g in self.param_groups for p in g["params"]]
+        if len(stepped) != len(grads):
+            return None
+        for p, grad, version in zip(stepped, grads, versions):
+            if p.grad is not grad or (grad is not None and grad._version != version):
+                return None
+        return norm
+
+    def _finite_flags(self, losses: torch.Tensor | None, grad_norm: torch.Tensor | None) -> tuple[bool, bool]:
+        """(all gradients finite, ``losses`` given and finite), read with a single device sync.
+
+        ``grad_norm``: the norm over every gradient, when the clip has computed it already.
+        """
+        grads = [] if grad_norm is not None else [
+            p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         flags = []
-        if grads:
+        if grad_norm is not None:
+            flags.append(torch.isfinite(grad_norm).to(self.device))
+        elif grads:
             # A norm is finite exactly when every element is; one list kernel per device.
             norms = torch._foreach_norm(grads, 2.0)
             flags.append(torch.isfinite(torch.stack([n.float().to(self.device) for n in norms])).all())
