@@ -183,3 +183,56 @@ def test_encode_rejects_bad_input(model):
         make_decoder("not bytes")
     with pytest.raises(ValueError, match="cdf_length"):
         CoderTables.from_tensors(model.quantized_cdf_y, model.cdf_length_y[:3], model.offset_y)
+
+
+def _buffer_lists(module: nn.Module, which: str) -> tuple[list[list[int]], list[int], list[int]]:
+    """The coder lists read straight from the buffers: each CDF row up to its cdf_length."""
+    lengths = getattr(module, f"cdf_length_{which}").tolist()
+    rows = getattr(module, f"quantized_cdf_{which}").tolist()
+    return [r[:n] for r, n in zip(rows, lengths)], lengths, getattr(module, f"offset_{which}").tolist()
+
+
+def _lists(tables: CoderTables) -> tuple[list[list[int]], list[int], list[int]]:
+    return tables.cdfs, tables.cdf_lengths, tables.offsets
+
+
+def test_coder_table_rows_end_at_their_length(model):
+    """A row is the whole CDF the coder reads: 0 first, strictly increasing, 2**16 last."""
+    tables = coder_tables(model, "y")
+    for row, n in zip(tables.cdfs, tables.cdf_lengths):
+        assert len(row) == n and row[0] == 0 and row[-1] == 2**16
+        assert all(b > a for a, b in zip(row, row[1:]))
+
+
+def test_coder_tables_cached_until_the_buffers_change():
+    m = TinyPriorModel()
+    m.update()
+    first = coder_tables(m, "y")
+    assert coder_tables(m, "y") is first  # no second conversion while nothing changed
+
+    m.update(get_scale_table(0.12, 64, 30))  # update registers new buffers
+    assert coder_tables(m, "y").num_tables == 30
+    assert _lists(coder_tables(m, "y")) == _buffer_lists(m, "y")
+
+    # load_state_dict of equal shapes copies into the same tensors (only their versions change)
+    other = TinyPriorModel()
+    with torch.no_grad():
+        other.scales_hyper.copy_(other.scales_hyper.flip(1))  # other z rows, same table width
+    other.update(get_scale_table(0.12, 64, 30))
+    before = _lists(coder_tables(m, "z"))
+    buffer = m.quantized_cdf_z
+    m.load_state_dict(other.state_dict())
+    assert m.quantized_cdf_z is buffer
+    assert _lists(coder_tables(m, "z")) == _buffer_lists(other, "z") != before
+
+    with torch.no_grad():  # any in-place write
+        m.offset_y -= 1
+    assert coder_tables(m, "y").offsets == [v - 1 for v in other.offset_y.tolist()]
+
+    with torch.inference_mode():  # inference tensors have no version counter: never cached
+        m.update()
+    offsets = m.offset_y.tolist()
+    assert coder_tables(m, "y").offsets == offsets
+    with torch.inference_mode():
+        m.offset_y += 1
+    assert coder_tables(m, "y").offsets == [v + 1 for v in offsets]

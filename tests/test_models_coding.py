@@ -157,3 +157,18 @@ def test_coding_needs_update(tiny):
 def test_corrupt_strings_argument(tiny):
     with pytest.raises(ValueError, match="strings"):
         tiny.decompress([[b"abc"]], (1, 1))
+
+
+def test_loaded_weights_and_tables_replace_the_cached_tables():
+    """compress() reuses the coder lists of the last call; a load_state_dict must not see the old ones."""
+    x = photo(64, 128)
+    source = calibrated_tiny(1.0)
+    source.update(scale_table=get_scale_table(0.12, 64, 120))
+    target = init_like_golden(build_model("HPCM_Tiny")).eval()
+    target.update()
+    target.compress(x)  # its 60-level tables are now cached
+    target.load_state_dict(source.state_dict())
+    enc = target.compress(x)
+    assert enc["strings"] == source.compress(x)["strings"]
+    assert torch.equal(target.decompress(enc["strings"], enc["shape"])["x_hat"],
+                       source.decompress(enc["strings"], enc["shape"])["x_hat"])
