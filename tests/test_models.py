@@ -173,10 +173,42 @@ def test_step_map_is_the_coding_order(tiny):
             q = _Quantizer(part, latent, training=False)
             with torch.no_grad():
                 tiny._progressive(params, q)
-            scales.append(q.full(q.scales, part))
+            scales.append(q.full(q.scales))
         same = (scales[0] == scales[1])[0]
         assert bool(same[step[0] <= k].all()), f"step {k} leaks into earlier or equal steps"
         assert not bool(same[step[0] > k].all()), f"step {k} does not feed later steps"
+
+
+class _KeepSteps(_Quantizer):
+    """Also keeps every step's residual and masked scales, for a sum computed another way."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.steps: tuple[list, list, list] = ([], [], [])
+
+    def __call__(self, scale, scales, means, mask):
+        self.steps[scale].append((self.residual(scale, means, mask)[0], scales * mask))
+        return super().__call__(scale, scales, means, mask)
+
+
+def test_quantizer_sums_equal_stacked_sums_bit_for_bit(tiny):
+    """The per-grid running sums equal torch.stack(steps).sum(0), signed zeros included (negative
+    y makes -0 terms; s1 positions of the s2 grid are covered by no s2 step), and so does full()."""
+    torch.manual_seed(3)
+    H, W = 8, 12
+    params = tiny.h_s(torch.round(torch.randn(1, tiny.N, H // 4, W // 4) * 3))
+    y = torch.randn(1, tiny.M, H, W) * 4
+    part = tiny._partitions.get(H, W, params.device, params.dtype)
+    q = _KeepSteps(part, y, False)
+    with torch.no_grad():
+        tiny._progressive(params, q)
+    for k, sums in enumerate((q.res, q.scales)):
+        stacked = [torch.stack([step[k] for step in steps]).sum(0) for steps in q.steps]
+        for ours, theirs in zip(sums, stacked):
+            assert torch.equal(ours.view(torch.int32), theirs.view(torch.int32))
+        expected = part.s1_to_y(stacked[0]) + part.s2_to_y(stacked[1]) + stacked[2]
+        assert torch.equal(q.full(sums).view(torch.int32), expected.view(torch.int32))
+    assert bool((torch.stack([s[0] for s in q.steps[1]]).view(torch.int32) == -(2**31)).any())  # -0 terms
 
 
 def test_scale_bits_partition_exact(tiny):

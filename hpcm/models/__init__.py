@@ -5,7 +5,8 @@ Public API
 ``build_model(name, **overrides) -> HPCM``  names: HPCM_Base, HPCM_Large, HPCM_Small, HPCM_Tiny;
     overrides replace fields of :class:`HPCMConfig` (e.g. ``attn_windows=(2, 4, 4)``).
 ``HPCM``: ``model(x)`` -> {"x_hat", "likelihoods": {"y", "z"}}; ``scale_map``, ``step_map``,
-    ``scale_bits``; ``update``, ``compress``, ``decompress``; ``pad_multiple``.
+    ``scale_bits``; ``update``, ``compress``, ``decompress``, ``coded_symbols`` (what compress
+    codes, per image); ``pad_multiple``.
 ``pad_image(x, multiple) -> (x_padded, pad)``, ``crop_image(x_padded, pad)``.
 ``load_checkpoint(path, name=None, map_location="cpu")``, ``save_checkpoint(model, path, **extra)``.
 """

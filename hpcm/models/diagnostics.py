@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hpcm.models.entropy import build_indexes_conditional, build_indexes_z
-from hpcm.models.hpcm import HPCM, _Quantizer
+from hpcm.models.coder import CoderTables, coder_tables
+from hpcm.models.hpcm import HPCM
 
 
 @dataclass(frozen=True)
@@ -28,32 +28,26 @@ class EscapeCount:
         return self.y_escaped + self.z_escaped > 0
 
 
-def _outside(symbols: Tensor, index: Tensor, offset: Tensor, cdf_length: Tensor) -> int:
+def _outside(symbols: Tensor, indexes: Tensor, tables: CoderTables) -> int:
     # a table of length L holds L - 2 symbols starting at its offset (then the escape symbol and
     # the closing CDF entry), i.e. symbols offset .. offset + L - 3
-    low = offset.long()[index]
-    high = low + cdf_length.long()[index] - 3
-    return int(((symbols < low) | (symbols > high)).sum())
+    rows = indexes.long()
+    low = torch.tensor(tables.offsets)[rows]
+    high = low + torch.tensor(tables.cdf_lengths)[rows] - 3
+    values = symbols.long()
+    return int(((values < low) | (values > high)).sum())
 
 
 @torch.no_grad()
 def escaped_symbols(model: HPCM, x: Tensor) -> EscapeCount:
-    """Count the y and z symbols of ``x`` (padded to the model's multiple) that lie outside their tables."""
-    if model.quantized_cdf_y.numel() == 0:
-        raise RuntimeError("coder tables are empty: call model.update() first")
-    model._check_input(x)
-    y = model.g_a(x)
-    z_res = torch.round(model.h_a(y) - model.means_hyper)
-    params = model.h_s(z_res + model.means_hyper)
-    part = model._partitions.get(*params.shape[-2:], params.device, params.dtype)
-    quantizer = _Quantizer(part, y, training=False)
-    model._progressive(params, quantizer)
-    y_symbols = torch.round(quantizer.full(quantizer.res, part)).long()
-    y_index = build_indexes_conditional(quantizer.full(quantizer.scales, part), model.scale_table).long()
-    z_index = build_indexes_z(z_res.shape).long().to(z_res.device)
-    return EscapeCount(
-        y_escaped=_outside(y_symbols, y_index, model.offset_y, model.cdf_length_y),
-        y_total=y_symbols.numel(),
-        z_escaped=_outside(z_res.long(), z_index, model.offset_z, model.cdf_length_z),
-        z_total=z_res.numel(),
-    )
+    """Count the y and z symbols that ``model.compress(x)`` codes outside their tables (x padded to
+    the model's multiple)."""
+    images = model.coded_symbols(x)  # the very symbols and indexes compress() codes
+    tables_y, tables_z = coder_tables(model, "y"), coder_tables(model, "z")
+    y_escaped = y_total = z_escaped = z_total = 0
+    for coded in images:
+        y_escaped += _outside(coded.y_symbols, coded.y_indexes, tables_y)
+        y_total += coded.y_symbols.numel()
+        z_escaped += _outside(coded.z_symbols, coded.z_indexes, tables_z)
+        z_total += coded.z_symbols.numel()
+    return EscapeCount(y_escaped, y_total, z_escaped, z_total)

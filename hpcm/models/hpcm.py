@@ -11,12 +11,13 @@ Data flow (research notes hpcm.md section 1):
 
 One loop (:meth:`HPCM._progressive`) drives training, compression and decompression, so encoder
 and decoder cannot drift apart; a small "step coder" object decides what happens to each step's
-latents (quantise, quantise + write symbols, or read symbols).
+latents (quantise, quantise + keep the symbols for the coder, or read symbols).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -64,44 +65,76 @@ def combine_step(t: Tensor, parts: int) -> Tensor:
 PARTS_PER_SCALE = (2, 4, 8)
 
 
-class _Quantizer:
-    """Step coder for forward(): quantise y, remember residuals and scales for the likelihood."""
+class _Residuals:
+    """y on the three grids, and each step's residual on the grid of its scale."""
 
-    def __init__(self, part: Partition, y: Tensor, training: bool):
+    def __init__(self, part: Partition, y: Tensor):
         y_s2 = part.y_to_s2(y)  # y_to_s1 would recompute it
         self.grids = (part.s2_to_s1(y_s2), y_s2, y)
-        self.training = training
-        self.res: list[list[Tensor]] = [[], [], []]
-        self.scales: list[list[Tensor]] = [[], [], []]
+
+    def residual(self, scale: int, means: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(y - means) at the step's positions (zero elsewhere), and the masked means."""
+        means_hat = means * mask
+        return (self.grids[scale] - means_hat) * mask, means_hat
+
+
+class _Quantizer(_Residuals):
+    """Step coder for forward(): quantise y, sum residuals and scales per grid for the likelihood."""
+
+    def __init__(self, part: Partition, y: Tensor, training: bool):
+        super().__init__(part, y)
+        self.part, self.training = part, training
+        # Running sums over each scale's steps. The step masks are disjoint, so every element gets
+        # one term plus exact zeros: the sums equal any other summation order. They start at +0,
+        # as torch.sum does, so uncovered elements are +0 whatever the sign of the zero terms.
+        self.res: list[Tensor | None] = [None, None, None]
+        self.scales: list[Tensor | None] = [None, None, None]
+
+    @staticmethod
+    def _add(sums: list[Tensor | None], scale: int, t: Tensor) -> None:
+        if sums[scale] is None:
+            sums[scale] = torch.zeros_like(t)
+        sums[scale].add_(t)  # autograd-safe: add saves no inputs, the buffer starts without grad
 
     def __call__(self, scale: int, scales: Tensor, means: Tensor, mask: Tensor) -> Tensor:
-        means_hat = means * mask
-        y_res = (self.grids[scale] - means_hat) * mask
+        y_res, means_hat = self.residual(scale, means, mask)
         y_q = ste_round(y_res) if self.training else torch.round(y_res)
-        self.res[scale].append(y_res)
-        self.scales[scale].append(scales * mask)
+        self._add(self.res, scale, y_res)
+        self._add(self.scales, scale, scales * mask)
         return y_q + means_hat
 
-    def full(self, lists: list[list[Tensor]], part: Partition) -> Tensor:
-        """Sum each scale's steps (disjoint masks, so exact) and place them on the y grid."""
-        s1, s2, s3 = (torch.stack(steps).sum(0) for steps in lists)
-        return part.s1_to_y(s1) + part.s2_to_y(s2) + s3
+    def full(self, sums: list[Tensor | None]) -> Tensor:
+        """One of the per-grid sums (``self.res`` or ``self.scales``) placed on the y grid."""
+        s1, s2, s3 = sums
+        return self.part.s1_to_y(s1) + self.part.s2_to_y(s2) + s3
 
 
-class _Writer(_Quantizer):
-    """Step coder for compress(): eval quantisation, and every step's symbols go to one rANS stream."""
+class _StepSymbols(_Residuals):
+    """Step coder for compress(): eval quantisation; keeps every step's symbols and masked scales,
+    packed densely (:func:`combine_step`) and flattened, in bitstream order."""
 
-    def __init__(self, part: Partition, y: Tensor, encoder, tables: coder.CoderTables, scale_table: Tensor):
-        super().__init__(part, y, training=False)
-        self.encoder, self.tables, self.scale_table = encoder, tables, scale_table
+    def __init__(self, part: Partition, y: Tensor):
+        super().__init__(part, y)
+        self.symbols: list[Tensor] = []
+        self.scales: list[Tensor] = []
 
     def __call__(self, scale: int, scales: Tensor, means: Tensor, mask: Tensor) -> Tensor:
-        y_hat = super().__call__(scale, scales, means, mask)
+        y_res, means_hat = self.residual(scale, means, mask)
+        y_q = torch.round(y_res)
         parts = PARTS_PER_SCALE[scale]
-        symbols = combine_step(torch.round(self.res[scale][-1]), parts)
-        indexes = build_indexes_conditional(combine_step(self.scales[scale][-1], parts), self.scale_table)
-        coder.encode_symbols(self.encoder, symbols, indexes, self.tables)
-        return y_hat
+        self.symbols.append(combine_step(y_q, parts).reshape(-1))
+        self.scales.append(combine_step(scales * mask, parts).reshape(-1))
+        return y_q + means_hat
+
+
+@dataclass(frozen=True)
+class CodedSymbols:
+    """What :meth:`HPCM.compress` writes for one image, on the host, with the coder table of each symbol."""
+
+    y_symbols: Tensor  # (n,) integer-valued float32, the 11 steps in bitstream order
+    y_indexes: Tensor  # (n,) int32 rows of the y tables
+    z_symbols: Tensor  # (1, N, h, w) integer-valued float32
+    z_indexes: Tensor  # (1, N, h, w) int32 rows of the z tables (the channel)
 
 
 class _Reader:
@@ -112,8 +145,9 @@ class _Reader:
 
     def __call__(self, scale: int, scales: Tensor, means: Tensor, mask: Tensor) -> Tensor:
         parts = PARTS_PER_SCALE[scale]
-        indexes = build_indexes_conditional(combine_step(scales * mask, parts), self.scale_table)
-        symbols = coder.decode_symbols(self.decoder, indexes, self.tables).to(means.dtype)
+        # indexes built on the host, where the decoder needs them: one device->host copy per step
+        indexes = build_indexes_conditional(combine_step(scales * mask, parts).cpu(), self.scale_table)
+        symbols = coder.decode_symbols(self.decoder, indexes, self.tables).to(means.device, means.dtype)
         y_q = torch.cat([symbols] * parts, dim=1) * mask
         return y_q + means * mask
 
@@ -268,9 +302,9 @@ class HPCM(nn.Module):
         y = y.float()
         params = self.h_s(z_hat).float()
         quantizer = _Quantizer(self._partitions.get(*params.shape[-2:], params.device, params.dtype), y, self.training)
-        y_hat, part = self._progressive(params, quantizer)
-        y_res = quantizer.full(quantizer.res, part)
-        scales_y = quantizer.full(quantizer.scales, part)
+        y_hat, _ = self._progressive(params, quantizer)
+        y_res = quantizer.full(quantizer.res)
+        scales_y = quantizer.full(quantizer.scales)
         x_hat = self.g_s(y_hat)
         noisy = add_uniform_noise(y_res) if self.training else torch.round(y_res)
         y_likelihoods = self.entropy_estimation(noisy, scales_y)
@@ -291,28 +325,48 @@ class HPCM(nn.Module):
         self._tables_built_for = current.clone()
         return True
 
+    def coded_symbols(self, x: Tensor) -> Iterator[CodedSymbols]:
+        """Per image of ``x``: the y and z symbols :meth:`compress` codes, with their table indexes.
+
+        One image at a time: the decoder runs with batch 1, and convolutions must see the same
+        shapes on both sides for the scale indexes to agree bit for bit. Everything the coder needs
+        reaches the host in one copy per image (symbols and scales of all 11 steps, z). The input
+        and the tables are checked here, the images are coded as the iterator is consumed.
+        """
+        self._check_input(x)
+        if self.scale_table.numel() == 0:
+            raise RuntimeError("entropy coder tables are empty: call model.update() before coding")
+        return self._coded_symbols(x, self.scale_table.cpu())
+
+    @torch.no_grad()
+    def _coded_symbols(self, x: Tensor, scale_table: Tensor) -> Iterator[CodedSymbols]:
+        for image in x.split(1):
+            y = self.g_a(image)
+            z_res = torch.round(self.h_a(y) - self.means_hyper)
+            params = self.h_s(z_res + self.means_hyper)
+            steps = _StepSymbols(self._partitions.get(*params.shape[-2:], params.device, params.dtype), y)
+            self._progressive(params, steps)
+            host = torch.cat(steps.symbols + steps.scales + [z_res.reshape(-1)]).cpu()
+            n_y = sum(t.numel() for t in steps.symbols)
+            y_symbols, y_scales, z_symbols = host.split((n_y, n_y, z_res.numel()))
+            yield CodedSymbols(
+                y_symbols=y_symbols,
+                y_indexes=build_indexes_conditional(y_scales, scale_table),
+                z_symbols=z_symbols.view(z_res.shape),
+                z_indexes=build_indexes_z(z_res.shape),
+            )
+
     @torch.no_grad()
     def compress(self, x: Tensor) -> dict:
         """Encode each image of the batch into its own y and z rANS streams."""
-        self._check_input(x)
+        images = self.coded_symbols(x)
         tables_y, tables_z = coder.coder_tables(self, "y"), coder.coder_tables(self, "z")
         y_strings, z_strings = [], []
         shape = None
-        # one image at a time: the decoder runs with batch 1, and convolutions must see the same
-        # shapes on both sides for the scale indexes to agree bit for bit
-        for image in x.split(1):
-            y = self.g_a(image)
-            z = self.h_a(y)
-            z_res = torch.round(z - self.means_hyper)
-            encoder_z = coder.make_encoder()
-            coder.encode_symbols(encoder_z, z_res, build_indexes_z(z_res.shape), tables_z)
-            z_strings.append(encoder_z.flush())
-            params = self.h_s(z_res + self.means_hyper)
-            encoder_y = coder.make_encoder()
-            part = self._partitions.get(*params.shape[-2:], params.device, params.dtype)
-            self._progressive(params, _Writer(part, y, encoder_y, tables_y, self.scale_table))
-            y_strings.append(encoder_y.flush())
-            shape = tuple(z_res.shape[-2:])
+        for symbols in images:
+            y_strings.append(coder.encode_stream(symbols.y_symbols, symbols.y_indexes, tables_y))
+            z_strings.append(coder.encode_stream(symbols.z_symbols, symbols.z_indexes, tables_z))
+            shape = tuple(symbols.z_symbols.shape[-2:])
         return {"strings": [y_strings, z_strings], "shape": shape}
 
     @torch.no_grad()
@@ -322,13 +376,14 @@ class HPCM(nn.Module):
             raise ValueError("strings must be [y_strings, z_strings] with one entry per image")
         h, w = (int(v) for v in shape)
         tables_y, tables_z = coder.coder_tables(self, "y"), coder.coder_tables(self, "z")
-        device = self.means_hyper.device
-        indexes_z = build_indexes_z((1, self.N, h, w)).to(device)  # same for every image
+        means_hyper = self.means_hyper
+        indexes_z = build_indexes_z((1, self.N, h, w))  # same for every image
+        scale_table = self.scale_table.cpu()
         images = []
         for y_string, z_string in zip(*strings):
             z_res = coder.decode_symbols(coder.make_decoder(z_string), indexes_z, tables_z)
-            params = self.h_s(z_res.to(self.means_hyper.dtype) + self.means_hyper)
-            reader = _Reader(coder.make_decoder(y_string), tables_y, self.scale_table)
+            params = self.h_s(z_res.to(means_hyper.device, means_hyper.dtype) + means_hyper)
+            reader = _Reader(coder.make_decoder(y_string), tables_y, scale_table)
             y_hat, _ = self._progressive(params, reader)
             images.append(self.g_s(y_hat).clamp_(0, 1))
         return {"x_hat": torch.cat(images, dim=0)}
