@@ -307,7 +307,7 @@ class Run:
                 optimizer.found_inf = found_inf  # fused Adam skips the update on device
                 optimizer.step()
             elif optimizer.sync_free:  # CautiousAdam on CUDA: the skip is decided on the device
-                optimizer.sync_free_step(ok=torch.isfinite(norm))
+                optimizer.sync_free_step(grads_are_finite=torch.isfinite(norm))  # the clip norm: no second pass
             elif not bool(found_inf):  # CautiousAdam on CPU: one scalar read (free there)
                 optimizer.step()
             self.skipped += found_inf
