@@ -3,6 +3,7 @@
     python benchmarks/model_speed.py                          # CPU: HPCM_Tiny, HPCM_Small
     python benchmarks/model_speed.py --size 64 64 --presets HPCM_Tiny
     python benchmarks/model_speed.py --presets HPCM_Base --size 256 256 --batch 1
+    python benchmarks/model_speed.py --threads 1 --skip-training   # coding only (compress, decompress)
     python benchmarks/model_speed.py --device cuda --bf16     # CUDA: channels_last, bf16 autocast
     python benchmarks/model_speed.py --presets HPCM_Base --size 256 256 --official .scratch/LIC-HPCM
 
@@ -61,20 +62,21 @@ def measure(model: torch.nn.Module, x: torch.Tensor, args, device: torch.device)
     results = {}
 
     model.eval()
-    with torch.no_grad(), autocast:
-        results["forward"] = median_ms(lambda: model(x), device, args.repeats)
+    if not args.skip_training:
+        with torch.no_grad(), autocast:
+            results["forward"] = median_ms(lambda: model(x), device, args.repeats)
 
-    model.train()
+        model.train()
 
-    def train_step():
+        def train_step():
+            model.zero_grad(set_to_none=True)
+            with autocast:
+                out = model(x)
+            rd_loss(out, x).backward()
+
+        results["train step"] = median_ms(train_step, device, args.repeats)
+        model.eval()
         model.zero_grad(set_to_none=True)
-        with autocast:
-            out = model(x)
-        rd_loss(out, x).backward()
-
-    results["train step"] = median_ms(train_step, device, args.repeats)
-    model.eval()
-    model.zero_grad(set_to_none=True)
 
     if not args.skip_coding:
         model.update(get_scale_table(0.12, 64, 60))
@@ -131,6 +133,7 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for forward / train step (CUDA)")
     parser.add_argument("--no-channels-last", action="store_true", help="CUDA: keep NCHW")
     parser.add_argument("--skip-coding", action="store_true")
+    parser.add_argument("--skip-training", action="store_true", help="no forward / train step columns")
     parser.add_argument("--official", default=None, help="path to a local lyq133/LIC-HPCM copy")
     args = parser.parse_args()
 
@@ -160,7 +163,7 @@ def main() -> None:
             continue
         x = torch.rand(args.batch, 3, h, w, device=device).to(memory_format=memory_format)
         ours = measure(model, x, args, device)
-        print(f"{name:<22}{params:>10.3f}" + "".join(f"{ours.get(c, float('nan')):>16.1f}" for c in columns))
+        print(f"{name:<22}{params:>10.3f}" + "".join(f"{ours[c]:>16.1f}" if c in ours else f"{'-':>16}" for c in columns))
         if args.official:
             official = _OfficialAdapter(load_official(args.official, name, model, device))
             theirs = measure(official, x, args, device)
