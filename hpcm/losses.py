@@ -15,8 +15,8 @@ Three decompositions, all ``forward(output, target, scale_bits=None) -> (tasks (
   elements each scale codes (z bits added to s3_b) from ``model.scale_bits``; s1_d and s2_d split
   D by a one-level orthonormal Haar transform of the error e = x_hat - x, per channel: s1_d is the
   coarse (LL) band energy, s2_d the three detail bands. Parseval (orthonormal transform; odd sizes
-  are zero-padded, which adds no energy) makes s1_d + s2_d = D exactly, so the five tasks sum to
-  the standard loss. The split is by spatial frequency of the error, not an attribution of
+  are zero-padded, which adds no energy) makes s1_d + s2_d = D exactly, so s2_d is computed as
+  D - s1_d and the five tasks sum to the standard loss. The split is by spatial frequency of the error, not an attribution of
   distortion to latent scales (the decoder mixes all scales); coarse error is what s1, the
   coarse latent grid, mostly controls.
 
@@ -100,26 +100,31 @@ def rate_distortion(output: Mapping, target: torch.Tensor, lmbda: float) -> dict
             "y_bpp": y_bpp, "z_bpp": z_bpp, "mse": mse, "psnr": psnr}
 
 
-def haar_band_energies(error: torch.Tensor, levels: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(coarse, detail) energies of an orthonormal Haar transform of ``error`` (B, C, H, W).
+def haar_coarse_band(error: torch.Tensor, levels: int = 1) -> torch.Tensor:
+    """The LL band of ``levels`` levels of the orthonormal 2-D Haar transform of ``error`` (B, C, H, W).
 
-    Each level zero-pads odd sizes (no energy added) and splits every 2x2 block (a b; c d) into
-    LL = (a+b+c+d)/2 and the details (a-b+c-d)/2, (a+b-c-d)/2, (a-b-c+d)/2, an orthonormal map,
-    so coarse + detail = sum(error^2) (Parseval). ``levels`` > 1 recurses on LL.
+    Each level zero-pads odd sizes (no energy added) and maps every 2x2 block (a b; c d) to
+    LL = (a+b+c+d)/2, one 2x2 average pooling (cheaper, forward and backward, than four strided
+    slices). The three detail coefficients of the block complete an orthonormal map, so by
+    Parseval their energy is the block's energy minus LL^2 and need not be formed.
     """
     if error.ndim != 4:
         raise ValueError(f"error must be (B, C, H, W), got shape {tuple(error.shape)}")
     if levels < 1:
         raise ValueError(f"levels must be >= 1, got {levels}")
     band = error
-    detail = error.new_zeros(())
     for _ in range(levels):
-        band = F.pad(band, (0, band.shape[-1] % 2, 0, band.shape[-2] % 2))
-        a, b = band[..., 0::2, 0::2], band[..., 0::2, 1::2]
-        c, d = band[..., 1::2, 0::2], band[..., 1::2, 1::2]
-        detail = detail + ((a - b + c - d) ** 2 + (a + b - c - d) ** 2 + (a - b - c + d) ** 2).sum() / 4
-        band = (a + b + c + d) / 2
-    return (band**2).sum(), detail
+        if band.shape[-1] % 2 or band.shape[-2] % 2:
+            band = F.pad(band, (0, band.shape[-1] % 2, 0, band.shape[-2] % 2))
+        band = F.avg_pool2d(band, 2) * 2  # (a+b+c+d)/4*2: the powers of two scale exactly
+    return band
+
+
+def haar_band_energies(error: torch.Tensor, levels: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(coarse, detail) energies of the orthonormal Haar transform of ``error``: coarse is the LL
+    band's energy, detail = sum(error^2) - coarse is every detail band's (Parseval)."""
+    coarse = haar_coarse_band(error, levels).square().sum()
+    return coarse, error.square().sum() - coarse
 
 
 def _details(rd: dict[str, torch.Tensor], tasks: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -200,9 +205,10 @@ class MeasuredHierarchicalLoss(nn.Module):
             self._check_rate(scale_bpp.detach().sum(), rd["y_bpp"].detach())
             self._checked_shapes.add(tuple(target.shape))
         error = _at_least_fp32(output["x_hat"]) - _at_least_fp32(target)
-        coarse, detail = haar_band_energies(error, self.levels)
-        factor = self.lmbda * 255**2 / error.numel()
-        tasks = [coarse * factor, scale_bpp[0], detail * factor, scale_bpp[1], scale_bpp[2] + rd["z_bpp"]]
+        coarse_distortion = haar_coarse_band(error, self.levels).square().sum() * (self.lmbda * 255**2 / error.numel())
+        # Parseval: the detail bands carry the rest of D, so s1_d + s2_d = D by construction.
+        detail_distortion = rd["distortion"] - coarse_distortion
+        tasks = [coarse_distortion, scale_bpp[0], detail_distortion, scale_bpp[1], scale_bpp[2] + rd["z_bpp"]]
         return torch.stack(tasks), _details(rd, tasks)
 
     def _check_rate(self, scale_total: torch.Tensor, y_bpp: torch.Tensor) -> None:

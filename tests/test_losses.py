@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,12 +57,28 @@ def test_rate_distortion_shape_errors():
         rate_distortion({"x_hat": out["x_hat"], "likelihoods": {"y": out["likelihoods"]["y"]}}, target, 0.01)
 
 
+def reference_haar_energies(e: np.ndarray, levels: int) -> tuple[float, float]:
+    """The textbook orthonormal 2-D Haar transform, block by block in numpy: every 2x2 block
+    (a b; c d) gives LL = (a+b+c+d)/2 and the details (a-b+c-d)/2, (a+b-c-d)/2, (a-b-c+d)/2."""
+    band, detail = e, 0.0
+    for _ in range(levels):
+        band = np.pad(band, [(0, 0), (0, 0), (0, band.shape[2] % 2), (0, band.shape[3] % 2)])
+        a, b = band[:, :, 0::2, 0::2], band[:, :, 0::2, 1::2]
+        c, d = band[:, :, 1::2, 0::2], band[:, :, 1::2, 1::2]
+        detail += float((((a - b + c - d) / 2) ** 2 + ((a + b - c - d) / 2) ** 2 + ((a - b - c + d) / 2) ** 2).sum())
+        band = (a + b + c + d) / 2
+    return float((band**2).sum()), detail
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 4, 4), (2, 3, 7, 5), (1, 2, 1, 1), (1, 3, 9, 12)])
 @pytest.mark.parametrize("levels", [1, 2, 3])
-def test_haar_parseval_exact_including_odd_sizes(shape, levels):
+def test_haar_energies_equal_the_explicit_transform_including_odd_sizes(shape, levels):
     e = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     coarse, detail = haar_band_energies(e, levels)
-    assert float(coarse + detail) == pytest.approx(float((e**2).sum()), rel=1e-12)
+    ref_coarse, ref_detail = reference_haar_energies(e.numpy(), levels)
+    assert float(coarse) == pytest.approx(ref_coarse, rel=1e-12)
+    assert float(detail) == pytest.approx(ref_detail, rel=1e-10, abs=1e-12)
+    assert ref_coarse + ref_detail == pytest.approx(float((e**2).sum()), rel=1e-12)  # Parseval
 
 
 def test_haar_separates_constant_from_checkerboard():
@@ -84,6 +101,12 @@ def test_measured_tasks_sum_to_standard_loss(dtype, rel, hw):
     assert float(tasks.detach()[0] + tasks.detach()[2]) == pytest.approx(float(rd["distortion"]), rel=rel)
     assert float(tasks.detach()[1:].sum() - tasks.detach()[2]) == pytest.approx(float(rd["bpp_loss"]), rel=rel)
     assert float(details["s3_b"].detach()) > float(rd["z_bpp"])  # z bits sit in s3_b
+    # s1_d / s2_d are the coarse / detail band energies of the explicit transform, times lambda*255^2/N
+    error = (out["x_hat"] - target).detach().double().numpy()
+    ref_coarse, ref_detail = reference_haar_energies(error, 1)
+    factor = 0.0067 * 255**2 / error.size
+    assert float(details["s1_d"]) == pytest.approx(ref_coarse * factor, rel=rel)
+    assert float(details["s2_d"]) == pytest.approx(ref_detail * factor, rel=10 * rel)
     # Gradients flow into both the reconstruction and the likelihoods.
     tasks.sum().backward()
     assert out["x_hat"].grad is not None and out["likelihoods"]["y"].grad is not None
