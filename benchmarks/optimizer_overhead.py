@@ -10,7 +10,8 @@ with each decomposition (``--hier-mode``, next_batch by default, against balance
 
 Timing: ``--rounds`` rounds; in each, every variant runs ``--steps`` steps (order rotated per
 round). On a shared machine load drifts between rounds, so each round's variant/Adam ratio is
-taken within the round and the median over rounds is reported (with the median step time).
+taken within the round and the median over rounds is reported (with the median step time). With
+one CPU thread (the default) the clock is the thread's CPU time (``train_speed.step_clock``).
 Peak memory: CUDA ``max_memory_allocated``; on CPU the peak RSS of a fresh process running two
 steps of one variant (``--no-memory`` skips it). A second table times ``optimizer.step()`` alone
 on fixed gradients (min of repeats): the optimizers' own cost without forward/backward noise.
@@ -23,6 +24,7 @@ parameters, forward/backward to parameters x pixels, so larger batches and crops
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import subprocess
@@ -77,11 +79,17 @@ def time_variants(args, table: dict[str, dict]) -> tuple[dict[str, dict], str]:
             torch.cuda.reset_peak_memory_stats()
         time_steps(run, x, args.warmup)
         peaks[name] = torch.cuda.max_memory_allocated() / 2**20 if run.cuda else float("nan")
+    # Every timed block starts from the same weights and RNG state: the forward/backward work is
+    # then the same for every variant (the GGM's incomplete-gamma evaluations, for one, cost more
+    # or less with the values), and only the optimizers' own work differs.
+    initial = copy.deepcopy(first.model.state_dict())
     seconds: dict[str, list[float]] = {name: [] for name in runs}
     names = list(runs)
     for round_index in range(args.rounds):
         shift = round_index % len(names)  # rotate the order: no variant always runs first
         for name in names[shift:] + names[:shift]:
+            runs[name].model.load_state_dict(initial)
+            torch.manual_seed(round_index)
             seconds[name].append(time_steps(runs[name], x, args.steps) / args.steps)
     results = {name: {"rounds_s": values, "median_s": statistics.median(values), "min_s": min(values),
                       "peak_mb": peaks[name]} for name, values in seconds.items()}
