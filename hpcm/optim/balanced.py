@@ -265,11 +265,7 @@ class Balanced(CautiousAdam):
         if self.weighting == "qp":
             self.qp_weights = self._solve_qp(checked, retain_graph=True)[0]
         self.prev_loss = checked.detach().clone()
-        weights = self._surrogate_weights(self._task_probabilities())
-        gaps = checked - self.min_losses + LOG_EPS
-        c = (weights / gaps).sum().detach()
-        self.last_effective_weights = (weights / gaps.detach() / c).detach()
-        return (gaps.log() * weights / c).sum()
+        return self._surrogate(checked, self._surrogate_weights(self._task_probabilities()))
 
     def backward_with_task_balancing(
         self,
@@ -346,6 +342,14 @@ class Balanced(CautiousAdam):
         self.w.grad = grad.to(self.w.dtype)
         self.w_opt.step()
 
+    def _surrogate(self, losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """(1/c) sum_i z_i log(L_i - m_i + eps) with c = sum_i z_i / (L_i - m_i + eps) detached;
+        keeps the gradient coefficients a_i = z_i / (L_i - m_i + eps) / c."""
+        gaps = losses - self.min_losses + LOG_EPS
+        c = (weights / gaps).sum().detach()
+        self.last_effective_weights = (weights / gaps.detach() / c).detach()
+        return (gaps.log() * weights / c).sum()
+
     # ------------------------------------------------------------------ QP (Solution 2)
     def _trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
@@ -374,12 +378,8 @@ class Balanced(CautiousAdam):
         self._skip_next_step = False
         self.qp_weights, task_grads = self._solve_qp(checked, retain_graph=False)
         self.prev_loss = checked.detach().clone()
-        weights = self._surrogate_weights(self.qp_weights)
-        gaps = self.prev_loss - self.min_losses + LOG_EPS
-        c = (weights / gaps).sum()
-        coefficients = weights / gaps / c
-        self.last_effective_weights = coefficients
-        coefficient_list = coefficients.tolist()
+        loss = self._surrogate(self.prev_loss, self._surrogate_weights(self.qp_weights))
+        coefficient_list = self.last_effective_weights.tolist()
         with torch.no_grad():
             for k, p in enumerate(self._trainable_parameters()):
                 parts = [(a, g[k]) for a, g in zip(coefficient_list, task_grads) if g[k] is not None]
@@ -387,7 +387,7 @@ class Balanced(CautiousAdam):
                     continue
                 combined = sum(a * g for a, g in parts)
                 p.grad = combined if p.grad is None else p.grad.add_(combined)
-            return (gaps.log() * weights / c).sum()
+        return loss
 
     # ------------------------------------------------------------------ parameter step
     @torch.no_grad()
@@ -467,11 +467,8 @@ class Balanced(CautiousAdam):
         flags.ok_losses = ok
         flags.prev_valid = ok
         self.prev_loss = torch.where(ok, values, self.prev_loss)
-        weights = self._surrogate_weights(self._task_probabilities())
-        gaps = checked - self.min_losses + LOG_EPS  # NaN surrogate when not ok: the step skips
-        c = (weights / gaps).sum().detach()
-        self.last_effective_weights = (weights / gaps.detach() / c).detach()
-        return (gaps.log() * weights / c).sum()
+        # a NaN surrogate when not ok: the step then skips
+        return self._surrogate(checked, self._surrogate_weights(self._task_probabilities()))
 
     def _record_clip(self, norm: torch.Tensor, clipped: list[torch.Tensor]) -> None:
         """Keep the clip's gradient norm for ``step`` when the clip saw every parameter we step.
