@@ -29,6 +29,10 @@ STUDIES: dict[str, dict[str, dict[str, list[float]]]] = {
 }
 
 
+# The seed's defaults (HierarchicalBalanced, ScaleGammaManager, the run config) are two of them.
+DEFAULT_SCALE_WEIGHTS: tuple[float, ...] = tuple(STUDY1_SCALE_WEIGHTS["s2_emphasis"]["scale_weights"])
+DEFAULT_GAMMAS: tuple[float, ...] = tuple(STUDY2_GAMMAS["decreasing"]["gammas"])
+
 # Run-config keys whose value may be a preset name, and the study whose presets it names.
 NAMED_KEYS: dict[str, str] = {"scale_weights": "study1_scale_weights", "gammas": "study2_gammas"}
 

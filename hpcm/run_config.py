@@ -77,7 +77,7 @@ KEYS: dict[str, Key] = {
     # Phase 3
     "decomposition": Key("str", "measured", "5-task decomposition for hierarchical_balanced",
                          choices=("fixed_ratio", "adaptive", "measured")),
-    "gammas": Key("floats3", presets.preset_value("gammas", "decreasing"),
+    "gammas": Key("floats3", list(presets.DEFAULT_GAMMAS),
                   "per-scale gammas [s1, s2, s3] (initial values), or a Study 2 preset: "
                   + ", ".join(presets.STUDY2_GAMMAS),
                   check=lambda v: min(v) >= 0, constraint="entries must be >= 0"),
@@ -85,7 +85,7 @@ KEYS: dict[str, Key] = {
                         check=lambda v: min(v) >= 0, constraint="entries must be >= 0"),
     "gamma_strategy": Key("str", "fixed", "ScaleGammaManager strategy",
                           choices=("fixed", "linear", "cosine", "adaptive", "hierarchical")),
-    "scale_weights": Key("floats3", presets.preset_value("scale_weights", "s2_emphasis"),
+    "scale_weights": Key("floats3", list(presets.DEFAULT_SCALE_WEIGHTS),
                          "scale modulation [s1, s2, s3], or a Study 1 preset: "
                          + ", ".join(presets.STUDY1_SCALE_WEIGHTS),
                          check=lambda v: min(v) > 0, constraint="entries must be > 0"),

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
+from hpcm.presets import DEFAULT_GAMMAS
 from hpcm.tasks import SCALES
 
 GAMMA_SCHEDULES = ("fixed", "linear", "cosine")
@@ -152,7 +153,7 @@ class ScaleGammaManager:
         self.strategy = strategy
         self.total_epochs = total_epochs
         self.initial_gammas = _as_scale_dict(
-            initial_gammas if initial_gammas is not None else (0.008, 0.006, 0.004), "initial gammas")
+            initial_gammas if initial_gammas is not None else DEFAULT_GAMMAS, "initial gammas")
         self.final_gammas = (_as_scale_dict(final_gammas, "final gammas") if final_gammas is not None
                              else {s: 0.5 * g for s, g in self.initial_gammas.items()})
         self.phase_boundaries = tuple(bounds)

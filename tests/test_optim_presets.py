@@ -39,3 +39,17 @@ def test_a_preset_name_stands_for_its_values_under_its_key_only():
     assert STUDY2_GAMMAS["uniform"]["gammas"] == [0.006] * 3
     with pytest.raises(ValueError, match="'equal' of study2_gammas"):
         preset_value("gammas", "equal")
+
+
+def test_seed_defaults_are_the_seed_values():
+    """The seed's HierarchicalBalanced / ScaleGammaManager defaults, spelled as the seed spells them."""
+    import torch
+
+    from hpcm.optim import HierarchicalBalanced
+    from hpcm.schedules import ScaleGammaManager
+
+    opt = HierarchicalBalanced([torch.nn.Parameter(torch.zeros(2))])
+    assert opt.task_gammas.tolist() == pytest.approx([0.008, 0.008, 0.006, 0.006, 0.004])
+    assert opt.scale_weights == pytest.approx([0.3, 0.4, 0.3])
+    assert ScaleGammaManager(strategy="fixed", total_epochs=10).initial_gammas == pytest.approx(
+        {"s1": 0.008, "s2": 0.006, "s3": 0.004})

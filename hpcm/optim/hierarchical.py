@@ -20,6 +20,7 @@ from typing import Iterable, Sequence
 import torch
 
 from hpcm.optim.balanced import Balanced
+from hpcm.presets import DEFAULT_GAMMAS, DEFAULT_SCALE_WEIGHTS
 # Defined once in hpcm.tasks; hpcm.optim re-exports HIERARCHICAL_TASKS and SEED_TASK_NAMES from here.
 from hpcm.tasks import HIERARCHICAL_TASKS, SCALES, SEED_TASK_NAMES, TASK_SCALE  # noqa: F401
 
@@ -44,9 +45,9 @@ class HierarchicalBalanced(Balanced):
         weight_decay: float = 0.0,
         amsgrad: bool = False,
         n_tasks: int = 5,
-        gamma_s1: float = 0.008,
-        gamma_s2: float = 0.006,
-        gamma_s3: float = 0.004,
+        gamma_s1: float = DEFAULT_GAMMAS[0],
+        gamma_s2: float = DEFAULT_GAMMAS[1],
+        gamma_s3: float = DEFAULT_GAMMAS[2],
         w_lr: float = 0.025,
         max_norm: float = 1.0,
         scale_weights: Sequence[float] | None = None,
@@ -61,7 +62,7 @@ class HierarchicalBalanced(Balanced):
                          amsgrad=amsgrad, n_tasks=5, gamma=0.0, w_lr=w_lr,
                          max_norm=max_norm, **kwargs)
         self.set_scale_gammas(gamma_s1, gamma_s2, gamma_s3)
-        self.set_scale_weights([0.3, 0.4, 0.3] if scale_weights is None else scale_weights)
+        self.set_scale_weights(DEFAULT_SCALE_WEIGHTS if scale_weights is None else scale_weights)
 
     def set_scale_gammas(self, gamma_s1: float, gamma_s2: float, gamma_s3: float) -> None:
         gammas = per_task([gamma_s1, gamma_s2, gamma_s3], "scale gammas")
