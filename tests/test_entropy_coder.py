@@ -229,10 +229,23 @@ def test_coder_tables_cached_until_the_buffers_change():
         m.offset_y -= 1
     assert coder_tables(m, "y").offsets == [v - 1 for v in other.offset_y.tolist()]
 
-    with torch.inference_mode():  # inference tensors have no version counter: never cached
+    with torch.inference_mode():  # inference tensors have no version counter
         m.update()
     offsets = m.offset_y.tolist()
     assert coder_tables(m, "y").offsets == offsets
     with torch.inference_mode():
         m.offset_y += 1
     assert coder_tables(m, "y").offsets == [v + 1 for v in offsets]
+
+    # writes that bump no version counter: through .data, a numpy view, a swapped .data
+    m.update()  # normal (not inference) tensors again
+    cached = coder_tables(m, "y")
+    m.offset_y.data[0] += 5
+    assert _lists(coder_tables(m, "y")) == _buffer_lists(m, "y") != _lists(cached)
+    m.offset_y.numpy()[1] += 7
+    assert _lists(coder_tables(m, "y")) == _buffer_lists(m, "y")
+    cached = coder_tables(m, "z")
+    swapped = m.quantized_cdf_z.clone()
+    swapped[0, 1] += 1
+    m.quantized_cdf_z.data = swapped
+    assert _lists(coder_tables(m, "z")) == _buffer_lists(m, "z") != _lists(cached)

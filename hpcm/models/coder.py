@@ -163,10 +163,11 @@ def resize_coder_buffers(module: nn.Module, state_dict: Mapping[str, Tensor]) ->
         module.register_buffer(name, torch.empty(src.shape, dtype=src.dtype, device=device))
 
 
-# (module, "y" | "z") -> (weak references to the three buffers, their versions, CoderTables).
-# An entry is valid while the module holds the very tensors it was built from, unmodified:
-# update_coder_buffers, resize_coder_buffers and .to() register new tensors, and in-place writes
-# (load_state_dict's copy_, t[...] = v) bump the tensor's version counter.
+# (module, "y" | "z") -> (host copies of the three buffers, CoderTables). An entry is valid while
+# the module's buffers hold the same values: compared by content, because some writes bump no
+# version counter (``buf.data = t``, ``buf.data[...] = v``, numpy views, inference tensors). The
+# tables are tens of KB: a comparison costs microseconds on CPU, one small copy per call on CUDA,
+# against a list conversion of ~0.4 ms.
 _TABLES_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
@@ -180,16 +181,14 @@ def coder_tables(module: nn.Module, which: str) -> CoderTables:
             f"entropy coder tables (quantized_cdf_{which}) are empty: call model.update() "
             "before compress()/decompress()"
         )
-    if any(t.is_inference() for t in buffers):  # built under inference_mode: no version counter
-        return CoderTables.from_tensors(*buffers)
-    versions = tuple(t._version for t in buffers)
+    values = tuple(t.detach().to("cpu") for t in buffers)
     cached = _TABLES_CACHE.setdefault(module, {}).get(which)
     if cached is not None:
-        refs, built_versions, tables = cached
-        if built_versions == versions and all(ref() is t for ref, t in zip(refs, buffers)):
+        snapshot, tables = cached
+        if all(a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(snapshot, values)):
             return tables
-    tables = CoderTables.from_tensors(*buffers)
-    _TABLES_CACHE[module][which] = (tuple(weakref.ref(t) for t in buffers), versions, tables)
+    tables = CoderTables.from_tensors(*values)
+    _TABLES_CACHE[module][which] = (tuple(v.clone() for v in values), tables)
     return tables
 
 
