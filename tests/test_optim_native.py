@@ -150,3 +150,32 @@ def test_non_contiguous_gradient_falls_back_with_a_warning(monkeypatch):
         opt.step()
     ref_opt.step()
     assert torch.equal(weight, reference)
+
+
+@needs_compiler
+def test_unwritable_cache_warns_and_falls_back(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory\n")
+    monkeypatch.setenv("HPCM_CACHE_DIR", str(blocker))  # cache_dir() = a-file/native: cannot be made
+    monkeypatch.setattr(cautious_native, "_warned", False)
+    cautious_native.load.cache_clear()
+    cautious_native.unavailable_reason.cache_clear()
+    try:
+        params = model_params()
+        opt = CautiousAdam(params, lr=1e-3)
+        random_grads(params, 0)
+        with pytest.warns(RuntimeWarning, match="cannot build the kernel into"):
+            opt.step()
+    finally:
+        cautious_native.load.cache_clear()
+        cautious_native.unavailable_reason.cache_clear()
+
+
+@needs_compiler
+def test_scalars_that_overflow_float32_are_refused_as_torch_does():
+    params = model_params()
+    random_grads(params, 0)
+    with pytest.raises(ValueError, match=r"overflows float32"):
+        CautiousAdam(params, lr=1e39, fused=True).step()
+    with pytest.raises(RuntimeError, match="overflow"):  # the torch path refuses it too
+        CautiousAdam(params, lr=1e39, fused=False).step()

@@ -13,8 +13,14 @@ concurrent jobs on a shared home directory never load a half-written library and
 CPUs build their own (``-march=native``). ``HPCM_NATIVE=0`` turns the kernel off.
 
 ``load()`` returns the library or raises ``NativeKernelUnavailable`` with the reason (no compiler,
-the compiler's error output). ``CautiousAdam(fused=None)`` uses the kernel when it loads and warns
+the compiler's error output, an unwritable cache, or results that differ from the torch path's on a
+small self-check, as on CPUs where ATen runs without fused multiply-adds). ``CautiousAdam(fused=None)`` uses the kernel when it loads and warns
 once, with that reason, when it falls back to the torch path; ``fused=True`` raises instead.
+
+Where "bit-identical" ends: the count of agreeing signs is exact, torch's float32 sum of the 0/1
+mask only below 2^24 elements per tensor (no HPCM tensor comes close); NaN payloads under amsgrad
+may differ (NaN stays NaN); values written into ``.grad`` through ``.data`` after the clip are not
+seen by Balanced's reuse of the clip norm (see ``Balanced._record_clip``).
 """
 
 from __future__ import annotations
@@ -75,20 +81,30 @@ def library_path(compiler: str) -> Path:
 
 
 def build(compiler: str, target: Path) -> None:
-    """Compile into a temporary file beside ``target``, then rename (atomic on one file system)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
-    os.close(handle)
+    """Compile into a temporary file beside ``target``, then rename (atomic on one file system).
+
+    Every failure (compiler error or timeout, a cache directory that cannot be written) raises
+    ``NativeKernelUnavailable`` with the reason, so that the optimizer can fall back.
+    """
+    temporary = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
+        os.close(handle)
         result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", temporary, "-lm"],
                                 capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, check=False)
         if result.returncode != 0:
             raise NativeKernelUnavailable(
                 f"compiling {SOURCE} with {compiler} failed (exit {result.returncode}):\n"
                 f"{(result.stderr or result.stdout)[-2000:]}")
+        os.chmod(temporary, 0o755)  # mkstemp makes it private; a shared cache serves every user
         os.replace(temporary, target)
+    except subprocess.TimeoutExpired as error:
+        raise NativeKernelUnavailable(f"compiling {SOURCE} with {compiler} took over {error.timeout} s") from error
+    except OSError as error:
+        raise NativeKernelUnavailable(f"cannot build the kernel into {target.parent}: {error}") from error
     finally:
-        if os.path.exists(temporary):
+        if temporary is not None and os.path.exists(temporary):
             os.unlink(temporary)
 
 
@@ -112,7 +128,36 @@ def load() -> ctypes.CDLL:
     library.cautious_sqrt.restype = None
     library.cautious_sqrt.argtypes = [pointer, i64, pointer, pointer]
     library.sqrt_function = _torch_sqrt_function(library)
+    _check_against_torch(library)
     return library
+
+
+def _check_against_torch(library: ctypes.CDLL) -> None:
+    """Run a few odd-sized tensors through the kernel and through the torch path (``flat_update``)
+    and demand identical bits: the kernel mirrors ATen's vectorised kernels (fused multiply-adds in
+    ``add(alpha=)`` and ``addcmul``), which a CPU or build without them (ATen's DEFAULT
+    capability) does not use."""
+    from hpcm.optim.cautious_flat import build_flat_moments, flat_update
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(1,), (7,), (33, 3), (1000,), (4099,)]
+    results = []
+    for update in (flat_update, _native_update_with(library)):
+        params = [torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i, shape in enumerate(shapes)]
+        states = [{key: torch.zeros_like(p) for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")} for p in params]
+        flat = build_flat_moments(params, states, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
+        generator.manual_seed(1)
+        for step in range(1, 4):
+            grads = [torch.randn(p.shape, generator=generator) * 1e-3 for p in params]
+            for grad in grads:
+                grad[::5] = 0.0
+            update(flat, params, grads, step, amsgrad=True, cautious=True, beta1=0.9, beta2=0.999, lr=1e-2,
+                   weight_decay=0.01, eps=1e-8, mask_mean_floor=1e-3, mask_scale_cap=10.0)
+        results.append(torch.cat([t.reshape(-1) for t in (*params, *flat.buffers.values())]))
+    if not torch.equal(*results):
+        raise NativeKernelUnavailable(
+            "the kernel does not reproduce torch's CPU arithmetic here (ATen CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}); the torch path keeps results exact")
 
 
 def _sqrt_probe() -> torch.Tensor:
@@ -186,20 +231,33 @@ def _pointers(tensors: Sequence[torch.Tensor]) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
 
 
-def native_update(
-    flat, params: list[torch.Tensor], grads: list[torch.Tensor], step: int, *,
-    amsgrad: bool, cautious: bool, beta1: float, beta2: float, lr: float, weight_decay: float,
-    eps: float, mask_mean_floor: float, mask_scale_cap: float,
-) -> None:
-    """One Cautious Adam step of a bucket (``flat``: ``cautious_flat.FlatMoments``) with the C kernel."""
-    library = load()
-    if flat.native_numels is None:  # per bucket, built once (the numels never change)
-        flat.native_numels = (ctypes.c_int64 * len(params))(*flat.numels)
-    max_sq = flat.buffers["max_exp_avg_sq"].data_ptr() if amsgrad else None
-    lr, beta1, beta2 = float(lr), float(beta1), float(beta2)
-    library.cautious_step(
-        len(params), flat.native_numels, _pointers(grads), _pointers(params),
-        flat.buffers["exp_avg"].data_ptr(), flat.buffers["exp_avg_sq"].data_ptr(), max_sq,
-        beta1, 1 - beta1, beta2, 1 - beta2, int(cautious), float(mask_mean_floor), float(mask_scale_cap),
-        1 - lr * weight_decay, int(weight_decay != 0), math.sqrt(1 - beta2**step), float(eps),
-        -(lr / (1 - beta1**step)), library.sqrt_function)
+def _float32(name: str, value: float) -> float:
+    """A scalar as the kernel will see it; torch refuses values that overflow float32, so do we."""
+    if math.isfinite(value) and not math.isfinite(ctypes.c_float(value).value):
+        raise ValueError(f"{name}={value!r} overflows float32 (the parameters' type)")
+    return value
+
+
+def _native_update_with(library: ctypes.CDLL):
+    """``native_update`` on a given library (``load()``'s self-check runs it before returning)."""
+    def update(flat, params: list[torch.Tensor], grads: list[torch.Tensor], step: int, *,
+               amsgrad: bool, cautious: bool, beta1: float, beta2: float, lr: float, weight_decay: float,
+               eps: float, mask_mean_floor: float, mask_scale_cap: float) -> None:
+        if flat.native_numels is None:  # per bucket, built once (the numels never change)
+            flat.native_numels = (ctypes.c_int64 * len(params))(*flat.numels)
+        max_sq = flat.buffers["max_exp_avg_sq"].data_ptr() if amsgrad else None
+        lr, beta1, beta2 = float(lr), float(beta1), float(beta2)
+        library.cautious_step(
+            len(params), flat.native_numels, _pointers(grads), _pointers(params),
+            flat.buffers["exp_avg"].data_ptr(), flat.buffers["exp_avg_sq"].data_ptr(), max_sq,
+            beta1, 1 - beta1, beta2, 1 - beta2, int(cautious), float(mask_mean_floor), float(mask_scale_cap),
+            _float32("1 - lr * weight_decay", 1 - lr * weight_decay), int(weight_decay != 0),
+            math.sqrt(1 - beta2**step), _float32("eps", float(eps)),
+            _float32("lr / (1 - beta1**step)", -(lr / (1 - beta1**step))), library.sqrt_function)
+    return update
+
+
+def native_update(flat, params: list[torch.Tensor], grads: list[torch.Tensor], step: int, **options) -> None:
+    """One Cautious Adam step of a bucket (``flat``: ``cautious_flat.FlatMoments``) with the C kernel,
+    bit-identical to ``cautious_flat.flat_update`` (checked when the library loads)."""
+    _native_update_with(load())(flat, params, grads, step, **options)
