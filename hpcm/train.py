@@ -267,7 +267,14 @@ class Run:
 
     def stack_metrics(self, metrics: dict[str, torch.Tensor]) -> torch.Tensor:
         """This step's values of ``sum_columns`` (float32), in a buffer reused by the next step."""
-        return torch.stack([metrics[key].detach() for key in self._sum_keys], out=self._step_values)
+        try:
+            return torch.stack([metrics[key].detach() for key in self._sum_keys], out=self._step_values)
+        except KeyError as error:
+            raise KeyError(
+                f"the loss of optimizer {self.cfg['optimizer']!r} (decomposition {self.cfg['decomposition']!r}) "
+                f"returned no {error.args[0]!r}, needed for metrics.csv column(s) "
+                f"{[c for c, k in zip(self.sum_columns, self._sum_keys) if k == error.args[0]]}; "
+                f"it returned {sorted(metrics)}") from None
 
     # -- one optimisation step
     def objective(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:

@@ -392,3 +392,11 @@ def test_help_documents_every_key(capsys):
     for key in run_config.KEYS:
         assert f"  {key} (" in text, key
     assert str(train.EXIT_INTERRUPTED) in text
+
+
+def test_a_loss_without_a_logged_key_names_the_column_and_the_loss(tmp_path):
+    run = make_run(tmp_path, variant="phase3")
+    metrics, _ = run.objective(fixed_batch(run))
+    del metrics["psnr"]
+    with pytest.raises(KeyError, match=r"hierarchical_balanced.*measured.*no 'psnr'.*column"):
+        run.stack_metrics(metrics)
