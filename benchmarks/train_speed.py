@@ -48,14 +48,14 @@ def build(args: argparse.Namespace, overrides: dict) -> train.Run:
     return run
 
 
-def step_clock(run: train.Run):
+def step_clock(device: torch.device):
     """CPU with one torch thread: the calling thread's CPU time, which other load on a shared
     machine does not inflate (every op runs on this thread); otherwise wall-clock time."""
-    return time.thread_time if not run.cuda and torch.get_num_threads() == 1 else time.perf_counter
+    return time.thread_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
 
 
 def time_steps(run: train.Run, x: torch.Tensor, steps: int) -> float:
-    clock = step_clock(run)
+    clock = step_clock(run.device)
     if run.cuda:
         torch.cuda.synchronize()
     start = clock()
