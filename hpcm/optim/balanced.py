@@ -476,7 +476,9 @@ class Balanced(CautiousAdam):
         A norm is finite exactly when every gradient element is (the official HPCM loop tests
         it so), which saves ``step`` a second pass over the gradients. The gradients and their
         version counters are kept too: a gradient replaced or changed in place after the clip
-        makes ``step`` check the gradients themselves.
+        makes ``step`` check the gradients themselves. Writes that bypass version counters
+        (through ``.grad.data`` or a numpy view) are not seen: code that edits gradients after
+        ``backward_with_task_balancing`` must use ordinary in-place ops.
         """
         clipped_ids = {id(p) for p in clipped}
         stepped = [p for g in self.param_groups for p in g["params"]]
