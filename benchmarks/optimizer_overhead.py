@@ -1,17 +1,17 @@
 """Overhead of the study's optimizers (issue 3): the trainer's step time and peak memory, vs Adam.
 
     python benchmarks/optimizer_overhead.py                      # CPU: HPCM_Tiny, 2 x 64 px, 1 thread
-    python benchmarks/optimizer_overhead.py --model HPCM_Base --patch-size 256 --batch-size 8 --device cuda
+    python benchmarks/optimizer_overhead.py --model HPCM_Base --patch-size 256 --batch-size 8 --device cuda --bf16
 
-Every variant is ``hpcm.train.Run.train_step`` (the code ``python -m hpcm.train`` runs, built by
-``train_speed.build``) on the same initial weights and the same batch: adam (the baseline, torch's
+Every variant is ``hpcm.train.Run.train_step`` (the code ``python -m hpcm.train`` runs; data loading
+excluded, it runs in worker processes during training) on the same initial weights and the same batch: adam (the baseline, torch's
 fused kernel), cautious_adam, balanced in both weight-update modes, qp, and hierarchical_balanced
 with each decomposition (``--hier-mode``, next_batch by default, against balanced in that mode).
 
 Timing: ``--rounds`` rounds; in each, every variant runs ``--steps`` steps (order rotated per
 round). On a shared machine load drifts between rounds, so each round's variant/Adam ratio is
 taken within the round and the median over rounds is reported (with the median step time). With
-one CPU thread (the default) the clock is the thread's CPU time (``train_speed.step_clock``).
+one CPU thread (the default) the clock is the thread's CPU time (``step_clock``).
 Peak memory: CUDA ``max_memory_allocated``; on CPU the peak RSS of a fresh process running two
 steps of one variant (``--no-memory`` skips it). A second table times ``optimizer.step()`` alone
 on fixed gradients (min of repeats): the optimizers' own cost without forward/backward noise.
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -34,16 +35,47 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train_speed import build, step_clock, time_steps  # noqa: E402
-
-from hpcm import data  # noqa: E402
+from hpcm import data, run_config, train  # noqa: E402
 from hpcm.io import atomic_write_text  # noqa: E402
 from hpcm.optim import Balanced, CautiousAdam  # noqa: E402
 
 DECOMPOSITIONS = ("fixed_ratio", "adaptive", "measured")
+JSON_FORMAT = "hpcm-optimizer-overhead/1"  # what hpcm.tables --overhead-json reads
+
+
+def build(args: argparse.Namespace, overrides: dict) -> train.Run:
+    """A training run as ``python -m hpcm.train`` builds it (no output folder is written)."""
+    cfg = run_config.resolve({
+        "model": args.model, "patch_size": args.patch_size, "batch_size": args.batch_size, "steps": 1000,
+        "device": args.device, "bf16": args.bf16, "num_workers": 0, "wandb_mode": "disabled", "quiet": True,
+        **overrides})
+    run = train.Run(cfg, Path("/nonexistent-benchmark-run"))
+    run.open_data()
+    run.build(None)
+    return run
+
+
+def step_clock(device: torch.device):
+    """CPU with one torch thread: the calling thread's CPU time, which other load on a shared
+    machine does not inflate (every op runs on this thread); otherwise wall-clock time."""
+    return time.thread_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+
+
+def time_steps(run: train.Run, x: torch.Tensor, steps: int) -> float:
+    """Seconds for ``steps`` training steps (schedules applied as the trainer applies them)."""
+    clock = step_clock(run.device)
+    if run.cuda:
+        torch.cuda.synchronize()
+    start = clock()
+    for _ in range(steps):
+        run.step += 1
+        run.apply_schedules(run.step)
+        run.train_step(x)
+    if run.cuda:
+        torch.cuda.synchronize()
+    return clock() - start
 
 
 def variants(hier_mode: str) -> dict[str, dict]:
@@ -183,6 +215,24 @@ def report(results: dict, update_only: dict[str, float], args, device: str) -> N
         print(f"  {name} / {reference} = {ratio:.3f}  (goal <= {goal:.2f}: {'met' if ratio <= goal else 'NOT met'})")
 
 
+def json_document(results: dict, table: dict[str, dict], update_only: dict[str, float], args,
+                  device: str) -> dict:
+    """The ``--json`` output: one self-describing record per variant (``hpcm.tables`` reads it)."""
+    return {
+        "format": JSON_FORMAT,
+        "setup": {"model": args.model, "batch_size": args.batch_size, "patch_size": args.patch_size,
+                  "device": device, "threads": torch.get_num_threads(), "rounds": args.rounds, "steps": args.steps},
+        "variants": {name: {"optimizer": table[name]["optimizer"],
+                            "decomposition": table[name].get("decomposition", ""),
+                            "update_mode": table[name].get("update_mode", ""),
+                            "median_s": r["median_s"], "min_s": r["min_s"], "rounds_s": r["rounds_s"],
+                            "ratio_vs_adam": paired_ratio(results, name, "adam"),
+                            "peak_mb": None if math.isnan(r["peak_mb"]) else r["peak_mb"]}  # None: --no-memory
+                     for name, r in results.items()},
+        "update_only_s": update_only,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="HPCM_Tiny")
@@ -212,7 +262,8 @@ def main() -> int:
     update_only = time_update_only(args) if args.update_reps > 0 else {}
     report(results, update_only, args, device)
     if args.json:
-        atomic_write_text(args.json, json.dumps({"steps": results, "update_only_s": update_only}, indent=2))
+        atomic_write_text(args.json, json.dumps(json_document(results, table, update_only, args, device),
+                                                 indent=2, allow_nan=False))
     return 0
 
 

@@ -49,6 +49,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from hpcm.cli import run_command
+from hpcm.rd import METHODS
 from hpcm.run_config import read_run_yaml
 
 REQUIRED_METRIC_COLUMNS = ("step", "epoch", "loss", "val_loss")
@@ -432,6 +433,10 @@ def overhead_table(runs) -> Table:
                  notes)
 
 
+OVERHEAD_FORMAT = "hpcm-optimizer-overhead/1"  # benchmarks/optimizer_overhead.py JSON_FORMAT
+OVERHEAD_FIELDS = ("optimizer", "decomposition", "update_mode", "median_s", "ratio_vs_adam", "peak_mb")
+
+
 def overhead_from_benchmark(path: str | Path) -> Table:
     """Overhead table from ``benchmarks/optimizer_overhead.py --json`` (one model, one batch)."""
     import json
@@ -441,26 +446,24 @@ def overhead_from_benchmark(path: str | Path) -> Table:
     path = Path(path)
     if not path.is_file():
         raise TableError(f"benchmark file not found: {path}")
-    results = json.loads(path.read_text())
-    if not isinstance(results, dict) or "adam" not in results:
-        raise TableError(f"{path}: expected {{variant: {{median_s, peak_mb}}}} including 'adam'")
+    doc = json.loads(path.read_text())
+    if not isinstance(doc, dict) or doc.get("format") != OVERHEAD_FORMAT or not {"setup", "variants"} <= doc.keys():
+        raise TableError(f"{path}: not an optimizer_overhead.py --json file (format {OVERHEAD_FORMAT!r} "
+                         "with 'setup' and 'variants')")
     rows = []
-    for variant, r in results.items():
-        for key in ("median_s", "peak_mb"):
-            if key not in r:
-                raise TableError(f"{path}: variant {variant!r} lacks {key!r}")
-        if variant.startswith("hier_"):
-            optimizer, decomposition, mode = "hierarchical_balanced", variant[5:], ""
-        elif variant.startswith("balanced_"):
-            optimizer, decomposition, mode = "balanced", "", variant[len("balanced_"):]
-        else:
-            optimizer, decomposition, mode = variant, "", ""
-        rows.append({"optimizer": optimizer, "decomposition": decomposition,
-                     "update mode": mode, "time per step (s)": float(r["median_s"]),
-                     "time vs adam": float(r["median_s"]) / float(results["adam"]["median_s"]),
-                     "peak memory (MB)": float(r["peak_mb"])})
-    notes = [f"from {path.name}: median step time of one model on one batch (round-robin timing); "
-             "peak memory: CUDA max allocated, or peak RSS of a fresh process on CPU"]
+    for variant, r in doc["variants"].items():
+        missing = [key for key in OVERHEAD_FIELDS if key not in r]
+        if missing:
+            raise TableError(f"{path}: variant {variant!r} lacks {missing}")
+        rows.append({"optimizer": r["optimizer"], "decomposition": r["decomposition"],
+                     "update mode": r["update_mode"], "time per step (s)": float(r["median_s"]),
+                     "time vs adam": float(r["ratio_vs_adam"]),
+                     "peak memory (MB)": math.nan if r["peak_mb"] is None else float(r["peak_mb"])})
+    setup = doc["setup"]
+    notes = [f"from {path.name}: {setup['model']}, batch {setup['batch_size']} x {setup['patch_size']}^2 "
+             f"on {setup['device']}; time: median step time; "
+             "time vs adam: median over rounds of the ratio within a round; peak memory: CUDA max "
+             "allocated, or peak RSS of a fresh process on CPU (empty: not measured)"]
     return Table("overhead_benchmark", "Computational overhead (training-step benchmark)",
                  pd.DataFrame(rows), {"time per step (s)": ".4f", "time vs adam": ".3f",
                                       "peak memory (MB)": ".0f"}, notes)
@@ -517,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help="YAML with the 'analysis' section")
     parser.add_argument("--output-dir", required=True, help="where the tables go")
     parser.add_argument("--benchmarks", help="Snakemake benchmark folder of the training jobs")
-    parser.add_argument("--method", choices=("pchip", "akima", "cubic"),
+    parser.add_argument("--method", choices=METHODS,
                         help="BD interpolation (default: analysis.bd_method, else pchip)")
     parser.add_argument("--metric", default="psnr", choices=("psnr", "ms_ssim_db"))
     parser.add_argument("--overhead-json", help="benchmarks/optimizer_overhead.py --json output")

@@ -269,16 +269,34 @@ def test_points_and_curves_follow_compressai_aggregation(synthetic):
 
 
 def test_overhead_from_the_step_benchmark(tmp_path):
+    """The table reads what the benchmark writes: its own json_document, not a hand-made file."""
+    import argparse
+    import importlib.util
     import json
 
+    spec = importlib.util.spec_from_file_location(
+        "optimizer_overhead", Path(__file__).resolve().parents[1] / "benchmarks" / "optimizer_overhead.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    table = benchmark.variants("next_batch")
+    rounds = {"adam": [0.20, 0.40], "balanced next_batch": [0.21, 0.40], "hier measured next_batch": [0.22, 0.40]}
+    results = {name: {"rounds_s": r, "median_s": sum(r) / 2, "min_s": min(r), "peak_mb": 100.0 + i}
+               for i, (name, r) in enumerate(rounds.items())}
+    args = argparse.Namespace(model="HPCM_Tiny", batch_size=2, patch_size=64, rounds=2, steps=1)
     path = tmp_path / "overhead.json"
-    path.write_text(json.dumps({"adam": {"median_s": 0.2, "min_s": 0.19, "peak_mb": 100.0},
-                                "balanced_next_batch": {"median_s": 0.205, "peak_mb": 101.0},
-                                "hier_measured": {"median_s": 0.21, "peak_mb": 103.0}}))
+    path.write_text(json.dumps(benchmark.json_document(results, table, {}, args, "cpu")))
     frame = tables.overhead_from_benchmark(path).frame.set_index("optimizer")
     assert frame.loc["balanced", "update mode"] == "next_batch"
     assert frame.loc["hierarchical_balanced", "decomposition"] == "measured"
-    assert frame.loc["hierarchical_balanced", "time vs adam"] == pytest.approx(1.05)
-    path.write_text(json.dumps({"adam": {"median_s": 0.2}}))
-    with pytest.raises(tables.TableError, match="'adam' lacks 'peak_mb'"):
+    # the paired ratio: median of 0.22/0.20 and 0.40/0.40 (the ratio of the medians is 0.31/0.30)
+    assert frame.loc["hierarchical_balanced", "time vs adam"] == pytest.approx((1.1 + 1.0) / 2)
+    assert frame.loc["balanced", "time vs adam"] == pytest.approx((1.05 + 1.0) / 2)
+    assert frame.loc["balanced", "peak memory (MB)"] == 101.0
+    doc = json.loads(path.read_text())
+    del doc["variants"]["adam"]["peak_mb"]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(tables.TableError, match=r"'adam' lacks \['peak_mb'\]"):
+        tables.overhead_from_benchmark(path)
+    path.write_text(json.dumps({"adam": {"median_s": 0.2}}))  # the old, unlabelled layout
+    with pytest.raises(tables.TableError, match="not an optimizer_overhead.py --json file"):
         tables.overhead_from_benchmark(path)
