@@ -49,7 +49,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from hpcm.cli import run_command
-from hpcm.rd import ms_ssim_to_db
+from hpcm.rd import METHODS, ms_ssim_to_db
 
 ANCHOR_TABLE = Path(__file__).with_name("anchors") / "anchors.csv"
 COLUMNS = ("dataset", "anchor", "label", "family", "point", "bpp", "psnr", "ms_ssim",
@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dataset", required=True)
     b.add_argument("--reference", default="vtm")
     b.add_argument("--metric", default="psnr", choices=METRICS)
-    b.add_argument("--method", default="pchip", choices=("pchip", "akima", "cubic"))
+    b.add_argument("--method", default="pchip", choices=METHODS)
     b.set_defaults(func=_cmd_bd)
     a = sub.add_parser("add-compressai", help="append a CompressAI-format JSON curve")
     for flag in ("--json", "--dataset", "--anchor", "--label", "--repo", "--commit", "--file"):
