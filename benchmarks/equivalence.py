@@ -1,4 +1,4 @@
-"""Max |ours - official| on the golden cases of tests/test_models_equivalence.py.
+"""Max |ours - official| on the golden cases of tests/models/test_equivalence.py.
 
     python benchmarks/equivalence.py              # 1 torch thread, as the tests
     python benchmarks/equivalence.py --threads 2
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from hpcm.models import build_model  # noqa: E402
 from tests.fixtures.hpcm_support import golden, image_tensor, init_like_golden  # noqa: E402
-from tests.test_models_equivalence import GOLDEN_CASES, TOL, golden_diffs  # noqa: E402
+from tests.models.test_equivalence import GOLDEN_CASES, TOL, golden_diffs  # noqa: E402
 
 
 def main() -> None:

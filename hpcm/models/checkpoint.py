@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from hpcm.io import atomic_torch_save
+from hpcm.util.io import atomic_torch_save
 from hpcm.models.coder import CODER_BUFFER_NAMES
 from hpcm.models.hpcm import HPCM
 from hpcm.models.presets import PRESETS, HPCMConfig, preset_config

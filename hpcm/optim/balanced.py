@@ -53,7 +53,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from hpcm.io import atomic_torch_save
+from hpcm.util.io import atomic_torch_save
 from hpcm.optim.balanced_sync_free import SyncFreeFlags, gated
 from hpcm.optim.cautious_adam import CautiousAdam
 from hpcm.optim.qp import gram_matrix, qp_task_weights

@@ -11,7 +11,7 @@ from snakemake.utils import validate
 
 # The ablation presets' values live in hpcm.presets alone (Snakemake puts the repository root,
 # the Snakefile's folder, on sys.path; the module needs nothing beyond the standard library).
-from hpcm import presets
+from hpcm.config import presets
 
 # Run-config keys a variant may set (they go into the run YAML of `python -m hpcm.train`).
 VARIANT_RUN_KEYS = (

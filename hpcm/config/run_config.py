@@ -1,0 +1,353 @@
+"""Run configuration of ``python -m hpcm.train``: keys, defaults, types, validation, ``--set`` parsing.
+
+A run config is a flat YAML mapping. Values are resolved in this order (later wins):
+
+1. the defaults below (the official HPCM recipe where it defines one),
+2. the preset of the chosen ``variant`` (``baseline``, ``phase1``, ``phase2``, ``phase3``; any other
+   variant name is a free label for an ablation and adds no preset),
+3. the config file,
+4. ``--set key=value`` overrides (values are parsed as YAML, so lists are ``[a,b,c]``).
+
+``scale_weights`` and ``gammas`` also take the name of an ablation preset (``hpcm.presets``:
+``scale_weights: equal``, ``gammas: increasing``), resolved to its numbers here.
+
+Everything is checked before any work starts; every error names the key and the value at fault.
+The table ``KEYS`` is the single source of truth: ``--help`` and the docs are generated from it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from hpcm.config import presets
+from hpcm.config.presets import HPCM_LR_MILESTONES, HPCM_LR_VALUES
+
+OPTIMIZERS = ("adam", "cautious_adam", "balanced", "qp", "hierarchical_balanced")
+BALANCED_OPTIMIZERS = ("balanced", "qp", "hierarchical_balanced")
+
+
+class ConfigError(ValueError):
+    """A run-config problem, raised before any training work starts."""
+
+
+@dataclass(frozen=True)
+class Key:
+    kind: str  # "str" | "float" | "int" | "bool" | "floats3" | "floats"
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+    optional: bool = False  # None (YAML null) allowed
+    check: Callable[[Any], bool] | None = None  # value constraint, applied when not None
+    constraint: str = ""  # words for the error message of ``check``
+
+
+def _positive(v: Any) -> bool:
+    return v > 0
+
+
+def _non_negative(v: Any) -> bool:
+    return v >= 0
+
+
+KEYS: dict[str, Key] = {
+    # what is trained
+    "model": Key("str", "HPCM_Base", "model preset for hpcm.models.build_model (HPCM_Base, HPCM_Large, HPCM_Small, HPCM_Tiny)"),
+    "init_checkpoint": Key("str", None, "checkpoint to fine-tune from (official raw state dict or a project file); "
+                           "ignored when the run resumes from its own checkpoint", optional=True),
+    "variant": Key("str", "baseline", "run label (wandb group, run.yaml, evaluation CSV); baseline/phase1/phase2/phase3 "
+                   "also apply a preset of the keys below"),
+    "optimizer": Key("str", "adam", "parameter optimizer", choices=OPTIMIZERS),
+    "lmbda": Key("float", 0.013, "rate-distortion trade-off: loss = lmbda*255^2*MSE + bpp", check=_positive,
+                 constraint="must be > 0"),
+    # Balanced R-D (Phase 1/2)
+    "gamma": Key("float", 0.003, "FAMO L2 regularisation on the task logits (initial value when scheduled)",
+                 check=_non_negative, constraint="must be >= 0"),
+    "gamma_final": Key("float", None, "final gamma of a linear/cosine gamma_schedule", optional=True,
+                       check=_non_negative, constraint="must be >= 0"),
+    "gamma_schedule": Key("str", "fixed", "single-gamma schedule over the run", choices=("fixed", "linear", "cosine")),
+    "w_lr": Key("float", 0.025, "Adam learning rate of the task logits", check=_positive, constraint="must be > 0"),
+    "update_mode": Key("str", "same_batch", "task-weight update: same_batch (official second no-grad forward) or "
+                       "next_batch (reuse the next batch's losses, no extra forward)", choices=("same_batch", "next_batch")),
+    # Phase 3
+    "decomposition": Key("str", "measured", "5-task decomposition for hierarchical_balanced",
+                         choices=("fixed_ratio", "adaptive", "measured")),
+    "gammas": Key("floats3", list(presets.DEFAULT_GAMMAS),
+                  "per-scale gammas [s1, s2, s3] (initial values), or a Study 2 preset: "
+                  + ", ".join(presets.STUDY2_GAMMAS),
+                  check=lambda v: min(v) >= 0, constraint="entries must be >= 0"),
+    "gammas_final": Key("floats3", None, "final per-scale gammas for linear/cosine gamma_strategy", optional=True,
+                        check=lambda v: min(v) >= 0, constraint="entries must be >= 0"),
+    "gamma_strategy": Key("str", "fixed", "ScaleGammaManager strategy",
+                          choices=("fixed", "linear", "cosine", "adaptive", "hierarchical")),
+    "scale_weights": Key("floats3", list(presets.DEFAULT_SCALE_WEIGHTS),
+                         "scale modulation [s1, s2, s3], or a Study 1 preset: "
+                         + ", ".join(presets.STUDY1_SCALE_WEIGHTS),
+                         check=lambda v: min(v) > 0, constraint="entries must be > 0"),
+    # data
+    "train_data": Key("str", "samples", "training image folder (recursive PNG/JPEG) or 'samples' (embedded set)"),
+    "val_data": Key("str", "samples", "validation image folder or 'samples' (embedded val split)"),
+    "patch_size": Key("int", 256, "random square crop size for training", check=_positive, constraint="must be > 0"),
+    "batch_size": Key("int", 32, "training batch size", check=_positive, constraint="must be > 0"),
+    "skip_bad_images": Key("bool", False, "skip unreadable images with a warning instead of failing"),
+    "num_workers": Key("int", 4, "DataLoader worker processes (0 = load in the main process)",
+                       check=_non_negative, constraint="must be >= 0"),
+    # run length and schedule
+    "steps": Key("int", None, "run length in optimizer steps (set steps or epochs)", optional=True,
+                 check=_positive, constraint="must be > 0"),
+    "epochs": Key("int", None, "run length in epochs over the training set (set steps or epochs)", optional=True,
+                  check=_positive, constraint="must be > 0"),
+    "lr": Key("float", 1e-4, "initial learning rate", check=_positive, constraint="must be > 0"),
+    "lr_milestones": Key("floats", list(HPCM_LR_MILESTONES), "lr drop points as fractions of the run",
+                         check=lambda v: all(0 < f < 1 for f in v) and v == sorted(v),
+                         constraint="must be increasing fractions in (0, 1)"),
+    "lr_values": Key("floats", list(HPCM_LR_VALUES), "lr after each milestone",
+                     check=lambda v: all(f > 0 for f in v), constraint="entries must be > 0"),
+    "clip_max_norm": Key("float", 1.0, "gradient-norm clip (0 disables clipping; non-finite norms are always skipped)",
+                         check=_non_negative, constraint="must be >= 0"),
+    "seed": Key("int", 0, "seed of model init, data order, crops and quantisation noise", check=_non_negative,
+                constraint="must be >= 0"),
+    # hardware
+    "device": Key("str", "auto", "auto (CUDA when present), cpu, cuda or cuda:N"),
+    "bf16": Key("bool", False, "bf16 autocast for forward passes on CUDA"),
+    # bookkeeping
+    "log_every": Key("int", 100, "steps between metrics.csv/wandb rows (metrics are summed on the device in between)", check=_positive,
+                     constraint="must be > 0"),
+    "val_every": Key("int", 1000, "steps between validations (always once at the end)", check=_positive,
+                     constraint="must be > 0"),
+    "checkpoint_every": Key("int", 1000, "steps between checkpoints (always one at the end)", check=_positive,
+                            constraint="must be > 0"),
+    "wandb_mode": Key("str", "offline", "wandb logging", choices=("offline", "online", "disabled")),
+    "wandb_project": Key("str", "hpcm-balanced", "wandb project"),
+    "wandb_entity": Key("str", None, "wandb entity (team or user)", optional=True),
+    "quiet": Key("bool", False, "no progress bar, one log line per logged step (cluster logs)"),
+}
+
+# Presets are data, applied under the user's values; other variant names are free ablation labels.
+VARIANT_PRESETS: dict[str, dict[str, Any]] = {
+    "baseline": {"optimizer": "adam"},
+    "phase1": {"optimizer": "balanced", "gamma": 0.003, "gamma_schedule": "fixed"},
+    "phase2": {"optimizer": "balanced", "gamma": 0.003, "gamma_final": 0.001, "gamma_schedule": "cosine"},
+    "phase3": {"optimizer": "hierarchical_balanced", "decomposition": "measured", "gamma_strategy": "hierarchical"},
+}
+
+# Keys that may differ when a run is resumed: they change neither the numbers nor the data order.
+RESUME_SAFE_KEYS = frozenset({
+    "device", "num_workers", "log_every", "val_every", "checkpoint_every", "wandb_mode", "wandb_project",
+    "wandb_entity", "quiet", "skip_bad_images", "init_checkpoint",
+})
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2 booleans: only true/false are booleans; on/off/yes/no stay the text typed.
+
+    YAML 1.1 reads ``update_mode: on`` as True, so a choice-key error would show True instead of
+    what the user wrote; bool keys still accept yes/no/on/off (``_coerce``).
+    """
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _fail(key: str, value: Any, why: str) -> ConfigError:
+    return ConfigError(f"run config: key {key!r} = {value!r}: {why}")
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Return ``value`` converted to the key's type, or raise a ConfigError naming key and value."""
+    spec = KEYS[key]
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~")):
+        if spec.optional:
+            return None
+        raise _fail(key, value, "a value is required")
+
+    def as_float(v: Any) -> float:
+        # YAML 1.1 reads "1e-4" (no dot) as a string, so strings that spell a number are accepted.
+        if isinstance(v, bool):
+            raise _fail(key, value, "expected a number, got a boolean")
+        if isinstance(v, (int, float)):
+            out = float(v)
+        elif isinstance(v, str):
+            try:
+                out = float(v)
+            except ValueError:
+                raise _fail(key, value, "expected a number") from None
+        else:
+            raise _fail(key, value, f"expected a number, got {type(v).__name__}")
+        if not math.isfinite(out):
+            raise _fail(key, value, "must be finite")
+        return out
+
+    kind = spec.kind
+    if kind == "str":
+        if not isinstance(value, str):
+            raise _fail(key, value, f"expected a string, got {type(value).__name__}")
+        out: Any = value
+    elif kind == "float":
+        out = as_float(value)
+    elif kind == "int":
+        if isinstance(value, bool):
+            raise _fail(key, value, "expected an integer, got a boolean")
+        if isinstance(value, str):
+            try:
+                value_num: Any = int(value)
+            except ValueError:
+                raise _fail(key, value, "expected an integer") from None
+        else:
+            value_num = value
+        if isinstance(value_num, float) and value_num.is_integer():
+            value_num = int(value_num)
+        if not isinstance(value_num, int):
+            raise _fail(key, value, f"expected an integer, got {type(value).__name__}")
+        out = value_num
+    elif kind == "bool":
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off",
+                                                        "1", "0"):
+            out = value.lower() in ("true", "yes", "on", "1")
+        elif isinstance(value, bool):
+            out = value
+        else:
+            raise _fail(key, value, "expected true or false")
+    elif kind in ("floats3", "floats"):
+        try:
+            value = presets.preset_value(key, value)  # a preset name (scale_weights, gammas) -> its list
+        except ValueError as exc:
+            raise _fail(key, value, str(exc)) from None
+        if not isinstance(value, (list, tuple)):
+            raise _fail(key, value, "expected a list such as [0.1, 0.2, 0.3]")
+        out = [as_float(v) for v in value]
+        if kind == "floats3" and len(out) != 3:
+            raise _fail(key, value, f"expected 3 values [s1, s2, s3], got {len(out)}")
+    else:  # pragma: no cover - table error
+        raise AssertionError(kind)
+
+    if spec.choices is not None and out not in spec.choices:
+        raise _fail(key, value, f"must be one of {', '.join(spec.choices)}")
+    if spec.check is not None and not spec.check(out):
+        raise _fail(key, value, spec.constraint)
+    return out
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """Parse ``--set key=value`` items; values are YAML (``[a,b]`` lists, ``null``, numbers)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        try:
+            out[key] = _yaml_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc})") from None
+    return out
+
+
+RUN_YAML = "run.yaml"  # written by hpcm.train beside its checkpoints
+
+
+def load_file(path: str | Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    path = Path(path)
+    try:
+        data = _yaml_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"run config {str(path)!r}: cannot read ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"run config {str(path)!r}: invalid YAML ({exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"run config {str(path)!r}: expected a mapping of key: value, got {type(data).__name__}")
+    # A run.yaml written by hpcm.train is a valid config: its ``meta`` block (versions, commit) is not.
+    if isinstance(data.get("meta"), dict):
+        data = {k: v for k, v in data.items() if k != "meta"}
+    return data
+
+
+def read_run_yaml(run_dir: str | Path) -> dict[str, Any]:
+    """The resolved config a training run wrote to ``run_dir/run.yaml`` ({} when there is none)."""
+    path = Path(run_dir) / RUN_YAML
+    return load_file(path) if path.is_file() else {}
+
+
+def resolve(user: dict[str, Any]) -> dict[str, Any]:
+    """Defaults < variant preset < user values; typed and validated. Raises ConfigError."""
+    unknown = sorted(set(user) - set(KEYS))
+    if unknown:
+        raise ConfigError(f"run config: unknown key {unknown[0]!r} = {user[unknown[0]]!r}"
+                          f" (valid keys: {', '.join(KEYS)})")
+    variant = _coerce("variant", user.get("variant", KEYS["variant"].default))
+    merged = {k: spec.default for k, spec in KEYS.items()}
+    merged.update(VARIANT_PRESETS.get(variant, {}))
+    merged.update(user)
+    cfg = {k: _coerce(k, merged[k]) for k in KEYS}
+
+    # cross-key rules
+    if (cfg["steps"] is None) == (cfg["epochs"] is None):
+        raise ConfigError(f"run config: set exactly one of 'steps' = {cfg['steps']!r} and 'epochs' = "
+                          f"{cfg['epochs']!r} (the run length)")
+    if len(cfg["lr_milestones"]) != len(cfg["lr_values"]):
+        raise ConfigError(f"run config: 'lr_milestones' = {cfg['lr_milestones']!r} and 'lr_values' = "
+                          f"{cfg['lr_values']!r} must have the same length")
+    if cfg["gamma_schedule"] != "fixed" and cfg["gamma_final"] is None:
+        raise ConfigError(f"run config: 'gamma_schedule' = {cfg['gamma_schedule']!r} needs 'gamma_final' "
+                          f"(got {cfg['gamma_final']!r})")
+    if cfg["gamma_strategy"] in ("linear", "cosine") and cfg["gammas_final"] is None:
+        raise ConfigError(f"run config: 'gamma_strategy' = {cfg['gamma_strategy']!r} needs 'gammas_final' "
+                          f"(got {cfg['gammas_final']!r})")
+    device = cfg["device"]
+    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise _fail("device", device, "must be auto, cpu, cuda or cuda:N")
+    for key in ("train_data", "val_data", "init_checkpoint"):
+        value = cfg[key]
+        if value is None or (key != "init_checkpoint" and value == "samples"):
+            continue
+        if not Path(value).exists():
+            raise _fail(key, value, "path does not exist")
+    return cfg
+
+
+def load(config_path: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Read a run config file, apply ``--set`` overrides, return the validated, resolved config."""
+    user = load_file(config_path)
+    user.update(parse_set(overrides or []))
+    return resolve(user)
+
+
+def resume_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """Name the first key whose change would make a resumed run differ from an uninterrupted one."""
+    for key in KEYS:
+        if key in RESUME_SAFE_KEYS:
+            continue
+        if saved.get(key) != current.get(key):
+            return (f"run config key {key!r} changed from {saved.get(key)!r} (checkpoint) to {current.get(key)!r}; "
+                    f"use a new output directory or restore the value")
+    return None
+
+
+def help_text() -> str:
+    """Every key with type, default and meaning, for ``--help``."""
+    lines = ["run-config keys (YAML file and --set key=value; later wins: defaults < variant preset < file < --set):"]
+    for key, spec in KEYS.items():
+        kind = {"floats3": "[f,f,f]", "floats": "[f,...]"}.get(spec.kind, spec.kind)
+        choices = f" {{{'|'.join(spec.choices)}}}" if spec.choices else ""
+        lines.append(f"  {key} ({kind}{choices}, default {spec.default!r}): {spec.help}")
+    lines.append("variant presets: " + "; ".join(
+        f"{name}: {', '.join(f'{k}={v}' for k, v in preset.items())}" for name, preset in VARIANT_PRESETS.items()))
+    return "\n".join(lines)

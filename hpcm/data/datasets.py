@@ -1,0 +1,341 @@
+"""Evaluation datasets: Kodak and CLIC 2020 professional validation, verified by SHA-256.
+
+Kodak (24 PNGs, 768x512 / 512x768) is pinned per file: the SHA-256 of the original r0k.us bytes
+(orchestration.md §5.1). CLIC 2020 professional validation (41 PNGs) is pinned as its zip
+archive (third-party pin seen in several public repositories; the name matches the Google-storage
+mirror, which is tried first). Entries named ``._*`` or under ``__MACOSX/`` (macOS resource forks)
+are dropped; the images are written flat into the output folder together with ``SHA256SUMS``
+(hashes of the extracted files) so a prepared folder can be re-verified without the archive.
+
+Preparation always verifies before anything appears under the output path: files are gathered
+in a sibling staging folder and moved into place only when every checksum matched. A mismatch
+raises ``ChecksumError`` naming the file and both hashes, and removes the staging folder.
+
+CLI::
+
+    python -m hpcm.datasets prepare kodak --source DIR_OR_URL --output DIR [--only kodim01.png,...]
+        --source: a folder (searched recursively for kodimNN.png), a .zip/.tar archive, or a
+        base URL (default https://r0k.us/graphics/kodak/kodak/); --only: a subset (tests, demos).
+    python -m hpcm.datasets prepare clic2020-professional --source ZIP_OR_URL_OR_DIR --output DIR
+        --source: the validation zip (path or URL; default: the pinned mirrors), or a folder
+        holding that zip. The zip is checked against the pinned SHA-256 before extraction.
+    python -m hpcm.datasets verify kodak|clic2020-professional DIR
+        Re-check a prepared folder (Kodak: pinned hashes; CLIC: its SHA256SUMS).
+
+An already prepared and verified output is left as it is (re-running is a no-op).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import urllib.parse
+import urllib.request
+import zipfile
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from tqdm import tqdm
+
+from hpcm.util.cli import run_command
+from hpcm.util.io import sha256_file
+
+KODAK_URL = "https://r0k.us/graphics/kodak/kodak/"
+KODAK_SHA256 = {
+    "kodim01.png": "a56e27cbf5f843c048b6af1d6e090760e9c92fadba88b7dee0205918a37523bd",
+    "kodim02.png": "4f4b74a79237e311d72cad958237b5f7088d8bce1c82305ebefe1a70e3022dfd",
+    "kodim03.png": "e25ca1ff2f0c0cb5fdfd5f9b0a0bb21ac4c3de3c84a67f35b09a85d3306249db",
+    "kodim04.png": "e3b946107c5d3441c022f678d0c3caf1e224d81b1604ba840a4f88e562de61aa",
+    "kodim05.png": "10349e963c5c813d327852f82c1795fa4148d69fedffc4c589bee458e3ac3d53",
+    "kodim06.png": "363510303b715d4cbc384e1ce227e466b613a09e1b71ae985882bf8e7fbd9b18",
+    "kodim07.png": "b77d3f006f42414bb242222e0482e750c0fb9e5ee8d4bed2f6f11c5605fe54a4",
+    "kodim08.png": "ba23983c76b4832ee0e8af0592664756841a16779acd69f792e268fb6d13d6e7",
+    "kodim09.png": "6a4361c2fc194feb4edaa9f9a4a0620fb9943e460ac7fdf037fb0f6dd6607a7d",
+    "kodim10.png": "9dfb70f5867c29ff9ed6313683f19b3d867849e40fbc0c4c54a4a89df341cf23",
+    "kodim11.png": "7936814b58b5387fce2e4e2488b4ec830dadd95fa9520f358ddb30990b50f2b6",
+    "kodim12.png": "d78c37c2f04f23761ed2367dd77e2db584ddd4c3950833fecf89f199a8126980",
+    "kodim13.png": "bc34a3ce58dea09dce1704c997171602de90cb34d0c8503a988b77f473d39b08",
+    "kodim14.png": "55a94550ff18f3246c4074fd32b77b0c74447c26b6ad274d564d999c0450ba6e",
+    "kodim15.png": "7538cbb80cb9103606c48b806eae57d56c885c7f90b9b3be70a41160f9cbb683",
+    "kodim16.png": "a89c7268ccd4718ba424a99fc4643c572cf692ca6eae887185ceb4e9f11d2e54",
+    "kodim17.png": "37afcc89fbdcb76d9518e04b2fc011027e2f4cd14b3b2f83cefd721641a47c5b",
+    "kodim18.png": "1a9258c365988961d87a0598725b609139c303ad48a5aad6c503c3b1a87849aa",
+    "kodim19.png": "b7450b264b1b0a411390d8931b112c27905a992520fc90569dc4b920aa32bbdc",
+    "kodim20.png": "3b46c71e3b92a563820ba32936be8330c586c41f938efd94be938386aae4328a",
+    "kodim21.png": "ac958597c82073f6bb65129c68f72b651db5b9efd82e11547d07350214bc268b",
+    "kodim22.png": "1cee58eb1f2d9c7ebb254d208a03c783ce6cf2c4d8c2cf45e235dd23b4ce1b29",
+    "kodim23.png": "e3111a2fd4da24af15d6459ef9eacfe54106b38e27b4a21821b75c3f5d2d5baf",
+    "kodim24.png": "1071c68372cc5a01435c2c225a5cf7d4bb803846ec08bb6b3d6721b156d7cb96",
+}
+
+CLIC_PRO_VALID_ZIP_NAMES = ("clic2020_professional_valid.zip", "professional_valid_2020.zip")
+CLIC_PRO_VALID_URLS = (
+    "https://storage.googleapis.com/clic_datasets/clic2020_professional_valid.zip",
+    "https://data.vision.ee.ethz.ch/cvl/clic/professional_valid_2020.zip",
+)
+CLIC_PRO_VALID_SHA256 = "e56568e20ead6bd215b313fed260d1c98b9ba863540039f00892ab67b1e39baf"
+CLIC_PRO_VALID_IMAGES = 41
+MANIFEST = "SHA256SUMS"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class ChecksumError(ValueError):
+    """A file's SHA-256 differs from the pinned value."""
+
+    def __init__(self, name: str, expected: str, actual: str, origin: str = "") -> None:
+        where = f" (from {origin})" if origin else ""
+        super().__init__(f"checksum mismatch for {name}{where}: expected SHA-256 {expected}, "
+                         f"got {actual}")
+        self.name, self.expected, self.actual = name, expected, actual
+
+
+def _is_url(source: str) -> bool:
+    return urllib.parse.urlparse(source).scheme in ("http", "https", "file", "ftp")
+
+
+def _download(url: str, target: Path) -> None:
+    """Fetch ``url`` into ``target`` with a progress bar (the caller verifies the bytes)."""
+    with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as out:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=Path(target).name,
+                  leave=False) as bar:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                out.write(block)
+                bar.update(len(block))
+
+
+@contextlib.contextmanager
+def _staging(output: Path) -> Iterator[Path]:
+    """A sibling folder that becomes ``output`` only if the body finishes without error."""
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise FileExistsError(f"{output} exists, is not empty and does not verify; "
+                              "remove it to prepare the dataset again")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        yield staging
+        if output.exists():
+            output.rmdir()  # an empty folder (e.g. made by a workflow engine) is replaced
+        os.replace(staging, output)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _archive_members(archive: Path) -> Iterator[tuple[str, bytes]]:
+    """(base name, bytes) of every regular file in a zip/tar archive, macOS forks dropped."""
+    def wanted(member_name: str) -> bool:
+        parts = Path(member_name).parts
+        return bool(parts) and not parts[-1].startswith("._") and "__MACOSX" not in parts
+
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                if not info.is_dir() and wanted(info.filename):
+                    yield Path(info.filename).name, zf.read(info)
+    elif tarfile.is_tarfile(archive):
+        with tarfile.open(archive) as tf:
+            for member in tf.getmembers():
+                if member.isfile() and wanted(member.name):
+                    handle = tf.extractfile(member)
+                    yield Path(member.name).name, handle.read() if handle else b""
+    else:
+        raise ValueError(f"{archive} is neither a zip nor a tar archive")
+
+
+# --------------------------------------------------------------------------------------------
+# Kodak
+# --------------------------------------------------------------------------------------------
+
+
+def _kodak_names(only: Iterable[str] | None) -> list[str]:
+    if only is None:
+        return sorted(KODAK_SHA256)
+    names = sorted({n if n.endswith(".png") else f"{n}.png" for n in only})
+    unknown = [n for n in names if n not in KODAK_SHA256]
+    if unknown:
+        raise ValueError(f"not Kodak image names: {unknown} (expected kodim01.png..kodim24.png)")
+    return names
+
+
+def verify_kodak(folder: str | Path, only: Iterable[str] | None = None,
+                 origin: str | None = None) -> list[Path]:
+    """Check the pinned hash of every (selected) Kodak file in ``folder``; return their paths."""
+    folder = Path(folder)
+    paths = []
+    for name in _kodak_names(only):
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"Kodak image missing: {path}")
+        actual = sha256_file(path)
+        if actual != KODAK_SHA256[name]:
+            raise ChecksumError(name, KODAK_SHA256[name], actual, origin or str(path))
+        paths.append(path)
+    return paths
+
+
+def prepare_kodak(source: str | Path | None, output: str | Path,
+                  only: Iterable[str] | None = None) -> list[Path]:
+    """Gather Kodak from a folder, archive or base URL into ``output``, verifying every file."""
+    output = Path(output)
+    names = _kodak_names(only)
+    with contextlib.suppress(FileNotFoundError, ChecksumError):
+        if output.is_dir():
+            return verify_kodak(output, names)  # already prepared
+    source = KODAK_URL if source is None else str(source)
+    with _staging(output) as staging:
+        if _is_url(source):
+            base = source if source.endswith("/") else source + "/"
+            for name in tqdm(names, desc="Kodak", unit="img"):
+                _download(urllib.parse.urljoin(base, name), staging / name)
+        elif Path(source).is_dir():
+            found = {p.name: p for p in sorted(Path(source).rglob("kodim*.png"))}
+            for name in names:
+                if name not in found:
+                    raise FileNotFoundError(f"{name} not found under {source}")
+                shutil.copyfile(found[name], staging / name)
+        elif Path(source).is_file():
+            wanted = set(names)
+            for name, data in _archive_members(Path(source)):
+                if name in wanted:
+                    (staging / name).write_bytes(data)
+        else:
+            raise FileNotFoundError(f"Kodak source not found: {source}")
+        missing = [name for name in names if not (staging / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{source} lacks Kodak image(s) {missing}")
+        verify_kodak(staging, names, origin=source)
+    return [output / name for name in names]
+
+
+# --------------------------------------------------------------------------------------------
+# CLIC 2020 professional validation
+# --------------------------------------------------------------------------------------------
+
+
+def verify_manifest(folder: str | Path) -> list[Path]:
+    """Check every file listed in ``folder/SHA256SUMS``; return the image paths."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        raise FileNotFoundError(f"no {MANIFEST} in {folder}; prepare the dataset first")
+    paths = []
+    for line in manifest.read_text().splitlines():
+        expected, name = line.split(maxsplit=1)
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"listed in {manifest} but missing: {path}")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ChecksumError(name, expected, actual, str(path))
+        paths.append(path)
+    return paths
+
+
+def _locate_clic_zip(source: str | None, scratch: Path) -> Path:
+    if source is None or _is_url(source):
+        urls = CLIC_PRO_VALID_URLS if source is None else (source,)
+        errors = []
+        for url in urls:
+            target = scratch / Path(urllib.parse.urlparse(url).path).name
+            try:
+                _download(url, target)
+                return target
+            except OSError as err:  # try the next mirror
+                errors.append(f"{url}: {err}")
+        raise OSError("could not download CLIC 2020 professional validation:\n  "
+                      + "\n  ".join(errors))
+    path = Path(source)
+    if path.is_dir():
+        for name in CLIC_PRO_VALID_ZIP_NAMES:
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"no {' or '.join(CLIC_PRO_VALID_ZIP_NAMES)} in {path}; the "
+                                "archive is needed to verify the checksum")
+    if not path.is_file():
+        raise FileNotFoundError(f"CLIC source not found: {path}")
+    return path
+
+
+def prepare_clic(source: str | Path | None, output: str | Path,
+                 expected_sha256: str = CLIC_PRO_VALID_SHA256,
+                 expected_images: int | None = CLIC_PRO_VALID_IMAGES) -> list[Path]:
+    """Verify the CLIC validation zip, then extract its images flat into ``output``."""
+    output = Path(output)
+    with contextlib.suppress(FileNotFoundError, ChecksumError):
+        if output.is_dir():
+            return verify_manifest(output)  # already prepared
+    with _staging(output) as staging:
+        archive = _locate_clic_zip(None if source is None else str(source), staging)
+        actual = sha256_file(archive)
+        if actual != expected_sha256:
+            raise ChecksumError(archive.name, expected_sha256, actual, str(source or "mirror"))
+        images = [(n, d) for n, d in _archive_members(archive)
+                  if Path(n).suffix.lower() in IMAGE_SUFFIXES]
+        if archive.parent == staging:
+            archive.unlink()  # a downloaded archive is not part of the dataset folder
+        if expected_images is not None and len(images) != expected_images:
+            raise ValueError(f"{archive.name}: {len(images)} images, expected {expected_images}")
+        # Hashed from the bytes written (already covered by the archive's hash): no second read.
+        digests = {}
+        for name, data in tqdm(images, desc="CLIC", unit="img"):
+            (staging / name).write_bytes(data)
+            digests[name] = hashlib.sha256(data).hexdigest()
+        names = sorted(digests)
+        (staging / MANIFEST).write_text("".join(f"{digests[name]}  {name}\n" for name in names))
+    return [output / name for name in names]
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+DATASETS = ("kodak", "clic2020-professional")
+
+
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    if args.dataset == "kodak":
+        only = args.only.split(",") if args.only else None
+        paths = prepare_kodak(args.source, args.output, only)
+    else:
+        if args.only:
+            raise ValueError("--only applies to kodak")
+        paths = prepare_clic(args.source, args.output)
+    print(f"{args.dataset}: {len(paths)} verified image(s) in {args.output}")
+
+
+def _cmd_verify(args: argparse.Namespace) -> None:
+    paths = verify_kodak(args.folder) if args.dataset == "kodak" else verify_manifest(args.folder)
+    print(f"{args.dataset}: {len(paths)} image(s) verified in {args.folder}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m hpcm.datasets", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="gather, verify and place a dataset")
+    p.add_argument("dataset", choices=DATASETS)
+    p.add_argument("--source", help="folder, archive or URL (default: the pinned URLs)")
+    p.add_argument("--output", required=True, help="folder to create")
+    p.add_argument("--only", help="comma-separated Kodak subset, e.g. kodim01.png,kodim02.png")
+    p.set_defaults(func=_cmd_prepare)
+    v = sub.add_parser("verify", help="re-check a prepared folder")
+    v.add_argument("dataset", choices=DATASETS)
+    v.add_argument("folder")
+    v.set_defaults(func=_cmd_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(lambda: args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Training checkpoints that never lose work.
+
+A run directory keeps two generations of the full training state: ``checkpoint_last.pth.tar``
+(newest) and ``checkpoint_prev.pth.tar`` (the one before). Saving rotates last -> prev and then
+writes the new last atomically (``hpcm.io``: temporary file, fsync, rename), so at every instant at
+least one complete checkpoint exists. Resuming takes the newest checkpoint that loads and carries
+the expected format tag; an unreadable newest one falls back to the previous with a warning and
+is renamed aside to ``checkpoint_last.corrupt`` (so the next save cannot rotate it over the only
+valid generation in ``checkpoint_prev``).
+
+``epoch_best.pth.tar`` is different on purpose: a raw model state dict in the official HPCM layout
+(what ``hpcm.evaluate`` and the official ``test.py`` load), with the entropy-coder tables built.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hpcm.util.io import atomic_torch_save
+
+CHECKPOINT_LAST = "checkpoint_last.pth.tar"
+CHECKPOINT_PREV = "checkpoint_prev.pth.tar"
+CHECKPOINT_CORRUPT = "checkpoint_last.corrupt"
+BEST_MODEL = "epoch_best.pth.tar"
+BEST_BALANCED_STATE = "balanced_state_best.pth"  # written by Balanced.save_state (hpcm.train)
+STATE_FORMAT = "hpcm-train-state/1"
+
+
+class CheckpointCorruptError(RuntimeError):
+    """Every checkpoint of a run directory is unreadable; the message names each file and why."""
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator a training step may draw from."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save_training_state(run_dir: str | Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` as the newest checkpoint, keeping the previous one as a fallback."""
+    run_dir = Path(run_dir)
+    last, prev = run_dir / CHECKPOINT_LAST, run_dir / CHECKPOINT_PREV
+    if last.exists():
+        os.replace(last, prev)  # atomic: a crash here leaves prev complete and no last
+    atomic_torch_save({"format": STATE_FORMAT, **state}, last)
+    return last
+
+
+def _read_state(path: Path, map_location: Any) -> dict[str, Any]:
+    # weights_only=False: the file holds our own RNG states and config (python objects), not foreign data.
+    state = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"not a training checkpoint of format {STATE_FORMAT!r} (found {found!r})")
+    for key in ("step", "model", "optimizer", "config"):
+        if key not in state:
+            raise ValueError(f"training checkpoint lacks {key!r}")
+    return state
+
+
+def model_weights_of_training_state(path: str | Path) -> dict[str, torch.Tensor] | None:
+    """The model state dict inside a training checkpoint of this project, or None for any other file."""
+    try:
+        return _read_state(Path(path), "cpu")["model"]
+    except Exception:  # not ours (or unreadable): the caller reports its own error
+        return None
+
+
+def load_latest_state(run_dir: str | Path, map_location: Any = "cpu") -> dict[str, Any] | None:
+    """The newest valid training state in ``run_dir``, or None when there is none at all.
+
+    Corrupt candidates are reported with a warning; if every candidate is corrupt, raise
+    CheckpointCorruptError (a RuntimeError) rather than silently starting over (that would overwrite the work the files stand for).
+    """
+    run_dir = Path(run_dir)
+    candidates = [run_dir / CHECKPOINT_LAST, run_dir / CHECKPOINT_PREV]
+    present = [p for p in candidates if p.exists()]
+    if not present:
+        return None
+    loaded, problems = [], []
+    for path in present:
+        try:
+            loaded.append((path, _read_state(path, map_location)))
+        except Exception as exc:  # any failure to unpickle means "corrupt", whatever its exception type
+            problems.append(f"{path}: {type(exc).__name__}: {exc}")
+    if not loaded:
+        raise CheckpointCorruptError("no readable training checkpoint in {}:\n  {}\nmove the files aside "
+                                     "to start over".format(run_dir, "\n  ".join(problems)))
+    path, state = max(loaded, key=lambda item: item[1]["step"])
+    if problems:
+        moved = ""
+        last = run_dir / CHECKPOINT_LAST
+        if last.exists() and all(p != last for p, _ in loaded):
+            # The next save rotates last -> prev: a corrupt last must not replace the valid prev.
+            os.replace(last, run_dir / CHECKPOINT_CORRUPT)
+            moved = f"\nmoved the unreadable {last.name} aside to {CHECKPOINT_CORRUPT}"
+        warnings.warn("ignoring unreadable checkpoint(s):\n  {}\nresuming from {} (step {}){}".format(
+            "\n  ".join(problems), path, state["step"], moved), stacklevel=2)
+    state["_path"] = str(path)
+    return state
+
+
+def coder_ready_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """CPU state dict of a copy of ``model`` with its entropy-coder tables built (``update(force=True)``).
+
+    A copy, so the training model (and its RNG use, device and mode) is untouched.
+    """
+    export = copy.deepcopy(model).to("cpu").eval()
+    export.update(force=True)
+    return export.state_dict()  # the copy is discarded, so its tensors need no second copy
+
+
+def save_best_model(model: torch.nn.Module, run_dir: str | Path) -> Path:
+    path = Path(run_dir) / BEST_MODEL
+    atomic_torch_save(coder_ready_state_dict(model), path)
+    return path

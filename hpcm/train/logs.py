@@ -1,0 +1,183 @@
+"""Training logs: ``metrics.csv`` (always) and wandb (offline by default, online when configured).
+
+metrics.csv has one fixed header for every variant (cells that do not apply stay empty), so the
+analysis code reads all runs alike. A resumed run first drops the rows logged after its checkpoint
+(they will be logged again), then appends.
+
+wandb keys are those of the seed code: ``train/loss``, ``test/loss``, ``train/distortion``,
+``train/bpp_loss``, ``train/psnr``, ``train/task_weight_distortion``, ``train/task_weight_bpp``,
+and for Phase 3 ``s1_distortion`` ... ``s3_bpp``, ``task_weights``, ``scale_contributions``
+(also as ``scale_contrib/s1..s3``). Runs are grouped by variant and named by lambda. This module
+never reads, stores or prints the API key; wandb finds it itself (``WANDB_API_KEY`` or netrc).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+from hpcm.util.io import atomic_write_text
+from hpcm.config.tasks import SCALES, SEED_TASK_NAMES
+
+METRIC_COLUMNS = (
+    # loss: mean over the logging window; loss_std (ddof=0) and loss_steps describe that window's
+    # per-step losses, so the stability table can pool the per-step spread exactly.
+    "step", "epoch", "lr", "loss", "loss_std", "loss_steps", "distortion", "bpp", "y_bpp", "z_bpp",
+    "mse", "psnr",
+    "val_loss", "val_distortion", "val_bpp", "val_psnr",
+    "task_weight_distortion", "task_weight_bpp",
+    *(f"task_weight_{t}" for t in SEED_TASK_NAMES),
+    "gamma", *(f"gamma_{s}" for s in SCALES),
+    *SEED_TASK_NAMES,
+    *(f"scale_contribution_{s}" for s in SCALES),
+    "skipped_steps", "step_time",
+)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else str(value)
+    return str(value)
+
+
+class MetricsCSV:
+    """Append-only metrics table that survives crashes and resumes without duplicate rows."""
+
+    def __init__(self, path: str | Path, resume_step: int = 0):
+        self.path = Path(path)
+        kept: list[dict[str, str]] = []
+        if self.path.exists() and resume_step > 0:
+            kept = [row for row in self._read_rows() if int(row["step"]) <= resume_step]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(kept)
+        atomic_write_text(self.path, buffer.getvalue())
+        self._handle = open(self.path, "a", newline="")
+        self._writer = csv.DictWriter(self._handle, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+
+    def _read_rows(self) -> list[dict[str, str]]:
+        rows = []
+        with open(self.path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None or list(reader.fieldnames) != list(METRIC_COLUMNS):
+                return []  # a foreign or empty file: start the table afresh
+            for row in reader:
+                # a line cut by a crash has missing cells (None) or a non-integer step: drop it
+                if None in row.values() or not (row.get("step") or "").isdigit():
+                    continue
+                rows.append(row)
+        return rows
+
+    def write(self, row: dict[str, Any]) -> None:
+        unknown = set(row) - set(METRIC_COLUMNS)
+        if unknown:
+            raise KeyError(f"metrics.csv has no column(s) {sorted(unknown)}")
+        self._writer.writerow({k: _cell(row.get(k)) for k in METRIC_COLUMNS})
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def wandb_payload(row: dict[str, Any], prefix_val: bool = True) -> dict[str, Any]:
+    """Map a metrics row to the seed's wandb keys (missing values are left out)."""
+    out: dict[str, Any] = {}
+
+    def put(key: str, column: str) -> None:
+        if row.get(column) is not None:
+            out[key] = row[column]
+
+    for key, column in (("train/loss", "loss"), ("train/distortion", "distortion"), ("train/bpp_loss", "bpp"),
+                        ("train/psnr", "psnr"), ("train/y_bpp", "y_bpp"), ("train/z_bpp", "z_bpp"),
+                        ("train/lr", "lr"), ("train/skipped_steps", "skipped_steps"),
+                        ("train/step_time", "step_time"), ("train/task_weight_distortion", "task_weight_distortion"),
+                        ("train/task_weight_bpp", "task_weight_bpp"), ("train/gamma", "gamma")):
+        put(key, column)
+    if prefix_val:
+        for key, column in (("test/loss", "val_loss"), ("test/distortion", "val_distortion"),
+                            ("test/bpp_loss", "val_bpp"), ("test/psnr", "val_psnr")):
+            put(key, column)
+    for task in SEED_TASK_NAMES:
+        put(task, task)
+    weights = {t: row[f"task_weight_{t}"] for t in SEED_TASK_NAMES if row.get(f"task_weight_{t}") is not None}
+    if weights:
+        out["task_weights"] = weights
+    contributions = {s: row[f"scale_contribution_{s}"] for s in SCALES
+                     if row.get(f"scale_contribution_{s}") is not None}
+    if contributions:
+        out["scale_contributions"] = contributions
+        for scale, value in contributions.items():
+            out[f"scale_contrib/{scale}"] = value
+    gammas = {s: row[f"gamma_{s}"] for s in SCALES if row.get(f"gamma_{s}") is not None}
+    if gammas:
+        out["gammas"] = gammas
+    return out
+
+
+class WandbLogger:
+    """Thin wandb wrapper; ``mode='disabled'`` never imports wandb (tests, minimal installs)."""
+
+    def __init__(self, cfg: dict[str, Any], run_dir: Path, resolved_config: dict[str, Any]):
+        self.run = None
+        if cfg["wandb_mode"] == "disabled":
+            return
+        import wandb
+
+        id_file = run_dir / "wandb_run_id"
+        if id_file.exists():
+            run_id = id_file.read_text().strip()
+        else:
+            run_id = secrets.token_hex(8)  # wandb run ids: lowercase letters and digits
+            atomic_write_text(id_file, run_id + "\n")
+        self.run = wandb.init(
+            mode=cfg["wandb_mode"], project=cfg["wandb_project"], entity=cfg["wandb_entity"],
+            group=cfg["variant"], name=f"lmbda{cfg['lmbda']}", id=run_id, resume="allow",
+            dir=str(run_dir), config=resolved_config,
+            settings=wandb.Settings(silent=bool(cfg["quiet"]), console="off"))
+
+    def log(self, row: dict[str, Any], step: int) -> None:
+        if self.run is not None:
+            self.run.log(wandb_payload(row), step=step)
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=exit_code)
+            self.run = None
+
+
+def log_line(row: dict[str, Any], total_steps: int) -> str:
+    """One compact line per logged step for quiet (cluster) mode."""
+    parts = [f"step {row['step']}/{total_steps}"]
+    for column, fmt in (("loss", ".4f"), ("bpp", ".4f"), ("psnr", ".2f"), ("lr", ".2e"), ("val_loss", ".4f"),
+                        ("val_bpp", ".4f"), ("val_psnr", ".2f"), ("skipped_steps", "d"), ("step_time", ".3f")):
+        value = row.get(column)
+        if value is not None:
+            parts.append(f"{column} {value:{fmt}}")
+    return " | ".join(parts)
+
+
+def print_err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def git_commit(path: str | Path) -> str:
+    """The commit of the repository holding ``path`` (with ``-dirty``), or 'unknown' outside git."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+

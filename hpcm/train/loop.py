@@ -1,0 +1,539 @@
+"""Train one (variant, lambda) run of HPCM: ``python -m hpcm.train --config RUN.yaml --output-dir DIR``.
+
+    python -m hpcm.train --config RUN.yaml --output-dir DIR [--set key=value ...]
+
+This module only wires the pieces together: models (``hpcm.models``), optimizers (``hpcm.optim``),
+losses (``hpcm.losses``), schedules (``hpcm.schedules``), data (``hpcm.data``), checkpoints
+(``hpcm.checkpointing``) and logs (``hpcm.logging_utils``). The run-config keys, their defaults and
+the variant presets are listed by ``--help`` and documented in ``hpcm.run_config``.
+
+Recipe (every variant, so that comparisons are fair): lr 1e-4 dropped to 3e-5 / 1e-5 / 1e-6 at the
+fractions 2750/3000, 2850/3000, 2950/3000 of the run (official HPCM), gradient-norm clip 1.0,
+batches whose gradient norm is not finite are skipped (and counted, with no task-weight update).
+
+Writes in DIR: ``metrics.csv`` (window means per logged step, plus ``loss_std``/``loss_steps``
+of the window's per-step losses), ``checkpoint_last.pth.tar`` (+ ``checkpoint_prev.pth.tar``, the
+fallback), ``epoch_best.pth.tar`` (official-layout state dict with coder tables built, best
+validation loss), ``balanced_state_best.pth`` (balanced optimizers), ``run.yaml`` (resolved config,
+package version, git commit), wandb files (``wandb/``), and ``done``, written last.
+
+Never lose work: a checkpoint every ``checkpoint_every`` steps and at the end; re-running the same
+command resumes from the newest valid checkpoint (a finished run, with ``done``, is a no-op).
+SIGTERM / SIGINT (e.g. SLURM pre-emption) finish the current step, save and exit with
+``EXIT_INTERRUPTED``. The data order is a pure function of (seed, step), and every RNG state is
+checkpointed, so on CPU a resumed run ends with the same weights as an uninterrupted one.
+
+Exit codes: 0 finished (or already finished), 2 bad command line / config / data (nothing was
+done; also every checkpoint unreadable, or an image unreadable mid-run after saving the state),
+75 interrupted by SIGTERM/SIGINT after saving a checkpoint (EX_TEMPFAIL: re-run to
+resume), 1 anything else (a crash; the last checkpoint is intact).
+"""
+
+from __future__ import annotations
+
+
+import argparse
+import random
+import math
+import signal
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+import hpcm
+from hpcm import models, optim
+from hpcm.data import images as data
+from hpcm.config import run_config
+from hpcm.config.tasks import SCALES, SEED_TASK_NAMES
+from hpcm.train import checkpoints as checkpointing
+from hpcm.train import losses, schedules
+from hpcm.train.logs import MetricsCSV, WandbLogger, git_commit, log_line, print_err
+from hpcm.util.device import DeviceUnavailableError, pick_device
+from hpcm.util.io import atomic_write_text
+
+__doc__ = (__doc__ or "") + "\n" + run_config.help_text()  # every key, also in help(hpcm.train)
+
+EXIT_OK = 0
+EXIT_CRASH = 1
+EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 75  # sysexits EX_TEMPFAIL: state saved, run the same command again to resume
+
+DONE_MARKER = "done"
+METRICS_CSV = "metrics.csv"
+# Running sums kept on the device between log rows (no per-step host sync): column -> loss-dict key.
+# The loss comes first (its square is summed too, for loss_std); the scale tasks only in Phase 3.
+TRAIN_SUMS = {"loss": "loss", "distortion": "distortion", "bpp": "bpp_loss", "y_bpp": "y_bpp", "z_bpp": "z_bpp",
+              "mse": "mse", "psnr": "psnr", **{task: task for task in SEED_TASK_NAMES}}
+
+
+class StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop saves at the next step boundary. A second signal aborts."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # a second signal: stop now (the last checkpoint is intact)
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> "StopFlag":
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def load_initial_model(path: str, name: str) -> torch.nn.Module:
+    """Weights to fine-tune from: official raw state dicts, epoch_best files, or a training checkpoint."""
+    try:
+        return models.load_checkpoint(path, name=name)
+    except models.CheckpointError:
+        weights = checkpointing.model_weights_of_training_state(path)
+        if weights is None:
+            raise
+        model = models.build_model(name)
+        for key, param in model.named_parameters():  # name the first misfit, not a page of keys
+            if key not in weights or weights[key].shape != param.shape:
+                found = tuple(weights[key].shape) if key in weights else "missing"
+                raise models.CheckpointError(f"{path} does not fit {name}: parameter {key!r} is {found}, "
+                                             f"the model expects {tuple(param.shape)}") from None
+        model.load_state_dict(weights)
+        return model
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- the pieces of a run
+
+class Run:
+    """Everything one training run wires together: ``open_data``, then ``build`` (fresh or from a state)."""
+
+    def __init__(self, cfg: dict[str, Any], out: Path):
+        self.cfg, self.out = cfg, out
+        self.device = pick_device(cfg["device"], "run config: key 'device'")
+        self.cuda = self.device.type == "cuda"
+        if cfg["bf16"] and not self.cuda:
+            warnings.warn("bf16 autocast is only used on CUDA; this CPU run trains in float32", stacklevel=2)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg["bf16"] and self.cuda
+                         else nullcontext())
+        self.balanced = cfg["optimizer"] in run_config.BALANCED_OPTIMIZERS
+        self.hierarchical = cfg["optimizer"] == "hierarchical_balanced"
+        # The TRAIN_SUMS columns of this run (the scale tasks exist in Phase 3 only), and one
+        # buffer that every step's values are stacked into (no per-step allocation).
+        self.sum_columns = [c for c in TRAIN_SUMS if self.hierarchical or c not in SEED_TASK_NAMES]
+        self._sum_keys = [TRAIN_SUMS[c] for c in self.sum_columns]
+        self._step_values = torch.zeros(len(self.sum_columns), device=self.device)
+
+    # -- data (scanned before the model is built: bad data fails before any work)
+    def open_data(self) -> None:
+        cfg = self.cfg
+        self.train_set = data.open_image_set(cfg["train_data"], "train", "train_data", cfg["skip_bad_images"],
+                                             min_size=cfg["patch_size"])
+        self.val_set = data.open_image_set(cfg["val_data"], "val", "val_data", cfg["skip_bad_images"])
+        self.steps_per_epoch = math.ceil(len(self.train_set) / cfg["batch_size"])
+        self.total_steps = cfg["steps"] or cfg["epochs"] * self.steps_per_epoch
+
+    # -- model, objective, optimizer, schedules
+    def build(self, state: dict[str, Any] | None) -> None:
+        cfg = self.cfg
+        seed_everything(cfg["seed"])
+        if state is None and cfg["init_checkpoint"]:
+            # Phase 2 fine-tuning: official raw state dicts and project files alike; fresh optimizer.
+            self.model = load_initial_model(cfg["init_checkpoint"], cfg["model"])
+        else:
+            self.model = models.build_model(cfg["model"])
+        if cfg["patch_size"] % self.model.pad_multiple:
+            raise run_config.ConfigError(
+                f"run config: key 'patch_size' = {cfg['patch_size']!r}: must be a multiple of "
+                f"{self.model.pad_multiple} for model {cfg['model']!r}")
+        self.model.to(self.device)
+        if self.cuda:
+            self.model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True
+        self.model.train()
+
+        self.decomposition = losses.build_decomposition(cfg["decomposition"], cfg["lmbda"]).to(self.device) \
+            if self.hierarchical else None
+        params = list(self.model.parameters())
+        if self.decomposition is not None and hasattr(self.decomposition, "ratio_parameters"):
+            params += self.decomposition.ratio_parameters()  # the seed's learnable ratios train with the model
+        # adam is fused (honours ``found_inf``); CUDA: the other optimizers' skip decisions stay on device
+        self.optimizer = optim.build_optimizer(
+            cfg["optimizer"], params, cfg["lr"], gamma=cfg["gamma"], w_lr=cfg["w_lr"],
+            max_norm=cfg["clip_max_norm"], update_mode=cfg["update_mode"], gammas=cfg["gammas"],
+            scale_weights=cfg["scale_weights"], sync_free=self.cuda)
+        self.params = params
+        self.gamma_schedule = schedules.GammaSchedule(cfg["gamma_schedule"], cfg["gamma"], cfg["gamma_final"],
+                                                      self.total_steps) \
+            if cfg["optimizer"] in ("balanced", "qp") else None
+        self.gamma_manager = schedules.ScaleGammaManager(
+            cfg["gammas"], cfg["gamma_strategy"], total_epochs=self.total_steps,
+            final_gammas=cfg["gammas_final"]) if self.hierarchical else None
+
+        # bookkeeping restored from a checkpoint
+        self.step = 0
+        self.best_val_loss = math.inf
+        self.skipped = torch.zeros((), device=self.device)  # skipped steps of adam / cautious_adam
+        self.epoch_scale_losses = torch.zeros(3, device=self.device)  # adaptive gamma strategy input
+        if state is not None:
+            self.restore(state)
+        if self.gamma_manager is not None and self.gamma_manager.strategy == "fixed":
+            # Constant gammas: set once here (after a restore too) instead of every step.
+            self.optimizer.set_scale_gammas(*self.gamma_manager.step(0).values())
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.decomposition is not None:
+            self.decomposition.load_state_dict(state["decomposition"])
+        if self.gamma_manager is not None:
+            self.gamma_manager.load_state_dict(state["gamma_manager"])
+        self.step = int(state["step"])
+        self.best_val_loss = float(state["best_val_loss"])
+        self.skipped.fill_(float(state["skipped_steps"]))
+        self.epoch_scale_losses.copy_(state["epoch_scale_losses"].to(self.device))
+        checkpointing.set_rng_state(state["rng"])
+
+    def training_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "epoch": self.epoch(self.step), "total_steps": self.total_steps,
+            "config": self.cfg, "hpcm_version": hpcm.__version__,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "decomposition": None if self.decomposition is None else self.decomposition.state_dict(),
+            "gamma_manager": None if self.gamma_manager is None else self.gamma_manager.state_dict(),
+            "lr": self.lr_at(self.step + 1),  # the schedule is a pure function of step; kept for readers
+            "best_val_loss": self.best_val_loss, "skipped_steps": self.skipped_steps(),
+            "epoch_scale_losses": self.epoch_scale_losses.detach().cpu(),
+            "data_sampler": {"seed": self.cfg["seed"], "next_step": self.step + 1},
+            "rng": checkpointing.rng_state(),
+        }
+
+    # -- schedules (pure functions of the step)
+    def lr_at(self, step: int) -> float:
+        cfg = self.cfg
+        return schedules.lr_at(step - 1, self.total_steps, cfg["lr"], cfg["lr_milestones"], cfg["lr_values"])
+
+    def epoch(self, step: int) -> int:
+        return data.epoch_of(step, self.cfg["batch_size"], len(self.train_set))
+
+    def apply_schedules(self, step: int) -> float:
+        lr = self.lr_at(step)
+        schedules.set_lr(self.optimizer, lr)
+        progress_step = step - 1
+        if self.gamma_schedule is not None:
+            self.gamma_schedule.apply(self.optimizer, progress_step)
+        if self.gamma_manager is not None and self.gamma_manager.strategy not in ("adaptive", "fixed"):
+            self.optimizer.set_scale_gammas(*self.gamma_manager.step(progress_step).values())
+        return lr
+
+    def adapt_gammas_at_epoch_end(self, step: int) -> None:
+        """The adaptive strategy moves once per epoch on the epoch's mean scale losses (as the seed)."""
+        if self.gamma_manager is None or self.gamma_manager.strategy != "adaptive":
+            return
+        if step % self.steps_per_epoch and step != self.total_steps:
+            return
+        means = (self.epoch_scale_losses / self.steps_per_epoch).tolist()
+        self.epoch_scale_losses.zero_()
+        gammas = self.gamma_manager.step(step, dict(zip(SCALES, means)))
+        self.optimizer.set_scale_gammas(*gammas.values())
+
+    def skipped_steps(self) -> int:
+        """Batches skipped for a non-finite gradient norm (or non-finite losses), so far."""
+        if self.balanced:
+            return int(self.optimizer.skipped_steps)
+        return int(self.skipped.item())
+
+    def stack_metrics(self, metrics: dict[str, torch.Tensor]) -> torch.Tensor:
+        """This step's values of ``sum_columns`` (float32), in a buffer reused by the next step."""
+        try:
+            return torch.stack([metrics[key].detach() for key in self._sum_keys], out=self._step_values)
+        except KeyError as error:
+            raise KeyError(
+                f"the loss of optimizer {self.cfg['optimizer']!r} (decomposition {self.cfg['decomposition']!r}) "
+                f"returned no {error.args[0]!r}, needed for metrics.csv column(s) "
+                f"{[c for c, k in zip(self.sum_columns, self._sum_keys) if k == error.args[0]]}; "
+                f"it returned {sorted(metrics)}") from None
+
+    # -- one optimisation step
+    def objective(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """Forward pass -> (metrics dict, task vector or None for the plain-loss optimizers)."""
+        with self.autocast:
+            out = self.model(x)
+        if self.cfg["bf16"] and self.cuda:  # losses and bit counts in float32, whatever autocast produced
+            out = {"x_hat": out["x_hat"].float(), "likelihoods": {k: v.float() for k, v in out["likelihoods"].items()}}
+        if self.decomposition is not None:
+            bits = self.model.scale_bits(out["likelihoods"]["y"]) if self.cfg["decomposition"] == "measured" else None
+            tasks, details = self.decomposition(out, x, scale_bits=bits)
+            return details, tasks
+        rd = losses.rate_distortion(out, x, self.cfg["lmbda"])
+        tasks = torch.stack([rd["distortion"], rd["bpp_loss"]]) if self.balanced else None
+        return rd, tasks
+
+    def train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        optimizer = self.optimizer
+        optimizer.zero_grad(set_to_none=True)
+        metrics, tasks = self.objective(x)
+        if self.balanced:
+            optimizer.backward_with_task_balancing(tasks, self.params)
+            optimizer.step(task_losses=tasks)
+            # sync_free (CUDA) never reads last_step_skipped: the update then skips on the device
+            # (after a skipped step this extra forward draws noise: RNG streams then differ from CPU)
+            if optimizer.needs_second_forward and (optimizer.sync_free or not optimizer.last_step_skipped):
+                # official same_batch update: losses of the updated model on the same batch
+                with torch.no_grad():
+                    _, new_tasks = self.objective(x)
+                optimizer.update_task_weights(new_tasks.detach())
+        else:
+            metrics["loss"].backward()
+            max_norm = self.cfg["clip_max_norm"] or math.inf
+            norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+            found_inf = (~torch.isfinite(norm)).float()
+            if isinstance(optimizer, torch.optim.Adam):
+                optimizer.found_inf = found_inf  # fused Adam skips the update on device
+                optimizer.step()
+            elif optimizer.sync_free:  # CautiousAdam on CUDA: the skip is decided on the device
+                optimizer.sync_free_step(grads_are_finite=torch.isfinite(norm))  # the clip norm: no second pass
+            elif not bool(found_inf):  # CautiousAdam on CPU: one scalar read (free there)
+                optimizer.step()
+            self.skipped += found_inf
+        if self.hierarchical:
+            scale = torch.stack([metrics["s1_d"] + metrics["s1_b"], metrics["s2_d"] + metrics["s2_b"], metrics["s3_b"]])
+            self.epoch_scale_losses += scale.detach().float()
+        return metrics
+
+    # -- validation on full images (padded to the model multiple), estimated rate
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        self.model.eval()
+        sums = torch.zeros(4, device=self.device)
+        count = 0
+        for _, x in data.validation_images(self.val_set, self.cfg["skip_bad_images"]):
+            x = x.to(self.device)
+            padded, pad = models.pad_image(x, self.model.pad_multiple)
+            if self.cuda:
+                padded = padded.contiguous(memory_format=torch.channels_last)
+            with self.autocast:
+                out = self.model(padded)
+            out = {"x_hat": models.crop_image(out["x_hat"], pad).float(), "likelihoods": out["likelihoods"]}
+            rd = losses.rate_distortion(out, x, self.cfg["lmbda"])  # bpp over the original pixels
+            sums += torch.stack([rd["loss"], rd["distortion"], rd["bpp_loss"], rd["psnr"]]).float()
+            count += 1
+        self.model.train()
+        if count == 0:
+            raise data.ImageError(f"no readable validation image in val_data = {self.cfg['val_data']!r}")
+        loss, distortion, bpp, psnr = (sums / count).tolist()
+        return {"val_loss": loss, "val_distortion": distortion, "val_bpp": bpp, "val_psnr": psnr}
+
+    # -- reporting
+    def weight_columns(self) -> dict[str, Any]:
+        row: dict[str, Any] = {}
+        if not self.balanced:
+            return row
+        weights = self.optimizer.get_task_weights()
+        if self.hierarchical:
+            row.update({f"task_weight_{t}": v for t, v in weights.items()})
+            row.update({f"gamma_{s}": v for s, v in self.optimizer.scale_gammas.items()})
+            row.update({f"scale_contribution_{s}": v for s, v in self.optimizer.get_scale_contributions().items()})
+        else:
+            row.update({"task_weight_distortion": weights["distortion"], "task_weight_bpp": weights["bpp"],
+                        "gamma": self.optimizer.gamma})
+        return row
+
+
+# ----------------------------------------------------------------------------- the training loop
+
+def write_run_yaml(run: Run, resumed_from: int) -> None:
+    meta = {
+        "hpcm_version": hpcm.__version__, "git_commit": git_commit(Path(__file__).resolve().parent),
+        "torch_version": str(torch.__version__), "device": str(run.device), "total_steps": run.total_steps,
+        "steps_per_epoch": run.steps_per_epoch, "train_images": len(run.train_set),
+        "val_images": len(run.val_set), "resumed_from_step": resumed_from,
+        "command": " ".join(sys.argv),
+    }
+    atomic_write_text(run.out / run_config.RUN_YAML, yaml.safe_dump({**run.cfg, "meta": meta}, sort_keys=False))
+
+
+def save_checkpoint(run: Run) -> None:
+    checkpointing.save_training_state(run.out, run.training_state())
+
+
+def save_best(run: Run) -> None:
+    checkpointing.save_best_model(run.model, run.out)
+    if run.balanced:  # the seed's writer of the official balanced_state_best.pth (atomic)
+        run.optimizer.save_state(run.out / checkpointing.BEST_BALANCED_STATE)
+
+
+def train(run: Run, stop: StopFlag) -> int:
+    cfg, out = run.cfg, run.out
+    start_step = run.step
+    metrics_csv = MetricsCSV(out / METRICS_CSV, resume_step=start_step)
+    wandb_logger = WandbLogger(cfg, out, {**cfg, "total_steps": run.total_steps})
+    loader = data.train_loader(run.train_set, cfg["patch_size"], cfg["batch_size"], cfg["seed"], run.total_steps,
+                               start_step=start_step, num_workers=cfg["num_workers"],
+                               skip_bad_images=cfg["skip_bad_images"], pin_memory=run.cuda)
+    bar = tqdm(total=run.total_steps, initial=start_step, disable=cfg["quiet"], desc=f"{cfg['variant']} "
+               f"lmbda={cfg['lmbda']}", dynamic_ncols=True, file=sys.stderr)
+    # Window sums of the run's TRAIN_SUMS metrics, then of loss**2 (for loss_std), on the device:
+    # the only host sync is the .tolist() of a logged step. float64 so that the variance (mean of
+    # squares minus squared mean) does not cancel away over long windows; the float32 step values
+    # are added (and the loss squared) in float64 by type promotion, in place.
+    sums = torch.zeros(len(run.sum_columns) + 1, dtype=torch.float64, device=run.device)
+    window_sums, loss_square_sum = sums[:-1], sums[-1:]
+    logged_steps, last_log_time = 0, time.perf_counter()
+    exit_code = EXIT_CRASH
+    try:
+        for x in loader:
+            step = run.step + 1
+            lr = run.apply_schedules(step)
+            x = x.to(run.device, non_blocking=True)
+            if run.cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            metrics = run.train_step(x)
+            stacked = run.stack_metrics(metrics)
+            window_sums += stacked
+            loss_square_sum.addcmul_(stacked[:1], stacked[:1])  # TRAIN_SUMS starts with the loss
+            run.step = step
+            logged_steps += 1
+            run.adapt_gammas_at_epoch_end(step)
+            bar.update(1)
+
+            last = step == run.total_steps
+            row: dict[str, Any] | None = None
+            if step % cfg["log_every"] == 0 or last or stop.signum is not None:
+                now = time.perf_counter()
+                *window_means, mean_square = (sums / logged_steps).tolist()
+                means = dict(zip(run.sum_columns, window_means))
+                # std (ddof=0) of the per-step losses of this window, and its size, so that
+                # hpcm.tables pools the per-step spread exactly (the row's loss is only a mean).
+                loss_std = math.sqrt(max(mean_square - means["loss"] ** 2, 0.0))
+                row = {"step": step, "epoch": run.epoch(step), "lr": lr, **means,
+                       "loss_std": loss_std, "loss_steps": logged_steps,
+                       "skipped_steps": run.skipped_steps(), "step_time": (now - last_log_time) / logged_steps,
+                       **run.weight_columns()}
+                sums.zero_()
+                logged_steps, last_log_time = 0, now
+            if step % cfg["val_every"] == 0 or last:
+                val = run.validate()
+                row = {**(row or {"step": step, "epoch": run.epoch(step), "lr": lr}), **val}
+                if val["val_loss"] < run.best_val_loss:
+                    run.best_val_loss = val["val_loss"]
+                    save_best(run)
+                last_log_time = time.perf_counter()  # validation time is not step time
+            if row is not None:
+                metrics_csv.write(row)
+                wandb_logger.log(row, step)
+                if "loss" in row:  # validation-only rows carry no training loss
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", bpp=f"{row['bpp']:.4f}", psnr=f"{row['psnr']:.2f}",
+                                    refresh=False)
+                if cfg["quiet"]:
+                    print_err(log_line(row, run.total_steps))
+            if step % cfg["checkpoint_every"] == 0 or last or stop.signum is not None:
+                save_checkpoint(run)
+            if stop.signum is not None and not last:
+                print_err(f"received {signal.Signals(stop.signum).name}: checkpoint saved at step {step}; "
+                          f"re-run the same command to resume (exit code {EXIT_INTERRUPTED})")
+                exit_code = EXIT_INTERRUPTED
+                return exit_code
+        if run.step < run.total_steps:  # the loader ended early: should not happen
+            raise RuntimeError(f"data loader stopped at step {run.step} of {run.total_steps}")
+        if not (out / checkpointing.BEST_MODEL).exists():  # e.g. val loss never finite
+            save_best(run)
+        atomic_write_text(out / DONE_MARKER, f"finished {run.total_steps} steps; best val loss "
+                                             f"{run.best_val_loss!r}\n")
+        exit_code = EXIT_OK
+        return exit_code
+    except data.ImageError:
+        # Raised while fetching the next batch: every finished step is consistent, keep them.
+        if run.step > start_step:
+            save_checkpoint(run)
+        raise
+    finally:
+        bar.close()
+        metrics_csv.close()
+        wandb_logger.finish(exit_code=0 if exit_code in (EXIT_OK, EXIT_INTERRUPTED) else exit_code)
+
+
+def run_training(cfg: dict[str, Any], out: Path) -> int:
+    """Resume or start the run in ``out``; returns the exit code."""
+    if (out / DONE_MARKER).exists():
+        print_err(f"{out} is finished ({DONE_MARKER} exists); nothing to do")
+        return EXIT_OK
+    with StopFlag() as stop:
+        try:
+            run = Run(cfg, out)
+            run.open_data()
+            state = checkpointing.load_latest_state(out, map_location="cpu")
+            if state is not None:
+                problem = run_config.resume_mismatch(state["config"], cfg)
+                if problem:
+                    raise run_config.ConfigError(problem)
+            run.build(state)
+            if state is not None and state["total_steps"] != run.total_steps:
+                raise run_config.ConfigError(
+                    f"the run length changed from {state['total_steps']} steps (checkpoint) to {run.total_steps} "
+                    f"(epochs = {cfg['epochs']!r} over {len(run.train_set)} training images); restore the data "
+                    "or use a new output directory")
+        except (run_config.ConfigError, DeviceUnavailableError, data.DataConfigError, data.ImageError, models.CheckpointError,
+                checkpointing.CheckpointCorruptError) as exc:
+            print_err(f"error: {exc}")
+            return EXIT_CONFIG
+        out.mkdir(parents=True, exist_ok=True)
+        resumed = 0 if state is None else run.step
+        if state is not None:
+            print_err(f"resuming {out} from step {run.step} ({state['_path']})")
+        write_run_yaml(run, resumed)
+        try:
+            return train(run, stop)
+        except data.ImageError as exc:  # an image that became unreadable mid-run (state was saved)
+            saved = f"training state saved at step {run.step}; " if run.step else ""
+            print_err(f"error: {exc}\n{saved}fix or remove the image (or set skip_bad_images) and re-run "
+                      "the same command to resume")
+            return EXIT_CONFIG
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m hpcm.train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train one (variant, lambda) HPCM run; re-run the same command to resume.",
+        epilog=run_config.help_text() + f"\n\nexit codes: {EXIT_OK} finished (or already finished), "
+        f"{EXIT_CONFIG} bad command line/config/data (nothing done; or no readable checkpoint, or an "
+        f"image unreadable mid-run after saving the state), {EXIT_INTERRUPTED} stopped by "
+        f"SIGTERM/SIGINT after saving a checkpoint (re-run to resume), {EXIT_CRASH} crash.")
+    parser.add_argument("--config", help="run config YAML (flat key: value mapping); omitted = defaults only")
+    parser.add_argument("--output-dir", required=True, help="run directory (created; resumed when it has a checkpoint)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a run-config key (repeatable; the value is YAML, lists as [a,b])")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = run_config.load(args.config, args.overrides)
+    except run_config.ConfigError as exc:
+        print_err(f"error: {exc}")
+        return EXIT_CONFIG
+    return run_training(cfg, Path(args.output_dir))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

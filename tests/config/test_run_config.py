@@ -1,0 +1,152 @@
+"""Run config: defaults, presets, --set parsing, types and impossible values; metrics/wandb logging."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from hpcm.config import run_config
+from hpcm.train import logs as logging_utils
+from hpcm.config.run_config import ConfigError
+
+
+def resolve(**user):
+    return run_config.resolve({"steps": 10, **user})
+
+
+def test_defaults_follow_the_official_recipe():
+    cfg = resolve()
+    assert cfg["optimizer"] == "adam" and cfg["lr"] == 1e-4 and cfg["clip_max_norm"] == 1.0
+    assert cfg["lr_milestones"] == [2750 / 3000, 2850 / 3000, 2950 / 3000]
+    assert cfg["lr_values"] == [3e-5, 1e-5, 1e-6]
+    assert cfg["patch_size"] == 256 and cfg["batch_size"] == 32 and cfg["wandb_mode"] == "offline"
+
+
+def test_variant_presets_sit_under_user_values():
+    assert resolve(variant="phase1")["optimizer"] == "balanced"
+    phase2 = resolve(variant="phase2")
+    assert phase2["gamma_schedule"] == "cosine" and phase2["gamma_final"] == 0.001
+    assert resolve(variant="phase3")["optimizer"] == "hierarchical_balanced"
+    assert resolve(variant="phase1", gamma=0.006)["gamma"] == 0.006
+    ablation = resolve(variant="study1_s1", optimizer="hierarchical_balanced", scale_weights=[0.5, 0.3, 0.2])
+    assert ablation["variant"] == "study1_s1" and ablation["scale_weights"] == [0.5, 0.3, 0.2]
+
+
+def test_scale_weights_and_gammas_may_name_the_ablation_presets():
+    # the seed's Study 1 / Study 2 values (issue 3), also the defaults (s2 emphasis, decreasing)
+    cfg = run_config.load(None, ["steps=3", "scale_weights=s3_emphasis", "gammas=uniform"])
+    assert cfg["scale_weights"] == [0.2, 0.3, 0.5] and cfg["gammas"] == [0.006, 0.006, 0.006]
+    assert resolve()["scale_weights"] == [0.3, 0.4, 0.3] and resolve()["gammas"] == [0.008, 0.006, 0.004]
+    assert "or a Study 1 preset: equal, s1_emphasis, s2_emphasis, s3_emphasis" in run_config.help_text()
+
+
+def test_set_values_are_yaml_and_numbers_in_exponent_form_work(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("lmbda: 0.0067\nsteps: 5\nlr: 1e-4\n")
+    cfg = run_config.load(config, ["gammas=[0.004, 0.006, 0.008]", "lr=2e-4", "bf16=true", "init_checkpoint=null",
+                                   "lr_milestones=[0.5]", "lr_values=[1e-5]"])
+    assert cfg["lmbda"] == 0.0067 and cfg["lr"] == 2e-4 and cfg["bf16"] is True
+    assert cfg["gammas"] == [0.004, 0.006, 0.008] and cfg["init_checkpoint"] is None
+    assert isinstance(cfg["steps"], int)
+
+
+@pytest.mark.parametrize("user, fragments", [
+    ({"bogus": 1}, ["unknown key 'bogus'", "1"]),
+    ({"lmbda": "a lot"}, ["'lmbda'", "'a lot'", "number"]),
+    ({"batch_size": 2.5}, ["'batch_size'", "2.5", "integer"]),
+    ({"batch_size": True}, ["'batch_size'", "True"]),
+    ({"lmbda": 0.0}, ["'lmbda'", "0.0", "> 0"]),
+    ({"gammas": [0.1, 0.2]}, ["'gammas'", "[0.1, 0.2]", "3 values"]),
+    ({"gammas": "flat"}, ["'gammas'", "'flat'", "uniform, increasing, decreasing"]),
+    ({"scale_weights": "equal", "gammas": "equal"}, ["'gammas'", "'equal'", "study2_gammas"]),
+    ({"update_mode": "later"}, ["'update_mode'", "'later'", "same_batch"]),
+    ({"lr_milestones": [0.9, 0.5], "lr_values": [1, 2]}, ["'lr_milestones'", "increasing"]),
+    ({"lr_values": [1e-5]}, ["'lr_milestones'", "'lr_values'", "same length"]),
+    ({"gamma_schedule": "cosine"}, ["'gamma_schedule'", "'gamma_final'"]),
+    ({"device": "tpu"}, ["'device'", "'tpu'"]),
+    ({"train_data": "/no/such/folder"}, ["'train_data'", "'/no/such/folder'", "does not exist"]),
+    ({"quiet": "maybe"}, ["'quiet'", "'maybe'"]),
+    ({"lmbda": float("nan")}, ["'lmbda'", "nan", "finite"]),
+])
+def test_bad_values_name_key_and_value(user, fragments):
+    with pytest.raises(ConfigError) as error:
+        resolve(**user)
+    for fragment in fragments:
+        assert fragment in str(error.value), (fragment, str(error.value))
+
+
+def test_run_length_needs_exactly_one_of_steps_and_epochs():
+    with pytest.raises(ConfigError, match="'steps'.*'epochs'"):
+        run_config.resolve({})
+    with pytest.raises(ConfigError, match="'steps'.*'epochs'"):
+        run_config.resolve({"steps": 3, "epochs": 1})
+    assert run_config.resolve({"epochs": 2})["epochs"] == 2
+
+
+def test_bad_set_syntax_and_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        run_config.parse_set(["lmbda"])
+    config = tmp_path / "run.yaml"
+    config.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        run_config.load(config)
+    with pytest.raises(ConfigError, match="cannot read"):
+        run_config.load(tmp_path / "missing.yaml")
+
+
+def test_yaml_1_1_booleans_stay_the_text_typed_for_choice_keys(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("steps: 5\nupdate_mode: on\nbf16: on\nquiet: yes\nskip_bad_images: off\n")
+    with pytest.raises(ConfigError) as error:
+        run_config.load(config)
+    assert "'update_mode' = 'on'" in str(error.value) and "True" not in str(error.value)
+    with pytest.raises(ConfigError, match="'decomposition' = 'off': must be one of"):
+        run_config.load(None, ["steps=5", "decomposition=off"])
+    config.write_text("steps: 5\nbf16: on\nquiet: yes\nskip_bad_images: off\n")
+    cfg = run_config.load(config, ["wandb_mode=disabled"])
+    assert (cfg["bf16"], cfg["quiet"], cfg["skip_bad_images"]) == (True, True, False)
+    assert run_config.load(None, ["steps=5", "bf16=True"])["bf16"] is True
+
+
+def test_resume_mismatch_ignores_bookkeeping_keys_only():
+    saved = resolve()
+    assert run_config.resume_mismatch(saved, {**saved, "num_workers": 0, "quiet": True, "device": "cpu"}) is None
+    assert "'lmbda'" in run_config.resume_mismatch(saved, {**saved, "lmbda": 0.025})
+
+
+def test_metrics_csv_drops_rows_after_the_checkpoint_and_crash_cut_lines(tmp_path):
+    path = tmp_path / "metrics.csv"
+    table = logging_utils.MetricsCSV(path)
+    for step in (1, 2, 3):
+        table.write({"step": step, "loss": 1.0 / step})
+    table.close()
+    with open(path, "a") as handle:
+        handle.write("4,0,0.0001,0.2")  # a line cut short by a crash
+    table = logging_utils.MetricsCSV(path, resume_step=2)
+    table.write({"step": 3, "loss": 0.5, "val_loss": 0.7})
+    table.close()
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["step"] for r in rows] == ["1", "2", "3"]
+    assert rows[-1]["loss"] == "0.5" and rows[-1]["val_loss"] == "0.7" and rows[0]["val_loss"] == ""
+    with pytest.raises(KeyError, match="bogus"):
+        logging_utils.MetricsCSV(path, resume_step=3).write({"step": 4, "bogus": 1})
+
+
+def test_wandb_payload_uses_the_seed_keys():
+    row = {"step": 5, "loss": 1.0, "distortion": 0.8, "bpp": 0.2, "psnr": 30.0, "val_loss": 1.1, "val_bpp": 0.3,
+           "val_psnr": 29.0, "task_weight_distortion": 0.4, "task_weight_bpp": 0.6}
+    payload = logging_utils.wandb_payload(row)
+    for key in ("train/loss", "test/loss", "train/distortion", "train/bpp_loss", "train/psnr",
+                "train/task_weight_distortion", "train/task_weight_bpp", "test/bpp_loss", "test/psnr"):
+        assert key in payload, key
+    seed_tasks = ("s1_distortion", "s1_bpp", "s2_distortion", "s2_bpp", "s3_bpp")  # the seed's wandb keys
+    phase3 = {f"task_weight_{t}": 0.2 for t in seed_tasks}
+    phase3.update({t: 0.1 for t in seed_tasks})
+    phase3.update({"scale_contribution_s1": 0.4, "scale_contribution_s2": 0.4, "scale_contribution_s3": 0.2})
+    payload = logging_utils.wandb_payload(phase3)
+    assert payload["s1_distortion"] == 0.1 and payload["s3_bpp"] == 0.1
+    assert payload["task_weights"]["s2_bpp"] == 0.2
+    assert payload["scale_contributions"] == {"s1": 0.4, "s2": 0.4, "s3": 0.2}
+    assert payload["scale_contrib/s3"] == 0.2

@@ -1,0 +1,140 @@
+"""Dataset preparation: checksums, tampering, archives, atomic placement (no network)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from hpcm.data import datasets
+from tests.paths import KODAK
+
+SUBSET = ["kodim01.png", "kodim02.png", "kodim03.png"]
+needs_kodak = pytest.mark.skipif(not (KODAK / "kodim01.png").is_file(),
+                                 reason="shared Kodak copy not available")
+
+
+@pytest.fixture()
+def kodak_copy(tmp_path):
+    folder = tmp_path / "src"
+    folder.mkdir()
+    for name in SUBSET:
+        shutil.copyfile(KODAK / name, folder / name)
+    return folder
+
+
+@needs_kodak
+def test_pinned_hashes_match_shared_copy_independently():
+    # hashlib directly, not our helper; plus the whole-corpus digest of orchestration.md §5.1
+    listing = "".join(f"{hashlib.sha256((KODAK / n).read_bytes()).hexdigest()}  {n}\n"
+                      for n in sorted(datasets.KODAK_SHA256))
+    assert hashlib.sha256(listing.encode()).hexdigest() == (
+        "3eaa5bd52eb8c894d351cf607028f5d3d80e778fd0267eeff8c73d66539a25d5")
+    assert len(datasets.KODAK_SHA256) == 24
+
+
+@needs_kodak
+def test_prepare_from_folder_and_rerun_is_noop(kodak_copy, tmp_path):
+    out = tmp_path / "kodak"
+    paths = datasets.prepare_kodak(kodak_copy, out, only=SUBSET)
+    assert [p.name for p in paths] == SUBSET
+    assert sorted(p.name for p in out.iterdir()) == SUBSET
+    mtime = (out / SUBSET[0]).stat().st_mtime_ns
+    datasets.prepare_kodak(kodak_copy, out, only=SUBSET)
+    assert (out / SUBSET[0]).stat().st_mtime_ns == mtime
+
+
+@needs_kodak
+def test_tampered_file_is_named_with_both_hashes_and_nothing_is_written(kodak_copy, tmp_path):
+    victim = kodak_copy / "kodim02.png"
+    data = bytearray(victim.read_bytes())
+    data[1000] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    actual = hashlib.sha256(bytes(data)).hexdigest()
+    out = tmp_path / "kodak"
+    with pytest.raises(datasets.ChecksumError) as err:
+        datasets.prepare_kodak(kodak_copy, out, only=SUBSET)
+    message = str(err.value)
+    assert "kodim02.png" in message
+    assert datasets.KODAK_SHA256["kodim02.png"] in message and actual in message
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["src"]  # no staging leftovers
+
+
+@needs_kodak
+def test_prepare_from_url_and_archive(kodak_copy, tmp_path):
+    # file:// exercises the download path without a network.
+    out = tmp_path / "via_url"
+    datasets.prepare_kodak(kodak_copy.as_uri() + "/", out, only=SUBSET[:2])
+    assert sorted(p.name for p in out.iterdir()) == SUBSET[:2]
+    archive = tmp_path / "kodak.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        for name in SUBSET:
+            tf.add(kodak_copy / name, arcname=f"kodak/{name}")
+    out2 = tmp_path / "via_tar"
+    datasets.prepare_kodak(archive, out2, only=SUBSET)
+    datasets.verify_kodak(out2, SUBSET)
+    with pytest.raises(FileNotFoundError, match="kodim04.png"):
+        datasets.prepare_kodak(archive, tmp_path / "x", only=["kodim04"])
+    assert not (tmp_path / "x").exists()
+
+
+def test_unknown_kodak_name():
+    with pytest.raises(ValueError, match="kodim99.png"):
+        datasets.prepare_kodak("/nonexistent", "/tmp/never", only=["kodim99"])
+
+
+def _fake_clic_zip(path: Path, n_images: int = 3) -> str:
+    with zipfile.ZipFile(path, "w") as zf:
+        for i in range(n_images):
+            zf.writestr(f"valid/img{i}.png", f"png-bytes-{i}".encode())
+            zf.writestr(f"valid/._img{i}.png", b"resource fork")
+        zf.writestr("__MACOSX/valid/._img0.png", b"resource fork")
+        zf.writestr("valid/", b"")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_clic_zip_verified_forks_dropped_and_manifest_written(tmp_path, monkeypatch):
+    archive = tmp_path / "clic2020_professional_valid.zip"
+    digest = _fake_clic_zip(archive)
+    out = tmp_path / "clic"
+    hashed = []
+    real_sha256_file = datasets.sha256_file
+    monkeypatch.setattr(datasets, "sha256_file", lambda path: hashed.append(Path(path)) or real_sha256_file(path))
+    paths = datasets.prepare_clic(archive, out, expected_sha256=digest, expected_images=3)
+    assert hashed == [archive]  # the images are hashed from the bytes written, not read back
+    assert sorted(p.name for p in paths) == ["img0.png", "img1.png", "img2.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["SHA256SUMS", "img0.png", "img1.png",
+                                                      "img2.png"]
+    assert (out / "SHA256SUMS").read_text() == "".join(
+        f"{hashlib.sha256(f'png-bytes-{i}'.encode()).hexdigest()}  img{i}.png\n" for i in range(3))
+    assert datasets.verify_manifest(out) == paths
+    (out / "img1.png").write_bytes(b"changed")
+    with pytest.raises(datasets.ChecksumError, match="img1.png"):
+        datasets.verify_manifest(out)
+
+
+def test_clic_checksum_mismatch_names_archive_and_hashes(tmp_path):
+    archive = tmp_path / "src" / "clic2020_professional_valid.zip"
+    archive.parent.mkdir()
+    digest = _fake_clic_zip(archive)
+    out = tmp_path / "clic"
+    with pytest.raises(datasets.ChecksumError) as err:
+        datasets.prepare_clic(archive.parent, out)  # a folder holding the zip; pinned hash
+    assert "clic2020_professional_valid.zip" in str(err.value)
+    assert datasets.CLIC_PRO_VALID_SHA256 in str(err.value) and digest in str(err.value)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@needs_kodak
+def test_cli_prepare_and_verify(kodak_copy, tmp_path, capsys):
+    out = tmp_path / "k"
+    assert datasets.main(["prepare", "kodak", "--source", str(kodak_copy), "--output", str(out),
+                          "--only", "kodim01.png,kodim03"]) == 0
+    assert datasets.main(["verify", "kodak", str(out)]) == 2  # only 2 of 24 present
+    assert "kodim02.png" in capsys.readouterr().err

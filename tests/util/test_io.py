@@ -1,0 +1,31 @@
+"""hpcm.io: a failed write leaves the previous file untouched and no temporary behind."""
+
+import pytest
+import torch
+
+from hpcm.util.io import atomic_open, atomic_torch_save, atomic_write_text
+
+
+def test_successful_write_replaces_content(tmp_path):
+    target = tmp_path / "sub" / "file.txt"
+    atomic_write_text(target, "first")
+    atomic_write_text(target, "second")
+    assert target.read_text() == "second"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["file.txt"]
+
+
+def test_failed_write_keeps_previous_content_and_cleans_up(tmp_path):
+    target = tmp_path / "ckpt.pth.tar"
+    atomic_torch_save({"step": 1}, target)
+    with pytest.raises(RuntimeError, match="writer died"):
+        with atomic_open(target, "wb") as handle:
+            handle.write(b"partial garbage")
+            raise RuntimeError("writer died")
+    assert torch.load(target) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth.tar"]
+
+
+def test_rejects_append_mode(tmp_path):
+    with pytest.raises(ValueError, match="'a'"):
+        with atomic_open(tmp_path / "x", "a"):
+            pass

@@ -1,0 +1,213 @@
+"""The Snakemake DAG: job counts of the paper study, schema errors, lint.
+
+Snakemake runs as a subprocess (its Python API does not read profiles and moves between minors).
+Expected job counts are computed here from the config file itself, independently of the DAG.
+The end-to-end run of a small demo config lives in ``test_workflow_e2e.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from tests.paths import REPO
+
+ROOT = REPO
+SNAKEFILE = ROOT / "Snakefile"
+PAPER = ROOT / "workflow" / "configs" / "paper.yaml"
+DEMO = ROOT / "config.yaml"
+
+
+def snakemake(*args: str, cwd: Path = ROOT, timeout: int = 240) -> subprocess.CompletedProcess:
+    """`snakemake ARGS` with this interpreter's environment first on PATH and wandb off."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["WANDB_MODE"] = "disabled"
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run: {rule: count}."""
+    counts: dict[str, int] = {}
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if re.match(r"^job\s+count\s*$", line))
+    for line in lines[start + 2 :]:
+        match = re.match(r"^(\w+)\s+(\d+)\s*$", line)
+        if not match or match.group(1) == "total":
+            break
+        counts[match.group(1)] = int(match.group(2))
+    return counts
+
+
+def expected_counts(cfg: dict) -> dict[str, int]:
+    """Job counts a config must produce, derived from the config alone."""
+    n_grid = sum(math.prod(len(v) for v in g["axes"].values()) for g in cfg.get("grids", {}).values())
+    n_runs = (len(cfg["variants"]) + n_grid) * len(cfg["lambdas"])
+    datasets = cfg["datasets"]
+    uses_samples = "samples" in (cfg["train_data"], cfg["val_data"]) or any(
+        d["kind"] == "samples" for d in datasets.values()
+    )
+    prepared = [n for n, d in datasets.items() if d["kind"] in ("kodak", "clic2020-professional")]
+    counts = {
+        "export_samples": int(uses_samples),
+        "prepare_dataset": len(prepared),
+        "run_config": n_runs,
+        "train": n_runs,
+        "evaluate": n_runs * len(datasets),
+        # one job each: R-D points, the analysis section, all tables, the three figure sets, all
+        "rd_points": 1,
+        "analysis_config": 1,
+        "tables": 1,
+        "plot_rd": 1,
+        "plot_runs": 1,
+        "plot_gammas": 1,
+        "all": 1,
+    }
+    return {rule: n for rule, n in counts.items() if n}
+
+
+def dry_run(configfile: Path, *extra: str) -> dict[str, int]:
+    result = snakemake("-n", "--quiet", "rules", "--configfile", str(configfile), *extra)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return job_counts(result.stdout + result.stderr)
+
+
+def test_paper_dry_run_lists_every_job():
+    cfg = yaml.safe_load(PAPER.read_text())
+    assert cfg["model"] == "HPCM_Base"
+    assert cfg["lambdas"] == [0.0018, 0.0035, 0.0067, 0.013, 0.025, 0.0483]
+    assert {d["kind"] for d in cfg["datasets"].values()} == {"kodak", "clic2020-professional"}
+    counts = dry_run(PAPER)
+    assert counts == expected_counts(cfg)
+    # 10 named variants + a 2 x 2 phase-2 grid, 6 lambdas, 2 datasets
+    assert counts["train"] == 14 * 6 and counts["evaluate"] == 14 * 6 * 2
+
+
+def test_adding_a_lambda_and_a_variant_adds_exactly_their_jobs(tmp_path):
+    cfg = yaml.safe_load(PAPER.read_text())
+    before = dry_run(PAPER)
+    cfg["lambdas"].append(0.1)
+    cfg["variants"]["phase1_seed1"] = {"extends": "phase1", "seed": 1}
+    bigger = tmp_path / "bigger.yaml"
+    bigger.write_text(yaml.safe_dump(cfg))
+    after = dry_run(bigger)
+    n_variants, n_lambdas, n_datasets = 15, 7, 2
+    assert after["train"] - before["train"] == n_variants * n_lambdas - 14 * 6
+    assert after["evaluate"] - before["evaluate"] == (n_variants * n_lambdas - 14 * 6) * n_datasets
+    unchanged = {r: n for r, n in after.items() if r not in ("train", "run_config", "evaluate")}
+    assert unchanged == {r: n for r, n in before.items() if r not in ("train", "run_config", "evaluate")}
+
+
+def test_demo_config_covers_every_phase_and_ablation():
+    cfg = yaml.safe_load(DEMO.read_text())
+    assert cfg["model"] == "HPCM_Tiny" and cfg["device"] == "cpu" and len(cfg["lambdas"]) >= 3
+    variants = cfg["variants"]
+    assert {"baseline", "phase1", "phase2", "phase3"} <= set(variants)
+    assert any(v.get("init_from") for v in variants.values()), "a Phase 2 fine-tuning variant"
+    assert set(cfg["grids"]["phase2grid"]["axes"]) == {"gamma", "w_lr"}
+    rows = {s: set(spec["rows"]) for s, spec in cfg["analysis"]["studies"].items()}
+    assert rows == {"study1": {"equal", "s1_emphasis", "s2_emphasis", "s3_emphasis"},
+                    "study2": {"uniform", "increasing", "decreasing"}}
+    assert dry_run(DEMO) == expected_counts(cfg)
+
+
+def test_paper_config_is_complete_on_its_own():
+    """The study config repeats every top-level section of the demo, so nothing is inherited."""
+    demo, paper = yaml.safe_load(DEMO.read_text()), yaml.safe_load(PAPER.read_text())
+    assert set(demo) == set(paper)
+    assert set(demo["training"]) == set(paper["training"])
+
+
+def write_config(tmp_path: Path, **changes) -> Path:
+    cfg = yaml.safe_load(DEMO.read_text())
+    for dotted, value in changes.items():
+        node = cfg
+        *parents, last = dotted.split("__")
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize(
+    "changes, key, words",
+    [
+        ({"training__stpes": 10}, "training", "stpes"),
+        ({"training__steps": "many"}, "training.steps", "not of type 'integer'"),
+        ({"lambdas": [0.013, -1.0]}, "lambdas.1", "-1.0"),
+        ({"variants__phase1__optimizer": "sgd"}, "variants.phase1.optimizer", "sgd"),
+        ({"analysis__reference": "nope"}, "analysis.reference", "unknown variant 'nope'"),
+        ({"variants__phase2_qp__init_from": "ghost"}, "variants.phase2_qp.init_from", "ghost"),
+        ({"variants__phase2_qp__init_from": "official"}, "variants.phase2_qp.init_from", "official_checkpoints"),
+        ({"variants__study1_s1__scale_weights": "s4_emphasis"}, "variants.study1_s1.scale_weights", "s3_emphasis"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path, changes, key, words):
+    result = snakemake("-n", "--configfile", str(write_config(tmp_path, **changes)), cwd=tmp_path)
+    assert result.returncode != 0
+    message = result.stdout + result.stderr
+    assert f"config key '{key}'" in message, message
+    assert words in message, message
+
+
+def test_a_variant_naming_presets_gets_their_numbers_in_its_run_config(tmp_path):
+    """`scale_weights: equal` / `gammas: increasing` become the Study 1 / Study 2 lists (issue 3)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    config = write_config(tmp_path, train_data=str(images), val_data=str(images), lambdas=[0.013],
+                          variants={"named": {"optimizer": "hierarchical_balanced", "scale_weights": "equal",
+                                              "gammas": "increasing"},
+                                    "child": {"extends": "named", "gammas": [0.001, 0.002, 0.003]}},
+                          grids={}, analysis__reference="named", analysis__gains={}, analysis__studies={})
+    targets = [f"results/configs/{name}/lmbda0.013.yaml" for name in ("named", "child")]
+    result = snakemake(*targets, "--cores", "1", "--configfile", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    named, child = (yaml.safe_load((tmp_path / target).read_text()) for target in targets)
+    assert named["scale_weights"] == [0.33, 0.33, 0.34] and named["gammas"] == [0.004, 0.006, 0.008]
+    assert child["scale_weights"] == [0.33, 0.33, 0.34] and child["gammas"] == [0.001, 0.002, 0.003]
+
+
+def test_lint_is_clean():
+    result = snakemake("--lint")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Lints for" not in result.stdout + result.stderr
+
+
+def test_every_rule_has_a_log_and_shell_rules_an_env():
+    rules_text = "\n".join(p.read_text() for p in sorted((ROOT / "workflow" / "rules").glob("*.smk")))
+    blocks = re.split(r"^rule (\w+):\n", rules_text, flags=re.M)[1:]
+    for name, body in zip(blocks[::2], blocks[1::2]):
+        assert "    log:" in body, f"rule {name} has no log"
+        if "    shell:" in body:
+            env = re.search(r'    conda:\n\s+"\.\./\.\./(envs/[\w.-]+\.yaml)"', body)
+            assert env and (ROOT / env.group(1)).is_file(), f"rule {name} names no env from envs/"
+
+
+def test_local_gpu_jobs_each_lock_their_own_device(tmp_path):
+    """With local_gpus: 2, the training command's prefix gives concurrent jobs distinct devices
+    and refuses a third one."""
+    result = snakemake("-n", "-p", "--config", "device=cuda", "local_gpus=2", "--resources", "gpu=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    line = next(line for line in output.splitlines() if "python -m hpcm.train" in line)
+    command = line.split("Shell command:", 1)[-1].strip()
+    prefix = command[: command.index("python -m hpcm.train")]
+    assert "flock" in prefix and "--set device=cuda" in command
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_JOB_ID"}
+    script = f"set -euo pipefail; {prefix} echo $CUDA_VISIBLE_DEVICES; sleep 3"
+    jobs = [subprocess.Popen(["bash", "-c", script], cwd=tmp_path, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
+    outputs = [job.communicate(timeout=30) for job in jobs]
+    devices = sorted(out.strip() for (out, _), job in zip(outputs, jobs) if job.returncode == 0)
+    refused = [err for (_, err), job in zip(outputs, jobs) if job.returncode != 0]
+    assert devices == ["0", "1"]
+    assert len(refused) == 1 and "all 2 local GPUs are locked" in refused[0]
