@@ -1,7 +1,8 @@
 """Optimizers of the study: Cautious Adam, Balanced (FAMO / QP weighting), HierarchicalBalanced.
 
 ``build_optimizer`` maps the run-config name (adam | cautious_adam | balanced | qp |
-hierarchical_balanced) to a constructed optimizer, so the training module stays a thin wiring.
+hierarchical_balanced) to a constructed optimizer, so the training module stays a thin wiring;
+``backward_and_step`` is the one training update (backward, clip, skip, step) of all of them.
 """
 
 from __future__ import annotations
@@ -10,12 +11,12 @@ from typing import Iterable, Sequence
 
 import torch
 
+from hpcm.config.run_config import OPTIMIZERS as OPTIMIZER_NAMES  # the run config's `optimizer` choices
 from hpcm.optim.balanced import LOG_EPS, UPDATE_MODES, WEIGHTINGS, Balanced
 from hpcm.optim.cautious_adam import CautiousAdam
 from hpcm.optim.hierarchical import HIERARCHICAL_TASKS, SEED_TASK_NAMES, HierarchicalBalanced
 from hpcm.optim.qp import qp_task_weights
-
-OPTIMIZER_NAMES = ("adam", "cautious_adam", "balanced", "qp", "hierarchical_balanced")
+from hpcm.optim.step import backward_and_step
 
 
 def build_optimizer(
@@ -39,7 +40,7 @@ def build_optimizer(
     """
     if name == "adam":
         # Fused (CPU and CUDA): it honours ``found_inf``, so training skips a non-finite batch on
-        # the device without a host sync (hpcm.train sets ``optimizer.found_inf`` before step).
+        # the device without a host sync (``backward_and_step`` sets it before step).
         return torch.optim.Adam(params, lr=lr, fused=True)
     if name == "cautious_adam":
         return CautiousAdam(params, lr=lr, sync_free=sync_free)
@@ -56,6 +57,6 @@ def build_optimizer(
 
 
 __all__ = [
-    "Balanced", "CautiousAdam", "HierarchicalBalanced", "build_optimizer", "qp_task_weights",
+    "Balanced", "CautiousAdam", "HierarchicalBalanced", "build_optimizer", "backward_and_step", "qp_task_weights",
     "OPTIMIZER_NAMES", "UPDATE_MODES", "WEIGHTINGS", "HIERARCHICAL_TASKS", "SEED_TASK_NAMES", "LOG_EPS",
 ]

@@ -37,7 +37,7 @@ min_losses skips the step (as a non-finite one) and its ``ValueError`` is raised
 read of ``skipped_steps`` / ``skipped_weight_updates`` or call of ``raise_deferred_errors``
 (the training loop reads them at every logging point), not at once.
 
-``weighting="qp"`` replaces FAMO by the analytic Solution-2 weights (``hpcm.optim.qp``): per-task
+``weighting="qp"`` replaces FAMO by the analytic Solution-2 weights (``hpcm.optim.qp``, ``balanced_qp``): per-task
 gradients of the log losses, clipped QP weights, the same renormalised convex combination.
 Use ``backward_with_task_balancing`` (n backward passes); ``get_weighted_loss`` also works but
 costs one more. ``update_task_weights`` is then a no-op: the weights come from the gradients.
@@ -47,18 +47,17 @@ With one task the surrogate's gradient is exactly grad L (a = 1): plain Cautious
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from hpcm.util.io import atomic_torch_save
-from hpcm.optim.balanced_sync_free import SyncFreeFlags, gated
+from hpcm.optim.balanced_famo import LOG_EPS, FamoWeighting
+from hpcm.optim.balanced_qp import QPWeighting
+from hpcm.optim.balanced_state import BalancedStateFiles
+from hpcm.optim.balanced_step import BalancedParameterStep
+from hpcm.optim.balanced_sync_free import SyncFreeFlags
 from hpcm.optim.cautious_adam import CautiousAdam
-from hpcm.optim.qp import gram_matrix, qp_task_weights
-
-LOG_EPS = 1e-8  # inside the log, as in FAMO and the official code
 UPDATE_MODES = ("same_batch", "next_batch")
 WEIGHTINGS = ("famo", "qp")
 
@@ -69,8 +68,14 @@ def default_task_names(n_tasks: int) -> list[str]:
     return [f"task{i}" for i in range(n_tasks)]
 
 
-class Balanced(CautiousAdam):
-    """Cautious Adam + FAMO task balancing with the seed API (``set_min_losses``, ...)."""
+class Balanced(FamoWeighting, QPWeighting, BalancedParameterStep, BalancedStateFiles, CautiousAdam):
+    """Cautious Adam + FAMO task balancing with the seed API (``set_min_losses``, ...).
+
+    One job per module: the FAMO logit update (``balanced_famo``), the QP weights
+    (``balanced_qp``), the parameter step (``balanced_step``) and the state files
+    (``balanced_state``) are mixins; this class holds the configuration, the loss checks, the
+    surrogate loss and the backward.
+    """
 
     def __init__(
         self,
@@ -292,56 +297,6 @@ class Balanced(CautiousAdam):
             self._record_clip(norm, clipped)
         return loss
 
-    def update_task_weights(self, curr_loss: torch.Tensor) -> None:
-        """same_batch mode: one Adam step on the logits from the post-step losses.
-
-        Skipped (and counted) when the last step was skipped or ``curr_loss`` is not finite.
-        A no-op for ``weighting="qp"``.
-        """
-        if self.weighting == "qp":
-            return
-        if self.update_mode == "next_batch":
-            raise RuntimeError(
-                "update_task_weights is not used with update_mode='next_batch': the next "
-                "get_weighted_loss call applies the update with the next batch's losses")
-        if self.sync_free:
-            flags = self._sf
-            ok = self._sync_free_check(curr_loss.detach(), "post-step losses")
-            not_skipped = ~flags.last_skipped & flags.prev_valid
-            self._skipped_weight_updates.add_((flags.last_skipped | (not_skipped & ~ok)).float())
-            self._apply_weight_update(torch.where(ok, curr_loss.detach().float(), self.prev_loss),
-                                      apply=not_skipped & ok)
-            return
-        if self._last_step_skipped:
-            self.skipped_weight_updates += 1
-            return
-        if self.prev_loss is None:  # no step taken yet: nothing to compare with (official)
-            return
-        checked = self._check_losses(curr_loss.detach(), "post-step losses")
-        if checked is None:
-            self.skipped_weight_updates += 1
-            return
-        self._apply_weight_update(checked)
-
-    def _apply_weight_update(self, curr_loss: torch.Tensor, apply: torch.Tensor | None = None) -> None:
-        """One Adam step on w; with ``apply`` (sync_free) w and its Adam state change only where true."""
-        if self.prev_loss is None:
-            return
-        if apply is not None:
-            with gated(apply, [self.w], self.w_opt):
-                self._apply_weight_update(curr_loss)
-            return
-        with torch.no_grad():
-            delta = (self.prev_loss - self.min_losses + LOG_EPS).log() - (
-                curr_loss - self.min_losses + LOG_EPS).log()
-            z = F.softmax(self.w, -1)
-            # Vector-Jacobian product of softmax: (diag(z) - z z^T) delta.
-            grad = z * (delta - (z * delta).sum())
-            grad = grad + self.task_gammas * self.w
-        self.w_opt.zero_grad()
-        self.w.grad = grad.to(self.w.dtype)
-        self.w_opt.step()
-
     def _surrogate(self, losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """(1/c) sum_i z_i log(L_i - m_i + eps) with c = sum_i z_i / (L_i - m_i + eps) detached;
         keeps the gradient coefficients a_i = z_i / (L_i - m_i + eps) / c."""
@@ -349,176 +304,6 @@ class Balanced(CautiousAdam):
         c = (weights / gaps).sum().detach()
         self.last_effective_weights = (weights / gaps.detach() / c).detach()
         return (gaps.log() * weights / c).sum()
-
-    # ------------------------------------------------------------------ QP (Solution 2)
-    def _trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-
-    def _solve_qp(self, losses: torch.Tensor, retain_graph: bool):
-        """Per-task gradients, QP weights on their log-loss versions; returns (weights, grads)."""
-        params = self._trainable_parameters()
-        gaps = (losses - self.min_losses + LOG_EPS).detach()
-        task_grads = []
-        for i in range(self.n_tasks):
-            keep = retain_graph or i < self.n_tasks - 1
-            grads = torch.autograd.grad(losses[i], params, retain_graph=keep, allow_unused=True)
-            task_grads.append(list(grads))
-        gram = gram_matrix(task_grads)
-        inv_gap = (1.0 / gaps.double()).cpu()
-        log_gram = gram * inv_gap.unsqueeze(0) * inv_gap.unsqueeze(1)
-        weights = qp_task_weights(log_gram).to(device=self.device, dtype=torch.float32)
-        return weights, task_grads
-
-    def _qp_backward(self, losses: torch.Tensor) -> torch.Tensor:
-        checked = self._check_losses(losses, "task losses")
-        if checked is None:
-            self._skip_next_step = True
-            self.prev_loss = None
-            return torch.tensor(float("nan"), device=self.device)
-        self._skip_next_step = False
-        self.qp_weights, task_grads = self._solve_qp(checked, retain_graph=False)
-        self.prev_loss = checked.detach().clone()
-        loss = self._surrogate(self.prev_loss, self._surrogate_weights(self.qp_weights))
-        coefficient_list = self.last_effective_weights.tolist()
-        with torch.no_grad():
-            for k, p in enumerate(self._trainable_parameters()):
-                parts = [(a, g[k]) for a, g in zip(coefficient_list, task_grads) if g[k] is not None]
-                if not parts:
-                    continue
-                combined = sum(a * g for a, g in parts)
-                p.grad = combined if p.grad is None else p.grad.add_(combined)
-        return loss
-
-    # ------------------------------------------------------------------ parameter step
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None,
-             task_losses: torch.Tensor | None = None):
-        """Cautious Adam step; skipped when the losses or the gradients are not finite.
-
-        ``task_losses`` is accepted for the official call signature; the official code only
-        re-stores them as ``prev_loss`` (same values), which is all that happens here.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if self.sync_free:
-            self._sync_free_step(task_losses)
-            return loss
-        stored = None
-        if task_losses is not None and not self._skip_next_step:
-            stored = task_losses.detach()
-            if stored.dtype not in (torch.float32, torch.float64):
-                stored = stored.float()
-            if stored.shape != (self.n_tasks,):
-                stored = None
-        if self._skip_next_step:
-            gradients_finite = False
-        else:
-            # One host synchronisation for both checks (gradients, and the re-stored losses).
-            gradients_finite, losses_finite = self._finite_flags(stored, self._current_clip_norm())
-            if losses_finite:
-                self.prev_loss = stored.clone()
-        self._clip_record = None
-        if not gradients_finite:
-            self._skip_next_step = False
-            self._last_step_skipped = True
-            self._pending_update = False
-            self.skipped_steps += 1
-            return loss
-        super().step()
-        self._last_step_skipped = False
-        self._pending_update = self.update_mode == "next_batch" and self.weighting == "famo"
-        return loss
-
-    def _sync_free_step(self, task_losses: torch.Tensor | None) -> None:
-        flags = self._sf
-        if task_losses is not None and task_losses.shape == (self.n_tasks,):
-            stored = task_losses.detach().float()
-            restore = flags.ok_losses & torch.isfinite(stored).all()
-            self.prev_loss = torch.where(restore, stored, self.prev_loss)
-        norm, self._clip_record = self._current_clip_norm(), None
-        ok = self.sync_free_step(flags.ok_losses, None if norm is None else torch.isfinite(norm))
-        flags.last_skipped = ~ok
-        flags.pending = ok & (self.update_mode == "next_batch")
-        flags.ok_losses = torch.ones((), dtype=torch.bool, device=self.device)
-
-    def _sync_free_check(self, losses: torch.Tensor, what: str) -> torch.Tensor:
-        """Device bool: losses finite and above min_losses; a finite loss below is recorded."""
-        if losses.shape != (self.n_tasks,):
-            raise ValueError(f"{what} must have shape ({self.n_tasks},), got {tuple(losses.shape)}")
-        values = losses.detach().float()
-        finite = torch.isfinite(values).all()
-        below = finite & (values - self.min_losses + LOG_EPS <= 0).any()
-        self._sf.below_losses = torch.where(below, values, self._sf.below_losses)
-        self._sf.below |= below
-        return finite & ~below
-
-    def _sync_free_weighted_loss(self, losses: torch.Tensor) -> torch.Tensor:
-        """get_weighted_loss with every decision on the device (see the module docstring)."""
-        flags = self._sf
-        ok = self._sync_free_check(losses, "task losses")
-        checked = losses if losses.dtype in (torch.float32, torch.float64) else losses.float()
-        values = checked.detach().float()
-        if self.update_mode == "next_batch":  # the pending update, with these losses as L'
-            self._skipped_weight_updates.add_((flags.pending & ~ok).float())
-            self._apply_weight_update(torch.where(ok, values, self.prev_loss), apply=flags.pending & ok)
-            flags.pending = torch.zeros((), dtype=torch.bool, device=self.device)
-        flags.ok_losses = ok
-        flags.prev_valid = ok
-        self.prev_loss = torch.where(ok, values, self.prev_loss)
-        # a NaN surrogate when not ok: the step then skips
-        return self._surrogate(checked, self._surrogate_weights(self._task_probabilities()))
-
-    def _record_clip(self, norm: torch.Tensor, clipped: list[torch.Tensor]) -> None:
-        """Keep the clip's gradient norm for ``step`` when the clip saw every parameter we step.
-
-        A norm is finite exactly when every gradient element is (the official HPCM loop tests
-        it so), which saves ``step`` a second pass over the gradients. The gradients and their
-        version counters are kept too: a gradient replaced or changed in place after the clip
-        makes ``step`` check the gradients themselves. Writes that bypass version counters
-        (through ``.grad.data`` or a numpy view) are not seen: code that edits gradients after
-        ``backward_with_task_balancing`` must use ordinary in-place ops.
-        """
-        clipped_ids = {id(p) for p in clipped}
-        stepped = [p for g in self.param_groups for p in g["params"]]
-        if all(id(p) in clipped_ids for p in stepped):
-            grads = [p.grad for p in stepped]
-            self._clip_record = (norm, grads, [None if g is None else g._version for g in grads])
-
-    def _current_clip_norm(self) -> torch.Tensor | None:
-        """The recorded clip norm if no gradient changed since; else None."""
-        if self._clip_record is None:
-            return None
-        norm, grads, versions = self._clip_record
-        stepped = [p for g in self.param_groups for p in g["params"]]
-        if len(stepped) != len(grads):
-            return None
-        for p, grad, version in zip(stepped, grads, versions):
-            if p.grad is not grad or (grad is not None and grad._version != version):
-                return None
-        return norm
-
-    def _finite_flags(self, losses: torch.Tensor | None, grad_norm: torch.Tensor | None) -> tuple[bool, bool]:
-        """(all gradients finite, ``losses`` given and finite), read with a single device sync.
-
-        ``grad_norm``: the norm over every gradient, when the clip has computed it already.
-        """
-        grads = [] if grad_norm is not None else [
-            p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        flags = []
-        if grad_norm is not None:
-            flags.append(torch.isfinite(grad_norm).to(self.device))
-        elif grads:
-            # A norm is finite exactly when every element is; one list kernel per device.
-            norms = torch._foreach_norm(grads, 2.0)
-            flags.append(torch.isfinite(torch.stack([n.float().to(self.device) for n in norms])).all())
-        else:
-            flags.append(torch.ones((), dtype=torch.bool, device=self.device))
-        if losses is not None:
-            flags.append(torch.isfinite(losses.to(self.device)).all())
-        values = torch.stack(flags).tolist()
-        return bool(values[0]), len(values) > 1 and bool(values[1])
 
     # ------------------------------------------------------------------ reporting
     def get_task_weights(self) -> dict[str, float]:
@@ -531,83 +316,3 @@ class Balanced(CautiousAdam):
         if self.last_effective_weights is None:
             return {}
         return dict(zip(self.task_names, self.last_effective_weights.tolist()))
-
-    # ------------------------------------------------------------------ state
-    def _balancing_state(self) -> dict:
-        state = {
-            "n_tasks": self.n_tasks,
-            "task_names": list(self.task_names),
-            "weighting": self.weighting,
-            "update_mode": self.update_mode,
-            "max_norm": self.max_norm,
-            "w": self.w.detach().clone(),
-            "w_optimizer_state": self.w_opt.state_dict(),
-            "task_gammas": self.task_gammas.clone(),
-            "min_losses": self.min_losses.clone(),
-            "prev_loss": None if self.prev_loss is None else self.prev_loss.clone(),
-            "qp_weights": self.qp_weights.clone(),
-            "pending_update": self._pending_update if self._sf is None else bool(self._sf.pending),
-            "last_step_skipped": self._last_step_skipped if self._sf is None else bool(self._sf.last_skipped),
-            "skipped_steps": self.skipped_steps,
-            "skipped_weight_updates": self.skipped_weight_updates,
-        }
-        if self._sf is not None and not bool(self._sf.prev_valid):
-            state["prev_loss"] = None
-        return state
-
-    def state_dict(self) -> dict:
-        """Model moments (torch layout) plus everything of the task weighting under 'balancing'."""
-        state = super().state_dict()
-        state["balancing"] = self._balancing_state()
-        return state
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("balancing", None)
-        if extra is None:
-            raise ValueError(
-                "optimizer state has no 'balancing' entry: it was not saved by Balanced "
-                "(a torch Adam state cannot resume Balanced; start a fresh optimizer instead)")
-        for key, mine in (("n_tasks", self.n_tasks), ("weighting", self.weighting),
-                          ("update_mode", self.update_mode)):
-            if extra[key] != mine:
-                raise ValueError(f"saved Balanced state has {key}={extra[key]!r}, this optimizer {mine!r}")
-        super().load_state_dict(state_dict)
-        self._load_balancing_state(extra)
-
-    def _load_balancing_state(self, extra: dict) -> None:
-        with torch.no_grad():
-            self.w.copy_(extra["w"].to(self.device))
-        self.w_opt.load_state_dict(extra["w_optimizer_state"])
-        self.task_gammas = extra["task_gammas"].to(self.device).clone()
-        self.min_losses = extra["min_losses"].to(self.device).clone()
-        prev = extra["prev_loss"]
-        self.prev_loss = None if prev is None else prev.to(self.device).clone()
-        self.qp_weights = extra["qp_weights"].to(self.device).clone()
-        self.max_norm = float(extra["max_norm"])
-        self._pending_update = bool(extra["pending_update"])
-        self._last_step_skipped = bool(extra["last_step_skipped"])
-        self.skipped_steps = int(extra["skipped_steps"])
-        self.skipped_weight_updates = int(extra["skipped_weight_updates"])
-        if self._sf is not None:
-            self._sf = SyncFreeFlags(self.device, self.n_tasks)
-            self._sf.pending.fill_(self._pending_update)
-            self._sf.last_skipped.fill_(self._last_step_skipped)
-            self._sf.prev_valid.fill_(self.prev_loss is not None)
-            if self.prev_loss is None:
-                self.prev_loss = torch.zeros(self.n_tasks, device=self.device)
-
-    def save_state(self, path: str | Path) -> None:
-        """Atomically write ``state_dict()`` (the official ``balanced_state_*.pth`` role)."""
-        atomic_torch_save(self.state_dict(), path)
-
-    def load_state(self, path: str | Path) -> None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"Balanced state file not found: {path}")
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=False)
-        except Exception as error:  # noqa: BLE001 - re-raised with the file name
-            raise ValueError(f"cannot read Balanced state {path}: {error}") from error
-        self.load_state_dict(state)
-

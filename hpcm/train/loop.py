@@ -67,7 +67,7 @@ EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 75  # sysexits EX_TEMPFAIL: state saved, run the same command again to resume
 
 DONE_MARKER = "done"
-METRICS_CSV = "metrics.csv"
+METRICS_CSV = run_config.METRICS_CSV
 # Running sums kept on the device between log rows (no per-step host sync): column -> loss-dict key.
 # The loss comes first (its square is summed too, for loss_std); the scale tasks only in Phase 3.
 TRAIN_SUMS = {"loss": "loss", "distortion": "distortion", "bpp": "bpp_loss", "y_bpp": "y_bpp", "z_bpp": "z_bpp",
@@ -174,7 +174,7 @@ class Run:
         params = list(self.model.parameters())
         if self.decomposition is not None and hasattr(self.decomposition, "ratio_parameters"):
             params += self.decomposition.ratio_parameters()  # the seed's learnable ratios train with the model
-        # adam is fused (honours ``found_inf``); CUDA: the other optimizers' skip decisions stay on device
+        # CUDA: the skip decisions stay on the device (no host sync per step)
         self.optimizer = optim.build_optimizer(
             cfg["optimizer"], params, cfg["lr"], gamma=cfg["gamma"], w_lr=cfg["w_lr"],
             max_norm=cfg["clip_max_norm"], update_mode=cfg["update_mode"], gammas=cfg["gammas"],
@@ -287,32 +287,14 @@ class Run:
         return rd, tasks
 
     def train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        optimizer = self.optimizer
-        optimizer.zero_grad(set_to_none=True)
+        """zero_grad, forward, then backward + clip + step (skipped for a non-finite batch)."""
+        self.optimizer.zero_grad(set_to_none=True)
         metrics, tasks = self.objective(x)
-        if self.balanced:
-            optimizer.backward_with_task_balancing(tasks, self.params)
-            optimizer.step(task_losses=tasks)
-            # sync_free (CUDA) never reads last_step_skipped: the update then skips on the device
-            # (after a skipped step this extra forward draws noise: RNG streams then differ from CPU)
-            if optimizer.needs_second_forward and (optimizer.sync_free or not optimizer.last_step_skipped):
-                # official same_batch update: losses of the updated model on the same batch
-                with torch.no_grad():
-                    _, new_tasks = self.objective(x)
-                optimizer.update_task_weights(new_tasks.detach())
-        else:
-            metrics["loss"].backward()
-            max_norm = self.cfg["clip_max_norm"] or math.inf
-            norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-            found_inf = (~torch.isfinite(norm)).float()
-            if isinstance(optimizer, torch.optim.Adam):
-                optimizer.found_inf = found_inf  # fused Adam skips the update on device
-                optimizer.step()
-            elif optimizer.sync_free:  # CautiousAdam on CUDA: the skip is decided on the device
-                optimizer.sync_free_step(grads_are_finite=torch.isfinite(norm))  # the clip norm: no second pass
-            elif not bool(found_inf):  # CautiousAdam on CPU: one scalar read (free there)
-                optimizer.step()
-            self.skipped += found_inf
+        skipped = optim.backward_and_step(self.optimizer, self.params, metrics["loss"], tasks,
+                                          max_norm=self.cfg["clip_max_norm"],
+                                          reevaluate=lambda: self.objective(x)[1])
+        if skipped is not None:  # adam / cautious_adam; the Balanced optimizers count their own
+            self.skipped += skipped
         if self.hierarchical:
             scale = torch.stack([metrics["s1_d"] + metrics["s1_b"], metrics["s2_d"] + metrics["s2_b"], metrics["s3_b"]])
             self.epoch_scale_losses += scale.detach().float()
