@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 
 from hpcm.analysis.anchors import anchor_curve, load_anchors  # noqa: E402
 from hpcm.analysis.points import read_points  # noqa: E402
-from hpcm.config.run_config import read_run_yaml  # noqa: E402
+from hpcm.analysis.runs import find_runs  # noqa: E402
 from hpcm.config.tasks import SCALES, SEED_TASK_NAMES  # noqa: E402
 from hpcm.train.schedules import GAMMA_STRATEGIES, ScaleGammaManager  # noqa: E402
 from hpcm.util.cli import run_command  # noqa: E402
@@ -147,21 +147,14 @@ def plot_rd(points, output_dir: str | Path, anchors: Sequence[str] = (),
 
 
 def iter_runs(root: str | Path) -> Iterable[tuple[str, float, object]]:
-    """(variant, lmbda, metrics DataFrame) of every run folder under ``root``."""
-    import pandas as pd
+    """(variant, lmbda, metrics DataFrame) of every run folder under ``root`` (``hpcm.analysis.runs``)."""
+    import pandas as pd  # why: slow to import, only the run figures need it
 
-    root = Path(root)
-    found = sorted(root.rglob("metrics.csv"))
-    if not found:
-        raise FileNotFoundError(f"no metrics.csv under {root}")
-    for path in found:
-        config = read_run_yaml(path.parent)
-        if "variant" not in config or "lmbda" not in config:
-            raise FileNotFoundError(f"{path.parent}: no run.yaml with variant and lmbda")
-        frame = pd.read_csv(path)
+    for run in find_runs(root):
+        frame = pd.read_csv(run.metrics_csv)
         if "step" not in frame.columns:
-            raise ValueError(f"{path}: no 'step' column")
-        yield str(config["variant"]), float(config["lmbda"]), frame
+            raise ValueError(f"{run.metrics_csv}: no 'step' column")
+        yield run.variant, run.lmbda, frame
 
 
 def _lines(ax, frame, columns: Sequence[str], labels: Sequence[str], colors=None) -> bool:

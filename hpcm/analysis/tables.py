@@ -51,7 +51,7 @@ import numpy as np
 from hpcm.analysis.anchors import anchor_curves_by_dataset
 from hpcm.analysis.bd import METHODS, bd_row, bd_table
 from hpcm.analysis.points import curve, read_points
-from hpcm.config.run_config import read_run_yaml
+from hpcm.analysis.runs import RunDiscoveryError, find_runs
 from hpcm.util.cli import run_command
 from hpcm.util.io import atomic_write_text
 
@@ -183,15 +183,14 @@ def load_runs(root: str | Path, benchmarks: str | Path | None = None):
     import pandas as pd
 
     root = Path(root)
-    if not root.is_dir():
-        raise TableError(f"runs folder not found: {root}")
+    try:
+        found = find_runs(root)
+    except RunDiscoveryError as error:
+        raise TableError(str(error)) from None
     rows = []
-    for metrics_path in sorted(root.rglob("metrics.csv")):
-        run_dir = metrics_path.parent
-        config = read_run_yaml(run_dir)
-        if "variant" not in config or "lmbda" not in config:
-            raise TableError(f"{run_dir}: run.yaml lacks 'variant' or 'lmbda'")
-        metrics = read_metrics(metrics_path)
+    for run in found:
+        run_dir, config = run.path, run.config
+        metrics = read_metrics(run.metrics_csv)
         stability, logged = loss_cv(metrics), loss_cv(metrics, use_per_step=False)
         rel = run_dir.relative_to(root)
         bench = _read_benchmark(Path(benchmarks) / f"{rel}.tsv") if benchmarks else {}
@@ -211,8 +210,6 @@ def load_runs(root: str | Path, benchmarks: str | Path | None = None):
             "best_val_loss": float(metrics["val_loss"].min()),
             "run_dir": str(run_dir),
         })
-    if not rows:
-        raise TableError(f"no metrics.csv under {root}")
     return pd.DataFrame(rows)
 
 

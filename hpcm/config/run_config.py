@@ -258,6 +258,7 @@ def parse_set(items: list[str]) -> dict[str, Any]:
 
 
 RUN_YAML = "run.yaml"  # written by hpcm.train beside its checkpoints
+METRICS_CSV = "metrics.csv"  # hpcm.train's log rows, beside run.yaml
 
 
 def load_file(path: str | Path | None) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from hpcm.analysis import plots
+from hpcm.analysis import runs as run_discovery
 from tests.paths import REPO
 
 
@@ -96,8 +97,8 @@ def test_all_reads_every_run_once(tmp_path, monkeypatch):
     _run(runs, "baseline", 0.0035, False)
     _run(runs, "phase3", 0.0035, True)
     reads = []
-    original = plots.read_run_yaml
-    monkeypatch.setattr(plots, "read_run_yaml", lambda folder: reads.append(folder) or original(folder))
+    original = run_discovery.read_run_yaml
+    monkeypatch.setattr(run_discovery, "read_run_yaml", lambda folder: reads.append(folder) or original(folder))
     assert plots.main(["all", "--points", str(_points(tmp_path / "points.csv")), "--runs", str(runs),
                        "--output-dir", str(tmp_path / "plots"), "--total-epochs", "20"]) == 0
     assert sorted(reads) == [runs / "baseline" / "lmbda0.0035", runs / "phase3" / "lmbda0.0035"]
