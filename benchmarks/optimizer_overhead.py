@@ -153,8 +153,6 @@ def time_update_only(args) -> dict[str, float]:
         # without a preceding clip, Balanced.step checks every gradient itself (one more pass)
         "balanced.step (default)": lambda: Balanced(params, lr=1e-4),
     }
-    if device.type == "cpu":
-        makers["cautious_adam (torch flat)"] = lambda: CautiousAdam(params, lr=1e-4, fused=False)
     clock = step_clock(device)  # the step timings' clock: the "% of an Adam step" column compares like with like
     results = {}
     for name, make in makers.items():

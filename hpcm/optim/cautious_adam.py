@@ -12,25 +12,41 @@ This is the parameter update of the official Balanced R-D code (``Balanced.step`
 
 The mask is not written back into m. fp16/bf16 gradients are cast to fp32 first. The step
 counter is a Python int per parameter, as in the official code, so ``state_dict`` round trips
-exactly (with ``sync_free=True`` it is a float32 device tensor, see ``cautious_sync_free``). ``cautious=False`` turns the mask off, which leaves plain Adam with the same bias
+exactly (with ``sync_free=True`` it is a float32 device tensor, see ``cautious_sync_free``).
+``cautious=False`` turns the mask off, which leaves plain Adam with the same bias
 correction (useful for the "FAMO weighting with plain Adam" ablation).
+
+Update paths, all behind ``step`` (``_update_group`` picks one per bucket of tensors; the training
+loop sees none of them), each bitwise equal to the definition ``cautious_math.single_tensor_update``
+(``foreach=False``) and tested so (tests/optim/test_speed_paths.py, test_cautious_native.py,
+test_sync_free.py). ``optimizer.step()`` on HPCM_Tiny (1.68 M parameters, 172 tensors), CPU, one
+thread, median of 7 rounds of min-of-10 (``python benchmarks/cautious_paths.py``, this container):
+
+    reference (foreach=False)    22.4 ms   1.00
+    foreach (list kernels)       12.0 ms   0.54  (0.53..0.57)   CUDA default; CPU buckets at mixed steps
+    C kernel (cautious_native)    3.1 ms   0.14  (0.13..0.16)   CPU default (fused=None/True)
+    sync_free                    31.6 ms   1.42  (1.36..1.48)   CUDA only (hpcm.train): no host sync
+    torch fused Adam              2.2 ms   0.10                 (yardstick: one pass)
+
+A torch path on flat buffers (9.0 ms, 0.42) was removed: it ran only where the kernel cannot
+(no compiler, ``HPCM_NATIVE=0``, ATen's DEFAULT capability), and foreach serves there at 12.0 ms.
+sync_free is kept for CUDA, where its point is the absent per-step host synchronisation (not
+measurable on this CPU; ``benchmarks/cautious_paths.py --device cuda`` times it there).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Iterable
 
 import torch
 from torch.optim import Optimizer
 
 from hpcm.optim import cautious_native
-from hpcm.optim.cautious_flat import MOMENT_KEYS, FlatMoments, build_flat_moments, flat_update
-from hpcm.optim.cautious_sync_free import BiasTables, element_counts, grads_finite, sync_free_update
-
-# Constants of the official code: the mask mean is clamped below, the rescale capped above.
-MASK_MEAN_FLOOR = 1e-3
-MASK_SCALE_CAP = 10.0
+from hpcm.optim.cautious_flat import MOMENT_KEYS, FlatMoments, build_flat_moments
+from hpcm.optim.cautious_math import MASK_MEAN_FLOOR, MASK_SCALE_CAP
+from hpcm.optim.cautious_math import foreach_update as _foreach_update
+from hpcm.optim.cautious_math import single_tensor_update as _single_tensor_update
+from hpcm.optim.cautious_sync_free import BiasTables, grads_finite, sync_free_update
 
 
 class CautiousAdam(Optimizer):
@@ -239,113 +255,28 @@ class CautiousAdam(Optimizer):
 
     def _flat_step(self, key: tuple, params: list, grads: list, states: list, step: int, options: dict,
                    fused: bool | None) -> None:
-        """CPU default: the bucket's moments in one flat buffer (see ``cautious_flat``), updated by
-        the C kernel (``cautious_native``) unless ``fused`` is False or the kernel cannot be built."""
+        """CPU default: the C kernel (``cautious_native``) on the bucket's moments in one flat buffer
+        (``cautious_flat``); the list kernels when ``fused`` is False or the kernel cannot be used."""
+        reason = "fused=False" if fused is False else (
+            cautious_native.ineligible_reason(key[1], [*params, *grads]) or cautious_native.unavailable_reason())
+        if reason is not None:
+            if fused:
+                raise cautious_native.NativeKernelUnavailable(f"fused=True: {reason}")
+            if fused is None and params[0].dtype == torch.float32:  # float64 has no kernel: not a fallback
+                cautious_native.warn_fallback_once(reason)
+            _foreach_update(params, grads, *_moment_lists(states, options["amsgrad"]), **options)
+            return
         if not hasattr(self, "_flat_moments"):
             self._flat_moments: dict[tuple, FlatMoments] = {}
         keys = MOMENT_KEYS if options["amsgrad"] else MOMENT_KEYS[:2]
         flat = self._flat_moments.get(key)
         if flat is None or not flat.serves(params, states, keys):
             flat = self._flat_moments[key] = build_flat_moments(params, states, keys)
-        update = flat_update
-        if fused is not False:
-            reason = cautious_native.ineligible_reason(key[1], [*params, *grads]) or cautious_native.unavailable_reason()
-            if reason is None:
-                update = cautious_native.native_update
-            elif fused:
-                raise cautious_native.NativeKernelUnavailable(f"fused=True: {reason}")
-            elif params[0].dtype == torch.float32:  # float64 buckets have no kernel: not a fallback
-                cautious_native.warn_fallback_once(reason)
-        update(flat, params, grads, step, mask_mean_floor=MASK_MEAN_FLOOR, mask_scale_cap=MASK_SCALE_CAP, **options)
+        cautious_native.native_update(flat, params, grads, step, mask_mean_floor=MASK_MEAN_FLOOR,
+                                      mask_scale_cap=MASK_SCALE_CAP, **options)
 
 
 def _moment_lists(states: list[dict], amsgrad: bool) -> tuple[list, list, list, list]:
     """exp_avgs, exp_avg_sqs, max_exp_avg_sqs ([] without amsgrad) and steps, from the states."""
     return ([s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
             [s["max_exp_avg_sq"] for s in states] if amsgrad else [], [s["step"] for s in states])
-
-
-def _single_tensor_update(
-    params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, *,
-    amsgrad: bool, cautious: bool, beta1: float, beta2: float, lr: float,
-    weight_decay: float, eps: float,
-) -> None:
-    """The official per-tensor loop, written out plainly."""
-    for i, param in enumerate(params):
-        grad, exp_avg, exp_avg_sq, step = grads[i], exp_avgs[i], exp_avg_sqs[i], steps[i]
-        if weight_decay != 0:
-            param.mul_(1 - lr * weight_decay)
-        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        second = exp_avg_sq
-        if amsgrad:
-            torch.maximum(max_sqs[i], exp_avg_sq, out=max_sqs[i])
-            second = max_sqs[i]
-        denom = (second.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
-        step_size = lr / (1 - beta1**step)
-        if cautious:
-            mask = (exp_avg * grad > 0).to(grad.dtype)
-            scale = (1 / mask.mean().clamp_(min=MASK_MEAN_FLOOR)).clamp_(max=MASK_SCALE_CAP)
-            direction = exp_avg * (mask * scale)
-        else:
-            direction = exp_avg
-        param.add_(direction / denom, alpha=-step_size)
-
-
-def _foreach_update(
-    params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, *,
-    amsgrad: bool, cautious: bool, beta1: float, beta2: float, lr: float,
-    weight_decay: float, eps: float, host_scales: bool | None = None,
-) -> None:
-    """Same maths on tensor lists: a few list kernels instead of ~10 launches per tensor.
-
-    Bitwise equal to ``_single_tensor_update``: every element sees the same IEEE operations in
-    the same order. Two rewrites are exact: the mask mean is count/numel (a sum of 0/1 values
-    is exact below 2^24 elements per tensor, as torch's mean is sum/numel), and
-    m * (phi * s) is computed as (m * s) * phi (phi is exactly 0 or 1, so both round once).
-
-    ``host_scales`` (default: on CPU only) reads the per-tensor rescales as Python floats, which
-    is free on CPU and lets each rescale be a scalar argument; on an accelerator they stay on the
-    device (no host synchronisation) and multiply as 0-dim tensors.
-    """
-    if host_scales is None:
-        host_scales = params[0].device.type == "cpu"
-    if weight_decay != 0:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
-    torch._foreach_mul_(exp_avgs, beta1)
-    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-    if amsgrad:
-        torch._foreach_maximum_(max_sqs, exp_avg_sqs)
-    denom = torch._foreach_sqrt(max_sqs if amsgrad else exp_avg_sqs)
-    # One scalar when every tensor is at the same step (the usual case): a scalar list costs a
-    # wrapped-tensor copy per tensor on CPU.
-    same_step = len(set(steps)) == 1
-    torch._foreach_div_(denom, math.sqrt(1 - beta2**steps[0]) if same_step
-                        else [math.sqrt(1 - beta2**s) for s in steps])
-    torch._foreach_add_(denom, eps)
-    if cautious:
-        # phi = 1[m*g > 0] computed as clamp(sign(m*g), 0): exactly 0 or 1.
-        mask = torch._foreach_mul(exp_avgs, grads)
-        torch._foreach_sign_(mask)
-        torch._foreach_clamp_min_(mask, 0.0)
-        if host_scales:  # per-tensor sums are cheaper than the generic norm kernel on CPU
-            counts = torch.stack([m.sum() for m in mask])
-        else:  # the L1 norm of a 0/1 tensor is its count of ones (one fused kernel on CUDA)
-            counts = torch.stack(torch._foreach_norm(mask, 1))
-        numels = element_counts(tuple(m.numel() for m in mask), counts.dtype, counts.device)
-        scales = (1 / (counts / numels).clamp_(min=MASK_MEAN_FLOOR)).clamp_(max=MASK_SCALE_CAP)
-        direction = torch._foreach_mul(exp_avgs, scales.tolist() if host_scales else list(scales.unbind(0)))
-        torch._foreach_mul_(direction, mask)
-        del mask
-    else:
-        direction = torch._foreach_mul(exp_avgs, 1.0)
-    torch._foreach_div_(direction, denom)
-    if same_step:
-        torch._foreach_add_(params, direction, alpha=-(lr / (1 - beta1**steps[0])))
-    else:  # one call per distinct step: add with alpha rounds like the per-tensor path
-        for step in sorted(set(steps)):
-            index = [i for i, s in enumerate(steps) if s == step]
-            torch._foreach_add_([params[i] for i in index], [direction[i] for i in index],
-                                alpha=-(lr / (1 - beta1**step)))

@@ -2,7 +2,7 @@
  *
  * The moments live in flat buffers (one slice per tensor, as in cautious_flat.py); parameters and
  * gradients are passed as one pointer per tensor. Every element goes through the same IEEE float
- * operations, in the same order, as the torch op sequence of cautious_flat.flat_update:
+ * operations, in the same order, as the torch ops of cautious_math.single_tensor_update (the definition):
  *   m.mul_(b1).add_(g, alpha=1-b1)          -> fmaf(g, 1-b1, m*b1)   (ATen's add with alpha is a fused multiply-add)
  *   v.mul_(b2).addcmul_(g, g, value=1-b2)   -> fmaf((1-b2)*g, g, v*b2)
  *   phi = 1[g*m > 0], s = min(1 / max(count/numel, floor), cap)   (count is exact)

@@ -1,7 +1,7 @@
 """The fused CPU kernel of Cautious Adam: build on first use, load, call.
 
-The torch path on CPU (``cautious_flat``) needs about fifteen passes over the parameters per step
-(one kernel per elementwise op); torch's fused Adam needs one. ``cautious_native.c`` runs, per
+The torch paths on CPU need about fifteen passes over the parameters per step (one kernel per
+elementwise op, per tensor); torch's fused Adam needs one. ``cautious_native.c`` runs, per
 tensor, the moment pass and the update pass back to back, bit-identical to the torch path: its
 square root is the function torch's CPU sqrt calls (MKL's vsSqrt, which is not always correctly
 rounded), found in torch's own library and checked against ``torch.sqrt`` on a probe. On HPCM_Tiny (1.68 M parameters, 1 thread) ``step()`` drops from 7.7 ms to
@@ -39,6 +39,9 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from hpcm.optim.cautious_flat import build_flat_moments
+from hpcm.optim.cautious_math import MASK_MEAN_FLOOR, MASK_SCALE_CAP, single_tensor_update
 
 SOURCE = Path(__file__).with_name("cautious_native.c")
 FLAGS = ("-O3", "-march=native", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno")
@@ -133,27 +136,31 @@ def load() -> ctypes.CDLL:
 
 
 def _check_against_torch(library: ctypes.CDLL) -> None:
-    """Run a few odd-sized tensors through the kernel and through the torch path (``flat_update``)
-    and demand identical bits: the kernel mirrors ATen's vectorised kernels (fused multiply-adds in
-    ``add(alpha=)`` and ``addcmul``), which a CPU or build without them (ATen's DEFAULT
-    capability) does not use."""
-    from hpcm.optim.cautious_flat import build_flat_moments, flat_update
-
+    """Run a few odd-sized tensors through the kernel and through the definition
+    (``cautious_math.single_tensor_update``) and demand identical bits: the kernel mirrors ATen's
+    vectorised kernels (fused multiply-adds in ``add(alpha=)`` and ``addcmul``), which a CPU or
+    build without them (ATen's DEFAULT capability) does not use."""
     generator = torch.Generator().manual_seed(0)
     shapes = [(1,), (7,), (33, 3), (1000,), (4099,)]
+    keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     results = []
-    for update in (flat_update, _native_update_with(library)):
+    for use_kernel in (False, True):
         params = [torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i, shape in enumerate(shapes)]
-        states = [{key: torch.zeros_like(p) for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")} for p in params]
-        flat = build_flat_moments(params, states, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
+        states = [{key: torch.zeros_like(p) for key in keys} for p in params]
+        flat = build_flat_moments(params, states, keys) if use_kernel else None
         generator.manual_seed(1)
         for step in range(1, 4):
             grads = [torch.randn(p.shape, generator=generator) * 1e-3 for p in params]
             for grad in grads:
                 grad[::5] = 0.0
-            update(flat, params, grads, step, amsgrad=True, cautious=True, beta1=0.9, beta2=0.999, lr=1e-2,
-                   weight_decay=0.01, eps=1e-8, mask_mean_floor=1e-3, mask_scale_cap=10.0)
-        results.append(torch.cat([t.reshape(-1) for t in (*params, *flat.buffers.values())]))
+            options = dict(amsgrad=True, cautious=True, beta1=0.9, beta2=0.999, lr=1e-2, weight_decay=0.01, eps=1e-8)
+            if use_kernel:
+                _native_update_with(library)(flat, params, grads, step, mask_mean_floor=MASK_MEAN_FLOOR,
+                                             mask_scale_cap=MASK_SCALE_CAP, **options)
+            else:
+                single_tensor_update(params, grads, *([s[key] for s in states] for key in keys),
+                                     [step] * len(params), **options)
+        results.append(torch.cat([t.reshape(-1) for t in (*params, *(s[key] for key in keys for s in states))]))
     if not torch.equal(*results):
         raise NativeKernelUnavailable(
             "the kernel does not reproduce torch's CPU arithmetic here (ATen CPU capability "
@@ -259,5 +266,5 @@ def _native_update_with(library: ctypes.CDLL):
 
 def native_update(flat, params: list[torch.Tensor], grads: list[torch.Tensor], step: int, **options) -> None:
     """One Cautious Adam step of a bucket (``flat``: ``cautious_flat.FlatMoments``) with the C kernel,
-    bit-identical to ``cautious_flat.flat_update`` (checked when the library loads)."""
+    bit-identical to ``cautious_math.single_tensor_update`` (checked when the library loads)."""
     _native_update_with(load())(flat, params, grads, step, **options)

@@ -19,9 +19,10 @@ counter as a Python int. On CUDA that sync stalls the launch queue every step. H
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 import torch
+
+from hpcm.optim.cautious_math import element_counts
 
 TABLE_START = 1024
 
@@ -47,13 +48,6 @@ class BiasTables:
         self.bc2_sqrt = torch.tensor([math.sqrt(1 - self.beta2**k) if k else 1.0 for k in steps],
                                      dtype=torch.float64, device=self.device)
         self.size = size
-
-
-@lru_cache(maxsize=64)
-def element_counts(numels: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Per-tensor sizes on the device, built once: a fresh ``torch.tensor(..., device=cuda)``
-    every step would be a blocking host-to-device copy (a synchronisation)."""
-    return torch.tensor(numels, dtype=dtype, device=device)
 
 
 def grads_finite(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
