@@ -5,10 +5,12 @@ from __future__ import annotations
 import csv
 
 import pytest
+import yaml
 
-from hpcm.config import run_config
+from hpcm.config import presets, run_config
 from hpcm.train import logs as logging_utils
 from hpcm.config.run_config import ConfigError
+from tests.paths import REPO
 
 
 def resolve(**user):
@@ -150,3 +152,106 @@ def test_wandb_payload_uses_the_seed_keys():
     assert payload["task_weights"]["s2_bpp"] == 0.2
     assert payload["scale_contributions"] == {"s1": 0.4, "s2": 0.4, "s3": 0.2}
     assert payload["scale_contrib/s3"] == 0.2
+
+
+# ----------------------------------------------------------------------------- the Snakemake schema
+# The schema's `training` keys and every variant's keys are run-config keys: their types, choices,
+# bounds and defaults must be those of run_config.KEYS (the one home of these facts).
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+JSON_TYPES = {"str": {"string"}, "float": {"number"}, "int": {"integer"}, "bool": {"boolean"},
+              "floats3": {"array"}, "floats": {"array"}}
+# `training` defaults that deliberately differ from hpcm.train's: the demo study trains a tiny model
+# on the embedded samples in minutes (docs/workflow.md); every other default must be KEYS' default.
+STUDY_DEFAULTS = {"steps", "patch_size", "batch_size", "num_workers", "log_every", "val_every",
+                  "checkpoint_every", "wandb_mode", "quiet"}
+
+
+def _schema() -> dict:
+    return yaml.safe_load(SCHEMA.read_text())
+
+
+def _resolve_ref(schema: dict, node: dict) -> dict:
+    if "$ref" not in node:
+        return node
+    target = schema
+    for part in node["$ref"].removeprefix("#/").split("/"):
+        target = target[part]
+    return _resolve_ref(schema, target)
+
+
+def _alternatives(schema: dict, node: dict) -> list[dict]:
+    """The node's alternatives (anyOf), references resolved, one per JSON type."""
+    node = _resolve_ref(schema, node)
+    if "anyOf" in node:
+        return [alt for option in node["anyOf"] for alt in _alternatives(schema, option)]
+    types = node.get("type", [])
+    return [{**node, "type": t} for t in ([types] if isinstance(types, str) else types)]
+
+
+def _bounds_agree(key: str, spec, node: dict) -> list[str]:
+    """Probe KEYS' check at the schema's bounds (and far outside them where the schema has none)."""
+    bounds = node.get("items", node) if node["type"] == "array" else node
+    step = 1 if spec.kind == "int" else 1e-9
+
+    def accepts(value):
+        wrapped = [value] * 3 if spec.kind == "floats3" else [value] if spec.kind == "floats" else value
+        return spec.check is None or bool(spec.check(wrapped))
+
+    probes = []  # (value, schema accepts it)
+    for name, sign, inclusive in (("minimum", -1, True), ("exclusiveMinimum", -1, False),
+                                  ("maximum", 1, True), ("exclusiveMaximum", 1, False)):
+        if name in bounds:
+            b = bounds[name]
+            probes += [(b, inclusive), (b + sign * step, False), (b - sign * step, True)]
+    if not any(n in bounds for n in ("minimum", "exclusiveMinimum")):
+        probes.append((-1000 * step if spec.kind == "int" else -1.0, True))
+    if not any(n in bounds for n in ("maximum", "exclusiveMaximum")):
+        probes.append((1000, True))
+    return [f"{key}: schema {'accepts' if ok else 'rejects'} {value!r}, KEYS "
+            f"{'accepts' if accepts(value) else 'rejects'} it" for value, ok in probes if accepts(value) != ok]
+
+
+def _disagreements(schema: dict, key: str, node: dict, inherits: bool) -> list[str]:
+    if key not in run_config.KEYS:
+        return [f"{key}: in the schema, not a run-config key"]
+    spec = run_config.KEYS[key]
+    problems = []
+    alternatives = _alternatives(schema, node)
+    types = {alt["type"] for alt in alternatives}
+    expected = JSON_TYPES[spec.kind] | ({"string"} if key in presets.NAMED_KEYS else set())
+    if types - {"null"} != expected:
+        problems.append(f"{key}: schema types {sorted(types - {'null'})}, KEYS kind {spec.kind!r}")
+    if "null" in types and not (inherits or spec.optional):  # a study may require what KEYS leaves optional
+        problems.append(f"{key}: schema allows null, KEYS optional={spec.optional}")
+    node = _resolve_ref(schema, node)
+    enum = node.get("enum")
+    if (enum is None) != (spec.choices is None) or (enum and [c for c in enum if c is not None] != list(spec.choices)):
+        problems.append(f"{key}: schema enum {enum}, KEYS choices {spec.choices}")
+    for alt in alternatives:
+        if alt["type"] in JSON_TYPES[spec.kind] - {"string"} or (alt["type"] == "array"):
+            problems += _bounds_agree(key, spec, alt)
+    if "default" in node:
+        wanted = None if inherits else spec.default
+        if node["default"] != wanted and not (not inherits and key in STUDY_DEFAULTS):
+            problems.append(f"{key}: schema default {node['default']!r}, expected {wanted!r}")
+    return problems
+
+
+def test_schema_training_and_variant_keys_agree_with_the_run_config_table():
+    schema = _schema()
+    training = schema["properties"]["training"]["properties"]
+    variant_keys = schema["$defs"]["variant_keys"]
+    problems = [p for key, node in training.items() for p in _disagreements(schema, key, node, inherits=False)]
+    problems += [p for key, node in variant_keys.items() for p in _disagreements(schema, key, node, inherits=True)]
+    assert not problems, "\n".join(problems)
+    # every variant key is a property of a variant, and the study defaults that differ are named
+    assert set(variant_keys) <= set(schema["$defs"]["variant"]["properties"])
+    assert STUDY_DEFAULTS <= set(training)
+
+
+def test_schema_check_finds_a_disagreement():
+    schema = _schema()
+    node = {"type": "number", "minimum": 0, "default": 0.5}  # KEYS: lr > 0, default 1e-4
+    problems = _disagreements(schema, "lr", node, inherits=False)
+    assert any("schema accepts 0" in p for p in problems) and any("default 0.5" in p for p in problems)
+    assert _disagreements(schema, "update_mode", {"type": "string", "enum": ["same_batch"]}, inherits=False)
