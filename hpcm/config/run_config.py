@@ -30,6 +30,7 @@ from hpcm.config.presets import HPCM_LR_MILESTONES, HPCM_LR_VALUES
 
 OPTIMIZERS = ("adam", "cautious_adam", "balanced", "qp", "hierarchical_balanced")
 BALANCED_OPTIMIZERS = ("balanced", "qp", "hierarchical_balanced")
+DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:[0-9]+)$"  # config device names; hpcm.util.device makes devices
 
 
 class ConfigError(ValueError):
@@ -313,7 +314,7 @@ def resolve(user: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"run config: 'gamma_strategy' = {cfg['gamma_strategy']!r} needs 'gammas_final' "
                           f"(got {cfg['gammas_final']!r})")
     device = cfg["device"]
-    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+    if not re.fullmatch(DEVICE_PATTERN, device):
         raise _fail("device", device, "must be auto, cpu, cuda or cuda:N")
     for key in ("train_data", "val_data", "init_checkpoint"):
         value = cfg[key]

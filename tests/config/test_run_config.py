@@ -255,3 +255,14 @@ def test_schema_check_finds_a_disagreement():
     problems = _disagreements(schema, "lr", node, inherits=False)
     assert any("schema accepts 0" in p for p in problems) and any("default 0.5" in p for p in problems)
     assert _disagreements(schema, "update_mode", {"type": "string", "enum": ["same_batch"]}, inherits=False)
+
+
+def test_schema_study_keys_name_the_package_facts():
+    """The study keys that are not run-config keys but name package facts use the same lists."""
+    from hpcm.analysis.bd import METHODS  # why: a later stage than config, needed by this check only
+    from hpcm.models.presets import PRESETS  # why: imports torch, needed by this check only
+
+    schema = _schema()["properties"]
+    assert schema["analysis"]["properties"]["bd_method"]["enum"] == list(METHODS)
+    assert sorted(schema["model"]["enum"]) == sorted(PRESETS)
+    assert schema["device"]["pattern"] == run_config.DEVICE_PATTERN
