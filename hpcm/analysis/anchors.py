@@ -62,7 +62,7 @@ METRICS = ("psnr", "ms_ssim_db")
 
 def load_anchors(path: str | Path = ANCHOR_TABLE):
     """The anchor table as a pandas DataFrame; a missing column is an error naming it."""
-    import pandas as pd
+    import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
 
     path = Path(path)
     if not path.is_file():
@@ -200,7 +200,7 @@ def _cmd_bd(args: argparse.Namespace) -> None:
 
 
 def _cmd_add(args: argparse.Namespace) -> None:
-    import pandas as pd
+    import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
 
     table = load_anchors(args.table) if Path(args.table).exists() else pd.DataFrame(
         columns=list(COLUMNS))

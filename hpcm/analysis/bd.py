@@ -281,7 +281,7 @@ def bd_table(points, reference: str, metric: str = "psnr", method: str = "pchip"
     mapped to a string instead of a curve (or absent from the mapping) has no such anchor: its
     variants get n/a rows with that string (or a generic reason) as the error.
     """
-    import pandas as pd
+    import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
 
     rows = []
     for dataset in sorted(points["dataset"].unique()):

@@ -32,7 +32,7 @@ def rd_points(eval_csvs: Iterable[str | Path]):
     Returns a pandas DataFrame with ``POINT_COLUMNS``. Means follow CompressAI: per-image PSNR
     averaged in dB, bpp and linear MS-SSIM averaged over images.
     """
-    import pandas as pd
+    import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
 
     rows = []
     seen: dict[tuple, str] = {}
@@ -85,7 +85,7 @@ def _optional_mean(group, column: str) -> float:
 
 def read_points(path: str | Path):
     """Read a points table written by ``rd_points``/the ``points`` CLI, checking its columns."""
-    import pandas as pd
+    import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
 
     path = Path(path)
     if not path.is_file():

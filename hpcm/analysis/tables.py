@@ -40,6 +40,7 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import yaml
 
 from hpcm.analysis.anchors import anchor_curves_by_dataset
 from hpcm.analysis.bd import METHODS, bd_row, bd_table
@@ -71,7 +73,7 @@ class TableError(ValueError):
 
 def read_metrics(path: str | Path):
     """metrics.csv as a DataFrame; missing required columns are an error naming them."""
-    import pandas as pd
+    import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
 
     path = Path(path)
     if not path.is_file():
@@ -168,7 +170,7 @@ def _mean(metrics, column: str, how: str = "mean") -> float:
 
 
 def _read_benchmark(path: Path) -> dict[str, float]:
-    import pandas as pd
+    import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
 
     if not path.is_file():
         return {}
@@ -180,7 +182,7 @@ def _read_benchmark(path: Path) -> dict[str, float]:
 
 def load_runs(root: str | Path, benchmarks: str | Path | None = None):
     """One row per training run under ``root``: config facts and the per-run figures."""
-    import pandas as pd
+    import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
 
     root = Path(root)
     try:
@@ -347,7 +349,7 @@ def _absent(points, runs, variants) -> list[str]:
 
 def expected_gains(points, runs, gains: dict[str, str], reference: str, method: str,
                    metric: str, bd=None) -> Table:
-    import pandas as pd
+    import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
 
     lookup, bd = _bd_lookup(points, reference, method, metric, bd)
     rows = []
@@ -371,7 +373,7 @@ def expected_gains(points, runs, gains: dict[str, str], reference: str, method: 
 
 def study_table(name: str, title: str, rows_spec: dict[str, str], points, runs, reference: str,
                 method: str, metric: str, bd=None) -> Table:
-    import pandas as pd
+    import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
 
     lookup, bd = _bd_lookup(points, reference, method, metric, bd)
     study_runs = runs[runs["variant"].isin(rows_spec.values())]
@@ -431,9 +433,7 @@ OVERHEAD_FIELDS = ("optimizer", "decomposition", "update_mode", "median_s", "rat
 
 def overhead_from_benchmark(path: str | Path) -> Table:
     """Overhead table from ``benchmarks/optimizer_overhead.py --json`` (one model, one batch)."""
-    import json
-
-    import pandas as pd
+    import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
 
     path = Path(path)
     if not path.is_file():
@@ -491,8 +491,6 @@ def build_all(points_path: str | Path, runs_root: str | Path, analysis: dict[str
 
 
 def read_analysis(path: str | Path) -> dict[str, Any]:
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise TableError(f"config file not found: {path}")

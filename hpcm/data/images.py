@@ -20,6 +20,7 @@ number of DataLoader workers.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
 from dataclasses import dataclass
@@ -98,7 +99,7 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
 
 def _skimage(name: str) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
-        import skimage.data
+        import skimage.data  # why: slow to import (~1 s); only the embedded sample set needs it
 
         array = np.asarray(getattr(skimage.data, name)())
         if array.ndim == 2:
@@ -109,7 +110,7 @@ def _skimage(name: str) -> Callable[[], np.ndarray]:
 
 
 def _motorcycle_left() -> np.ndarray:
-    import skimage.data
+    import skimage.data  # why: slow to import (~1 s); only the embedded sample set needs it
 
     return np.ascontiguousarray(skimage.data.stereo_motorcycle()[0]).astype(np.uint8)
 
@@ -306,8 +307,6 @@ def ignore_stop_signals(worker_id: int) -> None:
     SLURM and Ctrl-C signal the whole process group; a worker dying first would crash the loop
     before it could save.
     """
-    import signal
-
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 

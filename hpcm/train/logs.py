@@ -17,6 +17,7 @@ import csv
 import io
 import math
 import secrets
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,7 @@ class WandbLogger:
         self.run = None
         if cfg["wandb_mode"] == "disabled":
             return
-        import wandb
+        import wandb  # why: slow to import (seconds); runs with wandb_mode disabled never need it
 
         id_file = run_dir / "wandb_run_id"
         if id_file.exists():
@@ -170,8 +171,6 @@ def print_err(message: str) -> None:
 
 def git_commit(path: str | Path) -> str:
     """The commit of the repository holding ``path`` (with ``-dirty``), or 'unknown' outside git."""
-    import subprocess
-
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()

@@ -68,7 +68,7 @@ def atomic_save(path: str | os.PathLike, writer: Callable[[Any], None]) -> None:
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` that never leaves a truncated checkpoint behind."""
-    import torch
+    import torch  # why: keeps hpcm.util.io free of torch for the callers that write text only
 
     atomic_save(path, lambda handle: torch.save(obj, handle))
 
