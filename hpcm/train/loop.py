@@ -362,6 +362,53 @@ def save_best(run: Run) -> None:
         run.optimizer.save_state(run.out / checkpointing.BEST_BALANCED_STATE)
 
 
+class LogWindow:
+    """Sums of the run's TRAIN_SUMS metrics, then of loss**2 (for loss_std), since the last logged row.
+
+    Kept on the device: the only host sync is the ``.tolist()`` of a logged step. float64 so that
+    the variance (mean of squares minus squared mean) does not cancel away over long windows; the
+    float32 step values are added (and the loss squared) in float64 by type promotion, in place.
+    """
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.sums = torch.zeros(len(run.sum_columns) + 1, dtype=torch.float64, device=run.device)
+        self.steps, self.start = 0, time.perf_counter()
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        stacked = self.run.stack_metrics(metrics)
+        self.sums[:-1] += stacked
+        self.sums[-1:].addcmul_(stacked[:1], stacked[:1])  # TRAIN_SUMS starts with the loss
+        self.steps += 1
+
+    def row(self, step: int, lr: float) -> dict[str, Any]:
+        """The metrics.csv row of this window (means, loss spread, skips, step time); starts a new window."""
+        run, now = self.run, time.perf_counter()
+        *window_means, mean_square = (self.sums / self.steps).tolist()
+        means = dict(zip(run.sum_columns, window_means))
+        # std (ddof=0) of the per-step losses of this window, and its size, so that
+        # hpcm.tables pools the per-step spread exactly (the row's loss is only a mean).
+        loss_std = math.sqrt(max(mean_square - means["loss"] ** 2, 0.0))
+        row = {"step": step, "epoch": run.epoch(step), "lr": lr, **means, "loss_std": loss_std,
+               "loss_steps": self.steps, "skipped_steps": run.skipped_steps(),
+               "step_time": (now - self.start) / self.steps, **run.weight_columns()}
+        self.sums.zero_()
+        self.steps, self.start = 0, now
+        return row
+
+    def restart_clock(self) -> None:
+        """Validation time is not step time."""
+        self.start = time.perf_counter()
+
+
+def validate_and_keep_best(run: Run) -> dict[str, float]:
+    val = run.validate()
+    if val["val_loss"] < run.best_val_loss:
+        run.best_val_loss = val["val_loss"]
+        save_best(run)
+    return val
+
+
 def train(run: Run, stop: StopFlag) -> int:
     cfg, out = run.cfg, run.out
     start_step = run.step
@@ -372,13 +419,7 @@ def train(run: Run, stop: StopFlag) -> int:
                                skip_bad_images=cfg["skip_bad_images"], pin_memory=run.cuda)
     bar = tqdm(total=run.total_steps, initial=start_step, disable=cfg["quiet"], desc=f"{cfg['variant']} "
                f"lmbda={cfg['lmbda']}", dynamic_ncols=True, file=sys.stderr)
-    # Window sums of the run's TRAIN_SUMS metrics, then of loss**2 (for loss_std), on the device:
-    # the only host sync is the .tolist() of a logged step. float64 so that the variance (mean of
-    # squares minus squared mean) does not cancel away over long windows; the float32 step values
-    # are added (and the loss squared) in float64 by type promotion, in place.
-    sums = torch.zeros(len(run.sum_columns) + 1, dtype=torch.float64, device=run.device)
-    window_sums, loss_square_sum = sums[:-1], sums[-1:]
-    logged_steps, last_log_time = 0, time.perf_counter()
+    window = LogWindow(run)
     exit_code = EXIT_CRASH
     try:
         for x in loader:
@@ -387,37 +428,16 @@ def train(run: Run, stop: StopFlag) -> int:
             x = x.to(run.device, non_blocking=True)
             if run.cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
-            metrics = run.train_step(x)
-            stacked = run.stack_metrics(metrics)
-            window_sums += stacked
-            loss_square_sum.addcmul_(stacked[:1], stacked[:1])  # TRAIN_SUMS starts with the loss
+            window.add(run.train_step(x))
             run.step = step
-            logged_steps += 1
             run.adapt_gammas_at_epoch_end(step)
             bar.update(1)
 
-            last = step == run.total_steps
-            row: dict[str, Any] | None = None
-            if step % cfg["log_every"] == 0 or last or stop.signum is not None:
-                now = time.perf_counter()
-                *window_means, mean_square = (sums / logged_steps).tolist()
-                means = dict(zip(run.sum_columns, window_means))
-                # std (ddof=0) of the per-step losses of this window, and its size, so that
-                # hpcm.tables pools the per-step spread exactly (the row's loss is only a mean).
-                loss_std = math.sqrt(max(mean_square - means["loss"] ** 2, 0.0))
-                row = {"step": step, "epoch": run.epoch(step), "lr": lr, **means,
-                       "loss_std": loss_std, "loss_steps": logged_steps,
-                       "skipped_steps": run.skipped_steps(), "step_time": (now - last_log_time) / logged_steps,
-                       **run.weight_columns()}
-                sums.zero_()
-                logged_steps, last_log_time = 0, now
+            last, stopping = step == run.total_steps, stop.signum is not None
+            row = window.row(step, lr) if step % cfg["log_every"] == 0 or last or stopping else None
             if step % cfg["val_every"] == 0 or last:
-                val = run.validate()
-                row = {**(row or {"step": step, "epoch": run.epoch(step), "lr": lr}), **val}
-                if val["val_loss"] < run.best_val_loss:
-                    run.best_val_loss = val["val_loss"]
-                    save_best(run)
-                last_log_time = time.perf_counter()  # validation time is not step time
+                row = {**(row or {"step": step, "epoch": run.epoch(step), "lr": lr}), **validate_and_keep_best(run)}
+                window.restart_clock()
             if row is not None:
                 metrics_csv.write(row)
                 wandb_logger.log(row, step)
@@ -426,9 +446,10 @@ def train(run: Run, stop: StopFlag) -> int:
                                     refresh=False)
                 if cfg["quiet"]:
                     print_err(log_line(row, run.total_steps))
-            if step % cfg["checkpoint_every"] == 0 or last or stop.signum is not None:
+            stopping = stop.signum is not None  # again: a signal may have come during validation
+            if step % cfg["checkpoint_every"] == 0 or last or stopping:
                 save_checkpoint(run)
-            if stop.signum is not None and not last:
+            if stopping and not last:
                 print_err(f"received {signal.Signals(stop.signum).name}: checkpoint saved at step {step}; "
                           f"re-run the same command to resume (exit code {EXIT_INTERRUPTED})")
                 exit_code = EXIT_INTERRUPTED
