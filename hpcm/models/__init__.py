@@ -13,7 +13,8 @@ Public API
 
 from __future__ import annotations
 
-from hpcm.models.checkpoint import CheckpointError, infer_model_name, load_checkpoint, save_checkpoint
+from hpcm.models.checkpoint import (CheckpointError, CheckpointUnreadableError, infer_model_name, load_checkpoint,
+                                   load_checkpoint_and_metadata, save_checkpoint, with_run_metadata)
 from hpcm.models.hpcm import HPCM
 from hpcm.models.padding import crop_image, pad_image
 from hpcm.models.presets import PRESETS, HPCMConfig, preset_config
@@ -32,10 +33,13 @@ __all__ = [
     "MODEL_NAMES",
     "PRESETS",
     "CheckpointError",
+    "CheckpointUnreadableError",
     "build_model",
     "crop_image",
     "infer_model_name",
     "load_checkpoint",
+    "load_checkpoint_and_metadata",
+    "with_run_metadata",
     "pad_image",
     "preset_config",
     "save_checkpoint",

@@ -378,7 +378,7 @@ def save_checkpoint(run: Run) -> None:
 
 
 def save_best(run: Run) -> None:
-    checkpointing.save_best_model(run.model, run.out)
+    checkpointing.save_best_model(run.model, run.out, checkpointing.run_labels(run.cfg))
     if run.balanced:  # the seed's writer of the official balanced_state_best.pth (atomic)
         run.optimizer.save_state(run.out / checkpointing.BEST_BALANCED_STATE)
 
