@@ -9,6 +9,8 @@ Public API
     codes, per image); ``pad_multiple``.
 ``pad_image(x, multiple) -> (x_padded, pad)``, ``crop_image(x_padded, pad)``.
 ``load_checkpoint(path, name=None, map_location="cpu")``, ``save_checkpoint(model, path, **extra)``.
+``load_checkpoint_and_metadata(path, ...) -> (HPCM, run labels)``, ``with_run_metadata(state_dict,
+    model=, variant=, lmbda=, seed=)``: a checkpoint that says what it is (read by hpcm.evaluate).
 """
 
 from __future__ import annotations
