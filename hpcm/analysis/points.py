@@ -56,6 +56,7 @@ def rd_points(eval_csvs: Iterable[str | Path]):
                 raise ValueError(f"point (dataset={key[0]}, variant={key[1]}, lmbda={key[2]}) "
                                  f"appears in both {seen[key]} and {csv_path}")
             seen[key] = str(csv_path)
+            refuse_nonfinite(csv_path, key, group)
             ms_ssim = float(group["ms_ssim"].mean())
             rows.append({
                 "dataset": key[0], "variant": key[1], "lmbda": key[2],
@@ -77,6 +78,25 @@ def rd_points(eval_csvs: Iterable[str | Path]):
         raise ValueError("no evaluation CSVs given")
     table = pd.DataFrame(rows, columns=list(POINT_COLUMNS))
     return table.sort_values(list(POINT_KEYS), kind="stable").reset_index(drop=True)
+
+
+def refuse_nonfinite(csv_path: Path, key: tuple, group) -> None:
+    """No silent averages over missing values: every image of a point has a finite bpp and PSNR
+    (and bpp_est when present); MS-SSIM is finite for all images or for none (images under 161 px
+    have none, and the point then has none)."""
+    for column in ("bpp", "psnr", "bpp_est", "ms_ssim"):
+        if column not in group:
+            continue
+        values = group[column].to_numpy(dtype=float)
+        bad = ~np.isfinite(values)
+        if column == "ms_ssim" and bad.all():
+            continue
+        if bad.any():
+            image = group["image"].iloc[int(np.argmax(bad))]
+            raise ValueError(f"{csv_path}: image {image!r} has {column} = {values[bad][0]!r} in the point "
+                             f"(dataset={key[0]}, variant={key[1]}, lmbda={key[2]}); a mean over the other "
+                             f"{int((~bad).sum())} of {len(values)} image(s) would not be this point. Re-evaluate "
+                             "the checkpoint or remove the image from the dataset")
 
 
 def _optional_mean(group, column: str) -> float:

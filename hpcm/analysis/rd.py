@@ -2,7 +2,7 @@
 
 CLI::
 
-    python -m hpcm.rd points --eval-csv results/eval/*/*/*.csv --output results/rd/points.csv
+    python -m hpcm.rd points --eval-csv results/eval/*/*/*/*.csv --output results/rd/points.csv
         Reads the per-image CSVs (columns variant, lmbda, dataset, bpp, psnr, ms_ssim, ...), writes
         one row per (variant, lmbda, dataset): means over images following CompressAI (PSNR
         averaged in dB, bpp and MS-SSIM averaged per image; ms_ssim_db = -10 log10(1 - mean)),

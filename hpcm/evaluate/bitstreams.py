@@ -18,16 +18,21 @@ measure, following CompressAI's ``eval_model`` conventions:
   equals the forward reconstruction after 8-bit rounding (``decode_max_abs_diff`` is the largest
   float difference).
 
-Outputs (written atomically): the per-image CSV (plus ``variant``, ``lmbda``, ``dataset``,
+Outputs (written atomically): the per-image CSV (plus ``variant``, ``lmbda``, ``seed``, ``dataset``,
 ``model``, ``checkpoint`` on every row) and, with ``--json``, a CompressAI-format JSON
 (``name``, ``description``, ``results`` with one-element lists ``bpp``, ``psnr-rgb``,
 ``ms-ssim-rgb``, ``encoding_time``, ``decoding_time``; dataset means as CompressAI: per-image
 PSNR averaged in dB) that ``python -m compressai.utils.plot`` reads, plus a ``meta`` block.
 
-Model: ``--model`` if given, else ``model`` from ``run.yaml`` beside the checkpoint, else inferred
-from the tensor shapes. ``variant`` and ``lmbda`` come from the same ``run.yaml`` unless given.
-Errors (exit code 2, message on stderr): empty folder, unreadable image, checkpoint that does not
-fit the model.
+Labels come from one place, the checkpoint: ``hpcm.train`` stores model, variant, lambda and seed
+in ``epoch_best.pth.tar``'s metadata (``hpcm.models.with_run_metadata``); files beside the
+checkpoint (``run.yaml``) are not read. ``--model``, ``--variant``, ``--lmbda`` and ``--seed``
+supply what the checkpoint does not say (an official release) and must agree with what it does
+say. A lambda and a variant are required from one of the two; the seed is left empty when
+neither gives one. The model is otherwise inferred from the tensor shapes.
+Errors (exit code 2, message on stderr, before any image is coded): a bad argument (``--limit``
+below 1, an ``--output``/``--json`` that is a folder), empty folder, unreadable image, labels
+missing or in conflict, an unreadable checkpoint or one that does not fit the model.
 """
 
 from __future__ import annotations
@@ -47,16 +52,15 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from hpcm.config.run_config import read_run_yaml
 from hpcm.data.images import ImageError, list_images, load_rgb, to_tensor
 from hpcm.evaluate.metrics import ms_ssim_8bit, ms_ssim_to_db, psnr_8bit, to_8bit
 from hpcm.util.cli import run_command
 from hpcm.util.device import pick_device
-from hpcm.models import CheckpointError, crop_image, load_checkpoint, pad_image
+from hpcm.models import CheckpointError, CheckpointUnreadableError, crop_image, load_checkpoint_and_metadata, pad_image
 from hpcm.util.io import atomic_write_bytes, atomic_write_text
 
 CSV_COLUMNS = (
-    "image", "width", "height", "variant", "lmbda", "dataset", "model", "checkpoint",
+    "image", "width", "height", "variant", "lmbda", "seed", "dataset", "model", "checkpoint",
     "bpp", "bpp_est", "bits_s1", "bits_s2", "bits_s3", "bits_z", "bytes_y", "bytes_z",
     "psnr", "ms_ssim", "ms_ssim_db", "enc_time", "dec_time", "decode_ok", "decode_max_abs_diff",
 )
@@ -159,15 +163,60 @@ def _save_png(x_hat: torch.Tensor, path: Path) -> None:
 
 
 def load_model(checkpoint: Path, name: str | None, device: torch.device, update: bool = True):
+    """(model on ``device``, the run labels the checkpoint stores)."""
     try:
-        model = load_checkpoint(checkpoint, name=name, map_location="cpu")
+        model, labels = load_checkpoint_and_metadata(checkpoint, name=name, map_location="cpu")
+    except CheckpointUnreadableError as err:
+        raise EvaluationError(str(err)) from None
     except CheckpointError as err:
-        raise EvaluationError(f"checkpoint does not fit{f' {name}' if name else ''}: {err}") \
-            from None
+        hint = (f"; the weights are another architecture than --model {name}: drop --model to infer it "
+                "from the checkpoint") if name else ""
+        raise EvaluationError(f"{err}{hint}") from None
     model = model.to(device).eval()
     if update:
         model.update(force=True)  # coder tables must match the weights being evaluated
-    return model
+    return model, labels
+
+
+def resolve_labels(checkpoint: Path, stored: dict[str, Any], model_name: str | None, variant: str | None,
+                   lmbda: float | None, seed: int | None) -> dict[str, Any]:
+    """The row labels: the checkpoint's own, completed (never contradicted) by the command line."""
+    given = {"model": model_name, "variant": variant, "lmbda": lmbda, "seed": seed}
+    labels = {}
+    for key, value in given.items():
+        saved = stored.get(key)
+        if value is not None and saved is not None:
+            same = math.isclose(float(value), float(saved), rel_tol=1e-9, abs_tol=0.0) if key == "lmbda" \
+                else str(value) == str(saved)
+            if not same:
+                raise EvaluationError(f"--{key} {value} contradicts the checkpoint {checkpoint}, which says "
+                                      f"{key} = {saved!r}; drop --{key} or evaluate the right checkpoint")
+        labels[key] = saved if saved is not None else value
+    for key in ("variant", "lmbda"):
+        if labels[key] is None or labels[key] == "":
+            raise EvaluationError(f"{checkpoint} does not say its {key} (no run metadata, e.g. an official "
+                                  f"release); pass --{key}")
+    labels["lmbda"] = float(labels["lmbda"])
+    if not math.isfinite(labels["lmbda"]) or labels["lmbda"] <= 0:
+        raise EvaluationError(f"lambda must be a positive number, got {labels['lmbda']!r}")
+    labels["seed"] = "" if labels["seed"] is None else int(labels["seed"])
+    return labels
+
+
+def check_arguments(checkpoint: Path, output: Path, json_path: Path | None, limit: int | None) -> None:
+    """Every argument that can be checked without work, checked before any."""
+    if limit is not None and limit < 1:
+        raise EvaluationError(f"--limit must be at least 1 (or absent for every image), got {limit}")
+    if not checkpoint.is_file():
+        raise EvaluationError(f"checkpoint not found: {checkpoint}")
+    for flag, path in (("--output", output), ("--json", json_path)):
+        if path is None:
+            continue
+        if path.is_dir():
+            raise EvaluationError(f"{flag} {path} is a folder; give the file to write, e.g. {path / 'eval.csv'}")
+        parent = next((p for p in path.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise EvaluationError(f"{flag} {path}: {parent} is a file, so the folder cannot be created")
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,7 +230,7 @@ def list_dataset(folder: Path, limit: int | None = None) -> list[Path]:
     images = list_images(folder)
     if not images:
         raise EvaluationError(f"no PNG/JPEG images found under {folder}")
-    return images[:limit] if limit else images
+    return images if limit is None else images[:limit]
 
 
 def load_image(path: Path, device: torch.device) -> torch.Tensor:
@@ -236,7 +285,7 @@ def write_csv(path: Path, results: Sequence[ImageResult], meta: dict[str, Any]) 
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for result in results:
-        row = {**asdict(result), **{k: meta[k] for k in ("variant", "lmbda", "dataset", "model",
+        row = {**asdict(result), **{k: meta[k] for k in ("variant", "lmbda", "seed", "dataset", "model",
                                                          "checkpoint")}}
         writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
     atomic_write_text(path, buffer.getvalue())
@@ -246,18 +295,16 @@ def evaluate(checkpoint: str | Path, dataset: str | Path, output: str | Path,
              json_path: str | Path | None = None, model_name: str | None = None,
              device: str = "cpu", dataset_name: str | None = None, variant: str | None = None,
              lmbda: float | None = None, limit: int | None = None,
-             update: bool = True, reconstructions: str | Path | None = None) -> list[ImageResult]:
-    checkpoint, dataset = Path(checkpoint), Path(dataset)
-    if not checkpoint.is_file():
-        raise EvaluationError(f"checkpoint not found: {checkpoint}")
+             update: bool = True, reconstructions: str | Path | None = None,
+             seed: int | None = None) -> list[ImageResult]:
+    checkpoint, dataset, output = Path(checkpoint), Path(dataset), Path(output)
+    check_arguments(checkpoint, output, Path(json_path) if json_path else None, limit)
     images = list_dataset(dataset, limit)  # fail on an empty folder before loading the model
-    run = read_run_yaml(checkpoint.parent)
-    model_name = model_name or run.get("model")
     torch_device = pick_device(device, "--device")
-    model = load_model(checkpoint, model_name, torch_device, update)
+    model, stored = load_model(checkpoint, model_name, torch_device, update)
+    labels = resolve_labels(checkpoint, stored, model_name, variant, lmbda, seed)
     meta = {
-        "variant": variant if variant is not None else run.get("variant", ""),
-        "lmbda": float(lmbda if lmbda is not None else run.get("lmbda", math.nan)),
+        "variant": str(labels["variant"]), "lmbda": labels["lmbda"], "seed": labels["seed"],
         "dataset": dataset_name or dataset.name,
         "model": getattr(model, "name", model_name or ""),
         "checkpoint": str(checkpoint),
@@ -269,9 +316,10 @@ def evaluate(checkpoint: str | Path, dataset: str | Path, output: str | Path,
         save_to = Path(reconstructions) / Path(name).with_suffix(".png") \
             if reconstructions else None
         results.append(evaluate_image(model, x, name, save_to))
-    write_csv(Path(output), results, meta)
+    write_csv(output, results, meta)
     if json_path:
-        label = f"{meta['model']}-{meta['variant'] or 'model'}-lmbda{meta['lmbda']:g}"
+        seed_part = f"-seed{meta['seed']}" if meta["seed"] != "" else ""
+        label = f"{meta['model']}-{meta['variant']}-lmbda{meta['lmbda']:g}{seed_part}"
         doc = compressai_json(results, label, {**meta, "dataset_dir": str(dataset)})
         atomic_write_text(json_path, json.dumps(doc, indent=2, allow_nan=False) + "\n")
     return results
@@ -284,11 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", required=True, help="image folder (searched recursively)")
     parser.add_argument("--output", required=True, help="per-image CSV to write")
     parser.add_argument("--json", help="CompressAI-format JSON to write")
-    parser.add_argument("--model", help="architecture (default: run.yaml, else inferred)")
+    parser.add_argument("--model", help="architecture (default: the checkpoint's metadata, else inferred)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--dataset-name", help="name in the outputs (default: folder name)")
-    parser.add_argument("--variant", help="variant label (default: from run.yaml)")
-    parser.add_argument("--lmbda", type=float, help="lambda label (default: from run.yaml)")
+    parser.add_argument("--variant", help="variant label (required unless the checkpoint stores it; "
+                        "must agree with it)")
+    parser.add_argument("--lmbda", type=float, help="lambda label (required unless the checkpoint stores it; "
+                        "must agree with it)")
+    parser.add_argument("--seed", type=int, help="training seed label (default: the checkpoint's; must agree)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N images")
     parser.add_argument("--no-update", action="store_true",
                         help="use the coder tables stored in the checkpoint as they are")
@@ -305,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> None:
     results = evaluate(args.checkpoint, args.dataset, args.output, args.json, args.model,
                        args.device, args.dataset_name, args.variant, args.lmbda, args.limit,
-                       not args.no_update, args.save_reconstructions)
+                       not args.no_update, args.save_reconstructions, args.seed)
     means = dataset_means(results)
     print(f"{len(results)} image(s): bpp {means['bpp']:.4f} (estimated {means['bpp_est']:.4f}), "
           f"PSNR {means['psnr']:.3f} dB, MS-SSIM {means['ms_ssim']:.4f}, decode "

@@ -9,11 +9,14 @@ Public API
     codes, per image); ``pad_multiple``.
 ``pad_image(x, multiple) -> (x_padded, pad)``, ``crop_image(x_padded, pad)``.
 ``load_checkpoint(path, name=None, map_location="cpu")``, ``save_checkpoint(model, path, **extra)``.
+``load_checkpoint_and_metadata(path, ...) -> (HPCM, run labels)``, ``with_run_metadata(state_dict,
+    model=, variant=, lmbda=, seed=)``: a checkpoint that says what it is (read by hpcm.evaluate).
 """
 
 from __future__ import annotations
 
-from hpcm.models.checkpoint import CheckpointError, infer_model_name, load_checkpoint, save_checkpoint
+from hpcm.models.checkpoint import (CheckpointError, CheckpointUnreadableError, infer_model_name, load_checkpoint,
+                                   load_checkpoint_and_metadata, save_checkpoint, with_run_metadata)
 from hpcm.models.hpcm import HPCM
 from hpcm.models.padding import crop_image, pad_image
 from hpcm.models.presets import PRESETS, HPCMConfig, preset_config
@@ -32,10 +35,13 @@ __all__ = [
     "MODEL_NAMES",
     "PRESETS",
     "CheckpointError",
+    "CheckpointUnreadableError",
     "build_model",
     "crop_image",
     "infer_model_name",
     "load_checkpoint",
+    "load_checkpoint_and_metadata",
+    "with_run_metadata",
     "pad_image",
     "preset_config",
     "save_checkpoint",

@@ -12,6 +12,12 @@ Accepted layouts:
 Settings that change no tensor shape (``attn_windows``, ``attn_heads``) cannot
 be recovered from the weights. Only :func:`save_checkpoint` files carry them; for any other file
 whose architecture is inferred from shapes a warning says that the preset defaults are assumed.
+
+Run labels: a checkpoint may say what it is (``model``, ``variant``, ``lmbda``, ``seed``). In the
+official raw layout they sit in the state dict's own ``_metadata`` (under :data:`RUN_METADATA_KEY`),
+which ``torch.save``/``torch.load(weights_only=True)`` keep and ``nn.Module.load_state_dict``
+ignores, so the official ``test.py`` still loads the file; in the dict layout they are the ``run``
+entry. :func:`with_run_metadata` adds them, :func:`load_checkpoint_and_metadata` returns them.
 """
 
 from __future__ import annotations
@@ -34,8 +40,38 @@ PREFIXES = ("module.", "_orig_mod.")
 ADAPTIVE_PREFIX = "adaptive_params_list."
 
 
+RUN_METADATA_KEY = "__hpcm_run__"  # not a module path: load_state_dict never looks it up
+RUN_LABELS = ("model", "variant", "lmbda", "seed")
+
+
 class CheckpointError(ValueError):
     """A checkpoint that does not fit the requested architecture or cannot be read."""
+
+
+class CheckpointUnreadableError(CheckpointError):
+    """The file is not a readable torch checkpoint (truncated, empty, another format)."""
+
+
+def with_run_metadata(state_dict: dict[str, Tensor], **labels: Any) -> dict[str, Tensor]:
+    """``state_dict`` (an official-layout mapping, changed in place) carrying the run's labels."""
+    unknown = set(labels) - set(RUN_LABELS)
+    if unknown:
+        raise ValueError(f"unknown run label(s) {sorted(unknown)}; known: {RUN_LABELS}")
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is None:
+        metadata = {}
+    metadata = type(metadata)(metadata)  # never share the module's own metadata object
+    metadata[RUN_METADATA_KEY] = dict(labels)
+    state_dict._metadata = metadata  # type: ignore[attr-defined]
+    return state_dict
+
+
+def _run_metadata(obj: Any) -> dict[str, Any]:
+    """The run labels a loaded file carries ({} for official releases and other files)."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("run"), Mapping):
+        return dict(obj["run"])
+    labels = (getattr(obj, "_metadata", None) or {}).get(RUN_METADATA_KEY)
+    return dict(labels) if isinstance(labels, Mapping) else {}
 
 
 def _strip_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -106,6 +142,12 @@ def infer_model_name(state: Mapping[str, Tensor]) -> str:
 
 def load_checkpoint(path: str | os.PathLike, name: str | None = None, map_location="cpu") -> HPCM:
     """Build the model of ``name`` (inferred when None) and load the weights in ``path``."""
+    return load_checkpoint_and_metadata(path, name, map_location)[0]
+
+
+def load_checkpoint_and_metadata(path: str | os.PathLike, name: str | None = None,
+                                 map_location="cpu") -> tuple[HPCM, dict[str, Any]]:
+    """:func:`load_checkpoint` and the run labels stored in the file ({} when it has none)."""
     path = os.fspath(path)
     if name is not None:
         preset_config(name)  # unknown name -> ValueError listing the valid ones, before any I/O
@@ -114,8 +156,15 @@ def load_checkpoint(path: str | os.PathLike, name: str | None = None, map_locati
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # unreadable, truncated or not a torch file
-        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({exc})") from exc
+        size = os.path.getsize(path)
+        what = "is empty (0 bytes)" if size == 0 else f"is unreadable or truncated ({size} bytes)"
+        raise CheckpointUnreadableError(
+            f"{path} {what}: not a torch checkpoint ({type(exc).__name__}: {exc or 'no detail'}); "
+            "restore or re-create the file") from exc
+    metadata = _run_metadata(obj)
     state, stored_name, stored_config = _split_checkpoint(obj, path)
+    if stored_name is None and isinstance(metadata.get("model"), str):
+        stored_name = metadata["model"]
 
     inferred = name is None and stored_name is None
     if name is None:
@@ -147,7 +196,7 @@ def load_checkpoint(path: str | os.PathLike, name: str | None = None, map_locati
     model.load_state_dict(state, strict=not missing)
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)
-    return model.eval()
+    return model.eval(), metadata
 
 
 def save_checkpoint(model: HPCM, path: str | os.PathLike, **extra: Any) -> None:

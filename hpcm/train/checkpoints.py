@@ -9,7 +9,10 @@ is renamed aside to ``checkpoint_last.corrupt`` (so the next save cannot rotate 
 valid generation in ``checkpoint_prev``).
 
 ``epoch_best.pth.tar`` is different on purpose: a raw model state dict in the official HPCM layout
-(what ``hpcm.evaluate`` and the official ``test.py`` load), with the entropy-coder tables built.
+(what ``hpcm.evaluate`` and the official ``test.py`` load), with the entropy-coder tables built,
+that says what it is: model, variant, lambda and seed ride in the state dict's ``_metadata``
+(``hpcm.models.with_run_metadata``), where ``load_state_dict`` does not look, so ``hpcm.evaluate``
+labels its rows from the checkpoint itself rather than from whatever ``run.yaml`` sits beside it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hpcm.models.checkpoint import with_run_metadata
 from hpcm.util.io import atomic_torch_save
 
 CHECKPOINT_LAST = "checkpoint_last.pth.tar"
@@ -130,7 +134,14 @@ def coder_ready_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return export.state_dict()  # the copy is discarded, so its tensors need no second copy
 
 
-def save_best_model(model: torch.nn.Module, run_dir: str | Path) -> Path:
+def run_labels(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What a run's best model is, from its run config: model, variant, lambda, seed."""
+    return {"model": str(cfg["model"]), "variant": str(cfg["variant"]), "lmbda": float(cfg["lmbda"]),
+            "seed": int(cfg["seed"])}
+
+
+def save_best_model(model: torch.nn.Module, run_dir: str | Path, labels: dict[str, Any]) -> Path:
+    """``epoch_best.pth.tar``: the official raw layout, coder tables built, ``labels`` in its metadata."""
     path = Path(run_dir) / BEST_MODEL
-    atomic_torch_save(coder_ready_state_dict(model), path)
+    atomic_torch_save(with_run_metadata(coder_ready_state_dict(model), **labels), path)
     return path

@@ -18,7 +18,9 @@ validation loss), ``balanced_state_best.pth`` (balanced optimizers), ``run.yaml`
 package version, git commit), wandb files (``wandb/``), and ``done``, written last.
 
 Never lose work: a checkpoint every ``checkpoint_every`` steps and at the end; re-running the same
-command resumes from the newest valid checkpoint (a finished run, with ``done``, is a no-op).
+command resumes from the newest valid checkpoint (a finished run, with ``done``, is a no-op when its
+config is the same, an error when an experiment key changed). One writer per folder: the trainer
+holds ``DIR/.lock`` (``hpcm.train.lock``, an flock that dies with its process) while it runs.
 SIGTERM / SIGINT (e.g. SLURM pre-emption) finish the current step, save and exit with
 ``EXIT_INTERRUPTED``. The data order is a pure function of (seed, step), and every RNG state is
 checkpointed, so on CPU a resumed run ends with the same weights as an uninterrupted one.
@@ -54,6 +56,7 @@ from hpcm.data import images as data
 from hpcm.config import run_config
 from hpcm.config.tasks import SCALES, SEED_TASK_NAMES
 from hpcm.train import checkpoints as checkpointing
+from hpcm.train import lock as run_lock
 from hpcm.train import losses, schedules
 from hpcm.train.logs import MetricsCSV, WandbLogger, git_commit, log_line, print_err
 from hpcm.util.device import DeviceUnavailableError, pick_device
@@ -357,7 +360,7 @@ def save_checkpoint(run: Run) -> None:
 
 
 def save_best(run: Run) -> None:
-    checkpointing.save_best_model(run.model, run.out)
+    checkpointing.save_best_model(run.model, run.out, checkpointing.run_labels(run.cfg))
     if run.balanced:  # the seed's writer of the official balanced_state_best.pth (atomic)
         run.optimizer.save_state(run.out / checkpointing.BEST_BALANCED_STATE)
 
@@ -474,9 +477,41 @@ def train(run: Run, stop: StopFlag) -> int:
 
 
 def run_training(cfg: dict[str, Any], out: Path) -> int:
-    """Resume or start the run in ``out``; returns the exit code."""
+    """Resume or start the run in ``out``, holding its lock (one writer per folder); the exit code."""
+    if out.exists() and not out.is_dir():
+        print_err(f"error: --output-dir {out} is a file, not a directory; pass a directory (created if missing)")
+        return EXIT_CONFIG
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with run_lock.hold_run_folder(out):
+            return _run_locked(cfg, out)
+    except (run_lock.RunFolderLocked, run_lock.RunLockUnsupported) as exc:
+        print_err(f"error: {exc}")
+        return EXIT_CONFIG
+
+
+def _finished_config(out: Path) -> dict[str, Any]:
+    """The config a finished run trained with: its checkpoint's, else its run.yaml's."""
+    state = checkpointing.load_latest_state(out, map_location="cpu")
+    if state is not None:
+        return state["config"]
+    saved = run_config.read_run_yaml(out)
+    saved.pop("meta", None)
+    return saved
+
+
+def _run_locked(cfg: dict[str, Any], out: Path) -> int:
     if (out / DONE_MARKER).exists():
-        print_err(f"{out} is finished ({DONE_MARKER} exists); nothing to do")
+        # Compare first: a changed experiment key must fail as it does for an unfinished run, not
+        # report "nothing to do" for a model this folder does not hold.
+        try:
+            problem = run_config.resume_mismatch(_finished_config(out), cfg)
+        except checkpointing.CheckpointCorruptError as exc:
+            problem = str(exc)
+        if problem:
+            print_err(f"error: {out} is finished with another config: {problem}")
+            return EXIT_CONFIG
+        print_err(f"{out} is finished ({DONE_MARKER} exists, same config); nothing to do")
         return EXIT_OK
     with StopFlag() as stop:
         try:
@@ -497,17 +532,20 @@ def run_training(cfg: dict[str, Any], out: Path) -> int:
                 checkpointing.CheckpointCorruptError) as exc:
             print_err(f"error: {exc}")
             return EXIT_CONFIG
-        out.mkdir(parents=True, exist_ok=True)
         resumed = 0 if state is None else run.step
         if state is not None:
             print_err(f"resuming {out} from step {run.step} ({state['_path']})")
         write_run_yaml(run, resumed)
         try:
             return train(run, stop)
-        except data.ImageError as exc:  # an image that became unreadable mid-run (state was saved)
-            saved = f"training state saved at step {run.step}; " if run.step else ""
-            print_err(f"error: {exc}\n{saved}fix or remove the image (or set skip_bad_images) and re-run "
-                      "the same command to resume")
+        except data.ImageError as exc:  # an image that became unreadable mid-run
+            if (out / checkpointing.CHECKPOINT_LAST).exists():
+                advice = (f"training state saved at step {run.step}; fix or remove the image (or set "
+                          "skip_bad_images) and re-run the same command to resume")
+            else:  # failed before the first checkpoint: there is nothing to resume from
+                advice = ("nothing was saved (no step finished); fix or remove the image (or set "
+                          "skip_bad_images) and run the command again")
+            print_err(f"error: {exc}\n{advice}")
             return EXIT_CONFIG
 
 

@@ -30,7 +30,7 @@ def _centre_crop(src: Path, dst: Path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     from hpcm.evaluate.bitstreams import main
-    from hpcm.models import build_model
+    from hpcm.models import build_model, with_run_metadata
 
     root = tmp_path_factory.mktemp("eval")
     data = root / "kodak"
@@ -40,9 +40,11 @@ def run(tmp_path_factory):
     run_dir.mkdir()
     torch.manual_seed(0)
     model = build_model("HPCM_Tiny")
-    # Official layout: a raw state dict, the model name only in run.yaml beside it.
-    torch.save(model.state_dict(), run_dir / "epoch_best.pth.tar")
-    (run_dir / "run.yaml").write_text("model: HPCM_Tiny\nvariant: phase1\nlmbda: 0.0067\n")
+    # Official layout: a raw state dict, the labels in its metadata (as hpcm.train saves it);
+    # a run.yaml beside it that says otherwise is not read.
+    torch.save(with_run_metadata(model.state_dict(), model="HPCM_Tiny", variant="phase1", lmbda=0.0067, seed=3),
+               run_dir / "epoch_best.pth.tar")
+    (run_dir / "run.yaml").write_text("model: HPCM_Small\nvariant: baseline\nlmbda: 0.0483\n")
     out_csv, out_json, recon = root / "out.csv", root / "out.json", root / "recon"
     code = main(["--checkpoint", str(run_dir / "epoch_best.pth.tar"), "--dataset", str(data),
                  "--output", str(out_csv), "--json", str(out_json), "--dataset-name", "kodak",
@@ -58,8 +60,8 @@ def test_rows_metadata_and_decode_check(run):
     rows = run["rows"]
     assert [r["image"] for r in rows] == ["kodim01.png", "kodim04.png"]
     for row in rows:
-        assert (row["variant"], float(row["lmbda"]), row["dataset"], row["model"]) == (
-            "phase1", 0.0067, "kodak", "HPCM_Tiny")
+        assert (row["variant"], float(row["lmbda"]), row["seed"], row["dataset"], row["model"]) == (
+            "phase1", 0.0067, "3", "kodak", "HPCM_Tiny")
         assert (int(row["width"]), int(row["height"])) == (CROP, CROP)
         assert row["decode_ok"] == "True"
         assert float(row["decode_max_abs_diff"]) < 1 / 255
@@ -146,12 +148,11 @@ def test_json_is_strict_when_a_metric_was_not_measured(run, tmp_path):
 
     from hpcm.evaluate.bitstreams import main
 
-    # 64 px images: too small for 5-scale MS-SSIM; no run.yaml beside the copy: no lambda.
+    # 64 px images: too small for 5-scale MS-SSIM.
     small = tmp_path / "small"
     small.mkdir()
     Image.fromarray(run["originals"]["kodim04.png"][:64, :64]).save(small / "a.png")
-    ckpt = tmp_path / "weights.pth.tar"
-    ckpt.write_bytes((run["run_dir"] / "epoch_best.pth.tar").read_bytes())
+    ckpt = run["run_dir"] / "epoch_best.pth.tar"
     out_json = tmp_path / "small.json"
     assert main(["--checkpoint", str(ckpt), "--dataset", str(small), "--output",
                  str(tmp_path / "small.csv"), "--json", str(out_json), "--model", "HPCM_Tiny"]) == 0
@@ -161,7 +162,7 @@ def test_json_is_strict_when_a_metric_was_not_measured(run, tmp_path):
 
     doc = json.loads(out_json.read_text(), parse_constant=reject)
     assert "ms-ssim-rgb" not in doc["results"] and doc["meta"]["not_measured"] == ["ms-ssim-rgb"]
-    assert doc["meta"]["lmbda"] is None
+    assert doc["meta"]["lmbda"] == 0.0067 and doc["meta"]["seed"] == 3
     parsed = parse_json_file(out_json, "psnr")
     assert parsed["ys"] == doc["results"]["psnr-rgb"] and math.isfinite(parsed["ys"][0])
 
@@ -198,5 +199,5 @@ def test_clear_errors(run, tmp_path, capsys):
     assert main(["--checkpoint", ckpt, "--dataset", str(run["data"]), "--output",
                  str(tmp_path / "c.csv"), "--model", "HPCM_Small"]) == 2
     err = capsys.readouterr().err
-    assert "does not fit HPCM_Small" in err and "key" in err
+    assert "does not fit HPCM_Small" in err and "key" in err and "drop --model" in err
     assert not any(tmp_path.glob("*.csv"))  # nothing half-written

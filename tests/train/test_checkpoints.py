@@ -122,8 +122,10 @@ def test_best_model_is_exported_with_coder_tables_and_training_model_untouched(t
     torch.manual_seed(0)
     model = build_model("HPCM_Tiny").train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    path = checkpointing.save_best_model(model, tmp_path)
+    labels = {"model": "HPCM_Tiny", "variant": "phase1", "lmbda": 0.0067, "seed": 1}
+    path = checkpointing.save_best_model(model, tmp_path, labels)
     exported = torch.load(path, map_location="cpu", weights_only=True)
+    assert exported._metadata["__hpcm_run__"] == labels  # the file says what it is
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert set(exported) == set(before)
     changed = [k for k in exported if exported[k].shape != before[k].shape or not torch.equal(exported[k], before[k])]

@@ -1,8 +1,11 @@
 """The Snakemake DAG: job counts of the paper study, schema errors, lint.
 
-Snakemake runs as a subprocess (its Python API does not read profiles and moves between minors).
-Expected job counts are computed here from the config file itself, independently of the DAG.
-The end-to-end run of a small demo config lives in ``test_workflow_e2e.py``.
+Snakemake runs as a subprocess (its Python API does not read profiles and moves between minors),
+always in a temporary working directory: the checkout's own ``results/`` is never read or written
+(after a ``make demo`` a dry run there would find nothing to do). Expected job counts are computed
+here from the config file itself, independently of the DAG. The end-to-end run of a small demo
+config lives in ``test_e2e.py``; the study resolution itself is unit-tested in
+``tests/config/test_study.py``.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,8 +28,13 @@ PAPER = ROOT / "workflow" / "configs" / "paper.yaml"
 DEMO = ROOT / "config.yaml"
 
 
-def snakemake(*args: str, cwd: Path = ROOT, timeout: int = 240) -> subprocess.CompletedProcess:
-    """`snakemake ARGS` with this interpreter's environment first on PATH and wandb off."""
+def snakemake(*args: str, cwd: Path | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
+    """`snakemake ARGS` with this interpreter's environment first on PATH and wandb off, run in
+    ``cwd`` (default: a fresh temporary directory, never the checkout)."""
+    if cwd is None:
+        with tempfile.TemporaryDirectory(prefix="hpcm-dag-") as workdir:
+            return snakemake(*args, cwd=Path(workdir), timeout=timeout)
+    assert Path(cwd).resolve() != ROOT.resolve(), "workflow tests must not run in the checkout"
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["WANDB_MODE"] = "disabled"
@@ -49,7 +58,7 @@ def job_counts(output: str) -> dict[str, int]:
 def expected_counts(cfg: dict) -> dict[str, int]:
     """Job counts a config must produce, derived from the config alone."""
     n_grid = sum(math.prod(len(v) for v in g["axes"].values()) for g in cfg.get("grids", {}).values())
-    n_runs = (len(cfg["variants"]) + n_grid) * len(cfg["lambdas"])
+    n_runs = (len(cfg["variants"]) + n_grid) * len(cfg["lambdas"]) * len(cfg.get("seeds", [0]))
     datasets = cfg["datasets"]
     uses_samples = "samples" in (cfg["train_data"], cfg["val_data"]) or any(
         d["kind"] == "samples" for d in datasets.values()
@@ -94,7 +103,7 @@ def test_adding_a_lambda_and_a_variant_adds_exactly_their_jobs(tmp_path):
     cfg = yaml.safe_load(PAPER.read_text())
     before = dry_run(PAPER)
     cfg["lambdas"].append(0.1)
-    cfg["variants"]["phase1_seed1"] = {"extends": "phase1", "seed": 1}
+    cfg["variants"]["phase1_lr2"] = {"extends": "phase1", "lr": 2.0e-4}
     bigger = tmp_path / "bigger.yaml"
     bigger.write_text(yaml.safe_dump(cfg))
     after = dry_run(bigger)
@@ -103,6 +112,26 @@ def test_adding_a_lambda_and_a_variant_adds_exactly_their_jobs(tmp_path):
     assert after["evaluate"] - before["evaluate"] == (n_variants * n_lambdas - 14 * 6) * n_datasets
     unchanged = {r: n for r, n in after.items() if r not in ("train", "run_config", "evaluate")}
     assert unchanged == {r: n for r, n in before.items() if r not in ("train", "run_config", "evaluate")}
+
+
+def test_seeds_repeat_every_run_and_evaluation(tmp_path):
+    """`seeds: [0, 1, 2]` trains and evaluates every (variant, lambda) three times, one folder each."""
+    cfg = yaml.safe_load(PAPER.read_text())
+    assert cfg["seeds"] == [0]  # the paper keeps one seed
+    before = dry_run(PAPER)
+    cfg["seeds"] = [0, 1, 2]
+    seeded = tmp_path / "seeds.yaml"
+    seeded.write_text(yaml.safe_dump(cfg))
+    after = dry_run(seeded)
+    assert after == expected_counts(cfg)
+    for rule in ("run_config", "train", "evaluate"):
+        assert after[rule] == 3 * before[rule]
+    result = snakemake("results/eval/kodak/phase2_qp/lmbda0.0067/seed2.csv", "-n", "-p", "--configfile", str(seeded))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    # the fine-tuning run starts from the baseline run of the same lambda and seed
+    assert "results/train/baseline/lmbda0.0067/seed2/final.pth.tar" in output
+    assert "--lmbda 0.0067 --seed 2" in output and "--output-dir results/train/phase2_qp/lmbda0.0067/seed2" in output
 
 
 def test_demo_config_covers_every_phase_and_ablation():
@@ -149,6 +178,11 @@ def write_config(tmp_path: Path, **changes) -> Path:
         ({"variants__phase2_qp__init_from": "ghost"}, "variants.phase2_qp.init_from", "ghost"),
         ({"variants__phase2_qp__init_from": "official"}, "variants.phase2_qp.init_from", "official_checkpoints"),
         ({"variants__study1_s1__scale_weights": "s4_emphasis"}, "variants.study1_s1.scale_weights", "s3_emphasis"),
+        # issue 10 point 4: two lambdas, one folder
+        ({"lambdas": [0.0018, 0.0067, 0.00670000001]}, "lambdas.2", "lambdas[1] = 0.0067 and lambdas[2] = 0.00670000001"),
+        # issue 10 point 6: every train job would fail on a crop the model cannot take
+        ({"training__patch_size": 50}, "training.patch_size", "not a multiple of 64, the pad multiple of HPCM_Tiny"),
+        ({"training__seed": 1}, "training.seed", "seeds"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, changes, key, words):
@@ -168,12 +202,13 @@ def test_a_variant_naming_presets_gets_their_numbers_in_its_run_config(tmp_path)
                                               "gammas": "increasing"},
                                     "child": {"extends": "named", "gammas": [0.001, 0.002, 0.003]}},
                           grids={}, analysis__reference="named", analysis__gains={}, analysis__studies={})
-    targets = [f"results/configs/{name}/lmbda0.013.yaml" for name in ("named", "child")]
+    targets = [f"results/configs/{name}/lmbda0.013/seed0.yaml" for name in ("named", "child")]
     result = snakemake(*targets, "--cores", "1", "--configfile", str(config), cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     named, child = (yaml.safe_load((tmp_path / target).read_text()) for target in targets)
     assert named["scale_weights"] == [0.33, 0.33, 0.34] and named["gammas"] == [0.004, 0.006, 0.008]
     assert child["scale_weights"] == [0.33, 0.33, 0.34] and child["gammas"] == [0.001, 0.002, 0.003]
+    assert named["seed"] == child["seed"] == 0
 
 
 def test_lint_is_clean():

@@ -73,14 +73,17 @@ def is_number(value) -> bool:
 def test_every_run_is_trained_evaluated_and_protected(finished_run):
     for variant in VARIANTS:
         for lmbda in LAMBDAS:
-            run = finished_run / "results" / "train" / variant / f"lmbda{lmbda}"
+            run = finished_run / "results" / "train" / variant / f"lmbda{lmbda}" / "seed0"
             assert (run / "done").is_file() and (run / "metrics.csv").is_file()
             weights = run / "final.pth.tar"
             assert not os.stat(weights).st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
-            rows = pd.read_csv(finished_run / "results" / "eval" / "crops" / variant / f"lmbda{lmbda}.csv")
+            rows = pd.read_csv(finished_run / "results" / "eval" / "crops" / variant / f"lmbda{lmbda}" / "seed0.csv")
             assert len(rows) >= 1 and rows["bpp"].gt(0).all()
-    fine_tuned = yaml.safe_load((finished_run / "results/configs/phase2_qp/lmbda0.0018.yaml").read_text())
-    assert fine_tuned["init_checkpoint"] == "results/train/baseline/lmbda0.0018/final.pth.tar"
+            # labels from the checkpoint's own metadata, the seed on every row
+            assert (rows["variant"] == variant).all() and (rows["lmbda"] == lmbda).all() and (rows["seed"] == 0).all()
+    fine_tuned = yaml.safe_load((finished_run / "results/configs/phase2_qp/lmbda0.0018/seed0.yaml").read_text())
+    assert fine_tuned["init_checkpoint"] == "results/train/baseline/lmbda0.0018/seed0/final.pth.tar"
+    assert fine_tuned["seed"] == 0
 
 
 def test_tables_have_a_number_for_every_variant(finished_run):

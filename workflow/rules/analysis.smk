@@ -11,7 +11,7 @@ localrules:
 
 rule rd_points:
     input:
-        all_eval_csvs(),
+        STUDY.eval_csvs(),
     output:
         points="results/rd/points.csv",
     log:
@@ -37,7 +37,7 @@ rule tables:
     input:
         points="results/rd/points.csv",
         analysis="results/configs/analysis.yaml",
-        runs=all_done_markers(),
+        runs=STUDY.done_markers(),
     output:
         table_outputs(),
     log:

@@ -27,7 +27,7 @@ rule prepare_dataset:
     output:
         directory("results/data/{dataset}"),
     wildcard_constraints:
-        dataset=alternatives(PREPARED_DATASETS),
+        dataset=alternatives(STUDY.prepared_datasets),
     log:
         "logs/prepare_dataset/{dataset}.log",
     params:

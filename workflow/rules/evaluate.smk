@@ -1,18 +1,19 @@
 # Evaluation: real bitstreams of every trained run on every evaluation dataset (one job per
-# (dataset, variant, lambda)); per-image CSV + CompressAI-format JSON.
+# (dataset, variant, lambda, seed)); per-image CSV + CompressAI-format JSON. The labels come from the
+# checkpoint's own metadata; the wildcards are passed too, so that a mismatch fails the job.
 
 
 rule evaluate:
     input:
         unpack(eval_inputs),
-        weights="results/train/{variant}/lmbda{lmbda}/final.pth.tar",
+        weights=PATHS["final_weights"],
     output:
-        csv="results/eval/{dataset}/{variant}/lmbda{lmbda}.csv",
-        json="results/eval/{dataset}/{variant}/lmbda{lmbda}.json",
+        csv=PATHS["eval_csv"],
+        json=PATHS["eval_json"],
     log:
-        "logs/evaluate/{dataset}/{variant}/lmbda{lmbda}.log",
+        "logs/evaluate/{dataset}/{variant}/lmbda{lmbda}/seed{seed}.log",
     benchmark:
-        "results/benchmarks/evaluate/{dataset}/{variant}/lmbda{lmbda}.tsv"
+        PATHS["eval_benchmark"]
     params:
         data=lookup_eval_dir,
         model=config["model"],
@@ -30,5 +31,5 @@ rule evaluate:
         "{params.gpu_lock}"
         "python -m hpcm.evaluate --checkpoint {input.weights} --dataset {params.data:q} "
         "--output {output.csv} --json {output.json} --dataset-name {wildcards.dataset} "
-        "--model {params.model} --variant {wildcards.variant} --lmbda {wildcards.lmbda} "
+        "--model {params.model} --variant {wildcards.variant} --lmbda {wildcards.lmbda} --seed {wildcards.seed} "
         "--device {params.device} > {log} 2>&1"

@@ -25,7 +25,7 @@ rule plot_rd:
     params:
         anchors=config["analysis"]["anchors"],
         # the config's variant order fixes each variant's colour in every figure
-        variants=list(VARIANTS),
+        variants=list(STUDY.variants),
     conda:
         "../../envs/hpcm.yaml"
     shell:
@@ -35,7 +35,7 @@ rule plot_rd:
 
 rule plot_runs:
     input:
-        runs=all_done_markers(),
+        runs=STUDY.done_markers(),
     output:
         report(
             directory("results/plots/runs"),
@@ -47,7 +47,7 @@ rule plot_runs:
         "logs/plot_runs/plots.log",
     params:
         runs=runs_root,
-        variants=list(VARIANTS),
+        variants=list(STUDY.variants),
     conda:
         "../../envs/hpcm.yaml"
     shell:

@@ -1,6 +1,7 @@
-# Training: one run per (variant, lambda). The run YAML holds the experiment; `--set` adds how to
-# run it (device first). Re-running an interrupted job resumes from the run's own checkpoint
-# (checkpoint_last.pth.tar is deliberately not a declared output, so Snakemake never deletes it).
+# Training: one run per (variant, lambda, seed) in results/train/<variant>/lmbda<L>/seed<k>/. The
+# run YAML holds the experiment; `--set` adds how to run it (device first). Re-running an
+# interrupted job resumes from the run's own checkpoint (checkpoint_last.pth.tar is deliberately
+# not a declared output, so Snakemake never deletes it).
 
 
 localrules:
@@ -12,9 +13,9 @@ rule run_config:
         unpack(sample_inputs),
         init=init_checkpoint,
     output:
-        "results/configs/{variant}/lmbda{lmbda}.yaml",
+        PATHS["run_config"],
     log:
-        "logs/run_config/{variant}/lmbda{lmbda}.log",
+        "logs/run_config/{variant}/lmbda{lmbda}/seed{seed}.log",
     params:
         run=run_config,
     run:
@@ -24,17 +25,17 @@ rule run_config:
 rule train:
     input:
         unpack(sample_inputs),
-        config="results/configs/{variant}/lmbda{lmbda}.yaml",
+        config=PATHS["run_config"],
         init=init_checkpoint,
     output:
         # The selected weights (a hard link to epoch_best.pth.tar, tables updated), protected
         # against accidental deletion; `done` is written last by the trainer.
-        weights=protected("results/train/{variant}/lmbda{lmbda}/final.pth.tar"),
-        done="results/train/{variant}/lmbda{lmbda}/done",
+        weights=protected(PATHS["final_weights"]),
+        done=PATHS["done"],
     log:
-        "logs/train/{variant}/lmbda{lmbda}.log",
+        "logs/train/{variant}/lmbda{lmbda}/seed{seed}.log",
     benchmark:
-        "results/benchmarks/train/{variant}/lmbda{lmbda}.tsv"
+        PATHS["train_benchmark"]
     params:
         outdir=run_dir_of,
         settings=runtime_settings,

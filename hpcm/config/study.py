@@ -1,0 +1,356 @@
+"""A study config resolved: the grid of runs, their paths and their run YAMLs (no Snakemake needed).
+
+The workflow (``workflow/rules/common.smk``) calls :func:`load` once at start and its input
+functions call the returned :class:`Study`; tests call the same functions directly.
+
+What a study config says (schema: ``workflow/schemas/config.schema.yaml``):
+
+* ``lambdas`` x ``seeds`` x variants is the set of training runs. Variants are the named
+  ``variants`` (``extends`` chains applied, preset names such as ``scale_weights: equal`` replaced
+  by their numbers) plus one per point of every ``grids`` entry (``<grid>-<key><value>-...``).
+* Every run has its own folder ``results/train/<variant>/lmbda<L>/seed<k>/`` and its evaluation
+  ``results/eval/<dataset>/<variant>/lmbda<L>/seed<k>.{csv,json}`` (:data:`PATHS`, the one home of
+  the layout); the run YAML's ``seed`` is the folder's seed. ``init_from`` starts a run from
+  the same lambda's and seed's run of another variant (or the lambda's official checkpoint).
+
+Checked here, each as a :class:`StudyConfigError` naming the config key: the schema (defaults
+filled in), unknown or cyclic references, two lambdas or two variants that would share one
+folder (issue 10 point 4), and a ``patch_size`` that is not a multiple of the model's pad multiple
+(every train job would fail; issue 10 point 6). The pad multiple is passed in
+(``pad_multiple_of(model_name)``) because the model stage comes after this one.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import jsonschema
+import yaml
+from referencing import Registry, Resource
+
+from hpcm.config import presets
+
+# Run-config keys a variant may set (they go into the run YAML of `python -m hpcm.train`).
+VARIANT_RUN_KEYS = (
+    "optimizer", "gamma", "gamma_final", "gamma_schedule", "w_lr", "update_mode", "decomposition", "gammas",
+    "gammas_final", "gamma_strategy", "scale_weights", "steps", "lr", "lr_milestones", "lr_values", "patch_size",
+    "batch_size", "clip_max_norm",
+)
+# `training` keys that define the experiment (run YAML) ...
+TRAINING_RUN_KEYS = (
+    "steps", "patch_size", "batch_size", "lr", "lr_milestones", "lr_values", "clip_max_norm", "update_mode", "bf16",
+)
+# ... and those that only say how to run it (passed with --set, so the YAML stays the experiment).
+TRAINING_RUNTIME_KEYS = (
+    "num_workers", "log_every", "val_every", "checkpoint_every", "skip_bad_images", "wandb_mode", "wandb_project",
+    "wandb_entity", "quiet",
+)
+
+SAMPLES_DIR = "results/data/samples"
+RUNS_DIR = "results/train"
+TABLES_DIR = "results/tables"
+TRAIN_BENCHMARKS_DIR = "results/benchmarks/train"
+# Every per-run path of the workflow, as Snakemake wildcard patterns (rules use these strings).
+PATHS = {
+    "run_config": "results/configs/{variant}/lmbda{lmbda}/seed{seed}.yaml",
+    "run_dir": RUNS_DIR + "/{variant}/lmbda{lmbda}/seed{seed}",
+    "final_weights": RUNS_DIR + "/{variant}/lmbda{lmbda}/seed{seed}/final.pth.tar",
+    "done": RUNS_DIR + "/{variant}/lmbda{lmbda}/seed{seed}/done",
+    "train_benchmark": TRAIN_BENCHMARKS_DIR + "/{variant}/lmbda{lmbda}/seed{seed}.tsv",
+    "eval_csv": "results/eval/{dataset}/{variant}/lmbda{lmbda}/seed{seed}.csv",
+    "eval_json": "results/eval/{dataset}/{variant}/lmbda{lmbda}/seed{seed}.json",
+    "eval_benchmark": "results/benchmarks/evaluate/{dataset}/{variant}/lmbda{lmbda}/seed{seed}.tsv",
+}
+PREPARED_KINDS = ("kodak", "clic2020-professional")
+
+
+class StudyConfigError(ValueError):
+    """A study config that cannot be run; the message starts with the config key at fault."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"config key '{key}': {message}")
+        self.key = key
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema validation (defaults filled in, as snakemake.utils.validate does)
+# ---------------------------------------------------------------------------------------------
+def _with_defaults(validator_class):
+    """jsonschema's documented recipe: a validator that fills in each property's default."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        for name, subschema in properties.items():
+            if "default" in subschema and isinstance(instance, dict):
+                instance.setdefault(name, subschema["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+def validate(cfg: dict[str, Any], schema_path: str | Path) -> None:
+    """Check ``cfg`` against the schema and fill in its defaults (in place)."""
+    for section, where in (("training", "training"), *((f"variants.{n}", n) for n in cfg.get("variants") or {})):
+        node = cfg.get("training") if section == "training" else cfg["variants"][where]
+        if isinstance(node, dict) and "seed" in node:
+            raise StudyConfigError(f"{section}.seed", "a study's training seeds are the top-level list `seeds` "
+                                                      "(e.g. seeds: [0, 1, 2]); every run is repeated per seed")
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    registry = Registry().with_resource(Path(schema_path).resolve().as_uri(), Resource.from_contents(schema))
+    validator = _with_defaults(jsonschema.Draft202012Validator)(schema, registry=registry)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(cfg))
+    if error is not None:
+        key = ".".join(str(part) for part in error.absolute_path) or "<top level>"
+        raise StudyConfigError(key, error.message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Names and variants
+# ---------------------------------------------------------------------------------------------
+def fmt_lmbda(value: float) -> str:
+    """Canonical text of a lambda in paths and wildcards: 0.0018 -> '0.0018', 1.0 -> '1'."""
+    return f"{float(value):.10f}".rstrip("0").rstrip(".")
+
+
+def fmt_value(value: Any) -> str:
+    return fmt_lmbda(value) if isinstance(value, float) else str(value)
+
+
+def lambda_texts(lambdas: list[float]) -> dict[str, float]:
+    """{path text: lambda}; two lambdas with one text would train in one folder: an error."""
+    texts: dict[str, float] = {}
+    for index, value in enumerate(lambdas):
+        text = fmt_lmbda(value)
+        if text in texts:
+            first = lambdas.index(texts[text])
+            raise StudyConfigError(f"lambdas.{index}", f"lambdas[{first}] = {texts[text]!r} and lambdas[{index}] = "
+                                   f"{value!r} both map to the run folder lmbda{text}; remove one or make them "
+                                   "differ within 10 decimals")
+        texts[text] = float(value)
+    return texts
+
+
+def expand_grids(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """One variant per point of every grid: `<grid>-<key><value>-...`, base keys + the point."""
+    expanded: dict[str, dict[str, Any]] = {}
+    origin: dict[str, str] = {}
+    for grid_name, grid in cfg["grids"].items():
+        axes = list(grid["axes"].items())
+        for point in itertools.product(*(values for _, values in axes)):
+            keys = dict(zip((key for key, _ in axes), point))
+            name = "-".join([grid_name] + [f"{k}{fmt_value(v)}" for k, v in keys.items()])
+            here = f"grids.{grid_name} point {keys}"
+            if name in cfg["variants"]:
+                raise StudyConfigError(f"grids.{grid_name}", f"{here} expands to {name!r}, the name of "
+                                       f"variants.{name}: both would train in one folder; rename one")
+            if name in expanded:
+                raise StudyConfigError(f"grids.{grid_name}", f"{origin[name]} and {here} both expand to {name!r} "
+                                       "(values equal within 10 decimals): both would train in one folder")
+            variant = dict(grid["base"])
+            variant.update(keys)
+            if not variant.get("description"):
+                variant["description"] = grid["description"] or f"grid {grid_name}"
+            expanded[name], origin[name] = variant, here
+    return expanded
+
+
+def resolve_variants(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Variants with `extends` chains applied; returns {name: {key: value}} without null keys."""
+    raw = dict(cfg["variants"])
+    raw.update(expand_grids(cfg))
+    resolved: dict[str, dict[str, Any]] = {}
+
+    def resolve(name: str, chain: list[str]) -> dict[str, Any]:
+        if name in resolved:
+            return resolved[name]
+        if name not in raw:
+            raise StudyConfigError(f"variants.{chain[-1]}.extends", f"unknown variant {name!r}")
+        if name in chain:
+            raise StudyConfigError(f"variants.{name}.extends", f"cycle {' -> '.join(chain + [name])}")
+        entry = {k: v for k, v in raw[name].items() if v is not None}
+        for key in presets.NAMED_KEYS.keys() & entry.keys():  # `scale_weights: equal` -> its numbers
+            try:
+                entry[key] = presets.preset_value(key, entry[key])
+            except ValueError as err:
+                raise StudyConfigError(f"variants.{name}.{key}", str(err)) from None
+        parent = entry.pop("extends", None)
+        merged = dict(resolve(parent, chain + [name])) if parent else {}
+        merged.pop("description", None)
+        merged.update(entry)
+        resolved[name] = merged
+        return merged
+
+    for name in raw:
+        resolve(name, [])
+    for name, variant in resolved.items():
+        if "optimizer" not in variant:
+            raise StudyConfigError(f"variants.{name}.optimizer",
+                                   "no optimizer (set it or `extends` a variant that does)")
+    return resolved
+
+
+def check_references(cfg: Mapping[str, Any], variants: Mapping[str, Any], lambdas: Mapping[str, float]) -> None:
+    """Every name the config refers to exists; fine-tuning sources exist for every lambda."""
+    official = {fmt_lmbda(entry["lmbda"]) for entry in cfg["official_checkpoints"]}
+    for name, variant in variants.items():
+        source = variant.get("init_from")
+        if source is None:
+            continue
+        if source == "official":
+            missing = [text for text in lambdas if text not in official]
+            if missing:
+                raise StudyConfigError(f"variants.{name}.init_from",
+                                       f"'official' needs official_checkpoints entries for lambda {', '.join(missing)}")
+        elif source not in variants:
+            raise StudyConfigError(f"variants.{name}.init_from", f"unknown variant {source!r}")
+        elif source == name:
+            raise StudyConfigError(f"variants.{name}.init_from", "a variant cannot fine-tune from itself")
+    analysis = cfg["analysis"]
+    named = [("analysis.reference", analysis["reference"])]
+    named += [(f"analysis.gains.{label}", v) for label, v in analysis["gains"].items()]
+    for study, spec in analysis["studies"].items():
+        named += [(f"analysis.studies.{study}.rows.{label}", v) for label, v in spec["rows"].items()]
+    for key, name in named:
+        if name not in variants:
+            raise StudyConfigError(key, f"unknown variant {name!r} (known: {', '.join(variants)})")
+    for name, spec in cfg["datasets"].items():
+        if spec["kind"] == "folder" and not spec["source"]:
+            raise StudyConfigError(f"datasets.{name}.source", "kind 'folder' needs a source directory")
+        if spec["only"] and spec["kind"] != "kodak":
+            raise StudyConfigError(f"datasets.{name}.only", "a subset is only supported for kind 'kodak'")
+
+
+def check_patch_sizes(cfg: Mapping[str, Any], variants: Mapping[str, Any], pad_multiple: int) -> None:
+    """Every run's crop fits the model (the trainer would refuse it after the DAG started)."""
+    model = cfg["model"]
+    default = cfg["training"]["patch_size"]
+    if default % pad_multiple:
+        raise StudyConfigError("training.patch_size", f"{default} is not a multiple of {pad_multiple}, the pad "
+                               f"multiple of {model}; use e.g. {max(pad_multiple, default // pad_multiple * pad_multiple)}")
+    for name, variant in variants.items():
+        size = variant.get("patch_size", default)
+        if size % pad_multiple:
+            raise StudyConfigError(f"variants.{name}.patch_size", f"{size} is not a multiple of {pad_multiple}, the "
+                                   f"pad multiple of {model}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The resolved study
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Run:
+    variant: str
+    lmbda: str  # path text (fmt_lmbda)
+    seed: int
+
+    @property
+    def wildcards(self) -> dict[str, Any]:
+        return {"variant": self.variant, "lmbda": self.lmbda, "seed": self.seed}
+
+
+def path(name: str, **wildcards: Any) -> str:
+    """One of :data:`PATHS` with its wildcards filled in."""
+    return PATHS[name].format(**wildcards)
+
+
+@dataclass
+class Study:
+    config: dict[str, Any]
+    lambdas: dict[str, float]  # path text -> value
+    seeds: list[int]
+    variants: dict[str, dict[str, Any]]
+
+    @property
+    def datasets(self) -> dict[str, dict[str, Any]]:
+        return self.config["datasets"]
+
+    @property
+    def prepared_datasets(self) -> list[str]:
+        return [name for name, spec in self.datasets.items() if spec["kind"] in PREPARED_KINDS]
+
+    @property
+    def official_checkpoints(self) -> dict[str, str]:
+        return {fmt_lmbda(e["lmbda"]): e["path"] for e in self.config["official_checkpoints"]}
+
+    def runs(self) -> list[Run]:
+        """Every training run, variant-major (config order), then lambda, then seed."""
+        return [Run(v, lmbda, s) for v in self.variants for lmbda in self.lambdas for s in self.seeds]
+
+    # -- paths
+    def data_dir(self, source: str, split: str) -> str:
+        """'samples' -> the exported split; anything else is a directory used as it is."""
+        return f"{SAMPLES_DIR}/{split}" if source == "samples" else source
+
+    def eval_dir(self, dataset: str) -> str:
+        spec = self.datasets[dataset]
+        if spec["kind"] == "samples":
+            return f"{SAMPLES_DIR}/test"
+        if spec["kind"] == "folder":
+            return spec["source"]
+        return f"results/data/{dataset}"
+
+    def init_checkpoint(self, variant: str, lmbda: str, seed: int | str) -> list[str]:
+        """The file a fine-tuning run starts from: the same lambda's and seed's run of the source
+        variant, or the lambda's official checkpoint; [] for a run from scratch."""
+        source = self.variants[variant].get("init_from")
+        if source is None:
+            return []
+        if source == "official":
+            return [self.official_checkpoints[lmbda]]
+        return [path("final_weights", variant=source, lmbda=lmbda, seed=seed)]
+
+    def eval_csvs(self) -> list[str]:
+        return [path("eval_csv", dataset=d, **run.wildcards) for d in self.datasets for run in self.runs()]
+
+    def done_markers(self) -> list[str]:
+        return [path("done", **run.wildcards) for run in self.runs()]
+
+    # -- run YAML
+    def run_config(self, variant: str, lmbda: str, seed: int | str, init: list[str]) -> dict[str, Any]:
+        """The run YAML of one run: training defaults, then the variant's keys, then its labels."""
+        training = self.config["training"]
+        run = {key: training[key] for key in TRAINING_RUN_KEYS}
+        spec = self.variants[variant]
+        run.update({key: spec[key] for key in VARIANT_RUN_KEYS if key in spec})
+        run.update(
+            model=self.config["model"], variant=variant, lmbda=self.lambdas[lmbda], seed=int(seed),
+            train_data=self.data_dir(self.config["train_data"], "train"),
+            val_data=self.data_dir(self.config["val_data"], "val"),
+            init_checkpoint=init[0] if init else None,
+        )
+        return run
+
+    def runtime_settings(self) -> dict[str, Any]:
+        """Run-config keys that say how, not what, to train (device first: it is always explicit)."""
+        settings = {"device": self.config["device"]}
+        settings.update({key: self.config["training"][key] for key in TRAINING_RUNTIME_KEYS})
+        settings["wandb_project"] = f"{settings['wandb_project']}-{self.config['study']}"
+        return settings
+
+    # -- analysis
+    def table_names(self) -> list[str]:
+        """The tables `python -m hpcm.tables` writes for this config (see its docstring)."""
+        analysis = self.config["analysis"]
+        names = [f"bd_vs_{analysis['reference']}"]
+        names += [f"bd_vs_anchor-{anchor}" for anchor in analysis["anchors"]]
+        names += ["expected_gains"] if analysis["gains"] else []
+        names += list(analysis["studies"])
+        return names + ["overhead"]
+
+
+def resolve(cfg: dict[str, Any], pad_multiple_of: Callable[[str], int]) -> Study:
+    """The study of a schema-validated config (see :func:`validate`); every check of this module."""
+    lambdas = lambda_texts(cfg["lambdas"])
+    variants = resolve_variants(cfg)
+    check_references(cfg, variants, lambdas)
+    check_patch_sizes(cfg, variants, pad_multiple_of(cfg["model"]))
+    return Study(config=cfg, lambdas=lambdas, seeds=[int(s) for s in cfg["seeds"]], variants=variants)
+
+
+def load(cfg: dict[str, Any], schema_path: str | Path, pad_multiple_of: Callable[[str], int]) -> Study:
+    """Validate ``cfg`` (defaults filled in, in place) and resolve it."""
+    validate(cfg, schema_path)
+    return resolve(cfg, pad_multiple_of)
