@@ -70,7 +70,17 @@ KEYS: dict[str, Key] = {
                  check=_non_negative, constraint="must be >= 0"),
     "gamma_final": Key("float", None, "final gamma of a linear/cosine gamma_schedule", optional=True,
                        check=_non_negative, constraint="must be >= 0"),
-    "gamma_schedule": Key("str", "fixed", "single-gamma schedule over the run", choices=("fixed", "linear", "cosine")),
+    "gamma_schedule": Key("str", "fixed", "single-gamma schedule over the run (hpcm.train.schedules)",
+                          choices=("fixed", "linear", "cosine", "step", "adaptive")),
+    "gamma_warmup": Key("float", 0.0, "fraction of the run held at the initial gamma before a gamma_schedule starts "
+                        "(seed: 100 of 3000 epochs = 0.0333)", check=lambda v: 0 <= v < 1,
+                        constraint="must be a fraction in [0, 1)"),
+    "gamma_step_milestones": Key("floats", [1000 / 3000, 2000 / 3000, 2500 / 3000],
+                                 "gamma_schedule step: gamma drops at these fractions of the run (seed epochs "
+                                 "1000/2000/2500 of 3000)", check=lambda v: all(0 < f < 1 for f in v) and v == sorted(v),
+                                 constraint="must be increasing fractions in (0, 1)"),
+    "gamma_step_factor": Key("float", 0.5, "gamma_schedule step: factor at each milestone (floored at gamma_final)",
+                             check=lambda v: 0 < v <= 1, constraint="must be in (0, 1]"),
     "w_lr": Key("float", 0.025, "Adam learning rate of the task logits", check=_positive, constraint="must be > 0"),
     "update_mode": Key("str", "same_batch", "task-weight update: same_batch (official second no-grad forward) or "
                        "next_batch (reuse the next batch's losses, no extra forward)", choices=("same_batch", "next_batch")),
