@@ -3,7 +3,7 @@
     python benchmarks/complexity.py                          # every preset, 256x256, CPU
     python benchmarks/complexity.py --presets HPCM_Base --size 256 --detail
 
-Counter: ``torch.utils.flop_counter.FlopCounterMode`` over one eval forward (``torch.no_grad``),
+Counter (``hpcm.analysis.complexity.count_macs``): ``torch.utils.flop_counter.FlopCounterMode`` over one eval forward (``torch.no_grad``),
 MACs = FLOPs / 2 (the counter counts a multiply-add as 2 FLOPs). Per pixel means per pixel of the
 input image (256 * 256). What it counts: every aten convolution (Conv2d, ConvTranspose2d, the
 depth-wise and 1x1 convolutions) and matrix product (mm, addmm, bmm, baddbmm, and therefore
@@ -37,48 +37,15 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from hpcm.analysis.complexity import (  # noqa: E402
+    OFFICIAL_KMACS_PER_PIXEL, OFFICIAL_SOURCE, count_macs, per_pixel_kmacs)
 from hpcm.models import build_model  # noqa: E402
 from hpcm.models.presets import PRESETS  # noqa: E402
-
-OFFICIAL_KMACS_PER_PIXEL = {"HPCM_Base": 918.57}  # lyq133/LIC-HPCM issue #12 (DeepSpeed, 256x256)
-OFFICIAL_SOURCE = "lyq133/LIC-HPCM issue #12 (DeepSpeed flops profiler, 256x256)"
-ENCODER_ONLY = ("g_a", "h_a")  # the decoder never runs these
-DECODER_ONLY = ("g_s",)        # the encoder never runs this
-
-
-def count_macs(model: torch.nn.Module, height: int = 256, width: int = 256) -> dict[str, float]:
-    """MACs of one eval forward of ``model`` on a (1, 3, height, width) input, in total and per part.
-
-    Returns ``{"total", "encoder", "decoder", "context", "g_a", "h_a", "h_s", "g_s"}`` in MACs
-    (not per pixel): ``context`` is everything outside the four transforms.
-    """
-    model = model.eval()
-    x = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    flops = counter.get_flop_counts()
-    root = type(model).__name__
-    total = sum(flops["Global"].values()) / 2
-    parts = {name: sum(flops.get(f"{root}.{name}", {}).values()) / 2 for name in ("g_a", "h_a", "h_s", "g_s")}
-    context = total - sum(parts.values())
-    return {
-        "total": total,
-        "encoder": total - sum(parts[n] for n in DECODER_ONLY),
-        "decoder": total - sum(parts[n] for n in ENCODER_ONLY),
-        "context": context,
-        **parts,
-    }
-
-
-def per_pixel_kmacs(macs: dict[str, float], height: int, width: int) -> dict[str, float]:
-    return {k: v / (height * width) / 1e3 for k, v in macs.items()}
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

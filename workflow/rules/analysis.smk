@@ -7,6 +7,8 @@ localrules:
     rd_points,
     analysis_config,
     tables,
+    phase2_grid,
+    summary,
 
 
 rule rd_points:
@@ -52,3 +54,77 @@ rule tables:
         # the BD method, reference, anchors and studies all come from the analysis YAML
         "python -m hpcm.tables --points {input.points} --runs {params.runs} --config {input.analysis} "
         "--benchmarks {params.benchmarks} --output-dir {params.outdir} > {log} 2>&1"
+
+
+# The Phase 2 search (one table + heatmap per grid) and the paper-style summary table. Bootstrap
+# intervals need the per-image evaluation CSVs and hpcm.analysis.bootstrap; until that module is
+# present the tables are written without intervals and say so in their notes.
+import importlib.util
+
+INTERVALS = importlib.util.find_spec("hpcm.analysis.bootstrap") is not None
+
+
+def grid_includes(grid):
+    """The variant a grid's base extends (e.g. phase1) is a point of the same search."""
+    base = config["grids"][grid]["base"].get("extends")
+    return [base] if base in VARIANTS else []
+
+
+def grid_done_markers(wildcards):
+    names = [v for v in VARIANTS if v.startswith(f"{wildcards.grid}-")] + grid_includes(wildcards.grid)
+    return [f"{run_dir(v, l)}/done" for v in names for l in LAMBDAS]
+
+
+def analysis_outputs():
+    outputs = [f"{TABLES_DIR}/{grid}.{ext}" for grid in config["grids"] for ext in ("csv", "md", "tex")]
+    outputs += [f"results/plots/{grid}.png" for grid in config["grids"]]
+    return outputs + [f"{TABLES_DIR}/summary.{ext}" for ext in ("csv", "md", "tex")]
+
+
+rule phase2_grid:
+    input:
+        points="results/rd/points.csv",
+        runs=grid_done_markers,
+        evals=all_eval_csvs() if INTERVALS else [],
+    output:
+        table=multiext(f"{TABLES_DIR}/{{grid}}", ".csv", ".md", ".tex"),
+        png="results/plots/{grid}.png",
+        pdf="results/plots/{grid}.pdf",
+    wildcard_constraints:
+        grid=alternatives(config["grids"]),
+    log:
+        "logs/phase2_grid/{grid}.log",
+    params:
+        runs=runs_root,
+        include=lambda wildcards: grid_includes(wildcards.grid),
+        reference=config["analysis"]["reference"],
+        method=config["analysis"]["bd_method"],
+        evals=lambda wildcards, input: f"--eval-csv {' '.join(input.evals)}" if input.evals else "",
+    conda:
+        "../../envs/hpcm.yaml"
+    shell:
+        "python -m hpcm.phase2 --points {input.points} --runs {params.runs} --grid {wildcards.grid} "
+        "--include {params.include} --reference {params.reference} --method {params.method} {params.evals} "
+        "--output-dir $(dirname {output.table[0]}) --plots-dir $(dirname {output.png}) > {log} 2>&1"
+
+
+rule summary:
+    input:
+        points="results/rd/points.csv",
+        analysis="results/configs/analysis.yaml",
+        runs=all_done_markers(),
+        evals=all_eval_csvs() if INTERVALS else [],
+    output:
+        multiext(f"{TABLES_DIR}/summary", ".csv", ".md", ".tex"),
+    log:
+        "logs/summary/summary.log",
+    params:
+        runs=runs_root,
+        # the named variants (every phase and ablation); grid points have their own table
+        variants=list(config["variants"]),
+        evals=lambda wildcards, input: f"--eval-csv {' '.join(input.evals)}" if input.evals else "",
+    conda:
+        "../../envs/hpcm.yaml"
+    shell:
+        "python -m hpcm.summary --points {input.points} --runs {params.runs} --config {input.analysis} "
+        "--variants {params.variants} {params.evals} --output-dir $(dirname {output[0]}) > {log} 2>&1"

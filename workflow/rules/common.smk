@@ -421,6 +421,7 @@ def final_outputs():
     targets = all_eval_csvs()
     targets += [f"{TABLES_DIR}/{name}.{ext}" for name in table_names() for ext in ("csv", "md", "tex")]
     targets += ["results/plots/rd", "results/plots/runs", "results/plots/gamma_schedules.png"]
+    targets += analysis_outputs()  # analysis.smk: the Phase 2 grid tables and heatmaps, the summary table
     return targets
 
 

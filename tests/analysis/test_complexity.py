@@ -1,4 +1,4 @@
-"""benchmarks/complexity.py: the MAC counter against closed-form counts, and the script on HPCM_Tiny."""
+"""hpcm.analysis.complexity and benchmarks/complexity.py: the MAC counter against closed-form counts, and the script on HPCM_Tiny."""
 
 from __future__ import annotations
 
