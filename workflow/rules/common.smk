@@ -433,7 +433,7 @@ LAMBDAS = {fmt_lmbda(l): float(l) for l in config["lambdas"]}
 VARIANTS = resolve_variants(config)
 check_references(config, VARIANTS, LAMBDAS)
 DATASETS = config["datasets"]
-PREPARED_DATASETS = [n for n, spec in DATASETS.items() if spec["kind"] in ("kodak", "clic2020-professional")]
+PREPARED_DATASETS = [n for n, spec in DATASETS.items() if spec["kind"] in ("kodak", "clic2020-professional", "tecnick")]
 OFFICIAL_CHECKPOINTS = {fmt_lmbda(e["lmbda"]): e["path"] for e in config["official_checkpoints"]}
 
 
