@@ -225,3 +225,34 @@ def test_manager_validation():
         ScaleGammaManager(INITIAL, "hierarchical", phase_boundaries=(0.5, 0.2, 0.9))
     with pytest.raises(ValueError, match="s3"):
         ScaleGammaManager({"s1": 1.0, "s2": 1.0}, "fixed")
+
+
+def test_the_trainer_feeds_validation_losses_to_the_adaptive_schedule_and_logs_step_gammas(tmp_path):
+    """Wiring in hpcm.train.loop: observe(val_loss) after every validation, history in the checkpoint."""
+    import csv
+
+    import torch
+
+    from hpcm.train import checkpoints as checkpointing
+    from hpcm.train import loop as train
+
+    common = ["--set", "model=HPCM_Tiny", "--set", "patch_size=64", "--set", "batch_size=1", "--set", "num_workers=0",
+              "--set", "wandb_mode=disabled", "--set", "quiet=true", "--set", "log_every=1", "--set", "steps=4",
+              "--set", "variant=phase1", "--set", "gamma=0.004", "--set", "gamma_final=0.001"]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert train.main(["--output-dir", str(tmp_path / "a"), *common, "--set", "gamma_schedule=adaptive",
+                           "--set", "val_every=1"]) == train.EXIT_OK
+        assert train.main(["--output-dir", str(tmp_path / "s"), *common, "--set", "gamma_schedule=step",
+                           "--set", "gamma_step_milestones=[0.5]", "--set", "gamma_warmup=0.25"]) == train.EXIT_OK
+    finally:
+        torch.set_num_threads(previous)
+    state = torch.load(tmp_path / "a" / checkpointing.CHECKPOINT_LAST, map_location="cpu", weights_only=False)
+    with open(tmp_path / "a" / "metrics.csv") as handle:
+        val_losses = [float(r["val_loss"]) for r in csv.DictReader(handle) if r["val_loss"]]
+    assert len(val_losses) == 4 and state["gamma_schedule"]["loss_history"] == pytest.approx(val_losses)
+    with open(tmp_path / "s" / "metrics.csv") as handle:
+        gammas = [float(r["gamma"]) for r in csv.DictReader(handle) if r["gamma"]]
+    # step s uses progress (s - 1) / 4: 0, 0.25 (warm-up ends), 0.5 (halved), 0.75
+    assert gammas == pytest.approx([0.004, 0.004, 0.002, 0.002])
