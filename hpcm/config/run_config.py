@@ -345,6 +345,8 @@ def resume_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | Non
     for key in KEYS:
         if key in RESUME_SAFE_KEYS:
             continue
+        if key not in saved and current.get(key) == KEYS[key].default:
+            continue  # a key newer than the checkpoint: its default is what the older code did
         if saved.get(key) != current.get(key):
             return (f"run config key {key!r} changed from {saved.get(key)!r} (checkpoint) to {current.get(key)!r}; "
                     f"use a new output directory or restore the value")

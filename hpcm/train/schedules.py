@@ -21,6 +21,8 @@ fractions of the run; the seed runs 3000 epochs, warms up for 100 and sets gamma
              a = 0.8 if cv < 0.01 (converged: less regularisation), 1.2 if cv > 0.05 (unstable:
              more), else 1. With fewer than 50 losses a = 1 and nothing is clipped. The factor is
              recomputed from the window every time, not compounded.
+The seed's ``HPCMGammaScheduler`` preset ('hpcm') is ``step`` with gamma_0 0.006, gamma_1 0.0005,
+milestones 500 / 1500 / 2750 of 3000 epochs, factor 0.5 and the same warm-up.
 
 ScaleGammaManager (Phase 3) has the seed's five strategies: fixed, linear, cosine (per scale, final
 gammas default to half the initial ones, as in the seed), adaptive (coefficient of variation of

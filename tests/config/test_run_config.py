@@ -150,3 +150,11 @@ def test_wandb_payload_uses_the_seed_keys():
     assert payload["task_weights"]["s2_bpp"] == 0.2
     assert payload["scale_contributions"] == {"s1": 0.4, "s2": 0.4, "s3": 0.2}
     assert payload["scale_contrib/s3"] == 0.2
+
+
+def test_a_checkpoint_older_than_a_key_resumes_when_the_key_keeps_its_default():
+    current = run_config.resolve({"steps": 10, "variant": "phase2"})
+    older = {k: v for k, v in current.items() if k not in ("gamma_warmup", "gamma_step_factor")}
+    assert run_config.resume_mismatch(older, current) is None
+    changed = run_config.resolve({"steps": 10, "variant": "phase2", "gamma_warmup": 0.1})
+    assert "gamma_warmup" in run_config.resume_mismatch(older, changed)
