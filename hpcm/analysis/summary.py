@@ -36,9 +36,9 @@ import numpy as np
 import yaml
 
 from hpcm.analysis.anchors import anchor_curves_by_dataset
-from hpcm.analysis.bd import bd_table
+from hpcm.analysis.bd import bd_row, bd_table
 from hpcm.analysis.complexity import count_macs, per_pixel_kmacs
-from hpcm.analysis.points import read_points
+from hpcm.analysis.points import curve, read_points
 from hpcm.analysis.tables import Table, TableError, read_analysis, read_metrics, to_latex, to_markdown
 from hpcm.config.run_config import RUN_YAML
 from hpcm.models import build_model
@@ -141,9 +141,13 @@ def summary_tables(points, costs, analysis: dict[str, Any], variants: Sequence[s
             continue
         intervals = _intervals(eval_csvs, reference, metric, method) if eval_csvs else None
         bd = bd_table(points, reference, metric, method, variants=[v for v in order if v != reference])
-        # the reference against itself is 0 by definition (its interval, from the bootstrap, [0, 0])
+        # the reference against itself is measured like any row (0, or n/a with the reason when its
+        # own curve is no valid BD curve), as hpcm.analysis.tables does
         rows = [(r.dataset, r.variant, r.bd_rate, r.error) for r in bd.itertuples()]
-        rows += [(dataset, reference, 0.0, "") for dataset in datasets]
+        for dataset in datasets:
+            own = curve(points, dataset, reference, metric)
+            self_row = bd_row(dataset, reference, reference, own, own, metric, method)
+            rows.append((dataset, reference, self_row.bd_rate, self_row.error))
         for dataset, variant, value, error in rows:
             low = high = math.nan
             if intervals is not None:
