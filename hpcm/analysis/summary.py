@@ -178,7 +178,7 @@ def summary_tables(points, costs, analysis: dict[str, Any], variants: Sequence[s
             raise TableError(f"variant {variant!r} has runs of several models: {sorted(mine['model'].unique())}")
         kinds = sorted(mine["device"].unique())
         hours = float(mine["hours"].sum(min_count=1)) if len(mine) else math.nan
-        cost_label = f"{hours:.2f} {'/'.join(kinds)}-h" if np.isfinite(hours) else "n/a"
+        cost_label = f"{hours:.3g} {'/'.join(kinds)}-h" if np.isfinite(hours) else "n/a"
         kmacs = complexity.get(model, {})
         for dataset in datasets:
             row = {"variant": variant, "dataset": dataset}

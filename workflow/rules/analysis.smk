@@ -56,29 +56,8 @@ rule tables:
         "--benchmarks {params.benchmarks} --output-dir {params.outdir} > {log} 2>&1"
 
 
-# The Phase 2 search (one table + heatmap per grid) and the paper-style summary table. Bootstrap
-# intervals need the per-image evaluation CSVs and hpcm.analysis.bootstrap; until that module is
-# present the tables are written without intervals and say so in their notes.
-import importlib.util
-
-INTERVALS = importlib.util.find_spec("hpcm.analysis.bootstrap") is not None
-
-
-def grid_includes(grid):
-    """The variant a grid's base extends (e.g. phase1) is a point of the same search."""
-    base = config["grids"][grid]["base"].get("extends")
-    return [base] if base in VARIANTS else []
-
-
-def grid_done_markers(wildcards):
-    names = [v for v in VARIANTS if v.startswith(f"{wildcards.grid}-")] + grid_includes(wildcards.grid)
-    return [f"{run_dir(v, l)}/done" for v in names for l in LAMBDAS]
-
-
-def analysis_outputs():
-    outputs = [f"{TABLES_DIR}/{grid}.{ext}" for grid in config["grids"] for ext in ("csv", "md", "tex")]
-    outputs += [f"results/plots/{grid}.png" for grid in config["grids"]]
-    return outputs + [f"{TABLES_DIR}/summary.{ext}" for ext in ("csv", "md", "tex")]
+# The Phase 2 search (one table + heatmap per grid) and the paper-style summary table
+# (helpers and INTERVALS in common.smk).
 
 
 rule phase2_grid:
@@ -99,13 +78,15 @@ rule phase2_grid:
         include=lambda wildcards: grid_includes(wildcards.grid),
         reference=config["analysis"]["reference"],
         method=config["analysis"]["bd_method"],
-        evals=lambda wildcards, input: f"--eval-csv {' '.join(input.evals)}" if input.evals else "",
+        evals=eval_csv_option,
+        outdir=tables_dir,
+        plotdir=parent_of_png,
     conda:
         "../../envs/hpcm.yaml"
     shell:
         "python -m hpcm.phase2 --points {input.points} --runs {params.runs} --grid {wildcards.grid} "
         "--include {params.include} --reference {params.reference} --method {params.method} {params.evals} "
-        "--output-dir $(dirname {output.table[0]}) --plots-dir $(dirname {output.png}) > {log} 2>&1"
+        "--output-dir {params.outdir} --plots-dir {params.plotdir} > {log} 2>&1"
 
 
 rule summary:
@@ -115,16 +96,19 @@ rule summary:
         runs=all_done_markers(),
         evals=all_eval_csvs() if INTERVALS else [],
     output:
-        multiext(f"{TABLES_DIR}/summary", ".csv", ".md", ".tex"),
+        csv=f"{TABLES_DIR}/summary.csv",
+        md=f"{TABLES_DIR}/summary.md",
+        tex=f"{TABLES_DIR}/summary.tex",
     log:
         "logs/summary/summary.log",
     params:
         runs=runs_root,
         # the named variants (every phase and ablation); grid points have their own table
         variants=list(config["variants"]),
-        evals=lambda wildcards, input: f"--eval-csv {' '.join(input.evals)}" if input.evals else "",
+        evals=eval_csv_option,
+        outdir=tables_dir,
     conda:
         "../../envs/hpcm.yaml"
     shell:
         "python -m hpcm.summary --points {input.points} --runs {params.runs} --config {input.analysis} "
-        "--variants {params.variants} {params.evals} --output-dir $(dirname {output[0]}) > {log} 2>&1"
+        "--variants {params.variants} {params.evals} --output-dir {params.outdir} > {log} 2>&1"

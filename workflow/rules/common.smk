@@ -1,5 +1,6 @@
 # Helpers of the study grid: config validation, variant resolution, paths and input functions.
 # Rules live in the other modules; this file holds only Python (Snakemake best practice).
+import importlib.util
 import itertools
 import os
 import re
@@ -423,6 +424,34 @@ def final_outputs():
     targets += ["results/plots/rd", "results/plots/runs", "results/plots/gamma_schedules.png"]
     targets += analysis_outputs()  # analysis.smk: the Phase 2 grid tables and heatmaps, the summary table
     return targets
+
+
+# Phase 2 grid tables and the summary table (analysis.smk). Bootstrap intervals need the per-image
+# evaluation CSVs and hpcm.analysis.bootstrap; until that module is present the tables are written
+# without intervals and say so in their notes.
+INTERVALS = importlib.util.find_spec("hpcm.analysis.bootstrap") is not None
+
+
+def grid_includes(grid):
+    """The variant a grid's base extends (e.g. phase1) is a point of the same search."""
+    base = config["grids"][grid]["base"].get("extends")
+    return [base] if base in VARIANTS else []
+
+
+def grid_done_markers(wildcards):
+    names = [v for v in VARIANTS if v.startswith(f"{wildcards.grid}-")] + grid_includes(wildcards.grid)
+    return [f"{run_dir(v, l)}/done" for v in names for l in LAMBDAS]
+
+
+def analysis_outputs():
+    outputs = [f"{TABLES_DIR}/{grid}.{ext}" for grid in config["grids"] for ext in ("csv", "md", "tex")]
+    outputs += [f"results/plots/{grid}.png" for grid in config["grids"]]
+    return outputs + [f"{TABLES_DIR}/summary.{ext}" for ext in ("csv", "md", "tex")]
+
+
+def eval_csv_option(wildcards, input):
+    """`--eval-csv FILES` when the rule has the per-image CSVs as input (bootstrap intervals)."""
+    return f"--eval-csv {' '.join(input.evals)}" if input.evals else ""
 
 
 # ---------------------------------------------------------------------------------------------
