@@ -202,9 +202,10 @@ def summary_tables(points, costs, analysis: dict[str, Any], variants: Sequence[s
             display.append(shown)
     notes.append(f"BD-rate in % ({method}), negative = fewer bits at equal quality; intervals: 95 % paired "
                  "bootstrap over test images (vs the reference variant only: anchors have no per-image data)")
-    notes.append(f"training: hours of optimizer steps from metrics.csv step_time, summed over each variant's "
-                 f"lambdas (a fine-tuned variant counts its own steps, not those of its starting point); complexity: one forward at {size}x{size}, torch.utils.flop_counter MACs "
-                 "(convolutions and matrix products), encoder = all but g_s, decoder = all but g_a/h_a")
+    notes.append("training: hours of optimizer steps from metrics.csv step_time, summed over each variant's "
+                 "lambdas (a fine-tuned variant counts its own steps, not those of its starting point)")
+    notes.append(f"complexity: one forward at {size}x{size}, torch.utils.flop_counter MACs (convolutions and "
+                 "matrix products), encoder = all but g_s, decoder = all but g_a/h_a")
     title = f"Summary: BD-rate vs {reference} and anchors, training cost, complexity"
     return pd.DataFrame(numeric), Table("summary", title, pd.DataFrame(display), {}, notes)
 

@@ -68,7 +68,8 @@ KEYS: dict[str, Key] = {
     # Balanced R-D (Phase 1/2)
     "gamma": Key("float", 0.003, "FAMO L2 regularisation on the task logits (initial value when scheduled)",
                  check=_non_negative, constraint="must be >= 0"),
-    "gamma_final": Key("float", None, "final gamma of a linear/cosine gamma_schedule", optional=True,
+    "gamma_final": Key("float", None, "final gamma of a gamma_schedule (step: its floor; adaptive: lower clip)",
+                       optional=True,
                        check=_non_negative, constraint="must be >= 0"),
     "gamma_schedule": Key("str", "fixed", "single-gamma schedule over the run (hpcm.train.schedules)",
                           choices=("fixed", "linear", "cosine", "step", "adaptive")),
@@ -77,7 +78,8 @@ KEYS: dict[str, Key] = {
                         constraint="must be a fraction in [0, 1)"),
     "gamma_step_milestones": Key("floats", [1000 / 3000, 2000 / 3000, 2500 / 3000],
                                  "gamma_schedule step: gamma drops at these fractions of the run (seed epochs "
-                                 "1000/2000/2500 of 3000)", check=lambda v: all(0 < f < 1 for f in v) and v == sorted(v),
+                                 "1000/2000/2500 of 3000)",
+                                 check=lambda v: all(0 < f < 1 for f in v) and v == sorted(v),
                                  constraint="must be increasing fractions in (0, 1)"),
     "gamma_step_factor": Key("float", 0.5, "gamma_schedule step: factor at each milestone (floored at gamma_final)",
                              check=lambda v: 0 < v <= 1, constraint="must be in (0, 1]"),
