@@ -14,6 +14,11 @@ Contents (see the ``note`` column for details):
 - HPCM-Base / HPCM-Large published points (lyq133/LIC-HPCM README.md and R-D_Data.md) on Kodak,
   CLIC Pro Valid and Tecnick, PSNR models and MS-SSIM models (``*-msssim``, MS-SSIM in dB only).
 
+VTM-22.0 (the HPCM paper's anchor): no public source gives its R-D points, so the table has no
+VTM-22.0 curve (``VTM_22_STATUS`` says what was searched; ``list`` prints it). ``vtm`` is
+CompressAI's VTM, labelled "VTM (CompressAI; version unrecorded)": CompressAI's JSONs name no
+VTM version (its issue #166 asks, unanswered), so its BD numbers are not the paper's.
+
 Caution (measured with ``python -m hpcm.anchors bd``): on Kodak the CompressAI curves reproduce
 the BD-rates of orchestration.md §4.3 and HPCM-Base/Large come out at -16.0 % / -20.0 % vs
 CompressAI's VTM (paper: -15.31 % / -19.19 % vs VTM-22.0). On CLIC the CompressAI curves are
@@ -58,6 +63,16 @@ ANCHOR_TABLE = Path(__file__).with_name("anchors.csv")
 COLUMNS = ("dataset", "anchor", "label", "family", "point", "bpp", "psnr", "ms_ssim",
            "ms_ssim_db", "source_repo", "commit", "file", "blob_sha1", "note")
 METRICS = ("psnr", "ms_ssim_db")
+# Where VTM-22.0 points were looked for (at the commits in anchors.csv) and why none is here.
+VTM_22_STATUS = (
+    "VTM-22.0: no published R-D points found, so no VTM-22.0 anchor. Searched: lyq133/LIC-HPCM "
+    "R-D_Data.md and README.md (HPCM-Base/Large curves only; the paper's BD-rates vs VTM-22.0 come "
+    "without the VTM points), InterDigitalInc/CompressAI results/image (VTM curves with no version: "
+    "JSON 'description' is just 'VTM'; CompressAI issue #166 asks which version, unanswered). "
+    "'vtm' (above) is CompressAI's curve: BD numbers against it are not the paper's vs VTM-22.0. "
+    "To add VTM-22.0, encode the test set with VTM-22.0 (compressai.utils.bench vtm) and append the "
+    "JSON with add-compressai, recording repository, commit and file."
+)
 
 
 def load_anchors(path: str | Path = ANCHOR_TABLE):
@@ -176,6 +191,8 @@ def _cmd_list(args: argparse.Namespace) -> None:
                .agg(points=("bpp", "size"), source=("source_repo", "first"),
                     commit=("commit", "first"), file=("file", "first")).reset_index())
     print(summary.to_string(index=False))
+    print()
+    print(VTM_22_STATUS)
 
 
 def _cmd_bd(args: argparse.Namespace) -> None:

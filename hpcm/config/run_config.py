@@ -69,9 +69,21 @@ KEYS: dict[str, Key] = {
     # Balanced R-D (Phase 1/2)
     "gamma": Key("float", 0.003, "FAMO L2 regularisation on the task logits (initial value when scheduled)",
                  check=_non_negative, constraint="must be >= 0"),
-    "gamma_final": Key("float", None, "final gamma of a linear/cosine gamma_schedule", optional=True,
+    "gamma_final": Key("float", None, "final gamma of a gamma_schedule (step: its floor; adaptive: lower clip)",
+                       optional=True,
                        check=_non_negative, constraint="must be >= 0"),
-    "gamma_schedule": Key("str", "fixed", "single-gamma schedule over the run", choices=("fixed", "linear", "cosine")),
+    "gamma_schedule": Key("str", "fixed", "single-gamma schedule over the run (hpcm.train.schedules)",
+                          choices=("fixed", "linear", "cosine", "step", "adaptive")),
+    "gamma_warmup": Key("float", 0.0, "fraction of the run held at the initial gamma before a gamma_schedule starts "
+                        "(seed: 100 of 3000 epochs = 0.0333)", check=lambda v: 0 <= v < 1,
+                        constraint="must be a fraction in [0, 1)"),
+    "gamma_step_milestones": Key("floats", [1000 / 3000, 2000 / 3000, 2500 / 3000],
+                                 "gamma_schedule step: gamma drops at these fractions of the run (seed epochs "
+                                 "1000/2000/2500 of 3000)",
+                                 check=lambda v: all(0 < f < 1 for f in v) and v == sorted(v),
+                                 constraint="must be increasing fractions in (0, 1)"),
+    "gamma_step_factor": Key("float", 0.5, "gamma_schedule step: factor at each milestone (floored at gamma_final)",
+                             check=lambda v: 0 < v <= 1, constraint="must be in (0, 1]"),
     "w_lr": Key("float", 0.025, "Adam learning rate of the task logits", check=_positive, constraint="must be > 0"),
     "update_mode": Key("str", "same_batch", "task-weight update: same_batch (official second no-grad forward) or "
                        "next_batch (reuse the next batch's losses, no extra forward)", choices=("same_batch", "next_batch")),
@@ -337,6 +349,8 @@ def resume_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | Non
     for key in KEYS:
         if key in RESUME_SAFE_KEYS:
             continue
+        if key not in saved and current.get(key) == KEYS[key].default:
+            continue  # a key newer than the checkpoint: its default is what the older code did
         if saved.get(key) != current.get(key):
             return (f"run config key {key!r} changed from {saved.get(key)!r} (checkpoint) to {current.get(key)!r}; "
                     f"use a new output directory or restore the value")

@@ -35,7 +35,8 @@ from hpcm.config import presets
 
 # Run-config keys a variant may set (they go into the run YAML of `python -m hpcm.train`).
 VARIANT_RUN_KEYS = (
-    "optimizer", "gamma", "gamma_final", "gamma_schedule", "w_lr", "update_mode", "decomposition", "gammas",
+    "optimizer", "gamma", "gamma_final", "gamma_schedule", "gamma_warmup", "gamma_step_milestones",
+    "gamma_step_factor", "w_lr", "update_mode", "decomposition", "gammas",
     "gammas_final", "gamma_strategy", "scale_weights", "steps", "lr", "lr_milestones", "lr_values", "patch_size",
     "batch_size", "clip_max_norm",
 )
@@ -64,7 +65,7 @@ PATHS = {
     "eval_json": "results/eval/{dataset}/{variant}/lmbda{lmbda}/seed{seed}.json",
     "eval_benchmark": "results/benchmarks/evaluate/{dataset}/{variant}/lmbda{lmbda}/seed{seed}.tsv",
 }
-PREPARED_KINDS = ("kodak", "clic2020-professional")
+PREPARED_KINDS = ("kodak", "clic2020-professional", "tecnick")
 
 
 class StudyConfigError(ValueError):

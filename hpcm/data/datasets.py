@@ -1,4 +1,4 @@
-"""Evaluation datasets: Kodak and CLIC 2020 professional validation, verified by SHA-256.
+"""Evaluation datasets: Kodak, CLIC 2020 professional validation and Tecnick, verified by SHA-256.
 
 Kodak (24 PNGs, 768x512 / 512x768) is pinned per file: the SHA-256 of the original r0k.us bytes
 (orchestration.md §5.1). CLIC 2020 professional validation (41 PNGs) is pinned as its zip
@@ -22,7 +22,24 @@ CLI::
     python -m hpcm.datasets verify kodak|clic2020-professional DIR
         Re-check a prepared folder (Kodak: pinned hashes; CLIC: its SHA256SUMS).
 
+    python -m hpcm.datasets prepare tecnick --source ZIP_OR_DIR --output DIR [--manifest FILE]
+        --source: TESTIMAGES' testimages.zip (SourceForge, OLD/OLD_SAMPLING) or a folder holding
+        its RGB/RGB_OR_1200x1200 images; no download (see "Tecnick" below).
+    python -m hpcm.datasets verify tecnick DIR [--manifest FILE]
+
 An already prepared and verified output is left as it is (re-running is a no-op).
+
+Tecnick (TESTIMAGES, as HPCM and most learned-codec papers use it): the 100 images
+RGB_OR_1200x1200_001.png .. _100.png (1200x1200 RGB) of the folder RGB/RGB_OR_1200x1200 of
+https://sourceforge.net/projects/testimages/files/OLD/OLD_SAMPLING/testimages.zip. No SHA-256 of
+these files is published (neither by TESTIMAGES nor by the papers), so none is written here. The
+manifest is pinned on first use instead:
+1. ``prepare tecnick`` checks names, count (100), size (1200x1200) and mode (RGB) and writes the
+   folder's ``SHA256SUMS``; the archive's own SHA-256 is printed, to compare with colleagues.
+2. Pin it: copy that file to ``hpcm/data/tecnick.sha256`` (ships with the package) or keep it and
+   pass ``--manifest FILE``. From then on every ``prepare``/``verify`` checks each image against
+   it and a differing file is a ``ChecksumError`` naming it.
+Until a manifest is pinned, ``prepare`` says so on stderr every time (trust on first use).
 """
 
 from __future__ import annotations
@@ -30,7 +47,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import io
 import os
+import re
 import shutil
 import sys
 import tarfile
@@ -41,6 +60,7 @@ import zipfile
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from PIL import Image
 from tqdm import tqdm
 
 from hpcm.util.cli import run_command
@@ -293,25 +313,136 @@ def prepare_clic(source: str | Path | None, output: str | Path,
 
 
 # --------------------------------------------------------------------------------------------
+# Tecnick (TESTIMAGES RGB_OR_1200x1200)
+# --------------------------------------------------------------------------------------------
+
+TECNICK_URL = "https://sourceforge.net/projects/testimages/files/OLD/OLD_SAMPLING/testimages.zip"
+TECNICK_NAME = re.compile(r"^RGB_OR_1200x1200_(\d{3})\.png$")
+TECNICK_IMAGES = 100
+TECNICK_SIZE = (1200, 1200)
+TECNICK_PINNED = Path(__file__).with_name("tecnick.sha256")  # absent until someone pins a copy
+
+
+def read_manifest(path: str | Path) -> dict[str, str]:
+    """name -> SHA-256 of a ``sha256sum``-format file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: {path}")
+    entries = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        parts = line.split(maxsplit=1)
+        if len(parts) != 2 or not re.fullmatch(r"[0-9a-f]{64}", parts[0]):
+            raise ValueError(f"{path}:{number}: expected '<sha256>  <name>', got {line!r}")
+        entries[parts[1].strip()] = parts[0]
+    return entries
+
+
+def _tecnick_pinned(manifest: str | Path | None) -> dict[str, str] | None:
+    if manifest is not None:
+        return read_manifest(manifest)
+    return read_manifest(TECNICK_PINNED) if TECNICK_PINNED.is_file() else None
+
+
+def _tecnick_members(source: Path) -> Iterator[tuple[str, bytes]]:
+    if source.is_dir():
+        for path in sorted(source.rglob("RGB_OR_1200x1200_*.png")):
+            yield path.name, path.read_bytes()
+    elif source.is_file():
+        yield from ((n, d) for n, d in _archive_members(source) if TECNICK_NAME.match(n))
+    else:
+        raise FileNotFoundError(f"Tecnick source not found: {source}")
+
+
+def _check_tecnick_image(name: str, data: bytes, origin: str) -> None:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            size, mode = image.size, image.mode
+    except OSError as err:
+        raise ValueError(f"{name} (from {origin}) is not a readable PNG: {err}") from None
+    if size != TECNICK_SIZE or mode != "RGB":
+        raise ValueError(f"{name} (from {origin}) is {size[0]}x{size[1]} {mode}; Tecnick images are "
+                         f"{TECNICK_SIZE[0]}x{TECNICK_SIZE[1]} RGB (folder RGB/RGB_OR_1200x1200)")
+
+
+def verify_tecnick(folder: str | Path, manifest: str | Path | None = None) -> list[Path]:
+    """Check ``folder/SHA256SUMS`` and, when a manifest is pinned, that it lists the same hashes."""
+    paths = verify_manifest(folder)
+    pinned = _tecnick_pinned(manifest)
+    if pinned is not None:
+        written = read_manifest(Path(folder) / MANIFEST)
+        for name, expected in sorted(pinned.items()):
+            if written.get(name) != expected:
+                raise ChecksumError(name, expected, written.get(name, "(missing)"), str(folder))
+    return paths
+
+
+def prepare_tecnick(source: str | Path | None, output: str | Path,
+                    manifest: str | Path | None = None) -> list[Path]:
+    """Gather the 100 Tecnick images from the TESTIMAGES zip or a folder, check, hash, place them."""
+    output = Path(output)
+    with contextlib.suppress(FileNotFoundError, ChecksumError):
+        if output.is_dir():
+            return verify_tecnick(output, manifest)  # already prepared
+    if source is None or _is_url(str(source)):
+        raise ValueError(f"Tecnick is prepared from a local copy only: download {TECNICK_URL}, then pass "
+                         "--source with the zip or the folder it extracts to")
+    source = Path(source)
+    pinned = _tecnick_pinned(manifest)
+    with _staging(output) as staging:
+        digests: dict[str, str] = {}
+        for name, data in tqdm(_tecnick_members(source), desc="Tecnick", unit="img"):
+            if name in digests:
+                raise ValueError(f"{source} holds {name} twice; point --source at one copy")
+            _check_tecnick_image(name, data, str(source))
+            digest = hashlib.sha256(data).hexdigest()
+            if pinned is not None and pinned.get(name) != digest:
+                raise ChecksumError(name, pinned.get(name, "(not in the pinned manifest)"), digest, str(source))
+            (staging / name).write_bytes(data)
+            digests[name] = digest
+        expected = {f"RGB_OR_1200x1200_{k:03d}.png" for k in range(1, TECNICK_IMAGES + 1)}
+        if set(digests) != expected:
+            missing, extra = sorted(expected - set(digests)), sorted(set(digests) - expected)
+            raise ValueError(f"{source}: {len(digests)} Tecnick images, expected RGB_OR_1200x1200_001.png .. _100.png"
+                             + (f"; missing {missing[:5]}{' ...' if len(missing) > 5 else ''}" if missing else "")
+                             + (f"; unexpected {extra[:5]}" if extra else ""))
+        names = sorted(digests)
+        (staging / MANIFEST).write_text("".join(f"{digests[name]}  {name}\n" for name in names))
+    if pinned is None:
+        archive = f" (archive SHA-256 {sha256_file(source)})" if source.is_file() else ""
+        print(f"warning: no pinned Tecnick manifest ({TECNICK_PINNED} or --manifest): the hashes were taken from "
+              f"this copy{archive} and written to {output / MANIFEST}. Pin them by copying that file to "
+              f"{TECNICK_PINNED}; every later copy is then verified against it.", file=sys.stderr)
+    return [output / name for name in names]
+
+
+# --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
 
-DATASETS = ("kodak", "clic2020-professional")
+DATASETS = ("kodak", "clic2020-professional", "tecnick")
 
 
 def _cmd_prepare(args: argparse.Namespace) -> None:
+    if args.only and args.dataset != "kodak":
+        raise ValueError("--only applies to kodak")
+    if args.manifest and args.dataset != "tecnick":
+        raise ValueError("--manifest applies to tecnick")
     if args.dataset == "kodak":
-        only = args.only.split(",") if args.only else None
-        paths = prepare_kodak(args.source, args.output, only)
+        paths = prepare_kodak(args.source, args.output, args.only.split(",") if args.only else None)
+    elif args.dataset == "tecnick":
+        paths = prepare_tecnick(args.source, args.output, args.manifest)
     else:
-        if args.only:
-            raise ValueError("--only applies to kodak")
         paths = prepare_clic(args.source, args.output)
     print(f"{args.dataset}: {len(paths)} verified image(s) in {args.output}")
 
 
 def _cmd_verify(args: argparse.Namespace) -> None:
-    paths = verify_kodak(args.folder) if args.dataset == "kodak" else verify_manifest(args.folder)
+    if args.dataset == "kodak":
+        paths = verify_kodak(args.folder)
+    elif args.dataset == "tecnick":
+        paths = verify_tecnick(args.folder, args.manifest)
+    else:
+        paths = verify_manifest(args.folder)
     print(f"{args.dataset}: {len(paths)} image(s) verified in {args.folder}")
 
 
@@ -324,10 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", help="folder, archive or URL (default: the pinned URLs)")
     p.add_argument("--output", required=True, help="folder to create")
     p.add_argument("--only", help="comma-separated Kodak subset, e.g. kodim01.png,kodim02.png")
+    p.add_argument("--manifest", help="tecnick: SHA256SUMS to verify against (default: hpcm/data/tecnick.sha256)")
     p.set_defaults(func=_cmd_prepare)
     v = sub.add_parser("verify", help="re-check a prepared folder")
     v.add_argument("dataset", choices=DATASETS)
     v.add_argument("folder")
+    v.add_argument("--manifest", help="tecnick: SHA256SUMS to verify against (default: hpcm/data/tecnick.sha256)")
     v.set_defaults(func=_cmd_verify)
     return parser
 

@@ -183,8 +183,9 @@ class Run:
             max_norm=cfg["clip_max_norm"], update_mode=cfg["update_mode"], gammas=cfg["gammas"],
             scale_weights=cfg["scale_weights"], sync_free=self.cuda)
         self.params = params
-        self.gamma_schedule = schedules.GammaSchedule(cfg["gamma_schedule"], cfg["gamma"], cfg["gamma_final"],
-                                                      self.total_steps) \
+        self.gamma_schedule = schedules.GammaSchedule(
+            cfg["gamma_schedule"], cfg["gamma"], cfg["gamma_final"], self.total_steps, warmup=cfg["gamma_warmup"],
+            milestones=cfg["gamma_step_milestones"], factor=cfg["gamma_step_factor"]) \
             if cfg["optimizer"] in ("balanced", "qp") else None
         self.gamma_manager = schedules.ScaleGammaManager(
             cfg["gammas"], cfg["gamma_strategy"], total_epochs=self.total_steps,
@@ -208,6 +209,8 @@ class Run:
             self.decomposition.load_state_dict(state["decomposition"])
         if self.gamma_manager is not None:
             self.gamma_manager.load_state_dict(state["gamma_manager"])
+        if self.gamma_schedule is not None and state.get("gamma_schedule") is not None:
+            self.gamma_schedule.load_state_dict(state["gamma_schedule"])  # adaptive's validation losses
         self.step = int(state["step"])
         self.best_val_loss = float(state["best_val_loss"])
         self.skipped.fill_(float(state["skipped_steps"]))
@@ -221,6 +224,7 @@ class Run:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "decomposition": None if self.decomposition is None else self.decomposition.state_dict(),
             "gamma_manager": None if self.gamma_manager is None else self.gamma_manager.state_dict(),
+            "gamma_schedule": None if self.gamma_schedule is None else self.gamma_schedule.state_dict(),
             "lr": self.lr_at(self.step + 1),  # the schedule is a pure function of step; kept for readers
             "best_val_loss": self.best_val_loss, "skipped_steps": self.skipped_steps(),
             "epoch_scale_losses": self.epoch_scale_losses.detach().cpu(),
@@ -406,6 +410,8 @@ class LogWindow:
 
 def validate_and_keep_best(run: Run) -> dict[str, float]:
     val = run.validate()
+    if run.gamma_schedule is not None:
+        run.gamma_schedule.observe(val["val_loss"])  # the adaptive gamma schedule's input
     if val["val_loss"] < run.best_val_loss:
         run.best_val_loss = val["val_loss"]
         save_best(run)

@@ -3,10 +3,26 @@
 Everything is expressed in fractions of the run, so the same config drives a 3000-epoch paper run
 and a 200-step CPU demo. ``progress = step / total`` is clamped to [0, 1].
 
-Single gamma (Phase 2), from gamma_0 to gamma_1:
-    fixed:  gamma_0
-    linear: gamma_0 - (gamma_0 - gamma_1) * progress
-    cosine: gamma_1 + (gamma_0 - gamma_1) * (1 + cos(pi * progress)) / 2
+Single gamma (Phase 2), from gamma_0 to gamma_1 (the seed's ``AdaptiveGammaScheduler``,
+phase2/src/utils/adaptive_gamma.py of yutendo0714/LIC-HPCM-Balanced, with its epochs written as
+fractions of the run; the seed runs 3000 epochs, warms up for 100 and sets gamma_1 = 0.2 gamma_0):
+    warm-up: progress < w (``gamma_warmup``, seed 100/3000): gamma_0, whatever the schedule. After
+             it, linear and cosine run on q = (progress - w) / (1 - w), clamped to [0, 1].
+    fixed:   gamma_0
+    linear:  gamma_0 - (gamma_0 - gamma_1) * q
+    cosine:  gamma_1 + (gamma_0 - gamma_1) * (1 + cos(pi * q)) / 2
+    step:    gamma_0 * f ** (number of milestones m_k <= progress), floored at gamma_1; the
+             milestones are absolute fractions of the run (the warm-up does not shift them; seed:
+             epochs 1000 / 2000 / 2500 of 3000, ``gamma_step_milestones``) and f = 0.5
+             (``gamma_step_factor``).
+    adaptive: cosine(q) * a, clipped to [gamma_1, 1.5 gamma_0], where a depends on the last 50
+             validation losses (``observe``; the seed appends its per-epoch test loss): with
+             cv = std / (mean + 1e-8) (population std, numpy's default as in the seed),
+             a = 0.8 if cv < 0.01 (converged: less regularisation), 1.2 if cv > 0.05 (unstable:
+             more), else 1. With fewer than 50 losses a = 1 and nothing is clipped. The factor is
+             recomputed from the window every time, not compounded.
+The seed's ``HPCMGammaScheduler`` preset ('hpcm') is ``step`` with gamma_0 0.006, gamma_1 0.0005,
+milestones 500 / 1500 / 2750 of 3000 epochs, factor 0.5 and the same warm-up.
 
 ScaleGammaManager (Phase 3) has the seed's five strategies: fixed, linear, cosine (per scale, final
 gammas default to half the initial ones, as in the seed), adaptive (coefficient of variation of
@@ -27,7 +43,12 @@ from typing import Mapping, Sequence
 from hpcm.config.presets import DEFAULT_GAMMAS
 from hpcm.config.tasks import SCALES
 
-GAMMA_SCHEDULES = ("fixed", "linear", "cosine")
+GAMMA_SCHEDULES = ("fixed", "linear", "cosine", "step", "adaptive")
+# The seed's step epochs 1000 / 2000 / 2500 of 3000 and its halving factor.
+SEED_GAMMA_STEP_MILESTONES = (1000 / 3000, 2000 / 3000, 2500 / 3000)
+SEED_GAMMA_STEP_FACTOR = 0.5
+SEED_GAMMA_WARMUP = 100 / 3000  # the seed's warmup_epochs=100 of 3000
+ADAPTIVE_WINDOW = 50  # the seed's convergence_window (validation losses)
 GAMMA_STRATEGIES = ("fixed", "linear", "cosine", "adaptive", "hierarchical")
 
 # Seed phase boundaries (epochs 300, 1500, 2500 of 3000) as fractions of the run.
@@ -66,36 +87,103 @@ def set_lr(optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def gamma_at(schedule: str, progress: float, initial: float, final: float | None = None) -> float:
-    """One gamma at ``progress`` in [0, 1] (clamped)."""
+def _check_milestones(milestones: Sequence[float]) -> tuple[float, ...]:
+    values = tuple(float(m) for m in milestones)
+    if any(not 0.0 < m < 1.0 for m in values) or list(values) != sorted(values):
+        raise ValueError(f"gamma_step_milestones must be increasing fractions in (0, 1), got {list(values)}")
+    return values
+
+
+def gamma_at(schedule: str, progress: float, initial: float, final: float | None = None, *,
+             warmup: float = 0.0, milestones: Sequence[float] = SEED_GAMMA_STEP_MILESTONES,
+             factor: float = SEED_GAMMA_STEP_FACTOR) -> float:
+    """One gamma at ``progress`` in [0, 1] (clamped) of a stateless schedule (module docstring).
+
+    ``adaptive`` is the cosine base here; its loss-driven factor lives in ``GammaSchedule``.
+    """
     if schedule not in GAMMA_SCHEDULES:
         raise ValueError(f"gamma_schedule must be one of {GAMMA_SCHEDULES}, got {schedule!r}")
+    if not 0.0 <= warmup < 1.0:
+        raise ValueError(f"gamma_warmup must be a fraction in [0, 1), got {warmup}")
     if schedule == "fixed":
         return float(initial)
     if final is None:
         raise ValueError(f"gamma_schedule {schedule!r} needs gamma_final")
     p = min(max(progress, 0.0), 1.0)
+    if p < warmup:
+        return float(initial)
+    if schedule == "step":
+        if not 0.0 < factor <= 1.0:
+            raise ValueError(f"gamma_step_factor must be in (0, 1], got {factor}")
+        drops = sum(1 for m in _check_milestones(milestones) if p >= m)
+        return max(initial * factor ** drops, final)
+    q = min((p - warmup) / (1.0 - warmup), 1.0)
     if schedule == "linear":
-        return initial - (initial - final) * p
-    return final + (initial - final) * 0.5 * (1.0 + math.cos(math.pi * p))
+        return initial - (initial - final) * q
+    return final + (initial - final) * 0.5 * (1.0 + math.cos(math.pi * q))  # cosine, adaptive base
+
+
+def adaptive_factor(losses: Sequence[float], window: int = ADAPTIVE_WINDOW) -> float:
+    """The seed's loss-dynamics factor: 0.8 / 1.0 / 1.2 from the last ``window`` losses' cv."""
+    if len(losses) < window:
+        return 1.0
+    recent = [float(v) for v in losses[-window:]]
+    mean = sum(recent) / window
+    std = math.sqrt(sum((v - mean) ** 2 for v in recent) / window)  # numpy's np.std (ddof=0)
+    cv = std / (mean + 1e-8)
+    if cv < 0.01:
+        return 0.8
+    if cv > 0.05:
+        return 1.2
+    return 1.0
 
 
 class GammaSchedule:
-    """Phase 2 single-gamma schedule; ``apply(optimizer, step)`` sets ``optimizer.gamma``."""
+    """Phase 2 single-gamma schedule; ``apply(optimizer, step)`` sets ``optimizer.gamma``.
 
-    def __init__(self, schedule: str, initial: float, final: float | None, total_steps: int):
-        gamma_at(schedule, 0.0, initial, final)  # validates the arguments
+    ``adaptive`` needs the validation losses: the trainer calls ``observe(val_loss)`` after every
+    validation, and the history is part of ``state_dict`` so that a resumed run continues exactly.
+    """
+
+    def __init__(self, schedule: str, initial: float, final: float | None, total_steps: int, *,
+                 warmup: float = 0.0, milestones: Sequence[float] = SEED_GAMMA_STEP_MILESTONES,
+                 factor: float = SEED_GAMMA_STEP_FACTOR, window: int = ADAPTIVE_WINDOW):
+        gamma_at(schedule, 0.0, initial, final, warmup=warmup, milestones=milestones,
+                 factor=factor)  # validates the arguments
+        if schedule == "step":
+            _check_milestones(milestones)
         if not total_steps > 0:
             raise ValueError(f"total_steps must be > 0, got {total_steps}")
+        if window < 2:
+            raise ValueError(f"adaptive window must be >= 2, got {window}")
         self.schedule, self.initial, self.final, self.total_steps = schedule, initial, final, total_steps
+        self.warmup, self.milestones, self.factor, self.window = warmup, tuple(milestones), factor, window
+        self.loss_history: list[float] = []
 
     def __call__(self, step: int) -> float:
-        return gamma_at(self.schedule, _progress(step, self.total_steps), self.initial, self.final)
+        progress = _progress(step, self.total_steps)
+        gamma = gamma_at(self.schedule, progress, self.initial, self.final, warmup=self.warmup,
+                         milestones=self.milestones, factor=self.factor)
+        if self.schedule != "adaptive" or progress < self.warmup or len(self.loss_history) < self.window:
+            return gamma
+        gamma *= adaptive_factor(self.loss_history, self.window)
+        return min(max(gamma, self.final), 1.5 * self.initial)
+
+    def observe(self, loss: float) -> None:
+        """Record one validation loss (used by ``adaptive`` only; kept for every schedule)."""
+        self.loss_history.append(float(loss))
+        del self.loss_history[:-self.window]  # only the window is ever read
 
     def apply(self, optimizer, step: int) -> float:
         gamma = self(step)
         optimizer.gamma = gamma
         return gamma
+
+    def state_dict(self) -> dict:
+        return {"loss_history": list(self.loss_history)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.loss_history = [float(v) for v in state["loss_history"]]
 
 
 def _interpolate(knots: Sequence[float], boundaries: Sequence[float], progress: float, smooth: bool) -> float:

@@ -97,3 +97,13 @@ def test_bd_rate_vs_vtm_matches_published_regression_numbers(table, dataset, nam
 def test_unknown_anchor_lists_the_available_ones(table):
     with pytest.raises(ValueError, match="available: .*vtm"):
         anchors.anchor_curve("kodak", "vvc", "psnr", table)
+
+
+def test_list_says_there_is_no_vtm_22_and_labels_compressai_vtm_unversioned(table, capsys):
+    assert anchors.main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "VTM-22.0: no published R-D points found" in out and "issue #166" in out
+    vtm = table[table["anchor"] == "vtm"]
+    assert set(vtm["label"]) == {"VTM (CompressAI; version unrecorded)"}
+    assert set(vtm["source_repo"]) == {"InterDigitalInc/CompressAI"}
+    assert not table["label"].str.contains("22.0").any()  # no curve claims to be VTM-22.0

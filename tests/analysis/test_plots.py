@@ -82,7 +82,7 @@ def test_all_figures_written_with_units_and_consistent_colours(tmp_path, capture
     xlabel, ylabel, lines = captured["rd_kodak_psnr"][0]
     assert (xlabel, ylabel) == ("Rate (bpp)", "PSNR (dB)")
     styles = {label: (color, style, marker) for label, color, style, marker in lines}
-    vtm, hpcm_base = styles["VTM (published)"], styles["HPCM-Base (paper) (published)"]
+    vtm, hpcm_base = styles["VTM (CompressAI; version unrecorded) (published)"], styles["HPCM-Base (paper) (published)"]
     assert vtm[1] != "-" and hpcm_base[1] != "-"  # anchors are never solid
     assert vtm[1:] != hpcm_base[1:]  # and each has its own dash pattern / marker
     assert styles["phase3"][1] == "-"

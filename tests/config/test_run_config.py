@@ -266,3 +266,11 @@ def test_schema_study_keys_name_the_package_facts():
     assert schema["analysis"]["properties"]["bd_method"]["enum"] == list(METHODS)
     assert sorted(schema["model"]["enum"]) == sorted(PRESETS)
     assert schema["device"]["pattern"] == run_config.DEVICE_PATTERN
+
+
+def test_a_checkpoint_older_than_a_key_resumes_when_the_key_keeps_its_default():
+    current = run_config.resolve({"steps": 10, "variant": "phase2"})
+    older = {k: v for k, v in current.items() if k not in ("gamma_warmup", "gamma_step_factor")}
+    assert run_config.resume_mismatch(older, current) is None
+    changed = run_config.resolve({"steps": 10, "variant": "phase2", "gamma_warmup": 0.1})
+    assert "gamma_warmup" in run_config.resume_mismatch(older, changed)

@@ -138,3 +138,82 @@ def test_cli_prepare_and_verify(kodak_copy, tmp_path, capsys):
                           "--only", "kodim01.png,kodim03"]) == 0
     assert datasets.main(["verify", "kodak", str(out)]) == 2  # only 2 of 24 present
     assert "kodim02.png" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ Tecnick
+
+TECNICK_NAMES = [f"RGB_OR_1200x1200_{k:03d}.png" for k in range(1, 101)]
+
+
+def _png(size=(1200, 1200), mode="RGB", marker=0) -> bytes:
+    from io import BytesIO
+
+    from PIL import Image
+
+    image = Image.new(mode, size, (marker % 256, marker // 256, 7) if mode == "RGB" else 0)
+    buffer = BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tecnick_files():
+    return {name: _png(marker=k) for k, name in enumerate(TECNICK_NAMES)}
+
+
+def _tecnick_folder(root: Path, files: dict[str, bytes]) -> Path:
+    folder = root / "testimages" / "RGB" / "RGB_OR_1200x1200"
+    folder.mkdir(parents=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    (root / "testimages" / "RGB" / "RGB_R02_0600x0600_001.png").write_bytes(_png((600, 600)))  # other size: ignored
+    return root / "testimages"
+
+
+def test_tecnick_first_copy_writes_the_manifest_and_says_so(tmp_path, tecnick_files, capsys, monkeypatch):
+    monkeypatch.setattr(datasets, "TECNICK_PINNED", tmp_path / "absent.sha256")
+    out = tmp_path / "tecnick"
+    paths = datasets.prepare_tecnick(_tecnick_folder(tmp_path, tecnick_files), out)
+    assert [p.name for p in paths] == TECNICK_NAMES
+    listing = "".join(f"{hashlib.sha256(tecnick_files[n]).hexdigest()}  {n}\n" for n in TECNICK_NAMES)
+    assert (out / datasets.MANIFEST).read_text() == listing  # hashlib directly, sha256sum format
+    assert "no pinned Tecnick manifest" in capsys.readouterr().err
+    mtime = (out / TECNICK_NAMES[0]).stat().st_mtime_ns
+    datasets.prepare_tecnick(tmp_path / "elsewhere", out)  # prepared and verified: no-op, source unused
+    assert (out / TECNICK_NAMES[0]).stat().st_mtime_ns == mtime
+
+
+def test_tecnick_pinned_manifest_catches_a_changed_image_in_an_archive(tmp_path, tecnick_files, monkeypatch):
+    pinned = tmp_path / "tecnick.sha256"
+    pinned.write_text("".join(f"{hashlib.sha256(tecnick_files[n]).hexdigest()}  {n}\n" for n in TECNICK_NAMES))
+    monkeypatch.setattr(datasets, "TECNICK_PINNED", pinned)
+    archive = tmp_path / "testimages.zip"
+    changed = dict(tecnick_files, **{TECNICK_NAMES[41]: _png(marker=999)})
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name, data in changed.items():
+            zf.writestr(f"testimages/RGB/RGB_OR_1200x1200/{name}", data)
+        zf.writestr("__MACOSX/testimages/RGB/RGB_OR_1200x1200/._" + TECNICK_NAMES[0], b"fork")
+    out = tmp_path / "tecnick"
+    with pytest.raises(datasets.ChecksumError, match=TECNICK_NAMES[41]):
+        datasets.prepare_tecnick(archive, out)
+    assert not out.exists()
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name, data in tecnick_files.items():
+            zf.writestr(f"testimages/RGB/RGB_OR_1200x1200/{name}", data)
+    assert len(datasets.prepare_tecnick(archive, out)) == 100
+    assert datasets.main(["verify", "tecnick", str(out)]) == 0
+
+
+def test_tecnick_wrong_count_size_or_source_fails_clearly(tmp_path, tecnick_files):
+    few = dict(list(tecnick_files.items())[:99])
+    with pytest.raises(ValueError, match=r"99 Tecnick images.*missing \['RGB_OR_1200x1200_100.png'\]"):
+        datasets.prepare_tecnick(_tecnick_folder(tmp_path / "a", few), tmp_path / "out_a")
+    small = dict(tecnick_files, **{TECNICK_NAMES[0]: _png((1200, 1199))})
+    with pytest.raises(ValueError, match="1200x1199 RGB"):
+        datasets.prepare_tecnick(_tecnick_folder(tmp_path / "b", small), tmp_path / "out_b")
+    with pytest.raises(ValueError, match="local copy only.*sourceforge"):
+        datasets.prepare_tecnick(None, tmp_path / "out_c")
+    bad = tmp_path / "bad.sha256"
+    bad.write_text("xyz  RGB_OR_1200x1200_001.png\n")
+    with pytest.raises(ValueError, match="bad.sha256:1"):
+        datasets.read_manifest(bad)

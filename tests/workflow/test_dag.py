@@ -63,7 +63,7 @@ def expected_counts(cfg: dict) -> dict[str, int]:
     uses_samples = "samples" in (cfg["train_data"], cfg["val_data"]) or any(
         d["kind"] == "samples" for d in datasets.values()
     )
-    prepared = [n for n, d in datasets.items() if d["kind"] in ("kodak", "clic2020-professional")]
+    prepared = [n for n, d in datasets.items() if d["kind"] in ("kodak", "clic2020-professional", "tecnick")]
     counts = {
         "export_samples": int(uses_samples),
         "prepare_dataset": len(prepared),
@@ -74,6 +74,8 @@ def expected_counts(cfg: dict) -> dict[str, int]:
         "rd_points": 1,
         "analysis_config": 1,
         "tables": 1,
+        "phase2_grid": len(cfg.get("grids", {})),
+        "summary": 1,
         "plot_rd": 1,
         "plot_runs": 1,
         "plot_gammas": 1,
@@ -92,11 +94,11 @@ def test_paper_dry_run_lists_every_job():
     cfg = yaml.safe_load(PAPER.read_text())
     assert cfg["model"] == "HPCM_Base"
     assert cfg["lambdas"] == [0.0018, 0.0035, 0.0067, 0.013, 0.025, 0.0483]
-    assert {d["kind"] for d in cfg["datasets"].values()} == {"kodak", "clic2020-professional"}
+    assert {d["kind"] for d in cfg["datasets"].values()} == {"kodak", "clic2020-professional", "tecnick"}
     counts = dry_run(PAPER)
     assert counts == expected_counts(cfg)
-    # 10 named variants + a 2 x 2 phase-2 grid, 6 lambdas, 2 datasets
-    assert counts["train"] == 14 * 6 and counts["evaluate"] == 14 * 6 * 2
+    # 12 named variants + the seed's 4 x 3 phase-2 grid, 6 lambdas, 3 datasets
+    assert counts["train"] == 24 * 6 and counts["evaluate"] == 24 * 6 * 3
 
 
 def test_adding_a_lambda_and_a_variant_adds_exactly_their_jobs(tmp_path):
@@ -107,9 +109,9 @@ def test_adding_a_lambda_and_a_variant_adds_exactly_their_jobs(tmp_path):
     bigger = tmp_path / "bigger.yaml"
     bigger.write_text(yaml.safe_dump(cfg))
     after = dry_run(bigger)
-    n_variants, n_lambdas, n_datasets = 15, 7, 2
-    assert after["train"] - before["train"] == n_variants * n_lambdas - 14 * 6
-    assert after["evaluate"] - before["evaluate"] == (n_variants * n_lambdas - 14 * 6) * n_datasets
+    n_variants, n_lambdas, n_datasets = 25, 7, 3
+    assert after["train"] - before["train"] == n_variants * n_lambdas - 24 * 6
+    assert after["evaluate"] - before["evaluate"] == (n_variants * n_lambdas - 24 * 6) * n_datasets
     unchanged = {r: n for r, n in after.items() if r not in ("train", "run_config", "evaluate")}
     assert unchanged == {r: n for r, n in before.items() if r not in ("train", "run_config", "evaluate")}
 

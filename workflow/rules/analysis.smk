@@ -7,6 +7,8 @@ localrules:
     rd_points,
     analysis_config,
     tables,
+    phase2_grid,
+    summary,
 
 
 rule rd_points:
@@ -52,3 +54,61 @@ rule tables:
         # the BD method, reference, anchors and studies all come from the analysis YAML
         "python -m hpcm.tables --points {input.points} --runs {params.runs} --config {input.analysis} "
         "--benchmarks {params.benchmarks} --output-dir {params.outdir} > {log} 2>&1"
+
+
+# The Phase 2 search (one table + heatmap per grid) and the paper-style summary table
+# (helpers and INTERVALS in common.smk).
+
+
+rule phase2_grid:
+    input:
+        points="results/rd/points.csv",
+        runs=grid_done_markers,
+        evals=STUDY.eval_csvs() if INTERVALS else [],
+    output:
+        table=multiext(f"{TABLES_DIR}/{{grid}}", ".csv", ".md", ".tex"),
+        png="results/plots/{grid}.png",
+        pdf="results/plots/{grid}.pdf",
+    wildcard_constraints:
+        grid=alternatives(config["grids"]),
+    log:
+        "logs/phase2_grid/{grid}.log",
+    params:
+        runs=runs_root,
+        include=lambda wildcards: grid_includes(wildcards.grid),
+        reference=config["analysis"]["reference"],
+        method=config["analysis"]["bd_method"],
+        evals=eval_csv_option,
+        outdir=tables_dir,
+        plotdir=parent_of_png,
+    conda:
+        "../../envs/hpcm.yaml"
+    shell:
+        "python -m hpcm.analysis.phase2 --points {input.points} --runs {params.runs} --grid {wildcards.grid} "
+        "--include {params.include} --reference {params.reference} --method {params.method} {params.evals} "
+        "--output-dir {params.outdir} --plots-dir {params.plotdir} > {log} 2>&1"
+
+
+rule summary:
+    input:
+        points="results/rd/points.csv",
+        analysis="results/configs/analysis.yaml",
+        runs=STUDY.done_markers(),
+        evals=STUDY.eval_csvs() if INTERVALS else [],
+    output:
+        csv=f"{TABLES_DIR}/summary.csv",
+        md=f"{TABLES_DIR}/summary.md",
+        tex=f"{TABLES_DIR}/summary.tex",
+    log:
+        "logs/summary/summary.log",
+    params:
+        runs=runs_root,
+        # the named variants (every phase and ablation); grid points have their own table
+        variants=list(config["variants"]),
+        evals=eval_csv_option,
+        outdir=tables_dir,
+    conda:
+        "../../envs/hpcm.yaml"
+    shell:
+        "python -m hpcm.analysis.summary --points {input.points} --runs {params.runs} --config {input.analysis} "
+        "--variants {params.variants} {params.evals} --output-dir {params.outdir} > {log} 2>&1"

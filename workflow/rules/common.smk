@@ -1,6 +1,7 @@
 # Snakemake glue: the study config is validated and resolved by hpcm.config.study (grid, variants,
 # paths, run YAMLs, every check); this file only adapts it to wildcards, input functions and
 # resources. Rules live in the other modules.
+import importlib.util
 import os
 import re
 import shlex
@@ -199,7 +200,37 @@ def final_outputs():
     targets = STUDY.eval_csvs()
     targets += [f"{TABLES_DIR}/{name}.{ext}" for name in STUDY.table_names() for ext in ("csv", "md", "tex")]
     targets += ["results/plots/rd", "results/plots/runs", "results/plots/gamma_schedules.png"]
+    targets += analysis_outputs()  # analysis.smk: the Phase 2 grid tables and heatmaps, the summary table
     return targets
+
+
+# Phase 2 grid tables and the summary table (analysis.smk). Bootstrap intervals need the per-image
+# evaluation CSVs and hpcm.analysis.bootstrap; without that module the tables are written without
+# intervals and say so in their notes.
+INTERVALS = importlib.util.find_spec("hpcm.analysis.bootstrap") is not None
+
+
+def grid_includes(grid):
+    """The variant a grid's base extends (e.g. phase1) is a point of the same search."""
+    base = config["grids"][grid]["base"].get("extends")
+    return [base] if base in VARIANTS else []
+
+
+def grid_done_markers(wildcards):
+    names = [v for v in VARIANTS if v.startswith(f"{wildcards.grid}-")] + grid_includes(wildcards.grid)
+    return [study_config.path("done", variant=v, lmbda=l, seed=s)
+            for v in names for l in STUDY.lambdas for s in STUDY.seeds]
+
+
+def analysis_outputs():
+    outputs = [f"{TABLES_DIR}/{grid}.{ext}" for grid in config["grids"] for ext in ("csv", "md", "tex")]
+    outputs += [f"results/plots/{grid}.png" for grid in config["grids"]]
+    return outputs + [f"{TABLES_DIR}/summary.{ext}" for ext in ("csv", "md", "tex")]
+
+
+def eval_csv_option(wildcards, input):
+    """`--eval-csv FILES` when the rule has the per-image CSVs as input (bootstrap intervals)."""
+    return f"--eval-csv {' '.join(input.evals)}" if input.evals else ""
 
 
 # ---------------------------------------------------------------------------------------------
