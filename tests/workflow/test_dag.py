@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,12 +25,19 @@ PAPER = ROOT / "workflow" / "configs" / "paper.yaml"
 DEMO = ROOT / "config.yaml"
 
 
-def snakemake(*args: str, cwd: Path = ROOT, timeout: int = 240) -> subprocess.CompletedProcess:
-    """`snakemake ARGS` with this interpreter's environment first on PATH and wandb off."""
+def snakemake(*args: str, cwd: Path | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
+    """`snakemake ARGS` with this interpreter's environment first on PATH and wandb off.
+
+    Without `cwd` it runs in a fresh empty directory, never the checkout: after `make demo` the
+    checkout's results/ would make a dry run report "nothing to be done", and a run would write there.
+    """
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["WANDB_MODE"] = "disabled"
     cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), *args]
+    if cwd is None:
+        with tempfile.TemporaryDirectory(prefix="hpcm-snakemake-") as empty:
+            return subprocess.run(cmd, cwd=empty, env=env, capture_output=True, text=True, timeout=timeout)
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
