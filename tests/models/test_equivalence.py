@@ -7,6 +7,7 @@ same weights are put into our model and the outputs compared.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,6 +22,7 @@ from tests.fixtures.hpcm_support import (
     quantiser_inputs,
     single_thread,
 )
+from tests.paths import FIXTURES
 
 # Max |ours - official| of x_hat and likelihoods (tests/fixtures/measure_golden_spread.py, 1 thread):
 # 1.34e-6 (HPCM_Large x_hat), the largest over ATEN_CPU_CAPABILITY=default / avx2,
@@ -140,9 +142,15 @@ def official_streams(base):
 
 
 def test_base_coder_writes_the_official_bytes_from_the_official_symbols(base, official_streams):
-    """Integers only, so it holds on any CPU: same tables, same symbol order, same rANS coder."""
+    """Integers only, so it holds on any CPU: the official y tables (tests/fixtures/entropy_golden.npz,
+    the official GGM's tables of the default scale table), the official symbols and indexes, our
+    symbol order and rANS coder -> the official bytes. Our own y tables may differ from the official
+    ones by one in a few entries on some kernels (test_entropy), so they are not used here. The z
+    tables are ours (no official copy for these per-channel scales; none differed in any test run)."""
     s = official_streams
-    tables_y, tables_z = coder.coder_tables(base, "y"), coder.coder_tables(base, "z")
+    with np.load(FIXTURES / "entropy_golden.npz") as g:
+        tables_y = coder.CoderTables.from_tensors(*(torch.from_numpy(g[k]) for k in ("y_cdf", "y_len", "y_off")))
+    tables_z = coder.coder_tables(base, "z")
     assert coder.encode_stream(s["y_symbols"], s["y_indexes"], tables_y) == s["y_string"]
     assert coder.encode_stream(s["z_symbols"], s["z_indexes"], tables_z) == s["z_string"]
     decoded = coder.decode_symbols(coder.make_decoder(s["y_string"]), s["y_indexes"], tables_y)
