@@ -51,7 +51,8 @@ def test_blob_hashes_match_published_files(table, key):
     assert rows["blob_sha1"].str.startswith(BLOB_PREFIXES[key]).all()
 
 
-@pytest.mark.skipif(not SHARED_ANCHORS.is_dir(), reason="shared anchor JSONs not available")
+@pytest.mark.skipif(not SHARED_ANCHORS.is_dir(),
+                    reason=f"needs the published anchor JSON files' exact bytes (not at {SHARED_ANCHORS})")
 def test_values_equal_the_shared_json_files(table):
     files = {("kodak", "vtm"): "kodak/vtm.json", ("kodak", "hm"): "kodak/hm.json",
              ("kodak", "mbt2018"): "kodak/compressai-mbt2018_mse_ans_cuda.json",

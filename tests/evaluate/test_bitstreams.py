@@ -1,4 +1,6 @@
-"""End-to-end evaluation of HPCM_Tiny on two Kodak images (centre crops to keep CPU time low)."""
+"""End-to-end evaluation of HPCM_Tiny on two photos that ship with the dependencies (the held-out
+sample photos, skimage's coffee and matplotlib's motorcycle; centre crops to keep CPU time low), so
+that it runs on a clone without ../shared."""
 
 from __future__ import annotations
 
@@ -11,20 +13,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tests.paths import KODAK
+
+from hpcm.data.images import sample_images
 
 CROP = 176  # > 160 so that 5-scale MS-SSIM is defined; padded to 192 by the model
-pytestmark = pytest.mark.skipif(not (KODAK / "kodim04.png").is_file(),
-                                reason="shared Kodak copy not available")
+NAMES = ["coffee.png", "motorcycle.png"]  # the sample photos of the test split
 
 
-def _centre_crop(src: Path, dst: Path) -> np.ndarray:
-    image = Image.open(src).convert("RGB")
-    w, h = image.size
-    left, top = (w - CROP) // 2, (h - CROP) // 2
-    crop = image.crop((left, top, left + CROP, top + CROP))
-    crop.save(dst)
-    return np.asarray(crop)
+def _centre_crop(image: np.ndarray, dst: Path) -> np.ndarray:
+    h, w = image.shape[:2]
+    top, left = (h - CROP) // 2, (w - CROP) // 2
+    crop = np.ascontiguousarray(image[top : top + CROP, left : left + CROP])
+    Image.fromarray(crop).save(dst)
+    return crop
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +34,10 @@ def run(tmp_path_factory):
     from hpcm.models import build_model, with_run_metadata
 
     root = tmp_path_factory.mktemp("eval")
-    data = root / "kodak"
+    data = root / "photos"
     data.mkdir()
-    originals = {n: _centre_crop(KODAK / n, data / n) for n in ("kodim01.png", "kodim04.png")}
+    originals = {f"{name}.png": _centre_crop(image, data / f"{name}.png") for name, image in sample_images("test")}
+    assert sorted(originals) == NAMES
     run_dir = root / "run"
     run_dir.mkdir()
     torch.manual_seed(0)
@@ -47,7 +49,7 @@ def run(tmp_path_factory):
     (run_dir / "run.yaml").write_text("model: HPCM_Small\nvariant: baseline\nlmbda: 0.0483\n")
     out_csv, out_json, recon = root / "out.csv", root / "out.json", root / "recon"
     code = main(["--checkpoint", str(run_dir / "epoch_best.pth.tar"), "--dataset", str(data),
-                 "--output", str(out_csv), "--json", str(out_json), "--dataset-name", "kodak",
+                 "--output", str(out_csv), "--json", str(out_json), "--dataset-name", "photos",
                  "--save-reconstructions", str(recon)])
     assert code == 0
     with open(out_csv) as handle:
@@ -58,10 +60,10 @@ def run(tmp_path_factory):
 
 def test_rows_metadata_and_decode_check(run):
     rows = run["rows"]
-    assert [r["image"] for r in rows] == ["kodim01.png", "kodim04.png"]
+    assert [r["image"] for r in rows] == NAMES
     for row in rows:
         assert (row["variant"], float(row["lmbda"]), row["seed"], row["dataset"], row["model"]) == (
-            "phase1", 0.0067, "3", "kodak", "HPCM_Tiny")
+            "phase1", 0.0067, "3", "photos", "HPCM_Tiny")
         assert (int(row["width"]), int(row["height"])) == (CROP, CROP)
         assert row["decode_ok"] == "True"
         assert float(row["decode_max_abs_diff"]) < 1 / 255
@@ -80,7 +82,7 @@ def test_bpp_counts_bitstream_bytes_over_original_pixels(run):
     # Independent byte count for one image: compress it here, outside hpcm.evaluate.
     model = load_checkpoint(run["run_dir"] / "epoch_best.pth.tar", "HPCM_Tiny")
     model.update(force=True)
-    x = to_tensor(load_rgb(run["data"] / "kodim04.png")).unsqueeze(0)
+    x = to_tensor(load_rgb(run["data"] / NAMES[1])).unsqueeze(0)
     with torch.no_grad():
         enc = model.compress(pad_image(x, model.pad_multiple)[0])
     n_bytes = sum(len(s) for strings in enc["strings"] for s in strings)
@@ -151,7 +153,7 @@ def test_json_is_strict_when_a_metric_was_not_measured(run, tmp_path):
     # 64 px images: too small for 5-scale MS-SSIM.
     small = tmp_path / "small"
     small.mkdir()
-    Image.fromarray(run["originals"]["kodim04.png"][:64, :64]).save(small / "a.png")
+    Image.fromarray(run["originals"][NAMES[1]][:64, :64]).save(small / "a.png")
     ckpt = run["run_dir"] / "epoch_best.pth.tar"
     out_json = tmp_path / "small.json"
     assert main(["--checkpoint", str(ckpt), "--dataset", str(small), "--output",
@@ -174,7 +176,7 @@ def test_rd_points_from_the_evaluation_csv(run):
     assert len(points) == 1
     point = points.iloc[0]
     assert (point["dataset"], point["variant"], point["lmbda"], point["n_images"]) == (
-        "kodak", "phase1", 0.0067, 2)
+        "photos", "phase1", 0.0067, 2)
     assert point["psnr"] == pytest.approx(np.mean([float(r["psnr"]) for r in run["rows"]]))
     assert bool(point["decode_ok"])
 

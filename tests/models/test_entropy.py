@@ -81,10 +81,19 @@ def test_likelihood_and_gradients_equal_official(golden):
     means = torch.tensor(golden["means"], requires_grad=True)
     lik = ggm(inputs, scales, means)
     (-torch.log2(lik)).sum().backward()
-    np.testing.assert_allclose(lik.detach().numpy(), golden["likelihoods"], rtol=1e-6, atol=1e-12)
+    # Measured max |ours - official| (tests/fixtures/measure_golden_spread.py, 1 thread, float32):
+    # likelihoods 1.9e-7 relative (1 ulp) under ATEN_CPU_CAPABILITY=default, 0 under avx2 and
+    # MKL_ENABLE_INSTRUCTIONS=AVX2 on this AVX2 CPU (the fixture's), 4.4e-6 relative (3 of 480
+    # values) on an AVX-512 CPU (issue 16): the vectorised exp/pow of each ISA round differently and
+    # the CDF difference amplifies it. rtol 2e-5 is 4.5x the widest spread measured.
+    np.testing.assert_allclose(lik.detach().numpy(), golden["likelihoods"], rtol=2e-5, atol=1e-12)
+    # Gradients: 9.5e-7 absolute, 1.4e-6 relative (2 ulp of |g| ~ 5) under default, 0 under avx2; not
+    # measured on AVX-512 (the likelihood check failed first there). Allowing the likelihoods'
+    # 23x growth from default to AVX-512 (1.9e-7 -> 4.4e-6) gives ~3e-5 relative; 1e-4 / 1e-5 keep
+    # 3x over that, still 1000x below a wrong-formula error (>= 1e-1 relative).
     for name, tensor in (("inputs", inputs), ("scales", scales), ("means", means)):
         np.testing.assert_allclose(
-            tensor.grad.numpy(), golden[f"grad_{name}"], rtol=1e-5, atol=1e-6, err_msg=name
+            tensor.grad.numpy(), golden[f"grad_{name}"], rtol=1e-4, atol=1e-5, err_msg=name
         )
 
 
@@ -137,17 +146,31 @@ def test_scale_table_is_official_log_spacing():
         get_scale_table(1.0, 0.5, 10)
 
 
+# pmf_to_quantized_cdf rounds the float32 pmf times 2^16, and float32 CDF differences near 1 are
+# multiples of 2^-24: 23 of the 6 988 y-table products lie exactly on k + 0.5 and 166 within 0.012
+# of it, while the products differ by up to 0.012 between kernels. Measured against the official
+# tables: 13 of the 41 940 y-table entries differ by one under ATEN_CPU_CAPABILITY=default on this
+# AVX2 CPU, none under avx2 / MKL_ENABLE_INSTRUCTIONS=AVX2 and none on an AVX-512 CPU (issue 16);
+# z tables: none. So: ranges and offsets exact, entries within one, at most 0.1 % of them (3x).
+CDF_MAX_DIFFERING_SHARE = 1e-3
+
+
+def assert_tables_match_official(ours, official, what: str) -> None:
+    cdf, length, offset = (t.numpy() for t in ours)
+    np.testing.assert_array_equal(length, official[1], err_msg=f"{what} lengths")
+    np.testing.assert_array_equal(offset, official[2], err_msg=f"{what} offsets")
+    diff = np.abs(cdf.astype(np.int64) - official[0])
+    assert diff.max() <= 1, f"{what}: an entry differs by {diff.max()}"
+    assert (diff > 0).mean() <= CDF_MAX_DIFFERING_SHARE, f"{what}: {(diff > 0).sum()} of {diff.size} entries differ"
+
+
 def test_quantized_cdf_equals_official(golden):
     ggm = GGM()
-    cdf, length, offset = ggm.get_quantized_cdf(get_scale_table(0.12, 64, 60))
-    assert cdf.dtype == length.dtype == offset.dtype == torch.int32
-    np.testing.assert_array_equal(cdf.numpy(), golden["y_cdf"])
-    np.testing.assert_array_equal(length.numpy(), golden["y_len"])
-    np.testing.assert_array_equal(offset.numpy(), golden["y_off"])
-    cdf, length, offset = ggm.get_quantized_cdf(torch.tensor(golden["z_scales"]))
-    np.testing.assert_array_equal(cdf.numpy(), golden["z_cdf"])
-    np.testing.assert_array_equal(length.numpy(), golden["z_len"])
-    np.testing.assert_array_equal(offset.numpy(), golden["z_off"])
+    ours = ggm.get_quantized_cdf(get_scale_table(0.12, 64, 60))
+    assert all(t.dtype == torch.int32 for t in ours)
+    assert_tables_match_official(ours, (golden["y_cdf"], golden["y_len"], golden["y_off"]), "y tables")
+    ours = ggm.get_quantized_cdf(torch.tensor(golden["z_scales"]))
+    assert_tables_match_official(ours, (golden["z_cdf"], golden["z_len"], golden["z_off"]), "z tables")
 
 
 def test_quantized_cdf_follows_scipy_pmf():

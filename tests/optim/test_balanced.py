@@ -8,6 +8,7 @@ torch clip formula. It never calls hpcm.optim.
 from __future__ import annotations
 
 import io
+import json
 import math
 
 import pytest
@@ -327,12 +328,15 @@ def test_save_state_and_load_state_files(tmp_path):
         fresh.load_state(tmp_path / "missing.pth")
 
 
-@pytest.mark.parametrize("foreach", [True, False])
-def test_matches_golden_run_of_the_official_class(foreach):
-    """30 float32 steps of the official Balanced (fixture made by tests/fixtures/make_official_balanced_golden.py)."""
-    import json
-    from pathlib import Path
+# Measured max |ours - official| after the 30 float32 steps (tests/fixtures/measure_golden_spread.py,
+# 1 thread): weights 6.0e-8 and task weights 3.3e-7 under ATEN_CPU_CAPABILITY=default, 0 under avx2
+# and MKL_ENABLE_INSTRUCTIONS=AVX2 on this AVX2 CPU (the fixture's); 1.07e-6 on an AVX-512 CPU
+# (issue 16, also with ATEN_CPU_CAPABILITY=avx2 there). 5e-6 is 4.7x the widest spread measured.
+GOLDEN_RUN_ATOL = 5e-6
 
+
+def golden_run_diffs(foreach: bool) -> dict[str, float]:
+    """Max |ours - official| of the weights and of the task weights after the fixture's run."""
     golden = json.loads((FIXTURES / "official_balanced_golden.json").read_text())
     params = [p.float().requires_grad_(True) for p in make_params()]
     batches = [(x.float(), y.float()) for x, y in make_batches(golden["steps"] + 1)]
@@ -344,6 +348,14 @@ def test_matches_golden_run_of_the_official_class(foreach):
         opt.step(task_losses=losses)
         with torch.no_grad():
             opt.update_task_weights(task_losses(params, x, y))
-    for mine, theirs in zip(params, golden["params"]):
-        torch.testing.assert_close(mine.detach().flatten(), torch.tensor(theirs), rtol=0, atol=1e-6)
-    assert opt.w.detach().tolist() == pytest.approx(golden["w"], abs=1e-6)
+    params_diff = max(float((mine.detach().flatten() - torch.tensor(theirs)).abs().max())
+                      for mine, theirs in zip(params, golden["params"], strict=True))
+    w_diff = float((opt.w.detach().double() - torch.tensor(golden["w"], dtype=torch.float64)).abs().max())
+    return {"params": params_diff, "w": w_diff}
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_matches_golden_run_of_the_official_class(foreach):
+    """30 float32 steps of the official Balanced (fixture made by tests/fixtures/make_official_balanced_golden.py)."""
+    diffs = golden_run_diffs(foreach)
+    assert diffs["params"] <= GOLDEN_RUN_ATOL and diffs["w"] <= GOLDEN_RUN_ATOL, diffs

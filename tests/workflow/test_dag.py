@@ -39,6 +39,9 @@ def snakemake(*args: str, cwd: Path | None = None, timeout: int = 240) -> subpro
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["WANDB_MODE"] = "disabled"
     cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), *args]
+    if cwd is None:
+        with tempfile.TemporaryDirectory(prefix="hpcm-snakemake-") as empty:
+            return subprocess.run(cmd, cwd=empty, env=env, capture_output=True, text=True, timeout=timeout)
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
