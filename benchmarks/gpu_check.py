@@ -44,6 +44,7 @@ import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
+import signal  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -62,12 +63,13 @@ sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 from hpcm.config import run_config  # noqa: E402
 from hpcm.models import build_model, crop_image, pad_image  # noqa: E402
+from hpcm.models.coder import CODER_BUFFER_NAMES  # noqa: E402
 from hpcm.models.entropy import get_scale_table  # noqa: E402
 from hpcm.train import losses  # noqa: E402
 from hpcm.train import loop as train  # noqa: E402
 from hpcm.util.device import pick_device  # noqa: E402
 from hpcm.util.io import atomic_write_text  # noqa: E402
-from model_speed import load_official  # noqa: E402
+from model_speed import OfficialAdapter, load_official, measure  # noqa: E402
 from optimizer_overhead import first_batch, step_clock, time_steps  # noqa: E402
 from tests.fixtures.hpcm_support import calibrate_to_latents, init_like_golden  # noqa: E402
 
@@ -139,8 +141,11 @@ def kodak_size_image(args: Namespace) -> tuple[torch.Tensor, str]:
         from hpcm.data.images import load_rgb
         array, source = load_rgb(Path(args.image)), str(args.image)
     else:
-        import skimage.data
-        array, source = np.asarray(skimage.data.astronaut()), "skimage.data.astronaut (reflect-padded)"
+        try:
+            import skimage.data
+            array, source = np.asarray(skimage.data.astronaut()), "skimage.data.astronaut (reflect-padded)"
+        except ImportError:  # named in the output: coding times then come from a synthetic photo
+            array, source = synthetic_photo(height, width), "SYNTHETIC image (scikit-image is not installed)"
     h, w = array.shape[:2]
     top, left = max((h - height) // 2, 0), max((w - width) // 2, 0)
     array = array[top:top + height, left:left + width]
@@ -150,6 +155,15 @@ def kodak_size_image(args: Namespace) -> tuple[torch.Tensor, str]:
                        mode="reflect")
     x = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div(255).unsqueeze(0)
     return x, f"{source}, {height}x{width}"
+
+
+def synthetic_photo(height: int, width: int) -> np.ndarray:
+    """Smooth gradients, edges and mild noise (seeded): a stand-in when no photo is at hand."""
+    yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
+    rng = np.random.default_rng(0)
+    channels = [np.sin(9 * xx + 3 * c) * np.cos(7 * yy - c) * 0.35 + 0.5 + 0.2 * (xx > 0.4 + 0.1 * c)
+                + rng.normal(0, 0.03, xx.shape) for c in range(3)]
+    return (np.clip(np.stack(channels, -1), 0, 1) * 255).round().astype(np.uint8)
 
 
 def coding_model(args: Namespace, x: torch.Tensor) -> torch.nn.Module:
@@ -310,48 +324,64 @@ def time_case(args: Namespace, overrides: dict, batch_size: int, bf16: bool, dev
             "peak_mib": peak, "warmup_s": warmup_s, "build_s": warm - start, "clock": step_clock(device).__name__}
 
 
-def _train_section(args: Namespace, device: torch.device, ctx: dict, bf16: bool, compile_: bool,
-                   record: Callable[[dict], None] | None = None) -> dict:
+def _train_section(args: Namespace, device: torch.device, ctx: dict, cases: list[tuple[str, int, bool]],
+                   compile_: bool, record: Callable[[dict], None] | None = None) -> dict:
+    """Time every (optimizer, batch size, bf16) case in the order given (most important first)."""
     rows = []
-    for batch_size in args.batch_sizes:
-        for name, overrides in OPTIMIZERS.items():
-            if ctx["deadline"] - time.perf_counter() < 0:
-                print(f"  (budget spent: {name} batch {batch_size} and later cases skipped)")
-                rows.append({"optimizer": name, "batch_size": batch_size, "skipped": "budget"})
-                continue
-            if compile_:
-                torch._dynamo.reset()  # each case compiles its own graph (no recompile-limit fallback)
-                torch._dynamo.utils.counters.clear()
-            row = {"optimizer": name, "batch_size": batch_size, "dtype": "bf16" if bf16 else "fp32",
-                   "compile": compile_,
-                   **time_case(args, {**overrides, "compile": compile_}, batch_size, bf16, device)}
-            if compile_:
-                row["compile_s"] = row["warmup_s"]  # the warm-up steps include compiling
-                row["graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values())
-            rows.append(row)
-            peak = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.0f} MiB"
-            if record:
-                record(row)
-            print(f"  {name:<22} batch {batch_size:>3} {row['dtype']}{' compiled' if compile_ else ''}: "
-                  f"{row['ms_median']:8.2f} ms/step (IQR {row['ms_iqr']:.2f}), peak {peak}"
-                  + (f", compile+warm-up {row['compile_s']:.1f} s, graph breaks {row['graph_breaks']}" if compile_ else ""))
+    for name, batch_size, bf16 in cases:
+        overrides = OPTIMIZERS[name]
+        if ctx["deadline"] - time.perf_counter() < 0:
+            print(f"  (budget spent: {name} batch {batch_size} and later cases skipped)")
+            rows.append({"optimizer": name, "batch_size": batch_size, "skipped": "budget"})
+            continue
+        if compile_:
+            import torch._dynamo.utils  # noqa: PLC0415 (only the compile child needs dynamo loaded)
+            torch._dynamo.reset()  # each case compiles its own graph (no recompile-limit fallback)
+            torch._dynamo.utils.counters.clear()
+        row = {"optimizer": name, "batch_size": batch_size, "dtype": "bf16" if bf16 else "fp32",
+               "compile": compile_,
+               **time_case(args, {**overrides, "compile": compile_}, batch_size, bf16, device)}
+        if compile_:
+            row["compile_s"] = row["warmup_s"]  # the warm-up steps include compiling
+            row["graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values())
+        rows.append(row)
+        peak = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.0f} MiB"
+        if record:
+            record(row)
+        print(f"  {name:<22} batch {batch_size:>3} {row['dtype']}{' compiled' if compile_ else ''}: "
+              f"{row['ms_median']:8.2f} ms/step (IQR {row['ms_iqr']:.2f}), peak {peak}"
+              + (f", compile+warm-up {row['compile_s']:.1f} s, graph breaks {row['graph_breaks']}" if compile_ else ""))
     return {"rows": rows}
 
 
+def eager_cases(args: Namespace, bf16: bool) -> list[tuple[str, int, bool]]:
+    return [(name, batch_size, bf16) for batch_size in args.batch_sizes for name in OPTIMIZERS]
+
+
+def compile_cases(args: Namespace, device: torch.device) -> list[tuple[str, int, bool]]:
+    """Optimizer first (adam, then balanced next_batch, ...): each compile costs minutes, so the
+    cases a time limit cuts off are the least important ones."""
+    dtypes = [False, True] if device.type == "cuda" else [False]
+    return [(name, batch_size, bf16) for name in OPTIMIZERS for batch_size in args.batch_sizes for bf16 in dtypes]
+
+
 def section_train_fp32(args, device, ctx):
-    return _train_section(args, device, ctx, bf16=False, compile_=False)
+    return _train_section(args, device, ctx, eager_cases(args, bf16=False), compile_=False)
 
 
 def section_train_bf16(args, device, ctx):
     if device.type != "cuda":
         raise SectionSkipped("bf16 autocast is used on CUDA only (hpcm.train trains CPU runs in float32)")
-    return _train_section(args, device, ctx, bf16=True, compile_=False)
+    return _train_section(args, device, ctx, eager_cases(args, bf16=True), compile_=False)
 
 
 def section_train_compile(args, device, ctx):
     """In a child process: a compile that overruns the budget is killed, the finished cases are kept."""
     if args.no_compile:
         raise SectionSkipped("--no-compile")
+    if args.quick and not args.compile:
+        raise SectionSkipped("--quick skips compiling (inductor took ~150 s for 5 HPCM_Tiny steps on the 2-core "
+                             "CPU machine); add --compile to run it")
     limit = min(args.compile_budget_s, ctx["deadline"] - time.perf_counter() - args.reserve_s)
     if limit < 20:
         raise SectionSkipped(f"budget: {limit:.0f} s left for compiling")
@@ -359,14 +389,16 @@ def section_train_compile(args, device, ctx):
         lines = Path(tmp) / "rows.jsonl"
         command = [sys.executable, __file__, "--compile-child", str(lines), *ctx["argv"]]
         print(f"  (child process, limit {limit:.0f} s)", flush=True)
+        # its own process group: on timeout the compile workers it started end with it
+        child = subprocess.Popen(command, start_new_session=True)
         try:
-            subprocess.run(command, timeout=limit, check=True)
-            note = None
+            code = child.wait(timeout=limit)
+            note = None if code == 0 else f"child process exited with {code}"
         except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
             note = f"time limit {limit:.0f} s reached: the remaining compiled cases were not measured"
-            print(f"  ({note})")
-        except subprocess.CalledProcessError as error:
-            note = f"child process exited with {error.returncode}"
+        if note:
             print(f"  ({note})")
         rows = [json.loads(line) for line in lines.read_text().splitlines()] if lines.exists() else []
     if note and not rows:
@@ -375,15 +407,11 @@ def section_train_compile(args, device, ctx):
 
 
 def compile_child(args: Namespace, device: torch.device, path: Path) -> None:
-    cases = [False, True] if device.type == "cuda" else [False]
-    ctx = {"deadline": math.inf}
-
     def record(row: dict) -> None:
         with path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
 
-    for bf16 in cases:
-        _train_section(args, device, ctx, bf16=bf16, compile_=True, record=record)
+    _train_section(args, device, {"deadline": math.inf}, compile_cases(args, device), compile_=True, record=record)
 
 
 def official_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, lmbda: float) -> None:
@@ -457,42 +485,38 @@ def section_official(args: Namespace, device: torch.device, ctx: dict) -> dict:
     return results
 
 
-@torch.no_grad()
+def flat_strings(strings: list) -> list[bytes]:
+    """Ours nest the strings per latent ([[y], [z]]), the official code does not ([y, z])."""
+    return [b for item in strings for b in ([item] if isinstance(item, bytes) else item)]
+
+
 def section_coding(args: Namespace, device: torch.device, ctx: dict) -> dict:
+    """model_speed.measure: ours and the official model interleaved repeat by repeat (one warm-up)."""
     x, source = kodak_size_image(args)
     model = coding_model(args, x).to(device)
     padded, _ = pad_image(x.to(device), model.pad_multiple)
-
-    def median_ms(fn: Callable[[], Any]) -> dict:
-        fn()  # warm-up
-        times = []
-        for _ in range(args.coding_repeats):
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times.append((time.perf_counter() - start) * 1e3)
-        return spread(times)
-
-    enc = model.compress(padded)
-    result = {"image": source, "device": str(device),
-              "ours": {"compress_ms": median_ms(lambda: model.compress(padded)),
-                       "decompress_ms": median_ms(lambda: model.decompress(enc["strings"], enc["shape"]))}}
-    line = (f"  ours: compress {result['ours']['compress_ms']['median']:.1f} ms, decompress "
-            f"{result['ours']['decompress_ms']['median']:.1f} ms")
+    models = {"ours": model}
     official = ctx.get("official")
     if official is not None:
-        official.load_state_dict(model.state_dict(), strict=False)
-        official.eval()
-        official.update(get_scale_table(*SCALE_TABLE))
-        enc_o = official.compress(padded)
-        result["official"] = {"compress_ms": median_ms(lambda: official.compress(padded)),
-                              "decompress_ms": median_ms(lambda: official.decompress(enc_o["strings"], enc_o["shape"])),
-                              "strings_equal_ours": enc_o["strings"] == enc["strings"]}
-        for key in ("compress_ms", "decompress_ms"):
-            result[f"ratio_{key[:-3]}"] = result["official"][key]["median"] / result["ours"][key]["median"]
-        line += (f"; official/ours compress {result['ratio_compress']:.2f}, decompress "
-                 f"{result['ratio_decompress']:.2f}, strings equal {result['official']['strings_equal_ours']}")
+        official.load_state_dict({k: v for k, v in model.state_dict().items() if k not in CODER_BUFFER_NAMES},
+                                 strict=False)
+        models["official"] = OfficialAdapter(official)  # update() is called by measure's set-up
+    options = Namespace(bf16=False, skip_training=True, skip_coding=False, repeats=args.coding_repeats)
+    times = measure(models, padded, options, device)
+    result: dict[str, Any] = {"image": source, "device": str(device), "repeats": args.coding_repeats,
+                              **{label: {f"{k}_ms": spread(v) for k, v in t.items()} for label, t in times.items()}}
+    line = (f"  ours: compress {result['ours']['compress_ms']['median']:.1f} ms, decompress "
+            f"{result['ours']['decompress_ms']['median']:.1f} ms")
+    if official is not None:
+        with torch.no_grad():
+            same = flat_strings(official.compress(padded)["strings"]) == flat_strings(model.compress(padded)["strings"])
+        result["official"]["strings_equal_ours"] = same
+        for key in ("compress", "decompress"):
+            stats = spread([o / u for o, u in zip(times["official"][key], times["ours"][key])])
+            result[f"ratio_{key}"], result[f"ratio_{key}_iqr"] = stats["median"], stats["iqr"]
+        line += (f"; official/ours compress {result['ratio_compress']:.2f} (IQR {result['ratio_compress_iqr']:.2f}), "
+                 f"decompress {result['ratio_decompress']:.2f} (IQR {result['ratio_decompress_iqr']:.2f}), "
+                 f"strings equal {same}")
     print(line)
     return result
 
@@ -583,6 +607,7 @@ def parse_args(argv: list[str] | None) -> Namespace:
                         help="default 512 768 (Kodak; 128 192 with --quick)")
     parser.add_argument("--official", help="local copy of lyq133/LIC-HPCM (its files are not modified)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile section")
+    parser.add_argument("--compile", action="store_true", help="run the compile section with --quick too")
     parser.add_argument("--compile-budget-s", type=float, default=180.0,
                         help="time limit of the compile section's child process")
     parser.add_argument("--reserve-s", type=float, default=60.0,

@@ -188,7 +188,7 @@ def load_official(path: str, name: str, ours: torch.nn.Module, device: torch.dev
     return official
 
 
-class _OfficialAdapter(torch.nn.Module):
+class OfficialAdapter(torch.nn.Module):
     """Gives the official model our update()/compress() signatures for :func:`measure`."""
 
     def __init__(self, official: torch.nn.Module):
@@ -250,7 +250,7 @@ def main() -> None:
         x = torch.rand(args.batch, 3, h, w, device=device).to(memory_format=memory_format)
         models = {"ours": model}
         if args.official:
-            models["official"] = _OfficialAdapter(load_official(args.official, name, model, device))
+            models["official"] = OfficialAdapter(load_official(args.official, name, model, device))
         times = measure(models, x, args, device)
 
         def row(label: str, values: dict[str, float], fmt: str) -> str:
