@@ -171,7 +171,13 @@ class Run:
         self.model.train()
         # compile: forward and loss of a training step go through torch.compile; self.model stays the
         # eager module (state-dict names without ``_orig_mod.``, checkpoints, validation, coder tables)
-        self._compute_objective = torch.compile(self._eager_objective) if cfg["compile"] else self._eager_objective
+        self._compute_objective = self._eager_objective
+        if cfg["compile"]:
+            # inductor's own RNG would draw other quantisation noise than eager (same seed, other
+            # numbers); torch's generator keeps compiled training on eager's noise and resumable
+            from torch._inductor import config as inductor_config  # here: only compiled runs load inductor
+            inductor_config.fallback_random = True
+            self._compute_objective = torch.compile(self._eager_objective)
 
         self.decomposition = losses.build_decomposition(cfg["decomposition"], cfg["lmbda"]).to(self.device) \
             if self.hierarchical else None
