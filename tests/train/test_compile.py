@@ -60,8 +60,8 @@ def test_compiled_run_equals_eager_and_resumes_with_plain_state_dict_names(tmp_p
     assert list(a["model"]) == list(b["model"]), "checkpoint keys differ from eager (e.g. _orig_mod.)"
     best = torch.load(compiled / checkpointing.BEST_MODEL, map_location="cpu", weights_only=False)
     assert not [k for k in best if "_orig_mod" in k]
-    # measured: max |compiled - eager| over the parameters after 5 steps = 0 here (aot_eager runs the
-    # same kernels; float reassociation by a code generator would show up as ~1e-7)
+    # aot_eager runs eager's kernels. Measured once with inductor itself (phase1 same_batch, 5 steps, this
+    # CPU): max |compiled - eager| = 3.9e-6 with fallback_random (Run sets it), 1.3e-3 without (other noise)
     worst = max(float((a["model"][k].float() - b["model"][k].float()).abs().max()) if a["model"][k].numel() else 0.0
                 for k in a["model"])
     assert worst <= 1e-4, worst
