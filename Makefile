@@ -5,7 +5,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 CORES ?= 2
 
-.PHONY: install demo test bench clean-demo
+.PHONY: install demo test bench gpu-check clean-demo
 
 $(BIN)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -26,3 +26,11 @@ test: install
 
 bench: install
 	for script in benchmarks/*.py; do $(BIN)/python $$script || exit 1; done
+
+# The prepared GPU check (docs/gpu.md): exactness, step times, memory, compile, the official code.
+# No install step (a GPU machine may have no network): the venv's python when there is one, else
+# GPU_PYTHON. Arguments pass through, e.g. make gpu-check ARGS="--official .scratch/LIC-HPCM --out-dir $$OUT"
+ARGS ?=
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python)
+gpu-check:
+	WANDB_MODE=disabled $(GPU_PYTHON) benchmarks/gpu_check.py $(ARGS)

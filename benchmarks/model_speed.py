@@ -8,22 +8,28 @@
     python benchmarks/model_speed.py --presets HPCM_Base --size 256 256 --official .scratch/LIC-HPCM
 
 ``--official PATH`` points at a local copy of lyq133/LIC-HPCM; the same measurements are made on
-its ``HPCM`` (Base / Large only) with identical weights and inputs and printed as ratios
-official / ours. On a CPU-only machine that copy must be runnable on CPU (its hard-coded
-``device='cuda'`` removed, its ``_CXX`` / ``unbounded_ans`` extensions built or replaced by
-compressai's; see tests/fixtures/README_hpcm_golden.md). Official coding needs image sizes that are
-multiples of 256.
+its ``HPCM`` (Base / Large only) with identical weights and inputs, interleaved with ours repeat by
+repeat (order alternating), and each ratio official/ours (> 1: ours is faster) is printed as the
+median of the paired per-repeat ratios with its interquartile range. The copy is used as it is:
+its CPython-3.8 entropy extensions are replaced in memory by compressai's (``import_official``)
+and its hard-coded ``device='cuda'`` is dropped in memory. Official coding needs image sizes that
+are multiples of 256. Goals (issue 15, CPU, 1 thread, Base 256x256): train step >= 1.2x the
+official speed, compress and decompress >= 1.0x.
 
-Times are medians over ``--repeats`` runs after one warm-up, in milliseconds; "train step" is
-forward + rate-distortion loss + backward (no optimizer step), on a batch of ``--batch`` images.
+Times are medians over ``--repeats`` runs after one warm-up, in milliseconds (one CPU thread: the
+thread's CPU time); "train step" is forward + rate-distortion loss + backward (no optimizer
+step), on a batch of ``--batch`` images.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import sys
 import time
+from pathlib import Path
+from types import ModuleType
 from typing import Callable
 
 import torch
@@ -32,22 +38,18 @@ from hpcm.models import build_model
 from hpcm.models.coder import CODER_BUFFER_NAMES
 from hpcm.models.entropy import get_scale_table
 
+GOALS_CPU = {"train step": 1.2, "compress": 1.0, "decompress": 1.0}  # issue 15: 1 thread, Base 256x256
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    fn()  # warm-up: mask caches, cuDNN autotuning, allocator
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def clock(device: torch.device) -> Callable[[], float]:
+    """One CPU thread: the thread's CPU time (load from other processes does not inflate it; the
+    rANS coder runs on this thread too); otherwise wall-clock time."""
+    return time.thread_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
 
 
 def rd_loss(out: dict, x: torch.Tensor) -> torch.Tensor:
@@ -56,53 +58,137 @@ def rd_loss(out: dict, x: torch.Tensor) -> torch.Tensor:
     return 0.013 * 255**2 * torch.mean((out["x_hat"].float() - x.float()) ** 2) + bpp
 
 
-def measure(model: torch.nn.Module, x: torch.Tensor, args, device: torch.device) -> dict[str, float]:
-    """Forward (eval), train step (train mode, backward), compress and decompress of image 0."""
+def operations(model: torch.nn.Module, x: torch.Tensor, args, device: torch.device) -> dict[str, Callable]:
+    """Column -> (setup, timed call): forward (eval), train step (train mode, backward, no
+    optimizer), compress and decompress of image 0. ``setup`` puts the model in the right mode."""
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.bf16)
-    results = {}
+    ops: dict[str, tuple[Callable, Callable]] = {}
 
-    model.eval()
-    if not args.skip_training:
+    def forward():
         with torch.no_grad(), autocast:
-            results["forward"] = median_ms(lambda: model(x), device, args.repeats)
+            model(x)
 
-        model.train()
-
-        def train_step():
-            model.zero_grad(set_to_none=True)
-            with autocast:
-                out = model(x)
-            rd_loss(out, x).backward()
-
-        results["train step"] = median_ms(train_step, device, args.repeats)
-        model.eval()
+    def train_step():
         model.zero_grad(set_to_none=True)
+        with autocast:
+            out = model(x)
+        rd_loss(out, x).backward()
 
+    if not args.skip_training:
+        ops["forward"] = (model.eval, forward)
+        ops["train step"] = (model.train, train_step)
     if not args.skip_coding:
-        model.update(get_scale_table(0.12, 64, 60))
-        image = x[:1]
-        with torch.no_grad():
-            enc = model.compress(image)
-            results["compress"] = median_ms(lambda: model.compress(image), device, args.repeats)
-            results["decompress"] = median_ms(
-                lambda: model.decompress(enc["strings"], enc["shape"]), device, args.repeats
-            )
-    return results
+        image, encoded = x[:1], {}
+
+        def coding_setup():
+            model.eval()
+            model.zero_grad(set_to_none=True)
+            if not encoded:
+                model.update(get_scale_table(0.12, 64, 60))
+                with torch.no_grad():
+                    encoded.update(model.compress(image))
+
+        def compress():
+            with torch.no_grad():
+                model.compress(image)
+
+        def decompress():
+            with torch.no_grad():
+                model.decompress(encoded["strings"], encoded["shape"])
+
+        ops["compress"] = (coding_setup, compress)
+        ops["decompress"] = (coding_setup, decompress)
+    return ops
+
+
+def measure(models: dict[str, torch.nn.Module], x: torch.Tensor, args, device: torch.device) -> dict[str, dict[str, list[float]]]:
+    """Per model, per column: the ms of every repeat. Models are interleaved repeat by repeat
+    (order alternating), so that load drift on a shared machine hits all of them alike."""
+    per_model = {label: operations(model, x, args, device) for label, model in models.items()}
+    labels = list(models)
+    times: dict[str, dict[str, list[float]]] = {label: {} for label in labels}
+    now = clock(device)
+    for column in per_model[labels[0]]:
+        for label in labels:  # warm-up: mask caches, cuDNN autotuning, allocator, coder tables
+            setup, fn = per_model[label][column]
+            setup()
+            fn()
+            times[label][column] = []
+        sync(device)
+        for repeat in range(args.repeats):
+            order = labels if repeat % 2 == 0 else labels[::-1]
+            for label in order:
+                setup, fn = per_model[label][column]
+                setup()
+                sync(device)
+                start = now()
+                fn()
+                sync(device)
+                times[label][column].append((now() - start) * 1e3)
+    return times
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(median, q1, q3), exclusive method; one value: all three equal."""
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, median, q3 = statistics.quantiles(values, n=4)
+    return statistics.median(values), q1, q3
+
+
+def import_official(path: str | Path, name: str) -> ModuleType:
+    """``src.models.<name>`` of a local lyq133/LIC-HPCM copy, imported without changing the copy.
+
+    Its compiled entropy extensions are CPython 3.8 builds; stand-in modules
+    ``src.entropy_models._CXX`` / ``unbounded_ans`` give it compressai's functions instead (the
+    official C++ sources are compressai's; tests/fixtures/README_hpcm_golden.md: same strings byte
+    for byte). Its ``device='cuda'`` on ``adaptive_params_list`` is dropped from the source in
+    memory (``.to(device)`` moves the parameters afterwards), so it also runs on CPU.
+    """
+    from hpcm.models import compressai_ext
+
+    root = Path(path).resolve()
+    file = root / "src" / "models" / f"{name}.py"
+    if not file.is_file():
+        raise FileNotFoundError(f"--official {path}: {file} not found (give the root of a lyq133/LIC-HPCM copy)")
+    qualified = f"src.models.{name}"
+    if qualified in sys.modules:
+        return sys.modules[qualified]
+    cxx = ModuleType("src.entropy_models._CXX")
+    cxx.pmf_to_quantized_cdf = compressai_ext.pmf_to_quantized_cdf
+    ans = ModuleType("src.entropy_models.unbounded_ans")
+    ans.ubransEncoder, ans.ubransDecoder = compressai_ext.BufferedRansEncoder, compressai_ext.RansDecoder
+    sys.modules.setdefault(cxx.__name__, cxx)
+    sys.modules.setdefault(ans.__name__, ans)
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    importlib.import_module("src.models")  # the package (relative imports of the module below)
+    module = ModuleType(qualified)
+    module.__file__, module.__package__ = str(file), "src.models"
+    sys.modules[qualified] = module
+    try:
+        exec(compile(file.read_text().replace(", device='cuda'", ""), str(file), "exec"), module.__dict__)
+    except BaseException:
+        del sys.modules[qualified]
+        raise
+    return module
 
 
 def load_official(path: str, name: str, ours: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """The official HPCM of ``name`` from a local copy, with our weights copied in."""
     if name not in ("HPCM_Base", "HPCM_Large"):
         raise ValueError(f"the official code has no {name}; compare HPCM_Base or HPCM_Large")
-    sys.path.insert(0, path)
-    module = __import__(f"src.models.{name}", fromlist=["HPCM"])
-    official = module.HPCM().to(device)
+    official = import_official(path, name).HPCM().to(device)
     weights = {k: v for k, v in ours.state_dict().items() if k not in CODER_BUFFER_NAMES}
-    official.load_state_dict(weights, strict=False)  # coder tables: built by update() in measure()
+    expected = {k for k in official.state_dict() if k not in CODER_BUFFER_NAMES}
+    if expected != set(weights):  # (its load_state_dict override returns nothing to check)
+        raise RuntimeError(f"our {name} weights do not fit the official model: missing "
+                           f"{sorted(expected - set(weights))[:5]}, unexpected {sorted(set(weights) - expected)[:5]}")
+    official.load_state_dict(weights, strict=False)  # coder tables: built by update()
     return official
 
 
-class _OfficialAdapter(torch.nn.Module):
+class OfficialAdapter(torch.nn.Module):
     """Gives the official model our update()/compress() signatures for :func:`measure`."""
 
     def __init__(self, official: torch.nn.Module):
@@ -162,14 +248,29 @@ def main() -> None:
             print(f"{name:<22}{params:>10.3f}  skipped: size must be a multiple of {model.pad_multiple}")
             continue
         x = torch.rand(args.batch, 3, h, w, device=device).to(memory_format=memory_format)
-        ours = measure(model, x, args, device)
+        models = {"ours": model}
+        if args.official:
+            models["official"] = OfficialAdapter(load_official(args.official, name, model, device))
+        times = measure(models, x, args, device)
+
+        def row(label: str, values: dict[str, float], fmt: str) -> str:
+            return f"{label:<22}{'':>10}" + "".join(format(values[c], fmt) if c in values else f"{'-':>16}" for c in columns)
+
+        ours = {c: statistics.median(v) for c, v in times["ours"].items()}
         print(f"{name:<22}{params:>10.3f}" + "".join(f"{ours[c]:>16.1f}" if c in ours else f"{'-':>16}" for c in columns))
         if args.official:
-            official = _OfficialAdapter(load_official(args.official, name, model, device))
-            theirs = measure(official, x, args, device)
-            print(f"{'  official':<22}{'':>10}" + "".join(f"{theirs.get(c, float('nan')):>16.1f}" for c in columns))
-            print(f"{'  ratio official/ours':<22}{'':>10}"
-                  + "".join(f"{theirs[c] / ours[c]:>16.2f}" if c in ours else f"{'-':>16}" for c in columns))
+            theirs = {c: statistics.median(v) for c, v in times["official"].items()}
+            print(row("  official", theirs, ">16.1f"))
+            # speed of ours relative to the official code, per repeat (paired), then median and IQR
+            ratios = {c: quartiles([o / u for o, u in zip(times["official"][c], times["ours"][c])]) for c in times["ours"]}
+            print(row("  official/ours median", {c: r[0] for c, r in ratios.items()}, ">16.3f"))
+            print(row("  IQR (q1-q3)", {c: f"{r[1]:.3f}-{r[2]:.3f}" for c, r in ratios.items()}, ">16"))
+            for column, goal in GOALS_CPU.items():
+                if column in ratios and device.type == "cpu":
+                    print(f"  goal (CPU) {column}: ours >= {goal}x the official speed: "
+                          f"{'met' if ratios[column][0] >= goal else 'NOT met'} (median {ratios[column][0]:.3f})")
+    print(f"times: medians of {args.repeats} repeats after one warm-up ({clock(device).__name__}); "
+          "ratios: median of per-repeat official/ours (> 1: ours faster)")
 
 
 if __name__ == "__main__":

@@ -128,6 +128,8 @@ KEYS: dict[str, Key] = {
     # hardware
     "device": Key("str", "auto", "auto (CUDA when present), cpu, cuda or cuda:N"),
     "bf16": Key("bool", False, "bf16 autocast for forward passes on CUDA"),
+    "compile": Key("bool", False, "torch.compile the training forward pass and loss (checkpoints keep the "
+                   "eager module's state-dict names; validation and coding stay eager)"),
     # bookkeeping
     "log_every": Key("int", 100, "steps between metrics.csv/wandb rows (metrics are summed on the device in between)", check=_positive,
                      constraint="must be > 0"),
@@ -151,7 +153,7 @@ VARIANT_PRESETS: dict[str, dict[str, Any]] = {
 
 # Keys that may differ when a run is resumed: they change neither the numbers nor the data order.
 RESUME_SAFE_KEYS = frozenset({
-    "device", "num_workers", "log_every", "val_every", "checkpoint_every", "wandb_mode", "wandb_project",
+    "device", "compile", "num_workers", "log_every", "val_every", "checkpoint_every", "wandb_mode", "wandb_project",
     "wandb_entity", "quiet", "skip_bad_images", "init_checkpoint",
 })
 

@@ -1,7 +1,7 @@
 """Evaluate a checkpoint on an image folder with real bitstreams: ``python -m hpcm.evaluate``.
 
     python -m hpcm.evaluate --checkpoint CKPT --dataset DIR --output OUT.csv [--json OUT.json]
-        [--model NAME] [--device cpu|cuda|auto] [--dataset-name NAME] [--variant V] [--lmbda L]
+        [--model NAME] [--device auto|cpu|cuda] [--dataset-name NAME] [--variant V] [--lmbda L]
         [--limit N] [--no-update] [--save-reconstructions DIR]
 
 For every image (PNG/JPEG, recursive, sorted): pad to ``model.pad_multiple``, run the forward
@@ -293,7 +293,7 @@ def write_csv(path: Path, results: Sequence[ImageResult], meta: dict[str, Any]) 
 
 def evaluate(checkpoint: str | Path, dataset: str | Path, output: str | Path,
              json_path: str | Path | None = None, model_name: str | None = None,
-             device: str = "cpu", dataset_name: str | None = None, variant: str | None = None,
+             device: str = "auto", dataset_name: str | None = None, variant: str | None = None,
              lmbda: float | None = None, limit: int | None = None,
              update: bool = True, reconstructions: str | Path | None = None,
              seed: int | None = None) -> list[ImageResult]:
@@ -308,6 +308,7 @@ def evaluate(checkpoint: str | Path, dataset: str | Path, output: str | Path,
         "dataset": dataset_name or dataset.name,
         "model": getattr(model, "name", model_name or ""),
         "checkpoint": str(checkpoint),
+        "device": str(torch_device),  # JSON meta only: encoder and decoder both ran here
     }
     results = []
     for path in tqdm(images, desc=f"evaluate {meta['dataset']}", unit="img"):
@@ -333,7 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="per-image CSV to write")
     parser.add_argument("--json", help="CompressAI-format JSON to write")
     parser.add_argument("--model", help="architecture (default: the checkpoint's metadata, else inferred)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when present), cpu, cuda or cuda:N: the networks of the encoder "
+                             "and of the decoder run there (both on the same device: bit-exact)")
     parser.add_argument("--dataset-name", help="name in the outputs (default: folder name)")
     parser.add_argument("--variant", help="variant label (required unless the checkpoint stores it; "
                         "must agree with it)")

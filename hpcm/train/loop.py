@@ -132,6 +132,7 @@ class Run:
         self.cfg, self.out = cfg, out
         self.device = pick_device(cfg["device"], "run config: key 'device'")
         self.cuda = self.device.type == "cuda"
+        self.sync_free = self.cuda  # skip decisions on the device; benchmarks/gpu_check.py also builds the host path
         if cfg["bf16"] and not self.cuda:
             warnings.warn("bf16 autocast is only used on CUDA; this CPU run trains in float32", stacklevel=2)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg["bf16"] and self.cuda
@@ -171,6 +172,15 @@ class Run:
             self.model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
         self.model.train()
+        # compile: forward and loss of a training step go through torch.compile; self.model stays the
+        # eager module (state-dict names without ``_orig_mod.``, checkpoints, validation, coder tables)
+        self._compute_objective = self._eager_objective
+        if cfg["compile"]:
+            # inductor's own RNG would draw other quantisation noise than eager (same seed, other
+            # numbers); torch's generator keeps compiled training on eager's noise and resumable
+            from torch._inductor import config as inductor_config  # here: only compiled runs load inductor
+            inductor_config.fallback_random = True
+            self._compute_objective = torch.compile(self._eager_objective)
 
         self.decomposition = losses.build_decomposition(cfg["decomposition"], cfg["lmbda"]).to(self.device) \
             if self.hierarchical else None
@@ -181,7 +191,7 @@ class Run:
         self.optimizer = optim.build_optimizer(
             cfg["optimizer"], params, cfg["lr"], gamma=cfg["gamma"], w_lr=cfg["w_lr"],
             max_norm=cfg["clip_max_norm"], update_mode=cfg["update_mode"], gammas=cfg["gammas"],
-            scale_weights=cfg["scale_weights"], sync_free=self.cuda)
+            scale_weights=cfg["scale_weights"], sync_free=self.sync_free)
         self.params = params
         self.gamma_schedule = schedules.GammaSchedule(
             cfg["gamma_schedule"], cfg["gamma"], cfg["gamma_final"], self.total_steps, warmup=cfg["gamma_warmup"],
@@ -281,6 +291,9 @@ class Run:
     # -- one optimisation step
     def objective(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """Forward pass -> (metrics dict, task vector or None for the plain-loss optimizers)."""
+        return self._compute_objective(x)
+
+    def _eager_objective(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         with self.autocast:
             out = self.model(x)
         if self.cfg["bf16"] and self.cuda:  # losses and bit counts in float32, whatever autocast produced
