@@ -107,7 +107,7 @@ def test_adding_a_lambda_and_a_variant_adds_exactly_their_jobs(tmp_path):
 
 def test_demo_config_covers_every_phase_and_ablation():
     cfg = yaml.safe_load(DEMO.read_text())
-    assert cfg["model"] == "HPCM_Tiny" and cfg["device"] == "cpu" and len(cfg["lambdas"]) >= 3
+    assert cfg["model"] == "HPCM_Tiny" and cfg["device"] == "cpu" and len(cfg["lambdas"]) >= 2
     variants = cfg["variants"]
     assert {"baseline", "phase1", "phase2", "phase3"} <= set(variants)
     assert any(v.get("init_from") for v in variants.values()), "a Phase 2 fine-tuning variant"
