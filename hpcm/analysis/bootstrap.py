@@ -100,6 +100,8 @@ def bd_batch(rate_anchor: np.ndarray, dist_anchor: np.ndarray, rate_test: np.nda
                          + ", ".join(str(a.shape) for a in arrays))
     if method != "pchip":
         return _bd_loop(*arrays, kind, method)
+    if min(arrays[0].shape[1], arrays[2].shape[1]) < 2:  # bd_metrics: too few points
+        return np.full(arrays[0].shape[0], np.nan)
     ra, da, ok_a = _sorted_valid(arrays[0], arrays[1])
     rt, dt, ok_t = _sorted_valid(arrays[2], arrays[3])
     valid = ok_a & ok_t

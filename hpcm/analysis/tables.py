@@ -415,8 +415,11 @@ def _with_uncertainty(frame, unc: Uncertainty | None):
     if unc is None:
         return frame
     extra = [unc.columns(r.dataset, r.variant) for r in frame[["dataset", "variant"]].itertuples()]
+    # no interval where the plain means give no BD (the note says why)
+    has_bd = frame["BD-rate (%)"].notna().to_numpy() & frame["BD-PSNR (dB)"].notna().to_numpy()
     for column in (extra[0] if extra else {}):
-        values = [e[column] for e in extra]
+        values = [e[column] if ok or column in SEED_COLUMNS else math.nan
+                  for e, ok in zip(extra, has_bd)]
         if column.endswith("excludes 0"):
             values = [_excludes_text(v) for v in values]
         frame[column] = values
