@@ -143,7 +143,8 @@ def plot_rd(points, output_dir: str | Path, anchors: Sequence[str] = (),
             linestyle, marker = anchor_styles[name]
             ax.plot(bpp, values, linestyle=linestyle, marker=marker, color=ANCHOR_COLOR,
                     linewidth=1, markersize=3, label=f"{label} (published)")
-        ax.set_xlabel("Rate (bpp)")
+        ax.set_xscale("log")  # BD integrates over log-rate: the axis it is computed on
+        ax.set_xlabel("Rate (bpp, log scale)")
         ax.set_ylabel(METRIC_LABELS[metric])
         ax.set_title(f"Rate-distortion on {dataset}")
         ax.grid(alpha=0.3)
