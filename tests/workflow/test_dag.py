@@ -147,7 +147,9 @@ def write_config(tmp_path: Path, **changes) -> Path:
         ({"variants__phase1__optimizer": "sgd"}, "variants.phase1.optimizer", "sgd"),
         ({"analysis__reference": "nope"}, "analysis.reference", "unknown variant 'nope'"),
         ({"variants__phase2_qp__init_from": "ghost"}, "variants.phase2_qp.init_from", "ghost"),
-        ({"variants__phase2_qp__init_from": "official"}, "variants.phase2_qp.init_from", "official_checkpoints"),
+        ({"variants__phase2_qp__init_from": "official", "official_checkpoints": [], "variants__baseline__init_from": None,
+          "variants__phase1__init_from": None, "variants__phase3__init_from": None},
+         "variants.phase2_qp.init_from", "official_checkpoints"),
         ({"variants__study1_s1__scale_weights": "s4_emphasis"}, "variants.study1_s1.scale_weights", "s3_emphasis"),
     ],
 )
