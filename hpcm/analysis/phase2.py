@@ -40,9 +40,10 @@ import numpy as np  # noqa: E402
 
 import pandas as pd  # noqa: E402
 
+from hpcm.analysis.bootstrap import interval_table  # noqa: E402
 from hpcm.analysis.bd import METHODS, bd_table  # noqa: E402
 from hpcm.analysis.plots import save_figure  # noqa: E402
-from hpcm.analysis.points import read_points  # noqa: E402
+from hpcm.analysis.points import eval_rows, image_table, read_points  # noqa: E402
 from hpcm.analysis.tables import Table, TableError, write_table  # noqa: E402
 from hpcm.config.run_config import RUN_YAML, read_run_yaml  # noqa: E402
 from hpcm.util.cli import run_command  # noqa: E402
@@ -88,14 +89,7 @@ def grid_points(runs_root: str | Path, grid: str, include: Sequence[str] = ()) -
 
 def _intervals_from_eval(eval_csvs: Sequence[str | Path], reference: str, metric: str, method: str):
     """Bootstrap BD-rate intervals from the per-image evaluation CSVs."""
-    # Imported here: hpcm.analysis.bootstrap arrives with the demo issue's statistics; only this
-    # option needs it, and without it the option fails with the reason below.
-    try:
-        from hpcm.analysis.bootstrap import interval_table  # optional until the bootstrap module lands
-    except ImportError as err:
-        raise TableError(f"--eval-csv needs hpcm.analysis.bootstrap (bootstrap intervals), which is not "
-                         f"installed here ({err}); run without --eval-csv for the table without intervals") from None
-    images = pd.concat([pd.read_csv(p) for p in eval_csvs], ignore_index=True)
+    images = image_table(eval_rows(eval_csvs))  # one row per image and seed, checked as for the points
     return interval_table(images, reference, metric, method)
 
 

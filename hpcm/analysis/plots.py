@@ -110,19 +110,30 @@ def save_figure(fig, output_dir: str | Path, stem: str) -> list[Path]:
 # --------------------------------------------------------------------------------------------
 
 
+REFERENCE_COLOR = "black"
+
+
 def plot_rd(points, output_dir: str | Path, anchors: Sequence[str] = (),
-            metric: str = "psnr", colors: dict[str, str] | None = None) -> list[Path]:
+            metric: str = "psnr", colors: dict[str, str] | None = None,
+            reference: str | None = None) -> list[Path]:
+    """One figure per dataset. The reference variant (every BD is measured against it) is a thick
+    black line under the others; anchors are grey and dashed; the legend sits outside the axes
+    so that it never covers a curve."""
     table = load_anchors() if anchors else None
     colors = _colors_for(colors, points["variant"].unique())
     anchor_styles = dict(zip(dict.fromkeys(anchors), itertools.cycle(ANCHOR_STYLES)))
     written = []
     for dataset in sorted(points["dataset"].unique()):
-        fig, ax = plt.subplots(figsize=(6.4, 4.8))
+        fig, ax = plt.subplots(figsize=(9.0, 4.8))
         sel = points[points["dataset"] == dataset]
         for variant in sorted(sel["variant"].unique()):
             cur = sel[sel["variant"] == variant].sort_values("bpp")
-            ax.plot(cur["bpp"], cur[metric], "-o", color=colors[variant], label=variant,
-                    markersize=4)
+            if variant == reference:
+                ax.plot(cur["bpp"], cur[metric], "-s", color=REFERENCE_COLOR, linewidth=3.0,
+                        markersize=7, alpha=0.45, zorder=1, label=f"{variant} (reference)")
+            else:
+                ax.plot(cur["bpp"], cur[metric], "-o", color=colors[variant], label=variant,
+                        markersize=4, linewidth=1.2, zorder=2)
         for name in anchors:
             try:
                 bpp, values = anchor_curve(dataset, name, metric, table)
@@ -132,11 +143,13 @@ def plot_rd(points, output_dir: str | Path, anchors: Sequence[str] = (),
             linestyle, marker = anchor_styles[name]
             ax.plot(bpp, values, linestyle=linestyle, marker=marker, color=ANCHOR_COLOR,
                     linewidth=1, markersize=3, label=f"{label} (published)")
-        ax.set_xlabel("Rate (bpp)")
+        ax.set_xscale("log")  # BD integrates over log-rate: the axis it is computed on
+        ax.set_xlabel("Rate (bpp, log scale)")
         ax.set_ylabel(METRIC_LABELS[metric])
         ax.set_title(f"Rate-distortion on {dataset}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+        fig.tight_layout()
         written += save_figure(fig, output_dir, f"rd_{dataset}_{metric}")
     return written
 
@@ -293,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = {name: sub.add_parser(name) for name in ("all", "rd", "runs", "gammas")}
     for name, p in commands.items():
         p.add_argument("--output-dir", required=True)
+        if name in ("all", "rd"):
+            p.add_argument("--reference", help="the variant every BD is measured against: drawn "
+                                               "as a thick black line (default: none)")
         if name in ("all", "rd", "runs"):
             p.add_argument("--variants", nargs="+",
                            help="every variant in a fixed order (the config's): colour i goes to "
@@ -325,7 +341,8 @@ def _draw(args: argparse.Namespace) -> list[Path]:
         seen = set(points["variant"]) | {variant for variant, _, _ in runs}
         colors = variant_colors(sorted(seen))
     if points is not None:
-        written += plot_rd(points, args.output_dir, args.anchors, args.metric, colors)
+        written += plot_rd(points, args.output_dir, args.anchors, args.metric, colors,
+                           getattr(args, "reference", None))
     if runs is not None:
         written += plot_runs(runs, args.output_dir, colors)
     if args.command in ("all", "gammas"):

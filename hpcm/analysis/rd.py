@@ -7,6 +7,8 @@ CLI::
         one row per (variant, lmbda, dataset): means over images following CompressAI (PSNR
         averaged in dB, bpp and MS-SSIM averaged per image; ms_ssim_db = -10 log10(1 - mean)),
         n_images, and provenance (source CSV, its SHA-256, checkpoint). Written atomically.
+        [--images results/rd/images.csv]: also the per-image rows (one per image and training
+        seed), which hpcm.tables resamples for the bootstrap intervals of BD.
         [--curves-dir results/rd/curves]: also one CompressAI-format JSON per (dataset, variant)
         curve, DIR/<dataset>/<variant>.json, readable by python -m compressai.utils.plot.
 
@@ -28,7 +30,7 @@ from typing import Sequence
 
 from hpcm.analysis.anchors import anchor_curves_by_dataset
 from hpcm.analysis.bd import METHODS, bd_table
-from hpcm.analysis.points import curve_documents, rd_points, read_points
+from hpcm.analysis.points import curve_documents, eval_rows, image_table, rd_points, read_points
 from hpcm.util.cli import run_command
 from hpcm.util.io import atomic_write_text
 
@@ -45,6 +47,9 @@ def _cmd_points(args: argparse.Namespace) -> None:
     table = rd_points(args.eval_csv)
     _write_csv(table, args.output)
     print(f"wrote {len(table)} R-D point(s) to {args.output}")
+    if args.images:
+        _write_csv(image_table(eval_rows(args.eval_csv)), args.images)
+        print(f"wrote the per-image, per-seed rows to {args.images}")
     if args.curves_dir:
         for (dataset, variant), doc in curve_documents(table).items():
             path = Path(args.curves_dir) / dataset / f"{variant}.json"
@@ -72,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("points", help="per-image evaluation CSVs -> long-format R-D points CSV")
     p.add_argument("--eval-csv", nargs="+", required=True, help="hpcm.evaluate per-image CSVs")
     p.add_argument("--output", required=True, help="points CSV to write (atomically)")
+    p.add_argument("--images", help="also write the per-image rows (one per image and seed) "
+                                    "that hpcm.tables resamples for its confidence intervals")
     p.add_argument("--curves-dir", help="also write DIR/<dataset>/<variant>.json curves "
                                         "(CompressAI format, for compressai.utils.plot)")
     p.set_defaults(func=_cmd_points)

@@ -38,8 +38,9 @@ import yaml
 
 from hpcm.analysis.anchors import anchor_curves_by_dataset
 from hpcm.analysis.bd import bd_row, bd_table
+from hpcm.analysis.bootstrap import interval_table
 from hpcm.analysis.complexity import count_macs, per_pixel_kmacs
-from hpcm.analysis.points import curve, read_points
+from hpcm.analysis.points import curve, eval_rows, image_table, read_points
 from hpcm.analysis.tables import Table, TableError, read_analysis, read_metrics, to_latex, to_markdown
 from hpcm.config.run_config import RUN_YAML
 from hpcm.models import build_model
@@ -87,14 +88,7 @@ def run_costs(runs_root: str | Path):
 
 
 def _intervals(eval_csvs: Sequence[str | Path], reference: str, metric: str, method: str):
-    # Imported here: hpcm.analysis.bootstrap arrives with the demo issue's statistics; only
-    # --eval-csv needs it, and without it that option fails with the reason below.
-    try:
-        from hpcm.analysis.bootstrap import interval_table  # optional until the bootstrap module lands
-    except ImportError as err:
-        raise TableError(f"--eval-csv needs hpcm.analysis.bootstrap (bootstrap intervals), which is not "
-                         f"installed here ({err}); run without --eval-csv for the table without intervals") from None
-    images = pd.concat([pd.read_csv(p) for p in eval_csvs], ignore_index=True)
+    images = image_table(eval_rows(eval_csvs))  # one row per image and seed, checked as for the points
     return interval_table(images, reference, metric, method)
 
 

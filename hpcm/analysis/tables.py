@@ -24,12 +24,20 @@ Tables written to ``--output-dir`` as ``NAME.csv``, ``NAME.md`` and ``NAME.tex``
 - ``overhead_benchmark`` (with ``--overhead-json``): the same from the controlled training-step
   benchmark ``benchmarks/optimizer_overhead.py --json FILE`` (median step time, peak memory).
 
+With ``--images`` (the per-image rows of ``python -m hpcm.rd points --images``) every BD-rate and
+BD-PSNR of the BD, gains and study tables gets its 95 % paired-bootstrap interval over the test
+images (``hpcm.analysis.bootstrap``; ``--resamples``, ``--bootstrap-seed``), a column saying
+whether it excludes 0, and, where a variant was trained with more than one seed, the seed-to-seed
+standard deviation of its BD (each seed's curve against the reference's curve of the same seed,
+or the reference's seed mean where it lacks that seed).
+
 CLI::
 
     python -m hpcm.tables --points results/rd/points.csv --runs results/train
         --config config.yaml --output-dir results/tables
         [--benchmarks results/benchmarks/train] [--method pchip] [--metric psnr]
         [--overhead-json benchmarks/out/optimizer_overhead.json]
+        [--images results/rd/images.csv] [--resamples 1000] [--bootstrap-seed 0]
 
 ``--config`` is a YAML file whose ``analysis`` key (or top level) holds ``reference``,
 ``bd_method``, ``anchors`` (list of anchor names), ``gains`` (label -> variant) and ``studies``
@@ -52,7 +60,8 @@ import yaml
 
 from hpcm.analysis.anchors import anchor_curves_by_dataset
 from hpcm.analysis.bd import METHODS, bd_row, bd_table
-from hpcm.analysis.points import curve, read_points
+from hpcm.analysis.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, excludes_zero, interval_table
+from hpcm.analysis.points import IMAGE_COLUMNS, curve, read_points, seed_points
 from hpcm.analysis.runs import RunDiscoveryError, find_runs
 from hpcm.util.cli import run_command
 from hpcm.util.io import atomic_write_text
@@ -283,7 +292,137 @@ def write_table(table: Table, output_dir: str | Path) -> list[Path]:
 # The tables
 # --------------------------------------------------------------------------------------------
 
-BD_FORMATS = {"BD-rate (%)": "+.2f", "BD-PSNR (dB)": "+.3f", "overlap (%)": ".0f"}
+CI_COLUMNS = ("BD-rate CI low (%)", "BD-rate CI high (%)", "BD-rate CI excludes 0",
+              "BD-PSNR CI low (dB)", "BD-PSNR CI high (dB)", "BD-PSNR CI excludes 0")
+SEED_COLUMNS = ("n_seeds", "BD-rate seed std (%)", "BD-PSNR seed std (dB)")
+
+
+@dataclass
+class Uncertainty:
+    """Bootstrap intervals and seed spreads per (dataset, variant); ``None`` fields: not computed."""
+
+    intervals: Any  # DataFrame of hpcm.analysis.bootstrap.interval_table, or None
+    seeds: Any  # DataFrame dataset, variant, n_seeds, bd_rate_std, bd_psnr_std, or None
+    resamples: int = DEFAULT_RESAMPLES
+
+    def columns(self, dataset: str, variant: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.intervals is not None:
+            sel = self.intervals[(self.intervals["dataset"] == dataset)
+                                 & (self.intervals["variant"] == variant)]
+            r = sel.iloc[0] if len(sel) else None
+            lows = (r["rate_low"], r["rate_high"], r["psnr_low"], r["psnr_high"]) if r is not None \
+                else (math.nan,) * 4
+            out.update(zip(CI_COLUMNS, (lows[0], lows[1], excludes_zero(lows[0], lows[1]),
+                                        lows[2], lows[3], excludes_zero(lows[2], lows[3]))))
+        if self.seeds is not None:
+            sel = self.seeds[(self.seeds["dataset"] == dataset) & (self.seeds["variant"] == variant)]
+            r = sel.iloc[0] if len(sel) else None
+            out.update(zip(SEED_COLUMNS, (int(r["n_seeds"]), r["bd_rate_std"], r["bd_psnr_std"])
+                           if r is not None else (math.nan,) * 3))
+        return out
+
+    def notes(self) -> list[str]:
+        notes = []
+        if self.intervals is not None:
+            notes.append(f"CI: 95 % paired bootstrap over the test images ({self.resamples} "
+                         "resamples of image indices with replacement, the same for both curves; "
+                         "percentile interval); the BD itself is that of the plain means")
+            notes += [f"{r.dataset}/{r.variant}: {r.invalid} of {r.resamples} resamples gave no "
+                      "valid BD curve and are left out of the interval"
+                      for r in self.intervals.itertuples() if r.invalid]
+        if self.seeds is not None:
+            notes.append("seed std: standard deviation (ddof=1) over training seeds of each "
+                         "seed's BD against the reference")
+        return notes
+
+
+def _excludes_text(value: Any) -> Any:
+    return value if isinstance(value, float) and math.isnan(value) else ("yes" if value else "no")
+
+
+def seed_spread(images, reference: str, metric: str, method: str):
+    """Per (dataset, variant) trained with more than one seed: the std of BD over its seeds.
+
+    Seed s of a variant is compared with the reference's seed s where the reference has it,
+    else with the reference's seed-averaged curve. None when no variant has several seeds.
+    """
+    import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
+
+    per_seed = seed_points(images)
+    counts = per_seed.groupby(["dataset", "variant"])["seed"].nunique()
+    if counts.max() <= 1:
+        return None
+    means = per_seed.groupby(["dataset", "variant", "lmbda"])[["bpp", "psnr", "ms_ssim_db"]].mean() \
+        .reset_index()
+    rows = []
+    for (dataset, variant), n in counts.items():
+        if n <= 1:
+            rows.append({"dataset": dataset, "variant": variant, "n_seeds": int(n),
+                         "bd_rate_std": math.nan, "bd_psnr_std": math.nan})
+            continue
+        rates, psnrs = [], []
+        for seed, group in per_seed[(per_seed["dataset"] == dataset)
+                                    & (per_seed["variant"] == variant)].groupby("seed"):
+            ref = per_seed[(per_seed["dataset"] == dataset) & (per_seed["variant"] == reference)
+                           & (per_seed["seed"] == seed)]
+            if ref.empty:
+                ref = means[(means["dataset"] == dataset) & (means["variant"] == reference)]
+            ref_curve = curve(ref, dataset, reference, metric)
+            row = bd_row(dataset, variant, reference, ref_curve, curve(group, dataset, variant, metric),
+                         metric, method)
+            rates.append(row.bd_rate)
+            psnrs.append(row.bd_psnr)
+        rows.append({"dataset": dataset, "variant": variant, "n_seeds": int(n),
+                     "bd_rate_std": float(np.std(rates, ddof=1)),
+                     "bd_psnr_std": float(np.std(psnrs, ddof=1))})
+    return pd.DataFrame(rows)
+
+
+def read_images(path: str | Path):
+    """The per-image table of ``python -m hpcm.rd points --images``, checking its columns."""
+    import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
+
+    path = Path(path)
+    if not path.is_file():
+        raise TableError(f"per-image file not found: {path}")
+    frame = pd.read_csv(path, float_precision="round_trip")
+    missing = [c for c in IMAGE_COLUMNS if c not in frame.columns]
+    if missing:
+        raise TableError(f"{path}: missing column(s) {missing}; write it with "
+                         "`python -m hpcm.rd points --images`")
+    return frame
+
+
+def uncertainty(images, reference: str, metric: str, method: str,
+                resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> Uncertainty:
+    try:
+        intervals = interval_table(images, reference, metric, method, resamples, seed)
+    except ValueError as err:
+        raise TableError(f"bootstrap intervals: {err}") from None
+    return Uncertainty(intervals, seed_spread(images, reference, metric, method), resamples)
+
+
+BD_FORMATS = {"BD-rate (%)": "+.2f", "BD-PSNR (dB)": "+.3f", "overlap (%)": ".0f",
+              "BD-rate CI low (%)": "+.2f", "BD-rate CI high (%)": "+.2f",
+              "BD-PSNR CI low (dB)": "+.3f", "BD-PSNR CI high (dB)": "+.3f",
+              "BD-rate seed std (%)": ".2f", "BD-PSNR seed std (dB)": ".3f"}
+
+
+def _with_uncertainty(frame, unc: Uncertainty | None):
+    """``frame`` (dataset and variant columns) with the interval / seed columns appended."""
+    if unc is None:
+        return frame
+    extra = [unc.columns(r.dataset, r.variant) for r in frame[["dataset", "variant"]].itertuples()]
+    # no interval where the plain means give no BD (the note says why)
+    has_bd = frame["BD-rate (%)"].notna().to_numpy() & frame["BD-PSNR (dB)"].notna().to_numpy()
+    for column in (extra[0] if extra else {}):
+        values = [e[column] if ok or column in SEED_COLUMNS else math.nan
+                  for e, ok in zip(extra, has_bd)]
+        if column.endswith("excludes 0"):
+            values = [_excludes_text(v) for v in values]
+        frame[column] = values
+    return frame
 
 
 def _bd_notes(bd) -> list[str]:
@@ -295,7 +434,7 @@ def _bd_notes(bd) -> list[str]:
 
 
 def bd_vs(points, reference: str, method: str, metric: str, anchor: str | None = None,
-          bd=None) -> Table:
+          bd=None, unc: Uncertainty | None = None) -> Table:
     """BD table of every variant vs ``reference`` (or a published ``anchor``); ``bd`` if computed."""
     curves = None
     if anchor:
@@ -306,12 +445,14 @@ def bd_vs(points, reference: str, method: str, metric: str, anchor: str | None =
     frame = bd.rename(columns={"bd_rate": "BD-rate (%)", "bd_psnr": "BD-PSNR (dB)"})
     frame["overlap (%)"] = bd["overlap_rate"] * 100
     frame = frame[["dataset", "variant", "BD-rate (%)", "BD-PSNR (dB)", "overlap (%)",
-                   "n_reference", "n_test"]]
+                   "n_reference", "n_test"]].copy()
+    frame = _with_uncertainty(frame, None if anchor else unc)
     quality = "PSNR" if metric == "psnr" else "MS-SSIM (dB)"
     title = (f"BD-rate and BD-{quality} vs {'anchor ' if anchor else ''}{reference} "
              f"({method})")
     name = f"bd_vs_anchor-{anchor}" if anchor else f"bd_vs_{reference}"
-    return Table(name, title, frame, BD_FORMATS, _bd_notes(bd))
+    notes = _bd_notes(bd) + (unc.notes() if unc is not None and not anchor else [])
+    return Table(name, title, frame, BD_FORMATS, notes)
 
 
 def _bd_lookup(points, reference: str, method: str, metric: str, bd=None):
@@ -348,7 +489,7 @@ def _absent(points, runs, variants) -> list[str]:
 
 
 def expected_gains(points, runs, gains: dict[str, str], reference: str, method: str,
-                   metric: str, bd=None) -> Table:
+                   metric: str, bd=None, unc: Uncertainty | None = None) -> Table:
     import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
 
     lookup, bd = _bd_lookup(points, reference, method, metric, bd)
@@ -367,12 +508,14 @@ def expected_gains(points, runs, gains: dict[str, str], reference: str, method: 
     notes = _bd_notes(bd[bd["variant"].isin(gains.values())]) + _absent(points, runs, gains.values())
     notes.append("convergence epoch: first epoch with validation loss within 1 % of the run's "
                  "best, mean over lambdas")
+    notes += unc.notes() if unc is not None else []
+    frame = _with_uncertainty(pd.DataFrame(rows), unc)
     return Table("expected_gains", f"Expected gains as measured (vs {reference}, {method})",
-                 pd.DataFrame(rows), {**BD_FORMATS, "convergence epoch": ".1f"}, notes)
+                 frame, {**BD_FORMATS, "convergence epoch": ".1f"}, notes)
 
 
 def study_table(name: str, title: str, rows_spec: dict[str, str], points, runs, reference: str,
-                method: str, metric: str, bd=None) -> Table:
+                method: str, metric: str, bd=None, unc: Uncertainty | None = None) -> Table:
     import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
 
     lookup, bd = _bd_lookup(points, reference, method, metric, bd)
@@ -406,7 +549,8 @@ def study_table(name: str, title: str, rows_spec: dict[str, str], points, runs, 
     note_column = "loss_cv_note" if per_step else "loss_cv_logged_note"
     notes += [f"{r.variant} (lambda {r.lmbda:g}): CoV n/a: {getattr(r, note_column)}"
               for r in study_runs.itertuples() if getattr(r, note_column)]
-    return Table(name, f"{title} (vs {reference}, {method})", pd.DataFrame(rows),
+    notes += unc.notes() if unc is not None else []
+    return Table(name, f"{title} (vs {reference}, {method})", _with_uncertainty(pd.DataFrame(rows), unc),
                  {**BD_FORMATS, cv_column: ".4f", "skipped steps": ".0f"}, notes)
 
 
@@ -464,23 +608,26 @@ def overhead_from_benchmark(path: str | Path) -> Table:
 def build_all(points_path: str | Path, runs_root: str | Path, analysis: dict[str, Any],
               output_dir: str | Path, benchmarks: str | Path | None = None,
               method: str | None = None, metric: str = "psnr",
-              overhead_json: str | Path | None = None) -> list[Path]:
+              overhead_json: str | Path | None = None, images_path: str | Path | None = None,
+              resamples: int = DEFAULT_RESAMPLES, bootstrap_seed: int = DEFAULT_SEED) -> list[Path]:
     points = read_points(points_path)
     runs = load_runs(runs_root, benchmarks)
     reference = analysis.get("reference", "baseline")
     method = method or analysis.get("bd_method", "pchip")
     bd = bd_table(points, reference, metric, method)  # shared by the BD, gains and study tables
-    tables = [bd_vs(points, reference, method, metric, bd=bd)]
+    unc = uncertainty(read_images(images_path), reference, metric, method, resamples,
+                      bootstrap_seed) if images_path else None
+    tables = [bd_vs(points, reference, method, metric, bd=bd, unc=unc)]
     tables += [bd_vs(points, reference, method, metric, anchor=a)
                for a in analysis.get("anchors") or []]
     if analysis.get("gains"):
         tables.append(expected_gains(points, runs, dict(analysis["gains"]), reference, method,
-                                     metric, bd))
+                                     metric, bd, unc))
     for name, spec in (analysis.get("studies") or {}).items():
         if "rows" not in spec:
             raise TableError(f"analysis.studies.{name}: no 'rows' mapping label -> variant")
         tables.append(study_table(name, spec.get("title", name), dict(spec["rows"]), points,
-                                  runs, reference, method, metric, bd))
+                                  runs, reference, method, metric, bd, unc))
     tables.append(overhead_table(runs))
     if overhead_json:
         tables.append(overhead_from_benchmark(overhead_json))
@@ -512,13 +659,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="BD interpolation (default: analysis.bd_method, else pchip)")
     parser.add_argument("--metric", default="psnr", choices=("psnr", "ms_ssim_db"))
     parser.add_argument("--overhead-json", help="benchmarks/optimizer_overhead.py --json output")
+    parser.add_argument("--images", help="per-image rows (hpcm.rd points --images): adds 95 %% "
+                                         "bootstrap intervals and seed spreads to the BD columns")
+    parser.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES,
+                        help="bootstrap resamples (default %(default)s)")
+    parser.add_argument("--bootstrap-seed", type=int, default=DEFAULT_SEED,
+                        help="seed of the resampling (default %(default)s)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_command(lambda: build_all(args.points, args.runs, read_analysis(args.config), args.output_dir,
-                                         args.benchmarks, args.method, args.metric, args.overhead_json))
+                                         args.benchmarks, args.method, args.metric, args.overhead_json,
+                                         args.images, args.resamples, args.bootstrap_seed))
 
 
 if __name__ == "__main__":

@@ -115,14 +115,27 @@ def _motorcycle_left() -> np.ndarray:
     return np.ascontiguousarray(skimage.data.stereo_motorcycle()[0]).astype(np.uint8)
 
 
-# Fixed split of photos shipped with scikit-image (never downloaded). Grayscale textures are kept in
-# train for variety (replicated to RGB); val and test hold colour photos not seen in training.
+def _matplotlib_sample(filename: str) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        import matplotlib.cbook  # why: loads matplotlib only when a sample photo is read
+
+        return load_rgb(matplotlib.cbook.get_sample_data(filename, asfileobj=False))
+
+    return load
+
+
+# Fixed split of photos shipped inside installed packages (scikit-image, matplotlib; never
+# downloaded). Train and val hold no everyday colour photo, so that all six of them can be the
+# held-out test set: training sees textures, grayscale photos and colour astronomy / retina
+# images; the val image (a colour microscopy slide) only picks the best checkpoint.
 SAMPLE_SPLITS: dict[str, dict[str, Callable[[], np.ndarray]]] = {
     "train": {name: _skimage(name) for name in (
-        "astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
-        "camera", "brick", "grass", "gravel")},
-    "val": {"chelsea": _skimage("chelsea")},
-    "test": {"coffee": _skimage("coffee"), "motorcycle": _motorcycle_left},
+        "retina", "hubble_deep_field", "colorwheel", "camera", "coins", "moon", "brick", "grass",
+        "gravel")},
+    "val": {"immunohistochemistry": _skimage("immunohistochemistry")},
+    "test": {"astronaut": _skimage("astronaut"), "chelsea": _skimage("chelsea"),
+             "coffee": _skimage("coffee"), "rocket": _skimage("rocket"),
+             "motorcycle": _motorcycle_left, "grace_hopper": _matplotlib_sample("grace_hopper.jpg")},
 }
 
 

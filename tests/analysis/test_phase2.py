@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 
 import numpy as np
 import pandas as pd
@@ -109,9 +108,3 @@ def test_cli_writes_table_and_heatmap(tmp_path):
     assert (tmp_path / "plots" / "phase2grid.png").read_bytes()[:4] == b"\x89PNG"
     assert "no bootstrap intervals" in (tmp_path / "tables" / "phase2grid.md").read_text()
 
-
-@pytest.mark.skipif(importlib.util.find_spec("hpcm.analysis.bootstrap") is not None,
-                    reason="the bootstrap module is present: --eval-csv works")
-def test_eval_csv_without_the_bootstrap_module_says_why(tmp_path):
-    with pytest.raises(TableError, match="hpcm.analysis.bootstrap"):
-        phase2._intervals_from_eval([tmp_path / "x.csv"], "baseline", "psnr", "pchip")

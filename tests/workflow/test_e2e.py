@@ -1,4 +1,4 @@
-"""The demo DAG end to end, small: two lambdas, the shared warm start, one variant per phase
+"""The demo DAG end to end, small: two lambdas, the shipped warm starts, one variant per phase
 (Phase 2 fine-tuning from the baseline included), a few training steps, real bitstreams on crops
 of the held-out sample photos, every table and plot, the HTML report. Runs `snakemake --cores 2`
 in a temporary directory with wandb disabled.
@@ -15,10 +15,11 @@ import pandas as pd
 import pytest
 import yaml
 
+from tests.paths import REPO
 from tests.workflow.test_dag import DEMO, snakemake
 
-VARIANTS = ["warmup", "baseline", "phase1", "phase2_qp", "phase3"]
-LAMBDAS = [0.0018, 0.0483]
+VARIANTS = ["baseline", "phase1", "phase2_qp", "phase3"]
+LAMBDAS = [0.0004, 0.0932]  # the lambdas of the shipped warm starts
 
 
 def write_eval_crops(folder: Path) -> None:
@@ -41,8 +42,8 @@ def small_demo_config(eval_folder: Path) -> dict:
     # overlap and every BD number exists (their values are not what this test is about).
     cfg["training"].update(steps=2, batch_size=2, lr=1e-5, log_every=1, val_every=2, checkpoint_every=2)
     cfg["variants"] = {name: cfg["variants"][name] for name in VARIANTS}
-    # The shared warm start must be long enough for the two lambdas to give distinct R-D points.
-    cfg["variants"]["warmup"].update(steps=60, batch_size=4)
+    # The shipped warm starts, found from the temporary working directory.
+    cfg["official_checkpoints"] = [{**e, "path": str(REPO / e["path"])} for e in cfg["official_checkpoints"]]
     cfg["grids"] = {}
     cfg["analysis"]["gains"] = {"phase1": "phase1", "phase3": "phase3"}
     cfg["analysis"]["studies"] = {

@@ -1,6 +1,6 @@
 # Phase 4 analysis: R-D points from every evaluation, then every table (BD-rate / BD-PSNR against
 # the reference variant and the published anchors, expected gains, the ablation studies, the
-# optimizer overhead) from measured files only.
+# optimizer overhead, with bootstrap intervals over the test images) from measured files only.
 
 
 localrules:
@@ -16,12 +16,15 @@ rule rd_points:
         STUDY.eval_csvs(),
     output:
         points="results/rd/points.csv",
+        # per image (and training seed): what the tables' bootstrap intervals resample
+        images="results/rd/images.csv",
     log:
         "logs/rd_points/points.log",
     conda:
         "../../envs/hpcm.yaml"
     shell:
-        "python -m hpcm.rd points --eval-csv {input} --output {output.points} > {log} 2>&1"
+        "python -m hpcm.rd points --eval-csv {input} --output {output.points} "
+        "--images {output.images} > {log} 2>&1"
 
 
 rule analysis_config:
@@ -38,6 +41,7 @@ rule analysis_config:
 rule tables:
     input:
         points="results/rd/points.csv",
+        images="results/rd/images.csv",
         analysis="results/configs/analysis.yaml",
         runs=STUDY.done_markers(),
     output:
@@ -51,20 +55,22 @@ rule tables:
     conda:
         "../../envs/hpcm.yaml"
     shell:
-        # the BD method, reference, anchors and studies all come from the analysis YAML
+        # the BD method, reference, anchors and studies all come from the analysis YAML; every BD
+        # gets its 95 % paired-bootstrap interval over the test images (1000 resamples, seed 0)
         "python -m hpcm.tables --points {input.points} --runs {params.runs} --config {input.analysis} "
-        "--benchmarks {params.benchmarks} --output-dir {params.outdir} > {log} 2>&1"
+        "--benchmarks {params.benchmarks} --images {input.images} --resamples 1000 "
+        "--bootstrap-seed 0 --output-dir {params.outdir} > {log} 2>&1"
 
 
 # The Phase 2 search (one table + heatmap per grid) and the paper-style summary table
-# (helpers and INTERVALS in common.smk).
+# (helpers in common.smk).
 
 
 rule phase2_grid:
     input:
         points="results/rd/points.csv",
         runs=grid_done_markers,
-        evals=STUDY.eval_csvs() if INTERVALS else [],
+        evals=STUDY.eval_csvs(),
     output:
         table=multiext(f"{TABLES_DIR}/{{grid}}", ".csv", ".md", ".tex"),
         png="results/plots/{grid}.png",
@@ -94,7 +100,7 @@ rule summary:
         points="results/rd/points.csv",
         analysis="results/configs/analysis.yaml",
         runs=STUDY.done_markers(),
-        evals=STUDY.eval_csvs() if INTERVALS else [],
+        evals=STUDY.eval_csvs(),
     output:
         csv=f"{TABLES_DIR}/summary.csv",
         md=f"{TABLES_DIR}/summary.md",

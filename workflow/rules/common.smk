@@ -1,7 +1,6 @@
 # Snakemake glue: the study config is validated and resolved by hpcm.config.study (grid, variants,
 # paths, run YAMLs, every check); this file only adapts it to wildcards, input functions and
 # resources. Rules live in the other modules.
-import importlib.util
 import os
 import re
 import shlex
@@ -202,12 +201,6 @@ def final_outputs():
     targets += ["results/plots/rd", "results/plots/runs", "results/plots/gamma_schedules.png"]
     targets += analysis_outputs()  # analysis.smk: the Phase 2 grid tables and heatmaps, the summary table
     return targets
-
-
-# Phase 2 grid tables and the summary table (analysis.smk). Bootstrap intervals need the per-image
-# evaluation CSVs and hpcm.analysis.bootstrap; without that module the tables are written without
-# intervals and say so in their notes.
-INTERVALS = importlib.util.find_spec("hpcm.analysis.bootstrap") is not None
 
 
 def grid_includes(grid):

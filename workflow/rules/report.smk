@@ -24,12 +24,14 @@ rule plot_rd:
         "logs/plot_rd/plots.log",
     params:
         anchors=config["analysis"]["anchors"],
+        reference=config["analysis"]["reference"],
         # the config's variant order fixes each variant's colour in every figure
         variants=list(STUDY.variants),
     conda:
         "../../envs/hpcm.yaml"
     shell:
         "python -m hpcm.plots rd --points {input.points} --anchors {params.anchors} "
+        "--reference {params.reference} "
         "--variants {params.variants} --output-dir {output} > {log} 2>&1"
 
 
