@@ -10,9 +10,14 @@ Sections, in order of importance (``--budget-s`` skips what no longer fits, with
 2. ``cross_device``: one Kodak-size image (768x512) compressed on the device and decoded on the
    CPU (same weights, one set of coder tables): bit-exact or the size of the mismatch; and whether
    the device's strings equal the CPU's. With ``--device cpu`` this degenerates to CPU -> CPU.
-3. ``sync_free``: 20 training steps (same data, same init) with the device-side skip decisions
-   (``Run.sync_free``, what CUDA training uses) and with the host path: max abs difference of the
-   parameters and task weights, next to the run-to-run difference of the host path itself.
+3. ``sync_free``: the device-side skip decisions (``Run.sync_free``, what CUDA training uses)
+   against the host path. The verdict: ONE training step from identical weights, batch and RNG
+   state, per optimizer: max abs difference and max difference in ulps (float32 eps * |host
+   value|) of parameters, gradients, exp_avg, exp_avg_sq (and Balanced's task logits), the
+   fraction of differing elements and the first one; <= ``ULP_TOLERANCE`` ulp (gradients
+   bit-equal) = the same arithmetic up to rounding. Then 20 steps of cautious_adam and balanced
+   next_batch (context only: training is chaotic, a 1-ulp difference flips cautious-mask signs
+   of near-zero m*g and grows), next to the host path's own run-to-run difference.
 4. ``train_fp32``, 5. ``train_bf16``: ``hpcm.train.Run.train_step`` (the trainer's own step) of
    adam, balanced next_batch / same_batch and hierarchical_balanced (measured decomposition) at
    each batch size: median ms/step and IQR over repeats (CUDA-synchronised, after warm-up) and peak
@@ -24,7 +29,12 @@ Sections, in order of importance (``--budget-s`` skips what no longer fits, with
    interleaved repeat by repeat with our adam step on the same batch; ratio = official time / ours
    (> 1: ours is faster), median and IQR of the paired per-repeat ratios.
 8. ``coding``: compress and decompress of the 768x512 image on the device (and the official
-   model's, when loaded).
+   model's with ``--official``; its update() calls scipy, so its tables are built on the CPU).
+9. ``profile``: torch.profiler over 5 steps (after warm-up) of adam and balanced next_batch at
+   the first batch size: top ops by self CUDA and self CPU time, host synchronisations per step,
+   CUDA kernel time and wall time per step, and the differences balanced - adam.
+
+``--sections coding,sync_free,profile`` runs only those (environment always runs first).
 
 Every section is wrapped: a failing one prints its error, the rest still run, and the exit code
 is 1 if any section failed. One table is printed at the end and a JSON written (``--json``, or
@@ -75,7 +85,7 @@ from tests.fixtures.hpcm_support import calibrate_to_latents, init_like_golden  
 
 JSON_FORMAT = "hpcm-gpu-check/1"
 SECTIONS = ("environment", "cross_device", "sync_free", "train_fp32", "train_bf16", "train_compile",
-            "official", "coding")
+            "official", "coding", "profile")
 OPTIMIZERS = {  # run-config overrides of each timed optimizer
     "adam": {"optimizer": "adam"},
     "balanced next_batch": {"optimizer": "balanced", "update_mode": "next_batch"},
@@ -85,6 +95,7 @@ OPTIMIZERS = {  # run-config overrides of each timed optimizer
 }
 SYNC_FREE_OPTIMIZERS = {"cautious_adam": {"optimizer": "cautious_adam"}, **{
     k: v for k, v in OPTIMIZERS.items() if k != "adam"}}  # adam has no host/device switch
+SYNC_FREE_LONG = ("cautious_adam", "balanced next_batch")  # the many-step comparison (time)
 KODAK_SIZE = (512, 768)  # H, W of a landscape Kodak image
 SCALE_TABLE = (0.12, 64, 60)  # the official test.py's get_scale_table arguments
 
@@ -264,7 +275,90 @@ def _max_diff(a: tuple[dict, dict], b: tuple[dict, dict]) -> tuple[float, float]
     return params, weights
 
 
+ULP_TOLERANCE = 4  # one-step differences up to this many ulp of |p| count as rounding (equal arithmetic)
+
+
+def _one_step_state(run: train.Run) -> dict[str, dict[str, torch.Tensor]]:
+    """Parameters, their gradients and Adam moments (by parameter name), float32 on the CPU."""
+    named = [(n, p) for n, p in run.model.named_parameters() if p.requires_grad]
+    out: dict[str, dict[str, torch.Tensor]] = {"param": {}, "grad": {}, "exp_avg": {}, "exp_avg_sq": {}}
+    for name, p in named:
+        out["param"][name] = p.detach().float().cpu()
+        if p.grad is not None:
+            out["grad"][name] = p.grad.detach().float().cpu()
+        state = run.optimizer.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                out[key][name] = state[key].detach().float().cpu()
+    if run.balanced:
+        out["task_w"] = {"w": run.optimizer.w.detach().float().cpu().reshape(-1)}
+    return out
+
+
+def _compare_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
+    """Max abs diff, max diff in ulps of b (float32 eps * |b|), fraction of differing elements and
+    the first differing element (parameter order) between two name -> tensor maps."""
+    eps, tiny = torch.finfo(torch.float32).eps, torch.finfo(torch.float32).tiny
+    missing = sorted(set(a) ^ set(b))
+    total = differ = 0
+    max_abs = max_ulp = 0.0
+    first = worst = None
+    for name in a:
+        if name not in b:
+            continue
+        x, y = a[name].reshape(-1), b[name].reshape(-1)
+        diff = (x - y).abs()
+        unequal = x != y  # NaN == NaN counts as a difference too
+        total += x.numel()
+        count = int(unequal.sum())
+        if not count:
+            continue
+        differ += count
+        ulp = diff / (eps * y.abs().clamp(min=tiny))
+        d, u = float(diff.max()), float(ulp.max())
+        if first is None:
+            i = int(unequal.nonzero()[0])
+            first = {"tensor": name, "index": i, "a": float(x[i]), "b": float(y[i])}
+        if u > max_ulp:
+            i = int(ulp.argmax())
+            worst = {"tensor": name, "index": i, "a": float(x[i]), "b": float(y[i]), "ulp": u}
+        max_abs, max_ulp = max(max_abs, d), max(max_ulp, u)
+    return {"max_abs_diff": max_abs, "max_ulp": max_ulp, "fraction_differing": differ / total if total else 0.0,
+            "elements": total, "first_difference": first, "worst_ulp": worst, "missing": missing}
+
+
+def _one_step(args: Namespace, overrides: dict, batch: torch.Tensor) -> dict:
+    """One ``train_step`` of the sync-free and the host path from the same weights, batch and RNG state."""
+    outcome = {}
+    weights = None
+    for label, flag in (("sync_free", True), ("host", False)):
+        run = make_run(args, overrides, args.sync_free_batch, sync_free=flag)
+        if weights is None:
+            weights = copy.deepcopy(run.model.state_dict())
+        else:
+            run.model.load_state_dict(weights)
+        torch.manual_seed(1234)  # the training forward draws noise: same stream for both paths
+        if batch.device.type == "cuda":
+            torch.cuda.manual_seed_all(1234)
+        run.step = 1
+        run.apply_schedules(1)
+        run.train_step(batch)
+        outcome[label] = _one_step_state(run)
+        del run
+        free_device_memory()
+    compared = {key: _compare_tensors(outcome["sync_free"][key], outcome["host"][key]) for key in outcome["host"]}
+    worst = max(compared, key=lambda k: compared[k]["max_ulp"])
+    judged = {k: v for k, v in compared.items() if k != "grad"}  # grad: the input of the step, must be 0
+    equal_rounding = (compared["grad"]["max_abs_diff"] == 0.0
+                      and all(v["max_ulp"] <= ULP_TOLERANCE and not v["missing"] for v in judged.values()))
+    return {"tensors": compared, "bit_equal": all(v["fraction_differing"] == 0.0 for v in compared.values()),
+            "equal_up_to_rounding": equal_rounding, "worst_tensor": worst}
+
+
 def section_sync_free(args: Namespace, device: torch.device, ctx: dict) -> dict:
+    """One-step comparison (the verdict: same weights, gradients and RNG, so only the step's
+    arithmetic can differ), then ``steps`` steps of two optimizers (training is chaotic: a 1-ulp
+    difference flips cautious-mask signs of near-zero m*g and grows, so this is context)."""
     steps = args.sync_free_steps
     batch_size = args.sync_free_batch
     deterministic = (torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled())
@@ -278,8 +372,23 @@ def section_sync_free(args: Namespace, device: torch.device, ctx: dict) -> dict:
         if device.type == "cuda":
             batches = [b.contiguous(memory_format=torch.channels_last) for b in batches]
         del probe
-        results = {}
+        one_step = {}
+        print(f"  one step from identical weights/batch/RNG, sync_free vs host (ulp: float32 eps * |host value|; "
+              f"equal = grads bit-equal and <= {ULP_TOLERANCE} ulp):")
         for name, overrides in SYNC_FREE_OPTIMIZERS.items():
+            r = one_step[name] = _one_step(args, overrides, batches[0])
+            parts = ", ".join(f"{k} {v['max_abs_diff']:.2g}/{v['max_ulp']:.3g}ulp/{v['fraction_differing']:.2%}"
+                              for k, v in r["tensors"].items())
+            verdict = "BIT-EQUAL" if r["bit_equal"] else ("EQUAL up to rounding" if r["equal_up_to_rounding"]
+                                                            else "DIFFERENT")
+            print(f"  {name:<20} {verdict}: {parts}")
+            if not r["bit_equal"]:
+                t = r["tensors"][r["worst_tensor"]]
+                print(f"  {'':<20} worst {r['worst_tensor']}: first diff {t['first_difference']}; "
+                      f"largest ulp {t['worst_ulp']}")
+        results = {}
+        for name in SYNC_FREE_LONG:
+            overrides = SYNC_FREE_OPTIMIZERS[name]
             outcome = {}
             for label, flag in (("sync_free", True), ("host", False), ("host_again", False)):
                 if label == "host_again" and device.type == "cpu":
@@ -294,11 +403,14 @@ def section_sync_free(args: Namespace, device: torch.device, ctx: dict) -> dict:
             results[name] = {"max_abs_diff_params": params, "max_abs_diff_task_weights": weights,
                              "host_rerun_diff_params": floor[0], "host_rerun_diff_task_weights": floor[1],
                              "equal": params == 0.0 and weights == 0.0, "skipped_steps": skipped}
-            print(f"  {name:<22} sync_free vs host after {steps} steps: params {params:.3g}, task weights "
+            print(f"  {name:<20} {steps} steps, sync_free vs host: params {params:.3g}, task weights "
                   f"{weights:.3g} (host vs host {floor[0]:.3g} / {floor[1]:.3g}); "
-                  f"{'EQUAL' if results[name]['equal'] else 'DIFFERENT'}")
+                  f"{'EQUAL' if results[name]['equal'] else 'different'}")
         return {"steps": steps, "batch_size": batch_size, "deterministic_algorithms": True,
-                "optimizers": results, "all_equal": all(r["equal"] for r in results.values())}
+                "ulp_tolerance": ULP_TOLERANCE, "one_step": one_step,
+                "all_equal": all(r["equal_up_to_rounding"] for r in one_step.values()),
+                "all_bit_equal": all(r["bit_equal"] for r in one_step.values()),
+                "optimizers": results}
     finally:
         torch.backends.cudnn.deterministic = deterministic[0]
         torch.use_deterministic_algorithms(deterministic[1])
@@ -497,7 +609,11 @@ def section_coding(args: Namespace, device: torch.device, ctx: dict) -> dict:
     padded, _ = pad_image(x.to(device), model.pad_multiple)
     models = {"ours": model}
     official = ctx.get("official")
+    if official is None and args.official and args.model in ("HPCM_Base", "HPCM_Large"):
+        # the official section did not run in this process (--sections coding): load it here
+        official = load_official(args.official, args.model, model, device)
     if official is not None:
+        official.eval()
         official.load_state_dict({k: v for k, v in model.state_dict().items() if k not in CODER_BUFFER_NAMES},
                                  strict=False)
         models["official"] = OfficialAdapter(official)  # update() is called by measure's set-up
@@ -521,6 +637,93 @@ def section_coding(args: Namespace, device: torch.device, ctx: dict) -> dict:
     return result
 
 
+PROFILE_OPTIMIZERS = ("adam", "balanced next_batch")
+PROFILE_STEPS = 5
+PROFILE_ROWS = 15
+# host synchronisations seen by the profiler (CUDA runtime calls, device copies to the host, scalar reads)
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync", "Memcpy DtoH",
+               "aten::_local_scalar_dense")
+
+
+def _op_rows(averages, key: str, steps: int, limit: int) -> list[dict]:
+    rows = sorted(averages, key=lambda e: getattr(e, key), reverse=True)[:limit]
+    return [{"name": e.key, "calls_per_step": e.count / steps,
+             "self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+             "cpu_total_ms_per_step": e.cpu_time_total / 1e3 / steps,
+             "self_cuda_ms_per_step": getattr(e, "self_device_time_total", 0.0) / 1e3 / steps} for e in rows]
+
+
+def _profile_one(args: Namespace, name: str, batch_size: int, device: torch.device) -> dict:
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    free_device_memory()
+    run = make_run(args, OPTIMIZERS[name], batch_size)
+    x = first_batch(run, batch_args(args, batch_size))
+    time_steps(run, x, max(args.warmup, 3))
+    wall_ms = time_steps(run, x, PROFILE_STEPS) / PROFILE_STEPS * 1e3  # unprofiled, same steps
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(PROFILE_STEPS):
+            run.step += 1
+            run.apply_schedules(run.step)
+            run.train_step(x)
+        sync(device)  # one cudaDeviceSynchronize of ours is counted below
+        profiled_ms = (time.perf_counter() - start) / PROFILE_STEPS * 1e3
+    averages = prof.key_averages()
+    kernel_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+    # cross-check: the device time the CPU-side ops launched (kernels, copies), summed over ops
+    launched_us = sum(getattr(e, "self_device_time_total", 0.0) for e in averages if e.device_type == DeviceType.CPU)
+    syncs = {k: sum(e.count for e in averages if k in e.key) / PROFILE_STEPS for k in SYNC_EVENTS}
+    result = {"optimizer": name, "batch_size": batch_size, "steps": PROFILE_STEPS, "wall_ms_per_step": wall_ms,
+              "profiled_wall_ms_per_step": profiled_ms, "cuda_kernel_ms_per_step": kernel_us / 1e3 / PROFILE_STEPS
+              if cuda else None, "cuda_time_of_cpu_ops_ms_per_step": launched_us / 1e3 / PROFILE_STEPS if cuda else None,
+              "host_syncs_per_step": syncs,
+              "top_self_cpu": _op_rows(averages, "self_cpu_time_total", PROFILE_STEPS, PROFILE_ROWS)}
+    if cuda:
+        result["top_self_cuda"] = _op_rows(averages, "self_device_time_total", PROFILE_STEPS, PROFILE_ROWS)
+    del run, x, prof
+    free_device_memory()
+    return result
+
+
+def _print_ops(title: str, rows: list[dict], key: str) -> None:
+    print(f"    {title}: ms/step, calls/step")
+    for r in rows:
+        print(f"      {r[key]:8.3f} {r['calls_per_step']:7.1f}  {r['name'][:70]}")
+
+
+def section_profile(args: Namespace, device: torch.device, ctx: dict) -> dict:
+    """torch.profiler over a few steps of adam and balanced next_batch (after warm-up): where the
+    extra time of Balanced goes (kernels, host overhead, host synchronisations)."""
+    batch_size = args.batch_sizes[0]
+    cuda = device.type == "cuda"
+    runs = {}
+    for name in PROFILE_OPTIMIZERS:
+        r = runs[name] = _profile_one(args, name, batch_size, device)
+        kernels = f", CUDA kernels {r['cuda_kernel_ms_per_step']:.2f} ms" if cuda else ""
+        syncs = ", ".join(f"{k} {v:g}" for k, v in r["host_syncs_per_step"].items() if v)
+        print(f"  {name} batch {batch_size}: wall {r['wall_ms_per_step']:.2f} ms/step (profiled "
+              f"{r['profiled_wall_ms_per_step']:.2f}){kernels}; per step: {syncs or 'no host syncs'}")
+        if cuda:
+            _print_ops("top self CUDA", r["top_self_cuda"], "self_cuda_ms_per_step")
+        _print_ops("top self CPU", r["top_self_cpu"], "self_cpu_ms_per_step")
+    adam, balanced = (runs[n] for n in PROFILE_OPTIMIZERS)
+    result = {"batch_size": batch_size, "runs": runs,
+              "wall_diff_ms_per_step": balanced["wall_ms_per_step"] - adam["wall_ms_per_step"],
+              "wall_ratio": balanced["wall_ms_per_step"] / adam["wall_ms_per_step"]}
+    line = (f"  balanced - adam: wall {result['wall_diff_ms_per_step']:+.2f} ms/step "
+            f"(x{result['wall_ratio']:.3f})")
+    if cuda:
+        result["cuda_kernel_diff_ms_per_step"] = balanced["cuda_kernel_ms_per_step"] - adam["cuda_kernel_ms_per_step"]
+        line += f", CUDA kernel time {result['cuda_kernel_diff_ms_per_step']:+.2f} ms/step"
+    print(line)
+    return result
+
+
 SECTION_FUNCTIONS = {name: globals()[f"section_{name}"] for name in SECTIONS}
 
 
@@ -540,8 +743,18 @@ def print_table(doc: dict) -> None:
                 summary = (f"bit-exact {r['bit_exact']}, max abs diff {r['max_abs_diff']}, strings == CPU-encoded "
                            f"{r['strings_equal_cpu_encoded']}" + (" (CPU -> CPU)" if r["degenerate_cpu_to_cpu"] else ""))
             elif name == "sync_free":
-                summary = "all equal" if r["all_equal"] else "DIFFERENT: " + ", ".join(
-                    f"{k} {v['max_abs_diff_params']:.2g}" for k, v in r["optimizers"].items() if not v["equal"])
+                one = r["one_step"]
+                summary = ("one step: " + ("bit-equal" if r["all_bit_equal"] else
+                                           f"equal up to rounding (<= {r['ulp_tolerance']} ulp)" if r["all_equal"] else
+                                           "DIFFERENT: " + ", ".join(
+                                               f"{k} {v['worst_tensor']} {v['tensors'][v['worst_tensor']]['max_ulp']:.3g} ulp"
+                                               for k, v in one.items() if not v["equal_up_to_rounding"]))
+                           + f"; {r['steps']} steps: " + ", ".join(
+                               f"{k} {v['max_abs_diff_params']:.2g}" for k, v in r["optimizers"].items()))
+            elif name == "profile":
+                summary = (f"balanced/adam wall x{r['wall_ratio']:.3f} ({r['wall_diff_ms_per_step']:+.2f} ms/step)"
+                           + (f", kernels {r['cuda_kernel_diff_ms_per_step']:+.2f} ms/step"
+                              if "cuda_kernel_diff_ms_per_step" in r else ""))
             elif name == "official":
                 summary = "; ".join(f"b{c['batch_size']}: official/ours {c['ratio_median']:.3f} (IQR {c['ratio_iqr']:.3f})"
                                     for c in r["cases"] if "ratio_median" in c)
@@ -614,7 +827,9 @@ def parse_args(argv: list[str] | None) -> Namespace:
                         help="budget the compile section leaves for the sections after it")
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="sections that would start after this many seconds are skipped")
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, help="run only these (default: all)")
+    parser.add_argument("--sections", nargs="+", metavar="NAME[,NAME]",
+                        help=f"run only these, in this order (environment always runs first); names: "
+                             f"{', '.join(SECTIONS)} (default: all)")
     parser.add_argument("--json", type=Path, help="default: gpu_check.json in --out-dir")
     parser.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "out")
     parser.add_argument("--compile-child", type=Path, help=argparse.SUPPRESS)
@@ -628,6 +843,12 @@ def parse_args(argv: list[str] | None) -> Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.json = args.json or args.out_dir / "gpu_check.json"
+    if args.sections:
+        names = [n.strip() for item in args.sections for n in item.split(",") if n.strip()]
+        unknown = [n for n in names if n not in SECTIONS]
+        if unknown:
+            parser.error(f"--sections: unknown {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+        args.sections = ["environment"] + [n for n in dict.fromkeys(names) if n != "environment"]
     return args
 
 

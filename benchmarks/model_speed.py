@@ -199,7 +199,17 @@ class OfficialAdapter(torch.nn.Module):
         return self.official(x)
 
     def update(self, scale_table):
-        return self.official.update(scale_table)
+        """The official update() hands its tensors to scipy (host only): on an accelerator, the
+        tables are built with the model on the CPU, then the model (tables included, they are
+        buffers) goes back to its device. The copy on disk is not modified."""
+        device = next(self.official.parameters()).device
+        if device.type == "cpu":
+            return self.official.update(scale_table)
+        self.official.to("cpu")
+        try:
+            return self.official.update(scale_table.cpu())
+        finally:
+            self.official.to(device)
 
     def compress(self, x):
         return self.official.compress(x)

@@ -10,13 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from tests.paths import REPO
 
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 SECTIONS = ["environment", "cross_device", "sync_free", "train_fp32", "train_bf16", "train_compile",
-            "official", "coding"]
+            "official", "coding", "profile"]
 
 
 def run_check(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
@@ -41,7 +43,8 @@ def test_quick_run_writes_every_section_in_order(quick):
     assert doc["failed"] == []
     status = {name: sec["status"] for name, sec in doc["sections"].items()}
     assert status == {"environment": "ok", "cross_device": "ok", "sync_free": "ok", "train_fp32": "ok",
-                      "train_bf16": "skipped", "train_compile": "skipped", "official": "skipped", "coding": "ok"}
+                      "train_bf16": "skipped", "train_compile": "skipped", "official": "skipped", "coding": "ok",
+                      "profile": "ok"}
     for name, sec in doc["sections"].items():
         assert sec["seconds"] >= 0
         if sec["status"] == "skipped":
@@ -65,11 +68,66 @@ def test_cross_device_degenerates_to_cpu_and_is_bit_exact(quick):
 def test_sync_free_path_equals_the_host_path(quick):
     _, doc = quick
     sync = doc["sections"]["sync_free"]["results"]
-    assert sync["steps"] == 20 and sync["all_equal"] is True
-    assert set(sync["optimizers"]) == {"cautious_adam", "balanced next_batch", "balanced same_batch", "hier measured"}
+    assert sync["all_equal"] is True and sync["all_bit_equal"] is True
+    assert set(sync["one_step"]) == {"cautious_adam", "balanced next_batch", "balanced same_batch", "hier measured"}
+    for name, r in sync["one_step"].items():  # CPU: both paths compute the same floats
+        assert r["bit_equal"] and r["equal_up_to_rounding"], name
+        assert set(r["tensors"]) >= {"param", "grad", "exp_avg", "exp_avg_sq"}, name
+        for key, t in r["tensors"].items():
+            assert t["elements"] > 0 and t["max_abs_diff"] == 0.0 and t["fraction_differing"] == 0.0, (name, key)
+    assert "task_w" in sync["one_step"]["balanced next_batch"]["tensors"]
+    assert sync["steps"] == 20 and set(sync["optimizers"]) == {"cautious_adam", "balanced next_batch"}
     for name, r in sync["optimizers"].items():
         assert r["max_abs_diff_params"] == 0.0 and r["max_abs_diff_task_weights"] == 0.0, name
         assert r["skipped_steps"] == 0, name
+
+
+def test_compare_tensors_counts_ulps_like_numpy():
+    """The one-step verdict's arithmetic, against numpy's nextafter (an independent ulp)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_check_module", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    host = np.array([1.0, -3.0, 0.5, 8.0], dtype=np.float32)
+    other = host.copy()
+    other[1] = np.nextafter(np.nextafter(host[1], np.float32(0)), np.float32(0))  # 2 steps towards 0
+    for _ in range(3):  # 3 steps up: 3 ulp of 8 (spacing 2^-20 = eps * 8); index 1 is 4/3 ulp of 3
+        other[3] = np.nextafter(other[3], np.float32(9))
+    r = module._compare_tensors({"a": torch.zeros(2), "b": torch.from_numpy(other)},
+                                {"a": torch.zeros(2), "b": torch.from_numpy(host)})
+    eps = np.finfo(np.float32).eps
+    expect_ulp = max(abs(float(other[i]) - float(host[i])) / (eps * abs(float(host[i]))) for i in (1, 3))
+    assert r["max_ulp"] == pytest.approx(expect_ulp, rel=1e-6) and r["max_ulp"] == pytest.approx(3.0)
+    assert r["max_abs_diff"] == pytest.approx(abs(float(other[3]) - float(host[3])))
+    assert r["fraction_differing"] == pytest.approx(2 / 6)
+    assert r["first_difference"]["tensor"] == "b" and r["first_difference"]["index"] == 1
+    assert r["worst_ulp"]["index"] == 3 and r["missing"] == []
+    same = module._compare_tensors({"x": torch.ones(3)}, {"x": torch.ones(3), "y": torch.ones(1)})
+    assert same["max_ulp"] == 0.0 and same["first_difference"] is None and same["missing"] == ["y"]
+
+
+def test_profile_section_on_cpu_reports_cpu_tables(quick):
+    result, doc = quick
+    prof = doc["sections"]["profile"]["results"]
+    assert set(prof["runs"]) == {"adam", "balanced next_batch"}
+    for name, r in prof["runs"].items():
+        assert r["steps"] == 5 and r["wall_ms_per_step"] > 0 and r["cuda_kernel_ms_per_step"] is None, name
+        assert "top_self_cuda" not in r and 0 < len(r["top_self_cpu"]) <= 15, name
+        times = [row["self_cpu_ms_per_step"] for row in r["top_self_cpu"]]
+        assert times == sorted(times, reverse=True), name
+    assert prof["wall_ratio"] == pytest.approx(prof["runs"]["balanced next_batch"]["wall_ms_per_step"]
+                                               / prof["runs"]["adam"]["wall_ms_per_step"])
+    assert "balanced - adam: wall" in result.stdout
+
+
+def test_sections_take_comma_lists_and_environment_runs_first(tmp_path):
+    result, doc = run_check(tmp_path, "--sections", "train_fp32,cross_device", "--batch-sizes", "1",
+                            "--repeats", "1")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert list(doc["sections"]) == ["environment", "train_fp32", "cross_device"]
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--sections", "coding,nosuch"], capture_output=True,
+                         text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
+    assert bad.returncode == 2 and "unknown nosuch" in bad.stderr
 
 
 def test_training_rows_and_coding_times(quick):
