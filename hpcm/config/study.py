@@ -263,6 +263,7 @@ class Study:
     lambdas: dict[str, float]  # path text -> value
     seeds: list[int]
     variants: dict[str, dict[str, Any]]
+    root: str = ""  # the repository root: relative official_checkpoints paths start there
 
     @property
     def datasets(self) -> dict[str, dict[str, Any]]:
@@ -274,7 +275,11 @@ class Study:
 
     @property
     def official_checkpoints(self) -> dict[str, str]:
-        return {fmt_lmbda(e["lmbda"]): e["path"] for e in self.config["official_checkpoints"]}
+        """lambda text -> checkpoint path; a relative path is relative to ``root`` (the repository
+        root, where the Snakefile is), so the shipped demo warm starts are found from any
+        working directory."""
+        return {fmt_lmbda(e["lmbda"]): str(Path(self.root) / e["path"]) if self.root else e["path"]
+                for e in self.config["official_checkpoints"]}
 
     def runs(self) -> list[Run]:
         """Every training run, variant-major (config order), then lambda, then seed."""
@@ -342,16 +347,19 @@ class Study:
         return names + ["overhead"]
 
 
-def resolve(cfg: dict[str, Any], pad_multiple_of: Callable[[str], int]) -> Study:
+def resolve(cfg: dict[str, Any], pad_multiple_of: Callable[[str], int], root: str | Path = "") -> Study:
     """The study of a schema-validated config (see :func:`validate`); every check of this module."""
     lambdas = lambda_texts(cfg["lambdas"])
     variants = resolve_variants(cfg)
     check_references(cfg, variants, lambdas)
     check_patch_sizes(cfg, variants, pad_multiple_of(cfg["model"]))
-    return Study(config=cfg, lambdas=lambdas, seeds=[int(s) for s in cfg["seeds"]], variants=variants)
+    return Study(config=cfg, lambdas=lambdas, seeds=[int(s) for s in cfg["seeds"]], variants=variants,
+                 root=str(root))
 
 
-def load(cfg: dict[str, Any], schema_path: str | Path, pad_multiple_of: Callable[[str], int]) -> Study:
-    """Validate ``cfg`` (defaults filled in, in place) and resolve it."""
+def load(cfg: dict[str, Any], schema_path: str | Path, pad_multiple_of: Callable[[str], int],
+         root: str | Path = "") -> Study:
+    """Validate ``cfg`` (defaults filled in, in place) and resolve it (``root``: see
+    :attr:`Study.official_checkpoints`)."""
     validate(cfg, schema_path)
-    return resolve(cfg, pad_multiple_of)
+    return resolve(cfg, pad_multiple_of, root)

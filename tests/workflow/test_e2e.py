@@ -15,7 +15,6 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.paths import REPO
 from tests.workflow.test_dag import DEMO, snakemake
 
 VARIANTS = ["baseline", "phase1", "phase2_qp", "phase3"]
@@ -42,8 +41,8 @@ def small_demo_config(eval_folder: Path) -> dict:
     # overlap and every BD number exists (their values are not what this test is about).
     cfg["training"].update(steps=2, batch_size=2, lr=1e-5, log_every=1, val_every=2, checkpoint_every=2)
     cfg["variants"] = {name: cfg["variants"][name] for name in VARIANTS}
-    # The shipped warm starts, found from the temporary working directory.
-    cfg["official_checkpoints"] = [{**e, "path": str(REPO / e["path"])} for e in cfg["official_checkpoints"]]
+    # The shipped warm starts keep their relative paths: the workflow finds them from the
+    # repository root, whatever the working directory.
     cfg["grids"] = {}
     cfg["analysis"]["gains"] = {"phase1": "phase1", "phase3": "phase3"}
     cfg["analysis"]["studies"] = {
@@ -82,8 +81,8 @@ def test_every_run_is_trained_evaluated_and_protected(finished_run):
             assert len(rows) >= 1 and rows["bpp"].gt(0).all()
             # labels from the checkpoint's own metadata, the seed on every row
             assert (rows["variant"] == variant).all() and (rows["lmbda"] == lmbda).all() and (rows["seed"] == 0).all()
-    fine_tuned = yaml.safe_load((finished_run / "results/configs/phase2_qp/lmbda0.0018/seed0.yaml").read_text())
-    assert fine_tuned["init_checkpoint"] == "results/train/baseline/lmbda0.0018/seed0/final.pth.tar"
+    fine_tuned = yaml.safe_load((finished_run / "results/configs/phase2_qp/lmbda0.0004/seed0.yaml").read_text())
+    assert fine_tuned["init_checkpoint"] == "results/train/baseline/lmbda0.0004/seed0/final.pth.tar"
     assert fine_tuned["seed"] == 0
 
 

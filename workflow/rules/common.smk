@@ -21,7 +21,8 @@ def pad_multiple_of(model_name):
 def load_study(cfg):
     schema = os.path.join(workflow.current_basedir, "..", "schemas", "config.schema.yaml")
     try:
-        return study_config.load(cfg, schema, pad_multiple_of)
+        # relative checkpoint paths start at the repository root (the Snakefile's folder)
+        return study_config.load(cfg, schema, pad_multiple_of, root=workflow.basedir)
     except study_config.StudyConfigError as err:
         raise WorkflowError(str(err)) from None
 
