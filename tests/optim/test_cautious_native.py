@@ -4,7 +4,6 @@ on real model shapes, built once into its cache, and clear about why it cannot b
 from __future__ import annotations
 
 import os
-import shutil
 import warnings
 
 import pytest
@@ -12,10 +11,10 @@ import torch
 
 from hpcm.models import build_model
 from hpcm.optim import Balanced, CautiousAdam, cautious_native
+from tests.optim.kernel import needs_kernel
 
 
-# Machines without a C compiler have no kernel to test (the fallback tests below still run there).
-needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
+
 
 
 def model_params(seed: int = 0) -> list[torch.Tensor]:
@@ -32,7 +31,7 @@ def random_grads(params, step: int) -> None:
         p.grad = grad
 
 
-@needs_compiler
+@needs_kernel
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_native_equals_torch_paths_on_hpcm_tiny(amsgrad):
     """172 tensors of every shape the model has (1.68 M elements), 6 steps, weight decay on."""
@@ -52,7 +51,7 @@ def test_native_equals_torch_paths_on_hpcm_tiny(amsgrad):
                 assert torch.equal(ref_opt.state[p][key], opt.state[q][key])
 
 
-@needs_compiler
+@needs_kernel
 def test_kernel_sqrt_is_torch_sqrt():
     """The kernel's square root (MKL's vsSqrt from torch's own library, or sqrtf) is torch.sqrt's."""
     library = cautious_native.load()
@@ -62,7 +61,7 @@ def test_kernel_sqrt_is_torch_sqrt():
     assert torch.equal(out, torch.sqrt(values))
 
 
-@needs_compiler
+@needs_kernel
 def test_default_cpu_path_is_the_kernel(monkeypatch):
     calls = []
     original = cautious_native.native_update
@@ -74,7 +73,7 @@ def test_default_cpu_path_is_the_kernel(monkeypatch):
     assert calls == [1]
 
 
-@needs_compiler
+@needs_kernel
 def test_library_is_built_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HPCM_CACHE_DIR", str(tmp_path))
     compiler = cautious_native._compiler()
@@ -85,7 +84,7 @@ def test_library_is_built_once_into_the_cache(tmp_path, monkeypatch):
     assert cautious_native.library_path(compiler) == target  # same source, compiler and CPU: same file
 
 
-@needs_compiler
+@needs_kernel
 def test_compile_error_names_the_compiler_output(tmp_path, monkeypatch):
     broken = tmp_path / "broken.c"
     broken.write_text("this is not C\n")
@@ -152,7 +151,7 @@ def test_non_contiguous_gradient_falls_back_with_a_warning(monkeypatch):
     assert torch.equal(weight, reference)
 
 
-@needs_compiler
+@needs_kernel
 def test_unwritable_cache_warns_and_falls_back(tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory\n")
@@ -171,7 +170,7 @@ def test_unwritable_cache_warns_and_falls_back(tmp_path, monkeypatch):
         cautious_native.unavailable_reason.cache_clear()
 
 
-@needs_compiler
+@needs_kernel
 def test_scalars_that_overflow_float32_are_refused_as_torch_does():
     params = model_params()
     random_grads(params, 0)

@@ -10,14 +10,13 @@ measured it at 9.0 ms against the kernel's 3.1 ms, and it only ran where the ker
 from __future__ import annotations
 
 import io
-import os
-import shutil
 
 import pytest
 import torch
 
 import hpcm.optim.cautious_adam as cautious_module
 from hpcm.optim import Balanced, CautiousAdam
+from tests.optim.kernel import needs_kernel
 
 SHAPES = [(7, 5), (13,), (3, 4, 2, 2), (1,), (33,)]
 
@@ -39,10 +38,9 @@ def run_steps(params, opt, steps: int, seed: int = 1, skip_first_grad_until: int
 
 
 FAST_PATHS = {"foreach": dict(foreach=True), "native": dict(fused=True)}
-NO_COMPILER = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
 
 
-@pytest.mark.parametrize("fast", [pytest.param(name, marks=NO_COMPILER if name == "native" else ())
+@pytest.mark.parametrize("fast", [pytest.param(name, marks=needs_kernel if name == "native" else ())
                                   for name in FAST_PATHS])
 @pytest.mark.parametrize("cautious", [True, False])
 @pytest.mark.parametrize("amsgrad", [False, True])
