@@ -10,17 +10,10 @@ import torch
 
 from hpcm.train import checkpoints as checkpointing
 from hpcm.train import loop as train
-from tests.train.test_loop import cli_args, final_state
+from tests.train.test_loop import final_state
+from tests.train.tiny import cli_args
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # inductor's CPU notes
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_compiled_run_equals_eager_and_resumes_with_plain_state_dict_names(tmp_path, monkeypatch):

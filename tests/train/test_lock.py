@@ -17,27 +17,7 @@ from hpcm.train import checkpoints as checkpointing
 from hpcm.train import lock
 from hpcm.train import loop as train
 from tests.paths import REPO
-
-TINY = {
-    "model": "HPCM_Tiny", "patch_size": 64, "batch_size": 1, "num_workers": 0, "wandb_mode": "disabled",
-    "quiet": True, "log_every": 1, "val_every": 1000, "checkpoint_every": 1000,
-}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def cli_args(out: Path, **overrides) -> list[str]:
-    args = ["--output-dir", str(out)]
-    for key, value in {**TINY, **overrides}.items():
-        args += ["--set", f"{key}={value}"]
-    return args
-
+from tests.train.tiny import cli_args
 
 HOLDER = """
 import sys, time

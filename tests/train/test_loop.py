@@ -19,32 +19,10 @@ from hpcm.train import checkpoints as checkpointing
 from hpcm.train import loop as train
 from hpcm.train.logs import METRIC_COLUMNS
 from tests.paths import REPO
+from tests.train.tiny import TINY, cli_args
 
 
 # Small and fast: 64 px crops of the embedded samples, no wandb, data in the main process.
-TINY = {
-    "model": "HPCM_Tiny", "patch_size": 64, "batch_size": 1, "num_workers": 0, "wandb_mode": "disabled",
-    "quiet": True, "log_every": 1, "val_every": 1000, "checkpoint_every": 1000,
-}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The test machine is shared; intra-op threads only add contention for these tiny tensors.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def cli_args(out: Path, **overrides) -> list[str]:
-    settings = {**TINY, **overrides}
-    args = ["--output-dir", str(out)]
-    for key, value in settings.items():
-        args += ["--set", f"{key}={value}"]
-    return args
-
-
 def make_run(tmp_path: Path, **overrides) -> train.Run:
     cfg = run_config.resolve({**TINY, "steps": 10, **overrides})
     run = train.Run(cfg, tmp_path)
