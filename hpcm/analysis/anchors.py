@@ -55,6 +55,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from hpcm.analysis.bd import METHODS, bd_row
+from hpcm.analysis.points import read_table
 from hpcm.evaluate.metrics import ms_ssim_to_db
 from hpcm.util.cli import run_command
 from hpcm.util.io import atomic_write_text
@@ -77,16 +78,7 @@ VTM_22_STATUS = (
 
 def load_anchors(path: str | Path = ANCHOR_TABLE):
     """The anchor table as a pandas DataFrame; a missing column is an error naming it."""
-    import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"anchor table not found: {path}")
-    table = pd.read_csv(path, float_precision="round_trip")
-    missing = [c for c in COLUMNS if c not in table.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}")
-    return table
+    return read_table(path, COLUMNS, "anchor table")
 
 
 def anchor_names(dataset: str | None = None, table=None) -> list[str]:

@@ -162,18 +162,24 @@ def _optional_mean(group, column: str) -> float:
     return float(group[column].mean()) if column in group else math.nan
 
 
-def read_points(path: str | Path):
-    """Read a points table written by ``rd_points``/the ``points`` CLI, checking its columns."""
+def read_table(path: str | Path, columns, what: str, hint: str = "", error: type[Exception] = ValueError):
+    """A CSV table of the analysis (floats read back exactly), checking it exists and has ``columns``;
+    ``what`` names the table and ``hint`` says how to write it in the error."""
     import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"R-D points file not found: {path}")
+        raise (FileNotFoundError if error is ValueError else error)(f"{what} not found: {path}")
     table = pd.read_csv(path, float_precision="round_trip")
-    missing = [c for c in ("dataset", "variant", "lmbda", "bpp", "psnr") if c not in table.columns]
+    missing = [c for c in columns if c not in table.columns]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}")
+        raise error(f"{path}: missing column(s) {missing}{hint}")
     return table
+
+
+def read_points(path: str | Path):
+    """Read a points table written by ``rd_points``/the ``points`` CLI, checking its columns."""
+    return read_table(path, ("dataset", "variant", "lmbda", "bpp", "psnr"), "R-D points file")
 
 
 def curve(points, dataset: str, variant: str, metric: str = "psnr") -> tuple[np.ndarray, np.ndarray]:

@@ -61,7 +61,7 @@ import yaml
 from hpcm.analysis.anchors import anchor_curves_by_dataset
 from hpcm.analysis.bd import METHODS, bd_row, bd_table
 from hpcm.analysis.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, excludes_zero, interval_table
-from hpcm.analysis.points import IMAGE_COLUMNS, curve, read_points, seed_points
+from hpcm.analysis.points import IMAGE_COLUMNS, curve, read_points, read_table, seed_points
 from hpcm.analysis.runs import RunDiscoveryError, find_runs
 from hpcm.util.cli import run_command
 from hpcm.util.io import atomic_write_text
@@ -381,17 +381,8 @@ def seed_spread(images, reference: str, metric: str, method: str):
 
 def read_images(path: str | Path):
     """The per-image table of ``python -m hpcm.rd points --images``, checking its columns."""
-    import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
-
-    path = Path(path)
-    if not path.is_file():
-        raise TableError(f"per-image file not found: {path}")
-    frame = pd.read_csv(path, float_precision="round_trip")
-    missing = [c for c in IMAGE_COLUMNS if c not in frame.columns]
-    if missing:
-        raise TableError(f"{path}: missing column(s) {missing}; write it with "
-                         "`python -m hpcm.rd points --images`")
-    return frame
+    return read_table(path, IMAGE_COLUMNS, "per-image file", "; write it with `python -m hpcm.rd points --images`",
+                      error=TableError)
 
 
 def uncertainty(images, reference: str, metric: str, method: str,
