@@ -1,7 +1,7 @@
 """The demo's shipped warm starts: export trained runs as small fp16 files, and verify them.
 
 ``export`` reads the selected weights of each run of a pretraining study
-(``results/train/<variant>/lmbda<L>/final.pth.tar``, see workflow/configs/pretrain.yaml), stores
+(``results/train/<variant>/lmbda<L>/seed<k>/final.pth.tar``, one seed per lambda, see workflow/configs/pretrain.yaml), stores
 the model's trained parameters in float16 with the
 preset name and config (buffers as they are), as ``<output>/hpcm_tiny_lmbda<L>.pt``, and records in
 ``<output>/warm_starts.json`` each file's SHA-256 and size, the run's steps and best validation
@@ -86,16 +86,22 @@ def _best_val_loss(run_dir: Path) -> tuple[float, int]:
 
 
 def export(runs: str | Path, output: str | Path, val_data: str = "samples") -> dict[str, Any]:
-    """Write one fp16 file per run under ``runs`` (each a folder with run.yaml and final.pth.tar)."""
+    """Write one fp16 file per run under ``runs`` (``lmbda<L>/seed<k>/`` folders with run.yaml and
+    final.pth.tar; one seed per lambda, since a warm start is one model per lambda)."""
     runs, output = Path(runs), Path(output)
-    run_dirs = sorted(p.parent for p in runs.glob("*/final.pth.tar"))
+    run_dirs = sorted(p.parent for p in runs.glob("lmbda*/seed*/final.pth.tar"))
     if not run_dirs:
-        raise WarmStartError(f"no <run>/final.pth.tar under {runs}; run the pretraining study first")
+        raise WarmStartError(f"no lmbda<L>/seed<k>/final.pth.tar under {runs}; run the pretraining study first")
+    lambda_dirs = [run_dir.parent.name for run_dir in run_dirs]
+    repeated = sorted({name for name in lambda_dirs if lambda_dirs.count(name) > 1})
+    if repeated:
+        raise WarmStartError(f"{runs}: several seeds for {', '.join(repeated)}; a warm start is one model per "
+                             "lambda: train one seed (seeds: [0] in the pretraining config) or move the others away")
     entries = []
     for run_dir in run_dirs:
         cfg = read_run_yaml(run_dir)
         model = models.load_checkpoint(run_dir / "final.pth.tar", name=cfg["model"])
-        lmbda = run_dir.name.removeprefix("lmbda")
+        lmbda = run_dir.parent.name.removeprefix("lmbda")
         path = output / file_name(cfg["model"], lmbda)
         payload = {"model_name": model.name, "model_config": dataclasses.asdict(model.config),
                    "state_dict": half_state(model), "lmbda": float(cfg["lmbda"])}

@@ -16,6 +16,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
+def _default_file_mode() -> int:
+    """The mode ``open()`` would give a new file (0o666 minus the umask). mkstemp makes its files
+    0o600, which would hide a lab's shared results from the other members of its group."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -38,6 +46,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[io.IOBase
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        os.fchmod(fd, _default_file_mode())
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()

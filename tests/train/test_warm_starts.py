@@ -45,3 +45,13 @@ def test_a_changed_file_is_named(tmp_path):
     (tmp_path / entry["file"]).write_bytes((PRETRAINED / entry["file"]).read_bytes()[:-1] + b"x")
     with pytest.raises(warm_starts.WarmStartError, match=entry["file"]):
         warm_starts.verify(tmp_path, check_loss=False)
+
+
+def test_export_refuses_several_seeds_of_one_lambda(tmp_path):
+    """A warm start is one model per lambda: two seeds of one lambda must not silently pick one."""
+    for seed in (0, 1):
+        run_dir = tmp_path / "lmbda0.0932" / f"seed{seed}"
+        run_dir.mkdir(parents=True)
+        (run_dir / "final.pth.tar").write_bytes(b"")
+    with pytest.raises(warm_starts.WarmStartError, match="several seeds for lmbda0.0932"):
+        warm_starts.export(tmp_path, tmp_path / "out")

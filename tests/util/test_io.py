@@ -1,5 +1,8 @@
 """hpcm.io: a failed write leaves the previous file untouched and no temporary behind."""
 
+import os
+import stat
+
 import pytest
 import torch
 
@@ -29,3 +32,15 @@ def test_rejects_append_mode(tmp_path):
     with pytest.raises(ValueError, match="'a'"):
         with atomic_open(tmp_path / "x", "a"):
             pass
+
+
+def test_written_files_get_the_mode_open_would_give_them(tmp_path):
+    """mkstemp's 0o600 must not leak into results (a lab shares them through group permissions)."""
+    previous = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        plain = tmp_path / "b.txt"
+        plain.write_text("x")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o644
