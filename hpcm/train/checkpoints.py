@@ -18,7 +18,7 @@ Snapshots (run-config ``snapshot_every``, 0 = off) keep the seed's names: ``epoc
 layout of ``epoch_best.pth.tar``) and, for the balanced optimizers, ``balanced_state_{N}.pth``. The
 seed's N is its epoch (``epoch % 500 == 0``); this trainer counts every cadence in optimizer steps,
 so here N is the step. ``snapshot_keep`` (0 = all) keeps the newest ones: older pairs are deleted
-only after the new pair is written, so a crash never leaves fewer than ``snapshot_keep``.
+only after the new pair is written, so a crash while writing loses none of the kept snapshots.
 """
 
 from __future__ import annotations
