@@ -125,6 +125,10 @@ KEYS: dict[str, Key] = {
                          check=_non_negative, constraint="must be >= 0"),
     "seed": Key("int", 0, "seed of model init, data order, crops and quantisation noise", check=_non_negative,
                 constraint="must be >= 0"),
+    "ema_decay": Key("float", 0.0, "exponential moving average of the weights after every step (hpcm.train.ema; "
+                     "0 = off); when on, validation, epoch_best and snapshots use the average (official "
+                     "Balanced R-D trainer: 0.999)", check=lambda v: 0 <= v < 1,
+                     constraint="must be 0 (off) or in (0, 1)"),
     # hardware
     "device": Key("str", "auto", "auto (CUDA when present), cpu, cuda or cuda:N"),
     "bf16": Key("bool", False, "bf16 autocast for forward passes on CUDA"),
@@ -137,6 +141,11 @@ KEYS: dict[str, Key] = {
                      constraint="must be > 0"),
     "checkpoint_every": Key("int", 1000, "steps between checkpoints (always one at the end)", check=_positive,
                             constraint="must be > 0"),
+    "snapshot_every": Key("int", 0, "steps between kept model snapshots epoch_<step>.pth.tar (+ balanced_state_<step>.pth "
+                          "for the balanced optimizers; the seed's names, whose N is an epoch); 0 = off",
+                          check=_non_negative, constraint="must be >= 0"),
+    "snapshot_keep": Key("int", 0, "newest snapshots kept (older ones are deleted after a new one is written); 0 = all",
+                         check=_non_negative, constraint="must be >= 0"),
     "wandb_mode": Key("str", "offline", "wandb logging", choices=("offline", "online", "disabled")),
     "wandb_project": Key("str", "hpcm-balanced", "wandb project"),
     "wandb_entity": Key("str", None, "wandb entity (team or user)", optional=True),
@@ -154,7 +163,7 @@ VARIANT_PRESETS: dict[str, dict[str, Any]] = {
 # Keys that may differ when a run is resumed: they change neither the numbers nor the data order.
 RESUME_SAFE_KEYS = frozenset({
     "device", "compile", "num_workers", "log_every", "val_every", "checkpoint_every", "wandb_mode", "wandb_project",
-    "wandb_entity", "quiet", "skip_bad_images", "init_checkpoint",
+    "wandb_entity", "quiet", "skip_bad_images", "init_checkpoint", "snapshot_every", "snapshot_keep",
 })
 
 

@@ -38,7 +38,7 @@ VARIANT_RUN_KEYS = (
     "optimizer", "gamma", "gamma_final", "gamma_schedule", "gamma_warmup", "gamma_step_milestones",
     "gamma_step_factor", "w_lr", "update_mode", "decomposition", "gammas",
     "gammas_final", "gamma_strategy", "scale_weights", "steps", "lr", "lr_milestones", "lr_values", "patch_size",
-    "batch_size", "clip_max_norm",
+    "batch_size", "clip_max_norm", "ema_decay",
 )
 # `training` keys that define the experiment (run YAML) ...
 TRAINING_RUN_KEYS = (

@@ -13,6 +13,12 @@ valid generation in ``checkpoint_prev``).
 that says what it is: model, variant, lambda and seed ride in the state dict's ``_metadata``
 (``hpcm.models.with_run_metadata``), where ``load_state_dict`` does not look, so ``hpcm.evaluate``
 labels its rows from the checkpoint itself rather than from whatever ``run.yaml`` sits beside it.
+
+Snapshots (run-config ``snapshot_every``, 0 = off) keep the seed's names: ``epoch_{N}.pth.tar`` (the
+layout of ``epoch_best.pth.tar``) and, for the balanced optimizers, ``balanced_state_{N}.pth``. The
+seed's N is its epoch (``epoch % 500 == 0``); this trainer counts every cadence in optimizer steps,
+so here N is the step. ``snapshot_keep`` (0 = all) keeps the newest ones: older pairs are deleted
+only after the new pair is written, so a crash while writing loses none of the kept snapshots.
 """
 
 from __future__ import annotations
@@ -20,9 +26,10 @@ from __future__ import annotations
 import copy
 import os
 import random
+import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -35,6 +42,9 @@ CHECKPOINT_PREV = "checkpoint_prev.pth.tar"
 CHECKPOINT_CORRUPT = "checkpoint_last.corrupt"
 BEST_MODEL = "epoch_best.pth.tar"
 BEST_BALANCED_STATE = "balanced_state_best.pth"  # written by Balanced.save_state (hpcm.train)
+SNAPSHOT_MODEL = "epoch_{step}.pth.tar"  # the seed's names (its N is an epoch; here the step)
+SNAPSHOT_BALANCED_STATE = "balanced_state_{step}.pth"
+_SNAPSHOT_FILE = re.compile(r"(?:epoch_(\d+)\.pth\.tar|balanced_state_(\d+)\.pth)")
 STATE_FORMAT = "hpcm-train-state/1"
 
 
@@ -140,8 +150,42 @@ def run_labels(cfg: dict[str, Any]) -> dict[str, Any]:
             "seed": int(cfg["seed"])}
 
 
-def save_best_model(model: torch.nn.Module, run_dir: str | Path, labels: dict[str, Any]) -> Path:
-    """``epoch_best.pth.tar``: the official raw layout, coder tables built, ``labels`` in its metadata."""
-    path = Path(run_dir) / BEST_MODEL
+def save_model_export(model: torch.nn.Module, path: str | Path, labels: dict[str, Any]) -> Path:
+    """The official raw layout, coder tables built, ``labels`` in its metadata (what hpcm.evaluate loads)."""
     atomic_torch_save(with_run_metadata(coder_ready_state_dict(model), **labels), path)
+    return Path(path)
+
+
+def save_best_model(model: torch.nn.Module, run_dir: str | Path, labels: dict[str, Any]) -> Path:
+    """``epoch_best.pth.tar`` (``save_model_export``)."""
+    return save_model_export(model, Path(run_dir) / BEST_MODEL, labels)
+
+
+def snapshot_steps(run_dir: str | Path) -> list[int]:
+    """The steps of the snapshot files in ``run_dir`` (a model file, a balanced state or both), ascending."""
+    steps = set()
+    for path in Path(run_dir).iterdir():
+        match = _SNAPSHOT_FILE.fullmatch(path.name)
+        if match:
+            steps.add(int(match.group(1) or match.group(2)))
+    return sorted(steps)
+
+
+def save_snapshot(model: torch.nn.Module, run_dir: str | Path, step: int, labels: dict[str, Any], keep: int,
+                  save_balanced_state: Callable[[Path], None] | None = None) -> Path:
+    """Write ``epoch_{step}.pth.tar`` (+ ``balanced_state_{step}.pth``), then keep the newest ``keep`` (0 = all).
+
+    Every file is written atomically; older snapshots are deleted only after the new one is complete.
+    """
+    if keep < 0:
+        raise ValueError(f"snapshot_keep = {keep!r}: must be >= 0 (0 keeps every snapshot)")
+    run_dir = Path(run_dir)
+    path = save_model_export(model, run_dir / SNAPSHOT_MODEL.format(step=step), labels)
+    if save_balanced_state is not None:
+        save_balanced_state(run_dir / SNAPSHOT_BALANCED_STATE.format(step=step))
+    if keep:
+        others = [s for s in snapshot_steps(run_dir) if s != step]  # the new one is always kept
+        for old in others[:max(len(others) - (keep - 1), 0)]:
+            for name in (SNAPSHOT_MODEL, SNAPSHOT_BALANCED_STATE):
+                (run_dir / name.format(step=old)).unlink(missing_ok=True)
     return path

@@ -4,11 +4,11 @@ metrics.csv has one fixed header for every variant (cells that do not apply stay
 analysis code reads all runs alike. A resumed run first drops the rows logged after its checkpoint
 (they will be logged again), then appends.
 
-wandb keys are those of the seed code: ``train/loss``, ``test/loss``, ``train/distortion``,
-``train/bpp_loss``, ``train/psnr``, ``train/task_weight_distortion``, ``train/task_weight_bpp``,
-and for Phase 3 ``s1_distortion`` ... ``s3_bpp``, ``task_weights``, ``scale_contributions``
-(also as ``scale_contrib/s1..s3``). Runs are grouped by variant and named by lambda. This module
-never reads, stores or prints the API key; wandb finds it itself (``WANDB_API_KEY`` or netrc).
+wandb keys are the seed trainers' names (``WANDB_KEYS``: wandb key -> metrics.csv column), so a
+row is logged under ``train/loss``, ``train/mse_loss``, ``test/y_bpp``, ``weights/s1_distortion``,
+``gamma/s1``, ``scale_contrib/s1``, ... while metrics.csv keeps its own column names. Runs are
+grouped by variant and named by lambda. This module never reads, stores or prints the API key;
+wandb finds it itself (``WANDB_API_KEY`` or netrc).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ METRIC_COLUMNS = (
     # per-step losses, so the stability table can pool the per-step spread exactly.
     "step", "epoch", "lr", "loss", "loss_std", "loss_steps", "distortion", "bpp", "y_bpp", "z_bpp",
     "mse", "psnr",
-    "val_loss", "val_distortion", "val_bpp", "val_psnr",
+    "val_loss", "val_distortion", "val_bpp", "val_psnr", "val_mse", "val_y_bpp", "val_z_bpp",
     "task_weight_distortion", "task_weight_bpp",
     *(f"task_weight_{t}" for t in SEED_TASK_NAMES),
     "gamma", *(f"gamma_{s}" for s in SCALES),
@@ -38,6 +38,26 @@ METRIC_COLUMNS = (
     *(f"scale_contribution_{s}" for s in SCALES),
     "skipped_steps", "step_time",
 )
+
+# wandb key -> metrics.csv column. The names are the seed trainers' (yutendo0714/LIC-HPCM-Balanced):
+# phase1/train.py and phase2/train.py log epoch, train/* and test/* (+ train/gamma in phase 2);
+# phase3/train.py logs train/s*_*, weights/<task>, scale_contrib/<scale>, gamma/<scale>, test/bpp.
+# The last three keys are this trainer's own.
+WANDB_KEYS: dict[str, str] = {
+    "epoch": "epoch",
+    "train/loss": "loss", "train/distortion": "distortion", "train/bpp_loss": "bpp", "train/mse_loss": "mse",
+    "train/psnr": "psnr", "train/y_bpp": "y_bpp", "train/z_bpp": "z_bpp", "train/lr": "lr",
+    "train/task_weight_distortion": "task_weight_distortion", "train/task_weight_bpp": "task_weight_bpp",
+    "train/gamma": "gamma",
+    **{f"train/{task}": task for task in SEED_TASK_NAMES},
+    **{f"weights/{task}": f"task_weight_{task}" for task in SEED_TASK_NAMES},
+    **{f"scale_contrib/{scale}": f"scale_contribution_{scale}" for scale in SCALES},
+    **{f"gamma/{scale}": f"gamma_{scale}" for scale in SCALES},
+    "test/loss": "val_loss", "test/distortion": "val_distortion", "test/mse_loss": "val_mse",
+    "test/bpp_loss": "val_bpp", "test/bpp": "val_bpp", "test/psnr": "val_psnr", "test/y_bpp": "val_y_bpp",
+    "test/z_bpp": "val_z_bpp",
+    "train/loss_std": "loss_std", "train/skipped_steps": "skipped_steps", "train/step_time": "step_time",
+}
 
 
 def _cell(value: Any) -> str:
@@ -68,8 +88,9 @@ class MetricsCSV:
         rows = []
         with open(self.path, newline="") as handle:
             reader = csv.DictReader(handle)
-            if reader.fieldnames is None or list(reader.fieldnames) != list(METRIC_COLUMNS):
+            if reader.fieldnames is None or not set(reader.fieldnames) <= set(METRIC_COLUMNS):
                 return []  # a foreign or empty file: start the table afresh
+            # (a header with fewer columns is this table before columns were added: its cells are kept)
             for row in reader:
                 # a line cut by a crash has missing cells (None) or a non-integer step: drop it
                 if None in row.values() or not (row.get("step") or "").isdigit():
@@ -88,39 +109,9 @@ class MetricsCSV:
         self._handle.close()
 
 
-def wandb_payload(row: dict[str, Any], prefix_val: bool = True) -> dict[str, Any]:
-    """Map a metrics row to the seed's wandb keys (missing values are left out)."""
-    out: dict[str, Any] = {}
-
-    def put(key: str, column: str) -> None:
-        if row.get(column) is not None:
-            out[key] = row[column]
-
-    for key, column in (("train/loss", "loss"), ("train/distortion", "distortion"), ("train/bpp_loss", "bpp"),
-                        ("train/psnr", "psnr"), ("train/y_bpp", "y_bpp"), ("train/z_bpp", "z_bpp"),
-                        ("train/lr", "lr"), ("train/skipped_steps", "skipped_steps"),
-                        ("train/step_time", "step_time"), ("train/task_weight_distortion", "task_weight_distortion"),
-                        ("train/task_weight_bpp", "task_weight_bpp"), ("train/gamma", "gamma")):
-        put(key, column)
-    if prefix_val:
-        for key, column in (("test/loss", "val_loss"), ("test/distortion", "val_distortion"),
-                            ("test/bpp_loss", "val_bpp"), ("test/psnr", "val_psnr")):
-            put(key, column)
-    for task in SEED_TASK_NAMES:
-        put(task, task)
-    weights = {t: row[f"task_weight_{t}"] for t in SEED_TASK_NAMES if row.get(f"task_weight_{t}") is not None}
-    if weights:
-        out["task_weights"] = weights
-    contributions = {s: row[f"scale_contribution_{s}"] for s in SCALES
-                     if row.get(f"scale_contribution_{s}") is not None}
-    if contributions:
-        out["scale_contributions"] = contributions
-        for scale, value in contributions.items():
-            out[f"scale_contrib/{scale}"] = value
-    gammas = {s: row[f"gamma_{s}"] for s in SCALES if row.get(f"gamma_{s}") is not None}
-    if gammas:
-        out["gammas"] = gammas
-    return out
+def wandb_payload(row: dict[str, Any]) -> dict[str, Any]:
+    """A metrics row under the seed's wandb keys (``WANDB_KEYS``); empty cells are left out."""
+    return {key: row[column] for key, column in WANDB_KEYS.items() if row.get(column) is not None}
 
 
 class WandbLogger:

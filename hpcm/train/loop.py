@@ -15,7 +15,10 @@ Writes in DIR: ``metrics.csv`` (window means per logged step, plus ``loss_std``/
 of the window's per-step losses), ``checkpoint_last.pth.tar`` (+ ``checkpoint_prev.pth.tar``, the
 fallback), ``epoch_best.pth.tar`` (official-layout state dict with coder tables built, best
 validation loss), ``balanced_state_best.pth`` (balanced optimizers), ``run.yaml`` (resolved config,
-package version, git commit), wandb files (``wandb/``), and ``done``, written last.
+package version, git commit), wandb files (``wandb/``), and ``done``, written last. With
+``ema_decay`` > 0 the moving average of the weights (``hpcm.train.ema``) is validated and exported
+instead of the raw weights; ``snapshot_every`` > 0 adds ``epoch_<step>.pth.tar`` snapshots
+(+ ``balanced_state_<step>.pth``), the newest ``snapshot_keep`` of them kept (``hpcm.train.checkpoints``).
 
 Never lose work: a checkpoint every ``checkpoint_every`` steps and at the end; re-running the same
 command resumes from the newest valid checkpoint (a finished run, with ``done``, is a no-op when its
@@ -58,6 +61,7 @@ from hpcm.config.tasks import SCALES, SEED_TASK_NAMES
 from hpcm.train import checkpoints as checkpointing
 from hpcm.train import lock as run_lock
 from hpcm.train import losses, schedules
+from hpcm.train.ema import build_ema
 from hpcm.train.logs import MetricsCSV, WandbLogger, git_commit, log_line, print_err
 from hpcm.util.device import DeviceUnavailableError, pick_device
 from hpcm.util.io import atomic_write_text
@@ -172,6 +176,7 @@ class Run:
             self.model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
         self.model.train()
+        self.ema = build_ema(self.model, cfg["ema_decay"])  # before restore(), which loads its state
         # compile: forward and loss of a training step go through torch.compile; self.model stays the
         # eager module (state-dict names without ``_orig_mod.``, checkpoints, validation, coder tables)
         self._compute_objective = self._eager_objective
@@ -214,6 +219,8 @@ class Run:
 
     def restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.decomposition is not None:
             self.decomposition.load_state_dict(state["decomposition"])
@@ -232,6 +239,7 @@ class Run:
             "step": self.step, "epoch": self.epoch(self.step), "total_steps": self.total_steps,
             "config": self.cfg, "hpcm_version": hpcm.__version__,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
             "decomposition": None if self.decomposition is None else self.decomposition.state_dict(),
             "gamma_manager": None if self.gamma_manager is None else self.gamma_manager.state_dict(),
             "gamma_schedule": None if self.gamma_schedule is None else self.gamma_schedule.state_dict(),
@@ -315,33 +323,42 @@ class Run:
                                           reevaluate=lambda: self.objective(x)[1])
         if skipped is not None:  # adam / cautious_adam; the Balanced optimizers count their own
             self.skipped += skipped
+        if self.ema is not None:  # every step, skipped ones too (no host sync; the weights did not move)
+            self.ema.update_parameters(self.model)
         if self.hierarchical:
             scale = torch.stack([metrics["s1_d"] + metrics["s1_b"], metrics["s2_d"] + metrics["s2_b"], metrics["s3_b"]])
             self.epoch_scale_losses += scale.detach().float()
         return metrics
 
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The weights validated and exported (epoch_best, snapshots): the moving average when ema_decay > 0."""
+        return self.model if self.ema is None else self.ema.module
+
     # -- validation on full images (padded to the model multiple), estimated rate
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        self.model.eval()
-        sums = torch.zeros(4, device=self.device)
+        model = self.eval_model
+        model.eval()
+        columns = {"val_loss": "loss", "val_distortion": "distortion", "val_bpp": "bpp_loss", "val_psnr": "psnr",
+                   "val_mse": "mse", "val_y_bpp": "y_bpp", "val_z_bpp": "z_bpp"}
+        sums = torch.zeros(len(columns), device=self.device)
         count = 0
         for _, x in data.validation_images(self.val_set, self.cfg["skip_bad_images"]):
             x = x.to(self.device)
-            padded, pad = models.pad_image(x, self.model.pad_multiple)
+            padded, pad = models.pad_image(x, model.pad_multiple)
             if self.cuda:
                 padded = padded.contiguous(memory_format=torch.channels_last)
             with self.autocast:
-                out = self.model(padded)
+                out = model(padded)
             out = {"x_hat": models.crop_image(out["x_hat"], pad).float(), "likelihoods": out["likelihoods"]}
             rd = losses.rate_distortion(out, x, self.cfg["lmbda"])  # bpp over the original pixels
-            sums += torch.stack([rd["loss"], rd["distortion"], rd["bpp_loss"], rd["psnr"]]).float()
+            sums += torch.stack([rd[key] for key in columns.values()]).float()
             count += 1
-        self.model.train()
+        model.train()
         if count == 0:
             raise data.ImageError(f"no readable validation image in val_data = {self.cfg['val_data']!r}")
-        loss, distortion, bpp, psnr = (sums / count).tolist()
-        return {"val_loss": loss, "val_distortion": distortion, "val_bpp": bpp, "val_psnr": psnr}
+        return dict(zip(columns, (sums / count).tolist()))
 
     # -- reporting
     def weight_columns(self) -> dict[str, Any]:
@@ -377,9 +394,15 @@ def save_checkpoint(run: Run) -> None:
 
 
 def save_best(run: Run) -> None:
-    checkpointing.save_best_model(run.model, run.out, checkpointing.run_labels(run.cfg))
+    checkpointing.save_best_model(run.eval_model, run.out, checkpointing.run_labels(run.cfg))
     if run.balanced:  # the seed's writer of the official balanced_state_best.pth (atomic)
         run.optimizer.save_state(run.out / checkpointing.BEST_BALANCED_STATE)
+
+
+def save_snapshot(run: Run) -> None:
+    checkpointing.save_snapshot(run.eval_model, run.out, run.step, checkpointing.run_labels(run.cfg),
+                                keep=run.cfg["snapshot_keep"],
+                                save_balanced_state=run.optimizer.save_state if run.balanced else None)
 
 
 class LogWindow:
@@ -459,6 +482,9 @@ def train(run: Run, stop: StopFlag) -> int:
             row = window.row(step, lr) if step % cfg["log_every"] == 0 or last or stopping else None
             if step % cfg["val_every"] == 0 or last:
                 row = {**(row or {"step": step, "epoch": run.epoch(step), "lr": lr}), **validate_and_keep_best(run)}
+                window.restart_clock()
+            if cfg["snapshot_every"] and step % cfg["snapshot_every"] == 0:
+                save_snapshot(run)
                 window.restart_clock()
             if row is not None:
                 metrics_csv.write(row)

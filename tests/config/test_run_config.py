@@ -136,24 +136,6 @@ def test_metrics_csv_drops_rows_after_the_checkpoint_and_crash_cut_lines(tmp_pat
         logging_utils.MetricsCSV(path, resume_step=3).write({"step": 4, "bogus": 1})
 
 
-def test_wandb_payload_uses_the_seed_keys():
-    row = {"step": 5, "loss": 1.0, "distortion": 0.8, "bpp": 0.2, "psnr": 30.0, "val_loss": 1.1, "val_bpp": 0.3,
-           "val_psnr": 29.0, "task_weight_distortion": 0.4, "task_weight_bpp": 0.6}
-    payload = logging_utils.wandb_payload(row)
-    for key in ("train/loss", "test/loss", "train/distortion", "train/bpp_loss", "train/psnr",
-                "train/task_weight_distortion", "train/task_weight_bpp", "test/bpp_loss", "test/psnr"):
-        assert key in payload, key
-    seed_tasks = ("s1_distortion", "s1_bpp", "s2_distortion", "s2_bpp", "s3_bpp")  # the seed's wandb keys
-    phase3 = {f"task_weight_{t}": 0.2 for t in seed_tasks}
-    phase3.update({t: 0.1 for t in seed_tasks})
-    phase3.update({"scale_contribution_s1": 0.4, "scale_contribution_s2": 0.4, "scale_contribution_s3": 0.2})
-    payload = logging_utils.wandb_payload(phase3)
-    assert payload["s1_distortion"] == 0.1 and payload["s3_bpp"] == 0.1
-    assert payload["task_weights"]["s2_bpp"] == 0.2
-    assert payload["scale_contributions"] == {"s1": 0.4, "s2": 0.4, "s3": 0.2}
-    assert payload["scale_contrib/s3"] == 0.2
-
-
 # ----------------------------------------------------------------------------- the Snakemake schema
 # The schema's `training` keys and every variant's keys are run-config keys: their types, choices,
 # bounds and defaults must be those of run_config.KEYS (the one home of these facts).

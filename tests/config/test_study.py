@@ -158,3 +158,12 @@ def test_config_errors_name_the_key(changes, key, words):
     message = error_of(small(**changes))
     assert message.startswith(f"config key '{key}'"), message
     assert words in message, message
+
+
+def test_a_variant_may_set_ema_decay_and_the_others_run_yaml_stays_as_before(tmp_path):
+    variants = {"baseline": {"optimizer": "adam"}, "phase1_ema": {"optimizer": "balanced", "ema_decay": 0.999}}
+    s = load(small(variants=variants, train_data=str(tmp_path), val_data=str(tmp_path)))
+    assert run_config.resolve(s.run_config("phase1_ema", "0.0067", 0, []))["ema_decay"] == 0.999
+    assert "ema_decay" not in s.run_config("baseline", "0.0067", 0, [])  # unchanged params: no Snakemake rerun
+    with pytest.raises(study.StudyConfigError):
+        load(small(variants={**variants, "bad": {"optimizer": "adam", "ema_decay": 1.0}}))

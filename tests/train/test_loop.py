@@ -114,7 +114,8 @@ def final_state(out: Path) -> dict:
     {"optimizer": "qp"},
     {"variant": "phase3", "update_mode": "next_batch"},
     {"variant": "phase3", "decomposition": "adaptive", "gamma_strategy": "adaptive"},
-], ids=["baseline", "phase1_same_batch", "qp", "phase3_next_batch", "phase3_adaptive"])
+    {"variant": "phase1", "ema_decay": 0.5, "val_every": 2},
+], ids=["baseline", "phase1_same_batch", "qp", "phase3_next_batch", "phase3_adaptive", "phase1_ema"])
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch, variant):
     settings = {"steps": 4, "checkpoint_every": 1, **variant}
     full, parted = tmp_path / "full", tmp_path / "parted"
@@ -137,6 +138,11 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch,
     assert a["step"] == b["step"] == 4
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), f"weights differ after resume: {key}"
+    if a["ema"] is not None:  # the moving average resumes too (and so do the validations that use it)
+        for key, value in a["ema"].items():
+            assert torch.equal(value, b["ema"][key]), f"moving average differs after resume: {key}"
+        best_a, best_b = (torch.load(out / "epoch_best.pth.tar", weights_only=True) for out in (full, parted))
+        assert best_a.keys() == best_b.keys() and all(torch.equal(best_a[k], best_b[k]) for k in best_a)
     balancing_a, balancing_b = a["optimizer"].get("balancing"), b["optimizer"].get("balancing")
     if balancing_a is not None:
         assert torch.equal(balancing_a["w"], balancing_b["w"])
