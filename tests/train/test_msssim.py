@@ -37,6 +37,7 @@ def test_ms_ssim_loss_equals_pytorch_msssim_on_fixed_inputs():
     n_pixels = 2 * 176 * 176
     bpp = sum(-torch.log2(lik).sum() for lik in out["likelihoods"].values()) / n_pixels
     assert 0.5 < float(reference) < 0.99  # a non-trivial operating point
+    # measured: 0 difference under ATEN_CPU_CAPABILITY=avx2 and =default (the same library call)
     assert float(rd["ms_ssim"]) == pytest.approx(float(reference), rel=1e-6)
     assert float(rd["ms_ssim"]) == pytest.approx(float(module), rel=1e-6)
     assert float(rd["distortion"]) == pytest.approx(lmbda * (1 - float(reference)), rel=1e-6)
@@ -59,6 +60,7 @@ def test_log_terms_multiply_to_pytorch_msssim():
     terms = ms_ssim_log_terms(out["x_hat"].detach(), target)
     reference = ms_ssim(out["x_hat"].detach(), target, data_range=1.0, win_size=11)
     assert terms.shape == (5,) and bool((terms > 0).all())
+    # measured relative difference 2.8e-8 (avx2) and 8.3e-9 (default): float32 log/exp rounding
     assert math.exp(-float(terms.sum())) == pytest.approx(float(reference), rel=1e-5)
 
 
@@ -94,6 +96,7 @@ def test_measured_ms_ssim_tasks_sum_to_the_standard_loss():
     # the share is D * C / (C + F) of the log terms, recomputed here from the terms
     terms = ms_ssim_log_terms(out["x_hat"].detach(), target)
     share = float(terms[1:].sum() / terms.sum())
+    # measured relative difference 1.5e-8 (avx2) and 2.5e-9 (default)
     assert float(tasks[0]) == pytest.approx(float(rd["distortion"]) * share, rel=1e-5)
     # the split's gradients add up to the gradient of D
     grads = [torch.autograd.grad(t, out["x_hat"], retain_graph=True)[0] for t in (tasks[0], tasks[2])]
