@@ -598,13 +598,14 @@ def overhead_from_benchmark(path: str | Path) -> Table:
 
 def build_all(points_path: str | Path, runs_root: str | Path, analysis: dict[str, Any],
               output_dir: str | Path, benchmarks: str | Path | None = None,
-              method: str | None = None, metric: str = "psnr",
+              method: str | None = None, metric: str | None = None,
               overhead_json: str | Path | None = None, images_path: str | Path | None = None,
               resamples: int = DEFAULT_RESAMPLES, bootstrap_seed: int = DEFAULT_SEED) -> list[Path]:
     points = read_points(points_path)
     runs = load_runs(runs_root, benchmarks)
     reference = analysis.get("reference", "baseline")
     method = method or analysis.get("bd_method", "pchip")
+    metric = metric or analysis.get("metric") or "psnr"
     bd = bd_table(points, reference, metric, method)  # shared by the BD, gains and study tables
     unc = uncertainty(read_images(images_path), reference, metric, method, resamples,
                       bootstrap_seed) if images_path else None
@@ -619,6 +620,10 @@ def build_all(points_path: str | Path, runs_root: str | Path, analysis: dict[str
             raise TableError(f"analysis.studies.{name}: no 'rows' mapping label -> variant")
         tables.append(study_table(name, spec.get("title", name), dict(spec["rows"]), points,
                                   runs, reference, method, metric, bd, unc))
+    if metric != "psnr":  # the BD columns keep their names; every BD table says what they measure
+        for table in tables:
+            table.notes.append("quality axis: MS-SSIM in dB, -10 log10(1 - MS-SSIM); the BD-PSNR columns "
+                               "are BD-MS-SSIM (dB)")
     tables.append(overhead_table(runs))
     if overhead_json:
         tables.append(overhead_from_benchmark(overhead_json))
@@ -648,7 +653,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--benchmarks", help="Snakemake benchmark folder of the training jobs")
     parser.add_argument("--method", choices=METHODS,
                         help="BD interpolation (default: analysis.bd_method, else pchip)")
-    parser.add_argument("--metric", default="psnr", choices=("psnr", "ms_ssim_db"))
+    parser.add_argument("--metric", choices=("psnr", "ms_ssim_db"),
+                        help="quality axis (default: analysis.metric, else psnr)")
     parser.add_argument("--overhead-json", help="benchmarks/optimizer_overhead.py --json output")
     parser.add_argument("--images", help="per-image rows (hpcm.rd points --images): adds 95 %% "
                                          "bootstrap intervals and seed spreads to the BD columns")

@@ -37,6 +37,13 @@ DEFAULT_GAMMAS: tuple[float, ...] = tuple(STUDY2_GAMMAS["decreasing"]["gammas"])
 HPCM_LR_MILESTONES = (2750 / 3000, 2850 / 3000, 2950 / 3000)
 HPCM_LR_VALUES = (3e-5, 1e-5, 1e-6)
 
+# The lambdas of the released HPCM-Base / HPCM-Large weights (lyq133/LIC-HPCM README), per
+# distortion: loss lmbda*255^2*MSE + bpp, and lmbda*(1 - MS-SSIM) + bpp.
+OFFICIAL_LAMBDAS: dict[str, tuple[float, ...]] = {
+    "mse": (0.0018, 0.0035, 0.0067, 0.013, 0.025, 0.0483),
+    "ms_ssim": (2.4, 4.58, 8.73, 16.64, 31.73, 60.5),
+}
+
 # Run-config keys whose value may be a preset name, and the study whose presets it names.
 NAMED_KEYS: dict[str, str] = {"scale_weights": "study1_scale_weights", "gammas": "study2_gammas"}
 

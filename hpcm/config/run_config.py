@@ -30,6 +30,9 @@ from hpcm.config.presets import HPCM_LR_MILESTONES, HPCM_LR_VALUES
 
 OPTIMIZERS = ("adam", "cautious_adam", "balanced", "qp", "hierarchical_balanced")
 BALANCED_OPTIMIZERS = ("balanced", "qp", "hierarchical_balanced")
+DISTORTIONS = ("mse", "ms_ssim")
+# pytorch_msssim's MS-SSIM (5 scales, 11-tap window) needs a smaller side > (11 - 1) * 2^4 = 160 px.
+MS_SSIM_MIN_SIDE = 161
 DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:[0-9]+)$"  # config device names; hpcm.util.device makes devices
 
 
@@ -64,8 +67,12 @@ KEYS: dict[str, Key] = {
     "variant": Key("str", "baseline", "run label (wandb group, run.yaml, evaluation CSV); baseline/phase1/phase2/phase3 "
                    "also apply a preset of the keys below"),
     "optimizer": Key("str", "adam", "parameter optimizer", choices=OPTIMIZERS),
-    "lmbda": Key("float", 0.013, "rate-distortion trade-off: loss = lmbda*255^2*MSE + bpp", check=_positive,
-                 constraint="must be > 0"),
+    "lmbda": Key("float", 0.013, "rate-distortion trade-off: loss = lmbda*255^2*MSE + bpp (distortion mse) or "
+                 "lmbda*(1 - MS-SSIM) + bpp (distortion ms_ssim)", check=_positive, constraint="must be > 0"),
+    "distortion": Key("str", "mse", "distortion term of the loss (every optimizer's distortion task): mse, or "
+                      "ms_ssim = pytorch_msssim's 5-scale MS-SSIM with data_range 1 (the HPCM maintainer's loss, "
+                      f"official lambdas 2.4-60.5; patches and validation images need a side >= {MS_SSIM_MIN_SIDE} px)",
+                      choices=DISTORTIONS),
     # Balanced R-D (Phase 1/2)
     "gamma": Key("float", 0.003, "FAMO L2 regularisation on the task logits (initial value when scheduled)",
                  check=_non_negative, constraint="must be >= 0"),
@@ -330,6 +337,9 @@ def resolve(user: dict[str, Any]) -> dict[str, Any]:
     if len(cfg["lr_milestones"]) != len(cfg["lr_values"]):
         raise ConfigError(f"run config: 'lr_milestones' = {cfg['lr_milestones']!r} and 'lr_values' = "
                           f"{cfg['lr_values']!r} must have the same length")
+    if cfg["distortion"] == "ms_ssim" and cfg["patch_size"] < MS_SSIM_MIN_SIDE:
+        raise ConfigError(f"run config: 'distortion' = 'ms_ssim' needs 'patch_size' >= {MS_SSIM_MIN_SIDE} (pytorch_msssim's "
+                          f"5 scales with an 11-tap window), got {cfg['patch_size']!r}; use e.g. 192 or 256")
     if cfg["gamma_schedule"] != "fixed" and cfg["gamma_final"] is None:
         raise ConfigError(f"run config: 'gamma_schedule' = {cfg['gamma_schedule']!r} needs 'gamma_final' "
                           f"(got {cfg['gamma_final']!r})")

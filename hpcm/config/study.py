@@ -32,6 +32,7 @@ import yaml
 from referencing import Registry, Resource
 
 from hpcm.config import presets
+from hpcm.config.run_config import MS_SSIM_MIN_SIDE
 
 # Run-config keys a variant may set (they go into the run YAML of `python -m hpcm.train`).
 VARIANT_RUN_KEYS = (
@@ -50,12 +51,20 @@ TRAINING_RUNTIME_KEYS = (
     "wandb_entity", "quiet",
 )
 
+# compute.train.steps_per_s when a config sets none: the H200 adam step of HPCM_Base at 256x256,
+# batch 16, fp32 (docs/gpu.md, run 1: 98.56 ms/step). The official recipe's batch 32 was not
+# measured; its step is slower, so a price from this number is a lower bound there.
+DEFAULT_STEPS_PER_S = 10.15
+# the quality axis of the analysis when `analysis.metric` is null, by the study's distortion
+DEFAULT_METRICS = {"mse": "psnr", "ms_ssim": "ms_ssim_db"}
+
 SAMPLES_DIR = "results/data/samples"
 RUNS_DIR = "results/train"
 TABLES_DIR = "results/tables"
 TRAIN_BENCHMARKS_DIR = "results/benchmarks/train"
 # Every per-run path of the workflow, as Snakemake wildcard patterns (rules use these strings).
 PATHS = {
+    "checkpoint_check": "results/checks/official/lmbda{lmbda}.json",
     "run_config": "results/configs/{variant}/lmbda{lmbda}/seed{seed}.yaml",
     "run_dir": RUNS_DIR + "/{variant}/lmbda{lmbda}/seed{seed}",
     "final_weights": RUNS_DIR + "/{variant}/lmbda{lmbda}/seed{seed}/final.pth.tar",
@@ -238,6 +247,28 @@ def check_patch_sizes(cfg: Mapping[str, Any], variants: Mapping[str, Any], pad_m
                                    f"pad multiple of {model}")
 
 
+def check_ms_ssim_patches(cfg: Mapping[str, Any], variants: Mapping[str, Any]) -> None:
+    """MS-SSIM's 5 scales need crops >= MS_SSIM_MIN_SIDE (every train job would fail)."""
+    if cfg["distortion"] != "ms_ssim":
+        return
+    for key, size in [("training.patch_size", cfg["training"]["patch_size"])] + [
+            (f"variants.{name}.patch_size", v["patch_size"]) for name, v in variants.items() if "patch_size" in v]:
+        if size < MS_SSIM_MIN_SIDE:
+            raise StudyConfigError(key, f"{size} is too small for distortion ms_ssim (pytorch_msssim's 5 scales "
+                                   f"need >= {MS_SSIM_MIN_SIDE} px); use e.g. 192 or 256")
+
+
+def check_steps_per_s(cfg: Mapping[str, Any], variants: Mapping[str, Any]) -> None:
+    """A per-optimizer steps_per_s covers every variant's optimizer (or has a default)."""
+    value = cfg["compute"]["train"].get("steps_per_s")
+    if not isinstance(value, Mapping) or "default" in value:
+        return
+    for name, variant in variants.items():
+        if variant["optimizer"] not in value:
+            raise StudyConfigError("compute.train.steps_per_s", f"no entry for optimizer {variant['optimizer']!r} "
+                                   f"(variant {name}); add it or a `default`")
+
+
 # ---------------------------------------------------------------------------------------------
 # The resolved study
 # ---------------------------------------------------------------------------------------------
@@ -325,7 +356,7 @@ class Study:
             model=self.config["model"], variant=variant, lmbda=self.lambdas[lmbda], seed=int(seed),
             train_data=self.data_dir(self.config["train_data"], "train"),
             val_data=self.data_dir(self.config["val_data"], "val"),
-            init_checkpoint=init[0] if init else None,
+            init_checkpoint=init[0] if init else None, distortion=self.config["distortion"],
         )
         return run
 
@@ -336,7 +367,59 @@ class Study:
         settings["wandb_project"] = f"{settings['wandb_project']}-{self.config['study']}"
         return settings
 
+    def checked_init(self, variant: str, lmbda: str) -> list[str]:
+        """The check report of the official checkpoint a run starts from ([] for other runs)."""
+        if self.variants[variant].get("init_from") != "official":
+            return []
+        return [path("checkpoint_check", lmbda=lmbda)]
+
+    # -- price
+    def steps_per_s(self, optimizer: str) -> tuple[float, str]:
+        """(steps/s, the key it came from) for a run of ``optimizer``."""
+        value = self.config["compute"]["train"].get("steps_per_s")
+        if value is None:
+            return DEFAULT_STEPS_PER_S, "default: H200 adam, batch 16 (docs/gpu.md); set compute.train.steps_per_s"
+        if not isinstance(value, Mapping):
+            return float(value), "compute.train.steps_per_s"
+        key = optimizer if optimizer in value else "default"
+        return float(value[key]), f"compute.train.steps_per_s.{key}"
+
+    def training_cost(self) -> list[dict[str, Any]]:
+        """One row per variant: runs, steps per run, steps/s (and where it came from), hours."""
+        rows = []
+        for name, spec in self.variants.items():
+            steps = int(spec.get("steps", self.config["training"]["steps"]))
+            rate, source = self.steps_per_s(spec["optimizer"])
+            runs = len(self.lambdas) * len(self.seeds)
+            rows.append({"variant": name, "optimizer": spec["optimizer"], "runs": runs, "steps": steps,
+                         "steps_per_s": rate, "source": source, "hours": runs * steps / rate / 3600})
+        return rows
+
+    def cost_report(self) -> str:
+        """The price of the study's training, printed by the workflow before it runs."""
+        unit = "CPU-hours" if self.config["device"] == "cpu" else "GPU-hours"
+        rows = self.training_cost()
+        width = max(len(r["variant"]) for r in rows)
+        lines = [f"training cost of study {self.config['study']!r} ({unit} = runs x steps / steps_per_s; measure "
+                 "steps/s from a short run's metrics.csv step_time and set compute.train.steps_per_s):",
+                 f"  {'variant':<{width}}  {'optimizer':<21} {'runs':>4} {'steps/run':>10} {'steps/s':>8} {unit:>10}"]
+        for r in rows:
+            lines.append(f"  {r['variant']:<{width}}  {r['optimizer']:<21} {r['runs']:>4} {r['steps']:>10} "
+                         f"{r['steps_per_s']:>8.4g} {r['hours']:>10.1f}  [{r['source']}]")
+        if self.config["device"] == "cpu" and self.config["compute"]["train"].get("steps_per_s") is None:
+            lines.append("  (device cpu without compute.train.steps_per_s: the default is a GPU rate, the hours "
+                         "below are not this machine's)")
+        total = sum(r["hours"] for r in rows)
+        lines.append(f"  total: {sum(r['runs'] for r in rows)} runs, {sum(r['runs'] * r['steps'] for r in rows)} "
+                     f"steps, {total:.1f} {unit} ({total / 24:.1f} device-days)")
+        return "\n".join(lines)
+
     # -- analysis
+    @property
+    def metric(self) -> str:
+        """The analysis' quality axis: analysis.metric, else the distortion's default."""
+        return self.config["analysis"]["metric"] or DEFAULT_METRICS[self.config["distortion"]]
+
     def table_names(self) -> list[str]:
         """The tables `python -m hpcm.tables` writes for this config (see its docstring)."""
         analysis = self.config["analysis"]
@@ -353,6 +436,8 @@ def resolve(cfg: dict[str, Any], pad_multiple_of: Callable[[str], int], root: st
     variants = resolve_variants(cfg)
     check_references(cfg, variants, lambdas)
     check_patch_sizes(cfg, variants, pad_multiple_of(cfg["model"]))
+    check_ms_ssim_patches(cfg, variants)
+    check_steps_per_s(cfg, variants)
     return Study(config=cfg, lambdas=lambdas, seeds=[int(s) for s in cfg["seeds"]], variants=variants,
                  root=str(root))
 

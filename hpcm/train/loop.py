@@ -187,7 +187,7 @@ class Run:
             inductor_config.fallback_random = True
             self._compute_objective = torch.compile(self._eager_objective)
 
-        self.decomposition = losses.build_decomposition(cfg["decomposition"], cfg["lmbda"]).to(self.device) \
+        self.decomposition = losses.build_decomposition(cfg["decomposition"], cfg["lmbda"], cfg["distortion"]).to(self.device) \
             if self.hierarchical else None
         params = list(self.model.parameters())
         if self.decomposition is not None and hasattr(self.decomposition, "ratio_parameters"):
@@ -310,7 +310,7 @@ class Run:
             bits = self.model.scale_bits(out["likelihoods"]["y"]) if self.cfg["decomposition"] == "measured" else None
             tasks, details = self.decomposition(out, x, scale_bits=bits)
             return details, tasks
-        rd = losses.rate_distortion(out, x, self.cfg["lmbda"])
+        rd = losses.rate_distortion(out, x, self.cfg["lmbda"], self.cfg["distortion"])
         tasks = torch.stack([rd["distortion"], rd["bpp_loss"]]) if self.balanced else None
         return rd, tasks
 
@@ -352,7 +352,7 @@ class Run:
             with self.autocast:
                 out = model(padded)
             out = {"x_hat": models.crop_image(out["x_hat"], pad).float(), "likelihoods": out["likelihoods"]}
-            rd = losses.rate_distortion(out, x, self.cfg["lmbda"])  # bpp over the original pixels
+            rd = losses.rate_distortion(out, x, self.cfg["lmbda"], self.cfg["distortion"])  # bpp over the original pixels
             sums += torch.stack([rd[key] for key in columns.values()]).float()
             count += 1
         model.train()

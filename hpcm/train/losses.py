@@ -4,6 +4,14 @@ Standard loss (CompressAI convention, images in [0, 1], N = batch * H * W pixels
     distortion = lmbda * 255^2 * MSE,   bpp_loss = (-sum log2 p(y) - sum log2 p(z)) / N,
     loss = distortion + bpp_loss.  The 2-task vector for Balanced is [distortion, bpp_loss].
 
+MS-SSIM loss (run-config ``distortion: ms_ssim``), the HPCM maintainer's (lyq133/LIC-HPCM issue #9):
+    distortion = lmbda * (1 - MS-SSIM(x_hat, x)),  MS-SSIM = pytorch_msssim.ms_ssim(x_hat, x,
+    data_range=1.0) (5 scales, 11-tap Gaussian window, weights 0.0448 ... 0.1333, batch mean),
+    loss = distortion + bpp_loss, with the official MS-SSIM lambdas 2.4 ... 60.5. The distortion
+    task of Balanced / QP is then lmbda * (1 - MS-SSIM). Images need a side of at least
+    ``MS_SSIM_MIN_SIDE`` (161) px; smaller ones are refused (no silent fewer-scale variant: that would
+    be another metric than the evaluation's).
+
 Three decompositions, all ``forward(output, target, scale_bits=None) -> (tasks (5,), details)``:
 
 * ``HierarchicalLoss`` (seed, fixed ratios): s1_d = 0.40 D, s2_d = 0.35 D (the seed's 0.25 D
@@ -19,6 +27,13 @@ Three decompositions, all ``forward(output, target, scale_bits=None) -> (tasks (
   D - s1_d and the five tasks sum to the standard loss. The split is by spatial frequency of the error, not an attribution of
   distortion to latent scales (the decoder mixes all scales); coarse error is what s1, the
   coarse latent grid, mostly controls.
+  With ``distortion: ms_ssim`` the same split is made at the same place, the first dyadic level,
+  in MS-SSIM's own terms: -log MS-SSIM = sum_j w_j (-log cs_j) + w_5 (-log l_5 cs_5) over the five
+  pyramid levels (per image and channel, averaged over the batch). The full-resolution term
+  F = w_1 (-log cs_1) is the fine part, the terms of the half-resolution and coarser levels C the
+  coarse part, and s1_d = D * C / (C + F), s2_d = D - s1_d: D's share that MS-SSIM's coarse levels
+  account for in -log MS-SSIM (for small 1 - MS-SSIM, D ~ lmbda * (C + F), so s1_d ~ lmbda * C).
+  The tasks still sum to the standard loss exactly, and both parts are differentiable.
 
 What the fixed-ratio decomposition reduces to under FAMO's log weighting
 -----------------------------------------------------------------------
@@ -54,13 +69,18 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pytorch_msssim import ms_ssim
+from pytorch_msssim.ssim import _fspecial_gauss_1d, _ssim  # the per-level terms ms_ssim multiplies
 
+from hpcm.config.run_config import DISTORTIONS, MS_SSIM_MIN_SIDE
 from hpcm.config.tasks import HIERARCHICAL_TASKS, SEED_TASK_NAMES
 
 DECOMPOSITIONS = ("fixed_ratio", "adaptive", "measured")
 SEED_DISTORTION_RATIOS = (0.40, 0.35, 0.25)
 SEED_BPP_RATIOS = (0.30, 0.40, 0.30)
 _LN2 = math.log(2.0)
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # pytorch_msssim's defaults (Wang et al. 2003)
+_MS_SSIM_WINDOW, _MS_SSIM_SIGMA = 11, 1.5
 
 
 def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
@@ -82,8 +102,20 @@ def bits(likelihoods: torch.Tensor) -> torch.Tensor:
     return _at_least_fp32(likelihoods).log().sum() / -_LN2
 
 
-def rate_distortion(output: Mapping, target: torch.Tensor, lmbda: float) -> dict[str, torch.Tensor]:
-    """The standard loss: keys loss, distortion, bpp_loss, y_bpp, z_bpp, mse, psnr."""
+def check_ms_ssim_size(target: torch.Tensor) -> None:
+    if min(target.shape[-2:]) < MS_SSIM_MIN_SIDE:
+        raise ValueError(
+            f"MS-SSIM (pytorch_msssim: 5 scales, 11-tap window) needs images with a side of at least "
+            f"{MS_SSIM_MIN_SIDE} px, got {tuple(target.shape[-2:])}; use patch_size >= 192 (and validation "
+            "images that large) or distortion: mse")
+
+
+def rate_distortion(output: Mapping, target: torch.Tensor, lmbda: float,
+                    distortion: str = "mse") -> dict[str, torch.Tensor]:
+    """The standard loss: keys loss, distortion, bpp_loss, y_bpp, z_bpp, mse, psnr (+ ms_ssim when
+    ``distortion`` is ``ms_ssim``: then distortion = lmbda * (1 - MS-SSIM))."""
+    if distortion not in DISTORTIONS:
+        raise ValueError(f"unknown distortion {distortion!r}; valid: {', '.join(DISTORTIONS)}")
     x_hat = _check_images(output, target)
     likelihoods = output["likelihoods"]
     missing = [k for k in ("y", "z") if k not in likelihoods]
@@ -93,11 +125,37 @@ def rate_distortion(output: Mapping, target: torch.Tensor, lmbda: float) -> dict
     y_bpp = bits(likelihoods["y"]) / num_pixels
     z_bpp = bits(likelihoods["z"]) / num_pixels
     mse = F.mse_loss(_at_least_fp32(x_hat), _at_least_fp32(target))
-    distortion = lmbda * 255**2 * mse
     bpp_loss = y_bpp + z_bpp
     psnr = 10 * torch.log10(1.0 / mse.detach().clamp_min(1e-20))
-    return {"loss": distortion + bpp_loss, "distortion": distortion, "bpp_loss": bpp_loss,
-            "y_bpp": y_bpp, "z_bpp": z_bpp, "mse": mse, "psnr": psnr}
+    out = {"bpp_loss": bpp_loss, "y_bpp": y_bpp, "z_bpp": z_bpp, "mse": mse, "psnr": psnr}
+    if distortion == "mse":
+        out["distortion"] = lmbda * 255**2 * mse
+    else:
+        check_ms_ssim_size(target)
+        out["ms_ssim"] = ms_ssim(_at_least_fp32(x_hat), _at_least_fp32(target), data_range=1.0)
+        out["distortion"] = lmbda * (1 - out["ms_ssim"])
+    out["loss"] = out["distortion"] + bpp_loss
+    return out
+
+
+def ms_ssim_log_terms(x_hat: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(5,) batch means of the five terms of -log MS-SSIM: w_j (-log cs_j) for the levels 1-4 and
+    w_5 (-log ssim_5) for the coarsest, as ``pytorch_msssim.ms_ssim`` computes them (relu'd, then
+    clamped to [1e-8, 1] so that the logarithm is finite; a term is >= 0)."""
+    check_ms_ssim_size(target)
+    x_hat, target = _at_least_fp32(x_hat), _at_least_fp32(target)
+    win = _fspecial_gauss_1d(_MS_SSIM_WINDOW, _MS_SSIM_SIGMA).repeat([target.shape[1], 1, 1, 1])
+    terms = []
+    for level, weight in enumerate(MS_SSIM_WEIGHTS):
+        ssim_value, cs = _ssim(x_hat, target, data_range=1.0, win=win, size_average=False)
+        last = level == len(MS_SSIM_WEIGHTS) - 1
+        value = (ssim_value if last else cs).relu().clamp(1e-8, 1.0)
+        terms.append(-weight * value.log().mean())
+        if not last:
+            padding = [side % 2 for side in x_hat.shape[2:]]
+            x_hat = F.avg_pool2d(x_hat, kernel_size=2, padding=padding)
+            target = F.avg_pool2d(target, kernel_size=2, padding=padding)
+    return torch.stack(terms)
 
 
 def haar_coarse_band(error: torch.Tensor, levels: int = 1) -> torch.Tensor:
@@ -139,9 +197,10 @@ class HierarchicalLoss(nn.Module):
 
     def __init__(self, lmbda: float = 0.013,
                  distortion_ratios: Sequence[float] = SEED_DISTORTION_RATIOS,
-                 bpp_ratios: Sequence[float] = SEED_BPP_RATIOS):
+                 bpp_ratios: Sequence[float] = SEED_BPP_RATIOS, distortion: str = "mse"):
         super().__init__()
         self.lmbda = float(lmbda)
+        self.distortion = distortion
         self.register_buffer("distortion_ratios", _ratios(distortion_ratios, "distortion_ratios"))
         self.register_buffer("bpp_ratios", _ratios(bpp_ratios, "bpp_ratios"))
 
@@ -149,7 +208,7 @@ class HierarchicalLoss(nn.Module):
         return self.distortion_ratios, self.bpp_ratios
 
     def forward(self, output: Mapping, target: torch.Tensor, scale_bits: torch.Tensor | None = None):
-        rd = rate_distortion(output, target, self.lmbda)
+        rd = rate_distortion(output, target, self.lmbda, self.distortion)
         d_ratio, b_ratio = self.ratios()
         d, r = rd["distortion"], rd["bpp_loss"]
         tasks = [d * d_ratio[0], r * b_ratio[0], d * d_ratio[1], r * b_ratio[1], r * b_ratio[2]]
@@ -168,8 +227,8 @@ class AdaptiveHierarchicalLoss(HierarchicalLoss):
 
     def __init__(self, lmbda: float = 0.013,
                  distortion_ratios: Sequence[float] = SEED_DISTORTION_RATIOS,
-                 bpp_ratios: Sequence[float] = SEED_BPP_RATIOS):
-        super().__init__(lmbda, distortion_ratios, bpp_ratios)
+                 bpp_ratios: Sequence[float] = SEED_BPP_RATIOS, distortion: str = "mse"):
+        super().__init__(lmbda, distortion_ratios, bpp_ratios, distortion)
         self.distortion_logits = nn.Parameter(self.distortion_ratios.log().clone())
         self.bpp_logits = nn.Parameter(self.bpp_ratios.log().clone())
 
@@ -183,9 +242,12 @@ class AdaptiveHierarchicalLoss(HierarchicalLoss):
 class MeasuredHierarchicalLoss(nn.Module):
     """Exact per-scale rate and a Haar split of the distortion; tasks sum to the standard loss."""
 
-    def __init__(self, lmbda: float = 0.013, levels: int = 1, rate_rtol: float = 1e-4):
+    def __init__(self, lmbda: float = 0.013, levels: int = 1, rate_rtol: float = 1e-4, distortion: str = "mse"):
         super().__init__()
+        if distortion == "ms_ssim" and levels != 1:
+            raise ValueError(f"the MS-SSIM split is defined at the first level only, got levels={levels}")
         self.lmbda = float(lmbda)
+        self.distortion = distortion
         self.levels = int(levels)
         self.rate_rtol = float(rate_rtol)
         # The scale map is a fixed function of the latent shape, so one check per shape proves
@@ -195,7 +257,7 @@ class MeasuredHierarchicalLoss(nn.Module):
     def forward(self, output: Mapping, target: torch.Tensor, scale_bits: torch.Tensor | None = None):
         if scale_bits is None:
             raise ValueError("the measured decomposition needs scale_bits (B, 3) from model.scale_bits(likelihoods_y)")
-        rd = rate_distortion(output, target, self.lmbda)
+        rd = rate_distortion(output, target, self.lmbda, self.distortion)
         batch = target.shape[0]
         if scale_bits.shape != (batch, 3):
             raise ValueError(f"scale_bits must have shape ({batch}, 3), got {tuple(scale_bits.shape)}")
@@ -204,9 +266,15 @@ class MeasuredHierarchicalLoss(nn.Module):
         if tuple(target.shape) not in self._checked_shapes:
             self._check_rate(scale_bpp.detach().sum(), rd["y_bpp"].detach())
             self._checked_shapes.add(tuple(target.shape))
-        error = _at_least_fp32(output["x_hat"]) - _at_least_fp32(target)
-        coarse_distortion = haar_coarse_band(error, self.levels).square().sum() * (self.lmbda * 255**2 / error.numel())
-        # Parseval: the detail bands carry the rest of D, so s1_d + s2_d = D by construction.
+        if self.distortion == "ms_ssim":
+            # D's share of MS-SSIM's half-resolution and coarser levels in -log MS-SSIM (module docstring)
+            terms = ms_ssim_log_terms(output["x_hat"], target)
+            coarse_share = terms[1:].sum() / terms.sum().clamp_min(1e-12)
+            coarse_distortion = rd["distortion"] * coarse_share
+        else:
+            error = _at_least_fp32(output["x_hat"]) - _at_least_fp32(target)
+            coarse_distortion = haar_coarse_band(error, self.levels).square().sum() * (self.lmbda * 255**2 / error.numel())
+        # Parseval (MSE) or the definition (MS-SSIM): s1_d + s2_d = D by construction.
         detail_distortion = rd["distortion"] - coarse_distortion
         tasks = [coarse_distortion, scale_bpp[0], detail_distortion, scale_bpp[1], scale_bpp[2] + rd["z_bpp"]]
         return torch.stack(tasks), _details(rd, tasks)
@@ -221,14 +289,16 @@ class MeasuredHierarchicalLoss(nn.Module):
                 "scale_bits must partition the bits of y")
 
 
-def build_decomposition(name: str, lmbda: float) -> nn.Module:
+def build_decomposition(name: str, lmbda: float, distortion: str = "mse") -> nn.Module:
     """Run-config ``decomposition`` (fixed_ratio | adaptive | measured) -> loss module."""
+    if distortion not in DISTORTIONS:
+        raise ValueError(f"unknown distortion {distortion!r}; valid: {', '.join(DISTORTIONS)}")
     if name == "fixed_ratio":
-        return HierarchicalLoss(lmbda)
+        return HierarchicalLoss(lmbda, distortion=distortion)
     if name == "adaptive":
-        return AdaptiveHierarchicalLoss(lmbda)
+        return AdaptiveHierarchicalLoss(lmbda, distortion=distortion)
     if name == "measured":
-        return MeasuredHierarchicalLoss(lmbda)
+        return MeasuredHierarchicalLoss(lmbda, distortion=distortion)
     raise ValueError(f"unknown decomposition {name!r}; valid: {', '.join(DECOMPOSITIONS)}")
 
 

@@ -67,7 +67,9 @@ def expected_counts(cfg: dict) -> dict[str, int]:
         d["kind"] == "samples" for d in datasets.values()
     )
     prepared = [n for n, d in datasets.items() if d["kind"] in ("kodak", "clic2020-professional", "tecnick")]
+    official = any(v.get("init_from") == "official" for v in cfg["variants"].values())
     counts = {
+        "check_checkpoint": len(cfg["lambdas"]) if official else 0,  # one check per official file
         "export_samples": int(uses_samples),
         "prepare_dataset": len(prepared),
         "run_config": n_runs,

@@ -33,7 +33,8 @@ rule analysis_config:
     log:
         "logs/analysis_config/analysis.log",
     params:
-        analysis=config["analysis"],
+        # the quality axis resolved (analysis.metric, else the study's distortion's default)
+        analysis={**config["analysis"], "metric": STUDY.metric},
     run:
         write_yaml(output[0], {"analysis": params.analysis}, log[0])
 
@@ -84,6 +85,7 @@ rule phase2_grid:
         include=lambda wildcards: grid_includes(wildcards.grid),
         reference=config["analysis"]["reference"],
         method=config["analysis"]["bd_method"],
+        metric=STUDY.metric,
         evals=eval_csv_option,
         outdir=tables_dir,
         plotdir=parent_of_png,
@@ -91,7 +93,8 @@ rule phase2_grid:
         "../../envs/hpcm.yaml"
     shell:
         "python -m hpcm.analysis.phase2 --points {input.points} --runs {params.runs} --grid {wildcards.grid} "
-        "--include {params.include} --reference {params.reference} --method {params.method} {params.evals} "
+        "--include {params.include} --reference {params.reference} --method {params.method} --metric {params.metric} "
+        "{params.evals} "
         "--output-dir {params.outdir} --plots-dir {params.plotdir} > {log} 2>&1"
 
 

@@ -4,6 +4,7 @@
 import os
 import re
 import shlex
+import sys
 
 from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
@@ -40,6 +41,21 @@ def alternatives(names):
 def init_checkpoint(wildcards):
     """The file a fine-tuning run starts from ([] when it trains from scratch)."""
     return STUDY.init_checkpoint(wildcards.variant, wildcards.lmbda, wildcards.seed)
+
+
+def checked_init(wildcards):
+    """The check report of the official checkpoint a run starts from (rule check_checkpoint)."""
+    return STUDY.checked_init(wildcards.variant, wildcards.lmbda)
+
+
+def official_checkpoint(wildcards):
+    return STUDY.official_checkpoints[wildcards.lmbda]
+
+
+def print_training_cost():
+    """The study's price, before anything runs (the main process only: not again in every job)."""
+    if not (workflow.remote_exec or workflow.subprocess_exec):
+        print(STUDY.cost_report(), file=sys.stderr)
 
 
 def sample_inputs(wildcards):
@@ -232,6 +248,7 @@ def eval_csv_option(wildcards, input):
 # ---------------------------------------------------------------------------------------------
 STUDY = load_study(config)
 VARIANTS = STUDY.variants
+print_training_cost()
 
 
 wildcard_constraints:

@@ -27,11 +27,12 @@ rule plot_rd:
         reference=config["analysis"]["reference"],
         # the config's variant order fixes each variant's colour in every figure
         variants=list(STUDY.variants),
+        metric=STUDY.metric,
     conda:
         "../../envs/hpcm.yaml"
     shell:
         "python -m hpcm.plots rd --points {input.points} --anchors {params.anchors} "
-        "--reference {params.reference} "
+        "--reference {params.reference} --metric {params.metric} "
         "--variants {params.variants} --output-dir {output} > {log} 2>&1"
 
 

@@ -6,12 +6,34 @@
 
 localrules:
     run_config,
+    check_checkpoint,
+
+
+# Each official checkpoint is checked once before any run starts from it: it must load into the
+# configured model, and a lambda its labels or name state must be the one it is listed for
+# (python -m hpcm.models.check says what it cannot detect).
+rule check_checkpoint:
+    input:
+        official_checkpoint,
+    output:
+        PATHS["checkpoint_check"],
+    log:
+        "logs/check_checkpoint/lmbda{lmbda}.log",
+    params:
+        model=config["model"],
+        distortion=config["distortion"],
+    conda:
+        "../../envs/hpcm.yaml"
+    shell:
+        "python -m hpcm.models.check {input} --model {params.model} --lmbda {wildcards.lmbda} "
+        "--distortion {params.distortion} --output {output} > {log} 2>&1"
 
 
 rule run_config:
     input:
         unpack(sample_inputs),
         init=init_checkpoint,
+        checked=checked_init,
     output:
         PATHS["run_config"],
     log:
