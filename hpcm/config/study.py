@@ -15,8 +15,9 @@ What a study config says (schema: ``workflow/schemas/config.schema.yaml``):
 
 Checked here, each as a :class:`StudyConfigError` naming the config key: the schema (defaults
 filled in), unknown or cyclic references, two lambdas or two variants that would share one
-folder (issue 10 point 4), and a ``patch_size`` that is not a multiple of the model's pad multiple
-(every train job would fail; issue 10 point 6). The pad multiple is passed in
+folder (issue 10 point 4), a ``patch_size`` that is not a multiple of the model's pad multiple
+(every train job would fail; issue 10 point 6), and GPUs per job that cannot be launched
+(``compute.train.gpus``; issue 11 point 4). The pad multiple is passed in
 (``pad_multiple_of(model_name)``) because the model stage comes after this one.
 """
 
@@ -238,6 +239,23 @@ def check_patch_sizes(cfg: Mapping[str, Any], variants: Mapping[str, Any], pad_m
                                    f"pad multiple of {model}")
 
 
+def check_compute(cfg: Mapping[str, Any]) -> None:
+    """GPUs per job: several only for training, on `device: cuda` (torchrun gives each process its
+    own device by LOCAL_RANK), and never more than the workstation's `local_gpus` can lock."""
+    if cfg["compute"]["evaluate"]["gpus"] != 1:
+        raise StudyConfigError("compute.evaluate.gpus", f"{cfg['compute']['evaluate']['gpus']}: evaluation runs on "
+                               "one device; remove the key (only compute.train.gpus may be > 1)")
+    gpus = cfg["compute"]["train"]["gpus"]
+    if gpus > 1 and cfg["device"] != "cuda":
+        raise StudyConfigError("compute.train.gpus", f"{gpus} GPUs per training job need `device: cuda` (got "
+                               f"{cfg['device']!r}): torchrun starts one process per GPU and each takes its own "
+                               "device; set device: cuda or compute.train.gpus: 1")
+    local = cfg["local_gpus"]
+    if local >= 1 and gpus > local:
+        raise StudyConfigError("compute.train.gpus", f"{gpus} GPUs per training job but local_gpus is {local}: no "
+                               "job could lock that many devices; lower compute.train.gpus or raise local_gpus")
+
+
 # ---------------------------------------------------------------------------------------------
 # The resolved study
 # ---------------------------------------------------------------------------------------------
@@ -336,6 +354,17 @@ class Study:
         settings["wandb_project"] = f"{settings['wandb_project']}-{self.config['study']}"
         return settings
 
+    # -- compute
+    def gpus(self, rule: str) -> int:
+        """GPUs one job of `rule` ('train' or 'evaluate') asks for: 0 on the CPU."""
+        return 0 if self.config["device"] == "cpu" else self.config["compute"][rule]["gpus"]
+
+    def train_launcher(self) -> str:
+        """What runs `-m hpcm.train`: plain python for one device, else torchrun with one process per
+        GPU on this node (--standalone: a local rendezvous, no address to configure)."""
+        gpus = self.gpus("train")
+        return "python" if gpus <= 1 else f"torchrun --standalone --nproc-per-node {gpus}"
+
     # -- analysis
     def table_names(self) -> list[str]:
         """The tables `python -m hpcm.tables` writes for this config (see its docstring)."""
@@ -353,6 +382,7 @@ def resolve(cfg: dict[str, Any], pad_multiple_of: Callable[[str], int], root: st
     variants = resolve_variants(cfg)
     check_references(cfg, variants, lambdas)
     check_patch_sizes(cfg, variants, pad_multiple_of(cfg["model"]))
+    check_compute(cfg)
     return Study(config=cfg, lambdas=lambdas, seeds=[int(s) for s in cfg["seeds"]], variants=variants,
                  root=str(root))
 
