@@ -15,8 +15,9 @@ What a study config says (schema: ``workflow/schemas/config.schema.yaml``):
 
 Checked here, each as a :class:`StudyConfigError` naming the config key: the schema (defaults
 filled in), unknown or cyclic references, two lambdas or two variants that would share one
-folder (issue 10 point 4), and a ``patch_size`` that is not a multiple of the model's pad multiple
-(every train job would fail; issue 10 point 6). The pad multiple is passed in
+folder (issue 10 point 4), a ``patch_size`` that is not a multiple of the model's pad multiple
+(every train job would fail; issue 10 point 6), and GPUs per job that cannot be launched
+(``compute.train.gpus``; issue 11 point 4). The pad multiple is passed in
 (``pad_multiple_of(model_name)``) because the model stage comes after this one.
 """
 
@@ -269,6 +270,23 @@ def check_steps_per_s(cfg: Mapping[str, Any], variants: Mapping[str, Any]) -> No
                                    f"(variant {name}); add it or a `default`")
 
 
+def check_compute(cfg: Mapping[str, Any]) -> None:
+    """GPUs per job: several only for training, on `device: cuda` (torchrun gives each process its
+    own device by LOCAL_RANK), and never more than the workstation's `local_gpus` can lock."""
+    if cfg["compute"]["evaluate"]["gpus"] != 1:
+        raise StudyConfigError("compute.evaluate.gpus", f"{cfg['compute']['evaluate']['gpus']}: evaluation runs on "
+                               "one device; remove the key (only compute.train.gpus may be > 1)")
+    gpus = cfg["compute"]["train"]["gpus"]
+    if gpus > 1 and cfg["device"] != "cuda":
+        raise StudyConfigError("compute.train.gpus", f"{gpus} GPUs per training job need `device: cuda` (got "
+                               f"{cfg['device']!r}): torchrun starts one process per GPU and each takes its own "
+                               "device; set device: cuda or compute.train.gpus: 1")
+    local = cfg["local_gpus"]
+    if local >= 1 and gpus > local:
+        raise StudyConfigError("compute.train.gpus", f"{gpus} GPUs per training job but local_gpus is {local}: no "
+                               "job could lock that many devices; lower compute.train.gpus or raise local_gpus")
+
+
 # ---------------------------------------------------------------------------------------------
 # The resolved study
 # ---------------------------------------------------------------------------------------------
@@ -385,14 +403,17 @@ class Study:
         return float(value[key]), f"compute.train.steps_per_s.{key}"
 
     def training_cost(self) -> list[dict[str, Any]]:
-        """One row per variant: runs, steps per run, steps/s (and where it came from), hours."""
+        """One row per variant: runs, steps per run, steps/s (and where it came from), hours.
+        steps_per_s is one job's rate with all its GPUs, so a job's GPU-hours are its wall hours
+        times compute.train.gpus."""
+        devices_per_job = max(1, self.gpus("train"))
         rows = []
         for name, spec in self.variants.items():
             steps = int(spec.get("steps", self.config["training"]["steps"]))
             rate, source = self.steps_per_s(spec["optimizer"])
             runs = len(self.lambdas) * len(self.seeds)
             rows.append({"variant": name, "optimizer": spec["optimizer"], "runs": runs, "steps": steps,
-                         "steps_per_s": rate, "source": source, "hours": runs * steps / rate / 3600})
+                         "steps_per_s": rate, "source": source, "hours": runs * steps / rate / 3600 * devices_per_job})
         return rows
 
     def cost_report(self) -> str:
@@ -400,8 +421,8 @@ class Study:
         unit = "CPU-hours" if self.config["device"] == "cpu" else "GPU-hours"
         rows = self.training_cost()
         width = max(len(r["variant"]) for r in rows)
-        lines = [f"training cost of study {self.config['study']!r} ({unit} = runs x steps / steps_per_s; measure "
-                 "steps/s from a short run's metrics.csv step_time and set compute.train.steps_per_s):",
+        lines = [f"training cost of study {self.config['study']!r} ({unit} = runs x steps / steps_per_s x GPUs per job; "
+                 "measure steps/s from a short run's metrics.csv step_time and set compute.train.steps_per_s):",
                  f"  {'variant':<{width}}  {'optimizer':<21} {'runs':>4} {'steps/run':>10} {'steps/s':>8} {unit:>10}"]
         for r in rows:
             lines.append(f"  {r['variant']:<{width}}  {r['optimizer']:<21} {r['runs']:>4} {r['steps']:>10} "
@@ -413,6 +434,17 @@ class Study:
         lines.append(f"  total: {sum(r['runs'] for r in rows)} runs, {sum(r['runs'] * r['steps'] for r in rows)} "
                      f"steps, {total:.1f} {unit} ({total / 24:.1f} device-days)")
         return "\n".join(lines)
+
+    # -- compute
+    def gpus(self, rule: str) -> int:
+        """GPUs one job of `rule` ('train' or 'evaluate') asks for: 0 on the CPU."""
+        return 0 if self.config["device"] == "cpu" else self.config["compute"][rule]["gpus"]
+
+    def train_launcher(self) -> str:
+        """What runs `-m hpcm.train`: plain python for one device, else torchrun with one process per
+        GPU on this node (--standalone: a local rendezvous, no address to configure)."""
+        gpus = self.gpus("train")
+        return "python" if gpus <= 1 else f"torchrun --standalone --nproc-per-node {gpus}"
 
     # -- analysis
     @property
@@ -438,6 +470,7 @@ def resolve(cfg: dict[str, Any], pad_multiple_of: Callable[[str], int], root: st
     check_patch_sizes(cfg, variants, pad_multiple_of(cfg["model"]))
     check_ms_ssim_patches(cfg, variants)
     check_steps_per_s(cfg, variants)
+    check_compute(cfg)
     return Study(config=cfg, lambdas=lambdas, seeds=[int(s) for s in cfg["seeds"]], variants=variants,
                  root=str(root))
 

@@ -167,3 +167,30 @@ def test_a_variant_may_set_ema_decay_and_the_others_run_yaml_stays_as_before(tmp
     assert "ema_decay" not in s.run_config("baseline", "0.0067", 0, [])  # unchanged params: no Snakemake rerun
     with pytest.raises(study.StudyConfigError):
         load(small(variants={**variants, "bad": {"optimizer": "adam", "ema_decay": 1.0}}))
+
+
+@pytest.mark.parametrize("changes, key, words", [
+    ({"device": "cpu", "compute": {"train": {"gpus": 4}}}, "compute.train.gpus", "need `device: cuda` (got 'cpu')"),
+    ({"device": "cuda:1", "compute": {"train": {"gpus": 2}}}, "compute.train.gpus", "(got 'cuda:1')"),
+    ({"device": "cuda", "local_gpus": 2, "compute": {"train": {"gpus": 4}}}, "compute.train.gpus",
+     "local_gpus is 2"),
+    ({"device": "cuda", "compute": {"evaluate": {"gpus": 2}}}, "compute.evaluate.gpus", "one device"),
+    ({"device": "cuda", "compute": {"train": {"gpus": 0}}}, "compute.train.gpus", "minimum of 1"),
+])
+def test_gpus_per_job_that_cannot_launch_are_errors_naming_the_key(changes, key, words):
+    """Issue 11 point 4: several GPUs per training job only where torchrun can use them."""
+    message = error_of(small(**changes))
+    assert message.startswith(f"config key '{key}'"), message
+    assert words in message, message
+
+
+@pytest.mark.parametrize("device, gpus, local_gpus, expected_gpus, launcher", [
+    ("cpu", 1, 0, 0, "python"),
+    ("cuda", 1, 0, 1, "python"),
+    ("cuda", 4, 0, 4, "torchrun --standalone --nproc-per-node 4"),  # SLURM: local_gpus unused
+    ("cuda", 4, 8, 4, "torchrun --standalone --nproc-per-node 4"),
+])
+def test_gpus_per_training_job_choose_the_launcher(device, gpus, local_gpus, expected_gpus, launcher):
+    resolved = load(small(device=device, local_gpus=local_gpus, compute={"train": {"gpus": gpus}}))
+    assert resolved.gpus("train") == expected_gpus and resolved.train_launcher() == launcher
+    assert resolved.gpus("evaluate") == (0 if device == "cpu" else 1)

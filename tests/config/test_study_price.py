@@ -44,6 +44,9 @@ def test_the_price_is_runs_times_steps_over_the_rate():
     assert "the default is a GPU rate" not in report
     one = load(small(device="cuda", compute={"train": {"steps_per_s": 2.0}}))
     assert {r["steps_per_s"] for r in one.training_cost()} == {2.0} and "GPU-hours" in one.cost_report()
+    # a job on 4 GPUs at 2 steps/s (its own rate, all GPUs together) costs 4x its wall time
+    four = load(small(device="cuda", compute={"train": {"steps_per_s": 2.0, "gpus": 4}}))
+    assert [r["hours"] for r in four.training_cost()] == pytest.approx([4 * h["hours"] for h in one.training_cost()])
     default = load(small())
     assert {r["steps_per_s"] for r in default.training_cost()} == {study.DEFAULT_STEPS_PER_S}
     assert "the default is a GPU rate" in default.cost_report()  # a CPU study priced at a GPU rate says so

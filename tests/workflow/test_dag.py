@@ -13,10 +13,12 @@ from __future__ import annotations
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -236,22 +238,117 @@ def test_every_rule_has_a_log_and_shell_rules_an_env():
             assert env and (ROOT / env.group(1)).is_file(), f"rule {name} names no env from envs/"
 
 
+def train_job(output: str) -> tuple[str, dict[str, object]]:
+    """(shell command, resources) of the first train job of a `-n -p` dry run."""
+    block = output[output.index("rule train:"):]
+    resources = {}
+    for item in re.search(r"^\s+resources: (.*)$", block, flags=re.M).group(1).split(", "):
+        key, value = item.split("=", 1)
+        resources[key] = int(value) if value.isdigit() else value
+    command = re.search(r"^Shell command: (.*)$", block, flags=re.M).group(1)
+    return command, resources
+
+
+def gpu_config(tmp_path: Path, gpus: int, local_gpus: int) -> Path:
+    return write_config(tmp_path, device="cuda", local_gpus=local_gpus, compute__train__gpus=gpus)
+
+
+@pytest.mark.parametrize("gpus", [1, 4])
+def test_gpus_per_training_job_set_the_launcher_and_the_gpu_resource(tmp_path, gpus):
+    """Issue 11 point 4: gpus 1 keeps the plain command; gpus N launches torchrun with N processes
+    on one node and asks for N GPUs (locally counted against --resources gpu=M)."""
+    result = snakemake("-n", "-p", "--configfile", str(gpu_config(tmp_path, gpus, 8)), "--resources", "gpu=8")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    command, resources = train_job(result.stdout + result.stderr)
+    assert resources["gpu"] == gpus
+    prefix, sep, rest = command.partition(" -m hpcm.train --config ")
+    assert sep, command
+    lock = f". {shlex.quote(str(ROOT / 'workflow' / 'scripts' / 'gpu-lock.sh'))} 8 {gpus}; "
+    launcher = "python" if gpus == 1 else f"torchrun --standalone --nproc-per-node {gpus}"
+    assert prefix == lock + launcher
+
+
+def test_one_gpu_per_job_keeps_todays_command():
+    """Without GPUs (the demo) the training command is exactly the plain python one."""
+    result = snakemake("-n", "-p")
+    assert result.returncode == 0, result.stderr[-3000:]
+    command, resources = train_job(result.stdout + result.stderr)
+    assert command.startswith("python -m hpcm.train --config results/configs/") and resources.get("gpu", 0) == 0
+
+
+class Resources(dict):
+    """Snakemake's job resources as the SLURM plugin reads them (.get and attributes)."""
+
+    def __getattr__(self, name):
+        return self[name]
+
+
+@pytest.mark.parametrize("gpus", [1, 4])
+def test_slurm_submission_asks_for_the_jobs_gpus_as_one_task(tmp_path, gpus):
+    """Through profiles/slurm, the pinned executor plugin turns a training job into `sbatch
+    --gpus=N` with one task that holds the job's threads (torchrun starts the processes)."""
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    cfg = gpu_config(tmp_path, gpus, 0)
+    result = snakemake("-n", "-p", "--configfile", str(cfg), "--profile", str(ROOT / "profiles" / "slurm"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    command, resources = train_job(result.stdout + result.stderr)
+    assert command.startswith("python -m" if gpus == 1 else f"torchrun --standalone --nproc-per-node {gpus} -m")
+    assert "gpu-lock.sh" not in command  # local_gpus 0: SLURM assigns the devices
+    job = SimpleNamespace(resources=Resources(resources), threads=yaml.safe_load(cfg.read_text())["compute"]["train"]["threads"])
+    params = {"run_uuid": "uuid", "slurm_logfile": "log", "comment_str": "rule_train", "account": "",
+              "partition": "", "workdir": str(tmp_path)}
+    sbatch = get_submit_command(job, params) + set_gres_string(job)
+    assert f"--gpus={gpus}" in sbatch and "--ntasks-per-gpu" not in sbatch, sbatch
+    assert f"--cpus-per-task={job.threads}" in sbatch and "--signal=TERM@300" in sbatch, sbatch
+
+
+def lock_prefix(local_gpus: int, needed: int) -> str:
+    return f". {shlex.quote(str(ROOT / 'workflow' / 'scripts' / 'gpu-lock.sh'))} {local_gpus} {needed}; "
+
+
+def run_locking_jobs(tmp_path: Path, prefixes: list[str], hold: float = 3) -> list[tuple[int, str, str]]:
+    """Start one shell per prefix at once (each holds its devices for `hold` s): (rc, devices, stderr)."""
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_JOB_ID"}
+    jobs = [subprocess.Popen(["bash", "-c", f"set -euo pipefail; {prefix} echo $CUDA_VISIBLE_DEVICES; sleep {hold}"],
+                             cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for prefix in prefixes]
+    return [(job.returncode, out.strip(), err) for job, (out, err) in ((j, j.communicate(timeout=60)) for j in jobs)]
+
+
 def test_local_gpu_jobs_each_lock_their_own_device(tmp_path):
     """With local_gpus: 2, the training command's prefix gives concurrent jobs distinct devices
     and refuses a third one."""
     result = snakemake("-n", "-p", "--config", "device=cuda", "local_gpus=2", "--resources", "gpu=2")
     assert result.returncode == 0, result.stderr[-3000:]
-    output = result.stdout + result.stderr
-    line = next(line for line in output.splitlines() if "python -m hpcm.train" in line)
-    command = line.split("Shell command:", 1)[-1].strip()
+    command, _ = train_job(result.stdout + result.stderr)
     prefix = command[: command.index("python -m hpcm.train")]
-    assert "flock" in prefix and "--set device=cuda" in command
-    env = {k: v for k, v in os.environ.items() if k != "SLURM_JOB_ID"}
-    script = f"set -euo pipefail; {prefix} echo $CUDA_VISIBLE_DEVICES; sleep 3"
-    jobs = [subprocess.Popen(["bash", "-c", script], cwd=tmp_path, env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
-    outputs = [job.communicate(timeout=30) for job in jobs]
-    devices = sorted(out.strip() for (out, _), job in zip(outputs, jobs) if job.returncode == 0)
-    refused = [err for (_, err), job in zip(outputs, jobs) if job.returncode != 0]
+    assert prefix == lock_prefix(2, 1) and "--set device=cuda" in command
+    outcomes = run_locking_jobs(tmp_path, [prefix] * 3)
+    devices = sorted(devs for rc, devs, _ in outcomes if rc == 0)
+    refused = [err for rc, _, err in outcomes if rc != 0]
     assert devices == ["0", "1"]
-    assert len(refused) == 1 and "all 2 local GPUs are locked" in refused[0]
+    assert len(refused) == 1 and "only 0 of the 2 local GPUs are free, this job needs 1" in refused[0]
+
+
+def test_multi_gpu_jobs_lock_all_their_devices_or_none(tmp_path):
+    """8 fake devices: two 4-GPU jobs started together get disjoint sets of 4 (never a part each,
+    no deadlock); a third job, and a 4-GPU job beside a 6-GPU one, are refused at once and hold
+    nothing."""
+    outcomes = run_locking_jobs(tmp_path, [lock_prefix(8, 4)] * 3)
+    granted = [devs.split(",") for rc, devs, _ in outcomes if rc == 0]
+    refused = [err for rc, _, err in outcomes if rc != 0]
+    assert len(granted) == 2 and all(len(g) == 4 for g in granted)
+    assert sorted(granted[0] + granted[1], key=int) == [str(i) for i in range(8)]
+    assert len(refused) == 1 and "only 0 of the 8 local GPUs are free, this job needs 4" in refused[0]
+    # a refused job holds nothing: with 6 of 8 taken, a 4-GPU job fails and a 2-GPU job still fits
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_JOB_ID"}
+    holder = subprocess.Popen(["bash", "-c", f"set -euo pipefail; {lock_prefix(8, 6)} echo $CUDA_VISIBLE_DEVICES; sleep 6"],
+                              cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE)
+    assert holder.stdout.readline().strip() == "0,1,2,3,4,5"
+    big = run_locking_jobs(tmp_path, [lock_prefix(8, 4)], hold=0)
+    assert big[0][0] != 0 and "only 2 of the 8 local GPUs are free, this job needs 4" in big[0][2]
+    small = run_locking_jobs(tmp_path, [lock_prefix(8, 2)], hold=0)
+    assert small[0][:2] == (0, "6,7")
+    holder.communicate(timeout=30)

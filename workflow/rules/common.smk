@@ -91,26 +91,36 @@ def run_dir_of(wildcards, output):
     return os.path.dirname(output.done)
 
 
-def gpus_per_job(wildcards):
-    return 0 if config["device"] == "cpu" else 1
+def gpus_of(rule_name):
+    """The `gpu` resource of a rule's jobs (sbatch --gpus; counted against --resources gpu=N)."""
+
+    def gpus(wildcards):
+        return STUDY.gpus(rule_name)
+
+    return gpus
 
 
-def gpu_lock(wildcards):
-    """Shell prefix that pins a local GPU job to one free device (no-op under SLURM or <= 1 GPU).
+def gpu_lock_of(rule_name):
+    """Shell prefix that pins a local GPU job to as many free devices as it needs (no-op under
+    SLURM, on the CPU or with local_gpus <= 1).
 
-    Snakemake counts `--resources gpu=N` but does not say which device a job gets, so concurrent
-    jobs would all land on cuda:0; each job takes the first free lock file instead and the lock is
-    held (fd 9) until the job's shell exits.
+    Snakemake counts `--resources gpu=N` but does not say which devices a job gets, so concurrent
+    jobs would all land on cuda:0; each job takes free lock files instead, all or nothing, and
+    holds them until its shell exits (workflow/scripts/gpu-lock.sh).
     """
-    n = config["local_gpus"]
-    if n <= 1 or config["device"] == "cpu":
-        return ""
-    return (
-        'if [ -z "${SLURM_JOB_ID:-}" ]; then mkdir -p .snakemake/gpu-locks; gpu_found=0; '
-        f"for gpu in $(seq 0 {n - 1}); do exec 9>.snakemake/gpu-locks/gpu$gpu; "
-        "if flock -n 9; then export CUDA_VISIBLE_DEVICES=$gpu; gpu_found=1; break; fi; exec 9>&-; done; "
-        f'[ $gpu_found = 1 ] || {{ echo "all {n} local GPUs are locked" >&2; exit 1; }}; fi; '
-    )
+    script = os.path.join(workflow.basedir, "workflow", "scripts", "gpu-lock.sh")
+
+    def gpu_lock(wildcards):
+        n = config["local_gpus"]
+        if n <= 1 or config["device"] == "cpu":
+            return ""
+        return f". {shlex.quote(script)} {n} {STUDY.gpus(rule_name)}; "
+
+    return gpu_lock
+
+
+def train_launcher(wildcards):
+    return STUDY.train_launcher()
 
 
 def warn_if_gpus_unlimited():

@@ -18,10 +18,10 @@ rule evaluate:
         data=lookup_eval_dir,
         model=config["model"],
         device=config["device"],
-        gpu_lock=gpu_lock,
+        gpu_lock=gpu_lock_of("evaluate"),
     threads: threads_of("evaluate")
     resources:
-        gpu=gpus_per_job,
+        gpu=gpus_of("evaluate"),
         mem_mb=mem_mb_of("evaluate"),
         runtime=runtime_of("evaluate"),
     retries: retries_of("evaluate")

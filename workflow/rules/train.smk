@@ -61,10 +61,11 @@ rule train:
     params:
         outdir=run_dir_of,
         settings=runtime_settings,
-        gpu_lock=gpu_lock,
+        gpu_lock=gpu_lock_of("train"),
+        launcher=train_launcher,
     threads: threads_of("train")
     resources:
-        gpu=gpus_per_job,
+        gpu=gpus_of("train"),
         mem_mb=mem_mb_of("train"),
         runtime=runtime_of("train"),
     retries: retries_of("train")
@@ -72,6 +73,6 @@ rule train:
         "../../envs/hpcm.yaml"
     shell:
         "{params.gpu_lock}"
-        "python -m hpcm.train --config {input.config} --output-dir {params.outdir} {params.settings} "
+        "{params.launcher} -m hpcm.train --config {input.config} --output-dir {params.outdir} {params.settings} "
         ">> {log} 2>&1 && "
         "ln -f {params.outdir}/epoch_best.pth.tar {output.weights}"
