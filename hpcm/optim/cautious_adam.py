@@ -25,13 +25,15 @@ thread, median of 7 rounds of min-of-10 (``python benchmarks/cautious_paths.py``
     reference (foreach=False)    22.4 ms   1.00
     foreach (list kernels)       12.0 ms   0.54  (0.53..0.57)   CUDA default; CPU buckets at mixed steps
     C kernel (cautious_native)    3.1 ms   0.14  (0.13..0.16)   CPU default (fused=None/True)
-    sync_free                    31.6 ms   1.42  (1.36..1.48)   CUDA only (hpcm.train): no host sync
+    sync_free                    29.1 ms   1.29  (1.21..1.48)   CUDA only (hpcm.train): no host sync
     torch fused Adam              2.2 ms   0.10                 (yardstick: one pass)
 
 A torch path on flat buffers (9.0 ms, 0.42) was removed: it ran only where the kernel cannot
 (no compiler, ``HPCM_NATIVE=0``, ATen's DEFAULT capability), and foreach serves there at 12.0 ms.
 sync_free is kept for CUDA, where its point is the absent per-step host synchronisation (not
-measurable on this CPU; ``benchmarks/cautious_paths.py --device cuda`` times it there).
+measurable on this CPU; ``benchmarks/cautious_paths.py --device cuda`` times it there). On CPU its
+0-dim device factors go through ATen's per-tensor fallbacks; on CUDA they are list kernels
+(``benchmarks/sync_free_ops.py`` counts the ops).
 """
 
 from __future__ import annotations
