@@ -95,7 +95,8 @@ OPTIMIZERS = {  # run-config overrides of each timed optimizer
 }
 SYNC_FREE_OPTIMIZERS = {"cautious_adam": {"optimizer": "cautious_adam"}, **{
     k: v for k, v in OPTIMIZERS.items() if k != "adam"}}  # adam has no host/device switch
-SYNC_FREE_LONG = ("cautious_adam", "balanced next_batch")  # the many-step comparison (time)
+SYNC_FREE_LONG = ("cautious_adam", "balanced next_batch", "balanced same_batch")  # the many-step comparison
+SKIP_BATCH = 7  # this batch of the many-step comparison is NaN: a skipped step on both paths
 KODAK_SIZE = (512, 768)  # H, W of a landscape Kodak image
 SCALE_TABLE = (0.12, 64, 60)  # the official test.py's get_scale_table arguments
 
@@ -371,6 +372,10 @@ def section_sync_free(args: Namespace, device: torch.device, ctx: dict) -> dict:
         batches = [b.to(device) for b in loader]
         if device.type == "cuda":
             batches = [b.contiguous(memory_format=torch.channels_last) for b in batches]
+        # one non-finite batch in the long comparison: both paths must skip it identically
+        long_batches = list(batches)
+        if len(long_batches) > SKIP_BATCH:
+            long_batches[SKIP_BATCH] = torch.full_like(long_batches[SKIP_BATCH], float("nan"))
         del probe
         one_step = {}
         print(f"  one step from identical weights/batch/RNG, sync_free vs host (ulp: float32 eps * |host value|; "
@@ -394,7 +399,7 @@ def section_sync_free(args: Namespace, device: torch.device, ctx: dict) -> dict:
                 if label == "host_again" and device.type == "cpu":
                     continue  # CPU is deterministic: a second host run adds nothing
                 run = make_run(args, overrides, batch_size, sync_free=flag)
-                outcome[label] = _train_steps(run, batches)
+                outcome[label] = _train_steps(run, long_batches)
                 skipped = run.skipped_steps()
                 del run
                 free_device_memory()
@@ -403,7 +408,8 @@ def section_sync_free(args: Namespace, device: torch.device, ctx: dict) -> dict:
             results[name] = {"max_abs_diff_params": params, "max_abs_diff_task_weights": weights,
                              "host_rerun_diff_params": floor[0], "host_rerun_diff_task_weights": floor[1],
                              "equal": params == 0.0 and weights == 0.0, "skipped_steps": skipped}
-            print(f"  {name:<20} {steps} steps, sync_free vs host: params {params:.3g}, task weights "
+            print(f"  {name:<20} {steps} steps (batch {SKIP_BATCH} NaN, skipped {skipped}), sync_free vs host: "
+                  f"params {params:.3g}, task weights "
                   f"{weights:.3g} (host vs host {floor[0]:.3g} / {floor[1]:.3g}); "
                   f"{'EQUAL' if results[name]['equal'] else 'different'}")
         return {"steps": steps, "batch_size": batch_size, "deterministic_algorithms": True,
