@@ -227,9 +227,17 @@ class BoundedCache:
         if value is None:
             if len(self._cache) >= self.max_entries:
                 self._cache.pop(next(iter(self._cache)))
-            value = build()
+            value = _build_eagerly(build)
             self._cache[key] = value
         return value
+
+
+@torch.compiler.disable
+def _build_eagerly(build: Callable[[], object]) -> object:
+    """Run ``build`` outside torch.compile: the masks are built on the CPU (with data-dependent
+    ``nonzero``) and then moved; traced, they became CPU graphs inside a CUDA training step, whose
+    C++ code generation failed on the GPU (issue 15, docs/gpu.md run 1)."""
+    return build()
 
 
 class PartitionCache(BoundedCache):

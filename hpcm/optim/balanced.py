@@ -124,8 +124,10 @@ class Balanced(FamoWeighting, QPWeighting, BalancedParameterStep, BalancedStateF
         self.update_mode = update_mode
         self.weighting = weighting
         self.w = torch.zeros(self.n_tasks, device=self.device, requires_grad=True)
-        # capturable on CUDA keeps the step count of w on the device (sync_free gating needs it)
-        self.w_opt = torch.optim.Adam([self.w], lr=w_lr, capturable=sync_free and self.device.type == "cuda")
+        # capturable on CUDA keeps the step count of w on the device (sync_free gating needs it);
+        # on both paths, so that they run the same arithmetic (capturable Adam computes its bias
+        # corrections on the device in float32, the default one on the host in double)
+        self.w_opt = torch.optim.Adam([self.w], lr=w_lr, capturable=self.device.type == "cuda")
         self.task_gammas = torch.full((self.n_tasks,), float(gamma), device=self.device)
         self.task_modulation: torch.Tensor | None = None  # per-task factors (HierarchicalBalanced)
         self.min_losses = torch.zeros(self.n_tasks, device=self.device)

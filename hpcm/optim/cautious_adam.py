@@ -25,13 +25,15 @@ thread, median of 7 rounds of min-of-10 (``python benchmarks/cautious_paths.py``
     reference (foreach=False)    22.4 ms   1.00
     foreach (list kernels)       12.0 ms   0.54  (0.53..0.57)   CUDA default; CPU buckets at mixed steps
     C kernel (cautious_native)    3.1 ms   0.14  (0.13..0.16)   CPU default (fused=None/True)
-    sync_free                    31.6 ms   1.42  (1.36..1.48)   CUDA only (hpcm.train): no host sync
+    sync_free                    29.1 ms   1.29  (1.21..1.48)   CUDA only (hpcm.train): no host sync
     torch fused Adam              2.2 ms   0.10                 (yardstick: one pass)
 
 A torch path on flat buffers (9.0 ms, 0.42) was removed: it ran only where the kernel cannot
 (no compiler, ``HPCM_NATIVE=0``, ATen's DEFAULT capability), and foreach serves there at 12.0 ms.
 sync_free is kept for CUDA, where its point is the absent per-step host synchronisation (not
-measurable on this CPU; ``benchmarks/cautious_paths.py --device cuda`` times it there).
+measurable on this CPU; ``benchmarks/cautious_paths.py --device cuda`` times it there). On CPU its
+0-dim device factors go through ATen's per-tensor fallbacks; on CUDA they are list kernels
+(``benchmarks/sync_free_ops.py`` counts the ops).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from hpcm.optim.cautious_flat import MOMENT_KEYS, FlatMoments, build_flat_moment
 from hpcm.optim.cautious_math import MASK_MEAN_FLOOR, MASK_SCALE_CAP
 from hpcm.optim.cautious_math import foreach_update as _foreach_update
 from hpcm.optim.cautious_math import single_tensor_update as _single_tensor_update
-from hpcm.optim.cautious_sync_free import BiasTables, grads_finite, sync_free_update
+from hpcm.optim.cautious_sync_free import BiasTables, GateConstants, grads_finite, sync_free_update
 
 
 class CautiousAdam(Optimizer):
@@ -91,6 +93,11 @@ class CautiousAdam(Optimizer):
         self.sync_free = bool(sync_free)
         self._step_bound: int | None = None  # an upper bound of every step counter (sync_free)
         self._bias_tables: dict[tuple, BiasTables] = {}
+        self._gate_constants: dict[torch.device, GateConstants] = {}
+        # sync_free: per group, the parameters stepped last time, and whether their counters are
+        # known (on the host) to be equal; None until the first step after construction or loading
+        self._sf_members: dict[int, tuple[int, ...]] = {}
+        self._sf_uniform: dict[int, bool] = {}
         self._skipped_device: torch.Tensor | None = None
 
     def __setstate__(self, state: dict) -> None:
@@ -125,6 +132,7 @@ class CautiousAdam(Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         self._step_bound = None
+        self._sf_members, self._sf_uniform = {}, {}
         for state in self.state.values():  # each mode keeps its own step type
             if "step" in state:
                 step = state["step"]
@@ -153,12 +161,12 @@ class CautiousAdam(Optimizer):
         if self._step_bound is None:  # once after construction or loading: one read
             self._step_bound = max((int(s["step"]) for s in self.state.values() if "step" in s), default=0)
         self._step_bound += 1
-        for group in self.param_groups:
-            self._sync_free_group(group, ok)
+        for number, group in enumerate(self.param_groups):
+            self._sync_free_group(number, group, ok)
         return ok
 
-    def _sync_free_group(self, group: dict, ok: torch.Tensor) -> None:
-        params, grads, moments, steps = [], [], [], []
+    def _sync_free_group(self, number: int, group: dict, ok: torch.Tensor) -> None:
+        params, grads, moments, steps, fresh = [], [], [], [], []
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -168,6 +176,7 @@ class CautiousAdam(Optimizer):
                 raise RuntimeError(f"sync_free CautiousAdam needs fp32/fp64 params and grads, got "
                                    f"{p.dtype} / {p.grad.dtype}")
             state = self.state[p]
+            fresh.append(len(state) == 0)
             if len(state) == 0:
                 state["step"] = torch.zeros((), device=p.device)
                 for key in MOMENT_KEYS[:3 if group["amsgrad"] else 2]:
@@ -180,8 +189,10 @@ class CautiousAdam(Optimizer):
             steps.append(state["step"])
         if not params:
             return
+        uniform = self._steps_uniform(number, params, steps, fresh)
         okf = ok.to(steps[0].device).float()
-        torch._foreach_add_(steps, okf)
+        # a list of the same 0-dim flag: the Tensor-scalar overload reads it back on CPU (item)
+        torch._foreach_add_(steps, [okf] * len(steps))
         beta1, beta2 = group["betas"]
         buckets: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
@@ -191,15 +202,34 @@ class CautiousAdam(Optimizer):
             if tables is None:
                 tables = self._bias_tables[(device, beta1, beta2)] = BiasTables(beta1, beta2, device)
             tables.ensure(self._step_bound)
+            constants = self._gate_constants.get(device)
+            if constants is None:
+                constants = self._gate_constants[device] = GateConstants(device)
             pick = lambda items: [items[i] for i in index]  # noqa: E731
             states = pick(moments)
+            bucket_steps = pick(steps)
             sync_free_update(
                 pick(params), pick(grads), [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                 [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
-                torch.stack(pick(steps)), ok.to(device), tables, amsgrad=group["amsgrad"],
-                cautious=group["cautious"], beta1=beta1, beta2=beta2, lr=group["lr"],
-                weight_decay=group["weight_decay"], eps=group["eps"],
-                mask_mean_floor=MASK_MEAN_FLOOR, mask_scale_cap=MASK_SCALE_CAP)
+                bucket_steps[0].view(1) if uniform else torch.stack(bucket_steps), ok.to(device), tables,
+                constants, uniform=uniform, amsgrad=group["amsgrad"], cautious=group["cautious"],
+                beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"])
+
+    def _steps_uniform(self, number: int, params: list, steps: list[torch.Tensor], fresh: list[bool]) -> bool:
+        """Whether every counter of this step's parameters is equal, known on the host.
+
+        Read from the device once (after construction or loading); then kept true while the same
+        parameters are stepped together every time (each counter then grows by the same ``ok``).
+        """
+        members = tuple(id(p) for p in params)
+        known = self._sf_uniform.get(number)
+        if known is None:
+            values = {int(s) for s, new in zip(steps, fresh) if not new}  # one read, once
+            uniform = all(fresh) or (not any(fresh) and len(values) == 1)
+        else:
+            uniform = known and members == self._sf_members[number] and not any(fresh)
+        self._sf_members[number], self._sf_uniform[number] = members, uniform
+        return uniform
 
     def _update_group(self, group: dict) -> None:
         amsgrad = group["amsgrad"]

@@ -60,8 +60,9 @@ def foreach_update(
 ) -> None:
     """Same maths on tensor lists: a few list kernels instead of ~10 launches per tensor.
 
-    Bitwise equal to ``single_tensor_update``: every element sees the same IEEE operations in
-    the same order. Two rewrites are exact: the mask mean is count/numel (a sum of 0/1 values
+    Bitwise equal to ``single_tensor_update`` on CPU: every element sees the same IEEE operations
+    in the same order. (On an accelerator the final ``p += s * d`` is ``apply_step``'s two
+    roundings, shared with the sync-free path; the per-tensor ``add(alpha=)`` may be fused there.) Two rewrites are exact: the mask mean is count/numel (a sum of 0/1 values
     is exact below 2^24 elements per tensor, as torch's mean is sum/numel), and
     m * (phi * s) is computed as (m * s) * phi (phi is exactly 0 or 1, so both round once).
 
@@ -86,27 +87,57 @@ def foreach_update(
     torch._foreach_div_(denom, math.sqrt(1 - beta2**steps[0]) if same_step
                         else [math.sqrt(1 - beta2**s) for s in steps])
     torch._foreach_add_(denom, eps)
-    if cautious:
-        # phi = 1[m*g > 0] computed as clamp(sign(m*g), 0): exactly 0 or 1.
-        mask = torch._foreach_mul(exp_avgs, grads)
-        torch._foreach_sign_(mask)
-        torch._foreach_clamp_min_(mask, 0.0)
-        if host_scales:  # per-tensor sums are cheaper than the generic norm kernel on CPU
-            counts = torch.stack([m.sum() for m in mask])
-        else:  # the L1 norm of a 0/1 tensor is its count of ones (one fused kernel on CUDA)
-            counts = torch.stack(torch._foreach_norm(mask, 1))
-        numels = element_counts(tuple(m.numel() for m in mask), counts.dtype, counts.device)
-        scales = (1 / (counts / numels).clamp_(min=MASK_MEAN_FLOOR)).clamp_(max=MASK_SCALE_CAP)
-        direction = torch._foreach_mul(exp_avgs, scales.tolist() if host_scales else list(scales.unbind(0)))
-        torch._foreach_mul_(direction, mask)
-        del mask
-    else:
-        direction = torch._foreach_mul(exp_avgs, 1.0)
+    direction = scale_direction(exp_avgs, grads, cautious=cautious, host_scales=host_scales)
     torch._foreach_div_(direction, denom)
     if same_step:
-        torch._foreach_add_(params, direction, alpha=-(lr / (1 - beta1**steps[0])))
-    else:  # one call per distinct step: add with alpha rounds like the per-tensor path
+        apply_step(params, direction, -(lr / (1 - beta1**steps[0])))
+    else:  # one call per distinct step
         for step in sorted(set(steps)):
             index = [i for i, s in enumerate(steps) if s == step]
-            torch._foreach_add_([params[i] for i in index], [direction[i] for i in index],
-                                alpha=-(lr / (1 - beta1**step)))
+            apply_step([params[i] for i in index], [direction[i] for i in index], -(lr / (1 - beta1**step)))
+
+
+def scale_direction(exp_avgs, grads, *, cautious: bool, host_scales: bool) -> list[torch.Tensor]:
+    """m * phi * s per tensor (a new list): the Cautious mask and its rescale, or m itself.
+
+    phi = 1[m*g > 0] is computed as clamp(sign(m*g), 0): exactly 0 or 1. ``host_scales`` reads
+    the per-tensor rescales as Python floats (free on CPU); otherwise they stay on the device.
+    """
+    if not cautious:
+        return torch._foreach_mul(exp_avgs, 1.0)
+    mask = torch._foreach_mul(exp_avgs, grads)
+    torch._foreach_sign_(mask)
+    torch._foreach_clamp_min_(mask, 0.0)
+    if host_scales:  # per-tensor sums are cheaper than the generic norm kernel on CPU
+        counts = torch.stack([m.sum() for m in mask])
+    else:  # the L1 norm of a 0/1 tensor is its count of ones (one fused kernel on CUDA)
+        counts = torch.stack(torch._foreach_norm(mask, 1))
+    numels = element_counts(tuple(m.numel() for m in mask), counts.dtype, counts.device)
+    scales = (1 / (counts / numels).clamp_(min=MASK_MEAN_FLOOR)).clamp_(max=MASK_SCALE_CAP)
+    direction = torch._foreach_mul(exp_avgs, scales.tolist() if host_scales else list(scales.unbind(0)))
+    torch._foreach_mul_(direction, mask)
+    return direction
+
+
+def apply_step(params: list[torch.Tensor], direction: list[torch.Tensor],
+               step_size: float | torch.Tensor | list[torch.Tensor]) -> None:
+    """params += step_size * direction, rounded the same way whatever form ``step_size`` takes.
+
+    The host paths pass a Python float, the sync-free path a float32 device tensor (0-dim, or one
+    per tensor). On CPU, ``add(alpha=s)`` and ``addcmul(d, s)`` round alike (one fused multiply-add
+    where ATen's CPU capability has it, two roundings where it has not), as the per-tensor
+    definition does. On an accelerator the compiler decides whether ``p + s * d`` inside one
+    kernel is fused, and the two kernels need not agree; there both forms are two list kernels,
+    ``d *= s`` then ``p += d`` (two roundings, the same on every path of that device).
+    """
+    if params[0].device.type == "cpu":
+        if isinstance(step_size, float):
+            torch._foreach_add_(params, direction, alpha=step_size)
+        else:
+            factors = step_size if isinstance(step_size, list) else [step_size] * len(params)
+            torch._foreach_addcmul_(params, direction, factors)
+        return
+    if isinstance(step_size, float):
+        step_size = torch.full((), step_size, dtype=direction[0].dtype, device=direction[0].device)
+    torch._foreach_mul_(direction, step_size)
+    torch._foreach_add_(params, direction)

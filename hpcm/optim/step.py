@@ -61,9 +61,10 @@ def balanced_step(optimizer: Balanced, params: list[torch.Tensor], task_losses: 
     """FAMO/QP backward (with the clip), the parameter step, and the official same-batch weight update."""
     optimizer.backward_with_task_balancing(task_losses, params)
     optimizer.step(task_losses=task_losses)
-    # sync_free (CUDA) never reads last_step_skipped: the update then skips on the device
-    # (after a skipped step this extra forward draws noise: RNG streams then differ from CPU)
-    if optimizer.needs_second_forward and (optimizer.sync_free or not optimizer.last_step_skipped):
+    # Also after a skipped step (the update then counts a skipped weight update): sync_free (CUDA)
+    # cannot know on the host that the step was skipped, and the forward draws quantisation noise,
+    # so both paths must run it to stay on the same random stream (bit-equal training).
+    if optimizer.needs_second_forward:
         with torch.no_grad():
             new_tasks = reevaluate()
         optimizer.update_task_weights(new_tasks.detach())

@@ -4,14 +4,16 @@ with the eager module's state-dict names."""
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import pytest
 import torch
 
+from hpcm.config import run_config
 from hpcm.train import checkpoints as checkpointing
 from hpcm.train import loop as train
 from tests.train.test_loop import final_state
-from tests.train.tiny import cli_args
+from tests.train.tiny import TINY, cli_args
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # inductor's CPU notes
 
@@ -59,3 +61,39 @@ def test_compiled_run_equals_eager_and_resumes_with_plain_state_dict_names(tmp_p
                 for k in a["model"])
     assert worst <= 1e-4, worst
     assert torch.allclose(a["optimizer"]["balancing"]["w"], b["optimizer"]["balancing"]["w"], atol=1e-4)
+
+
+@pytest.mark.parametrize("optimizer", ["balanced", "hierarchical_balanced"])
+def test_compiled_objective_graphs_hold_only_tensors_on_the_inputs_device(optimizer):
+    """Every tensor in every graph dynamo captures from the training objective lives on the
+    input's device. On the GPU (docs/gpu.md run 1) ``compile: true`` failed in inductor's C++ (CPU)
+    code generation: the model's cached masks, built on the CPU on a cache miss, were traced into
+    CPU graphs inside the CUDA step. Checked on the "meta" device, where a CPU tensor stands out."""
+    graphs: list[list[tuple[str, str]]] = []
+
+    def record_devices(gm, example_inputs):
+        found = []
+        for node in gm.graph.nodes:
+            value = node.meta.get("example_value")
+            for t in value if isinstance(value, (tuple, list)) else [value]:
+                if isinstance(t, torch.Tensor):
+                    found.append((t.device.type, node.format_node()[:100]))
+        graphs.append(found)
+        return gm.forward
+
+    cfg = run_config.resolve({**TINY, "steps": 10, "device": "cpu", "optimizer": optimizer,
+                              "decomposition": "adaptive"})
+    run = train.Run(cfg, Path("/nonexistent-compile-check"))
+    run.open_data()
+    run.build(None)
+    run.model.to("meta")
+    if run.decomposition is not None:
+        run.decomposition.to("meta")
+    torch._dynamo.reset()
+    objective = torch.compile(run._eager_objective, backend=record_devices)
+    x = torch.rand(1, 3, 64, 64, device="meta")
+    objective(x)
+    objective(x)
+    assert graphs
+    elsewhere = [node for graph in graphs for device, node in graph if device != "meta"]
+    assert elsewhere == []
