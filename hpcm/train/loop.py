@@ -480,13 +480,12 @@ def train(run: Run, stop: StopFlag) -> int:
                                     refresh=False)
                 if cfg["quiet"]:
                     print_err(log_line(row, run.total_steps))
-            # again: a signal may have come during validation
-            stopping = processes.agree_to_stop(stop.signum is not None, step, force=validating) if validating \
-                else stopping
+            if validating or not processes.enabled:  # again: a signal may have come during validation
+                stopping = processes.agree_to_stop(stop.signum is not None, step, force=True)
             if step % cfg["checkpoint_every"] == 0 or last or stopping:
                 save_checkpoint(run)
             if stopping and not last:
-                processes.barrier()  # rank 0 has saved: no rank exits (and makes torchrun stop the others) before
+                processes.barrier()  # no rank exits (torchrun then stops the others) before rank 0 has saved
                 cause = f"received {signal.Signals(stop.signum).name}" if stop.signum else "another rank was signalled"
                 print_err(f"{cause}: checkpoint saved at step {step}; "
                           f"re-run the same command to resume (exit code {EXIT_INTERRUPTED})")
