@@ -141,6 +141,9 @@ KEYS: dict[str, Key] = {
     "bf16": Key("bool", False, "bf16 autocast for forward passes on CUDA"),
     "compile": Key("bool", False, "torch.compile the training forward pass and loss (checkpoints keep the "
                    "eager module's state-dict names; validation and coding stay eager)"),
+    "dist_timeout_s": Key("float", 600.0, "torchrun runs: seconds a process waits in a collective for the others "
+                          "before it stops with an error (a crashed or hung rank)", check=_positive,
+                          constraint="must be > 0"),
     # bookkeeping
     "log_every": Key("int", 100, "steps between metrics.csv/wandb rows (metrics are summed on the device in between)", check=_positive,
                      constraint="must be > 0"),
@@ -169,8 +172,9 @@ VARIANT_PRESETS: dict[str, dict[str, Any]] = {
 
 # Keys that may differ when a run is resumed: they change neither the numbers nor the data order.
 RESUME_SAFE_KEYS = frozenset({
-    "device", "compile", "num_workers", "log_every", "val_every", "checkpoint_every", "wandb_mode", "wandb_project",
-    "wandb_entity", "quiet", "skip_bad_images", "init_checkpoint", "snapshot_every", "snapshot_keep",
+    "device", "compile", "dist_timeout_s", "num_workers", "log_every", "val_every", "checkpoint_every",
+    "wandb_mode", "wandb_project", "wandb_entity", "quiet", "skip_bad_images", "init_checkpoint", "snapshot_every",
+    "snapshot_keep",
 })
 
 

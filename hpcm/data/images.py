@@ -280,9 +280,16 @@ class StepBatchSampler(torch.utils.data.Sampler):
     The images form one endless stream of per-epoch permutations (epoch ``e`` is permuted by
     ``default_rng([seed, e])``); step ``s`` takes positions ``(s-1)*B .. s*B-1`` of that stream, so a
     batch may straddle two epochs. Every sample's crop and flips come from ``(seed, s, j)``.
+    Data-parallel training: rank ``r`` of ``world_size`` takes rows ``r*B/W .. (r+1)*B/W - 1`` of
+    each step's global batch (``batch_size`` is the global batch; j stays the global row).
     """
 
-    def __init__(self, num_images: int, batch_size: int, seed: int, total_steps: int, start_step: int = 0):
+    def __init__(self, num_images: int, batch_size: int, seed: int, total_steps: int, start_step: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        if batch_size % world_size or not 0 <= rank < world_size:
+            raise ValueError(f"batch_size {batch_size} must split evenly over world_size {world_size} "
+                             f"(rank {rank})")
+        self.rows = range(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
         self.num_images = num_images
         self.batch_size = batch_size
         self.seed = seed
@@ -297,7 +304,7 @@ class StepBatchSampler(torch.utils.data.Sampler):
 
     def batch(self, step: int) -> list[tuple[int, tuple[int, ...]]]:
         out = []
-        for j in range(self.batch_size):
+        for j in self.rows:
             position = (step - 1) * self.batch_size + j
             epoch, offset = divmod(position, self.num_images)
             out.append((int(self._permutation(epoch)[offset]), (self.seed, step, j)))
@@ -326,9 +333,10 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 def train_loader(images: ImageSet, patch_size: int, batch_size: int, seed: int, total_steps: int,
                  start_step: int = 0, num_workers: int = 0, skip_bad_images: bool = False,
-                 pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """DataLoader over the remaining steps of a run; its order does not depend on ``num_workers``."""
-    sampler = StepBatchSampler(len(images), batch_size, seed, total_steps, start_step)
+                 pin_memory: bool = False, rank: int = 0, world_size: int = 1) -> torch.utils.data.DataLoader:
+    """DataLoader over the remaining steps of a run (this rank's rows of each global batch); its
+    order does not depend on ``num_workers``."""
+    sampler = StepBatchSampler(len(images), batch_size, seed, total_steps, start_step, rank, world_size)
     return torch.utils.data.DataLoader(
         TrainCrops(images, patch_size, skip_bad_images), batch_sampler=sampler, num_workers=num_workers,
         pin_memory=pin_memory, persistent_workers=False, worker_init_fn=ignore_stop_signals,

@@ -48,8 +48,20 @@ def ste_round(x: Tensor) -> Tensor:
     return (torch.round(x) - x).detach() + x
 
 
-def add_uniform_noise(x: Tensor) -> Tensor:
-    return x + torch.empty_like(x).uniform_(-0.5, 0.5)
+def add_uniform_noise(x: Tensor, shard: tuple[int, int] = (0, 1)) -> Tensor:
+    """x + U(-0.5, 0.5). ``shard = (rank, world_size)``: x is that rank's slice of a batch split
+    evenly over world_size processes; the noise of the whole batch is drawn (every rank from the same
+    generator state) and the rank keeps its rows, so each sample's noise does not depend on the split."""
+    rank, world_size = shard
+    if world_size == 1:
+        return x + torch.empty_like(x).uniform_(-0.5, 0.5)
+    rows = x.shape[0]
+    # the layout of empty_like(x) (channels_last on CUDA), so the draw fills elements in the same order
+    layout = (torch.channels_last if x.ndim == 4 and not x.is_contiguous()
+              and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+    noise = torch.empty((rows * world_size, *x.shape[1:]), dtype=x.dtype, device=x.device,
+                        memory_format=layout).uniform_(-0.5, 0.5)
+    return x + noise[rank * rows:(rank + 1) * rows]
 
 
 def combine_step(t: Tensor, parts: int) -> Tensor:
@@ -196,6 +208,8 @@ class HPCM(nn.Module):
         # (3, M, Hy, Wy) scale one-hots of scale_bits, which runs every training step
         self._scale_one_hot_cache = BoundedCache(self._partitions.max_entries)
         self._tables_built_for: Tensor | None = None  # scales_hyper the z tables were built from
+        # (rank, world_size) of data-parallel training: see add_uniform_noise (not saved: a run setting)
+        self.noise_shard: tuple[int, int] = (0, 1)
 
     # ------------------------------------------------------------------ geometry and labels
     @property
@@ -291,7 +305,7 @@ class HPCM(nn.Module):
         z_res = z - self.means_hyper
         if self.training:
             z_hat = ste_round(z_res) + self.means_hyper
-            z_likelihoods = self.entropy_estimation(add_uniform_noise(z_res), self.scales_hyper)
+            z_likelihoods = self.entropy_estimation(add_uniform_noise(z_res, self.noise_shard), self.scales_hyper)
         else:
             z_res_hat = torch.round(z_res)
             z_hat = z_res_hat + self.means_hyper
@@ -306,7 +320,7 @@ class HPCM(nn.Module):
         y_res = quantizer.full(quantizer.res)
         scales_y = quantizer.full(quantizer.scales)
         x_hat = self.g_s(y_hat)
-        noisy = add_uniform_noise(y_res) if self.training else torch.round(y_res)
+        noisy = add_uniform_noise(y_res, self.noise_shard) if self.training else torch.round(y_res)
         y_likelihoods = self.entropy_estimation(noisy, scales_y)
         return {"x_hat": x_hat, "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}}
 

@@ -47,7 +47,7 @@ With one task the surrogate's gradient is exactly grad L (a = 1): plain Cautious
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -278,18 +278,25 @@ class Balanced(FamoWeighting, QPWeighting, BalancedParameterStep, BalancedStateF
         self,
         losses: torch.Tensor,
         shared_parameters: Iterable[torch.nn.Parameter] | torch.Tensor | None = None,
+        *,
+        average_gradients: Callable[[list[torch.Tensor | None]], None] | None = None,
     ) -> torch.Tensor:
         """Weighted loss, backward, then clip to ``max_norm`` (when parameters are given).
 
         Returns the surrogate loss (NaN, with no backward, when the losses are not finite).
+        ``average_gradients`` (data-parallel training) averages gradients over the processes in
+        place before the clip: the optimizer's parameter gradients (FAMO), or each task's gradient
+        before the QP solve (QP), so every process sees the same weights, norm and skip decision.
         """
         if self.weighting == "famo":
             loss = self.get_weighted_loss(losses)
             if self._skip_next_step:
                 return loss.detach()
             loss.backward()
+            if average_gradients is not None:
+                average_gradients([p.grad for p in self._trainable_parameters()])
         else:
-            loss = self._qp_backward(losses)
+            loss = self._qp_backward(losses, average_gradients)
             if self._skip_next_step:
                 return loss
         self._clip_record = None

@@ -18,29 +18,34 @@ class QPWeighting:
     def _trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
 
-    def _solve_qp(self, losses: torch.Tensor, retain_graph: bool):
-        """Per-task gradients, QP weights on their log-loss versions; returns (weights, grads)."""
+    def _solve_qp(self, losses: torch.Tensor, retain_graph: bool, average_gradients=None):
+        """Per-task gradients, QP weights on their log-loss versions; returns (weights, grads).
+
+        ``average_gradients`` (data-parallel training) averages each task's gradients over the
+        processes before the Gram matrix, so the weights are those of the global batch."""
         params = self._trainable_parameters()
         gaps = (losses - self.min_losses + LOG_EPS).detach()
         task_grads = []
         for i in range(self.n_tasks):
             keep = retain_graph or i < self.n_tasks - 1
-            grads = torch.autograd.grad(losses[i], params, retain_graph=keep, allow_unused=True)
-            task_grads.append(list(grads))
+            grads = list(torch.autograd.grad(losses[i], params, retain_graph=keep, allow_unused=True))
+            if average_gradients is not None:
+                average_gradients(grads)
+            task_grads.append(grads)
         gram = gram_matrix(task_grads)
         inv_gap = (1.0 / gaps.double()).cpu()
         log_gram = gram * inv_gap.unsqueeze(0) * inv_gap.unsqueeze(1)
         weights = qp_task_weights(log_gram).to(device=self.device, dtype=torch.float32)
         return weights, task_grads
 
-    def _qp_backward(self, losses: torch.Tensor) -> torch.Tensor:
+    def _qp_backward(self, losses: torch.Tensor, average_gradients=None) -> torch.Tensor:
         checked = self._check_losses(losses, "task losses")
         if checked is None:
             self._skip_next_step = True
             self.prev_loss = None
             return torch.tensor(float("nan"), device=self.device)
         self._skip_next_step = False
-        self.qp_weights, task_grads = self._solve_qp(checked, retain_graph=False)
+        self.qp_weights, task_grads = self._solve_qp(checked, retain_graph=False, average_gradients=average_gradients)
         self.prev_loss = checked.detach().clone()
         loss = self._surrogate(self.prev_loss, self._surrogate_weights(self.qp_weights))
         coefficient_list = self.last_effective_weights.tolist()

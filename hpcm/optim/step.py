@@ -27,6 +27,7 @@ def backward_and_step(
     *,
     max_norm: float,
     reevaluate: Callable[[], torch.Tensor],
+    average_gradients: Callable[[list[torch.Tensor | None]], None] | None = None,
 ) -> torch.Tensor | None:
     """Backward from ``loss`` (or the task vector ``task_losses`` for Balanced), clip, then step.
 
@@ -34,11 +35,17 @@ def backward_and_step(
     under no_grad, only by Balanced in ``same_batch`` mode). Returns a 0-dim float tensor on the
     device (1.0 when this step was skipped) for adam / cautious_adam, and None for the Balanced
     optimizers, which count their own skips (``skipped_steps``).
+
+    ``average_gradients`` (data-parallel training, ``hpcm.train.distributed``) averages gradients
+    over the processes in place, after the backward and before the clip, so the clip's norm and the
+    skip decision are the same on every process.
     """
     if isinstance(optimizer, Balanced):
-        balanced_step(optimizer, params, task_losses, reevaluate)
+        balanced_step(optimizer, params, task_losses, reevaluate, average_gradients)
         return None
     loss.backward()
+    if average_gradients is not None:
+        average_gradients([p.grad for p in params])
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf)
     found_inf = (~torch.isfinite(norm)).float()
     if isinstance(optimizer, CautiousAdam):
@@ -57,9 +64,10 @@ def backward_and_step(
 
 
 def balanced_step(optimizer: Balanced, params: list[torch.Tensor], task_losses: torch.Tensor,
-                  reevaluate: Callable[[], torch.Tensor]) -> None:
+                  reevaluate: Callable[[], torch.Tensor],
+                  average_gradients: Callable[[list[torch.Tensor | None]], None] | None = None) -> None:
     """FAMO/QP backward (with the clip), the parameter step, and the official same-batch weight update."""
-    optimizer.backward_with_task_balancing(task_losses, params)
+    optimizer.backward_with_task_balancing(task_losses, params, average_gradients=average_gradients)
     optimizer.step(task_losses=task_losses)
     # Also after a skipped step (the update then counts a skipped weight update): sync_free (CUDA)
     # cannot know on the host that the step was skipped, and the forward draws quantisation noise,

@@ -23,10 +23,9 @@ Where the lock holds:
 
 DDP: all ranks of one training job write one run folder, so they share one lock. Rank 0 takes it
 (``rank=0``, the default); the other ranks pass their rank and hold nothing (``rank > 0`` is a
-no-op). They must not touch the folder before rank 0 holds the lock: a DDP trainer takes the lock
-on rank 0 first and then lets the ranks meet at a barrier (``torch.distributed.barrier``), with
-rank 0 broadcasting failure so that all ranks stop together. DDP training itself is not
-implemented yet; the ``rank`` argument is the seam it will use.
+no-op). They must not touch the folder before rank 0 holds the lock: ``hpcm.train.loop.run_training``
+takes the lock on rank 0 first and then broadcasts rank 0's outcome (``Processes.from_rank0``), so
+that all ranks stop together when it failed.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ import signal
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,7 @@ from hpcm.data import images as data
 from hpcm.config import run_config
 from hpcm.config.tasks import SCALES, SEED_TASK_NAMES
 from hpcm.train import checkpoints as checkpointing
+from hpcm.train import distributed
 from hpcm.train import lock as run_lock
 from hpcm.train import losses, schedules
 from hpcm.train.ema import build_ema
@@ -132,9 +133,9 @@ def seed_everything(seed: int) -> None:
 class Run:
     """Everything one training run wires together: ``open_data``, then ``build`` (fresh or from a state)."""
 
-    def __init__(self, cfg: dict[str, Any], out: Path):
-        self.cfg, self.out = cfg, out
-        self.device = pick_device(cfg["device"], "run config: key 'device'")
+    def __init__(self, cfg: dict[str, Any], out: Path, processes: distributed.Processes = distributed.SINGLE_PROCESS):
+        self.cfg, self.out, self.processes = cfg, out, processes
+        self.device = processes.device(pick_device(cfg["device"], "run config: key 'device'"))
         self.cuda = self.device.type == "cuda"
         self.sync_free = self.cuda  # skip decisions on the device; benchmarks/gpu_check.py also builds the host path
         if cfg["bf16"] and not self.cuda:
@@ -177,6 +178,7 @@ class Run:
             torch.backends.cudnn.benchmark = True
         self.model.train()
         self.ema = build_ema(self.model, cfg["ema_decay"])  # before restore(), which loads its state
+        self.model.noise_shard = (self.processes.rank, self.processes.world_size)
         # compile: forward and loss of a training step go through torch.compile; self.model stays the
         # eager module (state-dict names without ``_orig_mod.``, checkpoints, validation, coder tables)
         self._compute_objective = self._eager_objective
@@ -298,8 +300,9 @@ class Run:
 
     # -- one optimisation step
     def objective(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        """Forward pass -> (metrics dict, task vector or None for the plain-loss optimizers)."""
-        return self._compute_objective(x)
+        """Forward pass -> (metrics dict, task vector or None for the plain-loss optimizers);
+        with several processes their means over the processes (``hpcm.train.distributed``)."""
+        return self.processes.mean_over_ranks(*self._compute_objective(x))
 
     def _eager_objective(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         with self.autocast:
@@ -320,7 +323,9 @@ class Run:
         metrics, tasks = self.objective(x)
         skipped = optim.backward_and_step(self.optimizer, self.params, metrics["loss"], tasks,
                                           max_norm=self.cfg["clip_max_norm"],
-                                          reevaluate=lambda: self.objective(x)[1])
+                                          reevaluate=lambda: self.objective(x)[1],
+                                          average_gradients=self.processes.average_gradients
+                                          if self.processes.enabled else None)
         if skipped is not None:  # adam / cautious_adam; the Balanced optimizers count their own
             self.skipped += skipped
         if self.ema is not None:  # every step, skipped ones too (no host sync; the weights did not move)
@@ -384,16 +389,19 @@ def write_run_yaml(run: Run, resumed_from: int) -> None:
         "torch_version": str(torch.__version__), "device": str(run.device), "total_steps": run.total_steps,
         "steps_per_epoch": run.steps_per_epoch, "train_images": len(run.train_set),
         "val_images": len(run.val_set), "resumed_from_step": resumed_from,
-        "command": " ".join(sys.argv),
+        "command": " ".join(sys.argv), "world_size": run.processes.world_size,
     }
     atomic_write_text(run.out / run_config.RUN_YAML, yaml.safe_dump({**run.cfg, "meta": meta}, sort_keys=False))
 
 
 def save_checkpoint(run: Run) -> None:
-    checkpointing.save_training_state(run.out, run.training_state())
+    if run.processes.is_writer:  # every rank holds the same state
+        checkpointing.save_training_state(run.out, run.training_state())
 
 
 def save_best(run: Run) -> None:
+    if not run.processes.is_writer:
+        return
     checkpointing.save_best_model(run.eval_model, run.out, checkpointing.run_labels(run.cfg))
     if run.balanced:  # the seed's writer of the official balanced_state_best.pth (atomic)
         run.optimizer.save_state(run.out / checkpointing.BEST_BALANCED_STATE)
@@ -445,7 +453,8 @@ class LogWindow:
 
 
 def validate_and_keep_best(run: Run) -> dict[str, float]:
-    val = run.validate()
+    # every rank validates; rank 0's numbers decide for all (the same model, but kernels may differ)
+    val = run.processes.from_rank0(run.validate())
     if run.gamma_schedule is not None:
         run.gamma_schedule.observe(val["val_loss"])  # the adaptive gamma schedule's input
     if val["val_loss"] < run.best_val_loss:
@@ -455,14 +464,16 @@ def validate_and_keep_best(run: Run) -> dict[str, float]:
 
 
 def train(run: Run, stop: StopFlag) -> int:
-    cfg, out = run.cfg, run.out
+    cfg, out, processes = run.cfg, run.out, run.processes
     start_step = run.step
-    metrics_csv = MetricsCSV(out / METRICS_CSV, resume_step=start_step)
-    wandb_logger = WandbLogger(cfg, out, {**cfg, "total_steps": run.total_steps})
+    writer = processes.is_writer  # rank 0 alone writes the run folder and the log
+    metrics_csv = MetricsCSV(out / METRICS_CSV, resume_step=start_step) if writer else None
+    wandb_logger = WandbLogger(cfg, out, {**cfg, "total_steps": run.total_steps}) if writer else None
     loader = data.train_loader(run.train_set, cfg["patch_size"], cfg["batch_size"], cfg["seed"], run.total_steps,
                                start_step=start_step, num_workers=cfg["num_workers"],
-                               skip_bad_images=cfg["skip_bad_images"], pin_memory=run.cuda)
-    bar = tqdm(total=run.total_steps, initial=start_step, disable=cfg["quiet"], desc=f"{cfg['variant']} "
+                               skip_bad_images=cfg["skip_bad_images"], pin_memory=run.cuda,
+                               rank=processes.rank, world_size=processes.world_size)
+    bar = tqdm(total=run.total_steps, initial=start_step, disable=cfg["quiet"] or not writer, desc=f"{cfg['variant']} "
                f"lmbda={cfg['lmbda']}", dynamic_ncols=True, file=sys.stderr)
     window = LogWindow(run)
     exit_code = EXIT_CRASH
@@ -478,15 +489,16 @@ def train(run: Run, stop: StopFlag) -> int:
             run.adapt_gammas_at_epoch_end(step)
             bar.update(1)
 
-            last, stopping = step == run.total_steps, stop.signum is not None
+            last, stopping = step == run.total_steps, processes.agree_to_stop(stop.signum is not None, step)
             row = window.row(step, lr) if step % cfg["log_every"] == 0 or last or stopping else None
-            if step % cfg["val_every"] == 0 or last:
+            validating = step % cfg["val_every"] == 0 or last
+            if validating:
                 row = {**(row or {"step": step, "epoch": run.epoch(step), "lr": lr}), **validate_and_keep_best(run)}
                 window.restart_clock()
-            if cfg["snapshot_every"] and step % cfg["snapshot_every"] == 0:
+            if cfg["snapshot_every"] and step % cfg["snapshot_every"] == 0 and writer:
                 save_snapshot(run)
                 window.restart_clock()
-            if row is not None:
+            if row is not None and writer:
                 metrics_csv.write(row)
                 wandb_logger.log(row, step)
                 if "loss" in row:  # validation-only rows carry no training loss
@@ -494,20 +506,25 @@ def train(run: Run, stop: StopFlag) -> int:
                                     refresh=False)
                 if cfg["quiet"]:
                     print_err(log_line(row, run.total_steps))
-            stopping = stop.signum is not None  # again: a signal may have come during validation
+            if validating or not processes.enabled:  # again: a signal may have come during validation
+                stopping = processes.agree_to_stop(stop.signum is not None, step, force=True)
             if step % cfg["checkpoint_every"] == 0 or last or stopping:
                 save_checkpoint(run)
             if stopping and not last:
-                print_err(f"received {signal.Signals(stop.signum).name}: checkpoint saved at step {step}; "
+                processes.barrier()  # no rank exits (torchrun then stops the others) before rank 0 has saved
+                cause = f"received {signal.Signals(stop.signum).name}" if stop.signum else "another rank was signalled"
+                print_err(f"{cause}: checkpoint saved at step {step}; "
                           f"re-run the same command to resume (exit code {EXIT_INTERRUPTED})")
                 exit_code = EXIT_INTERRUPTED
                 return exit_code
         if run.step < run.total_steps:  # the loader ended early: should not happen
             raise RuntimeError(f"data loader stopped at step {run.step} of {run.total_steps}")
-        if not (out / checkpointing.BEST_MODEL).exists():  # e.g. val loss never finite
+        if writer and not (out / checkpointing.BEST_MODEL).exists():  # e.g. val loss never finite
             save_best(run)
-        atomic_write_text(out / DONE_MARKER, f"finished {run.total_steps} steps; best val loss "
-                                             f"{run.best_val_loss!r}\n")
+        if writer:
+            atomic_write_text(out / DONE_MARKER, f"finished {run.total_steps} steps; best val loss "
+                                                 f"{run.best_val_loss!r}\n")
+        processes.barrier()  # the run is finished for every rank once rank 0 wrote done
         exit_code = EXIT_OK
         return exit_code
     except data.ImageError:
@@ -517,8 +534,9 @@ def train(run: Run, stop: StopFlag) -> int:
         raise
     finally:
         bar.close()
-        metrics_csv.close()
-        wandb_logger.finish(exit_code=0 if exit_code in (EXIT_OK, EXIT_INTERRUPTED) else exit_code)
+        if writer:
+            metrics_csv.close()
+            wandb_logger.finish(exit_code=0 if exit_code in (EXIT_OK, EXIT_INTERRUPTED) else exit_code)
 
 
 def run_training(cfg: dict[str, Any], out: Path) -> int:
@@ -527,12 +545,28 @@ def run_training(cfg: dict[str, Any], out: Path) -> int:
         print_err(f"error: --output-dir {out} is a file, not a directory; pass a directory (created if missing)")
         return EXIT_CONFIG
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with run_lock.hold_run_folder(out):
-            return _run_locked(cfg, out)
-    except (run_lock.RunFolderLocked, run_lock.RunLockUnsupported) as exc:
+        processes = distributed.Processes.start(cfg, pick_device(cfg["device"], "run config: key 'device'"))
+    except (run_config.ConfigError, DeviceUnavailableError) as exc:
         print_err(f"error: {exc}")
         return EXIT_CONFIG
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with ExitStack() as held:
+            problem = None
+            try:  # rank 0 holds the folder for every rank (hpcm.train.lock); the others wait for it
+                held.enter_context(run_lock.hold_run_folder(out, rank=processes.rank))
+            except (run_lock.RunFolderLocked, run_lock.RunLockUnsupported) as exc:
+                problem = f"error: {exc}"
+            problem = processes.from_rank0(problem)
+            if problem:
+                print_err(problem)
+                return EXIT_CONFIG
+            return _run_locked(cfg, out, processes)
+    except distributed.CollectiveFailed as exc:
+        print_err(f"error: {exc}\nthe last saved checkpoint is intact; re-run the same command to resume")
+        return EXIT_CRASH
+    finally:
+        processes.close()
 
 
 def _finished_config(out: Path) -> dict[str, Any]:
@@ -545,7 +579,7 @@ def _finished_config(out: Path) -> dict[str, Any]:
     return saved
 
 
-def _run_locked(cfg: dict[str, Any], out: Path) -> int:
+def _run_locked(cfg: dict[str, Any], out: Path, processes: distributed.Processes = distributed.SINGLE_PROCESS) -> int:
     if (out / DONE_MARKER).exists():
         # Compare first: a changed experiment key must fail as it does for an unfinished run, not
         # report "nothing to do" for a model this folder does not hold.
@@ -560,7 +594,7 @@ def _run_locked(cfg: dict[str, Any], out: Path) -> int:
         return EXIT_OK
     with StopFlag() as stop:
         try:
-            run = Run(cfg, out)
+            run = Run(cfg, out, processes)
             run.open_data()
             state = checkpointing.load_latest_state(out, map_location="cpu")
             if state is not None:
@@ -580,7 +614,8 @@ def _run_locked(cfg: dict[str, Any], out: Path) -> int:
         resumed = 0 if state is None else run.step
         if state is not None:
             print_err(f"resuming {out} from step {run.step} ({state['_path']})")
-        write_run_yaml(run, resumed)
+        if processes.is_writer:
+            write_run_yaml(run, resumed)
         try:
             return train(run, stop)
         except data.ImageError as exc:  # an image that became unreadable mid-run
