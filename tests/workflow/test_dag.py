@@ -22,12 +22,15 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from hpcm.config import study as study_config
+from hpcm.models.presets import preset_config
 from tests.paths import REPO
 
 ROOT = REPO
 SNAKEFILE = ROOT / "Snakefile"
 PAPER = ROOT / "workflow" / "configs" / "paper.yaml"
 DEMO = ROOT / "config.yaml"
+SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
 
 
 def snakemake(*args: str, cwd: Path | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -197,11 +200,21 @@ def write_config(tmp_path: Path, **changes) -> Path:
     ],
 )
 def test_config_errors_name_the_key(tmp_path, changes, key, words):
-    result = snakemake("-n", "--configfile", str(write_config(tmp_path, **changes)), cwd=tmp_path)
+    """The checks the workflow runs on load (schema, then resolution), called as common.smk calls
+    them; one case goes through Snakemake itself (test_snakemake_stops_on_a_config_error)."""
+    path = write_config(tmp_path, **changes)
+    with pytest.raises(study_config.StudyConfigError) as error:
+        study_config.load(yaml.safe_load(path.read_text()), SCHEMA, lambda name: preset_config(name).pad_multiple,
+                          root=ROOT)
+    assert f"config key '{key}'" in str(error.value), str(error.value)
+    assert words in str(error.value), str(error.value)
+
+
+def test_snakemake_stops_on_a_config_error(tmp_path):
+    result = snakemake("-n", "--configfile", str(write_config(tmp_path, variants__phase1__optimizer="sgd")), cwd=tmp_path)
     assert result.returncode != 0
     message = result.stdout + result.stderr
-    assert f"config key '{key}'" in message, message
-    assert words in message, message
+    assert "config key 'variants.phase1.optimizer'" in message and "sgd" in message, message
 
 
 def test_a_variant_naming_presets_gets_their_numbers_in_its_run_config(tmp_path):
