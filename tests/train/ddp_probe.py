@@ -28,7 +28,7 @@ def record_cautious_products(path: Path | None):
     """Within: every Cautious Adam step of the process appends its products; at the end they are
     saved to ``path`` (None: not recorded) as {"steps": [{"product", "delta"} per step], "final":
     params, "numels": [...]}, each a flat tensor over the stepped parameters (a group's order)."""
-    steps: list[torch.Tensor] = []
+    steps: list[dict] = []  # one entry per step of a one-group optimizer (all of this study's)
     kept: dict = {}
     real = CautiousAdam._update_group
 

@@ -171,7 +171,8 @@ def assert_mask_flips_explain_the_differences(one: dict, ddp: dict, what: str) -
     per_step = [(s["flips"], s["consequential"], float(f"{s['nearness']:.2g}")) for s in found["steps"]]
     summary = (f"{what}: flips/consequential/nearness(eps) per step {per_step}; "
                f"far {int(far.sum())} (not flipped {int((far & ~ever).sum())}); max never flipped "
-               f"{float(gap[~ever].max()):.3g}; max in unflipped tensors {float(gap[~found['in_flipped_tensor']].max()):.3g}")
+               f"{float(gap[~ever].max()):.3g}; max in unflipped tensors "
+               f"{float(gap[~found['in_flipped_tensor']].max()):.3g}")
     print(summary)
     for step, counts in enumerate(found["steps"], 1):
         assert counts["nearness"] < 1.0, f"{what}, step {step}: a flip far from zero; {summary}"
@@ -227,7 +228,8 @@ def check_two_ranks_against_one_process(tmp_path: Path, float64: bool, tolerance
     runs = {name: {**GLOBAL_BATCH, **overrides} for name, overrides in EQUIVALENCE.items()}
     record = not float64
     # the 1-process references train here while the 2 ranks train (3 processes: less wall time on 2 cores)
-    workers = start_torchrun("runs", str(tmp_path / "ddp"), json.dumps({"runs": runs, "float64": float64, "record": record}))
+    spec = {"runs": runs, "float64": float64, "record": record}
+    workers = start_torchrun("runs", str(tmp_path / "ddp"), json.dumps(spec))
     try:
         train_references(tmp_path / "one", runs, float64, record)
     except BaseException:
