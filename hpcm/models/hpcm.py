@@ -312,9 +312,8 @@ class HPCM(nn.Module):
             z_likelihoods = self.entropy_estimation(z_res_hat, self.scales_hyper)
 
         # Rounding and likelihoods in float32 even under bf16 autocast: bf16 cannot hold the
-        # integer part of large latents. (.float() is a no-op for float32 tensors.)
-        y = y.float()
-        params = self.h_s(z_hat).float()
+        # integer part of large latents. (float32 and float64 tensors stay as they are.)
+        y, params = (t if t.dtype in (torch.float32, torch.float64) else t.float() for t in (y, self.h_s(z_hat)))
         quantizer = _Quantizer(self._partitions.get(*params.shape[-2:], params.device, params.dtype), y, self.training)
         y_hat, _ = self._progressive(params, quantizer)
         y_res = quantizer.full(quantizer.res)

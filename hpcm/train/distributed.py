@@ -25,8 +25,12 @@ What makes N processes x B/N samples train like one process x B (``batch_size`` 
   ``autograd.grad`` per task (QP) and a no-grad second forward, which DDP's reducer does not model.
 
 Not exact: the float sums of a mean over ranks group the batch differently from one process, so N
-processes match one process to float rounding (~1e-6 relative after 10 steps), not bitwise; runs
-with the same N on CPU are bit-reproducible (and resumable bit-identically).
+processes match one process to float rounding, not bitwise; runs with the same N on CPU are
+bit-reproducible (and resumable bit-identically). In float64, 2 ranks match 1 process to ~5e-16
+after 10 steps for every optimizer. In float32, adam matches to ~1e-7; Cautious Adam's mask (a step
+function of m * g) flips where that product is within rounding of zero, and such an element then
+differs by up to ~lr (tests/train/test_distributed.py measures and attributes each one). The mean
+keeps the losses' dtype (float32 at least), so a float64 run stays float64.
 
 Lifecycle: rank 0 alone writes the run folder (``is_writer``); a stop signal on any rank is agreed
 by all (``agree_to_stop``); a rank that crashes or hangs ends the others at their next collective
@@ -36,6 +40,7 @@ by all (``agree_to_stop``); a rank that crashes or hangs ends the others at thei
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 from typing import Any
 
@@ -106,8 +111,9 @@ class Processes:
         if not self.enabled:
             return metrics, tasks
         keys = [k for k, v in metrics.items() if torch.is_tensor(v) and v.ndim == 0 and v.is_floating_point()]
-        parts = [metrics[k].float() for k in keys] + ([] if tasks is None else list(tasks.float().unbind()))
-        means = _MeanOverRanks.apply(torch.stack(parts), self.world_size).unbind()
+        parts = [metrics[k] for k in keys] + ([] if tasks is None else list(tasks.unbind()))
+        dtype = functools.reduce(torch.promote_types, [p.dtype for p in parts], torch.float32)  # float64 stays
+        means = _MeanOverRanks.apply(torch.stack([p.to(dtype) for p in parts]), self.world_size).unbind()
         out = {**metrics, **dict(zip(keys, means))}
         if "psnr" in out and "mse" in out:  # the PSNR of the mean MSE (as losses.rate_distortion), not a mean PSNR
             out["psnr"] = 10 * torch.log10(1.0 / out["mse"].detach().clamp_min(1e-20))

@@ -2,9 +2,12 @@
 
     torchrun --nproc-per-node 2 tests/train/ddp_worker.py MODE OUT [JSON]
 
-MODE ``runs``: trains each {name: overrides} of JSON in OUT/<name> through ``hpcm.train.loop.main``
-(one process group for all), then writes what this rank holds (parameters, task logits) to
-OUT/<name>/rank<r>.pt, since only rank 0 writes the run folder.
+MODE ``runs``: JSON {"runs": {name: overrides}, "float64": bool, "record": bool}: trains each run in OUT/<name>
+through ``hpcm.train.loop.main`` (one process group for all; in float64 with
+``ddp_probe.train_in_float64``), then writes what this rank holds (parameters, task logits) to
+OUT/<name>/rank<r>.pt, since only rank 0 writes the run folder; with "record", rank 0 also keeps
+the Cautious Adam products of every step (``ddp_probe.record_cautious_products``) in
+OUT/<name>/products.pt.
 MODE ``interrupt``: 4 steps straight in OUT/full; in OUT/parted SIGTERM reaches rank 1 alone
 during step 2, then the same command resumes; per-rank states as above.
 MODE ``hang``: rank 1 stops answering in step 2; ``main`` (which starts the group itself, with
@@ -13,6 +16,7 @@ dist_timeout_s from JSON) must end rank 0 with an error. Exit code: rank 0's exi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from hpcm.train import loop
+from tests.train.ddp_probe import record_cautious_products, train_in_float64
 from tests.train.tiny import cli_args
 
 torch.set_num_threads(1)
@@ -58,8 +63,11 @@ def main() -> int:
     kept = keep_runs()
     if mode == "runs":
         dist.init_process_group("gloo")
-        for name, overrides in spec.items():
-            code = loop.main(cli_args(out / name, **overrides))
+        for name, overrides in spec["runs"].items():
+            products = out / name / "products.pt" if RANK == 0 and spec["record"] else None
+            with train_in_float64() if spec["float64"] else contextlib.nullcontext(), \
+                    record_cautious_products(products):
+                code = loop.main(cli_args(out / name, **overrides))
             assert code == loop.EXIT_OK, (name, code)
             dump(kept["run"], out / name / f"rank{RANK}.pt")
         dist.destroy_process_group()
