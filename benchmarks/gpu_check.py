@@ -30,9 +30,10 @@ Sections, in order of importance (``--budget-s`` skips what no longer fits, with
    (> 1: ours is faster), median and IQR of the paired per-repeat ratios.
 8. ``coding``: compress and decompress of the 768x512 image on the device (and the official
    model's with ``--official``; its update() calls scipy, so its tables are built on the CPU).
-9. ``profile``: torch.profiler over 5 steps (after warm-up) of adam and balanced next_batch at
-   the first batch size: top ops by self CUDA and self CPU time, host synchronisations per step,
-   CUDA kernel time and wall time per step, and the differences balanced - adam.
+9. ``profile``: torch.profiler over ``--profile-steps`` steps (5; 2 with ``--quick``; after warm-up)
+   of adam and balanced next_batch at the first batch size: top ops by self CUDA and self CPU time,
+   host synchronisations per step, CUDA kernel time and wall time per step, and the differences
+   balanced - adam.
 
 ``--sections coding,sync_free,profile`` runs only those (environment always runs first).
 
@@ -79,7 +80,7 @@ from hpcm.train import losses  # noqa: E402
 from hpcm.train import loop as train  # noqa: E402
 from hpcm.util.device import pick_device  # noqa: E402
 from hpcm.util.io import atomic_write_text  # noqa: E402
-from model_speed import OfficialAdapter, load_official, measure  # noqa: E402
+from model_speed import OfficialAdapter, import_official, load_official, measure  # noqa: E402
 from optimizer_overhead import first_batch, step_clock, time_steps  # noqa: E402
 from tests.fixtures.hpcm_support import calibrate_to_latents, init_like_golden  # noqa: E402
 
@@ -121,8 +122,10 @@ def spread(values: list[float]) -> dict[str, float]:
 
 
 def free_device_memory() -> None:
-    gc.collect()
+    """Between CUDA cases: free the last case's tensors (cycles included), so the next case's peak
+    memory is its own. The CPU measures no peak memory, and a full collection costs 0.1-0.3 s there."""
     if torch.cuda.is_available():
+        gc.collect()
         torch.cuda.empty_cache()
 
 
@@ -363,8 +366,12 @@ def section_sync_free(args: Namespace, device: torch.device, ctx: dict) -> dict:
     steps = args.sync_free_steps
     batch_size = args.sync_free_batch
     deterministic = (torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled())
-    torch.backends.cudnn.deterministic = True  # the host path run twice then agrees (the noise floor)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    # CUDA: the host path run twice then agrees (the noise floor). The CPU kernels are deterministic
+    # already, and the switch imports inductor (use_deterministic_algorithms sets its config): 2.5 s.
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         probe = make_run(args, {"optimizer": "adam"}, batch_size)
         from hpcm.data import images as data
@@ -412,14 +419,15 @@ def section_sync_free(args: Namespace, device: torch.device, ctx: dict) -> dict:
                   f"params {params:.3g}, task weights "
                   f"{weights:.3g} (host vs host {floor[0]:.3g} / {floor[1]:.3g}); "
                   f"{'EQUAL' if results[name]['equal'] else 'different'}")
-        return {"steps": steps, "batch_size": batch_size, "deterministic_algorithms": True,
+        return {"steps": steps, "batch_size": batch_size, "deterministic_algorithms": cuda,
                 "ulp_tolerance": ULP_TOLERANCE, "one_step": one_step,
                 "all_equal": all(r["equal_up_to_rounding"] for r in one_step.values()),
                 "all_bit_equal": all(r["bit_equal"] for r in one_step.values()),
                 "optimizers": results}
     finally:
-        torch.backends.cudnn.deterministic = deterministic[0]
-        torch.use_deterministic_algorithms(deterministic[1])
+        if cuda:
+            torch.backends.cudnn.deterministic = deterministic[0]
+            torch.use_deterministic_algorithms(deterministic[1])
 
 
 def time_case(args: Namespace, overrides: dict, batch_size: int, bf16: bool, device: torch.device) -> dict:
@@ -557,6 +565,10 @@ def section_official(args: Namespace, device: torch.device, ctx: dict) -> dict:
         raise SectionSkipped("no --official PATH given")
     if args.model not in ("HPCM_Base", "HPCM_Large"):
         raise SectionSkipped(f"the official code has no {args.model}")
+    try:  # before building our model (seconds for HPCM_Base): a wrong path is reported at once
+        import_official(args.official, args.model)
+    except Exception as error:  # the official code did not import: a reported skip
+        raise SectionSkipped(f"official model did not load: {type(error).__name__}: {error}") from error
     results: dict[str, Any] = {"path": str(args.official), "cases": []}
     for batch_size in args.batch_sizes:
         if ctx["deadline"] - time.perf_counter() < 0:
@@ -565,10 +577,7 @@ def section_official(args: Namespace, device: torch.device, ctx: dict) -> dict:
             continue
         free_device_memory()
         ours = make_run(args, OPTIMIZERS["adam"], batch_size)
-        try:
-            official = load_official(args.official, args.model, ours.model, device)
-        except Exception as error:  # the official code did not import: a reported skip
-            raise SectionSkipped(f"official model did not load: {type(error).__name__}: {error}") from error
+        official = load_official(args.official, args.model, ours.model, device)
         ctx["official"] = official
         official.train()
         opt = torch.optim.Adam(official.parameters(), lr=1e-4)  # torch's default, as the official train.py
@@ -655,7 +664,6 @@ def section_coding(args: Namespace, device: torch.device, ctx: dict) -> dict:
 
 
 PROFILE_OPTIMIZERS = ("adam", "balanced next_batch")
-PROFILE_STEPS = 5
 PROFILE_ROWS = 15
 # host synchronisations seen by the profiler (CUDA runtime calls, device copies to the host, scalar reads)
 # the launch and copy counts of docs/gpu.md run 2 (balanced next_batch: 1033 cudaMemcpyAsync and 1639
@@ -680,32 +688,33 @@ def _profile_one(args: Namespace, name: str, batch_size: int, device: torch.devi
     free_device_memory()
     run = make_run(args, OPTIMIZERS[name], batch_size)
     x = first_batch(run, batch_args(args, batch_size))
-    time_steps(run, x, max(args.warmup, 3))
-    wall_ms = time_steps(run, x, PROFILE_STEPS) / PROFILE_STEPS * 1e3  # unprofiled, same steps
+    steps = args.profile_steps
+    time_steps(run, x, args.warmup if args.quick else max(args.warmup, 3))  # CPU: one step warms up
+    wall_ms = time_steps(run, x, steps) / steps * 1e3  # unprofiled, same steps
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sync(device)
     with profile(activities=activities) as prof:
         start = time.perf_counter()
-        for _ in range(PROFILE_STEPS):
+        for _ in range(steps):
             run.step += 1
             run.apply_schedules(run.step)
             run.train_step(x)
         sync(device)  # one cudaDeviceSynchronize of ours is counted below
-        profiled_ms = (time.perf_counter() - start) / PROFILE_STEPS * 1e3
+        profiled_ms = (time.perf_counter() - start) / steps * 1e3
     averages = prof.key_averages()
     kernel_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
     # cross-check: the device time the CPU-side ops launched (kernels, copies), summed over ops
     launched_us = sum(getattr(e, "self_device_time_total", 0.0) for e in averages if e.device_type == DeviceType.CPU)
-    syncs = {k: sum(e.count for e in averages if k in e.key) / PROFILE_STEPS for k in SYNC_EVENTS}
-    op_counts = {k: sum(e.count for e in averages if e.key == k) / PROFILE_STEPS for k in COUNTED_EVENTS}
-    result = {"optimizer": name, "batch_size": batch_size, "steps": PROFILE_STEPS, "wall_ms_per_step": wall_ms,
-              "profiled_wall_ms_per_step": profiled_ms, "cuda_kernel_ms_per_step": kernel_us / 1e3 / PROFILE_STEPS
-              if cuda else None, "cuda_time_of_cpu_ops_ms_per_step": launched_us / 1e3 / PROFILE_STEPS if cuda else None,
+    syncs = {k: sum(e.count for e in averages if k in e.key) / steps for k in SYNC_EVENTS}
+    op_counts = {k: sum(e.count for e in averages if e.key == k) / steps for k in COUNTED_EVENTS}
+    result = {"optimizer": name, "batch_size": batch_size, "steps": steps, "wall_ms_per_step": wall_ms,
+              "profiled_wall_ms_per_step": profiled_ms, "cuda_kernel_ms_per_step": kernel_us / 1e3 / steps
+              if cuda else None, "cuda_time_of_cpu_ops_ms_per_step": launched_us / 1e3 / steps if cuda else None,
               "host_syncs_per_step": syncs, "op_counts_per_step": op_counts,
-              "top_self_cpu": _op_rows(averages, "self_cpu_time_total", PROFILE_STEPS, PROFILE_ROWS)}
+              "top_self_cpu": _op_rows(averages, "self_cpu_time_total", steps, PROFILE_ROWS)}
     if cuda:
-        result["top_self_cuda"] = _op_rows(averages, "self_device_time_total", PROFILE_STEPS, PROFILE_ROWS)
+        result["top_self_cuda"] = _op_rows(averages, "self_device_time_total", steps, PROFILE_ROWS)
     del run, x, prof
     free_device_memory()
     return result
@@ -838,8 +847,11 @@ def parse_args(argv: list[str] | None) -> Namespace:
     parser.add_argument("--steps", type=int, help="steps per timed repeat (default 2; 1 with --quick)")
     parser.add_argument("--repeats", type=int, help="timed repeats per case (default 7; 3 with --quick)")
     parser.add_argument("--coding-repeats", type=int, help="default 3 (1 with --quick)")
+    parser.add_argument("--profile-steps", type=int,
+                        help="profiled steps per optimizer (default 5; 2 with --quick: parsing the "
+                             "profiler's events was most of the section's 15 s with 5 steps on this CPU)")
     parser.add_argument("--sync-free-steps", type=int, default=20)
-    parser.add_argument("--sync-free-batch", type=int, help="default 4 (2 with --quick)")
+    parser.add_argument("--sync-free-batch", type=int, help="default 4 (1 with --quick)")
     parser.add_argument("--image", help="a Kodak image (or any photo) for the coding sections; default: "
                         "scikit-image's astronaut reflect-padded")
     parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
@@ -863,8 +875,8 @@ def parse_args(argv: list[str] | None) -> Namespace:
     quick = args.quick
     defaults = {"model": "HPCM_Tiny" if quick else "HPCM_Base", "patch_size": 64 if quick else 256,
                 "batch_sizes": [2] if quick else [8, 16], "warmup": 1 if quick else 3, "steps": 1 if quick else 2,
-                "repeats": 3 if quick else 7, "coding_repeats": 1 if quick else 3,
-                "sync_free_batch": 2 if quick else 4, "image_size": [128, 192] if quick else list(KODAK_SIZE)}
+                "repeats": 3 if quick else 7, "coding_repeats": 1 if quick else 3, "profile_steps": 2 if quick else 5,
+                "sync_free_batch": 1 if quick else 4, "image_size": [128, 192] if quick else list(KODAK_SIZE)}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -882,6 +894,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     started = time.perf_counter()
+    # The imports left ~10^6 long-lived objects (torch, numpy) that every full collection walks again
+    # (free_device_memory's gc.collect() between CUDA cases: 0.3 s each on this CPU); frozen, they are not.
+    gc.freeze()
+    try:
+        return _main(argv, args, started)
+    finally:
+        gc.unfreeze()
+
+
+def _main(argv: list[str], args: Namespace, started: float) -> int:
     device = pick_device(args.device, "--device")
     if device.type == "cpu" and args.quick:
         torch.set_num_threads(1)

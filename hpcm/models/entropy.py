@@ -35,7 +35,6 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import scipy.stats
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -144,6 +143,8 @@ class GGM(nn.Module):
 
     def standardized_quantile(self, quantile: float) -> float:
         """Quantile of the standard generalized normal (scipy; only used to size the tables)."""
+        import scipy.stats  # here, not at the top: importing it costs ~1.2 s and only update() needs it
+
         return float(scipy.stats.gennorm.ppf(quantile, float(self.beta.item())))
 
     @torch.no_grad()

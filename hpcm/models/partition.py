@@ -232,7 +232,11 @@ class BoundedCache:
         return value
 
 
-@torch.compiler.disable
+# torch._disable_dynamo, not torch.compiler.disable: the public decorator imports torch._dynamo (and
+# through it inductor and triton) when this module is imported, 2.5 s of CPU in every process that
+# never compiles (each Snakemake job, each gpu_check run); torch's own lazy form, which torch uses on
+# its own functions, imports it on the first call and is then the same torch._dynamo.disable.
+@torch._disable_dynamo
 def _build_eagerly(build: Callable[[], object]) -> object:
     """Run ``build`` outside torch.compile: the masks are built on the CPU (with data-dependent
     ``nonzero``) and then moved; traced, they became CPU graphs inside a CUDA training step, whose

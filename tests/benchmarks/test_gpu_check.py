@@ -1,9 +1,13 @@
 """benchmarks/gpu_check.py on CPU (--quick): the JSON the lead reads after a GPU run, the
 exactness sections' verdicts, and the wrapping (a failing section, a spent budget, a missing
-official copy are reported and the rest still runs)."""
+official copy are reported and the rest still runs).
+
+The full --quick run is a child process, as a user runs it; the wrapping tests call its ``main``
+in this process (a child would spend ~4 s importing torch each)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -33,6 +37,24 @@ def run_check(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     return run_check(tmp_path_factory.mktemp("quick"))
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check_module", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_in_process(module, tmp_path: Path, capsys, *args: str) -> tuple[int, str, dict]:
+    """(exit code, stdout, JSON) of ``main`` with the --quick CPU options; the thread count it sets is restored."""
+    threads = torch.get_num_threads()
+    try:
+        code = module.main(["--device", "cpu", "--quick", "--out-dir", str(tmp_path), *args])
+    finally:
+        torch.set_num_threads(threads)
+    return code, capsys.readouterr().out, json.loads((tmp_path / "gpu_check.json").read_text())
 
 
 def test_quick_run_writes_every_section_in_order(quick):
@@ -83,12 +105,9 @@ def test_sync_free_path_equals_the_host_path(quick):
         assert r["skipped_steps"] == 1, name  # the NaN batch
 
 
-def test_compare_tensors_counts_ulps_like_numpy():
+def test_compare_tensors_counts_ulps_like_numpy(gpu_check):
     """The one-step verdict's arithmetic, against numpy's nextafter (an independent ulp)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("gpu_check_module", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = gpu_check
     host = np.array([1.0, -3.0, 0.5, 8.0], dtype=np.float32)
     other = host.copy()
     other[1] = np.nextafter(np.nextafter(host[1], np.float32(0)), np.float32(0))  # 2 steps towards 0
@@ -112,7 +131,8 @@ def test_profile_section_on_cpu_reports_cpu_tables(quick):
     prof = doc["sections"]["profile"]["results"]
     assert set(prof["runs"]) == {"adam", "balanced next_batch"}
     for name, r in prof["runs"].items():
-        assert r["steps"] == 5 and r["wall_ms_per_step"] > 0 and r["cuda_kernel_ms_per_step"] is None, name
+        assert r["steps"] == doc["setup"]["profile_steps"] == 2, name
+        assert r["wall_ms_per_step"] > 0 and r["cuda_kernel_ms_per_step"] is None, name
         assert "top_self_cuda" not in r and 0 < len(r["top_self_cpu"]) <= 15, name
         times = [row["self_cpu_ms_per_step"] for row in r["top_self_cpu"]]
         assert times == sorted(times, reverse=True), name
@@ -121,14 +141,15 @@ def test_profile_section_on_cpu_reports_cpu_tables(quick):
     assert "balanced - adam: wall" in result.stdout
 
 
-def test_sections_take_comma_lists_and_environment_runs_first(tmp_path):
-    result, doc = run_check(tmp_path, "--sections", "train_fp32,cross_device", "--batch-sizes", "1",
-                            "--repeats", "1")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+def test_sections_take_comma_lists_and_environment_runs_first(gpu_check, tmp_path, capsys):
+    code, out, doc = run_in_process(gpu_check, tmp_path, capsys, "--sections", "train_fp32,cross_device",
+                                    "--batch-sizes", "1", "--repeats", "1")
+    assert code == 0, out[-3000:]
     assert list(doc["sections"]) == ["environment", "train_fp32", "cross_device"]
-    bad = subprocess.run([sys.executable, str(SCRIPT), "--sections", "coding,nosuch"], capture_output=True,
-                         text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
-    assert bad.returncode == 2 and "unknown nosuch" in bad.stderr
+    assert [len(r["repeats_ms"]) for r in doc["sections"]["train_fp32"]["results"]["rows"]] == [1] * 4
+    with pytest.raises(SystemExit) as bad:
+        gpu_check.parse_args(["--sections", "coding,nosuch"])
+    assert bad.value.code == 2 and "unknown nosuch" in capsys.readouterr().err
 
 
 def test_training_rows_and_coding_times(quick):
@@ -144,23 +165,25 @@ def test_training_rows_and_coding_times(quick):
     assert "x adam" in result.stdout  # the summary table
 
 
-def test_a_failing_section_is_reported_and_the_rest_still_runs(tmp_path):
-    result, doc = run_check(tmp_path, "--sections", "environment", "cross_device", "train_fp32",
-                            "--image", str(tmp_path / "missing.png"))
-    assert result.returncode == 1
+def test_a_failing_section_is_reported_and_the_rest_still_runs(gpu_check, tmp_path, capsys):
+    code, out, doc = run_in_process(gpu_check, tmp_path, capsys, "--sections", "environment", "cross_device",
+                                    "train_fp32", "--image", str(tmp_path / "missing.png"),
+                                    "--batch-sizes", "1", "--repeats", "1")
+    assert code == 1
     assert doc["failed"] == ["cross_device"]
     assert "missing.png" in doc["sections"]["cross_device"]["error"]
     assert doc["sections"]["train_fp32"]["status"] == "ok"
-    assert "FAILED" in result.stdout
+    assert "FAILED" in out
 
 
-def test_spent_budget_and_missing_official_copy_are_reported_skips(tmp_path):
-    result, doc = run_check(tmp_path, "--budget-s", "0", "--sections", "environment", "sync_free")
-    assert result.returncode == 0
+def test_spent_budget_and_missing_official_copy_are_reported_skips(gpu_check, tmp_path, capsys):
+    code, _, doc = run_in_process(gpu_check, tmp_path, capsys, "--budget-s", "0", "--sections", "environment",
+                                  "sync_free")
+    assert code == 0
     assert doc["sections"]["environment"]["status"] == "ok"
     assert doc["sections"]["sync_free"] == {"status": "skipped", "reason": "budget", "seconds": 0.0}
-    result, doc = run_check(tmp_path, "--sections", "official", "--model", "HPCM_Base", "--patch-size", "256",
-                            "--batch-sizes", "1", "--official", str(tmp_path / "no-copy"))
-    assert result.returncode == 0
+    code, _, doc = run_in_process(gpu_check, tmp_path, capsys, "--sections", "official", "--model", "HPCM_Base",
+                                  "--patch-size", "256", "--batch-sizes", "1", "--official", str(tmp_path / "no-copy"))
+    assert code == 0
     reason = doc["sections"]["official"]["reason"]
     assert "official model did not load" in reason and "no-copy" in reason
