@@ -414,6 +414,11 @@ def load(config_path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def resume_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
     """Name the first key whose change would make a resumed run differ from an uninterrupted one."""
+    if current.get("scale_early_stop_patience") and saved.get("val_every") != current.get("val_every"):
+        # validations decide when a scale stops (Phase 4): their cadence is part of the experiment here
+        return (f"run config key 'val_every' changed from {saved.get('val_every')!r} (checkpoint) to "
+                f"{current.get('val_every')!r} in a run with scale_early_stop_patience; use a new output "
+                "directory or restore the value")
     for key in KEYS:
         if key in RESUME_SAFE_KEYS:
             continue
