@@ -104,8 +104,8 @@ def test_paper_dry_run_lists_every_job():
     assert {d["kind"] for d in cfg["datasets"].values()} == {"kodak", "clic2020-professional", "tecnick"}
     counts = dry_run(PAPER)
     assert counts == expected_counts(cfg)
-    # 12 named variants + the seed's 4 x 3 phase-2 grid, 6 lambdas, 3 datasets
-    assert counts["train"] == 24 * 6 and counts["evaluate"] == 24 * 6 * 3
+    # 16 named variants (4 of them Phase 4) + the seed's 4 x 3 phase-2 grid, 6 lambdas, 3 datasets
+    assert counts["train"] == 28 * 6 and counts["evaluate"] == 28 * 6 * 3
 
 
 def test_adding_a_lambda_and_a_variant_adds_exactly_their_jobs(tmp_path):
