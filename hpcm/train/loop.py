@@ -19,6 +19,9 @@ package version, git commit), wandb files (``wandb/``), and ``done``, written la
 ``ema_decay`` > 0 the moving average of the weights (``hpcm.train.ema``) is validated and exported
 instead of the raw weights; ``snapshot_every`` > 0 adds ``epoch_<step>.pth.tar`` snapshots
 (+ ``balanced_state_<step>.pth``), the newest ``snapshot_keep`` of them kept (``hpcm.train.checkpoints``).
+Phase 4 context-aware fine-tuning (``group_lr``, ``freeze``, ``unfreeze_schedule``,
+``scale_early_stop_patience``) is ``hpcm.train.phase4``: per-group lr ratios, freezing before each
+step, and per-scale early stopping on the validation's per-scale y rates (``val_s{1,2,3}_bpp``).
 
 Never lose work: a checkpoint every ``checkpoint_every`` steps and at the end; re-running the same
 command resumes from the newest valid checkpoint (a finished run, with ``done``, is a no-op when its

@@ -214,3 +214,17 @@ def test_phase4_keys_resolve_to_one_canonical_form():
     assert cfg["group_lr"] == {"transforms": 1.0, "hyperprior": 1.0, "context": 0.1}
     assert cfg["freeze"] == ["transforms", "hyperprior"]
     assert not phase4.is_active(run_config.resolve({"steps": 1}))
+
+
+def test_a_run_whose_every_group_stopped_finishes_without_moving(tmp_path, monkeypatch):
+    # transforms and hyperprior frozen, every scale stalls: after step 2 nothing trains
+    scripted_validation(monkeypatch, {s: [1.0, 1.0, 1.0, 1.0] for s in SCALES})
+    history = record_steps(monkeypatch)
+    out = tmp_path / "run"
+    assert train.main(cli_args(out, steps=4, val_every=1, optimizer="balanced", update_mode="next_batch",
+                               freeze="[transforms,hyperprior]", scale_early_stop_patience=1)) == train.EXIT_OK
+    weights = {h["step"]: h["weights"] for h in history}
+    assert all(torch.equal(weights[2][n], weights[4][n]) for n in weights[4])
+    assert any(not torch.equal(weights[1][n], weights[2][n]) for n in names_in("context"))
+    with open(out / "metrics.csv", newline="") as handle:
+        assert [r["trainable_groups"] for r in csv.DictReader(handle)][-1] == "none"
