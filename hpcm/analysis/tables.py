@@ -13,8 +13,9 @@ Tables written to ``--output-dir`` as ``NAME.csv``, ``NAME.md`` and ``NAME.tex``
 - ``bd_vs_anchor-<anchor>``: the same against each published anchor (``hpcm.anchors``);
 - ``expected_gains``: the seed's "Expected Gains" table as measured: BD-PSNR, BD-rate and the
   convergence epoch (first epoch whose validation loss is within 1 % of the run's best, mean over
-  lambdas) of Phase 1, 2, 3 (and the reference for comparison);
-- ``<study>`` for each study (Study 1 scale weights, Study 2 gammas): BD-PSNR, BD-rate, the
+  lambdas) of Phase 1, 2, 3, 4 (as ``analysis.gains`` lists them; and the reference for comparison);
+- ``<study>`` for each study (Study 1 scale weights, Study 2 gammas, Phase 4 context-aware
+  fine-tuning, whose table names each run's Phase 4 keys instead): BD-PSNR, BD-rate, the
   stability figure (coefficient of variation, std/mean with ddof=1, of the training loss over
   the last 10 % of steps, mean over lambdas: pooled from per-step statistics when metrics.csv
   has ``loss_std``, else of the logged window means, and then labelled so) and skipped steps
@@ -189,6 +190,21 @@ def _read_benchmark(path: Path) -> dict[str, float]:
     return {"peak_rss_mb": float(pd.to_numeric(frame["max_rss"], errors="coerce").max())}
 
 
+def phase4_summary(config: dict[str, Any]) -> str:
+    """The Phase 4 keys of a run (hpcm.train.phase4) in words; "" when it uses none."""
+    parts = []
+    ratios = {g: float(r) for g, r in (config.get("group_lr") or {}).items() if float(r) != 1.0}
+    if ratios:
+        parts.append("lr x " + ", ".join(f"{g} {r:g}" for g, r in ratios.items()))
+    if config.get("freeze"):
+        parts.append("frozen: " + ", ".join(config["freeze"]))
+    if config.get("unfreeze_schedule"):
+        parts.append("unfrozen at: " + ", ".join(f"{g} {float(f):g}" for g, f in config["unfreeze_schedule"].items()))
+    if config.get("scale_early_stop_patience"):
+        parts.append(f"scale early stop after {config['scale_early_stop_patience']} validations")
+    return "; ".join(parts)
+
+
 def load_runs(root: str | Path, benchmarks: str | Path | None = None):
     """One row per training run under ``root``: config facts and the per-run figures."""
     import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
@@ -211,6 +227,7 @@ def load_runs(root: str | Path, benchmarks: str | Path | None = None):
             "decomposition": str(config.get("decomposition", "")) if config.get(
                 "optimizer") == "hierarchical_balanced" else "",
             "scale_weights": config.get("scale_weights"), "gammas": config.get("gammas"),
+            "phase4": phase4_summary(config),
             "convergence_epoch": convergence_epoch(metrics), "loss_cv": stability.value,
             "loss_cv_per_step": stability.per_step, "loss_cv_note": stability.note,
             "loss_cv_logged": logged.value, "loss_cv_logged_note": logged.note,
@@ -514,15 +531,18 @@ def study_table(name: str, title: str, rows_spec: dict[str, str], points, runs, 
     # One label for the whole column: per-step only when every run logged per-step statistics.
     per_step = bool(len(study_runs)) and bool(study_runs["loss_cv_per_step"].all())
     cv_column = PER_STEP_CV if per_step else LOGGED_CV
+    # a study of Phase 4 variants shows their keys instead of Phase 3's scale weights and gammas
+    phase4_study = "phase4" in study_runs and bool((study_runs["phase4"] != "").any())
     rows = []
     for dataset in sorted(points["dataset"].unique()):
         for label, variant in rows_spec.items():
             r = lookup.get((dataset, variant))
             sel = runs[runs["variant"] == variant]
+            described = ({"phase 4 keys": sel["phase4"].iloc[0] if len(sel) else None} if phase4_study else
+                         {"scale weights": sel["scale_weights"].iloc[0] if len(sel) else None,
+                          "gammas": sel["gammas"].iloc[0] if len(sel) else None})
             rows.append({
-                "dataset": dataset, "config": label, "variant": variant,
-                "scale weights": sel["scale_weights"].iloc[0] if len(sel) else None,
-                "gammas": sel["gammas"].iloc[0] if len(sel) else None,
+                "dataset": dataset, "config": label, "variant": variant, **described,
                 "BD-PSNR (dB)": r.bd_psnr if r else math.nan,
                 "BD-rate (%)": r.bd_rate if r else math.nan,
                 cv_column: _run_stat(runs, variant, "loss_cv") if per_step else

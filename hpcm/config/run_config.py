@@ -27,6 +27,7 @@ import yaml
 
 from hpcm.config import presets
 from hpcm.config.presets import HPCM_LR_MILESTONES, HPCM_LR_VALUES
+from hpcm.config.tasks import PARAMETER_GROUPS
 
 OPTIMIZERS = ("adam", "cautious_adam", "balanced", "qp", "hierarchical_balanced")
 BALANCED_OPTIMIZERS = ("balanced", "qp", "hierarchical_balanced")
@@ -42,7 +43,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Key:
-    kind: str  # "str" | "float" | "int" | "bool" | "floats3" | "floats"
+    kind: str  # "str" | "float" | "int" | "bool" | "floats3" | "floats" | "groups" | "group_floats"
     default: Any
     help: str
     choices: tuple[str, ...] | None = None
@@ -109,6 +110,21 @@ KEYS: dict[str, Key] = {
                          "scale modulation [s1, s2, s3], or a Study 1 preset: "
                          + ", ".join(presets.STUDY1_SCALE_WEIGHTS),
                          check=lambda v: min(v) > 0, constraint="entries must be > 0"),
+    # Phase 4: context-aware fine-tuning over the parameter groups of hpcm.models.param_groups
+    "group_lr": Key("group_floats", {g: 1.0 for g in PARAMETER_GROUPS},
+                    "Phase 4: learning-rate ratio per parameter group (" + ", ".join(PARAMETER_GROUPS) + "), "
+                    "multiplying the lr schedule; groups left out keep 1.0 (seed phase4: transforms 1.0, "
+                    "hyperprior 0.5, context 0.1)", check=lambda v: all(r > 0 for r in v.values()),
+                    constraint="ratios must be > 0 (freeze a group with 'freeze')"),
+    "freeze": Key("groups", [], "Phase 4: parameter groups frozen for the whole run (no update, no optimizer "
+                  "state, no part in the clip norm or the task-gradient math)"),
+    "unfreeze_schedule": Key("group_floats", {}, "Phase 4: group -> fraction of the run; the group is frozen "
+                             "until that fraction, then trains (seed phase4: hyperprior 0.2, context 0.4 of 500 "
+                             "epochs)", check=lambda v: all(0 < f < 1 for f in v.values()),
+                             constraint="fractions must be in (0, 1)"),
+    "scale_early_stop_patience": Key("int", 0, "Phase 4: validations without a lower validation rate of a scale's "
+                                     "y elements after which that scale's context parameters stop updating "
+                                     "(0 = off)", check=_non_negative, constraint="must be >= 0"),
     # data
     "train_data": Key("str", "samples", "training image folder (recursive PNG/JPEG) or 'samples' (embedded set)"),
     "val_data": Key("str", "samples", "validation image folder or 'samples' (embedded val split)"),
@@ -267,6 +283,19 @@ def _coerce(key: str, value: Any) -> Any:
         out = [as_float(v) for v in value]
         if kind == "floats3" and len(out) != 3:
             raise _fail(key, value, f"expected 3 values [s1, s2, s3], got {len(out)}")
+    elif kind == "groups":
+        if not isinstance(value, (list, tuple)) or any(not isinstance(v, str) for v in value):
+            raise _fail(key, value, f"expected a list of parameter groups from {', '.join(PARAMETER_GROUPS)}")
+        _check_group_names(key, value, value)
+        if len(set(value)) != len(value):
+            raise _fail(key, value, "a group is listed twice")
+        out = [g for g in PARAMETER_GROUPS if g in value]  # one order, so resumes compare equal
+    elif kind == "group_floats":
+        if not isinstance(value, dict):
+            raise _fail(key, value, "expected a mapping such as {context: 0.1, hyperprior: 0.5}")
+        _check_group_names(key, value, list(value))
+        given = {g: as_float(value[g]) for g in PARAMETER_GROUPS if g in value}
+        out = {g: given.get(g, 1.0) for g in PARAMETER_GROUPS} if key == "group_lr" else given
     else:  # pragma: no cover - table error
         raise AssertionError(kind)
 
@@ -275,6 +304,12 @@ def _coerce(key: str, value: Any) -> Any:
     if spec.check is not None and not spec.check(out):
         raise _fail(key, value, spec.constraint)
     return out
+
+
+def _check_group_names(key: str, value: Any, names: list[Any]) -> None:
+    unknown = [n for n in names if n not in PARAMETER_GROUPS]
+    if unknown:
+        raise _fail(key, value, f"unknown parameter group {unknown[0]!r}; the groups are {', '.join(PARAMETER_GROUPS)}")
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
@@ -350,6 +385,14 @@ def resolve(user: dict[str, Any]) -> dict[str, Any]:
     if cfg["gamma_strategy"] in ("linear", "cosine") and cfg["gammas_final"] is None:
         raise ConfigError(f"run config: 'gamma_strategy' = {cfg['gamma_strategy']!r} needs 'gammas_final' "
                           f"(got {cfg['gammas_final']!r})")
+    both = [g for g in cfg["freeze"] if g in cfg["unfreeze_schedule"]]
+    if both:
+        raise ConfigError(f"run config: group {both[0]!r} is in 'freeze' = {cfg['freeze']!r} and in "
+                          f"'unfreeze_schedule' = {cfg['unfreeze_schedule']!r}; frozen for the whole run or "
+                          "unfrozen at a fraction, not both")
+    if set(cfg["freeze"]) | set(cfg["unfreeze_schedule"]) == set(PARAMETER_GROUPS):
+        raise ConfigError(f"run config: 'freeze' = {cfg['freeze']!r} and 'unfreeze_schedule' = "
+                          f"{cfg['unfreeze_schedule']!r} leave no parameter group training at the start")
     device = cfg["device"]
     if not re.fullmatch(DEVICE_PATTERN, device):
         raise _fail("device", device, "must be auto, cpu, cuda or cuda:N")
@@ -371,6 +414,11 @@ def load(config_path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def resume_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
     """Name the first key whose change would make a resumed run differ from an uninterrupted one."""
+    if current.get("scale_early_stop_patience") and saved.get("val_every") != current.get("val_every"):
+        # validations decide when a scale stops (Phase 4): their cadence is part of the experiment here
+        return (f"run config key 'val_every' changed from {saved.get('val_every')!r} (checkpoint) to "
+                f"{current.get('val_every')!r} in a run with scale_early_stop_patience; use a new output "
+                "directory or restore the value")
     for key in KEYS:
         if key in RESUME_SAFE_KEYS:
             continue
@@ -386,7 +434,8 @@ def help_text() -> str:
     """Every key with type, default and meaning, for ``--help``."""
     lines = ["run-config keys (YAML file and --set key=value; later wins: defaults < variant preset < file < --set):"]
     for key, spec in KEYS.items():
-        kind = {"floats3": "[f,f,f]", "floats": "[f,...]"}.get(spec.kind, spec.kind)
+        kind = {"floats3": "[f,f,f]", "floats": "[f,...]", "groups": "[group,...]",
+                "group_floats": "{group: f}"}.get(spec.kind, spec.kind)
         choices = f" {{{'|'.join(spec.choices)}}}" if spec.choices else ""
         lines.append(f"  {key} ({kind}{choices}, default {spec.default!r}): {spec.help}")
     lines.append("variant presets: " + "; ".join(

@@ -41,7 +41,11 @@ VARIANT_RUN_KEYS = (
     "gamma_step_factor", "w_lr", "update_mode", "decomposition", "gammas",
     "gammas_final", "gamma_strategy", "scale_weights", "steps", "lr", "lr_milestones", "lr_values", "patch_size",
     "batch_size", "clip_max_norm", "ema_decay",
+    # Phase 4 (hpcm.train.phase4)
+    "group_lr", "freeze", "unfreeze_schedule", "scale_early_stop_patience",
 )
+# Runtime keys a variant may override (a per-scale early stop needs its own validation cadence).
+VARIANT_RUNTIME_KEYS = ("val_every",)
 # `training` keys that define the experiment (run YAML) ...
 TRAINING_RUN_KEYS = (
     "steps", "patch_size", "batch_size", "lr", "lr_milestones", "lr_values", "clip_max_norm", "update_mode", "bf16",
@@ -378,10 +382,14 @@ class Study:
         )
         return run
 
-    def runtime_settings(self) -> dict[str, Any]:
-        """Run-config keys that say how, not what, to train (device first: it is always explicit)."""
+    def runtime_settings(self, variant: str | None = None) -> dict[str, Any]:
+        """Run-config keys that say how, not what, to train (device first: it is always explicit);
+        a variant's own VARIANT_RUNTIME_KEYS (e.g. val_every) replace the study's."""
         settings = {"device": self.config["device"]}
         settings.update({key: self.config["training"][key] for key in TRAINING_RUNTIME_KEYS})
+        if variant is not None:
+            spec = self.variants[variant]
+            settings.update({key: spec[key] for key in VARIANT_RUNTIME_KEYS if key in spec})
         settings["wandb_project"] = f"{settings['wandb_project']}-{self.config['study']}"
         return settings
 

@@ -12,3 +12,5 @@ HIERARCHICAL_TASKS = ("s1_d", "s1_b", "s2_d", "s2_b", "s3_b")
 # The seed's names of the same tasks (metrics.csv columns, wandb keys weights/s1_distortion, ...).
 SEED_TASK_NAMES = ("s1_distortion", "s1_bpp", "s2_distortion", "s2_bpp", "s3_bpp")
 TASK_SCALE = (0, 0, 1, 1, 2)  # the index in SCALES of each task's scale
+# Phase 4 parameter groups of HPCM (hpcm.models.param_groups assigns every parameter to one).
+PARAMETER_GROUPS = ("transforms", "hyperprior", "context")

@@ -8,6 +8,8 @@ Public API
     ``scale_bits``; ``update``, ``compress``, ``decompress``, ``coded_symbols`` (what compress
     codes, per image); ``pad_multiple``.
 ``pad_image(x, multiple) -> (x_padded, pad)``, ``crop_image(x_padded, pad)``.
+``hpcm.models.param_groups``: the Phase 4 parameter groups (transforms, hyperprior, context and
+    the scales each context parameter serves), from the module names.
 ``load_checkpoint(path, name=None, map_location="cpu")``, ``save_checkpoint(model, path, **extra)``.
 ``load_checkpoint_and_metadata(path, ...) -> (HPCM, run labels)``, ``with_run_metadata(state_dict,
     model=, variant=, lmbda=, seed=)``: a checkpoint that says what it is (read by hpcm.evaluate).

@@ -117,8 +117,8 @@ class CautiousAdam(Optimizer):
         if self.sync_free:
             self.sync_free_step()
             return loss
-        for group in self.param_groups:
-            self._update_group(group)
+        for number, group in enumerate(self.param_groups):
+            self._update_group(group, number)
         return loss
 
     @property
@@ -231,7 +231,7 @@ class CautiousAdam(Optimizer):
         self._sf_members[number], self._sf_uniform[number] = members, uniform
         return uniform
 
-    def _update_group(self, group: dict) -> None:
+    def _update_group(self, group: dict, number: int = 0) -> None:
         amsgrad = group["amsgrad"]
         params, grads, states = [], [], []
         for p in group["params"]:
@@ -276,7 +276,8 @@ class CautiousAdam(Optimizer):
             if not p_dtype == g_dtype == m_dtype:  # e.g. fp16 params with fp32 moments
                 update = _single_tensor_update
             elif group["foreach"] is None and device.type == "cpu" and steps.count(steps[0]) == len(steps):
-                self._flat_step(key, bucket_params, bucket_grads, bucket_states, steps[0], options,
+                # one flat buffer per (group, bucket): groups would otherwise rebuild each other's
+                self._flat_step((number, *key), bucket_params, bucket_grads, bucket_states, steps[0], options,
                                 group["fused"])
                 continue
             else:
@@ -288,7 +289,7 @@ class CautiousAdam(Optimizer):
         """CPU default: the C kernel (``cautious_native``) on the bucket's moments in one flat buffer
         (``cautious_flat``); the list kernels when ``fused`` is False or the kernel cannot be used."""
         reason = "fused=False" if fused is False else (
-            cautious_native.ineligible_reason(key[1], [*params, *grads]) or cautious_native.unavailable_reason())
+            cautious_native.ineligible_reason(key[2], [*params, *grads]) or cautious_native.unavailable_reason())
         if reason is not None:
             if fused:
                 raise cautious_native.NativeKernelUnavailable(f"fused=True: {reason}")

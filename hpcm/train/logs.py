@@ -37,6 +37,9 @@ METRIC_COLUMNS = (
     *SEED_TASK_NAMES,
     *(f"scale_contribution_{s}" for s in SCALES),
     "skipped_steps", "step_time",
+    # Phase 4 (hpcm.train.phase4): the parameter groups updating at the step and their size; the
+    # validation y rate of each scale's elements (every run)
+    "trainable_groups", "trainable_params", *(f"val_{s}_bpp" for s in SCALES),
 )
 
 # wandb key -> metrics.csv column. The names are the seed trainers' (yutendo0714/LIC-HPCM-Balanced):
@@ -57,6 +60,8 @@ WANDB_KEYS: dict[str, str] = {
     "test/bpp_loss": "val_bpp", "test/bpp": "val_bpp", "test/psnr": "val_psnr", "test/y_bpp": "val_y_bpp",
     "test/z_bpp": "val_z_bpp",
     "train/loss_std": "loss_std", "train/skipped_steps": "skipped_steps", "train/step_time": "step_time",
+    "phase4/trainable_groups": "trainable_groups", "phase4/trainable_params": "trainable_params",
+    **{f"test/{scale}_y_bpp": f"val_{scale}_bpp" for scale in SCALES},
 }
 
 

@@ -19,6 +19,9 @@ package version, git commit), wandb files (``wandb/``), and ``done``, written la
 ``ema_decay`` > 0 the moving average of the weights (``hpcm.train.ema``) is validated and exported
 instead of the raw weights; ``snapshot_every`` > 0 adds ``epoch_<step>.pth.tar`` snapshots
 (+ ``balanced_state_<step>.pth``), the newest ``snapshot_keep`` of them kept (``hpcm.train.checkpoints``).
+Phase 4 context-aware fine-tuning (``group_lr``, ``freeze``, ``unfreeze_schedule``,
+``scale_early_stop_patience``) is ``hpcm.train.phase4``: per-group lr ratios, freezing before each
+step, and per-scale early stopping on the validation's per-scale y rates (``val_s{1,2,3}_bpp``).
 
 Never lose work: a checkpoint every ``checkpoint_every`` steps and at the end; re-running the same
 command resumes from the newest valid checkpoint (a finished run, with ``done``, is a no-op when its
@@ -61,7 +64,7 @@ from hpcm.config.tasks import SCALES, SEED_TASK_NAMES
 from hpcm.train import checkpoints as checkpointing
 from hpcm.train import distributed
 from hpcm.train import lock as run_lock
-from hpcm.train import losses, schedules
+from hpcm.train import losses, phase4, schedules
 from hpcm.train.ema import build_ema
 from hpcm.train.logs import MetricsCSV, WandbLogger, git_commit, log_line, print_err
 from hpcm.util.device import DeviceUnavailableError, pick_device
@@ -192,11 +195,15 @@ class Run:
         self.decomposition = losses.build_decomposition(cfg["decomposition"], cfg["lmbda"], cfg["distortion"]).to(self.device) \
             if self.hierarchical else None
         params = list(self.model.parameters())
+        extra = []
         if self.decomposition is not None and hasattr(self.decomposition, "ratio_parameters"):
-            params += self.decomposition.ratio_parameters()  # the seed's learnable ratios train with the model
+            extra = list(self.decomposition.ratio_parameters())  # the seed's learnable ratios train with the model
+        params += extra
+        # Phase 4 (hpcm.train.phase4): one optimizer param group per parameter group, with its lr ratio
+        self.phase4 = phase4.Phase4(self.model, cfg, self.total_steps) if phase4.is_active(cfg) else None
         # CUDA: the skip decisions stay on the device (no host sync per step)
         self.optimizer = optim.build_optimizer(
-            cfg["optimizer"], params, cfg["lr"], gamma=cfg["gamma"], w_lr=cfg["w_lr"],
+            cfg["optimizer"], params if self.phase4 is None else self.phase4.optimizer_groups(extra), cfg["lr"], gamma=cfg["gamma"], w_lr=cfg["w_lr"],
             max_norm=cfg["clip_max_norm"], update_mode=cfg["update_mode"], gammas=cfg["gammas"],
             scale_weights=cfg["scale_weights"], sync_free=self.sync_free)
         self.params = params
@@ -230,6 +237,8 @@ class Run:
             self.gamma_manager.load_state_dict(state["gamma_manager"])
         if self.gamma_schedule is not None and state.get("gamma_schedule") is not None:
             self.gamma_schedule.load_state_dict(state["gamma_schedule"])  # adaptive's validation losses
+        if self.phase4 is not None:
+            self.phase4.load_state_dict(state["phase4"])
         self.step = int(state["step"])
         self.best_val_loss = float(state["best_val_loss"])
         self.skipped.fill_(float(state["skipped_steps"]))
@@ -245,6 +254,7 @@ class Run:
             "decomposition": None if self.decomposition is None else self.decomposition.state_dict(),
             "gamma_manager": None if self.gamma_manager is None else self.gamma_manager.state_dict(),
             "gamma_schedule": None if self.gamma_schedule is None else self.gamma_schedule.state_dict(),
+            "phase4": None if self.phase4 is None else self.phase4.state_dict(),
             "lr": self.lr_at(self.step + 1),  # the schedule is a pure function of step; kept for readers
             "best_val_loss": self.best_val_loss, "skipped_steps": self.skipped_steps(),
             "epoch_scale_losses": self.epoch_scale_losses.detach().cpu(),
@@ -262,7 +272,9 @@ class Run:
 
     def apply_schedules(self, step: int) -> float:
         lr = self.lr_at(step)
-        schedules.set_lr(self.optimizer, lr)
+        schedules.set_lr(self.optimizer, lr)  # times each group's lr_ratio (Phase 4)
+        if self.phase4 is not None:
+            self.phase4.apply(step)  # freeze / unfreeze before the forward pass
         progress_step = step - 1
         if self.gamma_schedule is not None:
             self.gamma_schedule.apply(self.optimizer, progress_step)
@@ -320,6 +332,9 @@ class Run:
     def train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """zero_grad, forward, then backward + clip + step (skipped for a non-finite batch)."""
         self.optimizer.zero_grad(set_to_none=True)
+        if self.phase4 is not None and not self.phase4.any_trainable:
+            with torch.no_grad():  # Phase 4 froze everything (early stopping): the weights stay as they are
+                return self.objective(x)[0]
         metrics, tasks = self.objective(x)
         skipped = optim.backward_and_step(self.optimizer, self.params, metrics["loss"], tasks,
                                           max_norm=self.cfg["clip_max_norm"],
@@ -347,7 +362,7 @@ class Run:
         model.eval()
         columns = {"val_loss": "loss", "val_distortion": "distortion", "val_bpp": "bpp_loss", "val_psnr": "psnr",
                    "val_mse": "mse", "val_y_bpp": "y_bpp", "val_z_bpp": "z_bpp"}
-        sums = torch.zeros(len(columns), device=self.device)
+        sums = torch.zeros(len(columns) + len(SCALES), device=self.device)
         count = 0
         for _, x in data.validation_images(self.val_set, self.cfg["skip_bad_images"]):
             x = x.to(self.device)
@@ -358,12 +373,14 @@ class Run:
                 out = model(padded)
             out = {"x_hat": models.crop_image(out["x_hat"], pad).float(), "likelihoods": out["likelihoods"]}
             rd = losses.rate_distortion(out, x, self.cfg["lmbda"], self.cfg["distortion"])  # bpp over the original pixels
-            sums += torch.stack([rd[key] for key in columns.values()]).float()
+            # the y rate of each scale's elements (HPCM.scale_bits), over the same pixels as y_bpp
+            scale_bpp = model.scale_bits(out["likelihoods"]["y"].float()).sum(0) / (x.shape[0] * x.shape[2] * x.shape[3])
+            sums += torch.cat([torch.stack([rd[key] for key in columns.values()]).float(), scale_bpp.float()])
             count += 1
         model.train()
         if count == 0:
             raise data.ImageError(f"no readable validation image in val_data = {self.cfg['val_data']!r}")
-        return dict(zip(columns, (sums / count).tolist()))
+        return dict(zip([*columns, *(f"val_{s}_bpp" for s in SCALES)], (sums / count).tolist()))
 
     # -- reporting
     def weight_columns(self) -> dict[str, Any]:
@@ -379,6 +396,9 @@ class Run:
             row.update({"task_weight_distortion": weights["distortion"], "task_weight_bpp": weights["bpp"],
                         "gamma": self.optimizer.gamma})
         return row
+
+    def phase4_columns(self) -> dict[str, Any]:
+        return {} if self.phase4 is None else self.phase4.columns()
 
 
 # ----------------------------------------------------------------------------- the training loop
@@ -442,7 +462,7 @@ class LogWindow:
         loss_std = math.sqrt(max(mean_square - means["loss"] ** 2, 0.0))
         row = {"step": step, "epoch": run.epoch(step), "lr": lr, **means, "loss_std": loss_std,
                "loss_steps": self.steps, "skipped_steps": run.skipped_steps(),
-               "step_time": (now - self.start) / self.steps, **run.weight_columns()}
+               "step_time": (now - self.start) / self.steps, **run.weight_columns(), **run.phase4_columns()}
         self.sums.zero_()
         self.steps, self.start = 0, now
         return row
@@ -457,6 +477,11 @@ def validate_and_keep_best(run: Run) -> dict[str, float]:
     val = run.processes.from_rank0(run.validate())
     if run.gamma_schedule is not None:
         run.gamma_schedule.observe(val["val_loss"])  # the adaptive gamma schedule's input
+    if run.phase4 is not None:
+        stopping = run.phase4.observe_validation(run.step, val)
+        if stopping and run.processes.is_writer:
+            print_err(f"step {run.step}: scale(s) {', '.join(stopping)} stopped improving their validation rate "
+                      f"for {run.cfg['scale_early_stop_patience']} validations; their context parameters stop")
     if val["val_loss"] < run.best_val_loss:
         run.best_val_loss = val["val_loss"]
         save_best(run)
@@ -493,7 +518,8 @@ def train(run: Run, stop: StopFlag) -> int:
             row = window.row(step, lr) if step % cfg["log_every"] == 0 or last or stopping else None
             validating = step % cfg["val_every"] == 0 or last
             if validating:
-                row = {**(row or {"step": step, "epoch": run.epoch(step), "lr": lr}), **validate_and_keep_best(run)}
+                row = {**(row or {"step": step, "epoch": run.epoch(step), "lr": lr, **run.phase4_columns()}),
+                       **validate_and_keep_best(run)}
                 window.restart_clock()
             if cfg["snapshot_every"] and step % cfg["snapshot_every"] == 0 and writer:
                 save_snapshot(run)

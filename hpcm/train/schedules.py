@@ -83,8 +83,9 @@ def lr_at(step: int, total: int, base_lr: float, milestones: Sequence[float] = (
 
 
 def set_lr(optimizer, lr: float) -> None:
+    """Every param group to ``lr`` times its ``lr_ratio`` (Phase 4 groups, ``hpcm.train.phase4``; else 1)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_ratio", 1.0)
 
 
 def _check_milestones(milestones: Sequence[float]) -> tuple[float, ...]:

@@ -301,3 +301,12 @@ def test_overhead_from_the_step_benchmark(tmp_path):
     path.write_text(json.dumps({"adam": {"median_s": 0.2}}))  # the old, unlabelled layout
     with pytest.raises(tables.TableError, match="not an optimizer_overhead.py --json file"):
         tables.overhead_from_benchmark(path)
+
+
+def test_phase4_keys_in_words():
+    assert tables.phase4_summary({"group_lr": {"transforms": 1.0, "hyperprior": 0.5, "context": 0.1}}) == \
+        "lr x hyperprior 0.5, context 0.1"
+    assert tables.phase4_summary({"freeze": ["hyperprior"], "unfreeze_schedule": {"context": 0.4},
+                                  "scale_early_stop_patience": 2}) == \
+        "frozen: hyperprior; unfrozen at: context 0.4; scale early stop after 2 validations"
+    assert tables.phase4_summary({"group_lr": {"context": 1.0}, "freeze": [], "scale_early_stop_patience": 0}) == ""

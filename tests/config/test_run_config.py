@@ -141,7 +141,7 @@ def test_metrics_csv_drops_rows_after_the_checkpoint_and_crash_cut_lines(tmp_pat
 # bounds and defaults must be those of run_config.KEYS (the one home of these facts).
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 JSON_TYPES = {"str": {"string"}, "float": {"number"}, "int": {"integer"}, "bool": {"boolean"},
-              "floats3": {"array"}, "floats": {"array"}}
+              "floats3": {"array"}, "floats": {"array"}, "groups": {"array"}, "group_floats": {"object"}}
 # `training` defaults that deliberately differ from hpcm.train's: the demo study trains a tiny model
 # on the embedded samples in minutes (docs/workflow.md); every other default must be KEYS' default.
 STUDY_DEFAULTS = {"steps", "patch_size", "batch_size", "num_workers", "log_every", "val_every",
@@ -172,11 +172,13 @@ def _alternatives(schema: dict, node: dict) -> list[dict]:
 
 def _bounds_agree(key: str, spec, node: dict) -> list[str]:
     """Probe KEYS' check at the schema's bounds (and far outside them where the schema has none)."""
-    bounds = node.get("items", node) if node["type"] == "array" else node
+    bounds = node.get("items", node) if node["type"] == "array" else \
+        node.get("additionalProperties", node) if node["type"] == "object" else node
     step = 1 if spec.kind == "int" else 1e-9
 
     def accepts(value):
-        wrapped = [value] * 3 if spec.kind == "floats3" else [value] if spec.kind == "floats" else value
+        wrapped = [value] * 3 if spec.kind == "floats3" else [value] if spec.kind == "floats" else \
+            {"context": value} if spec.kind == "group_floats" else value
         return spec.check is None or bool(spec.check(wrapped))
 
     probes = []  # (value, schema accepts it)
@@ -210,7 +212,7 @@ def _disagreements(schema: dict, key: str, node: dict, inherits: bool) -> list[s
     if (enum is None) != (spec.choices is None) or (enum and [c for c in enum if c is not None] != list(spec.choices)):
         problems.append(f"{key}: schema enum {enum}, KEYS choices {spec.choices}")
     for alt in alternatives:
-        if alt["type"] in JSON_TYPES[spec.kind] - {"string"} or (alt["type"] == "array"):
+        if alt["type"] in JSON_TYPES[spec.kind] - {"string"} or alt["type"] in ("array", "object"):
             problems += _bounds_agree(key, spec, alt)
     if "default" in node:
         wanted = None if inherits else spec.default

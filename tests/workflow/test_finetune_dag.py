@@ -66,13 +66,13 @@ def test_finetune_studies_parse_and_print_their_price(tmp_path, name, distortion
     assert result.returncode == 0, output[-3000:]
     counts = job_counts(output)
     assert counts == expected_counts(cfg)
-    assert counts["check_checkpoint"] == 6 and counts["train"] == 24 * 6 and counts["evaluate"] == 24 * 6 * 2
+    assert counts["check_checkpoint"] == 6 and counts["train"] == 28 * 6 and counts["evaluate"] == 28 * 6 * 2
     # the price: one line per variant and the total, in GPU-hours from compute.train.steps_per_s
     assert f"training cost of study '{cfg['study']}' (GPU-hours" in output
     assert re.search(r"^  baseline\s+adam\s+6\s+32450\s+10\.15\s+5\.3\s+\[compute\.train\.steps_per_s\.adam\]",
                      output, re.M), output[:3000]
-    total = re.search(r"total: 144 runs, (\d+) steps, ([\d.]+) GPU-hours", output)
-    assert total and int(total.group(1)) == 144 * 32450
+    total = re.search(r"total: 168 runs, (\d+) steps, ([\d.]+) GPU-hours", output)
+    assert total and int(total.group(1)) == 168 * 32450
     assert float(total.group(2)) == pytest.approx(expected_gpu_hours(cfg), abs=0.05)
     # the run YAMLs train on the study's distortion; the analysis uses its metric
     target = f"results/configs/phase1/lmbda{lambdas[2]}/seed0.yaml"
@@ -88,7 +88,7 @@ def test_paper_config_prints_its_price(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     cfg = yaml.safe_load((CONFIGS / "paper.yaml").read_text())
-    total = re.search(r"total: 144 runs, \d+ steps, ([\d.]+) GPU-hours", output)
+    total = re.search(r"total: 168 runs, \d+ steps, ([\d.]+) GPU-hours", output)
     assert total and float(total.group(1)) == pytest.approx(expected_gpu_hours(cfg), abs=0.05)
 
 

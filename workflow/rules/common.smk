@@ -75,7 +75,7 @@ def run_config(wildcards, input):
 
 def runtime_settings(wildcards):
     """`--set` arguments that say how, not what, to train."""
-    return " ".join(f"--set {key}={yaml_scalar(value)}" for key, value in STUDY.runtime_settings().items())
+    return " ".join(f"--set {key}={yaml_scalar(value)}" for key, value in STUDY.runtime_settings(wildcards.variant).items())
 
 
 def yaml_scalar(value):
