@@ -34,6 +34,7 @@ DEFAULT_SCALE_WEIGHTS: tuple[float, ...] = tuple(STUDY1_SCALE_WEIGHTS["s2_emphas
 DEFAULT_GAMMAS: tuple[float, ...] = tuple(STUDY2_GAMMAS["decreasing"]["gammas"])
 
 # Official HPCM recipe: lr 1e-4, then 3e-5 / 1e-5 / 1e-6 from epoch 2750 / 2850 / 2950 of 3000.
+HPCM_LR = 1e-4
 HPCM_LR_MILESTONES = (2750 / 3000, 2850 / 3000, 2950 / 3000)
 HPCM_LR_VALUES = (3e-5, 1e-5, 1e-6)
 

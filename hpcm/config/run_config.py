@@ -26,7 +26,7 @@ from typing import Any, Callable
 import yaml
 
 from hpcm.config import presets
-from hpcm.config.presets import HPCM_LR_MILESTONES, HPCM_LR_VALUES
+from hpcm.config.presets import HPCM_LR, HPCM_LR_MILESTONES, HPCM_LR_VALUES
 from hpcm.config.tasks import PARAMETER_GROUPS
 
 OPTIMIZERS = ("adam", "cautious_adam", "balanced", "qp", "hierarchical_balanced")
@@ -138,7 +138,7 @@ KEYS: dict[str, Key] = {
                  check=_positive, constraint="must be > 0"),
     "epochs": Key("int", None, "run length in epochs over the training set (set steps or epochs)", optional=True,
                   check=_positive, constraint="must be > 0"),
-    "lr": Key("float", 1e-4, "initial learning rate", check=_positive, constraint="must be > 0"),
+    "lr": Key("float", HPCM_LR, "initial learning rate", check=_positive, constraint="must be > 0"),
     "lr_milestones": Key("floats", list(HPCM_LR_MILESTONES), "lr drop points as fractions of the run",
                          check=lambda v: all(0 < f < 1 for f in v) and v == sorted(v),
                          constraint="must be increasing fractions in (0, 1)"),
@@ -376,6 +376,13 @@ def resolve(user: dict[str, Any]) -> dict[str, Any]:
     if len(cfg["lr_milestones"]) != len(cfg["lr_values"]):
         raise ConfigError(f"run config: 'lr_milestones' = {cfg['lr_milestones']!r} and 'lr_values' = "
                           f"{cfg['lr_values']!r} must have the same length")
+    raised = [v for v in cfg["lr_values"] if v > cfg["lr"]]
+    if raised:  # e.g. a fine-tuning lr with the study's absolute drops would go *up* at the first one
+        ratios = [round(v / HPCM_LR, 12) for v in HPCM_LR_VALUES]
+        raise ConfigError(f"run config: 'lr_values' = {cfg['lr_values']!r} raise the learning rate above 'lr' = "
+                          f"{cfg['lr']!r} (to {raised[0]!r}); a schedule only lowers it. Give this run its own "
+                          f"lr_values (the official drops are {ratios} x lr) or 'lr_milestones: []' and "
+                          "'lr_values: []' for a constant lr")
     if cfg["distortion"] == "ms_ssim" and cfg["patch_size"] < MS_SSIM_MIN_SIDE:
         raise ConfigError(f"run config: 'distortion' = 'ms_ssim' needs 'patch_size' >= {MS_SSIM_MIN_SIDE} (pytorch_msssim's "
                           f"5 scales with an 11-tap window), got {cfg['patch_size']!r}; use e.g. 192 or 256")

@@ -17,7 +17,8 @@ Checked here, each as a :class:`StudyConfigError` naming the config key: the sch
 filled in), unknown or cyclic references, two lambdas or two variants that would share one
 folder (issue 10 point 4), a ``patch_size`` that is not a multiple of the model's pad multiple
 (every train job would fail; issue 10 point 6), and GPUs per job that cannot be launched
-(``compute.train.gpus``; issue 11 point 4). The pad multiple is passed in
+(``compute.train.gpus``; issue 11 point 4), and every variant's run YAML through hpcm.train's own
+checks (e.g. an lr schedule that would raise a fine-tuning lr). The pad multiple is passed in
 (``pad_multiple_of(model_name)``) because the model stage comes after this one.
 """
 
@@ -33,6 +34,7 @@ import yaml
 from referencing import Registry, Resource
 
 from hpcm.config import presets
+from hpcm.config import run_config
 from hpcm.config.run_config import MS_SSIM_MIN_SIDE
 
 # Run-config keys a variant may set (they go into the run YAML of `python -m hpcm.train`).
@@ -479,8 +481,24 @@ def resolve(cfg: dict[str, Any], pad_multiple_of: Callable[[str], int], root: st
     check_ms_ssim_patches(cfg, variants)
     check_steps_per_s(cfg, variants)
     check_compute(cfg)
-    return Study(config=cfg, lambdas=lambdas, seeds=[int(s) for s in cfg["seeds"]], variants=variants,
-                 root=str(root))
+    study = Study(config=cfg, lambdas=lambdas, seeds=[int(s) for s in cfg["seeds"]], variants=variants,
+                  root=str(root))
+    check_run_configs(study)
+    return study
+
+
+def check_run_configs(study: Study) -> None:
+    """Every variant's run YAML passes hpcm.train's own checks (cross-key rules such as an lr
+    schedule that would raise a fine-tuning lr) now, in the dry run, not when its job starts."""
+    lmbda, seed = next(iter(study.lambdas)), study.seeds[0]
+    for name in study.variants:
+        try:
+            run = {**study.run_config(name, lmbda, seed, []), **study.runtime_settings(name)}
+            for key in ("train_data", "val_data"):  # folders that a rule prepares later
+                run.pop(key)
+            run_config.resolve(run)
+        except run_config.ConfigError as err:
+            raise StudyConfigError(f"variants.{name}", str(err)) from None
 
 
 def load(cfg: dict[str, Any], schema_path: str | Path, pad_multiple_of: Callable[[str], int],

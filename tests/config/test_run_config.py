@@ -65,6 +65,7 @@ def test_set_values_are_yaml_and_numbers_in_exponent_form_work(tmp_path):
     ({"update_mode": "later"}, ["'update_mode'", "'later'", "same_batch"]),
     ({"lr_milestones": [0.9, 0.5], "lr_values": [1, 2]}, ["'lr_milestones'", "increasing"]),
     ({"lr_values": [1e-5]}, ["'lr_milestones'", "'lr_values'", "same length"]),
+    ({"lr": 1e-5}, ["'lr_values' = [3e-05, 1e-05, 1e-06]", "above 'lr' = 1e-05", "[0.3, 0.1, 0.01] x lr"]),
     ({"gamma_schedule": "cosine"}, ["'gamma_schedule'", "'gamma_final'"]),
     ({"device": "tpu"}, ["'device'", "'tpu'"]),
     ({"train_data": "/no/such/folder"}, ["'train_data'", "'/no/such/folder'", "does not exist"]),

@@ -199,6 +199,10 @@ def write_config(tmp_path: Path, **changes) -> Path:
         # issue 10 point 6: every train job would fail on a crop the model cannot take
         ({"training__patch_size": 50}, "training.patch_size", "not a multiple of 64, the pad multiple of HPCM_Tiny"),
         ({"training__seed": 1}, "training.seed", "seeds"),
+        # a fine-tuning lr with the study's absolute drops would rise at the first drop
+        ({"variants__phase2_qp__lr_milestones": [0.9, 0.95, 0.98], "variants__phase2_qp__lr_values": [3e-5, 1e-5, 1e-6]},
+         "variants.phase2_qp",
+         "'lr_values' = [3e-05, 1e-05, 1e-06] raise the learning rate above 'lr' = 1e-05"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, changes, key, words):
