@@ -376,11 +376,12 @@ def resolve(user: dict[str, Any]) -> dict[str, Any]:
     if len(cfg["lr_milestones"]) != len(cfg["lr_values"]):
         raise ConfigError(f"run config: 'lr_milestones' = {cfg['lr_milestones']!r} and 'lr_values' = "
                           f"{cfg['lr_values']!r} must have the same length")
-    raised = [v for v in cfg["lr_values"] if v > cfg["lr"]]
+    schedule = [cfg["lr"], *cfg["lr_values"]]
+    raised = [after for before, after in zip(schedule, schedule[1:]) if after > before]
     if raised:  # e.g. a fine-tuning lr with the study's absolute drops would go *up* at the first one
         ratios = [round(v / HPCM_LR, 12) for v in HPCM_LR_VALUES]
         raise ConfigError(f"run config: 'lr_values' = {cfg['lr_values']!r} raise the learning rate above 'lr' = "
-                          f"{cfg['lr']!r} (to {raised[0]!r}); a schedule only lowers it. Give this run its own "
+                          f"{cfg['lr']!r} or a previous value (to {raised[0]!r}); a schedule only lowers it. Give this run its own "
                           f"lr_values (the official drops are {ratios} x lr) or 'lr_milestones: []' and "
                           "'lr_values: []' for a constant lr")
     if cfg["distortion"] == "ms_ssim" and cfg["patch_size"] < MS_SSIM_MIN_SIDE:
@@ -392,6 +393,10 @@ def resolve(user: dict[str, Any]) -> dict[str, Any]:
     if cfg["gamma_strategy"] in ("linear", "cosine") and cfg["gammas_final"] is None:
         raise ConfigError(f"run config: 'gamma_strategy' = {cfg['gamma_strategy']!r} needs 'gammas_final' "
                           f"(got {cfg['gammas_final']!r})")
+    if cfg["scale_early_stop_patience"] > 0 and ("context" in cfg["freeze"] or "context" in cfg["unfreeze_schedule"]):
+        raise ConfigError(f"run config: 'scale_early_stop_patience' = {cfg['scale_early_stop_patience']!r} stops "
+                          "the context model's scales, but 'freeze' / 'unfreeze_schedule' keep the context frozen "
+                          "(for some of) the run, so a scale could stop before it trained; use one or the other")
     both = [g for g in cfg["freeze"] if g in cfg["unfreeze_schedule"]]
     if both:
         raise ConfigError(f"run config: group {both[0]!r} is in 'freeze' = {cfg['freeze']!r} and in "

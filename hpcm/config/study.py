@@ -490,10 +490,9 @@ def resolve(cfg: dict[str, Any], pad_multiple_of: Callable[[str], int], root: st
 def check_run_configs(study: Study) -> None:
     """Every variant's run YAML passes hpcm.train's own checks (cross-key rules such as an lr
     schedule that would raise a fine-tuning lr) now, in the dry run, not when its job starts."""
-    lmbda, seed = next(iter(study.lambdas)), study.seeds[0]
-    for name in study.variants:
+    for name, lmbda in itertools.product(study.variants, study.lambdas):  # the seed changes no check
         try:
-            run = {**study.run_config(name, lmbda, seed, []), **study.runtime_settings(name)}
+            run = {**study.run_config(name, lmbda, study.seeds[0], []), **study.runtime_settings(name)}
             for key in ("train_data", "val_data"):  # folders that a rule prepares later
                 run.pop(key)
             run_config.resolve(run)

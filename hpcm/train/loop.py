@@ -334,7 +334,10 @@ class Run:
         self.optimizer.zero_grad(set_to_none=True)
         if self.phase4 is not None and not self.phase4.any_trainable:
             with torch.no_grad():  # Phase 4 froze everything (early stopping): the weights stay as they are
-                return self.objective(x)[0]
+                metrics = self.objective(x)[0]
+            if self.ema is not None:  # every step (the average still converges to the final weights)
+                self.ema.update_parameters(self.model)
+            return metrics
         metrics, tasks = self.objective(x)
         skipped = optim.backward_and_step(self.optimizer, self.params, metrics["loss"], tasks,
                                           max_norm=self.cfg["clip_max_norm"],

@@ -7,9 +7,9 @@ also know the scales they serve). The run-config keys (``hpcm.config.run_config`
 * ``group_lr``: the optimizer gets one param group per parameter group, each with an ``lr_ratio``;
   ``hpcm.train.schedules.set_lr`` sets ``lr = schedule lr x lr_ratio``, so the ratios compose with
   ``lr_milestones`` / ``lr_values``.
-* ``freeze``: those groups never train. ``unfreeze_schedule``: group -> fraction f; the group is
-  frozen for the steps whose progress ``(step - 1) / total`` is below f, the same convention as
-  ``lr_milestones`` (``schedules.lr_at``): it trains from step ``round(f * total) + 1`` on.
+* ``freeze``: those groups never train. ``unfreeze_schedule``: group -> fraction f; the group
+  trains from step ``round(f * total) + 1`` on (Python's round, half to even), the step at which
+  ``schedules.lr_at`` applies an lr milestone at the same fraction.
 * ``scale_early_stop_patience`` = P > 0: after each validation, a scale whose validation rate of
   its y elements (``val_s{k}_bpp``) is not below its best so far counts one; after P such
   validations in a row the scale stops: its context parameters stop updating from the next step
@@ -73,6 +73,7 @@ class Phase4:
         self.bad_validations = {s: 0 for s in SCALES}
         self.stopped_at: dict[str, int | None] = {s: None for s in SCALES}  # the step after which it stops
         self._trainable: dict[str, bool] | None = None
+        self.has_extra = False
 
     # -- the optimizer's parameter groups
     def optimizer_groups(self, extra: list[torch.Tensor]) -> list[dict[str, Any]]:
@@ -82,6 +83,7 @@ class Phase4:
         groups = [g for g in groups if g["params"]]
         if extra:
             groups.append({"params": list(extra), "group": EXTRA_GROUP, "lr_ratio": 1.0})
+        self.has_extra = bool(extra)  # never frozen: while they train, a step is taken
         return groups
 
     # -- freezing
@@ -112,7 +114,7 @@ class Phase4:
 
     @property
     def any_trainable(self) -> bool:
-        return self._trainable is None or any(self._trainable.values())
+        return self._trainable is None or self.has_extra or any(self._trainable.values())
 
     # -- per-scale early stopping
     def observe_validation(self, step: int, scale_rates: dict[str, float]) -> list[str]:

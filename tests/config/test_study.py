@@ -41,7 +41,7 @@ def test_key_tables_name_run_config_keys():
 
 def test_paper_and_demo_resolve_with_one_seed():
     paper = load(PAPER)
-    assert paper.seeds == [0] and len(paper.variants) == 28 and len(paper.runs()) == 28 * 6  # 12 grid points, 4 Phase 4
+    assert paper.seeds == [0] and len(paper.variants) == 29 and len(paper.runs()) == 29 * 6  # 12 grid points, 5 Phase 4
     demo = load(DEMO)
     assert demo.seeds == [0]
     assert all(run.seed == 0 for run in demo.runs())

@@ -40,7 +40,7 @@ def test_every_study_has_the_four_phase4_variants_and_their_rows(path):
         resolved[variant] = run_config.resolve({**run, **settings})
     # the keys arrive in the run config (data, not code branches); the optimizer composes with them
     assert resolved["phase4_context_lr"]["group_lr"] == {"transforms": 1.0, "hyperprior": 0.5, "context": 0.1}
-    assert resolved["phase4_freeze_entropy"]["freeze"] == ["hyperprior"]
+    assert resolved["phase4_freeze_entropy"]["freeze"] == ["transforms", "hyperprior"]
     assert resolved["phase4_progressive"]["unfreeze_schedule"] == {"hyperprior": 0.2, "context": 0.4}
     assert resolved["phase4_scale_early_stop"]["scale_early_stop_patience"] >= 1
     assert all(cfg["optimizer"] == resolved["phase4_context_lr"]["optimizer"] for cfg in resolved.values())

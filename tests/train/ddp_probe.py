@@ -32,10 +32,11 @@ def record_cautious_products(path: Path | None):
     kept: dict = {}
     real = CautiousAdam._update_group
 
-    def update_and_record(self, group: dict) -> None:
+    def update_and_record(self, group: dict, *args, **kwargs) -> None:
+        assert len(self.param_groups) == 1, "the record keeps one group's elements per step"
         stepped = [p for p in group["params"] if p.grad is not None]
         before = torch.cat([p.detach().flatten() for p in stepped])
-        real(self, group)
+        real(self, group, *args, **kwargs)
         after = torch.cat([p.detach().flatten() for p in stepped])
         steps.append({"product": torch.cat([(self.state[p]["exp_avg"] * p.grad).flatten() for p in stepped]),
                       "delta": after - before})

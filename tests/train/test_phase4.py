@@ -228,3 +228,16 @@ def test_a_run_whose_every_group_stopped_finishes_without_moving(tmp_path, monke
     assert any(not torch.equal(weights[1][n], weights[2][n]) for n in names_in("context"))
     with open(out / "metrics.csv", newline="") as handle:
         assert [r["trainable_groups"] for r in csv.DictReader(handle)][-1] == "none"
+
+
+def test_the_weight_average_keeps_updating_after_every_group_stopped(tmp_path, monkeypatch):
+    """ema_T = decay**T w_0 + ...: the average must be updated at every step, also the steps at which
+    nothing trains, or it stays behind the final weights (validated and exported is the average)."""
+    scripted_validation(monkeypatch, {s: [1.0, 1.0, 1.0, 1.0] for s in SCALES})
+    updates = []
+    real = torch.optim.swa_utils.AveragedModel.update_parameters
+    monkeypatch.setattr(torch.optim.swa_utils.AveragedModel, "update_parameters",
+                        lambda self, model: (updates.append(1), real(self, model))[1])
+    assert train.main(cli_args(tmp_path / "run", steps=4, val_every=1, optimizer="adam", ema_decay=0.5,
+                               freeze="[transforms,hyperprior]", scale_early_stop_patience=1)) == train.EXIT_OK
+    assert len(updates) == 1 + 4  # the copy at the start, then one per step (steps 3 and 4 train nothing)

@@ -107,8 +107,9 @@ def test_paper_dry_run_lists_every_job():
     assert {d["kind"] for d in cfg["datasets"].values()} == {"kodak", "clic2020-professional", "tecnick"}
     counts = dry_run(PAPER)
     assert counts == expected_counts(cfg)
-    # 16 named variants (4 of them Phase 4) + the seed's 4 x 3 phase-2 grid, 6 lambdas, 3 datasets
-    assert counts["train"] == 28 * 6 and counts["evaluate"] == 28 * 6 * 3
+    # 17 named variants (5 of them Phase 4, its control included) + the seed's 4 x 3 phase-2 grid,
+    # 6 lambdas, 3 datasets
+    assert counts["train"] == 29 * 6 and counts["evaluate"] == 29 * 6 * 3
 
 
 def test_adding_a_lambda_and_a_variant_adds_exactly_their_jobs(tmp_path):
@@ -119,9 +120,9 @@ def test_adding_a_lambda_and_a_variant_adds_exactly_their_jobs(tmp_path):
     bigger = tmp_path / "bigger.yaml"
     bigger.write_text(yaml.safe_dump(cfg))
     after = dry_run(bigger)
-    n_variants, n_lambdas, n_datasets = 29, 7, 3
-    assert after["train"] - before["train"] == n_variants * n_lambdas - 28 * 6
-    assert after["evaluate"] - before["evaluate"] == (n_variants * n_lambdas - 28 * 6) * n_datasets
+    n_variants, n_lambdas, n_datasets = 30, 7, 3
+    assert after["train"] - before["train"] == n_variants * n_lambdas - 29 * 6
+    assert after["evaluate"] - before["evaluate"] == (n_variants * n_lambdas - 29 * 6) * n_datasets
     unchanged = {r: n for r, n in after.items() if r not in ("train", "run_config", "evaluate")}
     assert unchanged == {r: n for r, n in before.items() if r not in ("train", "run_config", "evaluate")}
 

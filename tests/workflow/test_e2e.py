@@ -39,7 +39,8 @@ def small_demo_config(eval_folder: Path) -> dict:
     cfg["datasets"] = {"crops": {"kind": "folder", "source": str(eval_folder)}}
     # A small learning rate keeps every variant close to the shared warm start, so that all curves
     # overlap and every BD number exists (their values are not what this test is about).
-    cfg["training"].update(steps=2, batch_size=2, lr=1e-5, log_every=1, val_every=2, checkpoint_every=2)
+    cfg["training"].update(steps=2, batch_size=2, lr=1e-5, lr_milestones=[], lr_values=[],  # constant: the
+                           log_every=1, val_every=2, checkpoint_every=2)  # default drops would raise 1e-5
     cfg["variants"] = {name: cfg["variants"][name] for name in VARIANTS}
     # The shipped warm starts keep their relative paths: the workflow finds them from the
     # repository root, whatever the working directory.

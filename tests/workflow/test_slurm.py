@@ -92,8 +92,8 @@ def mini_study(eval_folder: Path) -> dict:
     cfg = yaml.safe_load(DEMO.read_text())
     cfg["lambdas"] = LAMBDAS
     cfg["datasets"] = {"crops": {"kind": "folder", "source": str(eval_folder)}}
-    cfg["training"].update(steps=STEPS, batch_size=2, lr=1e-5, log_every=1, val_every=20,
-                           checkpoint_every=CHECKPOINT_EVERY, num_workers=0)
+    cfg["training"].update(steps=STEPS, batch_size=2, lr=1e-5, lr_milestones=[], lr_values=[],  # constant lr
+                           log_every=1, val_every=20, checkpoint_every=CHECKPOINT_EVERY, num_workers=0)
     cfg["variants"] = {name: cfg["variants"][name] for name in VARIANTS}
     cfg["grids"] = {}
     cfg["analysis"]["gains"] = {"phase1": "phase1"}
