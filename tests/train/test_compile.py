@@ -3,7 +3,6 @@ with the eager module's state-dict names."""
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from hpcm.config import run_config
 from hpcm.train import checkpoints as checkpointing
 from hpcm.train import loop as train
 from tests.train.test_loop import final_state
-from tests.train.tiny import TINY, cli_args
+from tests.train.tiny import TINY, cli_args, sigterm_at_step
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # inductor's CPU notes
 
@@ -36,17 +35,9 @@ def test_compiled_run_equals_eager_and_resumes_with_plain_state_dict_names(tmp_p
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     assert train.main(cli_args(eager, **settings)) == train.EXIT_OK
 
-    real_step = train.Run.train_step
-
-    def interrupt_at_step_3(self, x):
-        if self.step + 1 == 3:
-            signal.raise_signal(signal.SIGTERM)
-        return real_step(self, x)
-
-    monkeypatch.setattr(train.Run, "train_step", interrupt_at_step_3)
-    assert train.main(cli_args(compiled, compile=True, **settings)) == train.EXIT_INTERRUPTED
+    with sigterm_at_step(3):
+        assert train.main(cli_args(compiled, compile=True, **settings)) == train.EXIT_INTERRUPTED
     assert final_state(compiled)["step"] == 3
-    monkeypatch.setattr(train.Run, "train_step", real_step)
     assert train.main(cli_args(compiled, compile=True, **settings)) == train.EXIT_OK
     assert backends == ["aot_eager", "aot_eager"]  # one compiled objective per Run (start, resume)
 

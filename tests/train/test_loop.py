@@ -19,7 +19,7 @@ from hpcm.train import checkpoints as checkpointing
 from hpcm.train import loop as train
 from hpcm.train.logs import METRIC_COLUMNS
 from tests.paths import REPO
-from tests.train.tiny import TINY, cli_args
+from tests.train.tiny import TINY, cli_args, sigterm_at_step
 
 
 # Small and fast: 64 px crops of the embedded samples, no wandb, data in the main process.
@@ -116,22 +116,14 @@ def final_state(out: Path) -> dict:
     {"variant": "phase3", "decomposition": "adaptive", "gamma_strategy": "adaptive"},
     {"variant": "phase1", "ema_decay": 0.5, "val_every": 2},
 ], ids=["baseline", "phase1_same_batch", "qp", "phase3_next_batch", "phase3_adaptive", "phase1_ema"])
-def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch, variant):
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, variant):
     settings = {"steps": 4, "checkpoint_every": 1, **variant}
     full, parted = tmp_path / "full", tmp_path / "parted"
     assert train.main(cli_args(full, **settings)) == train.EXIT_OK
 
-    real_step = train.Run.train_step
-
-    def interrupt_at_step_2(self, x):
-        if self.step + 1 == 2:
-            signal.raise_signal(signal.SIGTERM)  # as SLURM would, in the middle of a step
-        return real_step(self, x)
-
-    monkeypatch.setattr(train.Run, "train_step", interrupt_at_step_2)
-    assert train.main(cli_args(parted, **settings)) == train.EXIT_INTERRUPTED
+    with sigterm_at_step(2):
+        assert train.main(cli_args(parted, **settings)) == train.EXIT_INTERRUPTED
     assert final_state(parted)["step"] == 2 and not (parted / "done").exists()
-    monkeypatch.setattr(train.Run, "train_step", real_step)
     assert train.main(cli_args(parted, **settings)) == train.EXIT_OK
 
     a, b = final_state(full), final_state(parted)

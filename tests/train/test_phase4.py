@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import math
-import signal
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from hpcm.models import param_groups
 from hpcm.train import checkpoints as checkpointing
 from hpcm.train import loop as train
 from hpcm.train import phase4
-from tests.train.tiny import cli_args
+from tests.train.tiny import cli_args, sigterm_at_step
 
 
 def initial_weights(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -164,16 +163,9 @@ def test_interrupted_phase4_run_resumes_bit_identically(tmp_path, monkeypatch):
                 "group_lr": "{context: 0.1}"}
     full, parted = tmp_path / "full", tmp_path / "parted"
     assert train.main(cli_args(full, **settings)) == train.EXIT_OK
-    real_step = train.Run.train_step
-
-    def interrupt_at_step_3(self, x):
-        if self.step + 1 == 3:
-            signal.raise_signal(signal.SIGTERM)
-        return real_step(self, x)
-    monkeypatch.setattr(train.Run, "train_step", interrupt_at_step_3)
-    assert train.main(cli_args(parted, **settings)) == train.EXIT_INTERRUPTED
+    with sigterm_at_step(3):
+        assert train.main(cli_args(parted, **settings)) == train.EXIT_INTERRUPTED
     assert final_state(parted)["phase4"]["stopped_at"] == {"s1": 2, "s2": None, "s3": 2}
-    monkeypatch.setattr(train.Run, "train_step", real_step)
     assert train.main(cli_args(parted, **settings)) == train.EXIT_OK
     a, b = final_state(full), final_state(parted)
     assert a["phase4"] == b["phase4"]

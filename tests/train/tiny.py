@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 from pathlib import Path
+
+from hpcm.train import loop
 
 TINY = {
     "model": "HPCM_Tiny", "patch_size": 64, "batch_size": 1, "num_workers": 0, "wandb_mode": "disabled",
@@ -16,3 +20,20 @@ def cli_args(out: Path, **overrides) -> list[str]:
     for key, value in {**TINY, **overrides}.items():
         args += ["--set", f"{key}={value}"]
     return args
+
+
+@contextlib.contextmanager
+def sigterm_at_step(step: int):
+    """Within: the trainer receives SIGTERM in the middle of ``step``, as SLURM would send it."""
+    real_step = loop.Run.train_step
+
+    def interrupted(self, x):
+        if self.step + 1 == step:
+            signal.raise_signal(signal.SIGTERM)
+        return real_step(self, x)
+
+    loop.Run.train_step = interrupted
+    try:
+        yield
+    finally:
+        loop.Run.train_step = real_step

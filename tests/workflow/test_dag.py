@@ -10,6 +10,7 @@ config lives in ``test_e2e.py``; the study resolution itself is unit-tested in
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -100,12 +101,22 @@ def dry_run(configfile: Path, *extra: str) -> dict[str, int]:
     return job_counts(result.stdout + result.stderr)
 
 
+@functools.cache
+def _paper_counts() -> tuple[tuple[str, int], ...]:
+    return tuple(dry_run(PAPER).items())
+
+
+def paper_counts() -> dict[str, int]:
+    """The paper study's dry-run job counts, one Snakemake run shared by the tests that need them."""
+    return dict(_paper_counts())
+
+
 def test_paper_dry_run_lists_every_job():
     cfg = yaml.safe_load(PAPER.read_text())
     assert cfg["model"] == "HPCM_Base"
     assert cfg["lambdas"] == [0.0018, 0.0035, 0.0067, 0.013, 0.025, 0.0483]
     assert {d["kind"] for d in cfg["datasets"].values()} == {"kodak", "clic2020-professional", "tecnick"}
-    counts = dry_run(PAPER)
+    counts = paper_counts()
     assert counts == expected_counts(cfg)
     # 17 named variants (5 of them Phase 4, its control included) + the seed's 4 x 3 phase-2 grid,
     # 6 lambdas, 3 datasets
@@ -114,7 +125,7 @@ def test_paper_dry_run_lists_every_job():
 
 def test_adding_a_lambda_and_a_variant_adds_exactly_their_jobs(tmp_path):
     cfg = yaml.safe_load(PAPER.read_text())
-    before = dry_run(PAPER)
+    before = paper_counts()
     cfg["lambdas"].append(0.1)
     cfg["variants"]["phase1_lr2"] = {"extends": "phase1", "lr": 2.0e-4}
     bigger = tmp_path / "bigger.yaml"
@@ -131,7 +142,7 @@ def test_seeds_repeat_every_run_and_evaluation(tmp_path):
     """`seeds: [0, 1, 2]` trains and evaluates every (variant, lambda) three times, one folder each."""
     cfg = yaml.safe_load(PAPER.read_text())
     assert cfg["seeds"] == [0]  # the paper keeps one seed
-    before = dry_run(PAPER)
+    before = paper_counts()
     cfg["seeds"] = [0, 1, 2]
     seeded = tmp_path / "seeds.yaml"
     seeded.write_text(yaml.safe_dump(cfg))
