@@ -200,10 +200,10 @@ class Run:
             extra = list(self.decomposition.ratio_parameters())  # the seed's learnable ratios train with the model
         params += extra
         # Phase 4 (hpcm.train.phase4): one optimizer param group per parameter group, with its lr ratio
-        self.phase4 = phase4.Phase4(self.model, cfg, self.total_steps) if phase4.is_active(cfg) else None
+        self.phase4 = phase4.Phase4(self.model, cfg, self.total_steps, extra) if phase4.is_active(cfg) else None
         # CUDA: the skip decisions stay on the device (no host sync per step)
         self.optimizer = optim.build_optimizer(
-            cfg["optimizer"], params if self.phase4 is None else self.phase4.optimizer_groups(extra), cfg["lr"], gamma=cfg["gamma"], w_lr=cfg["w_lr"],
+            cfg["optimizer"], params if self.phase4 is None else self.phase4.optimizer_groups(), cfg["lr"], gamma=cfg["gamma"], w_lr=cfg["w_lr"],
             max_norm=cfg["clip_max_norm"], update_mode=cfg["update_mode"], gammas=cfg["gammas"],
             scale_weights=cfg["scale_weights"], sync_free=self.sync_free)
         self.params = params

@@ -60,8 +60,10 @@ def unfreeze_step(fraction: float, total_steps: int) -> int:
 class Phase4:
     """Which parameters train at each step, their lr ratios, and the per-scale early stopping."""
 
-    def __init__(self, model: torch.nn.Module, cfg: dict[str, Any], total_steps: int):
+    def __init__(self, model: torch.nn.Module, cfg: dict[str, Any], total_steps: int,
+                 extra: list[torch.Tensor] = ()):
         named = list(model.named_parameters())
+        self.extra = list(extra)  # never frozen: while they train, a step is taken
         self.assignment = param_groups.assign(named)  # UnknownParameterError on a name no rule covers
         self.params = dict(named)
         self.ratios = dict(cfg["group_lr"])
@@ -73,17 +75,15 @@ class Phase4:
         self.bad_validations = {s: 0 for s in SCALES}
         self.stopped_at: dict[str, int | None] = {s: None for s in SCALES}  # the step after which it stops
         self._trainable: dict[str, bool] | None = None
-        self.has_extra = False
 
     # -- the optimizer's parameter groups
-    def optimizer_groups(self, extra: list[torch.Tensor]) -> list[dict[str, Any]]:
+    def optimizer_groups(self) -> list[dict[str, Any]]:
         """One torch param group per parameter group (and one for ``extra``), each with its lr_ratio."""
         groups = [{"params": [p for n, p in self.params.items() if self.assignment[n].group == g],
                    "group": g, "lr_ratio": self.ratios[g]} for g in PARAMETER_GROUPS]
         groups = [g for g in groups if g["params"]]
-        if extra:
-            groups.append({"params": list(extra), "group": EXTRA_GROUP, "lr_ratio": 1.0})
-        self.has_extra = bool(extra)  # never frozen: while they train, a step is taken
+        if self.extra:
+            groups.append({"params": self.extra, "group": EXTRA_GROUP, "lr_ratio": 1.0})
         return groups
 
     # -- freezing
@@ -114,7 +114,7 @@ class Phase4:
 
     @property
     def any_trainable(self) -> bool:
-        return self._trainable is None or self.has_extra or any(self._trainable.values())
+        return self._trainable is None or bool(self.extra) or any(self._trainable.values())
 
     # -- per-scale early stopping
     def observe_validation(self, step: int, scale_rates: dict[str, float]) -> list[str]:
