@@ -293,7 +293,8 @@ class HPCM(nn.Module):
                 adaptor = adaptors[scale][ADAPTOR_ORDER[scale][i]]
                 quant = self.adaptive_params_list[QUANT_VECTOR_ORDER[scale][i]]
                 context = priors[scale](adaptor(inputs), quant)
-                context_next = attns[scale](context, context_next)
+                if scale < 2 or i < len(steps[2]) - 1:  # the last step's context flow would feed nothing
+                    context_next = attns[scale](context, context_next)
                 y_hat = y_hat + code_step(scale, *context.chunk(2, 1), mask)
         return y_hat, part
 

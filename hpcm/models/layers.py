@@ -55,7 +55,11 @@ class _ResidualMLP(nn.Module):
     def __init__(self, spatial: nn.Module, channels: int, mlp_ratio: int):
         super().__init__()
         hidden = channels * mlp_ratio
-        self.branch = nn.Sequential(spatial, conv1x1(channels, hidden), nn.LeakyReLU(), conv1x1(hidden, channels))
+        # In place: the expand conv's output is read by nothing else, and its backward does not need
+        # it; values and gradients are bit-equal, and a forward saves a fresh tensor per block
+        # (HPCM_Base, CPU, 1 thread: forward 11 % faster, docs/gpu.md).
+        act = nn.LeakyReLU(inplace=True)
+        self.branch = nn.Sequential(spatial, conv1x1(channels, hidden), act, conv1x1(hidden, channels))
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.branch(x)
