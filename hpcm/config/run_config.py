@@ -295,7 +295,8 @@ def _coerce(key: str, value: Any) -> Any:
             raise _fail(key, value, "expected a mapping such as {context: 0.1, hyperprior: 0.5}")
         _check_group_names(key, value, list(value))
         given = {g: as_float(value[g]) for g in PARAMETER_GROUPS if g in value}
-        out = {g: given.get(g, 1.0) for g in PARAMETER_GROUPS} if key == "group_lr" else given
+        # groups left out take the key's default (group_lr: 1.0 each; unfreeze_schedule: absent)
+        out = {g: given.get(g, spec.default.get(g)) for g in PARAMETER_GROUPS if g in given or g in spec.default}
     else:  # pragma: no cover - table error
         raise AssertionError(kind)
 

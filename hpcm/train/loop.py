@@ -330,14 +330,21 @@ class Run:
         return rd, tasks
 
     def train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """zero_grad, forward, then backward + clip + step (skipped for a non-finite batch)."""
+        """zero_grad, forward, then backward + clip + step (skipped for a non-finite batch), and the
+        moving average of the weights."""
         self.optimizer.zero_grad(set_to_none=True)
         if self.phase4 is not None and not self.phase4.any_trainable:
             with torch.no_grad():  # Phase 4 froze everything (early stopping): the weights stay as they are
                 metrics = self.objective(x)[0]
-            if self.ema is not None:  # every step (the average still converges to the final weights)
-                self.ema.update_parameters(self.model)
-            return metrics
+        else:
+            metrics = self._optimizer_step(x)
+        # every step, skipped and frozen ones too: no host sync, and the average still converges to
+        # the final weights when they stop moving
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        return metrics
+
+    def _optimizer_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         metrics, tasks = self.objective(x)
         skipped = optim.backward_and_step(self.optimizer, self.params, metrics["loss"], tasks,
                                           max_norm=self.cfg["clip_max_norm"],
@@ -346,8 +353,6 @@ class Run:
                                           if self.processes.enabled else None)
         if skipped is not None:  # adam / cautious_adam; the Balanced optimizers count their own
             self.skipped += skipped
-        if self.ema is not None:  # every step, skipped ones too (no host sync; the weights did not move)
-            self.ema.update_parameters(self.model)
         if self.hierarchical:
             scale = torch.stack([metrics["s1_d"] + metrics["s1_b"], metrics["s2_d"] + metrics["s2_b"], metrics["s3_b"]])
             self.epoch_scale_losses += scale.detach().float()
