@@ -1,0 +1,58 @@
+"""benchmarks/model_speed.py: the train-step FLOP count against a closed form, and the script's
+arithmetic lines on HPCM_Tiny (the official comparison needs a local lyq133/LIC-HPCM copy)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+
+import torch
+from torch import nn
+
+from tests.paths import REPO
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("model_speed", REPO / "benchmarks" / "model_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+model_speed = _load()
+
+
+class _OneConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, kernel_size=1)
+
+    def forward(self, x):
+        return {"x_hat": self.conv(x)[:, :3], "likelihoods": {}}
+
+
+def test_train_step_flops_are_the_forward_and_weight_gradient_products():
+    """x needs no gradient, so the backward is the weight gradient alone: 2 x (2 * C_out * C_in * H * W)."""
+    model, x = _OneConv(), torch.rand(2, 3, 4, 6)
+    forward = 2 * 5 * 3 * (2 * 4 * 6)
+    assert model_speed.train_step_flops(model, x) == 2 * forward
+    assert all(p.grad is None for p in model.parameters())  # it leaves no gradients behind
+
+
+def test_script_prints_the_train_steps_arithmetic(capsys, tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        model_speed.main(["--presets", "HPCM_Tiny", "--size", "64", "64", "--batch", "1", "--repeats", "1",
+                          "--threads", "1", "--skip-coding", "--device", "cpu", "--json", str(tmp_path / "speed.json")])
+    finally:
+        torch.set_num_threads(threads)  # main() sets it for the whole process
+    out = capsys.readouterr().out
+    peak = float(re.search(r"matmul rate here: ([0-9.]+) GFLOP/s", out).group(1))
+    gflop, rate = (float(v) for v in re.search(r"train step ours: ([0-9.]+) GFLOP at ([0-9.]+) GFLOP/s", out).groups())
+    assert peak > 0 and rate > 0 and gflop > 0
+    assert "ceiling" not in out  # only with --official
+    record = json.loads((tmp_path / "speed.json").read_text())["presets"]["HPCM_Tiny"]
+    assert set(record["times_ms"]["ours"]) == {"forward", "train step"}
+    assert all(len(v) == 1 and v[0] > 0 for v in record["times_ms"]["ours"].values())
+    assert abs(record["arithmetic"]["flops"]["ours"] / 1e9 - gflop) < 0.05
