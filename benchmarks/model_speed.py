@@ -20,10 +20,11 @@ Times are medians over ``--repeats`` runs after one warm-up, in milliseconds (on
 thread's CPU time); "train step" is forward + rate-distortion loss + backward (no optimizer
 step), on a batch of ``--batch`` images.
 
-After the table, the train step's arithmetic (``torch.utils.flop_counter``), its rate in GFLOP/s,
-and the float32 matrix-product rate of this device measured in the same process: the **ceiling**
-line is the official step time over the time our step's FLOPs would take at that rate, i.e. the
-largest official/ours ratio any implementation of the same arithmetic could reach here.
+After the table, the train step's arithmetic (``torch.utils.flop_counter``) and its rate in
+GFLOP/s; on CPU also the share of the step spent in convolution and matrix-product kernels
+(torch.profiler, one profiled step) and, with ``--official``, the **ceiling**: the official/ours
+ratio our step would reach if everything outside those kernels took no time. Those kernels fix
+the rounding (their blocking decides the summation order), so an exact speed-up cannot go past it.
 """
 
 from __future__ import annotations
@@ -142,9 +143,14 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(values), q1, q3
 
 
-# float32 GEMM shapes (M, K, N) for the device's matrix-product rate: a square one and the heaviest
-# of HPCM_Base's training step at 256x256 (the 960 <-> 1920 1x1 convolutions on the 16x16 latent)
-PEAK_SHAPES = ((2048, 2048, 2048), (1920, 960, 256), (960, 1920, 256), (1920, 256, 960))
+# The ops that do a convolution's or a matrix product's arithmetic on the CPU (dispatch wrappers
+# such as aten::conv2d / aten::_convolution excluded); aten::convolution_backward's own time is
+# oneDNN's backward of the 3x3 / 2x2 / depth-wise convolutions.
+COMPUTE_OPS = frozenset({
+    "aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward", "aten::mkldnn_convolution",
+    "aten::convolution_backward", "aten::slow_conv_transpose2d", "aten::mm", "aten::addmm", "aten::bmm",
+    "aten::baddbmm",
+})
 
 
 def train_step_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -159,20 +165,18 @@ def train_step_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def matmul_rate(device: torch.device, repeats: int = 5) -> float:
-    """The best float32 matrix-product rate (GFLOP/s) over :data:`PEAK_SHAPES`, best of ``repeats``
-    each, on the benchmark's clock: the speed a step made only of GEMMs would run at."""
-    now, best = clock(device), 0.0
-    for m, k, n in PEAK_SHAPES:
-        a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
-        a @ b  # warm-up
-        for _ in range(repeats):
-            sync(device)
-            start = now()
-            a @ b
-            sync(device)
-            best = max(best, 2 * m * k * n / max(now() - start, 1e-9) / 1e9)
-    return best
+def compute_share(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """Share of one CPU train step's self time (torch.profiler) spent in :data:`COMPUTE_OPS`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model.train()
+    model.zero_grad(set_to_none=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        rd_loss(model(x), x).backward()
+    model.zero_grad(set_to_none=True)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return sum(e.self_cpu_time_total for e in events if e.key in COMPUTE_OPS) / total
 
 
 def import_official(path: str | Path, name: str) -> ModuleType:
@@ -258,19 +262,24 @@ class OfficialAdapter(torch.nn.Module):
 
 
 def print_arithmetic(models: dict[str, torch.nn.Module], x: torch.Tensor, times: dict, device: torch.device) -> dict:
-    """Train-step FLOPs and rates next to the device's GEMM rate; with the official model, the
-    ceiling: the official/ours ratio our step would reach if all of it ran at that rate."""
+    """Train-step FLOPs and rates; on CPU, the share of the step in convolution and matrix-product
+    kernels and, with the official model, the ceiling: the official/ours ratio if everything else
+    in our step took no time. The kernels' blocking decides their rounding, so an exact
+    implementation keeps them; the ceiling bounds what any exact speed-up can reach."""
     seconds = {label: statistics.median(times[label]["train step"]) / 1e3 for label in models}
-    flops = {label: train_step_flops(model, x) for label, model in models.items()}
-    peak = matmul_rate(device)
-    print(f"  float32 matmul rate here: {peak:.1f} GFLOP/s (best over shapes {list(PEAK_SHAPES)})")
+    result: dict = {"flops": {label: train_step_flops(model, x) for label, model in models.items()}}
+    if device.type == "cpu":
+        result["compute_share"] = {label: compute_share(model, x) for label, model in models.items()}
     for label in models:
-        rate = flops[label] / 1e9 / seconds[label]
-        print(f"  train step {label}: {flops[label] / 1e9:.1f} GFLOP at {rate:.1f} GFLOP/s ({rate / peak:.0%} of the matmul rate)")
-    result = {"peak_gflops": peak, "flops": flops}
-    if "official" in models:
-        result["ceiling"] = seconds["official"] / (flops["ours"] / 1e9 / peak)
-        print(f"  ceiling: our step's FLOPs at the matmul rate would be {result['ceiling']:.3f}x the official speed")
+        flops = result["flops"][label]
+        line = f"  train step {label}: {flops / 1e9:.1f} GFLOP at {flops / 1e9 / seconds[label]:.1f} GFLOP/s"
+        if "compute_share" in result:
+            line += f", {result['compute_share'][label]:.1%} of its time in convolution / matrix-product kernels"
+        print(line)
+    if "official" in models and "compute_share" in result:
+        result["ceiling"] = seconds["official"] / (seconds["ours"] * result["compute_share"]["ours"])
+        print(f"  ceiling: with everything but those kernels free, our step would be {result['ceiling']:.3f}x "
+              "the official speed")
     return result
 
 

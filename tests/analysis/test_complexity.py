@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 
 from torch import nn
 
 from hpcm.models import build_model
-from tests.paths import REPO
+from tests.paths import REPO, load_script
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("complexity", REPO / "benchmarks" / "complexity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-complexity = _load_benchmark()
+complexity = load_script(REPO / "benchmarks" / "complexity.py")
 
 
 def conv_macs(conv: nn.Conv2d | nn.ConvTranspose2d, x_shape, y_shape) -> int:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from hpcm.analysis import points as rd_points, rd, tables
-from tests.paths import REPO
+from tests.paths import REPO, load_script
 
 LAMBDAS = (0.0035, 0.013, 0.0483)
 # (bpp, psnr) per lambda; the image-level rows below average exactly to these values.
@@ -272,13 +272,9 @@ def test_points_and_curves_follow_compressai_aggregation(synthetic):
 def test_overhead_from_the_step_benchmark(tmp_path):
     """The table reads what the benchmark writes: its own json_document, not a hand-made file."""
     import argparse
-    import importlib.util
     import json
 
-    spec = importlib.util.spec_from_file_location(
-        "optimizer_overhead", REPO / "benchmarks" / "optimizer_overhead.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_script(REPO / "benchmarks" / "optimizer_overhead.py")
     table = benchmark.variants("next_batch")
     rounds = {"adam": [0.20, 0.40], "balanced next_batch": [0.21, 0.40], "hier measured next_batch": [0.22, 0.40]}
     results = {name: {"rounds_s": r, "median_s": sum(r) / 2, "min_s": min(r), "peak_mb": 100.0 + i}

@@ -7,7 +7,6 @@ in this process (a child would spend ~4 s importing torch each)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.paths import REPO
+from tests.paths import REPO, load_script
 
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 SECTIONS = ["environment", "cross_device", "sync_free", "train_fp32", "train_bf16", "train_compile",
@@ -41,10 +40,7 @@ def quick(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check_module", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "gpu_check_module")
 
 
 def run_in_process(module, tmp_path: Path, capsys, *args: str) -> tuple[int, str, dict]:

@@ -3,24 +3,16 @@ arithmetic lines on HPCM_Tiny (the official comparison needs a local lyq133/LIC-
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 
 import torch
 from torch import nn
 
-from tests.paths import REPO
+from tests.paths import REPO, load_script
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("model_speed", REPO / "benchmarks" / "model_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-model_speed = _load()
+model_speed = load_script(REPO / "benchmarks" / "model_speed.py")
 
 
 class _OneConv(nn.Module):
@@ -48,11 +40,12 @@ def test_script_prints_the_train_steps_arithmetic(capsys, tmp_path):
     finally:
         torch.set_num_threads(threads)  # main() sets it for the whole process
     out = capsys.readouterr().out
-    peak = float(re.search(r"matmul rate here: ([0-9.]+) GFLOP/s", out).group(1))
-    gflop, rate = (float(v) for v in re.search(r"train step ours: ([0-9.]+) GFLOP at ([0-9.]+) GFLOP/s", out).groups())
-    assert peak > 0 and rate > 0 and gflop > 0
+    gflop, rate, share = (float(v) for v in re.search(
+        r"train step ours: ([0-9.]+) GFLOP at ([0-9.]+) GFLOP/s, ([0-9.]+)% of its time in convolution", out).groups())
+    assert gflop > 0 and rate > 0 and 0 < share < 100
     assert "ceiling" not in out  # only with --official
     record = json.loads((tmp_path / "speed.json").read_text())["presets"]["HPCM_Tiny"]
     assert set(record["times_ms"]["ours"]) == {"forward", "train step"}
     assert all(len(v) == 1 and v[0] > 0 for v in record["times_ms"]["ours"].values())
     assert abs(record["arithmetic"]["flops"]["ours"] / 1e9 - gflop) < 0.05
+    assert abs(record["arithmetic"]["compute_share"]["ours"] * 100 - share) < 0.05
