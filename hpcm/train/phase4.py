@@ -35,7 +35,7 @@ optimizer is built exactly as before (one flat parameter list).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -61,7 +61,7 @@ class Phase4:
     """Which parameters train at each step, their lr ratios, and the per-scale early stopping."""
 
     def __init__(self, model: torch.nn.Module, cfg: dict[str, Any], total_steps: int,
-                 extra: list[torch.Tensor] = ()):
+                 extra: Iterable[torch.Tensor] = ()):
         named = list(model.named_parameters())
         self.extra = list(extra)  # never frozen: while they train, a step is taken
         self.assignment = param_groups.assign(named)  # UnknownParameterError on a name no rule covers

@@ -32,6 +32,29 @@ def test_train_step_flops_are_the_forward_and_weight_gradient_products():
     assert all(p.grad is None for p in model.parameters())  # it leaves no gradients behind
 
 
+class _ConvStack(nn.Module):
+    """Almost all arithmetic in one 128 -> 128 1x1 convolution over 128x128 positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.Sequential(nn.Conv2d(3, 128, 3, padding=1), nn.Conv2d(128, 128, 1), nn.Conv2d(128, 3, 1))
+
+    def forward(self, x):
+        return {"x_hat": self.convs(x), "likelihoods": {}}
+
+
+def test_compute_share_sees_the_convolution_kernels():
+    """If torch renamed the kernels COMPUTE_OPS lists, the share (and the ceiling) would collapse
+    towards 0: a step made of convolutions must show most of its time in them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        share = model_speed.compute_share(_ConvStack(), torch.rand(1, 3, 128, 128))
+    finally:
+        torch.set_num_threads(threads)
+    assert 0.5 < share < 1
+
+
 def test_script_prints_the_train_steps_arithmetic(capsys, tmp_path):
     threads = torch.get_num_threads()
     try:
