@@ -44,7 +44,7 @@ from hpcm.util.io import atomic_write_text  # noqa: E402
 from hpcm.optim import Balanced, CautiousAdam  # noqa: E402
 
 DECOMPOSITIONS = ("fixed_ratio", "adaptive", "measured")
-JSON_FORMAT = "hpcm-optimizer-overhead/1"  # what hpcm.tables --overhead-json reads
+JSON_FORMAT = "hpcm-optimizer-overhead/1"  # what hpcm tables --overhead-json reads
 
 
 def build(args: argparse.Namespace, overrides: dict) -> train.Run:
@@ -217,7 +217,7 @@ def report(results: dict, update_only: dict[str, float], args, device: str) -> N
 
 def json_document(results: dict, table: dict[str, dict], update_only: dict[str, float], args,
                   device: str) -> dict:
-    """The ``--json`` output: one self-describing record per variant (``hpcm.tables`` reads it)."""
+    """The ``--json`` output: one self-describing record per variant (``hpcm tables`` reads it)."""
     return {
         "format": JSON_FORMAT,
         "setup": {"model": args.model, "batch_size": args.batch_size, "patch_size": args.patch_size,

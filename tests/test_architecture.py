@@ -1,8 +1,9 @@
 """The package's shape: stages import only earlier stages, no import cycle, imports at the top.
 
 Stages (docs/architecture.md): util below all; config; data, models, optim; train; evaluate;
-analysis. A module may import its own stage, an earlier stage and util, never a later one. The
-command aliases ``hpcm/{rd,tables,plots,anchors,datasets}.py`` import the stage they run.
+analysis; the front door ``hpcm.cli`` (and ``python -m hpcm``) above all, which imports the
+stage of a command only when it runs. A module may import its own stage, an earlier stage and
+util, never a later one.
 Imports are read with ``ast`` (every ``import`` statement, also those inside functions).
 """
 
@@ -16,10 +17,10 @@ import pytest
 from tests.paths import REPO
 
 PACKAGE = REPO / "hpcm"
-RANK = {"util": 0, "config": 1, "data": 2, "models": 2, "optim": 2, "train": 3, "evaluate": 4, "analysis": 5}
-# python -m hpcm.<alias>: one thin module per command, importing the stage where the code lives
-ALIASES = {"hpcm.rd": "analysis", "hpcm.tables": "analysis", "hpcm.plots": "analysis",
-           "hpcm.anchors": "analysis", "hpcm.datasets": "data"}
+RANK = {"util": 0, "config": 1, "data": 2, "models": 2, "optim": 2, "train": 3, "evaluate": 4, "analysis": 5,
+        "front": 6}
+# the `hpcm` console script and `python -m hpcm`: above every stage
+FRONT = {"hpcm.cli", "hpcm.__main__"}
 
 
 def module_name(path: Path) -> str:
@@ -34,8 +35,8 @@ MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 def stage(module: str) -> str | None:
     """The stage of a module (None for the package root ``hpcm``)."""
-    if module in ALIASES:
-        return ALIASES[module]
+    if module in FRONT:
+        return "front"
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else None
 
@@ -67,7 +68,7 @@ GRAPH = {m: sorted({t for n in import_nodes(p) for t in imported_modules(m, n)} 
 
 
 def test_every_module_has_a_stage():
-    assert set(ALIASES) <= set(MODULES)
+    assert FRONT <= set(MODULES)
     unknown = {m for m in MODULES if stage(m) not in (*RANK, None)}
     assert not unknown, f"modules outside the stages {sorted(RANK)}: {sorted(unknown)}"
 

@@ -19,7 +19,7 @@ VTM-22.0 curve (``VTM_22_STATUS`` says what was searched; ``list`` prints it). `
 CompressAI's VTM, labelled "VTM (CompressAI; version unrecorded)": CompressAI's JSONs name no
 VTM version (its issue #166 asks, unanswered), so its BD numbers are not the paper's.
 
-Caution (measured with ``python -m hpcm.anchors bd``): on Kodak the CompressAI curves reproduce
+Caution (measured with ``hpcm anchors bd``): on Kodak the CompressAI curves reproduce
 the BD-rates of orchestration.md §4.3 and HPCM-Base/Large come out at -16.0 % / -20.0 % vs
 CompressAI's VTM (paper: -15.31 % / -19.19 % vs VTM-22.0). On CLIC the CompressAI curves are
 clearly not on HPCM's image set (CompressAI's VTM reaches 34.2 dB at 0.14 bpp, HPCM-Base 32.5 dB
@@ -31,10 +31,10 @@ Dataset names: ``kodak``, ``clic2020-professional``, ``tecnick``; evaluate with 
 
 CLI::
 
-    python -m hpcm.anchors list                       # anchors per dataset with point counts
-    python -m hpcm.anchors bd --dataset kodak --reference vtm [--method pchip] [--metric psnr]
+    hpcm anchors list                       # anchors per dataset with point counts
+    hpcm anchors bd --dataset kodak --reference vtm [--method pchip] [--metric psnr]
         BD-rate/BD-PSNR of every other anchor of the dataset against the reference anchor.
-    python -m hpcm.anchors add-compressai --json FILE --dataset kodak --anchor NAME --label TEXT
+    hpcm anchors add-compressai --json FILE --dataset kodak --anchor NAME --label TEXT
         --family classical|learned|hpcm --repo OWNER/NAME --commit SHA --file PATH [--note TEXT]
         [--transcribed]
         Append the points of a CompressAI-format JSON (``psnr-rgb``/``psnr``, ``ms-ssim-rgb``/
@@ -225,7 +225,7 @@ def _cmd_add(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hpcm.anchors", description=__doc__,
+    parser = argparse.ArgumentParser(prog="hpcm anchors", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--table", default=str(ANCHOR_TABLE), help="anchor table CSV")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -205,7 +205,7 @@ def build(points_path: str | Path, runs_root: str | Path, grid: str, output_dir:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m hpcm.analysis.phase2", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--points", required=True, help="R-D points CSV (hpcm.rd points)")
+    parser.add_argument("--points", required=True, help="R-D points CSV (hpcm rd points)")
     parser.add_argument("--runs", required=True, help="folder holding the training run folders")
     parser.add_argument("--grid", required=True, help="grid name: its variants are <grid>-...")
     parser.add_argument("--include", nargs="*", default=[], help="other variants that are points of the search")

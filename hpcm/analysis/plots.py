@@ -5,17 +5,17 @@ marker.
 
 CLI::
 
-    python -m hpcm.plots all --points results/rd/points.csv --runs results/train
+    hpcm plots all --points results/rd/points.csv --runs results/train
         --output-dir results/plots [--anchors vtm hm ...] [--metric psnr|ms_ssim_db]
         [--variants baseline phase1 ...]
-    python -m hpcm.plots rd --points P --output-dir D [--anchors ...] [--metric ...]
+    hpcm plots rd --points P --output-dir D [--anchors ...] [--metric ...]
         rd_<dataset>_<metric>.{png,pdf}: every variant's measured curve (solid, markers) and the
         published anchors of that dataset (dashed).
-    python -m hpcm.plots runs --runs R --output-dir D
+    hpcm plots runs --runs R --output-dir D
         training_lmbda<λ>.{png,pdf}: training loss (line) and validation loss (dots) vs step,
         one colour per variant; task_weights_<variant>_lmbda<λ>: FAMO task weights vs step
         (balanced runs); scale_contributions_<variant>_lmbda<λ>: Phase-3 s1/s2/s3 shares.
-    python -m hpcm.plots gammas --output-dir D [--total-epochs 3000]
+    hpcm plots gammas --output-dir D [--total-epochs 3000]
         gamma_schedules.{png,pdf}: the per-scale γ of every ScaleGammaManager strategy (the
         seed's visualize_gamma_schedules); the adaptive strategy is driven by a synthetic
         decaying, noisy scale loss (it reacts to losses, so it has no loss-free curve).
@@ -300,7 +300,7 @@ def plot_gammas(output_dir: str | Path, total_epochs: int = 3000,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hpcm.plots", description=__doc__,
+    parser = argparse.ArgumentParser(prog="hpcm plots", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {name: sub.add_parser(name) for name in ("all", "rd", "runs", "gammas")}
@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="every variant in a fixed order (the config's): colour i goes to "
                                 "the i-th, the same in every call (default: sorted names seen)")
         if name in ("all", "rd"):
-            p.add_argument("--points", required=True, help="R-D points CSV (hpcm.rd points)")
+            p.add_argument("--points", required=True, help="R-D points CSV (hpcm rd points)")
             p.add_argument("--anchors", nargs="*", default=[], help="published anchors to draw")
             p.add_argument("--metric", default="psnr", choices=tuple(METRIC_LABELS))
         if name in ("all", "runs"):

@@ -1,18 +1,18 @@
-"""The R-D command: ``python -m hpcm.rd points|bd`` (R-D points, then BD tables).
+"""The R-D command: ``hpcm rd points|bd`` (R-D points, then BD tables).
 
 CLI::
 
-    python -m hpcm.rd points --eval-csv results/eval/*/*/*/*.csv --output results/rd/points.csv
+    hpcm rd points --eval-csv results/eval/*/*/*/*.csv --output results/rd/points.csv
         Reads the per-image CSVs (columns variant, lmbda, dataset, bpp, psnr, ms_ssim, ...), writes
         one row per (variant, lmbda, dataset): means over images following CompressAI (PSNR
         averaged in dB, bpp and MS-SSIM averaged per image; ms_ssim_db = -10 log10(1 - mean)),
         n_images, and provenance (source CSV, its SHA-256, checkpoint). Written atomically.
         [--images results/rd/images.csv]: also the per-image rows (one per image and training
-        seed), which hpcm.tables resamples for the bootstrap intervals of BD.
+        seed), which hpcm tables resamples for the bootstrap intervals of BD.
         [--curves-dir results/rd/curves]: also one CompressAI-format JSON per (dataset, variant)
         curve, DIR/<dataset>/<variant>.json, readable by python -m compressai.utils.plot.
 
-    python -m hpcm.rd bd --points results/rd/points.csv --reference baseline --output bd.csv
+    hpcm rd bd --points results/rd/points.csv --reference baseline --output bd.csv
         [--method pchip] [--metric psnr|ms_ssim_db] [--anchor kodak/vtm]
         BD-rate / BD-PSNR of every variant's curve against a variant or a published anchor
         (``hpcm.analysis.anchors``), one row per (dataset, variant) with overlap and point counts.
@@ -71,21 +71,21 @@ def _cmd_bd(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hpcm.rd", description=__doc__,
+    parser = argparse.ArgumentParser(prog="hpcm rd", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("points", help="per-image evaluation CSVs -> long-format R-D points CSV")
     p.add_argument("--eval-csv", nargs="+", required=True, help="hpcm.evaluate per-image CSVs")
     p.add_argument("--output", required=True, help="points CSV to write (atomically)")
     p.add_argument("--images", help="also write the per-image rows (one per image and seed) "
-                                    "that hpcm.tables resamples for its confidence intervals")
+                                    "that hpcm tables resamples for its confidence intervals")
     p.add_argument("--curves-dir", help="also write DIR/<dataset>/<variant>.json curves "
                                         "(CompressAI format, for compressai.utils.plot)")
     p.set_defaults(func=_cmd_points)
     b = sub.add_parser("bd", help="BD-rate/BD-PSNR of every variant against a reference")
     b.add_argument("--points", required=True, help="points CSV from the 'points' command")
     b.add_argument("--reference", default="baseline", help="reference variant (default baseline)")
-    b.add_argument("--anchor", help="published anchor name instead, e.g. 'vtm' (see hpcm.anchors)")
+    b.add_argument("--anchor", help="published anchor name instead, e.g. 'vtm' (see hpcm anchors list)")
     b.add_argument("--metric", default="psnr", choices=("psnr", "ms_ssim_db"))
     b.add_argument("--method", default="pchip", choices=METHODS)
     b.add_argument("--output", required=True, help="BD table CSV to write")

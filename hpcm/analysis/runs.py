@@ -1,6 +1,6 @@
 """Training-run discovery: every folder under a root that holds a ``run.yaml`` written by hpcm.train.
 
-The one definition that ``hpcm.tables`` and ``hpcm.plots`` use. Discovery depends on the files,
+The one definition that ``hpcm tables`` and ``hpcm plots`` use. Discovery depends on the files,
 not on the folder depth, so ``results/train/<variant>/lmbda<L>/`` and
 ``results/train/<variant>/lmbda<L>/seed<k>/`` layouts are both found.
 """

@@ -215,7 +215,7 @@ def build(points_path: str | Path, runs_root: str | Path, analysis: dict[str, An
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m hpcm.analysis.summary", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--points", required=True, help="R-D points CSV (hpcm.rd points)")
+    parser.add_argument("--points", required=True, help="R-D points CSV (hpcm rd points)")
     parser.add_argument("--runs", required=True, help="folder holding the training run folders")
     parser.add_argument("--config", required=True, help="YAML with the 'analysis' section")
     parser.add_argument("--output-dir", required=True)

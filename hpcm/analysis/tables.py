@@ -1,16 +1,18 @@
 """Ablation tables from measured results only (CSV + Markdown + LaTeX).
 
-Inputs: the R-D points (``python -m hpcm.rd points``), the training run folders (each with
+Inputs: the R-D points (``hpcm rd points``), the training run folders (each with
 ``metrics.csv`` and ``run.yaml``), optionally Snakemake benchmark TSVs of the training jobs, and
 the ``analysis`` section of the workflow config (reference variant, anchors, gains, studies).
 Nothing here is a constant: every number comes from those files, and a number that cannot be
 computed (missing lambda, non-monotonic curve, no overlap) is shown as n/a with the reason.
 
-Tables written to ``--output-dir`` as ``NAME.csv``, ``NAME.md`` and ``NAME.tex``:
+Tables written to ``--output-dir`` as ``NAME.csv``, ``NAME.md`` and ``NAME.tex``, one registered
+kind after the other (:data:`TABLES`, filled by ``@register_table``; :func:`table_names` lists the
+names a study's ``analysis`` section yields, and the workflow takes its targets from it):
 
 - ``bd_vs_<reference>``: BD-rate (%) and BD-PSNR (dB) of every variant vs the reference variant,
   per dataset, with overlap and point counts;
-- ``bd_vs_anchor-<anchor>``: the same against each published anchor (``hpcm.anchors``);
+- ``bd_vs_anchor-<anchor>``: the same against each published anchor (``hpcm anchors``);
 - ``expected_gains``: the seed's "Expected Gains" table as measured: BD-PSNR, BD-rate and the
   convergence epoch (first epoch whose validation loss is within 1 % of the run's best, mean over
   lambdas) of Phase 1, 2, 3, 4 (as ``analysis.gains`` lists them; and the reference for comparison);
@@ -25,7 +27,7 @@ Tables written to ``--output-dir`` as ``NAME.csv``, ``NAME.md`` and ``NAME.tex``
 - ``overhead_benchmark`` (with ``--overhead-json``): the same from the controlled training-step
   benchmark ``benchmarks/optimizer_overhead.py --json FILE`` (median step time, peak memory).
 
-With ``--images`` (the per-image rows of ``python -m hpcm.rd points --images``) every BD-rate and
+With ``--images`` (the per-image rows of ``hpcm rd points --images``) every BD-rate and
 BD-PSNR of the BD, gains and study tables gets its 95 % paired-bootstrap interval over the test
 images (``hpcm.analysis.bootstrap``; ``--resamples``, ``--bootstrap-seed``), a column saying
 whether it excludes 0, and, where a variant was trained with more than one seed, the seed-to-seed
@@ -34,7 +36,7 @@ or the reference's seed mean where it lacks that seed).
 
 CLI::
 
-    python -m hpcm.tables --points results/rd/points.csv --runs results/train
+    hpcm tables --points results/rd/points.csv --runs results/train
         --config config.yaml --output-dir results/tables
         [--benchmarks results/benchmarks/train] [--method pchip] [--metric psnr]
         [--overhead-json benchmarks/out/optimizer_overhead.json]
@@ -54,7 +56,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import yaml
@@ -397,8 +399,8 @@ def seed_spread(images, reference: str, metric: str, method: str):
 
 
 def read_images(path: str | Path):
-    """The per-image table of ``python -m hpcm.rd points --images``, checking its columns."""
-    return read_table(path, IMAGE_COLUMNS, "per-image file", "; write it with `python -m hpcm.rd points --images`",
+    """The per-image table of ``hpcm rd points --images``, checking its columns."""
+    return read_table(path, IMAGE_COLUMNS, "per-image file", "; write it with `hpcm rd points --images`",
                       error=TableError)
 
 
@@ -616,40 +618,156 @@ def overhead_from_benchmark(path: str | Path) -> Table:
                                       "peak memory (MB)": ".0f"}, notes)
 
 
+# --------------------------------------------------------------------------------------------
+# The table registry: every table the command writes, in order
+# --------------------------------------------------------------------------------------------
+
+DEFAULT_REFERENCE = "baseline"
+DEFAULT_METHOD = "pchip"
+
+
+@dataclass(frozen=True)
+class TableInputs:
+    """What a table builder may read: the measured points and runs, the ``analysis`` section, the
+    BD of every variant against the reference (computed once, shared) and the bootstrap intervals
+    (None without ``--images``)."""
+
+    points: Any
+    runs: Any
+    analysis: Mapping[str, Any]
+    reference: str
+    method: str
+    metric: str
+    bd: Any
+    unc: Uncertainty | None
+
+
+@dataclass(frozen=True)
+class TableKind:
+    """One registered kind of table.
+
+    ``names(analysis)`` lists the tables it writes for an ``analysis`` section (none, one, or one
+    per anchor / study); ``build(inputs)`` returns exactly those tables, in that order. ``caption``
+    is the file under ``workflow/report/`` that the Snakemake report shows with them.
+    ``quality_axis``: its tables have BD columns and say which quality axis they measure.
+    """
+
+    kind: str
+    caption: str
+    names: Callable[[Mapping[str, Any]], list[str]]
+    build: Callable[[TableInputs], list[Table]]
+    quality_axis: bool
+
+
+TABLES: dict[str, TableKind] = {}
+
+
+def register_table(kind: str, *, caption: str,
+                   names: Callable[[Mapping[str, Any]], list[str]] | None = None,
+                   quality_axis: bool = False) -> Callable:
+    """Decorator: register ``build(inputs) -> list[Table]`` as table kind ``kind`` (written after
+    the kinds registered before it). Without ``names`` the kind writes one table named ``kind``."""
+    def decorate(build: Callable[[TableInputs], list[Table]]) -> Callable:
+        if kind in TABLES:
+            raise ValueError(f"table kind {kind!r} is registered twice")
+        TABLES[kind] = TableKind(kind, caption, names or (lambda analysis: [kind]), build,
+                                 quality_axis)
+        return build
+    return decorate
+
+
+def reference_of(analysis: Mapping[str, Any]) -> str:
+    return analysis.get("reference") or DEFAULT_REFERENCE
+
+
+def table_names(analysis: Mapping[str, Any]) -> list[str]:
+    """Every table that ``hpcm tables`` writes for this ``analysis`` section, in order."""
+    return list(table_captions(analysis))
+
+
+def table_captions(analysis: Mapping[str, Any]) -> dict[str, str]:
+    """Table name -> its caption file (under ``workflow/report/``), in the order written."""
+    return {name: kind.caption for kind in TABLES.values() for name in kind.names(analysis)}
+
+
+@register_table("bd", caption="table_bd.rst", quality_axis=True,
+                names=lambda analysis: [f"bd_vs_{reference_of(analysis)}"])
+def _bd_reference_tables(inputs: TableInputs) -> list[Table]:
+    return [bd_vs(inputs.points, inputs.reference, inputs.method, inputs.metric, bd=inputs.bd,
+                  unc=inputs.unc)]
+
+
+@register_table("bd_anchor", caption="table_bd.rst", quality_axis=True,
+                names=lambda analysis: [f"bd_vs_anchor-{a}" for a in analysis.get("anchors") or []])
+def _bd_anchor_tables(inputs: TableInputs) -> list[Table]:
+    return [bd_vs(inputs.points, inputs.reference, inputs.method, inputs.metric, anchor=anchor)
+            for anchor in inputs.analysis.get("anchors") or []]
+
+
+@register_table("expected_gains", caption="table_expected_gains.rst", quality_axis=True,
+                names=lambda analysis: ["expected_gains"] if analysis.get("gains") else [])
+def _expected_gains_tables(inputs: TableInputs) -> list[Table]:
+    gains = inputs.analysis.get("gains")
+    if not gains:
+        return []
+    return [expected_gains(inputs.points, inputs.runs, dict(gains), inputs.reference,
+                           inputs.method, inputs.metric, inputs.bd, inputs.unc)]
+
+
+@register_table("study", caption="table_study.rst", quality_axis=True,
+                names=lambda analysis: list(analysis.get("studies") or {}))
+def _study_tables(inputs: TableInputs) -> list[Table]:
+    tables = []
+    for name, spec in (inputs.analysis.get("studies") or {}).items():
+        if "rows" not in spec:
+            raise TableError(f"analysis.studies.{name}: no 'rows' mapping label -> variant")
+        tables.append(study_table(name, spec.get("title", name), dict(spec["rows"]), inputs.points,
+                                  inputs.runs, inputs.reference, inputs.method, inputs.metric,
+                                  inputs.bd, inputs.unc))
+    return tables
+
+
+@register_table("overhead", caption="table_overhead.rst")
+def _overhead_tables(inputs: TableInputs) -> list[Table]:
+    return [overhead_table(inputs.runs)]
+
+
+@register_table("overhead_benchmark", caption="table_overhead.rst",
+                names=lambda analysis: ["overhead_benchmark"] if analysis.get("overhead_json")
+                else [])
+def _overhead_benchmark_tables(inputs: TableInputs) -> list[Table]:
+    path = inputs.analysis.get("overhead_json")
+    return [overhead_from_benchmark(path)] if path else []
+
+
 def build_all(points_path: str | Path, runs_root: str | Path, analysis: dict[str, Any],
               output_dir: str | Path, benchmarks: str | Path | None = None,
               method: str | None = None, metric: str | None = None,
               overhead_json: str | Path | None = None, images_path: str | Path | None = None,
               resamples: int = DEFAULT_RESAMPLES, bootstrap_seed: int = DEFAULT_SEED) -> list[Path]:
+    """Write every registered table (:data:`TABLES`); ``overhead_json`` joins the analysis section
+    as its key ``overhead_json`` (the kind ``overhead_benchmark`` reads it)."""
     points = read_points(points_path)
     runs = load_runs(runs_root, benchmarks)
-    reference = analysis.get("reference", "baseline")
-    method = method or analysis.get("bd_method", "pchip")
+    analysis = {**analysis, "overhead_json": overhead_json}
+    reference = reference_of(analysis)
+    method = method or analysis.get("bd_method") or DEFAULT_METHOD
     metric = metric or analysis.get("metric") or "psnr"
     bd = bd_table(points, reference, metric, method)  # shared by the BD, gains and study tables
     unc = uncertainty(read_images(images_path), reference, metric, method, resamples,
                       bootstrap_seed) if images_path else None
-    tables = [bd_vs(points, reference, method, metric, bd=bd, unc=unc)]
-    tables += [bd_vs(points, reference, method, metric, anchor=a)
-               for a in analysis.get("anchors") or []]
-    if analysis.get("gains"):
-        tables.append(expected_gains(points, runs, dict(analysis["gains"]), reference, method,
-                                     metric, bd, unc))
-    for name, spec in (analysis.get("studies") or {}).items():
-        if "rows" not in spec:
-            raise TableError(f"analysis.studies.{name}: no 'rows' mapping label -> variant")
-        tables.append(study_table(name, spec.get("title", name), dict(spec["rows"]), points,
-                                  runs, reference, method, metric, bd, unc))
-    if metric != "psnr":  # the BD columns keep their names; every BD table says what they measure
-        for table in tables:
-            table.notes.append("quality axis: MS-SSIM in dB, -10 log10(1 - MS-SSIM); the BD-PSNR columns "
-                               "are BD-MS-SSIM (dB)")
-    tables.append(overhead_table(runs))
-    if overhead_json:
-        tables.append(overhead_from_benchmark(overhead_json))
+    inputs = TableInputs(points, runs, analysis, reference, method, metric, bd, unc)
     written = []
-    for table in tables:
-        written += write_table(table, output_dir)
+    for kind in TABLES.values():
+        tables = kind.build(inputs)
+        built, expected = [t.name for t in tables], kind.names(analysis)
+        if built != expected:  # a builder and its declared names out of step: a bug
+            raise RuntimeError(f"table kind {kind.kind!r} built {built}, declared {expected}")
+        for table in tables:
+            if kind.quality_axis and metric != "psnr":  # the BD columns keep their names
+                table.notes.append("quality axis: MS-SSIM in dB, -10 log10(1 - MS-SSIM); the "
+                                   "BD-PSNR columns are BD-MS-SSIM (dB)")
+            written += write_table(table, output_dir)
     return written
 
 
@@ -664,9 +782,9 @@ def read_analysis(path: str | Path) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hpcm.tables", description=__doc__,
+    parser = argparse.ArgumentParser(prog="hpcm tables", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--points", required=True, help="R-D points CSV (hpcm.rd points)")
+    parser.add_argument("--points", required=True, help="R-D points CSV (hpcm rd points)")
     parser.add_argument("--runs", required=True, help="folder holding the training run folders")
     parser.add_argument("--config", required=True, help="YAML with the 'analysis' section")
     parser.add_argument("--output-dir", required=True, help="where the tables go")
@@ -676,7 +794,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metric", choices=("psnr", "ms_ssim_db"),
                         help="quality axis (default: analysis.metric, else psnr)")
     parser.add_argument("--overhead-json", help="benchmarks/optimizer_overhead.py --json output")
-    parser.add_argument("--images", help="per-image rows (hpcm.rd points --images): adds 95 %% "
+    parser.add_argument("--images", help="per-image rows (hpcm rd points --images): adds 95 %% "
                                          "bootstrap intervals and seed spreads to the BD columns")
     parser.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES,
                         help="bootstrap resamples (default %(default)s)")

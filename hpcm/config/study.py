@@ -18,8 +18,9 @@ filled in), unknown or cyclic references, two lambdas or two variants that would
 folder (issue 10 point 4), a ``patch_size`` that is not a multiple of the model's pad multiple
 (every train job would fail; issue 10 point 6), and GPUs per job that cannot be launched
 (``compute.train.gpus``; issue 11 point 4), and every variant's run YAML through hpcm.train's own
-checks (e.g. an lr schedule that would raise a fine-tuning lr). The pad multiple is passed in
-(``pad_multiple_of(model_name)``) because the model stage comes after this one.
+checks (e.g. an lr schedule that would raise a fine-tuning lr), and every dataset's kind and
+options. The pad multiple (``pad_multiple_of(model_name)``) and the registered dataset kinds
+(``dataset_kinds``) are passed in because the model and data stages come after this one.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jsonschema
 import yaml
@@ -81,7 +82,10 @@ PATHS = {
     "eval_json": "results/eval/{dataset}/{variant}/lmbda{lmbda}/seed{seed}.json",
     "eval_benchmark": "results/benchmarks/evaluate/{dataset}/{variant}/lmbda{lmbda}/seed{seed}.tsv",
 }
-PREPARED_KINDS = ("kodak", "clic2020-professional", "tecnick")
+# The study's own dataset kinds, needing no preparation: the exported sample split and a local
+# folder. Every other kind is registered in hpcm.data.datasets (a later stage), which the caller
+# passes in as `dataset_kinds` (kind -> the options it takes), as it passes `pad_multiple_of`.
+LOCAL_DATASET_KINDS = ("samples", "folder")
 
 
 class StudyConfigError(ValueError):
@@ -233,11 +237,21 @@ def check_references(cfg: Mapping[str, Any], variants: Mapping[str, Any], lambda
     for key, name in named:
         if name not in variants:
             raise StudyConfigError(key, f"unknown variant {name!r} (known: {', '.join(variants)})")
+
+
+def check_datasets(cfg: Mapping[str, Any], dataset_kinds: Mapping[str, Sequence[str]]) -> None:
+    """Every dataset's kind is local or registered, and takes the options it is given."""
     for name, spec in cfg["datasets"].items():
-        if spec["kind"] == "folder" and not spec["source"]:
+        kind = spec["kind"]
+        if kind not in LOCAL_DATASET_KINDS and kind not in dataset_kinds:
+            known = ", ".join([*LOCAL_DATASET_KINDS, *dataset_kinds])
+            raise StudyConfigError(f"datasets.{name}.kind", f"unknown kind {kind!r} (known: {known})")
+        if kind == "folder" and not spec["source"]:
             raise StudyConfigError(f"datasets.{name}.source", "kind 'folder' needs a source directory")
-        if spec["only"] and spec["kind"] != "kodak":
-            raise StudyConfigError(f"datasets.{name}.only", "a subset is only supported for kind 'kodak'")
+        if spec["only"] and "only" not in dataset_kinds.get(kind, ()):
+            takers = [k for k, options in dataset_kinds.items() if "only" in options]
+            raise StudyConfigError(f"datasets.{name}.only", f"a subset is only supported for kind(s) "
+                                   f"{', '.join(map(repr, takers))}, not {kind!r}")
 
 
 def check_patch_sizes(cfg: Mapping[str, Any], variants: Mapping[str, Any], pad_multiple: int) -> None:
@@ -318,6 +332,7 @@ class Study:
     lambdas: dict[str, float]  # path text -> value
     seeds: list[int]
     variants: dict[str, dict[str, Any]]
+    dataset_kinds: Mapping[str, Sequence[str]]  # registered kind -> its options (check_datasets)
     root: str = ""  # the repository root: relative official_checkpoints paths start there
 
     @property
@@ -326,7 +341,7 @@ class Study:
 
     @property
     def prepared_datasets(self) -> list[str]:
-        return [name for name, spec in self.datasets.items() if spec["kind"] in PREPARED_KINDS]
+        return [name for name, spec in self.datasets.items() if spec["kind"] in self.dataset_kinds]
 
     @property
     def official_checkpoints(self) -> dict[str, str]:
@@ -462,27 +477,22 @@ class Study:
         """The analysis' quality axis: analysis.metric, else the distortion's default."""
         return self.config["analysis"]["metric"] or DEFAULT_METRICS[self.config["distortion"]]
 
-    def table_names(self) -> list[str]:
-        """The tables `python -m hpcm.tables` writes for this config (see its docstring)."""
-        analysis = self.config["analysis"]
-        names = [f"bd_vs_{analysis['reference']}"]
-        names += [f"bd_vs_anchor-{anchor}" for anchor in analysis["anchors"]]
-        names += ["expected_gains"] if analysis["gains"] else []
-        names += list(analysis["studies"])
-        return names + ["overhead"]
 
-
-def resolve(cfg: dict[str, Any], pad_multiple_of: Callable[[str], int], root: str | Path = "") -> Study:
-    """The study of a schema-validated config (see :func:`validate`); every check of this module."""
+def resolve(cfg: dict[str, Any], pad_multiple_of: Callable[[str], int], root: str | Path = "", *,
+            dataset_kinds: Mapping[str, Sequence[str]]) -> Study:
+    """The study of a schema-validated config (see :func:`validate`); every check of this module.
+    ``dataset_kinds``: the registered dataset kinds and their options
+    (``hpcm.data.datasets.dataset_options()``)."""
     lambdas = lambda_texts(cfg["lambdas"])
     variants = resolve_variants(cfg)
     check_references(cfg, variants, lambdas)
+    check_datasets(cfg, dataset_kinds)
     check_patch_sizes(cfg, variants, pad_multiple_of(cfg["model"]))
     check_ms_ssim_patches(cfg, variants)
     check_steps_per_s(cfg, variants)
     check_compute(cfg)
     study = Study(config=cfg, lambdas=lambdas, seeds=[int(s) for s in cfg["seeds"]], variants=variants,
-                  root=str(root))
+                  dataset_kinds=dict(dataset_kinds), root=str(root))
     check_run_configs(study)
     return study
 
@@ -501,8 +511,8 @@ def check_run_configs(study: Study) -> None:
 
 
 def load(cfg: dict[str, Any], schema_path: str | Path, pad_multiple_of: Callable[[str], int],
-         root: str | Path = "") -> Study:
+         root: str | Path = "", *, dataset_kinds: Mapping[str, Sequence[str]]) -> Study:
     """Validate ``cfg`` (defaults filled in, in place) and resolve it (``root``: see
-    :attr:`Study.official_checkpoints`)."""
+    :attr:`Study.official_checkpoints`; ``dataset_kinds``: see :func:`resolve`)."""
     validate(cfg, schema_path)
-    return resolve(cfg, pad_multiple_of, root)
+    return resolve(cfg, pad_multiple_of, root, dataset_kinds=dataset_kinds)

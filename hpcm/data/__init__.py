@@ -1,5 +1,7 @@
-"""Stage 1, data: training/validation images and crops (``images``), Kodak / CLIC preparation (``datasets``).
+"""Stage 1, data: training/validation images and crops (``images``), the registered evaluation
+datasets with their preparation and checksums (``datasets``), and the ``hpcm data`` command
+(``commands``).
 
-    python -m hpcm.data export-samples --output DIR     # the embedded sample photos as PNG folders
-    python -m hpcm.datasets prepare kodak --source DIR --output DIR
+    hpcm data export-samples --output DIR     # the embedded sample photos as PNG folders
+    hpcm data prepare kodak --source DIR --output DIR
 """

@@ -1,7 +1,7 @@
-"""``python -m hpcm.data``: export the embedded sample photos (see :func:`hpcm.data.images.main`)."""
+"""``python -m hpcm.data``: the ``hpcm data`` command (:mod:`hpcm.data.commands`)."""
 
 import sys
 
-from hpcm.data.images import main
+from hpcm.data.commands import main
 
 sys.exit(main())

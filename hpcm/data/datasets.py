@@ -11,21 +11,21 @@ Preparation always verifies before anything appears under the output path: files
 in a sibling staging folder and moved into place only when every checksum matched. A mismatch
 raises ``ChecksumError`` naming the file and both hashes, and removes the staging folder.
 
-CLI::
+CLI (``hpcm data``, :mod:`hpcm.data.commands`; the kinds are :data:`DATASET_KINDS`)::
 
-    python -m hpcm.datasets prepare kodak --source DIR_OR_URL --output DIR [--only kodim01.png,...]
+    hpcm data prepare kodak --source DIR_OR_URL --output DIR [--only kodim01.png,...]
         --source: a folder (searched recursively for kodimNN.png), a .zip/.tar archive, or a
         base URL (default https://r0k.us/graphics/kodak/kodak/); --only: a subset (tests, demos).
-    python -m hpcm.datasets prepare clic2020-professional --source ZIP_OR_URL_OR_DIR --output DIR
+    hpcm data prepare clic2020-professional --source ZIP_OR_URL_OR_DIR --output DIR
         --source: the validation zip (path or URL; default: the pinned mirrors), or a folder
         holding that zip. The zip is checked against the pinned SHA-256 before extraction.
-    python -m hpcm.datasets verify kodak|clic2020-professional DIR
+    hpcm data verify kodak|clic2020-professional DIR
         Re-check a prepared folder (Kodak: pinned hashes; CLIC: its SHA256SUMS).
 
-    python -m hpcm.datasets prepare tecnick --source ZIP_OR_DIR --output DIR [--manifest FILE]
+    hpcm data prepare tecnick --source ZIP_OR_DIR --output DIR [--manifest FILE]
         --source: TESTIMAGES' testimages.zip (SourceForge, OLD/OLD_SAMPLING) or a folder holding
         its RGB/RGB_OR_1200x1200 images; no download (see "Tecnick" below).
-    python -m hpcm.datasets verify tecnick DIR [--manifest FILE]
+    hpcm data verify tecnick DIR [--manifest FILE]
 
 An already prepared and verified output is left as it is (re-running is a no-op).
 
@@ -44,7 +44,6 @@ Until a manifest is pinned, ``prepare`` says so on stderr every time (trust on f
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import io
@@ -57,13 +56,13 @@ import tempfile
 import urllib.parse
 import urllib.request
 import zipfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 from PIL import Image
 from tqdm import tqdm
 
-from hpcm.util.cli import run_command
 from hpcm.util.io import sha256_file
 
 KODAK_URL = "https://r0k.us/graphics/kodak/kodak/"
@@ -416,59 +415,48 @@ def prepare_tecnick(source: str | Path | None, output: str | Path,
 
 
 # --------------------------------------------------------------------------------------------
-# CLI
+# The registry of prepared dataset kinds
 # --------------------------------------------------------------------------------------------
 
-DATASETS = ("kodak", "clic2020-professional", "tecnick")
+
+@dataclass(frozen=True)
+class DatasetKind:
+    """A dataset kind that a rule prepares (a study config's ``datasets.<name>.kind``).
+
+    ``prepare(source, output, **options)`` gathers, verifies and places the images (``source``:
+    a folder, archive or URL; None: the pinned download, where there is one) and
+    ``verify(folder, **options)`` re-checks a prepared folder; both return the image paths.
+    ``options``: the keyword options both accept (``only``: a subset of file names; ``manifest``:
+    a SHA256SUMS to check against), offered as ``--only`` / ``--manifest`` by ``hpcm data``.
+    """
+
+    name: str
+    prepare: Callable[..., list[Path]]
+    verify: Callable[..., list[Path]]
+    options: tuple[str, ...] = ()
 
 
-def _cmd_prepare(args: argparse.Namespace) -> None:
-    if args.only and args.dataset != "kodak":
-        raise ValueError("--only applies to kodak")
-    if args.manifest and args.dataset != "tecnick":
-        raise ValueError("--manifest applies to tecnick")
-    if args.dataset == "kodak":
-        paths = prepare_kodak(args.source, args.output, args.only.split(",") if args.only else None)
-    elif args.dataset == "tecnick":
-        paths = prepare_tecnick(args.source, args.output, args.manifest)
-    else:
-        paths = prepare_clic(args.source, args.output)
-    print(f"{args.dataset}: {len(paths)} verified image(s) in {args.output}")
+DATASET_KINDS: dict[str, DatasetKind] = {}
+DATASET_OPTIONS = ("only", "manifest")  # every option a kind may declare (the CLI offers each)
 
 
-def _cmd_verify(args: argparse.Namespace) -> None:
-    if args.dataset == "kodak":
-        paths = verify_kodak(args.folder)
-    elif args.dataset == "tecnick":
-        paths = verify_tecnick(args.folder, args.manifest)
-    else:
-        paths = verify_manifest(args.folder)
-    print(f"{args.dataset}: {len(paths)} image(s) verified in {args.folder}")
+def register_dataset(kind: DatasetKind) -> DatasetKind:
+    """Add ``kind`` to :data:`DATASET_KINDS` (a name may be registered once)."""
+    if kind.name in DATASET_KINDS:
+        raise ValueError(f"dataset kind {kind.name!r} is registered twice")
+    unknown = sorted(set(kind.options) - set(DATASET_OPTIONS))
+    if unknown:
+        raise ValueError(f"dataset kind {kind.name!r}: unknown options {unknown} "
+                         f"(known: {', '.join(DATASET_OPTIONS)})")
+    DATASET_KINDS[kind.name] = kind
+    return kind
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hpcm.datasets", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prepare", help="gather, verify and place a dataset")
-    p.add_argument("dataset", choices=DATASETS)
-    p.add_argument("--source", help="folder, archive or URL (default: the pinned URLs)")
-    p.add_argument("--output", required=True, help="folder to create")
-    p.add_argument("--only", help="comma-separated Kodak subset, e.g. kodim01.png,kodim02.png")
-    p.add_argument("--manifest", help="tecnick: SHA256SUMS to verify against (default: hpcm/data/tecnick.sha256)")
-    p.set_defaults(func=_cmd_prepare)
-    v = sub.add_parser("verify", help="re-check a prepared folder")
-    v.add_argument("dataset", choices=DATASETS)
-    v.add_argument("folder")
-    v.add_argument("--manifest", help="tecnick: SHA256SUMS to verify against (default: hpcm/data/tecnick.sha256)")
-    v.set_defaults(func=_cmd_verify)
-    return parser
+def dataset_options() -> dict[str, tuple[str, ...]]:
+    """Kind -> its options: what the study config (an earlier stage) is told of the registry."""
+    return {name: kind.options for name, kind in DATASET_KINDS.items()}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+register_dataset(DatasetKind("kodak", prepare_kodak, verify_kodak, options=("only",)))
+register_dataset(DatasetKind("clic2020-professional", prepare_clic, verify_manifest))
+register_dataset(DatasetKind("tecnick", prepare_tecnick, verify_tecnick, options=("manifest",)))

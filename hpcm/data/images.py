@@ -7,7 +7,7 @@ A file that cannot be read raises :class:`ImageError` naming the path, or, with
 ``skip_bad_images``, is skipped with a warning.
 
 The embedded sample set is a handful of photos shipped inside scikit-image (no download), split
-once and for all into train / val / test (:data:`SAMPLE_SPLITS`). ``python -m hpcm.data
+once and for all into train / val / test (:data:`SAMPLE_SPLITS`). ``hpcm data
 export-samples --output DIR`` writes the three splits as PNG folders (``DIR/train``, ``DIR/val``,
 ``DIR/test``) for the Snakemake data rule.
 
@@ -19,9 +19,7 @@ number of DataLoader workers.
 
 from __future__ import annotations
 
-import argparse
 import signal
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -356,22 +354,3 @@ def validation_images(image_set: ImageSet, skip_bad_images: bool = False) -> Ite
             warnings.warn(f"skipping unreadable image: {exc}", stacklevel=2)
             continue
         yield label, to_tensor(array).unsqueeze(0)
-
-
-# ----------------------------------------------------------------------------- CLI
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hpcm.data", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    export = sub.add_parser("export-samples", help="write the embedded sample set as PNG folders DIR/{train,val,test}")
-    export.add_argument("--output", required=True, help="destination folder")
-    export.add_argument("--splits", nargs="+", default=["train", "val", "test"], choices=list(SAMPLE_SPLITS))
-    args = parser.parse_args(argv)
-    if args.command == "export-samples":
-        written = export_samples(args.output, args.splits)
-        print(f"wrote {len(written)} images under {args.output}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

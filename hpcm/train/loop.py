@@ -466,7 +466,7 @@ class LogWindow:
         *window_means, mean_square = (self.sums / self.steps).tolist()
         means = dict(zip(run.sum_columns, window_means))
         # std (ddof=0) of the per-step losses of this window, and its size, so that
-        # hpcm.tables pools the per-step spread exactly (the row's loss is only a mean).
+        # hpcm tables pools the per-step spread exactly (the row's loss is only a mean).
         loss_std = math.sqrt(max(mean_square - means["loss"] ** 2, 0.0))
         row = {"step": step, "epoch": run.epoch(step), "lr": lr, **means, "loss_std": loss_std,
                "loss_steps": self.steps, "skipped_steps": run.skipped_steps(),

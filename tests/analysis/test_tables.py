@@ -306,3 +306,57 @@ def test_phase4_keys_in_words():
                                   "scale_early_stop_patience": 2}) == \
         "frozen: hyperprior; unfrozen at: context 0.4; scale early stop after 2 validations"
     assert tables.phase4_summary({"group_lr": {"context": 1.0}, "freeze": [], "scale_early_stop_patience": 0}) == ""
+
+
+# ------------------------------------------------------------------------------ the table registry
+
+REPORT = REPO / "workflow" / "report"
+
+
+def test_the_command_writes_exactly_the_registered_names(synthetic):
+    """What the workflow expects (table_names) is what the command wrote, file for file."""
+    written = {p.stem for p in synthetic["out"].iterdir()}
+    assert written == set(tables.table_names(ANALYSIS))
+    assert tables.table_names(ANALYSIS) == ["bd_vs_baseline", "expected_gains", "study1", "overhead"]
+
+
+def test_table_names_follow_the_analysis_section():
+    analysis = {"reference": "phase1", "anchors": ["vtm", "hpcm-base"], "gains": {},
+                "studies": {"s1": {"rows": {}}, "s2": {"rows": {}}}, "overhead_json": "x.json"}
+    assert tables.table_names(analysis) == ["bd_vs_phase1", "bd_vs_anchor-vtm", "bd_vs_anchor-hpcm-base",
+                                            "s1", "s2", "overhead", "overhead_benchmark"]
+
+
+def test_every_registered_caption_exists_and_every_caption_is_registered():
+    captions = {kind.caption for kind in tables.TABLES.values()}
+    assert all((REPORT / caption).is_file() for caption in captions), captions
+    assert {p.name for p in REPORT.glob("table_*.rst")} == captions
+
+
+def test_a_kind_registers_once_and_a_builder_must_match_its_names(tmp_path, synthetic, monkeypatch):
+    monkeypatch.setattr(tables, "TABLES", dict(tables.TABLES))
+    with pytest.raises(ValueError, match="'overhead' is registered twice"):
+        tables.register_table("overhead", caption="table_overhead.rst")(lambda inputs: [])
+
+    @tables.register_table("extra", caption="table_overhead.rst")
+    def _wrong_name(inputs):
+        return [tables.Table("not_extra", "t", inputs.runs.head(1), {}, [])]
+
+    with pytest.raises(RuntimeError, match=r"'extra' built \['not_extra'\], declared \['extra'\]"):
+        tables.build_all(synthetic["root"] / "points.csv", synthetic["root"] / "train", ANALYSIS,
+                         tmp_path)
+
+
+def test_a_registered_table_is_written_and_named_for_the_workflow(tmp_path, synthetic, monkeypatch):
+    """Adding a table is one decorated builder: the command writes it, table_names lists it."""
+    monkeypatch.setattr(tables, "TABLES", dict(tables.TABLES))
+
+    @tables.register_table("run_count", caption="table_overhead.rst")
+    def _run_count(inputs):
+        frame = inputs.runs.groupby("variant").size().rename("runs").reset_index()
+        return [tables.Table("run_count", "Runs per variant", frame, {}, [])]
+
+    tables.build_all(synthetic["root"] / "points.csv", synthetic["root"] / "train", ANALYSIS, tmp_path)
+    assert tables.table_names(ANALYSIS)[-1] == "run_count"
+    rows = {r["variant"]: int(r["runs"]) for r in _read(tmp_path, "run_count")}
+    assert rows == {variant: len(LAMBDAS) for variant in CURVES}

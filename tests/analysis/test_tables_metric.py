@@ -1,4 +1,4 @@
-"""hpcm.tables takes its quality axis from the analysis YAML (`analysis.metric`, written by the
+"""hpcm tables takes its quality axis from the analysis YAML (`analysis.metric`, written by the
 workflow from the study's distortion): MS-SSIM dB BD numbers equal the bjontegaard package's on
 -10 log10(1 - MS-SSIM), and every BD table says which metric it measured."""
 

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from hpcm.config import run_config, study
+from hpcm.data.datasets import dataset_options
 from hpcm.models.presets import preset_config
 from tests.paths import REPO
 
@@ -21,7 +22,7 @@ def pad_multiple_of(name: str) -> int:
 
 
 def load(cfg: dict) -> study.Study:
-    return study.load(copy.deepcopy(cfg), SCHEMA, pad_multiple_of)
+    return study.load(copy.deepcopy(cfg), SCHEMA, pad_multiple_of, dataset_kinds=dataset_options())
 
 
 def small(**changes) -> dict:

@@ -9,6 +9,7 @@ import yaml
 
 from hpcm.config import run_config, study
 from hpcm.config.tasks import PARAMETER_GROUPS
+from hpcm.data.datasets import dataset_options
 from hpcm.models.presets import preset_config
 from tests.paths import REPO
 
@@ -20,7 +21,8 @@ PHASE4 = ("phase4_context_lr", "phase4_freeze_entropy", "phase4_progressive", "p
 
 def load(path) -> study.Study:
     cfg = yaml.safe_load(path.read_text())
-    return study.load(copy.deepcopy(cfg), SCHEMA, lambda name: preset_config(name).pad_multiple)
+    return study.load(copy.deepcopy(cfg), SCHEMA, lambda name: preset_config(name).pad_multiple,
+                      dataset_kinds=dataset_options())
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from hpcm.data import datasets
-from tests.paths import KODAK
+from hpcm.data import commands, datasets
+from tests.paths import KODAK, REPO
 
 SUBSET = ["kodim01.png", "kodim02.png", "kodim03.png"]
 # Only this check needs Kodak's exact bytes; the others run the same code on stand-in files.
@@ -138,10 +138,54 @@ def test_clic_checksum_mismatch_names_archive_and_hashes(tmp_path):
 
 def test_cli_prepare_and_verify(kodak_copy, tmp_path, capsys):
     out = tmp_path / "k"
-    assert datasets.main(["prepare", "kodak", "--source", str(kodak_copy), "--output", str(out),
+    assert commands.main(["prepare", "kodak", "--source", str(kodak_copy), "--output", str(out),
                           "--only", "kodim01.png,kodim03"]) == 0
-    assert datasets.main(["verify", "kodak", str(out)]) == 2  # only 2 of 24 present
+    assert commands.main(["verify", "kodak", str(out)]) == 2  # only 2 of 24 present
     assert "kodim02.png" in capsys.readouterr().err
+    assert commands.main(["verify", "kodak", str(out), "--only", "kodim01.png,kodim03.png"]) == 0
+
+
+def test_cli_refuses_an_option_the_kind_does_not_take(kodak_copy, tmp_path, capsys):
+    out = tmp_path / "c"
+    assert commands.main(["prepare", "clic2020-professional", "--output", str(out),
+                          "--only", "a.png"]) == 2
+    assert "--only applies to kodak, not clic2020-professional" in capsys.readouterr().err
+    assert commands.main(["verify", "kodak", str(kodak_copy), "--manifest", "m"]) == 2
+    assert "--manifest applies to tecnick, not kodak" in capsys.readouterr().err
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------ the registry
+
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def test_the_schema_kind_enum_is_the_registry_plus_the_local_kinds():
+    import yaml
+
+    from hpcm.config.study import LOCAL_DATASET_KINDS
+
+    schema = yaml.safe_load(SCHEMA.read_text())
+    kind = schema["properties"]["datasets"]["additionalProperties"]["properties"]["kind"]
+    assert sorted(kind["enum"]) == sorted([*LOCAL_DATASET_KINDS, *datasets.DATASET_KINDS])
+
+
+def test_every_kind_prepares_and_verifies_with_the_options_it_declares():
+    import inspect
+
+    for kind in datasets.DATASET_KINDS.values():
+        for function in (kind.prepare, kind.verify):
+            assert set(kind.options) <= set(inspect.signature(function).parameters), (kind.name, function)
+    assert set(datasets.DATASET_OPTIONS) == set(commands.OPTION_HELP)
+
+
+def test_a_kind_registers_once_with_known_options(monkeypatch):
+    monkeypatch.setattr(datasets, "DATASET_KINDS", dict(datasets.DATASET_KINDS))
+    kodak = datasets.DATASET_KINDS["kodak"]
+    with pytest.raises(ValueError, match="'kodak' is registered twice"):
+        datasets.register_dataset(kodak)
+    with pytest.raises(ValueError, match=r"unknown options \['subset'\]"):
+        datasets.register_dataset(datasets.DatasetKind("mine", kodak.prepare, kodak.verify, ("subset",)))
 
 
 # ------------------------------------------------------------------------------------------ Tecnick
@@ -205,7 +249,7 @@ def test_tecnick_pinned_manifest_catches_a_changed_image_in_an_archive(tmp_path,
         for name, data in tecnick_files.items():
             zf.writestr(f"testimages/RGB/RGB_OR_1200x1200/{name}", data)
     assert len(datasets.prepare_tecnick(archive, out)) == 100
-    assert datasets.main(["verify", "tecnick", str(out)]) == 0
+    assert commands.main(["verify", "tecnick", str(out)]) == 0
 
 
 def test_tecnick_wrong_count_size_or_source_fails_clearly(tmp_path, tecnick_files):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from hpcm.data import commands
 from hpcm.data import images as data
 
 
@@ -142,7 +143,7 @@ def test_sample_split_is_fixed_and_disjoint():
 
 
 def test_export_samples_cli_writes_lossless_png_folders(tmp_path):
-    assert data.main(["export-samples", "--output", str(tmp_path), "--splits", "val", "test"]) == 0
+    assert commands.main(["export-samples", "--output", str(tmp_path), "--splits", "val", "test"]) == 0
     for split in ("val", "test"):
         written = sorted(p.stem for p in (tmp_path / split).glob("*.png"))
         assert written == sorted(data.SAMPLE_SPLITS[split])

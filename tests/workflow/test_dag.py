@@ -24,6 +24,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 from hpcm.config import study as study_config
+from hpcm.data.datasets import dataset_options
 from hpcm.models.presets import preset_config
 from tests.paths import REPO
 
@@ -72,7 +73,7 @@ def expected_counts(cfg: dict) -> dict[str, int]:
     uses_samples = "samples" in (cfg["train_data"], cfg["val_data"]) or any(
         d["kind"] == "samples" for d in datasets.values()
     )
-    prepared = [n for n, d in datasets.items() if d["kind"] in ("kodak", "clic2020-professional", "tecnick")]
+    prepared = [n for n, d in datasets.items() if d["kind"] in dataset_options()]
     official = any(v.get("init_from") == "official" for v in cfg["variants"].values())
     counts = {
         "check_checkpoint": len(cfg["lambdas"]) if official else 0,  # one check per official file
@@ -223,7 +224,7 @@ def test_config_errors_name_the_key(tmp_path, changes, key, words):
     path = write_config(tmp_path, **changes)
     with pytest.raises(study_config.StudyConfigError) as error:
         study_config.load(yaml.safe_load(path.read_text()), SCHEMA, lambda name: preset_config(name).pad_multiple,
-                          root=ROOT)
+                          root=ROOT, dataset_kinds=dataset_options())
     assert f"config key '{key}'" in str(error.value), str(error.value)
     assert words in str(error.value), str(error.value)
 

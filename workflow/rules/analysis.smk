@@ -23,7 +23,7 @@ rule rd_points:
     conda:
         "../../envs/hpcm.yaml"
     shell:
-        "python -m hpcm.rd points --eval-csv {input} --output {output.points} "
+        "python -m hpcm.analysis.rd points --eval-csv {input} --output {output.points} "
         "--images {output.images} > {log} 2>&1"
 
 
@@ -58,7 +58,7 @@ rule tables:
     shell:
         # the BD method, reference, anchors and studies all come from the analysis YAML; every BD
         # gets its 95 % paired-bootstrap interval over the test images (1000 resamples, seed 0)
-        "python -m hpcm.tables --points {input.points} --runs {params.runs} --config {input.analysis} "
+        "python -m hpcm.analysis.tables --points {input.points} --runs {params.runs} --config {input.analysis} "
         "--benchmarks {params.benchmarks} --images {input.images} --resamples 1000 "
         "--bootstrap-seed 0 --output-dir {params.outdir} > {log} 2>&1"
 

@@ -12,6 +12,8 @@ from snakemake.logging import logger
 # Snakemake puts the repository root, the Snakefile's folder, on sys.path.
 from hpcm.config import study as study_config
 from hpcm.config.study import PATHS, SAMPLES_DIR, TABLES_DIR, TRAIN_BENCHMARKS_DIR
+from hpcm.analysis.tables import table_captions
+from hpcm.data.datasets import dataset_options
 from hpcm.models.presets import preset_config
 
 
@@ -23,7 +25,8 @@ def load_study(cfg):
     schema = os.path.join(workflow.current_basedir, "..", "schemas", "config.schema.yaml")
     try:
         # relative checkpoint paths start at the repository root (the Snakefile's folder)
-        return study_config.load(cfg, schema, pad_multiple_of, root=workflow.basedir)
+        return study_config.load(cfg, schema, pad_multiple_of, root=workflow.basedir,
+                                 dataset_kinds=dataset_options())
     except study_config.StudyConfigError as err:
         raise WorkflowError(str(err)) from None
 
@@ -166,7 +169,7 @@ def eval_inputs(wildcards):
 
 
 def prepare_args(wildcards):
-    """Arguments of `python -m hpcm.datasets prepare` for one configured dataset."""
+    """Arguments of `python -m hpcm.data prepare` for one configured dataset."""
     spec = STUDY.datasets[wildcards.dataset]
     args = [spec["kind"]]
     if spec["source"]:
@@ -181,17 +184,13 @@ def lookup_eval_dir(wildcards):
 
 
 def table_outputs():
-    """Every table as CSV (in the report), Markdown and LaTeX."""
+    """Every registered table (hpcm.analysis.tables.TABLES) as CSV (in the report, with its
+    kind's caption), Markdown and LaTeX."""
     outputs = []
-    for name in STUDY.table_names():
-        caption = "../report/table_bd.rst" if name.startswith("bd_vs_") else f"../report/table_{table_kind(name)}.rst"
-        outputs.append(report(f"{TABLES_DIR}/{name}.csv", caption=caption, category="Tables"))
+    for name, caption in table_captions(config["analysis"]).items():
+        outputs.append(report(f"{TABLES_DIR}/{name}.csv", caption=f"../report/{caption}", category="Tables"))
         outputs += [f"{TABLES_DIR}/{name}.md", f"{TABLES_DIR}/{name}.tex"]
     return outputs
-
-
-def table_kind(name):
-    return name if name in ("expected_gains", "overhead") else "study"
 
 
 def runs_root(wildcards, input):
@@ -224,7 +223,7 @@ def write_yaml(path, content, log_path):
 
 def final_outputs():
     targets = STUDY.eval_csvs()
-    targets += [f"{TABLES_DIR}/{name}.{ext}" for name in STUDY.table_names() for ext in ("csv", "md", "tex")]
+    targets += [f"{TABLES_DIR}/{name}.{ext}" for name in table_captions(config["analysis"]) for ext in ("csv", "md", "tex")]
     targets += ["results/plots/rd", "results/plots/runs", "results/plots/gamma_schedules.png"]
     targets += analysis_outputs()  # analysis.smk: the Phase 2 grid tables and heatmaps, the summary table
     return targets

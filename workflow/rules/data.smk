@@ -35,4 +35,4 @@ rule prepare_dataset:
     conda:
         "../../envs/hpcm.yaml"
     shell:
-        "python -m hpcm.datasets prepare {params.args} --output {output} > {log} 2>&1"
+        "python -m hpcm.data prepare {params.args} --output {output} > {log} 2>&1"

@@ -31,7 +31,7 @@ rule plot_rd:
     conda:
         "../../envs/hpcm.yaml"
     shell:
-        "python -m hpcm.plots rd --points {input.points} --anchors {params.anchors} "
+        "python -m hpcm.analysis.plots rd --points {input.points} --anchors {params.anchors} "
         "--reference {params.reference} --metric {params.metric} "
         "--variants {params.variants} --output-dir {output} > {log} 2>&1"
 
@@ -54,7 +54,7 @@ rule plot_runs:
     conda:
         "../../envs/hpcm.yaml"
     shell:
-        "python -m hpcm.plots runs --runs {params.runs} --variants {params.variants} "
+        "python -m hpcm.analysis.plots runs --runs {params.runs} --variants {params.variants} "
         "--output-dir {output} > {log} 2>&1"
 
 
@@ -73,4 +73,4 @@ rule plot_gammas:
     conda:
         "../../envs/hpcm.yaml"
     shell:
-        "python -m hpcm.plots gammas --output-dir {params.outdir} > {log} 2>&1"
+        "python -m hpcm.analysis.plots gammas --output-dir {params.outdir} > {log} 2>&1"

@@ -1,0 +1,7 @@
+"""``python -m hpcm COMMAND ...``: the ``hpcm`` console script without installing (:mod:`hpcm.cli`)."""
+
+import sys
+
+from hpcm.cli import main
+
+sys.exit(main())
