@@ -5,7 +5,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 CORES ?= 2
 
-.PHONY: install demo test bench gpu-check clean-demo
+.PHONY: install demo test lint bench gpu-check clean-demo
 
 $(BIN)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ demo: install
 # The test suite (CPU, no network).
 test: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" WANDB_MODE=disabled $(BIN)/python -m pytest -q
+
+# Lint and format check (ruff, configured in pyproject.toml; pinned in the test extra).
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 bench: install
 	for script in benchmarks/*.py; do $(BIN)/python $$script || exit 1; done

@@ -44,9 +44,14 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from hpcm.analysis.complexity import (  # noqa: E402
-    OFFICIAL_KMACS_PER_PIXEL, OFFICIAL_SOURCE, count_macs, per_pixel_kmacs)
+    OFFICIAL_KMACS_PER_PIXEL,
+    OFFICIAL_SOURCE,
+    count_macs,
+    per_pixel_kmacs,
+)
 from hpcm.models import build_model  # noqa: E402
 from hpcm.models.presets import PRESETS  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -51,6 +51,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import functools  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -72,16 +73,17 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
+from model_speed import OfficialAdapter, import_official, load_official, measure  # noqa: E402
+from optimizer_overhead import first_batch, step_clock, time_steps  # noqa: E402
+
 from hpcm.config import run_config  # noqa: E402
 from hpcm.models import build_model, crop_image, pad_image  # noqa: E402
 from hpcm.models.coder import CODER_BUFFER_NAMES  # noqa: E402
 from hpcm.models.entropy import get_scale_table  # noqa: E402
-from hpcm.train import losses  # noqa: E402
 from hpcm.train import loop as train  # noqa: E402
+from hpcm.train import losses  # noqa: E402
 from hpcm.util.device import pick_device  # noqa: E402
 from hpcm.util.io import atomic_write_text  # noqa: E402
-from model_speed import OfficialAdapter, import_official, load_official, measure  # noqa: E402
-from optimizer_overhead import first_batch, step_clock, time_steps  # noqa: E402
 from tests.fixtures.hpcm_support import calibrate_to_latents, init_like_golden  # noqa: E402
 
 JSON_FORMAT = "hpcm-gpu-check/1"
@@ -586,7 +588,7 @@ def section_official(args: Namespace, device: torch.device, ctx: dict) -> dict:
         lmbda = ours.cfg["lmbda"]
         clock = step_clock(device)
 
-        def timed(fn: Callable[[], None], n: int) -> float:
+        def timed(fn: Callable[[], None], n: int, clock: Callable[[], float] = clock) -> float:
             sync(device)
             start = clock()
             for _ in range(n):
@@ -594,7 +596,7 @@ def section_official(args: Namespace, device: torch.device, ctx: dict) -> dict:
             sync(device)
             return (clock() - start) / n
 
-        step_official = lambda: official_step(official, opt, x_official, lmbda)  # noqa: E731
+        step_official = functools.partial(official_step, official, opt, x_official, lmbda)
         timed(step_official, args.warmup)
         time_steps(ours, x, args.warmup)
         if device.type == "cuda":  # the official step's own peak (with ours resident: subtract its idle size)

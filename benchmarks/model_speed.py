@@ -61,7 +61,7 @@ def clock(device: torch.device) -> Callable[[], float]:
 
 def rd_loss(out: dict, x: torch.Tensor) -> torch.Tensor:
     pixels = x.shape[0] * x.shape[2] * x.shape[3]
-    bpp = sum(-torch.log2(l.float()).sum() for l in out["likelihoods"].values()) / pixels
+    bpp = sum(-torch.log2(p.float()).sum() for p in out["likelihoods"].values()) / pixels
     return 0.013 * 255**2 * torch.mean((out["x_hat"].float() - x.float()) ** 2) + bpp
 
 

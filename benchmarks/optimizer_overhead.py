@@ -39,9 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hpcm.config import run_config  # noqa: E402
 from hpcm.data import images as data  # noqa: E402
+from hpcm.optim import Balanced, CautiousAdam  # noqa: E402
 from hpcm.train import loop as train  # noqa: E402
 from hpcm.util.io import atomic_write_text  # noqa: E402
-from hpcm.optim import Balanced, CautiousAdam  # noqa: E402
 
 DECOMPOSITIONS = ("fixed_ratio", "adaptive", "measured")
 JSON_FORMAT = "hpcm-optimizer-overhead/1"  # what hpcm tables --overhead-json reads

@@ -69,7 +69,7 @@ def _hermite_integral(x: np.ndarray, y: np.ndarray, a: np.ndarray, b: np.ndarray
     for k in range(x.shape[1] - 1):
         lo, hi = np.maximum(a, x[:, k]), np.minimum(b, x[:, k + 1])
 
-        def primitive(s):
+        def primitive(s, k=k):  # k bound now: called in this iteration only
             return y[:, k] * s + d[:, k] * s**2 / 2.0 + c2[:, k] * s**3 / 3.0 + c3[:, k] * s**4 / 4.0
 
         part = primitive(hi - x[:, k]) - primitive(lo - x[:, k])

@@ -37,11 +37,10 @@ import matplotlib
 matplotlib.use("Agg")  # no display on cluster nodes and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-
 import pandas as pd  # noqa: E402
 
-from hpcm.analysis.bootstrap import interval_table  # noqa: E402
 from hpcm.analysis.bd import METHODS, bd_table  # noqa: E402
+from hpcm.analysis.bootstrap import interval_table  # noqa: E402
 from hpcm.analysis.plots import save_figure  # noqa: E402
 from hpcm.analysis.points import eval_rows, image_table, read_points  # noqa: E402
 from hpcm.analysis.tables import Table, TableError, write_table  # noqa: E402

@@ -41,7 +41,14 @@ from hpcm.analysis.bd import bd_row, bd_table
 from hpcm.analysis.bootstrap import interval_table
 from hpcm.analysis.complexity import count_macs, per_pixel_kmacs
 from hpcm.analysis.points import curve, eval_rows, image_table, read_points
-from hpcm.analysis.tables import Table, TableError, read_analysis, read_metrics, to_latex, to_markdown
+from hpcm.analysis.tables import (
+    Table,
+    TableError,
+    read_analysis,
+    read_metrics,
+    to_latex,
+    to_markdown,
+)
 from hpcm.config.run_config import RUN_YAML
 from hpcm.models import build_model
 from hpcm.util.cli import run_command

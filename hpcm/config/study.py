@@ -34,8 +34,7 @@ import jsonschema
 import yaml
 from referencing import Registry, Resource
 
-from hpcm.config import presets
-from hpcm.config import run_config
+from hpcm.config import presets, run_config
 from hpcm.config.run_config import MS_SSIM_MIN_SIDE
 
 # Run-config keys a variant may set (they go into the run YAML of `python -m hpcm.train`).

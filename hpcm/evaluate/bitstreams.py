@@ -54,9 +54,15 @@ from tqdm import tqdm
 
 from hpcm.data.images import ImageError, list_images, load_rgb, to_tensor
 from hpcm.evaluate.metrics import ms_ssim_8bit, ms_ssim_to_db, psnr_8bit, to_8bit
+from hpcm.models import (
+    CheckpointError,
+    CheckpointUnreadableError,
+    crop_image,
+    load_checkpoint_and_metadata,
+    pad_image,
+)
 from hpcm.util.cli import run_command
 from hpcm.util.device import pick_device
-from hpcm.models import CheckpointError, CheckpointUnreadableError, crop_image, load_checkpoint_and_metadata, pad_image
 from hpcm.util.io import atomic_write_bytes, atomic_write_text
 
 CSV_COLUMNS = (

@@ -11,7 +11,9 @@ import math
 import torch
 from pytorch_msssim import ms_ssim
 
-from hpcm.config.run_config import MS_SSIM_MIN_SIDE  # pytorch_msssim's 5-scale default with an 11-tap window
+from hpcm.config.run_config import (
+    MS_SSIM_MIN_SIDE,  # pytorch_msssim's 5-scale default with an 11-tap window
+)
 
 
 def to_8bit(x: torch.Tensor) -> torch.Tensor:

@@ -17,8 +17,15 @@ Public API
 
 from __future__ import annotations
 
-from hpcm.models.checkpoint import (CheckpointError, CheckpointUnreadableError, infer_model_name, load_checkpoint,
-                                   load_checkpoint_and_metadata, save_checkpoint, with_run_metadata)
+from hpcm.models.checkpoint import (
+    CheckpointError,
+    CheckpointUnreadableError,
+    infer_model_name,
+    load_checkpoint,
+    load_checkpoint_and_metadata,
+    save_checkpoint,
+    with_run_metadata,
+)
 from hpcm.models.hpcm import HPCM
 from hpcm.models.padding import crop_image, pad_image
 from hpcm.models.presets import PRESETS, HPCMConfig, preset_config

@@ -37,8 +37,12 @@ import torch
 
 from hpcm.config.presets import OFFICIAL_LAMBDAS
 from hpcm.config.run_config import DISTORTIONS
-from hpcm.models.checkpoint import (CheckpointError, CheckpointUnreadableError, load_checkpoint_and_metadata,
-                                    _run_metadata)
+from hpcm.models.checkpoint import (
+    CheckpointError,
+    CheckpointUnreadableError,
+    _run_metadata,
+    load_checkpoint_and_metadata,
+)
 from hpcm.models.presets import PRESETS
 from hpcm.util.cli import run_command
 from hpcm.util.io import atomic_write_text, sha256_file

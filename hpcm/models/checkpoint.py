@@ -30,10 +30,10 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from hpcm.util.io import atomic_torch_save
 from hpcm.models.coder import CODER_BUFFER_NAMES
 from hpcm.models.hpcm import HPCM
 from hpcm.models.presets import PRESETS, HPCMConfig, preset_config
+from hpcm.util.io import atomic_torch_save
 
 STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "net")
 PREFIXES = ("module.", "_orig_mod.")

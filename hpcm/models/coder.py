@@ -52,7 +52,6 @@ import torch.nn as nn
 from torch import Tensor
 
 from hpcm.models.compressai_ext import BufferedRansEncoder, RansDecoder
-
 from hpcm.models.entropy import GGM, get_scale_table
 
 __all__ = [

@@ -11,7 +11,9 @@ from typing import Iterable, Sequence
 
 import torch
 
-from hpcm.config.run_config import OPTIMIZERS as OPTIMIZER_NAMES  # the run config's `optimizer` choices
+from hpcm.config.run_config import (
+    OPTIMIZERS as OPTIMIZER_NAMES,  # the run config's `optimizer` choices
+)
 from hpcm.optim.balanced import LOG_EPS, UPDATE_MODES, WEIGHTINGS, Balanced
 from hpcm.optim.cautious_adam import CautiousAdam
 from hpcm.optim.hierarchical import HIERARCHICAL_TASKS, SEED_TASK_NAMES, HierarchicalBalanced

@@ -58,6 +58,7 @@ from hpcm.optim.balanced_state import BalancedStateFiles
 from hpcm.optim.balanced_step import BalancedParameterStep
 from hpcm.optim.balanced_sync_free import SyncFreeFlags
 from hpcm.optim.cautious_adam import CautiousAdam
+
 UPDATE_MODES = ("same_batch", "next_batch")
 WEIGHTINGS = ("famo", "qp")
 

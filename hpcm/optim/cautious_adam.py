@@ -205,7 +205,7 @@ class CautiousAdam(Optimizer):
             constants = self._gate_constants.get(device)
             if constants is None:
                 constants = self._gate_constants[device] = GateConstants(device)
-            pick = lambda items: [items[i] for i in index]  # noqa: E731
+            pick = lambda items, index=index: [items[i] for i in index]  # noqa: E731
             states = pick(moments)
             bucket_steps = pick(steps)
             sync_free_update(

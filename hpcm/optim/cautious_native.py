@@ -187,7 +187,7 @@ def _torch_sqrt_function(library: ctypes.CDLL) -> int | None:
     for name in ("libtorch_cpu.so", "libtorch_cpu.dylib", "torch_cpu.dll"):
         if (lib_dir / name).is_file():
             try:
-                address = ctypes.cast(getattr(ctypes.CDLL(str(lib_dir / name)), "vsSqrt"), ctypes.c_void_p).value
+                address = ctypes.cast(ctypes.CDLL(str(lib_dir / name)).vsSqrt, ctypes.c_void_p).value
                 candidates.append(("MKL vsSqrt", address))
             except (OSError, AttributeError):
                 pass  # torch built without MKL: its sqrt is the vectorised hardware one

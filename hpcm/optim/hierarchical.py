@@ -19,10 +19,11 @@ from typing import Iterable, Sequence
 
 import torch
 
-from hpcm.optim.balanced import Balanced
 from hpcm.config.presets import DEFAULT_GAMMAS, DEFAULT_SCALE_WEIGHTS
+
 # Defined once in hpcm.tasks; hpcm.optim re-exports HIERARCHICAL_TASKS and SEED_TASK_NAMES from here.
 from hpcm.config.tasks import HIERARCHICAL_TASKS, SCALES, SEED_TASK_NAMES, TASK_SCALE  # noqa: F401
+from hpcm.optim.balanced import Balanced
 
 
 def per_task(values: Sequence[float], what: str) -> list[float]:

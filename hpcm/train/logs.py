@@ -22,8 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hpcm.util.io import atomic_write_text
 from hpcm.config.tasks import SCALES, SEED_TASK_NAMES
+from hpcm.util.io import atomic_write_text
 
 METRIC_COLUMNS = (
     # loss: mean over the logging window; loss_std (ddof=0) and loss_steps describe that window's

@@ -39,10 +39,9 @@ resume), 1 anything else (a crash; the last checkpoint is intact).
 
 from __future__ import annotations
 
-
 import argparse
-import random
 import math
+import random
 import signal
 import sys
 import time
@@ -58,13 +57,12 @@ from tqdm import tqdm
 
 import hpcm
 from hpcm import models, optim
-from hpcm.data import images as data
 from hpcm.config import run_config
 from hpcm.config.tasks import SCALES, SEED_TASK_NAMES
+from hpcm.data import images as data
 from hpcm.train import checkpoints as checkpointing
-from hpcm.train import distributed
+from hpcm.train import distributed, losses, phase4, schedules
 from hpcm.train import lock as run_lock
-from hpcm.train import losses, phase4, schedules
 from hpcm.train.ema import build_ema
 from hpcm.train.logs import MetricsCSV, WandbLogger, git_commit, log_line, print_err
 from hpcm.util.device import DeviceUnavailableError, pick_device
@@ -188,7 +186,9 @@ class Run:
         if cfg["compile"]:
             # inductor's own RNG would draw other quantisation noise than eager (same seed, other
             # numbers); torch's generator keeps compiled training on eager's noise and resumable
-            from torch._inductor import config as inductor_config  # here: only compiled runs load inductor
+            from torch._inductor import (
+                config as inductor_config,  # here: only compiled runs load inductor
+            )
             inductor_config.fallback_random = True
             self._compute_objective = torch.compile(self._eager_objective)
 

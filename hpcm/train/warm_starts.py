@@ -29,8 +29,8 @@ from typing import Any, Sequence
 import torch
 
 from hpcm import models
-from hpcm.data import images as data
 from hpcm.config.run_config import read_run_yaml
+from hpcm.data import images as data
 from hpcm.train import losses
 from hpcm.util.cli import run_command
 from hpcm.util.io import atomic_torch_save, atomic_write_text, sha256_file

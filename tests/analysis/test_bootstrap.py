@@ -140,9 +140,9 @@ def test_interval_table_from_per_image_rows():
 
 
 def test_unpaired_images_are_an_error():
-    rows = [{"dataset": "d", "variant": v, "lmbda": l, "image": im, "bpp": 0.1 * (l + 1),
-             "psnr": 30 + l, "ms_ssim": 0.9}
-            for v in ("baseline", "x") for l in (0, 1) for im in ("a", "b")]
+    rows = [{"dataset": "d", "variant": v, "lmbda": lm, "image": im, "bpp": 0.1 * (lm + 1),
+             "psnr": 30 + lm, "ms_ssim": 0.9}
+            for v in ("baseline", "x") for lm in (0, 1) for im in ("a", "b")]
     rows = [r for r in rows if not (r["variant"] == "x" and r["image"] == "b" and r["lmbda"] == 1)]
     with pytest.raises(ValueError, match="d/x: not every lambda"):
         bootstrap.interval_table(pd.DataFrame(rows), "baseline", resamples=10)

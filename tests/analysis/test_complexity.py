@@ -7,7 +7,6 @@ from torch import nn
 from hpcm.models import build_model
 from tests.paths import REPO, load_script
 
-
 complexity = load_script(REPO / "benchmarks" / "complexity.py")
 
 

@@ -11,7 +11,8 @@ import bjontegaard  # the pinned reference: missing, the suite must fail rather 
 import numpy as np
 import pytest
 
-from hpcm.analysis import points as rd_points, rd, tables
+from hpcm.analysis import points as rd_points
+from hpcm.analysis import rd, tables
 from tests.paths import REPO, load_script
 
 LAMBDAS = (0.0035, 0.013, 0.0483)

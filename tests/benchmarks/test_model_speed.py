@@ -11,7 +11,6 @@ from torch import nn
 
 from tests.paths import REPO, load_script
 
-
 model_speed = load_script(REPO / "benchmarks" / "model_speed.py")
 
 

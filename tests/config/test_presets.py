@@ -3,8 +3,13 @@
 import pytest
 import torch
 
+from hpcm.config.presets import (
+    STUDY1_SCALE_WEIGHTS,
+    STUDY2_GAMMAS,
+    ablation_overrides,
+    preset_value,
+)
 from hpcm.optim import HierarchicalBalanced
-from hpcm.config.presets import STUDY1_SCALE_WEIGHTS, STUDY2_GAMMAS, ablation_overrides, preset_value
 
 
 def test_study_values_are_the_issue_values():

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from hpcm.config import presets, run_config
-from hpcm.train import logs as logging_utils
 from hpcm.config.run_config import ConfigError
+from hpcm.train import logs as logging_utils
 from tests.paths import REPO
 
 
@@ -247,7 +247,9 @@ def test_schema_check_finds_a_disagreement():
 
 def test_schema_study_keys_name_the_package_facts():
     """The study keys that are not run-config keys but name package facts use the same lists."""
-    from hpcm.analysis.bd import METHODS  # why: a later stage than config, needed by this check only
+    from hpcm.analysis.bd import (
+        METHODS,  # why: a later stage than config, needed by this check only
+    )
     from hpcm.models.presets import PRESETS  # why: imports torch, needed by this check only
 
     schema = _schema()["properties"]

@@ -7,9 +7,14 @@ import warnings
 import pytest
 import torch
 
-from hpcm.models import CheckpointError, build_model, infer_model_name, load_checkpoint, save_checkpoint
+from hpcm.models import (
+    CheckpointError,
+    build_model,
+    infer_model_name,
+    load_checkpoint,
+    save_checkpoint,
+)
 from tests.fixtures.hpcm_support import init_like_golden, single_thread
-
 
 one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 

@@ -3,7 +3,6 @@ on real model shapes, built once into its cache, and clear about why it cannot b
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
@@ -12,9 +11,6 @@ import torch
 from hpcm.models import build_model
 from hpcm.optim import Balanced, CautiousAdam, cautious_native
 from tests.optim.kernel import needs_kernel
-
-
-
 
 
 def model_params(seed: int = 0) -> list[torch.Tensor]:

@@ -7,7 +7,13 @@ import io
 import pytest
 import torch
 
-from hpcm.optim import Balanced, CautiousAdam, HierarchicalBalanced, build_optimizer, qp_task_weights
+from hpcm.optim import (
+    Balanced,
+    CautiousAdam,
+    HierarchicalBalanced,
+    build_optimizer,
+    qp_task_weights,
+)
 from hpcm.optim.qp import equality_qp_weights, gram_matrix, two_task_weights
 
 DT = torch.float64

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +15,6 @@ import torch
 
 from hpcm.train import checkpoints as checkpointing
 from tests.paths import REPO
-
 
 
 def state(step: int) -> dict:

@@ -237,7 +237,7 @@ def check_two_ranks_against_one_process(tmp_path: Path, float64: bool, tolerance
         workers.communicate()
         raise
     checked(finished(workers, timeout=600))
-    for name, overrides in runs.items():
+    for name in runs:
         one = final_state(tmp_path / "one" / name)
         ranks = [torch.load(tmp_path / "ddp" / name / f"rank{r}.pt") for r in range(2)]
         saved = final_state(tmp_path / "ddp" / name)

@@ -8,11 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from hpcm.train.losses import (
-    AdaptiveHierarchicalLoss, HierarchicalLoss, MeasuredHierarchicalLoss, build_decomposition,
-    haar_band_energies, rate_distortion,
-)
 from hpcm.optim import Balanced, HierarchicalBalanced
+from hpcm.train.losses import (
+    AdaptiveHierarchicalLoss,
+    HierarchicalLoss,
+    MeasuredHierarchicalLoss,
+    build_decomposition,
+    haar_band_energies,
+    rate_distortion,
+)
 
 # float(t) on graph-carrying scalars is intended in these value checks.
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True")

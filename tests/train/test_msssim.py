@@ -12,7 +12,12 @@ from pytorch_msssim import MS_SSIM, ms_ssim
 
 from hpcm.config import run_config
 from hpcm.train import loop as train
-from hpcm.train.losses import MeasuredHierarchicalLoss, build_decomposition, ms_ssim_log_terms, rate_distortion
+from hpcm.train.losses import (
+    MeasuredHierarchicalLoss,
+    build_decomposition,
+    ms_ssim_log_terms,
+    rate_distortion,
+)
 from tests.train.tiny import TINY, cli_args
 
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True")

@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 
 from hpcm.config.presets import HPCM_LR_MILESTONES, HPCM_LR_VALUES
-from hpcm.train.schedules import (SEED_GAMMA_STEP_MILESTONES, GammaSchedule, ScaleGammaManager, adaptive_factor,
-                                  gamma_at, lr_at)
+from hpcm.train.schedules import (
+    SEED_GAMMA_STEP_MILESTONES,
+    GammaSchedule,
+    ScaleGammaManager,
+    adaptive_factor,
+    gamma_at,
+    lr_at,
+)
 
 INITIAL = {"s1": 0.008, "s2": 0.006, "s3": 0.004}
 

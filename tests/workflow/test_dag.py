@@ -23,6 +23,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+
 from hpcm.config import study as study_config
 from hpcm.data.datasets import dataset_options
 from hpcm.models.presets import preset_config
