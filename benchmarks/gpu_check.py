@@ -18,7 +18,7 @@ Sections, in order of importance (``--budget-s`` skips what no longer fits, with
    bit-equal) = the same arithmetic up to rounding. Then 20 steps of cautious_adam and balanced
    next_batch (context only: training is chaotic, a 1-ulp difference flips cautious-mask signs
    of near-zero m*g and grows), next to the host path's own run-to-run difference.
-4. ``train_fp32``, 5. ``train_bf16``: ``hpcm.train.Run.train_step`` (the trainer's own step) of
+4. ``train_fp32``, 5. ``train_bf16``: ``hpcm.train.loop.Run.train_step`` (the trainer's own step) of
    adam, balanced next_batch / same_batch and hierarchical_balanced (measured decomposition) at
    each batch size: median ms/step and IQR over repeats (CUDA-synchronised, after warm-up) and peak
    memory (``torch.cuda.max_memory_allocated``, reset per case; one run resident at a time).

@@ -3,7 +3,7 @@
     python benchmarks/optimizer_overhead.py                      # CPU: HPCM_Tiny, 2 x 64 px, 1 thread
     python benchmarks/optimizer_overhead.py --model HPCM_Base --patch-size 256 --batch-size 8 --device cuda --bf16
 
-Every variant is ``hpcm.train.Run.train_step`` (the code ``python -m hpcm.train`` runs; data loading
+Every variant is ``hpcm.train.loop.Run.train_step`` (the code ``python -m hpcm.train`` runs; data loading
 excluded, it runs in worker processes during training) on the same initial weights and the same batch: adam (the baseline, torch's
 fused kernel), cautious_adam, balanced in both weight-update modes, qp, and hierarchical_balanced
 with each decomposition (``--hier-mode``, next_batch by default, against balanced in that mode).
@@ -81,7 +81,7 @@ def time_steps(run: train.Run, x: torch.Tensor, steps: int) -> float:
 
 
 def variants(hier_mode: str) -> dict[str, dict]:
-    """Run-config overrides of each variant (``hpcm.run_config`` keys)."""
+    """Run-config overrides of each variant (``hpcm.config.run_config`` keys)."""
     table = {
         "adam": {"optimizer": "adam"},
         "cautious_adam": {"optimizer": "cautious_adam"},

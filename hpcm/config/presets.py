@@ -3,7 +3,7 @@
 Study 1 varies the scale modulation weights ``scale_weights`` [s1, s2, s3]; Study 2 varies the
 per-scale gammas ``gammas`` [s1, s2, s3]. Each entry maps a variant name to run-config overrides.
 A config names a preset instead of spelling its numbers (``scale_weights: equal``,
-``gammas: decreasing``): the workflow (``workflow/rules/common.smk``) and ``hpcm.run_config``
+``gammas: decreasing``): the workflow (``workflow/rules/common.smk``) and ``hpcm.config.run_config``
 turn the name into the list with :func:`preset_value`. No dependencies beyond the standard library,
 so that Snakemake can import this module while it parses the workflow.
 """

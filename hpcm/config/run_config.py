@@ -8,7 +8,7 @@ A run config is a flat YAML mapping. Values are resolved in this order (later wi
 3. the config file,
 4. ``--set key=value`` overrides (values are parsed as YAML, so lists are ``[a,b,c]``).
 
-``scale_weights`` and ``gammas`` also take the name of an ablation preset (``hpcm.presets``:
+``scale_weights`` and ``gammas`` also take the name of an ablation preset (``hpcm.config.presets``:
 ``scale_weights: equal``, ``gammas: increasing``), resolved to its numbers here.
 
 Everything is checked before any work starts; every error names the key and the value at fault.

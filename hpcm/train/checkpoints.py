@@ -2,7 +2,7 @@
 
 A run directory keeps two generations of the full training state: ``checkpoint_last.pth.tar``
 (newest) and ``checkpoint_prev.pth.tar`` (the one before). Saving rotates last -> prev and then
-writes the new last atomically (``hpcm.io``: temporary file, fsync, rename), so at every instant at
+writes the new last atomically (``hpcm.util.io``: temporary file, fsync, rename), so at every instant at
 least one complete checkpoint exists. Resuming takes the newest checkpoint that loads and carries
 the expected format tag; an unreadable newest one falls back to the previous with a warning and
 is renamed aside to ``checkpoint_last.corrupt`` (so the next save cannot rotate it over the only

@@ -1,4 +1,4 @@
-"""hpcm.losses: standard R-D loss, Haar split, the three five-task decompositions, FAMO reduction."""
+"""hpcm.train.losses: standard R-D loss, Haar split, the three five-task decompositions, FAMO reduction."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""hpcm.io: a failed write leaves the previous file untouched and no temporary behind."""
+"""hpcm.util.io: a failed write leaves the previous file untouched and no temporary behind."""
 
 import os
 import stat
