@@ -668,7 +668,7 @@ def section_coding(args: Namespace, device: torch.device, ctx: dict) -> dict:
 PROFILE_OPTIMIZERS = ("adam", "balanced next_batch")
 PROFILE_ROWS = 15
 # host synchronisations seen by the profiler (CUDA runtime calls, device copies to the host, scalar reads)
-# the launch and copy counts of docs/gpu.md run 2 (balanced next_batch: 1033 cudaMemcpyAsync and 1639
+# the launch and copy counts of docs/results-log.md GPU run 2 (balanced next_batch: 1033 cudaMemcpyAsync and 1639
 # aten::copy_ per step before the sync-free step stopped cloning; adam 12 and 290)
 COUNTED_EVENTS = ("aten::copy_", "aten::clone", "cudaLaunchKernel", "cudaMemcpyAsync")
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync", "Memcpy DtoH",

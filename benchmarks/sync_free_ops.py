@@ -3,7 +3,7 @@
     python benchmarks/sync_free_ops.py                 # HPCM_Tiny, 2 x 64 px, 1 thread, CPU
 
 The GPU cost of ``balanced next_batch`` is launches and device-to-device copies, not arithmetic
-(docs/gpu.md, run 2). With no GPU, this counts the ATen ops one ``Run.train_step`` issues on
+(docs/results-log.md, GPU run 2). With no GPU, this counts the ATen ops one ``Run.train_step`` issues on
 CPU (torch.profiler; the ops are the same ones CUDA would launch, so the counts are a proxy for
 kernel launches): ``aten::copy_`` and ``aten::clone`` (the per-tensor copies), ``aten::item`` /
 ``aten::_local_scalar_dense`` (host reads = syncs on CUDA), and all leaf ops (ops with no child

@@ -59,8 +59,8 @@ TRAINING_RUNTIME_KEYS = (
 )
 
 # compute.train.steps_per_s when a config sets none: the H200 adam step of HPCM_Base at 256x256,
-# batch 16, fp32 (docs/gpu.md, run 1: 98.56 ms/step). The official recipe's batch 32 was not
-# measured; its step is slower, so a price from this number is a lower bound there.
+# batch 16, fp32 (docs/results-log.md, GPU run 1: 98.56 ms/step). The official recipe's batch 32
+# was not measured; its step is slower, so a price from this number is a lower bound there.
 DEFAULT_STEPS_PER_S = 10.15
 # the quality axis of the analysis when `analysis.metric` is null, by the study's distortion
 DEFAULT_METRICS = {"mse": "psnr", "ms_ssim": "ms_ssim_db"}
@@ -420,7 +420,7 @@ class Study:
         """(steps/s, the key it came from) for a run of ``optimizer``."""
         value = self.config["compute"]["train"].get("steps_per_s")
         if value is None:
-            return DEFAULT_STEPS_PER_S, "default: H200 adam, batch 16 (docs/gpu.md); set compute.train.steps_per_s"
+            return DEFAULT_STEPS_PER_S, "default: H200 adam, batch 16 (docs/results-log.md); set compute.train.steps_per_s"
         if not isinstance(value, Mapping):
             return float(value), "compute.train.steps_per_s"
         key = optimizer if optimizer in value else "default"

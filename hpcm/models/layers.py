@@ -57,7 +57,7 @@ class _ResidualMLP(nn.Module):
         hidden = channels * mlp_ratio
         # In place: the expand conv's output is read by nothing else, and its backward does not need
         # it; values and gradients are bit-equal, and a forward saves a fresh tensor per block
-        # (the CPU forward speed-up is measured in docs/gpu.md, runs 5-14).
+        # (the CPU forward speed-up is measured in docs/results-log.md, CPU runs 5-14).
         act = nn.LeakyReLU(inplace=True)
         self.branch = nn.Sequential(spatial, conv1x1(channels, hidden), act, conv1x1(hidden, channels))
 

@@ -240,7 +240,7 @@ class BoundedCache:
 def _build_eagerly(build: Callable[[], object]) -> object:
     """Run ``build`` outside torch.compile: the masks are built on the CPU (with data-dependent
     ``nonzero``) and then moved; traced, they became CPU graphs inside a CUDA training step, whose
-    C++ code generation failed on the GPU (issue 15, docs/gpu.md run 1)."""
+    C++ code generation failed on the GPU (issue 15, docs/results-log.md GPU run 1)."""
     return build()
 
 

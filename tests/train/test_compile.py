@@ -57,7 +57,7 @@ def test_compiled_run_equals_eager_and_resumes_with_plain_state_dict_names(tmp_p
 @pytest.mark.parametrize("optimizer", ["balanced", "hierarchical_balanced"])
 def test_compiled_objective_graphs_hold_only_tensors_on_the_inputs_device(optimizer):
     """Every tensor in every graph dynamo captures from the training objective lives on the
-    input's device. On the GPU (docs/gpu.md run 1) ``compile: true`` failed in inductor's C++ (CPU)
+    input's device. On the GPU (docs/results-log.md GPU run 1) ``compile: true`` failed in inductor's C++ (CPU)
     code generation: the model's cached masks, built on the CPU on a cache miss, were traced into
     CPU graphs inside the CUDA step. Checked on the "meta" device, where a CPU tensor stands out."""
     graphs: list[list[tuple[str, str]]] = []
