@@ -443,6 +443,11 @@ def _bd_notes(bd) -> list[str]:
     return notes
 
 
+def bd_table_name(reference: str, anchor: str | None = None) -> str:
+    """``bd_vs_<reference>``, or ``bd_vs_anchor-<anchor>`` against a published anchor."""
+    return f"bd_vs_anchor-{anchor}" if anchor else f"bd_vs_{reference}"
+
+
 def bd_vs(points, reference: str, method: str, metric: str, anchor: str | None = None,
           bd=None, unc: Uncertainty | None = None) -> Table:
     """BD table of every variant vs ``reference`` (or a published ``anchor``); ``bd`` if computed."""
@@ -460,7 +465,7 @@ def bd_vs(points, reference: str, method: str, metric: str, anchor: str | None =
     quality = "PSNR" if metric == "psnr" else "MS-SSIM (dB)"
     title = (f"BD-rate and BD-{quality} vs {'anchor ' if anchor else ''}{reference} "
              f"({method})")
-    name = f"bd_vs_anchor-{anchor}" if anchor else f"bd_vs_{reference}"
+    name = bd_table_name(reference, anchor)
     notes = _bd_notes(bd) + (unc.notes() if unc is not None and not anchor else [])
     return Table(name, title, frame, BD_FORMATS, notes)
 
@@ -691,14 +696,14 @@ def table_captions(analysis: Mapping[str, Any]) -> dict[str, str]:
 
 
 @register_table("bd", caption="table_bd.rst", quality_axis=True,
-                names=lambda analysis: [f"bd_vs_{reference_of(analysis)}"])
+                names=lambda analysis: [bd_table_name(reference_of(analysis))])
 def _bd_reference_tables(inputs: TableInputs) -> list[Table]:
     return [bd_vs(inputs.points, inputs.reference, inputs.method, inputs.metric, bd=inputs.bd,
                   unc=inputs.unc)]
 
 
 @register_table("bd_anchor", caption="table_bd.rst", quality_axis=True,
-                names=lambda analysis: [f"bd_vs_anchor-{a}" for a in analysis.get("anchors") or []])
+                names=lambda analysis: [bd_table_name("", a) for a in analysis.get("anchors") or []])
 def _bd_anchor_tables(inputs: TableInputs) -> list[Table]:
     return [bd_vs(inputs.points, inputs.reference, inputs.method, inputs.metric, anchor=anchor)
             for anchor in inputs.analysis.get("anchors") or []]

@@ -154,11 +154,24 @@ def test_a_variants_patch_size_is_checked_too():
      "official_checkpoints"),
     ({"analysis": {"reference": "nope"}}, "analysis.reference", "unknown variant 'nope'"),
     ({"datasets": {"mine": {"kind": "folder"}}}, "datasets.mine.source", "needs a source"),
+    ({"datasets": {"c": {"kind": "clic2020-professional", "only": ["a.png"]}}}, "datasets.c.only",
+     "only supported for kind(s) 'kodak', not 'clic2020-professional'"),
 ])
 def test_config_errors_name_the_key(changes, key, words):
     message = error_of(small(**changes))
     assert message.startswith(f"config key '{key}'"), message
     assert words in message, message
+
+
+def test_dataset_kinds_come_from_the_registry_passed_in():
+    """The schema knows the names; whether a kind exists and what it takes is the registry's."""
+    cfg = small(datasets={"k": {"kind": "kodak", "only": ["kodim01.png"]}})
+    assert load(cfg).prepared_datasets == ["k"]
+    with pytest.raises(study.StudyConfigError, match="'datasets.k.kind': unknown kind 'kodak' "
+                                                     r"\(known: samples, folder, tecnick\)"):
+        study.load(copy.deepcopy(cfg), SCHEMA, pad_multiple_of, dataset_kinds={"tecnick": ("manifest",)})
+    local = small(datasets={"s": {"kind": "samples"}})
+    assert study.load(copy.deepcopy(local), SCHEMA, pad_multiple_of, dataset_kinds={}).prepared_datasets == []
 
 
 def test_a_variant_may_set_ema_decay_and_the_others_run_yaml_stays_as_before(tmp_path):
