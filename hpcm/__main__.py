@@ -1,4 +1,4 @@
-"""``python -m hpcm COMMAND ...``: the ``hpcm`` console script without installing (:mod:`hpcm.cli`)."""
+"""``python -m hpcm COMMAND ...``: the ``hpcm`` console script, not installed (:mod:`hpcm.cli`)."""
 
 import sys
 

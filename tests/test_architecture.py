@@ -17,8 +17,8 @@ import pytest
 from tests.paths import REPO
 
 PACKAGE = REPO / "hpcm"
-RANK = {"util": 0, "config": 1, "data": 2, "models": 2, "optim": 2, "train": 3, "evaluate": 4, "analysis": 5,
-        "front": 6}
+RANK = {"util": 0, "config": 1, "data": 2, "models": 2, "optim": 2, "train": 3, "evaluate": 4,
+        "analysis": 5, "front": 6}
 # the `hpcm` console script and `python -m hpcm`: above every stage
 FRONT = {"hpcm.cli", "hpcm.__main__"}
 

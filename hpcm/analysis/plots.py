@@ -252,7 +252,7 @@ def plot_runs(runs: Sequence[tuple[str, float, object]], output_dir: str | Path,
 
 def gamma_trajectories(total_epochs: int = 3000, seed: int = 0,
                        initial_gammas: Sequence[float] | None = None) -> dict[str, np.ndarray]:
-    """strategy -> (epochs, 3) gammas of s1, s2, s3 from ``hpcm.train.schedules.ScaleGammaManager``."""
+    """strategy -> (epochs, 3) gammas of s1, s2, s3 (``hpcm.train.schedules.ScaleGammaManager``)."""
     rng = np.random.default_rng(seed)
     epochs = np.arange(total_epochs + 1)
     # Synthetic scale losses for 'adaptive': decaying, noisier early (it only reacts to losses).

@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bd", help="BD-rate/BD-PSNR of every variant against a reference")
     b.add_argument("--points", required=True, help="points CSV from the 'points' command")
     b.add_argument("--reference", default="baseline", help="reference variant (default baseline)")
-    b.add_argument("--anchor", help="published anchor name instead, e.g. 'vtm' (see hpcm anchors list)")
+    b.add_argument("--anchor",
+                   help="published anchor name instead, e.g. 'vtm' (see hpcm anchors list)")
     b.add_argument("--metric", default="psnr", choices=("psnr", "ms_ssim_db"))
     b.add_argument("--method", default="pchip", choices=METHODS)
     b.add_argument("--output", required=True, help="BD table CSV to write")

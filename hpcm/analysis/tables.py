@@ -703,7 +703,8 @@ def _bd_reference_tables(inputs: TableInputs) -> list[Table]:
 
 
 @register_table("bd_anchor", caption="table_bd.rst", quality_axis=True,
-                names=lambda analysis: [bd_table_name("", a) for a in analysis.get("anchors") or []])
+                names=lambda analysis: [bd_table_name("", anchor)
+                                        for anchor in analysis.get("anchors") or []])
 def _bd_anchor_tables(inputs: TableInputs) -> list[Table]:
     return [bd_vs(inputs.points, inputs.reference, inputs.method, inputs.metric, anchor=anchor)
             for anchor in inputs.analysis.get("anchors") or []]

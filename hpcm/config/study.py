@@ -244,12 +244,14 @@ def check_datasets(cfg: Mapping[str, Any], dataset_kinds: Mapping[str, Sequence[
         kind = spec["kind"]
         if kind not in LOCAL_DATASET_KINDS and kind not in dataset_kinds:
             known = ", ".join([*LOCAL_DATASET_KINDS, *dataset_kinds])
-            raise StudyConfigError(f"datasets.{name}.kind", f"unknown kind {kind!r} (known: {known})")
+            raise StudyConfigError(f"datasets.{name}.kind",
+                                   f"unknown kind {kind!r} (known: {known})")
         if kind == "folder" and not spec["source"]:
             raise StudyConfigError(f"datasets.{name}.source", "kind 'folder' needs a source directory")
         if spec["only"] and "only" not in dataset_kinds.get(kind, ()):
             takers = [k for k, options in dataset_kinds.items() if "only" in options]
-            raise StudyConfigError(f"datasets.{name}.only", f"a subset is only supported for kind(s) "
+            raise StudyConfigError(f"datasets.{name}.only",
+                                   f"a subset is only supported for kind(s) "
                                    f"{', '.join(map(repr, takers))}, not {kind!r}")
 
 
@@ -420,7 +422,8 @@ class Study:
         """(steps/s, the key it came from) for a run of ``optimizer``."""
         value = self.config["compute"]["train"].get("steps_per_s")
         if value is None:
-            return DEFAULT_STEPS_PER_S, "default: H200 adam, batch 16 (docs/results-log.md); set compute.train.steps_per_s"
+            return DEFAULT_STEPS_PER_S, ("default: H200 adam, batch 16 (docs/results-log.md); "
+                                         "set compute.train.steps_per_s")
         if not isinstance(value, Mapping):
             return float(value), "compute.train.steps_per_s"
         key = optimizer if optimizer in value else "default"

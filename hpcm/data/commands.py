@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpcm data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    export = sub.add_parser("export-samples",
-                            help="write the embedded sample set as PNG folders DIR/{train,val,test}")
+    export = sub.add_parser(
+        "export-samples", help="write the embedded sample set as PNG folders DIR/{train,val,test}")
     export.add_argument("--output", required=True, help="destination folder")
     export.add_argument("--splits", nargs="+", default=["train", "val", "test"],
                         choices=list(SAMPLE_SPLITS))

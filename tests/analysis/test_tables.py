@@ -318,14 +318,16 @@ def test_the_command_writes_exactly_the_registered_names(synthetic):
     """What the workflow expects (table_names) is what the command wrote, file for file."""
     written = {p.stem for p in synthetic["out"].iterdir()}
     assert written == set(tables.table_names(ANALYSIS))
-    assert tables.table_names(ANALYSIS) == ["bd_vs_baseline", "expected_gains", "study1", "overhead"]
+    assert tables.table_names(ANALYSIS) == ["bd_vs_baseline", "expected_gains", "study1",
+                                            "overhead"]
 
 
 def test_table_names_follow_the_analysis_section():
     analysis = {"reference": "phase1", "anchors": ["vtm", "hpcm-base"], "gains": {},
                 "studies": {"s1": {"rows": {}}, "s2": {"rows": {}}}, "overhead_json": "x.json"}
-    assert tables.table_names(analysis) == ["bd_vs_phase1", "bd_vs_anchor-vtm", "bd_vs_anchor-hpcm-base",
-                                            "s1", "s2", "overhead", "overhead_benchmark"]
+    assert tables.table_names(analysis) == [
+        "bd_vs_phase1", "bd_vs_anchor-vtm", "bd_vs_anchor-hpcm-base", "s1", "s2", "overhead",
+        "overhead_benchmark"]
 
 
 def test_every_registered_caption_exists_and_every_caption_is_registered():
@@ -357,7 +359,8 @@ def test_a_registered_table_is_written_and_named_for_the_workflow(tmp_path, synt
         frame = inputs.runs.groupby("variant").size().rename("runs").reset_index()
         return [tables.Table("run_count", "Runs per variant", frame, {}, [])]
 
-    tables.build_all(synthetic["root"] / "points.csv", synthetic["root"] / "train", ANALYSIS, tmp_path)
+    tables.build_all(synthetic["root"] / "points.csv", synthetic["root"] / "train", ANALYSIS,
+                     tmp_path)
     assert tables.table_names(ANALYSIS)[-1] == "run_count"
     rows = {r["variant"]: int(r["runs"]) for r in _read(tmp_path, "run_count")}
     assert rows == {variant: len(LAMBDAS) for variant in CURVES}

@@ -169,9 +169,11 @@ def test_dataset_kinds_come_from_the_registry_passed_in():
     assert load(cfg).prepared_datasets == ["k"]
     with pytest.raises(study.StudyConfigError, match="'datasets.k.kind': unknown kind 'kodak' "
                                                      r"\(known: samples, folder, tecnick\)"):
-        study.load(copy.deepcopy(cfg), SCHEMA, pad_multiple_of, dataset_kinds={"tecnick": ("manifest",)})
+        study.load(copy.deepcopy(cfg), SCHEMA, pad_multiple_of,
+                   dataset_kinds={"tecnick": ("manifest",)})
     local = small(datasets={"s": {"kind": "samples"}})
-    assert study.load(copy.deepcopy(local), SCHEMA, pad_multiple_of, dataset_kinds={}).prepared_datasets == []
+    no_registry = study.load(copy.deepcopy(local), SCHEMA, pad_multiple_of, dataset_kinds={})
+    assert no_registry.prepared_datasets == []
 
 
 def test_a_variant_may_set_ema_decay_and_the_others_run_yaml_stays_as_before(tmp_path):

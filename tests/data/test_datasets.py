@@ -174,7 +174,8 @@ def test_every_kind_prepares_and_verifies_with_the_options_it_declares():
 
     for kind in datasets.DATASET_KINDS.values():
         for function in (kind.prepare, kind.verify):
-            assert set(kind.options) <= set(inspect.signature(function).parameters), (kind.name, function)
+            parameters = inspect.signature(function).parameters
+            assert set(kind.options) <= set(parameters), (kind.name, function)
     assert set(datasets.DATASET_OPTIONS) == set(commands.OPTION_HELP)
 
 
@@ -184,7 +185,8 @@ def test_a_kind_registers_once_with_known_options(monkeypatch):
     with pytest.raises(ValueError, match="'kodak' is registered twice"):
         datasets.register_dataset(kodak)
     with pytest.raises(ValueError, match=r"unknown options \['subset'\]"):
-        datasets.register_dataset(datasets.DatasetKind("mine", kodak.prepare, kodak.verify, ("subset",)))
+        datasets.register_dataset(
+            datasets.DatasetKind("mine", kodak.prepare, kodak.verify, ("subset",)))
 
 
 # ------------------------------------------------------------------------------------------ Tecnick

@@ -188,7 +188,8 @@ def table_outputs():
     kind's caption), Markdown and LaTeX."""
     outputs = []
     for name, caption in table_captions(config["analysis"]).items():
-        outputs.append(report(f"{TABLES_DIR}/{name}.csv", caption=f"../report/{caption}", category="Tables"))
+        csv = f"{TABLES_DIR}/{name}.csv"
+        outputs.append(report(csv, caption=f"../report/{caption}", category="Tables"))
         outputs += [f"{TABLES_DIR}/{name}.md", f"{TABLES_DIR}/{name}.tex"]
     return outputs
 
@@ -223,7 +224,8 @@ def write_yaml(path, content, log_path):
 
 def final_outputs():
     targets = STUDY.eval_csvs()
-    targets += [f"{TABLES_DIR}/{name}.{ext}" for name in table_captions(config["analysis"]) for ext in ("csv", "md", "tex")]
+    targets += [f"{TABLES_DIR}/{name}.{ext}" for name in table_captions(config["analysis"])
+                for ext in ("csv", "md", "tex")]
     targets += ["results/plots/rd", "results/plots/runs", "results/plots/gamma_schedules.png"]
     targets += analysis_outputs()  # analysis.smk: the Phase 2 grid tables and heatmaps, the summary table
     return targets
