@@ -31,6 +31,9 @@ images (``hpcm.analysis.bootstrap``; ``--resamples``, ``--bootstrap-seed``), a c
 whether it excludes 0, and, where a variant was trained with more than one seed, the seed-to-seed
 standard deviation of its BD (each seed's curve against the reference's curve of the same seed,
 or the reference's seed mean where it lacks that seed).
+When the reference was trained with several seeds, ``bd_seeds_vs_<reference>`` gives each
+variant's BD-rate with a 95 % interval over training seeds and test images, each seed's BD-rate,
+their SD and whether the interval excludes 0 (``seed_bd_table``).
 
 CLI::
 
@@ -61,7 +64,8 @@ import yaml
 
 from hpcm.analysis.anchors import anchor_curves_by_dataset
 from hpcm.analysis.bd import METHODS, bd_row, bd_table
-from hpcm.analysis.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, excludes_zero, interval_table
+from hpcm.analysis.bootstrap import (DEFAULT_RESAMPLES, DEFAULT_SEED, excludes_zero, interval_table,
+                                     seed_interval_table)
 from hpcm.analysis.points import IMAGE_COLUMNS, curve, read_points, read_table, seed_points
 from hpcm.analysis.runs import RunDiscoveryError, find_runs
 from hpcm.util.cli import run_command
@@ -582,6 +586,59 @@ def overhead_table(runs) -> Table:
                  notes)
 
 
+SEED_FORMATS = {"BD-rate (%)": "+.2f", "CI low (%)": "+.2f", "CI high (%)": "+.2f",
+                "seed SD (%)": ".2f", "seed share of variance": ".2f", "dof": ".1f"}
+
+
+def seed_bd_table(images, reference: str, method: str, metric: str,
+                  resamples: int = DEFAULT_RESAMPLES, bootstrap_seed: int = DEFAULT_SEED) -> Table:
+    """``bd_seeds_vs_<reference>``: per (dataset, variant) the BD-rate of the seed-averaged curves,
+    its 95 % interval over training seeds and test images
+    (``hpcm.analysis.bootstrap.seed_image_interval``), whether it excludes 0, each seed's BD-rate
+    and their SD. Variants whose seeds differ from the reference's are listed in the notes."""
+    import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
+
+    seeds = images.groupby("variant")["seed"].agg(lambda s: sorted(set(s)))
+    if reference not in seeds:
+        raise TableError(f"reference variant {reference!r} has no per-image rows")
+    paired = [v for v in seeds.index if seeds[v] == seeds[reference]]
+    notes = [f"{v}: seeds {seeds[v]}, the reference has {seeds[reference]}: no seed-paired interval"
+             for v in seeds.index if v not in paired]
+    try:
+        result = seed_interval_table(images[images["variant"].isin(paired)], reference, metric, method,
+                                     resamples, bootstrap_seed)
+    except ValueError as err:
+        raise TableError(f"seed-and-image intervals: {err}") from None
+    rows = []
+    for r in result.itertuples():
+        total = r.v_seed + r.v_image
+        rows.append({"dataset": r.dataset, "variant": r.variant, "n_seeds": r.n_seeds, "n_images": r.n_images,
+                     "BD-rate (%)": r.bd_rate, "CI low (%)": r.low, "CI high (%)": r.high,
+                     "CI excludes 0": _excludes_text(r.excludes_zero),
+                     "per-seed BD-rate (%)": ", ".join(f"s{s}: {b:+.2f}" for s, b in zip(r.seeds, r.seed_bd)),
+                     "seed SD (%)": r.seed_sd,
+                     "seed share of variance": r.v_seed / total if total > 0 else math.nan, "dof": r.dof})
+    quality = "PSNR" if metric == "psnr" else "MS-SSIM (dB)"
+    notes += [f"BD-rate ({method}, on {quality}) of the seed-averaged curves vs {reference}; negative = "
+              "fewer bits at equal quality",
+              "95 % CI: BD +- t(dof) * sqrt(v_seed + v_image); v_seed = (seed SD)^2 / n_seeds, each seed's "
+              f"BD against the reference's same seed; v_image = variance of {resamples} paired bootstrap "
+              "resamples of the test images x n/(n-1); dof: Welch-Satterthwaite (docs/results.md)",
+              "seed share of variance: v_seed / (v_seed + v_image)"]
+    notes += [f"{r.dataset}/{r.variant}: {r.invalid} of {r.resamples} image resamples gave no valid BD curve "
+              "(left out of v_image)" for r in result.itertuples() if r.invalid]
+    frame = pd.DataFrame(rows, columns=["dataset", "variant", "n_seeds", "n_images", "BD-rate (%)", "CI low (%)",
+                                        "CI high (%)", "CI excludes 0", "per-seed BD-rate (%)", "seed SD (%)",
+                                        "seed share of variance", "dof"])
+    return Table(f"bd_seeds_vs_{reference}", f"BD-rate vs {reference} over training seeds and test images",
+                 frame, SEED_FORMATS, notes)
+
+
+def has_several_seeds(images, reference: str) -> bool:
+    """True when the reference was trained with more than one seed (the seed table is written)."""
+    return images.loc[images["variant"] == reference, "seed"].nunique() > 1
+
+
 OVERHEAD_FORMAT = "hpcm-optimizer-overhead/1"  # benchmarks/optimizer_overhead.py JSON_FORMAT
 OVERHEAD_FIELDS = ("optimizer", "decomposition", "update_mode", "median_s", "ratio_vs_adam", "peak_mb")
 
@@ -627,8 +684,8 @@ def build_all(points_path: str | Path, runs_root: str | Path, analysis: dict[str
     method = method or analysis.get("bd_method", "pchip")
     metric = metric or analysis.get("metric") or "psnr"
     bd = bd_table(points, reference, metric, method)  # shared by the BD, gains and study tables
-    unc = uncertainty(read_images(images_path), reference, metric, method, resamples,
-                      bootstrap_seed) if images_path else None
+    images = read_images(images_path) if images_path else None
+    unc = uncertainty(images, reference, metric, method, resamples, bootstrap_seed) if images_path else None
     tables = [bd_vs(points, reference, method, metric, bd=bd, unc=unc)]
     tables += [bd_vs(points, reference, method, metric, anchor=a)
                for a in analysis.get("anchors") or []]
@@ -644,6 +701,8 @@ def build_all(points_path: str | Path, runs_root: str | Path, analysis: dict[str
         for table in tables:
             table.notes.append("quality axis: MS-SSIM in dB, -10 log10(1 - MS-SSIM); the BD-PSNR columns "
                                "are BD-MS-SSIM (dB)")
+    if images is not None and has_several_seeds(images, reference):
+        tables.append(seed_bd_table(images, reference, method, metric, resamples, bootstrap_seed))
     tables.append(overhead_table(runs))
     if overhead_json:
         tables.append(overhead_from_benchmark(overhead_json))

@@ -81,6 +81,11 @@ def expected_counts(cfg: dict) -> dict[str, int]:
         "run_config": n_runs,
         "train": n_runs,
         "evaluate": n_runs * len(datasets),
+        # the control rows: each lambda's official checkpoint evaluated untrained
+        "evaluate_control": len(cfg["lambdas"]) * len(datasets) if cfg.get("control") else 0,
+        # one job per run evaluates its snapshots; one convergence table
+        "evaluate_snapshots": n_runs if cfg.get("convergence") else 0,
+        "convergence": int(bool(cfg.get("convergence"))),
         # one job each: R-D points, the analysis section, all tables, the three figure sets, all
         "rd_points": 1,
         "analysis_config": 1,

@@ -11,7 +11,7 @@ from snakemake.logging import logger
 
 # Snakemake puts the repository root, the Snakefile's folder, on sys.path.
 from hpcm.config import study as study_config
-from hpcm.config.study import PATHS, SAMPLES_DIR, TABLES_DIR, TRAIN_BENCHMARKS_DIR
+from hpcm.config.study import CONTROL_VARIANT, PATHS, SAMPLES_DIR, TABLES_DIR, TRAIN_BENCHMARKS_DIR
 from hpcm.models.presets import preset_config
 
 
@@ -50,6 +50,35 @@ def checked_init(wildcards):
 
 def official_checkpoint(wildcards):
     return STUDY.official_checkpoints[wildcards.lmbda]
+
+
+def control_path(name):
+    """A control row's path (variant CONTROL_VARIANT, seed 0; {dataset} and {lmbda} stay wildcards)."""
+    return PATHS[name].replace("{variant}", CONTROL_VARIANT).replace("{seed}", "0")
+
+
+def rd_variants():
+    """Every variant with R-D points, in config order: the trained ones, then the control rows."""
+    return list(STUDY.variants) + ([CONTROL_VARIANT] if STUDY.control_csvs() else [])
+
+
+def snapshot_outputs():
+    """The snapshot evaluations of one run ({dataset}, {variant}, {lmbda}, {seed} stay wildcards)."""
+    return expand(PATHS["snapshot_eval_csv"], step=STUDY.convergence_steps(), allow_missing=True)
+
+
+def snapshot_commands(wildcards, input, output):
+    """One `python -m hpcm.evaluate` per snapshot of the run, in step order."""
+    run_dir = os.path.dirname(input.done)
+    commands = []
+    for step, csv in zip(STUDY.convergence_steps(), output):
+        args = ["python", "-m", "hpcm.evaluate", "--checkpoint", f"{run_dir}/epoch_{step}.pth.tar",
+                "--dataset", STUDY.eval_dir(wildcards.dataset), "--limit", str(config["convergence"]["images"]),
+                "--output", csv, "--dataset-name", wildcards.dataset, "--model", config["model"],
+                "--variant", wildcards.variant, "--lmbda", wildcards.lmbda, "--seed", str(wildcards.seed),
+                "--device", config["device"]]
+        commands.append(" ".join(shlex.quote(a) for a in args))
+    return " && ".join(commands)
 
 
 def print_training_cost():
@@ -245,7 +274,16 @@ def grid_done_markers(wildcards):
 def analysis_outputs():
     outputs = [f"{TABLES_DIR}/{grid}.{ext}" for grid in config["grids"] for ext in ("csv", "md", "tex")]
     outputs += [f"results/plots/{grid}.png" for grid in config["grids"]]
-    return outputs + [f"{TABLES_DIR}/summary.{ext}" for ext in ("csv", "md", "tex")]
+    outputs += [f"{TABLES_DIR}/summary.{ext}" for ext in ("csv", "md", "tex")]
+    return outputs + convergence_outputs()
+
+
+def convergence_outputs():
+    """The convergence table and plot (rule convergence) when `convergence` is configured."""
+    if not STUDY.convergence_steps():
+        return []
+    return [f"{TABLES_DIR}/convergence.{ext}" for ext in ("csv", "md", "tex")] + [
+        f"results/plots/convergence.{ext}" for ext in ("png", "pdf")]
 
 
 def eval_csv_option(wildcards, input):
