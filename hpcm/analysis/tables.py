@@ -590,14 +590,10 @@ SEED_FORMATS = {"BD-rate (%)": "+.2f", "CI low (%)": "+.2f", "CI high (%)": "+.2
                 "seed SD (%)": ".2f", "seed share of variance": ".2f", "dof": ".1f"}
 
 
-def seed_bd_table(images, reference: str, method: str, metric: str,
-                  resamples: int = DEFAULT_RESAMPLES, bootstrap_seed: int = DEFAULT_SEED) -> Table:
-    """``bd_seeds_vs_<reference>``: per (dataset, variant) the BD-rate of the seed-averaged curves,
-    its 95 % interval over training seeds and test images
-    (``hpcm.analysis.bootstrap.seed_image_interval``), whether it excludes 0, each seed's BD-rate
-    and their SD. Variants whose seeds differ from the reference's are listed in the notes."""
-    import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
-
+def paired_seed_intervals(images, reference: str, method: str, metric: str,
+                          resamples: int = DEFAULT_RESAMPLES, bootstrap_seed: int = DEFAULT_SEED):
+    """(``seed_interval_table`` of the variants trained with the reference's seeds, notes naming
+    the others, e.g. the single-seed control rows)."""
     seeds = images.groupby("variant")["seed"].agg(lambda s: sorted(set(s)))
     if reference not in seeds:
         raise TableError(f"reference variant {reference!r} has no per-image rows")
@@ -609,6 +605,18 @@ def seed_bd_table(images, reference: str, method: str, metric: str,
                                      resamples, bootstrap_seed)
     except ValueError as err:
         raise TableError(f"seed-and-image intervals: {err}") from None
+    return result, notes
+
+
+def seed_bd_table(images, reference: str, method: str, metric: str,
+                  resamples: int = DEFAULT_RESAMPLES, bootstrap_seed: int = DEFAULT_SEED) -> Table:
+    """``bd_seeds_vs_<reference>``: per (dataset, variant) the BD-rate of the seed-averaged curves,
+    its 95 % interval over training seeds and test images
+    (``hpcm.analysis.bootstrap.seed_image_interval``), whether it excludes 0, each seed's BD-rate
+    and their SD. Variants whose seeds differ from the reference's are listed in the notes."""
+    import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
+
+    result, notes = paired_seed_intervals(images, reference, method, metric, resamples, bootstrap_seed)
     rows = []
     for r in result.itertuples():
         total = r.v_seed + r.v_image
@@ -619,6 +627,7 @@ def seed_bd_table(images, reference: str, method: str, metric: str,
                      "seed SD (%)": r.seed_sd,
                      "seed share of variance": r.v_seed / total if total > 0 else math.nan, "dof": r.dof})
     quality = "PSNR" if metric == "psnr" else "MS-SSIM (dB)"
+    notes += reference_span_notes(images, reference, metric)
     notes += [f"BD-rate ({method}, on {quality}) of the seed-averaged curves vs {reference}; negative = "
               "fewer bits at equal quality",
               "95 % CI: BD +- t(dof) * sqrt(v_seed + v_image); v_seed = (seed SD)^2 / n_seeds, each seed's "
@@ -632,6 +641,23 @@ def seed_bd_table(images, reference: str, method: str, metric: str,
                                         "seed share of variance", "dof"])
     return Table(f"bd_seeds_vs_{reference}", f"BD-rate vs {reference} over training seeds and test images",
                  frame, SEED_FORMATS, notes)
+
+
+def reference_span_notes(images, reference: str, metric: str) -> list[str]:
+    """Per dataset: the reference's seed-averaged curve, its quality span and whether it rises with
+    the rate (a BD needs a monotonic reference; the pilot asks for a span of at least 4 dB)."""
+    from hpcm.evaluate.metrics import ms_ssim_to_db
+
+    notes = []
+    for dataset, on in images[images["variant"] == reference].groupby("dataset", sort=True):
+        per_image = on.groupby(["lmbda", "image"])[["bpp", "psnr", "ms_ssim"]].mean()  # seeds first
+        means = per_image.groupby("lmbda").mean().sort_values("bpp")
+        quality = means["psnr"] if metric == "psnr" else means["ms_ssim"].map(ms_ssim_to_db)
+        rising = bool((quality.diff().dropna() > 0).all() and (means["bpp"].diff().dropna() > 0).all())
+        notes.append(f"{dataset}: {reference} curve {quality.min():.2f}-{quality.max():.2f} dB over "
+                     f"{len(means)} lambdas (span {quality.max() - quality.min():.2f} dB), "
+                     f"{'monotonic' if rising else 'NOT monotonic'} in rate and quality")
+    return notes
 
 
 def has_several_seeds(images, reference: str) -> bool:

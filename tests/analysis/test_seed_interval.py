@@ -192,3 +192,24 @@ def test_table_refuses_a_variant_missing_a_seed():
     rows = _image_rows({"baseline": ref, "phase1": test[:2]})
     with pytest.raises(ValueError, match=r"phase1: seeds \[0, 1\] but the reference"):
         bootstrap.seed_interval_table(rows, "baseline", resamples=10)
+
+
+def test_seed_table_rows_and_a_single_seed_control_in_the_notes():
+    from hpcm.analysis import tables
+
+    ref, test = synthetic_study(np.random.default_rng(9), images=6)
+    rows = _image_rows({"baseline": ref, "phase1": test, "warm_start": ref[:1]})
+    table = tables.seed_bd_table(rows, "baseline", "pchip", "psnr", resamples=200, bootstrap_seed=2)
+    assert table.name == "bd_seeds_vs_baseline"
+    assert list(table.frame["variant"]) == ["phase1"]
+    row = table.frame.iloc[0]
+    direct = bootstrap.seed_image_interval(ref, test, bootstrap.resample_indices(6, 200, 2))
+    assert (row["BD-rate (%)"], row["CI low (%)"], row["CI high (%)"]) == (direct.bd_rate, direct.low, direct.high)
+    assert row["per-seed BD-rate (%)"] == ", ".join(f"s{s}: {b:+.2f}" for s, b in enumerate(direct.seed_bd))
+    assert row["CI excludes 0"] == ("yes" if direct.excludes_zero else "no")
+    assert row["seed share of variance"] == pytest.approx(direct.v_seed / (direct.v_seed + direct.v_image))
+    assert any(note.startswith("warm_start: seeds [0]") for note in table.notes)
+    # the reference's seed-averaged curve: its span and monotonicity, computed here from the curves
+    psnr = np.mean([c.dist.mean(axis=1) for c in ref], axis=0)
+    span = f"(span {psnr.max() - psnr.min():.2f} dB), monotonic"
+    assert any(note.startswith("kodak: baseline curve") and span in note for note in table.notes), table.notes

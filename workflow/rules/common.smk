@@ -67,18 +67,14 @@ def snapshot_outputs():
     return expand(PATHS["snapshot_eval_csv"], step=STUDY.convergence_steps(), allow_missing=True)
 
 
-def snapshot_commands(wildcards, input, output):
-    """One `python -m hpcm.evaluate` per snapshot of the run, in step order."""
-    run_dir = os.path.dirname(input.done)
-    commands = []
-    for step, csv in zip(STUDY.convergence_steps(), output):
-        args = ["python", "-m", "hpcm.evaluate", "--checkpoint", f"{run_dir}/epoch_{step}.pth.tar",
-                "--dataset", STUDY.eval_dir(wildcards.dataset), "--limit", str(config["convergence"]["images"]),
-                "--output", csv, "--dataset-name", wildcards.dataset, "--model", config["model"],
-                "--variant", wildcards.variant, "--lmbda", wildcards.lmbda, "--seed", str(wildcards.seed),
-                "--device", config["device"]]
-        commands.append(" ".join(shlex.quote(a) for a in args))
-    return " && ".join(commands)
+def snapshot_args(wildcards, input, output):
+    """Arguments of `python -m hpcm.analysis.snapshots` for one run's snapshots."""
+    args = ["--run-dir", os.path.dirname(input.done), "--steps", *map(str, STUDY.convergence_steps()),
+            "--outputs", *output, "--dataset", STUDY.eval_dir(wildcards.dataset),
+            "--dataset-name", wildcards.dataset, "--limit", str(config["convergence"]["images"]),
+            "--model", config["model"], "--variant", wildcards.variant, "--lmbda", wildcards.lmbda,
+            "--seed", str(wildcards.seed), "--device", config["device"]]
+    return " ".join(shlex.quote(a) for a in args)
 
 
 def print_training_cost():

@@ -70,7 +70,7 @@ rule evaluate_control:
 
 # Convergence (`convergence`): every kept training snapshot epoch_<step>.pth.tar of a run, evaluated
 # with real bitstreams on the first `convergence.images` images of `convergence.dataset` (one job
-# per run; the final step is the run's ordinary evaluation).
+# and one process per run; the final step is the run's ordinary evaluation).
 if STUDY.convergence_steps():
 
     rule evaluate_snapshots:
@@ -84,7 +84,7 @@ if STUDY.convergence_steps():
         wildcard_constraints:
             dataset=alternatives([config["convergence"]["dataset"]]),
         params:
-            commands=snapshot_commands,
+            args=snapshot_args,
         threads: threads_of("evaluate")
         resources:
             mem_mb=mem_mb_of("evaluate"),
@@ -93,4 +93,4 @@ if STUDY.convergence_steps():
         conda:
             "../../envs/hpcm.yaml"
         shell:
-            "({params.commands}) > {log} 2>&1"
+            "python -m hpcm.analysis.snapshots {params.args} > {log} 2>&1"
