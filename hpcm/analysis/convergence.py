@@ -143,9 +143,9 @@ def plot(frame, reference: str, path: str | Path) -> list[Path]:
         mine = frame[frame["variant"] == variant]
         full = mine["images"].str.startswith("all")
         for selection, hollow in ((mine[~full], False), (mine[full], True)):
-            x = selection["step"] + (0.015 * span if hollow else 0.0)
-            y = selection["BD-rate (%)"]
-            err = [y - selection["CI low (%)"], selection["CI high (%)"] - y]
+            x = selection["step"].to_numpy(float) + (0.015 * span if hollow else 0.0)
+            y = selection["BD-rate (%)"].to_numpy(float)
+            err = [y - selection["CI low (%)"].to_numpy(float), selection["CI high (%)"].to_numpy(float) - y]
             ax.errorbar(x, y, yerr=err, fmt="o" if not hollow else "s", color=f"C{k}", capsize=3,
                         mfc="none" if hollow else f"C{k}", ls="-" if not hollow else "none",
                         label=variant if not hollow else f"{variant} (all images)")

@@ -292,6 +292,16 @@ def check_convergence(cfg: Mapping[str, Any], variants: Mapping[str, Any]) -> No
                                    "remove the variant's own step count")
 
 
+def check_settings(cfg: Mapping[str, Any]) -> None:
+    """`training.settings` says how to run (passed with --set); what to train stays in the run YAML."""
+    experiment = (set(TRAINING_RUN_KEYS) | set(VARIANT_RUN_KEYS) | set(TRAINING_RUNTIME_KEYS)
+                  | {"seed", "model", "lmbda", "variant", "distortion", "train_data", "val_data", "init_checkpoint"})
+    for key in cfg["training"]["settings"]:
+        if key in experiment:
+            raise StudyConfigError(f"training.settings.{key}", "a key the study sets itself (in `training`, a "
+                                   "variant or the study's grid); set it there, not in settings")
+
+
 def check_control(cfg: Mapping[str, Any], lambdas: Mapping[str, float], variants: Mapping[str, Any]) -> None:
     """`control` evaluates each lambda's official checkpoint: every lambda needs one."""
     if not cfg["control"]:
@@ -554,6 +564,7 @@ def resolve(cfg: dict[str, Any], pad_multiple_of: Callable[[str], int], root: st
     check_ms_ssim_patches(cfg, variants)
     check_steps_per_s(cfg, variants)
     check_convergence(cfg, variants)
+    check_settings(cfg)
     check_control(cfg, lambdas, variants)
     check_compute(cfg)
     study = Study(config=cfg, lambdas=lambdas, seeds=[int(s) for s in cfg["seeds"]], variants=variants,
