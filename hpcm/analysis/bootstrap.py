@@ -295,8 +295,8 @@ def satterthwaite_dof(v_seed: float, dof_seed: int, v_image: float, dof_image: i
 
 
 def _seed_mean_curve(curves: list[Curve]) -> Curve:
-    return Curve(np.mean([c.bpp for c in curves], axis=0), np.mean([c.dist for c in curves], axis=0),
-                 curves[0].linear_ms_ssim)
+    return Curve(np.mean([c.bpp for c in curves], axis=0),
+                 np.mean([c.dist for c in curves], axis=0), curves[0].linear_ms_ssim)
 
 
 def mean_curve_bd(curve_a: Curve, curve_b: Curve, method: str) -> float:
@@ -317,8 +317,8 @@ def seed_image_interval(reference: list[Curve], test: list[Curve], indices: np.n
     from scipy import stats  # why: slow to import; only this interval needs it
 
     if len(reference) != len(test) or len(test) < 2:
-        raise ValueError(f"a seed-and-image interval needs the same >= 2 seeds in both variants; got "
-                         f"{len(reference)} reference and {len(test)} test seed(s)")
+        raise ValueError(f"a seed-and-image interval needs the same >= 2 seeds in both variants; "
+                         f"got {len(reference)} reference and {len(test)} test seed(s)")
     n_images = test[0].bpp.shape[1]
     if any(c.bpp.shape[1] != n_images for c in (*reference, *test)):
         raise ValueError("every seed of both variants must be evaluated on the same images")
@@ -368,8 +368,8 @@ def seed_interval_table(images, reference: str, metric: str = "psnr", method: st
             test = seed_curves(on, dataset, variant, metric, order)
             if sorted(test) != sorted(ref):
                 raise ValueError(f"{dataset}/{variant}: seeds {sorted(test)} but the reference "
-                                 f"{reference!r} has {sorted(ref)}; a seed-paired interval needs the "
-                                 "same seeds (train the missing runs or drop them)")
+                                 f"{reference!r} has {sorted(ref)}; a seed-paired interval needs "
+                                 "the same seeds (train the missing runs or drop them)")
             seeds = sorted(ref)
             result = seed_image_interval([ref[s] for s in seeds], [test[s] for s in seeds],
                                          indices, method)

@@ -52,7 +52,7 @@ def snapshot_step(path: str | Path) -> int:
 
 
 def _interval_rows(images, reference: str, metric: str, method: str, resamples: int, seed: int):
-    """(variant -> row dict) of the BD-rate interval over seeds and images (images alone: 1 seed)."""
+    """variant -> row of the BD-rate interval over seeds and images (images alone: 1 seed)."""
     seeds = images.groupby("variant")["seed"].nunique()
     rows = {}
     if int(seeds.min()) >= 2:
@@ -74,8 +74,8 @@ def _interval_rows(images, reference: str, metric: str, method: str, resamples: 
     return rows
 
 
-def convergence_frame(snapshots: Sequence[str | Path], finals: Sequence[str | Path], final_step: int,
-                      reference: str, metric: str = "psnr", method: str = "pchip",
+def convergence_frame(snapshots: Sequence[str | Path], finals: Sequence[str | Path],
+                      final_step: int, reference: str, metric: str = "psnr", method: str = "pchip",
                       resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED):
     import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
 
@@ -96,7 +96,8 @@ def convergence_frame(snapshots: Sequence[str | Path], finals: Sequence[str | Pa
         images = image_table(eval_rows(by_step[step]))
         names = sorted(images["image"].unique())
         if subset is not None and names != subset:
-            raise TableError(f"step {step}: evaluated on {names}, earlier steps on {subset}; the subset is fixed")
+            raise TableError(f"step {step}: evaluated on {names}, earlier steps on {subset}; "
+                             "the subset is fixed")
         subset = names
         series.append((step, images, f"first {len(names)} images"))
     if not set(subset) <= set(final["image"]):
@@ -105,12 +106,13 @@ def convergence_frame(snapshots: Sequence[str | Path], finals: Sequence[str | Pa
     series.append((final_step, final, f"all {final['image'].nunique()} images"))
     rows = []
     for step, images, label in series:
-        for variant, row in sorted(_interval_rows(images, reference, metric, method, resamples, seed).items()):
+        found = _interval_rows(images, reference, metric, method, resamples, seed)
+        for variant, row in sorted(found.items()):
+            excludes = excludes_zero(row["CI low (%)"], row["CI high (%)"])
             rows.append({"dataset": datasets[0], "step": step, "images": label, "variant": variant,
-                         "rate": "real bitstreams", **row,
-                         "excludes 0": _yes_no(excludes_zero(row["CI low (%)"], row["CI high (%)"]))})
-    columns = ["dataset", "step", "images", "variant", "n_seeds", "BD-rate (%)", "CI low (%)", "CI high (%)",
-               "excludes 0", "seed SD (%)", "interval", "rate"]
+                         "rate": "real bitstreams", **row, "excludes 0": _yes_no(excludes)})
+    columns = ["dataset", "step", "images", "variant", "n_seeds", "BD-rate (%)", "CI low (%)",
+               "CI high (%)", "excludes 0", "seed SD (%)", "interval", "rate"]
     return pd.DataFrame(rows)[columns]
 
 
@@ -119,13 +121,14 @@ def _yes_no(value) -> str:
 
 
 def convergence_table(frame, reference: str, method: str) -> Table:
-    notes = [f"BD-rate (%, {method}) of each variant vs {reference} after the same number of training "
-             "steps, negative = fewer bits at equal quality; every point: real bitstreams",
-             "snapshot steps: the fixed subset of the test images (the first by name); the last step "
-             "appears on that subset and on every image (the study's answer)",
+    notes = [f"BD-rate (%, {method}) of each variant vs {reference} after the same number of "
+             "training steps, negative = fewer bits at equal quality; every point: real bitstreams",
+             "snapshot steps: the fixed subset of the test images (the first by name); the last "
+             "step appears on that subset and on every image (the study's answer)",
              "95 % interval: BD +- t(nu) * sqrt(var(per-seed BD)/S + image-bootstrap variance), "
              "Welch-Satterthwaite nu (hpcm.analysis.bootstrap; docs/results.md)"]
-    return Table("convergence", f"Convergence: BD-rate vs {reference} at the same step", frame, FORMATS, notes)
+    return Table("convergence", f"Convergence: BD-rate vs {reference} at the same step", frame,
+                 FORMATS, notes)
 
 
 def plot(frame, reference: str, path: str | Path) -> list[Path]:
@@ -145,7 +148,9 @@ def plot(frame, reference: str, path: str | Path) -> list[Path]:
         for selection, hollow in ((mine[~full], False), (mine[full], True)):
             x = selection["step"].to_numpy(float) + (0.015 * span if hollow else 0.0)
             y = selection["BD-rate (%)"].to_numpy(float)
-            err = [y - selection["CI low (%)"].to_numpy(float), selection["CI high (%)"].to_numpy(float) - y]
+            low = selection["CI low (%)"].to_numpy(float)
+            high = selection["CI high (%)"].to_numpy(float)
+            err = [y - low, high - y]
             ax.errorbar(x, y, yerr=err, fmt="o" if not hollow else "s", color=f"C{k}", capsize=3,
                         mfc="none" if hollow else f"C{k}", ls="-" if not hollow else "none",
                         label=variant if not hollow else f"{variant} (all images)")
@@ -164,22 +169,27 @@ def plot(frame, reference: str, path: str | Path) -> list[Path]:
     return written
 
 
-def build(snapshots, finals, final_step: int, reference: str, output_dir: str | Path, plot_path: str | Path,
-          metric: str = "psnr", method: str = "pchip", resamples: int = DEFAULT_RESAMPLES,
-          seed: int = DEFAULT_SEED) -> list[Path]:
-    frame = convergence_frame(snapshots, finals, final_step, reference, metric, method, resamples, seed)
-    return write_table(convergence_table(frame, reference, method), output_dir) + plot(frame, reference, plot_path)
+def build(snapshots, finals, final_step: int, reference: str, output_dir: str | Path,
+          plot_path: str | Path, metric: str = "psnr", method: str = "pchip",
+          resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> list[Path]:
+    frame = convergence_frame(snapshots, finals, final_step, reference, metric, method, resamples,
+                              seed)
+    tables = write_table(convergence_table(frame, reference, method), output_dir)
+    return tables + plot(frame, reference, plot_path)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hpcm.analysis.convergence", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m hpcm.analysis.convergence",
+                                     description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--snapshots", nargs="+", required=True, help="snapshot evaluations .../step<N>.csv")
+    parser.add_argument("--snapshots", nargs="+", required=True,
+                        help="snapshot evaluations .../step<N>.csv")
     parser.add_argument("--final", nargs="+", required=True, help="final evaluations (every image)")
     parser.add_argument("--final-step", type=int, required=True, help="the runs' last step")
     parser.add_argument("--reference", required=True, help="reference variant")
     parser.add_argument("--output-dir", required=True, help="where convergence.{csv,md,tex} go")
-    parser.add_argument("--plot", required=True, help="plot path (.png; a .pdf is written beside it)")
+    parser.add_argument("--plot", required=True,
+                        help="plot path (.png; a .pdf is written beside it)")
     parser.add_argument("--metric", default="psnr", choices=("psnr", "ms_ssim_db"))
     parser.add_argument("--method", default="pchip", choices=("pchip", "akima", "cubic"))
     parser.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES)
@@ -189,8 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(lambda: build(args.snapshots, args.final, args.final_step, args.reference, args.output_dir,
-                                     args.plot, args.metric, args.method, args.resamples, args.bootstrap_seed))
+    return run_command(lambda: build(
+        args.snapshots, args.final, args.final_step, args.reference, args.output_dir, args.plot,
+        args.metric, args.method, args.resamples, args.bootstrap_seed))
 
 
 if __name__ == "__main__":

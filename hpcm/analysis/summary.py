@@ -41,8 +41,8 @@ from hpcm.analysis.bd import bd_row, bd_table
 from hpcm.analysis.bootstrap import interval_table
 from hpcm.analysis.complexity import count_macs, per_pixel_kmacs
 from hpcm.analysis.points import curve, eval_rows, image_table, read_points
-from hpcm.analysis.tables import (Table, TableError, has_several_seeds, paired_seed_intervals, read_analysis,
-                                  read_metrics, to_latex, to_markdown)
+from hpcm.analysis.tables import (Table, TableError, has_several_seeds, paired_seed_intervals,
+                                  read_analysis, read_metrics, to_latex, to_markdown)
 from hpcm.config.run_config import RUN_YAML
 from hpcm.models import build_model
 from hpcm.util.cli import run_command
@@ -141,7 +141,8 @@ def summary_tables(points, costs, analysis: dict[str, Any], variants: Sequence[s
             notes.append(f"{METRICS[metric]}: not measured in the R-D points")
             continue
         intervals = _intervals(eval_csvs, reference, metric, method) if eval_csvs else None
-        seed_kind = seed_kind or (intervals is not None and bool((intervals["kind"] == "seeds and images").any()))
+        if intervals is not None and (intervals["kind"] == "seeds and images").any():
+            seed_kind = True
         bd = bd_table(points, reference, metric, method, variants=[v for v in order if v != reference])
         # the reference against itself is measured like any row (0, or n/a with the reason when its
         # own curve is no valid BD curve), as hpcm.analysis.tables does
@@ -202,11 +203,11 @@ def summary_tables(points, costs, analysis: dict[str, Any], variants: Sequence[s
                           if kmacs else "n/a"})
             numeric.append(row)
             display.append(shown)
-    notes.append(f"BD-rate in % ({method}), negative = fewer bits at equal quality; intervals: 95 % "
-                 + ("over training seeds and test images (hpcm.analysis.bootstrap.seed_image_interval; "
-                    "image-only bootstrap for variants without the reference's seeds)" if seed_kind else
-                    "paired bootstrap over test images")
-                 + " (vs the reference variant only: anchors have no per-image data)")
+    over = ("over training seeds and test images (hpcm.analysis.bootstrap.seed_image_interval; "
+            "image-only bootstrap for variants without the reference's seeds)" if seed_kind else
+            "paired bootstrap over test images")
+    notes.append(f"BD-rate in % ({method}), negative = fewer bits at equal quality; intervals: "
+                 f"95 % {over} (vs the reference variant only: anchors have no per-image data)")
     notes.append("training: hours of optimizer steps from metrics.csv step_time, summed over each variant's "
                  "lambdas (a fine-tuned variant counts its own steps, not those of its starting point)")
     notes.append(f"complexity: one forward at {size}x{size}, torch.utils.flop_counter MACs (convolutions and "

@@ -601,8 +601,8 @@ def paired_seed_intervals(images, reference: str, method: str, metric: str,
     notes = [f"{v}: seeds {seeds[v]}, the reference has {seeds[reference]}: no seed-paired interval"
              for v in seeds.index if v not in paired]
     try:
-        result = seed_interval_table(images[images["variant"].isin(paired)], reference, metric, method,
-                                     resamples, bootstrap_seed)
+        result = seed_interval_table(images[images["variant"].isin(paired)], reference, metric,
+                                     method, resamples, bootstrap_seed)
     except ValueError as err:
         raise TableError(f"seed-and-image intervals: {err}") from None
     return result, notes
@@ -616,31 +616,35 @@ def seed_bd_table(images, reference: str, method: str, metric: str,
     and their SD. Variants whose seeds differ from the reference's are listed in the notes."""
     import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
 
-    result, notes = paired_seed_intervals(images, reference, method, metric, resamples, bootstrap_seed)
+    result, notes = paired_seed_intervals(images, reference, method, metric, resamples,
+                                          bootstrap_seed)
     rows = []
     for r in result.itertuples():
         total = r.v_seed + r.v_image
-        rows.append({"dataset": r.dataset, "variant": r.variant, "n_seeds": r.n_seeds, "n_images": r.n_images,
-                     "BD-rate (%)": r.bd_rate, "CI low (%)": r.low, "CI high (%)": r.high,
-                     "CI excludes 0": _excludes_text(r.excludes_zero),
-                     "per-seed BD-rate (%)": ", ".join(f"s{s}: {b:+.2f}" for s, b in zip(r.seeds, r.seed_bd)),
-                     "seed SD (%)": r.seed_sd,
-                     "seed share of variance": r.v_seed / total if total > 0 else math.nan, "dof": r.dof})
+        per_seed = ", ".join(f"s{s}: {b:+.2f}" for s, b in zip(r.seeds, r.seed_bd))
+        rows.append({"dataset": r.dataset, "variant": r.variant, "n_seeds": r.n_seeds,
+                     "n_images": r.n_images, "BD-rate (%)": r.bd_rate, "CI low (%)": r.low,
+                     "CI high (%)": r.high, "CI excludes 0": _excludes_text(r.excludes_zero),
+                     "per-seed BD-rate (%)": per_seed, "seed SD (%)": r.seed_sd,
+                     "seed share of variance": r.v_seed / total if total > 0 else math.nan,
+                     "dof": r.dof})
     quality = "PSNR" if metric == "psnr" else "MS-SSIM (dB)"
     notes += reference_span_notes(images, reference, metric)
-    notes += [f"BD-rate ({method}, on {quality}) of the seed-averaged curves vs {reference}; negative = "
-              "fewer bits at equal quality",
-              "95 % CI: BD +- t(dof) * sqrt(v_seed + v_image); v_seed = (seed SD)^2 / n_seeds, each seed's "
-              f"BD against the reference's same seed; v_image = variance of {resamples} paired bootstrap "
-              "resamples of the test images x n/(n-1); dof: Welch-Satterthwaite (docs/results.md)",
+    notes += [f"BD-rate ({method}, on {quality}) of the seed-averaged curves vs {reference}; "
+              "negative = fewer bits at equal quality",
+              "95 % CI: BD +- t(dof) * sqrt(v_seed + v_image); v_seed = (seed SD)^2 / n_seeds, "
+              f"each seed's BD against the reference's same seed; v_image = variance of {resamples} "
+              "paired bootstrap resamples of the test images x n/(n-1); dof: Welch-Satterthwaite "
+              "(docs/results.md)",
               "seed share of variance: v_seed / (v_seed + v_image)"]
-    notes += [f"{r.dataset}/{r.variant}: {r.invalid} of {r.resamples} image resamples gave no valid BD curve "
-              "(left out of v_image)" for r in result.itertuples() if r.invalid]
-    frame = pd.DataFrame(rows, columns=["dataset", "variant", "n_seeds", "n_images", "BD-rate (%)", "CI low (%)",
-                                        "CI high (%)", "CI excludes 0", "per-seed BD-rate (%)", "seed SD (%)",
-                                        "seed share of variance", "dof"])
-    return Table(f"bd_seeds_vs_{reference}", f"BD-rate vs {reference} over training seeds and test images",
-                 frame, SEED_FORMATS, notes)
+    notes += [f"{r.dataset}/{r.variant}: {r.invalid} of {r.resamples} image resamples gave no "
+              "valid BD curve (left out of v_image)" for r in result.itertuples() if r.invalid]
+    columns = ["dataset", "variant", "n_seeds", "n_images", "BD-rate (%)", "CI low (%)",
+               "CI high (%)", "CI excludes 0", "per-seed BD-rate (%)", "seed SD (%)",
+               "seed share of variance", "dof"]
+    return Table(f"bd_seeds_vs_{reference}",
+                 f"BD-rate vs {reference} over training seeds and test images",
+                 pd.DataFrame(rows, columns=columns), SEED_FORMATS, notes)
 
 
 def reference_span_notes(images, reference: str, metric: str) -> list[str]:
@@ -653,8 +657,10 @@ def reference_span_notes(images, reference: str, metric: str) -> list[str]:
         per_image = on.groupby(["lmbda", "image"])[["bpp", "psnr", "ms_ssim"]].mean()  # seeds first
         means = per_image.groupby("lmbda").mean().sort_values("bpp")
         quality = means["psnr"] if metric == "psnr" else means["ms_ssim"].map(ms_ssim_to_db)
-        rising = bool((quality.diff().dropna() > 0).all() and (means["bpp"].diff().dropna() > 0).all())
-        notes.append(f"{dataset}: {reference} curve {quality.min():.2f}-{quality.max():.2f} dB over "
+        rising = bool((quality.diff().dropna() > 0).all()
+                      and (means["bpp"].diff().dropna() > 0).all())
+        notes.append(f"{dataset}: {reference} curve {quality.min():.2f}-{quality.max():.2f} dB "
+                     "over "
                      f"{len(means)} lambdas (span {quality.max() - quality.min():.2f} dB), "
                      f"{'monotonic' if rising else 'NOT monotonic'} in rate and quality")
     return notes
@@ -711,7 +717,8 @@ def build_all(points_path: str | Path, runs_root: str | Path, analysis: dict[str
     metric = metric or analysis.get("metric") or "psnr"
     bd = bd_table(points, reference, metric, method)  # shared by the BD, gains and study tables
     images = read_images(images_path) if images_path else None
-    unc = uncertainty(images, reference, metric, method, resamples, bootstrap_seed) if images_path else None
+    unc = uncertainty(images, reference, metric, method, resamples,
+                      bootstrap_seed) if images_path else None
     tables = [bd_vs(points, reference, method, metric, bd=bd, unc=unc)]
     tables += [bd_vs(points, reference, method, metric, anchor=a)
                for a in analysis.get("anchors") or []]

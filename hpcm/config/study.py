@@ -83,7 +83,8 @@ PATHS = {
     "eval_json": "results/eval/{dataset}/{variant}/lmbda{lmbda}/seed{seed}.json",
     "eval_benchmark": "results/benchmarks/evaluate/{dataset}/{variant}/lmbda{lmbda}/seed{seed}.tsv",
     # `convergence`: each training snapshot evaluated on the fixed image subset
-    "snapshot_eval_csv": "results/eval_snapshots/{dataset}/{variant}/lmbda{lmbda}/seed{seed}/step{step}.csv",
+    "snapshot_eval_csv":
+        "results/eval_snapshots/{dataset}/{variant}/lmbda{lmbda}/seed{seed}/step{step}.csv",
 }
 PREPARED_KINDS = ("kodak", "clic2020-professional", "tecnick")
 
@@ -276,43 +277,50 @@ def check_convergence(cfg: Mapping[str, Any], variants: Mapping[str, Any]) -> No
     if not spec:
         return
     if spec["dataset"] not in cfg["datasets"]:
-        raise StudyConfigError("convergence.dataset", f"{spec['dataset']!r} is not a configured dataset "
-                               f"(known: {', '.join(cfg['datasets'])})")
+        raise StudyConfigError("convergence.dataset", f"{spec['dataset']!r} is not a configured "
+                               f"dataset (known: {', '.join(cfg['datasets'])})")
     training = cfg["training"]
     every, steps = training["snapshot_every"], training["steps"]
     if not every or every >= steps:
-        raise StudyConfigError("training.snapshot_every", f"{every}: convergence needs snapshots before the "
-                               f"last step ({steps}); set it to e.g. {max(1, steps // 4)}")
+        raise StudyConfigError("training.snapshot_every", f"{every}: convergence needs snapshots "
+                               f"before the last step ({steps}); set it to e.g. "
+                               f"{max(1, steps // 4)}")
     if training["snapshot_keep"]:
-        raise StudyConfigError("training.snapshot_keep", f"{training['snapshot_keep']}: convergence evaluates "
-                               "every snapshot; set 0 (keep all)")
+        keep = training["snapshot_keep"]
+        raise StudyConfigError("training.snapshot_keep", f"{keep}: convergence evaluates every "
+                               "snapshot; set 0 (keep all)")
     for name, variant in variants.items():
         if variant.get("steps", steps) != steps:
-            raise StudyConfigError(f"variants.{name}.steps", "convergence compares variants at the same steps; "
-                                   "remove the variant's own step count")
+            raise StudyConfigError(f"variants.{name}.steps", "convergence compares variants at the "
+                                   "same steps; remove the variant's own step count")
 
 
 def check_settings(cfg: Mapping[str, Any]) -> None:
-    """`training.settings` says how to run (passed with --set); what to train stays in the run YAML."""
+    """`training.settings` says how to run (passed with --set); what to train stays in the run
+    YAML."""
     experiment = (set(TRAINING_RUN_KEYS) | set(VARIANT_RUN_KEYS) | set(TRAINING_RUNTIME_KEYS)
-                  | {"seed", "model", "lmbda", "variant", "distortion", "train_data", "val_data", "init_checkpoint"})
+                  | {"seed", "model", "lmbda", "variant", "distortion", "train_data", "val_data",
+                     "init_checkpoint"})
     for key in cfg["training"]["settings"]:
         if key in experiment:
-            raise StudyConfigError(f"training.settings.{key}", "a key the study sets itself (in `training`, a "
-                                   "variant or the study's grid); set it there, not in settings")
+            raise StudyConfigError(f"training.settings.{key}", "a key the study sets itself (in "
+                                   "`training`, a variant or the study's grid); set it there, "
+                                   "not in settings")
 
 
-def check_control(cfg: Mapping[str, Any], lambdas: Mapping[str, float], variants: Mapping[str, Any]) -> None:
+def check_control(cfg: Mapping[str, Any], lambdas: Mapping[str, float],
+                  variants: Mapping[str, Any]) -> None:
     """`control` evaluates each lambda's official checkpoint: every lambda needs one."""
     if not cfg["control"]:
         return
     if CONTROL_VARIANT in variants:
-        raise StudyConfigError(f"variants.{CONTROL_VARIANT}", f"the name is taken by the control rows "
-                               "(control: true); rename the variant")
+        raise StudyConfigError(f"variants.{CONTROL_VARIANT}", "the name is taken by the control "
+                               "rows (control: true); rename the variant")
     official = {fmt_lmbda(entry["lmbda"]) for entry in cfg["official_checkpoints"]}
     missing = [text for text in lambdas if text not in official]
     if missing:
-        raise StudyConfigError("control", f"needs official_checkpoints entries for lambda {', '.join(missing)}")
+        raise StudyConfigError("control", "needs official_checkpoints entries for lambda "
+                               f"{', '.join(missing)}")
 
 
 def check_steps_per_s(cfg: Mapping[str, Any], variants: Mapping[str, Any]) -> None:
@@ -415,7 +423,8 @@ class Study:
 
     def eval_csvs(self) -> list[str]:
         """Every evaluation CSV: the trained runs, then the control rows (``control``)."""
-        runs = [path("eval_csv", dataset=d, **run.wildcards) for d in self.datasets for run in self.runs()]
+        runs = [path("eval_csv", dataset=d, **run.wildcards)
+                for d in self.datasets for run in self.runs()]
         return runs + self.control_csvs()
 
     def control_csvs(self) -> list[str]:
@@ -436,11 +445,12 @@ class Study:
 
     def snapshot_csvs(self, variant: str, lmbda: str, seed: int | str) -> list[str]:
         dataset = self.config["convergence"]["dataset"]
-        return [path("snapshot_eval_csv", dataset=dataset, variant=variant, lmbda=lmbda, seed=seed, step=step)
-                for step in self.convergence_steps()]
+        return [path("snapshot_eval_csv", dataset=dataset, variant=variant, lmbda=lmbda, seed=seed,
+                     step=step) for step in self.convergence_steps()]
 
     def all_snapshot_csvs(self) -> list[str]:
-        return [csv for run in self.runs() for csv in self.snapshot_csvs(run.variant, run.lmbda, run.seed)]
+        return [csv for run in self.runs()
+                for csv in self.snapshot_csvs(run.variant, run.lmbda, run.seed)]
 
     def final_csvs(self, dataset: str) -> list[str]:
         """The trained runs' evaluations on one dataset (the convergence table's last step)."""
