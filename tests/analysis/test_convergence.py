@@ -17,7 +17,8 @@ from tests.analysis.test_seed_interval import synthetic_study
 LAMBDAS = [0.001, 0.002, 0.004, 0.008]
 
 
-def write_eval(path: Path, curve: bootstrap.Curve, variant: str, seed: int, images: list[str]) -> Path:
+def write_eval(path: Path, curve: bootstrap.Curve, variant: str, seed: int,
+               images: list[str]) -> Path:
     rows = [{"variant": variant, "lmbda": lmbda, "seed": seed, "dataset": "kodak", "image": name,
              "bpp": curve.bpp[li, i], "psnr": curve.dist[li, i], "ms_ssim": 0.95}
             for li, lmbda in enumerate(LAMBDAS) for i, name in enumerate(images)]
@@ -36,27 +37,29 @@ def study(tmp_path):
         ref, test = synthetic_study(rng, seeds=2, images=3)
         for variant, seeds in (("baseline", ref), ("phase1", test)):
             for seed, c in enumerate(seeds):
-                snapshots.append(write_eval(tmp_path / "snap" / variant / f"seed{seed}" / f"step{step}.csv", c,
-                                            variant, seed, names[:3]))
+                path = tmp_path / "snap" / variant / f"seed{seed}" / f"step{step}.csv"
+                snapshots.append(write_eval(path, c, variant, seed, names[:3]))
     ref, test = synthetic_study(rng, seeds=2, images=6)
     for variant, seeds in (("baseline", ref), ("phase1", test)):
         curves[variant] = seeds
         for seed, c in enumerate(seeds):
-            finals.append(write_eval(tmp_path / "final" / variant / f"seed{seed}.csv", c, variant, seed, names))
+            path = tmp_path / "final" / variant / f"seed{seed}.csv"
+            finals.append(write_eval(path, c, variant, seed, names))
     return snapshots, finals, curves
 
 
 def test_rows_per_step_and_the_final_points(study):
     snapshots, finals, curves = study
     frame = convergence.convergence_frame(snapshots, finals, 20, "baseline", resamples=200, seed=1)
-    assert list(zip(frame["step"], frame["images"])) == [(5, "first 3 images"), (10, "first 3 images"),
-                                                        (20, "first 3 images"), (20, "all 6 images")]
+    assert list(zip(frame["step"], frame["images"])) == [
+        (5, "first 3 images"), (10, "first 3 images"), (20, "first 3 images"), (20, "all 6 images")]
     assert set(frame["variant"]) == {"phase1"} and set(frame["interval"]) == {"seeds and images"}
     # the last row: every image of the final evaluations, as the seed table would give it
     direct = bootstrap.seed_image_interval(curves["baseline"], curves["phase1"],
                                            bootstrap.resample_indices(6, 200, 1))
     last = frame.iloc[-1]
-    assert (last["BD-rate (%)"], last["CI low (%)"], last["CI high (%)"]) == (direct.bd_rate, direct.low, direct.high)
+    assert (last["BD-rate (%)"], last["CI low (%)"], last["CI high (%)"]) == (
+        direct.bd_rate, direct.low, direct.high)
     # step 20 on the subset: the final evaluations' first 3 images
     sub = [bootstrap.Curve(c.bpp[:, :3], c.dist[:, :3]) for c in curves["baseline"]]
     sub_test = [bootstrap.Curve(c.bpp[:, :3], c.dist[:, :3]) for c in curves["phase1"]]
@@ -67,8 +70,8 @@ def test_rows_per_step_and_the_final_points(study):
 
 def test_build_writes_table_and_plot(study, tmp_path):
     snapshots, finals, _ = study
-    written = convergence.build(snapshots, finals, 20, "baseline", tmp_path / "tables", tmp_path / "plots" / "c.png",
-                                resamples=50)
+    written = convergence.build(snapshots, finals, 20, "baseline", tmp_path / "tables",
+                                tmp_path / "plots" / "c.png", resamples=50)
     names = sorted(p.name for p in written)
     assert names == ["c.pdf", "c.png", "convergence.csv", "convergence.md", "convergence.tex"]
     assert "same step" in (tmp_path / "tables" / "convergence.md").read_text()
@@ -78,7 +81,7 @@ def test_a_file_not_named_by_its_step_is_an_error(study, tmp_path):
     snapshots, finals, _ = study
     bad = tmp_path / "snapshot.csv"
     bad.write_text(Path(snapshots[0]).read_text())
-    with pytest.raises(TableError, match="snapshot.csv: a snapshot evaluation is named step<N>.csv"):
+    with pytest.raises(TableError, match="snapshot.csv: a snapshot evaluation is named step<N>"):
         convergence.convergence_frame([bad], finals, 20, "baseline", resamples=10)
 
 

@@ -1,8 +1,9 @@
-"""The BD interval over training seeds and test images (hpcm.analysis.bootstrap.seed_image_interval):
-equal to an independent implementation (numpy resampling, the ``bjontegaard`` package, the t
-quantile of scipy), and its coverage on synthetic studies with known seed and image noise, where
-the population BD-rate is closed-form. A two-level percentile bootstrap (seeds, then images) is
-measured beside it: with 3 seeds it under-covers, which is why the interval uses a t quantile."""
+"""The BD interval over training seeds and test images (hpcm.analysis.bootstrap's
+seed_image_interval): equal to an independent implementation (numpy resampling, the
+``bjontegaard`` package, the t quantile of scipy), and its coverage on synthetic studies with
+known seed and image noise, where the population BD-rate is closed-form. A two-level percentile
+bootstrap (seeds, then images) is measured beside it: with 3 seeds it under-covers, which is why
+the interval uses a t quantile."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ RATE_FACTOR, PSNR_SHIFT = 0.9, 0.1  # test = reference with bpp x 0.9 and PSNR +
 TRUE_RATE = (10 ** (math.log10(RATE_FACTOR) - PSNR_SHIFT / SLOPE) - 1) * 100
 
 
-def synthetic_study(rng, seeds=3, images=24, seed_sd=0.15, image_sd=0.15, rate_sd=0.05, noise_sd=0.05):
+def synthetic_study(rng, seeds=3, images=24, seed_sd=0.15, image_sd=0.15, rate_sd=0.05,
+                    noise_sd=0.05):
     """(reference curves, test curves), one Curve per seed, (L lambdas, n images) each.
 
     PSNR = 30 + SLOPE*log10(rate) + image level (shared by both variants)
@@ -93,7 +95,8 @@ def test_one_case_equals_an_independent_implementation():
     value, low, high, per_seed = independent_interval(ref, test, 300, 4)
     assert ours.invalid == 0
     # measured agreement ~1e-12 (same formulas, different operation order)
-    np.testing.assert_allclose([ours.bd_rate, ours.low, ours.high], [value, low, high], rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose([ours.bd_rate, ours.low, ours.high], [value, low, high],
+                               rtol=1e-8, atol=1e-8)
     np.testing.assert_allclose(ours.seed_bd, per_seed, rtol=1e-8, atol=1e-8)
     assert ours.seed_sd == pytest.approx(np.std(per_seed, ddof=1), rel=1e-8)
 
@@ -101,7 +104,8 @@ def test_one_case_equals_an_independent_implementation():
 def test_identical_seeds_leave_the_image_interval_alone():
     """Every seed the same run: no seed variance, and nu -> n - 1 (the t of the images alone)."""
     ref, test = synthetic_study(np.random.default_rng(5), seeds=1)
-    result = bootstrap.seed_image_interval(ref * 3, test * 3, bootstrap.resample_indices(24, 400, 0))
+    indices = bootstrap.resample_indices(24, 400, 0)
+    result = bootstrap.seed_image_interval(ref * 3, test * 3, indices)
     assert result.seed_sd == 0.0 and result.v_seed == 0.0
     assert result.dof == pytest.approx(23.0)
     assert result.low < result.bd_rate < result.high
@@ -170,16 +174,17 @@ def _image_rows(curves_by_variant):
         for seed, c in enumerate(curves):
             for li, lmbda in enumerate([0.001, 0.002, 0.004, 0.008]):
                 for i in range(c.bpp.shape[1]):
-                    rows.append({"dataset": "kodak", "variant": variant, "lmbda": lmbda, "seed": seed,
-                                 "image": f"im{i:02d}", "bpp": c.bpp[li, i], "psnr": c.dist[li, i],
+                    rows.append({"dataset": "kodak", "variant": variant, "lmbda": lmbda,
+                                 "seed": seed, "image": f"im{i:02d}", "bpp": c.bpp[li, i],
+                                 "psnr": c.dist[li, i],
                                  "ms_ssim": 0.9})
     return pd.DataFrame(rows)
 
 
 def test_table_from_per_image_rows_equals_the_function():
     ref, test = synthetic_study(np.random.default_rng(9), images=6)
-    table = bootstrap.seed_interval_table(_image_rows({"baseline": ref, "phase1": test}), "baseline",
-                                          resamples=200, seed=2)
+    rows = _image_rows({"baseline": ref, "phase1": test})
+    table = bootstrap.seed_interval_table(rows, "baseline", resamples=200, seed=2)
     assert list(table["variant"]) == ["phase1"]
     row = table.iloc[0]
     direct = bootstrap.seed_image_interval(ref, test, bootstrap.resample_indices(6, 200, 2))
@@ -204,12 +209,16 @@ def test_seed_table_rows_and_a_single_seed_control_in_the_notes():
     assert list(table.frame["variant"]) == ["phase1"]
     row = table.frame.iloc[0]
     direct = bootstrap.seed_image_interval(ref, test, bootstrap.resample_indices(6, 200, 2))
-    assert (row["BD-rate (%)"], row["CI low (%)"], row["CI high (%)"]) == (direct.bd_rate, direct.low, direct.high)
-    assert row["per-seed BD-rate (%)"] == ", ".join(f"s{s}: {b:+.2f}" for s, b in enumerate(direct.seed_bd))
+    assert (row["BD-rate (%)"], row["CI low (%)"], row["CI high (%)"]) == (
+        direct.bd_rate, direct.low, direct.high)
+    per_seed = ", ".join(f"s{s}: {b:+.2f}" for s, b in enumerate(direct.seed_bd))
+    assert row["per-seed BD-rate (%)"] == per_seed
     assert row["CI excludes 0"] == ("yes" if direct.excludes_zero else "no")
-    assert row["seed share of variance"] == pytest.approx(direct.v_seed / (direct.v_seed + direct.v_image))
+    share = direct.v_seed / (direct.v_seed + direct.v_image)
+    assert row["seed share of variance"] == pytest.approx(share)
     assert any(note.startswith("warm_start: seeds [0]") for note in table.notes)
     # the reference's seed-averaged curve: its span and monotonicity, computed here from the curves
     psnr = np.mean([c.dist.mean(axis=1) for c in ref], axis=0)
     span = f"(span {psnr.max() - psnr.min():.2f} dB), monotonic"
-    assert any(note.startswith("kodak: baseline curve") and span in note for note in table.notes), table.notes
+    notes = table.notes
+    assert any(n.startswith("kodak: baseline curve") and span in n for n in notes), notes

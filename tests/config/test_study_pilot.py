@@ -30,8 +30,8 @@ def test_pilot_config_loads_from_scratch_with_its_grid():
 
 
 def test_snapshot_paths_one_per_step():
-    cfg = with_training(small(seeds=[0, 1], convergence={"dataset": "samples", "images": 2}), steps=8,
-                        snapshot_every=2)
+    cfg = small(seeds=[0, 1], convergence={"dataset": "samples", "images": 2})
+    cfg = with_training(cfg, steps=8, snapshot_every=2)
     s = load(cfg)
     assert s.convergence_steps() == [2, 4, 6]
     assert s.snapshot_csvs("phase1", "0.0018", 1) == [
@@ -42,10 +42,12 @@ def test_snapshot_paths_one_per_step():
 
 @pytest.mark.parametrize("changes, key, words", [
     ({"training": {"steps": 8}}, "training.snapshot_every", "snapshots before the last step"),
-    ({"training": {"steps": 8, "snapshot_every": 8}}, "training.snapshot_every", "before the last step"),
-    ({"training": {"steps": 8, "snapshot_every": 2, "snapshot_keep": 1}}, "training.snapshot_keep", "keep all"),
-    ({"training": {"steps": 8, "snapshot_every": 2}, "convergence": {"dataset": "kodak"}}, "convergence.dataset",
-     "not a configured dataset"),
+    ({"training": {"steps": 8, "snapshot_every": 8}}, "training.snapshot_every",
+     "before the last step"),
+    ({"training": {"steps": 8, "snapshot_every": 2, "snapshot_keep": 1}}, "training.snapshot_keep",
+     "keep all"),
+    ({"training": {"steps": 8, "snapshot_every": 2}, "convergence": {"dataset": "kodak"}},
+     "convergence.dataset", "not a configured dataset"),
 ])
 def test_convergence_errors_name_the_key(changes, key, words):
     cfg = small(convergence={"dataset": "samples"})
@@ -73,13 +75,15 @@ def test_control_rows_of_the_demo():
 
 
 def test_control_needs_an_official_checkpoint_per_lambda():
-    with pytest.raises(study.StudyConfigError, match="official_checkpoints entries for lambda 0.0018") as err:
+    with pytest.raises(study.StudyConfigError,
+                       match="official_checkpoints entries for lambda 0.0018") as err:
         load(small(control=True))
     assert err.value.key == "control"
 
 
 def test_control_name_cannot_be_a_variant():
-    cfg = small(control=True, official_checkpoints=[{"lmbda": 0.0018, "path": "a.pt"}, {"lmbda": 0.0067, "path": "b.pt"}])
+    cfg = small(control=True, official_checkpoints=[{"lmbda": 0.0018, "path": "a.pt"},
+                                                    {"lmbda": 0.0067, "path": "b.pt"}])
     cfg["variants"][study.CONTROL_VARIANT] = {"optimizer": "adam"}
     with pytest.raises(study.StudyConfigError) as err:
         load(cfg)
@@ -89,7 +93,8 @@ def test_control_name_cannot_be_a_variant():
 def test_training_settings_reach_every_run_and_are_checked():
     s = load(with_training(small(), settings={"compile": False}, snapshot_every=5, snapshot_keep=2))
     settings = s.runtime_settings("phase1")
-    assert settings["compile"] is False and settings["snapshot_every"] == 5 and settings["snapshot_keep"] == 2
+    assert settings["compile"] is False
+    assert settings["snapshot_every"] == 5 and settings["snapshot_keep"] == 2
     with pytest.raises(study.StudyConfigError, match="no_such_key"):
         load(with_training(small(), settings={"no_such_key": 1}))
     with pytest.raises(study.StudyConfigError) as err:  # what to train stays in the run YAML

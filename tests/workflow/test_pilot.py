@@ -30,7 +30,8 @@ def mini_pilot(crops: Path) -> dict:
     # the dataset keeps its name, so that convergence.dataset still points at it
     cfg["datasets"] = {cfg["convergence"]["dataset"]: {"kind": "folder", "source": str(crops)}}
     cfg["convergence"]["images"] = 2
-    cfg["training"].update(steps=4, batch_size=2, snapshot_every=2, val_every=4, checkpoint_every=4, log_every=1)
+    cfg["training"].update(steps=4, batch_size=2, snapshot_every=2, val_every=4, checkpoint_every=4,
+                           log_every=1)
     cfg["analysis"]["gains"] = {"phase1": "phase1"}
     return cfg
 
@@ -42,7 +43,8 @@ def finished_pilot(tmp_path_factory) -> Path:
     (workdir / "crops").mkdir()
     for name in sorted(p.name for p in (workdir / "all_crops").iterdir())[:2]:  # 2 test images
         (workdir / "all_crops" / name).rename(workdir / "crops" / name)
-    (workdir / "pilot.yaml").write_text(yaml.safe_dump(mini_pilot(workdir / "crops"), sort_keys=False))
+    config = yaml.safe_dump(mini_pilot(workdir / "crops"), sort_keys=False)
+    (workdir / "pilot.yaml").write_text(config)
     result = snakemake("--cores", "2", "--configfile", "pilot.yaml", cwd=workdir, timeout=900)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
     assert "CPU-hours" in result.stderr, "the study's price is printed before it starts"
@@ -53,10 +55,11 @@ def test_every_run_trains_from_scratch_and_keeps_its_snapshot(finished_pilot):
     for variant in VARIANTS:
         for lmbda in LAMBDAS:
             for seed in SEEDS:
-                run = finished_pilot / "results" / "train" / variant / f"lmbda{lmbda:g}" / f"seed{seed}"
+                name = f"{variant}/lmbda{lmbda:g}"
+                run = finished_pilot / "results" / "train" / name / f"seed{seed}"
                 assert (run / "done").is_file() and (run / "epoch_2.pth.tar").is_file()
-                config = yaml.safe_load((finished_pilot / "results" / "configs" / variant / f"lmbda{lmbda:g}"
-                                         / f"seed{seed}.yaml").read_text())
+                run_yaml = finished_pilot / "results" / "configs" / name / f"seed{seed}.yaml"
+                config = yaml.safe_load(run_yaml.read_text())
                 assert config["init_checkpoint"] is None
 
 
@@ -65,7 +68,8 @@ def test_seed_table_has_every_variant_with_both_seeds(finished_pilot):
     assert list(table["variant"]) == ["phase1"]
     row = table.iloc[0]
     assert row["n_seeds"] == 2 and row["n_images"] == 2
-    assert row["per-seed BD-rate (%)"].startswith("s0: ") and ", s1: " in row["per-seed BD-rate (%)"]
+    per_seed = row["per-seed BD-rate (%)"]
+    assert per_seed.startswith("s0: ") and ", s1: " in per_seed
     for column in ("BD-rate (%)", "CI low (%)", "CI high (%)", "seed SD (%)", "dof"):
         assert column in table.columns
     assert row["CI excludes 0"] in ("yes", "no", "n/a")
@@ -76,10 +80,11 @@ def test_seed_table_has_every_variant_with_both_seeds(finished_pilot):
 def test_convergence_table_has_every_step_and_plot(finished_pilot):
     table = pd.read_csv(finished_pilot / "results" / "tables" / "convergence.csv")
     # step 2 (snapshot, subset), step 4 on the subset and step 4 on every image
-    assert sorted(zip(table["step"], table["images"])) == [(2, "first 2 images"), (4, "all 2 images"),
-                                                          (4, "first 2 images")]
+    assert sorted(zip(table["step"], table["images"])) == [
+        (2, "first 2 images"), (4, "all 2 images"), (4, "first 2 images")]
     assert set(table["variant"]) == {"phase1"} and set(table["n_seeds"]) == {2}
     assert set(table["interval"]) == {"seeds and images"}
     assert (finished_pilot / "results" / "plots" / "convergence.png").stat().st_size > 0
-    snapshot = finished_pilot / "results" / "eval_snapshots" / "kodak" / "phase1" / "lmbda1" / "seed1" / "step2.csv"
+    snapshot = (finished_pilot / "results" / "eval_snapshots" / "kodak" / "phase1" / "lmbda1"
+                / "seed1" / "step2.csv")
     assert len(pd.read_csv(snapshot)) == 2
