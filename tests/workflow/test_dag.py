@@ -44,6 +44,8 @@ def snakemake(*args: str, cwd: Path | None = None, timeout: int = 240) -> subpro
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["WANDB_MODE"] = "disabled"
+    # the jobs import the hpcm of the checkout under test (not another one installed in the venv)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), *args]
     if cwd is None:
         with tempfile.TemporaryDirectory(prefix="hpcm-snakemake-") as empty:
