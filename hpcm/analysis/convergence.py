@@ -133,10 +133,10 @@ def convergence_table(frame, reference: str, method: str) -> Table:
 
 def plot(frame, reference: str, path: str | Path) -> list[Path]:
     """BD-rate vs step with the intervals as error bars; the all-image last point hollow."""
-    import matplotlib
+    import matplotlib  # why: slow to import; only the plot needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # why: after the backend is chosen
 
     path = Path(path)
     fig, ax = plt.subplots(figsize=(6, 4))

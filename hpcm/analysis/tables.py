@@ -68,6 +68,7 @@ from hpcm.analysis.bootstrap import (DEFAULT_RESAMPLES, DEFAULT_SEED, excludes_z
                                      seed_interval_table)
 from hpcm.analysis.points import IMAGE_COLUMNS, curve, read_points, read_table, seed_points
 from hpcm.analysis.runs import RunDiscoveryError, find_runs
+from hpcm.evaluate.metrics import ms_ssim_to_db
 from hpcm.util.cli import run_command
 from hpcm.util.io import atomic_write_text
 
@@ -650,8 +651,6 @@ def seed_bd_table(images, reference: str, method: str, metric: str,
 def reference_span_notes(images, reference: str, metric: str) -> list[str]:
     """Per dataset: the reference's seed-averaged curve, its quality span and whether it rises with
     the rate (a BD needs a monotonic reference; the pilot asks for a span of at least 4 dB)."""
-    from hpcm.evaluate.metrics import ms_ssim_to_db
-
     notes = []
     for dataset, on in images[images["variant"] == reference].groupby("dataset", sort=True):
         per_image = on.groupby(["lmbda", "image"])[["bpp", "psnr", "ms_ssim"]].mean()  # seeds first
