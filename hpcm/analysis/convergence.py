@@ -127,6 +127,10 @@ def convergence_table(frame, reference: str, method: str) -> Table:
              "step appears on that subset and on every image (the study's answer)",
              "95 % interval: BD +- t(nu) * sqrt(var(per-seed BD)/S + image-bootstrap variance), "
              "Welch-Satterthwaite nu (hpcm.analysis.bootstrap; docs/results.md)"]
+    missing = frame[~frame["BD-rate (%)"].map(math.isfinite)]
+    notes += [f"step {step}, {images}, {variant}: no BD-rate (a seed's or the mean curve does not "
+              "rise strictly in rate and quality, or the curves do not overlap)"
+              for step, images, variant in zip(missing["step"], missing["images"], missing["variant"])]
     return Table("convergence", f"Convergence: BD-rate vs {reference} at the same step", frame,
                  FORMATS, notes)
 
