@@ -622,7 +622,8 @@ def seed_bd_table(images, reference: str, method: str, metric: str,
     rows = []
     for r in result.itertuples():
         total = r.v_seed + r.v_image
-        per_seed = ", ".join(f"s{s}: {b:+.2f}" for s, b in zip(r.seeds, r.seed_bd))
+        per_seed = ", ".join(f"s{s}: {b:+.2f}" if math.isfinite(b) else f"s{s}: n/a"
+                             for s, b in zip(r.seeds, r.seed_bd))
         rows.append({"dataset": r.dataset, "variant": r.variant, "n_seeds": r.n_seeds,
                      "n_images": r.n_images, "BD-rate (%)": r.bd_rate, "CI low (%)": r.low,
                      "CI high (%)": r.high, "CI excludes 0": _excludes_text(r.excludes_zero),
@@ -638,6 +639,9 @@ def seed_bd_table(images, reference: str, method: str, metric: str,
               "paired bootstrap resamples of the test images x n/(n-1); dof: Welch-Satterthwaite "
               "(docs/results.md)",
               "seed share of variance: v_seed / (v_seed + v_image)"]
+    notes += [f"{r.dataset}/{r.variant}: no BD-rate (a seed's or the mean curve does not rise "
+              "strictly in rate and quality, or the curves do not overlap)"
+              for r in result.itertuples() if not math.isfinite(r.bd_rate)]
     notes += [f"{r.dataset}/{r.variant}: {r.invalid} of {r.resamples} image resamples gave no "
               "valid BD curve (left out of v_image)" for r in result.itertuples() if r.invalid]
     columns = ["dataset", "variant", "n_seeds", "n_images", "BD-rate (%)", "CI low (%)",
