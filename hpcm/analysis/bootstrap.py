@@ -252,3 +252,128 @@ def interval_table(images, reference: str, metric: str = "psnr", method: str = "
                          **interval.__dict__})
     return pd.DataFrame(rows)
 
+
+
+# --------------------------------------------------------------------------------------------
+# Seeds and images: the interval of a study trained with several seeds (docs/results.md)
+# --------------------------------------------------------------------------------------------
+#
+# BD of the seed-averaged curves, with a 95 % interval BD +- t(nu) * sqrt(v_seed + v_image):
+# - v_seed = var(b_1..b_S, ddof=1) / S, b_s = BD of the test's seed s against the reference's
+#   seed s on all images (seed s of both variants shares its initialisation and batch order);
+# - v_image = the paired image bootstrap's variance of the seed-averaged BD (the resampling of
+#   ``resample_indices``), times n / (n - 1) (a bootstrap variance of a mean is (n - 1) / n of
+#   the unbiased one);
+# - nu: Welch-Satterthwaite degrees of freedom of the two components (S - 1 and n - 1).
+# Three seeds are too few for a bootstrap over seeds (10 distinct resamples; its percentile
+# interval covers ~75 % when seed noise dominates); the t quantile with S - 1 degrees of freedom
+# is what keeps the nominal level there (tests/analysis/test_seed_interval.py measures it).
+
+
+@dataclass(frozen=True)
+class SeedImageInterval:
+    bd_rate: float  # BD-rate (%) of the seed-averaged curves
+    low: float
+    high: float
+    seed_bd: tuple[float, ...]  # b_s per seed, in seed order
+    seed_sd: float  # SD (ddof=1) of seed_bd
+    v_seed: float
+    v_image: float
+    dof: float  # Welch-Satterthwaite degrees of freedom of the interval's t quantile
+    resamples: int
+    invalid: int  # image resamples without a valid BD curve pair (left out of v_image)
+
+    @property
+    def excludes_zero(self) -> bool | float:
+        return excludes_zero(self.low, self.high)
+
+
+def satterthwaite_dof(v_seed: float, dof_seed: int, v_image: float, dof_image: int) -> float:
+    """Degrees of freedom of a sum of two independent variance estimates (Welch-Satterthwaite)."""
+    denominator = v_seed**2 / dof_seed + v_image**2 / dof_image
+    return math.inf if denominator == 0 else (v_seed + v_image) ** 2 / denominator
+
+
+def _seed_mean_curve(curves: list[Curve]) -> Curve:
+    return Curve(np.mean([c.bpp for c in curves], axis=0),
+                 np.mean([c.dist for c in curves], axis=0), curves[0].linear_ms_ssim)
+
+
+def mean_curve_bd(curve_a: Curve, curve_b: Curve, method: str) -> float:
+    """BD-rate of the mean curves over all images (the identity resample)."""
+    every = np.arange(curve_a.bpp.shape[1])[None, :]
+    ra, da = curve_a.resampled(every)
+    rt, dt = curve_b.resampled(every)
+    return float(bd_batch(ra, da, rt, dt, "rate", method)[0])
+
+
+def seed_image_interval(reference: list[Curve], test: list[Curve], indices: np.ndarray,
+                        method: str = "pchip") -> SeedImageInterval:
+    """95 % interval of the BD-rate of ``test`` vs ``reference`` over seeds and images.
+
+    ``reference[s]`` and ``test[s]`` are seed s of each variant (the same seeds, in the same
+    order), every curve on the same images in the same order; ``indices``: image resamples.
+    """
+    from scipy import stats  # why: slow to import; only this interval needs it
+
+    if len(reference) != len(test) or len(test) < 2:
+        raise ValueError(f"a seed-and-image interval needs the same >= 2 seeds in both variants; "
+                         f"got {len(reference)} reference and {len(test)} test seed(s)")
+    n_images = test[0].bpp.shape[1]
+    if any(c.bpp.shape[1] != n_images for c in (*reference, *test)):
+        raise ValueError("every seed of both variants must be evaluated on the same images")
+    ref_mean, test_mean = _seed_mean_curve(reference), _seed_mean_curve(test)
+    value = mean_curve_bd(ref_mean, test_mean, method)
+    seed_bd = tuple(mean_curve_bd(r, t, method) for r, t in zip(reference, test))
+    ra, da = ref_mean.resampled(indices)
+    rt, dt = test_mean.resampled(indices)
+    boot = bd_batch(ra, da, rt, dt, "rate", method)
+    finite = boot[np.isfinite(boot)]
+    n_seeds = len(test)
+    if not (math.isfinite(value) and all(map(math.isfinite, seed_bd)) and finite.size > 1):
+        return SeedImageInterval(value, math.nan, math.nan, seed_bd, math.nan, math.nan, math.nan,
+                                 math.nan, indices.shape[0], int(boot.size - finite.size))
+    seed_sd = float(np.std(seed_bd, ddof=1))
+    v_seed = seed_sd**2 / n_seeds
+    v_image = float(np.var(finite, ddof=1)) * n_images / (n_images - 1)
+    dof = satterthwaite_dof(v_seed, n_seeds - 1, v_image, n_images - 1)
+    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2.0, dof)) * math.sqrt(v_seed + v_image)
+    return SeedImageInterval(value, value - half, value + half, seed_bd, seed_sd, v_seed, v_image,
+                             dof, indices.shape[0], int(boot.size - finite.size))
+
+
+def seed_curves(images, dataset: str, variant: str, metric: str,
+                image_order: list[str]) -> dict[int, Curve]:
+    """{seed: (L, n) per-image curve} of one (dataset, variant) from the per-image table."""
+    sel = images[(images["dataset"] == dataset) & (images["variant"] == variant)]
+    return {int(seed): image_curve(group, dataset, variant, metric, image_order)
+            for seed, group in sel.groupby("seed", sort=True)}
+
+
+def seed_interval_table(images, reference: str, metric: str = "psnr", method: str = "pchip",
+                        resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED):
+    """One row per (dataset, variant other than the reference): :func:`seed_image_interval`.
+
+    Every variant must have the reference's seeds (an error naming the variant otherwise).
+    """
+    import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
+
+    rows = []
+    for dataset in sorted(images["dataset"].unique()):
+        on = images[images["dataset"] == dataset]
+        order = sorted(on["image"].unique())
+        indices = resample_indices(len(order), resamples, seed)
+        ref = seed_curves(on, dataset, reference, metric, order)
+        for variant in sorted(set(on["variant"].unique()) - {reference}):
+            test = seed_curves(on, dataset, variant, metric, order)
+            if sorted(test) != sorted(ref):
+                raise ValueError(f"{dataset}/{variant}: seeds {sorted(test)} but the reference "
+                                 f"{reference!r} has {sorted(ref)}; a seed-paired interval needs "
+                                 "the same seeds (train the missing runs or drop them)")
+            seeds = sorted(ref)
+            result = seed_image_interval([ref[s] for s in seeds], [test[s] for s in seeds],
+                                         indices, method)
+            rows.append({"dataset": dataset, "variant": variant, "n_seeds": len(seeds),
+                         "n_images": len(order), "seeds": seeds, **result.__dict__,
+                         "excludes_zero": result.excludes_zero})
+    return pd.DataFrame(rows)

@@ -41,14 +41,8 @@ from hpcm.analysis.bd import bd_row, bd_table
 from hpcm.analysis.bootstrap import interval_table
 from hpcm.analysis.complexity import count_macs, per_pixel_kmacs
 from hpcm.analysis.points import curve, eval_rows, image_table, read_points
-from hpcm.analysis.tables import (
-    Table,
-    TableError,
-    read_analysis,
-    read_metrics,
-    to_latex,
-    to_markdown,
-)
+from hpcm.analysis.tables import (Table, TableError, has_several_seeds, paired_seed_intervals,
+                                  read_analysis, read_metrics, to_latex, to_markdown)
 from hpcm.config.run_config import RUN_YAML
 from hpcm.models import build_model
 from hpcm.util.cli import run_command
@@ -95,8 +89,18 @@ def run_costs(runs_root: str | Path):
 
 
 def _intervals(eval_csvs: Sequence[str | Path], reference: str, metric: str, method: str):
+    """BD-rate intervals per (dataset, variant): over seeds and images where the reference was
+    trained with several seeds and the variant with the same ones (``hpcm.analysis.tables.
+    paired_seed_intervals``), else over the images alone; ``kind`` says which."""
     images = image_table(eval_rows(eval_csvs))  # one row per image and seed, checked as for the points
-    return interval_table(images, reference, metric, method)
+    intervals = interval_table(images, reference, metric, method).assign(kind="images")
+    if not has_several_seeds(images, reference):
+        return intervals
+    seeds, _ = paired_seed_intervals(images, reference, method, metric)
+    for r in seeds.itertuples():
+        at = (intervals["dataset"] == r.dataset) & (intervals["variant"] == r.variant)
+        intervals.loc[at, ["rate_low", "rate_high", "kind"]] = [r.low, r.high, "seeds and images"]
+    return intervals
 
 
 def _interval_text(value: float, low: float, high: float) -> str:
@@ -131,11 +135,14 @@ def summary_tables(points, costs, analysis: dict[str, Any], variants: Sequence[s
     datasets = sorted(points["dataset"].unique())
     notes: list[str] = []
     lookup: dict[tuple, tuple[float, float, float]] = {}
+    seed_kind = False  # some interval covers training seeds too
     for metric in METRICS:
         if metric not in points.columns or points[metric].isna().all():
             notes.append(f"{METRICS[metric]}: not measured in the R-D points")
             continue
         intervals = _intervals(eval_csvs, reference, metric, method) if eval_csvs else None
+        if intervals is not None and (intervals["kind"] == "seeds and images").any():
+            seed_kind = True
         bd = bd_table(points, reference, metric, method, variants=[v for v in order if v != reference])
         # the reference against itself is measured like any row (0, or n/a with the reason when its
         # own curve is no valid BD curve), as hpcm.analysis.tables does
@@ -196,8 +203,11 @@ def summary_tables(points, costs, analysis: dict[str, Any], variants: Sequence[s
                           if kmacs else "n/a"})
             numeric.append(row)
             display.append(shown)
-    notes.append(f"BD-rate in % ({method}), negative = fewer bits at equal quality; intervals: 95 % paired "
-                 "bootstrap over test images (vs the reference variant only: anchors have no per-image data)")
+    over = ("over training seeds and test images (hpcm.analysis.bootstrap.seed_image_interval; "
+            "image-only bootstrap for variants without the reference's seeds)" if seed_kind else
+            "paired bootstrap over test images")
+    notes.append(f"BD-rate in % ({method}), negative = fewer bits at equal quality; intervals: "
+                 f"95 % {over} (vs the reference variant only: anchors have no per-image data)")
     notes.append("training: hours of optimizer steps from metrics.csv step_time, summed over each variant's "
                  "lambdas (a fine-tuned variant counts its own steps, not those of its starting point)")
     notes.append(f"complexity: one forward at {size}x{size}, torch.utils.flop_counter MACs (convolutions and "

@@ -33,6 +33,9 @@ images (``hpcm.analysis.bootstrap``; ``--resamples``, ``--bootstrap-seed``), a c
 whether it excludes 0, and, where a variant was trained with more than one seed, the seed-to-seed
 standard deviation of its BD (each seed's curve against the reference's curve of the same seed,
 or the reference's seed mean where it lacks that seed).
+When the reference was trained with several seeds, ``bd_seeds_vs_<reference>`` gives each
+variant's BD-rate with a 95 % interval over training seeds and test images, each seed's BD-rate,
+their SD and whether the interval excludes 0 (``seed_bd_table``).
 
 CLI::
 
@@ -63,9 +66,11 @@ import yaml
 
 from hpcm.analysis.anchors import anchor_curves_by_dataset
 from hpcm.analysis.bd import METHODS, bd_row, bd_table
-from hpcm.analysis.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, excludes_zero, interval_table
+from hpcm.analysis.bootstrap import (DEFAULT_RESAMPLES, DEFAULT_SEED, excludes_zero, interval_table,
+                                     seed_interval_table)
 from hpcm.analysis.points import IMAGE_COLUMNS, curve, read_points, read_table, seed_points
 from hpcm.analysis.runs import RunDiscoveryError, find_runs
+from hpcm.evaluate.metrics import ms_ssim_to_db
 from hpcm.util.cli import run_command
 from hpcm.util.io import atomic_write_text
 
@@ -589,6 +594,93 @@ def overhead_table(runs) -> Table:
                  notes)
 
 
+SEED_FORMATS = {"BD-rate (%)": "+.2f", "CI low (%)": "+.2f", "CI high (%)": "+.2f",
+                "seed SD (%)": ".2f", "seed share of variance": ".2f", "dof": ".1f"}
+
+
+def paired_seed_intervals(images, reference: str, method: str, metric: str,
+                          resamples: int = DEFAULT_RESAMPLES, bootstrap_seed: int = DEFAULT_SEED):
+    """(``seed_interval_table`` of the variants trained with the reference's seeds, notes naming
+    the others, e.g. the single-seed control rows)."""
+    seeds = images.groupby("variant")["seed"].agg(lambda s: sorted(set(s)))
+    if reference not in seeds:
+        raise TableError(f"reference variant {reference!r} has no per-image rows")
+    paired = [v for v in seeds.index if seeds[v] == seeds[reference]]
+    notes = [f"{v}: seeds {seeds[v]}, the reference has {seeds[reference]}: no seed-paired interval"
+             for v in seeds.index if v not in paired]
+    try:
+        result = seed_interval_table(images[images["variant"].isin(paired)], reference, metric,
+                                     method, resamples, bootstrap_seed)
+    except ValueError as err:
+        raise TableError(f"seed-and-image intervals: {err}") from None
+    return result, notes
+
+
+def seed_bd_table(images, reference: str, method: str, metric: str,
+                  resamples: int = DEFAULT_RESAMPLES, bootstrap_seed: int = DEFAULT_SEED) -> Table:
+    """``bd_seeds_vs_<reference>``: per (dataset, variant) the BD-rate of the seed-averaged curves,
+    its 95 % interval over training seeds and test images
+    (``hpcm.analysis.bootstrap.seed_image_interval``), whether it excludes 0, each seed's BD-rate
+    and their SD. Variants whose seeds differ from the reference's are listed in the notes."""
+    import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
+
+    result, notes = paired_seed_intervals(images, reference, method, metric, resamples,
+                                          bootstrap_seed)
+    rows = []
+    for r in result.itertuples():
+        total = r.v_seed + r.v_image
+        per_seed = ", ".join(f"s{s}: {b:+.2f}" if math.isfinite(b) else f"s{s}: n/a"
+                             for s, b in zip(r.seeds, r.seed_bd))
+        rows.append({"dataset": r.dataset, "variant": r.variant, "n_seeds": r.n_seeds,
+                     "n_images": r.n_images, "BD-rate (%)": r.bd_rate, "CI low (%)": r.low,
+                     "CI high (%)": r.high, "CI excludes 0": _excludes_text(r.excludes_zero),
+                     "per-seed BD-rate (%)": per_seed, "seed SD (%)": r.seed_sd,
+                     "seed share of variance": r.v_seed / total if total > 0 else math.nan,
+                     "dof": r.dof})
+    quality = "PSNR" if metric == "psnr" else "MS-SSIM (dB)"
+    notes += reference_span_notes(images, reference, metric)
+    notes += [f"BD-rate ({method}, on {quality}) of the seed-averaged curves vs {reference}; "
+              "negative = fewer bits at equal quality",
+              "95 % CI: BD +- t(dof) * sqrt(v_seed + v_image); v_seed = (seed SD)^2 / n_seeds, "
+              f"each seed's BD against the reference's same seed; v_image = variance of {resamples} "
+              "paired bootstrap resamples of the test images x n/(n-1); dof: Welch-Satterthwaite "
+              "(docs/results.md)",
+              "seed share of variance: v_seed / (v_seed + v_image)"]
+    notes += [f"{r.dataset}/{r.variant}: no BD-rate (a seed's or the mean curve does not rise "
+              "strictly in rate and quality, or the curves do not overlap)"
+              for r in result.itertuples() if not math.isfinite(r.bd_rate)]
+    notes += [f"{r.dataset}/{r.variant}: {r.invalid} of {r.resamples} image resamples gave no "
+              "valid BD curve (left out of v_image)" for r in result.itertuples() if r.invalid]
+    columns = ["dataset", "variant", "n_seeds", "n_images", "BD-rate (%)", "CI low (%)",
+               "CI high (%)", "CI excludes 0", "per-seed BD-rate (%)", "seed SD (%)",
+               "seed share of variance", "dof"]
+    return Table(f"bd_seeds_vs_{reference}",
+                 f"BD-rate vs {reference} over training seeds and test images",
+                 pd.DataFrame(rows, columns=columns), SEED_FORMATS, notes)
+
+
+def reference_span_notes(images, reference: str, metric: str) -> list[str]:
+    """Per dataset: the reference's seed-averaged curve, its quality span and whether it rises with
+    the rate (a BD needs a monotonic reference; the pilot asks for a span of at least 4 dB)."""
+    notes = []
+    for dataset, on in images[images["variant"] == reference].groupby("dataset", sort=True):
+        per_image = on.groupby(["lmbda", "image"])[["bpp", "psnr", "ms_ssim"]].mean()  # seeds first
+        means = per_image.groupby("lmbda").mean().sort_values("bpp")
+        quality = means["psnr"] if metric == "psnr" else means["ms_ssim"].map(ms_ssim_to_db)
+        rising = bool((quality.diff().dropna() > 0).all()
+                      and (means["bpp"].diff().dropna() > 0).all())
+        notes.append(f"{dataset}: {reference} curve {quality.min():.2f}-{quality.max():.2f} dB "
+                     "over "
+                     f"{len(means)} lambdas (span {quality.max() - quality.min():.2f} dB), "
+                     f"{'monotonic' if rising else 'NOT monotonic'} in rate and quality")
+    return notes
+
+
+def has_several_seeds(images, reference: str) -> bool:
+    """True when the reference was trained with more than one seed (the seed table is written)."""
+    return images.loc[images["variant"] == reference, "seed"].nunique() > 1
+
+
 OVERHEAD_FORMAT = "hpcm-optimizer-overhead/1"  # benchmarks/optimizer_overhead.py JSON_FORMAT
 OVERHEAD_FIELDS = ("optimizer", "decomposition", "update_mode", "median_s", "ratio_vs_adam", "peak_mb")
 
@@ -635,7 +727,7 @@ DEFAULT_METHOD = "pchip"
 class TableInputs:
     """What a table builder may read: the measured points and runs, the ``analysis`` section, the
     BD of every variant against the reference (computed once, shared) and the bootstrap intervals
-    (None without ``--images``)."""
+    (None without ``--images``), the per-image rows themselves and the bootstrap settings."""
 
     points: Any
     runs: Any
@@ -645,6 +737,9 @@ class TableInputs:
     metric: str
     bd: Any
     unc: Uncertainty | None
+    images: Any = None  # per-image rows (``--images``), or None
+    resamples: int = DEFAULT_RESAMPLES
+    bootstrap_seed: int = DEFAULT_SEED
 
 
 @dataclass(frozen=True)
@@ -733,6 +828,26 @@ def _study_tables(inputs: TableInputs) -> list[Table]:
     return tables
 
 
+def several_seeds(analysis: Mapping[str, Any]) -> bool:
+    """The study trains more than one seed (``seeds``, copied into the section by
+    :func:`analysis_section`): then the seed-and-image table is written."""
+    return len(analysis.get("seeds") or [0]) > 1
+
+
+@register_table("bd_seeds", caption="table_bd_seeds.rst", quality_axis=True,
+                names=lambda analysis: [f"bd_seeds_vs_{reference_of(analysis)}"]
+                if several_seeds(analysis) else [])
+def _seed_tables(inputs: TableInputs) -> list[Table]:
+    if not several_seeds(inputs.analysis):
+        return []
+    if inputs.images is None or not has_several_seeds(inputs.images, inputs.reference):
+        raise TableError(f"the study trains seeds {list(inputs.analysis['seeds'])}, so the seed "
+                         "table needs the per-image rows of every seed: pass --images (hpcm rd "
+                         "points --images) with the reference's runs of more than one seed")
+    return [seed_bd_table(inputs.images, inputs.reference, inputs.method, inputs.metric,
+                          inputs.resamples, inputs.bootstrap_seed)]
+
+
 @register_table("overhead", caption="table_overhead.rst")
 def _overhead_tables(inputs: TableInputs) -> list[Table]:
     return [overhead_table(inputs.runs)]
@@ -760,9 +875,11 @@ def build_all(points_path: str | Path, runs_root: str | Path, analysis: dict[str
     method = method or analysis.get("bd_method") or DEFAULT_METHOD
     metric = metric or analysis.get("metric") or "psnr"
     bd = bd_table(points, reference, metric, method)  # shared by the BD, gains and study tables
-    unc = uncertainty(read_images(images_path), reference, metric, method, resamples,
+    images = read_images(images_path) if images_path else None
+    unc = uncertainty(images, reference, metric, method, resamples,
                       bootstrap_seed) if images_path else None
-    inputs = TableInputs(points, runs, analysis, reference, method, metric, bd, unc)
+    inputs = TableInputs(points, runs, analysis, reference, method, metric, bd, unc, images,
+                         resamples, bootstrap_seed)
     written = []
     for kind in TABLES.values():
         tables = kind.build(inputs)
@@ -784,7 +901,15 @@ def read_analysis(path: str | Path) -> dict[str, Any]:
     doc = yaml.safe_load(path.read_text()) or {}
     if not isinstance(doc, dict):
         raise TableError(f"{path}: expected a YAML mapping")
-    return doc.get("analysis", doc)
+    return analysis_section(doc)
+
+
+def analysis_section(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``analysis`` section of a study config (or the section itself), with the study's
+    ``seeds`` copied in: which tables are written depends on both."""
+    analysis = dict(doc.get("analysis", doc))
+    analysis.setdefault("seeds", list(doc.get("seeds") or [0]))
+    return analysis
 
 
 def build_parser() -> argparse.ArgumentParser:

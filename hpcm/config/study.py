@@ -55,8 +55,10 @@ TRAINING_RUN_KEYS = (
 # ... and those that only say how to run it (passed with --set, so the YAML stays the experiment).
 TRAINING_RUNTIME_KEYS = (
     "num_workers", "log_every", "val_every", "checkpoint_every", "skip_bad_images", "wandb_mode", "wandb_project",
-    "wandb_entity", "quiet",
+    "wandb_entity", "quiet", "snapshot_every", "snapshot_keep",
 )
+# the variant of the control rows: each lambda's official checkpoint evaluated untrained (`control`)
+CONTROL_VARIANT = "warm_start"
 
 # compute.train.steps_per_s when a config sets none: the H200 adam step of HPCM_Base at 256x256,
 # batch 16, fp32 (docs/results-log.md, GPU run 1: 98.56 ms/step). The official recipe's batch 32
@@ -80,6 +82,9 @@ PATHS = {
     "eval_csv": "results/eval/{dataset}/{variant}/lmbda{lmbda}/seed{seed}.csv",
     "eval_json": "results/eval/{dataset}/{variant}/lmbda{lmbda}/seed{seed}.json",
     "eval_benchmark": "results/benchmarks/evaluate/{dataset}/{variant}/lmbda{lmbda}/seed{seed}.tsv",
+    # `convergence`: each training snapshot evaluated on the fixed image subset
+    "snapshot_eval_csv":
+        "results/eval_snapshots/{dataset}/{variant}/lmbda{lmbda}/seed{seed}/step{step}.csv",
 }
 # The study's own dataset kinds, needing no preparation: the exported sample split and a local
 # folder. Every other kind is registered in hpcm.data.datasets (a later stage), which the caller
@@ -280,6 +285,59 @@ def check_ms_ssim_patches(cfg: Mapping[str, Any], variants: Mapping[str, Any]) -
                                    f"need >= {MS_SSIM_MIN_SIDE} px); use e.g. 192 or 256")
 
 
+def check_convergence(cfg: Mapping[str, Any], variants: Mapping[str, Any]) -> None:
+    """`convergence` needs snapshots of every run at the same steps (all kept, every variant with
+    the study's step count) and a configured dataset."""
+    spec = cfg["convergence"]
+    if not spec:
+        return
+    if spec["dataset"] not in cfg["datasets"]:
+        raise StudyConfigError("convergence.dataset", f"{spec['dataset']!r} is not a configured "
+                               f"dataset (known: {', '.join(cfg['datasets'])})")
+    training = cfg["training"]
+    every, steps = training["snapshot_every"], training["steps"]
+    if not every or every >= steps:
+        raise StudyConfigError("training.snapshot_every", f"{every}: convergence needs snapshots "
+                               f"before the last step ({steps}); set it to e.g. "
+                               f"{max(1, steps // 4)}")
+    if training["snapshot_keep"]:
+        keep = training["snapshot_keep"]
+        raise StudyConfigError("training.snapshot_keep", f"{keep}: convergence evaluates every "
+                               "snapshot; set 0 (keep all)")
+    for name, variant in variants.items():
+        if variant.get("steps", steps) != steps:
+            raise StudyConfigError(f"variants.{name}.steps", "convergence compares variants at the "
+                                   "same steps; remove the variant's own step count")
+
+
+def check_settings(cfg: Mapping[str, Any]) -> None:
+    """`training.settings` says how to run (passed with --set); what to train stays in the run
+    YAML."""
+    experiment = (set(TRAINING_RUN_KEYS) | set(VARIANT_RUN_KEYS) | set(TRAINING_RUNTIME_KEYS)
+                  | {"seed", "model", "lmbda", "variant", "distortion", "train_data", "val_data",
+                     "init_checkpoint"})
+    for key in cfg["training"]["settings"]:
+        if key in experiment:
+            raise StudyConfigError(f"training.settings.{key}", "a key the study sets itself (in "
+                                   "`training`, a variant or the study's grid); set it there, "
+                                   "not in settings")
+
+
+def check_control(cfg: Mapping[str, Any], lambdas: Mapping[str, float],
+                  variants: Mapping[str, Any]) -> None:
+    """`control` evaluates each lambda's official checkpoint: every lambda needs one."""
+    if not cfg["control"]:
+        return
+    if CONTROL_VARIANT in variants:
+        raise StudyConfigError(f"variants.{CONTROL_VARIANT}", "the name is taken by the control "
+                               "rows (control: true); rename the variant")
+    official = {fmt_lmbda(entry["lmbda"]) for entry in cfg["official_checkpoints"]}
+    missing = [text for text in lambdas if text not in official]
+    if missing:
+        raise StudyConfigError("control", "needs official_checkpoints entries for lambda "
+                               f"{', '.join(missing)}")
+
+
 def check_steps_per_s(cfg: Mapping[str, Any], variants: Mapping[str, Any]) -> None:
     """A per-optimizer steps_per_s covers every variant's optimizer (or has a default)."""
     value = cfg["compute"]["train"].get("steps_per_s")
@@ -380,7 +438,39 @@ class Study:
         return [path("final_weights", variant=source, lmbda=lmbda, seed=seed)]
 
     def eval_csvs(self) -> list[str]:
-        return [path("eval_csv", dataset=d, **run.wildcards) for d in self.datasets for run in self.runs()]
+        """Every evaluation CSV: the trained runs, then the control rows (``control``)."""
+        runs = [path("eval_csv", dataset=d, **run.wildcards)
+                for d in self.datasets for run in self.runs()]
+        return runs + self.control_csvs()
+
+    def control_csvs(self) -> list[str]:
+        """Each lambda's official checkpoint evaluated untrained, as variant ``CONTROL_VARIANT``
+        (seed 0); [] unless ``control`` is on."""
+        if not self.config["control"]:
+            return []
+        return [path("eval_csv", dataset=d, variant=CONTROL_VARIANT, lmbda=lmbda, seed=0)
+                for d in self.datasets for lmbda in self.lambdas]
+
+    # -- convergence
+    def convergence_steps(self) -> list[int]:
+        """The snapshot steps before the end of the run (the end is the final evaluation)."""
+        if not self.config["convergence"]:
+            return []
+        every, steps = self.config["training"]["snapshot_every"], self.config["training"]["steps"]
+        return list(range(every, steps, every))
+
+    def snapshot_csvs(self, variant: str, lmbda: str, seed: int | str) -> list[str]:
+        dataset = self.config["convergence"]["dataset"]
+        return [path("snapshot_eval_csv", dataset=dataset, variant=variant, lmbda=lmbda, seed=seed,
+                     step=step) for step in self.convergence_steps()]
+
+    def all_snapshot_csvs(self) -> list[str]:
+        return [csv for run in self.runs()
+                for csv in self.snapshot_csvs(run.variant, run.lmbda, run.seed)]
+
+    def final_csvs(self, dataset: str) -> list[str]:
+        """The trained runs' evaluations on one dataset (the convergence table's last step)."""
+        return [path("eval_csv", dataset=dataset, **run.wildcards) for run in self.runs()]
 
     def done_markers(self) -> list[str]:
         return [path("done", **run.wildcards) for run in self.runs()]
@@ -405,6 +495,7 @@ class Study:
         a variant's own VARIANT_RUNTIME_KEYS (e.g. val_every) replace the study's."""
         settings = {"device": self.config["device"]}
         settings.update({key: self.config["training"][key] for key in TRAINING_RUNTIME_KEYS})
+        settings.update(self.config["training"]["settings"])
         if variant is not None:
             spec = self.variants[variant]
             settings.update({key: spec[key] for key in VARIANT_RUNTIME_KEYS if key in spec})
@@ -492,6 +583,9 @@ def resolve(cfg: dict[str, Any], pad_multiple_of: Callable[[str], int], root: st
     check_patch_sizes(cfg, variants, pad_multiple_of(cfg["model"]))
     check_ms_ssim_patches(cfg, variants)
     check_steps_per_s(cfg, variants)
+    check_convergence(cfg, variants)
+    check_settings(cfg)
+    check_control(cfg, lambdas, variants)
     check_compute(cfg)
     study = Study(config=cfg, lambdas=lambdas, seeds=[int(s) for s in cfg["seeds"]], variants=variants,
                   dataset_kinds=dict(dataset_kinds), root=str(root))

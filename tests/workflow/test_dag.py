@@ -46,6 +46,8 @@ def snakemake(*args: str, cwd: Path | None = None, timeout: int = 240) -> subpro
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["WANDB_MODE"] = "disabled"
+    # the jobs import the hpcm of the checkout under test (not another one installed in the venv)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), *args]
     if cwd is None:
         with tempfile.TemporaryDirectory(prefix="hpcm-snakemake-") as empty:
@@ -83,6 +85,11 @@ def expected_counts(cfg: dict) -> dict[str, int]:
         "run_config": n_runs,
         "train": n_runs,
         "evaluate": n_runs * len(datasets),
+        # the control rows: each lambda's official checkpoint evaluated untrained
+        "evaluate_control": len(cfg["lambdas"]) * len(datasets) if cfg.get("control") else 0,
+        # one job per run evaluates its snapshots; one convergence table
+        "evaluate_snapshots": n_runs if cfg.get("convergence") else 0,
+        "convergence": int(bool(cfg.get("convergence"))),
         # one job each: R-D points, the analysis section, all tables, the three figure sets, all
         "rd_points": 1,
         "analysis_config": 1,

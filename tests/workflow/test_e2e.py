@@ -118,6 +118,18 @@ def test_tables_have_a_number_for_every_variant(finished_run):
         assert (tables / f"{name}.md").stat().st_size > 0 and (tables / f"{name}.tex").stat().st_size > 0
 
 
+def test_the_control_row_shows_each_warm_start_untrained(finished_run):
+    """control: true evaluates each lambda's shipped warm start with no training (variant
+    warm_start), so the BD table shows where every variant started."""
+    points = pd.read_csv(finished_run / "results" / "rd" / "points.csv")
+    warm = points[points["variant"] == "warm_start"]
+    assert sorted(warm["lmbda"]) == LAMBDAS and set(warm["dataset"]) == {"crops"}
+    assert all("pretrained/hpcm_tiny_lmbda" in c for c in warm["checkpoint"]), warm["checkpoint"]
+    bd = pd.read_csv(finished_run / "results" / "tables" / "bd_vs_baseline.csv")
+    row = bd[(bd["variant"] == "warm_start") & (bd["dataset"] == "crops")]
+    assert len(row) == 1 and is_number(row["BD-rate (%)"].iloc[0]), bd
+
+
 def test_plots_and_html_report(finished_run):
     plots = finished_run / "results" / "plots"
     assert list((plots / "rd").glob("*.png")) and list((plots / "runs").glob("*.png"))

@@ -113,7 +113,7 @@ rule summary:
     params:
         runs=runs_root,
         # the named variants (every phase and ablation); grid points have their own table
-        variants=list(config["variants"]),
+        variants=rd_variants(),
         evals=eval_csv_option,
         outdir=tables_dir,
     conda:
@@ -121,3 +121,34 @@ rule summary:
     shell:
         "python -m hpcm.analysis.summary --points {input.points} --runs {params.runs} --config {input.analysis} "
         "--variants {params.variants} {params.evals} --output-dir {params.outdir} > {log} 2>&1"
+
+
+# Convergence (`convergence`): BD-rate vs the reference at the same step, at every snapshot (fixed
+# image subset) and at the end (every image), with intervals over seeds and images.
+if STUDY.convergence_steps():
+
+    localrules:
+        convergence,
+
+    rule convergence:
+        input:
+            snapshots=STUDY.all_snapshot_csvs(),
+            final=STUDY.final_csvs(config["convergence"]["dataset"]),
+        output:
+            table=multiext(f"{TABLES_DIR}/convergence", ".csv", ".md", ".tex"),
+            png="results/plots/convergence.png",
+            pdf="results/plots/convergence.pdf",
+        log:
+            "logs/convergence/convergence.log",
+        params:
+            final_step=config["training"]["steps"],
+            reference=config["analysis"]["reference"],
+            method=config["analysis"]["bd_method"],
+            metric=STUDY.metric,
+            outdir=tables_dir,
+        conda:
+            "../../envs/hpcm.yaml"
+        shell:
+            "python -m hpcm.analysis.convergence --snapshots {input.snapshots} --final {input.final} "
+            "--final-step {params.final_step} --reference {params.reference} --method {params.method} "
+            "--metric {params.metric} --output-dir {params.outdir} --plot {output.png} > {log} 2>&1"

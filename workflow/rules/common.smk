@@ -11,8 +11,8 @@ from snakemake.logging import logger
 
 # Snakemake puts the repository root, the Snakefile's folder, on sys.path.
 from hpcm.config import study as study_config
-from hpcm.config.study import PATHS, SAMPLES_DIR, TABLES_DIR, TRAIN_BENCHMARKS_DIR
-from hpcm.analysis.tables import table_captions
+from hpcm.config.study import CONTROL_VARIANT, PATHS, SAMPLES_DIR, TABLES_DIR, TRAIN_BENCHMARKS_DIR
+from hpcm.analysis.tables import analysis_section, table_captions
 from hpcm.data.datasets import dataset_options
 from hpcm.models.presets import preset_config
 
@@ -53,6 +53,31 @@ def checked_init(wildcards):
 
 def official_checkpoint(wildcards):
     return STUDY.official_checkpoints[wildcards.lmbda]
+
+
+def control_path(name):
+    """A control row's path (variant CONTROL_VARIANT, seed 0; {dataset} and {lmbda} stay wildcards)."""
+    return PATHS[name].replace("{variant}", CONTROL_VARIANT).replace("{seed}", "0")
+
+
+def rd_variants():
+    """Every variant with R-D points, in config order: the trained ones, then the control rows."""
+    return list(STUDY.variants) + ([CONTROL_VARIANT] if STUDY.control_csvs() else [])
+
+
+def snapshot_outputs():
+    """The snapshot evaluations of one run ({dataset}, {variant}, {lmbda}, {seed} stay wildcards)."""
+    return expand(PATHS["snapshot_eval_csv"], step=STUDY.convergence_steps(), allow_missing=True)
+
+
+def snapshot_args(wildcards, input, output):
+    """Arguments of `python -m hpcm.analysis.snapshots` for one run's snapshots."""
+    args = ["--run-dir", os.path.dirname(input.done), "--steps", *map(str, STUDY.convergence_steps()),
+            "--outputs", *output, "--dataset", STUDY.eval_dir(wildcards.dataset),
+            "--dataset-name", wildcards.dataset, "--limit", str(config["convergence"]["images"]),
+            "--model", config["model"], "--variant", wildcards.variant, "--lmbda", wildcards.lmbda,
+            "--seed", str(wildcards.seed), "--device", config["device"]]
+    return " ".join(shlex.quote(a) for a in args)
 
 
 def print_training_cost():
@@ -187,7 +212,7 @@ def table_outputs():
     """Every registered table (hpcm.analysis.tables.TABLES) as CSV (in the report, with its
     kind's caption), Markdown and LaTeX."""
     outputs = []
-    for name, caption in table_captions(config["analysis"]).items():
+    for name, caption in table_captions(analysis_section(config)).items():
         csv = f"{TABLES_DIR}/{name}.csv"
         outputs.append(report(csv, caption=f"../report/{caption}", category="Tables"))
         outputs += [f"{TABLES_DIR}/{name}.md", f"{TABLES_DIR}/{name}.tex"]
@@ -224,7 +249,7 @@ def write_yaml(path, content, log_path):
 
 def final_outputs():
     targets = STUDY.eval_csvs()
-    targets += [f"{TABLES_DIR}/{name}.{ext}" for name in table_captions(config["analysis"])
+    targets += [f"{TABLES_DIR}/{name}.{ext}" for name in table_captions(analysis_section(config))
                 for ext in ("csv", "md", "tex")]
     targets += ["results/plots/rd", "results/plots/runs", "results/plots/gamma_schedules.png"]
     targets += analysis_outputs()  # analysis.smk: the Phase 2 grid tables and heatmaps, the summary table
@@ -246,7 +271,16 @@ def grid_done_markers(wildcards):
 def analysis_outputs():
     outputs = [f"{TABLES_DIR}/{grid}.{ext}" for grid in config["grids"] for ext in ("csv", "md", "tex")]
     outputs += [f"results/plots/{grid}.png" for grid in config["grids"]]
-    return outputs + [f"{TABLES_DIR}/summary.{ext}" for ext in ("csv", "md", "tex")]
+    outputs += [f"{TABLES_DIR}/summary.{ext}" for ext in ("csv", "md", "tex")]
+    return outputs + convergence_outputs()
+
+
+def convergence_outputs():
+    """The convergence table and plot (rule convergence) when `convergence` is configured."""
+    if not STUDY.convergence_steps():
+        return []
+    return [f"{TABLES_DIR}/convergence.{ext}" for ext in ("csv", "md", "tex")] + [
+        f"results/plots/convergence.{ext}" for ext in ("png", "pdf")]
 
 
 def eval_csv_option(wildcards, input):

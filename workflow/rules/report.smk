@@ -25,8 +25,9 @@ rule plot_rd:
     params:
         anchors=config["analysis"]["anchors"],
         reference=config["analysis"]["reference"],
-        # the config's variant order fixes each variant's colour in every figure
-        variants=list(STUDY.variants),
+        # the config's variant order fixes each variant's colour in every figure (the control
+        # rows, when configured, last)
+        variants=rd_variants(),
         metric=STUDY.metric,
     conda:
         "../../envs/hpcm.yaml"
