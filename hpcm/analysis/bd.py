@@ -267,8 +267,8 @@ def quality_delta(rate_anchor: Sequence[float], dist_anchor: Sequence[float],
     log_ra, log_rt = np.log10(ra), np.log10(rt)
     lo, hi = max(log_ra[0], log_rt[0]), min(log_ra[-1], log_rt[-1])
     if hi <= lo:
-        raise ValueError(f"curves do not overlap in rate: anchor covers [{ra[0]:.6g}, {ra[-1]:.6g}] "
-                         f"bpp, test [{rt[0]:.6g}, {rt[-1]:.6g}] bpp")
+        raise ValueError(f"curves do not overlap in rate: anchor covers [{ra[0]:.6g}, "
+                         f"{ra[-1]:.6g}] bpp, test [{rt[0]:.6g}, {rt[-1]:.6g}] bpp")
     if rates is None:
         grid = np.linspace(lo, hi, num)
     else:

@@ -43,7 +43,6 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on cluster nodes and CI
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from hpcm.analysis.bd import bd_row  # noqa: E402

@@ -268,15 +268,16 @@ def test_delta_band_is_the_percentile_of_independent_resampled_differences(study
     # independently: per resample, the mean curves, then the straight lines in log-rate
     order = sorted(sel["image"].unique())
     idx = np.random.default_rng(3).integers(0, len(order), size=(200, len(order)))
+    per_image = {}
+    for variant in ("baseline", "s1var"):
+        v = sel[sel["variant"] == variant].pivot_table(index="lmbda", columns="image",
+                                                       values=["bpp", "psnr"])
+        per_image[variant] = (v["bpp"][order].to_numpy(), v["psnr"][order].to_numpy())
     draws = []
     for pick in idx:
         curves = {}
-        for variant in ("baseline", "s1var"):
-            v = sel[sel["variant"] == variant].pivot_table(index="lmbda", columns="image",
-                                                           values=["bpp", "psnr"])
-            bpp = v["bpp"][order].to_numpy()[:, pick].mean(1)
-            psnr = v["psnr"][order].to_numpy()[:, pick].mean(1)
-            curves[variant] = np.polyfit(np.log10(bpp), psnr, 1)
+        for variant, (bpp, psnr) in per_image.items():
+            curves[variant] = np.polyfit(np.log10(bpp[:, pick].mean(1)), psnr[:, pick].mean(1), 1)
         draws.append(np.polyval(curves["s1var"], np.log10(rates))
                      - np.polyval(curves["baseline"], np.log10(rates)))
     draws = np.asarray(draws)
