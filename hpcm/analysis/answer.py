@@ -93,6 +93,11 @@ def study_scale(runs_root: str | Path, images) -> list[str]:
     started = sum(1 for c in configs if c.get("init_checkpoint"))
     variants = {str(c["variant"]) for c in configs}
     seeds = [int(c.get("seed", 0)) for c in configs]
+    per_point: dict[tuple, set] = {}
+    for c, seed in zip(configs, seeds):
+        per_point.setdefault((str(c["variant"]), float(c["lmbda"])), set()).add(seed)
+    counts = sorted({len(s) for s in per_point.values()})
+    n_seeds = str(counts[0]) if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
     lines = [
         f"- **model**: {_values(str(c.get('model', '')) for c in configs)}",
         f"- **training**: {len(configs)} runs ({len(variants)} variants); "
@@ -102,7 +107,7 @@ def study_scale(runs_root: str | Path, images) -> list[str]:
         + (f"{started} of {len(configs)} runs start from a checkpoint (warm start or "
            "fine-tuning), the others from scratch" if started else "all from scratch"),
         f"- **λ**: {_values(float(c['lmbda']) for c in configs)}",
-        f"- **training seeds**: {_values(seeds)} ({len(set(seeds))} per variant and λ)",
+        f"- **training seeds**: {_values(seeds)} ({n_seeds} per variant and λ)",
     ]
     for dataset in sorted(images["dataset"].unique()):
         n = images.loc[images["dataset"] == dataset, "image"].nunique()

@@ -319,7 +319,7 @@ def plot_forests(summary, analysis: dict[str, Any], variants: Sequence[str],
             if grids and metric != grid_metric:
                 notes.append(f"Phase 2 grid not shown: measured in "
                              f"{METRIC_LABELS[grid_metric].split(' (')[0]} only")
-            title = (f"BD-rate vs {reference} on {dataset}, {METRIC_LABELS[metric]} ({method})\n"
+            title = (f"BD-rate vs {reference} on {dataset}, {METRIC_LABELS[metric]}, {method}\n"
                      "negative = fewer bits at equal quality")
             fig = forest_figure(rows, title, f"BD-rate vs {reference} (%)", "; ".join(notes))
             stem = f"forest_{dataset}_{metric}"

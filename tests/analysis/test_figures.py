@@ -308,7 +308,7 @@ def test_answer_page_carries_the_summarys_values_and_the_scale(study):
     assert "- **model**: HPCM_Tiny" in text
     assert "40 steps per run" in text and "batch 8" in text and "crops 64 px" in text
     assert "- **λ**: 0.0004, 0.0932" in text
-    assert "- **training seeds**: 0, 1" in text
+    assert "- **training seeds**: 0, 1 (1 to 2 per variant and λ)" in text
     assert "- **test images**: samples, 6 images" in text
     assert "14 runs (6 variants)" in text and "12 of 14 runs start from a checkpoint" in text
 
