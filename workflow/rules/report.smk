@@ -101,7 +101,8 @@ rule report_answer:
         analysis="results/configs/analysis.yaml",
         runs=STUDY.done_markers(),
     output:
-        "results/report/answer.rst",
+        # a report item too, so that workflow.rst includes it only once it exists
+        report("results/report/answer.rst", caption="../report/answer.rst", category="Tables"),
     log:
         "logs/report_answer/answer.log",
     params:
