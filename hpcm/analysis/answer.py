@@ -50,13 +50,21 @@ def excludes_cell(low: float, high: float) -> str:
     return EXCLUDES[verdict] if isinstance(verdict, bool) else "n/a"
 
 
-def answer_rows(summary, reference: str, dataset: str) -> list[list[str]]:
+def measured_metrics(summary, reference: str, dataset: str) -> list[str]:
+    """The metrics with at least one BD-rate on ``dataset`` (MS-SSIM is not measured on images
+    smaller than its 5 scales need)."""
+    on = summary[summary["dataset"] == dataset]
+    return [m for m in SUMMARY_LABELS if on[summary_column(m, reference)].notna().any()]
+
+
+def answer_rows(summary, reference: str, dataset: str,
+                metrics: Sequence[str] = tuple(SUMMARY_LABELS)) -> list[list[str]]:
     """[variant, then per metric: BD-rate [CI], excludes 0] for every variant but the reference."""
     rows = []
     for _, r in summary[(summary["dataset"] == dataset) & (summary["variant"] != reference)] \
             .iterrows():
         cells = [str(r["variant"])]
-        for metric in SUMMARY_LABELS:
+        for metric in metrics:
             key = summary_column(metric, reference)
             value, low, high = (float(r[key]), float(r[f"{key} low"]), float(r[f"{key} high"]))
             cells += [interval_cell(value, low, high), excludes_cell(low, high)]
@@ -104,8 +112,10 @@ def study_scale(runs_root: str | Path, images) -> list[str]:
         f"{' / '.join(length) or 'n/a'} per run, batch "
         f"{_values(int(c['batch_size']) for c in configs if c.get('batch_size'))}, crops "
         f"{_values(int(c['patch_size']) for c in configs if c.get('patch_size'))} px; "
-        + (f"{started} of {len(configs)} runs start from a checkpoint (warm start or "
-           "fine-tuning), the others from scratch" if started else "all from scratch"),
+        + ("all from scratch" if not started else
+           "all start from a checkpoint (warm start or fine-tuning)" if started == len(configs)
+           else f"{started} of {len(configs)} runs start from a checkpoint (warm start or "
+           "fine-tuning), the others from scratch"),
         f"- **λ**: {_values(float(c['lmbda']) for c in configs)}",
         f"- **training seeds**: {_values(seeds)} ({n_seeds} per variant and λ)",
     ]
@@ -118,9 +128,6 @@ def study_scale(runs_root: str | Path, images) -> list[str]:
 def answer_rst(summary, analysis: dict[str, Any], runs_root: str | Path, images) -> str:
     reference = analysis.get("reference", "baseline")
     method = analysis.get("bd_method", "pchip")
-    header = ["variant"]
-    for label in SUMMARY_LABELS.values():
-        header += [f"BD-rate {label} (%) [95 % CI]", "CI excludes 0"]
     lines = [
         f"BD-rate of every variant against **{reference}** ({method}; negative = fewer bits at "
         "equal quality; 95 % paired bootstrap interval over the test images; \"yes\": the "
@@ -129,8 +136,14 @@ def answer_rst(summary, analysis: dict[str, Any], runs_root: str | Path, images)
     ]
     for dataset in sorted(summary["dataset"].unique()):
         n = images.loc[images["dataset"] == dataset, "image"].nunique()
+        metrics = measured_metrics(summary, reference, dataset)
+        header = ["variant"]
+        for metric in metrics:
+            header += [f"BD-rate {SUMMARY_LABELS[metric]} (%) [95 % CI]", "CI excludes 0"]
         lines += _list_table(f"{dataset} ({n} test images)", header,
-                             answer_rows(summary, reference, dataset))
+                             answer_rows(summary, reference, dataset, metrics))
+        lines += [f"{dataset}: no {SUMMARY_LABELS[m]} BD-rate (not measured)."
+                  for m in SUMMARY_LABELS if m not in metrics] + [""]
     lines += ["**Scale of the study** (from the training runs' ``run.yaml`` and the evaluated "
               "images):", ""]
     lines += study_scale(runs_root, images) + [""]

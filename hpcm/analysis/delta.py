@@ -172,8 +172,10 @@ def delta_figure(frame, groups, colors: dict[str, str], title: str, ylabel: str,
         ax.legend(fontsize=7, loc="best")
     for ax in axes.flat[n:]:
         ax.set_visible(False)
-    for ax in axes[-1]:
-        ax.set_xlabel("Rate (bpp, log scale)")
+    for k, ax in enumerate(axes.flat[:n]):
+        if k + cols >= n:  # the lowest panel of its column: its rate axis is labelled
+            ax.xaxis.set_tick_params(which="both", labelbottom=True)
+            ax.set_xlabel("Rate (bpp, log scale)")
     for ax in axes[:, 0]:
         ax.set_ylabel(ylabel)
     fig.suptitle(title, fontsize=10)

@@ -116,7 +116,8 @@ def variant_groups(analysis: dict[str, Any], variants: Sequence[str]) -> list[tu
     phases = [(v, v) for v in variants if v != reference and (v in gains or v not in in_study)]
     groups = [("Phases", phases)] if phases else []
     for name, study in studies.items():
-        rows = [(label if label == v else f"{label} ({v})", v)
+        # a label that already names its variant ("none (phase1)") is kept as it is
+        rows = [(label if v in label else f"{label} ({v})", v)
                 for label, v in (study.get("rows") or {}).items()]
         groups.append((str(study.get("title") or name), rows))
     return groups
