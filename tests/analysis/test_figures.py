@@ -316,6 +316,6 @@ def test_answer_page_carries_the_summarys_values_and_the_scale(study):
 def test_answer_page_is_valid_restructuredtext(study):
     from docutils.core import publish_parts
 
-    html = publish_parts((study / "answer.rst").read_text(), writer_name="html",
+    html = publish_parts((study / "answer.rst").read_text(), writer="html",
                          settings_overrides={"halt_level": 2, "report_level": 2})["html_body"]
     assert "<table" in html and "-20.00 [" in html
