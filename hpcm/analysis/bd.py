@@ -10,7 +10,8 @@ package (FAU-LMS, v1.3.0), which the tests use as the reference:
 
 Rates are log10-transformed. BD-rate integrates log-rate over the overlap of the two distortion
 ranges and returns ``(10**mean_diff - 1) * 100`` percent (negative = the test saves rate);
-BD-PSNR integrates distortion over the overlap of the log-rate ranges (dB, positive = better).
+BD-PSNR integrates distortion over the overlap of the log-rate ranges (dB, positive = better);
+``quality_delta`` gives the difference it averages, as a curve over rate (the ΔPSNR figure).
 Curves are sorted by rate; a curve whose distortion does not strictly increase with rate, a
 curve with too few points and curves that do not overlap raise ``ValueError`` naming the curve.
 A relative overlap below ``min_overlap`` (default 75 %, as the package) is reported in
@@ -35,7 +36,8 @@ DEFAULT_MIN_OVERLAP = 0.75
 
 
 # --------------------------------------------------------------------------------------------
-# Interpolants. Each returns an object with ``integrate(a, b)`` over x in [a, b] (inside data).
+# Interpolants. Each returns an object with ``integrate(a, b)`` over x in [a, b] (inside data)
+# and values at given x (``__call__``).
 # --------------------------------------------------------------------------------------------
 
 
@@ -53,6 +55,13 @@ class _HermiteSpline:
     def _primitive(self, k: int, s: float) -> float:
         return (self.y[k] * s + self.d[k] * s**2 / 2.0 + self.c2[k] * s**3 / 3.0
                 + self.c3[k] * s**4 / 4.0)
+
+    def __call__(self, q: np.ndarray) -> np.ndarray:
+        """Values at ``q`` (inside [x_0, x_K]), the same cubic pieces that ``integrate`` sums."""
+        q = np.asarray(q, dtype=float)
+        k = np.clip(np.searchsorted(self.x, q, side="right") - 1, 0, len(self.x) - 2)
+        s = q - self.x[k]
+        return self.y[k] + self.d[k] * s + self.c2[k] * s**2 + self.c3[k] * s**3
 
     def integrate(self, a: float, b: float) -> float:
         total = 0.0
@@ -117,6 +126,9 @@ class _Polynomial:
         vander = np.vander(x, 4)
         self.coef = np.linalg.lstsq(vander, y, rcond=None)[0]
         self.primitive = np.polyint(self.coef)
+
+    def __call__(self, q: np.ndarray) -> np.ndarray:
+        return np.polyval(self.coef, np.asarray(q, dtype=float))
 
     def integrate(self, a: float, b: float) -> float:
         return float(np.polyval(self.primitive, b) - np.polyval(self.primitive, a))
@@ -231,6 +243,40 @@ def bd_psnr(rate_anchor: Sequence[float], dist_anchor: Sequence[float],
     return bd_metrics(rate_anchor, dist_anchor, rate_test, dist_test, "psnr", method,
                       min_overlap).value
 
+
+
+def quality_delta(rate_anchor: Sequence[float], dist_anchor: Sequence[float],
+                  rate_test: Sequence[float], dist_test: Sequence[float], method: str = "pchip",
+                  num: int = 101, rates: Sequence[float] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The curve that BD-PSNR averages: (rates, test minus anchor quality at each rate).
+
+    ``num`` rates evenly spaced in log-rate over the overlap of the two curves' rate ranges, each
+    curve interpolated in log-rate by ``method`` exactly as ``bd_metrics`` does; the mean of the
+    difference over log-rate (its integral over the overlap divided by the overlap's width) is
+    BD-PSNR. Given ``rates``, the difference at those rates instead (NaN outside the overlap).
+    The curves are checked as for BD (sorted, monotonic, enough points); curves whose rates do
+    not overlap raise ``ValueError``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown BD method {method!r}; choose one of {', '.join(METHODS)}")
+    if num < 2:
+        raise ValueError(f"num must be at least 2 (the two ends of the overlap), got {num}")
+    ra, da = _prepare_curve(rate_anchor, dist_anchor, "anchor", method)
+    rt, dt = _prepare_curve(rate_test, dist_test, "test", method)
+    log_ra, log_rt = np.log10(ra), np.log10(rt)
+    lo, hi = max(log_ra[0], log_rt[0]), min(log_ra[-1], log_rt[-1])
+    if hi <= lo:
+        raise ValueError(f"curves do not overlap in rate: anchor covers [{ra[0]:.6g}, "
+                         f"{ra[-1]:.6g}] bpp, test [{rt[0]:.6g}, {rt[-1]:.6g}] bpp")
+    if rates is None:
+        grid = np.linspace(lo, hi, num)
+    else:
+        grid = np.log10(np.asarray(rates, dtype=float))
+    delta = _interpolant(log_rt, dt, method)(grid) - _interpolant(log_ra, da, method)(grid)
+    # outside the overlap one curve would be extrapolated: BD never integrates there
+    inside = (grid >= lo) & (grid <= hi)
+    return 10.0**grid, np.where(inside, delta, np.nan)
 
 
 @dataclass

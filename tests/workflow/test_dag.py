@@ -90,13 +90,17 @@ def expected_counts(cfg: dict) -> dict[str, int]:
         # one job per run evaluates its snapshots; one convergence table
         "evaluate_snapshots": n_runs if cfg.get("convergence") else 0,
         "convergence": int(bool(cfg.get("convergence"))),
-        # one job each: R-D points, the analysis section, all tables, the three figure sets, all
+        # one job each: R-D points, the analysis section, all tables, the five figure sets, the
+        # report's first page, all
         "rd_points": 1,
         "analysis_config": 1,
         "tables": 1,
         "phase2_grid": len(cfg.get("grids", {})),
         "summary": 1,
         "plot_rd": 1,
+        "plot_forest": 1,
+        "plot_delta": 1,
+        "report_answer": 1,
         "plot_runs": 1,
         "plot_gammas": 1,
         "all": 1,

@@ -134,10 +134,29 @@ def test_plots_and_html_report(finished_run):
     plots = finished_run / "results" / "plots"
     assert list((plots / "rd").glob("*.png")) and list((plots / "runs").glob("*.png"))
     assert (plots / "gamma_schedules.png").stat().st_size > 0
+    # one figure per dataset and measured metric (MS-SSIM needs images larger than these crops)
+    points = pd.read_csv(finished_run / "results" / "rd" / "points.csv")
+    metrics = ["psnr"] + (["ms_ssim_db"] if points["ms_ssim_db"].notna().any() else [])
+    for kind in ("forest", "delta"):
+        assert sorted(p.name for p in (plots / kind).glob("*.png")) == sorted(
+            f"{kind}_crops_{metric}.png" for metric in metrics)
+    summary = pd.read_csv(finished_run / "results" / "tables" / "summary.csv").set_index("variant")
+    key = "PSNR BD-rate vs baseline (%)"
+    forest = pd.read_csv(plots / "forest" / "forest_crops_psnr.csv")
+    phase1 = forest[forest["variant"] == "phase1"].iloc[0]
+    assert (phase1["bd_rate"], phase1["low"], phase1["high"]) == (
+        summary.loc["phase1", key], summary.loc["phase1", f"{key} low"],
+        summary.loc["phase1", f"{key} high"])
+    # the first page: the summary's numbers, as the workflow wrote them
+    cell = (f"{summary.loc['phase1', key]:+.2f} [{summary.loc['phase1', f'{key} low']:+.2f}, "
+            f"{summary.loc['phase1', f'{key} high']:+.2f}]")
+    assert cell in (finished_run / "results" / "report" / "answer.rst").read_text()
     result = snakemake("--configfile", "config.yaml", "--directory", str(finished_run),
                        "--report", "results/report.html", cwd=finished_run)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert (finished_run / "results" / "report.html").stat().st_size > 10_000
+    html = (finished_run / "results" / "report.html").read_text()
+    assert len(html) > 10_000
+    assert cell in html and "HPCM_Tiny" in html  # the report opens on the answer
 
 
 def test_nothing_left_to_do_after_a_finished_run(finished_run):

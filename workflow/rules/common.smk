@@ -252,6 +252,8 @@ def final_outputs():
     targets += [f"{TABLES_DIR}/{name}.{ext}" for name in table_captions(analysis_section(config))
                 for ext in ("csv", "md", "tex")]
     targets += ["results/plots/rd", "results/plots/runs", "results/plots/gamma_schedules.png"]
+    # report.smk: the BD forest plots, the quality difference to the reference, the first page
+    targets += ["results/plots/forest", "results/plots/delta", "results/report/answer.rst"]
     targets += analysis_outputs()  # analysis.smk: the Phase 2 grid tables and heatmaps, the summary table
     return targets
 
