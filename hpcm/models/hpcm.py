@@ -58,7 +58,8 @@ def add_uniform_noise(x: Tensor, shard: tuple[int, int] = (0, 1)) -> Tensor:
     contiguous x this is exactly ``x + empty_like(x).uniform_``)."""
     rank, world_size = shard
     rows = x.shape[0]
-    noise = torch.empty((rows * world_size, *x.shape[1:]), dtype=x.dtype, device=x.device).uniform_(-0.5, 0.5)
+    noise = torch.empty((rows * world_size, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    noise.uniform_(-0.5, 0.5)
     return x + (noise if world_size == 1 else noise[rank * rows:(rank + 1) * rows])
 
 

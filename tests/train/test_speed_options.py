@@ -44,17 +44,19 @@ def test_fast_options_match_the_default_within_the_measured_tolerance(tmp_path):
     assert train.main(cli_args(default, **settings)) == train.EXIT_OK
     assert train.main(cli_args(fast, **settings, **FAST)) == train.EXIT_OK
     rows_a, rows_b = _metrics(default), _metrics(fast)
-    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b] == [str(s) for s in range(1, 7)]
+    steps = [str(s) for s in range(1, 7)]
+    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b] == steps
     for a, b in zip(rows_a, rows_b):
         for column in ("loss", "bpp", "mse", "y_bpp", "z_bpp"):
-            assert float(b[column]) == pytest.approx(float(a[column]), rel=LOSS_RTOL), (a["step"], column)
+            expected = pytest.approx(float(a[column]), rel=LOSS_RTOL)
+            assert float(b[column]) == expected, (a["step"], column)
     state_a, state_b = final_state(default), final_state(fast)
     assert state_b["config"]["memory_format"] == "channels_last"
     worst = max(float((state_a["model"][k].float() - state_b["model"][k].float()).abs().max())
                 for k in state_a["model"] if state_a["model"][k].numel())
     assert worst <= WEIGHT_ATOL, worst
-    assert torch.allclose(state_a["optimizer"]["balancing"]["w"], state_b["optimizer"]["balancing"]["w"],
-                          atol=1e-3)
+    logits_a, logits_b = (s["optimizer"]["balancing"]["w"] for s in (state_a, state_b))
+    assert torch.allclose(logits_a, logits_b, atol=1e-3)
 
 
 def test_fast_options_are_not_a_no_op():
@@ -97,7 +99,8 @@ def test_changing_the_memory_format_on_resume_is_refused():
 
 
 @pytest.mark.parametrize(("key", "value", "words"), [
-    ("memory_format", "nhwc", "must be one of"), ("threads", 0, "must be > 0"), ("threads", "two", "integer")])
+    ("memory_format", "nhwc", "must be one of"), ("threads", 0, "must be > 0"),
+    ("threads", "two", "integer")])
 def test_bad_values_name_the_key(key, value, words):
     with pytest.raises(run_config.ConfigError, match=f"'{key}'.*{words}"):
         run_config.resolve({"steps": 1, key: value})
