@@ -155,6 +155,14 @@ KEYS: dict[str, Key] = {
     # hardware
     "device": Key("str", "auto", "auto (CUDA when present), cpu, cuda or cuda:N"),
     "bf16": Key("bool", False, "bf16 autocast for forward passes on CUDA"),
+    "memory_format": Key("str", "auto", "layout of the model's weights and of the batches: auto "
+                         "(channels_last on CUDA, contiguous on CPU), contiguous, or channels_last "
+                         "(oneDNN convolutions on CPU: several times the step rate of small models, "
+                         "other rounding; docs/speed.md)",
+                         choices=("auto", "contiguous", "channels_last")),
+    "threads": Key("int", None, "torch intra-op threads of this process (null = torch's default, "
+                   "one per core); 1 per job when several jobs share the cores (docs/speed.md)",
+                   optional=True, check=_positive, constraint="must be > 0"),
     "compile": Key("bool", False, "torch.compile the training forward pass and loss (checkpoints keep the "
                    "eager module's state-dict names; validation and coding stay eager)"),
     "dist_timeout_s": Key("float", 600.0, "torchrun runs: seconds a process waits in a collective for the others "

@@ -51,6 +51,7 @@ VARIANT_RUNTIME_KEYS = ("val_every",)
 # `training` keys that define the experiment (run YAML) ...
 TRAINING_RUN_KEYS = (
     "steps", "patch_size", "batch_size", "lr", "lr_milestones", "lr_values", "clip_max_norm", "update_mode", "bf16",
+    "memory_format", "threads",
 )
 # ... and those that only say how to run it (passed with --set, so the YAML stays the experiment).
 TRAINING_RUNTIME_KEYS = (

@@ -51,17 +51,16 @@ def ste_round(x: Tensor) -> Tensor:
 def add_uniform_noise(x: Tensor, shard: tuple[int, int] = (0, 1)) -> Tensor:
     """x + U(-0.5, 0.5). ``shard = (rank, world_size)``: x is that rank's slice of a batch split
     evenly over world_size processes; the noise of the whole batch is drawn (every rank from the same
-    generator state) and the rank keeps its rows, so each sample's noise does not depend on the split."""
+    generator state) and the rank keeps its rows, so each sample's noise does not depend on the split.
+
+    The noise is drawn in the logical (contiguous) element order whatever x's layout, so a
+    channels_last run quantises with the same noise per element as a contiguous one (for a
+    contiguous x this is exactly ``x + empty_like(x).uniform_``)."""
     rank, world_size = shard
-    if world_size == 1:
-        return x + torch.empty_like(x).uniform_(-0.5, 0.5)
     rows = x.shape[0]
-    # the layout of empty_like(x) (channels_last on CUDA), so the draw fills elements in the same order
-    layout = (torch.channels_last if x.ndim == 4 and not x.is_contiguous()
-              and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
-    noise = torch.empty((rows * world_size, *x.shape[1:]), dtype=x.dtype, device=x.device,
-                        memory_format=layout).uniform_(-0.5, 0.5)
-    return x + noise[rank * rows:(rank + 1) * rows]
+    noise = torch.empty((rows * world_size, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    noise.uniform_(-0.5, 0.5)
+    return x + (noise if world_size == 1 else noise[rank * rows:(rank + 1) * rows])
 
 
 def combine_step(t: Tensor, parts: int) -> Tensor:

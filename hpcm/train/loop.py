@@ -174,8 +174,14 @@ class Run:
                 f"run config: key 'patch_size' = {cfg['patch_size']!r}: must be a multiple of "
                 f"{self.model.pad_multiple} for model {cfg['model']!r}")
         self.model.to(self.device)
-        if self.cuda:
+        if cfg["threads"]:  # one per job when jobs share the cores (docs/speed.md)
+            torch.set_num_threads(cfg["threads"])
+        # channels_last: CUDA by default; on CPU the run key (oneDNN convolutions, docs/speed.md)
+        self.channels_last = cfg["memory_format"] == "channels_last" or (
+            cfg["memory_format"] == "auto" and self.cuda)
+        if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        if self.cuda:
             torch.backends.cudnn.benchmark = True
         self.model.train()
         self.ema = build_ema(self.model, cfg["ema_decay"])  # before restore(), which loads its state
@@ -375,7 +381,7 @@ class Run:
         for _, x in data.validation_images(self.val_set, self.cfg["skip_bad_images"]):
             x = x.to(self.device)
             padded, pad = models.pad_image(x, model.pad_multiple)
-            if self.cuda:
+            if self.channels_last:
                 padded = padded.contiguous(memory_format=torch.channels_last)
             with self.autocast:
                 out = model(padded)
@@ -515,7 +521,7 @@ def train(run: Run, stop: StopFlag) -> int:
             step = run.step + 1
             lr = run.apply_schedules(step)
             x = x.to(run.device, non_blocking=True)
-            if run.cuda:
+            if run.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             window.add(run.train_step(x))
             run.step = step

@@ -336,3 +336,16 @@ def test_a_hung_rank_ends_the_others_with_an_error_not_a_hang(tmp_path):
     assert time.monotonic() - start < 50, "rank 0 waited for the hung rank instead of timing out"
     assert "did not answer within dist_timeout_s" in result.stderr, result.stderr[-3000:]
     assert "the last saved checkpoint is intact" in result.stderr
+
+
+def test_the_noise_of_an_element_does_not_depend_on_the_layout():
+    """channels_last (CUDA, or ``memory_format: channels_last`` on CPU) quantises with the noise
+    a contiguous run draws for the same element: the draw fills the logical order."""
+    x = torch.rand(4, 3, 5, 6)
+    torch.manual_seed(7)
+    contiguous = add_uniform_noise(x)
+    torch.manual_seed(7)
+    reference = x + torch.empty_like(x).uniform_(-0.5, 0.5)  # the draw of the default path
+    torch.manual_seed(7)
+    channels_last = add_uniform_noise(x.contiguous(memory_format=torch.channels_last))
+    assert torch.equal(contiguous, reference) and torch.equal(channels_last, contiguous)
