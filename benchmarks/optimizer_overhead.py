@@ -73,15 +73,14 @@ def time_steps(run: train.Run, x: torch.Tensor, steps: int) -> float:
     start = clock()
     for _ in range(steps):
         run.step += 1
-        run.apply_schedules(run.step)
-        run.train_step(x)
+        run.train_step(run.step, x)
     if run.cuda:
         torch.cuda.synchronize()
     return clock() - start
 
 
 def variants(hier_mode: str) -> dict[str, dict]:
-    """Run-config overrides of each variant (``hpcm.run_config`` keys)."""
+    """Run-config overrides of each variant (``hpcm.config.run_config`` keys)."""
     table = {
         "adam": {"optimizer": "adam"},
         "cautious_adam": {"optimizer": "cautious_adam"},
