@@ -120,7 +120,8 @@ def test_resume_mismatch_ignores_bookkeeping_keys_only():
     saved = resolve()
     safe = dataclasses.replace(saved, num_workers=0, quiet=True, device="cpu")
     assert run_config.resume_mismatch(saved.as_dict(), safe) is None
-    assert "'lmbda'" in run_config.resume_mismatch(saved.as_dict(), dataclasses.replace(saved, lmbda=0.025))
+    changed = dataclasses.replace(saved, lmbda=0.025)
+    assert "'lmbda'" in run_config.resume_mismatch(saved.as_dict(), changed)
 
 
 def test_metrics_csv_drops_rows_after_the_checkpoint_and_crash_cut_lines(tmp_path):
@@ -260,7 +261,8 @@ def test_schema_study_keys_name_the_package_facts():
 
 def test_a_checkpoint_older_than_a_key_resumes_when_the_key_keeps_its_default():
     current = run_config.resolve({"steps": 10, "variant": "phase2"})
-    older = {k: v for k, v in current.as_dict().items() if k not in ("gamma_warmup", "gamma_step_factor")}
+    newer_keys = ("gamma_warmup", "gamma_step_factor")
+    older = {k: v for k, v in current.as_dict().items() if k not in newer_keys}
     assert run_config.resume_mismatch(older, current) is None
     changed = run_config.resolve({"steps": 10, "variant": "phase2", "gamma_warmup": 0.1})
     assert "gamma_warmup" in run_config.resume_mismatch(older, changed)

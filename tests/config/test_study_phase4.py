@@ -62,6 +62,8 @@ def test_the_schema_names_the_parameter_groups_of_the_code():
 
 def test_changing_val_every_on_resume_is_refused_only_with_early_stopping():
     saved = run_config.resolve({"steps": 4, "val_every": 2, "scale_early_stop_patience": 1})
-    assert "val_every" in run_config.resume_mismatch(saved.as_dict(), dataclasses.replace(saved, val_every=3))
+    changed = dataclasses.replace(saved, val_every=3)
+    assert "val_every" in run_config.resume_mismatch(saved.as_dict(), changed)
     plain = run_config.resolve({"steps": 4, "val_every": 2})
-    assert run_config.resume_mismatch(plain.as_dict(), dataclasses.replace(plain, val_every=3)) is None
+    assert run_config.resume_mismatch(plain.as_dict(), dataclasses.replace(plain, val_every=3)) \
+        is None
