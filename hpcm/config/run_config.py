@@ -198,8 +198,8 @@ RESUME_SAFE_KEYS = frozenset({
 
 # The Python type of each Key.kind: the field types of RunConfig.
 _FIELD_TYPES: dict[str, Any] = {
-    "str": str, "float": float, "int": int, "bool": bool, "floats3": list[float], "floats": list[float],
-    "groups": list[str], "group_floats": dict[str, float],
+    "str": str, "float": float, "int": int, "bool": bool,
+    "floats3": list[float], "floats": list[float], "groups": list[str], "group_floats": dict[str, float],
 }
 
 
@@ -472,8 +472,8 @@ def from_saved(saved: Mapping[str, Any], where: str) -> RunConfig:
     """
     unknown = sorted(set(saved) - set(KEYS) - {"meta"})
     if unknown:
-        raise ConfigError(f"{where}: unknown run-config key {unknown[0]!r}; it was not written by this "
-                          "version of hpcm.train")
+        raise ConfigError(f"{where}: unknown run-config key {unknown[0]!r}; it was not written "
+                          "by this version of hpcm.train")
     try:
         return RunConfig(**{k: _coerce(k, saved.get(k, spec.default)) for k, spec in KEYS.items()})
     except ConfigError as exc:

@@ -2,8 +2,8 @@
 
 A run directory keeps two generations of the full training state: ``checkpoint_last.pth.tar``
 (newest) and ``checkpoint_prev.pth.tar`` (the one before). Saving rotates last -> prev and then
-writes the new last atomically (``hpcm.util.io``: temporary file, fsync, rename), so at every instant at
-least one complete checkpoint exists. Resuming takes the newest checkpoint that loads and carries
+writes the new last atomically (``hpcm.util.io``: temporary file, fsync, rename), so at every
+instant at least one complete checkpoint exists. Resuming takes the newest checkpoint that loads and carries
 the expected format tag; an unreadable newest one falls back to the previous with a warning and
 is renamed aside to ``checkpoint_last.corrupt`` (so the next save cannot rotate it over the only
 valid generation in ``checkpoint_prev``).
@@ -66,7 +66,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python's, numpy's and torch's generators (model init, data order, quantisation noise)."""
+    """Seed Python's, numpy's and torch's generators (model init, data order, noise)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -111,7 +111,8 @@ def model_weights_of_training_state(path: str | Path) -> dict[str, torch.Tensor]
 
 
 def load_initial_model(path: str, name: str) -> torch.nn.Module:
-    """Weights to fine-tune from: official raw state dicts, epoch_best files, or a training checkpoint."""
+    """Weights to fine-tune from: official raw state dicts, epoch_best files, or a training
+    checkpoint of this project."""
     try:
         return models.load_checkpoint(path, name=name)
     except models.CheckpointError:
@@ -122,8 +123,9 @@ def load_initial_model(path: str, name: str) -> torch.nn.Module:
         for key, param in model.named_parameters():  # name the first misfit, not a page of keys
             if key not in weights or weights[key].shape != param.shape:
                 found = tuple(weights[key].shape) if key in weights else "missing"
-                raise models.CheckpointError(f"{path} does not fit {name}: parameter {key!r} is {found}, "
-                                             f"the model expects {tuple(param.shape)}") from None
+                raise models.CheckpointError(
+                    f"{path} does not fit {name}: parameter {key!r} is {found}, "
+                    f"the model expects {tuple(param.shape)}") from None
         model.load_state_dict(weights)
         return model
 
@@ -162,7 +164,8 @@ def load_latest_state(run_dir: str | Path, map_location: Any = "cpu") -> dict[st
     return state
 
 
-def state_to_resume(run_dir: Path, cfg: RunConfig, total_steps: int, train_images: int) -> dict[str, Any] | None:
+def state_to_resume(run_dir: Path, cfg: RunConfig, total_steps: int,
+                    train_images: int) -> dict[str, Any] | None:
     """The newest training state of ``run_dir`` (None for a fresh run), once it is known to continue
     the same experiment: a changed experiment key or run length raises ConfigError."""
     state = load_latest_state(run_dir, map_location="cpu")
@@ -173,9 +176,9 @@ def state_to_resume(run_dir: Path, cfg: RunConfig, total_steps: int, train_image
         raise ConfigError(problem)
     if state["total_steps"] != total_steps:
         raise ConfigError(
-            f"the run length changed from {state['total_steps']} steps (checkpoint) to {total_steps} "
-            f"(epochs = {cfg.epochs!r} over {train_images} training images); restore the data "
-            "or use a new output directory")
+            f"the run length changed from {state['total_steps']} steps (checkpoint) to "
+            f"{total_steps} (epochs = {cfg.epochs!r} over {train_images} training images); "
+            "restore the data or use a new output directory")
     return state
 
 

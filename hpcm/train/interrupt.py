@@ -13,7 +13,7 @@ from typing import Any
 
 
 class StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop saves at the next step boundary. A second signal aborts."""
+    """SIGTERM/SIGINT set a flag; the loop saves at the next step boundary. A second one aborts."""
 
     def __init__(self) -> None:
         self.signum: int | None = None

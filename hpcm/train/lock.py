@@ -23,9 +23,10 @@ Where the lock holds:
 
 DDP: all ranks of one training job write one run folder, so they share one lock. Rank 0 takes it
 (``rank=0``, the default); the other ranks pass their rank and hold nothing (``rank > 0`` is a
-no-op). They must not touch the folder before rank 0 holds the lock: ``hold_run_folder_for_all_ranks``
-(what ``hpcm.train.loop.run_training`` uses) takes the lock on rank 0 first and then broadcasts rank
-0's outcome (``Processes.from_rank0``), so that all ranks stop together when it failed.
+no-op). They must not touch the folder before rank 0 holds the lock:
+``hold_run_folder_for_all_ranks`` (what ``hpcm.train.loop.run_training`` uses) takes the lock on
+rank 0 first and then broadcasts rank 0's outcome (``Processes.from_rank0``), so that all ranks
+stop together when it failed.
 """
 
 from __future__ import annotations
@@ -109,9 +110,9 @@ def hold_run_folder(run_dir: str | Path, rank: int = 0) -> Iterator[Path | None]
 
 @contextmanager
 def hold_run_folder_for_all_ranks(run_dir: str | Path, processes: Any) -> Iterator[None]:
-    """``hold_run_folder`` for a run of one or more processes (``hpcm.train.distributed.Processes``):
-    rank 0 takes the lock, and every rank raises RunFolderUnavailable with rank 0's reason when it
-    could not, so that all stop before any work starts."""
+    """``hold_run_folder`` for a run of one or more processes (``processes``: a
+    ``hpcm.train.distributed.Processes``): rank 0 takes the lock, and every rank raises
+    RunFolderUnavailable with rank 0's reason when it could not, so all stop before any work."""
     with ExitStack() as held:
         problem = None
         try:

@@ -171,17 +171,20 @@ def print_err(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def write_run_yaml(run_dir: Path, cfg: RunConfig, *, device: str, total_steps: int, steps_per_epoch: int,
-                   train_images: int, val_images: int, resumed_from_step: int, world_size: int) -> None:
+def write_run_yaml(run_dir: Path, cfg: RunConfig, *, device: str, total_steps: int,
+                   steps_per_epoch: int, train_images: int, val_images: int, resumed_from_step: int,
+                   world_size: int) -> None:
     """``run_dir/run.yaml``: the resolved config (a valid run config itself) and a ``meta`` block of
     versions, commit, command and the run's sizes."""
     meta = {
         "hpcm_version": hpcm.__version__, "git_commit": git_commit(Path(__file__).resolve().parent),
         "torch_version": str(torch.__version__), "device": device, "total_steps": total_steps,
         "steps_per_epoch": steps_per_epoch, "train_images": train_images, "val_images": val_images,
-        "resumed_from_step": resumed_from_step, "command": " ".join(sys.argv), "world_size": world_size,
+        "resumed_from_step": resumed_from_step, "command": " ".join(sys.argv),
+        "world_size": world_size,
     }
-    atomic_write_text(run_dir / RUN_YAML, yaml.safe_dump({**cfg.as_dict(), "meta": meta}, sort_keys=False))
+    text = yaml.safe_dump({**cfg.as_dict(), "meta": meta}, sort_keys=False)
+    atomic_write_text(run_dir / RUN_YAML, text)
 
 
 def git_commit(path: str | Path) -> str:

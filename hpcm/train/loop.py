@@ -30,8 +30,9 @@ command resumes from the newest valid checkpoint (a finished run, with ``done``,
 config is the same, an error when an experiment key changed). One writer per folder: the trainer
 holds ``DIR/.lock`` (``hpcm.train.lock``, an flock that dies with its process) while it runs.
 SIGTERM / SIGINT (e.g. SLURM pre-emption) finish the current step, save and exit with
-``EXIT_INTERRUPTED`` (``hpcm.train.interrupt``). The data order is a pure function of (seed, step), and every RNG state is
-checkpointed, so on CPU a resumed run ends with the same weights as an uninterrupted one.
+``EXIT_INTERRUPTED`` (``hpcm.train.interrupt``). The data order is a pure function of (seed, step),
+and every RNG state is checkpointed, so on CPU a resumed run ends with the same weights as an
+uninterrupted one.
 
 Exit codes: 0 finished (or already finished), 2 bad command line / config / data (nothing was
 done; also every checkpoint unreadable, or an image unreadable mid-run after saving the state),
@@ -79,6 +80,8 @@ EXIT_INTERRUPTED = 75  # sysexits EX_TEMPFAIL: state saved, run the same command
 
 DONE_MARKER = "done"
 METRICS_CSV = run_config.METRICS_CSV
+# What a step's forward pass and loss return: (metrics with "loss", Balanced task vector or None)
+Objective = tuple[dict[str, torch.Tensor], torch.Tensor | None]
 # Running sums kept on the device between log rows (no per-step host sync): column -> loss-dict key.
 # The loss comes first (its square is summed too, for loss_std); the scale tasks only in Phase 3.
 TRAIN_SUMS = {"loss": "loss", "distortion": "distortion", "bpp": "bpp_loss", "y_bpp": "y_bpp", "z_bpp": "z_bpp",
@@ -253,47 +256,50 @@ class Run:
                 f"it returned {sorted(metrics)}") from None
 
     # -- one optimisation step, from batch to optimizer
-    def forward_and_loss(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        """Forward pass and loss: (metrics with "loss", the task vector of the Balanced optimizers or
-        None). What torch.compile compiles when ``compile`` is on."""
+    def forward_and_loss(self, x: torch.Tensor) -> Objective:
+        """Forward pass and loss: (metrics with "loss", the Balanced optimizers' task vector or
+        None). The part of a step that torch.compile compiles when ``compile`` is on."""
+        cfg = self.cfg
         with self.autocast:
             out = self.model(x)
-        if self.cfg.bf16 and self.cuda:  # losses and bit counts in float32, whatever autocast produced
-            out = {"x_hat": out["x_hat"].float(), "likelihoods": {k: v.float() for k, v in out["likelihoods"].items()}}
+        if cfg.bf16 and self.cuda:  # losses and bit counts in float32, whatever autocast produced
+            out = {"x_hat": out["x_hat"].float(),
+                   "likelihoods": {k: v.float() for k, v in out["likelihoods"].items()}}
         if self.decomposition is not None:  # Phase 3: the 5 scale tasks
-            bits = self.model.scale_bits(out["likelihoods"]["y"]) if self.cfg.decomposition == "measured" else None
+            y = out["likelihoods"]["y"]
+            bits = self.model.scale_bits(y) if cfg.decomposition == "measured" else None
             tasks, metrics = self.decomposition(out, x, scale_bits=bits)
             return metrics, tasks
-        metrics = losses.rate_distortion(out, x, self.cfg.lmbda, self.cfg.distortion)
-        return metrics, torch.stack([metrics["distortion"], metrics["bpp_loss"]]) if self.balanced else None
+        metrics = losses.rate_distortion(out, x, cfg.lmbda, cfg.distortion)
+        tasks = torch.stack([metrics["distortion"], metrics["bpp_loss"]]) if self.balanced else None
+        return metrics, tasks
 
     def train_step(self, step: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Optimizer step ``step`` (1-based) on the batch ``x``; returns the loss dict (metrics)."""
         optimizer, processes = self.optimizer, self.processes
-        # schedules, pure functions of the step: lr (x each group's Phase 4 ratio), Phase 4 freezing
-        # (before the forward pass), the single gamma (balanced, qp) or the scale gammas (Phase 3)
+        # schedules (pure functions of the step): lr x Phase 4 ratios, Phase 4 freezing, gamma(s)
         schedules.set_lr(optimizer, self.lr_at(step))
         if self.phase4 is not None:
             self.phase4.apply(step)
         if self.gamma_schedule is not None:
             self.gamma_schedule.apply(optimizer, step - 1)
-        if self.gamma_manager is not None and self.gamma_manager.strategy not in ("adaptive", "fixed"):
-            optimizer.set_scale_gammas(*self.gamma_manager.step(step - 1).values())
+        manager = self.gamma_manager
+        if manager is not None and manager.strategy not in ("adaptive", "fixed"):
+            optimizer.set_scale_gammas(*manager.step(step - 1).values())
         x = x.to(self.device, non_blocking=True)
         if self.cuda:
             x = x.contiguous(memory_format=torch.channels_last)
 
-        def objective() -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        def objective() -> Objective:
             return processes.mean_over_ranks(*self._forward_and_loss(x))  # means over the processes
-
         optimizer.zero_grad(set_to_none=True)
         if self.phase4 is not None and not self.phase4.any_trainable:
             with torch.no_grad():  # Phase 4 stopped every group: the weights stay as they are
                 metrics = objective()[0]
         else:
             metrics, tasks = objective()
-            # backward, gradient mean over the processes, clip, step; skipped for a non-finite
-            # batch. same_batch task weights come from a second no-grad forward (reevaluate).
+            # backward, mean gradient over ranks, clip, step (skipped if not finite); reevaluate:
+            # the second no-grad forward of same_batch task weights
             skipped = optim.backward_and_step(
                 optimizer, self.params, metrics["loss"], tasks, max_norm=self.cfg.clip_max_norm,
                 reevaluate=lambda: objective()[1],
@@ -301,8 +307,9 @@ class Run:
             if skipped is not None:  # adam / cautious_adam; the Balanced optimizers count their own
                 self.skipped += skipped
             if self.hierarchical:  # the adaptive gamma strategy's input (adapt_gammas_at_epoch_end)
-                scale = [metrics["s1_d"] + metrics["s1_b"], metrics["s2_d"] + metrics["s2_b"], metrics["s3_b"]]
-                self.epoch_scale_losses += torch.stack(scale).detach().float()
+                m = metrics
+                scale = torch.stack([m["s1_d"] + m["s1_b"], m["s2_d"] + m["s2_b"], m["s3_b"]])
+                self.epoch_scale_losses += scale.detach().float()
         # every step, skipped and frozen ones too: no host sync, and the average still converges
         if self.ema is not None:
             self.ema.update_parameters(self.model)
@@ -367,9 +374,10 @@ def save_checkpoint(run: Run) -> None:
 
 
 def save_best(run: Run) -> None:
-    if run.processes.is_writer:  # the balanced optimizers also write the seed's balanced_state_best.pth
+    if run.processes.is_writer:  # balanced optimizers: also the seed's balanced_state_best.pth
+        balanced_state = run.optimizer.save_state if run.balanced else None
         checkpointing.save_best_model(run.eval_model, run.out, checkpointing.run_labels(run.cfg),
-                                      save_balanced_state=run.optimizer.save_state if run.balanced else None)
+                                      save_balanced_state=balanced_state)
 
 
 class LogWindow:
@@ -458,9 +466,9 @@ def train(run: Run, stop: StopFlag) -> int:
                        **validate_and_keep_best(run)}
                 window.restart_clock()
             if cfg.snapshot_every and step % cfg.snapshot_every == 0 and writer:
+                balanced_state = run.optimizer.save_state if run.balanced else None
                 checkpointing.save_snapshot(run.eval_model, out, step, checkpointing.run_labels(cfg),
-                                            keep=cfg.snapshot_keep,
-                                            save_balanced_state=run.optimizer.save_state if run.balanced else None)
+                                            keep=cfg.snapshot_keep, save_balanced_state=balanced_state)
                 window.restart_clock()
             if row is not None and writer:
                 metrics_csv.write(row)
@@ -515,7 +523,7 @@ def run_training(cfg: RunConfig, out: Path) -> int:
         return EXIT_CONFIG
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with run_lock.hold_run_folder_for_all_ranks(out, processes):  # rank 0 holds it for every rank
+        with run_lock.hold_run_folder_for_all_ranks(out, processes):  # rank 0 holds it for all
             return _run_locked(cfg, out, processes)
     except run_lock.RunFolderUnavailable as exc:
         print_err(f"error: {exc}")
