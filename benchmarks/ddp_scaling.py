@@ -41,7 +41,7 @@ def worker(args: argparse.Namespace) -> None:
     cfg = run_config.resolve({"model": args.model, "patch_size": args.patch_size, "batch_size": args.batch_size,
                               "steps": args.warmup + args.steps, "optimizer": args.optimizer,
                               "device": args.device, "num_workers": 0, "wandb_mode": "disabled", "quiet": True})
-    processes = distributed.Processes.start(cfg, loop.pick_device(cfg["device"], "--device"))
+    processes = distributed.Processes.start(cfg, loop.pick_device(cfg.device, "--device"))
     run = loop.Run(cfg, Path("."), processes)
     run.open_data()
     run.build(None)
@@ -52,12 +52,12 @@ def worker(args: argparse.Namespace) -> None:
     if run.cuda:
         x = x.contiguous(memory_format=torch.channels_last)
     for _ in range(args.warmup):
-        run.train_step(x)
+        run.train_step(run.step + 1, x)
     synchronize(run)
     processes.barrier()
     start = time.perf_counter()
     for _ in range(args.steps):
-        run.train_step(x)
+        run.train_step(run.step + 1, x)
     synchronize(run)
     processes.barrier()
     elapsed = time.perf_counter() - start

@@ -268,8 +268,7 @@ def section_cross_device(args: Namespace, device: torch.device, ctx: dict) -> di
 def _train_steps(run: train.Run, batches: list[torch.Tensor]) -> tuple[dict, dict]:
     for x in batches:
         run.step += 1
-        run.apply_schedules(run.step)
-        run.train_step(x)
+        run.train_step(run.step, x)
     params = {k: v.detach().float().cpu() for k, v in run.model.state_dict().items()}
     weights = run.optimizer.get_task_weights() if run.balanced else {}
     return params, weights
@@ -347,8 +346,7 @@ def _one_step(args: Namespace, overrides: dict, batch: torch.Tensor) -> dict:
         if batch.device.type == "cuda":
             torch.cuda.manual_seed_all(1234)
         run.step = 1
-        run.apply_schedules(1)
-        run.train_step(batch)
+        run.train_step(1, batch)
         outcome[label] = _one_step_state(run)
         del run
         free_device_memory()
@@ -585,7 +583,7 @@ def section_official(args: Namespace, device: torch.device, ctx: dict) -> dict:
         opt = torch.optim.Adam(official.parameters(), lr=1e-4)  # torch's default, as the official train.py
         x = first_batch(ours, batch_args(args, batch_size))
         x_official = x.contiguous()  # the official code trains in NCHW
-        lmbda = ours.cfg["lmbda"]
+        lmbda = ours.cfg.lmbda
         clock = step_clock(device)
 
         def timed(fn: Callable[[], None], n: int, clock: Callable[[], float] = clock) -> float:
@@ -700,8 +698,7 @@ def _profile_one(args: Namespace, name: str, batch_size: int, device: torch.devi
         start = time.perf_counter()
         for _ in range(steps):
             run.step += 1
-            run.apply_schedules(run.step)
-            run.train_step(x)
+            run.train_step(run.step, x)
         sync(device)  # one cudaDeviceSynchronize of ours is counted below
         profiled_ms = (time.perf_counter() - start) / steps * 1e3
     averages = prof.key_averages()

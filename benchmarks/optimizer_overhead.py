@@ -73,8 +73,7 @@ def time_steps(run: train.Run, x: torch.Tensor, steps: int) -> float:
     start = clock()
     for _ in range(steps):
         run.step += 1
-        run.apply_schedules(run.step)
-        run.train_step(x)
+        run.train_step(run.step, x)
     if run.cuda:
         torch.cuda.synchronize()
     return clock() - start

@@ -54,10 +54,10 @@ def build(args: argparse.Namespace, optimizer: str, mode: str, sync_free: bool) 
 
 def count_ops(run: train.Run, x: torch.Tensor, steps: int) -> dict[str, float]:
     """Per-step counts of the ops in COUNTED, of leaf ops, and of ops under the optimizer step."""
-    run.train_step(x)  # state creation happens outside the counted steps
+    run.train_step(run.step + 1, x)  # state creation happens outside the counted steps
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
-            run.train_step(x)
+            run.train_step(run.step + 1, x)
     events = prof.events()
     names = Counter(e.name for e in events)
     leaves = sum(1 for e in events if not e.cpu_children and e.name.startswith("aten::"))
@@ -69,7 +69,7 @@ def count_ops(run: train.Run, x: torch.Tensor, steps: int) -> dict[str, float]:
 def step_seconds(run: train.Run, x: torch.Tensor, steps: int) -> float:
     start = time.thread_time()
     for _ in range(steps):
-        run.train_step(x)
+        run.train_step(run.step + 1, x)
     return (time.thread_time() - start) / steps
 
 

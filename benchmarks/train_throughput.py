@@ -73,7 +73,7 @@ def build_run(model: str, overrides: dict[str, Any]) -> train.Run:
 def batch_for(run: train.Run) -> torch.Tensor:
     """A fixed batch of the run's shape and layout (the loop makes this conversion)."""
     generator = torch.Generator().manual_seed(0)
-    size, count = run.cfg["patch_size"], run.cfg["batch_size"]
+    size, count = run.cfg.patch_size, run.cfg.batch_size
     x = torch.rand(count, 3, size, size, generator=generator)
     return x.contiguous(memory_format=torch.channels_last) if run.channels_last else x
 
@@ -96,8 +96,7 @@ def time_steps(run: train.Run, x: torch.Tensor, steps: int) -> float:
     start = clock()
     for _ in range(steps):
         run.step += 1
-        run.apply_schedules(run.step)
-        run.train_step(x)
+        run.train_step(run.step, x)
     return (clock() - start) / steps
 
 
@@ -106,7 +105,7 @@ def step_flops(run: train.Run, x: torch.Tensor) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
-        run.train_step(x)
+        run.train_step(run.step, x)
     return counter.get_total_flops()
 
 
@@ -155,7 +154,7 @@ def measure(model: str, settings: dict[str, dict[str, Any]], repeats: int,
             seconds[label].append(time_steps(runs[label], batches[label], steps))
         gemm.append(gemm_rate())
     return {"seconds": seconds, "flops": flops, "gemm_flop_s": gemm,
-            "pixels": {label: run.cfg["batch_size"] * run.cfg["patch_size"] ** 2
+            "pixels": {label: run.cfg.batch_size * run.cfg.patch_size**2
                        for label, run in runs.items()}}
 
 

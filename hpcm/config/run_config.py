@@ -12,16 +12,19 @@ A run config is a flat YAML mapping. Values are resolved in this order (later wi
 ``scale_weights: equal``, ``gammas: increasing``), resolved to its numbers here.
 
 Everything is checked before any work starts; every error names the key and the value at fault.
-The table ``KEYS`` is the single source of truth: ``--help`` and the docs are generated from it.
+The table ``KEYS`` is the single source of truth: ``--help``, the docs and the typed config
+``RunConfig`` (a frozen dataclass with one field per key, read as ``cfg.lmbda``) are generated from
+it. ``RunConfig.as_dict()`` is the plain mapping that run.yaml and checkpoints store.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -201,6 +204,39 @@ RESUME_SAFE_KEYS = frozenset({
     "snapshot_keep",
 })
 
+# The Python type of each Key.kind: the field types of RunConfig.
+_FIELD_TYPES: dict[str, Any] = {
+    "str": str, "float": float, "int": int, "bool": bool,
+    "floats3": list[float], "floats": list[float], "groups": list[str], "group_floats": dict[str, float],
+}
+
+
+def _as_dict(self: Any) -> dict[str, Any]:
+    """The plain ``{key: value}`` mapping in ``KEYS`` order: what run.yaml and checkpoints store."""
+    return {key: getattr(self, key) for key in KEYS}
+
+
+def _field(key: str, spec: Key) -> tuple[str, Any, Any]:
+    kind = _FIELD_TYPES[spec.kind]
+    default = dataclasses.field(default_factory=lambda: _copy(spec.default)) \
+        if isinstance(spec.default, (list, dict)) else dataclasses.field(default=spec.default)
+    return key, kind | None if spec.optional else kind, default
+
+
+def _copy(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else dict(value)
+
+
+# One field per KEYS entry, with its type and default. Only ``resolve`` / ``from_saved`` build it
+# (they type-check and validate the values); list and dict values are kept as they are, so that
+# ``as_dict()`` equals the mapping the trainer always wrote to run.yaml and checkpoints.
+RunConfig = dataclasses.make_dataclass(
+    "RunConfig", [_field(key, spec) for key, spec in KEYS.items()], frozen=True,
+    namespace={"as_dict": _as_dict,
+               "__doc__": "A resolved, validated run config: one field per ``KEYS`` entry (read "
+                          "``cfg.lmbda``); ``dataclasses.replace`` makes a changed copy.",
+               "__module__": __name__})
+
 
 class _Loader(yaml.SafeLoader):
     """YAML with YAML 1.2 booleans: only true/false are booleans; on/off/yes/no stay the text typed.
@@ -366,7 +402,7 @@ def read_run_yaml(run_dir: str | Path) -> dict[str, Any]:
     return load_file(path) if path.is_file() else {}
 
 
-def resolve(user: dict[str, Any]) -> dict[str, Any]:
+def resolve(user: Mapping[str, Any]) -> RunConfig:
     """Defaults < variant preset < user values; typed and validated. Raises ConfigError."""
     unknown = sorted(set(user) - set(KEYS))
     if unknown:
@@ -376,65 +412,88 @@ def resolve(user: dict[str, Any]) -> dict[str, Any]:
     merged = {k: spec.default for k, spec in KEYS.items()}
     merged.update(VARIANT_PRESETS.get(variant, {}))
     merged.update(user)
-    cfg = {k: _coerce(k, merged[k]) for k in KEYS}
+    cfg = RunConfig(**{k: _coerce(k, merged[k]) for k in KEYS})
+    _check_across_keys(cfg)
+    return cfg
 
-    # cross-key rules
-    if (cfg["steps"] is None) == (cfg["epochs"] is None):
-        raise ConfigError(f"run config: set exactly one of 'steps' = {cfg['steps']!r} and 'epochs' = "
-                          f"{cfg['epochs']!r} (the run length)")
-    if len(cfg["lr_milestones"]) != len(cfg["lr_values"]):
-        raise ConfigError(f"run config: 'lr_milestones' = {cfg['lr_milestones']!r} and 'lr_values' = "
-                          f"{cfg['lr_values']!r} must have the same length")
-    schedule = [cfg["lr"], *cfg["lr_values"]]
+
+def _check_across_keys(cfg: RunConfig) -> None:
+    """The rules that tie keys together, and the paths that must exist."""
+    if (cfg.steps is None) == (cfg.epochs is None):
+        raise ConfigError(f"run config: set exactly one of 'steps' = {cfg.steps!r} and 'epochs' = "
+                          f"{cfg.epochs!r} (the run length)")
+    if len(cfg.lr_milestones) != len(cfg.lr_values):
+        raise ConfigError(f"run config: 'lr_milestones' = {cfg.lr_milestones!r} and 'lr_values' = "
+                          f"{cfg.lr_values!r} must have the same length")
+    schedule = [cfg.lr, *cfg.lr_values]
     raised = [after for before, after in zip(schedule, schedule[1:]) if after > before]
     if raised:  # e.g. a fine-tuning lr with the study's absolute drops would go *up* at the first one
         ratios = [round(v / HPCM_LR, 12) for v in HPCM_LR_VALUES]
-        raise ConfigError(f"run config: 'lr_values' = {cfg['lr_values']!r} raise the learning rate above 'lr' = "
-                          f"{cfg['lr']!r} or a previous value (to {raised[0]!r}); a schedule only lowers it. Give this run its own "
+        raise ConfigError(f"run config: 'lr_values' = {cfg.lr_values!r} raise the learning rate above 'lr' = "
+                          f"{cfg.lr!r} or a previous value (to {raised[0]!r}); a schedule only lowers it. Give this run its own "
                           f"lr_values (the official drops are {ratios} x lr) or 'lr_milestones: []' and "
                           "'lr_values: []' for a constant lr")
-    if cfg["distortion"] == "ms_ssim" and cfg["patch_size"] < MS_SSIM_MIN_SIDE:
+    if cfg.distortion == "ms_ssim" and cfg.patch_size < MS_SSIM_MIN_SIDE:
         raise ConfigError(f"run config: 'distortion' = 'ms_ssim' needs 'patch_size' >= {MS_SSIM_MIN_SIDE} (pytorch_msssim's "
-                          f"5 scales with an 11-tap window), got {cfg['patch_size']!r}; use e.g. 192 or 256")
-    if cfg["gamma_schedule"] != "fixed" and cfg["gamma_final"] is None:
-        raise ConfigError(f"run config: 'gamma_schedule' = {cfg['gamma_schedule']!r} needs 'gamma_final' "
-                          f"(got {cfg['gamma_final']!r})")
-    if cfg["gamma_strategy"] in ("linear", "cosine") and cfg["gammas_final"] is None:
-        raise ConfigError(f"run config: 'gamma_strategy' = {cfg['gamma_strategy']!r} needs 'gammas_final' "
-                          f"(got {cfg['gammas_final']!r})")
-    if cfg["scale_early_stop_patience"] > 0 and ("context" in cfg["freeze"] or "context" in cfg["unfreeze_schedule"]):
-        raise ConfigError(f"run config: 'scale_early_stop_patience' = {cfg['scale_early_stop_patience']!r} stops "
+                          f"5 scales with an 11-tap window), got {cfg.patch_size!r}; use e.g. 192 or 256")
+    if cfg.gamma_schedule != "fixed" and cfg.gamma_final is None:
+        raise ConfigError(f"run config: 'gamma_schedule' = {cfg.gamma_schedule!r} needs 'gamma_final' "
+                          f"(got {cfg.gamma_final!r})")
+    if cfg.gamma_strategy in ("linear", "cosine") and cfg.gammas_final is None:
+        raise ConfigError(f"run config: 'gamma_strategy' = {cfg.gamma_strategy!r} needs 'gammas_final' "
+                          f"(got {cfg.gammas_final!r})")
+    if cfg.scale_early_stop_patience > 0 and ("context" in cfg.freeze or "context" in cfg.unfreeze_schedule):
+        raise ConfigError(f"run config: 'scale_early_stop_patience' = {cfg.scale_early_stop_patience!r} stops "
                           "the context model's scales, but 'freeze' / 'unfreeze_schedule' keep the context frozen "
                           "(for some of) the run, so a scale could stop before it trained; use one or the other")
-    both = [g for g in cfg["freeze"] if g in cfg["unfreeze_schedule"]]
+    both = [g for g in cfg.freeze if g in cfg.unfreeze_schedule]
     if both:
-        raise ConfigError(f"run config: group {both[0]!r} is in 'freeze' = {cfg['freeze']!r} and in "
-                          f"'unfreeze_schedule' = {cfg['unfreeze_schedule']!r}; frozen for the whole run or "
+        raise ConfigError(f"run config: group {both[0]!r} is in 'freeze' = {cfg.freeze!r} and in "
+                          f"'unfreeze_schedule' = {cfg.unfreeze_schedule!r}; frozen for the whole run or "
                           "unfrozen at a fraction, not both")
-    if set(cfg["freeze"]) | set(cfg["unfreeze_schedule"]) == set(PARAMETER_GROUPS):
-        raise ConfigError(f"run config: 'freeze' = {cfg['freeze']!r} and 'unfreeze_schedule' = "
-                          f"{cfg['unfreeze_schedule']!r} leave no parameter group training at the start")
-    device = cfg["device"]
+    if set(cfg.freeze) | set(cfg.unfreeze_schedule) == set(PARAMETER_GROUPS):
+        raise ConfigError(f"run config: 'freeze' = {cfg.freeze!r} and 'unfreeze_schedule' = "
+                          f"{cfg.unfreeze_schedule!r} leave no parameter group training at the start")
+    device = cfg.device
     if not re.fullmatch(DEVICE_PATTERN, device):
         raise _fail("device", device, "must be auto, cpu, cuda or cuda:N")
     for key in ("train_data", "val_data", "init_checkpoint"):
-        value = cfg[key]
+        value = getattr(cfg, key)
         if value is None or (key != "init_checkpoint" and value == "samples"):
             continue
         if not Path(value).exists():
             raise _fail(key, value, "path does not exist")
-    return cfg
 
 
-def load(config_path: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
+def load(config_path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a run config file, apply ``--set`` overrides, return the validated, resolved config."""
     user = load_file(config_path)
     user.update(parse_set(overrides or []))
     return resolve(user)
 
 
-def resume_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
-    """Name the first key whose change would make a resumed run differ from an uninterrupted one."""
+def from_saved(saved: Mapping[str, Any], where: str) -> RunConfig:
+    """The typed config of a mapping the trainer wrote (run.yaml, a checkpoint's ``config``).
+
+    Keys newer than the file take their defaults (what the older code did); values are type-checked
+    as in ``resolve``, but data paths need not exist any more. ``where`` names the file in errors.
+    """
+    unknown = sorted(set(saved) - set(KEYS) - {"meta"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown run-config key {unknown[0]!r}; it was not written "
+                          "by this version of hpcm.train")
+    try:
+        return RunConfig(**{k: _coerce(k, saved.get(k, spec.default)) for k, spec in KEYS.items()})
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def resume_mismatch(saved: Mapping[str, Any], current: RunConfig | Mapping[str, Any]) -> str | None:
+    """Name the first key whose change would make a resumed run differ from an uninterrupted one.
+
+    ``saved`` is the plain mapping of a checkpoint or run.yaml (possibly older, with fewer keys)."""
+    if isinstance(current, RunConfig):
+        current = current.as_dict()
     if current.get("scale_early_stop_patience") and saved.get("val_every") != current.get("val_every"):
         # validations decide when a scale stops (Phase 4): their cadence is part of the experiment here
         return (f"run config key 'val_every' changed from {saved.get('val_every')!r} (checkpoint) to "

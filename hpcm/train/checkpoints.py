@@ -2,8 +2,8 @@
 
 A run directory keeps two generations of the full training state: ``checkpoint_last.pth.tar``
 (newest) and ``checkpoint_prev.pth.tar`` (the one before). Saving rotates last -> prev and then
-writes the new last atomically (``hpcm.util.io``: temporary file, fsync, rename), so at every instant at
-least one complete checkpoint exists. Resuming takes the newest checkpoint that loads and carries
+writes the new last atomically (``hpcm.util.io``: temporary file, fsync, rename), so at every
+instant at least one complete checkpoint exists. Resuming takes the newest checkpoint that loads and carries
 the expected format tag; an unreadable newest one falls back to the previous with a warning and
 is renamed aside to ``checkpoint_last.corrupt`` (so the next save cannot rotate it over the only
 valid generation in ``checkpoint_prev``).
@@ -34,6 +34,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from hpcm import models
+from hpcm.config import run_config
+from hpcm.config.run_config import ConfigError, RunConfig
 from hpcm.models.checkpoint import with_run_metadata
 from hpcm.util.io import atomic_torch_save
 
@@ -41,7 +44,7 @@ CHECKPOINT_LAST = "checkpoint_last.pth.tar"
 CHECKPOINT_PREV = "checkpoint_prev.pth.tar"
 CHECKPOINT_CORRUPT = "checkpoint_last.corrupt"
 BEST_MODEL = "epoch_best.pth.tar"
-BEST_BALANCED_STATE = "balanced_state_best.pth"  # written by Balanced.save_state (hpcm.train)
+BEST_BALANCED_STATE = "balanced_state_best.pth"  # written by Balanced.save_state (save_best_model)
 SNAPSHOT_MODEL = "epoch_{step}.pth.tar"  # the seed's names (its N is an epoch; here the step)
 SNAPSHOT_BALANCED_STATE = "balanced_state_{step}.pth"
 _SNAPSHOT_FILE = re.compile(r"(?:epoch_(\d+)\.pth\.tar|balanced_state_(\d+)\.pth)")
@@ -60,6 +63,13 @@ def rng_state() -> dict[str, Any]:
         "numpy": np.random.get_state(),
         "python": random.getstate(),
     }
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's generators (model init, data order, noise)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -100,6 +110,26 @@ def model_weights_of_training_state(path: str | Path) -> dict[str, torch.Tensor]
         return None
 
 
+def load_initial_model(path: str, name: str) -> torch.nn.Module:
+    """Weights to fine-tune from: official raw state dicts, epoch_best files, or a training
+    checkpoint of this project."""
+    try:
+        return models.load_checkpoint(path, name=name)
+    except models.CheckpointError:
+        weights = model_weights_of_training_state(path)
+        if weights is None:
+            raise
+        model = models.build_model(name)
+        for key, param in model.named_parameters():  # name the first misfit, not a page of keys
+            if key not in weights or weights[key].shape != param.shape:
+                found = tuple(weights[key].shape) if key in weights else "missing"
+                raise models.CheckpointError(
+                    f"{path} does not fit {name}: parameter {key!r} is {found}, "
+                    f"the model expects {tuple(param.shape)}") from None
+        model.load_state_dict(weights)
+        return model
+
+
 def load_latest_state(run_dir: str | Path, map_location: Any = "cpu") -> dict[str, Any] | None:
     """The newest valid training state in ``run_dir``, or None when there is none at all.
 
@@ -134,6 +164,34 @@ def load_latest_state(run_dir: str | Path, map_location: Any = "cpu") -> dict[st
     return state
 
 
+def state_to_resume(run_dir: Path, cfg: RunConfig, total_steps: int,
+                    train_images: int) -> dict[str, Any] | None:
+    """The newest training state of ``run_dir`` (None for a fresh run), once it is known to continue
+    the same experiment: a changed experiment key or run length raises ConfigError."""
+    state = load_latest_state(run_dir, map_location="cpu")
+    if state is None:
+        return None
+    problem = run_config.resume_mismatch(state["config"], cfg)
+    if problem:
+        raise ConfigError(problem)
+    if state["total_steps"] != total_steps:
+        raise ConfigError(
+            f"the run length changed from {state['total_steps']} steps (checkpoint) to "
+            f"{total_steps} (epochs = {cfg.epochs!r} over {train_images} training images); "
+            "restore the data or use a new output directory")
+    return state
+
+
+def finished_run_config(run_dir: Path) -> dict[str, Any]:
+    """The config a finished run trained with: its checkpoint's, else its run.yaml's."""
+    state = load_latest_state(run_dir, map_location="cpu")
+    if state is not None:
+        return state["config"]
+    saved = run_config.read_run_yaml(run_dir)
+    saved.pop("meta", None)
+    return saved
+
+
 def coder_ready_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """CPU state dict of a copy of ``model`` with its entropy-coder tables built (``update(force=True)``).
 
@@ -144,10 +202,10 @@ def coder_ready_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return export.state_dict()  # the copy is discarded, so its tensors need no second copy
 
 
-def run_labels(cfg: dict[str, Any]) -> dict[str, Any]:
+def run_labels(cfg: RunConfig) -> dict[str, Any]:
     """What a run's best model is, from its run config: model, variant, lambda, seed."""
-    return {"model": str(cfg["model"]), "variant": str(cfg["variant"]), "lmbda": float(cfg["lmbda"]),
-            "seed": int(cfg["seed"])}
+    return {"model": str(cfg.model), "variant": str(cfg.variant), "lmbda": float(cfg.lmbda),
+            "seed": int(cfg.seed)}
 
 
 def save_model_export(model: torch.nn.Module, path: str | Path, labels: dict[str, Any]) -> Path:
@@ -156,9 +214,14 @@ def save_model_export(model: torch.nn.Module, path: str | Path, labels: dict[str
     return Path(path)
 
 
-def save_best_model(model: torch.nn.Module, run_dir: str | Path, labels: dict[str, Any]) -> Path:
-    """``epoch_best.pth.tar`` (``save_model_export``)."""
-    return save_model_export(model, Path(run_dir) / BEST_MODEL, labels)
+def save_best_model(model: torch.nn.Module, run_dir: str | Path, labels: dict[str, Any],
+                    save_balanced_state: Callable[[Path], None] | None = None) -> Path:
+    """``epoch_best.pth.tar`` (``save_model_export``), and for the balanced optimizers the seed's
+    ``balanced_state_best.pth`` (``save_balanced_state``, their atomic ``save_state``)."""
+    path = save_model_export(model, Path(run_dir) / BEST_MODEL, labels)
+    if save_balanced_state is not None:
+        save_balanced_state(Path(run_dir) / BEST_BALANCED_STATE)
+    return path
 
 
 def snapshot_steps(run_dir: str | Path) -> list[int]:

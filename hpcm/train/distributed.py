@@ -71,22 +71,22 @@ class Processes:
         self.stop_check_every = 1
 
     @classmethod
-    def start(cls, cfg: dict[str, Any], device: torch.device) -> "Processes":
+    def start(cls, cfg: RunConfig, device: torch.device) -> "Processes":
         """The single process, or (under torchrun) this rank of a new process group."""
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size == 1 and not dist.is_initialized():
             return cls()
-        if cfg["batch_size"] % world_size:
-            raise ConfigError(f"run config: key 'batch_size' = {cfg['batch_size']!r}: the global batch must "
+        if cfg.batch_size % world_size:
+            raise ConfigError(f"run config: key 'batch_size' = {cfg.batch_size!r}: the global batch must "
                               f"split evenly over the {world_size} processes (WORLD_SIZE); use a multiple of "
                               f"{world_size} or another --nproc-per-node")
-        if device.type == "cuda" and ":" in str(cfg["device"]):
-            raise ConfigError(f"run config: key 'device' = {cfg['device']!r}: under torchrun each process "
+        if device.type == "cuda" and ":" in str(cfg.device):
+            raise ConfigError(f"run config: key 'device' = {cfg.device!r}: under torchrun each process "
                               "uses cuda:LOCAL_RANK; set device to auto or cuda")
         owns = not dist.is_initialized()
         if owns:  # a caller (a test) may have set the group up already; then it also ends it
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                    timeout=datetime.timedelta(seconds=cfg["dist_timeout_s"]))
+                                    timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
         processes = cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
         if device.type == "cuda":
             processes.stop_check_every = STOP_CHECK_EVERY_CUDA

@@ -23,9 +23,10 @@ Where the lock holds:
 
 DDP: all ranks of one training job write one run folder, so they share one lock. Rank 0 takes it
 (``rank=0``, the default); the other ranks pass their rank and hold nothing (``rank > 0`` is a
-no-op). They must not touch the folder before rank 0 holds the lock: ``hpcm.train.loop.run_training``
-takes the lock on rank 0 first and then broadcasts rank 0's outcome (``Processes.from_rank0``), so
-that all ranks stop together when it failed.
+no-op). They must not touch the folder before rank 0 holds the lock:
+``hold_run_folder_for_all_ranks`` (what ``hpcm.train.loop.run_training`` uses) takes the lock on
+rank 0 first and then broadcasts rank 0's outcome (``Processes.from_rank0``), so that all ranks
+stop together when it failed.
 """
 
 from __future__ import annotations
@@ -35,19 +36,23 @@ import fcntl
 import os
 import socket
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 LOCK_FILE = ".lock"
 _UNSUPPORTED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 
 
-class RunFolderLocked(RuntimeError):
+class RunFolderUnavailable(RuntimeError):
+    """The run folder cannot be held: locked by another process, or no working ``flock``."""
+
+
+class RunFolderLocked(RunFolderUnavailable):
     """Another live process holds the run folder's lock."""
 
 
-class RunLockUnsupported(RuntimeError):
+class RunLockUnsupported(RunFolderUnavailable):
     """The filesystem of the run folder does not support ``flock``."""
 
 
@@ -101,3 +106,20 @@ def hold_run_folder(run_dir: str | Path, rank: int = 0) -> Iterator[Path | None]
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def hold_run_folder_for_all_ranks(run_dir: str | Path, processes: Any) -> Iterator[None]:
+    """``hold_run_folder`` for a run of one or more processes (``processes``: a
+    ``hpcm.train.distributed.Processes``): rank 0 takes the lock, and every rank raises
+    RunFolderUnavailable with rank 0's reason when it could not, so all stop before any work."""
+    with ExitStack() as held:
+        problem = None
+        try:
+            held.enter_context(hold_run_folder(run_dir, rank=processes.rank))
+        except RunFolderUnavailable as exc:
+            problem = str(exc)
+        problem = processes.from_rank0(problem)
+        if problem:
+            raise RunFolderUnavailable(problem)
+        yield

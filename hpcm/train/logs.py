@@ -1,4 +1,5 @@
-"""Training logs: ``metrics.csv`` (always) and wandb (offline by default, online when configured).
+"""Training logs: ``metrics.csv`` (always), wandb (offline by default, online when configured), and
+``run.yaml`` (``write_run_yaml``: the resolved run config and a ``meta`` block).
 
 metrics.csv has one fixed header for every variant (cells that do not apply stay empty), so the
 analysis code reads all runs alike. A resumed run first drops the rows logged after its checkpoint
@@ -22,6 +23,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+import yaml
+
+import hpcm
+from hpcm.config.run_config import RUN_YAML, RunConfig
 from hpcm.config.tasks import SCALES, SEED_TASK_NAMES
 from hpcm.util.io import atomic_write_text
 
@@ -122,9 +128,9 @@ def wandb_payload(row: dict[str, Any]) -> dict[str, Any]:
 class WandbLogger:
     """Thin wandb wrapper; ``mode='disabled'`` never imports wandb (tests, minimal installs)."""
 
-    def __init__(self, cfg: dict[str, Any], run_dir: Path, resolved_config: dict[str, Any]):
+    def __init__(self, cfg: RunConfig, run_dir: Path, resolved_config: dict[str, Any]):
         self.run = None
-        if cfg["wandb_mode"] == "disabled":
+        if cfg.wandb_mode == "disabled":
             return
         import wandb  # why: slow to import (seconds); runs with wandb_mode disabled never need it
 
@@ -135,10 +141,10 @@ class WandbLogger:
             run_id = secrets.token_hex(8)  # wandb run ids: lowercase letters and digits
             atomic_write_text(id_file, run_id + "\n")
         self.run = wandb.init(
-            mode=cfg["wandb_mode"], project=cfg["wandb_project"], entity=cfg["wandb_entity"],
-            group=cfg["variant"], name=f"lmbda{cfg['lmbda']}", id=run_id, resume="allow",
+            mode=cfg.wandb_mode, project=cfg.wandb_project, entity=cfg.wandb_entity,
+            group=cfg.variant, name=f"lmbda{cfg.lmbda}", id=run_id, resume="allow",
             dir=str(run_dir), config=resolved_config,
-            settings=wandb.Settings(silent=bool(cfg["quiet"]), console="off"))
+            settings=wandb.Settings(silent=bool(cfg.quiet), console="off"))
 
     def log(self, row: dict[str, Any], step: int) -> None:
         if self.run is not None:
@@ -163,6 +169,22 @@ def log_line(row: dict[str, Any], total_steps: int) -> str:
 
 def print_err(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def write_run_yaml(run_dir: Path, cfg: RunConfig, *, device: str, total_steps: int,
+                   steps_per_epoch: int, train_images: int, val_images: int, resumed_from_step: int,
+                   world_size: int) -> None:
+    """``run_dir/run.yaml``: the resolved config (a valid run config itself) and a ``meta`` block of
+    versions, commit, command and the run's sizes."""
+    meta = {
+        "hpcm_version": hpcm.__version__, "git_commit": git_commit(Path(__file__).resolve().parent),
+        "torch_version": str(torch.__version__), "device": device, "total_steps": total_steps,
+        "steps_per_epoch": steps_per_epoch, "train_images": train_images, "val_images": val_images,
+        "resumed_from_step": resumed_from_step, "command": " ".join(sys.argv),
+        "world_size": world_size,
+    }
+    text = yaml.safe_dump({**cfg.as_dict(), "meta": meta}, sort_keys=False)
+    atomic_write_text(run_dir / RUN_YAML, text)
 
 
 def git_commit(path: str | Path) -> str:

@@ -3,9 +3,11 @@
     python -m hpcm.train --config RUN.yaml --output-dir DIR [--set key=value ...]
 
 This module only wires the pieces together: models (``hpcm.models``), optimizers (``hpcm.optim``),
-losses (``hpcm.losses``), schedules (``hpcm.schedules``), data (``hpcm.data``), checkpoints
-(``hpcm.checkpointing``) and logs (``hpcm.logging_utils``). The run-config keys, their defaults and
-the variant presets are listed by ``--help`` and documented in ``hpcm.run_config``.
+losses (``hpcm.train.losses``), schedules (``hpcm.train.schedules``), data (``hpcm.data.images``),
+checkpoints and resuming (``hpcm.train.checkpoints``), the folder lock (``hpcm.train.lock``), signals
+(``hpcm.train.interrupt``) and logs (``hpcm.train.logs``). ``Run.train_step`` is one optimizer step,
+from batch to optimizer, on one screen. The run-config keys, their defaults and the variant presets
+are listed by ``--help`` and documented in ``hpcm.config.run_config`` (``RunConfig``).
 
 Recipe (every variant, so that comparisons are fair): lr 1e-4 dropped to 3e-5 / 1e-5 / 1e-6 at the
 fractions 2750/3000, 2850/3000, 2950/3000 of the run (official HPCM), gradient-norm clip 1.0,
@@ -28,8 +30,9 @@ command resumes from the newest valid checkpoint (a finished run, with ``done``,
 config is the same, an error when an experiment key changed). One writer per folder: the trainer
 holds ``DIR/.lock`` (``hpcm.train.lock``, an flock that dies with its process) while it runs.
 SIGTERM / SIGINT (e.g. SLURM pre-emption) finish the current step, save and exit with
-``EXIT_INTERRUPTED``. The data order is a pure function of (seed, step), and every RNG state is
-checkpointed, so on CPU a resumed run ends with the same weights as an uninterrupted one.
+``EXIT_INTERRUPTED`` (``hpcm.train.interrupt``). The data order is a pure function of (seed, step),
+and every RNG state is checkpointed, so on CPU a resumed run ends with the same weights as an
+uninterrupted one.
 
 Exit codes: 0 finished (or already finished), 2 bad command line / config / data (nothing was
 done; also every checkpoint unreadable, or an image unreadable mid-run after saving the state),
@@ -46,25 +49,25 @@ import signal
 import sys
 import time
 import warnings
-from contextlib import ExitStack, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import yaml
 from tqdm import tqdm
 
 import hpcm
 from hpcm import models, optim
 from hpcm.config import run_config
+from hpcm.config.run_config import RunConfig
 from hpcm.config.tasks import SCALES, SEED_TASK_NAMES
 from hpcm.data import images as data
 from hpcm.train import checkpoints as checkpointing
 from hpcm.train import distributed, losses, phase4, schedules
 from hpcm.train import lock as run_lock
 from hpcm.train.ema import build_ema
-from hpcm.train.logs import MetricsCSV, WandbLogger, git_commit, log_line, print_err
+from hpcm.train.interrupt import StopFlag
+from hpcm.train.logs import MetricsCSV, WandbLogger, log_line, print_err, write_run_yaml
 from hpcm.util.device import DeviceUnavailableError, pick_device
 from hpcm.util.io import atomic_write_text
 
@@ -77,56 +80,12 @@ EXIT_INTERRUPTED = 75  # sysexits EX_TEMPFAIL: state saved, run the same command
 
 DONE_MARKER = "done"
 METRICS_CSV = run_config.METRICS_CSV
+# What a step's forward pass and loss return: (metrics with "loss", Balanced task vector or None)
+Objective = tuple[dict[str, torch.Tensor], torch.Tensor | None]
 # Running sums kept on the device between log rows (no per-step host sync): column -> loss-dict key.
 # The loss comes first (its square is summed too, for loss_std); the scale tasks only in Phase 3.
 TRAIN_SUMS = {"loss": "loss", "distortion": "distortion", "bpp": "bpp_loss", "y_bpp": "y_bpp", "z_bpp": "z_bpp",
               "mse": "mse", "psnr": "psnr", **{task: task for task in SEED_TASK_NAMES}}
-
-
-class StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop saves at the next step boundary. A second signal aborts."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:  # a second signal: stop now (the last checkpoint is intact)
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __enter__(self) -> "StopFlag":
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
-def load_initial_model(path: str, name: str) -> torch.nn.Module:
-    """Weights to fine-tune from: official raw state dicts, epoch_best files, or a training checkpoint."""
-    try:
-        return models.load_checkpoint(path, name=name)
-    except models.CheckpointError:
-        weights = checkpointing.model_weights_of_training_state(path)
-        if weights is None:
-            raise
-        model = models.build_model(name)
-        for key, param in model.named_parameters():  # name the first misfit, not a page of keys
-            if key not in weights or weights[key].shape != param.shape:
-                found = tuple(weights[key].shape) if key in weights else "missing"
-                raise models.CheckpointError(f"{path} does not fit {name}: parameter {key!r} is {found}, "
-                                             f"the model expects {tuple(param.shape)}") from None
-        model.load_state_dict(weights)
-        return model
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------- the pieces of a run
@@ -134,17 +93,17 @@ def seed_everything(seed: int) -> None:
 class Run:
     """Everything one training run wires together: ``open_data``, then ``build`` (fresh or from a state)."""
 
-    def __init__(self, cfg: dict[str, Any], out: Path, processes: distributed.Processes = distributed.SINGLE_PROCESS):
+    def __init__(self, cfg: RunConfig, out: Path, processes: distributed.Processes = distributed.SINGLE_PROCESS):
         self.cfg, self.out, self.processes = cfg, out, processes
-        self.device = processes.device(pick_device(cfg["device"], "run config: key 'device'"))
+        self.device = processes.device(pick_device(cfg.device, "run config: key 'device'"))
         self.cuda = self.device.type == "cuda"
         self.sync_free = self.cuda  # skip decisions on the device; benchmarks/gpu_check.py also builds the host path
-        if cfg["bf16"] and not self.cuda:
+        if cfg.bf16 and not self.cuda:
             warnings.warn("bf16 autocast is only used on CUDA; this CPU run trains in float32", stacklevel=2)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg["bf16"] and self.cuda
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and self.cuda
                          else nullcontext())
-        self.balanced = cfg["optimizer"] in run_config.BALANCED_OPTIMIZERS
-        self.hierarchical = cfg["optimizer"] == "hierarchical_balanced"
+        self.balanced = cfg.optimizer in run_config.BALANCED_OPTIMIZERS
+        self.hierarchical = cfg.optimizer == "hierarchical_balanced"
         # The TRAIN_SUMS columns of this run (the scale tasks exist in Phase 3 only), and one
         # buffer that every step's values are stacked into (no per-step allocation).
         self.sum_columns = [c for c in TRAIN_SUMS if self.hierarchical or c not in SEED_TASK_NAMES]
@@ -154,51 +113,51 @@ class Run:
     # -- data (scanned before the model is built: bad data fails before any work)
     def open_data(self) -> None:
         cfg = self.cfg
-        self.train_set = data.open_image_set(cfg["train_data"], "train", "train_data", cfg["skip_bad_images"],
-                                             min_size=cfg["patch_size"])
-        self.val_set = data.open_image_set(cfg["val_data"], "val", "val_data", cfg["skip_bad_images"])
-        self.steps_per_epoch = math.ceil(len(self.train_set) / cfg["batch_size"])
-        self.total_steps = cfg["steps"] or cfg["epochs"] * self.steps_per_epoch
+        self.train_set = data.open_image_set(cfg.train_data, "train", "train_data", cfg.skip_bad_images,
+                                             min_size=cfg.patch_size)
+        self.val_set = data.open_image_set(cfg.val_data, "val", "val_data", cfg.skip_bad_images)
+        self.steps_per_epoch = math.ceil(len(self.train_set) / cfg.batch_size)
+        self.total_steps = cfg.steps or cfg.epochs * self.steps_per_epoch
 
     # -- model, objective, optimizer, schedules
     def build(self, state: dict[str, Any] | None) -> None:
         cfg = self.cfg
-        seed_everything(cfg["seed"])
-        if state is None and cfg["init_checkpoint"]:
+        checkpointing.seed_everything(cfg.seed)
+        if state is None and cfg.init_checkpoint:
             # Phase 2 fine-tuning: official raw state dicts and project files alike; fresh optimizer.
-            self.model = load_initial_model(cfg["init_checkpoint"], cfg["model"])
+            self.model = checkpointing.load_initial_model(cfg.init_checkpoint, cfg.model)
         else:
-            self.model = models.build_model(cfg["model"])
-        if cfg["patch_size"] % self.model.pad_multiple:
+            self.model = models.build_model(cfg.model)
+        if cfg.patch_size % self.model.pad_multiple:
             raise run_config.ConfigError(
-                f"run config: key 'patch_size' = {cfg['patch_size']!r}: must be a multiple of "
-                f"{self.model.pad_multiple} for model {cfg['model']!r}")
+                f"run config: key 'patch_size' = {cfg.patch_size!r}: must be a multiple of "
+                f"{self.model.pad_multiple} for model {cfg.model!r}")
         self.model.to(self.device)
-        if cfg["threads"]:  # one per job when jobs share the cores (docs/speed.md)
-            torch.set_num_threads(cfg["threads"])
+        if cfg.threads:  # one per job when jobs share the cores (docs/speed.md)
+            torch.set_num_threads(cfg.threads)
         # channels_last: CUDA by default; on CPU the run key (oneDNN convolutions, docs/speed.md)
-        self.channels_last = cfg["memory_format"] == "channels_last" or (
-            cfg["memory_format"] == "auto" and self.cuda)
+        self.channels_last = cfg.memory_format == "channels_last" or (
+            cfg.memory_format == "auto" and self.cuda)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if self.cuda:
             torch.backends.cudnn.benchmark = True
         self.model.train()
-        self.ema = build_ema(self.model, cfg["ema_decay"])  # before restore(), which loads its state
+        self.ema = build_ema(self.model, cfg.ema_decay)  # before restore(), which loads its state
         self.model.noise_shard = (self.processes.rank, self.processes.world_size)
         # compile: forward and loss of a training step go through torch.compile; self.model stays the
         # eager module (state-dict names without ``_orig_mod.``, checkpoints, validation, coder tables)
-        self._compute_objective = self._eager_objective
-        if cfg["compile"]:
+        self._forward_and_loss = self.forward_and_loss
+        if cfg.compile:
             # inductor's own RNG would draw other quantisation noise than eager (same seed, other
             # numbers); torch's generator keeps compiled training on eager's noise and resumable
             from torch._inductor import (
                 config as inductor_config,  # here: only compiled runs load inductor
             )
             inductor_config.fallback_random = True
-            self._compute_objective = torch.compile(self._eager_objective)
+            self._forward_and_loss = torch.compile(self.forward_and_loss)
 
-        self.decomposition = losses.build_decomposition(cfg["decomposition"], cfg["lmbda"], cfg["distortion"]).to(self.device) \
+        self.decomposition = losses.build_decomposition(cfg.decomposition, cfg.lmbda, cfg.distortion).to(self.device) \
             if self.hierarchical else None
         params = list(self.model.parameters())
         extra = []
@@ -209,17 +168,17 @@ class Run:
         self.phase4 = phase4.Phase4(self.model, cfg, self.total_steps, extra) if phase4.is_active(cfg) else None
         # CUDA: the skip decisions stay on the device (no host sync per step)
         self.optimizer = optim.build_optimizer(
-            cfg["optimizer"], params if self.phase4 is None else self.phase4.optimizer_groups(), cfg["lr"], gamma=cfg["gamma"], w_lr=cfg["w_lr"],
-            max_norm=cfg["clip_max_norm"], update_mode=cfg["update_mode"], gammas=cfg["gammas"],
-            scale_weights=cfg["scale_weights"], sync_free=self.sync_free)
+            cfg.optimizer, params if self.phase4 is None else self.phase4.optimizer_groups(), cfg.lr, gamma=cfg.gamma, w_lr=cfg.w_lr,
+            max_norm=cfg.clip_max_norm, update_mode=cfg.update_mode, gammas=cfg.gammas,
+            scale_weights=cfg.scale_weights, sync_free=self.sync_free)
         self.params = params
         self.gamma_schedule = schedules.GammaSchedule(
-            cfg["gamma_schedule"], cfg["gamma"], cfg["gamma_final"], self.total_steps, warmup=cfg["gamma_warmup"],
-            milestones=cfg["gamma_step_milestones"], factor=cfg["gamma_step_factor"]) \
-            if cfg["optimizer"] in ("balanced", "qp") else None
+            cfg.gamma_schedule, cfg.gamma, cfg.gamma_final, self.total_steps, warmup=cfg.gamma_warmup,
+            milestones=cfg.gamma_step_milestones, factor=cfg.gamma_step_factor) \
+            if cfg.optimizer in ("balanced", "qp") else None
         self.gamma_manager = schedules.ScaleGammaManager(
-            cfg["gammas"], cfg["gamma_strategy"], total_epochs=self.total_steps,
-            final_gammas=cfg["gammas_final"]) if self.hierarchical else None
+            cfg.gammas, cfg.gamma_strategy, total_epochs=self.total_steps,
+            final_gammas=cfg.gammas_final) if self.hierarchical else None
 
         # bookkeeping restored from a checkpoint
         self.step = 0
@@ -254,7 +213,7 @@ class Run:
     def training_state(self) -> dict[str, Any]:
         return {
             "step": self.step, "epoch": self.epoch(self.step), "total_steps": self.total_steps,
-            "config": self.cfg, "hpcm_version": hpcm.__version__,
+            "config": self.cfg.as_dict(), "hpcm_version": hpcm.__version__,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
             "decomposition": None if self.decomposition is None else self.decomposition.state_dict(),
@@ -264,29 +223,17 @@ class Run:
             "lr": self.lr_at(self.step + 1),  # the schedule is a pure function of step; kept for readers
             "best_val_loss": self.best_val_loss, "skipped_steps": self.skipped_steps(),
             "epoch_scale_losses": self.epoch_scale_losses.detach().cpu(),
-            "data_sampler": {"seed": self.cfg["seed"], "next_step": self.step + 1},
+            "data_sampler": {"seed": self.cfg.seed, "next_step": self.step + 1},
             "rng": checkpointing.rng_state(),
         }
 
     # -- schedules (pure functions of the step)
     def lr_at(self, step: int) -> float:
         cfg = self.cfg
-        return schedules.lr_at(step - 1, self.total_steps, cfg["lr"], cfg["lr_milestones"], cfg["lr_values"])
+        return schedules.lr_at(step - 1, self.total_steps, cfg.lr, cfg.lr_milestones, cfg.lr_values)
 
     def epoch(self, step: int) -> int:
-        return data.epoch_of(step, self.cfg["batch_size"], len(self.train_set))
-
-    def apply_schedules(self, step: int) -> float:
-        lr = self.lr_at(step)
-        schedules.set_lr(self.optimizer, lr)  # times each group's lr_ratio (Phase 4)
-        if self.phase4 is not None:
-            self.phase4.apply(step)  # freeze / unfreeze before the forward pass
-        progress_step = step - 1
-        if self.gamma_schedule is not None:
-            self.gamma_schedule.apply(self.optimizer, progress_step)
-        if self.gamma_manager is not None and self.gamma_manager.strategy not in ("adaptive", "fixed"):
-            self.optimizer.set_scale_gammas(*self.gamma_manager.step(progress_step).values())
-        return lr
+        return data.epoch_of(step, self.cfg.batch_size, len(self.train_set))
 
     def adapt_gammas_at_epoch_end(self, step: int) -> None:
         """The adaptive strategy moves once per epoch on the epoch's mean scale losses (as the seed)."""
@@ -311,57 +258,69 @@ class Run:
             return torch.stack([metrics[key].detach() for key in self._sum_keys], out=self._step_values)
         except KeyError as error:
             raise KeyError(
-                f"the loss of optimizer {self.cfg['optimizer']!r} (decomposition {self.cfg['decomposition']!r}) "
+                f"the loss of optimizer {self.cfg.optimizer!r} (decomposition {self.cfg.decomposition!r}) "
                 f"returned no {error.args[0]!r}, needed for metrics.csv column(s) "
                 f"{[c for c, k in zip(self.sum_columns, self._sum_keys) if k == error.args[0]]}; "
                 f"it returned {sorted(metrics)}") from None
 
-    # -- one optimisation step
-    def objective(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        """Forward pass -> (metrics dict, task vector or None for the plain-loss optimizers);
-        with several processes their means over the processes (``hpcm.train.distributed``)."""
-        return self.processes.mean_over_ranks(*self._compute_objective(x))
-
-    def _eager_objective(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    # -- one optimisation step, from batch to optimizer
+    def forward_and_loss(self, x: torch.Tensor) -> Objective:
+        """Forward pass and loss: (metrics with "loss", the Balanced optimizers' task vector or
+        None). The part of a step that torch.compile compiles when ``compile`` is on."""
+        cfg = self.cfg
         with self.autocast:
             out = self.model(x)
-        if self.cfg["bf16"] and self.cuda:  # losses and bit counts in float32, whatever autocast produced
-            out = {"x_hat": out["x_hat"].float(), "likelihoods": {k: v.float() for k, v in out["likelihoods"].items()}}
-        if self.decomposition is not None:
-            bits = self.model.scale_bits(out["likelihoods"]["y"]) if self.cfg["decomposition"] == "measured" else None
-            tasks, details = self.decomposition(out, x, scale_bits=bits)
-            return details, tasks
-        rd = losses.rate_distortion(out, x, self.cfg["lmbda"], self.cfg["distortion"])
-        tasks = torch.stack([rd["distortion"], rd["bpp_loss"]]) if self.balanced else None
-        return rd, tasks
+        if cfg.bf16 and self.cuda:  # losses and bit counts in float32, whatever autocast produced
+            out = {"x_hat": out["x_hat"].float(),
+                   "likelihoods": {k: v.float() for k, v in out["likelihoods"].items()}}
+        if self.decomposition is not None:  # Phase 3: the 5 scale tasks
+            y = out["likelihoods"]["y"]
+            bits = self.model.scale_bits(y) if cfg.decomposition == "measured" else None
+            tasks, metrics = self.decomposition(out, x, scale_bits=bits)
+            return metrics, tasks
+        metrics = losses.rate_distortion(out, x, cfg.lmbda, cfg.distortion)
+        tasks = torch.stack([metrics["distortion"], metrics["bpp_loss"]]) if self.balanced else None
+        return metrics, tasks
 
-    def train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """zero_grad, forward, then backward + clip + step (skipped for a non-finite batch), and the
-        moving average of the weights."""
-        self.optimizer.zero_grad(set_to_none=True)
+    def train_step(self, step: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Optimizer step ``step`` (1-based) on the batch ``x``; returns the loss dict (metrics)."""
+        optimizer, processes = self.optimizer, self.processes
+        # schedules (pure functions of the step): lr x Phase 4 ratios, Phase 4 freezing, gamma(s)
+        schedules.set_lr(optimizer, self.lr_at(step))
+        if self.phase4 is not None:
+            self.phase4.apply(step)
+        if self.gamma_schedule is not None:
+            self.gamma_schedule.apply(optimizer, step - 1)
+        manager = self.gamma_manager
+        if manager is not None and manager.strategy not in ("adaptive", "fixed"):
+            optimizer.set_scale_gammas(*manager.step(step - 1).values())
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+
+        def objective() -> Objective:
+            return processes.mean_over_ranks(*self._forward_and_loss(x))  # means over the processes
+        optimizer.zero_grad(set_to_none=True)
         if self.phase4 is not None and not self.phase4.any_trainable:
-            with torch.no_grad():  # Phase 4 froze everything (early stopping): the weights stay as they are
-                metrics = self.objective(x)[0]
+            with torch.no_grad():  # Phase 4 stopped every group: the weights stay as they are
+                metrics = objective()[0]
         else:
-            metrics = self._optimizer_step(x)
-        # every step, skipped and frozen ones too: no host sync, and the average still converges to
-        # the final weights when they stop moving
+            metrics, tasks = objective()
+            # backward, mean gradient over ranks, clip, step (skipped if not finite); reevaluate:
+            # the second no-grad forward of same_batch task weights
+            skipped = optim.backward_and_step(
+                optimizer, self.params, metrics["loss"], tasks, max_norm=self.cfg.clip_max_norm,
+                reevaluate=lambda: objective()[1],
+                average_gradients=processes.average_gradients if processes.enabled else None)
+            if skipped is not None:  # adam / cautious_adam; the Balanced optimizers count their own
+                self.skipped += skipped
+            if self.hierarchical:  # the adaptive gamma strategy's input (adapt_gammas_at_epoch_end)
+                m = metrics
+                scale = torch.stack([m["s1_d"] + m["s1_b"], m["s2_d"] + m["s2_b"], m["s3_b"]])
+                self.epoch_scale_losses += scale.detach().float()
+        # every step, skipped and frozen ones too: no host sync, and the average still converges
         if self.ema is not None:
             self.ema.update_parameters(self.model)
-        return metrics
-
-    def _optimizer_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        metrics, tasks = self.objective(x)
-        skipped = optim.backward_and_step(self.optimizer, self.params, metrics["loss"], tasks,
-                                          max_norm=self.cfg["clip_max_norm"],
-                                          reevaluate=lambda: self.objective(x)[1],
-                                          average_gradients=self.processes.average_gradients
-                                          if self.processes.enabled else None)
-        if skipped is not None:  # adam / cautious_adam; the Balanced optimizers count their own
-            self.skipped += skipped
-        if self.hierarchical:
-            scale = torch.stack([metrics["s1_d"] + metrics["s1_b"], metrics["s2_d"] + metrics["s2_b"], metrics["s3_b"]])
-            self.epoch_scale_losses += scale.detach().float()
         return metrics
 
     @property
@@ -378,7 +337,7 @@ class Run:
                    "val_mse": "mse", "val_y_bpp": "y_bpp", "val_z_bpp": "z_bpp"}
         sums = torch.zeros(len(columns) + len(SCALES), device=self.device)
         count = 0
-        for _, x in data.validation_images(self.val_set, self.cfg["skip_bad_images"]):
+        for _, x in data.validation_images(self.val_set, self.cfg.skip_bad_images):
             x = x.to(self.device)
             padded, pad = models.pad_image(x, model.pad_multiple)
             if self.channels_last:
@@ -386,14 +345,14 @@ class Run:
             with self.autocast:
                 out = model(padded)
             out = {"x_hat": models.crop_image(out["x_hat"], pad).float(), "likelihoods": out["likelihoods"]}
-            rd = losses.rate_distortion(out, x, self.cfg["lmbda"], self.cfg["distortion"])  # bpp over the original pixels
+            rd = losses.rate_distortion(out, x, self.cfg.lmbda, self.cfg.distortion)  # bpp over the original pixels
             # the y rate of each scale's elements (HPCM.scale_bits), over the same pixels as y_bpp
             scale_bpp = model.scale_bits(out["likelihoods"]["y"].float()).sum(0) / (x.shape[0] * x.shape[2] * x.shape[3])
             sums += torch.cat([torch.stack([rd[key] for key in columns.values()]).float(), scale_bpp.float()])
             count += 1
         model.train()
         if count == 0:
-            raise data.ImageError(f"no readable validation image in val_data = {self.cfg['val_data']!r}")
+            raise data.ImageError(f"no readable validation image in val_data = {self.cfg.val_data!r}")
         return dict(zip([*columns, *(f"val_{s}_bpp" for s in SCALES)], (sums / count).tolist()))
 
     # -- reporting
@@ -417,34 +376,16 @@ class Run:
 
 # ----------------------------------------------------------------------------- the training loop
 
-def write_run_yaml(run: Run, resumed_from: int) -> None:
-    meta = {
-        "hpcm_version": hpcm.__version__, "git_commit": git_commit(Path(__file__).resolve().parent),
-        "torch_version": str(torch.__version__), "device": str(run.device), "total_steps": run.total_steps,
-        "steps_per_epoch": run.steps_per_epoch, "train_images": len(run.train_set),
-        "val_images": len(run.val_set), "resumed_from_step": resumed_from,
-        "command": " ".join(sys.argv), "world_size": run.processes.world_size,
-    }
-    atomic_write_text(run.out / run_config.RUN_YAML, yaml.safe_dump({**run.cfg, "meta": meta}, sort_keys=False))
-
-
 def save_checkpoint(run: Run) -> None:
     if run.processes.is_writer:  # every rank holds the same state
         checkpointing.save_training_state(run.out, run.training_state())
 
 
 def save_best(run: Run) -> None:
-    if not run.processes.is_writer:
-        return
-    checkpointing.save_best_model(run.eval_model, run.out, checkpointing.run_labels(run.cfg))
-    if run.balanced:  # the seed's writer of the official balanced_state_best.pth (atomic)
-        run.optimizer.save_state(run.out / checkpointing.BEST_BALANCED_STATE)
-
-
-def save_snapshot(run: Run) -> None:
-    checkpointing.save_snapshot(run.eval_model, run.out, run.step, checkpointing.run_labels(run.cfg),
-                                keep=run.cfg["snapshot_keep"],
-                                save_balanced_state=run.optimizer.save_state if run.balanced else None)
+    if run.processes.is_writer:  # balanced optimizers: also the seed's balanced_state_best.pth
+        balanced_state = run.optimizer.save_state if run.balanced else None
+        checkpointing.save_best_model(run.eval_model, run.out, checkpointing.run_labels(run.cfg),
+                                      save_balanced_state=balanced_state)
 
 
 class LogWindow:
@@ -472,7 +413,7 @@ class LogWindow:
         *window_means, mean_square = (self.sums / self.steps).tolist()
         means = dict(zip(run.sum_columns, window_means))
         # std (ddof=0) of the per-step losses of this window, and its size, so that
-        # hpcm tables pools the per-step spread exactly (the row's loss is only a mean).
+        # hpcm.analysis.tables pools the per-step spread exactly (the row's loss is only a mean).
         loss_std = math.sqrt(max(mean_square - means["loss"] ** 2, 0.0))
         row = {"step": step, "epoch": run.epoch(step), "lr": lr, **means, "loss_std": loss_std,
                "loss_steps": self.steps, "skipped_steps": run.skipped_steps(),
@@ -495,7 +436,7 @@ def validate_and_keep_best(run: Run) -> dict[str, float]:
         stopping = run.phase4.observe_validation(run.step, val)
         if stopping and run.processes.is_writer:
             print_err(f"step {run.step}: scale(s) {', '.join(stopping)} stopped improving their validation rate "
-                      f"for {run.cfg['scale_early_stop_patience']} validations; their context parameters stop")
+                      f"for {run.cfg.scale_early_stop_patience} validations; their context parameters stop")
     if val["val_loss"] < run.best_val_loss:
         run.best_val_loss = val["val_loss"]
         save_best(run)
@@ -507,36 +448,35 @@ def train(run: Run, stop: StopFlag) -> int:
     start_step = run.step
     writer = processes.is_writer  # rank 0 alone writes the run folder and the log
     metrics_csv = MetricsCSV(out / METRICS_CSV, resume_step=start_step) if writer else None
-    wandb_logger = WandbLogger(cfg, out, {**cfg, "total_steps": run.total_steps}) if writer else None
-    loader = data.train_loader(run.train_set, cfg["patch_size"], cfg["batch_size"], cfg["seed"], run.total_steps,
-                               start_step=start_step, num_workers=cfg["num_workers"],
-                               skip_bad_images=cfg["skip_bad_images"], pin_memory=run.cuda,
+    wandb_logger = WandbLogger(cfg, out, {**cfg.as_dict(), "total_steps": run.total_steps}) if writer else None
+    loader = data.train_loader(run.train_set, cfg.patch_size, cfg.batch_size, cfg.seed, run.total_steps,
+                               start_step=start_step, num_workers=cfg.num_workers,
+                               skip_bad_images=cfg.skip_bad_images, pin_memory=run.cuda,
                                rank=processes.rank, world_size=processes.world_size)
-    bar = tqdm(total=run.total_steps, initial=start_step, disable=cfg["quiet"] or not writer, desc=f"{cfg['variant']} "
-               f"lmbda={cfg['lmbda']}", dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=run.total_steps, initial=start_step, disable=cfg.quiet or not writer, desc=f"{cfg.variant} "
+               f"lmbda={cfg.lmbda}", dynamic_ncols=True, file=sys.stderr)
     window = LogWindow(run)
     exit_code = EXIT_CRASH
     try:
         for x in loader:
             step = run.step + 1
-            lr = run.apply_schedules(step)
-            x = x.to(run.device, non_blocking=True)
-            if run.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            window.add(run.train_step(x))
+            window.add(run.train_step(step, x))
             run.step = step
+            lr = run.lr_at(step)
             run.adapt_gammas_at_epoch_end(step)
             bar.update(1)
 
             last, stopping = step == run.total_steps, processes.agree_to_stop(stop.signum is not None, step)
-            row = window.row(step, lr) if step % cfg["log_every"] == 0 or last or stopping else None
-            validating = step % cfg["val_every"] == 0 or last
+            row = window.row(step, lr) if step % cfg.log_every == 0 or last or stopping else None
+            validating = step % cfg.val_every == 0 or last
             if validating:
                 row = {**(row or {"step": step, "epoch": run.epoch(step), "lr": lr, **run.phase4_columns()}),
                        **validate_and_keep_best(run)}
                 window.restart_clock()
-            if cfg["snapshot_every"] and step % cfg["snapshot_every"] == 0 and writer:
-                save_snapshot(run)
+            if cfg.snapshot_every and step % cfg.snapshot_every == 0 and writer:
+                balanced_state = run.optimizer.save_state if run.balanced else None
+                checkpointing.save_snapshot(run.eval_model, out, step, checkpointing.run_labels(cfg),
+                                            keep=cfg.snapshot_keep, save_balanced_state=balanced_state)
                 window.restart_clock()
             if row is not None and writer:
                 metrics_csv.write(row)
@@ -544,11 +484,11 @@ def train(run: Run, stop: StopFlag) -> int:
                 if "loss" in row:  # validation-only rows carry no training loss
                     bar.set_postfix(loss=f"{row['loss']:.4f}", bpp=f"{row['bpp']:.4f}", psnr=f"{row['psnr']:.2f}",
                                     refresh=False)
-                if cfg["quiet"]:
+                if cfg.quiet:
                     print_err(log_line(row, run.total_steps))
             if validating or not processes.enabled:  # again: a signal may have come during validation
                 stopping = processes.agree_to_stop(stop.signum is not None, step, force=True)
-            if step % cfg["checkpoint_every"] == 0 or last or stopping:
+            if step % cfg.checkpoint_every == 0 or last or stopping:
                 save_checkpoint(run)
             if stopping and not last:
                 processes.barrier()  # no rank exits (torchrun then stops the others) before rank 0 has saved
@@ -579,29 +519,23 @@ def train(run: Run, stop: StopFlag) -> int:
             wandb_logger.finish(exit_code=0 if exit_code in (EXIT_OK, EXIT_INTERRUPTED) else exit_code)
 
 
-def run_training(cfg: dict[str, Any], out: Path) -> int:
+def run_training(cfg: RunConfig, out: Path) -> int:
     """Resume or start the run in ``out``, holding its lock (one writer per folder); the exit code."""
     if out.exists() and not out.is_dir():
         print_err(f"error: --output-dir {out} is a file, not a directory; pass a directory (created if missing)")
         return EXIT_CONFIG
     try:
-        processes = distributed.Processes.start(cfg, pick_device(cfg["device"], "run config: key 'device'"))
+        processes = distributed.Processes.start(cfg, pick_device(cfg.device, "run config: key 'device'"))
     except (run_config.ConfigError, DeviceUnavailableError) as exc:
         print_err(f"error: {exc}")
         return EXIT_CONFIG
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with ExitStack() as held:
-            problem = None
-            try:  # rank 0 holds the folder for every rank (hpcm.train.lock); the others wait for it
-                held.enter_context(run_lock.hold_run_folder(out, rank=processes.rank))
-            except (run_lock.RunFolderLocked, run_lock.RunLockUnsupported) as exc:
-                problem = f"error: {exc}"
-            problem = processes.from_rank0(problem)
-            if problem:
-                print_err(problem)
-                return EXIT_CONFIG
+        with run_lock.hold_run_folder_for_all_ranks(out, processes):  # rank 0 holds it for all
             return _run_locked(cfg, out, processes)
+    except run_lock.RunFolderUnavailable as exc:
+        print_err(f"error: {exc}")
+        return EXIT_CONFIG
     except distributed.CollectiveFailed as exc:
         print_err(f"error: {exc}\nthe last saved checkpoint is intact; re-run the same command to resume")
         return EXIT_CRASH
@@ -609,22 +543,12 @@ def run_training(cfg: dict[str, Any], out: Path) -> int:
         processes.close()
 
 
-def _finished_config(out: Path) -> dict[str, Any]:
-    """The config a finished run trained with: its checkpoint's, else its run.yaml's."""
-    state = checkpointing.load_latest_state(out, map_location="cpu")
-    if state is not None:
-        return state["config"]
-    saved = run_config.read_run_yaml(out)
-    saved.pop("meta", None)
-    return saved
-
-
-def _run_locked(cfg: dict[str, Any], out: Path, processes: distributed.Processes = distributed.SINGLE_PROCESS) -> int:
+def _run_locked(cfg: RunConfig, out: Path, processes: distributed.Processes = distributed.SINGLE_PROCESS) -> int:
     if (out / DONE_MARKER).exists():
         # Compare first: a changed experiment key must fail as it does for an unfinished run, not
         # report "nothing to do" for a model this folder does not hold.
         try:
-            problem = run_config.resume_mismatch(_finished_config(out), cfg)
+            problem = run_config.resume_mismatch(checkpointing.finished_run_config(out), cfg)
         except checkpointing.CheckpointCorruptError as exc:
             problem = str(exc)
         if problem:
@@ -636,17 +560,8 @@ def _run_locked(cfg: dict[str, Any], out: Path, processes: distributed.Processes
         try:
             run = Run(cfg, out, processes)
             run.open_data()
-            state = checkpointing.load_latest_state(out, map_location="cpu")
-            if state is not None:
-                problem = run_config.resume_mismatch(state["config"], cfg)
-                if problem:
-                    raise run_config.ConfigError(problem)
+            state = checkpointing.state_to_resume(out, cfg, run.total_steps, len(run.train_set))
             run.build(state)
-            if state is not None and state["total_steps"] != run.total_steps:
-                raise run_config.ConfigError(
-                    f"the run length changed from {state['total_steps']} steps (checkpoint) to {run.total_steps} "
-                    f"(epochs = {cfg['epochs']!r} over {len(run.train_set)} training images); restore the data "
-                    "or use a new output directory")
         except (run_config.ConfigError, DeviceUnavailableError, data.DataConfigError, data.ImageError, models.CheckpointError,
                 checkpointing.CheckpointCorruptError) as exc:
             print_err(f"error: {exc}")
@@ -655,7 +570,10 @@ def _run_locked(cfg: dict[str, Any], out: Path, processes: distributed.Processes
         if state is not None:
             print_err(f"resuming {out} from step {run.step} ({state['_path']})")
         if processes.is_writer:
-            write_run_yaml(run, resumed)
+            write_run_yaml(out, cfg, device=str(run.device), total_steps=run.total_steps,
+                           steps_per_epoch=run.steps_per_epoch, train_images=len(run.train_set),
+                           val_images=len(run.val_set), resumed_from_step=resumed,
+                           world_size=processes.world_size)
         try:
             return train(run, stop)
         except data.ImageError as exc:  # an image that became unreadable mid-run

@@ -46,10 +46,10 @@ EXTRA_GROUP = "extra"  # parameters outside the model (the learnable ratios of a
 METRIC_COLUMNS = ("trainable_groups", "trainable_params", *(f"val_{s}_bpp" for s in SCALES))
 
 
-def is_active(cfg: dict[str, Any]) -> bool:
+def is_active(cfg: RunConfig) -> bool:
     """Whether any Phase 4 key differs from its no-op default."""
-    return (any(r != 1.0 for r in cfg["group_lr"].values()) or bool(cfg["freeze"]) or bool(cfg["unfreeze_schedule"])
-            or cfg["scale_early_stop_patience"] > 0)
+    return (any(r != 1.0 for r in cfg.group_lr.values()) or bool(cfg.freeze) or bool(cfg.unfreeze_schedule)
+            or cfg.scale_early_stop_patience > 0)
 
 
 def unfreeze_step(fraction: float, total_steps: int) -> int:
@@ -60,16 +60,16 @@ def unfreeze_step(fraction: float, total_steps: int) -> int:
 class Phase4:
     """Which parameters train at each step, their lr ratios, and the per-scale early stopping."""
 
-    def __init__(self, model: torch.nn.Module, cfg: dict[str, Any], total_steps: int,
+    def __init__(self, model: torch.nn.Module, cfg: RunConfig, total_steps: int,
                  extra: Iterable[torch.Tensor] = ()):
         named = list(model.named_parameters())
         self.extra = list(extra)  # never frozen: while they train, a step is taken
         self.assignment = param_groups.assign(named)  # UnknownParameterError on a name no rule covers
         self.params = dict(named)
-        self.ratios = dict(cfg["group_lr"])
-        self.frozen = set(cfg["freeze"])
-        self.starts = {g: unfreeze_step(f, total_steps) for g, f in cfg["unfreeze_schedule"].items()}
-        self.patience = int(cfg["scale_early_stop_patience"])
+        self.ratios = dict(cfg.group_lr)
+        self.frozen = set(cfg.freeze)
+        self.starts = {g: unfreeze_step(f, total_steps) for g, f in cfg.unfreeze_schedule.items()}
+        self.patience = int(cfg.scale_early_stop_patience)
         self.active = is_active(cfg)
         self.best = {s: math.inf for s in SCALES}
         self.bad_validations = {s: 0 for s in SCALES}

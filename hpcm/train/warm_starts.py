@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import torch
 
 from hpcm import models
-from hpcm.config.run_config import read_run_yaml
+from hpcm.config.run_config import RUN_YAML, from_saved, read_run_yaml
 from hpcm.data import images as data
 from hpcm.train import losses
 from hpcm.util.cli import run_command
@@ -99,22 +99,26 @@ def export(runs: str | Path, output: str | Path, val_data: str = "samples") -> d
                              "lambda: train one seed (seeds: [0] in the pretraining config) or move the others away")
     entries = []
     for run_dir in run_dirs:
-        cfg = read_run_yaml(run_dir)
-        model = models.load_checkpoint(run_dir / "final.pth.tar", name=cfg["model"])
+        saved = read_run_yaml(run_dir)
+        if not saved:  # the defaults would name another model: say what is missing instead
+            raise WarmStartError(f"{run_dir / RUN_YAML}: missing or empty; export needs the run config "
+                                 "that hpcm.train wrote beside final.pth.tar")
+        cfg = from_saved(saved, str(run_dir / RUN_YAML))
+        model = models.load_checkpoint(run_dir / "final.pth.tar", name=cfg.model)
         lmbda = run_dir.parent.name.removeprefix("lmbda")
-        path = output / file_name(cfg["model"], lmbda)
+        path = output / file_name(cfg.model, lmbda)
         payload = {"model_name": model.name, "model_config": dataclasses.asdict(model.config),
-                   "state_dict": half_state(model), "lmbda": float(cfg["lmbda"])}
+                   "state_dict": half_state(model), "lmbda": float(cfg.lmbda)}
         atomic_torch_save(payload, path)
-        shipped = models.load_checkpoint(path, name=cfg["model"])
+        shipped = models.load_checkpoint(path, name=cfg.model)
         best_loss, best_step = _best_val_loss(run_dir)
         entries.append({
             "file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size,
-            "model": cfg["model"], "lmbda": float(cfg["lmbda"]), "steps": int(cfg["steps"]),
-            "selected_step": best_step, "batch_size": int(cfg["batch_size"]),
-            "patch_size": int(cfg["patch_size"]), "lr": float(cfg["lr"]), "seed": int(cfg["seed"]),
+            "model": cfg.model, "lmbda": float(cfg.lmbda), "steps": int(cfg.steps),
+            "selected_step": best_step, "batch_size": int(cfg.batch_size),
+            "patch_size": int(cfg.patch_size), "lr": float(cfg.lr), "seed": int(cfg.seed),
             "train_val_loss_fp32": best_loss,
-            **validation_metrics(shipped, val_data, float(cfg["lmbda"])),
+            **validation_metrics(shipped, val_data, float(cfg.lmbda)),
         })
     manifest = {"format": "hpcm-warm-starts/1", "val_data": val_data, "warm_starts": entries}
     atomic_write_text(output / MANIFEST, json.dumps(manifest, indent=2) + "\n")

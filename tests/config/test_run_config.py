@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import csv
 
 import pytest
@@ -19,27 +20,27 @@ def resolve(**user):
 
 def test_defaults_follow_the_official_recipe():
     cfg = resolve()
-    assert cfg["optimizer"] == "adam" and cfg["lr"] == 1e-4 and cfg["clip_max_norm"] == 1.0
-    assert cfg["lr_milestones"] == [2750 / 3000, 2850 / 3000, 2950 / 3000]
-    assert cfg["lr_values"] == [3e-5, 1e-5, 1e-6]
-    assert cfg["patch_size"] == 256 and cfg["batch_size"] == 32 and cfg["wandb_mode"] == "offline"
+    assert cfg.optimizer == "adam" and cfg.lr == 1e-4 and cfg.clip_max_norm == 1.0
+    assert cfg.lr_milestones == [2750 / 3000, 2850 / 3000, 2950 / 3000]
+    assert cfg.lr_values == [3e-5, 1e-5, 1e-6]
+    assert cfg.patch_size == 256 and cfg.batch_size == 32 and cfg.wandb_mode == "offline"
 
 
 def test_variant_presets_sit_under_user_values():
-    assert resolve(variant="phase1")["optimizer"] == "balanced"
+    assert resolve(variant="phase1").optimizer == "balanced"
     phase2 = resolve(variant="phase2")
-    assert phase2["gamma_schedule"] == "cosine" and phase2["gamma_final"] == 0.001
-    assert resolve(variant="phase3")["optimizer"] == "hierarchical_balanced"
-    assert resolve(variant="phase1", gamma=0.006)["gamma"] == 0.006
+    assert phase2.gamma_schedule == "cosine" and phase2.gamma_final == 0.001
+    assert resolve(variant="phase3").optimizer == "hierarchical_balanced"
+    assert resolve(variant="phase1", gamma=0.006).gamma == 0.006
     ablation = resolve(variant="study1_s1", optimizer="hierarchical_balanced", scale_weights=[0.5, 0.3, 0.2])
-    assert ablation["variant"] == "study1_s1" and ablation["scale_weights"] == [0.5, 0.3, 0.2]
+    assert ablation.variant == "study1_s1" and ablation.scale_weights == [0.5, 0.3, 0.2]
 
 
 def test_scale_weights_and_gammas_may_name_the_ablation_presets():
     # the seed's Study 1 / Study 2 values (issue 3), also the defaults (s2 emphasis, decreasing)
     cfg = run_config.load(None, ["steps=3", "scale_weights=s3_emphasis", "gammas=uniform"])
-    assert cfg["scale_weights"] == [0.2, 0.3, 0.5] and cfg["gammas"] == [0.006, 0.006, 0.006]
-    assert resolve()["scale_weights"] == [0.3, 0.4, 0.3] and resolve()["gammas"] == [0.008, 0.006, 0.004]
+    assert cfg.scale_weights == [0.2, 0.3, 0.5] and cfg.gammas == [0.006, 0.006, 0.006]
+    assert resolve().scale_weights == [0.3, 0.4, 0.3] and resolve().gammas == [0.008, 0.006, 0.004]
     assert "or a Study 1 preset: equal, s1_emphasis, s2_emphasis, s3_emphasis" in run_config.help_text()
 
 
@@ -48,9 +49,9 @@ def test_set_values_are_yaml_and_numbers_in_exponent_form_work(tmp_path):
     config.write_text("lmbda: 0.0067\nsteps: 5\nlr: 1e-4\n")
     cfg = run_config.load(config, ["gammas=[0.004, 0.006, 0.008]", "lr=2e-4", "bf16=true", "init_checkpoint=null",
                                    "lr_milestones=[0.5]", "lr_values=[1e-5]"])
-    assert cfg["lmbda"] == 0.0067 and cfg["lr"] == 2e-4 and cfg["bf16"] is True
-    assert cfg["gammas"] == [0.004, 0.006, 0.008] and cfg["init_checkpoint"] is None
-    assert isinstance(cfg["steps"], int)
+    assert cfg.lmbda == 0.0067 and cfg.lr == 2e-4 and cfg.bf16 is True
+    assert cfg.gammas == [0.004, 0.006, 0.008] and cfg.init_checkpoint is None
+    assert isinstance(cfg.steps, int)
 
 
 @pytest.mark.parametrize("user, fragments", [
@@ -87,7 +88,7 @@ def test_run_length_needs_exactly_one_of_steps_and_epochs():
         run_config.resolve({})
     with pytest.raises(ConfigError, match="'steps'.*'epochs'"):
         run_config.resolve({"steps": 3, "epochs": 1})
-    assert run_config.resolve({"epochs": 2})["epochs"] == 2
+    assert run_config.resolve({"epochs": 2}).epochs == 2
 
 
 def test_bad_set_syntax_and_bad_files(tmp_path):
@@ -111,14 +112,16 @@ def test_yaml_1_1_booleans_stay_the_text_typed_for_choice_keys(tmp_path):
         run_config.load(None, ["steps=5", "decomposition=off"])
     config.write_text("steps: 5\nbf16: on\nquiet: yes\nskip_bad_images: off\n")
     cfg = run_config.load(config, ["wandb_mode=disabled"])
-    assert (cfg["bf16"], cfg["quiet"], cfg["skip_bad_images"]) == (True, True, False)
-    assert run_config.load(None, ["steps=5", "bf16=True"])["bf16"] is True
+    assert (cfg.bf16, cfg.quiet, cfg.skip_bad_images) == (True, True, False)
+    assert run_config.load(None, ["steps=5", "bf16=True"]).bf16 is True
 
 
 def test_resume_mismatch_ignores_bookkeeping_keys_only():
     saved = resolve()
-    assert run_config.resume_mismatch(saved, {**saved, "num_workers": 0, "quiet": True, "device": "cpu"}) is None
-    assert "'lmbda'" in run_config.resume_mismatch(saved, {**saved, "lmbda": 0.025})
+    safe = dataclasses.replace(saved, num_workers=0, quiet=True, device="cpu")
+    assert run_config.resume_mismatch(saved.as_dict(), safe) is None
+    changed = dataclasses.replace(saved, lmbda=0.025)
+    assert "'lmbda'" in run_config.resume_mismatch(saved.as_dict(), changed)
 
 
 def test_metrics_csv_drops_rows_after_the_checkpoint_and_crash_cut_lines(tmp_path):
@@ -260,7 +263,37 @@ def test_schema_study_keys_name_the_package_facts():
 
 def test_a_checkpoint_older_than_a_key_resumes_when_the_key_keeps_its_default():
     current = run_config.resolve({"steps": 10, "variant": "phase2"})
-    older = {k: v for k, v in current.items() if k not in ("gamma_warmup", "gamma_step_factor")}
+    newer_keys = ("gamma_warmup", "gamma_step_factor")
+    older = {k: v for k, v in current.as_dict().items() if k not in newer_keys}
     assert run_config.resume_mismatch(older, current) is None
     changed = run_config.resolve({"steps": 10, "variant": "phase2", "gamma_warmup": 0.1})
     assert "gamma_warmup" in run_config.resume_mismatch(older, changed)
+
+
+def test_run_config_has_one_typed_field_per_key_with_the_key_default():
+    fields = {f.name: f for f in dataclasses.fields(run_config.RunConfig)}
+    assert list(fields) == list(run_config.KEYS)
+    assert fields["lmbda"].type is float and fields["steps"].type == int | None
+    assert fields["gammas"].type == list[float] and fields["group_lr"].type == dict[str, float]
+    bare = run_config.RunConfig()  # every field has the key's default
+    assert all(getattr(bare, key) == spec.default for key, spec in run_config.KEYS.items())
+    assert bare.gammas is not run_config.KEYS["gammas"].default  # a copy: the table stays as it is
+
+
+def test_run_config_is_frozen_and_its_dict_is_what_run_yaml_stores():
+    cfg = resolve(variant="phase1", lmbda=0.0067)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lmbda = 0.013
+    saved = cfg.as_dict()
+    assert list(saved) == list(run_config.KEYS) and saved["lmbda"] == 0.0067
+    assert yaml.safe_load(yaml.safe_dump(saved, sort_keys=False)) == saved  # plain YAML types only
+    assert run_config.from_saved(saved, "run.yaml") == cfg
+
+
+def test_from_saved_fills_newer_keys_and_names_the_file_on_bad_values():
+    older = {k: v for k, v in resolve().as_dict().items() if k != "ema_decay"}
+    assert run_config.from_saved(older, "old/run.yaml").ema_decay == 0.0
+    with pytest.raises(ConfigError, match=r"old/run.yaml: .*'lmbda'"):
+        run_config.from_saved({**older, "lmbda": "much"}, "old/run.yaml")
+    with pytest.raises(ConfigError, match=r"old/run.yaml: unknown run-config key 'lambda'"):
+        run_config.from_saved({**older, "lambda": 0.1}, "old/run.yaml")

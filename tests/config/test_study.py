@@ -69,7 +69,7 @@ def test_seeds_repeat_every_variant_and_lambda_with_their_own_paths(tmp_path):
         "phase1", 0.0067, 2, 0.003, None)
     # every key of the run YAML is a run-config key, and the trainer accepts the file as it is
     assert set(cfg) <= set(run_config.KEYS)
-    assert run_config.resolve(cfg)["seed"] == 2
+    assert run_config.resolve(cfg).seed == 2
 
 
 def test_init_from_uses_the_same_lambda_and_seed():
@@ -179,7 +179,7 @@ def test_dataset_kinds_come_from_the_registry_passed_in():
 def test_a_variant_may_set_ema_decay_and_the_others_run_yaml_stays_as_before(tmp_path):
     variants = {"baseline": {"optimizer": "adam"}, "phase1_ema": {"optimizer": "balanced", "ema_decay": 0.999}}
     s = load(small(variants=variants, train_data=str(tmp_path), val_data=str(tmp_path)))
-    assert run_config.resolve(s.run_config("phase1_ema", "0.0067", 0, []))["ema_decay"] == 0.999
+    assert run_config.resolve(s.run_config("phase1_ema", "0.0067", 0, [])).ema_decay == 0.999
     assert "ema_decay" not in s.run_config("baseline", "0.0067", 0, [])  # unchanged params: no Snakemake rerun
     with pytest.raises(study.StudyConfigError):
         load(small(variants={**variants, "bad": {"optimizer": "adam", "ema_decay": 1.0}}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import copy
 
 import pytest
@@ -41,11 +42,11 @@ def test_every_study_has_the_four_phase4_variants_and_their_rows(path):
         settings = s.runtime_settings(variant)
         resolved[variant] = run_config.resolve({**run, **settings})
     # the keys arrive in the run config (data, not code branches); the optimizer composes with them
-    assert resolved["phase4_context_lr"]["group_lr"] == {"transforms": 1.0, "hyperprior": 0.5, "context": 0.1}
-    assert resolved["phase4_freeze_entropy"]["freeze"] == ["transforms", "hyperprior"]
-    assert resolved["phase4_progressive"]["unfreeze_schedule"] == {"hyperprior": 0.2, "context": 0.4}
-    assert resolved["phase4_scale_early_stop"]["scale_early_stop_patience"] >= 1
-    assert all(cfg["optimizer"] == resolved["phase4_context_lr"]["optimizer"] for cfg in resolved.values())
+    assert resolved["phase4_context_lr"].group_lr == {"transforms": 1.0, "hyperprior": 0.5, "context": 0.1}
+    assert resolved["phase4_freeze_entropy"].freeze == ["transforms", "hyperprior"]
+    assert resolved["phase4_progressive"].unfreeze_schedule == {"hyperprior": 0.2, "context": 0.4}
+    assert resolved["phase4_scale_early_stop"].scale_early_stop_patience >= 1
+    assert all(cfg.optimizer == resolved["phase4_context_lr"].optimizer for cfg in resolved.values())
 
 
 def test_a_variant_val_every_replaces_the_studys_and_only_there():
@@ -63,6 +64,8 @@ def test_the_schema_names_the_parameter_groups_of_the_code():
 
 def test_changing_val_every_on_resume_is_refused_only_with_early_stopping():
     saved = run_config.resolve({"steps": 4, "val_every": 2, "scale_early_stop_patience": 1})
-    assert "val_every" in run_config.resume_mismatch(saved, {**saved, "val_every": 3})
+    changed = dataclasses.replace(saved, val_every=3)
+    assert "val_every" in run_config.resume_mismatch(saved.as_dict(), changed)
     plain = run_config.resolve({"steps": 4, "val_every": 2})
-    assert run_config.resume_mismatch(plain, {**plain, "val_every": 3}) is None
+    assert run_config.resume_mismatch(plain.as_dict(), dataclasses.replace(plain, val_every=3)) \
+        is None

@@ -16,7 +16,7 @@ def test_distortion_reaches_every_run_and_sets_the_metric():
     ssim = load(small(distortion="ms_ssim", lambdas=[2.4, 8.73], training={"patch_size": 192}))
     assert ssim.metric == "ms_ssim_db"
     run = ssim.run_config("baseline", "8.73", 0, [])
-    assert run["distortion"] == "ms_ssim" and run_config.resolve({**run, "train_data": "samples", "val_data": "samples"})["distortion"] == "ms_ssim"
+    assert run["distortion"] == "ms_ssim" and run_config.resolve({**run, "train_data": "samples", "val_data": "samples"}).distortion == "ms_ssim"
     explicit = load(small(distortion="ms_ssim", training={"patch_size": 192}, analysis={"gains": {}, "metric": "psnr"}))
     assert explicit.metric == "psnr"  # the user's choice wins over the default
 

@@ -180,8 +180,7 @@ def test_training_loop_with_sync_free_equals_the_host_path(tmp_path, monkeypatch
         # runs its second forward after a skipped step too, on both paths)
         torch.manual_seed(0)
         for step, batch in enumerate((x, bad, x, x), start=1):
-            run.apply_schedules(step)
-            run.train_step(batch)
+            run.train_step(step, batch)
             run.step = step
     default, device_side = runs
     assert default.skipped_steps() == device_side.skipped_steps() == 1

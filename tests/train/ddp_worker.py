@@ -78,10 +78,10 @@ def main() -> int:
         dump(kept["run"], out / "full" / f"rank{RANK}.pt")
         real_step = loop.Run.train_step
 
-        def sigterm_rank1_in_step_2(self, x):
+        def sigterm_rank1_in_step_2(self, step, x):
             if RANK == 1 and self.step + 1 == 2:
                 signal.raise_signal(signal.SIGTERM)
-            return real_step(self, x)
+            return real_step(self, step, x)
 
         loop.Run.train_step = sigterm_rank1_in_step_2
         code = loop.main(cli_args(out / "parted", **spec))
@@ -98,12 +98,12 @@ def main() -> int:
     if mode == "hang":
         real_step = loop.Run.train_step
 
-        def hang_rank1_in_step_2(self, x):
+        def hang_rank1_in_step_2(self, step, x):
             if RANK == 1 and self.step + 1 == 2:
                 signal.signal(signal.SIGTERM, lambda *_: os._exit(4))  # torchrun ends it once rank 0 failed
                 time.sleep(spec["sleep_s"])
                 os._exit(3)  # the stuck rank gives up too, without another collective
-            return real_step(self, x)
+            return real_step(self, step, x)
 
         loop.Run.train_step = hang_rank1_in_step_2
         return loop.main(cli_args(out, **spec["overrides"]))

@@ -81,7 +81,7 @@ def test_compiled_objective_graphs_hold_only_tensors_on_the_inputs_device(optimi
     if run.decomposition is not None:
         run.decomposition.to("meta")
     torch._dynamo.reset()
-    objective = torch.compile(run._eager_objective, backend=record_devices)
+    objective = torch.compile(run.forward_and_loss, backend=record_devices)
     x = torch.rand(1, 3, 64, 64, device="meta")
     objective(x)
     objective(x)

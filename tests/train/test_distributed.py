@@ -260,7 +260,7 @@ def check_two_ranks_against_one_process(tmp_path: Path, float64: bool, tolerance
             assert_mask_flips_explain_the_differences(*records, name)
             for run in ("one", "ddp"):
                 (tmp_path / run / name / "products.pt").unlink()  # ~130 MB each
-        train.seed_everything(0)  # the initial weights of both runs
+        checkpointing.seed_everything(0)  # the initial weights of both runs
         moved = differences(one["model"], train.models.build_model("HPCM_Tiny").state_dict())
         assert float((moved > 1e-5).double().mean()) > 0.5, "the comparison is meaningless: weights barely moved"
         if ranks[0]["w"] is not None:

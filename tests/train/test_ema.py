@@ -31,8 +31,7 @@ def test_average_equals_the_closed_form_of_the_step_weights(tmp_path, overrides)
     loader = train.data.train_loader(run.train_set, 64, 1, seed=0, total_steps=4)
     history = [weights(run.model)]  # w_0: the weights the run starts from
     for step, x in enumerate(loader, start=1):
-        run.apply_schedules(step)
-        run.train_step(x)
+        run.train_step(step, x)
         run.step = step
         history.append(weights(run.model))
     steps = len(history) - 1
@@ -56,8 +55,7 @@ def test_validation_uses_the_average(tmp_path):
     run = tiny_run(tmp_path, lr=1e-3, ema_decay=0.5)
     x = next(iter(train.data.train_loader(run.train_set, 64, 1, seed=0, total_steps=1)))
     for step in (1, 2, 3):
-        run.apply_schedules(step)
-        run.train_step(x)
+        run.train_step(step, x)
     with_average = run.validate()
     raw = tiny_run(tmp_path, lr=1e-3)  # the same model class without an average, given the averaged weights
     raw.model.load_state_dict(run.ema.module.state_dict())

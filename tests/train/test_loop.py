@@ -56,8 +56,7 @@ def test_every_variant_trains_on_a_fixed_batch(tmp_path, name):
     x = fixed_batch(run)
     losses = []
     for step in range(1, 6):
-        run.apply_schedules(step)
-        metrics = run.train_step(x)
+        metrics = run.train_step(step, x)
         run.step = step
         losses.append(float(metrics["loss"].detach()))
     assert all(math.isfinite(v) for v in losses), losses
@@ -82,12 +81,12 @@ def test_nonfinite_batch_is_skipped_and_counted(tmp_path):
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
     bad = x.clone()
     bad[0, 0, 0, 0] = float("nan")
-    run.train_step(bad)
+    run.train_step(1, bad)
     after = run.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "a NaN batch changed the weights"
     assert run.skipped_steps() == 1
     assert run.optimizer.state_dict()["state"][0]["step"].item() == 0  # Adam's step was not taken
-    run.train_step(x)
+    run.train_step(1, x)
     assert run.skipped_steps() == 1
 
 
@@ -182,8 +181,8 @@ def test_logged_rows_are_window_means_of_the_step_metrics(tmp_path, monkeypatch)
     per_step: list[dict[str, float]] = []
     real_step = train.Run.train_step
 
-    def recording_step(self, x):
-        metrics = real_step(self, x)
+    def recording_step(self, step, x):
+        metrics = real_step(self, step, x)
         per_step.append({column: float(metrics[key].detach()) for column, key in columns.items()})
         return metrics
 
@@ -206,8 +205,8 @@ def test_logged_loss_std_describes_the_per_step_losses_of_each_window(tmp_path, 
     per_step: list[float] = []
     real_step = train.Run.train_step
 
-    def recording_step(self, x):
-        metrics = real_step(self, x)
+    def recording_step(self, step, x):
+        metrics = real_step(self, step, x)
         per_step.append(float(metrics["loss"].detach()))
         return metrics
 
@@ -247,8 +246,8 @@ def test_an_image_that_breaks_mid_run_is_a_clear_error_and_work_is_kept(tmp_path
         Image.fromarray((torch.rand(72, 80, 3) * 255).byte().numpy()).save(folder / f"img{k}.png")
     real_step = train.Run.train_step
 
-    def corrupt_after_step_2(self, x):
-        metrics = real_step(self, x)
+    def corrupt_after_step_2(self, step, x):
+        metrics = real_step(self, step, x)
         if self.step + 1 == 2:  # the disk goes bad after the run was validated and started
             for path in folder.iterdir():
                 path.write_bytes(b"\x89PNG garbage")
@@ -275,7 +274,7 @@ def test_fine_tuning_from_an_official_layout_checkpoint(tmp_path):
     loaded = run.model.state_dict()
     for key, value in official.items():
         assert torch.equal(loaded[key.removeprefix("module.")], value), key
-    metrics = run.train_step(fixed_batch(run))
+    metrics = run.train_step(1, fixed_batch(run))
     assert math.isfinite(float(metrics["loss"].detach())) and run.skipped_steps() == 0
 
 
@@ -375,7 +374,7 @@ def test_help_documents_every_key(capsys):
 
 def test_a_loss_without_a_logged_key_names_the_column_and_the_loss(tmp_path):
     run = make_run(tmp_path, variant="phase3")
-    metrics, _ = run.objective(fixed_batch(run))
+    metrics, _ = run.forward_and_loss(fixed_batch(run))
     del metrics["psnr"]
     with pytest.raises(KeyError, match=r"hierarchical_balanced.*measured.*no 'psnr'.*column"):
         run.stack_metrics(metrics)

@@ -23,7 +23,7 @@ from tests.train.tiny import cli_args, sigterm_at_step
 
 def initial_weights(seed: int = 0) -> dict[str, torch.Tensor]:
     """The weights Run.build starts from with no init_checkpoint (same seed, same preset)."""
-    train.seed_everything(seed)
+    checkpointing.seed_everything(seed)
     return {k: v.clone() for k, v in models.build_model("HPCM_Tiny").state_dict().items()}
 
 
@@ -43,8 +43,8 @@ def record_steps(monkeypatch) -> list[dict]:
     history: list[dict] = []
     real_step = train.Run.train_step
 
-    def recorded(self, x):
-        metrics = real_step(self, x)
+    def recorded(self, step, x):
+        metrics = real_step(self, step, x)
         history.append({"step": self.step + 1,
                         "weights": {n: p.detach().clone() for n, p in self.model.named_parameters()},
                         "lrs": {g.get("group"): g["lr"] for g in self.optimizer.param_groups}})
@@ -56,7 +56,7 @@ def record_steps(monkeypatch) -> list[dict]:
 def scripted_validation(monkeypatch, rates: dict[str, list[float]]) -> None:
     """Run.validate returns the scripted per-scale rates of the k-th validation (no images coded)."""
     def validate(self):
-        k = self.step // self.cfg["val_every"] - 1
+        k = self.step // self.cfg.val_every - 1
         values = {f"val_{s}_bpp": rates[s][k] for s in SCALES}
         total = sum(values.values())
         return {"val_loss": 1.0 / (k + 1), "val_distortion": 0.5, "val_bpp": total, "val_psnr": 20.0,
@@ -203,8 +203,8 @@ def test_bad_phase4_keys_name_key_and_value(overrides, expected):
 
 def test_phase4_keys_resolve_to_one_canonical_form():
     cfg = run_config.resolve({"steps": 1, "group_lr": {"context": "0.1"}, "freeze": ["hyperprior", "transforms"]})
-    assert cfg["group_lr"] == {"transforms": 1.0, "hyperprior": 1.0, "context": 0.1}
-    assert cfg["freeze"] == ["transforms", "hyperprior"]
+    assert cfg.group_lr == {"transforms": 1.0, "hyperprior": 1.0, "context": 0.1}
+    assert cfg.freeze == ["transforms", "hyperprior"]
     assert not phase4.is_active(run_config.resolve({"steps": 1}))
 
 

@@ -27,10 +27,10 @@ def sigterm_at_step(step: int):
     """Within: the trainer receives SIGTERM in the middle of ``step``, as SLURM would send it."""
     real_step = loop.Run.train_step
 
-    def interrupted(self, x):
-        if self.step + 1 == step:
+    def interrupted(self, current, x):
+        if current == step:
             signal.raise_signal(signal.SIGTERM)
-        return real_step(self, x)
+        return real_step(self, current, x)
 
     loop.Run.train_step = interrupted
     try:
