@@ -37,9 +37,9 @@ def test_script_times_the_trainers_own_step(tmp_path, monkeypatch, capsys):
     calls = []
     real_step = train.Run.train_step
 
-    def counted(self, x):
-        calls.append((self.cfg["memory_format"], tuple(x.shape), x.is_contiguous()))
-        return real_step(self, x)
+    def counted(self, step, x):
+        calls.append((self.cfg.memory_format, tuple(x.shape), x.is_contiguous()))
+        return real_step(self, step, x)
 
     monkeypatch.setattr(train.Run, "train_step", counted)
     monkeypatch.setitem(throughput.SETTINGS, "default", {"batch_size": 1, "patch_size": 64,

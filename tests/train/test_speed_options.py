@@ -72,7 +72,7 @@ def test_fast_options_are_not_a_no_op():
     assert run.model.g_a.branch[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert not run.model.g_a.branch[0].weight.is_contiguous()
     default = run_config.resolve({"model": "HPCM_Tiny", "steps": 1, "device": "cpu"})
-    assert default["memory_format"] == "auto" and default["threads"] is None
+    assert default.memory_format == "auto" and default.threads is None
 
 
 def test_a_run_with_the_fast_options_is_deterministic_and_resumes_bit_for_bit(tmp_path):
@@ -91,10 +91,10 @@ def test_a_run_with_the_fast_options_is_deterministic_and_resumes_bit_for_bit(tm
 
 
 def test_changing_the_memory_format_on_resume_is_refused():
-    saved = run_config.resolve({"steps": 4, "memory_format": "channels_last"})
+    saved = run_config.resolve({"steps": 4, "memory_format": "channels_last"}).as_dict()
     current = run_config.resolve({"steps": 4})
     assert "memory_format" in run_config.resume_mismatch(saved, current)
-    older = {k: v for k, v in current.items() if k not in ("memory_format", "threads")}
+    older = {k: v for k, v in current.as_dict().items() if k not in ("memory_format", "threads")}
     assert run_config.resume_mismatch(older, current) is None  # a checkpoint older than the keys
 
 
