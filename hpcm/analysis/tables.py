@@ -9,7 +9,8 @@ computed (missing lambda, non-monotonic curve, no overlap) is shown as n/a with 
 Tables written to ``--output-dir`` as ``NAME.csv``, ``NAME.md`` and ``NAME.tex``:
 
 - ``bd_vs_<reference>``: BD-rate (%) and BD-PSNR (dB) of every variant vs the reference variant,
-  per dataset, with overlap and point counts;
+  per dataset, with point counts and the smaller of the two overlaps (``overlap of``: the rate
+  range that BD-PSNR integrates over, or the distortion range of BD-rate);
 - ``bd_vs_anchor-<anchor>``: the same against each published anchor (``hpcm.anchors``);
 - ``expected_gains``: the seed's "Expected Gains" table as measured: BD-PSNR, BD-rate and the
   convergence epoch (first epoch whose validation loss is within 1 % of the run's best, mean over
@@ -433,11 +434,21 @@ def _with_uncertainty(frame, unc: Uncertainty | None):
     return frame
 
 
+def smaller_overlap(row) -> tuple[float, str]:
+    """(the smaller of a BD row's two overlaps, the range it is of): BD-rate integrates over the
+    distortion range (``overlap_rate``), BD-PSNR over the rate range (``overlap_psnr``)."""
+    if row.overlap_psnr < row.overlap_rate:
+        return row.overlap_psnr, "rate"
+    return row.overlap_rate, "distortion"
+
+
 def _bd_notes(bd) -> list[str]:
     notes = [f"{r.dataset}/{r.variant}: {r.error}" for r in bd.itertuples() if r.error]
-    notes += [f"{r.dataset}/{r.variant}: low overlap ({r.overlap_rate * 100:.0f} % of the "
-              "distortion range); BD covers the overlap only"
-              for r in bd.itertuples() if r.low_overlap and not r.error]
+    for r in bd.itertuples():
+        if r.low_overlap and not r.error:
+            overlap, of_range = smaller_overlap(r)
+            notes.append(f"{r.dataset}/{r.variant}: low overlap ({overlap * 100:.0f} % of the "
+                         f"{of_range} range); BD covers the overlap only")
     return notes
 
 
@@ -451,8 +462,11 @@ def bd_vs(points, reference: str, method: str, metric: str, anchor: str | None =
     if bd is None:
         bd = bd_table(points, reference, metric, method, curves)
     frame = bd.rename(columns={"bd_rate": "BD-rate (%)", "bd_psnr": "BD-PSNR (dB)"})
-    frame["overlap (%)"] = bd["overlap_rate"] * 100
-    frame = frame[["dataset", "variant", "BD-rate (%)", "BD-PSNR (dB)", "overlap (%)",
+    # the smaller overlap of the two BD integrals, and the range it is of
+    smaller = [smaller_overlap(r) if not r.error else (math.nan, "") for r in bd.itertuples()]
+    frame["overlap (%)"] = [overlap * 100 for overlap, _ in smaller]
+    frame["overlap of"] = [of_range for _, of_range in smaller]
+    frame = frame[["dataset", "variant", "BD-rate (%)", "BD-PSNR (dB)", "overlap (%)", "overlap of",
                    "n_reference", "n_test"]].copy()
     frame = _with_uncertainty(frame, None if anchor else unc)
     quality = "PSNR" if metric == "psnr" else "MS-SSIM (dB)"
