@@ -630,6 +630,18 @@ def overhead_from_benchmark(path: str | Path) -> Table:
                                       "peak memory (MB)": ".0f"}, notes)
 
 
+# analysis-YAML key (written by the workflow's rule analysis_config from the study config): one
+# sentence per training / validation folder that holds evaluated images, when the study config
+# allows it (allow_test_data_in_training: true, hpcm.config.study); every table repeats them.
+NOT_HELD_OUT = "not_held_out"
+
+
+def not_held_out_notes(analysis: dict[str, Any]) -> list[str]:
+    """The notes that say the test photos were not held out (none when they were)."""
+    return [f"NOT HELD OUT (allow_test_data_in_training: true): {sentence}; the test photos "
+            "trained or selected these models" for sentence in analysis.get(NOT_HELD_OUT) or []]
+
+
 def build_all(points_path: str | Path, runs_root: str | Path, analysis: dict[str, Any],
               output_dir: str | Path, benchmarks: str | Path | None = None,
               method: str | None = None, metric: str | None = None,
@@ -663,6 +675,7 @@ def build_all(points_path: str | Path, runs_root: str | Path, analysis: dict[str
         tables.append(overhead_from_benchmark(overhead_json))
     written = []
     for table in tables:
+        table.notes += not_held_out_notes(analysis)
         written += write_table(table, output_dir)
     return written
 

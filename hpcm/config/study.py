@@ -25,6 +25,7 @@ checks (e.g. an lr schedule that would raise a fine-tuning lr). The pad multiple
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -353,6 +354,22 @@ class Study:
             return spec["source"]
         return f"results/data/{dataset}"
 
+    def test_data_in_training(self) -> list[str]:
+        """One sentence per (train_data / val_data, evaluated dataset) pair whose folders are the
+        same or one inside the other: test photos that would train or select a model."""
+        def where(folder: str) -> str:
+            return os.path.realpath(Path(self.root) / folder if self.root else folder)
+
+        found = []
+        for key, split in (("train_data", "train"), ("val_data", "val")):
+            used = where(self.data_dir(self.config[key], split))
+            for name in self.datasets:
+                tested = where(self.eval_dir(name))
+                if used == tested or os.path.commonpath([used, tested]) in (used, tested):
+                    found.append(f"{key} ({self.data_dir(self.config[key], split)}) holds the images "
+                                 f"of the evaluated dataset datasets.{name} ({self.eval_dir(name)})")
+        return found
+
     def init_checkpoint(self, variant: str, lmbda: str, seed: int | str) -> list[str]:
         """The file a fine-tuning run starts from: the same lambda's and seed's run of the source
         variant, or the lambda's official checkpoint; [] for a run from scratch."""
@@ -484,7 +501,19 @@ def resolve(cfg: dict[str, Any], pad_multiple_of: Callable[[str], int], root: st
     study = Study(config=cfg, lambdas=lambdas, seeds=[int(s) for s in cfg["seeds"]], variants=variants,
                   root=str(root))
     check_run_configs(study)
+    check_held_out(study)
     return study
+
+
+def check_held_out(study: Study) -> None:
+    """The test photos neither train nor select a model, unless the config says it means it."""
+    found = study.test_data_in_training()
+    if found and not study.config["allow_test_data_in_training"]:
+        key = found[0].split(" ", 1)[0]
+        raise StudyConfigError(key, "; ".join(found) + ": the test photos would train or select the "
+                               "model being tested; point it at other images, or set "
+                               "allow_test_data_in_training: true to do so on purpose (every table "
+                               "then says so)")
 
 
 def check_run_configs(study: Study) -> None:
