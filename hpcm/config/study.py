@@ -354,6 +354,14 @@ class Study:
             return spec["source"]
         return f"results/data/{dataset}"
 
+    def missing_official_checkpoints(self) -> list[str]:
+        """The official_checkpoints files that a variant with ``init_from: official`` starts from
+        and that do not exist (in lambda order)."""
+        if not any(spec.get("init_from") == "official" for spec in self.variants.values()):
+            return []
+        files = self.official_checkpoints
+        return [files[lmbda] for lmbda in self.lambdas if not Path(files[lmbda]).is_file()]
+
     def test_data_in_training(self) -> list[str]:
         """One sentence per (train_data / val_data, evaluated dataset) pair whose folders are the
         same or one inside the other: test photos that would train or select a model."""
@@ -503,6 +511,27 @@ def resolve(cfg: dict[str, Any], pad_multiple_of: Callable[[str], int], root: st
     check_run_configs(study)
     check_held_out(study)
     return study
+
+
+# Where the README says how to get the released weights (finetune*.yaml use them).
+WEIGHTS_HELP = ("README.md, section 'The paper study', paragraph 'Fine-tuning from the released "
+                "weights' (details: docs/workflow.md, 'The fine-tuning studies (from the released "
+                "weights)')")
+
+
+def missing_checkpoints_message(study: Study) -> str | None:
+    """One message that lists every missing official checkpoint, or None when all are there.
+
+    Not part of :func:`resolve`: a study resolves (and its price prints) without the weights; the
+    workflow calls this before it builds the DAG, so that no job waits for a file nobody makes."""
+    missing = study.missing_official_checkpoints()
+    if not missing:
+        return None
+    return (f"config key 'official_checkpoints': {len(missing)} of {len(study.lambdas)} checkpoint "
+            f"file(s) missing:\n  " + "\n  ".join(missing) + "\nthese are the official HPCM weights "
+            f"(released by the HPCM authors) that the variants with init_from: official start from; "
+            f"{WEIGHTS_HELP} says where to download them and where to put them (or edit the "
+            "paths in official_checkpoints)")
 
 
 def check_held_out(study: Study) -> None:
