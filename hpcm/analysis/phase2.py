@@ -218,14 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-csv", nargs="*", default=[], help="per-image evaluation CSVs (bootstrap intervals)")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--plots-dir", required=True)
-    parser.add_argument("--config", help="analysis YAML (rule analysis_config): its not-held-out notes")
+    parser.add_argument("--config",
+                        help="analysis YAML (rule analysis_config): its not-held-out notes")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_command(lambda: build(args.points, args.runs, args.grid, args.output_dir, args.plots_dir,
-                                     args.include, args.reference, args.method, args.metric, args.eval_csv,
+                                     args.include, args.reference, args.method, args.metric,
+                                     args.eval_csv,
                                      read_analysis(args.config) if args.config else None))
 
 

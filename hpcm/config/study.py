@@ -374,8 +374,9 @@ class Study:
             for name in self.datasets:
                 tested = where(self.eval_dir(name))
                 if used == tested or os.path.commonpath([used, tested]) in (used, tested):
-                    found.append(f"{key} ({self.data_dir(self.config[key], split)}) holds the images "
-                                 f"of the evaluated dataset datasets.{name} ({self.eval_dir(name)})")
+                    found.append(f"{key} ({self.data_dir(self.config[key], split)}) holds the "
+                                 f"images of the evaluated dataset datasets.{name} "
+                                 f"({self.eval_dir(name)})")
         return found
 
     def init_checkpoint(self, variant: str, lmbda: str, seed: int | str) -> list[str]:
@@ -527,11 +528,11 @@ def missing_checkpoints_message(study: Study) -> str | None:
     missing = study.missing_official_checkpoints()
     if not missing:
         return None
-    return (f"config key 'official_checkpoints': {len(missing)} of {len(study.lambdas)} checkpoint "
-            f"file(s) missing:\n  " + "\n  ".join(missing) + "\nthese are the official HPCM weights "
-            f"(released by the HPCM authors) that the variants with init_from: official start from; "
-            f"{WEIGHTS_HELP} says where to download them and where to put them (or edit the "
-            "paths in official_checkpoints)")
+    return (f"config key 'official_checkpoints': {len(missing)} of {len(study.lambdas)} "
+            "checkpoint file(s) missing:\n  " + "\n  ".join(missing)
+            + "\nthese are the official HPCM weights (released by the HPCM authors) that the "
+            f"variants with init_from: official start from; {WEIGHTS_HELP} says where to download "
+            "them and where to put them (or edit the paths in official_checkpoints)")
 
 
 def check_held_out(study: Study) -> None:
@@ -539,8 +540,8 @@ def check_held_out(study: Study) -> None:
     found = study.test_data_in_training()
     if found and not study.config["allow_test_data_in_training"]:
         key = found[0].split(" ", 1)[0]
-        raise StudyConfigError(key, "; ".join(found) + ": the test photos would train or select the "
-                               "model being tested; point it at other images, or set "
+        raise StudyConfigError(key, "; ".join(found) + ": the test photos would train or select "
+                               "the model being tested; point it at other images, or set "
                                "allow_test_data_in_training: true to do so on purpose (every table "
                                "then says so)")
 

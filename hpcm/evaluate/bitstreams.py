@@ -221,11 +221,13 @@ def check_arguments(checkpoint: Path, output: Path, json_path: Path | None, limi
         if parent is not None and not parent.is_dir():
             raise EvaluationError(f"{flag} {path}: {parent} is a file, so the folder cannot be created")
     if reconstructions is not None:
-        blocking = next((p for p in (reconstructions, *reconstructions.parents) if p.exists()), None)
+        candidates = (reconstructions, *reconstructions.parents)
+        blocking = next((p for p in candidates if p.exists()), None)
         if blocking is not None and not blocking.is_dir():
             where = "is" if blocking == reconstructions else f"lies in {blocking}, which is"
-            raise EvaluationError(f"--save-reconstructions {reconstructions} {where} a file; the option "
-                                  "needs a folder (created if missing) for one PNG per image")
+            raise EvaluationError(f"--save-reconstructions {reconstructions} {where} a file; "
+                                  "the option needs a folder (created if missing) for one PNG "
+                                  "per image")
 
 
 # --------------------------------------------------------------------------------------------

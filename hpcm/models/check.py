@@ -130,8 +130,8 @@ def check_checkpoint(path: str | os.PathLike, model: str, lmbda: float, distorti
     for where, value in distortions_in_labels(obj):
         if value != distortion:
             raise CheckpointError(f"{path}: its {where} say distortion {value}, but the study's "
-                                  f"distortion is {distortion}; list a {distortion} model here or set "
-                                  f"`distortion: {value}`")
+                                  f"distortion is {distortion}; list a {distortion} model here or "
+                                  f"set `distortion: {value}`")
     del obj
     for where, value in stated:
         if not same_lambda(value, lmbda):

@@ -10,7 +10,8 @@ valid generation in ``checkpoint_prev``).
 
 ``epoch_best.pth.tar`` is different on purpose: a raw model state dict in the official HPCM layout
 (what ``hpcm.evaluate`` and the official ``test.py`` load), with the entropy-coder tables built,
-that says what it is: model, variant, lambda, seed and distortion ride in the state dict's ``_metadata``
+that says what it is: model, variant, lambda, seed and distortion ride in the state dict's
+``_metadata``
 (``hpcm.models.with_run_metadata``), where ``load_state_dict`` does not look, so ``hpcm.evaluate``
 labels its rows from the checkpoint itself rather than from whatever ``run.yaml`` sits beside it.
 

@@ -27,8 +27,8 @@ PENDING_KEY = "pending_validation"  # training-state key: the row of a step whos
 
 
 def check_validation_images(images: ImageSet, cfg: dict[str, Any]) -> ImageSet:
-    """``images`` (run-config key ``val_data``) with every image decoded once and, for ms_ssim, large
-    enough; raises ImageError / DataConfigError naming the key, the file and what to do."""
+    """``images`` (run-config key ``val_data``) with every image decoded once and, for ms_ssim,
+    large enough; raises ImageError / DataConfigError naming the key, the file and what to do."""
     source = cfg["val_data"]
     keep = []
     for index, label in enumerate(images.labels):
@@ -36,22 +36,24 @@ def check_validation_images(images: ImageSet, cfg: dict[str, Any]) -> ImageSet:
             images.load(index)
         except ImageError as exc:
             if not cfg["skip_bad_images"]:
-                raise ImageError(f"run config: key 'val_data' = {source!r}: {exc}; fix or remove the "
-                                 "image (or set skip_bad_images)") from None
+                raise ImageError(f"run config: key 'val_data' = {source!r}: {exc}; fix or remove "
+                                 "the image (or set skip_bad_images)") from None
             warnings.warn(f"skipping unreadable validation image: {exc}", stacklevel=2)
             continue
         keep.append(index)
     if not keep:
-        raise DataConfigError(f"run config: key 'val_data' = {source!r}: no readable validation image")
+        raise DataConfigError(f"run config: key 'val_data' = {source!r}: no readable validation "
+                              "image")
     if cfg["distortion"] == "ms_ssim":
         small = [i for i in keep if min(images.sizes[i]) < MS_SSIM_MIN_SIDE]
         if small:
             height, width = images.sizes[small[0]]
             raise DataConfigError(
                 f"run config: key 'val_data' = {source!r}: {len(small)} of {len(keep)} validation "
-                f"image(s) smaller than {MS_SSIM_MIN_SIDE} px on a side, e.g. {images.labels[small[0]]} "
-                f"({height}x{width} px); distortion ms_ssim (5-scale MS-SSIM) needs at least "
-                f"{MS_SSIM_MIN_SIDE} x {MS_SSIM_MIN_SIDE} px: use larger validation images")
+                f"image(s) smaller than {MS_SSIM_MIN_SIDE} px on a side, e.g. "
+                f"{images.labels[small[0]]} ({height}x{width} px); distortion ms_ssim (5-scale "
+                f"MS-SSIM) needs at least {MS_SSIM_MIN_SIDE} x {MS_SSIM_MIN_SIDE} px: use larger "
+                "validation images")
     if len(keep) == len(images):
         return images
     return ImageSet(labels=[images.labels[i] for i in keep], sizes=[images.sizes[i] for i in keep],

@@ -38,8 +38,9 @@ def test_the_table_shows_the_smaller_overlap_and_its_range():
     assert rows["rate_shifted"]["overlap of"] == "rate"
     assert rows["quality_shifted"]["overlap (%)"] == pytest.approx(QUALITY_OVERLAP * 100)
     assert rows["quality_shifted"]["overlap of"] == "distortion"
-    assert "kodak/rate_shifted: low overlap (20 % of the rate range)" in " ".join(table.notes)
-    assert "kodak/quality_shifted: low overlap (20 % of the distortion range)" in " ".join(table.notes)
+    notes = " ".join(table.notes)
+    assert "kodak/rate_shifted: low overlap (20 % of the rate range)" in notes
+    assert "kodak/quality_shifted: low overlap (20 % of the distortion range)" in notes
     markdown = tables.to_markdown(table)
     assert "100 %" not in markdown and "| 100 |" not in markdown
 
@@ -56,6 +57,7 @@ def test_every_table_says_when_the_test_photos_were_not_held_out(synthetic, tmp_
     markdown = [p for p in written if p.suffix == ".md"]
     assert len(markdown) >= 4
     for path in markdown:
-        assert f"NOT HELD OUT (allow_test_data_in_training: true): {sentence}" in path.read_text(), path
+        note = f"NOT HELD OUT (allow_test_data_in_training: true): {sentence}"
+        assert note in path.read_text(), path
     # a study that held them out says nothing of the kind
     assert not any("NOT HELD OUT" in p.read_text() for p in synthetic["out"].glob("*.md"))

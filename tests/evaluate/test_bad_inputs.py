@@ -29,7 +29,8 @@ def photos(folder: Path, count: int = 2) -> Path:
     folder.mkdir()
     rng = np.random.default_rng(0)
     for k in range(count):
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"a{k}.png")
+        pixels = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"a{k}.png")
     return folder
 
 
@@ -47,7 +48,8 @@ def coded(monkeypatch) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("broken", [b"", b"\x89PNG\r\n\x1a\n" + b"\0" * 20], ids=["zero_byte", "truncated"])
+@pytest.mark.parametrize("broken", [b"", b"\x89PNG\r\n\x1a\n" + b"\0" * 20],
+                         ids=["zero_byte", "truncated"])
 def test_an_unreadable_image_is_refused_before_any_image_is_coded(tmp_path, capsys, checkpoint,
                                                                  coded, broken):
     data = photos(tmp_path / "photos")

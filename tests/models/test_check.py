@@ -120,9 +120,11 @@ def test_the_distortion_label_the_trainer_writes_catches_a_mix_up(tmp_path):
 
     torch.manual_seed(0)
     model = build_model("HPCM_Tiny")
-    cfg = {"model": "HPCM_Tiny", "variant": "baseline", "lmbda": 0.5, "seed": 0, "distortion": "ms_ssim"}
+    cfg = {"model": "HPCM_Tiny", "variant": "baseline", "lmbda": 0.5, "seed": 0,
+           "distortion": "ms_ssim"}
     path = checkpointing.save_best_model(model, tmp_path, checkpointing.run_labels(cfg))
     assert load_checkpoint_and_metadata(path)[1]["distortion"] == "ms_ssim"
     assert check_checkpoint(path, "HPCM_Tiny", 0.5, "ms_ssim")["lmbda"] == 0.5
-    with pytest.raises(CheckpointError, match=r"run labels say distortion ms_ssim.*study's distortion is mse"):
+    expected = r"run labels say distortion ms_ssim.*study's distortion is mse"
+    with pytest.raises(CheckpointError, match=expected):
         check_checkpoint(path, "HPCM_Tiny", 0.5, "mse")

@@ -58,7 +58,8 @@ def without_time(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     {"steps": 3},  # the validation of the last step fails
     {"steps": 4, "val_every": 2, "checkpoint_every": 1},  # a mid-run validation fails
 ], ids=["last_step", "mid_run"])
-def test_a_failed_validation_is_redone_when_the_run_resumes(tmp_path, monkeypatch, capsys, settings):
+def test_a_failed_validation_is_redone_when_the_run_resumes(tmp_path, monkeypatch, capsys,
+                                                            settings):
     images = write_images(tmp_path / "val", (64, 80))
     originals = [path.read_bytes() for path in images]
     settings = {**settings, "val_data": str(tmp_path / "val")}
@@ -123,7 +124,8 @@ def test_a_broken_validation_image_is_skipped_when_asked(tmp_path, capsys):
     images[1].write_bytes(images[1].read_bytes()[:100])
     out = tmp_path / "run"
     with pytest.warns(UserWarning, match="skipping unreadable validation image"):
-        code = train.main(cli_args(out, steps=1, skip_bad_images=True, val_data=str(tmp_path / "val")))
+        code = train.main(cli_args(out, steps=1, skip_bad_images=True,
+                                   val_data=str(tmp_path / "val")))
     assert code == train.EXIT_OK
     assert rows_of(out)[-1]["val_loss"] != ""
 

@@ -37,7 +37,8 @@ rule analysis_config:
         # the test photos in training / validation, when allow_test_data_in_training allows it:
         # every table repeats it (hpcm.analysis.tables.NOT_HELD_OUT)
         analysis={**config["analysis"], "metric": STUDY.metric,
-                  **({"not_held_out": STUDY.test_data_in_training()} if STUDY.test_data_in_training() else {})},
+                  **({"not_held_out": STUDY.test_data_in_training()}
+                     if STUDY.test_data_in_training() else {})},
     run:
         write_yaml(output[0], {"analysis": params.analysis}, log[0])
 
@@ -99,7 +100,8 @@ rule phase2_grid:
         "python -m hpcm.analysis.phase2 --points {input.points} --runs {params.runs} --grid {wildcards.grid} "
         "--include {params.include} --reference {params.reference} --method {params.method} --metric {params.metric} "
         "{params.evals} "
-        "--output-dir {params.outdir} --plots-dir {params.plotdir} --config {input.analysis} > {log} 2>&1"
+        "--output-dir {params.outdir} --plots-dir {params.plotdir} --config {input.analysis} "
+        "> {log} 2>&1"
 
 
 rule summary:
