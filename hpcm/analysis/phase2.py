@@ -30,7 +30,7 @@ import argparse
 import math
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import matplotlib
 
@@ -44,6 +44,7 @@ from hpcm.analysis.bootstrap import interval_table  # noqa: E402
 from hpcm.analysis.plots import save_figure  # noqa: E402
 from hpcm.analysis.points import eval_rows, image_table, read_points  # noqa: E402
 from hpcm.analysis.tables import Table, TableError, write_table  # noqa: E402
+from hpcm.analysis.tables import not_held_out_notes, read_analysis  # noqa: E402
 from hpcm.config.run_config import RUN_YAML, read_run_yaml  # noqa: E402
 from hpcm.util.cli import run_command  # noqa: E402
 
@@ -190,9 +191,11 @@ def plot_heatmap(table: Table, output_dir: str | Path) -> list[Path]:
 
 def build(points_path: str | Path, runs_root: str | Path, grid: str, output_dir: str | Path,
           plots_dir: str | Path, include: Sequence[str] = (), reference: str = "baseline", method: str = "pchip",
-          metric: str = "psnr", eval_csvs: Sequence[str | Path] = ()) -> list[Path]:
+          metric: str = "psnr", eval_csvs: Sequence[str | Path] = (),
+          analysis: dict[str, Any] | None = None) -> list[Path]:
     points = read_points(points_path)
     variants, notes = grid_points(runs_root, grid, include)
+    notes += not_held_out_notes(analysis or {})
     intervals = _intervals_from_eval(eval_csvs, reference, metric, method) if eval_csvs else None
     if intervals is None:
         notes.append("no bootstrap intervals (no --eval-csv): the best point is named without testing it "
@@ -214,13 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-csv", nargs="*", default=[], help="per-image evaluation CSVs (bootstrap intervals)")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--plots-dir", required=True)
+    parser.add_argument("--config",
+                        help="analysis YAML (rule analysis_config): its not-held-out notes")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_command(lambda: build(args.points, args.runs, args.grid, args.output_dir, args.plots_dir,
-                                     args.include, args.reference, args.method, args.metric, args.eval_csv))
+                                     args.include, args.reference, args.method, args.metric,
+                                     args.eval_csv,
+                                     read_analysis(args.config) if args.config else None))
 
 
 if __name__ == "__main__":

@@ -55,9 +55,9 @@ def eval_rows(eval_csvs: Iterable[str | Path]):
         if frame["lmbda"].isna().any():
             variant = frame.loc[frame["lmbda"].isna(), "variant"].iloc[0]
             dataset = frame.loc[frame["lmbda"].isna(), "dataset"].iloc[0]
-            raise ValueError(f"{csv_path}: empty lmbda for variant {variant!r} on {dataset!r} "
-                             "(evaluated without a run.yaml beside the checkpoint?); an R-D "
-                             "point needs its lambda")
+            raise ValueError(f"{csv_path}: empty lmbda for variant {variant!r} on {dataset!r}; an "
+                             "R-D point needs its lambda: evaluate again with hpcm.evaluate, which "
+                             "takes it from the checkpoint's labels or from --lmbda")
         frame["dataset"] = frame["dataset"].astype(str)
         frame["variant"] = frame["variant"].astype(str)
         frame["lmbda"] = frame["lmbda"].astype(float)

@@ -43,6 +43,7 @@ from hpcm.analysis.complexity import count_macs, per_pixel_kmacs
 from hpcm.analysis.points import curve, eval_rows, image_table, read_points
 from hpcm.analysis.tables import (Table, TableError, has_several_seeds, paired_seed_intervals,
                                   read_analysis, read_metrics, to_latex, to_markdown)
+from hpcm.analysis.tables import not_held_out_notes
 from hpcm.config.run_config import RUN_YAML
 from hpcm.models import build_model
 from hpcm.util.cli import run_command
@@ -221,6 +222,7 @@ def build(points_path: str | Path, runs_root: str | Path, analysis: dict[str, An
           size: int = COMPLEXITY_SIZE) -> list[Path]:
     numeric, table = summary_tables(read_points(points_path), run_costs(runs_root), analysis, variants,
                                     eval_csvs, size)
+    table.notes += not_held_out_notes(analysis)
     out = Path(output_dir)
     paths = [out / f"summary.{ext}" for ext in ("csv", "md", "tex")]
     atomic_write_text(paths[0], numeric.to_csv(index=False))

@@ -11,7 +11,8 @@ kind after the other (:data:`TABLES`, filled by ``@register_table``; :func:`tabl
 names a study's ``analysis`` section yields, and the workflow takes its targets from it):
 
 - ``bd_vs_<reference>``: BD-rate (%) and BD-PSNR (dB) of every variant vs the reference variant,
-  per dataset, with overlap and point counts;
+  per dataset, with point counts and the smaller of the two overlaps (``overlap of``: the rate
+  range that BD-PSNR integrates over, or the distortion range of BD-rate);
 - ``bd_vs_anchor-<anchor>``: the same against each published anchor (``hpcm anchors``);
 - ``expected_gains``: the seed's "Expected Gains" table as measured: BD-PSNR, BD-rate and the
   convergence epoch (first epoch whose validation loss is within 1 % of the run's best, mean over
@@ -440,11 +441,21 @@ def _with_uncertainty(frame, unc: Uncertainty | None):
     return frame
 
 
+def smaller_overlap(row) -> tuple[float, str]:
+    """(the smaller of a BD row's two overlaps, the range it is of): BD-rate integrates over the
+    distortion range (``overlap_rate``), BD-PSNR over the rate range (``overlap_psnr``)."""
+    if row.overlap_psnr < row.overlap_rate:
+        return row.overlap_psnr, "rate"
+    return row.overlap_rate, "distortion"
+
+
 def _bd_notes(bd) -> list[str]:
     notes = [f"{r.dataset}/{r.variant}: {r.error}" for r in bd.itertuples() if r.error]
-    notes += [f"{r.dataset}/{r.variant}: low overlap ({r.overlap_rate * 100:.0f} % of the "
-              "distortion range); BD covers the overlap only"
-              for r in bd.itertuples() if r.low_overlap and not r.error]
+    for r in bd.itertuples():
+        if r.low_overlap and not r.error:
+            overlap, of_range = smaller_overlap(r)
+            notes.append(f"{r.dataset}/{r.variant}: low overlap ({overlap * 100:.0f} % of the "
+                         f"{of_range} range); BD covers the overlap only")
     return notes
 
 
@@ -463,8 +474,11 @@ def bd_vs(points, reference: str, method: str, metric: str, anchor: str | None =
     if bd is None:
         bd = bd_table(points, reference, metric, method, curves)
     frame = bd.rename(columns={"bd_rate": "BD-rate (%)", "bd_psnr": "BD-PSNR (dB)"})
-    frame["overlap (%)"] = bd["overlap_rate"] * 100
-    frame = frame[["dataset", "variant", "BD-rate (%)", "BD-PSNR (dB)", "overlap (%)",
+    # the smaller overlap of the two BD integrals, and the range it is of
+    smaller = [smaller_overlap(r) if not r.error else (math.nan, "") for r in bd.itertuples()]
+    frame["overlap (%)"] = [overlap * 100 for overlap, _ in smaller]
+    frame["overlap of"] = [of_range for _, of_range in smaller]
+    frame = frame[["dataset", "variant", "BD-rate (%)", "BD-PSNR (dB)", "overlap (%)", "overlap of",
                    "n_reference", "n_test"]].copy()
     frame = _with_uncertainty(frame, None if anchor else unc)
     quality = "PSNR" if metric == "psnr" else "MS-SSIM (dB)"
@@ -715,6 +729,18 @@ def overhead_from_benchmark(path: str | Path) -> Table:
                                       "peak memory (MB)": ".0f"}, notes)
 
 
+# analysis-YAML key (written by the workflow's rule analysis_config from the study config): one
+# sentence per training / validation folder that holds evaluated images, when the study config
+# allows it (allow_test_data_in_training: true, hpcm.config.study); every table repeats them.
+NOT_HELD_OUT = "not_held_out"
+
+
+def not_held_out_notes(analysis: dict[str, Any]) -> list[str]:
+    """The notes that say the test photos were not held out (none when they were)."""
+    return [f"NOT HELD OUT (allow_test_data_in_training: true): {sentence}; the test photos "
+            "trained or selected these models" for sentence in analysis.get(NOT_HELD_OUT) or []]
+
+
 # --------------------------------------------------------------------------------------------
 # The table registry: every table the command writes, in order
 # --------------------------------------------------------------------------------------------
@@ -890,6 +916,7 @@ def build_all(points_path: str | Path, runs_root: str | Path, analysis: dict[str
             if kind.quality_axis and metric != "psnr":  # the BD columns keep their names
                 table.notes.append("quality axis: MS-SSIM in dB, -10 log10(1 - MS-SSIM); the "
                                    "BD-PSNR columns are BD-MS-SSIM (dB)")
+            table.notes += not_held_out_notes(analysis)
             written += write_table(table, output_dir)
     return written
 

@@ -26,6 +26,7 @@ options. The pad multiple (``pad_multiple_of(model_name)``) and the registered d
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -428,6 +429,31 @@ class Study:
             return spec["source"]
         return f"results/data/{dataset}"
 
+    def missing_official_checkpoints(self) -> list[str]:
+        """The official_checkpoints files that a variant with ``init_from: official`` starts from
+        and that do not exist (in lambda order)."""
+        if not any(spec.get("init_from") == "official" for spec in self.variants.values()):
+            return []
+        files = self.official_checkpoints
+        return [files[lmbda] for lmbda in self.lambdas if not Path(files[lmbda]).is_file()]
+
+    def test_data_in_training(self) -> list[str]:
+        """One sentence per (train_data / val_data, evaluated dataset) pair whose folders are the
+        same or one inside the other: test photos that would train or select a model."""
+        def where(folder: str) -> str:
+            return os.path.realpath(Path(self.root) / folder if self.root else folder)
+
+        found = []
+        for key, split in (("train_data", "train"), ("val_data", "val")):
+            used = where(self.data_dir(self.config[key], split))
+            for name in self.datasets:
+                tested = where(self.eval_dir(name))
+                if used == tested or os.path.commonpath([used, tested]) in (used, tested):
+                    found.append(f"{key} ({self.data_dir(self.config[key], split)}) holds the "
+                                 f"images of the evaluated dataset datasets.{name} "
+                                 f"({self.eval_dir(name)})")
+        return found
+
     def init_checkpoint(self, variant: str, lmbda: str, seed: int | str) -> list[str]:
         """The file a fine-tuning run starts from: the same lambda's and seed's run of the source
         variant, or the lambda's official checkpoint; [] for a run from scratch."""
@@ -591,7 +617,40 @@ def resolve(cfg: dict[str, Any], pad_multiple_of: Callable[[str], int], root: st
     study = Study(config=cfg, lambdas=lambdas, seeds=[int(s) for s in cfg["seeds"]], variants=variants,
                   dataset_kinds=dict(dataset_kinds), root=str(root))
     check_run_configs(study)
+    check_held_out(study)
     return study
+
+
+# Where the README says how to get the released weights (finetune*.yaml use them).
+WEIGHTS_HELP = ("README.md, section 'The paper study', paragraph 'Fine-tuning from the released "
+                "weights' (details: docs/workflow.md, 'The fine-tuning studies (from the released "
+                "weights)')")
+
+
+def missing_checkpoints_message(study: Study) -> str | None:
+    """One message that lists every missing official checkpoint, or None when all are there.
+
+    Not part of :func:`resolve`: a study resolves (and its price prints) without the weights; the
+    workflow calls this before it builds the DAG, so that no job waits for a file nobody makes."""
+    missing = study.missing_official_checkpoints()
+    if not missing:
+        return None
+    return (f"config key 'official_checkpoints': {len(missing)} of {len(study.lambdas)} "
+            "checkpoint file(s) missing:\n  " + "\n  ".join(missing)
+            + "\nthese are the official HPCM weights (released by the HPCM authors) that the "
+            f"variants with init_from: official start from; {WEIGHTS_HELP} says where to download "
+            "them and where to put them (or edit the paths in official_checkpoints)")
+
+
+def check_held_out(study: Study) -> None:
+    """The test photos neither train nor select a model, unless the config says it means it."""
+    found = study.test_data_in_training()
+    if found and not study.config["allow_test_data_in_training"]:
+        key = found[0].split(" ", 1)[0]
+        raise StudyConfigError(key, "; ".join(found) + ": the test photos would train or select "
+                               "the model being tested; point it at other images, or set "
+                               "allow_test_data_in_training: true to do so on purpose (every table "
+                               "then says so)")
 
 
 def check_run_configs(study: Study) -> None:

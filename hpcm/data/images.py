@@ -197,7 +197,8 @@ def open_image_set(source: str, split: str, key: str, skip_bad_images: bool = Fa
                 sizes.append(image_size(path))
             except ImageError as exc:
                 if not skip_bad_images:
-                    raise
+                    raise ImageError(f"run config: key {key!r} = {source!r}: {exc}; fix or remove "
+                                     "the image (or set skip_bad_images)") from None
                 warnings.warn(f"skipping unreadable image: {exc}", stacklevel=2)
                 continue
             labels.append(str(path))

@@ -31,8 +31,10 @@ supply what the checkpoint does not say (an official release) and must agree wit
 say. A lambda and a variant are required from one of the two; the seed is left empty when
 neither gives one. The model is otherwise inferred from the tensor shapes.
 Errors (exit code 2, message on stderr, before any image is coded): a bad argument (``--limit``
-below 1, an ``--output``/``--json`` that is a folder), empty folder, unreadable image, labels
-missing or in conflict, an unreadable checkpoint or one that does not fit the model.
+below 1, an ``--output``/``--json`` that is a folder, a ``--save-reconstructions`` that is a file),
+empty folder, unreadable image (every image is decoded once first; a zero-byte or truncated file
+is named then), labels missing or in conflict, an unreadable checkpoint or one that does not fit
+the model.
 """
 
 from __future__ import annotations
@@ -209,7 +211,8 @@ def resolve_labels(checkpoint: Path, stored: dict[str, Any], model_name: str | N
     return labels
 
 
-def check_arguments(checkpoint: Path, output: Path, json_path: Path | None, limit: int | None) -> None:
+def check_arguments(checkpoint: Path, output: Path, json_path: Path | None, limit: int | None,
+                    reconstructions: Path | None = None) -> None:
     """Every argument that can be checked without work, checked before any."""
     if limit is not None and limit < 1:
         raise EvaluationError(f"--limit must be at least 1 (or absent for every image), got {limit}")
@@ -223,6 +226,14 @@ def check_arguments(checkpoint: Path, output: Path, json_path: Path | None, limi
         parent = next((p for p in path.parents if p.exists()), None)
         if parent is not None and not parent.is_dir():
             raise EvaluationError(f"{flag} {path}: {parent} is a file, so the folder cannot be created")
+    if reconstructions is not None:
+        candidates = (reconstructions, *reconstructions.parents)
+        blocking = next((p for p in candidates if p.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            where = "is" if blocking == reconstructions else f"lies in {blocking}, which is"
+            raise EvaluationError(f"--save-reconstructions {reconstructions} {where} a file; "
+                                  "the option needs a folder (created if missing) for one PNG "
+                                  "per image")
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,6 +248,19 @@ def list_dataset(folder: Path, limit: int | None = None) -> list[Path]:
     if not images:
         raise EvaluationError(f"no PNG/JPEG images found under {folder}")
     return images if limit is None else images[:limit]
+
+
+def check_images(images: Sequence[Path]) -> None:
+    """Decode every image once before any is coded; one error naming every unreadable file."""
+    problems = []
+    for path in tqdm(images, desc="check images", unit="img", leave=False):
+        try:
+            load_rgb(path)
+        except ImageError as err:
+            problems.append(str(err))
+    if problems:
+        raise EvaluationError(f"{len(problems)} of {len(images)} image(s) unreadable, nothing was "
+                              "coded; fix or remove them:\n  " + "\n  ".join(problems))
 
 
 def load_image(path: Path, device: torch.device) -> torch.Tensor:
@@ -304,8 +328,10 @@ def evaluate(checkpoint: str | Path, dataset: str | Path, output: str | Path,
              update: bool = True, reconstructions: str | Path | None = None,
              seed: int | None = None) -> list[ImageResult]:
     checkpoint, dataset, output = Path(checkpoint), Path(dataset), Path(output)
-    check_arguments(checkpoint, output, Path(json_path) if json_path else None, limit)
+    check_arguments(checkpoint, output, Path(json_path) if json_path else None, limit,
+                    Path(reconstructions) if reconstructions else None)
     images = list_dataset(dataset, limit)  # fail on an empty folder before loading the model
+    check_images(images)  # an unreadable image fails before any image is coded
     torch_device = pick_device(device, "--device")
     model, stored = load_model(checkpoint, model_name, torch_device, update)
     labels = resolve_labels(checkpoint, stored, model_name, variant, lmbda, seed)

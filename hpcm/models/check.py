@@ -13,8 +13,10 @@ The workflow runs this once per ``official_checkpoints`` entry before any run st
   ``config``), and a lambda in the file's name or its folder's name: a ``lmbda``/``lambda``-prefixed
   number, or a number equal to one of the twelve released lambdas (MSE 0.0018 ... 0.0483, MS-SSIM
   2.4 ... 60.5), e.g. ``HPCM_Base/mse/0.0067.pth.tar`` or ``hpcm_base_lmbda0.0067.pt``;
-* an MSE/MS-SSIM mix-up it can see: ``--lmbda`` (or the lambda a file states) is one of the
-  released lambdas of the other distortion.
+* an MSE/MS-SSIM mix-up it can see: a distortion the file's labels state (``distortion`` in its
+  run metadata, which ``hpcm.train`` writes, or in a training state's ``config``) that is not
+  ``--distortion``, or ``--lmbda`` (or the lambda a file states) is one of the released lambdas of
+  the other distortion.
 
 What it cannot detect (said in the report too): the six lambdas of one architecture, and its MSE
 and MS-SSIM models, have identical tensor shapes, so an official raw state dict (no labels) whose
@@ -94,6 +96,19 @@ def lambdas_in_labels(obj: Any) -> list[tuple[str, float]]:
     return found
 
 
+def distortions_in_labels(obj: Any) -> list[tuple[str, str]]:
+    """(where, value) for the distortion the file's own labels state (project files only)."""
+    found = []
+    labels = _run_metadata(obj)
+    if isinstance(labels.get("distortion"), str):
+        found.append(("run labels", labels["distortion"]))
+    if isinstance(obj, Mapping):
+        config = obj.get("config")
+        if isinstance(config, Mapping) and isinstance(config.get("distortion"), str):
+            found.append(("training state config", config["distortion"]))
+    return found
+
+
 def check_checkpoint(path: str | os.PathLike, model: str, lmbda: float, distortion: str = "mse") -> dict[str, Any]:
     """The report of a file that passes every check; a CheckpointError naming the file otherwise."""
     path = os.fspath(path)
@@ -116,6 +131,11 @@ def check_checkpoint(path: str | os.PathLike, model: str, lmbda: float, distorti
     except Exception as exc:  # what load_checkpoint_and_metadata would say, before the shape check
         raise CheckpointUnreadableError(f"{path}: not a torch checkpoint ({type(exc).__name__}: {exc})") from exc
     stated = lambdas_in_labels(obj) + lambdas_in_path(path)
+    for where, value in distortions_in_labels(obj):
+        if value != distortion:
+            raise CheckpointError(f"{path}: its {where} say distortion {value}, but the study's "
+                                  f"distortion is {distortion}; list a {distortion} model here or "
+                                  f"set `distortion: {value}`")
     del obj
     for where, value in stated:
         if not same_lambda(value, lmbda):

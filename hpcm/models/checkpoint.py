@@ -13,7 +13,8 @@ Settings that change no tensor shape (``attn_windows``, ``attn_heads``) cannot
 be recovered from the weights. Only :func:`save_checkpoint` files carry them; for any other file
 whose architecture is inferred from shapes a warning says that the preset defaults are assumed.
 
-Run labels: a checkpoint may say what it is (``model``, ``variant``, ``lmbda``, ``seed``). In the
+Run labels: a checkpoint may say what it is (``model``, ``variant``, ``lmbda``, ``seed``,
+``distortion``). In the
 official raw layout they sit in the state dict's own ``_metadata`` (under :data:`RUN_METADATA_KEY`),
 which ``torch.save``/``torch.load(weights_only=True)`` keep and ``nn.Module.load_state_dict``
 ignores, so the official ``test.py`` still loads the file; in the dict layout they are the ``run``
@@ -41,7 +42,7 @@ ADAPTIVE_PREFIX = "adaptive_params_list."
 
 
 RUN_METADATA_KEY = "__hpcm_run__"  # not a module path: load_state_dict never looks it up
-RUN_LABELS = ("model", "variant", "lmbda", "seed")
+RUN_LABELS = ("model", "variant", "lmbda", "seed", "distortion")
 
 
 class CheckpointError(ValueError):

@@ -10,7 +10,8 @@ valid generation in ``checkpoint_prev``).
 
 ``epoch_best.pth.tar`` is different on purpose: a raw model state dict in the official HPCM layout
 (what ``hpcm.evaluate`` and the official ``test.py`` load), with the entropy-coder tables built,
-that says what it is: model, variant, lambda and seed ride in the state dict's ``_metadata``
+that says what it is: model, variant, lambda, seed and distortion ride in the state dict's
+``_metadata``
 (``hpcm.models.with_run_metadata``), where ``load_state_dict`` does not look, so ``hpcm.evaluate``
 labels its rows from the checkpoint itself rather than from whatever ``run.yaml`` sits beside it.
 
@@ -203,9 +204,10 @@ def coder_ready_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def run_labels(cfg: RunConfig) -> dict[str, Any]:
-    """What a run's best model is, from its run config: model, variant, lambda, seed."""
+    """What a run's best model is, from its run config: model, variant, lambda, seed, distortion
+    (``hpcm.models.check`` tells an MSE from an MS-SSIM model by the last)."""
     return {"model": str(cfg.model), "variant": str(cfg.variant), "lmbda": float(cfg.lmbda),
-            "seed": int(cfg.seed)}
+            "seed": int(cfg.seed), "distortion": str(cfg.distortion)}
 
 
 def save_model_export(model: torch.nn.Module, path: str | Path, labels: dict[str, Any]) -> Path:

@@ -65,6 +65,7 @@ from hpcm.data import images as data
 from hpcm.train import checkpoints as checkpointing
 from hpcm.train import distributed, losses, phase4, schedules
 from hpcm.train import lock as run_lock
+from hpcm.train import validation
 from hpcm.train.ema import build_ema
 from hpcm.train.interrupt import StopFlag
 from hpcm.train.logs import MetricsCSV, WandbLogger, log_line, print_err, write_run_yaml
@@ -116,6 +117,7 @@ class Run:
         self.train_set = data.open_image_set(cfg.train_data, "train", "train_data", cfg.skip_bad_images,
                                              min_size=cfg.patch_size)
         self.val_set = data.open_image_set(cfg.val_data, "val", "val_data", cfg.skip_bad_images)
+        self.val_set = validation.check_validation_images(self.val_set, cfg)  # decoded, sized
         self.steps_per_epoch = math.ceil(len(self.train_set) / cfg.batch_size)
         self.total_steps = cfg.steps or cfg.epochs * self.steps_per_epoch
 
@@ -183,6 +185,7 @@ class Run:
         # bookkeeping restored from a checkpoint
         self.step = 0
         self.best_val_loss = math.inf
+        self.pending_row: dict[str, Any] | None = None  # hpcm.train.validation: a failed one's row
         self.skipped = torch.zeros((), device=self.device)  # skipped steps of adam / cautious_adam
         self.epoch_scale_losses = torch.zeros(3, device=self.device)  # adaptive gamma strategy input
         if state is not None:
@@ -206,6 +209,7 @@ class Run:
             self.phase4.load_state_dict(state["phase4"])
         self.step = int(state["step"])
         self.best_val_loss = float(state["best_val_loss"])
+        self.pending_row = validation.pending_row(state)
         self.skipped.fill_(float(state["skipped_steps"]))
         self.epoch_scale_losses.copy_(state["epoch_scale_losses"].to(self.device))
         checkpointing.set_rng_state(state["rng"])
@@ -225,6 +229,7 @@ class Run:
             "epoch_scale_losses": self.epoch_scale_losses.detach().cpu(),
             "data_sampler": {"seed": self.cfg.seed, "next_step": self.step + 1},
             "rng": checkpointing.rng_state(),
+            validation.PENDING_KEY: self.pending_row,
         }
 
     # -- schedules (pure functions of the step)
@@ -443,6 +448,25 @@ def validate_and_keep_best(run: Run) -> dict[str, float]:
     return val
 
 
+def finish_pending_validation(run: Run, metrics_csv: MetricsCSV | None,
+                              wandb_logger: WandbLogger | None) -> None:
+    """Validate the step whose validation failed before the resume, log its whole row, save
+    (hpcm.train.validation); the snapshot that the step would then have written, too."""
+    step = run.step
+    if run.processes.is_writer:
+        print_err(f"step {step}: validating again (its validation failed before the resume)")
+    row = {**run.pending_row, **validate_and_keep_best(run)}
+    run.pending_row = None
+    if run.processes.is_writer:
+        if run.cfg.snapshot_every and step % run.cfg.snapshot_every == 0:
+            save_snapshot(run)
+        metrics_csv.write(row)
+        wandb_logger.log(row, step)
+        if run.cfg.quiet:
+            print_err(log_line(row, run.total_steps))
+    save_checkpoint(run)
+
+
 def train(run: Run, stop: StopFlag) -> int:
     cfg, out, processes = run.cfg, run.out, run.processes
     start_step = run.step
@@ -458,6 +482,9 @@ def train(run: Run, stop: StopFlag) -> int:
     window = LogWindow(run)
     exit_code = EXIT_CRASH
     try:
+        if run.pending_row is not None:  # the validation a stopped run still owes comes first
+            finish_pending_validation(run, metrics_csv, wandb_logger)
+            window.restart_clock()
         for x in loader:
             step = run.step + 1
             window.add(run.train_step(step, x))
@@ -469,9 +496,11 @@ def train(run: Run, stop: StopFlag) -> int:
             last, stopping = step == run.total_steps, processes.agree_to_stop(stop.signum is not None, step)
             row = window.row(step, lr) if step % cfg.log_every == 0 or last or stopping else None
             validating = step % cfg.val_every == 0 or last
-            if validating:
-                row = {**(row or {"step": step, "epoch": run.epoch(step), "lr": lr, **run.phase4_columns()}),
-                       **validate_and_keep_best(run)}
+            if validating:  # the row so far is kept in the checkpoint if validation fails
+                run.pending_row = row or {"step": step, "epoch": run.epoch(step), "lr": lr,
+                                          **run.phase4_columns()}
+                row = {**run.pending_row, **validate_and_keep_best(run)}
+                run.pending_row = None
                 window.restart_clock()
             if cfg.snapshot_every and step % cfg.snapshot_every == 0 and writer:
                 balanced_state = run.optimizer.save_state if run.balanced else None

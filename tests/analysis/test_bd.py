@@ -177,8 +177,11 @@ def test_a_point_without_lambda_is_rejected_naming_the_csv(tmp_path):
     good = points.rd_points([_eval_csv(tmp_path / "good.csv", 0.0067)])
     assert good["lmbda"].tolist() == [0.0067]
     bad = _eval_csv(tmp_path / "no_run_yaml.csv", "")
-    with pytest.raises(ValueError, match=r"no_run_yaml\.csv: empty lmbda for variant 'phase1'"):
+    expected = r"no_run_yaml\.csv: empty lmbda for variant 'phase1'"
+    with pytest.raises(ValueError, match=expected) as info:
         points.rd_points([bad])
+    # the hint names what hpcm.evaluate reads today, not the run.yaml it no longer reads
+    assert "run.yaml" not in str(info.value) and "--lmbda" in str(info.value)
 
 
 def test_a_dataset_without_the_anchor_is_an_na_row_with_the_reason():

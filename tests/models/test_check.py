@@ -110,3 +110,22 @@ def test_command_line_writes_the_report_or_exits_2(tiny_state, tmp_path, capsys)
     done = subprocess.run([sys.executable, "-m", "hpcm.models.check", "--help"], cwd=REPO, capture_output=True,
                           text=True)
     assert done.returncode == 0 and "cannot detect" in done.stdout
+
+
+def test_the_distortion_label_the_trainer_writes_catches_a_mix_up(tmp_path):
+    """epoch_best's labels (hpcm.train.checkpoints.run_labels) carry the distortion, so a mix-up is
+    caught by the label even at a lambda that is no released one (issue 26)."""
+    from hpcm.config import run_config
+    from hpcm.models import load_checkpoint_and_metadata
+    from hpcm.train import checkpoints as checkpointing
+
+    torch.manual_seed(0)
+    model = build_model("HPCM_Tiny")
+    cfg = run_config.resolve({"model": "HPCM_Tiny", "variant": "baseline", "lmbda": 0.5,
+                              "seed": 0, "distortion": "ms_ssim", "steps": 1})
+    path = checkpointing.save_best_model(model, tmp_path, checkpointing.run_labels(cfg))
+    assert load_checkpoint_and_metadata(path)[1]["distortion"] == "ms_ssim"
+    assert check_checkpoint(path, "HPCM_Tiny", 0.5, "ms_ssim")["lmbda"] == 0.5
+    expected = r"run labels say distortion ms_ssim.*study's distortion is mse"
+    with pytest.raises(CheckpointError, match=expected):
+        check_checkpoint(path, "HPCM_Tiny", 0.5, "mse")

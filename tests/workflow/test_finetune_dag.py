@@ -109,3 +109,23 @@ def test_the_checkpoint_rule_refuses_a_file_listed_under_another_lambda(tmp_path
     result = snakemake(target, "--cores", "1", "--configfile", str(path), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / target).is_file()
+
+
+def test_missing_released_checkpoints_are_listed_in_one_message(tmp_path):
+    """Without the weights, one message lists every missing file, says what they are and where
+    the README says to get them (not Snakemake's MissingInputException for one file; issue 26
+    point 4)."""
+    cfg, path = with_fake_checkpoints("finetune.yaml", tmp_path)
+    missing = [entry["path"] for entry in cfg["official_checkpoints"][1:]]
+    for name in missing:
+        Path(name).unlink()
+    result = snakemake("-n", "--configfile", str(path))
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "MissingInputException" not in output
+    assert f"{len(missing)} of 6 checkpoint file(s) missing" in output
+    assert all(name in output for name in missing)
+    assert cfg["official_checkpoints"][0]["path"] not in output  # the one present is not listed
+    assert "official HPCM weights" in output
+    assert "README.md, section 'The paper study'" in output
+    readme = (REPO / "README.md").read_text()
+    assert "## The paper study" in readme and "**Fine-tuning from the released weights**" in readme

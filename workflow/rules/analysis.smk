@@ -34,7 +34,11 @@ rule analysis_config:
         "logs/analysis_config/analysis.log",
     params:
         # the quality axis resolved (analysis.metric, else the study's distortion's default)
-        analysis={**config["analysis"], "metric": STUDY.metric},
+        # the test photos in training / validation, when allow_test_data_in_training allows it:
+        # every table repeats it (hpcm.analysis.tables.NOT_HELD_OUT)
+        analysis={**config["analysis"], "metric": STUDY.metric,
+                  **({"not_held_out": STUDY.test_data_in_training()}
+                     if STUDY.test_data_in_training() else {})},
     run:
         write_yaml(output[0], {"analysis": params.analysis}, log[0])
 
@@ -72,6 +76,7 @@ rule phase2_grid:
         points="results/rd/points.csv",
         runs=grid_done_markers,
         evals=STUDY.eval_csvs(),
+        analysis="results/configs/analysis.yaml",
     output:
         table=multiext(f"{TABLES_DIR}/{{grid}}", ".csv", ".md", ".tex"),
         png="results/plots/{grid}.png",
@@ -95,7 +100,8 @@ rule phase2_grid:
         "python -m hpcm.analysis.phase2 --points {input.points} --runs {params.runs} --grid {wildcards.grid} "
         "--include {params.include} --reference {params.reference} --method {params.method} --metric {params.metric} "
         "{params.evals} "
-        "--output-dir {params.outdir} --plots-dir {params.plotdir} > {log} 2>&1"
+        "--output-dir {params.outdir} --plots-dir {params.plotdir} --config {input.analysis} "
+        "> {log} 2>&1"
 
 
 rule summary:

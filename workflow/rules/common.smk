@@ -296,6 +296,9 @@ def eval_csv_option(wildcards, input):
 STUDY = load_study(config)
 VARIANTS = STUDY.variants
 print_training_cost()
+# every missing released checkpoint in one message (not Snakemake's MissingInputException per file)
+if study_config.missing_checkpoints_message(STUDY):
+    raise WorkflowError(study_config.missing_checkpoints_message(STUDY))
 
 
 wildcard_constraints:
