@@ -10,7 +10,10 @@ Tables written to ``--output-dir`` as ``NAME.csv``, ``NAME.md`` and ``NAME.tex``
 
 - ``bd_vs_<reference>``: BD-rate (%) and BD-PSNR (dB) of every variant vs the reference variant,
   per dataset, with overlap and point counts;
-- ``bd_vs_anchor-<anchor>``: the same against each published anchor (``hpcm.anchors``);
+- ``bd_vs_anchor-<anchor>``: the same against each published anchor (``hpcm.anchors``) and each
+  measured codec anchor (``analysis.measured_anchors`` + ``--measured`` CSVs, and the shipped ones
+  of ``hpcm/analysis/measured/``); with ``--images`` a measured anchor, which has per-image points,
+  gets the same 95 % paired-bootstrap intervals, pairing its images with the variants' by name;
 - ``expected_gains``: the seed's "Expected Gains" table as measured: BD-PSNR, BD-rate and the
   convergence epoch (first epoch whose validation loss is within 1 % of the run's best, mean over
   lambdas) of Phase 1, 2, 3, 4 (as ``analysis.gains`` lists them; and the reference for comparison);
@@ -59,7 +62,8 @@ from typing import Any, Sequence
 import numpy as np
 import yaml
 
-from hpcm.analysis.anchors import anchor_curves_by_dataset
+from hpcm.analysis.anchors import anchor_curves_by_dataset, load_anchors
+from hpcm.analysis.measured import anchor_intervals, measured_image_rows, shipped_csvs
 from hpcm.analysis.bd import METHODS, bd_row, bd_table
 from hpcm.analysis.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, excludes_zero, interval_table
 from hpcm.analysis.points import IMAGE_COLUMNS, curve, read_points, read_table, seed_points
@@ -411,6 +415,25 @@ def uncertainty(images, reference: str, metric: str, method: str,
     return Uncertainty(intervals, seed_spread(images, reference, metric, method), resamples)
 
 
+def anchor_uncertainty(images, measured_rows, anchor: str, metric: str, method: str,
+                       resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED):
+    """Intervals of every variant against a measured ``anchor`` (paired on image names), or
+    None when the anchor has no per-image data (a published curve of means)."""
+    if not len(measured_rows) or not (measured_rows["anchor"] == anchor).any():
+        return None
+    intervals = anchor_intervals(images, measured_rows, anchor, metric, method, resamples, seed)
+    return AnchorUncertainty(intervals, None, resamples)
+
+
+class AnchorUncertainty(Uncertainty):
+    """Intervals against a measured anchor: the anchor's per-image points pair with the
+    variants' on image names; a dataset where that fails says why."""
+
+    def notes(self) -> list[str]:
+        why = sorted({f"{r.dataset}: {r.note}" for r in self.intervals.itertuples() if r.note})
+        return super().notes() + [f"no interval on {text}" for text in why]
+
+
 BD_FORMATS = {"BD-rate (%)": "+.2f", "BD-PSNR (dB)": "+.3f", "overlap (%)": ".0f",
               "BD-rate CI low (%)": "+.2f", "BD-rate CI high (%)": "+.2f",
               "BD-PSNR CI low (dB)": "+.3f", "BD-PSNR CI high (dB)": "+.3f",
@@ -442,11 +465,14 @@ def _bd_notes(bd) -> list[str]:
 
 
 def bd_vs(points, reference: str, method: str, metric: str, anchor: str | None = None,
-          bd=None, unc: Uncertainty | None = None) -> Table:
-    """BD table of every variant vs ``reference`` (or a published ``anchor``); ``bd`` if computed."""
+          bd=None, unc: Uncertainty | None = None, anchor_table=None) -> Table:
+    """BD table of every variant vs ``reference`` (or an ``anchor`` of ``anchor_table``,
+    default the published + shipped anchors); ``bd`` if computed. With an anchor, ``unc`` holds
+    the intervals against the anchor (``anchor_uncertainty``: measured anchors only)."""
     curves = None
     if anchor:
-        curves = anchor_curves_by_dataset(anchor, metric, datasets=points["dataset"].unique())
+        curves = anchor_curves_by_dataset(anchor, metric, anchor_table,
+                                          datasets=points["dataset"].unique())
         reference = anchor
     if bd is None:
         bd = bd_table(points, reference, metric, method, curves)
@@ -454,12 +480,12 @@ def bd_vs(points, reference: str, method: str, metric: str, anchor: str | None =
     frame["overlap (%)"] = bd["overlap_rate"] * 100
     frame = frame[["dataset", "variant", "BD-rate (%)", "BD-PSNR (dB)", "overlap (%)",
                    "n_reference", "n_test"]].copy()
-    frame = _with_uncertainty(frame, None if anchor else unc)
+    frame = _with_uncertainty(frame, unc)
     quality = "PSNR" if metric == "psnr" else "MS-SSIM (dB)"
     title = (f"BD-rate and BD-{quality} vs {'anchor ' if anchor else ''}{reference} "
              f"({method})")
     name = f"bd_vs_anchor-{anchor}" if anchor else f"bd_vs_{reference}"
-    notes = _bd_notes(bd) + (unc.notes() if unc is not None and not anchor else [])
+    notes = _bd_notes(bd) + (unc.notes() if unc is not None else [])
     return Table(name, title, frame, BD_FORMATS, notes)
 
 
@@ -620,7 +646,8 @@ def build_all(points_path: str | Path, runs_root: str | Path, analysis: dict[str
               output_dir: str | Path, benchmarks: str | Path | None = None,
               method: str | None = None, metric: str | None = None,
               overhead_json: str | Path | None = None, images_path: str | Path | None = None,
-              resamples: int = DEFAULT_RESAMPLES, bootstrap_seed: int = DEFAULT_SEED) -> list[Path]:
+              resamples: int = DEFAULT_RESAMPLES, bootstrap_seed: int = DEFAULT_SEED,
+              measured: Sequence[str | Path] = ()) -> list[Path]:
     points = read_points(points_path)
     runs = load_runs(runs_root, benchmarks)
     reference = analysis.get("reference", "baseline")
@@ -630,8 +657,14 @@ def build_all(points_path: str | Path, runs_root: str | Path, analysis: dict[str
     unc = uncertainty(read_images(images_path), reference, metric, method, resamples,
                       bootstrap_seed) if images_path else None
     tables = [bd_vs(points, reference, method, metric, bd=bd, unc=unc)]
-    tables += [bd_vs(points, reference, method, metric, anchor=a)
-               for a in analysis.get("anchors") or []]
+    anchor_table = load_anchors(measured=measured)
+    measured_rows = measured_image_rows([*shipped_csvs(), *measured])
+    for a in dict.fromkeys([*(analysis.get("anchors") or []),
+                            *(analysis.get("measured_anchors") or [])]):
+        anchor_unc = anchor_uncertainty(read_images(images_path), measured_rows, a, metric,
+                                        method, resamples, bootstrap_seed) if images_path else None
+        tables.append(bd_vs(points, reference, method, metric, anchor=a, unc=anchor_unc,
+                            anchor_table=anchor_table))
     if analysis.get("gains"):
         tables.append(expected_gains(points, runs, dict(analysis["gains"]), reference, method,
                                      metric, bd, unc))
@@ -682,6 +715,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bootstrap resamples (default %(default)s)")
     parser.add_argument("--bootstrap-seed", type=int, default=DEFAULT_SEED,
                         help="seed of the resampling (default %(default)s)")
+    parser.add_argument("--measured", nargs="*", default=[],
+                        help="per-image CSVs of measured codec anchors (results/anchors/D/A.csv): "
+                             "BD tables against them, with intervals paired on images")
     return parser
 
 
@@ -689,7 +725,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_command(lambda: build_all(args.points, args.runs, read_analysis(args.config), args.output_dir,
                                          args.benchmarks, args.method, args.metric, args.overhead_json,
-                                         args.images, args.resamples, args.bootstrap_seed))
+                                         args.images, args.resamples, args.bootstrap_seed,
+                                         args.measured))
 
 
 if __name__ == "__main__":

@@ -80,6 +80,11 @@ PATHS = {
     "eval_csv": "results/eval/{dataset}/{variant}/lmbda{lmbda}/seed{seed}.csv",
     "eval_json": "results/eval/{dataset}/{variant}/lmbda{lmbda}/seed{seed}.json",
     "eval_benchmark": "results/benchmarks/evaluate/{dataset}/{variant}/lmbda{lmbda}/seed{seed}.tsv",
+    # codec anchors of a dataset (datasets.<d>.anchors): one point file per (image, quality)
+    "anchor_images": "results/anchors/{dataset}/images.txt",
+    "anchor_point": "results/anchors/{dataset}/{anchor}/q{quality}/{image}.json",
+    "anchor_csv": "results/anchors/{dataset}/{anchor}.csv",
+    "anchor_json": "results/anchors/{dataset}/{anchor}.json",
 }
 PREPARED_KINDS = ("kodak", "clic2020-professional", "tecnick")
 
@@ -366,6 +371,14 @@ class Study:
     def eval_csvs(self) -> list[str]:
         return [path("eval_csv", dataset=d, **run.wildcards) for d in self.datasets for run in self.runs()]
 
+    def anchors(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """(dataset, anchor name, spec) of every codec anchor the datasets list."""
+        return [(d, name, spec) for d, ds in self.datasets.items()
+                for name, spec in (ds.get("anchors") or {}).items()]
+
+    def anchor_csvs(self) -> list[str]:
+        return [path("anchor_csv", dataset=d, anchor=a) for d, a, _ in self.anchors()]
+
     def done_markers(self) -> list[str]:
         return [path("done", **run.wildcards) for run in self.runs()]
 
@@ -462,11 +475,16 @@ class Study:
         """The analysis' quality axis: analysis.metric, else the distortion's default."""
         return self.config["analysis"]["metric"] or DEFAULT_METRICS[self.config["distortion"]]
 
+    def anchor_names(self) -> list[str]:
+        """analysis.anchors, then the measured anchors of the datasets (each one BD table)."""
+        return list(dict.fromkeys([*self.config["analysis"]["anchors"],
+                                   *(a for _, a, _ in self.anchors())]))
+
     def table_names(self) -> list[str]:
         """The tables `python -m hpcm.tables` writes for this config (see its docstring)."""
         analysis = self.config["analysis"]
         names = [f"bd_vs_{analysis['reference']}"]
-        names += [f"bd_vs_anchor-{anchor}" for anchor in analysis["anchors"]]
+        names += [f"bd_vs_anchor-{anchor}" for anchor in self.anchor_names()]
         names += ["expected_gains"] if analysis["gains"] else []
         names += list(analysis["studies"])
         return names + ["overhead"]

@@ -34,7 +34,9 @@ rule analysis_config:
         "logs/analysis_config/analysis.log",
     params:
         # the quality axis resolved (analysis.metric, else the study's distortion's default)
-        analysis={**config["analysis"], "metric": STUDY.metric},
+        # + the measured codec anchors of the datasets (anchors.smk), each one BD table
+        analysis={**config["analysis"], "metric": STUDY.metric,
+                  "measured_anchors": [a for _, a, _ in STUDY.anchors()]},
     run:
         write_yaml(output[0], {"analysis": params.analysis}, log[0])
 
@@ -45,6 +47,7 @@ rule tables:
         images="results/rd/images.csv",
         analysis="results/configs/analysis.yaml",
         runs=STUDY.done_markers(),
+        measured=STUDY.anchor_csvs(),  # codec anchors measured by rule anchor (anchors.smk)
     output:
         table_outputs(),
     log:
@@ -60,7 +63,7 @@ rule tables:
         # gets its 95 % paired-bootstrap interval over the test images (1000 resamples, seed 0)
         "python -m hpcm.tables --points {input.points} --runs {params.runs} --config {input.analysis} "
         "--benchmarks {params.benchmarks} --images {input.images} --resamples 1000 "
-        "--bootstrap-seed 0 --output-dir {params.outdir} > {log} 2>&1"
+        "--bootstrap-seed 0 --measured {input.measured} --output-dir {params.outdir} > {log} 2>&1"
 
 
 # The Phase 2 search (one table + heatmap per grid) and the paper-style summary table

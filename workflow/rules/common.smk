@@ -223,7 +223,7 @@ def write_yaml(path, content, log_path):
 
 
 def final_outputs():
-    targets = STUDY.eval_csvs()
+    targets = STUDY.eval_csvs() + STUDY.anchor_csvs()  # anchors.smk: measured codec anchors
     targets += [f"{TABLES_DIR}/{name}.{ext}" for name in STUDY.table_names() for ext in ("csv", "md", "tex")]
     targets += ["results/plots/rd", "results/plots/runs", "results/plots/gamma_schedules.png"]
     targets += analysis_outputs()  # analysis.smk: the Phase 2 grid tables and heatmaps, the summary table
