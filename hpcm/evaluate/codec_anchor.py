@@ -136,7 +136,7 @@ def provenance_of(frame, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the rows say about how they were made (codec, versions, cfg hashes), plus ``extra``."""
     def unique(column):
         values = sorted({str(v) for v in frame[column] if str(v) not in ("", "nan")})
-        return values[0] if len(values) == 1 else values
+        return None if not values else values[0] if len(values) == 1 else values
 
     codec = unique("codec")
     provenance = {"measured_by": "this project (hpcm.evaluate.codec_anchor, through "
