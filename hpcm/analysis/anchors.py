@@ -93,6 +93,11 @@ def load_anchors(path: str | Path = ANCHOR_TABLE, measured: Sequence[str | Path]
     if not rows:
         return table
     extra = pd.DataFrame(rows, columns=list(COLUMNS))
+    per_file = extra.groupby(["dataset", "anchor"])["file"].nunique()
+    twice = [key for key, n in per_file.items() if n > 1]
+    if twice:
+        raise ValueError(f"measured anchor {twice[0]} given twice (files "
+                         f"{sorted(set(extra.loc[extra['anchor'] == twice[0][1], 'file']))})")
     clash = set(zip(extra["dataset"], extra["anchor"])) & set(zip(table["dataset"], table["anchor"]))
     if clash:
         raise ValueError(f"measured anchor(s) {sorted(clash)} also in {path}: rename one")
