@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from hpcm.evaluate.codecs import CODECS, COLOUR_PILLOW, COLOUR_YCBCR, POINT_FORMAT, measure, yuv_psnr
+from hpcm.data.images import list_images
 from hpcm.evaluate.metrics import ms_ssim_to_db
 from hpcm.util.cli import run_command
 from hpcm.util.io import atomic_write_text
@@ -167,6 +168,16 @@ def collect(points: Sequence[str | Path], csv: str | Path, json_path: str | Path
     return [Path(csv), Path(json_path)]
 
 
+def list_dataset_images(data: str | Path, output: str | Path) -> list[Path]:
+    """The image names of a dataset folder (paths relative to it, one a line), the rule's
+    checkpoint: the workflow makes one point job per name."""
+    names = [str(p.relative_to(data)) for p in list_images(data)]
+    if not names:
+        raise ValueError(f"no PNG/JPEG images in {data}")
+    atomic_write_text(output, "".join(f"{n}\n" for n in names))
+    return [Path(output)]
+
+
 def _point(args: argparse.Namespace) -> list[Path]:
     key = f"datasets.{args.dataset}.anchors.{args.anchor}"
     options = {"build_dir": args.build_dir, "cfg": args.cfg}
@@ -196,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--output", required=True, help="per-image CSV")
     c.add_argument("--json", required=True, help="CompressAI-style JSON")
     c.set_defaults(func=lambda a: collect(a.points, a.output, a.json))
+    i = sub.add_parser("images", help="the image names of a dataset folder, one a line")
+    i.add_argument("--data", required=True, help="the dataset folder")
+    i.add_argument("--output", required=True)
+    i.set_defaults(func=lambda a: list_dataset_images(Path(a.data), a.output))
     return parser
 
 
