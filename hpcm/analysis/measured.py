@@ -42,7 +42,8 @@ from hpcm.util.io import atomic_write_text
 
 MEASURED_DIR = Path(__file__).with_name("measured")
 AVERAGING = ("image", "pooled")
-DISTORTIONS = {"psnr": "RGB PSNR", "psnr_yuv": "YUV PSNR (6Y+U+V)/8, VTM's own",
+DISTORTIONS = {"psnr": "RGB PSNR", "psnr_yuv": "(6 Y + U + V) / 8 of VTM's Y, U, V PSNR",
+               "psnr_yuv_vtm": "VTM's own YUV-PSNR (its totals line)",
                "psnr_y": "Y PSNR, VTM's own"}
 
 

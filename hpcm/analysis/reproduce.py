@@ -8,7 +8,8 @@ and varies one choice at a time from the default (pchip, RGB PSNR, every complet
 per-image averaging):
 
 - ``method``: pchip (JVET), akima, cubic (VCEG-M33);
-- ``distortion`` (measured anchors): RGB PSNR; VTM's own YUV PSNR (6 Y + U + V) / 8; Y PSNR
+- ``distortion`` (measured anchors): RGB PSNR; (6 Y + U + V) / 8 of VTM's PSNRs; VTM's own
+  YUV-PSNR; Y PSNR
   (the models' curves stay RGB: this asks whether the paper's anchor was on another axis);
 - ``averaging`` (measured anchors): the mean of per-image PSNR; the PSNR of the mean MSE;
 - ``qualities``: the anchor's points without its highest- or lowest-rate end (runs of

@@ -6,7 +6,7 @@ one job per point, so a VTM encode (30-450 s per Kodak image) is kept and never 
 DAG is re-run or resumed. ``collect`` gathers the point files of one (dataset, anchor) into
 
 - the per-image CSV (``IMAGE_COLUMNS``: image, quality, bytes, bpp, RGB PSNR, MS-SSIM, VTM's
-  Y / U / V PSNR, encode / decode seconds, version, cfg SHA-256, both command lines);
+  Y / U / V PSNR, their (6 Y + U + V) / 8 and VTM's own YUV-PSNR, encode / decode seconds, version, cfg SHA-256, both command lines);
 - a CompressAI-style JSON (``name``, ``description``, ``results`` with ``bpp``, ``psnr-rgb``,
   ``ms-ssim-rgb``, ``encoding_time``, ``decoding_time`` averaged over images per quality, as
   ``compressai.utils.bench`` averages) with ``meta.provenance``.
@@ -41,7 +41,8 @@ from hpcm.util.io import atomic_write_text
 
 IMAGE_COLUMNS = (
     "dataset", "anchor", "codec", "image", "quality", "width", "height", "bytes", "bpp", "psnr",
-    "ms_ssim", "ms_ssim_db", "psnr_y", "psnr_u", "psnr_v", "psnr_yuv", "enc_time", "dec_time",
+    "ms_ssim", "ms_ssim_db", "psnr_y", "psnr_u", "psnr_v", "psnr_yuv", "psnr_yuv_vtm", "enc_time",
+    "dec_time",
     "version", "cfg_sha256", "image_sha256", "encode_cmd", "decode_cmd",
 )
 REQUIRED_NUMBERS = ("bytes", "bpp", "psnr", "enc_time", "dec_time")

@@ -140,17 +140,19 @@ def recorded_commands(module) -> Iterator[list[Command]]:
 
 
 VERSION_RE = re.compile(r"VTM (?:Encoder|Decoder) Version (\S+)")
-SUMMARY_RE = re.compile(r"^\s*\d+\s+a\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)",
-                        re.MULTILINE)
+# VTM-22.0's totals: a header "Total Frames |  Bitrate  Y-PSNR  U-PSNR  V-PSNR  YUV-PSNR", then
+# "<frames>  a  <bitrate>  <Y>  <U>  <V>  <YUV>" (the first block: all frames of layer 0)
+TOTALS_RE = re.compile(r"Total Frames \|\s+Bitrate\s+Y-PSNR\s+U-PSNR\s+V-PSNR\s+YUV-PSNR[^\n]*\n"
+                       r"\s*\d+\s+a\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)")
 
 
 def parse_vtm_log(text: str) -> dict[str, Any]:
-    """Version and the SUMMARY line (bitrate, Y, U, V, YUV PSNR) of a VTM encoder log."""
+    """Version and the totals line (bitrate, Y, U, V, YUV PSNR) of a VTM encoder log."""
     version = VERSION_RE.search(text)
-    summary = SUMMARY_RE.search(text[text.find("SUMMARY"):]) if "SUMMARY" in text else None
+    summary = TOTALS_RE.search(text)
     if version is None or summary is None:
-        raise CodecError("VTM encoder log has no 'VTM Encoder Version' line or no SUMMARY line; "
-                         f"is this VTM? Log tail:\n{text[-1500:]}")
+        raise CodecError("VTM encoder log has no 'VTM Encoder Version' line or no 'Total "
+                         f"Frames' totals; is this VTM? Log tail:\n{text[-1500:]}")
     _, y, u, v, yuv = (float(g) for g in summary.groups())
     return {"version": f"VTM {version.group(1)}", "psnr_y": y, "psnr_u": u, "psnr_v": v,
             "psnr_yuv_vtm": yuv}

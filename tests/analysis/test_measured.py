@@ -36,6 +36,7 @@ def point(i: int, qp: int, anchor: str = "vtm-test") -> dict:
             "image": IMAGES[i], "quality": qp, "width": 768, "height": 512,
             "bytes": int(rate * 768 * 512 / 8), "bpp": rate, "psnr": image_psnr(i, qp),
             "ms_ssim": 0.99, "psnr_y": image_psnr(i, qp) - 1, "psnr_u": 40.0, "psnr_v": 41.0,
+            "psnr_yuv_vtm": image_psnr(i, qp) + 0.5,
             "enc_time": 30.0, "dec_time": 0.2, "version": "VTM 22.0", "cfg_sha256": "ab" * 32,
             "encode_cmd": f"EncoderAppStatic -q {qp}", "decode_cmd": "DecoderAppStatic"}
 

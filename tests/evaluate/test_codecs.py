@@ -102,20 +102,22 @@ def test_point_files_collect_into_csv_and_json(photo, tmp_path):
     assert doc["meta"]["provenance"]["codec"] == "jpeg"
 
 
-VTM_LOG_TAIL = """
-VVCSoftware: VTM Encoder Version 22.0 [Linux][GCC 12.2.0][64 bit] [SIMD=AVX2]
-...
-SUMMARY --------------------------------------------------------
-\tTotal Frames |   Bitrate     Y-PSNR    U-PSNR    V-PSNR    YUV-PSNR
-\t        1    a      10.6560   29.1730   38.0452   38.6049   31.0839
-"""
+# Lines of a real VTM-22.0 encoder log (this build, a 64 x 64 crop at QP 47), abridged
+VTM_LOG_TAIL = (
+    "VVCSoftware: VTM Encoder Version 22.0 [Linux][GCC 12.2.0][64 bit] [SIMD=AVX2] \n"
+    "POC    0 LId:  0 TId: 0 ( IDR_N_LP, I-SLICE, QP 47 )       1000 bits [Y 28.0720 dB    "
+    "U 31.9254 dB    V 40.3972 dB] [ET    18 ] [L0] [L1]\n\n"
+    "LayerId  0\n"
+    "\tTotal Frames |  Bitrate      Y-PSNR   U-PSNR   V-PSNR   YUV-PSNR \n"
+    "\t1            a  0.1250       28.0720  31.9254  40.3972  31.1691  \n"
+)
 
 
 def test_vtm_log_parsing():
     parsed = codecs.parse_vtm_log(VTM_LOG_TAIL)
-    assert parsed == {"version": "VTM 22.0", "psnr_y": 29.173, "psnr_u": 38.0452,
-                      "psnr_v": 38.6049, "psnr_yuv_vtm": 31.0839}
-    assert codecs.yuv_psnr(parsed) == pytest.approx((6 * 29.173 + 38.0452 + 38.6049) / 8)
+    assert parsed == {"version": "VTM 22.0", "psnr_y": 28.072, "psnr_u": 31.9254,
+                      "psnr_v": 40.3972, "psnr_yuv_vtm": 31.1691}
+    assert codecs.yuv_psnr(parsed) == pytest.approx((6 * 28.072 + 31.9254 + 40.3972) / 8)
     with pytest.raises(codecs.CodecError, match="is this VTM"):
         codecs.parse_vtm_log("no summary here")
 
