@@ -31,7 +31,7 @@ Dataset names: ``kodak``, ``clic2020-professional``, ``tecnick``; evaluate with 
 
 CLI::
 
-    python -m hpcm.anchors list                       # anchors per dataset with point counts
+    python -m hpcm.anchors list [--measured CSV ...]  # anchors per dataset with point counts
     python -m hpcm.anchors bd --dataset kodak --reference vtm [--method pchip] [--metric psnr]
         BD-rate/BD-PSNR of every other anchor of the dataset against the reference anchor.
     python -m hpcm.anchors add-compressai --json FILE --dataset kodak --anchor NAME --label TEXT
@@ -39,6 +39,15 @@ CLI::
         [--transcribed]
         Append the points of a CompressAI-format JSON (``psnr-rgb``/``psnr``, ``ms-ssim-rgb``/
         ``ms-ssim``, ``ms-ssim-db-rgb``) with its git blob SHA-1 to the table (atomically).
+    python -m hpcm.anchors assemble --points-dir DIR --dataset kodak --anchor vtm-22.0
+        --label TEXT --images 24 --qualities 22 27 ... [--provenance-json FILE] [--output-dir D]
+        Ship a measured anchor (``hpcm.analysis.measured.assemble``): the complete point files of
+        a workflow run -> hpcm/analysis/measured/<anchor>/<dataset>.{csv,json}.
+
+Measured anchors (``hpcm.analysis.measured``): the mean curves of the anchors shipped in
+``hpcm/analysis/measured/`` are part of the table that ``load_anchors`` returns, and those of a
+workflow's per-image CSVs with ``--measured`` / ``load_anchors(measured=...)``; ``list`` shows
+how many (image, quality) pairs each holds. See docs/anchors.md.
 """
 
 from __future__ import annotations
@@ -260,12 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m hpcm.anchors", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--table", default=str(ANCHOR_TABLE), help="anchor table CSV")
-    parser.add_argument("--measured", nargs="*", default=[],
-                        help="per-image CSVs of measured anchors (results/anchors/D/A.csv) to "
-                             "add to the shipped ones")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="list anchors").set_defaults(func=_cmd_list)
+    lister = sub.add_parser("list", help="list anchors")
+    lister.set_defaults(func=_cmd_list)
     b = sub.add_parser("bd", help="BD of every anchor against a reference anchor")
+    for p in (lister, b):
+        p.add_argument("--measured", nargs="*", default=[],
+                       help="per-image CSVs of measured anchors (results/anchors/D/A.csv) to "
+                            "add to the shipped ones")
     b.add_argument("--dataset", required=True)
     b.add_argument("--reference", default="vtm")
     b.add_argument("--metric", default="psnr", choices=METRICS)

@@ -159,3 +159,13 @@ def test_bd_table_against_a_measured_anchor_has_intervals(shipped):
     assert -11 < row["BD-rate (%)"] < -9
     # a published curve (no per-image data) gets no interval
     assert anchor_uncertainty(images, measured.read_measured(shipped), "vtm", "psnr", "pchip") is None
+
+
+def test_list_and_bd_commands_show_a_measured_anchor(shipped, capsys):
+    assert anchors.main(["list", "--measured", str(shipped)]) == 0
+    out = capsys.readouterr().out
+    assert "vtm-test" in out and "kodak/vtm-test: measured by this project: VTM 22.0" in out
+    assert "11 of 12 (image, quality) pairs complete" in out
+    assert anchors.main(["bd", "--dataset", "kodak", "--reference", "vtm-test",
+                         "--measured", str(shipped)]) == 0
+    assert "hpcm-base" in capsys.readouterr().out
