@@ -107,7 +107,8 @@ def load_anchors(path: str | Path = ANCHOR_TABLE, measured: Sequence[str | Path]
     if twice:
         raise ValueError(f"measured anchor {twice[0]} given twice (files "
                          f"{sorted(set(extra.loc[extra['anchor'] == twice[0][1], 'file']))})")
-    clash = set(zip(extra["dataset"], extra["anchor"])) & set(zip(table["dataset"], table["anchor"]))
+    clash = (set(zip(extra["dataset"], extra["anchor"]))
+             & set(zip(table["dataset"], table["anchor"])))
     if clash:
         raise ValueError(f"measured anchor(s) {sorted(clash)} also in {path}: rename one")
     return pd.concat([table, extra], ignore_index=True)

@@ -117,9 +117,9 @@ def plot_rd(points, output_dir: str | Path, anchors: Sequence[str] = (),
             metric: str = "psnr", colors: dict[str, str] | None = None,
             reference: str | None = None, measured: Sequence[str | Path] = ()) -> list[Path]:
     """One figure per dataset (``measured``: per-image CSVs of measured anchors besides the
-    shipped ones, see hpcm.analysis.measured). The reference variant (every BD is measured against it) is a thick
-    black line under the others; anchors are grey and dashed; the legend sits outside the axes
-    so that it never covers a curve."""
+    shipped ones, see hpcm.analysis.measured). The reference variant (every BD is measured
+    against it) is a thick black line under the others; anchors are grey and dashed; the legend
+    sits outside the axes so that it never covers a curve."""
     table = load_anchors(measured=measured) if anchors else None
     colors = _colors_for(colors, points["variant"].unique())
     anchor_styles = dict(zip(dict.fromkeys(anchors), itertools.cycle(ANCHOR_STYLES)))
@@ -142,7 +142,8 @@ def plot_rd(points, output_dir: str | Path, anchors: Sequence[str] = (),
                 continue  # this dataset has no such published curve
             rows = table[(table["anchor"] == name) & (table["dataset"] == dataset)]
             label = rows["label"].iloc[0]
-            kind = "measured" if str(rows["note"].iloc[0]).startswith("measured by") else "published"
+            measured_here = str(rows["note"].iloc[0]).startswith("measured by")
+            kind = "measured" if measured_here else "published"
             linestyle, marker = anchor_styles[name]
             ax.plot(bpp, values, linestyle=linestyle, marker=marker, color=ANCHOR_COLOR,
                     linewidth=1, markersize=3, label=f"{label} ({kind})")

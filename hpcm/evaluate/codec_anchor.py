@@ -6,7 +6,8 @@ one job per point, so a VTM encode (30-450 s per Kodak image) is kept and never 
 DAG is re-run or resumed. ``collect`` gathers the point files of one (dataset, anchor) into
 
 - the per-image CSV (``IMAGE_COLUMNS``: image, quality, bytes, bpp, RGB PSNR, MS-SSIM, VTM's
-  Y / U / V PSNR, their (6 Y + U + V) / 8 and VTM's own YUV-PSNR, encode / decode seconds, version, cfg SHA-256, both command lines);
+  Y / U / V PSNR, their (6 Y + U + V) / 8 and VTM's own YUV-PSNR, encode / decode seconds,
+  version, cfg SHA-256, both command lines);
 - a CompressAI-style JSON (``name``, ``description``, ``results`` with ``bpp``, ``psnr-rgb``,
   ``ms-ssim-rgb``, ``encoding_time``, ``decoding_time`` averaged over images per quality, as
   ``compressai.utils.bench`` averages) with ``meta.provenance``.
@@ -33,7 +34,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from hpcm.evaluate.codecs import CODECS, COLOUR_PILLOW, COLOUR_YCBCR, POINT_FORMAT, measure, yuv_psnr
+from hpcm.evaluate.codecs import (CODECS, COLOUR_PILLOW, COLOUR_YCBCR, POINT_FORMAT, measure,
+                                  yuv_psnr)
 from hpcm.data.images import list_images
 from hpcm.evaluate.metrics import ms_ssim_to_db
 from hpcm.util.cli import run_command
@@ -183,7 +185,8 @@ def _point(args: argparse.Namespace) -> list[Path]:
     key = f"datasets.{args.dataset}.anchors.{args.anchor}"
     options = {"build_dir": args.build_dir, "cfg": args.cfg}
     record = measure(args.codec, options, args.image, args.quality, key)
-    record.update(dataset=args.dataset, anchor=args.anchor, image=args.name or Path(args.image).name)
+    record.update(dataset=args.dataset, anchor=args.anchor,
+                  image=args.name or Path(args.image).name)
     return [write_point(record, args.output)]
 
 

@@ -39,7 +39,7 @@ from PIL import Image
 from hpcm.config.run_config import MS_SSIM_MIN_SIDE
 
 POINT_FORMAT = "hpcm-codec-point/1"
-# VTM's encoder binary and decoder binary inside its build's bin/ folder (CompressAI's names on Linux)
+# VTM's encoder and decoder binaries in its build's bin/ folder (CompressAI's names on Linux)
 VTM_ENCODER, VTM_DECODER = "EncoderAppStatic", "DecoderAppStatic"
 COLOUR_YCBCR = ("RGB -> YCbCr 4:4:4, 8-bit (compressai.transforms.functional.rgb2ycbcr, BT.601 "
                 "full range, values truncated to 8 bits); decoded YCbCr -> RGB (ycbcr2rgb), "

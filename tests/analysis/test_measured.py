@@ -60,7 +60,8 @@ def test_assemble_keeps_complete_pairs_and_says_how_many(shipped):
     doc = json.loads(shipped.with_suffix(".json").read_text())
     rows = pd.read_csv(shipped)
     assert len(rows) == 11
-    assert doc["meta"]["complete"]["pairs"] == 11 and doc["meta"]["complete"]["expected_pairs"] == 12
+    complete = doc["meta"]["complete"]
+    assert complete["pairs"] == 11 and complete["expected_pairs"] == 12
     assert len(doc["meta"]["complete"]["skipped"]) == 1
     assert doc["meta"]["incomplete_qualities"] == {"27": 2}
     assert sorted(doc["meta"]["quality"]) == [32, 37, 42]  # QP 27 lacks an image: not averaged
@@ -105,7 +106,8 @@ def test_pooled_averaging_is_psnr_of_the_mean_mse(shipped):
     _, per_image = measured.mean_curve(rows)
     assert pooled[0] < per_image[0]  # Jensen: the mean of PSNRs exceeds the PSNR of the mean MSE
     _, yuv = measured.mean_curve(rows, distortion="psnr_yuv")
-    assert yuv[0] == pytest.approx(np.mean([(6 * (image_psnr(i, qp) - 1) + 81) / 8 for i in range(3)]))
+    expected = np.mean([(6 * (image_psnr(i, qp) - 1) + 81) / 8 for i in range(3)])
+    assert yuv[0] == pytest.approx(expected)
     with pytest.raises(ValueError, match=r"qualities \[27\] are not complete"):
         measured.mean_curve(rows, qualities=[27, 32])
 
@@ -128,9 +130,11 @@ def test_paired_intervals_against_the_anchor_have_closed_forms(shipped):
     assert r["note"] == "" and r["n_images"] == 3
     # the per-image curves are log-linear in rate, so pchip is exact: BD-rate of a 0.9 x rate
     # variant is -10 % on every resample, of the anchor's own points 0
-    assert r["rate_low"] == pytest.approx(0.0, abs=1e-9) and r["rate_high"] == pytest.approx(0.0, abs=1e-9)
+    assert r["rate_low"] == pytest.approx(0.0, abs=1e-9)
+    assert r["rate_high"] == pytest.approx(0.0, abs=1e-9)
     shifted = measured.anchor_intervals(variant_images(0.9), rows, "vtm-test", resamples=50).iloc[0]
-    assert shifted["rate_low"] == pytest.approx(-10.0) and shifted["rate_high"] == pytest.approx(-10.0)
+    assert shifted["rate_low"] == pytest.approx(-10.0)
+    assert shifted["rate_high"] == pytest.approx(-10.0)
 
 
 def test_intervals_need_the_same_images(shipped):
@@ -158,7 +162,8 @@ def test_bd_table_against_a_measured_anchor_has_intervals(shipped):
     # curves are not log-linear), inside [-11, -9]
     assert -11 < row["BD-rate (%)"] < -9
     # a published curve (no per-image data) gets no interval
-    assert anchor_uncertainty(images, measured.read_measured(shipped), "vtm", "psnr", "pchip") is None
+    rows = measured.read_measured(shipped)
+    assert anchor_uncertainty(images, rows, "vtm", "psnr", "pchip") is None
 
 
 def test_list_and_bd_commands_show_a_measured_anchor(shipped, capsys):

@@ -61,7 +61,8 @@ def test_published_curve_offers_method_and_point_choices_only(against_compressai
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         expected = bd_rate(bpp[1:], psnr[1:], *test)
-    assert dropped[dropped["model"] == "hpcm-base"]["BD-rate (%)"].iloc[0] == pytest.approx(expected)
+    value = dropped[dropped["model"] == "hpcm-base"]["BD-rate (%)"].iloc[0]
+    assert value == pytest.approx(expected)
 
 
 def test_measured_reference_offers_every_choice(shipped):  # noqa: F811

@@ -93,7 +93,8 @@ def test_point_files_collect_into_csv_and_json(photo, tmp_path):
         paths.append(write_point(record, tmp_path / f"q{quality}.json"))
     (tmp_path / "broken.json").write_text("{")
     assert read_point(tmp_path / "broken.json")[0] is None
-    csv, doc_path = collect([*paths, tmp_path / "broken.json"], tmp_path / "a.csv", tmp_path / "a.json")
+    csv, doc_path = collect([*paths, tmp_path / "broken.json"], tmp_path / "a.csv",
+                            tmp_path / "a.json")
     doc = json.loads(doc_path.read_text())
     bpps = [reference_jpeg(photo, q)[0] * 8 / (200 * 176) for q in (20, 60)]
     assert doc["results"]["bpp"] == pytest.approx(bpps)
@@ -122,7 +123,8 @@ def test_vtm_log_parsing():
         codecs.parse_vtm_log("no summary here")
 
 
-@pytest.mark.skipif(not HAS_VTM, reason=f"no VTM build at {VTM_BIN} (set HPCM_VTM_BIN / HPCM_VTM_CFG)")
+@pytest.mark.skipif(not HAS_VTM,
+                    reason=f"no VTM build at {VTM_BIN} (set HPCM_VTM_BIN / HPCM_VTM_CFG)")
 def test_vtm_point_equals_compressai_vtm_class(tmp_path):
     """Our recorded run and CompressAI's own class give the same numbers on a small crop."""
     import compressai.utils.bench.codecs as bench

@@ -22,7 +22,8 @@ checkpoint anchor_images:
     conda:
         "../../envs/hpcm.yaml"
     shell:
-        "python -m hpcm.evaluate.codec_anchor images --data {params.data:q} --output {output} > {log} 2>&1"
+        "python -m hpcm.evaluate.codec_anchor images --data {params.data:q} --output {output} "
+        "> {log} 2>&1"
 
 
 rule anchor_point:
