@@ -25,6 +25,8 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/anchor_functions.smk"
+include: "workflow/rules/anchors.smk"
 include: "workflow/rules/analysis.smk"
 include: "workflow/rules/report.smk"
 

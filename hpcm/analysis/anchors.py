@@ -31,7 +31,7 @@ Dataset names: ``kodak``, ``clic2020-professional``, ``tecnick``; evaluate with 
 
 CLI::
 
-    hpcm anchors list                       # anchors per dataset with point counts
+    hpcm anchors list [--measured CSV ...]             # anchors per dataset with point counts
     hpcm anchors bd --dataset kodak --reference vtm [--method pchip] [--metric psnr]
         BD-rate/BD-PSNR of every other anchor of the dataset against the reference anchor.
     hpcm anchors add-compressai --json FILE --dataset kodak --anchor NAME --label TEXT
@@ -39,6 +39,15 @@ CLI::
         [--transcribed]
         Append the points of a CompressAI-format JSON (``psnr-rgb``/``psnr``, ``ms-ssim-rgb``/
         ``ms-ssim``, ``ms-ssim-db-rgb``) with its git blob SHA-1 to the table (atomically).
+    hpcm anchors assemble --points-dir DIR --dataset kodak --anchor vtm-22.0
+        --label TEXT --images 24 --qualities 22 27 ... [--provenance-json FILE] [--output-dir D]
+        Ship a measured anchor (``hpcm.analysis.measured.assemble``): the complete point files of
+        a workflow run -> hpcm/analysis/measured/<anchor>/<dataset>.{csv,json}.
+
+Measured anchors (``hpcm.analysis.measured``): the mean curves of the anchors shipped in
+``hpcm/analysis/measured/`` are part of the table that ``load_anchors`` returns, and those of a
+workflow's per-image CSVs with ``--measured`` / ``load_anchors(measured=...)``; ``list`` shows
+how many (image, quality) pairs each holds. See docs/anchors.md.
 """
 
 from __future__ import annotations
@@ -55,6 +64,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from hpcm.analysis.bd import METHODS, bd_row
+from hpcm.analysis.measured import assemble, mean_rows, shipped_csvs
 from hpcm.analysis.points import read_table
 from hpcm.evaluate.metrics import ms_ssim_to_db
 from hpcm.util.cli import run_command
@@ -76,9 +86,32 @@ VTM_22_STATUS = (
 )
 
 
-def load_anchors(path: str | Path = ANCHOR_TABLE):
-    """The anchor table as a pandas DataFrame; a missing column is an error naming it."""
-    return read_table(path, COLUMNS, "anchor table")
+def load_anchors(path: str | Path = ANCHOR_TABLE, measured: Sequence[str | Path] = (),
+                 shipped: bool = True):
+    """The anchor table as a pandas DataFrame; a missing column is an error naming it.
+
+    With ``shipped`` the mean curves of the measured anchors shipped in
+    ``hpcm/analysis/measured/`` are appended, and those of the per-image CSVs in ``measured``
+    (a workflow's ``results/anchors/<dataset>/<anchor>.csv``), so that every reader of the table
+    sees a measured anchor like a published one (``hpcm.analysis.measured.mean_rows``).
+    """
+    import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
+
+    table = read_table(path, COLUMNS, "anchor table")
+    rows = [r for csv in [*(shipped_csvs() if shipped else []), *measured] for r in mean_rows(csv)]
+    if not rows:
+        return table
+    extra = pd.DataFrame(rows, columns=list(COLUMNS))
+    per_file = extra.groupby(["dataset", "anchor"])["file"].nunique()
+    twice = [key for key, n in per_file.items() if n > 1]
+    if twice:
+        raise ValueError(f"measured anchor {twice[0]} given twice (files "
+                         f"{sorted(set(extra.loc[extra['anchor'] == twice[0][1], 'file']))})")
+    clash = (set(zip(extra["dataset"], extra["anchor"]))
+             & set(zip(table["dataset"], table["anchor"])))
+    if clash:
+        raise ValueError(f"measured anchor(s) {sorted(clash)} also in {path}: rename one")
+    return pd.concat([table, extra], ignore_index=True)
 
 
 def anchor_names(dataset: str | None = None, table=None) -> list[str]:
@@ -178,17 +211,26 @@ def rows_from_compressai_json(path: str | Path, dataset: str, anchor: str, label
 
 
 def _cmd_list(args: argparse.Namespace) -> None:
-    table = load_anchors(args.table)
+    table = load_anchors(args.table, args.measured)
     summary = (table.groupby(["dataset", "anchor", "label"], sort=True)
                .agg(points=("bpp", "size"), source=("source_repo", "first"),
                     commit=("commit", "first"), file=("file", "first")).reset_index())
     print(summary.to_string(index=False))
+    measured = table[table["note"].astype(str).str.startswith("measured by this project")]
+    if len(measured):
+        print("\nmeasured anchors (per-image data; BD intervals paired on images):")
+        for (dataset, anchor), group in measured.groupby(["dataset", "anchor"], sort=True):
+            print(f"  {dataset}/{anchor}: {group['note'].iloc[0]}")
     print()
-    print(VTM_22_STATUS)
+    if "vtm-22.0" in set(table["anchor"]):
+        print("VTM-22.0: measured by this project (see above); 'vtm' is CompressAI's curve, "
+              "version unrecorded.")
+    else:
+        print(VTM_22_STATUS)
 
 
 def _cmd_bd(args: argparse.Namespace) -> None:
-    table = load_anchors(args.table)
+    table = load_anchors(args.table, args.measured)
     ref = anchor_curve(args.dataset, args.reference, args.metric, table)
     rows = []
     for name in anchor_names(args.dataset, table):
@@ -211,7 +253,7 @@ def _cmd_bd(args: argparse.Namespace) -> None:
 def _cmd_add(args: argparse.Namespace) -> None:
     import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
 
-    table = load_anchors(args.table) if Path(args.table).exists() else pd.DataFrame(
+    table = load_anchors(args.table, shipped=False) if Path(args.table).exists() else pd.DataFrame(
         columns=list(COLUMNS))
     if ((table["dataset"] == args.dataset) & (table["anchor"] == args.anchor)).any():
         raise ValueError(f"anchor {args.anchor!r} already exists for {args.dataset!r} in "
@@ -229,8 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--table", default=str(ANCHOR_TABLE), help="anchor table CSV")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="list anchors").set_defaults(func=_cmd_list)
+    lister = sub.add_parser("list", help="list anchors")
+    lister.set_defaults(func=_cmd_list)
     b = sub.add_parser("bd", help="BD of every anchor against a reference anchor")
+    for p in (lister, b):
+        p.add_argument("--measured", nargs="*", default=[],
+                       help="per-image CSVs of measured anchors (results/anchors/D/A.csv) to "
+                            "add to the shipped ones")
     b.add_argument("--dataset", required=True)
     b.add_argument("--reference", default="vtm")
     b.add_argument("--metric", default="psnr", choices=METRICS)
@@ -244,7 +291,30 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--transcribed", action="store_true",
                    help="the JSON transcribes the source file: record no blob hash")
     a.set_defaults(func=_cmd_add)
+    m = sub.add_parser("assemble", help="ship a measured anchor from a workflow run's point "
+                                        "files (only complete (image, quality) pairs)")
+    m.add_argument("--points-dir", required=True,
+                   help="results/anchors/<dataset>/<anchor> (the point files, any depth)")
+    m.add_argument("--dataset", required=True)
+    m.add_argument("--anchor", required=True)
+    m.add_argument("--label", required=True)
+    m.add_argument("--images", type=int, required=True, help="images of the full anchor")
+    m.add_argument("--qualities", type=int, nargs="+", required=True,
+                   help="qualities / QPs of the full anchor")
+    m.add_argument("--provenance-json", help="JSON object merged into meta.provenance (tag, "
+                                            "commit, source_repo, build commands, ...)")
+    m.add_argument("--output-dir", help="default: hpcm/analysis/measured/<anchor>")
+    m.set_defaults(func=_cmd_assemble)
     return parser
+
+
+def _cmd_assemble(args: argparse.Namespace) -> list[Path]:
+    extra = json.loads(Path(args.provenance_json).read_text()) if args.provenance_json else {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"{args.provenance_json}: expected a JSON object")
+    output = args.output_dir or str(Path(ANCHOR_TABLE).with_name("measured") / args.anchor)
+    return assemble(args.points_dir, args.dataset, args.anchor, output, args.images,
+                    args.qualities, args.label, extra)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

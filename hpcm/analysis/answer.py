@@ -8,7 +8,7 @@ which includes the file written here, so the first thing a reader sees is the nu
   excludes 0 (read from ``summary.csv``, the reference's own row left out);
 - the scale of the study, read from what ran: the model(s), training steps (or epochs) per run,
   the λs, the training seeds and how many runs start from a checkpoint (the training runs'
-  ``run.yaml``), and the test images per dataset (the per-image table of ``hpcm.rd points``).
+  ``run.yaml``), and the test images per dataset (the per-image table of ``hpcm rd points``).
 
 CLI::
 
@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--summary", required=True, help="summary.csv (hpcm.analysis.summary)")
     parser.add_argument("--config", required=True, help="YAML with the 'analysis' section")
     parser.add_argument("--runs", required=True, help="folder holding the training run folders")
-    parser.add_argument("--images", required=True, help="per-image table (hpcm.rd points --images)")
+    parser.add_argument("--images", required=True, help="per-image table (hpcm rd points --images)")
     parser.add_argument("--output", required=True, help="the reStructuredText file to write")
     return parser
 

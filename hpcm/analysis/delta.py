@@ -221,14 +221,14 @@ def plot_deltas(points, analysis: dict[str, Any], variants: Sequence[str],
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m hpcm.analysis.delta", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--points", required=True, help="R-D points CSV (hpcm.rd points)")
+    parser.add_argument("--points", required=True, help="R-D points CSV (hpcm rd points)")
     parser.add_argument("--config", required=True, help="YAML with the 'analysis' section")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--variants", nargs="*", default=None,
                         help="named variants in the config's order (default: the points')")
     parser.add_argument("--grids", nargs="*", default=[],
                         help="Phase 2 grid names: their variants <grid>-... get a panel")
-    parser.add_argument("--images", help="per-image table (hpcm.rd points --images): the band")
+    parser.add_argument("--images", help="per-image table (hpcm rd points --images): the band")
     parser.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES)
     parser.add_argument("--bootstrap-seed", type=int, default=DEFAULT_SEED)
     return parser

@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grid-metric", choices=tuple(SUMMARY_LABELS),
                         help="the metric the grid tables were measured in (default: "
                              "the analysis section's metric, else psnr)")
-    parser.add_argument("--images", help="per-image table (hpcm.rd points --images): the "
+    parser.add_argument("--images", help="per-image table (hpcm rd points --images): the "
                                          "per-seed marks of variants with several seeds")
     return parser
 

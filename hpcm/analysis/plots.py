@@ -115,11 +115,12 @@ REFERENCE_COLOR = "black"
 
 def plot_rd(points, output_dir: str | Path, anchors: Sequence[str] = (),
             metric: str = "psnr", colors: dict[str, str] | None = None,
-            reference: str | None = None) -> list[Path]:
-    """One figure per dataset. The reference variant (every BD is measured against it) is a thick
-    black line under the others; anchors are grey and dashed; the legend sits outside the axes
-    so that it never covers a curve."""
-    table = load_anchors() if anchors else None
+            reference: str | None = None, measured: Sequence[str | Path] = ()) -> list[Path]:
+    """One figure per dataset (``measured``: per-image CSVs of measured anchors besides the
+    shipped ones, see hpcm.analysis.measured). The reference variant (every BD is measured
+    against it) is a thick black line under the others; anchors are grey and dashed; the legend
+    sits outside the axes so that it never covers a curve."""
+    table = load_anchors(measured=measured) if anchors else None
     colors = _colors_for(colors, points["variant"].unique())
     anchor_styles = dict(zip(dict.fromkeys(anchors), itertools.cycle(ANCHOR_STYLES)))
     written = []
@@ -139,10 +140,13 @@ def plot_rd(points, output_dir: str | Path, anchors: Sequence[str] = (),
                 bpp, values = anchor_curve(dataset, name, metric, table)
             except ValueError:
                 continue  # this dataset has no such published curve
-            label = table.loc[table["anchor"] == name, "label"].iloc[0]
+            rows = table[(table["anchor"] == name) & (table["dataset"] == dataset)]
+            label = rows["label"].iloc[0]
+            measured_here = str(rows["note"].iloc[0]).startswith("measured by")
+            kind = "measured" if measured_here else "published"
             linestyle, marker = anchor_styles[name]
             ax.plot(bpp, values, linestyle=linestyle, marker=marker, color=ANCHOR_COLOR,
-                    linewidth=1, markersize=3, label=f"{label} (published)")
+                    linewidth=1, markersize=3, label=f"{label} ({kind})")
         ax.set_xscale("log")  # BD integrates over log-rate: the axis it is computed on
         ax.set_xlabel("Rate (bpp, log scale)")
         ax.set_ylabel(METRIC_LABELS[metric])
@@ -315,7 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "the i-th, the same in every call (default: sorted names seen)")
         if name in ("all", "rd"):
             p.add_argument("--points", required=True, help="R-D points CSV (hpcm rd points)")
-            p.add_argument("--anchors", nargs="*", default=[], help="published anchors to draw")
+            p.add_argument("--anchors", nargs="*", default=[], help="anchors to draw")
+            p.add_argument("--measured", nargs="*", default=[],
+                           help="per-image CSVs of measured anchors (results/anchors/D/A.csv)")
             p.add_argument("--metric", default="psnr", choices=tuple(METRIC_LABELS))
         if name in ("all", "runs"):
             p.add_argument("--runs", required=True, help="folder holding the run folders")
@@ -342,7 +348,7 @@ def _draw(args: argparse.Namespace) -> list[Path]:
         colors = variant_colors(sorted(seen))
     if points is not None:
         written += plot_rd(points, args.output_dir, args.anchors, args.metric, colors,
-                           getattr(args, "reference", None))
+                           getattr(args, "reference", None), args.measured)
     if runs is not None:
         written += plot_runs(runs, args.output_dir, colors)
     if args.command in ("all", "gammas"):

@@ -13,7 +13,10 @@ names a study's ``analysis`` section yields, and the workflow takes its targets 
 - ``bd_vs_<reference>``: BD-rate (%) and BD-PSNR (dB) of every variant vs the reference variant,
   per dataset, with point counts and the smaller of the two overlaps (``overlap of``: the rate
   range that BD-PSNR integrates over, or the distortion range of BD-rate);
-- ``bd_vs_anchor-<anchor>``: the same against each published anchor (``hpcm anchors``);
+- ``bd_vs_anchor-<anchor>``: the same against each published anchor (``hpcm anchors``) and each
+  measured codec anchor (``analysis.measured_anchors`` + ``--measured`` CSVs, and the shipped ones
+  of ``hpcm/analysis/measured/``); with ``--images`` a measured anchor, which has per-image points,
+  gets the same 95 % paired-bootstrap intervals, pairing its images with the variants' by name;
 - ``expected_gains``: the seed's "Expected Gains" table as measured: BD-PSNR, BD-rate and the
   convergence epoch (first epoch whose validation loss is within 1 % of the run's best, mean over
   lambdas) of Phase 1, 2, 3, 4 (as ``analysis.gains`` lists them; and the reference for comparison);
@@ -65,7 +68,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import yaml
 
-from hpcm.analysis.anchors import anchor_curves_by_dataset
+from hpcm.analysis.anchors import anchor_curves_by_dataset, load_anchors
+from hpcm.analysis.measured import anchor_intervals, measured_image_rows, shipped_csvs
 from hpcm.analysis.bd import METHODS, bd_row, bd_table
 from hpcm.analysis.bootstrap import (DEFAULT_RESAMPLES, DEFAULT_SEED, excludes_zero, interval_table,
                                      seed_interval_table)
@@ -419,6 +423,25 @@ def uncertainty(images, reference: str, metric: str, method: str,
     return Uncertainty(intervals, seed_spread(images, reference, metric, method), resamples)
 
 
+def anchor_uncertainty(images, measured_rows, anchor: str, metric: str, method: str,
+                       resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED):
+    """Intervals of every variant against a measured ``anchor`` (paired on image names), or
+    None when the anchor has no per-image data (a published curve of means)."""
+    if not len(measured_rows) or not (measured_rows["anchor"] == anchor).any():
+        return None
+    intervals = anchor_intervals(images, measured_rows, anchor, metric, method, resamples, seed)
+    return AnchorUncertainty(intervals, None, resamples)
+
+
+class AnchorUncertainty(Uncertainty):
+    """Intervals against a measured anchor: the anchor's per-image points pair with the
+    variants' on image names; a dataset where that fails says why."""
+
+    def notes(self) -> list[str]:
+        why = sorted({f"{r.dataset}: {r.note}" for r in self.intervals.itertuples() if r.note})
+        return super().notes() + [f"no interval on {text}" for text in why]
+
+
 BD_FORMATS = {"BD-rate (%)": "+.2f", "BD-PSNR (dB)": "+.3f", "overlap (%)": ".0f",
               "BD-rate CI low (%)": "+.2f", "BD-rate CI high (%)": "+.2f",
               "BD-PSNR CI low (dB)": "+.3f", "BD-PSNR CI high (dB)": "+.3f",
@@ -465,11 +488,14 @@ def bd_table_name(reference: str, anchor: str | None = None) -> str:
 
 
 def bd_vs(points, reference: str, method: str, metric: str, anchor: str | None = None,
-          bd=None, unc: Uncertainty | None = None) -> Table:
-    """BD table of every variant vs ``reference`` (or a published ``anchor``); ``bd`` if computed."""
+          bd=None, unc: Uncertainty | None = None, anchor_table=None) -> Table:
+    """BD table of every variant vs ``reference`` (or an ``anchor`` of ``anchor_table``,
+    default the published + shipped anchors); ``bd`` if computed. With an anchor, ``unc`` holds
+    the intervals against the anchor (``anchor_uncertainty``: measured anchors only)."""
     curves = None
     if anchor:
-        curves = anchor_curves_by_dataset(anchor, metric, datasets=points["dataset"].unique())
+        curves = anchor_curves_by_dataset(anchor, metric, anchor_table,
+                                          datasets=points["dataset"].unique())
         reference = anchor
     if bd is None:
         bd = bd_table(points, reference, metric, method, curves)
@@ -480,12 +506,12 @@ def bd_vs(points, reference: str, method: str, metric: str, anchor: str | None =
     frame["overlap of"] = [of_range for _, of_range in smaller]
     frame = frame[["dataset", "variant", "BD-rate (%)", "BD-PSNR (dB)", "overlap (%)", "overlap of",
                    "n_reference", "n_test"]].copy()
-    frame = _with_uncertainty(frame, None if anchor else unc)
+    frame = _with_uncertainty(frame, unc)
     quality = "PSNR" if metric == "psnr" else "MS-SSIM (dB)"
     title = (f"BD-rate and BD-{quality} vs {'anchor ' if anchor else ''}{reference} "
              f"({method})")
     name = bd_table_name(reference, anchor)
-    notes = _bd_notes(bd) + (unc.notes() if unc is not None and not anchor else [])
+    notes = _bd_notes(bd) + (unc.notes() if unc is not None else [])
     return Table(name, title, frame, BD_FORMATS, notes)
 
 
@@ -766,6 +792,7 @@ class TableInputs:
     images: Any = None  # per-image rows (``--images``), or None
     resamples: int = DEFAULT_RESAMPLES
     bootstrap_seed: int = DEFAULT_SEED
+    measured: tuple = ()  # per-image CSVs of measured codec anchors (``--measured``)
 
 
 @dataclass(frozen=True)
@@ -823,12 +850,29 @@ def _bd_reference_tables(inputs: TableInputs) -> list[Table]:
                   unc=inputs.unc)]
 
 
+def anchor_names(analysis: Mapping[str, Any]) -> list[str]:
+    """The anchors with a BD table: published ones (``anchors``), then measured codec anchors
+    (``measured_anchors``, written by the workflow from the datasets' ``anchors:``)."""
+    return list(dict.fromkeys([*(analysis.get("anchors") or []),
+                               *(analysis.get("measured_anchors") or [])]))
+
+
 @register_table("bd_anchor", caption="table_bd.rst", quality_axis=True,
-                names=lambda analysis: [bd_table_name("", anchor)
-                                        for anchor in analysis.get("anchors") or []])
+                names=lambda analysis: [bd_table_name("", a) for a in anchor_names(analysis)])
 def _bd_anchor_tables(inputs: TableInputs) -> list[Table]:
-    return [bd_vs(inputs.points, inputs.reference, inputs.method, inputs.metric, anchor=anchor)
-            for anchor in inputs.analysis.get("anchors") or []]
+    anchors = anchor_names(inputs.analysis)
+    if not anchors:
+        return []
+    anchor_table = load_anchors(measured=inputs.measured)
+    measured_rows = measured_image_rows([*shipped_csvs(), *inputs.measured])
+    tables = []
+    for anchor in anchors:
+        anchor_unc = None if inputs.images is None else anchor_uncertainty(
+            inputs.images, measured_rows, anchor, inputs.metric, inputs.method, inputs.resamples,
+            inputs.bootstrap_seed)
+        tables.append(bd_vs(inputs.points, inputs.reference, inputs.method, inputs.metric,
+                            anchor=anchor, unc=anchor_unc, anchor_table=anchor_table))
+    return tables
 
 
 @register_table("expected_gains", caption="table_expected_gains.rst", quality_axis=True,
@@ -891,9 +935,11 @@ def build_all(points_path: str | Path, runs_root: str | Path, analysis: dict[str
               output_dir: str | Path, benchmarks: str | Path | None = None,
               method: str | None = None, metric: str | None = None,
               overhead_json: str | Path | None = None, images_path: str | Path | None = None,
-              resamples: int = DEFAULT_RESAMPLES, bootstrap_seed: int = DEFAULT_SEED) -> list[Path]:
+              resamples: int = DEFAULT_RESAMPLES, bootstrap_seed: int = DEFAULT_SEED,
+              measured: Sequence[str | Path] = ()) -> list[Path]:
     """Write every registered table (:data:`TABLES`); ``overhead_json`` joins the analysis section
-    as its key ``overhead_json`` (the kind ``overhead_benchmark`` reads it)."""
+    as its key ``overhead_json`` (the kind ``overhead_benchmark`` reads it); ``measured``: per-image
+    CSVs of measured codec anchors, beside the shipped ones."""
     points = read_points(points_path)
     runs = load_runs(runs_root, benchmarks)
     analysis = {**analysis, "overhead_json": overhead_json}
@@ -905,7 +951,7 @@ def build_all(points_path: str | Path, runs_root: str | Path, analysis: dict[str
     unc = uncertainty(images, reference, metric, method, resamples,
                       bootstrap_seed) if images_path else None
     inputs = TableInputs(points, runs, analysis, reference, method, metric, bd, unc, images,
-                         resamples, bootstrap_seed)
+                         resamples, bootstrap_seed, tuple(measured))
     written = []
     for kind in TABLES.values():
         tables = kind.build(inputs)
@@ -958,6 +1004,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bootstrap resamples (default %(default)s)")
     parser.add_argument("--bootstrap-seed", type=int, default=DEFAULT_SEED,
                         help="seed of the resampling (default %(default)s)")
+    parser.add_argument("--measured", nargs="*", default=[],
+                        help="per-image CSVs of measured codec anchors (results/anchors/D/A.csv): "
+                             "BD tables against them, with intervals paired on images")
     return parser
 
 
@@ -965,7 +1014,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_command(lambda: build_all(args.points, args.runs, read_analysis(args.config), args.output_dir,
                                          args.benchmarks, args.method, args.metric, args.overhead_json,
-                                         args.images, args.resamples, args.bootstrap_seed))
+                                         args.images, args.resamples, args.bootstrap_seed,
+                                         args.measured))
 
 
 if __name__ == "__main__":

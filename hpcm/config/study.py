@@ -87,6 +87,11 @@ PATHS = {
     # `convergence`: each training snapshot evaluated on the fixed image subset
     "snapshot_eval_csv":
         "results/eval_snapshots/{dataset}/{variant}/lmbda{lmbda}/seed{seed}/step{step}.csv",
+    # codec anchors of a dataset (datasets.<d>.anchors): one point file per (image, quality)
+    "anchor_images": "results/anchors/{dataset}/images.txt",
+    "anchor_point": "results/anchors/{dataset}/{anchor}/q{quality}/{image}.json",
+    "anchor_csv": "results/anchors/{dataset}/{anchor}.csv",
+    "anchor_json": "results/anchors/{dataset}/{anchor}.json",
 }
 # The study's own dataset kinds, needing no preparation: the exported sample split and a local
 # folder. Every other kind is registered in hpcm.data.datasets (a later stage), which the caller
@@ -499,6 +504,14 @@ class Study:
         """The trained runs' evaluations on one dataset (the convergence table's last step)."""
         return [path("eval_csv", dataset=dataset, **run.wildcards) for run in self.runs()]
 
+    def anchors(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """(dataset, anchor name, spec) of every codec anchor the datasets list."""
+        return [(d, name, spec) for d, ds in self.datasets.items()
+                for name, spec in (ds.get("anchors") or {}).items()]
+
+    def anchor_csvs(self) -> list[str]:
+        return [path("anchor_csv", dataset=d, anchor=a) for d, a, _ in self.anchors()]
+
     def done_markers(self) -> list[str]:
         return [path("done", **run.wildcards) for run in self.runs()]
 
@@ -597,6 +610,10 @@ class Study:
         """The analysis' quality axis: analysis.metric, else the distortion's default."""
         return self.config["analysis"]["metric"] or DEFAULT_METRICS[self.config["distortion"]]
 
+    def anchor_names(self) -> list[str]:
+        """analysis.anchors, then the measured anchors of the datasets (each one BD table)."""
+        return list(dict.fromkeys([*self.config["analysis"]["anchors"],
+                                   *(a for _, a, _ in self.anchors())]))
 
 def resolve(cfg: dict[str, Any], pad_multiple_of: Callable[[str], int], root: str | Path = "", *,
             dataset_kinds: Mapping[str, Sequence[str]]) -> Study:

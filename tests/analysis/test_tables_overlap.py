@@ -47,7 +47,7 @@ def test_the_table_shows_the_smaller_overlap_and_its_range():
 
 def test_every_table_says_when_the_test_photos_were_not_held_out(synthetic, tmp_path):
     """allow_test_data_in_training (hpcm.config.study): the analysis YAML lists the overlaps and
-    every table of hpcm.tables repeats them in its notes (issue 26 point 2)."""
+    every table of hpcm tables repeats them in its notes (issue 26 point 2)."""
     sentence = ("val_data (results/data/samples/test) holds the images of the evaluated dataset "
                 "datasets.samples (results/data/samples/test)")
     root = synthetic["root"]

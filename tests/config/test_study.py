@@ -97,7 +97,7 @@ def test_schema_defaults_are_filled_in():
     cfg = small()
     study.validate(cfg, SCHEMA)
     assert cfg["seeds"] == [0] and cfg["training"]["patch_size"] == 64 and cfg["datasets"] == {"samples": {
-        "kind": "samples", "source": None, "only": [], "description": ""}}
+        "kind": "samples", "source": None, "only": [], "description": "", "anchors": {}}}
 
 
 def error_of(cfg: dict) -> str:

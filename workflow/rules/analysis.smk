@@ -33,12 +33,7 @@ rule analysis_config:
     log:
         "logs/analysis_config/analysis.log",
     params:
-        # the quality axis resolved (analysis.metric, else the study's distortion's default)
-        # the test photos in training / validation, when allow_test_data_in_training allows it:
-        # every table repeats it (hpcm.analysis.tables.NOT_HELD_OUT)
-        analysis={**config["analysis"], "metric": STUDY.metric,
-                  **({"not_held_out": STUDY.test_data_in_training()}
-                     if STUDY.test_data_in_training() else {})},
+        analysis=table_analysis(),  # common.smk: seeds, quality axis, measured anchors, notes
     run:
         write_yaml(output[0], {"analysis": params.analysis}, log[0])
 
@@ -49,6 +44,7 @@ rule tables:
         images="results/rd/images.csv",
         analysis="results/configs/analysis.yaml",
         runs=STUDY.done_markers(),
+        measured=STUDY.anchor_csvs(),  # codec anchors measured by rule anchor (anchors.smk)
     output:
         table_outputs(),
     log:
@@ -64,7 +60,7 @@ rule tables:
         # gets its 95 % paired-bootstrap interval over the test images (1000 resamples, seed 0)
         "python -m hpcm.analysis.tables --points {input.points} --runs {params.runs} --config {input.analysis} "
         "--benchmarks {params.benchmarks} --images {input.images} --resamples 1000 "
-        "--bootstrap-seed 0 --output-dir {params.outdir} > {log} 2>&1"
+        "--bootstrap-seed 0 --measured {input.measured} --output-dir {params.outdir} > {log} 2>&1"
 
 
 # The Phase 2 search (one table + heatmap per grid) and the paper-style summary table

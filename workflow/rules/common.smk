@@ -208,11 +208,24 @@ def lookup_eval_dir(wildcards):
     return STUDY.eval_dir(wildcards.dataset)
 
 
+def table_analysis():
+    """The analysis section the tables command reads (rule analysis_config writes it): the
+    config's, with the study's seeds, the resolved quality axis, the datasets' measured codec
+    anchors (anchors.smk) and, when allow_test_data_in_training allows it, the sentences that say
+    the test photos were not held out (every table repeats them: hpcm.analysis.tables.NOT_HELD_OUT).
+    Which tables are written (table_captions) is decided from this same mapping."""
+    analysis = {**analysis_section(config), "metric": STUDY.metric,
+                "measured_anchors": [a for _, a, _ in STUDY.anchors()]}
+    if STUDY.test_data_in_training():
+        analysis["not_held_out"] = STUDY.test_data_in_training()
+    return analysis
+
+
 def table_outputs():
     """Every registered table (hpcm.analysis.tables.TABLES) as CSV (in the report, with its
     kind's caption), Markdown and LaTeX."""
     outputs = []
-    for name, caption in table_captions(analysis_section(config)).items():
+    for name, caption in table_captions(table_analysis()).items():
         csv = f"{TABLES_DIR}/{name}.csv"
         outputs.append(report(csv, caption=f"../report/{caption}", category="Tables"))
         outputs += [f"{TABLES_DIR}/{name}.md", f"{TABLES_DIR}/{name}.tex"]
@@ -248,8 +261,8 @@ def write_yaml(path, content, log_path):
 
 
 def final_outputs():
-    targets = STUDY.eval_csvs()
-    targets += [f"{TABLES_DIR}/{name}.{ext}" for name in table_captions(analysis_section(config))
+    targets = STUDY.eval_csvs() + STUDY.anchor_csvs()  # anchors.smk: measured codec anchors
+    targets += [f"{TABLES_DIR}/{name}.{ext}" for name in table_captions(table_analysis())
                 for ext in ("csv", "md", "tex")]
     targets += ["results/plots/rd", "results/plots/runs", "results/plots/gamma_schedules.png"]
     # report.smk: the BD forest plots, the quality difference to the reference, the first page

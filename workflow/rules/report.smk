@@ -17,6 +17,7 @@ localrules:
 rule plot_rd:
     input:
         points="results/rd/points.csv",
+        measured=STUDY.anchor_csvs(),
     output:
         report(
             directory("results/plots/rd"),
@@ -27,7 +28,7 @@ rule plot_rd:
     log:
         "logs/plot_rd/plots.log",
     params:
-        anchors=config["analysis"]["anchors"],
+        anchors=STUDY.anchor_names(),
         reference=config["analysis"]["reference"],
         # the config's variant order fixes each variant's colour in every figure (the control
         # rows, when configured, last)
@@ -37,6 +38,7 @@ rule plot_rd:
         "../../envs/hpcm.yaml"
     shell:
         "python -m hpcm.analysis.plots rd --points {input.points} --anchors {params.anchors} "
+        "--measured {input.measured} "
         "--reference {params.reference} --metric {params.metric} "
         "--variants {params.variants} --output-dir {output} > {log} 2>&1"
 

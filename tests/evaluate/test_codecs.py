@@ -1,0 +1,143 @@
+"""Codec anchors measured through compressai.utils.bench: numbers against an independent Pillow +
+numpy computation, the missing-VTM errors, VTM's log, and (where a VTM build exists) the same
+numbers as CompressAI's own VTM class."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hpcm.data.images import sample_images
+from hpcm.evaluate import codecs
+from hpcm.evaluate.codec_anchor import collect, read_point, write_point
+
+VTM_BIN = Path(os.environ.get("HPCM_VTM_BIN", "/work/vtm/src/bin"))
+VTM_CFG = Path(os.environ.get("HPCM_VTM_CFG", "/work/vtm/src/cfg/encoder_intra_vtm.cfg"))
+HAS_VTM = all(p.is_file() for p in codecs.vtm_binaries(VTM_BIN)) and VTM_CFG.is_file()
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory) -> Path:
+    name, array = next(iter(sample_images("test")))
+    path = tmp_path_factory.mktemp("img") / f"{name}.png"
+    Image.fromarray(array[:176, :200]).save(path)  # >= 161 px: MS-SSIM is measured
+    return path
+
+
+def reference_jpeg(path: Path, quality: int) -> tuple[int, float]:
+    """Bytes and RGB PSNR of Pillow's JPEG, computed here without CompressAI."""
+    original = Image.open(path).convert("RGB")
+    buffer = io.BytesIO()
+    original.save(buffer, format="jpeg", quality=quality)
+    decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"), dtype=float)
+    mse = np.mean((decoded - np.asarray(original, dtype=float)) ** 2)
+    return len(buffer.getvalue()), 10 * math.log10(255.0**2 / mse)
+
+
+@pytest.mark.parametrize("quality", [15, 75])
+def test_jpeg_point_equals_pillow_and_numpy(photo, quality):
+    record = codecs.measure("jpeg", {}, photo, quality, "datasets.d.anchors.jpeg")
+    size, psnr = reference_jpeg(photo, quality)
+    assert record["bytes"] == size
+    assert record["bpp"] == pytest.approx(size * 8 / (200 * 176), rel=1e-12)
+    assert record["psnr"] == pytest.approx(psnr, abs=1e-4)  # CompressAI computes in float32
+    assert 0.5 < record["ms_ssim"] < 1.0
+    assert record["version"].startswith("Pillow ") and "libjpeg" in record["version"]
+    assert record["compressai_class"].endswith(".JPEG")
+
+
+def test_webp_point_is_measured_by_compressai_webp(photo):
+    record = codecs.measure("webp", {}, photo, 50, "k")
+    assert record["compressai_class"].endswith(".WebP") and record["bytes"] > 0
+    assert record["psnr"] > 25
+
+
+def test_missing_vtm_build_names_the_key(tmp_path):
+    key = "datasets.kodak.anchors.vtm-22.0"
+    with pytest.raises(codecs.CodecError, match=rf"'{key}.build_dir'.*EncoderAppStatic"):
+        codecs.check_codec("vtm", {"build_dir": str(tmp_path / "nope"), "cfg": "x"}, key)
+    with pytest.raises(codecs.CodecError, match=rf"'{key}.build_dir' is not set"):
+        codecs.check_codec("vtm", {"cfg": "x"}, key)
+    for binary in codecs.vtm_binaries(tmp_path):
+        binary.write_text("")
+    with pytest.raises(codecs.CodecError, match=rf"'{key}.cfg'"):
+        codecs.check_codec("vtm", {"build_dir": str(tmp_path), "cfg": str(tmp_path / "a.cfg")}, key)
+    with pytest.raises(codecs.CodecError, match=rf"'{key}.qualities': \[64\]"):
+        codecs.check_codec("vtm", {"qualities": [37, 64]}, key)
+    with pytest.raises(codecs.CodecError, match=r"unknown codec 'bpg'"):
+        codecs.check_codec("bpg", {}, key)
+
+
+def test_failed_command_raises_instead_of_exiting():
+    import compressai.utils.bench.codecs as bench
+
+    with codecs.recorded_commands(bench) as commands:
+        with pytest.raises(codecs.CodecError, match=r"exit 3.*sh -c"):
+            bench.run_command(["sh", "-c", "echo broken; exit 3"])
+    assert commands[0].output == "broken\n"
+    assert bench.run_command.__module__ == "compressai.utils.bench.codecs"  # restored
+
+
+def test_point_files_collect_into_csv_and_json(photo, tmp_path):
+    paths = []
+    for quality in (20, 60):
+        record = codecs.measure("jpeg", {}, photo, quality, "k")
+        record.update(dataset="d", anchor="jpeg", image=photo.name)
+        paths.append(write_point(record, tmp_path / f"q{quality}.json"))
+    (tmp_path / "broken.json").write_text("{")
+    assert read_point(tmp_path / "broken.json")[0] is None
+    csv, doc_path = collect([*paths, tmp_path / "broken.json"], tmp_path / "a.csv",
+                            tmp_path / "a.json")
+    doc = json.loads(doc_path.read_text())
+    bpps = [reference_jpeg(photo, q)[0] * 8 / (200 * 176) for q in (20, 60)]
+    assert doc["results"]["bpp"] == pytest.approx(bpps)
+    assert doc["meta"]["quality"] == [20, 60]
+    assert doc["meta"]["complete"]["pairs"] == 2 and doc["meta"]["complete"]["expected_pairs"] == 3
+    assert doc["meta"]["provenance"]["codec"] == "jpeg"
+
+
+# Lines of a real VTM-22.0 encoder log (this build, a 64 x 64 crop at QP 47), abridged
+VTM_LOG_TAIL = (
+    "VVCSoftware: VTM Encoder Version 22.0 [Linux][GCC 12.2.0][64 bit] [SIMD=AVX2] \n"
+    "POC    0 LId:  0 TId: 0 ( IDR_N_LP, I-SLICE, QP 47 )       1000 bits [Y 28.0720 dB    "
+    "U 31.9254 dB    V 40.3972 dB] [ET    18 ] [L0] [L1]\n\n"
+    "LayerId  0\n"
+    "\tTotal Frames |  Bitrate      Y-PSNR   U-PSNR   V-PSNR   YUV-PSNR \n"
+    "\t1            a  0.1250       28.0720  31.9254  40.3972  31.1691  \n"
+)
+
+
+def test_vtm_log_parsing():
+    parsed = codecs.parse_vtm_log(VTM_LOG_TAIL)
+    assert parsed == {"version": "VTM 22.0", "psnr_y": 28.072, "psnr_u": 31.9254,
+                      "psnr_v": 40.3972, "psnr_yuv_vtm": 31.1691}
+    assert codecs.yuv_psnr(parsed) == pytest.approx((6 * 28.072 + 31.9254 + 40.3972) / 8)
+    with pytest.raises(codecs.CodecError, match="is this VTM"):
+        codecs.parse_vtm_log("no summary here")
+
+
+@pytest.mark.skipif(not HAS_VTM,
+                    reason=f"no VTM build at {VTM_BIN} (set HPCM_VTM_BIN / HPCM_VTM_CFG)")
+def test_vtm_point_equals_compressai_vtm_class(tmp_path):
+    """Our recorded run and CompressAI's own class give the same numbers on a small crop."""
+    import compressai.utils.bench.codecs as bench
+    from types import SimpleNamespace
+
+    name, array = next(iter(sample_images("test")))
+    path = tmp_path / "crop.png"
+    Image.fromarray(array[:64, :64]).save(path)
+    record = codecs.measure("vtm", {"build_dir": str(VTM_BIN), "cfg": str(VTM_CFG)}, path, 47, "k")
+    theirs = bench.VTM(SimpleNamespace(build_dir=str(VTM_BIN), config=str(VTM_CFG), rgb=False)).run(
+        str(path), 47, ["psnr-rgb"])
+    assert record["bpp"] == theirs["bpp"] and record["psnr"] == theirs["psnr-rgb"]
+    assert record["version"] == "VTM 22.0"
+    assert record["cfg_sha256"] == codecs.sha256_of(VTM_CFG)
+    assert "--InputChromaFormat=444" in record["encode_cmd"] and "-q 47" in record["encode_cmd"]
+    assert math.isfinite(record["psnr_y"])
