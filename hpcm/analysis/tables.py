@@ -64,7 +64,7 @@ from hpcm.analysis.bd import METHODS, bd_row, bd_table
 from hpcm.analysis.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, excludes_zero, interval_table
 from hpcm.analysis.points import IMAGE_COLUMNS, curve, read_points, read_table, seed_points
 from hpcm.analysis.runs import RunDiscoveryError, find_runs
-from hpcm.config.optimizers import OPTIMIZER_SPECS
+from hpcm.config.optimizers import BASELINE_OPTIMIZER, OPTIMIZER_SPECS
 from hpcm.util.cli import run_command
 from hpcm.util.io import atomic_write_text
 
@@ -576,7 +576,7 @@ def overhead_table(runs) -> Table:
     grouped = (runs.groupby(["optimizer", "decomposition"], sort=True)
                .agg(runs=("variant", "size"), step_time=("step_time", "mean"),
                     peak_memory=("peak_memory_mb", "max")).reset_index())
-    adam = grouped.loc[grouped["optimizer"] == "adam", "step_time"]
+    adam = grouped.loc[grouped["optimizer"] == BASELINE_OPTIMIZER, "step_time"]
     base = float(adam.iloc[0]) if len(adam) else math.nan
     grouped["time vs adam"] = grouped["step_time"] / base
     frame = grouped.rename(columns={"step_time": "time per step (s)",

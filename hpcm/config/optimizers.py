@@ -1,4 +1,4 @@
-"""The optimizers a run may name, as data: one ``OptimizerSpec`` per optimizer, in ``OPTIMIZER_SPECS``.
+"""The optimizers a run may name, as data: one ``OptimizerSpec`` each, in ``OPTIMIZER_SPECS``.
 
 This table is the one home of what the configuration, the training loop, the study checks and the
 tables know about an optimizer: its name (``run_config.OPTIMIZERS`` and the ``optimizer`` choices,
@@ -45,19 +45,20 @@ class OptimizerSpec:
 
     def __post_init__(self) -> None:
         if self.gamma_schedule not in (None, *GAMMA_SCHEDULES):
-            raise ValueError(f"optimizer {self.name!r}: gamma_schedule {self.gamma_schedule!r} is not one "
-                             f"of {GAMMA_SCHEDULES} or None")
+            raise ValueError(f"optimizer {self.name!r}: gamma_schedule {self.gamma_schedule!r} "
+                             f"is not one of {GAMMA_SCHEDULES} or None")
         if self.gamma_schedule is not None and not self.task_names:
-            raise ValueError(f"optimizer {self.name!r}: a gamma schedule needs task weights (task_names)")
+            raise ValueError(f"optimizer {self.name!r}: a gamma schedule needs task weights "
+                             "(task_names)")
 
     @property
     def task_weights(self) -> bool:
-        """Balanced-like: weights a task-loss vector (FAMO or QP) instead of stepping on the loss."""
+        """Balanced-like: weights a task-loss vector (FAMO or QP), not stepping on the loss."""
         return bool(self.task_names)
 
     @property
     def scale_tasks(self) -> bool:
-        """Its tasks are the five Phase-3 scale tasks of the loss decomposition (hpcm.train.losses)."""
+        """Its tasks are the five Phase-3 scale tasks of the decomposition (hpcm.train.losses)."""
         return self.task_names == SEED_TASK_NAMES
 
 
@@ -65,20 +66,25 @@ _FAMO = {"gamma": GAMMA, "w_lr": W_LR, "update_mode": UPDATE_MODES[0]}
 
 OPTIMIZER_SPECS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
     OptimizerSpec("adam", "torch's Adam (fused), the HPCM baseline"),
-    OptimizerSpec("cautious_adam", "Adam with the Cautious sign-agreement mask (Balanced R-D's update)"),
+    OptimizerSpec("cautious_adam", "Adam with the Cautious sign-agreement mask (Balanced R-D)"),
     OptimizerSpec("balanced", "Balanced R-D: Cautious Adam + FAMO over (distortion, bpp)",
                   task_names=RD_TASKS, gamma_schedule="single", hyperparameters=_FAMO),
     OptimizerSpec("qp", "Balanced R-D Solution 2: Cautious Adam + analytic QP task weights",
                   task_names=RD_TASKS, gamma_schedule="single", hyperparameters=_FAMO),
     OptimizerSpec("hierarchical_balanced", "HierarchicalBalanced: FAMO over the 5 scale tasks",
                   task_names=SEED_TASK_NAMES, gamma_schedule="per_scale",
-                  hyperparameters={"gammas": DEFAULT_GAMMAS, "w_lr": W_LR, "update_mode": UPDATE_MODES[0],
+                  hyperparameters={"gammas": DEFAULT_GAMMAS, "w_lr": W_LR,
+                                   "update_mode": UPDATE_MODES[0],
                                    "scale_weights": DEFAULT_SCALE_WEIGHTS}),
 )}
 
 
+# The plain optimizer of the HPCM baseline, the reference of the overhead table's time ratios.
+BASELINE_OPTIMIZER = "adam"
+
+
 def optimizer_spec(name: str) -> OptimizerSpec:
-    """The spec of a registered optimizer; an unknown name raises ValueError listing the valid ones."""
+    """The spec of a registered optimizer; an unknown name raises ValueError listing the others."""
     spec = OPTIMIZER_SPECS.get(name)
     if spec is None:
         raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZER_SPECS)} "
@@ -96,4 +102,7 @@ def hyperparameter_default(key: str) -> Any:
     return next(iter(values.values()))
 
 
-HYPERPARAMETERS = tuple(dict.fromkeys(k for spec in OPTIMIZER_SPECS.values() for k in spec.hyperparameters))
+# Every run-config key some optimizer reads (build_optimizer accepts these, and ignores the
+# ones the named optimizer does not read).
+HYPERPARAMETERS = tuple(dict.fromkeys(
+    key for spec in OPTIMIZER_SPECS.values() for key in spec.hyperparameters))

@@ -21,5 +21,6 @@ from hpcm.optim.step import backward_and_step
 __all__ = [
     "Balanced", "CautiousAdam", "HierarchicalBalanced", "build_optimizer", "backward_and_step",
     "register_optimizer", "qp_task_weights", "OPTIMIZER_NAMES", "OPTIMIZER_SPECS", "OptimizerSpec",
-    "optimizer_spec", "UPDATE_MODES", "WEIGHTINGS", "HIERARCHICAL_TASKS", "SEED_TASK_NAMES", "LOG_EPS",
+    "optimizer_spec", "UPDATE_MODES", "WEIGHTINGS", "HIERARCHICAL_TASKS", "SEED_TASK_NAMES",
+    "LOG_EPS",
 ]

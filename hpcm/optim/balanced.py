@@ -109,7 +109,8 @@ class Balanced(CautiousAdam):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, cautious=cautious, foreach=foreach, sync_free=sync_free)
         if sync_free and weighting != "famo":
-            raise ValueError("sync_free=True supports weighting='famo' only (QP solves on the host)")
+            raise ValueError("sync_free=True supports weighting='famo' only "
+                             "(QP solves on the host)")
         if int(n_tasks) != n_tasks or n_tasks < 1:
             raise ValueError(f"n_tasks must be a positive integer, got {n_tasks!r}")
         if update_mode not in UPDATE_MODES:
@@ -125,7 +126,8 @@ class Balanced(CautiousAdam):
         self.task_names = (list(task_names) if task_names is not None
                            else default_task_names(self.n_tasks))
         if len(self.task_names) != self.n_tasks:
-            raise ValueError(f"task_names has {len(self.task_names)} names for n_tasks={self.n_tasks}")
+            raise ValueError(f"task_names has {len(self.task_names)} names for "
+                             f"n_tasks={self.n_tasks}")
         first = next((p for g in self.param_groups for p in g["params"]), None)
         self.device = torch.device(device) if device is not None else (
             first.device if first is not None else torch.device("cpu"))
@@ -154,7 +156,7 @@ class Balanced(CautiousAdam):
         self._sf = SyncFreeFlags(self.device, self.n_tasks) if self.sync_free else None
         self._pending_update = False  # next_batch: a step was taken since prev_loss was stored
         self._skip_next_step = False  # the current losses were non-finite
-        self._clip_record: tuple | None = None  # (norm, grads, versions) of the last clip (see step)
+        self._clip_record: tuple | None = None  # (norm, grads, versions) of the last clip
         self._last_step_skipped = False
 
     # ================================================================== 1. the backward
@@ -300,7 +302,8 @@ class Balanced(CautiousAdam):
         coefficient_list = self.last_effective_weights.tolist()
         with torch.no_grad():
             for k, p in enumerate(self._trainable_parameters()):
-                parts = [(a, g[k]) for a, g in zip(coefficient_list, task_grads) if g[k] is not None]
+                parts = [(a, g[k]) for a, g in zip(coefficient_list, task_grads)
+                         if g[k] is not None]
                 if not parts:
                     continue
                 combined = sum(a * g for a, g in parts)
@@ -317,7 +320,8 @@ class Balanced(CautiousAdam):
         task_grads = []
         for i in range(self.n_tasks):
             keep = retain_graph or i < self.n_tasks - 1
-            grads = list(torch.autograd.grad(losses[i], params, retain_graph=keep, allow_unused=True))
+            grads = list(torch.autograd.grad(losses[i], params, retain_graph=keep,
+                                             allow_unused=True))
             if average_gradients is not None:
                 average_gradients(grads)
             task_grads.append(grads)
@@ -427,7 +431,8 @@ class Balanced(CautiousAdam):
         elif grads:
             # A norm is finite exactly when every element is; one list kernel per device.
             norms = torch._foreach_norm(grads, 2.0)
-            flags.append(torch.isfinite(torch.stack([n.float().to(self.device) for n in norms])).all())
+            stacked = torch.stack([n.float().to(self.device) for n in norms])
+            flags.append(torch.isfinite(stacked).all())
         else:
             flags.append(torch.ones((), dtype=torch.bool, device=self.device))
         if losses is not None:
@@ -467,8 +472,9 @@ class Balanced(CautiousAdam):
             return
         self._apply_weight_update(checked)
 
-    def _apply_weight_update(self, curr_loss: torch.Tensor, apply: torch.Tensor | None = None) -> None:
-        """One Adam step on w; with ``apply`` (sync_free) w and its Adam state change only where true."""
+    def _apply_weight_update(self, curr_loss: torch.Tensor,
+                             apply: torch.Tensor | None = None) -> None:
+        """One Adam step on w; with ``apply`` (sync_free) w and its state change only where true."""
         if self.prev_loss is None:
             return
         if apply is not None:
@@ -509,7 +515,8 @@ class Balanced(CautiousAdam):
         if value.ndim == 0:
             value = value.expand(self.n_tasks).clone()
         if value.shape != (self.n_tasks,):
-            raise ValueError(f"min_losses must have shape ({self.n_tasks},), got {tuple(value.shape)}")
+            raise ValueError(f"min_losses must have shape ({self.n_tasks},), "
+                             f"got {tuple(value.shape)}")
         if not torch.isfinite(value).all():
             raise ValueError(f"min_losses must be finite, got {value.tolist()}")
         self.min_losses = value
@@ -517,7 +524,8 @@ class Balanced(CautiousAdam):
     # ================================================================== counters and reporting
     @property
     def last_step_skipped(self) -> bool:
-        """Whether the latest ``step`` was skipped (non-finite losses or gradients); syncs when sync_free."""
+        """Whether the latest ``step`` was skipped (non-finite losses or gradients); syncs when
+        sync_free."""
         if self.sync_free:
             return bool(self._sf.last_skipped)
         return self._last_step_skipped
@@ -589,7 +597,8 @@ class Balanced(CautiousAdam):
         for key, mine in (("n_tasks", self.n_tasks), ("weighting", self.weighting),
                           ("update_mode", self.update_mode)):
             if extra[key] != mine:
-                raise ValueError(f"saved Balanced state has {key}={extra[key]!r}, this optimizer {mine!r}")
+                raise ValueError(f"saved Balanced state has {key}={extra[key]!r}, "
+                                 f"this optimizer {mine!r}")
         super().load_state_dict(state_dict)
         self._load_balancing_state(extra)
 
@@ -701,8 +710,8 @@ def gated(apply: torch.Tensor, params: list[torch.Tensor],
 
 # ---------------------------------------------------------------------- registration
 @register_optimizer("balanced")
-def build_balanced(params: Iterable, lr: float, *, max_norm: float, min_losses: float, sync_free: bool,
-                   gamma: float, w_lr: float, update_mode: str) -> Balanced:
+def build_balanced(params: Iterable, lr: float, *, max_norm: float, min_losses: float,
+                   sync_free: bool, gamma: float, w_lr: float, update_mode: str) -> Balanced:
     return Balanced(params, lr=lr, n_tasks=len(RD_TASKS), gamma=gamma, w_lr=w_lr, max_norm=max_norm,
                     min_losses=min_losses, update_mode=update_mode, weighting="famo",
                     task_names=RD_TASKS, sync_free=sync_free)

@@ -37,9 +37,9 @@ sees none of it), in this file from the definition down:
 rounds of min-of-10 (``python benchmarks/cautious_paths.py``):
 
     reference (foreach=False)    22.4 ms   1.00
-    foreach (list kernels)       12.0 ms   0.54  (0.53..0.57)   CUDA default; CPU buckets at mixed steps
+    foreach (list kernels)       12.0 ms   0.54  (0.53..0.57)   CUDA; CPU buckets at mixed steps
     C kernel (cautious_native)    3.1 ms   0.14  (0.13..0.16)   CPU default (fused=None/True)
-    sync_free                    29.1 ms   1.29  (1.21..1.48)   CUDA only (hpcm.train): no host sync
+    sync_free                    29.1 ms   1.29  (1.21..1.48)   CUDA (hpcm.train): no host sync
     torch fused Adam              2.2 ms   0.10                 (yardstick: one pass)
 
 sync_free is kept for CUDA, where its point is the absent per-step host synchronisation (not
@@ -103,7 +103,8 @@ class CautiousAdam(Optimizer):
         if fused:
             devices = {p.device.type for g in self.param_groups for p in g["params"]}
             if devices != {"cpu"}:
-                raise ValueError(f"fused=True is the CPU C kernel; parameters are on {sorted(devices)}")
+                raise ValueError(f"fused=True is the CPU C kernel; parameters are on "
+                                 f"{sorted(devices)}")
             native_library()  # raises NativeKernelUnavailable with the reason, before any step
         # sync_free: skip decision, step counters and skip count stay on the device (see
         # ``sync_free_update``); the default keeps Python-int steps and host-side decisions.
@@ -183,8 +184,9 @@ class CautiousAdam(Optimizer):
                 update = single_tensor_update
             elif (group["foreach"] is None and device.type == "cpu"
                   and steps.count(steps[0]) == len(steps)
-                  and _kernel_serves(group["fused"], g_dtype, [*bucket_params, *bucket_grads,
-                                                              *moments[0], *moments[1], *moments[2]])):
+                  and _kernel_serves(group["fused"], g_dtype,
+                                     [*bucket_params, *bucket_grads, *moments[0], *moments[1],
+                                      *moments[2]])):
                 update = fused_update
             else:
                 update = foreach_update
@@ -260,7 +262,8 @@ class CautiousAdam(Optimizer):
         for (device, _), index in buckets.items():
             states = [moments[i] for i in index]
             sync_free_update(
-                [params[i] for i in index], [grads[i] for i in index], *_moment_lists(states, group["amsgrad"]),
+                [params[i] for i in index], [grads[i] for i in index],
+                *_moment_lists(states, group["amsgrad"]),
                 ok=ok.to(device), uniform_steps=uniform, max_step=self._step_bound,
                 amsgrad=group["amsgrad"], cautious=group["cautious"], beta1=group["betas"][0],
                 beta2=group["betas"][1], lr=group["lr"], weight_decay=group["weight_decay"],
@@ -384,7 +387,8 @@ def foreach_update(
 
 
 @lru_cache(maxsize=64)
-def element_counts(numels: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def element_counts(numels: tuple[int, ...], dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor:
     """Per-tensor sizes on the device, built once: a fresh ``torch.tensor(..., device=cuda)``
     every step would be a blocking host-to-device copy (a synchronisation)."""
     return torch.tensor(numels, dtype=dtype, device=device)
@@ -407,7 +411,8 @@ def scale_direction(exp_avgs, grads, *, cautious: bool, host_scales: bool) -> li
         counts = torch.stack(torch._foreach_norm(mask, 1))
     numels = element_counts(tuple(m.numel() for m in mask), counts.dtype, counts.device)
     scales = (1 / (counts / numels).clamp_(min=MASK_MEAN_FLOOR)).clamp_(max=MASK_SCALE_CAP)
-    direction = torch._foreach_mul(exp_avgs, scales.tolist() if host_scales else list(scales.unbind(0)))
+    direction = torch._foreach_mul(exp_avgs,
+                                   scales.tolist() if host_scales else list(scales.unbind(0)))
     torch._foreach_mul_(direction, mask)
     return direction
 
@@ -487,7 +492,8 @@ def native_library():
                                               mask_scale_cap=MASK_SCALE_CAP, **options)
             else:
                 single_tensor_update(params, grads, *moments, [step] * len(params), **options)
-        results.append(torch.cat([t.reshape(-1) for t in (*params, *(m for ms in moments for m in ms))]))
+        tensors = (*params, *(m for ms in moments for m in ms))
+        results.append(torch.cat([t.reshape(-1) for t in tensors]))
     if not torch.equal(*results):
         raise cautious_native.NativeKernelUnavailable(
             "the kernel does not reproduce torch's CPU arithmetic here (ATen CPU capability "
@@ -512,8 +518,8 @@ def warn_fallback_once(reason: str) -> None:
     global _warned
     if not _warned:
         _warned = True
-        warnings.warn(f"hpcm: CautiousAdam uses the slower torch CPU path: {reason}", RuntimeWarning,
-                      stacklevel=4)
+        warnings.warn(f"hpcm: CautiousAdam uses the slower torch CPU path: {reason}",
+                      RuntimeWarning, stacklevel=4)
 
 
 def _kernel_serves(fused: bool | None, dtype: torch.dtype, tensors: list[torch.Tensor]) -> bool:
@@ -614,8 +620,8 @@ class BiasTables:
             size *= 2
         steps = range(size)
         # step 0 never reaches an applied update (the counter is >= 1 when ok); 1.0 keeps it finite
-        self.bc1 = torch.tensor([1 - self.beta1**k if k else 1.0 for k in steps], dtype=torch.float64,
-                                device=self.device)
+        self.bc1 = torch.tensor([1 - self.beta1**k if k else 1.0 for k in steps],
+                                dtype=torch.float64, device=self.device)
         self.bc2_sqrt = torch.tensor([math.sqrt(1 - self.beta2**k) if k else 1.0 for k in steps],
                                      dtype=torch.float64, device=self.device)
         self.size = size
@@ -628,7 +634,7 @@ def _bias_tables(device: torch.device, beta1: float, beta2: float) -> BiasTables
 
 
 class GateConstants:
-    """0-dim float32 constants on one device (built once: a fresh tensor per step would be a copy)."""
+    """0-dim float32 constants on one device (built once: a fresh tensor per step is a copy)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -637,7 +643,8 @@ class GateConstants:
     def __call__(self, value: float) -> torch.Tensor:
         tensor = self._values.get(value)
         if tensor is None:
-            tensor = self._values[value] = torch.full((), value, dtype=torch.float32, device=self.device)
+            tensor = torch.full((), value, dtype=torch.float32, device=self.device)
+            self._values[value] = tensor
         return tensor
 
 
@@ -672,13 +679,13 @@ def gated_gradients(grads: list[torch.Tensor], ok: torch.Tensor) -> list[torch.T
 
 
 def memory_order(t: torch.Tensor) -> list[int]:
-    """The dims of a dense tensor from outermost to innermost in memory (a contiguous permutation)."""
+    """The dims of a dense tensor from outermost to innermost in memory (a contiguous order)."""
     if t.is_contiguous():
         return list(range(t.dim()))
     order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), -t.shape[d]))
     if not t.permute(order).is_contiguous():
-        raise RuntimeError(f"sync_free CautiousAdam needs dense gradients, got strides {t.stride()} "
-                           f"for shape {tuple(t.shape)}")
+        raise RuntimeError(f"sync_free CautiousAdam needs dense gradients, got strides "
+                           f"{t.stride()} for shape {tuple(t.shape)}")
     return order
 
 

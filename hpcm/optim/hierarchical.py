@@ -86,7 +86,8 @@ class HierarchicalBalanced(Balanced):
 
     @property
     def scale_gammas(self) -> dict[str, float]:
-        return {scale: float(self.task_gammas[TASK_SCALE.index(i)]) for i, scale in enumerate(SCALES)}
+        return {scale: float(self.task_gammas[TASK_SCALE.index(i)])
+                for i, scale in enumerate(SCALES)}
 
     def set_scale_weights(self, scale_weights: Sequence[float]) -> None:
         factors = per_task(scale_weights, "scale_weights")
@@ -114,10 +115,12 @@ class HierarchicalBalanced(Balanced):
 
 
 @register_optimizer("hierarchical_balanced")
-def build_hierarchical_balanced(params: Iterable, lr: float, *, max_norm: float, min_losses: float,
-                                sync_free: bool, gammas: Sequence[float], w_lr: float,
-                                update_mode: str, scale_weights: Sequence[float]) -> HierarchicalBalanced:
+def build_hierarchical_balanced(params: Iterable, lr: float, *, max_norm: float,
+                                min_losses: float, sync_free: bool, gammas: Sequence[float],
+                                w_lr: float, update_mode: str,
+                                scale_weights: Sequence[float]) -> HierarchicalBalanced:
     g1, g2, g3 = (float(g) for g in gammas)
     return HierarchicalBalanced(params, lr=lr, gamma_s1=g1, gamma_s2=g2, gamma_s3=g3, w_lr=w_lr,
-                                max_norm=max_norm, scale_weights=scale_weights, min_losses=min_losses,
-                                update_mode=update_mode, sync_free=sync_free)
+                                max_norm=max_norm, scale_weights=scale_weights,
+                                min_losses=min_losses, update_mode=update_mode,
+                                sync_free=sync_free)

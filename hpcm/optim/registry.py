@@ -24,7 +24,8 @@ def register_optimizer(name: str) -> Callable[[Builder], Builder]:
     """Decorator: ``builder`` builds the optimizer ``name`` (which needs an ``OptimizerSpec``)."""
     if name not in OPTIMIZER_SPECS:
         raise ValueError(f"register_optimizer({name!r}): no OptimizerSpec of that name in "
-                         "hpcm/config/optimizers.py (add one: the run config, schema and loop read it)")
+                         "hpcm/config/optimizers.py (add one: the run config, schema and loop "
+                         "read it)")
 
     def decorator(builder: Builder) -> Builder:
         if name in BUILDERS:
@@ -39,7 +40,7 @@ def register_optimizer(name: str) -> Callable[[Builder], Builder]:
 def build_optimizer(name: str, params: Iterable, lr: float, *, max_norm: float = 1.0,
                     min_losses: float = -1.0, sync_free: bool = False,
                     **hyperparameters) -> torch.optim.Optimizer:
-    """One optimizer from its run-config name; unknown names raise ValueError listing the valid ones.
+    """One optimizer from its run-config name; an unknown name raises ValueError listing the others.
 
     ``hyperparameters``: run-config keys (``gamma``, ``w_lr``, ``update_mode``, ``gammas``,
     ``scale_weights``); each optimizer takes those of its spec, the defaults of the spec for those
@@ -54,9 +55,12 @@ def build_optimizer(name: str, params: Iterable, lr: float, *, max_norm: float =
     builder = BUILDERS.get(name)
     if builder is None:
         raise ValueError(f"optimizer {name!r} has a spec but no builder: decorate one with "
-                         f"@register_optimizer({name!r}) and import its module in hpcm/optim/__init__.py")
-    options = {key: hyperparameters.get(key, default) for key, default in spec.hyperparameters.items()}
-    return builder(params, lr, max_norm=max_norm, min_losses=min_losses, sync_free=sync_free, **options)
+                         f"@register_optimizer({name!r}) and import its module in "
+                         "hpcm/optim/__init__.py")
+    options = {key: hyperparameters.get(key, default)
+               for key, default in spec.hyperparameters.items()}
+    return builder(params, lr, max_norm=max_norm, min_losses=min_losses, sync_free=sync_free,
+                   **options)
 
 
 @register_optimizer("adam")

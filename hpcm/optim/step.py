@@ -48,7 +48,8 @@ def backward_and_step(
                              "pass the task vector (its spec's task_names) as task_losses")
         # 1. the surrogate's backward (FAMO) or one backward per task and the QP weights; the
         #    gradient average; the clip to the optimizer's max_norm
-        optimizer.backward_with_task_balancing(task_losses, params, average_gradients=average_gradients)
+        optimizer.backward_with_task_balancing(task_losses, params,
+                                               average_gradients=average_gradients)
         # 2. the Cautious Adam step, skipped (and counted) on non-finite losses or gradients
         optimizer.step(task_losses=task_losses)
         # 3. same_batch FAMO: the logits' update from the updated model's losses on this batch.

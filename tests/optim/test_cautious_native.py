@@ -19,7 +19,8 @@ from tests.optim.kernel import needs_kernel
 
 def clear_kernel_caches() -> None:
     """Forget the cached library and verdict (the next use builds, loads and checks again)."""
-    for cached in (cautious_native.load, cautious_adam.native_library, cautious_adam.native_unavailable_reason):
+    for cached in (cautious_native.load, cautious_adam.native_library,
+                   cautious_adam.native_unavailable_reason):
         cached.cache_clear()
 
 
