@@ -29,11 +29,13 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from hpcm.config import presets
+from hpcm.config.optimizers import GAMMA, OPTIMIZER_SPECS, UPDATE_MODES, hyperparameter_default
 from hpcm.config.presets import HPCM_LR, HPCM_LR_MILESTONES, HPCM_LR_VALUES
 from hpcm.config.tasks import PARAMETER_GROUPS
 
-OPTIMIZERS = ("adam", "cautious_adam", "balanced", "qp", "hierarchical_balanced")
-BALANCED_OPTIMIZERS = ("balanced", "qp", "hierarchical_balanced")
+# Derived from the optimizer registry (hpcm.config.optimizers), never listed here.
+OPTIMIZERS = tuple(OPTIMIZER_SPECS)
+BALANCED_OPTIMIZERS = tuple(name for name, spec in OPTIMIZER_SPECS.items() if spec.task_weights)
 DISTORTIONS = ("mse", "ms_ssim")
 # pytorch_msssim's MS-SSIM (5 scales, 11-tap window) needs a smaller side > (11 - 1) * 2^4 = 160 px.
 MS_SSIM_MIN_SIDE = 161
@@ -78,7 +80,8 @@ KEYS: dict[str, Key] = {
                       f"official lambdas 2.4-60.5; patches and validation images need a side >= {MS_SSIM_MIN_SIDE} px)",
                       choices=DISTORTIONS),
     # Balanced R-D (Phase 1/2)
-    "gamma": Key("float", 0.003, "FAMO L2 regularisation on the task logits (initial value when scheduled)",
+    "gamma": Key("float", hyperparameter_default("gamma"),
+                 "FAMO L2 regularisation on the task logits (initial value when scheduled)",
                  check=_non_negative, constraint="must be >= 0"),
     "gamma_final": Key("float", None, "final gamma of a gamma_schedule (step: its floor; adaptive: lower clip)",
                        optional=True,
@@ -95,13 +98,15 @@ KEYS: dict[str, Key] = {
                                  constraint="must be increasing fractions in (0, 1)"),
     "gamma_step_factor": Key("float", 0.5, "gamma_schedule step: factor at each milestone (floored at gamma_final)",
                              check=lambda v: 0 < v <= 1, constraint="must be in (0, 1]"),
-    "w_lr": Key("float", 0.025, "Adam learning rate of the task logits", check=_positive, constraint="must be > 0"),
-    "update_mode": Key("str", "same_batch", "task-weight update: same_batch (official second no-grad forward) or "
-                       "next_batch (reuse the next batch's losses, no extra forward)", choices=("same_batch", "next_batch")),
+    "w_lr": Key("float", hyperparameter_default("w_lr"), "Adam learning rate of the task logits",
+                check=_positive, constraint="must be > 0"),
+    "update_mode": Key("str", hyperparameter_default("update_mode"),
+                       "task-weight update: same_batch (official second no-grad forward) or next_batch"
+                       " (reuse the next batch's losses, no extra forward)", choices=UPDATE_MODES),
     # Phase 3
     "decomposition": Key("str", "measured", "5-task decomposition for hierarchical_balanced",
                          choices=("fixed_ratio", "adaptive", "measured")),
-    "gammas": Key("floats3", list(presets.DEFAULT_GAMMAS),
+    "gammas": Key("floats3", list(hyperparameter_default("gammas")),
                   "per-scale gammas [s1, s2, s3] (initial values), or a Study 2 preset: "
                   + ", ".join(presets.STUDY2_GAMMAS),
                   check=lambda v: min(v) >= 0, constraint="entries must be >= 0"),
@@ -109,7 +114,7 @@ KEYS: dict[str, Key] = {
                         check=lambda v: min(v) >= 0, constraint="entries must be >= 0"),
     "gamma_strategy": Key("str", "fixed", "ScaleGammaManager strategy",
                           choices=("fixed", "linear", "cosine", "adaptive", "hierarchical")),
-    "scale_weights": Key("floats3", list(presets.DEFAULT_SCALE_WEIGHTS),
+    "scale_weights": Key("floats3", list(hyperparameter_default("scale_weights")),
                          "scale modulation [s1, s2, s3], or a Study 1 preset: "
                          + ", ".join(presets.STUDY1_SCALE_WEIGHTS),
                          check=lambda v: min(v) > 0, constraint="entries must be > 0"),
@@ -192,8 +197,8 @@ KEYS: dict[str, Key] = {
 # Presets are data, applied under the user's values; other variant names are free ablation labels.
 VARIANT_PRESETS: dict[str, dict[str, Any]] = {
     "baseline": {"optimizer": "adam"},
-    "phase1": {"optimizer": "balanced", "gamma": 0.003, "gamma_schedule": "fixed"},
-    "phase2": {"optimizer": "balanced", "gamma": 0.003, "gamma_final": 0.001, "gamma_schedule": "cosine"},
+    "phase1": {"optimizer": "balanced", "gamma": GAMMA, "gamma_schedule": "fixed"},
+    "phase2": {"optimizer": "balanced", "gamma": GAMMA, "gamma_final": 0.001, "gamma_schedule": "cosine"},
     "phase3": {"optimizer": "hierarchical_balanced", "decomposition": "measured", "gamma_strategy": "hierarchical"},
 }
 

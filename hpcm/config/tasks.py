@@ -8,6 +8,8 @@ vector: [s1_d, s1_b, s2_d, s2_b, s3_b] (distortion and bpp of s1 and s2, bpp of 
 from __future__ import annotations
 
 SCALES = ("s1", "s2", "s3")
+# The two tasks of Balanced R-D (Phase 1/2): the task vector [distortion, bpp] and its seed names.
+RD_TASKS = ("distortion", "bpp")
 HIERARCHICAL_TASKS = ("s1_d", "s1_b", "s2_d", "s2_b", "s3_b")
 # The seed's names of the same tasks (metrics.csv columns, wandb keys weights/s1_distortion, ...).
 SEED_TASK_NAMES = ("s1_distortion", "s1_bpp", "s2_distortion", "s2_bpp", "s3_bpp")

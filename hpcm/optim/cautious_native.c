@@ -1,8 +1,8 @@
 /* Cautious Adam update of one float32 bucket, fused (CPU), see cautious_native.py.
  *
- * The moments live in flat buffers (one slice per tensor, as in cautious_flat.py); parameters and
- * gradients are passed as one pointer per tensor. Every element goes through the same IEEE float
- * operations, in the same order, as the torch ops of cautious_math.single_tensor_update (the definition):
+ * Parameters, gradients and moments are passed as one pointer per tensor (contiguous float32).
+ * Every element goes through the same IEEE float operations, in the same order, as the torch ops
+ * of cautious_adam.single_tensor_update (the definition):
  *   m.mul_(b1).add_(g, alpha=1-b1)          -> fmaf(g, 1-b1, m*b1)   (ATen's add with alpha is a fused multiply-add)
  *   v.mul_(b2).addcmul_(g, g, value=1-b2)   -> fmaf((1-b2)*g, g, v*b2)
  *   phi = 1[g*m > 0], s = min(1 / max(count/numel, floor), cap)   (count is exact)
@@ -48,19 +48,19 @@ static float maximum(float a, float b)
 }
 
 void cautious_step(int64_t n_tensors, const int64_t *numels, const float *const *grads,
-                   float *const *params, float *exp_avg, float *exp_avg_sq, float *max_exp_avg_sq,
+                   float *const *params, float *const *exp_avgs, float *const *exp_avg_sqs,
+                   float *const *max_exp_avg_sqs,
                    float beta1, float one_minus_beta1, float beta2, float one_minus_beta2,
                    int cautious, float mask_mean_floor, float mask_scale_cap,
                    float decay, int apply_decay, float bias_correction2_sqrt, float eps,
                    float neg_step_size, sqrt_fn sqrt_function)
 {
     float root[CHUNK];
-    int64_t offset = 0;
     for (int64_t t = 0; t < n_tensors; t++) {
         const int64_t n = numels[t];
         const float *g = grads[t];
-        float *p = params[t], *m = exp_avg + offset, *v = exp_avg_sq + offset;
-        float *second = max_exp_avg_sq ? max_exp_avg_sq + offset : v;
+        float *p = params[t], *m = exp_avgs[t], *v = exp_avg_sqs[t];
+        float *second = max_exp_avg_sqs ? max_exp_avg_sqs[t] : v;
 
         int64_t agree = 0;
         for (int64_t k = 0; k < n; k++) {
@@ -70,7 +70,7 @@ void cautious_step(int64_t n_tensors, const int64_t *numels, const float *const 
             v[k] = fmaf(one_minus_beta2 * gk, gk, v[k] * beta2);
             agree += (gk * mk) > 0.0f;
         }
-        if (max_exp_avg_sq)
+        if (max_exp_avg_sqs)
             for (int64_t k = 0; k < n; k++)
                 second[k] = maximum(second[k], v[k]);
 
@@ -97,6 +97,5 @@ void cautious_step(int64_t n_tensors, const int64_t *numels, const float *const 
                 pc[k] = fmaf(direction / denom, neg_step_size, pk);
             }
         }
-        offset += n;
     }
 }

@@ -1,11 +1,10 @@
-"""The fused CPU kernel of Cautious Adam: build on first use, load, call.
+"""The C kernel of Cautious Adam's CPU path: build on first use, load, call.
 
 The torch paths on CPU need about fifteen passes over the parameters per step (one kernel per
 elementwise op, per tensor); torch's fused Adam needs one. ``cautious_native.c`` runs, per
 tensor, the moment pass and the update pass back to back, bit-identical to the torch path: its
 square root is the function torch's CPU sqrt calls (MKL's vsSqrt, which is not always correctly
-rounded), found in torch's own library and checked against ``torch.sqrt`` on a probe. On HPCM_Tiny (1.68 M parameters, 1 thread) ``step()`` drops from 7.7 ms to
-2.5 ms, fused Adam takes 1.8 ms; ``benchmarks/optimizer_overhead.py`` prints all three.
+rounded), found in torch's own library and checked against ``torch.sqrt`` on a probe.
 
 Build: the system C compiler (``$CC``, else ``cc``) compiles the source once per source, compiler
 and CPU into ``$HPCM_CACHE_DIR/native`` (default ``~/.cache/hpcm/native``), written atomically, so
@@ -13,9 +12,10 @@ concurrent jobs on a shared home directory never load a half-written library and
 CPUs build their own (``-march=native``). ``HPCM_NATIVE=0`` turns the kernel off.
 
 ``load()`` returns the library or raises ``NativeKernelUnavailable`` with the reason (no compiler,
-the compiler's error output, an unwritable cache, or results that differ from the torch path's on a
-small self-check, as on CPUs where ATen runs without fused multiply-adds). ``CautiousAdam(fused=None)`` uses the kernel when it loads and warns
-once, with that reason, when it falls back to the torch path; ``fused=True`` raises instead.
+the compiler's error output, an unwritable cache, no square root that matches torch's). This module
+knows nothing of the definition it must equal: ``hpcm.optim.cautious_adam.native_library`` runs
+the bitwise self-check against ``single_tensor_update`` before the optimizer uses the kernel (on
+CPUs where ATen runs without fused multiply-adds the kernel's bits differ, and it is refused).
 
 Where "bit-identical" ends: the count of agreeing signs is exact, torch's float32 sum of the 0/1
 mask only below 2^24 elements per tensor (no HPCM tensor comes close); NaN payloads under amsgrad
@@ -33,15 +33,11 @@ import platform
 import shutil
 import subprocess
 import tempfile
-import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
 import torch
-
-from hpcm.optim.cautious_flat import build_flat_moments
-from hpcm.optim.cautious_math import MASK_MEAN_FLOOR, MASK_SCALE_CAP, single_tensor_update
 
 SOURCE = Path(__file__).with_name("cautious_native.c")
 FLAGS = ("-O3", "-march=native", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno")
@@ -127,44 +123,12 @@ def load() -> ctypes.CDLL:
     pointer, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     library.cautious_step.restype = None
     library.cautious_step.argtypes = [i64, pointer, pointer, pointer, pointer, pointer, pointer,
-                                      f32, f32, f32, f32, i32, f32, f32, f32, i32, f32, f32, f32, pointer]
+                                      f32, f32, f32, f32, i32, f32, f32, f32, i32, f32, f32, f32,
+                                      pointer]
     library.cautious_sqrt.restype = None
     library.cautious_sqrt.argtypes = [pointer, i64, pointer, pointer]
     library.sqrt_function = _torch_sqrt_function(library)
-    _check_against_torch(library)
     return library
-
-
-def _check_against_torch(library: ctypes.CDLL) -> None:
-    """Run a few odd-sized tensors through the kernel and through the definition
-    (``cautious_math.single_tensor_update``) and demand identical bits: the kernel mirrors ATen's
-    vectorised kernels (fused multiply-adds in ``add(alpha=)`` and ``addcmul``), which a CPU or
-    build without them (ATen's DEFAULT capability) does not use."""
-    generator = torch.Generator().manual_seed(0)
-    shapes = [(1,), (7,), (33, 3), (1000,), (4099,)]
-    keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-    results = []
-    for use_kernel in (False, True):
-        params = [torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i, shape in enumerate(shapes)]
-        states = [{key: torch.zeros_like(p) for key in keys} for p in params]
-        flat = build_flat_moments(params, states, keys) if use_kernel else None
-        generator.manual_seed(1)
-        for step in range(1, 4):
-            grads = [torch.randn(p.shape, generator=generator) * 1e-3 for p in params]
-            for grad in grads:
-                grad[::5] = 0.0
-            options = dict(amsgrad=True, cautious=True, beta1=0.9, beta2=0.999, lr=1e-2, weight_decay=0.01, eps=1e-8)
-            if use_kernel:
-                _native_update_with(library)(flat, params, grads, step, mask_mean_floor=MASK_MEAN_FLOOR,
-                                             mask_scale_cap=MASK_SCALE_CAP, **options)
-            else:
-                single_tensor_update(params, grads, *([s[key] for s in states] for key in keys),
-                                     [step] * len(params), **options)
-        results.append(torch.cat([t.reshape(-1) for t in (*params, *(s[key] for key in keys for s in states))]))
-    if not torch.equal(*results):
-        raise NativeKernelUnavailable(
-            "the kernel does not reproduce torch's CPU arithmetic here (ATen CPU capability "
-            f"{torch.backends.cpu.get_cpu_capability()}); the torch path keeps results exact")
 
 
 def _sqrt_probe() -> torch.Tensor:
@@ -201,36 +165,17 @@ def _torch_sqrt_function(library: ctypes.CDLL) -> int | None:
         "not be bit-identical to the torch path")
 
 
-@lru_cache(maxsize=1)
-def unavailable_reason() -> str | None:
-    """None when the kernel loads; else why not (computed once per process)."""
-    try:
-        load()
-    except NativeKernelUnavailable as error:
-        return str(error)
-    return None
-
-
-_warned = False
-
-
-def warn_fallback_once(reason: str) -> None:
-    global _warned
-    if not _warned:
-        _warned = True
-        warnings.warn(f"hpcm: CautiousAdam uses the slower torch CPU path: {reason}", RuntimeWarning, stacklevel=4)
-
-
 def ineligible_reason(dtype: torch.dtype, tensors: Sequence[torch.Tensor]) -> str | None:
     """Why the kernel cannot take a CPU bucket of ``dtype`` with these tensors, or None.
 
-    The kernel walks contiguous float32 memory; the caller's bucket is one device and dtype.
+    The kernel walks contiguous float32 memory (parameters, gradients and moments alike); the
+    caller's bucket is one device and dtype.
     """
     if dtype != torch.float32:
         return f"the kernel takes float32 tensors, got {dtype}"
     if not all(map(torch.Tensor.is_contiguous, tensors)):
         shape = next(tuple(t.shape) for t in tensors if not t.is_contiguous())
-        return f"a parameter or gradient of shape {shape} is not contiguous"
+        return f"a parameter, gradient or moment of shape {shape} is not contiguous"
     return None
 
 
@@ -245,26 +190,20 @@ def _float32(name: str, value: float) -> float:
     return value
 
 
-def _native_update_with(library: ctypes.CDLL):
-    """``native_update`` on a given library (``load()``'s self-check runs it before returning)."""
-    def update(flat, params: list[torch.Tensor], grads: list[torch.Tensor], step: int, *,
-               amsgrad: bool, cautious: bool, beta1: float, beta2: float, lr: float, weight_decay: float,
-               eps: float, mask_mean_floor: float, mask_scale_cap: float) -> None:
-        if flat.native_numels is None:  # per bucket, built once (the numels never change)
-            flat.native_numels = (ctypes.c_int64 * len(params))(*flat.numels)
-        max_sq = flat.buffers["max_exp_avg_sq"].data_ptr() if amsgrad else None
-        lr, beta1, beta2 = float(lr), float(beta1), float(beta2)
-        library.cautious_step(
-            len(params), flat.native_numels, _pointers(grads), _pointers(params),
-            flat.buffers["exp_avg"].data_ptr(), flat.buffers["exp_avg_sq"].data_ptr(), max_sq,
-            beta1, 1 - beta1, beta2, 1 - beta2, int(cautious), float(mask_mean_floor), float(mask_scale_cap),
-            _float32("1 - lr * weight_decay", 1 - lr * weight_decay), int(weight_decay != 0),
-            math.sqrt(1 - beta2**step), _float32("eps", float(eps)),
-            _float32("lr / (1 - beta1**step)", -(lr / (1 - beta1**step))), library.sqrt_function)
-    return update
-
-
-def native_update(flat, params: list[torch.Tensor], grads: list[torch.Tensor], step: int, **options) -> None:
-    """One Cautious Adam step of a bucket (``flat``: ``cautious_flat.FlatMoments``) with the C kernel,
-    bit-identical to ``cautious_math.single_tensor_update`` (checked when the library loads)."""
-    _native_update_with(load())(flat, params, grads, step, **options)
+def native_update(library: ctypes.CDLL, params: list[torch.Tensor], grads: list[torch.Tensor],
+                  exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
+                  max_exp_avg_sqs: list[torch.Tensor], step: int, *, amsgrad: bool, cautious: bool,
+                  beta1: float, beta2: float, lr: float, weight_decay: float, eps: float,
+                  mask_mean_floor: float, mask_scale_cap: float) -> None:
+    """One Cautious Adam step of tensors all at ``step`` with the kernel (contiguous float32 each;
+    ``ineligible_reason`` says when not), in place; the scalars as the definition computes them."""
+    numels = (ctypes.c_int64 * len(params))(*[p.numel() for p in params])
+    max_sq = _pointers(max_exp_avg_sqs) if amsgrad else None
+    lr, beta1, beta2 = float(lr), float(beta1), float(beta2)
+    library.cautious_step(
+        len(params), numels, _pointers(grads), _pointers(params), _pointers(exp_avgs),
+        _pointers(exp_avg_sqs), max_sq,
+        beta1, 1 - beta1, beta2, 1 - beta2, int(cautious), float(mask_mean_floor),
+        float(mask_scale_cap), _float32("1 - lr * weight_decay", 1 - lr * weight_decay),
+        int(weight_decay != 0), math.sqrt(1 - beta2**step), _float32("eps", float(eps)),
+        _float32("lr / (1 - beta1**step)", -(lr / (1 - beta1**step))), library.sqrt_function)

@@ -19,11 +19,12 @@ from typing import Iterable, Sequence
 
 import torch
 
+from hpcm.config.optimizers import W_LR
 from hpcm.config.presets import DEFAULT_GAMMAS, DEFAULT_SCALE_WEIGHTS
-
-# Defined once in hpcm.tasks; hpcm.optim re-exports HIERARCHICAL_TASKS and SEED_TASK_NAMES from here.
+# Defined once in hpcm.config.tasks; hpcm.optim re-exports HIERARCHICAL_TASKS and SEED_TASK_NAMES.
 from hpcm.config.tasks import HIERARCHICAL_TASKS, SCALES, SEED_TASK_NAMES, TASK_SCALE  # noqa: F401
 from hpcm.optim.balanced import Balanced
+from hpcm.optim.registry import register_optimizer
 
 
 def per_task(values: Sequence[float], what: str) -> list[float]:
@@ -49,7 +50,7 @@ class HierarchicalBalanced(Balanced):
         gamma_s1: float = DEFAULT_GAMMAS[0],
         gamma_s2: float = DEFAULT_GAMMAS[1],
         gamma_s3: float = DEFAULT_GAMMAS[2],
-        w_lr: float = 0.025,
+        w_lr: float = W_LR,
         max_norm: float = 1.0,
         scale_weights: Sequence[float] | None = None,
         **kwargs,
@@ -85,7 +86,8 @@ class HierarchicalBalanced(Balanced):
 
     @property
     def scale_gammas(self) -> dict[str, float]:
-        return {scale: float(self.task_gammas[TASK_SCALE.index(i)]) for i, scale in enumerate(SCALES)}
+        return {scale: float(self.task_gammas[TASK_SCALE.index(i)])
+                for i, scale in enumerate(SCALES)}
 
     def set_scale_weights(self, scale_weights: Sequence[float]) -> None:
         factors = per_task(scale_weights, "scale_weights")
@@ -110,3 +112,15 @@ class HierarchicalBalanced(Balanced):
     def _load_balancing_state(self, extra: dict) -> None:
         super()._load_balancing_state(extra)
         self.set_scale_weights(extra["scale_weights"])
+
+
+@register_optimizer("hierarchical_balanced")
+def build_hierarchical_balanced(params: Iterable, lr: float, *, max_norm: float,
+                                min_losses: float, sync_free: bool, gammas: Sequence[float],
+                                w_lr: float, update_mode: str,
+                                scale_weights: Sequence[float]) -> HierarchicalBalanced:
+    g1, g2, g3 = (float(g) for g in gammas)
+    return HierarchicalBalanced(params, lr=lr, gamma_s1=g1, gamma_s2=g2, gamma_s3=g3, w_lr=w_lr,
+                                max_norm=max_norm, scale_weights=scale_weights,
+                                min_losses=min_losses, update_mode=update_mode,
+                                sync_free=sync_free)

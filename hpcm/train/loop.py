@@ -59,6 +59,7 @@ from tqdm import tqdm
 import hpcm
 from hpcm import models, optim
 from hpcm.config import run_config
+from hpcm.config.optimizers import optimizer_spec
 from hpcm.config.run_config import RunConfig
 from hpcm.config.tasks import SCALES, SEED_TASK_NAMES
 from hpcm.data import images as data
@@ -103,8 +104,10 @@ class Run:
             warnings.warn("bf16 autocast is only used on CUDA; this CPU run trains in float32", stacklevel=2)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and self.cuda
                          else nullcontext())
-        self.balanced = cfg.optimizer in run_config.BALANCED_OPTIMIZERS
-        self.hierarchical = cfg.optimizer == "hierarchical_balanced"
+        # what the loop does for this optimizer comes from its registry traits, not its name
+        self.optimizer_spec = optimizer_spec(cfg.optimizer)
+        self.balanced = self.optimizer_spec.task_weights
+        self.hierarchical = self.optimizer_spec.scale_tasks
         # The TRAIN_SUMS columns of this run (the scale tasks exist in Phase 3 only), and one
         # buffer that every step's values are stacked into (no per-step allocation).
         self.sum_columns = [c for c in TRAIN_SUMS if self.hierarchical or c not in SEED_TASK_NAMES]
@@ -177,10 +180,11 @@ class Run:
         self.gamma_schedule = schedules.GammaSchedule(
             cfg.gamma_schedule, cfg.gamma, cfg.gamma_final, self.total_steps, warmup=cfg.gamma_warmup,
             milestones=cfg.gamma_step_milestones, factor=cfg.gamma_step_factor) \
-            if cfg.optimizer in ("balanced", "qp") else None
+            if self.optimizer_spec.gamma_schedule == "single" else None
         self.gamma_manager = schedules.ScaleGammaManager(
             cfg.gammas, cfg.gamma_strategy, total_epochs=self.total_steps,
-            final_gammas=cfg.gammas_final) if self.hierarchical else None
+            final_gammas=cfg.gammas_final) \
+            if self.optimizer_spec.gamma_schedule == "per_scale" else None
 
         # bookkeeping restored from a checkpoint
         self.step = 0

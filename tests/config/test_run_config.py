@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from hpcm.config import presets, run_config
+from hpcm.config.optimizers import OPTIMIZER_SPECS
 from hpcm.config.run_config import ConfigError
 from hpcm.train import logs as logging_utils
 from tests.paths import REPO
@@ -255,8 +256,15 @@ def test_schema_study_keys_name_the_package_facts():
     )
     from hpcm.models.presets import PRESETS  # why: imports torch, needed by this check only
 
-    schema = _schema()["properties"]
+    full = _schema()
+    schema = full["properties"]
     assert schema["analysis"]["properties"]["bd_method"]["enum"] == list(METHODS)
+    # the optimizer registry (hpcm.config.optimizers): a variant's optimizer, and the names a
+    # per-optimizer steps_per_s may use
+    names = list(OPTIMIZER_SPECS)
+    assert full["$defs"]["variant_keys"]["optimizer"]["enum"] == [*names, None]
+    per_optimizer = full["$defs"]["job_resources"]["properties"]["steps_per_s"]["oneOf"][1]
+    assert per_optimizer["propertyNames"]["enum"] == [*names, "default"]
     assert sorted(schema["model"]["enum"]) == sorted(PRESETS)
     assert schema["device"]["pattern"] == run_config.DEVICE_PATTERN
 

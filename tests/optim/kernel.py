@@ -8,7 +8,7 @@ from functools import lru_cache
 
 import pytest
 
-from hpcm.optim import cautious_native
+from hpcm.optim import cautious_adam, cautious_native
 
 
 @lru_cache(maxsize=1)
@@ -20,7 +20,7 @@ def kernel_refusal() -> str | None:
     if shutil.which(os.environ.get("CC", "cc")) is None:
         return "no C compiler"
     try:
-        cautious_native.load()
+        cautious_adam.native_library()
     except cautious_native.NativeKernelUnavailable as error:
         return str(error)
     return None

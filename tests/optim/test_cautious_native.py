@@ -3,14 +3,25 @@ on real model shapes, built once into its cache, and clear about why it cannot b
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
 import torch
 
 from hpcm.models import build_model
-from hpcm.optim import Balanced, CautiousAdam, cautious_native
+from hpcm.optim import Balanced, CautiousAdam, cautious_adam, cautious_native
 from tests.optim.kernel import needs_kernel
+
+
+
+
+
+def clear_kernel_caches() -> None:
+    """Forget the cached library and verdict (the next use builds, loads and checks again)."""
+    for cached in (cautious_native.load, cautious_adam.native_library,
+                   cautious_adam.native_unavailable_reason):
+        cached.cache_clear()
 
 
 def model_params(seed: int = 0) -> list[torch.Tensor]:
@@ -95,12 +106,10 @@ def no_compiler(monkeypatch):
     """A process where the kernel cannot be built (cached load results cleared before and after)."""
     monkeypatch.setenv("CC", "no-such-compiler-hpcm")
     monkeypatch.setenv("HPCM_CACHE_DIR", "/nonexistent-hpcm-cache")
-    monkeypatch.setattr(cautious_native, "_warned", False)
-    cautious_native.load.cache_clear()
-    cautious_native.unavailable_reason.cache_clear()
+    monkeypatch.setattr(cautious_adam, "_warned", False)
+    clear_kernel_caches()
     yield
-    cautious_native.load.cache_clear()
-    cautious_native.unavailable_reason.cache_clear()
+    clear_kernel_caches()
 
 
 def test_fused_true_without_compiler_raises_with_the_reason(no_compiler):
@@ -126,7 +135,7 @@ def test_default_without_compiler_warns_once_and_matches(no_compiler):
 
 def test_switched_off_by_environment(monkeypatch, no_compiler):
     monkeypatch.setenv("HPCM_NATIVE", "0")
-    assert cautious_native.unavailable_reason() == "turned off by HPCM_NATIVE=0"
+    assert cautious_adam.native_unavailable_reason() == "turned off by HPCM_NATIVE=0"
 
 
 def test_fused_true_rejects_conflicting_options():
@@ -135,7 +144,7 @@ def test_fused_true_rejects_conflicting_options():
 
 
 def test_non_contiguous_gradient_falls_back_with_a_warning(monkeypatch):
-    monkeypatch.setattr(cautious_native, "_warned", False)
+    monkeypatch.setattr(cautious_adam, "_warned", False)
     weight = torch.randn(4, 6, requires_grad=True)
     reference = weight.detach().clone().requires_grad_(True)
     opt, ref_opt = CautiousAdam([weight], lr=1e-2), CautiousAdam([reference], lr=1e-2, foreach=False)
@@ -152,9 +161,8 @@ def test_unwritable_cache_warns_and_falls_back(tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory\n")
     monkeypatch.setenv("HPCM_CACHE_DIR", str(blocker))  # cache_dir() = a-file/native: cannot be made
-    monkeypatch.setattr(cautious_native, "_warned", False)
-    cautious_native.load.cache_clear()
-    cautious_native.unavailable_reason.cache_clear()
+    monkeypatch.setattr(cautious_adam, "_warned", False)
+    clear_kernel_caches()
     try:
         params = model_params()
         opt = CautiousAdam(params, lr=1e-3)
@@ -162,8 +170,7 @@ def test_unwritable_cache_warns_and_falls_back(tmp_path, monkeypatch):
         with pytest.warns(RuntimeWarning, match="cannot build the kernel into"):
             opt.step()
     finally:
-        cautious_native.load.cache_clear()
-        cautious_native.unavailable_reason.cache_clear()
+        clear_kernel_caches()
 
 
 @needs_kernel

@@ -1,15 +1,15 @@
-"""CautiousAdam with several param groups (Phase 4): the same numbers as one group, and the CPU
-flat moment buffers kept per group instead of rebuilt by the other group every step."""
+"""CautiousAdam with several param groups (Phase 4): the same numbers as one group, and a
+parameter left without gradient does not move, on every update path."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hpcm.optim import CautiousAdam, cautious_native
+from hpcm.optim import CautiousAdam
 
 
-def test_two_groups_step_like_one_group_and_keep_their_flat_buffers():
+def test_two_groups_step_like_one_group():
     torch.manual_seed(0)
     shapes = [(4, 3), (5,), (2, 2, 2), (7,)]
     start = [torch.randn(s) for s in shapes]
@@ -18,19 +18,12 @@ def test_two_groups_step_like_one_group_and_keep_their_flat_buffers():
     two = [p.clone().requires_grad_() for p in start]
     opt_one = CautiousAdam(one, lr=1e-2)
     opt_two = CautiousAdam([{"params": two[:2]}, {"params": two[2:], "lr": 1e-2}], lr=1e-2)
-    buffers = None
     for step_grads in grads:
         for params in (one, two):
             for p, g in zip(params, step_grads):
                 p.grad = g.clone()
         opt_one.step()
         opt_two.step()
-        if cautious_native.unavailable_reason() is None:
-            current = {k: flat.buffers["exp_avg"] for k, flat in opt_two._flat_moments.items()}
-            assert len(current) == 2  # one per group
-            if buffers is not None:
-                assert all(current[k] is buffers[k] for k in current), "a group's flat buffer was rebuilt"
-            buffers = current
     for a, b in zip(one, two):
         assert torch.equal(a, b)
 
@@ -55,7 +48,7 @@ def _train_then_freeze(make_optimizer) -> tuple[torch.Tensor, torch.Tensor, torc
 
 @pytest.mark.parametrize("make_optimizer", [
     lambda p: torch.optim.Adam(p, lr=0.1, fused=True),
-    lambda p: CautiousAdam(p, lr=0.1),  # CPU default: the C kernel on flat buffers (or foreach)
+    lambda p: CautiousAdam(p, lr=0.1),  # CPU default: the C kernel (or foreach)
     lambda p: CautiousAdam(p, lr=0.1, foreach=True),
     lambda p: CautiousAdam(p, lr=0.1, foreach=False),
     lambda p: CautiousAdam(p, lr=0.1, sync_free=True),  # the CUDA path, run on CPU

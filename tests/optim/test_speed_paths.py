@@ -2,7 +2,7 @@
 
 The list-kernel update (``foreach``) rewrites two steps of the official maths (mask mean as
 count/numel, m*(phi*s) as (m*s)*phi); both are exact, so the two paths must agree bit for bit.
-So must the C kernel on flat buffers (``fused=True``, the CPU default); ``sync_free`` is tested in
+So must the C kernel (``fused=True``, the CPU default); ``sync_free`` is tested in
 test_sync_free.py. (A torch path on flat buffers was removed: benchmarks/cautious_paths.py
 measured it at 9.0 ms against the kernel's 3.1 ms, and it only ran where the kernel could not.)
 """
@@ -47,7 +47,7 @@ FAST_PATHS = {"foreach": dict(foreach=True), "native": dict(fused=True)}
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 @pytest.mark.parametrize("skip", [0, 3], ids=["same_steps", "differing_steps"])
 def test_fast_paths_equal_single_tensor_path_bitwise(fast, cautious, amsgrad, weight_decay, skip):
-    """foreach=True: list kernels; fused=True (CPU): the C kernel on flat buffers while steps agree."""
+    """foreach=True: list kernels; fused=True (CPU): the C kernel while steps agree."""
     results = []
     for options in (dict(foreach=False), FAST_PATHS[fast]):
         params = make_params()
@@ -65,14 +65,14 @@ def test_fast_paths_equal_single_tensor_path_bitwise(fast, cautious, amsgrad, we
 @pytest.mark.parametrize("host_scales", [False, True])
 def test_device_and_host_rescale_variants_equal_single_tensor_path(monkeypatch, host_scales):
     """The accelerator branch (rescales kept on the device) is exercised on CPU too."""
-    original = cautious_module._foreach_update
+    original = cautious_module.foreach_update
 
     def forced(*args, **kwargs):
         return original(*args, **kwargs, host_scales=host_scales)
 
     reference = make_params()
     run_steps(reference, CautiousAdam(reference, lr=1e-2, foreach=False), steps=8, skip_first_grad_until=2)
-    monkeypatch.setattr(cautious_module, "_foreach_update", forced)
+    monkeypatch.setattr(cautious_module, "foreach_update", forced)
     params = make_params()
     run_steps(params, CautiousAdam(params, lr=1e-2), steps=8, skip_first_grad_until=2)
     assert all(torch.equal(a, b) for a, b in zip(reference, params))
@@ -106,8 +106,8 @@ def test_balanced_step_single_sync_keeps_skip_behaviour():
     assert all(torch.equal(a, b.detach()) for a, b in zip(before, params))
 
 
-def test_flat_path_state_dict_resume_equals_uninterrupted():
-    """Moments are views into flat buffers; a saved and reloaded state continues identically."""
+def test_default_path_state_dict_resume_equals_uninterrupted():
+    """A saved and reloaded state continues identically on the CPU default path (the kernel)."""
     reference = make_params()
     run_steps(reference, CautiousAdam(reference, lr=1e-2), steps=10, seed=5)
     first = make_params()
@@ -139,8 +139,8 @@ def test_flat_path_state_dict_resume_equals_uninterrupted():
     assert all(opt2.state[p]["exp_avg"].shape == p.shape for p in resumed)
 
 
-def test_flat_path_follows_replaced_state_entries():
-    """A state entry replaced from outside is copied into fresh buffers, not silently ignored."""
+def test_default_path_follows_replaced_state_entries():
+    """A state entry replaced from outside is the one the next step updates, not ignored."""
     params, reference = make_params(), make_params()
     opt, opt_ref = CautiousAdam(params, lr=1e-2), CautiousAdam(reference, lr=1e-2, foreach=False)
     run_steps(params, opt, steps=3)
