@@ -27,8 +27,11 @@ from hpcm.optim import CautiousAdam  # noqa: E402
 
 
 def paths(device: torch.device) -> dict[str, dict]:
-    table = {"reference (foreach=False)": dict(foreach=False), "foreach": dict(foreach=True),
-             "sync_free": dict(sync_free=True)}
+    table = {
+        "reference (foreach=False)": dict(foreach=False),
+        "foreach": dict(foreach=True),
+        "sync_free": dict(sync_free=True),
+    }
     if device.type == "cpu":
         table["C kernel (fused=True)"] = dict(fused=True)
     return table
@@ -52,8 +55,11 @@ def main() -> int:
         params = [p.clone().requires_grad_(True) for p in base]
         for p, g in zip(params, grads):
             p.grad = g.clone()
-        optimizers[name] = (torch.optim.Adam(params, lr=1e-4, fused=True) if options is None
-                            else CautiousAdam(params, lr=1e-4, **options))
+        optimizers[name] = (
+            torch.optim.Adam(params, lr=1e-4, fused=True)
+            if options is None
+            else CautiousAdam(params, lr=1e-4, **options)
+        )
         optimizers[name].step()  # first step: state allocation, kernel build
     clock = time.thread_time if device.type == "cpu" and args.threads == 1 else time.perf_counter
     seconds: dict[str, list[float]] = {name: [] for name in optimizers}
@@ -72,14 +78,18 @@ def main() -> int:
                 best = min(best, clock() - start)
             seconds[name].append(best)
     reference = seconds[names[0]]
-    print(f"{args.model} ({sum(p.numel() for p in base) / 1e6:.2f} M parameters, {len(base)} tensors), "
-          f"device {device}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, "
-          f"{args.rounds} rounds x min of {args.reps} steps")
+    print(
+        f"{args.model} ({sum(p.numel() for p in base) / 1e6:.2f} M parameters, {len(base)} tensors), "
+        f"device {device}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, "
+        f"{args.rounds} rounds x min of {args.reps} steps"
+    )
     print(f"{'path':<34}{'ms/step':>9}{'x reference':>13}{'spread':>16}")
     for name, values in seconds.items():
         ratios = [v / r for v, r in zip(values, reference)]
-        print(f"{name:<34}{statistics.median(values) * 1e3:>9.2f}{statistics.median(ratios):>13.3f}"
-              f"{f'{min(ratios):.3f}..{max(ratios):.3f}':>16}")
+        print(
+            f"{name:<34}{statistics.median(values) * 1e3:>9.2f}{statistics.median(ratios):>13.3f}"
+            f"{f'{min(ratios):.3f}..{max(ratios):.3f}':>16}"
+        )
     return 0
 
 

@@ -54,14 +54,22 @@ from hpcm.models.presets import PRESETS  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
-    parser.add_argument("--size", type=int, default=256, help="square input side in pixels (official: 256)")
-    parser.add_argument("--detail", action="store_true", help="also print g_a / h_a / h_s / context / g_s")
+    parser.add_argument(
+        "--size", type=int, default=256, help="square input side in pixels (official: 256)"
+    )
+    parser.add_argument(
+        "--detail", action="store_true", help="also print g_a / h_a / h_s / context / g_s"
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    print(f"kMACs per pixel at {args.size}x{args.size} (torch.utils.flop_counter, MACs = FLOPs / 2; "
-          f"convolutions and matrix products only), torch {torch.__version__}")
+    print(
+        f"kMACs per pixel at {args.size}x{args.size} (torch.utils.flop_counter, MACs = FLOPs / 2; "
+        f"convolutions and matrix products only), torch {torch.__version__}"
+    )
     header = f"{'preset':12s} {'params M':>9s} {'encoder':>9s} {'decoder':>9s} {'total':>9s}  official total"
     if args.detail:
         header += "   g_a      h_a      h_s      context  g_s"
@@ -73,12 +81,19 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - start
         params = sum(p.numel() for p in model.parameters()) / 1e6
         official = OFFICIAL_KMACS_PER_PIXEL.get(name)
-        ref = (f"{official:9.2f} (ours {100 * (kmacs['total'] / official - 1):+.4f} %)" if official is not None
-               and args.size == 256 else f"{'-':>9s}")
-        line = (f"{name:12s} {params:9.3f} {kmacs['encoder']:9.2f} {kmacs['decoder']:9.2f} "
-                f"{kmacs['total']:9.2f}  {ref}")
+        ref = (
+            f"{official:9.2f} (ours {100 * (kmacs['total'] / official - 1):+.4f} %)"
+            if official is not None and args.size == 256
+            else f"{'-':>9s}"
+        )
+        line = (
+            f"{name:12s} {params:9.3f} {kmacs['encoder']:9.2f} {kmacs['decoder']:9.2f} "
+            f"{kmacs['total']:9.2f}  {ref}"
+        )
         if args.detail:
-            line += "  " + " ".join(f"{kmacs[k]:8.2f}" for k in ("g_a", "h_a", "h_s", "context", "g_s"))
+            line += "  " + " ".join(
+                f"{kmacs[k]:8.2f}" for k in ("g_a", "h_a", "h_s", "context", "g_s")
+            )
         print(line + f"   [{seconds:.1f} s]")
     print(f"official: {OFFICIAL_SOURCE}")
     return 0

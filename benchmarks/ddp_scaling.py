@@ -38,9 +38,19 @@ from hpcm.train import distributed, loop  # noqa: E402
 def worker(args: argparse.Namespace) -> None:
     """One process of a measurement: print (rank 0) steps/s as JSON."""
     torch.set_num_threads(1)
-    cfg = run_config.resolve({"model": args.model, "patch_size": args.patch_size, "batch_size": args.batch_size,
-                              "steps": args.warmup + args.steps, "optimizer": args.optimizer,
-                              "device": args.device, "num_workers": 0, "wandb_mode": "disabled", "quiet": True})
+    cfg = run_config.resolve(
+        {
+            "model": args.model,
+            "patch_size": args.patch_size,
+            "batch_size": args.batch_size,
+            "steps": args.warmup + args.steps,
+            "optimizer": args.optimizer,
+            "device": args.device,
+            "num_workers": 0,
+            "wandb_mode": "disabled",
+            "quiet": True,
+        }
+    )
     processes = distributed.Processes.start(cfg, loop.pick_device(cfg.device, "--device"))
     run = loop.Run(cfg, Path("."), processes)
     run.open_data()
@@ -48,7 +58,7 @@ def worker(args: argparse.Namespace) -> None:
     rows = args.batch_size // processes.world_size
     generator = torch.Generator().manual_seed(0)
     batch = torch.rand(args.batch_size, 3, args.patch_size, args.patch_size, generator=generator)
-    x = batch[processes.rank * rows:(processes.rank + 1) * rows].to(run.device)
+    x = batch[processes.rank * rows : (processes.rank + 1) * rows].to(run.device)
     if run.cuda:
         x = x.contiguous(memory_format=torch.channels_last)
     for _ in range(args.warmup):
@@ -73,17 +83,43 @@ def synchronize(run: loop.Run) -> None:
 
 def measure(args: argparse.Namespace, world_size: int) -> float:
     """steps/s of one fresh measurement on ``world_size`` processes."""
-    options = ["--worker", "--model", args.model, "--patch-size", str(args.patch_size), "--batch-size",
-               str(args.batch_size), "--optimizer", args.optimizer, "--device", args.device,
-               "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    options = [
+        "--worker",
+        "--model",
+        args.model,
+        "--patch-size",
+        str(args.patch_size),
+        "--batch-size",
+        str(args.batch_size),
+        "--optimizer",
+        args.optimizer,
+        "--device",
+        args.device,
+        "--warmup",
+        str(args.warmup),
+        "--steps",
+        str(args.steps),
+    ]
     script = str(Path(__file__).resolve())
-    command = ([sys.executable, script] if world_size == 1 else
-               [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world_size),
-                script])
+    command = (
+        [sys.executable, script]
+        if world_size == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(world_size),
+            script,
+        ]
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command + options, cwd=REPO, env=env, capture_output=True, text=True)
     if result.returncode:
-        raise SystemExit(f"measurement on {world_size} process(es) failed:\n{result.stderr[-3000:]}")
+        raise SystemExit(
+            f"measurement on {world_size} process(es) failed:\n{result.stderr[-3000:]}"
+        )
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     return json.loads(lines[-1])["steps_per_s"]
 
@@ -96,18 +132,30 @@ def scaling(args: argparse.Namespace) -> None:
         ratios.append(two[-1] / one[-1])
     efficiency = [r / 2 for r in ratios]
     backend = "NCCL" if args.device.startswith("cuda") else "gloo"
-    print(f"{args.model}, {args.optimizer}, global batch {args.batch_size} x {args.patch_size} px, {args.device} "
-          f"({backend}), {args.steps} timed steps after {args.warmup}, {args.rounds} rounds; median [min, max]:")
-    for name, values in (("1 process   steps/s", one), ("2 processes steps/s", two),
-                         ("speed-up (2 vs 1)", ratios), ("efficiency (speed-up / 2)", efficiency)):
-        print(f"  {name:26s} {statistics.median(values):7.3f}  [{min(values):.3f}, {max(values):.3f}]")
+    print(
+        f"{args.model}, {args.optimizer}, global batch {args.batch_size} x {args.patch_size} px, {args.device} "
+        f"({backend}), {args.steps} timed steps after {args.warmup}, {args.rounds} rounds; median [min, max]:"
+    )
+    for name, values in (
+        ("1 process   steps/s", one),
+        ("2 processes steps/s", two),
+        ("speed-up (2 vs 1)", ratios),
+        ("efficiency (speed-up / 2)", efficiency),
+    ):
+        print(
+            f"  {name:26s} {statistics.median(values):7.3f}  [{min(values):.3f}, {max(values):.3f}]"
+        )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="HPCM_Tiny")
     parser.add_argument("--patch-size", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=4, help="global batch (split over the processes)")
+    parser.add_argument(
+        "--batch-size", type=int, default=4, help="global batch (split over the processes)"
+    )
     parser.add_argument("--optimizer", default="adam", choices=run_config.OPTIMIZERS)
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (each rank its own GPU)")
     parser.add_argument("--warmup", type=int, default=3)
@@ -121,7 +169,9 @@ def main() -> None:
     if args.device.startswith("cuda"):
         available = torch.cuda.device_count()
         if available < 2:
-            print(f"GPU scaling not measured: {available} CUDA device(s) visible, 2 needed; measuring CPU (gloo)")
+            print(
+                f"GPU scaling not measured: {available} CUDA device(s) visible, 2 needed; measuring CPU (gloo)"
+            )
             args.device = "cpu"
     scaling(args)
     if args.device == "cpu":

@@ -45,7 +45,9 @@ STEP_SHARES = (1 / 32, 1 / 32) + (1 / 16,) * 3 + (1 / 8,) * 6  # HPCM's 11 codin
 BASE_256_Y_SYMBOLS = 320 * 16 * 16
 
 
-def gg_symbols(rng: np.random.Generator, low: float, high: float, n: int) -> tuple[np.ndarray, np.ndarray]:
+def gg_symbols(
+    rng: np.random.Generator, low: float, high: float, n: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(scales, rounded generalized-Gaussian draws) with log-uniform scales in [low, high]."""
     scales = np.exp(rng.uniform(np.log(low), np.log(high), n))
     return scales, np.round(scipy.stats.gennorm.rvs(1.5, scale=scales, random_state=rng))
@@ -69,7 +71,9 @@ def per_call_overhead(table: torch.Tensor, seed: int, repeats: int) -> None:
     coder_tables(holder, "y")
     first = (time.perf_counter() - start) * 1e3
     again = median_ms(lambda: coder_tables(holder, "y"), repeats)
-    print(f"coder_tables(y): first call {first:.3f} ms, next calls {again:.4f} ms (median of {repeats})")
+    print(
+        f"coder_tables(y): first call {first:.3f} ms, next calls {again:.4f} ms (median of {repeats})"
+    )
 
     tables = coder_tables(holder, "y")
     scales, symbols = gg_symbols(np.random.default_rng(seed), 0.12, 64.0, BASE_256_Y_SYMBOLS)
@@ -89,20 +93,30 @@ def per_call_overhead(table: torch.Tensor, seed: int, repeats: int) -> None:
         return torch.cat([decode_symbols(decoder, indexes[s], tables) for s in steps])
 
     stream = encode(steps)
-    if encode([slice(0, BASE_256_Y_SYMBOLS)]) != stream or not torch.equal(decode_steps(stream), sym_t):
+    if encode([slice(0, BASE_256_Y_SYMBOLS)]) != stream or not torch.equal(
+        decode_steps(stream), sym_t
+    ):
         raise SystemExit("11-step coding: one push and 11 pushes differ, or decoding failed")
-    print(f"one Base 256x256 y stream ({BASE_256_Y_SYMBOLS} symbols, {len(stream)} B), median of {repeats}:")
+    print(
+        f"one Base 256x256 y stream ({BASE_256_Y_SYMBOLS} symbols, {len(stream)} B), median of {repeats}:"
+    )
     print(f"  encode, 11 calls {median_ms(lambda: encode(steps), repeats):8.2f} ms")
-    print(f"  encode, 1 call   {median_ms(lambda: encode([slice(0, BASE_256_Y_SYMBOLS)]), repeats):8.2f} ms")
+    print(
+        f"  encode, 1 call   {median_ms(lambda: encode([slice(0, BASE_256_Y_SYMBOLS)]), repeats):8.2f} ms"
+    )
     print(f"  decode, 11 calls {median_ms(lambda: decode_steps(stream), repeats):8.2f} ms")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--symbols", type=int, default=200_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    parser.add_argument("--repeats", type=int, default=20, help="timed repeats of the per-call part")
+    parser.add_argument(
+        "--repeats", type=int, default=20, help="timed repeats of the per-call part"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,9 +125,13 @@ def main() -> None:
     ggm, table = GGM(), get_scale_table(0.12, 64, 60)
     start = time.perf_counter()
     tables = CoderTables.from_tensors(*ggm.get_quantized_cdf(table))
-    print(f"y tables (60 scales, max length {max(tables.cdf_lengths)}): {time.perf_counter() - start:.3f} s")
+    print(
+        f"y tables (60 scales, max length {max(tables.cdf_lengths)}): {time.perf_counter() - start:.3f} s"
+    )
 
-    print(f"{'regime':<26}{'ideal B':>10}{'actual B':>10}{'gap %':>8}{'enc Msym/s':>12}{'dec Msym/s':>12}")
+    print(
+        f"{'regime':<26}{'ideal B':>10}{'actual B':>10}{'gap %':>8}{'enc Msym/s':>12}{'dec Msym/s':>12}"
+    )
     for name, (low, high) in REGIMES.items():
         rng = np.random.default_rng(args.seed)
         scales, symbols = gg_symbols(rng, low, high, args.symbols)

@@ -25,11 +25,17 @@ from tests.models.test_equivalence import GOLDEN_CASES, TOL, golden_diffs  # noq
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (tests use 1)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (tests use 1)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__} threads={torch.get_num_threads()} float32 cpu (test tolerance {TOL:g})")
+    print(
+        f"torch {torch.__version__} threads={torch.get_num_threads()} float32 cpu (test tolerance {TOL:g})"
+    )
     print(f"{'model':<12}{'input':>9}{'x_hat':>12}{'y lik':>12}{'z lik':>12}")
     models: dict[str, torch.nn.Module] = {}
     for arch, preset, h, w in GOLDEN_CASES:
@@ -38,7 +44,9 @@ def main() -> None:
         with torch.no_grad():
             out = models[preset](image_tensor(golden()[f"image_{h}x{w}"]))
         d = golden_diffs(out, arch, h, w)
-        print(f"{preset:<12}{f'{h}x{w}':>9}{d['x_hat']:>12.2g}{d['lik_y']:>12.2g}{d['lik_z']:>12.2g}")
+        print(
+            f"{preset:<12}{f'{h}x{w}':>9}{d['x_hat']:>12.2g}{d['lik_y']:>12.2g}{d['lik_z']:>12.2g}"
+        )
     for preset, model in models.items():
         print(f"{preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.3f} M parameters")
 

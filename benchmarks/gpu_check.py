@@ -87,18 +87,37 @@ from hpcm.util.io import atomic_write_text  # noqa: E402
 from tests.fixtures.hpcm_support import calibrate_to_latents, init_like_golden  # noqa: E402
 
 JSON_FORMAT = "hpcm-gpu-check/1"
-SECTIONS = ("environment", "cross_device", "sync_free", "train_fp32", "train_bf16", "train_compile",
-            "official", "coding", "profile")
+SECTIONS = (
+    "environment",
+    "cross_device",
+    "sync_free",
+    "train_fp32",
+    "train_bf16",
+    "train_compile",
+    "official",
+    "coding",
+    "profile",
+)
 OPTIMIZERS = {  # run-config overrides of each timed optimizer
     "adam": {"optimizer": "adam"},
     "balanced next_batch": {"optimizer": "balanced", "update_mode": "next_batch"},
     "balanced same_batch": {"optimizer": "balanced", "update_mode": "same_batch"},
-    "hier measured": {"optimizer": "hierarchical_balanced", "decomposition": "measured",
-                      "gamma_strategy": "hierarchical", "update_mode": "next_batch"},
+    "hier measured": {
+        "optimizer": "hierarchical_balanced",
+        "decomposition": "measured",
+        "gamma_strategy": "hierarchical",
+        "update_mode": "next_batch",
+    },
 }
-SYNC_FREE_OPTIMIZERS = {"cautious_adam": {"optimizer": "cautious_adam"}, **{
-    k: v for k, v in OPTIMIZERS.items() if k != "adam"}}  # adam has no host/device switch
-SYNC_FREE_LONG = ("cautious_adam", "balanced next_batch", "balanced same_batch")  # the many-step comparison
+SYNC_FREE_OPTIMIZERS = {
+    "cautious_adam": {"optimizer": "cautious_adam"},
+    **{k: v for k, v in OPTIMIZERS.items() if k != "adam"},
+}  # adam has no host/device switch
+SYNC_FREE_LONG = (
+    "cautious_adam",
+    "balanced next_batch",
+    "balanced same_batch",
+)  # the many-step comparison
 SKIP_BATCH = 7  # this batch of the many-step comparison is NaN: a skipped step on both paths
 KODAK_SIZE = (512, 768)  # H, W of a landscape Kodak image
 SCALE_TABLE = (0.12, 64, 60)  # the official test.py's get_scale_table arguments
@@ -109,6 +128,7 @@ class SectionSkipped(Exception):
 
 
 # ----------------------------------------------------------------------------- small helpers
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -131,13 +151,28 @@ def free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def make_run(args: Namespace, overrides: dict, batch_size: int, bf16: bool = False,
-             sync_free: bool | None = None) -> train.Run:
+def make_run(
+    args: Namespace,
+    overrides: dict,
+    batch_size: int,
+    bf16: bool = False,
+    sync_free: bool | None = None,
+) -> train.Run:
     """A training run as ``python -m hpcm.train`` builds it (no output folder is written)."""
-    cfg = run_config.resolve({
-        "model": args.model, "patch_size": args.patch_size, "batch_size": batch_size, "steps": 1000,
-        "device": args.device, "bf16": bf16, "num_workers": 0, "wandb_mode": "disabled", "quiet": True,
-        **overrides})
+    cfg = run_config.resolve(
+        {
+            "model": args.model,
+            "patch_size": args.patch_size,
+            "batch_size": batch_size,
+            "steps": 1000,
+            "device": args.device,
+            "bf16": bf16,
+            "num_workers": 0,
+            "wandb_mode": "disabled",
+            "quiet": True,
+            **overrides,
+        }
+    )
     run = train.Run(cfg, Path("/nonexistent-gpu-check-run"))
     if sync_free is not None:
         run.sync_free = sync_free
@@ -156,20 +191,31 @@ def kodak_size_image(args: Namespace) -> tuple[torch.Tensor, str]:
     height, width = args.image_size
     if args.image:
         from hpcm.data.images import load_rgb
+
         array, source = load_rgb(Path(args.image)), str(args.image)
     else:
         try:
             import skimage.data
-            array, source = np.asarray(skimage.data.astronaut()), "skimage.data.astronaut (reflect-padded)"
+
+            array, source = (
+                np.asarray(skimage.data.astronaut()),
+                "skimage.data.astronaut (reflect-padded)",
+            )
         except ImportError:  # named in the output: coding times then come from a synthetic photo
-            array, source = synthetic_photo(height, width), "SYNTHETIC image (scikit-image is not installed)"
+            array, source = (
+                synthetic_photo(height, width),
+                "SYNTHETIC image (scikit-image is not installed)",
+            )
     h, w = array.shape[:2]
     top, left = max((h - height) // 2, 0), max((w - width) // 2, 0)
-    array = array[top:top + height, left:left + width]
+    array = array[top : top + height, left : left + width]
     pad_h, pad_w = height - array.shape[0], width - array.shape[1]
     if pad_h or pad_w:
-        array = np.pad(array, ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)),
-                       mode="reflect")
+        array = np.pad(
+            array,
+            ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)),
+            mode="reflect",
+        )
     x = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div(255).unsqueeze(0)
     return x, f"{source}, {height}x{width}"
 
@@ -178,8 +224,13 @@ def synthetic_photo(height: int, width: int) -> np.ndarray:
     """Smooth gradients, edges and mild noise (seeded): a stand-in when no photo is at hand."""
     yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
     rng = np.random.default_rng(0)
-    channels = [np.sin(9 * xx + 3 * c) * np.cos(7 * yy - c) * 0.35 + 0.5 + 0.2 * (xx > 0.4 + 0.1 * c)
-                + rng.normal(0, 0.03, xx.shape) for c in range(3)]
+    channels = [
+        np.sin(9 * xx + 3 * c) * np.cos(7 * yy - c) * 0.35
+        + 0.5
+        + 0.2 * (xx > 0.4 + 0.1 * c)
+        + rng.normal(0, 0.03, xx.shape)
+        for c in range(3)
+    ]
     return (np.clip(np.stack(channels, -1), 0, 1) * 255).round().astype(np.uint8)
 
 
@@ -195,24 +246,47 @@ def coding_model(args: Namespace, x: torch.Tensor) -> torch.nn.Module:
 
 # ----------------------------------------------------------------------------- sections
 
+
 def section_environment(args: Namespace, device: torch.device, ctx: dict) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "cuda_runtime": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available()
-            else None, "device": str(device), "threads": torch.get_num_threads(), "model": args.model,
-            "patch_size": args.patch_size, "batch_sizes": args.batch_sizes, "quick": args.quick}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "model": args.model,
+        "patch_size": args.patch_size,
+        "batch_sizes": args.batch_sizes,
+        "quick": args.quick,
+    }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(device_name=props.name, capability=f"{props.major}.{props.minor}",
-                    memory_gib=round(props.total_memory / 2**30, 1))
+        info.update(
+            device_name=props.name,
+            capability=f"{props.major}.{props.minor}",
+            memory_gib=round(props.total_memory / 2**30, 1),
+        )
     else:
         info.update(device_name=platform.processor() or platform.machine(), capability=None)
     try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                            text=True, check=False).stdout.strip() or None
+        info["git_commit"] = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout.strip()
+            or None
+        )
     except OSError:
         info["git_commit"] = None
-    print(f"python {info['python']}, torch {info['torch']}, CUDA {info['cuda_runtime']}, cuDNN {info['cudnn']}, "
-          f"numpy {info['numpy']}; device {device}: {info['device_name']} (capability {info['capability']})")
+    print(
+        f"python {info['python']}, torch {info['torch']}, CUDA {info['cuda_runtime']}, cuDNN {info['cudnn']}, "
+        f"numpy {info['numpy']}; device {device}: {info['device_name']} (capability {info['capability']})"
+    )
     return info
 
 
@@ -237,31 +311,41 @@ def section_cross_device(args: Namespace, device: torch.device, ctx: dict) -> di
         dec_cross, cross_error = None, f"{type(error).__name__}: {error}"
     dec_dev = crop_image(dec_dev, pad).clamp(0, 1)
     result: dict[str, Any] = {
-        "image": source, "encoder": str(device), "decoder": "cpu", "degenerate_cpu_to_cpu": device.type == "cpu",
+        "image": source,
+        "encoder": str(device),
+        "decoder": "cpu",
+        "degenerate_cpu_to_cpu": device.type == "cpu",
         "bytes": sum(len(s) for group in enc_dev["strings"] for s in group),
         "strings_equal_cpu_encoded": enc_dev["strings"] == enc_cpu["strings"],
-        "same_device_decode_equals_forward_8bit": bool(torch.equal((dec_dev * 255).round(), (forward * 255).round())),
+        "same_device_decode_equals_forward_8bit": bool(
+            torch.equal((dec_dev * 255).round(), (forward * 255).round())
+        ),
         "cross_decode_error": cross_error,
     }
     if dec_cross is not None:
         dec_cross = crop_image(dec_cross, pad).clamp(0, 1)
         ref = dec_dev.to(cpu)
-        result.update(bit_exact=bool(torch.equal(dec_cross, ref)),
-                      max_abs_diff=float((dec_cross - ref).abs().max()),
-                      equal_8bit=bool(torch.equal((dec_cross * 255).round(), (ref * 255).round())))
+        result.update(
+            bit_exact=bool(torch.equal(dec_cross, ref)),
+            max_abs_diff=float((dec_cross - ref).abs().max()),
+            equal_8bit=bool(torch.equal((dec_cross * 255).round(), (ref * 255).round())),
+        )
     else:
         result.update(bit_exact=False, max_abs_diff=None, equal_8bit=False)
     # Tables built on the device itself (as hpcm.evaluate does there): the same as the CPU's?
     model_dev.update(get_scale_table(*SCALE_TABLE), force=True)
     result["device_built_tables_equal"] = all(
-        torch.equal(a.cpu(), b) for a, b in zip(model_dev.buffers(), model_cpu.buffers()))
+        torch.equal(a.cpu(), b) for a, b in zip(model_dev.buffers(), model_cpu.buffers())
+    )
     del x_dev
     note = " (CPU -> CPU: no second device here)" if device.type == "cpu" else ""
-    print(f"{source}: encode {device}, decode cpu{note}: bit-exact {result['bit_exact']}, max abs diff "
-          f"{result['max_abs_diff']}, strings equal to CPU-encoded {result['strings_equal_cpu_encoded']}, "
-          f"device decode == forward (8-bit) {result['same_device_decode_equals_forward_8bit']}, "
-          f"device-built tables equal {result['device_built_tables_equal']}"
-          + (f"; decode error {cross_error}" if cross_error else ""))
+    print(
+        f"{source}: encode {device}, decode cpu{note}: bit-exact {result['bit_exact']}, max abs diff "
+        f"{result['max_abs_diff']}, strings equal to CPU-encoded {result['strings_equal_cpu_encoded']}, "
+        f"device decode == forward (8-bit) {result['same_device_decode_equals_forward_8bit']}, "
+        f"device-built tables equal {result['device_built_tables_equal']}"
+        + (f"; decode error {cross_error}" if cross_error else "")
+    )
     return result
 
 
@@ -280,13 +364,20 @@ def _max_diff(a: tuple[dict, dict], b: tuple[dict, dict]) -> tuple[float, float]
     return params, weights
 
 
-ULP_TOLERANCE = 4  # one-step differences up to this many ulp of |p| count as rounding (equal arithmetic)
+ULP_TOLERANCE = (
+    4  # one-step differences up to this many ulp of |p| count as rounding (equal arithmetic)
+)
 
 
 def _one_step_state(run: train.Run) -> dict[str, dict[str, torch.Tensor]]:
     """Parameters, their gradients and Adam moments (by parameter name), float32 on the CPU."""
     named = [(n, p) for n, p in run.model.named_parameters() if p.requires_grad]
-    out: dict[str, dict[str, torch.Tensor]] = {"param": {}, "grad": {}, "exp_avg": {}, "exp_avg_sq": {}}
+    out: dict[str, dict[str, torch.Tensor]] = {
+        "param": {},
+        "grad": {},
+        "exp_avg": {},
+        "exp_avg_sq": {},
+    }
     for name, p in named:
         out["param"][name] = p.detach().float().cpu()
         if p.grad is not None:
@@ -328,8 +419,15 @@ def _compare_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
             i = int(ulp.argmax())
             worst = {"tensor": name, "index": i, "a": float(x[i]), "b": float(y[i]), "ulp": u}
         max_abs, max_ulp = max(max_abs, d), max(max_ulp, u)
-    return {"max_abs_diff": max_abs, "max_ulp": max_ulp, "fraction_differing": differ / total if total else 0.0,
-            "elements": total, "first_difference": first, "worst_ulp": worst, "missing": missing}
+    return {
+        "max_abs_diff": max_abs,
+        "max_ulp": max_ulp,
+        "fraction_differing": differ / total if total else 0.0,
+        "elements": total,
+        "first_difference": first,
+        "worst_ulp": worst,
+        "missing": missing,
+    }
 
 
 def _one_step(args: Namespace, overrides: dict, batch: torch.Tensor) -> dict:
@@ -350,13 +448,23 @@ def _one_step(args: Namespace, overrides: dict, batch: torch.Tensor) -> dict:
         outcome[label] = _one_step_state(run)
         del run
         free_device_memory()
-    compared = {key: _compare_tensors(outcome["sync_free"][key], outcome["host"][key]) for key in outcome["host"]}
+    compared = {
+        key: _compare_tensors(outcome["sync_free"][key], outcome["host"][key])
+        for key in outcome["host"]
+    }
     worst = max(compared, key=lambda k: compared[k]["max_ulp"])
-    judged = {k: v for k, v in compared.items() if k != "grad"}  # grad: the input of the step, must be 0
-    equal_rounding = (compared["grad"]["max_abs_diff"] == 0.0
-                      and all(v["max_ulp"] <= ULP_TOLERANCE and not v["missing"] for v in judged.values()))
-    return {"tensors": compared, "bit_equal": all(v["fraction_differing"] == 0.0 for v in compared.values()),
-            "equal_up_to_rounding": equal_rounding, "worst_tensor": worst}
+    judged = {
+        k: v for k, v in compared.items() if k != "grad"
+    }  # grad: the input of the step, must be 0
+    equal_rounding = compared["grad"]["max_abs_diff"] == 0.0 and all(
+        v["max_ulp"] <= ULP_TOLERANCE and not v["missing"] for v in judged.values()
+    )
+    return {
+        "tensors": compared,
+        "bit_equal": all(v["fraction_differing"] == 0.0 for v in compared.values()),
+        "equal_up_to_rounding": equal_rounding,
+        "worst_tensor": worst,
+    }
 
 
 def section_sync_free(args: Namespace, device: torch.device, ctx: dict) -> dict:
@@ -365,7 +473,10 @@ def section_sync_free(args: Namespace, device: torch.device, ctx: dict) -> dict:
     difference flips cautious-mask signs of near-zero m*g and grows, so this is context)."""
     steps = args.sync_free_steps
     batch_size = args.sync_free_batch
-    deterministic = (torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled())
+    deterministic = (
+        torch.backends.cudnn.deterministic,
+        torch.are_deterministic_algorithms_enabled(),
+    )
     # CUDA: the host path run twice then agrees (the noise floor). The CPU kernels are deterministic
     # already, and the switch imports inductor (use_deterministic_algorithms sets its config): 2.5 s.
     cuda = device.type == "cuda"
@@ -375,7 +486,10 @@ def section_sync_free(args: Namespace, device: torch.device, ctx: dict) -> dict:
     try:
         probe = make_run(args, {"optimizer": "adam"}, batch_size)
         from hpcm.data import images as data
-        loader = data.train_loader(probe.train_set, args.patch_size, batch_size, seed=0, total_steps=steps)
+
+        loader = data.train_loader(
+            probe.train_set, args.patch_size, batch_size, seed=0, total_steps=steps
+        )
         batches = [b.to(device) for b in loader]
         if device.type == "cuda":
             batches = [b.contiguous(memory_format=torch.channels_last) for b in batches]
@@ -385,19 +499,28 @@ def section_sync_free(args: Namespace, device: torch.device, ctx: dict) -> dict:
             long_batches[SKIP_BATCH] = torch.full_like(long_batches[SKIP_BATCH], float("nan"))
         del probe
         one_step = {}
-        print(f"  one step from identical weights/batch/RNG, sync_free vs host (ulp: float32 eps * |host value|; "
-              f"equal = grads bit-equal and <= {ULP_TOLERANCE} ulp):")
+        print(
+            f"  one step from identical weights/batch/RNG, sync_free vs host (ulp: float32 eps * |host value|; "
+            f"equal = grads bit-equal and <= {ULP_TOLERANCE} ulp):"
+        )
         for name, overrides in SYNC_FREE_OPTIMIZERS.items():
             r = one_step[name] = _one_step(args, overrides, batches[0])
-            parts = ", ".join(f"{k} {v['max_abs_diff']:.2g}/{v['max_ulp']:.3g}ulp/{v['fraction_differing']:.2%}"
-                              for k, v in r["tensors"].items())
-            verdict = "BIT-EQUAL" if r["bit_equal"] else ("EQUAL up to rounding" if r["equal_up_to_rounding"]
-                                                            else "DIFFERENT")
+            parts = ", ".join(
+                f"{k} {v['max_abs_diff']:.2g}/{v['max_ulp']:.3g}ulp/{v['fraction_differing']:.2%}"
+                for k, v in r["tensors"].items()
+            )
+            verdict = (
+                "BIT-EQUAL"
+                if r["bit_equal"]
+                else ("EQUAL up to rounding" if r["equal_up_to_rounding"] else "DIFFERENT")
+            )
             print(f"  {name:<20} {verdict}: {parts}")
             if not r["bit_equal"]:
                 t = r["tensors"][r["worst_tensor"]]
-                print(f"  {'':<20} worst {r['worst_tensor']}: first diff {t['first_difference']}; "
-                      f"largest ulp {t['worst_ulp']}")
+                print(
+                    f"  {'':<20} worst {r['worst_tensor']}: first diff {t['first_difference']}; "
+                    f"largest ulp {t['worst_ulp']}"
+                )
         results = {}
         for name in SYNC_FREE_LONG:
             overrides = SYNC_FREE_OPTIMIZERS[name]
@@ -411,26 +534,44 @@ def section_sync_free(args: Namespace, device: torch.device, ctx: dict) -> dict:
                 del run
                 free_device_memory()
             params, weights = _max_diff(outcome["sync_free"], outcome["host"])
-            floor = _max_diff(outcome["host"], outcome["host_again"]) if "host_again" in outcome else (0.0, 0.0)
-            results[name] = {"max_abs_diff_params": params, "max_abs_diff_task_weights": weights,
-                             "host_rerun_diff_params": floor[0], "host_rerun_diff_task_weights": floor[1],
-                             "equal": params == 0.0 and weights == 0.0, "skipped_steps": skipped}
-            print(f"  {name:<20} {steps} steps (batch {SKIP_BATCH} NaN, skipped {skipped}), sync_free vs host: "
-                  f"params {params:.3g}, task weights "
-                  f"{weights:.3g} (host vs host {floor[0]:.3g} / {floor[1]:.3g}); "
-                  f"{'EQUAL' if results[name]['equal'] else 'different'}")
-        return {"steps": steps, "batch_size": batch_size, "deterministic_algorithms": cuda,
-                "ulp_tolerance": ULP_TOLERANCE, "one_step": one_step,
-                "all_equal": all(r["equal_up_to_rounding"] for r in one_step.values()),
-                "all_bit_equal": all(r["bit_equal"] for r in one_step.values()),
-                "optimizers": results}
+            floor = (
+                _max_diff(outcome["host"], outcome["host_again"])
+                if "host_again" in outcome
+                else (0.0, 0.0)
+            )
+            results[name] = {
+                "max_abs_diff_params": params,
+                "max_abs_diff_task_weights": weights,
+                "host_rerun_diff_params": floor[0],
+                "host_rerun_diff_task_weights": floor[1],
+                "equal": params == 0.0 and weights == 0.0,
+                "skipped_steps": skipped,
+            }
+            print(
+                f"  {name:<20} {steps} steps (batch {SKIP_BATCH} NaN, skipped {skipped}), sync_free vs host: "
+                f"params {params:.3g}, task weights "
+                f"{weights:.3g} (host vs host {floor[0]:.3g} / {floor[1]:.3g}); "
+                f"{'EQUAL' if results[name]['equal'] else 'different'}"
+            )
+        return {
+            "steps": steps,
+            "batch_size": batch_size,
+            "deterministic_algorithms": cuda,
+            "ulp_tolerance": ULP_TOLERANCE,
+            "one_step": one_step,
+            "all_equal": all(r["equal_up_to_rounding"] for r in one_step.values()),
+            "all_bit_equal": all(r["bit_equal"] for r in one_step.values()),
+            "optimizers": results,
+        }
     finally:
         if cuda:
             torch.backends.cudnn.deterministic = deterministic[0]
             torch.use_deterministic_algorithms(deterministic[1])
 
 
-def time_case(args: Namespace, overrides: dict, batch_size: int, bf16: bool, device: torch.device) -> dict:
+def time_case(
+    args: Namespace, overrides: dict, batch_size: int, bf16: bool, device: torch.device
+) -> dict:
     """Warm-up, then ``repeats`` x ``steps`` of ``Run.train_step``; peak memory of this run alone."""
     free_device_memory()
     start = time.perf_counter()
@@ -446,12 +587,25 @@ def time_case(args: Namespace, overrides: dict, batch_size: int, bf16: bool, dev
     stats = spread([t * 1e3 for t in per_step])
     del run, x
     free_device_memory()
-    return {"ms_median": stats["median"], "ms_iqr": stats["iqr"], "repeats_ms": [t * 1e3 for t in per_step],
-            "peak_mib": peak, "warmup_s": warmup_s, "build_s": warm - start, "clock": step_clock(device).__name__}
+    return {
+        "ms_median": stats["median"],
+        "ms_iqr": stats["iqr"],
+        "repeats_ms": [t * 1e3 for t in per_step],
+        "peak_mib": peak,
+        "warmup_s": warmup_s,
+        "build_s": warm - start,
+        "clock": step_clock(device).__name__,
+    }
 
 
-def _train_section(args: Namespace, device: torch.device, ctx: dict, cases: list[tuple[str, int, bool]],
-                   compile_: bool, record: Callable[[dict], None] | None = None) -> dict:
+def _train_section(
+    args: Namespace,
+    device: torch.device,
+    ctx: dict,
+    cases: list[tuple[str, int, bool]],
+    compile_: bool,
+    record: Callable[[dict], None] | None = None,
+) -> dict:
     """Time every (optimizer, batch size, bf16) case in the order given (most important first)."""
     rows = []
     for name, batch_size, bf16 in cases:
@@ -462,11 +616,19 @@ def _train_section(args: Namespace, device: torch.device, ctx: dict, cases: list
             continue
         if compile_:
             import torch._dynamo.utils  # noqa: PLC0415 (only the compile child needs dynamo loaded)
+
             torch._dynamo.reset()  # each case compiles its own graph (no recompile-limit fallback)
             torch._dynamo.utils.counters.clear()
-        row = {"optimizer": name, "batch_size": batch_size, "dtype": "bf16" if bf16 else "fp32", "compile": compile_}
+        row = {
+            "optimizer": name,
+            "batch_size": batch_size,
+            "dtype": "bf16" if bf16 else "fp32",
+            "compile": compile_,
+        }
         try:
-            row.update(time_case(args, {**overrides, "compile": compile_}, batch_size, bf16, device))
+            row.update(
+                time_case(args, {**overrides, "compile": compile_}, batch_size, bf16, device)
+            )
         except Exception as error:  # noqa: BLE001 (compile: report the compiler's error, go on to the next case)
             if not compile_:
                 raise
@@ -475,7 +637,9 @@ def _train_section(args: Namespace, device: torch.device, ctx: dict, cases: list
             rows.append(row)
             if record:
                 record(row)
-            print(f"  {name:<22} batch {batch_size:>3} {row['dtype']} compiled: FAILED, {text[:1500]}")
+            print(
+                f"  {name:<22} batch {batch_size:>3} {row['dtype']} compiled: FAILED, {text[:1500]}"
+            )
             free_device_memory()
             continue
         if compile_:
@@ -485,9 +649,15 @@ def _train_section(args: Namespace, device: torch.device, ctx: dict, cases: list
         peak = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.0f} MiB"
         if record:
             record(row)
-        print(f"  {name:<22} batch {batch_size:>3} {row['dtype']}{' compiled' if compile_ else ''}: "
-              f"{row['ms_median']:8.2f} ms/step (IQR {row['ms_iqr']:.2f}), peak {peak}"
-              + (f", compile+warm-up {row['compile_s']:.1f} s, graph breaks {row['graph_breaks']}" if compile_ else ""))
+        print(
+            f"  {name:<22} batch {batch_size:>3} {row['dtype']}{' compiled' if compile_ else ''}: "
+            f"{row['ms_median']:8.2f} ms/step (IQR {row['ms_iqr']:.2f}), peak {peak}"
+            + (
+                f", compile+warm-up {row['compile_s']:.1f} s, graph breaks {row['graph_breaks']}"
+                if compile_
+                else ""
+            )
+        )
     return {"rows": rows}
 
 
@@ -499,7 +669,12 @@ def compile_cases(args: Namespace, device: torch.device) -> list[tuple[str, int,
     """Optimizer first (adam, then balanced next_batch, ...): each compile costs minutes, so the
     cases a time limit cuts off are the least important ones."""
     dtypes = [False, True] if device.type == "cuda" else [False]
-    return [(name, batch_size, bf16) for name in OPTIMIZERS for batch_size in args.batch_sizes for bf16 in dtypes]
+    return [
+        (name, batch_size, bf16)
+        for name in OPTIMIZERS
+        for batch_size in args.batch_sizes
+        for bf16 in dtypes
+    ]
 
 
 def section_train_fp32(args, device, ctx):
@@ -508,7 +683,9 @@ def section_train_fp32(args, device, ctx):
 
 def section_train_bf16(args, device, ctx):
     if device.type != "cuda":
-        raise SectionSkipped("bf16 autocast is used on CUDA only (hpcm.train trains CPU runs in float32)")
+        raise SectionSkipped(
+            "bf16 autocast is used on CUDA only (hpcm.train trains CPU runs in float32)"
+        )
     return _train_section(args, device, ctx, eager_cases(args, bf16=True), compile_=False)
 
 
@@ -517,8 +694,10 @@ def section_train_compile(args, device, ctx):
     if args.no_compile:
         raise SectionSkipped("--no-compile")
     if args.quick and not args.compile:
-        raise SectionSkipped("--quick skips compiling (inductor took ~150 s for 5 HPCM_Tiny steps on the 2-core "
-                             "CPU machine); add --compile to run it")
+        raise SectionSkipped(
+            "--quick skips compiling (inductor took ~150 s for 5 HPCM_Tiny steps on the 2-core "
+            "CPU machine); add --compile to run it"
+        )
     limit = min(args.compile_budget_s, ctx["deadline"] - time.perf_counter() - args.reserve_s)
     if limit < 20:
         raise SectionSkipped(f"budget: {limit:.0f} s left for compiling")
@@ -534,10 +713,14 @@ def section_train_compile(args, device, ctx):
         except subprocess.TimeoutExpired:
             os.killpg(child.pid, signal.SIGKILL)
             child.wait()
-            note = f"time limit {limit:.0f} s reached: the remaining compiled cases were not measured"
+            note = (
+                f"time limit {limit:.0f} s reached: the remaining compiled cases were not measured"
+            )
         if note:
             print(f"  ({note})")
-        rows = [json.loads(line) for line in lines.read_text().splitlines()] if lines.exists() else []
+        rows = (
+            [json.loads(line) for line in lines.read_text().splitlines()] if lines.exists() else []
+        )
     if note and not rows:
         raise RuntimeError(note)
     return {"rows": rows, "note": note}
@@ -548,10 +731,19 @@ def compile_child(args: Namespace, device: torch.device, path: Path) -> None:
         with path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
 
-    _train_section(args, device, {"deadline": math.inf}, compile_cases(args, device), compile_=True, record=record)
+    _train_section(
+        args,
+        device,
+        {"deadline": math.inf},
+        compile_cases(args, device),
+        compile_=True,
+        record=record,
+    )
 
 
-def official_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, lmbda: float) -> None:
+def official_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, lmbda: float
+) -> None:
     """The official train.py's step: forward, rate-distortion loss, backward, clip 1.0, Adam."""
     optimizer.zero_grad(set_to_none=True)
     out = model(x)
@@ -568,7 +760,9 @@ def section_official(args: Namespace, device: torch.device, ctx: dict) -> dict:
     try:  # before building our model (seconds for HPCM_Base): a wrong path is reported at once
         import_official(args.official, args.model)
     except Exception as error:  # the official code did not import: a reported skip
-        raise SectionSkipped(f"official model did not load: {type(error).__name__}: {error}") from error
+        raise SectionSkipped(
+            f"official model did not load: {type(error).__name__}: {error}"
+        ) from error
     results: dict[str, Any] = {"path": str(args.official), "cases": []}
     for batch_size in args.batch_sizes:
         if ctx["deadline"] - time.perf_counter() < 0:
@@ -580,7 +774,9 @@ def section_official(args: Namespace, device: torch.device, ctx: dict) -> dict:
         official = load_official(args.official, args.model, ours.model, device)
         ctx["official"] = official
         official.train()
-        opt = torch.optim.Adam(official.parameters(), lr=1e-4)  # torch's default, as the official train.py
+        opt = torch.optim.Adam(
+            official.parameters(), lr=1e-4
+        )  # torch's default, as the official train.py
         x = first_batch(ours, batch_args(args, batch_size))
         x_official = x.contiguous()  # the official code trains in NCHW
         lmbda = ours.cfg.lmbda
@@ -597,7 +793,9 @@ def section_official(args: Namespace, device: torch.device, ctx: dict) -> dict:
         step_official = functools.partial(official_step, official, opt, x_official, lmbda)
         timed(step_official, args.warmup)
         time_steps(ours, x, args.warmup)
-        if device.type == "cuda":  # the official step's own peak (with ours resident: subtract its idle size)
+        if (
+            device.type == "cuda"
+        ):  # the official step's own peak (with ours resident: subtract its idle size)
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
         ours_ms, official_ms = [], []
@@ -606,17 +804,26 @@ def section_official(args: Namespace, device: torch.device, ctx: dict) -> dict:
             ours_ms.append(time_steps(ours, x, args.steps) / args.steps * 1e3)
         ratios = [o / u for o, u in zip(official_ms, ours_ms)]
         stats = spread(ratios)
-        case = {"batch_size": batch_size, "dtype": "fp32", "ours_ms": spread(ours_ms), "official_ms": spread(official_ms),
-                "ratio_median": stats["median"], "ratio_iqr": stats["iqr"], "ratios": ratios,
-                "goal": 1.3 if device.type == "cuda" else 1.2}
+        case = {
+            "batch_size": batch_size,
+            "dtype": "fp32",
+            "ours_ms": spread(ours_ms),
+            "official_ms": spread(official_ms),
+            "ratio_median": stats["median"],
+            "ratio_iqr": stats["iqr"],
+            "ratios": ratios,
+            "goal": 1.3 if device.type == "cuda" else 1.2,
+        }
         if device.type == "cuda":
             case["peak_mib_both_resident"] = torch.cuda.max_memory_allocated(device) / 2**20
             case["resident_before_mib"] = base / 2**20
         case["goal_met"] = case["ratio_median"] >= case["goal"]
         results["cases"].append(case)
-        print(f"  batch {batch_size} fp32: ours {case['ours_ms']['median']:.2f} ms, official "
-              f"{case['official_ms']['median']:.2f} ms, official/ours {stats['median']:.3f} (IQR {stats['iqr']:.3f}); "
-              f"goal >= {case['goal']}: {'met' if case['goal_met'] else 'NOT met'}")
+        print(
+            f"  batch {batch_size} fp32: ours {case['ours_ms']['median']:.2f} ms, official "
+            f"{case['official_ms']['median']:.2f} ms, official/ours {stats['median']:.3f} (IQR {stats['iqr']:.3f}); "
+            f"goal >= {case['goal']}: {'met' if case['goal_met'] else 'NOT met'}"
+        )
         del ours, opt, x, x_official
         official.zero_grad(set_to_none=True)
         free_device_memory()
@@ -640,25 +847,39 @@ def section_coding(args: Namespace, device: torch.device, ctx: dict) -> dict:
         official = load_official(args.official, args.model, model, device)
     if official is not None:
         official.eval()
-        official.load_state_dict({k: v for k, v in model.state_dict().items() if k not in CODER_BUFFER_NAMES},
-                                 strict=False)
+        official.load_state_dict(
+            {k: v for k, v in model.state_dict().items() if k not in CODER_BUFFER_NAMES},
+            strict=False,
+        )
         models["official"] = OfficialAdapter(official)  # update() is called by measure's set-up
-    options = Namespace(bf16=False, skip_training=True, skip_coding=False, repeats=args.coding_repeats)
+    options = Namespace(
+        bf16=False, skip_training=True, skip_coding=False, repeats=args.coding_repeats
+    )
     times = measure(models, padded, options, device)
-    result: dict[str, Any] = {"image": source, "device": str(device), "repeats": args.coding_repeats,
-                              **{label: {f"{k}_ms": spread(v) for k, v in t.items()} for label, t in times.items()}}
-    line = (f"  ours: compress {result['ours']['compress_ms']['median']:.1f} ms, decompress "
-            f"{result['ours']['decompress_ms']['median']:.1f} ms")
+    result: dict[str, Any] = {
+        "image": source,
+        "device": str(device),
+        "repeats": args.coding_repeats,
+        **{label: {f"{k}_ms": spread(v) for k, v in t.items()} for label, t in times.items()},
+    }
+    line = (
+        f"  ours: compress {result['ours']['compress_ms']['median']:.1f} ms, decompress "
+        f"{result['ours']['decompress_ms']['median']:.1f} ms"
+    )
     if official is not None:
         with torch.no_grad():
-            same = flat_strings(official.compress(padded)["strings"]) == flat_strings(model.compress(padded)["strings"])
+            same = flat_strings(official.compress(padded)["strings"]) == flat_strings(
+                model.compress(padded)["strings"]
+            )
         result["official"]["strings_equal_ours"] = same
         for key in ("compress", "decompress"):
             stats = spread([o / u for o, u in zip(times["official"][key], times["ours"][key])])
             result[f"ratio_{key}"], result[f"ratio_{key}_iqr"] = stats["median"], stats["iqr"]
-        line += (f"; official/ours compress {result['ratio_compress']:.2f} (IQR {result['ratio_compress_iqr']:.2f}), "
-                 f"decompress {result['ratio_decompress']:.2f} (IQR {result['ratio_decompress_iqr']:.2f}), "
-                 f"strings equal {same}")
+        line += (
+            f"; official/ours compress {result['ratio_compress']:.2f} (IQR {result['ratio_compress_iqr']:.2f}), "
+            f"decompress {result['ratio_decompress']:.2f} (IQR {result['ratio_decompress_iqr']:.2f}), "
+            f"strings equal {same}"
+        )
     print(line)
     return result
 
@@ -669,16 +890,28 @@ PROFILE_ROWS = 15
 # the launch and copy counts of docs/results-log.md GPU run 2 (balanced next_batch: 1033 cudaMemcpyAsync and 1639
 # aten::copy_ per step before the sync-free step stopped cloning; adam 12 and 290)
 COUNTED_EVENTS = ("aten::copy_", "aten::clone", "cudaLaunchKernel", "cudaMemcpyAsync")
-SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync", "Memcpy DtoH",
-               "aten::_local_scalar_dense")
+SYNC_EVENTS = (
+    "cudaStreamSynchronize",
+    "cudaDeviceSynchronize",
+    "cudaEventSynchronize",
+    "cudaMemcpyAsync",
+    "Memcpy DtoH",
+    "aten::_local_scalar_dense",
+)
 
 
 def _op_rows(averages, key: str, steps: int, limit: int) -> list[dict]:
     rows = sorted(averages, key=lambda e: getattr(e, key), reverse=True)[:limit]
-    return [{"name": e.key, "calls_per_step": e.count / steps,
-             "self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
-             "cpu_total_ms_per_step": e.cpu_time_total / 1e3 / steps,
-             "self_cuda_ms_per_step": getattr(e, "self_device_time_total", 0.0) / 1e3 / steps} for e in rows]
+    return [
+        {
+            "name": e.key,
+            "calls_per_step": e.count / steps,
+            "self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+            "cpu_total_ms_per_step": e.cpu_time_total / 1e3 / steps,
+            "self_cuda_ms_per_step": getattr(e, "self_device_time_total", 0.0) / 1e3 / steps,
+        }
+        for e in rows
+    ]
 
 
 def _profile_one(args: Namespace, name: str, batch_size: int, device: torch.device) -> dict:
@@ -702,16 +935,29 @@ def _profile_one(args: Namespace, name: str, batch_size: int, device: torch.devi
         sync(device)  # one cudaDeviceSynchronize of ours is counted below
         profiled_ms = (time.perf_counter() - start) / steps * 1e3
     averages = prof.key_averages()
-    kernel_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+    kernel_us = sum(
+        e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA
+    )
     # cross-check: the device time the CPU-side ops launched (kernels, copies), summed over ops
-    launched_us = sum(getattr(e, "self_device_time_total", 0.0) for e in averages if e.device_type == DeviceType.CPU)
+    launched_us = sum(
+        getattr(e, "self_device_time_total", 0.0)
+        for e in averages
+        if e.device_type == DeviceType.CPU
+    )
     syncs = {k: sum(e.count for e in averages if k in e.key) / steps for k in SYNC_EVENTS}
     op_counts = {k: sum(e.count for e in averages if e.key == k) / steps for k in COUNTED_EVENTS}
-    result = {"optimizer": name, "batch_size": batch_size, "steps": steps, "wall_ms_per_step": wall_ms,
-              "profiled_wall_ms_per_step": profiled_ms, "cuda_kernel_ms_per_step": kernel_us / 1e3 / steps
-              if cuda else None, "cuda_time_of_cpu_ops_ms_per_step": launched_us / 1e3 / steps if cuda else None,
-              "host_syncs_per_step": syncs, "op_counts_per_step": op_counts,
-              "top_self_cpu": _op_rows(averages, "self_cpu_time_total", steps, PROFILE_ROWS)}
+    result = {
+        "optimizer": name,
+        "batch_size": batch_size,
+        "steps": steps,
+        "wall_ms_per_step": wall_ms,
+        "profiled_wall_ms_per_step": profiled_ms,
+        "cuda_kernel_ms_per_step": kernel_us / 1e3 / steps if cuda else None,
+        "cuda_time_of_cpu_ops_ms_per_step": launched_us / 1e3 / steps if cuda else None,
+        "host_syncs_per_step": syncs,
+        "op_counts_per_step": op_counts,
+        "top_self_cpu": _op_rows(averages, "self_cpu_time_total", steps, PROFILE_ROWS),
+    }
     if cuda:
         result["top_self_cuda"] = _op_rows(averages, "self_device_time_total", steps, PROFILE_ROWS)
     del run, x, prof
@@ -736,19 +982,28 @@ def section_profile(args: Namespace, device: torch.device, ctx: dict) -> dict:
         kernels = f", CUDA kernels {r['cuda_kernel_ms_per_step']:.2f} ms" if cuda else ""
         syncs = ", ".join(f"{k} {v:g}" for k, v in r["host_syncs_per_step"].items() if v)
         counts = ", ".join(f"{k} {v:g}" for k, v in r["op_counts_per_step"].items())
-        print(f"  {name} batch {batch_size}: wall {r['wall_ms_per_step']:.2f} ms/step (profiled "
-              f"{r['profiled_wall_ms_per_step']:.2f}){kernels}; per step: {syncs or 'no host syncs'}; {counts}")
+        print(
+            f"  {name} batch {batch_size}: wall {r['wall_ms_per_step']:.2f} ms/step (profiled "
+            f"{r['profiled_wall_ms_per_step']:.2f}){kernels}; per step: {syncs or 'no host syncs'}; {counts}"
+        )
         if cuda:
             _print_ops("top self CUDA", r["top_self_cuda"], "self_cuda_ms_per_step")
         _print_ops("top self CPU", r["top_self_cpu"], "self_cpu_ms_per_step")
     adam, balanced = (runs[n] for n in PROFILE_OPTIMIZERS)
-    result = {"batch_size": batch_size, "runs": runs,
-              "wall_diff_ms_per_step": balanced["wall_ms_per_step"] - adam["wall_ms_per_step"],
-              "wall_ratio": balanced["wall_ms_per_step"] / adam["wall_ms_per_step"]}
-    line = (f"  balanced - adam: wall {result['wall_diff_ms_per_step']:+.2f} ms/step "
-            f"(x{result['wall_ratio']:.3f})")
+    result = {
+        "batch_size": batch_size,
+        "runs": runs,
+        "wall_diff_ms_per_step": balanced["wall_ms_per_step"] - adam["wall_ms_per_step"],
+        "wall_ratio": balanced["wall_ms_per_step"] / adam["wall_ms_per_step"],
+    }
+    line = (
+        f"  balanced - adam: wall {result['wall_diff_ms_per_step']:+.2f} ms/step "
+        f"(x{result['wall_ratio']:.3f})"
+    )
     if cuda:
-        result["cuda_kernel_diff_ms_per_step"] = balanced["cuda_kernel_ms_per_step"] - adam["cuda_kernel_ms_per_step"]
+        result["cuda_kernel_diff_ms_per_step"] = (
+            balanced["cuda_kernel_ms_per_step"] - adam["cuda_kernel_ms_per_step"]
+        )
         line += f", CUDA kernel time {result['cuda_kernel_diff_ms_per_step']:+.2f} ms/step"
     print(line)
     return result
@@ -759,65 +1014,116 @@ SECTION_FUNCTIONS = {name: globals()[f"section_{name}"] for name in SECTIONS}
 
 # ----------------------------------------------------------------------------- report
 
+
 def print_table(doc: dict) -> None:
     print("\n" + "=" * 100)
     env = doc["sections"].get("environment", {}).get("results") or {}
-    print(f"gpu_check: {env.get('device_name', '?')} ({env.get('device', '?')}), torch {env.get('torch', '?')}, "
-          f"model {doc['setup']['model']} {doc['setup']['patch_size']}px, total {doc['total_s']:.0f} s")
+    print(
+        f"gpu_check: {env.get('device_name', '?')} ({env.get('device', '?')}), torch {env.get('torch', '?')}, "
+        f"model {doc['setup']['model']} {doc['setup']['patch_size']}px, total {doc['total_s']:.0f} s"
+    )
     print(f"{'section':<16}{'status':<9}{'s':>7}  summary")
     for name, sec in doc["sections"].items():
         r = sec.get("results") or {}
         summary = sec.get("error") or sec.get("reason") or ""
         if sec["status"] == "ok":
             if name == "cross_device":
-                summary = (f"bit-exact {r['bit_exact']}, max abs diff {r['max_abs_diff']}, strings == CPU-encoded "
-                           f"{r['strings_equal_cpu_encoded']}" + (" (CPU -> CPU)" if r["degenerate_cpu_to_cpu"] else ""))
+                summary = (
+                    f"bit-exact {r['bit_exact']}, max abs diff {r['max_abs_diff']}, strings == CPU-encoded "
+                    f"{r['strings_equal_cpu_encoded']}"
+                    + (" (CPU -> CPU)" if r["degenerate_cpu_to_cpu"] else "")
+                )
             elif name == "sync_free":
                 one = r["one_step"]
-                summary = ("one step: " + ("bit-equal" if r["all_bit_equal"] else
-                                           f"equal up to rounding (<= {r['ulp_tolerance']} ulp)" if r["all_equal"] else
-                                           "DIFFERENT: " + ", ".join(
-                                               f"{k} {v['worst_tensor']} {v['tensors'][v['worst_tensor']]['max_ulp']:.3g} ulp"
-                                               for k, v in one.items() if not v["equal_up_to_rounding"]))
-                           + f"; {r['steps']} steps: " + ", ".join(
-                               f"{k} {v['max_abs_diff_params']:.2g}" for k, v in r["optimizers"].items()))
+                summary = (
+                    "one step: "
+                    + (
+                        "bit-equal"
+                        if r["all_bit_equal"]
+                        else f"equal up to rounding (<= {r['ulp_tolerance']} ulp)"
+                        if r["all_equal"]
+                        else "DIFFERENT: "
+                        + ", ".join(
+                            f"{k} {v['worst_tensor']} {v['tensors'][v['worst_tensor']]['max_ulp']:.3g} ulp"
+                            for k, v in one.items()
+                            if not v["equal_up_to_rounding"]
+                        )
+                    )
+                    + f"; {r['steps']} steps: "
+                    + ", ".join(
+                        f"{k} {v['max_abs_diff_params']:.2g}" for k, v in r["optimizers"].items()
+                    )
+                )
             elif name == "profile":
-                summary = (f"balanced/adam wall x{r['wall_ratio']:.3f} ({r['wall_diff_ms_per_step']:+.2f} ms/step)"
-                           + (f", kernels {r['cuda_kernel_diff_ms_per_step']:+.2f} ms/step"
-                              if "cuda_kernel_diff_ms_per_step" in r else ""))
+                summary = (
+                    f"balanced/adam wall x{r['wall_ratio']:.3f} ({r['wall_diff_ms_per_step']:+.2f} ms/step)"
+                    + (
+                        f", kernels {r['cuda_kernel_diff_ms_per_step']:+.2f} ms/step"
+                        if "cuda_kernel_diff_ms_per_step" in r
+                        else ""
+                    )
+                )
             elif name == "official":
-                summary = "; ".join(f"b{c['batch_size']}: official/ours {c['ratio_median']:.3f} (IQR {c['ratio_iqr']:.3f})"
-                                    for c in r["cases"] if "ratio_median" in c)
+                summary = "; ".join(
+                    f"b{c['batch_size']}: official/ours {c['ratio_median']:.3f} (IQR {c['ratio_iqr']:.3f})"
+                    for c in r["cases"]
+                    if "ratio_median" in c
+                )
             elif name == "coding":
-                summary = (f"compress {r['ours']['compress_ms']['median']:.0f} ms, decompress "
-                           f"{r['ours']['decompress_ms']['median']:.0f} ms"
-                           + (f", official/ours {r['ratio_compress']:.2f} / {r['ratio_decompress']:.2f}"
-                              if "ratio_compress" in r else ""))
+                summary = (
+                    f"compress {r['ours']['compress_ms']['median']:.0f} ms, decompress "
+                    f"{r['ours']['decompress_ms']['median']:.0f} ms"
+                    + (
+                        f", official/ours {r['ratio_compress']:.2f} / {r['ratio_decompress']:.2f}"
+                        if "ratio_compress" in r
+                        else ""
+                    )
+                )
             elif name == "environment":
                 summary = f"capability {r.get('capability')}, CUDA {r.get('cuda_runtime')}, python {r.get('python')}"
             elif name == "train_compile" and any("error" in row for row in r.get("rows", [])):
                 errors = [row for row in r["rows"] if "error" in row]
-                summary = (f"{len(errors)} of {len(r['rows'])} compiled cases failed; first: "
-                           f"{errors[0]['optimizer']} b{errors[0]['batch_size']} {errors[0]['dtype']}: {errors[0]['error']}")
+                summary = (
+                    f"{len(errors)} of {len(r['rows'])} compiled cases failed; first: "
+                    f"{errors[0]['optimizer']} b{errors[0]['batch_size']} {errors[0]['dtype']}: {errors[0]['error']}"
+                )
             elif r.get("note"):
                 summary = r["note"]
         print(f"{name:<16}{sec['status']:<9}{sec['seconds']:>7.1f}  {summary[:200]}")
-    rows = [row for n in ("train_fp32", "train_bf16", "train_compile")
-            for row in (doc["sections"].get(n, {}).get("results") or {}).get("rows", []) if "ms_median" in row]
+    rows = [
+        row
+        for n in ("train_fp32", "train_bf16", "train_compile")
+        for row in (doc["sections"].get(n, {}).get("results") or {}).get("rows", [])
+        if "ms_median" in row
+    ]
     if rows:
-        adam = {(r["batch_size"], r["dtype"], r["compile"]): r["ms_median"] for r in rows if r["optimizer"] == "adam"}
-        eager = {(r["optimizer"], r["batch_size"], r["dtype"]): r["ms_median"] for r in rows if not r["compile"]}
-        print(f"\n{'optimizer':<22}{'batch':>6}{'dtype':>6}{'compile':>8}{'ms/step':>10}{'IQR':>8}{'x adam':>8}"
-              f"{'x eager':>8}{'peak MiB':>10}{'compile s':>10}")
+        adam = {
+            (r["batch_size"], r["dtype"], r["compile"]): r["ms_median"]
+            for r in rows
+            if r["optimizer"] == "adam"
+        }
+        eager = {
+            (r["optimizer"], r["batch_size"], r["dtype"]): r["ms_median"]
+            for r in rows
+            if not r["compile"]
+        }
+        print(
+            f"\n{'optimizer':<22}{'batch':>6}{'dtype':>6}{'compile':>8}{'ms/step':>10}{'IQR':>8}{'x adam':>8}"
+            f"{'x eager':>8}{'peak MiB':>10}{'compile s':>10}"
+        )
         for r in rows:
             ref = adam.get((r["batch_size"], r["dtype"], r["compile"]))
             eag = eager.get((r["optimizer"], r["batch_size"], r["dtype"])) if r["compile"] else None
-            print(f"{r['optimizer']:<22}{r['batch_size']:>6}{r['dtype']:>6}{'yes' if r['compile'] else 'no':>8}"
-                  f"{r['ms_median']:>10.2f}{r['ms_iqr']:>8.2f}{(r['ms_median'] / ref if ref else math.nan):>8.3f}"
-                  f"{(r['ms_median'] / eag if eag else math.nan):>8.3f}"
-                  f"{(r['peak_mib'] if r['peak_mib'] is not None else math.nan):>10.0f}"
-                  f"{r.get('compile_s', math.nan):>10.1f}")
-        print("x adam: median step time / adam's (same batch, dtype, compile); x eager: compiled / eager")
+            print(
+                f"{r['optimizer']:<22}{r['batch_size']:>6}{r['dtype']:>6}{'yes' if r['compile'] else 'no':>8}"
+                f"{r['ms_median']:>10.2f}{r['ms_iqr']:>8.2f}{(r['ms_median'] / ref if ref else math.nan):>8.3f}"
+                f"{(r['ms_median'] / eag if eag else math.nan):>8.3f}"
+                f"{(r['peak_mib'] if r['peak_mib'] is not None else math.nan):>10.0f}"
+                f"{r.get('compile_s', math.nan):>10.1f}"
+            )
+        print(
+            "x adam: median step time / adam's (same batch, dtype, compile); x eager: compiled / eager"
+        )
     failed = [n for n, s in doc["sections"].items() if s["status"] == "failed"]
     print(f"\nsections failed: {', '.join(failed) if failed else 'none'}")
 
@@ -834,48 +1140,97 @@ def json_safe(value: Any) -> Any:
 
 # ----------------------------------------------------------------------------- command line
 
+
 def parse_args(argv: list[str] | None) -> Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--quick", action="store_true",
-                        help="small problem for a CPU check: HPCM_Tiny, 64 px, batch 2, few repeats, 256x384 image")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small problem for a CPU check: HPCM_Tiny, 64 px, batch 2, few repeats, 256x384 image",
+    )
     parser.add_argument("--model", help="default HPCM_Base (HPCM_Tiny with --quick)")
     parser.add_argument("--patch-size", type=int, help="default 256 (64 with --quick)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", help="default 8 16 (2 with --quick)")
-    parser.add_argument("--warmup", type=int, help="warm-up steps per case (default 3; 1 with --quick)")
-    parser.add_argument("--steps", type=int, help="steps per timed repeat (default 2; 1 with --quick)")
-    parser.add_argument("--repeats", type=int, help="timed repeats per case (default 7; 3 with --quick)")
+    parser.add_argument(
+        "--warmup", type=int, help="warm-up steps per case (default 3; 1 with --quick)"
+    )
+    parser.add_argument(
+        "--steps", type=int, help="steps per timed repeat (default 2; 1 with --quick)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, help="timed repeats per case (default 7; 3 with --quick)"
+    )
     parser.add_argument("--coding-repeats", type=int, help="default 3 (1 with --quick)")
-    parser.add_argument("--profile-steps", type=int,
-                        help="profiled steps per optimizer (default 5; 2 with --quick: parsing the "
-                             "profiler's events was most of the section's 15 s with 5 steps on this CPU)")
+    parser.add_argument(
+        "--profile-steps",
+        type=int,
+        help="profiled steps per optimizer (default 5; 2 with --quick: parsing the "
+        "profiler's events was most of the section's 15 s with 5 steps on this CPU)",
+    )
     parser.add_argument("--sync-free-steps", type=int, default=20)
     parser.add_argument("--sync-free-batch", type=int, help="default 4 (1 with --quick)")
-    parser.add_argument("--image", help="a Kodak image (or any photo) for the coding sections; default: "
-                        "scikit-image's astronaut reflect-padded")
-    parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
-                        help="default 512 768 (Kodak; 128 192 with --quick)")
-    parser.add_argument("--official", help="local copy of lyq133/LIC-HPCM (its files are not modified)")
+    parser.add_argument(
+        "--image",
+        help="a Kodak image (or any photo) for the coding sections; default: "
+        "scikit-image's astronaut reflect-padded",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="default 512 768 (Kodak; 128 192 with --quick)",
+    )
+    parser.add_argument(
+        "--official", help="local copy of lyq133/LIC-HPCM (its files are not modified)"
+    )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile section")
-    parser.add_argument("--compile", action="store_true", help="run the compile section with --quick too")
-    parser.add_argument("--compile-budget-s", type=float, default=180.0,
-                        help="time limit of the compile section's child process")
-    parser.add_argument("--reserve-s", type=float, default=60.0,
-                        help="budget the compile section leaves for the sections after it")
-    parser.add_argument("--budget-s", type=float, default=420.0,
-                        help="sections that would start after this many seconds are skipped")
-    parser.add_argument("--sections", nargs="+", metavar="NAME[,NAME]",
-                        help=f"run only these, in this order (environment always runs first); names: "
-                             f"{', '.join(SECTIONS)} (default: all)")
+    parser.add_argument(
+        "--compile", action="store_true", help="run the compile section with --quick too"
+    )
+    parser.add_argument(
+        "--compile-budget-s",
+        type=float,
+        default=180.0,
+        help="time limit of the compile section's child process",
+    )
+    parser.add_argument(
+        "--reserve-s",
+        type=float,
+        default=60.0,
+        help="budget the compile section leaves for the sections after it",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=420.0,
+        help="sections that would start after this many seconds are skipped",
+    )
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        metavar="NAME[,NAME]",
+        help=f"run only these, in this order (environment always runs first); names: "
+        f"{', '.join(SECTIONS)} (default: all)",
+    )
     parser.add_argument("--json", type=Path, help="default: gpu_check.json in --out-dir")
     parser.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "out")
     parser.add_argument("--compile-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     quick = args.quick
-    defaults = {"model": "HPCM_Tiny" if quick else "HPCM_Base", "patch_size": 64 if quick else 256,
-                "batch_sizes": [2] if quick else [8, 16], "warmup": 1 if quick else 3, "steps": 1 if quick else 2,
-                "repeats": 3 if quick else 7, "coding_repeats": 1 if quick else 3, "profile_steps": 2 if quick else 5,
-                "sync_free_batch": 1 if quick else 4, "image_size": [128, 192] if quick else list(KODAK_SIZE)}
+    defaults = {
+        "model": "HPCM_Tiny" if quick else "HPCM_Base",
+        "patch_size": 64 if quick else 256,
+        "batch_sizes": [2] if quick else [8, 16],
+        "warmup": 1 if quick else 3,
+        "steps": 1 if quick else 2,
+        "repeats": 3 if quick else 7,
+        "coding_repeats": 1 if quick else 3,
+        "profile_steps": 2 if quick else 5,
+        "sync_free_batch": 1 if quick else 4,
+        "image_size": [128, 192] if quick else list(KODAK_SIZE),
+    }
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -884,7 +1239,9 @@ def parse_args(argv: list[str] | None) -> Namespace:
         names = [n.strip() for item in args.sections for n in item.split(",") if n.strip()]
         unknown = [n for n in names if n not in SECTIONS]
         if unknown:
-            parser.error(f"--sections: unknown {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+            parser.error(
+                f"--sections: unknown {', '.join(unknown)}; choose from {', '.join(SECTIONS)}"
+            )
         args.sections = ["environment"] + [n for n in dict.fromkeys(names) if n != "environment"]
     return args
 
@@ -911,9 +1268,11 @@ def _main(argv: list[str], args: Namespace, started: float) -> int:
         return 0
     child_argv = [a for a in argv]  # the compile child gets the same problem
     ctx: dict[str, Any] = {"deadline": started + args.budget_s, "argv": child_argv}
-    doc: dict[str, Any] = {"format": JSON_FORMAT, "setup": {k: (str(v) if isinstance(v, Path) else v)
-                                                            for k, v in vars(args).items()},
-                           "sections": {}}
+    doc: dict[str, Any] = {
+        "format": JSON_FORMAT,
+        "setup": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "sections": {},
+    }
     for name in args.sections or SECTIONS:
         print(f"\n--- {name}", flush=True)
         left = ctx["deadline"] - time.perf_counter()

@@ -45,7 +45,11 @@ from hpcm.models import build_model
 from hpcm.models.coder import CODER_BUFFER_NAMES
 from hpcm.models.entropy import get_scale_table
 
-GOALS_CPU = {"train step": 1.2, "compress": 1.0, "decompress": 1.0}  # issue 15: 1 thread, Base 256x256
+GOALS_CPU = {
+    "train step": 1.2,
+    "compress": 1.0,
+    "decompress": 1.0,
+}  # issue 15: 1 thread, Base 256x256
 
 
 def sync(device: torch.device) -> None:
@@ -56,7 +60,11 @@ def sync(device: torch.device) -> None:
 def clock(device: torch.device) -> Callable[[], float]:
     """One CPU thread: the thread's CPU time (load from other processes does not inflate it; the
     rANS coder runs on this thread too); otherwise wall-clock time."""
-    return time.thread_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+    return (
+        time.thread_time
+        if device.type == "cpu" and torch.get_num_threads() == 1
+        else time.perf_counter
+    )
 
 
 def rd_loss(out: dict, x: torch.Tensor) -> torch.Tensor:
@@ -65,7 +73,9 @@ def rd_loss(out: dict, x: torch.Tensor) -> torch.Tensor:
     return 0.013 * 255**2 * torch.mean((out["x_hat"].float() - x.float()) ** 2) + bpp
 
 
-def operations(model: torch.nn.Module, x: torch.Tensor, args, device: torch.device) -> dict[str, Callable]:
+def operations(
+    model: torch.nn.Module, x: torch.Tensor, args, device: torch.device
+) -> dict[str, Callable]:
     """Column -> (setup, timed call): forward (eval), train step (train mode, backward, no
     optimizer), compress and decompress of image 0. ``setup`` puts the model in the right mode."""
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.bf16)
@@ -108,7 +118,9 @@ def operations(model: torch.nn.Module, x: torch.Tensor, args, device: torch.devi
     return ops
 
 
-def measure(models: dict[str, torch.nn.Module], x: torch.Tensor, args, device: torch.device) -> dict[str, dict[str, list[float]]]:
+def measure(
+    models: dict[str, torch.nn.Module], x: torch.Tensor, args, device: torch.device
+) -> dict[str, dict[str, list[float]]]:
     """Per model, per column: the ms of every repeat. Models are interleaved repeat by repeat
     (order alternating), so that load drift on a shared machine hits all of them alike."""
     per_model = {label: operations(model, x, args, device) for label, model in models.items()}
@@ -146,12 +158,21 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
 # The ops that do a convolution's or a matrix product's arithmetic on the CPU (dispatch wrappers
 # such as aten::conv2d / aten::_convolution excluded); aten::convolution_backward's own time is
 # oneDNN's backward of the 3x3 / 2x2 / depth-wise convolutions.
-COMPUTE_OPS = frozenset({
-    "aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward", "aten::mkldnn_convolution",
-    "aten::convolution_backward", "aten::slow_conv_transpose2d", "aten::mm", "aten::addmm", "aten::bmm",
-    "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
-    "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
-})
+COMPUTE_OPS = frozenset(
+    {
+        "aten::_slow_conv2d_forward",
+        "aten::_slow_conv2d_backward",
+        "aten::mkldnn_convolution",
+        "aten::convolution_backward",
+        "aten::slow_conv_transpose2d",
+        "aten::mm",
+        "aten::addmm",
+        "aten::bmm",
+        "aten::baddbmm",
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+    }
+)
 
 
 def train_step_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -184,7 +205,11 @@ def compute_share(model: torch.nn.Module, x: torch.Tensor, steps: int = 2) -> fl
             rd_loss(model(x), x).backward()
         elapsed = time.thread_time() - start
     model.zero_grad(set_to_none=True)
-    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in COMPUTE_OPS) / 1e6 / elapsed
+    return (
+        sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in COMPUTE_OPS)
+        / 1e6
+        / elapsed
+    )
 
 
 def import_official(path: str | Path, name: str) -> ModuleType:
@@ -201,14 +226,19 @@ def import_official(path: str | Path, name: str) -> ModuleType:
     root = Path(path).resolve()
     file = root / "src" / "models" / f"{name}.py"
     if not file.is_file():
-        raise FileNotFoundError(f"--official {path}: {file} not found (give the root of a lyq133/LIC-HPCM copy)")
+        raise FileNotFoundError(
+            f"--official {path}: {file} not found (give the root of a lyq133/LIC-HPCM copy)"
+        )
     qualified = f"src.models.{name}"
     if qualified in sys.modules:
         return sys.modules[qualified]
     cxx = ModuleType("src.entropy_models._CXX")
     cxx.pmf_to_quantized_cdf = compressai_ext.pmf_to_quantized_cdf
     ans = ModuleType("src.entropy_models.unbounded_ans")
-    ans.ubransEncoder, ans.ubransDecoder = compressai_ext.BufferedRansEncoder, compressai_ext.RansDecoder
+    ans.ubransEncoder, ans.ubransDecoder = (
+        compressai_ext.BufferedRansEncoder,
+        compressai_ext.RansDecoder,
+    )
     sys.modules.setdefault(cxx.__name__, cxx)
     sys.modules.setdefault(ans.__name__, ans)
     if str(root) not in sys.path:
@@ -218,14 +248,19 @@ def import_official(path: str | Path, name: str) -> ModuleType:
     module.__file__, module.__package__ = str(file), "src.models"
     sys.modules[qualified] = module
     try:
-        exec(compile(file.read_text().replace(", device='cuda'", ""), str(file), "exec"), module.__dict__)
+        exec(
+            compile(file.read_text().replace(", device='cuda'", ""), str(file), "exec"),
+            module.__dict__,
+        )
     except BaseException:
         del sys.modules[qualified]
         raise
     return module
 
 
-def load_official(path: str, name: str, ours: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def load_official(
+    path: str, name: str, ours: torch.nn.Module, device: torch.device
+) -> torch.nn.Module:
     """The official HPCM of ``name`` from a local copy, with our weights copied in."""
     if name not in ("HPCM_Base", "HPCM_Large"):
         raise ValueError(f"the official code has no {name}; compare HPCM_Base or HPCM_Large")
@@ -233,8 +268,10 @@ def load_official(path: str, name: str, ours: torch.nn.Module, device: torch.dev
     weights = {k: v for k, v in ours.state_dict().items() if k not in CODER_BUFFER_NAMES}
     expected = {k for k in official.state_dict() if k not in CODER_BUFFER_NAMES}
     if expected != set(weights):  # (its load_state_dict override returns nothing to check)
-        raise RuntimeError(f"our {name} weights do not fit the official model: missing "
-                           f"{sorted(expected - set(weights))[:5]}, unexpected {sorted(set(weights) - expected)[:5]}")
+        raise RuntimeError(
+            f"our {name} weights do not fit the official model: missing "
+            f"{sorted(expected - set(weights))[:5]}, unexpected {sorted(set(weights) - expected)[:5]}"
+        )
     official.load_state_dict(weights, strict=False)  # coder tables: built by update()
     return official
 
@@ -269,7 +306,9 @@ class OfficialAdapter(torch.nn.Module):
         return self.official.decompress(strings, shape)
 
 
-def print_arithmetic(models: dict[str, torch.nn.Module], x: torch.Tensor, times: dict, device: torch.device) -> dict:
+def print_arithmetic(
+    models: dict[str, torch.nn.Module], x: torch.Tensor, times: dict, device: torch.device
+) -> dict:
     """Train-step FLOPs and rates; on CPU, the share of profiled steps spent in convolution and
     matrix-product kernels and, with the official model, the ceiling: the official/ours ratio if
     everything outside those kernels took no time in our step (official median step over our median
@@ -278,7 +317,9 @@ def print_arithmetic(models: dict[str, torch.nn.Module], x: torch.Tensor, times:
     seconds = {label: statistics.median(times[label]["train step"]) / 1e3 for label in models}
     result: dict = {"flops": {label: train_step_flops(model, x) for label, model in models.items()}}
     if device.type == "cpu":
-        result["compute_share"] = {label: compute_share(model, x) for label, model in models.items()}
+        result["compute_share"] = {
+            label: compute_share(model, x) for label, model in models.items()
+        }
     for label in models:
         flops = result["flops"][label]
         line = f"  train step {label}: {flops / 1e9:.1f} GFLOP at {flops / 1e9 / seconds[label]:.1f} GFLOP/s"
@@ -286,41 +327,62 @@ def print_arithmetic(models: dict[str, torch.nn.Module], x: torch.Tensor, times:
             line += f", {result['compute_share'][label]:.1%} of profiled steps in convolution / matrix-product kernels"
         print(line)
     if "official" in models and "compute_share" in result:
-        result["ceiling"] = seconds["official"] / (seconds["ours"] * result["compute_share"]["ours"])
-        print(f"  ceiling: with everything but those kernels free, our step would be {result['ceiling']:.3f}x "
-              "the official speed")
+        result["ceiling"] = seconds["official"] / (
+            seconds["ours"] * result["compute_share"]["ours"]
+        )
+        print(
+            f"  ceiling: with everything but those kernels free, our step would be {result['ceiling']:.3f}x "
+            "the official speed"
+        )
     return result
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="+", default=None, help="default: Tiny+Small on CPU, all on CUDA")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--presets", nargs="+", default=None, help="default: Tiny+Small on CPU, all on CUDA"
+    )
     parser.add_argument("--size", nargs=2, type=int, default=(128, 128), metavar=("H", "W"))
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for forward / train step (CUDA)")
+    parser.add_argument(
+        "--bf16", action="store_true", help="bf16 autocast for forward / train step (CUDA)"
+    )
     parser.add_argument("--no-channels-last", action="store_true", help="CUDA: keep NCHW")
     parser.add_argument("--skip-coding", action="store_true")
-    parser.add_argument("--skip-training", action="store_true", help="no forward / train step columns")
+    parser.add_argument(
+        "--skip-training", action="store_true", help="no forward / train step columns"
+    )
     parser.add_argument("--official", default=None, help="path to a local lyq133/LIC-HPCM copy")
-    parser.add_argument("--json", default=None, help="also write every repeat's time (ms) and the arithmetic here")
+    parser.add_argument(
+        "--json", default=None, help="also write every repeat's time (ms) and the arithmetic here"
+    )
     args = parser.parse_args(argv)
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
     presets = args.presets or (
-        ["HPCM_Tiny", "HPCM_Small", "HPCM_Base", "HPCM_Large"] if device.type == "cuda" else ["HPCM_Tiny", "HPCM_Small"]
+        ["HPCM_Tiny", "HPCM_Small", "HPCM_Base", "HPCM_Large"]
+        if device.type == "cuda"
+        else ["HPCM_Tiny", "HPCM_Small"]
     )
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     channels_last = device.type == "cuda" and not args.no_channels_last
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    print(f"device={device} threads={torch.get_num_threads()} batch={args.batch} size={tuple(args.size)} "
-          f"bf16={args.bf16} channels_last={channels_last} repeats={args.repeats}")
+    print(
+        f"device={device} threads={torch.get_num_threads()} batch={args.batch} size={tuple(args.size)} "
+        f"bf16={args.bf16} channels_last={channels_last} repeats={args.repeats}"
+    )
 
     columns = ["forward", "train step", "compress", "decompress"]
     print(f"{'model':<22}{'params M':>10}" + "".join(f"{c + ' ms':>16}" for c in columns))
@@ -331,7 +393,9 @@ def main(argv: list[str] | None = None) -> None:
         params = sum(p.numel() for p in model.parameters()) / 1e6
         h, w = args.size
         if h % model.pad_multiple or w % model.pad_multiple:
-            print(f"{name:<22}{params:>10.3f}  skipped: size must be a multiple of {model.pad_multiple}")
+            print(
+                f"{name:<22}{params:>10.3f}  skipped: size must be a multiple of {model.pad_multiple}"
+            )
             continue
         x = torch.rand(args.batch, 3, h, w, device=device).to(memory_format=memory_format)
         models = {"ours": model}
@@ -340,31 +404,49 @@ def main(argv: list[str] | None = None) -> None:
         times = measure(models, x, args, device)
 
         def row(label: str, values: dict[str, float], fmt: str) -> str:
-            return f"{label:<22}{'':>10}" + "".join(format(values[c], fmt) if c in values else f"{'-':>16}" for c in columns)
+            return f"{label:<22}{'':>10}" + "".join(
+                format(values[c], fmt) if c in values else f"{'-':>16}" for c in columns
+            )
 
         ours = {c: statistics.median(v) for c, v in times["ours"].items()}
-        print(f"{name:<22}{params:>10.3f}" + "".join(f"{ours[c]:>16.1f}" if c in ours else f"{'-':>16}" for c in columns))
+        print(
+            f"{name:<22}{params:>10.3f}"
+            + "".join(f"{ours[c]:>16.1f}" if c in ours else f"{'-':>16}" for c in columns)
+        )
         if args.official:
             theirs = {c: statistics.median(v) for c, v in times["official"].items()}
             print(row("  official", theirs, ">16.1f"))
             # speed of ours relative to the official code, per repeat (paired), then median and IQR
-            ratios = {c: quartiles([o / u for o, u in zip(times["official"][c], times["ours"][c])]) for c in times["ours"]}
+            ratios = {
+                c: quartiles([o / u for o, u in zip(times["official"][c], times["ours"][c])])
+                for c in times["ours"]
+            }
             print(row("  official/ours median", {c: r[0] for c, r in ratios.items()}, ">16.3f"))
-            print(row("  IQR (q1-q3)", {c: f"{r[1]:.3f}-{r[2]:.3f}" for c, r in ratios.items()}, ">16"))
+            print(
+                row(
+                    "  IQR (q1-q3)", {c: f"{r[1]:.3f}-{r[2]:.3f}" for c, r in ratios.items()}, ">16"
+                )
+            )
             # load on a shared machine only adds time: the ratio of the best repeats is a second estimate
             best = {c: min(times["official"][c]) / min(times["ours"][c]) for c in times["ours"]}
             print(row("  best official/best ours", best, ">16.3f"))
             for column, goal in GOALS_CPU.items():
                 if column in ratios and device.type == "cpu":
-                    print(f"  goal (CPU) {column}: ours >= {goal}x the official speed: "
-                          f"{'met' if ratios[column][0] >= goal else 'NOT met'} (median {ratios[column][0]:.3f})")
+                    print(
+                        f"  goal (CPU) {column}: ours >= {goal}x the official speed: "
+                        f"{'met' if ratios[column][0] >= goal else 'NOT met'} (median {ratios[column][0]:.3f})"
+                    )
         record[name] = {"times_ms": times}
         if "train step" in times["ours"]:
             record[name]["arithmetic"] = print_arithmetic(models, x, times, device)
-    print(f"times: medians of {args.repeats} repeats after one warm-up ({clock(device).__name__}); "
-          "ratios: median of per-repeat official/ours (> 1: ours faster)")
+    print(
+        f"times: medians of {args.repeats} repeats after one warm-up ({clock(device).__name__}); "
+        "ratios: median of per-repeat official/ours (> 1: ours faster)"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "device": str(device), "presets": record}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"args": vars(args), "device": str(device), "presets": record}, indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -49,10 +49,20 @@ JSON_FORMAT = "hpcm-optimizer-overhead/1"  # what hpcm tables --overhead-json re
 
 def build(args: argparse.Namespace, overrides: dict) -> train.Run:
     """A training run as ``python -m hpcm.train`` builds it (no output folder is written)."""
-    cfg = run_config.resolve({
-        "model": args.model, "patch_size": args.patch_size, "batch_size": args.batch_size, "steps": 1000,
-        "device": args.device, "bf16": args.bf16, "num_workers": 0, "wandb_mode": "disabled", "quiet": True,
-        **overrides})
+    cfg = run_config.resolve(
+        {
+            "model": args.model,
+            "patch_size": args.patch_size,
+            "batch_size": args.batch_size,
+            "steps": 1000,
+            "device": args.device,
+            "bf16": args.bf16,
+            "num_workers": 0,
+            "wandb_mode": "disabled",
+            "quiet": True,
+            **overrides,
+        }
+    )
     run = train.Run(cfg, Path("/nonexistent-benchmark-run"))
     run.open_data()
     run.build(None)
@@ -62,7 +72,11 @@ def build(args: argparse.Namespace, overrides: dict) -> train.Run:
 def step_clock(device: torch.device):
     """CPU with one torch thread: the calling thread's CPU time, which other load on a shared
     machine does not inflate (every op runs on this thread); otherwise wall-clock time."""
-    return time.thread_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+    return (
+        time.thread_time
+        if device.type == "cpu" and torch.get_num_threads() == 1
+        else time.perf_counter
+    )
 
 
 def time_steps(run: train.Run, x: torch.Tensor, steps: int) -> float:
@@ -90,13 +104,18 @@ def variants(hier_mode: str) -> dict[str, dict]:
     }
     for decomposition in DECOMPOSITIONS:
         table[f"hier {decomposition} {hier_mode}"] = {
-            "optimizer": "hierarchical_balanced", "decomposition": decomposition,
-            "gamma_strategy": "hierarchical", "update_mode": hier_mode}
+            "optimizer": "hierarchical_balanced",
+            "decomposition": decomposition,
+            "gamma_strategy": "hierarchical",
+            "update_mode": hier_mode,
+        }
     return table
 
 
 def first_batch(run, args) -> torch.Tensor:
-    loader = data.train_loader(run.train_set, args.patch_size, args.batch_size, seed=0, total_steps=1)
+    loader = data.train_loader(
+        run.train_set, args.patch_size, args.batch_size, seed=0, total_steps=1
+    )
     x = next(iter(loader)).to(run.device)
     return x.contiguous(memory_format=torch.channels_last) if run.cuda else x
 
@@ -124,14 +143,23 @@ def time_variants(args, table: dict[str, dict]) -> tuple[dict[str, dict], str]:
             runs[name].model.load_state_dict(initial)
             torch.manual_seed(round_index)
             seconds[name].append(time_steps(runs[name], x, args.steps) / args.steps)
-    results = {name: {"rounds_s": values, "median_s": statistics.median(values), "min_s": min(values),
-                      "peak_mb": peaks[name]} for name, values in seconds.items()}
+    results = {
+        name: {
+            "rounds_s": values,
+            "median_s": statistics.median(values),
+            "min_s": min(values),
+            "peak_mb": peaks[name],
+        }
+        for name, values in seconds.items()
+    }
     return results, first.device.type
 
 
 def paired_ratio(results: dict, name: str, reference: str) -> float:
     """Median over rounds of name's step time / reference's step time in the same round."""
-    return statistics.median(a / b for a, b in zip(results[name]["rounds_s"], results[reference]["rounds_s"]))
+    return statistics.median(
+        a / b for a, b in zip(results[name]["rounds_s"], results[reference]["rounds_s"])
+    )
 
 
 def time_update_only(args) -> dict[str, float]:
@@ -139,9 +167,14 @@ def time_update_only(args) -> dict[str, float]:
     from hpcm.models import build_model
 
     torch.manual_seed(0)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
-    params = [p.detach().to(device).requires_grad_(True) for p in build_model(args.model).parameters()]
+    device = torch.device(
+        "cuda"
+        if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        else "cpu"
+    )
+    params = [
+        p.detach().to(device).requires_grad_(True) for p in build_model(args.model).parameters()
+    ]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     makers = {
@@ -152,7 +185,9 @@ def time_update_only(args) -> dict[str, float]:
         # without a preceding clip, Balanced.step checks every gradient itself (one more pass)
         "balanced.step (default)": lambda: Balanced(params, lr=1e-4),
     }
-    clock = step_clock(device)  # the step timings' clock: the "% of an Adam step" column compares like with like
+    clock = step_clock(
+        device
+    )  # the step timings' clock: the "% of an Adam step" column compares like with like
     results = {}
     for name, make in makers.items():
         opt, times = make(), []
@@ -171,9 +206,24 @@ def time_update_only(args) -> dict[str, float]:
 
 def cpu_peak_rss(args, name: str) -> float:
     """Peak RSS (MiB) of a fresh process running two steps of one variant."""
-    command = [sys.executable, __file__, "--model", args.model, "--batch-size", str(args.batch_size),
-               "--patch-size", str(args.patch_size), "--device", "cpu", "--threads", str(args.threads),
-               "--hier-mode", args.hier_mode, "--memory-child", name]
+    command = [
+        sys.executable,
+        __file__,
+        "--model",
+        args.model,
+        "--batch-size",
+        str(args.batch_size),
+        "--patch-size",
+        str(args.patch_size),
+        "--device",
+        "cpu",
+        "--threads",
+        str(args.threads),
+        "--hier-mode",
+        args.hier_mode,
+        "--memory-child",
+        name,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise SystemExit(f"memory run of {name!r} failed:\n{result.stderr[-2000:]}")
@@ -193,41 +243,63 @@ def memory_child(args) -> None:
 
 
 def report(results: dict, update_only: dict[str, float], args, device: str) -> None:
-    print(f"\nmodel {args.model}, batch {args.batch_size} x 3 x {args.patch_size}^2, device {device}, "
-          f"{args.rounds} rounds x {args.steps} steps, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(
+        f"\nmodel {args.model}, batch {args.batch_size} x 3 x {args.patch_size}^2, device {device}, "
+        f"{args.rounds} rounds x {args.steps} steps, torch {torch.__version__}, threads {torch.get_num_threads()}"
+    )
     print(f"{'variant':<30}{'ms/step':>9}{'min ms':>9}{'x Adam':>9}{'peak MiB':>10}")
     for name, r in results.items():
         ratio = paired_ratio(results, name, "adam")
-        print(f"{name:<30}{r['median_s'] * 1e3:>9.1f}{r['min_s'] * 1e3:>9.1f}{ratio:>9.3f}{r['peak_mb']:>10.1f}")
+        print(
+            f"{name:<30}{r['median_s'] * 1e3:>9.1f}{r['min_s'] * 1e3:>9.1f}{ratio:>9.3f}{r['peak_mb']:>10.1f}"
+        )
     print("x Adam: median over rounds of (variant step time / Adam step time in the same round)")
     if update_only:
         adam = results["adam"]["median_s"]
         print(f"\noptimizer.step() alone on fixed gradients (min of {args.update_reps}):")
         for name, seconds in update_only.items():
-            print(f"  {name:<28}{seconds * 1e3:>8.2f} ms  ({seconds / adam * 100:5.2f} % of an Adam training step)")
+            print(
+                f"  {name:<28}{seconds * 1e3:>8.2f} ms  ({seconds / adam * 100:5.2f} % of an Adam training step)"
+            )
     balanced = f"balanced {args.hier_mode}"
     pairs = [("balanced next_batch", "adam", 1.03)]
     pairs += [(name, balanced, 1.02) for name in results if name.startswith("hier ")]
     print("\ngoals (issue 3):")
     for name, reference, goal in pairs:
         ratio = paired_ratio(results, name, reference)
-        print(f"  {name} / {reference} = {ratio:.3f}  (goal <= {goal:.2f}: {'met' if ratio <= goal else 'NOT met'})")
+        print(
+            f"  {name} / {reference} = {ratio:.3f}  (goal <= {goal:.2f}: {'met' if ratio <= goal else 'NOT met'})"
+        )
 
 
-def json_document(results: dict, table: dict[str, dict], update_only: dict[str, float], args,
-                  device: str) -> dict:
+def json_document(
+    results: dict, table: dict[str, dict], update_only: dict[str, float], args, device: str
+) -> dict:
     """The ``--json`` output: one self-describing record per variant (``hpcm tables`` reads it)."""
     return {
         "format": JSON_FORMAT,
-        "setup": {"model": args.model, "batch_size": args.batch_size, "patch_size": args.patch_size,
-                  "device": device, "threads": torch.get_num_threads(), "rounds": args.rounds, "steps": args.steps},
-        "variants": {name: {"optimizer": table[name]["optimizer"],
-                            "decomposition": table[name].get("decomposition", ""),
-                            "update_mode": table[name].get("update_mode", ""),
-                            "median_s": r["median_s"], "min_s": r["min_s"], "rounds_s": r["rounds_s"],
-                            "ratio_vs_adam": paired_ratio(results, name, "adam"),
-                            "peak_mb": None if math.isnan(r["peak_mb"]) else r["peak_mb"]}  # None: --no-memory
-                     for name, r in results.items()},
+        "setup": {
+            "model": args.model,
+            "batch_size": args.batch_size,
+            "patch_size": args.patch_size,
+            "device": device,
+            "threads": torch.get_num_threads(),
+            "rounds": args.rounds,
+            "steps": args.steps,
+        },
+        "variants": {
+            name: {
+                "optimizer": table[name]["optimizer"],
+                "decomposition": table[name].get("decomposition", ""),
+                "update_mode": table[name].get("update_mode", ""),
+                "median_s": r["median_s"],
+                "min_s": r["min_s"],
+                "rounds_s": r["rounds_s"],
+                "ratio_vs_adam": paired_ratio(results, name, "adam"),
+                "peak_mb": None if math.isnan(r["peak_mb"]) else r["peak_mb"],
+            }  # None: --no-memory
+            for name, r in results.items()
+        },
         "update_only_s": update_only,
     }
 
@@ -242,10 +314,16 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared machine)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared machine)"
+    )
     parser.add_argument("--hier-mode", choices=("same_batch", "next_batch"), default="next_batch")
-    parser.add_argument("--no-memory", action="store_true", help="skip the CPU peak-RSS subprocesses")
-    parser.add_argument("--update-reps", type=int, default=30, help="repeats of the update-only timing (0 skips)")
+    parser.add_argument(
+        "--no-memory", action="store_true", help="skip the CPU peak-RSS subprocesses"
+    )
+    parser.add_argument(
+        "--update-reps", type=int, default=30, help="repeats of the update-only timing (0 skips)"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -261,8 +339,12 @@ def main() -> int:
     update_only = time_update_only(args) if args.update_reps > 0 else {}
     report(results, update_only, args, device)
     if args.json:
-        atomic_write_text(args.json, json.dumps(json_document(results, table, update_only, args, device),
-                                                 indent=2, allow_nan=False))
+        atomic_write_text(
+            args.json,
+            json.dumps(
+                json_document(results, table, update_only, args, device), indent=2, allow_nan=False
+            ),
+        )
     return 0
 
 

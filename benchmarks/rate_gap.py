@@ -63,51 +63,76 @@ def measure(model, x: torch.Tensor, levels: list[int]) -> list[dict]:
         model.update(scale_table=get_scale_table(0.12, 64, n), force=True)
         escapes = escaped_symbols(model, x)
         enc = model.compress(x)
-        rows.append({
-            "levels": n,
-            "y_est": y_est, "y_act": len(enc["strings"][0][0]) * 8,
-            "z_est": z_est, "z_act": len(enc["strings"][1][0]) * 8,
-            "y_esc": escapes.y_escaped, "z_esc": escapes.z_escaped,
-        })
+        rows.append(
+            {
+                "levels": n,
+                "y_est": y_est,
+                "y_act": len(enc["strings"][0][0]) * 8,
+                "z_est": z_est,
+                "z_act": len(enc["strings"][1][0]) * 8,
+                "y_esc": escapes.y_escaped,
+                "z_esc": escapes.z_escaped,
+            }
+        )
     return rows
 
 
-HEADER = (f"{'model':<10} {'image':<8} {'table':>5} {'y est bits':>11} {'y bits':>9} {'y gap %':>8} "
-          f"{'z est bits':>10} {'z bits':>8} {'z gap %':>8} {'esc y/z':>9}")
+HEADER = (
+    f"{'model':<10} {'image':<8} {'table':>5} {'y est bits':>11} {'y bits':>9} {'y gap %':>8} "
+    f"{'z est bits':>10} {'z bits':>8} {'z gap %':>8} {'esc y/z':>9}"
+)
 
 
 def line(model: str, image: str, r: dict) -> str:
-    return (f"{model:<10} {image:<8} {r['levels']:>5} {r['y_est']:>11.0f} {r['y_act']:>9d} "
-            f"{gap(r['y_act'], r['y_est']):>+8.2f} {r['z_est']:>10.0f} {r['z_act']:>8d} "
-            f"{gap(r['z_act'], r['z_est']):>+8.2f} {str(r['y_esc']) + '/' + str(r['z_esc']):>9}")
+    return (
+        f"{model:<10} {image:<8} {r['levels']:>5} {r['y_est']:>11.0f} {r['y_act']:>9d} "
+        f"{gap(r['y_act'], r['y_est']):>+8.2f} {r['z_est']:>10.0f} {r['z_act']:>8d} "
+        f"{gap(r['z_act'], r['z_est']):>+8.2f} {str(r['y_esc']) + '/' + str(r['z_esc']):>9}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kodak", type=Path, default=KODAK, help=f"folder with kodimNN.png (default {KODAK})")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--kodak", type=Path, default=KODAK, help=f"folder with kodimNN.png (default {KODAK})"
+    )
     parser.add_argument("--images", type=int, nargs="+", default=[1, 4, 7, 10, 13, 16, 19, 22])
     parser.add_argument("--presets", nargs="+", default=["HPCM_Base", "HPCM_Tiny"])
     parser.add_argument("--levels", type=int, nargs="+", default=[60, 120, 480])
-    parser.add_argument("--crop", type=int, default=256, help="centre crop side (multiple of the pad multiple)")
+    parser.add_argument(
+        "--crop", type=int, default=256, help="centre crop side (multiple of the pad multiple)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    images = {f"kodim{i:02d}": centre_crop(kodak_image(i, args.kodak), args.crop, args.crop) for i in args.images}
+    images = {
+        f"kodim{i:02d}": centre_crop(kodak_image(i, args.kodak), args.crop, args.crop)
+        for i in args.images
+    }
 
-    print(f"centre {args.crop}x{args.crop} crops of {len(images)} Kodak images from {args.kodak}; "
-          f"torch {torch.__version__}, {args.threads} thread(s)")
+    print(
+        f"centre {args.crop}x{args.crop} crops of {len(images)} Kodak images from {args.kodak}; "
+        f"torch {torch.__version__}, {args.threads} thread(s)"
+    )
     totals: dict[tuple[str, int], dict] = {}
     lines = []
     for preset in args.presets:
         model = init_like_golden(build_model(preset)).eval()
         if args.crop % model.pad_multiple:
-            raise SystemExit(f"--crop {args.crop} is not a multiple of {preset}'s pad multiple {model.pad_multiple}")
+            raise SystemExit(
+                f"--crop {args.crop} is not a multiple of {preset}'s pad multiple {model.pad_multiple}"
+            )
         for name, x in tqdm(images.items(), desc=preset, leave=False):
             scale = calibrate_to_latents(model, x)
             for r in measure(model, x, args.levels):
                 lines.append(line(preset, name, r) + f"   sigma={scale:.3f}")
-                total = totals.setdefault((preset, r["levels"]), {k: 0 for k in r if k != "levels"} | {"levels": r["levels"]})
+                total = totals.setdefault(
+                    (preset, r["levels"]),
+                    {k: 0 for k in r if k != "levels"} | {"levels": r["levels"]},
+                )
                 for k in total:
                     if k != "levels":
                         total[k] += r[k]
@@ -118,7 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     for (preset, _), total in totals.items():
         print(line(preset, "all", total))
     any_escape = any(t["y_esc"] + t["z_esc"] for t in totals.values())
-    print(f"latents escaped the tables: {'YES' if any_escape else 'no'}; {time.perf_counter() - start:.0f} s")
+    print(
+        f"latents escaped the tables: {'YES' if any_escape else 'no'}; {time.perf_counter() - start:.0f} s"
+    )
 
 
 if __name__ == "__main__":

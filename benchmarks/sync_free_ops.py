@@ -41,10 +41,20 @@ COUNTED = ("aten::copy_", "aten::clone", "aten::cat", "aten::where", "aten::_loc
 
 
 def build(args: argparse.Namespace, optimizer: str, mode: str, sync_free: bool) -> train.Run:
-    cfg = run_config.resolve({
-        "model": args.model, "patch_size": args.patch_size, "batch_size": args.batch_size, "steps": 1000,
-        "device": "cpu", "num_workers": 0, "wandb_mode": "disabled", "quiet": True,
-        "optimizer": optimizer, "update_mode": mode})
+    cfg = run_config.resolve(
+        {
+            "model": args.model,
+            "patch_size": args.patch_size,
+            "batch_size": args.batch_size,
+            "steps": 1000,
+            "device": "cpu",
+            "num_workers": 0,
+            "wandb_mode": "disabled",
+            "quiet": True,
+            "optimizer": optimizer,
+            "update_mode": mode,
+        }
+    )
     run = train.Run(cfg, Path("/nonexistent-benchmark-run"))
     run.sync_free = sync_free  # what CUDA training sets; the optimizers run it on CPU as well
     run.open_data()
@@ -87,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.rand(args.batch_size, 3, args.patch_size, args.patch_size)
     runs = {name: build(args, *spec) for name, spec in VARIANTS.items()}
 
-    print(f"ops per Run.train_step ({args.model}, {args.batch_size} x {args.patch_size} px, CPU, "
-          f"torch {torch.__version__}; {args.profile_steps} profiled steps)")
+    print(
+        f"ops per Run.train_step ({args.model}, {args.batch_size} x {args.patch_size} px, CPU, "
+        f"torch {torch.__version__}; {args.profile_steps} profiled steps)"
+    )
     columns = [*COUNTED, "leaf aten ops"]
     print("| variant | " + " | ".join(columns) + " |")
     print("|---|" + "---|" * len(columns))
@@ -101,11 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         step_seconds(runs[name], x, 1)  # warm-up
     for r in range(args.rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         times = {name: step_seconds(runs[name], x, args.steps) for name in order}
         for name in ratios:
             ratios[name].append(times[name] / times["adam"])
-    print(f"\nCPU step time / adam ({args.rounds} interleaved rounds of {args.steps} steps, thread CPU time)")
+    print(
+        f"\nCPU step time / adam ({args.rounds} interleaved rounds of {args.steps} steps, thread CPU time)"
+    )
     for name, values in ratios.items():
         q1, med, q3 = statistics.quantiles(values, n=4)
         print(f"{name}: {statistics.median(values):.3f} (IQR {q1:.3f}-{q3:.3f})")

@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from model_speed import quartiles  # noqa: E402
+
 from hpcm.config import run_config  # noqa: E402
 from hpcm.models.presets import preset_config  # noqa: E402
 from hpcm.train import loop as train  # noqa: E402
@@ -62,8 +63,17 @@ JSON_FORMAT = "hpcm-train-throughput/1"
 
 def build_run(model: str, overrides: dict[str, Any]) -> train.Run:
     """A Run as ``python -m hpcm.train`` builds it (embedded samples; nothing is written)."""
-    cfg = run_config.resolve({"model": model, "steps": 1000, "device": "cpu", "num_workers": 0,
-                              "wandb_mode": "disabled", "quiet": True, **overrides})
+    cfg = run_config.resolve(
+        {
+            "model": model,
+            "steps": 1000,
+            "device": "cpu",
+            "num_workers": 0,
+            "wandb_mode": "disabled",
+            "quiet": True,
+            **overrides,
+        }
+    )
     run = train.Run(cfg, Path("/nonexistent-train-throughput"))
     run.open_data()
     run.build(None)
@@ -131,14 +141,17 @@ def for_model(model: str, settings: dict[str, dict[str, Any]]) -> dict[str, dict
         size = keys["patch_size"]
         fitted = max(multiple, size // multiple * multiple)
         if fitted != size:
-            print(f"{model}: '{label}' trains {fitted} px crops "
-                  f"({size} px is not a multiple of {multiple})")
+            print(
+                f"{model}: '{label}' trains {fitted} px crops "
+                f"({size} px is not a multiple of {multiple})"
+            )
         adjusted[label] = {**keys, "patch_size": fitted}
     return adjusted
 
 
-def measure(model: str, settings: dict[str, dict[str, Any]], repeats: int,
-            steps: int) -> dict[str, Any]:
+def measure(
+    model: str, settings: dict[str, dict[str, Any]], repeats: int, steps: int
+) -> dict[str, Any]:
     """Per setting: seconds per step of every repeat, FLOPs, and the GEMM rate between repeats."""
     runs = {label: build_run(model, keys) for label, keys in settings.items()}
     batches = {label: batch_for(run) for label, run in runs.items()}
@@ -153,9 +166,14 @@ def measure(model: str, settings: dict[str, dict[str, Any]], repeats: int,
         for label in labels if repeat % 2 == 0 else labels[::-1]:
             seconds[label].append(time_steps(runs[label], batches[label], steps))
         gemm.append(gemm_rate())
-    return {"seconds": seconds, "flops": flops, "gemm_flop_s": gemm,
-            "pixels": {label: run.cfg.batch_size * run.cfg.patch_size**2
-                       for label, run in runs.items()}}
+    return {
+        "seconds": seconds,
+        "flops": flops,
+        "gemm_flop_s": gemm,
+        "pixels": {
+            label: run.cfg.batch_size * run.cfg.patch_size**2 for label, run in runs.items()
+        },
+    }
 
 
 def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -169,41 +187,66 @@ def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
         rates = [pixels[label] / s for s in values]
         ratio, q1, q3 = quartiles([r / ref for r, ref in zip(rates, reference)])
         step = statistics.median(values)
-        rows.append({"setting": label, "ms_per_step": step * 1e3,
-                     "pixels_per_s": statistics.median(rates), "speedup": ratio, "speedup_q1": q1,
-                     "speedup_q3": q3, "gflop_per_step": flops[label] / 1e9,
-                     "gflop_s": flops[label] / step / 1e9, "of_limit": flops[label] / step / gemm,
-                     "limit_ms": flops[label] / gemm * 1e3})
+        rows.append(
+            {
+                "setting": label,
+                "ms_per_step": step * 1e3,
+                "pixels_per_s": statistics.median(rates),
+                "speedup": ratio,
+                "speedup_q1": q1,
+                "speedup_q3": q3,
+                "gflop_per_step": flops[label] / 1e9,
+                "gflop_s": flops[label] / step / 1e9,
+                "of_limit": flops[label] / step / gemm,
+                "limit_ms": flops[label] / gemm * 1e3,
+            }
+        )
     return rows
 
 
-def print_table(model: str, rows: list[dict[str, Any]], gemm: float,
-                settings: dict[str, dict[str, Any]]) -> None:
+def print_table(
+    model: str, rows: list[dict[str, Any]], gemm: float, settings: dict[str, dict[str, Any]]
+) -> None:
     print(f"\n{model}: GEMM {gemm / 1e9:.1f} GFLOP/s (median between repeats)")
-    print(f"{'setting':<20}{'keys':<44}{'ms/step':>9}{'kpx/s':>9}{'x default (IQR)':>20}"
-          f"{'GFLOP':>8}{'GFLOP/s':>9}{'of limit':>10}")
+    print(
+        f"{'setting':<20}{'keys':<44}{'ms/step':>9}{'kpx/s':>9}{'x default (IQR)':>20}"
+        f"{'GFLOP':>8}{'GFLOP/s':>9}{'of limit':>10}"
+    )
     for row in rows:
         keys = " ".join(f"{k}={v}" for k, v in settings[row["setting"]].items())
         keys = keys.replace("batch_size", "b").replace("patch_size", "p")
         keys = keys.replace("memory_format=", "")
         spread = f"{row['speedup']:.2f} ({row['speedup_q1']:.2f}-{row['speedup_q3']:.2f})"
-        print(f"{row['setting']:<20}{keys:<44}{row['ms_per_step']:>9.1f}"
-              f"{row['pixels_per_s'] / 1e3:>9.1f}{spread:>20}{row['gflop_per_step']:>8.2f}"
-              f"{row['gflop_s']:>9.1f}{row['of_limit']:>10.1%}")
+        print(
+            f"{row['setting']:<20}{keys:<44}{row['ms_per_step']:>9.1f}"
+            f"{row['pixels_per_s'] / 1e3:>9.1f}{spread:>20}{row['gflop_per_step']:>8.2f}"
+            f"{row['gflop_s']:>9.1f}{row['of_limit']:>10.1%}"
+        )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--presets", nargs="+", default=["HPCM_Tiny", "HPCM_Small"])
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
-                        help="settings to time ('default' is always included: the reference)")
-    parser.add_argument("--threads", type=int, default=2,
-                        help="torch intra-op threads (the goal: 2)")
-    parser.add_argument("--clock", choices=list(CLOCKS), default=None,
-                        help="wall (default with > 1 thread) or cpu: the main thread's CPU time "
-                             "(default with 1 thread; with more, run under "
-                             "OMP_WAIT_POLICY=PASSIVE)")
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=list(SETTINGS),
+        choices=list(SETTINGS),
+        help="settings to time ('default' is always included: the reference)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch intra-op threads (the goal: 2)"
+    )
+    parser.add_argument(
+        "--clock",
+        choices=list(CLOCKS),
+        default=None,
+        help="wall (default with > 1 thread) or cpu: the main thread's CPU time "
+        "(default with 1 thread; with more, run under "
+        "OMP_WAIT_POLICY=PASSIVE)",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=1, help="steps per timed repeat")
     parser.add_argument("--json", default=None, help="also write every repeat and the summary here")
@@ -214,14 +257,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _clock["name"] = args.clock or ("cpu" if args.threads == 1 else "wall")
     passive = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
     if _clock["name"] == "cpu" and args.threads > 1 and not passive:
-        parser.error("--clock cpu with more than one thread needs OMP_WAIT_POLICY=PASSIVE in the "
-                     "environment (spinning OpenMP threads would count as work)")
+        parser.error(
+            "--clock cpu with more than one thread needs OMP_WAIT_POLICY=PASSIVE in the "
+            "environment (spinning OpenMP threads would count as work)"
+        )
     settings = {"default": DEFAULT, **{k: SETTINGS[k] for k in args.settings if k != "default"}}
-    print(f"threads={torch.get_num_threads()} repeats={args.repeats} steps/repeat={args.steps} "
-          f"clock={step_clock().__name__} torch={torch.__version__} "
-          f"cpu capability={torch.backends.cpu.get_cpu_capability()}")
-    record: dict[str, Any] = {"format": JSON_FORMAT, "args": vars(args), "settings": settings,
-                              "presets": {}}
+    print(
+        f"threads={torch.get_num_threads()} repeats={args.repeats} steps/repeat={args.steps} "
+        f"clock={step_clock().__name__} torch={torch.__version__} "
+        f"cpu capability={torch.backends.cpu.get_cpu_capability()}"
+    )
+    record: dict[str, Any] = {
+        "format": JSON_FORMAT,
+        "args": vars(args),
+        "settings": settings,
+        "presets": {},
+    }
     for model in args.presets:
         fitted = for_model(model, settings)
         result = measure(model, fitted, args.repeats, args.steps)
@@ -232,11 +283,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         pilot = next((row for row in rows if row["setting"] == "pilot"), None)
         if model == "HPCM_Tiny" and pilot is not None:
             met = pilot["speedup"] >= GOAL_SPEEDUP and pilot["of_limit"] >= GOAL_OF_LIMIT
-            print(f"goal (HPCM_Tiny, pilot): >= {GOAL_SPEEDUP:.0f}x default pixels/s and >= 1/3 "
-                  f"of the limit: {'met' if met else 'NOT met'} ({pilot['speedup']:.2f}x, "
-                  f"{pilot['of_limit']:.1%})")
-    print("speed-up: median (q1-q3) of per-repeat paired ratios to 'default'; "
-          "of limit: GFLOP/s / GEMM GFLOP/s")
+            print(
+                f"goal (HPCM_Tiny, pilot): >= {GOAL_SPEEDUP:.0f}x default pixels/s and >= 1/3 "
+                f"of the limit: {'met' if met else 'NOT met'} ({pilot['speedup']:.2f}x, "
+                f"{pilot['of_limit']:.1%})"
+            )
+    print(
+        "speed-up: median (q1-q3) of per-repeat paired ratios to 'default'; "
+        "of limit: GFLOP/s / GEMM GFLOP/s"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=1))
     return record

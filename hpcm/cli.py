@@ -31,10 +31,10 @@ class Command:
 
 COMMANDS = {
     "train": Command("hpcm.train.loop", "train one (variant, lambda) run from a run config"),
-    "evaluate": Command("hpcm.evaluate.bitstreams",
-                        "real bitstreams of one checkpoint: bpp, PSNR, MS-SSIM"),
-    "data": Command("hpcm.data.commands",
-                    "sample photos; prepare and verify Kodak, CLIC, Tecnick"),
+    "evaluate": Command(
+        "hpcm.evaluate.bitstreams", "real bitstreams of one checkpoint: bpp, PSNR, MS-SSIM"
+    ),
+    "data": Command("hpcm.data.commands", "sample photos; prepare and verify Kodak, CLIC, Tecnick"),
     "rd": Command("hpcm.analysis.rd", "R-D points from evaluation CSVs; BD-rate / BD-PSNR"),
     "tables": Command("hpcm.analysis.tables", "every registered table as CSV, Markdown, LaTeX"),
     "plots": Command("hpcm.analysis.plots", "R-D curves, training curves, gamma schedules"),
@@ -44,8 +44,10 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="hpcm", description="HPCM x Balanced R-D: the pipeline's commands.",
-        epilog="Run `hpcm COMMAND --help` for a command's own options.")
+        prog="hpcm",
+        description="HPCM x Balanced R-D: the pipeline's commands.",
+        epilog="Run `hpcm COMMAND --help` for a command's own options.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
         # add_help=False: --help goes through to the stage's own parser with the rest of argv

@@ -17,8 +17,17 @@ import pytest
 from tests.paths import REPO
 
 PACKAGE = REPO / "hpcm"
-RANK = {"util": 0, "config": 1, "data": 2, "models": 2, "optim": 2, "train": 3, "evaluate": 4,
-        "analysis": 5, "front": 6}
+RANK = {
+    "util": 0,
+    "config": 1,
+    "data": 2,
+    "models": 2,
+    "optim": 2,
+    "train": 3,
+    "evaluate": 4,
+    "analysis": 5,
+    "front": 6,
+}
 # the `hpcm` console script and `python -m hpcm`: above every stage
 FRONT = {"hpcm.cli", "hpcm.__main__"}
 
@@ -48,12 +57,21 @@ def imported_modules(module: str, node: ast.AST) -> list[str]:
     else:
         base = node.module or ""
         if node.level:  # relative import
-            package = module.split(".") if MODULES[module].name == "__init__.py" else module.split(".")[:-1]
-            base = ".".join(package[:len(package) - node.level + 1] + ([base] if base else []))
-        names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base for alias in node.names]
+            package = (
+                module.split(".")
+                if MODULES[module].name == "__init__.py"
+                else module.split(".")[:-1]
+            )
+            base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
+        names = [
+            f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base
+            for alias in node.names
+        ]
     found = []
     for name in names:
-        while name and name not in MODULES:  # `import hpcm.optim.balanced as b` names the module itself
+        while (
+            name and name not in MODULES
+        ):  # `import hpcm.optim.balanced as b` names the module itself
             name = name.rpartition(".")[0]
         if name.startswith("hpcm"):
             found.append(name)
@@ -61,10 +79,17 @@ def imported_modules(module: str, node: ast.AST) -> list[str]:
 
 
 def import_nodes(path: Path) -> list[ast.AST]:
-    return [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    return [
+        n
+        for n in ast.walk(ast.parse(path.read_text()))
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+    ]
 
 
-GRAPH = {m: sorted({t for n in import_nodes(p) for t in imported_modules(m, n)} - {m}) for m, p in MODULES.items()}
+GRAPH = {
+    m: sorted({t for n in import_nodes(p) for t in imported_modules(m, n)} - {m})
+    for m, p in MODULES.items()
+}
 
 
 def test_every_module_has_a_stage():
@@ -96,7 +121,7 @@ def find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
         path.append(node)
         for target in graph.get(node, []):
             if state.get(target) == 1:
-                return path[path.index(target):] + [target]
+                return path[path.index(target) :] + [target]
             if target not in state and (cycle := visit(target)):
                 return cycle
         path.pop()
@@ -128,15 +153,23 @@ def late_imports_without_a_reason(path: Path, root: Path = REPO) -> list[str]:
     tree = ast.parse(source)
     top_level = set()
     for node in tree.body:  # the top: docstring, then imports (also under `if TYPE_CHECKING` / try)
-        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and node is tree.body[0]:
+        if (
+            isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Constant)
+            and node is tree.body[0]
+        ):
             continue
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             top_level.add(node)
             continue
         if isinstance(node, (ast.If, ast.Try)) and all(
-                isinstance(n, (ast.Import, ast.ImportFrom, ast.Pass, ast.Raise, ast.Expr, ast.Assign))
-                for n in ast.walk(node) if isinstance(n, ast.stmt) and n is not node):
-            top_level.update(n for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom)))
+            isinstance(n, (ast.Import, ast.ImportFrom, ast.Pass, ast.Raise, ast.Expr, ast.Assign))
+            for n in ast.walk(node)
+            if isinstance(n, ast.stmt) and n is not node
+        ):
+            top_level.update(
+                n for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom))
+            )
             continue
         break
     problems = []
@@ -144,20 +177,27 @@ def late_imports_without_a_reason(path: Path, root: Path = REPO) -> list[str]:
         if not isinstance(node, (ast.Import, ast.ImportFrom)) or node in top_level:
             continue
         if not any("#" in lines[i - 1] for i in range(node.lineno, node.end_lineno + 1)):
-            problems.append(f"{path.relative_to(root)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+            problems.append(
+                f"{path.relative_to(root)}:{node.lineno}: {lines[node.lineno - 1].strip()}"
+            )
     return problems
 
 
 def test_imports_sit_at_the_top_unless_a_comment_says_why():
     problems = [p for path in MODULES.values() for p in late_imports_without_a_reason(path)]
-    assert not problems, "late imports need a `# why` comment on their line:\n" + "\n".join(problems)
+    assert not problems, "late imports need a `# why` comment on their line:\n" + "\n".join(
+        problems
+    )
 
 
-@pytest.mark.parametrize("source, late", [
-    ('"""doc"""\nimport os\n\ndef f():\n    import json\n', True),
-    ('"""doc"""\nimport os\n\ndef f():\n    import json  # why: slow\n', False),
-    ('import os\nX = 1\nimport sys\n', True),
-])
+@pytest.mark.parametrize(
+    "source, late",
+    [
+        ('"""doc"""\nimport os\n\ndef f():\n    import json\n', True),
+        ('"""doc"""\nimport os\n\ndef f():\n    import json  # why: slow\n', False),
+        ("import os\nX = 1\nimport sys\n", True),
+    ],
+)
 def test_the_late_import_check_can_fail(tmp_path, source, late):
     path = tmp_path / "module.py"
     path.write_text(source)

@@ -33,12 +33,19 @@ def test_help_lists_every_command(capsys, monkeypatch):
 
 
 def test_python_dash_m_hpcm_is_the_same_front_door_without_loading_torch():
-    code = ("import runpy, sys; sys.argv = ['hpcm', '--help']\n"
-            "try:\n    runpy.run_module('hpcm', run_name='__main__')\n"
-            "except SystemExit as e:\n    assert e.code == 0\n"
-            "assert 'torch' not in sys.modules, 'hpcm --help imported torch'")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    code = (
+        "import runpy, sys; sys.argv = ['hpcm', '--help']\n"
+        "try:\n    runpy.run_module('hpcm', run_name='__main__')\n"
+        "except SystemExit as e:\n    assert e.code == 0\n"
+        "assert 'torch' not in sys.modules, 'hpcm --help imported torch'"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert result.returncode == 0, result.stderr
     assert all(name in result.stdout for name in EXPECTED)
 

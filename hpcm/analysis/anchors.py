@@ -71,8 +71,22 @@ from hpcm.util.cli import run_command
 from hpcm.util.io import atomic_write_text
 
 ANCHOR_TABLE = Path(__file__).with_name("anchors.csv")
-COLUMNS = ("dataset", "anchor", "label", "family", "point", "bpp", "psnr", "ms_ssim",
-           "ms_ssim_db", "source_repo", "commit", "file", "blob_sha1", "note")
+COLUMNS = (
+    "dataset",
+    "anchor",
+    "label",
+    "family",
+    "point",
+    "bpp",
+    "psnr",
+    "ms_ssim",
+    "ms_ssim_db",
+    "source_repo",
+    "commit",
+    "file",
+    "blob_sha1",
+    "note",
+)
 METRICS = ("psnr", "ms_ssim_db")
 # Where VTM-22.0 points were looked for (at the commits in anchors.csv) and why none is here.
 VTM_22_STATUS = (
@@ -86,8 +100,9 @@ VTM_22_STATUS = (
 )
 
 
-def load_anchors(path: str | Path = ANCHOR_TABLE, measured: Sequence[str | Path] = (),
-                 shipped: bool = True):
+def load_anchors(
+    path: str | Path = ANCHOR_TABLE, measured: Sequence[str | Path] = (), shipped: bool = True
+):
     """The anchor table as a pandas DataFrame; a missing column is an error naming it.
 
     With ``shipped`` the mean curves of the measured anchors shipped in
@@ -105,10 +120,13 @@ def load_anchors(path: str | Path = ANCHOR_TABLE, measured: Sequence[str | Path]
     per_file = extra.groupby(["dataset", "anchor"])["file"].nunique()
     twice = [key for key, n in per_file.items() if n > 1]
     if twice:
-        raise ValueError(f"measured anchor {twice[0]} given twice (files "
-                         f"{sorted(set(extra.loc[extra['anchor'] == twice[0][1], 'file']))})")
-    clash = (set(zip(extra["dataset"], extra["anchor"]))
-             & set(zip(table["dataset"], table["anchor"])))
+        raise ValueError(
+            f"measured anchor {twice[0]} given twice (files "
+            f"{sorted(set(extra.loc[extra['anchor'] == twice[0][1], 'file']))})"
+        )
+    clash = set(zip(extra["dataset"], extra["anchor"])) & set(
+        zip(table["dataset"], table["anchor"])
+    )
     if clash:
         raise ValueError(f"measured anchor(s) {sorted(clash)} also in {path}: rename one")
     return pd.concat([table, extra], ignore_index=True)
@@ -121,25 +139,28 @@ def anchor_names(dataset: str | None = None, table=None) -> list[str]:
     return sorted(table["anchor"].unique())
 
 
-def anchor_curve(dataset: str, anchor: str, metric: str = "psnr",
-                 table=None) -> tuple[np.ndarray, np.ndarray]:
+def anchor_curve(
+    dataset: str, anchor: str, metric: str = "psnr", table=None
+) -> tuple[np.ndarray, np.ndarray]:
     """(bpp, metric) of one published curve, sorted by rate."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     table = load_anchors() if table is None else table
     rows = table[(table["dataset"] == dataset) & (table["anchor"] == anchor)]
     if rows.empty:
-        raise ValueError(f"no anchor {anchor!r} for dataset {dataset!r}; available: "
-                         f"{anchor_names(dataset, table) or 'none'}")
+        raise ValueError(
+            f"no anchor {anchor!r} for dataset {dataset!r}; available: "
+            f"{anchor_names(dataset, table) or 'none'}"
+        )
     rows = rows.dropna(subset=[metric]).sort_values("bpp")
     if rows.empty:
         raise ValueError(f"anchor {anchor!r} on {dataset!r} has no {metric} values")
     return rows["bpp"].to_numpy(float), rows[metric].to_numpy(float)
 
 
-def anchor_curves_by_dataset(anchor: str, metric: str = "psnr", table=None,
-                             datasets: Iterable[str] = ()
-                             ) -> dict[str, tuple[np.ndarray, np.ndarray] | str]:
+def anchor_curves_by_dataset(
+    anchor: str, metric: str = "psnr", table=None, datasets: Iterable[str] = ()
+) -> dict[str, tuple[np.ndarray, np.ndarray] | str]:
     """Every dataset's curve of ``anchor``, or the reason it has none, as a string.
 
     Covers the datasets the anchor is published on plus ``datasets`` (those being compared), so a
@@ -170,9 +191,18 @@ def _pick(results: dict, *keys: str) -> list | None:
     return None
 
 
-def rows_from_compressai_json(path: str | Path, dataset: str, anchor: str, label: str,
-                              family: str, repo: str, commit: str, file: str,
-                              note: str = "", transcribed: bool = False) -> list[dict]:
+def rows_from_compressai_json(
+    path: str | Path,
+    dataset: str,
+    anchor: str,
+    label: str,
+    family: str,
+    repo: str,
+    commit: str,
+    file: str,
+    note: str = "",
+    transcribed: bool = False,
+) -> list[dict]:
     """Anchor rows from a CompressAI results JSON (any of its key spellings).
 
     ``transcribed``: the JSON is our transcription of the source, so its blob hash would pin
@@ -194,14 +224,25 @@ def rows_from_compressai_json(path: str | Path, dataset: str, anchor: str, label
     rows = []
     for i, rate in enumerate(bpp):
         lin = float(ms_ssim[i]) if ms_ssim is not None else math.nan
-        db = float(ms_ssim_db[i]) if ms_ssim_db is not None else (
-            ms_ssim_to_db(lin))
-        rows.append({
-            "dataset": dataset, "anchor": anchor, "label": label, "family": family, "point": i,
-            "bpp": float(rate), "psnr": float(psnr[i]) if psnr is not None else math.nan,
-            "ms_ssim": lin, "ms_ssim_db": db, "source_repo": repo, "commit": commit,
-            "file": file, "blob_sha1": "" if transcribed else git_blob_sha1(data), "note": note,
-        })
+        db = float(ms_ssim_db[i]) if ms_ssim_db is not None else (ms_ssim_to_db(lin))
+        rows.append(
+            {
+                "dataset": dataset,
+                "anchor": anchor,
+                "label": label,
+                "family": family,
+                "point": i,
+                "bpp": float(rate),
+                "psnr": float(psnr[i]) if psnr is not None else math.nan,
+                "ms_ssim": lin,
+                "ms_ssim_db": db,
+                "source_repo": repo,
+                "commit": commit,
+                "file": file,
+                "blob_sha1": "" if transcribed else git_blob_sha1(data),
+                "note": note,
+            }
+        )
     return rows
 
 
@@ -212,9 +253,16 @@ def rows_from_compressai_json(path: str | Path, dataset: str, anchor: str, label
 
 def _cmd_list(args: argparse.Namespace) -> None:
     table = load_anchors(args.table, args.measured)
-    summary = (table.groupby(["dataset", "anchor", "label"], sort=True)
-               .agg(points=("bpp", "size"), source=("source_repo", "first"),
-                    commit=("commit", "first"), file=("file", "first")).reset_index())
+    summary = (
+        table.groupby(["dataset", "anchor", "label"], sort=True)
+        .agg(
+            points=("bpp", "size"),
+            source=("source_repo", "first"),
+            commit=("commit", "first"),
+            file=("file", "first"),
+        )
+        .reset_index()
+    )
     print(summary.to_string(index=False))
     measured = table[table["note"].astype(str).str.startswith("measured by this project")]
     if len(measured):
@@ -223,8 +271,10 @@ def _cmd_list(args: argparse.Namespace) -> None:
             print(f"  {dataset}/{anchor}: {group['note'].iloc[0]}")
     print()
     if "vtm-22.0" in set(table["anchor"]):
-        print("VTM-22.0: measured by this project (see above); 'vtm' is CompressAI's curve, "
-              "version unrecorded.")
+        print(
+            "VTM-22.0: measured by this project (see above); 'vtm' is CompressAI's curve, "
+            "version unrecorded."
+        )
     else:
         print(VTM_22_STATUS)
 
@@ -245,39 +295,64 @@ def _cmd_bd(args: argparse.Namespace) -> None:
             row = bd_row(args.dataset, name, args.reference, ref, test, args.metric, args.method)
         rows.append(row)
     for row in rows:
-        print(f"{row.dataset:24s} {row.variant:28s} vs {row.reference}: BD-rate "
-              f"{row.bd_rate:+8.2f} %  BD-{args.metric} {row.bd_psnr:+7.3f}  overlap "
-              f"{row.overlap_rate * 100:5.1f} % {row.error}")
+        print(
+            f"{row.dataset:24s} {row.variant:28s} vs {row.reference}: BD-rate "
+            f"{row.bd_rate:+8.2f} %  BD-{args.metric} {row.bd_psnr:+7.3f}  overlap "
+            f"{row.overlap_rate * 100:5.1f} % {row.error}"
+        )
 
 
 def _cmd_add(args: argparse.Namespace) -> None:
     import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
 
-    table = load_anchors(args.table, shipped=False) if Path(args.table).exists() else pd.DataFrame(
-        columns=list(COLUMNS))
+    table = (
+        load_anchors(args.table, shipped=False)
+        if Path(args.table).exists()
+        else pd.DataFrame(columns=list(COLUMNS))
+    )
     if ((table["dataset"] == args.dataset) & (table["anchor"] == args.anchor)).any():
-        raise ValueError(f"anchor {args.anchor!r} already exists for {args.dataset!r} in "
-                         f"{args.table}")
-    new = pd.DataFrame(rows_from_compressai_json(
-        args.json, args.dataset, args.anchor, args.label, args.family, args.repo, args.commit,
-        args.file, args.note, args.transcribed), columns=list(COLUMNS))
+        raise ValueError(
+            f"anchor {args.anchor!r} already exists for {args.dataset!r} in {args.table}"
+        )
+    new = pd.DataFrame(
+        rows_from_compressai_json(
+            args.json,
+            args.dataset,
+            args.anchor,
+            args.label,
+            args.family,
+            args.repo,
+            args.commit,
+            args.file,
+            args.note,
+            args.transcribed,
+        ),
+        columns=list(COLUMNS),
+    )
     table = pd.concat([table, new], ignore_index=True) if len(table) else new
     atomic_write_text(args.table, table.to_csv(index=False))
     print(f"added {len(new)} point(s) of {args.dataset}/{args.anchor} to {args.table}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hpcm anchors", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="hpcm anchors",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--table", default=str(ANCHOR_TABLE), help="anchor table CSV")
     sub = parser.add_subparsers(dest="command", required=True)
     lister = sub.add_parser("list", help="list anchors")
     lister.set_defaults(func=_cmd_list)
     b = sub.add_parser("bd", help="BD of every anchor against a reference anchor")
     for p in (lister, b):
-        p.add_argument("--measured", nargs="*", default=[],
-                       help="per-image CSVs of measured anchors (results/anchors/D/A.csv) to "
-                            "add to the shipped ones")
+        p.add_argument(
+            "--measured",
+            nargs="*",
+            default=[],
+            help="per-image CSVs of measured anchors (results/anchors/D/A.csv) to "
+            "add to the shipped ones",
+        )
     b.add_argument("--dataset", required=True)
     b.add_argument("--reference", default="vtm")
     b.add_argument("--metric", default="psnr", choices=METRICS)
@@ -288,21 +363,34 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument(flag, required=True)
     a.add_argument("--family", required=True, choices=("classical", "learned", "hpcm"))
     a.add_argument("--note", default="")
-    a.add_argument("--transcribed", action="store_true",
-                   help="the JSON transcribes the source file: record no blob hash")
+    a.add_argument(
+        "--transcribed",
+        action="store_true",
+        help="the JSON transcribes the source file: record no blob hash",
+    )
     a.set_defaults(func=_cmd_add)
-    m = sub.add_parser("assemble", help="ship a measured anchor from a workflow run's point "
-                                        "files (only complete (image, quality) pairs)")
-    m.add_argument("--points-dir", required=True,
-                   help="results/anchors/<dataset>/<anchor> (the point files, any depth)")
+    m = sub.add_parser(
+        "assemble",
+        help="ship a measured anchor from a workflow run's point "
+        "files (only complete (image, quality) pairs)",
+    )
+    m.add_argument(
+        "--points-dir",
+        required=True,
+        help="results/anchors/<dataset>/<anchor> (the point files, any depth)",
+    )
     m.add_argument("--dataset", required=True)
     m.add_argument("--anchor", required=True)
     m.add_argument("--label", required=True)
     m.add_argument("--images", type=int, required=True, help="images of the full anchor")
-    m.add_argument("--qualities", type=int, nargs="+", required=True,
-                   help="qualities / QPs of the full anchor")
-    m.add_argument("--provenance-json", help="JSON object merged into meta.provenance (tag, "
-                                            "commit, source_repo, build commands, ...)")
+    m.add_argument(
+        "--qualities", type=int, nargs="+", required=True, help="qualities / QPs of the full anchor"
+    )
+    m.add_argument(
+        "--provenance-json",
+        help="JSON object merged into meta.provenance (tag, "
+        "commit, source_repo, build commands, ...)",
+    )
     m.add_argument("--output-dir", help="default: hpcm/analysis/measured/<anchor>")
     m.set_defaults(func=_cmd_assemble)
     return parser
@@ -313,8 +401,16 @@ def _cmd_assemble(args: argparse.Namespace) -> list[Path]:
     if not isinstance(extra, dict):
         raise ValueError(f"{args.provenance_json}: expected a JSON object")
     output = args.output_dir or str(Path(ANCHOR_TABLE).with_name("measured") / args.anchor)
-    return assemble(args.points_dir, args.dataset, args.anchor, output, args.images,
-                    args.qualities, args.label, extra)
+    return assemble(
+        args.points_dir,
+        args.dataset,
+        args.anchor,
+        output,
+        args.images,
+        args.qualities,
+        args.label,
+        extra,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -36,7 +36,7 @@ EXCLUDES = {True: "**yes**", False: "no"}
 
 
 def interval_cell(value: float, low: float, high: float) -> str:
-    """"-4.79 [-6.47, -3.22]" (as the summary's Markdown), "n/a" without a value."""
+    """ "-4.79 [-6.47, -3.22]" (as the summary's Markdown), "n/a" without a value."""
     if not math.isfinite(value):
         return "n/a"
     text = f"{value:+.2f}"
@@ -57,12 +57,14 @@ def measured_metrics(summary, reference: str, dataset: str) -> list[str]:
     return [m for m in SUMMARY_LABELS if on[summary_column(m, reference)].notna().any()]
 
 
-def answer_rows(summary, reference: str, dataset: str,
-                metrics: Sequence[str] = tuple(SUMMARY_LABELS)) -> list[list[str]]:
+def answer_rows(
+    summary, reference: str, dataset: str, metrics: Sequence[str] = tuple(SUMMARY_LABELS)
+) -> list[list[str]]:
     """[variant, then per metric: BD-rate [CI], excludes 0] for every variant but the reference."""
     rows = []
-    for _, r in summary[(summary["dataset"] == dataset) & (summary["variant"] != reference)] \
-            .iterrows():
+    for _, r in summary[
+        (summary["dataset"] == dataset) & (summary["variant"] != reference)
+    ].iterrows():
         cells = [str(r["variant"])]
         for metric in metrics:
             key = summary_column(metric, reference)
@@ -112,10 +114,14 @@ def study_scale(runs_root: str | Path, images) -> list[str]:
         f"{' / '.join(length) or 'n/a'} per run, batch "
         f"{_values(int(c['batch_size']) for c in configs if c.get('batch_size'))}, crops "
         f"{_values(int(c['patch_size']) for c in configs if c.get('patch_size'))} px; "
-        + ("all from scratch" if not started else
-           "all start from a checkpoint (warm start or fine-tuning)" if started == len(configs)
-           else f"{started} of {len(configs)} runs start from a checkpoint (warm start or "
-           "fine-tuning), the others from scratch"),
+        + (
+            "all from scratch"
+            if not started
+            else "all start from a checkpoint (warm start or fine-tuning)"
+            if started == len(configs)
+            else f"{started} of {len(configs)} runs start from a checkpoint (warm start or "
+            "fine-tuning), the others from scratch"
+        ),
         f"- **λ**: {_values(float(c['lmbda']) for c in configs)}",
         f"- **training seeds**: {_values(seeds)} ({n_seeds} per variant and λ)",
     ]
@@ -130,7 +136,7 @@ def answer_rst(summary, analysis: dict[str, Any], runs_root: str | Path, images)
     method = analysis.get("bd_method", "pchip")
     lines = [
         f"BD-rate of every variant against **{reference}** ({method}; negative = fewer bits at "
-        "equal quality; 95 % paired bootstrap interval over the test images; \"yes\": the "
+        'equal quality; 95 % paired bootstrap interval over the test images; "yes": the '
         "interval excludes 0). Read from ``summary.csv`` when the workflow wrote this page.",
         "",
     ]
@@ -140,18 +146,31 @@ def answer_rst(summary, analysis: dict[str, Any], runs_root: str | Path, images)
         header = ["variant"]
         for metric in metrics:
             header += [f"BD-rate {SUMMARY_LABELS[metric]} (%) [95 % CI]", "CI excludes 0"]
-        lines += _list_table(f"{dataset} ({n} test images)", header,
-                             answer_rows(summary, reference, dataset, metrics))
-        lines += [f"{dataset}: no {SUMMARY_LABELS[m]} BD-rate (not measured)."
-                  for m in SUMMARY_LABELS if m not in metrics] + [""]
-    lines += ["**Scale of the study** (from the training runs' ``run.yaml`` and the evaluated "
-              "images):", ""]
+        lines += _list_table(
+            f"{dataset} ({n} test images)",
+            header,
+            answer_rows(summary, reference, dataset, metrics),
+        )
+        lines += [
+            f"{dataset}: no {SUMMARY_LABELS[m]} BD-rate (not measured)."
+            for m in SUMMARY_LABELS
+            if m not in metrics
+        ] + [""]
+    lines += [
+        "**Scale of the study** (from the training runs' ``run.yaml`` and the evaluated images):",
+        "",
+    ]
     lines += study_scale(runs_root, images) + [""]
     return "\n".join(lines)
 
 
-def build(summary_path: str | Path, config_path: str | Path, runs_root: str | Path,
-          images_path: str | Path, output: str | Path) -> list[Path]:
+def build(
+    summary_path: str | Path,
+    config_path: str | Path,
+    runs_root: str | Path,
+    images_path: str | Path,
+    output: str | Path,
+) -> list[Path]:
     analysis = read_analysis(config_path)
     summary = read_summary(summary_path, analysis.get("reference", "baseline"))
     text = answer_rst(summary, analysis, runs_root, read_images(images_path))
@@ -160,8 +179,11 @@ def build(summary_path: str | Path, config_path: str | Path, runs_root: str | Pa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hpcm.analysis.answer", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m hpcm.analysis.answer",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--summary", required=True, help="summary.csv (hpcm.analysis.summary)")
     parser.add_argument("--config", required=True, help="YAML with the 'analysis' section")
     parser.add_argument("--runs", required=True, help="folder holding the training run folders")
@@ -172,8 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(lambda: build(args.summary, args.config, args.runs, args.images,
-                                     args.output))
+    return run_command(
+        lambda: build(args.summary, args.config, args.runs, args.images, args.output)
+    )
 
 
 if __name__ == "__main__":

@@ -53,8 +53,12 @@ class _HermiteSpline:
         self.c3 = (slopes[:-1] + slopes[1:] - 2.0 * m) / h**2
 
     def _primitive(self, k: int, s: float) -> float:
-        return (self.y[k] * s + self.d[k] * s**2 / 2.0 + self.c2[k] * s**3 / 3.0
-                + self.c3[k] * s**4 / 4.0)
+        return (
+            self.y[k] * s
+            + self.d[k] * s**2 / 2.0
+            + self.c2[k] * s**3 / 3.0
+            + self.c3[k] * s**4 / 4.0
+        )
 
     def __call__(self, q: np.ndarray) -> np.ndarray:
         """Values at ``q`` (inside [x_0, x_K]), the same cubic pieces that ``integrate`` sums."""
@@ -115,8 +119,9 @@ def _akima_slopes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     d = 0.5 * (ext[3:] + ext[:-3])  # equal-weights fallback: mean of the neighbouring secants
     # Same cut-off as the reference: weights below 1e-9 of the largest count as zero.
     defined = total > 1e-9 * total.max()
-    d[defined] = (w_right[defined] * ext[1:-2][defined] + w_left[defined] * ext[2:-1][defined]) \
-        / total[defined]
+    d[defined] = (
+        w_right[defined] * ext[1:-2][defined] + w_left[defined] * ext[2:-1][defined]
+    ) / total[defined]
     return d
 
 
@@ -149,21 +154,26 @@ def _interpolant(x: np.ndarray, y: np.ndarray, method: str):
 # --------------------------------------------------------------------------------------------
 
 
-def _prepare_curve(rate: Sequence[float], dist: Sequence[float], name: str,
-                   method: str) -> tuple[np.ndarray, np.ndarray]:
+def _prepare_curve(
+    rate: Sequence[float], dist: Sequence[float], name: str, method: str
+) -> tuple[np.ndarray, np.ndarray]:
     rate_arr = np.asarray(rate, dtype=float).ravel()
     dist_arr = np.asarray(dist, dtype=float).ravel()
     if rate_arr.shape != dist_arr.shape:
         raise ValueError(f"{name} curve: {rate_arr.size} rates but {dist_arr.size} distortions")
     if not (np.all(np.isfinite(rate_arr)) and np.all(np.isfinite(dist_arr))):
-        raise ValueError(f"{name} curve has non-finite values: rate={rate_arr.tolist()}, "
-                         f"dist={dist_arr.tolist()}")
+        raise ValueError(
+            f"{name} curve has non-finite values: rate={rate_arr.tolist()}, "
+            f"dist={dist_arr.tolist()}"
+        )
     if np.any(rate_arr <= 0):
         raise ValueError(f"{name} curve has non-positive rates {rate_arr.tolist()}")
     min_points = 4 if method == "cubic" else 2
     if rate_arr.size < min_points:
-        raise ValueError(f"{name} curve has {rate_arr.size} point(s); method {method!r} needs "
-                         f"at least {min_points}")
+        raise ValueError(
+            f"{name} curve has {rate_arr.size} point(s); method {method!r} needs "
+            f"at least {min_points}"
+        )
     order = np.argsort(rate_arr, kind="stable")
     rate_arr, dist_arr = rate_arr[order], dist_arr[order]
     rising = np.diff(rate_arr) > 0
@@ -173,7 +183,8 @@ def _prepare_curve(rate: Sequence[float], dist: Sequence[float], name: str,
         raise ValueError(
             f"{name} curve is not monotonic: sorted by rate, point {k} (rate {rate_arr[k]:.6g}, "
             f"dist {dist_arr[k]:.6g}) is followed by (rate {rate_arr[k + 1]:.6g}, dist "
-            f"{dist_arr[k + 1]:.6g}); distortion must strictly increase with rate")
+            f"{dist_arr[k + 1]:.6g}); distortion must strictly increase with rate"
+        )
     return rate_arr, dist_arr
 
 
@@ -190,24 +201,32 @@ class BDResult:
     n_test: int
 
 
-def _delta(x_anchor: np.ndarray, y_anchor: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
-           method: str) -> tuple[float, float]:
+def _delta(
+    x_anchor: np.ndarray, y_anchor: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, method: str
+) -> tuple[float, float]:
     lo, hi = max(x_anchor.min(), x_test.min()), min(x_anchor.max(), x_test.max())
     span = max(x_anchor.max(), x_test.max()) - min(x_anchor.min(), x_test.min())
     overlap = max(hi - lo, 0.0) / span
     if overlap <= 0:
         raise ValueError(
             f"curves do not overlap: anchor covers [{x_anchor.min():.6g}, {x_anchor.max():.6g}], "
-            f"test covers [{x_test.min():.6g}, {x_test.max():.6g}]; BD cannot be computed")
+            f"test covers [{x_test.min():.6g}, {x_test.max():.6g}]; BD cannot be computed"
+        )
     area_anchor = _interpolant(x_anchor, y_anchor, method).integrate(lo, hi)
     area_test = _interpolant(x_test, y_test, method).integrate(lo, hi)
     return (area_test - area_anchor) / (hi - lo), overlap
 
 
-def bd_metrics(rate_anchor: Sequence[float], dist_anchor: Sequence[float],
-               rate_test: Sequence[float], dist_test: Sequence[float], kind: str = "rate",
-               method: str = "pchip", min_overlap: float = DEFAULT_MIN_OVERLAP,
-               names: tuple[str, str] = ("anchor", "test")) -> BDResult:
+def bd_metrics(
+    rate_anchor: Sequence[float],
+    dist_anchor: Sequence[float],
+    rate_test: Sequence[float],
+    dist_test: Sequence[float],
+    kind: str = "rate",
+    method: str = "pchip",
+    min_overlap: float = DEFAULT_MIN_OVERLAP,
+    names: tuple[str, str] = ("anchor", "test"),
+) -> BDResult:
     """BD-rate (``kind="rate"``) or BD-PSNR (``kind="psnr"``) with overlap and point counts."""
     if method not in METHODS:
         raise ValueError(f"unknown BD method {method!r}; choose one of {', '.join(METHODS)}")
@@ -223,32 +242,51 @@ def bd_metrics(rate_anchor: Sequence[float], dist_anchor: Sequence[float],
         value, overlap = _delta(log_ra, da, log_rt, dt, method)
     low = overlap < min_overlap
     if low:
-        warnings.warn(f"BD-{kind} of {names[1]} vs {names[0]}: curves overlap only "
-                      f"{overlap * 100:.1f} % (< {min_overlap * 100:.0f} %)", stacklevel=2)
+        warnings.warn(
+            f"BD-{kind} of {names[1]} vs {names[0]}: curves overlap only "
+            f"{overlap * 100:.1f} % (< {min_overlap * 100:.0f} %)",
+            stacklevel=2,
+        )
     return BDResult(float(value), kind, method, float(overlap), bool(low), ra.size, rt.size)
 
 
-def bd_rate(rate_anchor: Sequence[float], dist_anchor: Sequence[float],
-            rate_test: Sequence[float], dist_test: Sequence[float], method: str = "pchip",
-            min_overlap: float = DEFAULT_MIN_OVERLAP) -> float:
+def bd_rate(
+    rate_anchor: Sequence[float],
+    dist_anchor: Sequence[float],
+    rate_test: Sequence[float],
+    dist_test: Sequence[float],
+    method: str = "pchip",
+    min_overlap: float = DEFAULT_MIN_OVERLAP,
+) -> float:
     """Average rate difference in percent at equal distortion (negative = test is better)."""
-    return bd_metrics(rate_anchor, dist_anchor, rate_test, dist_test, "rate", method,
-                      min_overlap).value
+    return bd_metrics(
+        rate_anchor, dist_anchor, rate_test, dist_test, "rate", method, min_overlap
+    ).value
 
 
-def bd_psnr(rate_anchor: Sequence[float], dist_anchor: Sequence[float],
-            rate_test: Sequence[float], dist_test: Sequence[float], method: str = "pchip",
-            min_overlap: float = DEFAULT_MIN_OVERLAP) -> float:
+def bd_psnr(
+    rate_anchor: Sequence[float],
+    dist_anchor: Sequence[float],
+    rate_test: Sequence[float],
+    dist_test: Sequence[float],
+    method: str = "pchip",
+    min_overlap: float = DEFAULT_MIN_OVERLAP,
+) -> float:
     """Average distortion difference (dB for PSNR) at equal rate (positive = test is better)."""
-    return bd_metrics(rate_anchor, dist_anchor, rate_test, dist_test, "psnr", method,
-                      min_overlap).value
+    return bd_metrics(
+        rate_anchor, dist_anchor, rate_test, dist_test, "psnr", method, min_overlap
+    ).value
 
 
-
-def quality_delta(rate_anchor: Sequence[float], dist_anchor: Sequence[float],
-                  rate_test: Sequence[float], dist_test: Sequence[float], method: str = "pchip",
-                  num: int = 101, rates: Sequence[float] | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def quality_delta(
+    rate_anchor: Sequence[float],
+    dist_anchor: Sequence[float],
+    rate_test: Sequence[float],
+    dist_test: Sequence[float],
+    method: str = "pchip",
+    num: int = 101,
+    rates: Sequence[float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """The curve that BD-PSNR averages: (rates, test minus anchor quality at each rate).
 
     ``num`` rates evenly spaced in log-rate over the overlap of the two curves' rate ranges, each
@@ -267,8 +305,10 @@ def quality_delta(rate_anchor: Sequence[float], dist_anchor: Sequence[float],
     log_ra, log_rt = np.log10(ra), np.log10(rt)
     lo, hi = max(log_ra[0], log_rt[0]), min(log_ra[-1], log_rt[-1])
     if hi <= lo:
-        raise ValueError(f"curves do not overlap in rate: anchor covers [{ra[0]:.6g}, "
-                         f"{ra[-1]:.6g}] bpp, test [{rt[0]:.6g}, {rt[-1]:.6g}] bpp")
+        raise ValueError(
+            f"curves do not overlap in rate: anchor covers [{ra[0]:.6g}, "
+            f"{ra[-1]:.6g}] bpp, test [{rt[0]:.6g}, {rt[-1]:.6g}] bpp"
+        )
     if rates is None:
         grid = np.linspace(lo, hi, num)
     else:
@@ -296,8 +336,16 @@ class BDRow:
     error: str
 
 
-def bd_row(dataset: str, variant: str, reference: str, ref_curve, test_curve, metric: str,
-           method: str, min_overlap: float = DEFAULT_MIN_OVERLAP) -> BDRow:
+def bd_row(
+    dataset: str,
+    variant: str,
+    reference: str,
+    ref_curve,
+    test_curve,
+    metric: str,
+    method: str,
+    min_overlap: float = DEFAULT_MIN_OVERLAP,
+) -> BDRow:
     """BD-rate and BD-metric of one curve against a reference; failures become an ``error`` text.
 
     A table must show every variant, so an invalid curve (too few points, non-monotonic, no
@@ -310,16 +358,46 @@ def bd_row(dataset: str, variant: str, reference: str, ref_curve, test_curve, me
             rate = bd_metrics(*ref_curve, *test_curve, "rate", method, min_overlap, names)
             dist = bd_metrics(*ref_curve, *test_curve, "psnr", method, min_overlap, names)
     except ValueError as err:
-        return BDRow(dataset, variant, reference, metric, method, math.nan, math.nan, math.nan,
-                     math.nan, False, len(ref_curve[0]), len(test_curve[0]), str(err))
-    return BDRow(dataset, variant, reference, metric, method, rate.value, dist.value,
-                 rate.overlap, dist.overlap, rate.low_overlap or dist.low_overlap,
-                 rate.n_anchor, rate.n_test, "")
+        return BDRow(
+            dataset,
+            variant,
+            reference,
+            metric,
+            method,
+            math.nan,
+            math.nan,
+            math.nan,
+            math.nan,
+            False,
+            len(ref_curve[0]),
+            len(test_curve[0]),
+            str(err),
+        )
+    return BDRow(
+        dataset,
+        variant,
+        reference,
+        metric,
+        method,
+        rate.value,
+        dist.value,
+        rate.overlap,
+        dist.overlap,
+        rate.low_overlap or dist.low_overlap,
+        rate.n_anchor,
+        rate.n_test,
+        "",
+    )
 
 
-def bd_table(points, reference: str, metric: str = "psnr", method: str = "pchip",
-             anchor_curves: dict[str, tuple[np.ndarray, np.ndarray] | str] | None = None,
-             variants: Sequence[str] | None = None):
+def bd_table(
+    points,
+    reference: str,
+    metric: str = "psnr",
+    method: str = "pchip",
+    anchor_curves: dict[str, tuple[np.ndarray, np.ndarray] | str] | None = None,
+    variants: Sequence[str] | None = None,
+):
     """BD of every variant (except the reference) per dataset.
 
     ``reference`` is a variant name in ``points`` unless ``anchor_curves`` maps dataset -> curve
@@ -334,13 +412,30 @@ def bd_table(points, reference: str, metric: str = "psnr", method: str = "pchip"
         if anchor_curves is not None:
             ref = anchor_curves.get(dataset, f"no {reference!r} curve for dataset {dataset!r}")
             if isinstance(ref, str):  # no anchor here: n/a rows that say why, not silence
-                names = variants or sorted(points.loc[points["dataset"] == dataset,
-                                                      "variant"].unique())
+                names = variants or sorted(
+                    points.loc[points["dataset"] == dataset, "variant"].unique()
+                )
                 for variant in names:
                     n_test = curve(points, dataset, variant, metric)[0].size
-                    rows.append(asdict(BDRow(dataset, variant, reference, metric, method,
-                                             math.nan, math.nan, math.nan, math.nan, False, 0,
-                                             n_test, ref)))
+                    rows.append(
+                        asdict(
+                            BDRow(
+                                dataset,
+                                variant,
+                                reference,
+                                metric,
+                                method,
+                                math.nan,
+                                math.nan,
+                                math.nan,
+                                math.nan,
+                                False,
+                                0,
+                                n_test,
+                                ref,
+                            )
+                        )
+                    )
                 continue
         else:
             ref = curve(points, dataset, reference, metric)

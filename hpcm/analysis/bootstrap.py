@@ -70,7 +70,9 @@ def _hermite_integral(x: np.ndarray, y: np.ndarray, a: np.ndarray, b: np.ndarray
         lo, hi = np.maximum(a, x[:, k]), np.minimum(b, x[:, k + 1])
 
         def primitive(s, k=k):  # k bound now: called in this iteration only
-            return y[:, k] * s + d[:, k] * s**2 / 2.0 + c2[:, k] * s**3 / 3.0 + c3[:, k] * s**4 / 4.0
+            return (
+                y[:, k] * s + d[:, k] * s**2 / 2.0 + c2[:, k] * s**3 / 3.0 + c3[:, k] * s**4 / 4.0
+            )
 
         part = primitive(hi - x[:, k]) - primitive(lo - x[:, k])
         total += np.where(hi > lo, part, 0.0)
@@ -82,22 +84,39 @@ def _sorted_valid(rate: np.ndarray, dist: np.ndarray) -> tuple[np.ndarray, np.nd
     order = np.argsort(rate, axis=1, kind="stable")
     rate = np.take_along_axis(rate, order, axis=1)
     dist = np.take_along_axis(dist, order, axis=1)
-    valid = (np.isfinite(rate).all(1) & np.isfinite(dist).all(1) & (rate > 0).all(1)
-             & (np.diff(rate, axis=1) > 0).all(1) & (np.diff(dist, axis=1) > 0).all(1))
+    valid = (
+        np.isfinite(rate).all(1)
+        & np.isfinite(dist).all(1)
+        & (rate > 0).all(1)
+        & (np.diff(rate, axis=1) > 0).all(1)
+        & (np.diff(dist, axis=1) > 0).all(1)
+    )
     return rate, dist, valid
 
 
-def bd_batch(rate_anchor: np.ndarray, dist_anchor: np.ndarray, rate_test: np.ndarray,
-             dist_test: np.ndarray, kind: str, method: str = "pchip") -> np.ndarray:
+def bd_batch(
+    rate_anchor: np.ndarray,
+    dist_anchor: np.ndarray,
+    rate_test: np.ndarray,
+    dist_test: np.ndarray,
+    kind: str,
+    method: str = "pchip",
+) -> np.ndarray:
     """BD-rate (%) or BD-PSNR of each row pair of (B, K) curves; NaN where a row is no valid
     curve pair (not monotonic, no overlap), as ``bd_metrics`` would raise there."""
     if kind not in ("rate", "psnr"):
         raise ValueError(f"kind must be 'rate' or 'psnr', got {kind!r}")
     arrays = [np.asarray(a, dtype=float) for a in (rate_anchor, dist_anchor, rate_test, dist_test)]
-    if any(a.ndim != 2 for a in arrays) or arrays[0].shape != arrays[1].shape \
-            or arrays[2].shape != arrays[3].shape or arrays[0].shape[0] != arrays[2].shape[0]:
-        raise ValueError("bd_batch needs (B, K) rate and distortion arrays with the same B; got "
-                         + ", ".join(str(a.shape) for a in arrays))
+    if (
+        any(a.ndim != 2 for a in arrays)
+        or arrays[0].shape != arrays[1].shape
+        or arrays[2].shape != arrays[3].shape
+        or arrays[0].shape[0] != arrays[2].shape[0]
+    ):
+        raise ValueError(
+            "bd_batch needs (B, K) rate and distortion arrays with the same B; got "
+            + ", ".join(str(a.shape) for a in arrays)
+        )
     if method != "pchip":
         return _bd_loop(*arrays, kind, method)
     if min(arrays[0].shape[1], arrays[2].shape[1]) < 2:  # bd_metrics: too few points
@@ -108,7 +127,10 @@ def bd_batch(rate_anchor: np.ndarray, dist_anchor: np.ndarray, rate_test: np.nda
     # invalid rows get a harmless dummy curve so the arithmetic below stays finite
     dummy = np.arange(1.0, ra.shape[1] + 1.0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        la, lt = np.log10(np.where(valid[:, None], ra, dummy)), np.log10(np.where(valid[:, None], rt, dummy[: rt.shape[1]]))
+        la, lt = (
+            np.log10(np.where(valid[:, None], ra, dummy)),
+            np.log10(np.where(valid[:, None], rt, dummy[: rt.shape[1]])),
+        )
     da = np.where(valid[:, None], da, dummy)
     dt = np.where(valid[:, None], dt, dummy[: dt.shape[1]])
     if kind == "rate":
@@ -139,8 +161,9 @@ def _bd_loop(ra, da, rt, dt, kind, method):
 # --------------------------------------------------------------------------------------------
 
 
-def resample_indices(n_images: int, resamples: int = DEFAULT_RESAMPLES,
-                     seed: int = DEFAULT_SEED) -> np.ndarray:
+def resample_indices(
+    n_images: int, resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED
+) -> np.ndarray:
     """(resamples, n_images) image indices drawn with replacement (the documented scheme)."""
     if n_images < 2:
         raise ValueError(f"a bootstrap over images needs at least 2 images, got {n_images}")
@@ -165,7 +188,9 @@ class Curve:
         dist = resampled_means(self.dist, indices)
         if self.linear_ms_ssim:
             with np.errstate(divide="ignore"):
-                dist = -10.0 * np.log10(1.0 - dist)  # hpcm.evaluate.metrics.ms_ssim_to_db, element-wise
+                dist = -10.0 * np.log10(
+                    1.0 - dist
+                )  # hpcm.evaluate.metrics.ms_ssim_to_db, element-wise
         return rate, dist
 
 
@@ -188,18 +213,23 @@ def _percentiles(values: np.ndarray) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def bd_interval(reference: Curve, test: Curve, indices: np.ndarray, method: str = "pchip") -> Interval:
+def bd_interval(
+    reference: Curve, test: Curve, indices: np.ndarray, method: str = "pchip"
+) -> Interval:
     """95 % percentile interval of BD-rate and BD-PSNR of ``test`` vs ``reference``."""
     if reference.bpp.shape[1] != test.bpp.shape[1]:
-        raise ValueError(f"paired bootstrap needs the same images for both curves: reference has "
-                         f"{reference.bpp.shape[1]}, test {test.bpp.shape[1]}")
+        raise ValueError(
+            f"paired bootstrap needs the same images for both curves: reference has "
+            f"{reference.bpp.shape[1]}, test {test.bpp.shape[1]}"
+        )
     ra, da = reference.resampled(indices)
     rt, dt = test.resampled(indices)
     rate = bd_batch(ra, da, rt, dt, "rate", method)
     psnr = bd_batch(ra, da, rt, dt, "psnr", method)
     invalid = int(np.count_nonzero(~(np.isfinite(rate) & np.isfinite(psnr))))
-    return Interval(*_percentiles(rate), *_percentiles(psnr), resamples=indices.shape[0],
-                    invalid=invalid)
+    return Interval(
+        *_percentiles(rate), *_percentiles(psnr), resamples=indices.shape[0], invalid=invalid
+    )
 
 
 def excludes_zero(low: float, high: float) -> bool | float:
@@ -227,14 +257,22 @@ def image_curve(images, dataset: str, variant: str, metric: str, image_order: li
     dist = sel.pivot_table(index="lmbda", columns="image", values=column, aggfunc="mean")
     missing = [name for name in image_order if name not in bpp.columns]
     if missing or bpp.isna().any().any():
-        raise ValueError(f"{dataset}/{variant}: not every lambda was evaluated on the same images "
-                         f"(missing {missing or 'some (image, lambda) pairs'}); a paired bootstrap "
-                         "needs them all")
+        raise ValueError(
+            f"{dataset}/{variant}: not every lambda was evaluated on the same images "
+            f"(missing {missing or 'some (image, lambda) pairs'}); a paired bootstrap "
+            "needs them all"
+        )
     return Curve(bpp[image_order].to_numpy(float), dist[image_order].to_numpy(float), linear)
 
 
-def interval_table(images, reference: str, metric: str = "psnr", method: str = "pchip",
-                   resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED):
+def interval_table(
+    images,
+    reference: str,
+    metric: str = "psnr",
+    method: str = "pchip",
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+):
     """One row per (dataset, variant): the 95 % interval of BD-rate and BD-PSNR vs ``reference``
     (the reference's own row too: its curve against itself, [0, 0])."""
     import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
@@ -248,10 +286,15 @@ def interval_table(images, reference: str, metric: str = "psnr", method: str = "
         for variant in sorted(on["variant"].unique()):
             test = image_curve(on, dataset, variant, metric, order)
             interval = bd_interval(ref, test, indices, method)
-            rows.append({"dataset": dataset, "variant": variant, "n_images": len(order),
-                         **interval.__dict__})
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "variant": variant,
+                    "n_images": len(order),
+                    **interval.__dict__,
+                }
+            )
     return pd.DataFrame(rows)
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,8 +338,11 @@ def satterthwaite_dof(v_seed: float, dof_seed: int, v_image: float, dof_image: i
 
 
 def _seed_mean_curve(curves: list[Curve]) -> Curve:
-    return Curve(np.mean([c.bpp for c in curves], axis=0),
-                 np.mean([c.dist for c in curves], axis=0), curves[0].linear_ms_ssim)
+    return Curve(
+        np.mean([c.bpp for c in curves], axis=0),
+        np.mean([c.dist for c in curves], axis=0),
+        curves[0].linear_ms_ssim,
+    )
 
 
 def mean_curve_bd(curve_a: Curve, curve_b: Curve, method: str) -> float:
@@ -307,8 +353,9 @@ def mean_curve_bd(curve_a: Curve, curve_b: Curve, method: str) -> float:
     return float(bd_batch(ra, da, rt, dt, "rate", method)[0])
 
 
-def seed_image_interval(reference: list[Curve], test: list[Curve], indices: np.ndarray,
-                        method: str = "pchip") -> SeedImageInterval:
+def seed_image_interval(
+    reference: list[Curve], test: list[Curve], indices: np.ndarray, method: str = "pchip"
+) -> SeedImageInterval:
     """95 % interval of the BD-rate of ``test`` vs ``reference`` over seeds and images.
 
     ``reference[s]`` and ``test[s]`` are seed s of each variant (the same seeds, in the same
@@ -317,8 +364,10 @@ def seed_image_interval(reference: list[Curve], test: list[Curve], indices: np.n
     from scipy import stats  # why: slow to import; only this interval needs it
 
     if len(reference) != len(test) or len(test) < 2:
-        raise ValueError(f"a seed-and-image interval needs the same >= 2 seeds in both variants; "
-                         f"got {len(reference)} reference and {len(test)} test seed(s)")
+        raise ValueError(
+            f"a seed-and-image interval needs the same >= 2 seeds in both variants; "
+            f"got {len(reference)} reference and {len(test)} test seed(s)"
+        )
     n_images = test[0].bpp.shape[1]
     if any(c.bpp.shape[1] != n_images for c in (*reference, *test)):
         raise ValueError("every seed of both variants must be evaluated on the same images")
@@ -331,27 +380,56 @@ def seed_image_interval(reference: list[Curve], test: list[Curve], indices: np.n
     finite = boot[np.isfinite(boot)]
     n_seeds = len(test)
     if not (math.isfinite(value) and all(map(math.isfinite, seed_bd)) and finite.size > 1):
-        return SeedImageInterval(value, math.nan, math.nan, seed_bd, math.nan, math.nan, math.nan,
-                                 math.nan, indices.shape[0], int(boot.size - finite.size))
+        return SeedImageInterval(
+            value,
+            math.nan,
+            math.nan,
+            seed_bd,
+            math.nan,
+            math.nan,
+            math.nan,
+            math.nan,
+            indices.shape[0],
+            int(boot.size - finite.size),
+        )
     seed_sd = float(np.std(seed_bd, ddof=1))
     v_seed = seed_sd**2 / n_seeds
     v_image = float(np.var(finite, ddof=1)) * n_images / (n_images - 1)
     dof = satterthwaite_dof(v_seed, n_seeds - 1, v_image, n_images - 1)
     half = float(stats.t.ppf(0.5 + CONFIDENCE / 2.0, dof)) * math.sqrt(v_seed + v_image)
-    return SeedImageInterval(value, value - half, value + half, seed_bd, seed_sd, v_seed, v_image,
-                             dof, indices.shape[0], int(boot.size - finite.size))
+    return SeedImageInterval(
+        value,
+        value - half,
+        value + half,
+        seed_bd,
+        seed_sd,
+        v_seed,
+        v_image,
+        dof,
+        indices.shape[0],
+        int(boot.size - finite.size),
+    )
 
 
-def seed_curves(images, dataset: str, variant: str, metric: str,
-                image_order: list[str]) -> dict[int, Curve]:
+def seed_curves(
+    images, dataset: str, variant: str, metric: str, image_order: list[str]
+) -> dict[int, Curve]:
     """{seed: (L, n) per-image curve} of one (dataset, variant) from the per-image table."""
     sel = images[(images["dataset"] == dataset) & (images["variant"] == variant)]
-    return {int(seed): image_curve(group, dataset, variant, metric, image_order)
-            for seed, group in sel.groupby("seed", sort=True)}
+    return {
+        int(seed): image_curve(group, dataset, variant, metric, image_order)
+        for seed, group in sel.groupby("seed", sort=True)
+    }
 
 
-def seed_interval_table(images, reference: str, metric: str = "psnr", method: str = "pchip",
-                        resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED):
+def seed_interval_table(
+    images,
+    reference: str,
+    metric: str = "psnr",
+    method: str = "pchip",
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+):
     """One row per (dataset, variant other than the reference): :func:`seed_image_interval`.
 
     Every variant must have the reference's seeds (an error naming the variant otherwise).
@@ -367,13 +445,24 @@ def seed_interval_table(images, reference: str, metric: str = "psnr", method: st
         for variant in sorted(set(on["variant"].unique()) - {reference}):
             test = seed_curves(on, dataset, variant, metric, order)
             if sorted(test) != sorted(ref):
-                raise ValueError(f"{dataset}/{variant}: seeds {sorted(test)} but the reference "
-                                 f"{reference!r} has {sorted(ref)}; a seed-paired interval needs "
-                                 "the same seeds (train the missing runs or drop them)")
+                raise ValueError(
+                    f"{dataset}/{variant}: seeds {sorted(test)} but the reference "
+                    f"{reference!r} has {sorted(ref)}; a seed-paired interval needs "
+                    "the same seeds (train the missing runs or drop them)"
+                )
             seeds = sorted(ref)
-            result = seed_image_interval([ref[s] for s in seeds], [test[s] for s in seeds],
-                                         indices, method)
-            rows.append({"dataset": dataset, "variant": variant, "n_seeds": len(seeds),
-                         "n_images": len(order), "seeds": seeds, **result.__dict__,
-                         "excludes_zero": result.excludes_zero})
+            result = seed_image_interval(
+                [ref[s] for s in seeds], [test[s] for s in seeds], indices, method
+            )
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "variant": variant,
+                    "n_seeds": len(seeds),
+                    "n_images": len(order),
+                    "seeds": seeds,
+                    **result.__dict__,
+                    "excludes_zero": result.excludes_zero,
+                }
+            )
     return pd.DataFrame(rows)

@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 OFFICIAL_KMACS_PER_PIXEL = {"HPCM_Base": 918.57}  # lyq133/LIC-HPCM issue #12 (DeepSpeed, 256x256)
 OFFICIAL_SOURCE = "lyq133/LIC-HPCM issue #12 (DeepSpeed flops profiler, 256x256)"
 ENCODER_ONLY = ("g_a", "h_a")  # the decoder never runs these
-DECODER_ONLY = ("g_s",)        # the encoder never runs this
+DECODER_ONLY = ("g_s",)  # the encoder never runs this
 
 
 def count_macs(model: torch.nn.Module, height: int = 256, width: int = 256) -> dict[str, float]:
@@ -30,7 +30,10 @@ def count_macs(model: torch.nn.Module, height: int = 256, width: int = 256) -> d
     flops = counter.get_flop_counts()
     root = type(model).__name__
     total = sum(flops["Global"].values()) / 2
-    parts = {name: sum(flops.get(f"{root}.{name}", {}).values()) / 2 for name in ("g_a", "h_a", "h_s", "g_s")}
+    parts = {
+        name: sum(flops.get(f"{root}.{name}", {}).values()) / 2
+        for name in ("g_a", "h_a", "h_s", "g_s")
+    }
     context = total - sum(parts.values())
     return {
         "total": total,

@@ -33,8 +33,15 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from hpcm.analysis.bootstrap import (DEFAULT_RESAMPLES, DEFAULT_SEED, excludes_zero, image_curve,
-                                     interval_table, mean_curve_bd, seed_interval_table)
+from hpcm.analysis.bootstrap import (
+    DEFAULT_RESAMPLES,
+    DEFAULT_SEED,
+    excludes_zero,
+    image_curve,
+    interval_table,
+    mean_curve_bd,
+    seed_interval_table,
+)
 from hpcm.analysis.points import eval_rows, image_table
 from hpcm.analysis.tables import Table, TableError, write_table
 from hpcm.util.cli import run_command
@@ -58,9 +65,14 @@ def _interval_rows(images, reference: str, metric: str, method: str, resamples: 
     if int(seeds.min()) >= 2:
         table = seed_interval_table(images, reference, metric, method, resamples, seed)
         for r in table.itertuples():
-            rows[r.variant] = {"n_seeds": r.n_seeds, "BD-rate (%)": r.bd_rate, "CI low (%)": r.low,
-                               "CI high (%)": r.high, "seed SD (%)": r.seed_sd,
-                               "interval": "seeds and images"}
+            rows[r.variant] = {
+                "n_seeds": r.n_seeds,
+                "BD-rate (%)": r.bd_rate,
+                "CI low (%)": r.low,
+                "CI high (%)": r.high,
+                "seed SD (%)": r.seed_sd,
+                "interval": "seeds and images",
+            }
         return rows
     table = interval_table(images, reference, metric, method, resamples, seed)
     order = sorted(images["image"].unique())
@@ -68,15 +80,27 @@ def _interval_rows(images, reference: str, metric: str, method: str, resamples: 
     ref = image_curve(images, dataset, reference, metric, order)
     for hit in table[table["variant"] != reference].itertuples():
         value = mean_curve_bd(ref, image_curve(images, dataset, hit.variant, metric, order), method)
-        rows[hit.variant] = {"n_seeds": 1, "BD-rate (%)": value, "CI low (%)": hit.rate_low,
-                             "CI high (%)": hit.rate_high, "seed SD (%)": math.nan,
-                             "interval": "images only (one seed)"}
+        rows[hit.variant] = {
+            "n_seeds": 1,
+            "BD-rate (%)": value,
+            "CI low (%)": hit.rate_low,
+            "CI high (%)": hit.rate_high,
+            "seed SD (%)": math.nan,
+            "interval": "images only (one seed)",
+        }
     return rows
 
 
-def convergence_frame(snapshots: Sequence[str | Path], finals: Sequence[str | Path],
-                      final_step: int, reference: str, metric: str = "psnr", method: str = "pchip",
-                      resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED):
+def convergence_frame(
+    snapshots: Sequence[str | Path],
+    finals: Sequence[str | Path],
+    final_step: int,
+    reference: str,
+    metric: str = "psnr",
+    method: str = "pchip",
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+):
     import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
 
     by_step: dict[int, list[str]] = {}
@@ -96,8 +120,9 @@ def convergence_frame(snapshots: Sequence[str | Path], finals: Sequence[str | Pa
         images = image_table(eval_rows(by_step[step]))
         names = sorted(images["image"].unique())
         if subset is not None and names != subset:
-            raise TableError(f"step {step}: evaluated on {names}, earlier steps on {subset}; "
-                             "the subset is fixed")
+            raise TableError(
+                f"step {step}: evaluated on {names}, earlier steps on {subset}; the subset is fixed"
+            )
         subset = names
         series.append((step, images, f"first {len(names)} images"))
     if not set(subset) <= set(final["image"]):
@@ -109,10 +134,31 @@ def convergence_frame(snapshots: Sequence[str | Path], finals: Sequence[str | Pa
         found = _interval_rows(images, reference, metric, method, resamples, seed)
         for variant, row in sorted(found.items()):
             excludes = excludes_zero(row["CI low (%)"], row["CI high (%)"])
-            rows.append({"dataset": datasets[0], "step": step, "images": label, "variant": variant,
-                         "rate": "real bitstreams", **row, "excludes 0": _yes_no(excludes)})
-    columns = ["dataset", "step", "images", "variant", "n_seeds", "BD-rate (%)", "CI low (%)",
-               "CI high (%)", "excludes 0", "seed SD (%)", "interval", "rate"]
+            rows.append(
+                {
+                    "dataset": datasets[0],
+                    "step": step,
+                    "images": label,
+                    "variant": variant,
+                    "rate": "real bitstreams",
+                    **row,
+                    "excludes 0": _yes_no(excludes),
+                }
+            )
+    columns = [
+        "dataset",
+        "step",
+        "images",
+        "variant",
+        "n_seeds",
+        "BD-rate (%)",
+        "CI low (%)",
+        "CI high (%)",
+        "excludes 0",
+        "seed SD (%)",
+        "interval",
+        "rate",
+    ]
     return pd.DataFrame(rows)[columns]
 
 
@@ -121,18 +167,27 @@ def _yes_no(value) -> str:
 
 
 def convergence_table(frame, reference: str, method: str) -> Table:
-    notes = [f"BD-rate (%, {method}) of each variant vs {reference} after the same number of "
-             "training steps, negative = fewer bits at equal quality; every point: real bitstreams",
-             "snapshot steps: the fixed subset of the test images (the first by name); the last "
-             "step appears on that subset and on every image (the study's answer)",
-             "95 % interval: BD +- t(nu) * sqrt(var(per-seed BD)/S + image-bootstrap variance), "
-             "Welch-Satterthwaite nu (hpcm.analysis.bootstrap; docs/results.md)"]
+    notes = [
+        f"BD-rate (%, {method}) of each variant vs {reference} after the same number of "
+        "training steps, negative = fewer bits at equal quality; every point: real bitstreams",
+        "snapshot steps: the fixed subset of the test images (the first by name); the last "
+        "step appears on that subset and on every image (the study's answer)",
+        "95 % interval: BD +- t(nu) * sqrt(var(per-seed BD)/S + image-bootstrap variance), "
+        "Welch-Satterthwaite nu (hpcm.analysis.bootstrap; docs/results.md)",
+    ]
     missing = frame[~frame["BD-rate (%)"].map(math.isfinite)]
-    notes += [f"step {step}, {images}, {variant}: no BD-rate (a seed's or the mean curve does not "
-              "rise strictly in rate and quality, or the curves do not overlap)"
-              for step, images, variant in zip(missing["step"], missing["images"], missing["variant"])]
-    return Table("convergence", f"Convergence: BD-rate vs {reference} at the same step", frame,
-                 FORMATS, notes)
+    notes += [
+        f"step {step}, {images}, {variant}: no BD-rate (a seed's or the mean curve does not "
+        "rise strictly in rate and quality, or the curves do not overlap)"
+        for step, images, variant in zip(missing["step"], missing["images"], missing["variant"])
+    ]
+    return Table(
+        "convergence",
+        f"Convergence: BD-rate vs {reference} at the same step",
+        frame,
+        FORMATS,
+        notes,
+    )
 
 
 def plot(frame, reference: str, path: str | Path) -> list[Path]:
@@ -155,9 +210,17 @@ def plot(frame, reference: str, path: str | Path) -> list[Path]:
             low = selection["CI low (%)"].to_numpy(float)
             high = selection["CI high (%)"].to_numpy(float)
             err = [y - low, high - y]
-            ax.errorbar(x, y, yerr=err, fmt="o" if not hollow else "s", color=f"C{k}", capsize=3,
-                        mfc="none" if hollow else f"C{k}", ls="-" if not hollow else "none",
-                        label=variant if not hollow else f"{variant} (all images)")
+            ax.errorbar(
+                x,
+                y,
+                yerr=err,
+                fmt="o" if not hollow else "s",
+                color=f"C{k}",
+                capsize=3,
+                mfc="none" if hollow else f"C{k}",
+                ls="-" if not hollow else "none",
+                label=variant if not hollow else f"{variant} (all images)",
+            )
     ax.axhline(0.0, color="0.5", lw=0.8)
     ax.set_xlabel("training step")
     ax.set_ylabel(f"BD-rate vs {reference} (%)")
@@ -173,27 +236,41 @@ def plot(frame, reference: str, path: str | Path) -> list[Path]:
     return written
 
 
-def build(snapshots, finals, final_step: int, reference: str, output_dir: str | Path,
-          plot_path: str | Path, metric: str = "psnr", method: str = "pchip",
-          resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> list[Path]:
-    frame = convergence_frame(snapshots, finals, final_step, reference, metric, method, resamples,
-                              seed)
+def build(
+    snapshots,
+    finals,
+    final_step: int,
+    reference: str,
+    output_dir: str | Path,
+    plot_path: str | Path,
+    metric: str = "psnr",
+    method: str = "pchip",
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+) -> list[Path]:
+    frame = convergence_frame(
+        snapshots, finals, final_step, reference, metric, method, resamples, seed
+    )
     tables = write_table(convergence_table(frame, reference, method), output_dir)
     return tables + plot(frame, reference, plot_path)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hpcm.analysis.convergence",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--snapshots", nargs="+", required=True,
-                        help="snapshot evaluations .../step<N>.csv")
+    parser = argparse.ArgumentParser(
+        prog="python -m hpcm.analysis.convergence",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--snapshots", nargs="+", required=True, help="snapshot evaluations .../step<N>.csv"
+    )
     parser.add_argument("--final", nargs="+", required=True, help="final evaluations (every image)")
     parser.add_argument("--final-step", type=int, required=True, help="the runs' last step")
     parser.add_argument("--reference", required=True, help="reference variant")
     parser.add_argument("--output-dir", required=True, help="where convergence.{csv,md,tex} go")
-    parser.add_argument("--plot", required=True,
-                        help="plot path (.png; a .pdf is written beside it)")
+    parser.add_argument(
+        "--plot", required=True, help="plot path (.png; a .pdf is written beside it)"
+    )
     parser.add_argument("--metric", default="psnr", choices=("psnr", "ms_ssim_db"))
     parser.add_argument("--method", default="pchip", choices=("pchip", "akima", "cubic"))
     parser.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES)
@@ -203,9 +280,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(lambda: build(
-        args.snapshots, args.final, args.final_step, args.reference, args.output_dir, args.plot,
-        args.metric, args.method, args.resamples, args.bootstrap_seed))
+    return run_command(
+        lambda: build(
+            args.snapshots,
+            args.final,
+            args.final_step,
+            args.reference,
+            args.output_dir,
+            args.plot,
+            args.metric,
+            args.method,
+            args.resamples,
+            args.bootstrap_seed,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -43,8 +43,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from hpcm.analysis.bd import quality_delta  # noqa: E402
-from hpcm.analysis.bootstrap import (DEFAULT_RESAMPLES, DEFAULT_SEED, image_curve,  # noqa: E402
-                                     resample_indices)
+from hpcm.analysis.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, image_curve, resample_indices  # noqa: E402
 from hpcm.analysis.forest import variant_groups  # noqa: E402
 from hpcm.analysis.plots import save_figure, variant_colors  # noqa: E402
 from hpcm.analysis.points import curve, read_points  # noqa: E402
@@ -58,21 +57,34 @@ MIN_COVERAGE = 0.95  # share of valid resamples that must cover a rate for the b
 CONFIDENCE_TAILS = (2.5, 97.5)
 
 
-def delta_line(points, dataset: str, variant: str, reference: str, metric: str,
-               method: str) -> tuple[np.ndarray, np.ndarray, str]:
+def delta_line(
+    points, dataset: str, variant: str, reference: str, metric: str, method: str
+) -> tuple[np.ndarray, np.ndarray, str]:
     """(rates, delta, error): the variant's curve minus the reference's, from the mean points;
     empty arrays and the reason when either is no valid BD curve."""
     try:
-        rates, delta = quality_delta(*curve(points, dataset, reference, metric),
-                                     *curve(points, dataset, variant, metric), method, GRID_POINTS)
+        rates, delta = quality_delta(
+            *curve(points, dataset, reference, metric),
+            *curve(points, dataset, variant, metric),
+            method,
+            GRID_POINTS,
+        )
     except ValueError as err:
         return np.array([]), np.array([]), str(err)
     return rates, delta, ""
 
 
-def delta_band(images, dataset: str, variant: str, reference: str, metric: str, method: str,
-               rates: np.ndarray, resamples: int = DEFAULT_RESAMPLES,
-               seed: int = DEFAULT_SEED) -> tuple[np.ndarray, np.ndarray]:
+def delta_band(
+    images,
+    dataset: str,
+    variant: str,
+    reference: str,
+    metric: str,
+    method: str,
+    rates: np.ndarray,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+) -> tuple[np.ndarray, np.ndarray]:
     """(low, high) at ``rates``: the pointwise 95 % paired-bootstrap band over the test images
     (NaN where fewer than ``MIN_COVERAGE`` of the valid resamples reach that rate)."""
     on = images[images["dataset"] == dataset]
@@ -112,8 +124,16 @@ def panels(analysis: dict[str, Any], variants: Sequence[str], grid_variants: dic
     return out
 
 
-def delta_lines(points, images, analysis: dict[str, Any], dataset: str, metric: str,
-                groups, resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED):
+def delta_lines(
+    points,
+    images,
+    analysis: dict[str, Any],
+    dataset: str,
+    metric: str,
+    groups,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+):
     """One frame row per drawn rate (group, variant, rate, delta, low, high) and the notes."""
     reference = analysis.get("reference", "baseline")
     method = analysis.get("bd_method", "pchip")
@@ -121,20 +141,35 @@ def delta_lines(points, images, analysis: dict[str, Any], dataset: str, metric: 
     for title, names in groups:
         for variant in names:
             if variant not in done:
-                rates, delta, error = delta_line(points, dataset, variant, reference, metric,
-                                                 method)
+                rates, delta, error = delta_line(
+                    points, dataset, variant, reference, metric, method
+                )
                 low = high = np.full(len(rates), np.nan)
                 if error:
                     notes.append(f"{variant}: no line ({error})")
                 elif images is not None:
-                    low, high = delta_band(images, dataset, variant, reference, metric, method,
-                                           rates, resamples, seed)
+                    low, high = delta_band(
+                        images, dataset, variant, reference, metric, method, rates, resamples, seed
+                    )
                 done[variant] = (rates, delta, low, high)
             rates, delta, low, high = done[variant]
-            frames.append(pd.DataFrame({"group": title, "variant": variant, "rate": rates,
-                                        "delta": delta, "low": low, "high": high}))
-    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["group", "variant", "rate", "delta", "low", "high"])
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "group": title,
+                        "variant": variant,
+                        "rate": rates,
+                        "delta": delta,
+                        "low": low,
+                        "high": high,
+                    }
+                )
+            )
+    frame = (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(columns=["group", "variant", "rate", "delta", "low", "high"])
+    )
     return frame, notes
 
 
@@ -148,8 +183,9 @@ def delta_figure(frame, groups, colors: dict[str, str], title: str, ylabel: str,
     n = len(groups)
     cols = min(3, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows + 0.6), sharex=True,
-                             sharey=True, squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(4.6 * cols, 3.4 * rows + 0.6), sharex=True, sharey=True, squeeze=False
+    )
     for ax, (group, names) in zip(axes.flat, groups):
         ax.axhline(0.0, color="black", linewidth=2.5, alpha=0.45, label="reference")
         for variant in names:
@@ -157,12 +193,25 @@ def delta_figure(frame, groups, colors: dict[str, str], title: str, ylabel: str,
             if sel.empty:
                 continue
             color = colors[variant]
-            ax.plot(sel["rate"], sel["delta"], color=color, linewidth=1.5, label=variant,
-                    gid=f"line:{group}:{variant}")
+            ax.plot(
+                sel["rate"],
+                sel["delta"],
+                color=color,
+                linewidth=1.5,
+                label=variant,
+                gid=f"line:{group}:{variant}",
+            )
             band = sel["low"].notna() & sel["high"].notna()
             if band.any():
-                ax.fill_between(sel["rate"], sel["low"], sel["high"], where=band.to_numpy(),
-                                color=color, alpha=0.15, linewidth=0)
+                ax.fill_between(
+                    sel["rate"],
+                    sel["low"],
+                    sel["high"],
+                    where=band.to_numpy(),
+                    color=color,
+                    alpha=0.15,
+                    linewidth=0,
+                )
         ax.set_xscale("log")
         # plain numbers (0.2, not 2x10^-1); minor labels at 2, 3 and 5 only
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
@@ -185,9 +234,16 @@ def delta_figure(frame, groups, colors: dict[str, str], title: str, ylabel: str,
     return fig
 
 
-def plot_deltas(points, analysis: dict[str, Any], variants: Sequence[str],
-                output_dir: str | Path, grid_names: Sequence[str] = (), images=None,
-                resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> list[Path]:
+def plot_deltas(
+    points,
+    analysis: dict[str, Any],
+    variants: Sequence[str],
+    output_dir: str | Path,
+    grid_names: Sequence[str] = (),
+    images=None,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+) -> list[Path]:
     """delta_<dataset>_<metric>.{png,pdf,csv} for every dataset and both metrics."""
     reference = analysis.get("reference", "baseline")
     method = analysis.get("bd_method", "pchip")
@@ -201,15 +257,21 @@ def plot_deltas(points, analysis: dict[str, Any], variants: Sequence[str],
             if metric not in points.columns or points[metric].isna().all():
                 print(f"{metric}: not measured in the R-D points; no figure", file=sys.stderr)
                 continue
-            frame, notes = delta_lines(points, images, analysis, dataset, metric, groups,
-                                       resamples, seed)
-            band = (f"band: pointwise 95 % paired bootstrap over the test images ({resamples} "
-                    "resamples)" if images is not None else "no band (no per-image table)")
+            frame, notes = delta_lines(
+                points, images, analysis, dataset, metric, groups, resamples, seed
+            )
+            band = (
+                f"band: pointwise 95 % paired bootstrap over the test images ({resamples} "
+                "resamples)"
+                if images is not None
+                else "no band (no per-image table)"
+            )
             quality = ylabel.split(" (")[0][1:]
-            title = (f"{quality} difference to {reference} at equal rate on {dataset} "
-                     f"({method} in log-rate, as BD; the mean of a line is its BD-{quality})")
-            fig = delta_figure(frame, groups, colors, title, ylabel,
-                               "; ".join([band, *notes]))
+            title = (
+                f"{quality} difference to {reference} at equal rate on {dataset} "
+                f"({method} in log-rate, as BD; the mean of a line is its BD-{quality})"
+            )
+            fig = delta_figure(frame, groups, colors, title, ylabel, "; ".join([band, *notes]))
             stem = f"delta_{dataset}_{metric}"
             written += save_figure(fig, output_dir, stem)
             path = Path(output_dir) / f"{stem}.csv"
@@ -219,15 +281,26 @@ def plot_deltas(points, analysis: dict[str, Any], variants: Sequence[str],
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hpcm.analysis.delta", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m hpcm.analysis.delta",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--points", required=True, help="R-D points CSV (hpcm rd points)")
     parser.add_argument("--config", required=True, help="YAML with the 'analysis' section")
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--variants", nargs="*", default=None,
-                        help="named variants in the config's order (default: the points')")
-    parser.add_argument("--grids", nargs="*", default=[],
-                        help="Phase 2 grid names: their variants <grid>-... get a panel")
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        default=None,
+        help="named variants in the config's order (default: the points')",
+    )
+    parser.add_argument(
+        "--grids",
+        nargs="*",
+        default=[],
+        help="Phase 2 grid names: their variants <grid>-... get a panel",
+    )
     parser.add_argument("--images", help="per-image table (hpcm rd points --images): the band")
     parser.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES)
     parser.add_argument("--bootstrap-seed", type=int, default=DEFAULT_SEED)
@@ -238,11 +311,20 @@ def _draw(args: argparse.Namespace) -> list[Path]:
     analysis = read_analysis(args.config)
     points = read_points(args.points)
     grids = tuple(args.grids)
-    variants = args.variants or [v for v in dict.fromkeys(points["variant"])
-                                 if not any(v.startswith(f"{g}-") for g in grids)]
+    variants = args.variants or [
+        v for v in dict.fromkeys(points["variant"]) if not any(v.startswith(f"{g}-") for g in grids)
+    ]
     images = read_images(args.images) if args.images else None
-    return plot_deltas(points, analysis, variants, args.output_dir, grids, images,
-                       args.resamples, args.bootstrap_seed)
+    return plot_deltas(
+        points,
+        analysis,
+        variants,
+        args.output_dir,
+        grids,
+        images,
+        args.resamples,
+        args.bootstrap_seed,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -55,11 +55,29 @@ from hpcm.util.io import atomic_write_text  # noqa: E402
 
 # the summary's column label of each metric (hpcm.analysis.summary.METRICS)
 SUMMARY_LABELS = {"psnr": "PSNR", "ms_ssim_db": "MS-SSIM"}
-GRID_COLUMNS = ("dataset", "variant", "gamma", "w_lr", "BD-rate (%)", "BD-rate low (%)",
-                "BD-rate high (%)")
+GRID_COLUMNS = (
+    "dataset",
+    "variant",
+    "gamma",
+    "w_lr",
+    "BD-rate (%)",
+    "BD-rate low (%)",
+    "BD-rate high (%)",
+)
 BETTER, WORSE, UNDECIDED = "#1f77b4", "#d62728", "0.35"
-SIDECAR_COLUMNS = ("group", "label", "variant", "dataset", "metric", "bd_rate", "low", "high",
-                   "excludes_zero", "seed_values", "source")
+SIDECAR_COLUMNS = (
+    "group",
+    "label",
+    "variant",
+    "dataset",
+    "metric",
+    "bd_rate",
+    "low",
+    "high",
+    "excludes_zero",
+    "seed_values",
+    "source",
+)
 
 
 @dataclass
@@ -97,14 +115,23 @@ def read_summary(path: str | Path, reference: str):
     for metric in SUMMARY_LABELS:
         key = summary_column(metric, reference)
         columns += [key, f"{key} low", f"{key} high"]
-    return read_table(path, columns, "summary table",
-                      f" (vs reference {reference!r}); write it with `python -m "
-                      "hpcm.analysis.summary`", error=TableError)
+    return read_table(
+        path,
+        columns,
+        "summary table",
+        f" (vs reference {reference!r}); write it with `python -m hpcm.analysis.summary`",
+        error=TableError,
+    )
 
 
 def read_grid(path: str | Path):
-    return read_table(path, GRID_COLUMNS, "Phase 2 grid table",
-                      "; write it with `python -m hpcm.analysis.phase2`", error=TableError)
+    return read_table(
+        path,
+        GRID_COLUMNS,
+        "Phase 2 grid table",
+        "; write it with `python -m hpcm.analysis.phase2`",
+        error=TableError,
+    )
 
 
 def variant_groups(analysis: dict[str, Any], variants: Sequence[str]) -> list[tuple[str, list]]:
@@ -117,8 +144,10 @@ def variant_groups(analysis: dict[str, Any], variants: Sequence[str]) -> list[tu
     groups = [("Phases", phases)] if phases else []
     for name, study in studies.items():
         # a label that already names its variant ("none (phase1)") is kept as it is
-        rows = [(label if v in label else f"{label} ({v})", v)
-                for label, v in (study.get("rows") or {}).items()]
+        rows = [
+            (label if v in label else f"{label} ({v})", v)
+            for label, v in (study.get("rows") or {}).items()
+        ]
         groups.append((str(study.get("title") or name), rows))
     return groups
 
@@ -126,16 +155,25 @@ def variant_groups(analysis: dict[str, Any], variants: Sequence[str]) -> list[tu
 def _summary_row(summary, dataset: str, variant: str, column: str, source: str):
     hit = summary[(summary["dataset"] == dataset) & (summary["variant"] == variant)]
     if hit.empty:
-        raise TableError(f"{source}: no row for variant {variant!r} on dataset {dataset!r} "
-                         "(summarise every variant that a study lists: --variants)")
+        raise TableError(
+            f"{source}: no row for variant {variant!r} on dataset {dataset!r} "
+            "(summarise every variant that a study lists: --variants)"
+        )
     r = hit.iloc[0]
     return float(r[column]), float(r[f"{column} low"]), float(r[f"{column} high"])
 
 
-def forest_rows(summary, dataset: str, metric: str, analysis: dict[str, Any],
-                variants: Sequence[str], grids: dict[str, Any] | None = None,
-                grid_metric: str | None = None, seed_values: dict | None = None,
-                summary_name: str = "summary.csv") -> list[Row]:
+def forest_rows(
+    summary,
+    dataset: str,
+    metric: str,
+    analysis: dict[str, Any],
+    variants: Sequence[str],
+    grids: dict[str, Any] | None = None,
+    grid_metric: str | None = None,
+    seed_values: dict | None = None,
+    summary_name: str = "summary.csv",
+) -> list[Row]:
     """The rows of one figure, in drawing order (top to bottom).
 
     ``grids``: grid name -> its table (drawn only when ``metric == grid_metric``);
@@ -148,8 +186,18 @@ def forest_rows(summary, dataset: str, metric: str, analysis: dict[str, Any],
     for title, members in variant_groups(analysis, variants):
         for label, variant in members:
             value, low, high = _summary_row(summary, dataset, variant, column, summary_name)
-            rows.append(Row(title, label, variant, value, low, high, summary_name,
-                            list(seed_values.get((dataset, variant, metric), []))))
+            rows.append(
+                Row(
+                    title,
+                    label,
+                    variant,
+                    value,
+                    low,
+                    high,
+                    summary_name,
+                    list(seed_values.get((dataset, variant, metric), [])),
+                )
+            )
     if metric == grid_metric:
         for grid, table in (grids or {}).items():
             sel = table[table["dataset"] == dataset].sort_values(["gamma", "w_lr"])
@@ -158,21 +206,33 @@ def forest_rows(summary, dataset: str, metric: str, analysis: dict[str, Any],
                 label = f"γ={r['gamma']:g}, w_lr={r['w_lr']:g}"
                 if not variant.startswith(f"{grid}-"):
                     label += f" ({variant})"
-                rows.append(Row(f"Phase 2 grid {grid}", label, variant, float(r["BD-rate (%)"]),
-                                float(r["BD-rate low (%)"]), float(r["BD-rate high (%)"]),
-                                f"{grid}.csv",
-                                list(seed_values.get((dataset, variant, metric), []))))
+                rows.append(
+                    Row(
+                        f"Phase 2 grid {grid}",
+                        label,
+                        variant,
+                        float(r["BD-rate (%)"]),
+                        float(r["BD-rate low (%)"]),
+                        float(r["BD-rate high (%)"]),
+                        f"{grid}.csv",
+                        list(seed_values.get((dataset, variant, metric), [])),
+                    )
+                )
     return rows
 
 
-def per_seed_bd_rates(images, reference: str, method: str,
-                      metrics: Sequence[str] = tuple(SUMMARY_LABELS)) -> dict:
+def per_seed_bd_rates(
+    images, reference: str, method: str, metrics: Sequence[str] = tuple(SUMMARY_LABELS)
+) -> dict:
     """(dataset, variant, metric) -> BD-rate (%) of each training seed, for variants trained with
     more than one seed: seed s against the reference's seed s where it has it, else against the
     reference's seed-averaged curve (as ``hpcm.analysis.tables.seed_spread``)."""
     per_seed = seed_points(images)
-    means = per_seed.groupby(["dataset", "variant", "lmbda"])[["bpp", "psnr", "ms_ssim_db"]] \
-        .mean().reset_index()
+    means = (
+        per_seed.groupby(["dataset", "variant", "lmbda"])[["bpp", "psnr", "ms_ssim_db"]]
+        .mean()
+        .reset_index()
+    )
     counts = per_seed.groupby(["dataset", "variant"])["seed"].nunique()
     out: dict = {}
     for (dataset, variant), n in counts.items():
@@ -182,12 +242,22 @@ def per_seed_bd_rates(images, reference: str, method: str,
         for metric in metrics:
             values = []
             for seed, group in mine.groupby("seed"):
-                ref = per_seed[(per_seed["dataset"] == dataset)
-                               & (per_seed["variant"] == reference) & (per_seed["seed"] == seed)]
+                ref = per_seed[
+                    (per_seed["dataset"] == dataset)
+                    & (per_seed["variant"] == reference)
+                    & (per_seed["seed"] == seed)
+                ]
                 if ref.empty:
                     ref = means[(means["dataset"] == dataset) & (means["variant"] == reference)]
-                row = bd_row(dataset, variant, reference, curve(ref, dataset, reference, metric),
-                             curve(group, dataset, variant, metric), metric, method)
+                row = bd_row(
+                    dataset,
+                    variant,
+                    reference,
+                    curve(ref, dataset, reference, metric),
+                    curve(group, dataset, variant, metric),
+                    metric,
+                    method,
+                )
                 values.append(row.bd_rate)
             out[(dataset, variant, metric)] = values
     return out
@@ -240,18 +310,41 @@ def forest_figure(rows: Sequence[Row], title: str, xlabel: str, note: str = ""):
         key = f"{row.group}:{row.label}"
         color = _color(row)
         if math.isfinite(row.low) and math.isfinite(row.high):
-            ax.hlines(y, row.low, row.high, color=color, linewidth=2.0, zorder=2,
-                      gid=f"bar:{key}")
+            ax.hlines(y, row.low, row.high, color=color, linewidth=2.0, zorder=2, gid=f"bar:{key}")
         if row.seeds:
-            ax.plot(row.seeds, [y] * len(row.seeds), linestyle="none", marker="|",
-                    markersize=9, color="0.45", zorder=3, gid=f"seeds:{key}")
+            ax.plot(
+                row.seeds,
+                [y] * len(row.seeds),
+                linestyle="none",
+                marker="|",
+                markersize=9,
+                color="0.45",
+                zorder=3,
+                gid=f"seeds:{key}",
+            )
         if math.isfinite(row.bd_rate):
             filled = row.excludes_zero is True
-            ax.plot([row.bd_rate], [y], linestyle="none", marker="o", markersize=6,
-                    color=color, markerfacecolor=color if filled else "white", zorder=4,
-                    gid=f"point:{key}")
-        ax.text(1.02, y, _interval_text(row), transform=ax.get_yaxis_transform(),
-                va="center", ha="left", fontsize=8, family="monospace")
+            ax.plot(
+                [row.bd_rate],
+                [y],
+                linestyle="none",
+                marker="o",
+                markersize=6,
+                color=color,
+                markerfacecolor=color if filled else "white",
+                zorder=4,
+                gid=f"point:{key}",
+            )
+        ax.text(
+            1.02,
+            y,
+            _interval_text(row),
+            transform=ax.get_yaxis_transform(),
+            va="center",
+            ha="left",
+            fontsize=8,
+            family="monospace",
+        )
     ax.set_yticks([t[0] for t in ticks], [t[1] for t in ticks], fontsize=8)
     for label, (_, _, is_title) in zip(ax.get_yticklabels(), ticks):
         if is_title:
@@ -267,22 +360,51 @@ def forest_figure(rows: Sequence[Row], title: str, xlabel: str, note: str = ""):
     ax.set_xlabel(xlabel)
     ax.grid(axis="x", alpha=0.3)
     # the value column's header sits on the first group's title row
-    ax.text(1.02, ticks[0][0] if ticks else 0.0, "BD-rate [95 % CI]",
-            transform=ax.get_yaxis_transform(), va="center", ha="left", fontsize=8,
-            fontweight="bold")
+    ax.text(
+        1.02,
+        ticks[0][0] if ticks else 0.0,
+        "BD-rate [95 % CI]",
+        transform=ax.get_yaxis_transform(),
+        va="center",
+        ha="left",
+        fontsize=8,
+        fontweight="bold",
+    )
     ax.set_title(title, fontsize=10, loc="left")
     legend = [
         plt.Line2D([], [], marker="o", linestyle="-", color=BETTER, label="interval below 0"),
         plt.Line2D([], [], marker="o", linestyle="-", color=WORSE, label="interval above 0"),
-        plt.Line2D([], [], marker="o", linestyle="-", color=UNDECIDED, markerfacecolor="white",
-                   label="interval contains 0 (or none)"),
+        plt.Line2D(
+            [],
+            [],
+            marker="o",
+            linestyle="-",
+            color=UNDECIDED,
+            markerfacecolor="white",
+            label="interval contains 0 (or none)",
+        ),
     ]
     if any(r.seeds for r in rows):
-        legend.append(plt.Line2D([], [], marker="|", linestyle="none", color="0.45",
-                                 markersize=9, label="one training seed"))
+        legend.append(
+            plt.Line2D(
+                [],
+                [],
+                marker="|",
+                linestyle="none",
+                color="0.45",
+                markersize=9,
+                label="one training seed",
+            )
+        )
     # legend and note in a fixed strip under the axes, whatever the number of rows
-    fig.legend(handles=legend, fontsize=7, loc="center", bbox_to_anchor=(0.5, 0.3 / height),
-               ncol=len(legend), frameon=False)
+    fig.legend(
+        handles=legend,
+        fontsize=7,
+        loc="center",
+        bbox_to_anchor=(0.5, 0.3 / height),
+        ncol=len(legend),
+        frameon=False,
+    )
     if note:
         fig.text(0.01, 0.04 / height, note, fontsize=7, color="0.3", va="bottom")
     fig.tight_layout(rect=(0.0, 0.5 / height, 1.0, 1.0))
@@ -291,16 +413,36 @@ def forest_figure(rows: Sequence[Row], title: str, xlabel: str, note: str = ""):
 
 def sidecar(rows: Sequence[Row], dataset: str, metric: str):
     """What the figure draws, one line per row (per-seed values joined by ';')."""
-    return pd.DataFrame([{
-        "group": r.group, "label": r.label, "variant": r.variant, "dataset": dataset,
-        "metric": metric, "bd_rate": r.bd_rate, "low": r.low, "high": r.high,
-        "excludes_zero": r.excludes_zero, "seed_values": ";".join(repr(v) for v in r.seeds),
-        "source": r.source} for r in rows], columns=list(SIDECAR_COLUMNS))
+    return pd.DataFrame(
+        [
+            {
+                "group": r.group,
+                "label": r.label,
+                "variant": r.variant,
+                "dataset": dataset,
+                "metric": metric,
+                "bd_rate": r.bd_rate,
+                "low": r.low,
+                "high": r.high,
+                "excludes_zero": r.excludes_zero,
+                "seed_values": ";".join(repr(v) for v in r.seeds),
+                "source": r.source,
+            }
+            for r in rows
+        ],
+        columns=list(SIDECAR_COLUMNS),
+    )
 
 
-def plot_forests(summary, analysis: dict[str, Any], variants: Sequence[str],
-                 output_dir: str | Path, grids: dict[str, Any] | None = None,
-                 grid_metric: str | None = None, seed_values: dict | None = None) -> list[Path]:
+def plot_forests(
+    summary,
+    analysis: dict[str, Any],
+    variants: Sequence[str],
+    output_dir: str | Path,
+    grids: dict[str, Any] | None = None,
+    grid_metric: str | None = None,
+    seed_values: dict | None = None,
+) -> list[Path]:
     """forest_<dataset>_<metric>.{png,pdf,csv} for every dataset of the summary and both
     metrics (a metric the summary has no number for is left out, with a line on stdout)."""
     reference = analysis.get("reference", "baseline")
@@ -308,20 +450,33 @@ def plot_forests(summary, analysis: dict[str, Any], variants: Sequence[str],
     written = []
     for dataset in sorted(summary["dataset"].unique()):
         for metric in SUMMARY_LABELS:
-            if summary.loc[summary["dataset"] == dataset, summary_column(metric, reference)] \
-                    .isna().all():
-                print(f"{dataset}: no {SUMMARY_LABELS[metric]} BD-rate in the summary; "
-                      "no forest plot", file=sys.stderr)
+            if (
+                summary.loc[summary["dataset"] == dataset, summary_column(metric, reference)]
+                .isna()
+                .all()
+            ):
+                print(
+                    f"{dataset}: no {SUMMARY_LABELS[metric]} BD-rate in the summary; "
+                    "no forest plot",
+                    file=sys.stderr,
+                )
                 continue
-            rows = forest_rows(summary, dataset, metric, analysis, variants, grids, grid_metric,
-                               seed_values)
-            notes = ["bars: 95 % paired bootstrap interval over the test images (the tables'); "
-                     "open point: it contains 0; n/a: no BD (the tables' notes say why)"]
+            rows = forest_rows(
+                summary, dataset, metric, analysis, variants, grids, grid_metric, seed_values
+            )
+            notes = [
+                "bars: 95 % paired bootstrap interval over the test images (the tables'); "
+                "open point: it contains 0; n/a: no BD (the tables' notes say why)"
+            ]
             if grids and metric != grid_metric:
-                notes.append(f"Phase 2 grid not shown: measured in "
-                             f"{METRIC_LABELS[grid_metric].split(' (')[0]} only")
-            title = (f"BD-rate vs {reference} on {dataset}, {METRIC_LABELS[metric]}, {method}\n"
-                     "negative = fewer bits at equal quality")
+                notes.append(
+                    f"Phase 2 grid not shown: measured in "
+                    f"{METRIC_LABELS[grid_metric].split(' (')[0]} only"
+                )
+            title = (
+                f"BD-rate vs {reference} on {dataset}, {METRIC_LABELS[metric]}, {method}\n"
+                "negative = fewer bits at equal quality"
+            )
             fig = forest_figure(rows, title, f"BD-rate vs {reference} (%)", "; ".join(notes))
             stem = f"forest_{dataset}_{metric}"
             written += save_figure(fig, output_dir, stem)
@@ -337,20 +492,37 @@ def plot_forests(summary, analysis: dict[str, Any], variants: Sequence[str],
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hpcm.analysis.forest", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m hpcm.analysis.forest",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--summary", required=True, help="summary.csv (hpcm.analysis.summary)")
     parser.add_argument("--config", required=True, help="YAML with the 'analysis' section")
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--variants", nargs="*", default=None,
-                        help="named variants in the config's order (default: the summary's)")
-    parser.add_argument("--grid-table", nargs="*", default=[],
-                        help="Phase 2 grid tables <grid>.csv (hpcm.analysis.phase2)")
-    parser.add_argument("--grid-metric", choices=tuple(SUMMARY_LABELS),
-                        help="the metric the grid tables were measured in (default: "
-                             "the analysis section's metric, else psnr)")
-    parser.add_argument("--images", help="per-image table (hpcm rd points --images): the "
-                                         "per-seed marks of variants with several seeds")
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        default=None,
+        help="named variants in the config's order (default: the summary's)",
+    )
+    parser.add_argument(
+        "--grid-table",
+        nargs="*",
+        default=[],
+        help="Phase 2 grid tables <grid>.csv (hpcm.analysis.phase2)",
+    )
+    parser.add_argument(
+        "--grid-metric",
+        choices=tuple(SUMMARY_LABELS),
+        help="the metric the grid tables were measured in (default: "
+        "the analysis section's metric, else psnr)",
+    )
+    parser.add_argument(
+        "--images",
+        help="per-image table (hpcm rd points --images): the "
+        "per-seed marks of variants with several seeds",
+    )
     return parser
 
 
@@ -363,8 +535,9 @@ def _draw(args: argparse.Namespace) -> list[Path]:
     grid_metric = args.grid_metric or analysis.get("metric") or "psnr"
     seeds = None
     if args.images:
-        seeds = per_seed_bd_rates(read_images(args.images), reference,
-                                  analysis.get("bd_method", "pchip"))
+        seeds = per_seed_bd_rates(
+            read_images(args.images), reference, analysis.get("bd_method", "pchip")
+        )
     return plot_forests(summary, analysis, variants, args.output_dir, grids, grid_metric, seeds)
 
 

@@ -35,24 +35,36 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from hpcm.analysis.bootstrap import Curve, bd_interval, resample_indices
-from hpcm.evaluate.codec_anchor import (IMAGE_COLUMNS, curve_document, image_frame,
-                                        provenance_of, read_point)
+from hpcm.evaluate.codec_anchor import (
+    IMAGE_COLUMNS,
+    curve_document,
+    image_frame,
+    provenance_of,
+    read_point,
+)
 from hpcm.evaluate.metrics import ms_ssim_to_db
 from hpcm.util.io import atomic_write_text
 
 MEASURED_DIR = Path(__file__).with_name("measured")
 AVERAGING = ("image", "pooled")
-DISTORTIONS = {"psnr": "RGB PSNR", "psnr_yuv": "(6 Y + U + V) / 8 of VTM's Y, U, V PSNR",
-               "psnr_yuv_vtm": "VTM's own YUV-PSNR (its totals line)",
-               "psnr_y": "Y PSNR, VTM's own"}
+DISTORTIONS = {
+    "psnr": "RGB PSNR",
+    "psnr_yuv": "(6 Y + U + V) / 8 of VTM's Y, U, V PSNR",
+    "psnr_yuv_vtm": "VTM's own YUV-PSNR (its totals line)",
+    "psnr_y": "Y PSNR, VTM's own",
+}
 
 
 def read_measured(path: str | Path):
     """A per-image anchor CSV, its columns checked."""
     from hpcm.analysis.points import read_table  # why late: points imports pandas lazily too
 
-    return read_table(path, IMAGE_COLUMNS, "measured anchor CSV",
-                      "; write it with `python -m hpcm.evaluate.codec_anchor collect`")
+    return read_table(
+        path,
+        IMAGE_COLUMNS,
+        "measured anchor CSV",
+        "; write it with `python -m hpcm.evaluate.codec_anchor collect`",
+    )
 
 
 def shipped_csvs(root: str | Path = MEASURED_DIR) -> list[Path]:
@@ -73,9 +85,13 @@ def pooled_psnr(psnr_db: np.ndarray) -> float:
     return float(10.0 * np.log10(255.0**2 / mse.mean()))
 
 
-def mean_curve(rows, distortion: str = "psnr", averaging: str = "image",
-               qualities: Iterable[int] | None = None,
-               n_images: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def mean_curve(
+    rows,
+    distortion: str = "psnr",
+    averaging: str = "image",
+    qualities: Iterable[int] | None = None,
+    n_images: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """(bpp, distortion) of the complete qualities (or the given subset of them), by rate."""
     if averaging not in AVERAGING:
         raise ValueError(f"averaging must be one of {AVERAGING}, got {averaging!r}")
@@ -86,8 +102,9 @@ def mean_curve(rows, distortion: str = "psnr", averaging: str = "image",
         wanted = [int(q) for q in qualities]
         missing = sorted(set(wanted) - set(keep))
         if missing:
-            raise ValueError(f"qualities {missing} are not complete in this anchor (complete: "
-                             f"{keep})")
+            raise ValueError(
+                f"qualities {missing} are not complete in this anchor (complete: {keep})"
+            )
         keep = wanted
     bpp, dist = [], []
     for quality in keep:
@@ -122,24 +139,34 @@ def mean_rows(csv: str | Path, label: str | None = None) -> list[dict[str, Any]]
     keep = complete_qualities(rows, n_expected)
     n_images = int(n_expected or rows["image"].nunique())
     pairs = f"{complete.get('pairs', len(rows))} of {complete.get('expected_pairs') or '?'}"
-    note = (f"measured by this project: {provenance.get('version', '?')}; per-image CSV "
-            f"{csv.name}; {pairs} (image, quality) pairs complete; {n_images} images; "
-            f"qualities in the curve {keep}")
+    note = (
+        f"measured by this project: {provenance.get('version', '?')}; per-image CSV "
+        f"{csv.name}; {pairs} (image, quality) pairs complete; {n_images} images; "
+        f"qualities in the curve {keep}"
+    )
     out = []
     blob = _git_blob_sha1(csv.read_bytes())
     for quality in complete_qualities(rows, n_expected):
         group = rows[rows["quality"] == quality]
         ms_ssim = float(group["ms_ssim"].mean())
-        out.append({
-            "dataset": str(rows["dataset"].iloc[0]), "anchor": str(rows["anchor"].iloc[0]),
-            "label": label or provenance.get("label") or str(rows["anchor"].iloc[0]),
-            "family": "classical", "point": 0, "bpp": float(group["bpp"].mean()),
-            "psnr": float(group["psnr"].mean()), "ms_ssim": ms_ssim,
-            "ms_ssim_db": ms_ssim_to_db(ms_ssim),
-            "source_repo": provenance.get("source_repo", "this project"),
-            "commit": provenance.get("commit", ""), "file": str(csv), "blob_sha1": blob,
-            "note": note,
-        })
+        out.append(
+            {
+                "dataset": str(rows["dataset"].iloc[0]),
+                "anchor": str(rows["anchor"].iloc[0]),
+                "label": label or provenance.get("label") or str(rows["anchor"].iloc[0]),
+                "family": "classical",
+                "point": 0,
+                "bpp": float(group["bpp"].mean()),
+                "psnr": float(group["psnr"].mean()),
+                "ms_ssim": ms_ssim,
+                "ms_ssim_db": ms_ssim_to_db(ms_ssim),
+                "source_repo": provenance.get("source_repo", "this project"),
+                "commit": provenance.get("commit", ""),
+                "file": str(csv),
+                "blob_sha1": blob,
+                "note": note,
+            }
+        )
     out.sort(key=lambda r: r["bpp"])
     for point, row in enumerate(out):
         row["point"] = point
@@ -151,8 +178,11 @@ def measured_image_rows(csvs: Sequence[str | Path]):
     import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
 
     frames = [read_measured(c) for c in csvs]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=list(IMAGE_COLUMNS))
+    return (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(columns=list(IMAGE_COLUMNS))
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,8 +200,15 @@ def anchor_curve_matrix(rows, order: list[str], metric: str) -> Curve:
     return Curve(bpp[order].to_numpy(float), dist[order].to_numpy(float), linear)
 
 
-def anchor_intervals(images, anchor_rows, anchor: str, metric: str = "psnr",
-                     method: str = "pchip", resamples: int = 1000, seed: int = 0):
+def anchor_intervals(
+    images,
+    anchor_rows,
+    anchor: str,
+    metric: str = "psnr",
+    method: str = "pchip",
+    resamples: int = 1000,
+    seed: int = 0,
+):
     """Interval rows (dataset, variant, n_images, rate_low, ..., invalid, note) of every variant
     of ``images`` (``hpcm rd points --images``) against the measured ``anchor``, paired on image
     names; a dataset whose image set differs from the anchor's gets NaN and a note saying so."""
@@ -191,13 +228,24 @@ def anchor_intervals(images, anchor_rows, anchor: str, metric: str = "psnr",
         elif sorted(ref_rows["image"].unique()) != names:
             only_anchor = sorted(set(ref_rows["image"]) - set(names))
             only_test = sorted(set(names) - set(ref_rows["image"]))
-            note = (f"anchor {anchor!r} and the variants were measured on different images "
-                    f"(anchor only: {only_anchor[:3]}, variants only: {only_test[:3]}); no "
-                    "paired interval")
+            note = (
+                f"anchor {anchor!r} and the variants were measured on different images "
+                f"(anchor only: {only_anchor[:3]}, variants only: {only_test[:3]}); no "
+                "paired interval"
+            )
         for variant in sorted(on["variant"].unique()):
-            row = {"dataset": dataset, "variant": variant, "n_images": len(names),
-                   "rate_low": math.nan, "rate_high": math.nan, "psnr_low": math.nan,
-                   "psnr_high": math.nan, "resamples": resamples, "invalid": 0, "note": note}
+            row = {
+                "dataset": dataset,
+                "variant": variant,
+                "n_images": len(names),
+                "rate_low": math.nan,
+                "rate_high": math.nan,
+                "psnr_low": math.nan,
+                "psnr_high": math.nan,
+                "resamples": resamples,
+                "invalid": 0,
+                "note": note,
+            }
             if not note:
                 indices = resample_indices(len(names), resamples, seed)
                 ref = anchor_curve_matrix(ref_rows, names, metric)
@@ -212,9 +260,16 @@ def anchor_intervals(images, anchor_rows, anchor: str, metric: str = "psnr",
 # --------------------------------------------------------------------------------------------
 
 
-def assemble(points_dir: str | Path, dataset: str, anchor: str, output_dir: str | Path,
-             n_images: int, qualities: Sequence[int], label: str,
-             provenance: dict[str, Any] | None = None) -> list[Path]:
+def assemble(
+    points_dir: str | Path,
+    dataset: str,
+    anchor: str,
+    output_dir: str | Path,
+    n_images: int,
+    qualities: Sequence[int],
+    label: str,
+    provenance: dict[str, Any] | None = None,
+) -> list[Path]:
     """Every complete point file under ``points_dir`` -> ``<output_dir>/<dataset>.{csv,json}``.
 
     ``n_images`` x ``qualities`` is what the full anchor holds: the JSON says how many of those
@@ -229,8 +284,9 @@ def assemble(points_dir: str | Path, dataset: str, anchor: str, output_dir: str 
             skipped.append(why)
             continue
         if record["dataset"] != dataset or record["anchor"] != anchor:
-            raise ValueError(f"{path}: point of {record['dataset']}/{record['anchor']}, not "
-                             f"{dataset}/{anchor}")
+            raise ValueError(
+                f"{path}: point of {record['dataset']}/{record['anchor']}, not {dataset}/{anchor}"
+            )
         if int(record["quality"]) not in set(map(int, qualities)):
             raise ValueError(f"{path}: quality {record['quality']} is not one of {list(qualities)}")
         records.append(record)
@@ -238,8 +294,9 @@ def assemble(points_dir: str | Path, dataset: str, anchor: str, output_dir: str 
         raise ValueError(f"no complete point files under {points_dir} ({len(skipped)} skipped)")
     frame = image_frame(records)
     if frame["image"].nunique() > n_images:
-        raise ValueError(f"{frame['image'].nunique()} images under {points_dir}, more than "
-                         f"--images {n_images}")
+        raise ValueError(
+            f"{frame['image'].nunique()} images under {points_dir}, more than --images {n_images}"
+        )
     expected = n_images * len(qualities)
     extra = {"label": label, **(provenance or {})}
     doc = curve_document(frame, provenance_of(frame, extra), expected, skipped, n_images)
@@ -247,7 +304,9 @@ def assemble(points_dir: str | Path, dataset: str, anchor: str, output_dir: str 
     csv, json_path = output_dir / f"{dataset}.csv", output_dir / f"{dataset}.json"
     atomic_write_text(csv, frame.to_csv(index=False))
     atomic_write_text(json_path, json.dumps(doc, indent=2) + "\n")
-    print(f"{dataset}/{anchor}: {len(frame)} of {expected} (image, quality) pairs complete; "
-          f"qualities with all {n_images} images: {doc['meta']['quality']}; incomplete: "
-          f"{doc['meta']['incomplete_qualities'] or 'none'}; skipped files: {len(skipped)}")
+    print(
+        f"{dataset}/{anchor}: {len(frame)} of {expected} (image, quality) pairs complete; "
+        f"qualities with all {n_images} images: {doc['meta']['quality']}; incomplete: "
+        f"{doc['meta']['incomplete_qualities'] or 'none'}; skipped files: {len(skipped)}"
+    )
     return [csv, json_path]

@@ -54,15 +54,20 @@ SCALE_COLORS = dict(zip(SCALES, ("#1f77b4", "#ff7f0e", "#2ca02c")))
 METRIC_LABELS = {"psnr": "PSNR (dB)", "ms_ssim_db": "MS-SSIM (dB)"}
 ANCHOR_COLOR = "0.55"
 # Anchors are all grey; each gets its own (dash pattern, marker) pair, in the order asked for.
-ANCHOR_STYLES = [(line, marker) for marker in ("s", "^", "D", "v", "P", "X")
-                 for line in ("--", "-.", ":")]
+ANCHOR_STYLES = [
+    (line, marker) for marker in ("s", "^", "D", "v", "P", "X") for line in ("--", "-.", ":")
+]
 
 
 def _palette() -> list[str]:
     """Distinct, non-grey colours: tab10, then the light tab20 tones, then Dark2 and Set1."""
     grey = {"#7f7f7f", "#c7c7c7", "#666666", "#999999"}
-    colors = list(plt.get_cmap("tab10").colors) + list(plt.get_cmap("tab20").colors[1::2]) \
-        + list(plt.get_cmap("Dark2").colors) + list(plt.get_cmap("Set1").colors)
+    colors = (
+        list(plt.get_cmap("tab10").colors)
+        + list(plt.get_cmap("tab20").colors[1::2])
+        + list(plt.get_cmap("Dark2").colors)
+        + list(plt.get_cmap("Set1").colors)
+    )
     hexes = [matplotlib.colors.to_hex(c) for c in colors]
     return [c for c in dict.fromkeys(hexes) if c not in grey]
 
@@ -87,8 +92,7 @@ def _colors_for(colors: dict[str, str] | None, variants: Iterable[str]) -> dict[
         return variant_colors(sorted(set(variants)))
     unknown = sorted(set(variants) - set(colors))
     if unknown:
-        raise ValueError(f"variant(s) {unknown} missing from the --variants list "
-                         f"{list(colors)}")
+        raise ValueError(f"variant(s) {unknown} missing from the --variants list {list(colors)}")
     return colors
 
 
@@ -113,9 +117,15 @@ def save_figure(fig, output_dir: str | Path, stem: str) -> list[Path]:
 REFERENCE_COLOR = "black"
 
 
-def plot_rd(points, output_dir: str | Path, anchors: Sequence[str] = (),
-            metric: str = "psnr", colors: dict[str, str] | None = None,
-            reference: str | None = None, measured: Sequence[str | Path] = ()) -> list[Path]:
+def plot_rd(
+    points,
+    output_dir: str | Path,
+    anchors: Sequence[str] = (),
+    metric: str = "psnr",
+    colors: dict[str, str] | None = None,
+    reference: str | None = None,
+    measured: Sequence[str | Path] = (),
+) -> list[Path]:
     """One figure per dataset (``measured``: per-image CSVs of measured anchors besides the
     shipped ones, see hpcm.analysis.measured). The reference variant (every BD is measured
     against it) is a thick black line under the others; anchors are grey and dashed; the legend
@@ -130,11 +140,28 @@ def plot_rd(points, output_dir: str | Path, anchors: Sequence[str] = (),
         for variant in sorted(sel["variant"].unique()):
             cur = sel[sel["variant"] == variant].sort_values("bpp")
             if variant == reference:
-                ax.plot(cur["bpp"], cur[metric], "-s", color=REFERENCE_COLOR, linewidth=3.0,
-                        markersize=7, alpha=0.45, zorder=1, label=f"{variant} (reference)")
+                ax.plot(
+                    cur["bpp"],
+                    cur[metric],
+                    "-s",
+                    color=REFERENCE_COLOR,
+                    linewidth=3.0,
+                    markersize=7,
+                    alpha=0.45,
+                    zorder=1,
+                    label=f"{variant} (reference)",
+                )
             else:
-                ax.plot(cur["bpp"], cur[metric], "-o", color=colors[variant], label=variant,
-                        markersize=4, linewidth=1.2, zorder=2)
+                ax.plot(
+                    cur["bpp"],
+                    cur[metric],
+                    "-o",
+                    color=colors[variant],
+                    label=variant,
+                    markersize=4,
+                    linewidth=1.2,
+                    zorder=2,
+                )
         for name in anchors:
             try:
                 bpp, values = anchor_curve(dataset, name, metric, table)
@@ -145,8 +172,16 @@ def plot_rd(points, output_dir: str | Path, anchors: Sequence[str] = (),
             measured_here = str(rows["note"].iloc[0]).startswith("measured by")
             kind = "measured" if measured_here else "published"
             linestyle, marker = anchor_styles[name]
-            ax.plot(bpp, values, linestyle=linestyle, marker=marker, color=ANCHOR_COLOR,
-                    linewidth=1, markersize=3, label=f"{label} ({kind})")
+            ax.plot(
+                bpp,
+                values,
+                linestyle=linestyle,
+                marker=marker,
+                color=ANCHOR_COLOR,
+                linewidth=1,
+                markersize=3,
+                label=f"{label} ({kind})",
+            )
         ax.set_xscale("log")  # BD integrates over log-rate: the axis it is computed on
         ax.set_xlabel("Rate (bpp, log scale)")
         ax.set_ylabel(METRIC_LABELS[metric])
@@ -182,21 +217,25 @@ def _lines(ax, frame, columns: Sequence[str], labels: Sequence[str], colors=None
         rows = frame.dropna(subset=[column])
         if rows.empty:
             continue
-        ax.plot(rows["step"], rows[column], label=label,
-                color=colors[i] if colors else None)
+        ax.plot(rows["step"], rows[column], label=label, color=colors[i] if colors else None)
         drew = True
     return drew
 
 
 TASK_COLUMNS = {
     2: (("task_weight_distortion", "task_weight_bpp"), ("distortion", "bpp")),
-    5: (tuple(f"task_weight_{t}" for t in SEED_TASK_NAMES),
-        tuple(t.replace("_", " ") for t in SEED_TASK_NAMES)),
+    5: (
+        tuple(f"task_weight_{t}" for t in SEED_TASK_NAMES),
+        tuple(t.replace("_", " ") for t in SEED_TASK_NAMES),
+    ),
 }
 
 
-def plot_runs(runs: Sequence[tuple[str, float, object]], output_dir: str | Path,
-              colors: dict[str, str] | None = None) -> list[Path]:
+def plot_runs(
+    runs: Sequence[tuple[str, float, object]],
+    output_dir: str | Path,
+    colors: dict[str, str] | None = None,
+) -> list[Path]:
     """The per-run and per-λ training figures of ``runs``, the list ``iter_runs`` yields."""
     written = []
     by_lambda: dict[float, list] = {}
@@ -212,13 +251,19 @@ def plot_runs(runs: Sequence[tuple[str, float, object]], output_dir: str | Path,
                 ax.grid(alpha=0.3)
                 ax.legend(fontsize=8)
                 suffix = "" if n_tasks == 2 else "_scales"
-                written += save_figure(fig, output_dir,
-                                       f"task_weights{suffix}_{variant}_lmbda{lmbda:g}")
+                written += save_figure(
+                    fig, output_dir, f"task_weights{suffix}_{variant}_lmbda{lmbda:g}"
+                )
             else:
                 plt.close(fig)
         fig, ax = plt.subplots(figsize=(6.4, 4))
-        if _lines(ax, frame, [f"scale_contribution_{s}" for s in SCALES], SCALES,
-                  [SCALE_COLORS[s] for s in SCALES]):
+        if _lines(
+            ax,
+            frame,
+            [f"scale_contribution_{s}" for s in SCALES],
+            SCALES,
+            [SCALE_COLORS[s] for s in SCALES],
+        ):
             ax.set_xlabel("training step")
             ax.set_ylabel("scale contribution (share of the weighted loss)")
             ax.set_title(f"Phase 3 scale contributions: {variant}, λ={lmbda:g}")
@@ -233,12 +278,19 @@ def plot_runs(runs: Sequence[tuple[str, float, object]], output_dir: str | Path,
             color = colors[variant]
             if "loss" in frame.columns:
                 train = frame.dropna(subset=["loss"])
-                ax.plot(train["step"], train["loss"], color=color, label=f"{variant} train",
-                        linewidth=1)
+                ax.plot(
+                    train["step"], train["loss"], color=color, label=f"{variant} train", linewidth=1
+                )
             if "val_loss" in frame.columns:
                 val = frame.dropna(subset=["val_loss"])
-                ax.plot(val["step"], val["val_loss"], "o", color=color, markersize=4,
-                        label=f"{variant} val")
+                ax.plot(
+                    val["step"],
+                    val["val_loss"],
+                    "o",
+                    color=color,
+                    markersize=4,
+                    label=f"{variant} val",
+                )
         ax.set_xlabel("training step")
         ax.set_ylabel("loss = λ·255²·MSE + bpp")
         ax.set_yscale("log")
@@ -254,8 +306,9 @@ def plot_runs(runs: Sequence[tuple[str, float, object]], output_dir: str | Path,
 # --------------------------------------------------------------------------------------------
 
 
-def gamma_trajectories(total_epochs: int = 3000, seed: int = 0,
-                       initial_gammas: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+def gamma_trajectories(
+    total_epochs: int = 3000, seed: int = 0, initial_gammas: Sequence[float] | None = None
+) -> dict[str, np.ndarray]:
     """strategy -> (epochs, 3) gammas of s1, s2, s3 (``hpcm.train.schedules.ScaleGammaManager``)."""
     rng = np.random.default_rng(seed)
     epochs = np.arange(total_epochs + 1)
@@ -265,8 +318,9 @@ def gamma_trajectories(total_epochs: int = 3000, seed: int = 0,
     losses = (1.0 + decay)[:, None] * np.array([1.0, 0.8, 0.6]) * (1 + noise)
     out = {}
     for strategy in GAMMA_STRATEGIES:
-        manager = ScaleGammaManager(strategy=strategy, total_epochs=total_epochs,
-                                    initial_gammas=initial_gammas)
+        manager = ScaleGammaManager(
+            strategy=strategy, total_epochs=total_epochs, initial_gammas=initial_gammas
+        )
         values = []
         for i, epoch in enumerate(epochs):
             scale_losses = dict(zip(SCALES, losses[i])) if strategy == "adaptive" else None
@@ -276,14 +330,17 @@ def gamma_trajectories(total_epochs: int = 3000, seed: int = 0,
     return out
 
 
-def plot_gammas(output_dir: str | Path, total_epochs: int = 3000,
-                initial_gammas: Sequence[float] | None = None) -> list[Path]:
+def plot_gammas(
+    output_dir: str | Path, total_epochs: int = 3000, initial_gammas: Sequence[float] | None = None
+) -> list[Path]:
     trajectories = gamma_trajectories(total_epochs, initial_gammas=initial_gammas)
     # The title states the γs the curves start from, as the manager resolved them.
-    start = ScaleGammaManager(strategy="fixed", total_epochs=total_epochs,
-                              initial_gammas=initial_gammas).initial_gammas
-    fig, axes = plt.subplots(1, len(trajectories), figsize=(4 * len(trajectories), 3.6),
-                             sharey=True)
+    start = ScaleGammaManager(
+        strategy="fixed", total_epochs=total_epochs, initial_gammas=initial_gammas
+    ).initial_gammas
+    fig, axes = plt.subplots(
+        1, len(trajectories), figsize=(4 * len(trajectories), 3.6), sharey=True
+    )
     epochs = np.arange(total_epochs + 1)
     for ax, (strategy, values) in zip(np.atleast_1d(axes), trajectories.items()):
         for k, scale in enumerate(SCALES):
@@ -293,8 +350,12 @@ def plot_gammas(output_dir: str | Path, total_epochs: int = 3000,
         ax.grid(alpha=0.3)
     np.atleast_1d(axes)[0].set_ylabel("γ (task-weight regularisation)")
     np.atleast_1d(axes)[0].legend(fontsize=8)
-    fig.suptitle("ScaleGammaManager γ schedules per strategy (initial γ s1/s2/s3 = "
-                 + " / ".join(f"{start[s]:g}" for s in SCALES) + ")", y=1.04)
+    fig.suptitle(
+        "ScaleGammaManager γ schedules per strategy (initial γ s1/s2/s3 = "
+        + " / ".join(f"{start[s]:g}" for s in SCALES)
+        + ")",
+        y=1.04,
+    )
     return save_figure(fig, output_dir, "gamma_schedules")
 
 
@@ -304,24 +365,35 @@ def plot_gammas(output_dir: str | Path, total_epochs: int = 3000,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hpcm plots", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="hpcm plots", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {name: sub.add_parser(name) for name in ("all", "rd", "runs", "gammas")}
     for name, p in commands.items():
         p.add_argument("--output-dir", required=True)
         if name in ("all", "rd"):
-            p.add_argument("--reference", help="the variant every BD is measured against: drawn "
-                                               "as a thick black line (default: none)")
+            p.add_argument(
+                "--reference",
+                help="the variant every BD is measured against: drawn "
+                "as a thick black line (default: none)",
+            )
         if name in ("all", "rd", "runs"):
-            p.add_argument("--variants", nargs="+",
-                           help="every variant in a fixed order (the config's): colour i goes to "
-                                "the i-th, the same in every call (default: sorted names seen)")
+            p.add_argument(
+                "--variants",
+                nargs="+",
+                help="every variant in a fixed order (the config's): colour i goes to "
+                "the i-th, the same in every call (default: sorted names seen)",
+            )
         if name in ("all", "rd"):
             p.add_argument("--points", required=True, help="R-D points CSV (hpcm rd points)")
             p.add_argument("--anchors", nargs="*", default=[], help="anchors to draw")
-            p.add_argument("--measured", nargs="*", default=[],
-                           help="per-image CSVs of measured anchors (results/anchors/D/A.csv)")
+            p.add_argument(
+                "--measured",
+                nargs="*",
+                default=[],
+                help="per-image CSVs of measured anchors (results/anchors/D/A.csv)",
+            )
             p.add_argument("--metric", default="psnr", choices=tuple(METRIC_LABELS))
         if name in ("all", "runs"):
             p.add_argument("--runs", required=True, help="folder holding the run folders")
@@ -347,8 +419,15 @@ def _draw(args: argparse.Namespace) -> list[Path]:
         seen = set(points["variant"]) | {variant for variant, _, _ in runs}
         colors = variant_colors(sorted(seen))
     if points is not None:
-        written += plot_rd(points, args.output_dir, args.anchors, args.metric, colors,
-                           getattr(args, "reference", None), args.measured)
+        written += plot_rd(
+            points,
+            args.output_dir,
+            args.anchors,
+            args.metric,
+            colors,
+            getattr(args, "reference", None),
+            args.measured,
+        )
     if runs is not None:
         written += plot_runs(runs, args.output_dir, colors)
     if args.command in ("all", "gammas"):

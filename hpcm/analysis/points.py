@@ -23,9 +23,22 @@ from hpcm.util.io import sha256_file
 POINT_KEYS = ("dataset", "variant", "lmbda")
 REQUIRED_EVAL_COLUMNS = ("variant", "lmbda", "dataset", "image", "bpp", "psnr", "ms_ssim")
 POINT_COLUMNS = (
-    "dataset", "variant", "lmbda", "bpp", "psnr", "ms_ssim", "ms_ssim_db", "bpp_est",
-    "n_images", "n_seeds", "encoding_time", "decoding_time", "decode_ok", "source_csv",
-    "source_sha256", "checkpoint",
+    "dataset",
+    "variant",
+    "lmbda",
+    "bpp",
+    "psnr",
+    "ms_ssim",
+    "ms_ssim_db",
+    "bpp_est",
+    "n_images",
+    "n_seeds",
+    "encoding_time",
+    "decoding_time",
+    "decode_ok",
+    "source_csv",
+    "source_sha256",
+    "checkpoint",
 )
 # The per-image table (one row per image and training seed) that the bootstrap resamples.
 IMAGE_COLUMNS = ("dataset", "variant", "lmbda", "seed", "image", "bpp", "psnr", "ms_ssim")
@@ -45,19 +58,25 @@ def eval_rows(eval_csvs: Iterable[str | Path]):
         frame = pd.read_csv(csv_path, float_precision="round_trip")
         missing = [c for c in REQUIRED_EVAL_COLUMNS if c not in frame.columns]
         if missing:
-            raise ValueError(f"{csv_path}: missing column(s) {missing}; is it an hpcm.evaluate CSV?")
+            raise ValueError(
+                f"{csv_path}: missing column(s) {missing}; is it an hpcm.evaluate CSV?"
+            )
         if frame.empty:
             raise ValueError(f"{csv_path}: no image rows")
         if "seed" not in frame.columns:
             frame["seed"] = SINGLE_SEED
         if frame["seed"].isna().any():
-            raise ValueError(f"{csv_path}: empty `seed` in some rows (every row names its training seed)")
+            raise ValueError(
+                f"{csv_path}: empty `seed` in some rows (every row names its training seed)"
+            )
         if frame["lmbda"].isna().any():
             variant = frame.loc[frame["lmbda"].isna(), "variant"].iloc[0]
             dataset = frame.loc[frame["lmbda"].isna(), "dataset"].iloc[0]
-            raise ValueError(f"{csv_path}: empty lmbda for variant {variant!r} on {dataset!r}; an "
-                             "R-D point needs its lambda: evaluate again with hpcm.evaluate, which "
-                             "takes it from the checkpoint's labels or from --lmbda")
+            raise ValueError(
+                f"{csv_path}: empty lmbda for variant {variant!r} on {dataset!r}; an "
+                "R-D point needs its lambda: evaluate again with hpcm.evaluate, which "
+                "takes it from the checkpoint's labels or from --lmbda"
+            )
         frame["dataset"] = frame["dataset"].astype(str)
         frame["variant"] = frame["variant"].astype(str)
         frame["lmbda"] = frame["lmbda"].astype(float)
@@ -65,8 +84,10 @@ def eval_rows(eval_csvs: Iterable[str | Path]):
         for key, group in frame.groupby([*POINT_KEYS, "seed"], sort=True):
             refuse_nonfinite(csv_path, key, group)
             if key in seen:
-                raise ValueError(f"point (dataset={key[0]}, variant={key[1]}, lmbda={key[2]}, "
-                                 f"seed={key[3]}) appears in both {seen[key]} and {csv_path}")
+                raise ValueError(
+                    f"point (dataset={key[0]}, variant={key[1]}, lmbda={key[2]}, "
+                    f"seed={key[3]}) appears in both {seen[key]} and {csv_path}"
+                )
             seen[key] = str(csv_path)
         frame["source_csv"] = str(csv_path)
         frame["source_sha256"] = sha256_file(csv_path)
@@ -83,8 +104,10 @@ def image_table(rows):
     dup = table.duplicated(subset=[*POINT_KEYS, "seed", "image"])
     if dup.any():
         r = table[dup].iloc[0]
-        raise ValueError(f"image {r['image']!r} appears twice for (dataset={r['dataset']}, "
-                         f"variant={r['variant']}, lmbda={r['lmbda']}, seed={r['seed']})")
+        raise ValueError(
+            f"image {r['image']!r} appears twice for (dataset={r['dataset']}, "
+            f"variant={r['variant']}, lmbda={r['lmbda']}, seed={r['seed']})"
+        )
     return table.sort_values([*POINT_KEYS, "seed", "image"], kind="stable").reset_index(drop=True)
 
 
@@ -105,29 +128,39 @@ def rd_points(eval_csvs: Iterable[str | Path]):
         key = (str(key[0]), str(key[1]), float(key[2]))
         image_sets = {seed: frozenset(g["image"]) for seed, g in group.groupby("seed")}
         if len(set(image_sets.values())) > 1:
-            raise ValueError(f"point (dataset={key[0]}, variant={key[1]}, lmbda={key[2]}): the seeds "
-                             f"were evaluated on different images ({ {s: len(v) for s, v in image_sets.items()} } "
-                             "images per seed); evaluate every seed on the same set")
+            raise ValueError(
+                f"point (dataset={key[0]}, variant={key[1]}, lmbda={key[2]}): the seeds "
+                f"were evaluated on different images ({ {s: len(v) for s, v in image_sets.items()} } "
+                "images per seed); evaluate every seed on the same set"
+            )
         per_image = group.groupby("image").mean(numeric_only=True)
         ms_ssim = float(per_image["ms_ssim"].mean())
-        points.append({
-            "dataset": key[0], "variant": key[1], "lmbda": key[2],
-            "bpp": float(per_image["bpp"].mean()),
-            "psnr": float(per_image["psnr"].mean()),
-            "ms_ssim": ms_ssim,
-            "ms_ssim_db": ms_ssim_to_db(ms_ssim),
-            "bpp_est": float(per_image["bpp_est"].mean()) if "bpp_est" in per_image else math.nan,
-            "n_images": int(len(per_image)),
-            "n_seeds": int(len(image_sets)),
-            "encoding_time": _optional_mean(group, "enc_time"),
-            "decoding_time": _optional_mean(group, "dec_time"),
-            "decode_ok": bool(group["decode_ok"].astype(bool).all())
-            if "decode_ok" in group else math.nan,
-            "source_csv": ";".join(dict.fromkeys(group["source_csv"])),
-            "source_sha256": ";".join(dict.fromkeys(group["source_sha256"])),
-            "checkpoint": ";".join(dict.fromkeys(group["checkpoint"].astype(str)))
-            if "checkpoint" in group else "",
-        })
+        points.append(
+            {
+                "dataset": key[0],
+                "variant": key[1],
+                "lmbda": key[2],
+                "bpp": float(per_image["bpp"].mean()),
+                "psnr": float(per_image["psnr"].mean()),
+                "ms_ssim": ms_ssim,
+                "ms_ssim_db": ms_ssim_to_db(ms_ssim),
+                "bpp_est": float(per_image["bpp_est"].mean())
+                if "bpp_est" in per_image
+                else math.nan,
+                "n_images": int(len(per_image)),
+                "n_seeds": int(len(image_sets)),
+                "encoding_time": _optional_mean(group, "enc_time"),
+                "decoding_time": _optional_mean(group, "dec_time"),
+                "decode_ok": bool(group["decode_ok"].astype(bool).all())
+                if "decode_ok" in group
+                else math.nan,
+                "source_csv": ";".join(dict.fromkeys(group["source_csv"])),
+                "source_sha256": ";".join(dict.fromkeys(group["source_sha256"])),
+                "checkpoint": ";".join(dict.fromkeys(group["checkpoint"].astype(str)))
+                if "checkpoint" in group
+                else "",
+            }
+        )
     table = pd.DataFrame(points, columns=list(POINT_COLUMNS))
     return table.sort_values(list(POINT_KEYS), kind="stable").reset_index(drop=True)
 
@@ -145,24 +178,32 @@ def refuse_nonfinite(csv_path: Path, key: tuple, group) -> None:
             continue
         if bad.any():
             image = group["image"].iloc[int(np.argmax(bad))]
-            raise ValueError(f"{csv_path}: image {image!r} has {column} = {values[bad][0]!r} in the point "
-                             f"(dataset={key[0]}, variant={key[1]}, lmbda={key[2]}); a mean over the other "
-                             f"{int((~bad).sum())} of {len(values)} image(s) would not be this point. Re-evaluate "
-                             "the checkpoint or remove the image from the dataset")
+            raise ValueError(
+                f"{csv_path}: image {image!r} has {column} = {values[bad][0]!r} in the point "
+                f"(dataset={key[0]}, variant={key[1]}, lmbda={key[2]}); a mean over the other "
+                f"{int((~bad).sum())} of {len(values)} image(s) would not be this point. Re-evaluate "
+                "the checkpoint or remove the image from the dataset"
+            )
 
 
 def seed_points(rows):
     """One R-D point per (dataset, variant, lmbda, seed): the means over images of each seed
     alone (for the seed-to-seed spread of BD)."""
-    return (rows.groupby([*POINT_KEYS, "seed"], sort=True)[["bpp", "psnr", "ms_ssim"]].mean()
-            .reset_index().assign(ms_ssim_db=lambda f: f["ms_ssim"].map(ms_ssim_to_db)))
+    return (
+        rows.groupby([*POINT_KEYS, "seed"], sort=True)[["bpp", "psnr", "ms_ssim"]]
+        .mean()
+        .reset_index()
+        .assign(ms_ssim_db=lambda f: f["ms_ssim"].map(ms_ssim_to_db))
+    )
 
 
 def _optional_mean(group, column: str) -> float:
     return float(group[column].mean()) if column in group else math.nan
 
 
-def read_table(path: str | Path, columns, what: str, hint: str = "", error: type[Exception] = ValueError):
+def read_table(
+    path: str | Path, columns, what: str, hint: str = "", error: type[Exception] = ValueError
+):
     """A CSV table of the analysis (floats read back exactly), checking it exists and has ``columns``;
     ``what`` names the table and ``hint`` says how to write it in the error."""
     import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
@@ -182,7 +223,9 @@ def read_points(path: str | Path):
     return read_table(path, ("dataset", "variant", "lmbda", "bpp", "psnr"), "R-D points file")
 
 
-def curve(points, dataset: str, variant: str, metric: str = "psnr") -> tuple[np.ndarray, np.ndarray]:
+def curve(
+    points, dataset: str, variant: str, metric: str = "psnr"
+) -> tuple[np.ndarray, np.ndarray]:
     """(bpp, metric) of one (dataset, variant), sorted by rate."""
     sel = points[(points["dataset"] == dataset) & (points["variant"] == variant)]
     sel = sel.sort_values("bpp")
@@ -198,15 +241,22 @@ def curve_documents(points) -> dict[tuple[str, str], dict]:
     docs = {}
     for (dataset, variant), group in points.groupby(["dataset", "variant"], sort=True):
         group = group.sort_values("bpp")
-        results = {"bpp": group["bpp"], "psnr-rgb": group["psnr"], "ms-ssim-rgb": group["ms_ssim"],
-                   "encoding_time": group["encoding_time"],
-                   "decoding_time": group["decoding_time"]}
+        results = {
+            "bpp": group["bpp"],
+            "psnr-rgb": group["psnr"],
+            "ms-ssim-rgb": group["ms_ssim"],
+            "encoding_time": group["encoding_time"],
+            "decoding_time": group["decoding_time"],
+        }
         docs[(dataset, variant)] = {
             "name": variant,
             "description": f"hpcm.evaluate on {dataset} (real bitstreams)",
             "results": {k: v.tolist() for k, v in results.items() if not v.isna().any()},
-            "meta": {"dataset": dataset, "lmbda": group["lmbda"].tolist(),
-                     "n_images": group["n_images"].tolist(),
-                     "not_measured": [k for k, v in results.items() if v.isna().any()]},
+            "meta": {
+                "dataset": dataset,
+                "lmbda": group["lmbda"].tolist(),
+                "n_images": group["n_images"].tolist(),
+                "not_measured": [k for k, v in results.items() if v.isna().any()],
+            },
         }
     return docs

@@ -62,8 +62,9 @@ def _cmd_bd(args: argparse.Namespace) -> None:
     anchor_curves = None
     reference = args.reference
     if args.anchor:
-        anchor_curves = anchor_curves_by_dataset(args.anchor, args.metric,
-                                                 datasets=points["dataset"].unique())
+        anchor_curves = anchor_curves_by_dataset(
+            args.anchor, args.metric, datasets=points["dataset"].unique()
+        )
         reference = args.anchor
     table = bd_table(points, reference, args.metric, args.method, anchor_curves)
     _write_csv(table, args.output)
@@ -71,22 +72,30 @@ def _cmd_bd(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hpcm rd", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="hpcm rd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("points", help="per-image evaluation CSVs -> long-format R-D points CSV")
     p.add_argument("--eval-csv", nargs="+", required=True, help="hpcm.evaluate per-image CSVs")
     p.add_argument("--output", required=True, help="points CSV to write (atomically)")
-    p.add_argument("--images", help="also write the per-image rows (one per image and seed) "
-                                    "that hpcm tables resamples for its confidence intervals")
-    p.add_argument("--curves-dir", help="also write DIR/<dataset>/<variant>.json curves "
-                                        "(CompressAI format, for compressai.utils.plot)")
+    p.add_argument(
+        "--images",
+        help="also write the per-image rows (one per image and seed) "
+        "that hpcm tables resamples for its confidence intervals",
+    )
+    p.add_argument(
+        "--curves-dir",
+        help="also write DIR/<dataset>/<variant>.json curves "
+        "(CompressAI format, for compressai.utils.plot)",
+    )
     p.set_defaults(func=_cmd_points)
     b = sub.add_parser("bd", help="BD-rate/BD-PSNR of every variant against a reference")
     b.add_argument("--points", required=True, help="points CSV from the 'points' command")
     b.add_argument("--reference", default="baseline", help="reference variant (default baseline)")
-    b.add_argument("--anchor",
-                   help="published anchor name instead, e.g. 'vtm' (see hpcm anchors list)")
+    b.add_argument(
+        "--anchor", help="published anchor name instead, e.g. 'vtm' (see hpcm anchors list)"
+    )
     b.add_argument("--metric", default="psnr", choices=("psnr", "ms_ssim_db"))
     b.add_argument("--method", default="pchip", choices=METHODS)
     b.add_argument("--output", required=True, help="BD table CSV to write")

@@ -37,8 +37,14 @@ import numpy as np
 
 from hpcm.analysis.anchors import anchor_curve, load_anchors
 from hpcm.analysis.bd import METHODS, bd_metrics
-from hpcm.analysis.measured import (AVERAGING, DISTORTIONS, complete_qualities, mean_curve,
-                                    measured_image_rows, shipped_csvs)
+from hpcm.analysis.measured import (
+    AVERAGING,
+    DISTORTIONS,
+    complete_qualities,
+    mean_curve,
+    measured_image_rows,
+    shipped_csvs,
+)
 from hpcm.util.cli import run_command
 
 # HPCM paper, Kodak, PSNR BD-rate vs VTM-22.0 (research notes: /work/shared/research/anchors.md)
@@ -64,8 +70,10 @@ class Reference:
         """Quality labels by increasing rate (point indices for a published curve)."""
         if not self.measured:
             return list(range(len(self.points[0])))
-        bpp = {q: self.rows.loc[self.rows["quality"] == q, "bpp"].mean()
-               for q in complete_qualities(self.rows)}
+        bpp = {
+            q: self.rows.loc[self.rows["quality"] == q, "bpp"].mean()
+            for q in complete_qualities(self.rows)
+        }
         return sorted(bpp, key=bpp.get)
 
     def curve(self, distortion: str, averaging: str, qualities: Sequence[int] | None):
@@ -77,8 +85,9 @@ class Reference:
         return mean_curve(self.rows, distortion, averaging, qualities)
 
 
-def load_reference(dataset: str, name: str, measured: Sequence[str | Path] = (),
-                   table=None) -> Reference:
+def load_reference(
+    dataset: str, name: str, measured: Sequence[str | Path] = (), table=None
+) -> Reference:
     rows = measured_image_rows([*shipped_csvs(), *measured])
     mine = rows[(rows["dataset"] == dataset) & (rows["anchor"] == name)] if len(rows) else rows
     if len(mine):
@@ -101,9 +110,13 @@ def choices(reference: Reference) -> list[dict[str, object]]:
     return out
 
 
-def reproduce(dataset: str = "kodak", reference: str = "vtm-22.0",
-              models: Sequence[str] = tuple(PAPER), measured: Sequence[str | Path] = (),
-              table=None):
+def reproduce(
+    dataset: str = "kodak",
+    reference: str = "vtm-22.0",
+    models: Sequence[str] = tuple(PAPER),
+    measured: Sequence[str | Path] = (),
+    table=None,
+):
     """One row per (choice, model): BD-rate against ``reference``, the paper's value and the
     difference (``ours - paper``); a choice that cannot be computed has NaN and the reason."""
     import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
@@ -132,11 +145,20 @@ def reproduce(dataset: str = "kodak", reference: str = "vtm-22.0",
                 except ValueError as err:
                     why = str(err)
             paper = PAPER.get(model, np.nan)
-            rows.append({"choice": label, "model": model, "reference": reference,
-                         "BD-rate (%)": value, "paper (%)": paper,
-                         "difference (points)": value - paper, "overlap (%)": overlap * 100,
-                         "points": len(ref_curve[0]) if ref_curve is not None else 0,
-                         "error": why, **{k: _text(v) for k, v in choice.items()}})
+            rows.append(
+                {
+                    "choice": label,
+                    "model": model,
+                    "reference": reference,
+                    "BD-rate (%)": value,
+                    "paper (%)": paper,
+                    "difference (points)": value - paper,
+                    "overlap (%)": overlap * 100,
+                    "points": len(ref_curve[0]) if ref_curve is not None else 0,
+                    "error": why,
+                    **{k: _text(v) for k, v in choice.items()},
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -145,26 +167,47 @@ def _text(value) -> str:
 
 
 def to_text(frame, markdown: bool = False) -> str:
-    shown = frame[["choice", "model", "BD-rate (%)", "paper (%)", "difference (points)",
-                   "overlap (%)", "points", "error"]]
+    shown = frame[
+        [
+            "choice",
+            "model",
+            "BD-rate (%)",
+            "paper (%)",
+            "difference (points)",
+            "overlap (%)",
+            "points",
+            "error",
+        ]
+    ]
     if not markdown:
         return shown.to_string(index=False, float_format=lambda v: f"{v:+.2f}")
     lines = ["| " + " | ".join(shown.columns) + " |", "|" + "---|" * len(shown.columns)]
     for r in shown.itertuples(index=False):
-        lines.append("| " + " | ".join(f"{v:+.2f}" if isinstance(v, float) else str(v)
-                                       for v in r) + " |")
+        lines.append(
+            "| " + " | ".join(f"{v:+.2f}" if isinstance(v, float) else str(v) for v in r) + " |"
+        )
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hpcm.analysis.reproduce", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m hpcm.analysis.reproduce",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--dataset", default="kodak")
-    parser.add_argument("--reference", default="vtm-22.0",
-                        help="anchor name (measured or published), e.g. vtm-22.0 or vtm")
+    parser.add_argument(
+        "--reference",
+        default="vtm-22.0",
+        help="anchor name (measured or published), e.g. vtm-22.0 or vtm",
+    )
     parser.add_argument("--models", nargs="+", default=list(PAPER))
-    parser.add_argument("--measured", nargs="*", default=[],
-                        help="per-image CSVs of measured anchors besides the shipped ones")
+    parser.add_argument(
+        "--measured",
+        nargs="*",
+        default=[],
+        help="per-image CSVs of measured anchors besides the shipped ones",
+    )
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--csv", help="also write the table as CSV")
     return parser

@@ -49,16 +49,24 @@ def find_runs(root: str | Path) -> list[RunFolder]:
     for path in sorted(root.rglob(RUN_YAML)):
         config = read_run_yaml(path.parent)
         if "variant" not in config or "lmbda" not in config:
-            raise RunDiscoveryError(f"{path}: lacks 'variant' or 'lmbda' (not written by hpcm.train?)")
+            raise RunDiscoveryError(
+                f"{path}: lacks 'variant' or 'lmbda' (not written by hpcm.train?)"
+            )
         if not (path.parent / METRICS_CSV).is_file():
-            raise RunDiscoveryError(f"{path.parent}: run.yaml but no {METRICS_CSV} (an unfinished run? finish "
-                                    "it by re-running its training command, or move the folder away)")
+            raise RunDiscoveryError(
+                f"{path.parent}: run.yaml but no {METRICS_CSV} (an unfinished run? finish "
+                "it by re-running its training command, or move the folder away)"
+            )
         runs.append(RunFolder(path.parent, config))
     found = {run.path for run in runs}
     orphans = [p.parent for p in sorted(root.rglob(METRICS_CSV)) if p.parent not in found]
     if orphans:
-        raise RunDiscoveryError(f"{orphans[0]}: {METRICS_CSV} but no {RUN_YAML} with variant and lmbda")
+        raise RunDiscoveryError(
+            f"{orphans[0]}: {METRICS_CSV} but no {RUN_YAML} with variant and lmbda"
+        )
     if not runs:
-        raise RunDiscoveryError(f"no {METRICS_CSV} under {root} (a run folder holds {RUN_YAML} and "
-                                f"{METRICS_CSV}, at any depth)")
+        raise RunDiscoveryError(
+            f"no {METRICS_CSV} under {root} (a run folder holds {RUN_YAML} and "
+            f"{METRICS_CSV}, at any depth)"
+        )
     return runs

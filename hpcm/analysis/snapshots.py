@@ -26,34 +26,62 @@ from hpcm.util.cli import run_command
 SNAPSHOT = "epoch_{step}.pth.tar"  # hpcm.train.checkpoints' snapshot name
 
 
-def evaluate_snapshots(run_dir: str | Path, steps: Sequence[int], outputs: Sequence[str | Path],
-                       dataset: str | Path, dataset_name: str, limit: int, model: str, variant: str,
-                       lmbda: float, seed: int, device: str = "cpu") -> list[Path]:
+def evaluate_snapshots(
+    run_dir: str | Path,
+    steps: Sequence[int],
+    outputs: Sequence[str | Path],
+    dataset: str | Path,
+    dataset_name: str,
+    limit: int,
+    model: str,
+    variant: str,
+    lmbda: float,
+    seed: int,
+    device: str = "cpu",
+) -> list[Path]:
     if len(steps) != len(outputs):
         raise ValueError(f"{len(steps)} steps but {len(outputs)} outputs: give one output per step")
-    missing = [str(Path(run_dir) / SNAPSHOT.format(step=s)) for s in steps
-               if not (Path(run_dir) / SNAPSHOT.format(step=s)).is_file()]
+    missing = [
+        str(Path(run_dir) / SNAPSHOT.format(step=s))
+        for s in steps
+        if not (Path(run_dir) / SNAPSHOT.format(step=s)).is_file()
+    ]
     if missing:
-        raise FileNotFoundError(f"snapshot(s) not found: {', '.join(missing)} (was the run "
-                                "trained with snapshot_every and snapshot_keep: 0?)")
+        raise FileNotFoundError(
+            f"snapshot(s) not found: {', '.join(missing)} (was the run "
+            "trained with snapshot_every and snapshot_keep: 0?)"
+        )
     for step, output in zip(steps, outputs):
-        evaluate(Path(run_dir) / SNAPSHOT.format(step=step), dataset, output, model_name=model,
-                 device=device, dataset_name=dataset_name, variant=variant, lmbda=lmbda,
-                 limit=limit, seed=seed)
+        evaluate(
+            Path(run_dir) / SNAPSHOT.format(step=step),
+            dataset,
+            output,
+            model_name=model,
+            device=device,
+            dataset_name=dataset_name,
+            variant=variant,
+            lmbda=lmbda,
+            limit=limit,
+            seed=seed,
+        )
         print(f"step {step}: wrote {output}")
     return [Path(o) for o in outputs]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hpcm.analysis.snapshots", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m hpcm.analysis.snapshots",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--steps", type=int, nargs="+", required=True)
     parser.add_argument("--outputs", nargs="+", required=True, help="one per-image CSV per step")
     parser.add_argument("--dataset", required=True, help="image folder")
     parser.add_argument("--dataset-name", required=True)
-    parser.add_argument("--limit", type=int, required=True,
-                        help="the first N images (sorted names)")
+    parser.add_argument(
+        "--limit", type=int, required=True, help="the first N images (sorted names)"
+    )
     parser.add_argument("--model", required=True)
     parser.add_argument("--variant", required=True)
     parser.add_argument("--lmbda", type=float, required=True)
@@ -64,9 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(lambda: evaluate_snapshots(
-        args.run_dir, args.steps, args.outputs, args.dataset, args.dataset_name, args.limit,
-        args.model, args.variant, args.lmbda, args.seed, args.device))
+    return run_command(
+        lambda: evaluate_snapshots(
+            args.run_dir,
+            args.steps,
+            args.outputs,
+            args.dataset,
+            args.dataset_name,
+            args.limit,
+            args.model,
+            args.variant,
+            args.lmbda,
+            args.seed,
+            args.device,
+        )
+    )
 
 
 if __name__ == "__main__":

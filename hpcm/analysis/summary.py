@@ -41,9 +41,17 @@ from hpcm.analysis.bd import bd_row, bd_table
 from hpcm.analysis.bootstrap import interval_table
 from hpcm.analysis.complexity import count_macs, per_pixel_kmacs
 from hpcm.analysis.points import curve, eval_rows, image_table, read_points
-from hpcm.analysis.tables import (Table, TableError, has_several_seeds, paired_seed_intervals,
-                                  read_analysis, read_metrics, to_latex, to_markdown)
-from hpcm.analysis.tables import not_held_out_notes
+from hpcm.analysis.tables import (
+    Table,
+    TableError,
+    has_several_seeds,
+    not_held_out_notes,
+    paired_seed_intervals,
+    read_analysis,
+    read_metrics,
+    to_latex,
+    to_markdown,
+)
 from hpcm.config.run_config import RUN_YAML
 from hpcm.models import build_model
 from hpcm.util.cli import run_command
@@ -55,7 +63,11 @@ COMPLEXITY_SIZE = 256  # the official figure's input size (LIC-HPCM issue #12)
 
 def training_hours(metrics) -> float:
     """Seconds of training in one run's metrics.csv, in hours (NaN when it logged no step_time)."""
-    rows = metrics.dropna(subset=["step_time"]) if "step_time" in metrics.columns else metrics.iloc[0:0]
+    rows = (
+        metrics.dropna(subset=["step_time"])
+        if "step_time" in metrics.columns
+        else metrics.iloc[0:0]
+    )
     if rows.empty:
         return math.nan
     rows = rows.sort_values("step")
@@ -78,12 +90,20 @@ def run_costs(runs_root: str | Path):
             raise TableError(f"{path}: lacks 'variant' or 'lmbda'")
         device = str((doc.get("meta") or {}).get("device", doc.get("device", "")))
         if device in ("", "auto"):
-            raise TableError(f"{path}: no meta.device (written by hpcm.train); cannot say GPU- or CPU-hours")
+            raise TableError(
+                f"{path}: no meta.device (written by hpcm.train); cannot say GPU- or CPU-hours"
+            )
         metrics_path = path.parent / "metrics.csv"
         hours = training_hours(read_metrics(metrics_path)) if metrics_path.is_file() else math.nan
-        rows.append({"variant": str(doc["variant"]), "lmbda": float(doc["lmbda"]),
-                     "model": str(doc.get("model", "HPCM_Base")),
-                     "device": "GPU" if device.startswith("cuda") else "CPU", "hours": hours})
+        rows.append(
+            {
+                "variant": str(doc["variant"]),
+                "lmbda": float(doc["lmbda"]),
+                "model": str(doc.get("model", "HPCM_Base")),
+                "device": "GPU" if device.startswith("cuda") else "CPU",
+                "hours": hours,
+            }
+        )
     if not rows:
         raise TableError(f"no {RUN_YAML} under {root}")
     return pd.DataFrame(rows)
@@ -93,7 +113,9 @@ def _intervals(eval_csvs: Sequence[str | Path], reference: str, metric: str, met
     """BD-rate intervals per (dataset, variant): over seeds and images where the reference was
     trained with several seeds and the variant with the same ones (``hpcm.analysis.tables.
     paired_seed_intervals``), else over the images alone; ``kind`` says which."""
-    images = image_table(eval_rows(eval_csvs))  # one row per image and seed, checked as for the points
+    images = image_table(
+        eval_rows(eval_csvs)
+    )  # one row per image and seed, checked as for the points
     intervals = interval_table(images, reference, metric, method).assign(kind="images")
     if not has_several_seeds(images, reference):
         return intervals
@@ -111,9 +133,15 @@ def _interval_text(value: float, low: float, high: float) -> str:
     return text + (f" [{low:+.2f}, {high:+.2f}]" if np.isfinite(low) and np.isfinite(high) else "")
 
 
-def summary_tables(points, costs, analysis: dict[str, Any], variants: Sequence[str] | None = None,
-                   eval_csvs: Sequence[str | Path] = (), size: int = COMPLEXITY_SIZE,
-                   complexity: dict[str, dict[str, float]] | None = None) -> tuple[Any, Table]:
+def summary_tables(
+    points,
+    costs,
+    analysis: dict[str, Any],
+    variants: Sequence[str] | None = None,
+    eval_csvs: Sequence[str | Path] = (),
+    size: int = COMPLEXITY_SIZE,
+    complexity: dict[str, dict[str, float]] | None = None,
+) -> tuple[Any, Table]:
     """(numeric frame for the CSV, display Table for Markdown / LaTeX).
 
     ``complexity``: model name -> kMACs/px dict (computed with ``count_macs`` when not given).
@@ -144,7 +172,9 @@ def summary_tables(points, costs, analysis: dict[str, Any], variants: Sequence[s
         intervals = _intervals(eval_csvs, reference, metric, method) if eval_csvs else None
         if intervals is not None and (intervals["kind"] == "seeds and images").any():
             seed_kind = True
-        bd = bd_table(points, reference, metric, method, variants=[v for v in order if v != reference])
+        bd = bd_table(
+            points, reference, metric, method, variants=[v for v in order if v != reference]
+        )
         # the reference against itself is measured like any row (0, or n/a with the reason when its
         # own curve is no valid BD curve), as hpcm.analysis.tables does
         rows = [(r.dataset, r.variant, r.bd_rate, r.error) for r in bd.itertuples()]
@@ -155,7 +185,9 @@ def summary_tables(points, costs, analysis: dict[str, Any], variants: Sequence[s
         for dataset, variant, value, error in rows:
             low = high = math.nan
             if intervals is not None:
-                hit = intervals[(intervals["dataset"] == dataset) & (intervals["variant"] == variant)]
+                hit = intervals[
+                    (intervals["dataset"] == dataset) & (intervals["variant"] == variant)
+                ]
                 if len(hit):
                     low, high = float(hit.iloc[0]["rate_low"]), float(hit.iloc[0]["rate_high"])
             lookup[(dataset, variant, metric, reference)] = (value, low, high)
@@ -173,13 +205,17 @@ def summary_tables(points, costs, analysis: dict[str, Any], variants: Sequence[s
 
     models = sorted(costs.loc[costs["variant"].isin(order), "model"].unique())
     if complexity is None:
-        complexity = {m: per_pixel_kmacs(count_macs(build_model(m), size, size), size, size) for m in models}
+        complexity = {
+            m: per_pixel_kmacs(count_macs(build_model(m), size, size), size, size) for m in models
+        }
     numeric, display = [], []
     for variant in order:
         mine = costs[costs["variant"] == variant]
         model = mine["model"].iloc[0] if len(mine) else ""
         if len(mine["model"].unique()) > 1:
-            raise TableError(f"variant {variant!r} has runs of several models: {sorted(mine['model'].unique())}")
+            raise TableError(
+                f"variant {variant!r} has runs of several models: {sorted(mine['model'].unique())}"
+            )
         kinds = sorted(mine["device"].unique())
         hours = float(mine["hours"].sum(min_count=1)) if len(mine) else math.nan
         cost_label = f"{hours:.3g} {'/'.join(kinds)}-h" if np.isfinite(hours) else "n/a"
@@ -189,39 +225,72 @@ def summary_tables(points, costs, analysis: dict[str, Any], variants: Sequence[s
             shown = {"variant": variant, "dataset": dataset}
             for metric, label in METRICS.items():
                 for ref in [reference, *anchors]:
-                    value, low, high = lookup.get((dataset, variant, metric, ref), (math.nan, math.nan, math.nan))
+                    value, low, high = lookup.get(
+                        (dataset, variant, metric, ref), (math.nan, math.nan, math.nan)
+                    )
                     key = f"{label} BD-rate vs {ref} (%)"
                     row[key] = value
                     if ref == reference:
                         row[f"{key} low"], row[f"{key} high"] = low, high
                     shown[f"{label} vs {ref}"] = _interval_text(value, low, high)
-            row.update({"train hours": hours, "train device": "/".join(kinds), "runs": len(mine), "model": model,
-                        "kMACs/px encoder": kmacs.get("encoder", math.nan),
-                        "kMACs/px decoder": kmacs.get("decoder", math.nan),
-                        "kMACs/px total": kmacs.get("total", math.nan)})
-            shown.update({"training": cost_label, "model": model,
-                          "kMACs/px enc/dec/total": "/".join(f"{kmacs[k]:.1f}" for k in ("encoder", "decoder", "total"))
-                          if kmacs else "n/a"})
+            row.update(
+                {
+                    "train hours": hours,
+                    "train device": "/".join(kinds),
+                    "runs": len(mine),
+                    "model": model,
+                    "kMACs/px encoder": kmacs.get("encoder", math.nan),
+                    "kMACs/px decoder": kmacs.get("decoder", math.nan),
+                    "kMACs/px total": kmacs.get("total", math.nan),
+                }
+            )
+            shown.update(
+                {
+                    "training": cost_label,
+                    "model": model,
+                    "kMACs/px enc/dec/total": "/".join(
+                        f"{kmacs[k]:.1f}" for k in ("encoder", "decoder", "total")
+                    )
+                    if kmacs
+                    else "n/a",
+                }
+            )
             numeric.append(row)
             display.append(shown)
-    over = ("over training seeds and test images (hpcm.analysis.bootstrap.seed_image_interval; "
-            "image-only bootstrap for variants without the reference's seeds)" if seed_kind else
-            "paired bootstrap over test images")
-    notes.append(f"BD-rate in % ({method}), negative = fewer bits at equal quality; intervals: "
-                 f"95 % {over} (vs the reference variant only: anchors have no per-image data)")
-    notes.append("training: hours of optimizer steps from metrics.csv step_time, summed over each variant's "
-                 "lambdas (a fine-tuned variant counts its own steps, not those of its starting point)")
-    notes.append(f"complexity: one forward at {size}x{size}, torch.utils.flop_counter MACs (convolutions and "
-                 "matrix products), encoder = all but g_s, decoder = all but g_a/h_a")
+    over = (
+        "over training seeds and test images (hpcm.analysis.bootstrap.seed_image_interval; "
+        "image-only bootstrap for variants without the reference's seeds)"
+        if seed_kind
+        else "paired bootstrap over test images"
+    )
+    notes.append(
+        f"BD-rate in % ({method}), negative = fewer bits at equal quality; intervals: "
+        f"95 % {over} (vs the reference variant only: anchors have no per-image data)"
+    )
+    notes.append(
+        "training: hours of optimizer steps from metrics.csv step_time, summed over each variant's "
+        "lambdas (a fine-tuned variant counts its own steps, not those of its starting point)"
+    )
+    notes.append(
+        f"complexity: one forward at {size}x{size}, torch.utils.flop_counter MACs (convolutions and "
+        "matrix products), encoder = all but g_s, decoder = all but g_a/h_a"
+    )
     title = f"Summary: BD-rate vs {reference} and anchors, training cost, complexity"
     return pd.DataFrame(numeric), Table("summary", title, pd.DataFrame(display), {}, notes)
 
 
-def build(points_path: str | Path, runs_root: str | Path, analysis: dict[str, Any], output_dir: str | Path,
-          variants: Sequence[str] | None = None, eval_csvs: Sequence[str | Path] = (),
-          size: int = COMPLEXITY_SIZE) -> list[Path]:
-    numeric, table = summary_tables(read_points(points_path), run_costs(runs_root), analysis, variants,
-                                    eval_csvs, size)
+def build(
+    points_path: str | Path,
+    runs_root: str | Path,
+    analysis: dict[str, Any],
+    output_dir: str | Path,
+    variants: Sequence[str] | None = None,
+    eval_csvs: Sequence[str | Path] = (),
+    size: int = COMPLEXITY_SIZE,
+) -> list[Path]:
+    numeric, table = summary_tables(
+        read_points(points_path), run_costs(runs_root), analysis, variants, eval_csvs, size
+    )
     table.notes += not_held_out_notes(analysis)
     out = Path(output_dir)
     paths = [out / f"summary.{ext}" for ext in ("csv", "md", "tex")]
@@ -232,22 +301,40 @@ def build(points_path: str | Path, runs_root: str | Path, analysis: dict[str, An
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hpcm.analysis.summary", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m hpcm.analysis.summary",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--points", required=True, help="R-D points CSV (hpcm rd points)")
     parser.add_argument("--runs", required=True, help="folder holding the training run folders")
     parser.add_argument("--config", required=True, help="YAML with the 'analysis' section")
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--variants", nargs="*", help="rows, in order (default: reference, gains, the rest)")
-    parser.add_argument("--eval-csv", nargs="*", default=[], help="per-image evaluation CSVs (bootstrap intervals)")
-    parser.add_argument("--size", type=int, default=COMPLEXITY_SIZE, help="complexity input side (pixels)")
+    parser.add_argument(
+        "--variants", nargs="*", help="rows, in order (default: reference, gains, the rest)"
+    )
+    parser.add_argument(
+        "--eval-csv", nargs="*", default=[], help="per-image evaluation CSVs (bootstrap intervals)"
+    )
+    parser.add_argument(
+        "--size", type=int, default=COMPLEXITY_SIZE, help="complexity input side (pixels)"
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(lambda: build(args.points, args.runs, read_analysis(args.config), args.output_dir,
-                                     args.variants, args.eval_csv, args.size))
+    return run_command(
+        lambda: build(
+            args.points,
+            args.runs,
+            read_analysis(args.config),
+            args.output_dir,
+            args.variants,
+            args.eval_csv,
+            args.size,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -69,10 +69,15 @@ import numpy as np
 import yaml
 
 from hpcm.analysis.anchors import anchor_curves_by_dataset, load_anchors
-from hpcm.analysis.measured import anchor_intervals, measured_image_rows, shipped_csvs
 from hpcm.analysis.bd import METHODS, bd_row, bd_table
-from hpcm.analysis.bootstrap import (DEFAULT_RESAMPLES, DEFAULT_SEED, excludes_zero, interval_table,
-                                     seed_interval_table)
+from hpcm.analysis.bootstrap import (
+    DEFAULT_RESAMPLES,
+    DEFAULT_SEED,
+    excludes_zero,
+    interval_table,
+    seed_interval_table,
+)
+from hpcm.analysis.measured import anchor_intervals, measured_image_rows, shipped_csvs
 from hpcm.analysis.points import IMAGE_COLUMNS, curve, read_points, read_table, seed_points
 from hpcm.analysis.runs import RunDiscoveryError, find_runs
 from hpcm.config.optimizers import BASELINE_OPTIMIZER, OPTIMIZER_SPECS
@@ -158,8 +163,12 @@ def loss_cv(metrics, tail: float = STABILITY_TAIL, use_per_step: bool = True) ->
         train = train.assign(_n=counts.to_numpy(float))
     rows = _tail(train, tail)
     if len(rows) < MIN_TAIL_ROWS:
-        return Stability(math.nan, per_step, f"only {len(rows)} logged row(s) in the last "
-                         f"{tail:.0%} of steps (need {MIN_TAIL_ROWS}); log more often")
+        return Stability(
+            math.nan,
+            per_step,
+            f"only {len(rows)} logged row(s) in the last "
+            f"{tail:.0%} of steps (need {MIN_TAIL_ROWS}); log more often",
+        )
     means = rows["loss"].to_numpy(float)
     if not per_step:
         mean, std = float(np.mean(means)), float(np.std(means, ddof=1))
@@ -219,7 +228,10 @@ def phase4_summary(config: dict[str, Any]) -> str:
     if config.get("freeze"):
         parts.append("frozen: " + ", ".join(config["freeze"]))
     if config.get("unfreeze_schedule"):
-        parts.append("unfrozen at: " + ", ".join(f"{g} {float(f):g}" for g, f in config["unfreeze_schedule"].items()))
+        parts.append(
+            "unfrozen at: "
+            + ", ".join(f"{g} {float(f):g}" for g, f in config["unfreeze_schedule"].items())
+        )
     if config.get("scale_early_stop_patience"):
         parts.append(f"scale early stop after {config['scale_early_stop_patience']} validations")
     return "; ".join(parts)
@@ -241,22 +253,31 @@ def load_runs(root: str | Path, benchmarks: str | Path | None = None):
         stability, logged = loss_cv(metrics), loss_cv(metrics, use_per_step=False)
         rel = run_dir.relative_to(root)
         bench = _read_benchmark(Path(benchmarks) / f"{rel}.tsv") if benchmarks else {}
-        rows.append({
-            "variant": str(config["variant"]), "lmbda": float(config["lmbda"]),
-            "optimizer": str(config.get("optimizer", "")),
-            "decomposition": str(config.get("decomposition", "")) if _has_scale_tasks(config) else "",
-            "scale_weights": config.get("scale_weights"), "gammas": config.get("gammas"),
-            "phase4": phase4_summary(config),
-            "convergence_epoch": convergence_epoch(metrics), "loss_cv": stability.value,
-            "loss_cv_per_step": stability.per_step, "loss_cv_note": stability.note,
-            "loss_cv_logged": logged.value, "loss_cv_logged_note": logged.note,
-            "skipped_steps": _last(metrics, "skipped_steps"),
-            # median: the first logged steps include warm-up (allocations, autotuning)
-            "step_time": _mean(metrics, "step_time", "median"),
-            "peak_memory_mb": bench.get("peak_rss_mb", math.nan),
-            "best_val_loss": float(metrics["val_loss"].min()),
-            "run_dir": str(run_dir),
-        })
+        rows.append(
+            {
+                "variant": str(config["variant"]),
+                "lmbda": float(config["lmbda"]),
+                "optimizer": str(config.get("optimizer", "")),
+                "decomposition": str(config.get("decomposition", ""))
+                if _has_scale_tasks(config)
+                else "",
+                "scale_weights": config.get("scale_weights"),
+                "gammas": config.get("gammas"),
+                "phase4": phase4_summary(config),
+                "convergence_epoch": convergence_epoch(metrics),
+                "loss_cv": stability.value,
+                "loss_cv_per_step": stability.per_step,
+                "loss_cv_note": stability.note,
+                "loss_cv_logged": logged.value,
+                "loss_cv_logged_note": logged.note,
+                "skipped_steps": _last(metrics, "skipped_steps"),
+                # median: the first logged steps include warm-up (allocations, autotuning)
+                "step_time": _mean(metrics, "step_time", "median"),
+                "peak_memory_mb": bench.get("peak_rss_mb", math.nan),
+                "best_val_loss": float(metrics["val_loss"].min()),
+                "run_dir": str(run_dir),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -286,16 +307,30 @@ def _cell(value: Any, fmt: str | None) -> str:
 
 def to_markdown(table: Table) -> str:
     cols = list(table.frame.columns)
-    lines = [f"### {table.title}", "", "| " + " | ".join(cols) + " |",
-             "|" + "|".join("---" for _ in cols) + "|"]
+    lines = [
+        f"### {table.title}",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "|".join("---" for _ in cols) + "|",
+    ]
     for _, row in table.frame.iterrows():
         lines.append("| " + " | ".join(_cell(row[c], table.formats.get(c)) for c in cols) + " |")
     lines += [""] + [f"- {note}" for note in table.notes]
     return "\n".join(lines) + "\n"
 
 
-_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#",
-                  "$": r"\$", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}"}
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "_": r"\_",
+    "#": r"\#",
+    "$": r"\$",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\^{}",
+}
 
 
 def _latex_escape(text: str) -> str:
@@ -304,12 +339,19 @@ def _latex_escape(text: str) -> str:
 
 def to_latex(table: Table) -> str:
     cols = list(table.frame.columns)
-    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{_latex_escape(table.title)}}}",
-             rf"\begin{{tabular}}{{{'l' * len(cols)}}}", r"\toprule",
-             " & ".join(_latex_escape(c) for c in cols) + r" \\", r"\midrule"]
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        rf"\caption{{{_latex_escape(table.title)}}}",
+        rf"\begin{{tabular}}{{{'l' * len(cols)}}}",
+        r"\toprule",
+        " & ".join(_latex_escape(c) for c in cols) + r" \\",
+        r"\midrule",
+    ]
     for _, row in table.frame.iterrows():
-        lines.append(" & ".join(_latex_escape(_cell(row[c], table.formats.get(c)))
-                                for c in cols) + r" \\")
+        lines.append(
+            " & ".join(_latex_escape(_cell(row[c], table.formats.get(c))) for c in cols) + r" \\"
+        )
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     lines += [f"% {note}" for note in table.notes]
     return "\n".join(lines) + "\n"
@@ -328,8 +370,14 @@ def write_table(table: Table, output_dir: str | Path) -> list[Path]:
 # The tables
 # --------------------------------------------------------------------------------------------
 
-CI_COLUMNS = ("BD-rate CI low (%)", "BD-rate CI high (%)", "BD-rate CI excludes 0",
-              "BD-PSNR CI low (dB)", "BD-PSNR CI high (dB)", "BD-PSNR CI excludes 0")
+CI_COLUMNS = (
+    "BD-rate CI low (%)",
+    "BD-rate CI high (%)",
+    "BD-rate CI excludes 0",
+    "BD-PSNR CI low (dB)",
+    "BD-PSNR CI high (dB)",
+    "BD-PSNR CI excludes 0",
+)
 SEED_COLUMNS = ("n_seeds", "BD-rate seed std (%)", "BD-PSNR seed std (dB)")
 
 
@@ -344,32 +392,62 @@ class Uncertainty:
     def columns(self, dataset: str, variant: str) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if self.intervals is not None:
-            sel = self.intervals[(self.intervals["dataset"] == dataset)
-                                 & (self.intervals["variant"] == variant)]
+            sel = self.intervals[
+                (self.intervals["dataset"] == dataset) & (self.intervals["variant"] == variant)
+            ]
             r = sel.iloc[0] if len(sel) else None
-            lows = (r["rate_low"], r["rate_high"], r["psnr_low"], r["psnr_high"]) if r is not None \
+            lows = (
+                (r["rate_low"], r["rate_high"], r["psnr_low"], r["psnr_high"])
+                if r is not None
                 else (math.nan,) * 4
-            out.update(zip(CI_COLUMNS, (lows[0], lows[1], excludes_zero(lows[0], lows[1]),
-                                        lows[2], lows[3], excludes_zero(lows[2], lows[3]))))
+            )
+            out.update(
+                zip(
+                    CI_COLUMNS,
+                    (
+                        lows[0],
+                        lows[1],
+                        excludes_zero(lows[0], lows[1]),
+                        lows[2],
+                        lows[3],
+                        excludes_zero(lows[2], lows[3]),
+                    ),
+                )
+            )
         if self.seeds is not None:
-            sel = self.seeds[(self.seeds["dataset"] == dataset) & (self.seeds["variant"] == variant)]
+            sel = self.seeds[
+                (self.seeds["dataset"] == dataset) & (self.seeds["variant"] == variant)
+            ]
             r = sel.iloc[0] if len(sel) else None
-            out.update(zip(SEED_COLUMNS, (int(r["n_seeds"]), r["bd_rate_std"], r["bd_psnr_std"])
-                           if r is not None else (math.nan,) * 3))
+            out.update(
+                zip(
+                    SEED_COLUMNS,
+                    (int(r["n_seeds"]), r["bd_rate_std"], r["bd_psnr_std"])
+                    if r is not None
+                    else (math.nan,) * 3,
+                )
+            )
         return out
 
     def notes(self) -> list[str]:
         notes = []
         if self.intervals is not None:
-            notes.append(f"CI: 95 % paired bootstrap over the test images ({self.resamples} "
-                         "resamples of image indices with replacement, the same for both curves; "
-                         "percentile interval); the BD itself is that of the plain means")
-            notes += [f"{r.dataset}/{r.variant}: {r.invalid} of {r.resamples} resamples gave no "
-                      "valid BD curve and are left out of the interval"
-                      for r in self.intervals.itertuples() if r.invalid]
+            notes.append(
+                f"CI: 95 % paired bootstrap over the test images ({self.resamples} "
+                "resamples of image indices with replacement, the same for both curves; "
+                "percentile interval); the BD itself is that of the plain means"
+            )
+            notes += [
+                f"{r.dataset}/{r.variant}: {r.invalid} of {r.resamples} resamples gave no "
+                "valid BD curve and are left out of the interval"
+                for r in self.intervals.itertuples()
+                if r.invalid
+            ]
         if self.seeds is not None:
-            notes.append("seed std: standard deviation (ddof=1) over training seeds of each "
-                         "seed's BD against the reference")
+            notes.append(
+                "seed std: standard deviation (ddof=1) over training seeds of each "
+                "seed's BD against the reference"
+            )
         return notes
 
 
@@ -389,40 +467,78 @@ def seed_spread(images, reference: str, metric: str, method: str):
     counts = per_seed.groupby(["dataset", "variant"])["seed"].nunique()
     if counts.max() <= 1:
         return None
-    means = per_seed.groupby(["dataset", "variant", "lmbda"])[["bpp", "psnr", "ms_ssim_db"]].mean() \
+    means = (
+        per_seed.groupby(["dataset", "variant", "lmbda"])[["bpp", "psnr", "ms_ssim_db"]]
+        .mean()
         .reset_index()
+    )
     rows = []
     for (dataset, variant), n in counts.items():
         if n <= 1:
-            rows.append({"dataset": dataset, "variant": variant, "n_seeds": int(n),
-                         "bd_rate_std": math.nan, "bd_psnr_std": math.nan})
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "variant": variant,
+                    "n_seeds": int(n),
+                    "bd_rate_std": math.nan,
+                    "bd_psnr_std": math.nan,
+                }
+            )
             continue
         rates, psnrs = [], []
-        for seed, group in per_seed[(per_seed["dataset"] == dataset)
-                                    & (per_seed["variant"] == variant)].groupby("seed"):
-            ref = per_seed[(per_seed["dataset"] == dataset) & (per_seed["variant"] == reference)
-                           & (per_seed["seed"] == seed)]
+        for seed, group in per_seed[
+            (per_seed["dataset"] == dataset) & (per_seed["variant"] == variant)
+        ].groupby("seed"):
+            ref = per_seed[
+                (per_seed["dataset"] == dataset)
+                & (per_seed["variant"] == reference)
+                & (per_seed["seed"] == seed)
+            ]
             if ref.empty:
                 ref = means[(means["dataset"] == dataset) & (means["variant"] == reference)]
             ref_curve = curve(ref, dataset, reference, metric)
-            row = bd_row(dataset, variant, reference, ref_curve, curve(group, dataset, variant, metric),
-                         metric, method)
+            row = bd_row(
+                dataset,
+                variant,
+                reference,
+                ref_curve,
+                curve(group, dataset, variant, metric),
+                metric,
+                method,
+            )
             rates.append(row.bd_rate)
             psnrs.append(row.bd_psnr)
-        rows.append({"dataset": dataset, "variant": variant, "n_seeds": int(n),
-                     "bd_rate_std": float(np.std(rates, ddof=1)),
-                     "bd_psnr_std": float(np.std(psnrs, ddof=1))})
+        rows.append(
+            {
+                "dataset": dataset,
+                "variant": variant,
+                "n_seeds": int(n),
+                "bd_rate_std": float(np.std(rates, ddof=1)),
+                "bd_psnr_std": float(np.std(psnrs, ddof=1)),
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def read_images(path: str | Path):
     """The per-image table of ``hpcm rd points --images``, checking its columns."""
-    return read_table(path, IMAGE_COLUMNS, "per-image file", "; write it with `hpcm rd points --images`",
-                      error=TableError)
+    return read_table(
+        path,
+        IMAGE_COLUMNS,
+        "per-image file",
+        "; write it with `hpcm rd points --images`",
+        error=TableError,
+    )
 
 
-def uncertainty(images, reference: str, metric: str, method: str,
-                resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> Uncertainty:
+def uncertainty(
+    images,
+    reference: str,
+    metric: str,
+    method: str,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+) -> Uncertainty:
     try:
         intervals = interval_table(images, reference, metric, method, resamples, seed)
     except ValueError as err:
@@ -430,8 +546,15 @@ def uncertainty(images, reference: str, metric: str, method: str,
     return Uncertainty(intervals, seed_spread(images, reference, metric, method), resamples)
 
 
-def anchor_uncertainty(images, measured_rows, anchor: str, metric: str, method: str,
-                       resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED):
+def anchor_uncertainty(
+    images,
+    measured_rows,
+    anchor: str,
+    metric: str,
+    method: str,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+):
     """Intervals of every variant against a measured ``anchor`` (paired on image names), or
     None when the anchor has no per-image data (a published curve of means)."""
     if not len(measured_rows) or not (measured_rows["anchor"] == anchor).any():
@@ -449,10 +572,17 @@ class AnchorUncertainty(Uncertainty):
         return super().notes() + [f"no interval on {text}" for text in why]
 
 
-BD_FORMATS = {"BD-rate (%)": "+.2f", "BD-PSNR (dB)": "+.3f", "overlap (%)": ".0f",
-              "BD-rate CI low (%)": "+.2f", "BD-rate CI high (%)": "+.2f",
-              "BD-PSNR CI low (dB)": "+.3f", "BD-PSNR CI high (dB)": "+.3f",
-              "BD-rate seed std (%)": ".2f", "BD-PSNR seed std (dB)": ".3f"}
+BD_FORMATS = {
+    "BD-rate (%)": "+.2f",
+    "BD-PSNR (dB)": "+.3f",
+    "overlap (%)": ".0f",
+    "BD-rate CI low (%)": "+.2f",
+    "BD-rate CI high (%)": "+.2f",
+    "BD-PSNR CI low (dB)": "+.3f",
+    "BD-PSNR CI high (dB)": "+.3f",
+    "BD-rate seed std (%)": ".2f",
+    "BD-PSNR seed std (dB)": ".3f",
+}
 
 
 def _with_uncertainty(frame, unc: Uncertainty | None):
@@ -462,9 +592,10 @@ def _with_uncertainty(frame, unc: Uncertainty | None):
     extra = [unc.columns(r.dataset, r.variant) for r in frame[["dataset", "variant"]].itertuples()]
     # no interval where the plain means give no BD (the note says why)
     has_bd = frame["BD-rate (%)"].notna().to_numpy() & frame["BD-PSNR (dB)"].notna().to_numpy()
-    for column in (extra[0] if extra else {}):
-        values = [e[column] if ok or column in SEED_COLUMNS else math.nan
-                  for e, ok in zip(extra, has_bd)]
+    for column in extra[0] if extra else {}:
+        values = [
+            e[column] if ok or column in SEED_COLUMNS else math.nan for e, ok in zip(extra, has_bd)
+        ]
         if column.endswith("excludes 0"):
             values = [_excludes_text(v) for v in values]
         frame[column] = values
@@ -484,8 +615,10 @@ def _bd_notes(bd) -> list[str]:
     for r in bd.itertuples():
         if r.low_overlap and not r.error:
             overlap, of_range = smaller_overlap(r)
-            notes.append(f"{r.dataset}/{r.variant}: low overlap ({overlap * 100:.0f} % of the "
-                         f"{of_range} range); BD covers the overlap only")
+            notes.append(
+                f"{r.dataset}/{r.variant}: low overlap ({overlap * 100:.0f} % of the "
+                f"{of_range} range); BD covers the overlap only"
+            )
     return notes
 
 
@@ -494,15 +627,24 @@ def bd_table_name(reference: str, anchor: str | None = None) -> str:
     return f"bd_vs_anchor-{anchor}" if anchor else f"bd_vs_{reference}"
 
 
-def bd_vs(points, reference: str, method: str, metric: str, anchor: str | None = None,
-          bd=None, unc: Uncertainty | None = None, anchor_table=None) -> Table:
+def bd_vs(
+    points,
+    reference: str,
+    method: str,
+    metric: str,
+    anchor: str | None = None,
+    bd=None,
+    unc: Uncertainty | None = None,
+    anchor_table=None,
+) -> Table:
     """BD table of every variant vs ``reference`` (or an ``anchor`` of ``anchor_table``,
     default the published + shipped anchors); ``bd`` if computed. With an anchor, ``unc`` holds
     the intervals against the anchor (``anchor_uncertainty``: measured anchors only)."""
     curves = None
     if anchor:
-        curves = anchor_curves_by_dataset(anchor, metric, anchor_table,
-                                          datasets=points["dataset"].unique())
+        curves = anchor_curves_by_dataset(
+            anchor, metric, anchor_table, datasets=points["dataset"].unique()
+        )
         reference = anchor
     if bd is None:
         bd = bd_table(points, reference, metric, method, curves)
@@ -511,12 +653,21 @@ def bd_vs(points, reference: str, method: str, metric: str, anchor: str | None =
     smaller = [smaller_overlap(r) if not r.error else (math.nan, "") for r in bd.itertuples()]
     frame["overlap (%)"] = [overlap * 100 for overlap, _ in smaller]
     frame["overlap of"] = [of_range for _, of_range in smaller]
-    frame = frame[["dataset", "variant", "BD-rate (%)", "BD-PSNR (dB)", "overlap (%)", "overlap of",
-                   "n_reference", "n_test"]].copy()
+    frame = frame[
+        [
+            "dataset",
+            "variant",
+            "BD-rate (%)",
+            "BD-PSNR (dB)",
+            "overlap (%)",
+            "overlap of",
+            "n_reference",
+            "n_test",
+        ]
+    ].copy()
     frame = _with_uncertainty(frame, unc)
     quality = "PSNR" if metric == "psnr" else "MS-SSIM (dB)"
-    title = (f"BD-rate and BD-{quality} vs {'anchor ' if anchor else ''}{reference} "
-             f"({method})")
+    title = f"BD-rate and BD-{quality} vs {'anchor ' if anchor else ''}{reference} ({method})"
     name = bd_table_name(reference, anchor)
     notes = _bd_notes(bd) + (unc.notes() if unc is not None else [])
     return Table(name, title, frame, BD_FORMATS, notes)
@@ -533,8 +684,9 @@ def _bd_lookup(points, reference: str, method: str, metric: str, bd=None):
     lookup: dict[tuple[str, str], Any] = {(r.dataset, r.variant): r for r in bd.itertuples()}
     for dataset in sorted(points["dataset"].unique()):
         ref_curve = curve(points, dataset, reference, metric)
-        lookup[(dataset, reference)] = bd_row(dataset, reference, reference, ref_curve, ref_curve,
-                                              metric, method)
+        lookup[(dataset, reference)] = bd_row(
+            dataset, reference, reference, ref_curve, ref_curve, metric, method
+        )
     return lookup, bd
 
 
@@ -555,8 +707,16 @@ def _absent(points, runs, variants) -> list[str]:
     return notes
 
 
-def expected_gains(points, runs, gains: dict[str, str], reference: str, method: str,
-                   metric: str, bd=None, unc: Uncertainty | None = None) -> Table:
+def expected_gains(
+    points,
+    runs,
+    gains: dict[str, str],
+    reference: str,
+    method: str,
+    metric: str,
+    bd=None,
+    unc: Uncertainty | None = None,
+) -> Table:
     import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
 
     lookup, bd = _bd_lookup(points, reference, method, metric, bd)
@@ -564,25 +724,51 @@ def expected_gains(points, runs, gains: dict[str, str], reference: str, method: 
     for dataset in sorted(points["dataset"].unique()):
         for label, variant in [(reference, reference), *gains.items()]:
             r = lookup.get((dataset, variant))
-            rows.append({
-                "dataset": dataset, "phase": label, "variant": variant,
-                "BD-PSNR (dB)": r.bd_psnr if r else math.nan,
-                "BD-rate (%)": r.bd_rate if r else math.nan,
-                "convergence epoch": _run_stat(runs, variant, "convergence_epoch"),
-                "lambdas": int((points[(points["dataset"] == dataset)
-                                       & (points["variant"] == variant)]).shape[0]),
-            })
-    notes = _bd_notes(bd[bd["variant"].isin(gains.values())]) + _absent(points, runs, gains.values())
-    notes.append("convergence epoch: first epoch with validation loss within 1 % of the run's "
-                 "best, mean over lambdas")
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "phase": label,
+                    "variant": variant,
+                    "BD-PSNR (dB)": r.bd_psnr if r else math.nan,
+                    "BD-rate (%)": r.bd_rate if r else math.nan,
+                    "convergence epoch": _run_stat(runs, variant, "convergence_epoch"),
+                    "lambdas": int(
+                        (
+                            points[(points["dataset"] == dataset) & (points["variant"] == variant)]
+                        ).shape[0]
+                    ),
+                }
+            )
+    notes = _bd_notes(bd[bd["variant"].isin(gains.values())]) + _absent(
+        points, runs, gains.values()
+    )
+    notes.append(
+        "convergence epoch: first epoch with validation loss within 1 % of the run's "
+        "best, mean over lambdas"
+    )
     notes += unc.notes() if unc is not None else []
     frame = _with_uncertainty(pd.DataFrame(rows), unc)
-    return Table("expected_gains", f"Expected gains as measured (vs {reference}, {method})",
-                 frame, {**BD_FORMATS, "convergence epoch": ".1f"}, notes)
+    return Table(
+        "expected_gains",
+        f"Expected gains as measured (vs {reference}, {method})",
+        frame,
+        {**BD_FORMATS, "convergence epoch": ".1f"},
+        notes,
+    )
 
 
-def study_table(name: str, title: str, rows_spec: dict[str, str], points, runs, reference: str,
-                method: str, metric: str, bd=None, unc: Uncertainty | None = None) -> Table:
+def study_table(
+    name: str,
+    title: str,
+    rows_spec: dict[str, str],
+    points,
+    runs,
+    reference: str,
+    method: str,
+    metric: str,
+    bd=None,
+    unc: Uncertainty | None = None,
+) -> Table:
     import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
 
     lookup, bd = _bd_lookup(points, reference, method, metric, bd)
@@ -597,113 +783,215 @@ def study_table(name: str, title: str, rows_spec: dict[str, str], points, runs, 
         for label, variant in rows_spec.items():
             r = lookup.get((dataset, variant))
             sel = runs[runs["variant"] == variant]
-            described = ({"phase 4 keys": sel["phase4"].iloc[0] if len(sel) else None} if phase4_study else
-                         {"scale weights": sel["scale_weights"].iloc[0] if len(sel) else None,
-                          "gammas": sel["gammas"].iloc[0] if len(sel) else None})
-            rows.append({
-                "dataset": dataset, "config": label, "variant": variant, **described,
-                "BD-PSNR (dB)": r.bd_psnr if r else math.nan,
-                "BD-rate (%)": r.bd_rate if r else math.nan,
-                cv_column: _run_stat(runs, variant, "loss_cv") if per_step else
-                _run_stat(runs, variant, "loss_cv_logged"),
-                "skipped steps": _run_stat(runs, variant, "skipped_steps", "sum"),
-            })
-    notes = _bd_notes(bd[bd["variant"].isin(rows_spec.values())]) + _absent(points, runs,
-                                                                            rows_spec.values())
-    basis = ("the per-step training losses, pooled exactly from each logging window's mean "
-             "and std" if per_step else "the logged training-loss rows, each a MEAN over "
-             "log_every steps (this understates the per-step spread; the runs logged no "
-             "loss_std)")
-    notes.append(f"CoV: std/mean (ddof=1) of {basis}, over the last 10 % of steps, mean over "
-                 "lambdas; skipped steps: non-finite gradients, summed over lambdas")
+            described = (
+                {"phase 4 keys": sel["phase4"].iloc[0] if len(sel) else None}
+                if phase4_study
+                else {
+                    "scale weights": sel["scale_weights"].iloc[0] if len(sel) else None,
+                    "gammas": sel["gammas"].iloc[0] if len(sel) else None,
+                }
+            )
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "config": label,
+                    "variant": variant,
+                    **described,
+                    "BD-PSNR (dB)": r.bd_psnr if r else math.nan,
+                    "BD-rate (%)": r.bd_rate if r else math.nan,
+                    cv_column: _run_stat(runs, variant, "loss_cv")
+                    if per_step
+                    else _run_stat(runs, variant, "loss_cv_logged"),
+                    "skipped steps": _run_stat(runs, variant, "skipped_steps", "sum"),
+                }
+            )
+    notes = _bd_notes(bd[bd["variant"].isin(rows_spec.values())]) + _absent(
+        points, runs, rows_spec.values()
+    )
+    basis = (
+        "the per-step training losses, pooled exactly from each logging window's mean and std"
+        if per_step
+        else "the logged training-loss rows, each a MEAN over "
+        "log_every steps (this understates the per-step spread; the runs logged no "
+        "loss_std)"
+    )
+    notes.append(
+        f"CoV: std/mean (ddof=1) of {basis}, over the last 10 % of steps, mean over "
+        "lambdas; skipped steps: non-finite gradients, summed over lambdas"
+    )
     note_column = "loss_cv_note" if per_step else "loss_cv_logged_note"
-    notes += [f"{r.variant} (lambda {r.lmbda:g}): CoV n/a: {getattr(r, note_column)}"
-              for r in study_runs.itertuples() if getattr(r, note_column)]
+    notes += [
+        f"{r.variant} (lambda {r.lmbda:g}): CoV n/a: {getattr(r, note_column)}"
+        for r in study_runs.itertuples()
+        if getattr(r, note_column)
+    ]
     notes += unc.notes() if unc is not None else []
-    return Table(name, f"{title} (vs {reference}, {method})", _with_uncertainty(pd.DataFrame(rows), unc),
-                 {**BD_FORMATS, cv_column: ".4f", "skipped steps": ".0f"}, notes)
+    return Table(
+        name,
+        f"{title} (vs {reference}, {method})",
+        _with_uncertainty(pd.DataFrame(rows), unc),
+        {**BD_FORMATS, cv_column: ".4f", "skipped steps": ".0f"},
+        notes,
+    )
 
 
 def overhead_table(runs) -> Table:
-    grouped = (runs.groupby(["optimizer", "decomposition"], sort=True)
-               .agg(runs=("variant", "size"), step_time=("step_time", "mean"),
-                    peak_memory=("peak_memory_mb", "max")).reset_index())
+    grouped = (
+        runs.groupby(["optimizer", "decomposition"], sort=True)
+        .agg(
+            runs=("variant", "size"),
+            step_time=("step_time", "mean"),
+            peak_memory=("peak_memory_mb", "max"),
+        )
+        .reset_index()
+    )
     adam = grouped.loc[grouped["optimizer"] == BASELINE_OPTIMIZER, "step_time"]
     base = float(adam.iloc[0]) if len(adam) else math.nan
     grouped["time vs adam"] = grouped["step_time"] / base
-    frame = grouped.rename(columns={"step_time": "time per step (s)",
-                                    "peak_memory": "peak memory (MB)"})
-    notes = ["time per step: median of each run's metrics.csv step_time, averaged over the runs; "
-             "peak memory: max_rss "
-             "of the Snakemake benchmark of the training job (process RSS, includes data loading)"]
-    return Table("overhead", "Computational overhead per optimizer and decomposition", frame,
-                 {"time per step (s)": ".4f", "peak memory (MB)": ".0f", "time vs adam": ".2f"},
-                 notes)
+    frame = grouped.rename(
+        columns={"step_time": "time per step (s)", "peak_memory": "peak memory (MB)"}
+    )
+    notes = [
+        "time per step: median of each run's metrics.csv step_time, averaged over the runs; "
+        "peak memory: max_rss "
+        "of the Snakemake benchmark of the training job (process RSS, includes data loading)"
+    ]
+    return Table(
+        "overhead",
+        "Computational overhead per optimizer and decomposition",
+        frame,
+        {"time per step (s)": ".4f", "peak memory (MB)": ".0f", "time vs adam": ".2f"},
+        notes,
+    )
 
 
-SEED_FORMATS = {"BD-rate (%)": "+.2f", "CI low (%)": "+.2f", "CI high (%)": "+.2f",
-                "seed SD (%)": ".2f", "seed share of variance": ".2f", "dof": ".1f"}
+SEED_FORMATS = {
+    "BD-rate (%)": "+.2f",
+    "CI low (%)": "+.2f",
+    "CI high (%)": "+.2f",
+    "seed SD (%)": ".2f",
+    "seed share of variance": ".2f",
+    "dof": ".1f",
+}
 
 
-def paired_seed_intervals(images, reference: str, method: str, metric: str,
-                          resamples: int = DEFAULT_RESAMPLES, bootstrap_seed: int = DEFAULT_SEED):
+def paired_seed_intervals(
+    images,
+    reference: str,
+    method: str,
+    metric: str,
+    resamples: int = DEFAULT_RESAMPLES,
+    bootstrap_seed: int = DEFAULT_SEED,
+):
     """(``seed_interval_table`` of the variants trained with the reference's seeds, notes naming
     the others, e.g. the single-seed control rows)."""
     seeds = images.groupby("variant")["seed"].agg(lambda s: sorted(set(s)))
     if reference not in seeds:
         raise TableError(f"reference variant {reference!r} has no per-image rows")
     paired = [v for v in seeds.index if seeds[v] == seeds[reference]]
-    notes = [f"{v}: seeds {seeds[v]}, the reference has {seeds[reference]}: no seed-paired interval"
-             for v in seeds.index if v not in paired]
+    notes = [
+        f"{v}: seeds {seeds[v]}, the reference has {seeds[reference]}: no seed-paired interval"
+        for v in seeds.index
+        if v not in paired
+    ]
     try:
-        result = seed_interval_table(images[images["variant"].isin(paired)], reference, metric,
-                                     method, resamples, bootstrap_seed)
+        result = seed_interval_table(
+            images[images["variant"].isin(paired)],
+            reference,
+            metric,
+            method,
+            resamples,
+            bootstrap_seed,
+        )
     except ValueError as err:
         raise TableError(f"seed-and-image intervals: {err}") from None
     return result, notes
 
 
-def seed_bd_table(images, reference: str, method: str, metric: str,
-                  resamples: int = DEFAULT_RESAMPLES, bootstrap_seed: int = DEFAULT_SEED) -> Table:
+def seed_bd_table(
+    images,
+    reference: str,
+    method: str,
+    metric: str,
+    resamples: int = DEFAULT_RESAMPLES,
+    bootstrap_seed: int = DEFAULT_SEED,
+) -> Table:
     """``bd_seeds_vs_<reference>``: per (dataset, variant) the BD-rate of the seed-averaged curves,
     its 95 % interval over training seeds and test images
     (``hpcm.analysis.bootstrap.seed_image_interval``), whether it excludes 0, each seed's BD-rate
     and their SD. Variants whose seeds differ from the reference's are listed in the notes."""
     import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
 
-    result, notes = paired_seed_intervals(images, reference, method, metric, resamples,
-                                          bootstrap_seed)
+    result, notes = paired_seed_intervals(
+        images, reference, method, metric, resamples, bootstrap_seed
+    )
     rows = []
     for r in result.itertuples():
         total = r.v_seed + r.v_image
-        per_seed = ", ".join(f"s{s}: {b:+.2f}" if math.isfinite(b) else f"s{s}: n/a"
-                             for s, b in zip(r.seeds, r.seed_bd))
-        rows.append({"dataset": r.dataset, "variant": r.variant, "n_seeds": r.n_seeds,
-                     "n_images": r.n_images, "BD-rate (%)": r.bd_rate, "CI low (%)": r.low,
-                     "CI high (%)": r.high, "CI excludes 0": _excludes_text(r.excludes_zero),
-                     "per-seed BD-rate (%)": per_seed, "seed SD (%)": r.seed_sd,
-                     "seed share of variance": r.v_seed / total if total > 0 else math.nan,
-                     "dof": r.dof})
+        per_seed = ", ".join(
+            f"s{s}: {b:+.2f}" if math.isfinite(b) else f"s{s}: n/a"
+            for s, b in zip(r.seeds, r.seed_bd)
+        )
+        rows.append(
+            {
+                "dataset": r.dataset,
+                "variant": r.variant,
+                "n_seeds": r.n_seeds,
+                "n_images": r.n_images,
+                "BD-rate (%)": r.bd_rate,
+                "CI low (%)": r.low,
+                "CI high (%)": r.high,
+                "CI excludes 0": _excludes_text(r.excludes_zero),
+                "per-seed BD-rate (%)": per_seed,
+                "seed SD (%)": r.seed_sd,
+                "seed share of variance": r.v_seed / total if total > 0 else math.nan,
+                "dof": r.dof,
+            }
+        )
     quality = "PSNR" if metric == "psnr" else "MS-SSIM (dB)"
     notes += reference_span_notes(images, reference, metric)
-    notes += [f"BD-rate ({method}, on {quality}) of the seed-averaged curves vs {reference}; "
-              "negative = fewer bits at equal quality",
-              "95 % CI: BD +- t(dof) * sqrt(v_seed + v_image); v_seed = (seed SD)^2 / n_seeds, "
-              f"each seed's BD against the reference's same seed; v_image = variance of {resamples} "
-              "paired bootstrap resamples of the test images x n/(n-1); dof: Welch-Satterthwaite "
-              "(docs/results.md)",
-              "seed share of variance: v_seed / (v_seed + v_image)"]
-    notes += [f"{r.dataset}/{r.variant}: no BD-rate (a seed's or the mean curve does not rise "
-              "strictly in rate and quality, or the curves do not overlap)"
-              for r in result.itertuples() if not math.isfinite(r.bd_rate)]
-    notes += [f"{r.dataset}/{r.variant}: {r.invalid} of {r.resamples} image resamples gave no "
-              "valid BD curve (left out of v_image)" for r in result.itertuples() if r.invalid]
-    columns = ["dataset", "variant", "n_seeds", "n_images", "BD-rate (%)", "CI low (%)",
-               "CI high (%)", "CI excludes 0", "per-seed BD-rate (%)", "seed SD (%)",
-               "seed share of variance", "dof"]
-    return Table(f"bd_seeds_vs_{reference}",
-                 f"BD-rate vs {reference} over training seeds and test images",
-                 pd.DataFrame(rows, columns=columns), SEED_FORMATS, notes)
+    notes += [
+        f"BD-rate ({method}, on {quality}) of the seed-averaged curves vs {reference}; "
+        "negative = fewer bits at equal quality",
+        "95 % CI: BD +- t(dof) * sqrt(v_seed + v_image); v_seed = (seed SD)^2 / n_seeds, "
+        f"each seed's BD against the reference's same seed; v_image = variance of {resamples} "
+        "paired bootstrap resamples of the test images x n/(n-1); dof: Welch-Satterthwaite "
+        "(docs/results.md)",
+        "seed share of variance: v_seed / (v_seed + v_image)",
+    ]
+    notes += [
+        f"{r.dataset}/{r.variant}: no BD-rate (a seed's or the mean curve does not rise "
+        "strictly in rate and quality, or the curves do not overlap)"
+        for r in result.itertuples()
+        if not math.isfinite(r.bd_rate)
+    ]
+    notes += [
+        f"{r.dataset}/{r.variant}: {r.invalid} of {r.resamples} image resamples gave no "
+        "valid BD curve (left out of v_image)"
+        for r in result.itertuples()
+        if r.invalid
+    ]
+    columns = [
+        "dataset",
+        "variant",
+        "n_seeds",
+        "n_images",
+        "BD-rate (%)",
+        "CI low (%)",
+        "CI high (%)",
+        "CI excludes 0",
+        "per-seed BD-rate (%)",
+        "seed SD (%)",
+        "seed share of variance",
+        "dof",
+    ]
+    return Table(
+        f"bd_seeds_vs_{reference}",
+        f"BD-rate vs {reference} over training seeds and test images",
+        pd.DataFrame(rows, columns=columns),
+        SEED_FORMATS,
+        notes,
+    )
 
 
 def reference_span_notes(images, reference: str, metric: str) -> list[str]:
@@ -714,12 +1002,15 @@ def reference_span_notes(images, reference: str, metric: str) -> list[str]:
         per_image = on.groupby(["lmbda", "image"])[["bpp", "psnr", "ms_ssim"]].mean()  # seeds first
         means = per_image.groupby("lmbda").mean().sort_values("bpp")
         quality = means["psnr"] if metric == "psnr" else means["ms_ssim"].map(ms_ssim_to_db)
-        rising = bool((quality.diff().dropna() > 0).all()
-                      and (means["bpp"].diff().dropna() > 0).all())
-        notes.append(f"{dataset}: {reference} curve {quality.min():.2f}-{quality.max():.2f} dB "
-                     "over "
-                     f"{len(means)} lambdas (span {quality.max() - quality.min():.2f} dB), "
-                     f"{'monotonic' if rising else 'NOT monotonic'} in rate and quality")
+        rising = bool(
+            (quality.diff().dropna() > 0).all() and (means["bpp"].diff().dropna() > 0).all()
+        )
+        notes.append(
+            f"{dataset}: {reference} curve {quality.min():.2f}-{quality.max():.2f} dB "
+            "over "
+            f"{len(means)} lambdas (span {quality.max() - quality.min():.2f} dB), "
+            f"{'monotonic' if rising else 'NOT monotonic'} in rate and quality"
+        )
     return notes
 
 
@@ -729,7 +1020,14 @@ def has_several_seeds(images, reference: str) -> bool:
 
 
 OVERHEAD_FORMAT = "hpcm-optimizer-overhead/1"  # benchmarks/optimizer_overhead.py JSON_FORMAT
-OVERHEAD_FIELDS = ("optimizer", "decomposition", "update_mode", "median_s", "ratio_vs_adam", "peak_mb")
+OVERHEAD_FIELDS = (
+    "optimizer",
+    "decomposition",
+    "update_mode",
+    "median_s",
+    "ratio_vs_adam",
+    "peak_mb",
+)
 
 
 def overhead_from_benchmark(path: str | Path) -> Table:
@@ -740,26 +1038,44 @@ def overhead_from_benchmark(path: str | Path) -> Table:
     if not path.is_file():
         raise TableError(f"benchmark file not found: {path}")
     doc = json.loads(path.read_text())
-    if not isinstance(doc, dict) or doc.get("format") != OVERHEAD_FORMAT or not {"setup", "variants"} <= doc.keys():
-        raise TableError(f"{path}: not an optimizer_overhead.py --json file (format {OVERHEAD_FORMAT!r} "
-                         "with 'setup' and 'variants')")
+    if (
+        not isinstance(doc, dict)
+        or doc.get("format") != OVERHEAD_FORMAT
+        or not {"setup", "variants"} <= doc.keys()
+    ):
+        raise TableError(
+            f"{path}: not an optimizer_overhead.py --json file (format {OVERHEAD_FORMAT!r} "
+            "with 'setup' and 'variants')"
+        )
     rows = []
     for variant, r in doc["variants"].items():
         missing = [key for key in OVERHEAD_FIELDS if key not in r]
         if missing:
             raise TableError(f"{path}: variant {variant!r} lacks {missing}")
-        rows.append({"optimizer": r["optimizer"], "decomposition": r["decomposition"],
-                     "update mode": r["update_mode"], "time per step (s)": float(r["median_s"]),
-                     "time vs adam": float(r["ratio_vs_adam"]),
-                     "peak memory (MB)": math.nan if r["peak_mb"] is None else float(r["peak_mb"])})
+        rows.append(
+            {
+                "optimizer": r["optimizer"],
+                "decomposition": r["decomposition"],
+                "update mode": r["update_mode"],
+                "time per step (s)": float(r["median_s"]),
+                "time vs adam": float(r["ratio_vs_adam"]),
+                "peak memory (MB)": math.nan if r["peak_mb"] is None else float(r["peak_mb"]),
+            }
+        )
     setup = doc["setup"]
-    notes = [f"from {path.name}: {setup['model']}, batch {setup['batch_size']} x {setup['patch_size']}^2 "
-             f"on {setup['device']}; time: median step time; "
-             "time vs adam: median over rounds of the ratio within a round; peak memory: CUDA max "
-             "allocated, or peak RSS of a fresh process on CPU (empty: not measured)"]
-    return Table("overhead_benchmark", "Computational overhead (training-step benchmark)",
-                 pd.DataFrame(rows), {"time per step (s)": ".4f", "time vs adam": ".3f",
-                                      "peak memory (MB)": ".0f"}, notes)
+    notes = [
+        f"from {path.name}: {setup['model']}, batch {setup['batch_size']} x {setup['patch_size']}^2 "
+        f"on {setup['device']}; time: median step time; "
+        "time vs adam: median over rounds of the ratio within a round; peak memory: CUDA max "
+        "allocated, or peak RSS of a fresh process on CPU (empty: not measured)"
+    ]
+    return Table(
+        "overhead_benchmark",
+        "Computational overhead (training-step benchmark)",
+        pd.DataFrame(rows),
+        {"time per step (s)": ".4f", "time vs adam": ".3f", "peak memory (MB)": ".0f"},
+        notes,
+    )
 
 
 # analysis-YAML key (written by the workflow's rule analysis_config from the study config): one
@@ -770,8 +1086,11 @@ NOT_HELD_OUT = "not_held_out"
 
 def not_held_out_notes(analysis: dict[str, Any]) -> list[str]:
     """The notes that say the test photos were not held out (none when they were)."""
-    return [f"NOT HELD OUT (allow_test_data_in_training: true): {sentence}; the test photos "
-            "trained or selected these models" for sentence in analysis.get(NOT_HELD_OUT) or []]
+    return [
+        f"NOT HELD OUT (allow_test_data_in_training: true): {sentence}; the test photos "
+        "trained or selected these models"
+        for sentence in analysis.get(NOT_HELD_OUT) or []
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -822,17 +1141,24 @@ class TableKind:
 TABLES: dict[str, TableKind] = {}
 
 
-def register_table(kind: str, *, caption: str,
-                   names: Callable[[Mapping[str, Any]], list[str]] | None = None,
-                   quality_axis: bool = False) -> Callable:
+def register_table(
+    kind: str,
+    *,
+    caption: str,
+    names: Callable[[Mapping[str, Any]], list[str]] | None = None,
+    quality_axis: bool = False,
+) -> Callable:
     """Decorator: register ``build(inputs) -> list[Table]`` as table kind ``kind`` (written after
     the kinds registered before it). Without ``names`` the kind writes one table named ``kind``."""
+
     def decorate(build: Callable[[TableInputs], list[Table]]) -> Callable:
         if kind in TABLES:
             raise ValueError(f"table kind {kind!r} is registered twice")
-        TABLES[kind] = TableKind(kind, caption, names or (lambda analysis: [kind]), build,
-                                 quality_axis)
+        TABLES[kind] = TableKind(
+            kind, caption, names or (lambda analysis: [kind]), build, quality_axis
+        )
         return build
+
     return decorate
 
 
@@ -850,22 +1176,39 @@ def table_captions(analysis: Mapping[str, Any]) -> dict[str, str]:
     return {name: kind.caption for kind in TABLES.values() for name in kind.names(analysis)}
 
 
-@register_table("bd", caption="table_bd.rst", quality_axis=True,
-                names=lambda analysis: [bd_table_name(reference_of(analysis))])
+@register_table(
+    "bd",
+    caption="table_bd.rst",
+    quality_axis=True,
+    names=lambda analysis: [bd_table_name(reference_of(analysis))],
+)
 def _bd_reference_tables(inputs: TableInputs) -> list[Table]:
-    return [bd_vs(inputs.points, inputs.reference, inputs.method, inputs.metric, bd=inputs.bd,
-                  unc=inputs.unc)]
+    return [
+        bd_vs(
+            inputs.points,
+            inputs.reference,
+            inputs.method,
+            inputs.metric,
+            bd=inputs.bd,
+            unc=inputs.unc,
+        )
+    ]
 
 
 def anchor_names(analysis: Mapping[str, Any]) -> list[str]:
     """The anchors with a BD table: published ones (``anchors``), then measured codec anchors
     (``measured_anchors``, written by the workflow from the datasets' ``anchors:``)."""
-    return list(dict.fromkeys([*(analysis.get("anchors") or []),
-                               *(analysis.get("measured_anchors") or [])]))
+    return list(
+        dict.fromkeys([*(analysis.get("anchors") or []), *(analysis.get("measured_anchors") or [])])
+    )
 
 
-@register_table("bd_anchor", caption="table_bd.rst", quality_axis=True,
-                names=lambda analysis: [bd_table_name("", a) for a in anchor_names(analysis)])
+@register_table(
+    "bd_anchor",
+    caption="table_bd.rst",
+    quality_axis=True,
+    names=lambda analysis: [bd_table_name("", a) for a in anchor_names(analysis)],
+)
 def _bd_anchor_tables(inputs: TableInputs) -> list[Table]:
     anchors = anchor_names(inputs.analysis)
     if not anchors:
@@ -874,34 +1217,82 @@ def _bd_anchor_tables(inputs: TableInputs) -> list[Table]:
     measured_rows = measured_image_rows([*shipped_csvs(), *inputs.measured])
     tables = []
     for anchor in anchors:
-        anchor_unc = None if inputs.images is None else anchor_uncertainty(
-            inputs.images, measured_rows, anchor, inputs.metric, inputs.method, inputs.resamples,
-            inputs.bootstrap_seed)
-        tables.append(bd_vs(inputs.points, inputs.reference, inputs.method, inputs.metric,
-                            anchor=anchor, unc=anchor_unc, anchor_table=anchor_table))
+        anchor_unc = (
+            None
+            if inputs.images is None
+            else anchor_uncertainty(
+                inputs.images,
+                measured_rows,
+                anchor,
+                inputs.metric,
+                inputs.method,
+                inputs.resamples,
+                inputs.bootstrap_seed,
+            )
+        )
+        tables.append(
+            bd_vs(
+                inputs.points,
+                inputs.reference,
+                inputs.method,
+                inputs.metric,
+                anchor=anchor,
+                unc=anchor_unc,
+                anchor_table=anchor_table,
+            )
+        )
     return tables
 
 
-@register_table("expected_gains", caption="table_expected_gains.rst", quality_axis=True,
-                names=lambda analysis: ["expected_gains"] if analysis.get("gains") else [])
+@register_table(
+    "expected_gains",
+    caption="table_expected_gains.rst",
+    quality_axis=True,
+    names=lambda analysis: ["expected_gains"] if analysis.get("gains") else [],
+)
 def _expected_gains_tables(inputs: TableInputs) -> list[Table]:
     gains = inputs.analysis.get("gains")
     if not gains:
         return []
-    return [expected_gains(inputs.points, inputs.runs, dict(gains), inputs.reference,
-                           inputs.method, inputs.metric, inputs.bd, inputs.unc)]
+    return [
+        expected_gains(
+            inputs.points,
+            inputs.runs,
+            dict(gains),
+            inputs.reference,
+            inputs.method,
+            inputs.metric,
+            inputs.bd,
+            inputs.unc,
+        )
+    ]
 
 
-@register_table("study", caption="table_study.rst", quality_axis=True,
-                names=lambda analysis: list(analysis.get("studies") or {}))
+@register_table(
+    "study",
+    caption="table_study.rst",
+    quality_axis=True,
+    names=lambda analysis: list(analysis.get("studies") or {}),
+)
 def _study_tables(inputs: TableInputs) -> list[Table]:
     tables = []
     for name, spec in (inputs.analysis.get("studies") or {}).items():
         if "rows" not in spec:
             raise TableError(f"analysis.studies.{name}: no 'rows' mapping label -> variant")
-        tables.append(study_table(name, spec.get("title", name), dict(spec["rows"]), inputs.points,
-                                  inputs.runs, inputs.reference, inputs.method, inputs.metric,
-                                  inputs.bd, inputs.unc))
+        tables.append(
+            study_table(
+                name,
+                spec.get("title", name),
+                dict(spec["rows"]),
+                inputs.points,
+                inputs.runs,
+                inputs.reference,
+                inputs.method,
+                inputs.metric,
+                inputs.bd,
+                inputs.unc,
+            )
+        )
     return tables
 
 
@@ -911,18 +1302,33 @@ def several_seeds(analysis: Mapping[str, Any]) -> bool:
     return len(analysis.get("seeds") or [0]) > 1
 
 
-@register_table("bd_seeds", caption="table_bd_seeds.rst", quality_axis=True,
-                names=lambda analysis: [f"bd_seeds_vs_{reference_of(analysis)}"]
-                if several_seeds(analysis) else [])
+@register_table(
+    "bd_seeds",
+    caption="table_bd_seeds.rst",
+    quality_axis=True,
+    names=lambda analysis: (
+        [f"bd_seeds_vs_{reference_of(analysis)}"] if several_seeds(analysis) else []
+    ),
+)
 def _seed_tables(inputs: TableInputs) -> list[Table]:
     if not several_seeds(inputs.analysis):
         return []
     if inputs.images is None or not has_several_seeds(inputs.images, inputs.reference):
-        raise TableError(f"the study trains seeds {list(inputs.analysis['seeds'])}, so the seed "
-                         "table needs the per-image rows of every seed: pass --images (hpcm rd "
-                         "points --images) with the reference's runs of more than one seed")
-    return [seed_bd_table(inputs.images, inputs.reference, inputs.method, inputs.metric,
-                          inputs.resamples, inputs.bootstrap_seed)]
+        raise TableError(
+            f"the study trains seeds {list(inputs.analysis['seeds'])}, so the seed "
+            "table needs the per-image rows of every seed: pass --images (hpcm rd "
+            "points --images) with the reference's runs of more than one seed"
+        )
+    return [
+        seed_bd_table(
+            inputs.images,
+            inputs.reference,
+            inputs.method,
+            inputs.metric,
+            inputs.resamples,
+            inputs.bootstrap_seed,
+        )
+    ]
 
 
 @register_table("overhead", caption="table_overhead.rst")
@@ -930,20 +1336,30 @@ def _overhead_tables(inputs: TableInputs) -> list[Table]:
     return [overhead_table(inputs.runs)]
 
 
-@register_table("overhead_benchmark", caption="table_overhead.rst",
-                names=lambda analysis: ["overhead_benchmark"] if analysis.get("overhead_json")
-                else [])
+@register_table(
+    "overhead_benchmark",
+    caption="table_overhead.rst",
+    names=lambda analysis: ["overhead_benchmark"] if analysis.get("overhead_json") else [],
+)
 def _overhead_benchmark_tables(inputs: TableInputs) -> list[Table]:
     path = inputs.analysis.get("overhead_json")
     return [overhead_from_benchmark(path)] if path else []
 
 
-def build_all(points_path: str | Path, runs_root: str | Path, analysis: dict[str, Any],
-              output_dir: str | Path, benchmarks: str | Path | None = None,
-              method: str | None = None, metric: str | None = None,
-              overhead_json: str | Path | None = None, images_path: str | Path | None = None,
-              resamples: int = DEFAULT_RESAMPLES, bootstrap_seed: int = DEFAULT_SEED,
-              measured: Sequence[str | Path] = ()) -> list[Path]:
+def build_all(
+    points_path: str | Path,
+    runs_root: str | Path,
+    analysis: dict[str, Any],
+    output_dir: str | Path,
+    benchmarks: str | Path | None = None,
+    method: str | None = None,
+    metric: str | None = None,
+    overhead_json: str | Path | None = None,
+    images_path: str | Path | None = None,
+    resamples: int = DEFAULT_RESAMPLES,
+    bootstrap_seed: int = DEFAULT_SEED,
+    measured: Sequence[str | Path] = (),
+) -> list[Path]:
     """Write every registered table (:data:`TABLES`); ``overhead_json`` joins the analysis section
     as its key ``overhead_json`` (the kind ``overhead_benchmark`` reads it); ``measured``: per-image
     CSVs of measured codec anchors, beside the shipped ones."""
@@ -955,10 +1371,25 @@ def build_all(points_path: str | Path, runs_root: str | Path, analysis: dict[str
     metric = metric or analysis.get("metric") or "psnr"
     bd = bd_table(points, reference, metric, method)  # shared by the BD, gains and study tables
     images = read_images(images_path) if images_path else None
-    unc = uncertainty(images, reference, metric, method, resamples,
-                      bootstrap_seed) if images_path else None
-    inputs = TableInputs(points, runs, analysis, reference, method, metric, bd, unc, images,
-                         resamples, bootstrap_seed, tuple(measured))
+    unc = (
+        uncertainty(images, reference, metric, method, resamples, bootstrap_seed)
+        if images_path
+        else None
+    )
+    inputs = TableInputs(
+        points,
+        runs,
+        analysis,
+        reference,
+        method,
+        metric,
+        bd,
+        unc,
+        images,
+        resamples,
+        bootstrap_seed,
+        tuple(measured),
+    )
     written = []
     for kind in TABLES.values():
         tables = kind.build(inputs)
@@ -967,8 +1398,10 @@ def build_all(points_path: str | Path, runs_root: str | Path, analysis: dict[str
             raise RuntimeError(f"table kind {kind.kind!r} built {built}, declared {expected}")
         for table in tables:
             if kind.quality_axis and metric != "psnr":  # the BD columns keep their names
-                table.notes.append("quality axis: MS-SSIM in dB, -10 log10(1 - MS-SSIM); the "
-                                   "BD-PSNR columns are BD-MS-SSIM (dB)")
+                table.notes.append(
+                    "quality axis: MS-SSIM in dB, -10 log10(1 - MS-SSIM); the "
+                    "BD-PSNR columns are BD-MS-SSIM (dB)"
+                )
             table.notes += not_held_out_notes(analysis)
             written += write_table(table, output_dir)
     return written
@@ -993,36 +1426,72 @@ def analysis_section(doc: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hpcm tables", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="hpcm tables",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--points", required=True, help="R-D points CSV (hpcm rd points)")
     parser.add_argument("--runs", required=True, help="folder holding the training run folders")
     parser.add_argument("--config", required=True, help="YAML with the 'analysis' section")
     parser.add_argument("--output-dir", required=True, help="where the tables go")
     parser.add_argument("--benchmarks", help="Snakemake benchmark folder of the training jobs")
-    parser.add_argument("--method", choices=METHODS,
-                        help="BD interpolation (default: analysis.bd_method, else pchip)")
-    parser.add_argument("--metric", choices=("psnr", "ms_ssim_db"),
-                        help="quality axis (default: analysis.metric, else psnr)")
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        help="BD interpolation (default: analysis.bd_method, else pchip)",
+    )
+    parser.add_argument(
+        "--metric",
+        choices=("psnr", "ms_ssim_db"),
+        help="quality axis (default: analysis.metric, else psnr)",
+    )
     parser.add_argument("--overhead-json", help="benchmarks/optimizer_overhead.py --json output")
-    parser.add_argument("--images", help="per-image rows (hpcm rd points --images): adds 95 %% "
-                                         "bootstrap intervals and seed spreads to the BD columns")
-    parser.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES,
-                        help="bootstrap resamples (default %(default)s)")
-    parser.add_argument("--bootstrap-seed", type=int, default=DEFAULT_SEED,
-                        help="seed of the resampling (default %(default)s)")
-    parser.add_argument("--measured", nargs="*", default=[],
-                        help="per-image CSVs of measured codec anchors (results/anchors/D/A.csv): "
-                             "BD tables against them, with intervals paired on images")
+    parser.add_argument(
+        "--images",
+        help="per-image rows (hpcm rd points --images): adds 95 %% "
+        "bootstrap intervals and seed spreads to the BD columns",
+    )
+    parser.add_argument(
+        "--resamples",
+        type=int,
+        default=DEFAULT_RESAMPLES,
+        help="bootstrap resamples (default %(default)s)",
+    )
+    parser.add_argument(
+        "--bootstrap-seed",
+        type=int,
+        default=DEFAULT_SEED,
+        help="seed of the resampling (default %(default)s)",
+    )
+    parser.add_argument(
+        "--measured",
+        nargs="*",
+        default=[],
+        help="per-image CSVs of measured codec anchors (results/anchors/D/A.csv): "
+        "BD tables against them, with intervals paired on images",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(lambda: build_all(args.points, args.runs, read_analysis(args.config), args.output_dir,
-                                         args.benchmarks, args.method, args.metric, args.overhead_json,
-                                         args.images, args.resamples, args.bootstrap_seed,
-                                         args.measured))
+    return run_command(
+        lambda: build_all(
+            args.points,
+            args.runs,
+            read_analysis(args.config),
+            args.output_dir,
+            args.benchmarks,
+            args.method,
+            args.metric,
+            args.overhead_json,
+            args.images,
+            args.resamples,
+            args.bootstrap_seed,
+            args.measured,
+        )
+    )
 
 
 if __name__ == "__main__":

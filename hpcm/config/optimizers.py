@@ -45,11 +45,14 @@ class OptimizerSpec:
 
     def __post_init__(self) -> None:
         if self.gamma_schedule not in (None, *GAMMA_SCHEDULES):
-            raise ValueError(f"optimizer {self.name!r}: gamma_schedule {self.gamma_schedule!r} "
-                             f"is not one of {GAMMA_SCHEDULES} or None")
+            raise ValueError(
+                f"optimizer {self.name!r}: gamma_schedule {self.gamma_schedule!r} "
+                f"is not one of {GAMMA_SCHEDULES} or None"
+            )
         if self.gamma_schedule is not None and not self.task_names:
-            raise ValueError(f"optimizer {self.name!r}: a gamma schedule needs task weights "
-                             "(task_names)")
+            raise ValueError(
+                f"optimizer {self.name!r}: a gamma schedule needs task weights (task_names)"
+            )
 
     @property
     def task_weights(self) -> bool:
@@ -64,19 +67,39 @@ class OptimizerSpec:
 
 _FAMO = {"gamma": GAMMA, "w_lr": W_LR, "update_mode": UPDATE_MODES[0]}
 
-OPTIMIZER_SPECS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
-    OptimizerSpec("adam", "torch's Adam (fused), the HPCM baseline"),
-    OptimizerSpec("cautious_adam", "Adam with the Cautious sign-agreement mask (Balanced R-D)"),
-    OptimizerSpec("balanced", "Balanced R-D: Cautious Adam + FAMO over (distortion, bpp)",
-                  task_names=RD_TASKS, gamma_schedule="single", hyperparameters=_FAMO),
-    OptimizerSpec("qp", "Balanced R-D Solution 2: Cautious Adam + analytic QP task weights",
-                  task_names=RD_TASKS, gamma_schedule="single", hyperparameters=_FAMO),
-    OptimizerSpec("hierarchical_balanced", "HierarchicalBalanced: FAMO over the 5 scale tasks",
-                  task_names=SEED_TASK_NAMES, gamma_schedule="per_scale",
-                  hyperparameters={"gammas": DEFAULT_GAMMAS, "w_lr": W_LR,
-                                   "update_mode": UPDATE_MODES[0],
-                                   "scale_weights": DEFAULT_SCALE_WEIGHTS}),
-)}
+OPTIMIZER_SPECS: dict[str, OptimizerSpec] = {
+    spec.name: spec
+    for spec in (
+        OptimizerSpec("adam", "torch's Adam (fused), the HPCM baseline"),
+        OptimizerSpec("cautious_adam", "Adam with the Cautious sign-agreement mask (Balanced R-D)"),
+        OptimizerSpec(
+            "balanced",
+            "Balanced R-D: Cautious Adam + FAMO over (distortion, bpp)",
+            task_names=RD_TASKS,
+            gamma_schedule="single",
+            hyperparameters=_FAMO,
+        ),
+        OptimizerSpec(
+            "qp",
+            "Balanced R-D Solution 2: Cautious Adam + analytic QP task weights",
+            task_names=RD_TASKS,
+            gamma_schedule="single",
+            hyperparameters=_FAMO,
+        ),
+        OptimizerSpec(
+            "hierarchical_balanced",
+            "HierarchicalBalanced: FAMO over the 5 scale tasks",
+            task_names=SEED_TASK_NAMES,
+            gamma_schedule="per_scale",
+            hyperparameters={
+                "gammas": DEFAULT_GAMMAS,
+                "w_lr": W_LR,
+                "update_mode": UPDATE_MODES[0],
+                "scale_weights": DEFAULT_SCALE_WEIGHTS,
+            },
+        ),
+    )
+}
 
 
 # The plain optimizer of the HPCM baseline, the reference of the overhead table's time ratios.
@@ -87,22 +110,30 @@ def optimizer_spec(name: str) -> OptimizerSpec:
     """The spec of a registered optimizer; an unknown name raises ValueError listing the others."""
     spec = OPTIMIZER_SPECS.get(name)
     if spec is None:
-        raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZER_SPECS)} "
-                         "(a new optimizer gets an OptimizerSpec in hpcm/config/optimizers.py)")
+        raise ValueError(
+            f"unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZER_SPECS)} "
+            "(a new optimizer gets an OptimizerSpec in hpcm/config/optimizers.py)"
+        )
     return spec
 
 
 def hyperparameter_default(key: str) -> Any:
     """The default of a run-config hyperparameter, the same for every optimizer that reads it."""
-    values = {repr(spec.hyperparameters[key]): spec.hyperparameters[key]
-              for spec in OPTIMIZER_SPECS.values() if key in spec.hyperparameters}
+    values = {
+        repr(spec.hyperparameters[key]): spec.hyperparameters[key]
+        for spec in OPTIMIZER_SPECS.values()
+        if key in spec.hyperparameters
+    }
     if len(values) != 1:
-        raise ValueError(f"optimizer hyperparameter {key!r}: the specs give {len(values)} defaults "
-                         f"({sorted(values)}); the run config has one default per key")
+        raise ValueError(
+            f"optimizer hyperparameter {key!r}: the specs give {len(values)} defaults "
+            f"({sorted(values)}); the run config has one default per key"
+        )
     return next(iter(values.values()))
 
 
 # Every run-config key some optimizer reads (build_optimizer accepts these, and ignores the
 # ones the named optimizer does not read).
-HYPERPARAMETERS = tuple(dict.fromkeys(
-    key for spec in OPTIMIZER_SPECS.values() for key in spec.hyperparameters))
+HYPERPARAMETERS = tuple(
+    dict.fromkeys(key for spec in OPTIMIZER_SPECS.values() for key in spec.hyperparameters)
+)

@@ -30,7 +30,9 @@ STUDIES: dict[str, dict[str, dict[str, list[float]]]] = {
 
 
 # The seed's defaults (HierarchicalBalanced, ScaleGammaManager, the run config) are two of them.
-DEFAULT_SCALE_WEIGHTS: tuple[float, ...] = tuple(STUDY1_SCALE_WEIGHTS["s2_emphasis"]["scale_weights"])
+DEFAULT_SCALE_WEIGHTS: tuple[float, ...] = tuple(
+    STUDY1_SCALE_WEIGHTS["s2_emphasis"]["scale_weights"]
+)
 DEFAULT_GAMMAS: tuple[float, ...] = tuple(STUDY2_GAMMAS["decreasing"]["gammas"])
 
 # Official HPCM recipe: lr 1e-4, then 3e-5 / 1e-5 / 1e-6 from epoch 2750 / 2850 / 2950 of 3000.

@@ -35,8 +35,12 @@ def _options(args: argparse.Namespace) -> dict[str, object]:
     wrong = sorted(set(given) - set(kind.options))
     if wrong:
         takers = {o: [k.name for k in DATASET_KINDS.values() if o in k.options] for o in wrong}
-        raise ValueError("; ".join(f"--{o} applies to {', '.join(takers[o]) or 'no kind'}, "
-                                   f"not {args.kind}" for o in wrong))
+        raise ValueError(
+            "; ".join(
+                f"--{o} applies to {', '.join(takers[o]) or 'no kind'}, not {args.kind}"
+                for o in wrong
+            )
+        )
     if "only" in given:
         given["only"] = given["only"].split(",")
     return given
@@ -58,14 +62,17 @@ def _verify(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hpcm data", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="hpcm data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     export = sub.add_parser(
-        "export-samples", help="write the embedded sample set as PNG folders DIR/{train,val,test}")
+        "export-samples", help="write the embedded sample set as PNG folders DIR/{train,val,test}"
+    )
     export.add_argument("--output", required=True, help="destination folder")
-    export.add_argument("--splits", nargs="+", default=["train", "val", "test"],
-                        choices=list(SAMPLE_SPLITS))
+    export.add_argument(
+        "--splits", nargs="+", default=["train", "val", "test"], choices=list(SAMPLE_SPLITS)
+    )
     export.set_defaults(func=_export)
     prepare = sub.add_parser("prepare", help="gather, verify and place a dataset")
     prepare.add_argument("kind", choices=list(DATASET_KINDS))

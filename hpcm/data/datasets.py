@@ -109,8 +109,9 @@ class ChecksumError(ValueError):
 
     def __init__(self, name: str, expected: str, actual: str, origin: str = "") -> None:
         where = f" (from {origin})" if origin else ""
-        super().__init__(f"checksum mismatch for {name}{where}: expected SHA-256 {expected}, "
-                         f"got {actual}")
+        super().__init__(
+            f"checksum mismatch for {name}{where}: expected SHA-256 {expected}, got {actual}"
+        )
         self.name, self.expected, self.actual = name, expected, actual
 
 
@@ -122,8 +123,9 @@ def _download(url: str, target: Path) -> None:
     """Fetch ``url`` into ``target`` with a progress bar (the caller verifies the bytes)."""
     with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as out:
         total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=Path(target).name,
-                  leave=False) as bar:
+        with tqdm(
+            total=total, unit="B", unit_scale=True, desc=Path(target).name, leave=False
+        ) as bar:
             for block in iter(lambda: response.read(1 << 20), b""):
                 out.write(block)
                 bar.update(len(block))
@@ -133,8 +135,10 @@ def _download(url: str, target: Path) -> None:
 def _staging(output: Path) -> Iterator[Path]:
     """A sibling folder that becomes ``output`` only if the body finishes without error."""
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise FileExistsError(f"{output} exists, is not empty and does not verify; "
-                              "remove it to prepare the dataset again")
+        raise FileExistsError(
+            f"{output} exists, is not empty and does not verify; "
+            "remove it to prepare the dataset again"
+        )
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:
@@ -149,6 +153,7 @@ def _staging(output: Path) -> Iterator[Path]:
 
 def _archive_members(archive: Path) -> Iterator[tuple[str, bytes]]:
     """(base name, bytes) of every regular file in a zip/tar archive, macOS forks dropped."""
+
     def wanted(member_name: str) -> bool:
         parts = Path(member_name).parts
         return bool(parts) and not parts[-1].startswith("._") and "__MACOSX" not in parts
@@ -183,8 +188,9 @@ def _kodak_names(only: Iterable[str] | None) -> list[str]:
     return names
 
 
-def verify_kodak(folder: str | Path, only: Iterable[str] | None = None,
-                 origin: str | None = None) -> list[Path]:
+def verify_kodak(
+    folder: str | Path, only: Iterable[str] | None = None, origin: str | None = None
+) -> list[Path]:
     """Check the pinned hash of every (selected) Kodak file in ``folder``; return their paths."""
     folder = Path(folder)
     paths = []
@@ -199,8 +205,9 @@ def verify_kodak(folder: str | Path, only: Iterable[str] | None = None,
     return paths
 
 
-def prepare_kodak(source: str | Path | None, output: str | Path,
-                  only: Iterable[str] | None = None) -> list[Path]:
+def prepare_kodak(
+    source: str | Path | None, output: str | Path, only: Iterable[str] | None = None
+) -> list[Path]:
     """Gather Kodak from a folder, archive or base URL into ``output``, verifying every file."""
     output = Path(output)
     names = _kodak_names(only)
@@ -268,23 +275,29 @@ def _locate_clic_zip(source: str | None, scratch: Path) -> Path:
                 return target
             except OSError as err:  # try the next mirror
                 errors.append(f"{url}: {err}")
-        raise OSError("could not download CLIC 2020 professional validation:\n  "
-                      + "\n  ".join(errors))
+        raise OSError(
+            "could not download CLIC 2020 professional validation:\n  " + "\n  ".join(errors)
+        )
     path = Path(source)
     if path.is_dir():
         for name in CLIC_PRO_VALID_ZIP_NAMES:
             if (path / name).is_file():
                 return path / name
-        raise FileNotFoundError(f"no {' or '.join(CLIC_PRO_VALID_ZIP_NAMES)} in {path}; the "
-                                "archive is needed to verify the checksum")
+        raise FileNotFoundError(
+            f"no {' or '.join(CLIC_PRO_VALID_ZIP_NAMES)} in {path}; the "
+            "archive is needed to verify the checksum"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"CLIC source not found: {path}")
     return path
 
 
-def prepare_clic(source: str | Path | None, output: str | Path,
-                 expected_sha256: str = CLIC_PRO_VALID_SHA256,
-                 expected_images: int | None = CLIC_PRO_VALID_IMAGES) -> list[Path]:
+def prepare_clic(
+    source: str | Path | None,
+    output: str | Path,
+    expected_sha256: str = CLIC_PRO_VALID_SHA256,
+    expected_images: int | None = CLIC_PRO_VALID_IMAGES,
+) -> list[Path]:
     """Verify the CLIC validation zip, then extract its images flat into ``output``."""
     output = Path(output)
     with contextlib.suppress(FileNotFoundError, ChecksumError):
@@ -295,8 +308,9 @@ def prepare_clic(source: str | Path | None, output: str | Path,
         actual = sha256_file(archive)
         if actual != expected_sha256:
             raise ChecksumError(archive.name, expected_sha256, actual, str(source or "mirror"))
-        images = [(n, d) for n, d in _archive_members(archive)
-                  if Path(n).suffix.lower() in IMAGE_SUFFIXES]
+        images = [
+            (n, d) for n, d in _archive_members(archive) if Path(n).suffix.lower() in IMAGE_SUFFIXES
+        ]
         if archive.parent == staging:
             archive.unlink()  # a downloaded archive is not part of the dataset folder
         if expected_images is not None and len(images) != expected_images:
@@ -359,8 +373,10 @@ def _check_tecnick_image(name: str, data: bytes, origin: str) -> None:
     except OSError as err:
         raise ValueError(f"{name} (from {origin}) is not a readable PNG: {err}") from None
     if size != TECNICK_SIZE or mode != "RGB":
-        raise ValueError(f"{name} (from {origin}) is {size[0]}x{size[1]} {mode}; Tecnick images are "
-                         f"{TECNICK_SIZE[0]}x{TECNICK_SIZE[1]} RGB (folder RGB/RGB_OR_1200x1200)")
+        raise ValueError(
+            f"{name} (from {origin}) is {size[0]}x{size[1]} {mode}; Tecnick images are "
+            f"{TECNICK_SIZE[0]}x{TECNICK_SIZE[1]} RGB (folder RGB/RGB_OR_1200x1200)"
+        )
 
 
 def verify_tecnick(folder: str | Path, manifest: str | Path | None = None) -> list[Path]:
@@ -375,16 +391,19 @@ def verify_tecnick(folder: str | Path, manifest: str | Path | None = None) -> li
     return paths
 
 
-def prepare_tecnick(source: str | Path | None, output: str | Path,
-                    manifest: str | Path | None = None) -> list[Path]:
+def prepare_tecnick(
+    source: str | Path | None, output: str | Path, manifest: str | Path | None = None
+) -> list[Path]:
     """Gather the 100 Tecnick images from the TESTIMAGES zip or a folder, check, hash, place them."""
     output = Path(output)
     with contextlib.suppress(FileNotFoundError, ChecksumError):
         if output.is_dir():
             return verify_tecnick(output, manifest)  # already prepared
     if source is None or _is_url(str(source)):
-        raise ValueError(f"Tecnick is prepared from a local copy only: download {TECNICK_URL}, then pass "
-                         "--source with the zip or the folder it extracts to")
+        raise ValueError(
+            f"Tecnick is prepared from a local copy only: download {TECNICK_URL}, then pass "
+            "--source with the zip or the folder it extracts to"
+        )
     source = Path(source)
     pinned = _tecnick_pinned(manifest)
     with _staging(output) as staging:
@@ -395,22 +414,33 @@ def prepare_tecnick(source: str | Path | None, output: str | Path,
             _check_tecnick_image(name, data, str(source))
             digest = hashlib.sha256(data).hexdigest()
             if pinned is not None and pinned.get(name) != digest:
-                raise ChecksumError(name, pinned.get(name, "(not in the pinned manifest)"), digest, str(source))
+                raise ChecksumError(
+                    name, pinned.get(name, "(not in the pinned manifest)"), digest, str(source)
+                )
             (staging / name).write_bytes(data)
             digests[name] = digest
         expected = {f"RGB_OR_1200x1200_{k:03d}.png" for k in range(1, TECNICK_IMAGES + 1)}
         if set(digests) != expected:
             missing, extra = sorted(expected - set(digests)), sorted(set(digests) - expected)
-            raise ValueError(f"{source}: {len(digests)} Tecnick images, expected RGB_OR_1200x1200_001.png .. _100.png"
-                             + (f"; missing {missing[:5]}{' ...' if len(missing) > 5 else ''}" if missing else "")
-                             + (f"; unexpected {extra[:5]}" if extra else ""))
+            raise ValueError(
+                f"{source}: {len(digests)} Tecnick images, expected RGB_OR_1200x1200_001.png .. _100.png"
+                + (
+                    f"; missing {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+                    if missing
+                    else ""
+                )
+                + (f"; unexpected {extra[:5]}" if extra else "")
+            )
         names = sorted(digests)
         (staging / MANIFEST).write_text("".join(f"{digests[name]}  {name}\n" for name in names))
     if pinned is None:
         archive = f" (archive SHA-256 {sha256_file(source)})" if source.is_file() else ""
-        print(f"warning: no pinned Tecnick manifest ({TECNICK_PINNED} or --manifest): the hashes were taken from "
-              f"this copy{archive} and written to {output / MANIFEST}. Pin them by copying that file to "
-              f"{TECNICK_PINNED}; every later copy is then verified against it.", file=sys.stderr)
+        print(
+            f"warning: no pinned Tecnick manifest ({TECNICK_PINNED} or --manifest): the hashes were taken from "
+            f"this copy{archive} and written to {output / MANIFEST}. Pin them by copying that file to "
+            f"{TECNICK_PINNED}; every later copy is then verified against it.",
+            file=sys.stderr,
+        )
     return [output / name for name in names]
 
 
@@ -446,8 +476,10 @@ def register_dataset(kind: DatasetKind) -> DatasetKind:
         raise ValueError(f"dataset kind {kind.name!r} is registered twice")
     unknown = sorted(set(kind.options) - set(DATASET_OPTIONS))
     if unknown:
-        raise ValueError(f"dataset kind {kind.name!r}: unknown options {unknown} "
-                         f"(known: {', '.join(DATASET_OPTIONS)})")
+        raise ValueError(
+            f"dataset kind {kind.name!r}: unknown options {unknown} "
+            f"(known: {', '.join(DATASET_OPTIONS)})"
+        )
     DATASET_KINDS[kind.name] = kind
     return kind
 

@@ -44,6 +44,7 @@ class DataConfigError(ValueError):
 
 # ----------------------------------------------------------------------------- reading images
 
+
 def to_rgb8(image: Image.Image) -> np.ndarray:
     """Decode a PIL image to an (H, W, 3) uint8 array."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -82,7 +83,9 @@ def list_images(root: str | Path) -> list[Path]:
     root = Path(root)
     if root.is_file():
         return [root] if root.suffix.lower() in IMAGE_EXTENSIONS else []
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(
+        p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
 
 
 def to_tensor(array: np.ndarray) -> torch.Tensor:
@@ -94,6 +97,7 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- embedded samples
+
 
 def _skimage(name: str) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
@@ -127,13 +131,29 @@ def _matplotlib_sample(filename: str) -> Callable[[], np.ndarray]:
 # held-out test set: training sees textures, grayscale photos and colour astronomy / retina
 # images; the val image (a colour microscopy slide) only picks the best checkpoint.
 SAMPLE_SPLITS: dict[str, dict[str, Callable[[], np.ndarray]]] = {
-    "train": {name: _skimage(name) for name in (
-        "retina", "hubble_deep_field", "colorwheel", "camera", "coins", "moon", "brick", "grass",
-        "gravel")},
+    "train": {
+        name: _skimage(name)
+        for name in (
+            "retina",
+            "hubble_deep_field",
+            "colorwheel",
+            "camera",
+            "coins",
+            "moon",
+            "brick",
+            "grass",
+            "gravel",
+        )
+    },
     "val": {"immunohistochemistry": _skimage("immunohistochemistry")},
-    "test": {"astronaut": _skimage("astronaut"), "chelsea": _skimage("chelsea"),
-             "coffee": _skimage("coffee"), "rocket": _skimage("rocket"),
-             "motorcycle": _motorcycle_left, "grace_hopper": _matplotlib_sample("grace_hopper.jpg")},
+    "test": {
+        "astronaut": _skimage("astronaut"),
+        "chelsea": _skimage("chelsea"),
+        "coffee": _skimage("coffee"),
+        "rocket": _skimage("rocket"),
+        "motorcycle": _motorcycle_left,
+        "grace_hopper": _matplotlib_sample("grace_hopper.jpg"),
+    },
 }
 
 
@@ -144,7 +164,9 @@ def sample_images(split: str) -> list[tuple[str, np.ndarray]]:
     return [(name, load()) for name, load in SAMPLE_SPLITS[split].items()]
 
 
-def export_samples(output: str | Path, splits: Sequence[str] = ("train", "val", "test")) -> list[Path]:
+def export_samples(
+    output: str | Path, splits: Sequence[str] = ("train", "val", "test")
+) -> list[Path]:
     """Write each split as PNG files under ``output/<split>/<name>.png`` (atomic writes)."""
     written = []
     for split in splits:
@@ -157,6 +179,7 @@ def export_samples(output: str | Path, splits: Sequence[str] = ("train", "val", 
 
 
 # ----------------------------------------------------------------------------- datasets
+
 
 @dataclass
 class ImageSet:
@@ -177,16 +200,20 @@ class ImageSet:
         return load_rgb(self.paths[index])
 
 
-def open_image_set(source: str, split: str, key: str, skip_bad_images: bool = False,
-                   min_size: int = 0) -> ImageSet:
+def open_image_set(
+    source: str, split: str, key: str, skip_bad_images: bool = False, min_size: int = 0
+) -> ImageSet:
     """Scan a folder (or the ``samples`` split) and keep the images at least ``min_size`` on each side.
 
     Raises DataConfigError naming ``key`` and ``source`` when nothing usable remains.
     """
     if source == "samples":
         pairs = sample_images(split)
-        image_set = ImageSet(labels=[f"samples:{split}/{n}" for n, _ in pairs],
-                             sizes=[a.shape[:2] for _, a in pairs], arrays=[a for _, a in pairs])
+        image_set = ImageSet(
+            labels=[f"samples:{split}/{n}" for n, _ in pairs],
+            sizes=[a.shape[:2] for _, a in pairs],
+            arrays=[a for _, a in pairs],
+        )
     else:
         files = list_images(source)
         if not files:
@@ -197,8 +224,10 @@ def open_image_set(source: str, split: str, key: str, skip_bad_images: bool = Fa
                 sizes.append(image_size(path))
             except ImageError as exc:
                 if not skip_bad_images:
-                    raise ImageError(f"run config: key {key!r} = {source!r}: {exc}; fix or remove "
-                                     "the image (or set skip_bad_images)") from None
+                    raise ImageError(
+                        f"run config: key {key!r} = {source!r}: {exc}; fix or remove "
+                        "the image (or set skip_bad_images)"
+                    ) from None
                 warnings.warn(f"skipping unreadable image: {exc}", stacklevel=2)
                 continue
             labels.append(str(path))
@@ -213,14 +242,20 @@ def open_image_set(source: str, split: str, key: str, skip_bad_images: bool = Fa
             largest = max(image_set.sizes, key=min)
             raise DataConfigError(
                 f"run config: key 'patch_size' = {min_size!r} is larger than every image in {key} = {source!r} "
-                f"(largest usable image is {largest[0]}x{largest[1]})")
+                f"(largest usable image is {largest[0]}x{largest[1]})"
+            )
         if len(keep) < len(image_set):
-            warnings.warn(f"{key} = {source!r}: {len(image_set) - len(keep)} of {len(image_set)} images are "
-                          f"smaller than patch_size {min_size} and are not used", stacklevel=2)
+            warnings.warn(
+                f"{key} = {source!r}: {len(image_set) - len(keep)} of {len(image_set)} images are "
+                f"smaller than patch_size {min_size} and are not used",
+                stacklevel=2,
+            )
             image_set = ImageSet(
-                labels=[image_set.labels[i] for i in keep], sizes=[image_set.sizes[i] for i in keep],
+                labels=[image_set.labels[i] for i in keep],
+                sizes=[image_set.sizes[i] for i in keep],
                 paths=None if image_set.paths is None else [image_set.paths[i] for i in keep],
-                arrays=None if image_set.arrays is None else [image_set.arrays[i] for i in keep])
+                arrays=None if image_set.arrays is None else [image_set.arrays[i] for i in keep],
+            )
     return image_set
 
 
@@ -229,7 +264,7 @@ def random_crop_flip(array: np.ndarray, patch: int, rng: np.random.Generator) ->
     height, width = array.shape[:2]
     top = int(rng.integers(0, height - patch + 1))
     left = int(rng.integers(0, width - patch + 1))
-    crop = array[top:top + patch, left:left + patch]
+    crop = array[top : top + patch, left : left + patch]
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
     if rng.random() < 0.5:
@@ -262,10 +297,14 @@ class TrainCrops(torch.utils.data.Dataset):
                 warnings.warn(f"skipping unreadable image: {exc}", stacklevel=2)
                 continue
             if min(array.shape[:2]) < self.patch_size:
-                raise ImageError(f"image {self.images.labels[candidate]!r} is {array.shape[0]}x{array.shape[1]}, "
-                                 f"smaller than patch_size {self.patch_size} (its header said otherwise)")
+                raise ImageError(
+                    f"image {self.images.labels[candidate]!r} is {array.shape[0]}x{array.shape[1]}, "
+                    f"smaller than patch_size {self.patch_size} (its header said otherwise)"
+                )
             return to_tensor(random_crop_flip(array, self.patch_size, rng))
-        raise ImageError(f"no readable image left in the training set (last tried {self.images.labels[index]!r})")
+        raise ImageError(
+            f"no readable image left in the training set (last tried {self.images.labels[index]!r})"
+        )
 
 
 def epoch_of(step: int, batch_size: int, num_images: int) -> int:
@@ -283,11 +322,21 @@ class StepBatchSampler(torch.utils.data.Sampler):
     each step's global batch (``batch_size`` is the global batch; j stays the global row).
     """
 
-    def __init__(self, num_images: int, batch_size: int, seed: int, total_steps: int, start_step: int = 0,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        num_images: int,
+        batch_size: int,
+        seed: int,
+        total_steps: int,
+        start_step: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if batch_size % world_size or not 0 <= rank < world_size:
-            raise ValueError(f"batch_size {batch_size} must split evenly over world_size {world_size} "
-                             f"(rank {rank})")
+            raise ValueError(
+                f"batch_size {batch_size} must split evenly over world_size {world_size} "
+                f"(rank {rank})"
+            )
         self.rows = range(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
         self.num_images = num_images
         self.batch_size = batch_size
@@ -298,7 +347,9 @@ class StepBatchSampler(torch.utils.data.Sampler):
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch not in self._perm_cache:
-            self._perm_cache = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.num_images)}
+            self._perm_cache = {
+                epoch: np.random.default_rng([self.seed, epoch]).permutation(self.num_images)
+            }
         return self._perm_cache[epoch]
 
     def batch(self, step: int) -> list[tuple[int, tuple[int, ...]]]:
@@ -330,21 +381,40 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def train_loader(images: ImageSet, patch_size: int, batch_size: int, seed: int, total_steps: int,
-                 start_step: int = 0, num_workers: int = 0, skip_bad_images: bool = False,
-                 pin_memory: bool = False, rank: int = 0, world_size: int = 1) -> torch.utils.data.DataLoader:
+def train_loader(
+    images: ImageSet,
+    patch_size: int,
+    batch_size: int,
+    seed: int,
+    total_steps: int,
+    start_step: int = 0,
+    num_workers: int = 0,
+    skip_bad_images: bool = False,
+    pin_memory: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> torch.utils.data.DataLoader:
     """DataLoader over the remaining steps of a run (this rank's rows of each global batch); its
     order does not depend on ``num_workers``."""
-    sampler = StepBatchSampler(len(images), batch_size, seed, total_steps, start_step, rank, world_size)
+    sampler = StepBatchSampler(
+        len(images), batch_size, seed, total_steps, start_step, rank, world_size
+    )
     return torch.utils.data.DataLoader(
-        TrainCrops(images, patch_size, skip_bad_images), batch_sampler=sampler, num_workers=num_workers,
-        pin_memory=pin_memory, persistent_workers=False, worker_init_fn=ignore_stop_signals,
+        TrainCrops(images, patch_size, skip_bad_images),
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        worker_init_fn=ignore_stop_signals,
         # A private generator: the loader must not draw from the global torch RNG (resume exactness).
         generator=torch.Generator().manual_seed(seed),
-        prefetch_factor=4 if num_workers > 0 else None)
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
 
 
-def validation_images(image_set: ImageSet, skip_bad_images: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+def validation_images(
+    image_set: ImageSet, skip_bad_images: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (label, (1, 3, H, W) tensor) for every validation image, in order."""
     for index, label in enumerate(image_set.labels):
         try:

@@ -68,9 +68,30 @@ from hpcm.util.device import pick_device
 from hpcm.util.io import atomic_write_bytes, atomic_write_text
 
 CSV_COLUMNS = (
-    "image", "width", "height", "variant", "lmbda", "seed", "dataset", "model", "checkpoint",
-    "bpp", "bpp_est", "bits_s1", "bits_s2", "bits_s3", "bits_z", "bytes_y", "bytes_z",
-    "psnr", "ms_ssim", "ms_ssim_db", "enc_time", "dec_time", "decode_ok", "decode_max_abs_diff",
+    "image",
+    "width",
+    "height",
+    "variant",
+    "lmbda",
+    "seed",
+    "dataset",
+    "model",
+    "checkpoint",
+    "bpp",
+    "bpp_est",
+    "bits_s1",
+    "bits_s2",
+    "bits_s3",
+    "bits_z",
+    "bytes_y",
+    "bytes_z",
+    "psnr",
+    "ms_ssim",
+    "ms_ssim_db",
+    "enc_time",
+    "dec_time",
+    "decode_ok",
+    "decode_max_abs_diff",
 )
 
 
@@ -111,8 +132,9 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def evaluate_image(model, x: torch.Tensor, name: str = "",
-                   save_to: Path | None = None) -> ImageResult:
+def evaluate_image(
+    model, x: torch.Tensor, name: str = "", save_to: Path | None = None
+) -> ImageResult:
     """Measure one (1, 3, H, W) image in [0, 1] on ``model``'s device.
 
     ``save_to``: write the decoded image there as an 8-bit PNG (exactly what the metrics saw).
@@ -146,13 +168,22 @@ def evaluate_image(model, x: torch.Tensor, name: str = "",
     if save_to is not None:
         _save_png(x_hat, save_to)
     return ImageResult(
-        image=name, width=width, height=height,
+        image=name,
+        width=width,
+        height=height,
         bpp=(bytes_y + bytes_z) * 8.0 / pixels,
         bpp_est=(float(bits_y.sum()) + bits_z) / pixels,
-        bits_s1=float(bits_y[0]), bits_s2=float(bits_y[1]), bits_s3=float(bits_y[2]),
-        bits_z=bits_z, bytes_y=bytes_y, bytes_z=bytes_z,
-        psnr=psnr_8bit(x, x_hat), ms_ssim=value, ms_ssim_db=ms_ssim_to_db(value),
-        enc_time=enc_time, dec_time=dec_time,
+        bits_s1=float(bits_y[0]),
+        bits_s2=float(bits_y[1]),
+        bits_s3=float(bits_y[2]),
+        bits_z=bits_z,
+        bytes_y=bytes_y,
+        bytes_z=bytes_z,
+        psnr=psnr_8bit(x, x_hat),
+        ms_ssim=value,
+        ms_ssim_db=ms_ssim_to_db(value),
+        enc_time=enc_time,
+        dec_time=dec_time,
         decode_ok=bool(torch.equal(to_8bit(x_hat), to_8bit(x_forward))),
         decode_max_abs_diff=diff,
     )
@@ -177,8 +208,14 @@ def load_model(checkpoint: Path, name: str | None, device: torch.device, update:
     except CheckpointUnreadableError as err:
         raise EvaluationError(str(err)) from None
     except CheckpointError as err:
-        hint = (f"; the weights are another architecture than --model {name}: drop --model to infer it "
-                "from the checkpoint") if name else ""
+        hint = (
+            (
+                f"; the weights are another architecture than --model {name}: drop --model to infer it "
+                "from the checkpoint"
+            )
+            if name
+            else ""
+        )
         raise EvaluationError(f"{err}{hint}") from None
     model = model.to(device).eval()
     if update:
@@ -186,24 +223,37 @@ def load_model(checkpoint: Path, name: str | None, device: torch.device, update:
     return model, labels
 
 
-def resolve_labels(checkpoint: Path, stored: dict[str, Any], model_name: str | None, variant: str | None,
-                   lmbda: float | None, seed: int | None) -> dict[str, Any]:
+def resolve_labels(
+    checkpoint: Path,
+    stored: dict[str, Any],
+    model_name: str | None,
+    variant: str | None,
+    lmbda: float | None,
+    seed: int | None,
+) -> dict[str, Any]:
     """The row labels: the checkpoint's own, completed (never contradicted) by the command line."""
     given = {"model": model_name, "variant": variant, "lmbda": lmbda, "seed": seed}
     labels = {}
     for key, value in given.items():
         saved = stored.get(key)
         if value is not None and saved is not None:
-            same = math.isclose(float(value), float(saved), rel_tol=1e-9, abs_tol=0.0) if key == "lmbda" \
+            same = (
+                math.isclose(float(value), float(saved), rel_tol=1e-9, abs_tol=0.0)
+                if key == "lmbda"
                 else str(value) == str(saved)
+            )
             if not same:
-                raise EvaluationError(f"--{key} {value} contradicts the checkpoint {checkpoint}, which says "
-                                      f"{key} = {saved!r}; drop --{key} or evaluate the right checkpoint")
+                raise EvaluationError(
+                    f"--{key} {value} contradicts the checkpoint {checkpoint}, which says "
+                    f"{key} = {saved!r}; drop --{key} or evaluate the right checkpoint"
+                )
         labels[key] = saved if saved is not None else value
     for key in ("variant", "lmbda"):
         if labels[key] is None or labels[key] == "":
-            raise EvaluationError(f"{checkpoint} does not say its {key} (no run metadata, e.g. an official "
-                                  f"release); pass --{key}")
+            raise EvaluationError(
+                f"{checkpoint} does not say its {key} (no run metadata, e.g. an official "
+                f"release); pass --{key}"
+            )
     labels["lmbda"] = float(labels["lmbda"])
     if not math.isfinite(labels["lmbda"]) or labels["lmbda"] <= 0:
         raise EvaluationError(f"lambda must be a positive number, got {labels['lmbda']!r}")
@@ -211,29 +261,42 @@ def resolve_labels(checkpoint: Path, stored: dict[str, Any], model_name: str | N
     return labels
 
 
-def check_arguments(checkpoint: Path, output: Path, json_path: Path | None, limit: int | None,
-                    reconstructions: Path | None = None) -> None:
+def check_arguments(
+    checkpoint: Path,
+    output: Path,
+    json_path: Path | None,
+    limit: int | None,
+    reconstructions: Path | None = None,
+) -> None:
     """Every argument that can be checked without work, checked before any."""
     if limit is not None and limit < 1:
-        raise EvaluationError(f"--limit must be at least 1 (or absent for every image), got {limit}")
+        raise EvaluationError(
+            f"--limit must be at least 1 (or absent for every image), got {limit}"
+        )
     if not checkpoint.is_file():
         raise EvaluationError(f"checkpoint not found: {checkpoint}")
     for flag, path in (("--output", output), ("--json", json_path)):
         if path is None:
             continue
         if path.is_dir():
-            raise EvaluationError(f"{flag} {path} is a folder; give the file to write, e.g. {path / 'eval.csv'}")
+            raise EvaluationError(
+                f"{flag} {path} is a folder; give the file to write, e.g. {path / 'eval.csv'}"
+            )
         parent = next((p for p in path.parents if p.exists()), None)
         if parent is not None and not parent.is_dir():
-            raise EvaluationError(f"{flag} {path}: {parent} is a file, so the folder cannot be created")
+            raise EvaluationError(
+                f"{flag} {path}: {parent} is a file, so the folder cannot be created"
+            )
     if reconstructions is not None:
         candidates = (reconstructions, *reconstructions.parents)
         blocking = next((p for p in candidates if p.exists()), None)
         if blocking is not None and not blocking.is_dir():
             where = "is" if blocking == reconstructions else f"lies in {blocking}, which is"
-            raise EvaluationError(f"--save-reconstructions {reconstructions} {where} a file; "
-                                  "the option needs a folder (created if missing) for one PNG "
-                                  "per image")
+            raise EvaluationError(
+                f"--save-reconstructions {reconstructions} {where} a file; "
+                "the option needs a folder (created if missing) for one PNG "
+                "per image"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,8 +322,10 @@ def check_images(images: Sequence[Path]) -> None:
         except ImageError as err:
             problems.append(str(err))
     if problems:
-        raise EvaluationError(f"{len(problems)} of {len(images)} image(s) unreadable, nothing was "
-                              "coded; fix or remove them:\n  " + "\n  ".join(problems))
+        raise EvaluationError(
+            f"{len(problems)} of {len(images)} image(s) unreadable, nothing was "
+            "coded; fix or remove them:\n  " + "\n  ".join(problems)
+        )
 
 
 def load_image(path: Path, device: torch.device) -> torch.Tensor:
@@ -273,13 +338,13 @@ def load_image(path: Path, device: torch.device) -> torch.Tensor:
 
 def dataset_means(results: Sequence[ImageResult]) -> dict[str, float]:
     """CompressAI's aggregation: arithmetic means over images (PSNR averaged in dB)."""
+
     def mean(key: str) -> float:
         values = [getattr(r, key) for r in results]
         finite = [v for v in values if not math.isnan(v)]
         return sum(finite) / len(finite) if finite else math.nan
 
-    return {key: mean(key) for key in ("bpp", "bpp_est", "psnr", "ms_ssim", "enc_time",
-                                       "dec_time")}
+    return {key: mean(key) for key in ("bpp", "bpp_est", "psnr", "ms_ssim", "enc_time", "dec_time")}
 
 
 def _json_safe(value: Any) -> Any:
@@ -298,15 +363,26 @@ def compressai_json(results: Sequence[ImageResult], name: str, meta: dict[str, A
     under 161 px) is left out of ``results`` and named in ``meta.not_measured``: CompressAI's
     plot cannot read a null there, and a made-up number would be worse."""
     means = dataset_means(results)
-    measured = {"psnr-rgb": means["psnr"], "ms-ssim-rgb": means["ms_ssim"], "bpp": means["bpp"],
-                "encoding_time": means["enc_time"], "decoding_time": means["dec_time"]}
+    measured = {
+        "psnr-rgb": means["psnr"],
+        "ms-ssim-rgb": means["ms_ssim"],
+        "bpp": means["bpp"],
+        "encoding_time": means["enc_time"],
+        "decoding_time": means["dec_time"],
+    }
     return {
         "name": name,
         "description": "Inference (ans)",
         "results": {k: [v] for k, v in measured.items() if not math.isnan(v)},
-        "meta": _json_safe({**meta, "bpp_est": means["bpp_est"], "n_images": len(results),
-                            "decode_ok": all(r.decode_ok for r in results),
-                            "not_measured": [k for k, v in measured.items() if math.isnan(v)]}),
+        "meta": _json_safe(
+            {
+                **meta,
+                "bpp_est": means["bpp_est"],
+                "n_images": len(results),
+                "decode_ok": all(r.decode_ok for r in results),
+                "not_measured": [k for k, v in measured.items() if math.isnan(v)],
+            }
+        ),
     }
 
 
@@ -315,28 +391,46 @@ def write_csv(path: Path, results: Sequence[ImageResult], meta: dict[str, Any]) 
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for result in results:
-        row = {**asdict(result), **{k: meta[k] for k in ("variant", "lmbda", "seed", "dataset", "model",
-                                                         "checkpoint")}}
+        row = {
+            **asdict(result),
+            **{k: meta[k] for k in ("variant", "lmbda", "seed", "dataset", "model", "checkpoint")},
+        }
         writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
     atomic_write_text(path, buffer.getvalue())
 
 
-def evaluate(checkpoint: str | Path, dataset: str | Path, output: str | Path,
-             json_path: str | Path | None = None, model_name: str | None = None,
-             device: str = "auto", dataset_name: str | None = None, variant: str | None = None,
-             lmbda: float | None = None, limit: int | None = None,
-             update: bool = True, reconstructions: str | Path | None = None,
-             seed: int | None = None) -> list[ImageResult]:
+def evaluate(
+    checkpoint: str | Path,
+    dataset: str | Path,
+    output: str | Path,
+    json_path: str | Path | None = None,
+    model_name: str | None = None,
+    device: str = "auto",
+    dataset_name: str | None = None,
+    variant: str | None = None,
+    lmbda: float | None = None,
+    limit: int | None = None,
+    update: bool = True,
+    reconstructions: str | Path | None = None,
+    seed: int | None = None,
+) -> list[ImageResult]:
     checkpoint, dataset, output = Path(checkpoint), Path(dataset), Path(output)
-    check_arguments(checkpoint, output, Path(json_path) if json_path else None, limit,
-                    Path(reconstructions) if reconstructions else None)
+    check_arguments(
+        checkpoint,
+        output,
+        Path(json_path) if json_path else None,
+        limit,
+        Path(reconstructions) if reconstructions else None,
+    )
     images = list_dataset(dataset, limit)  # fail on an empty folder before loading the model
     check_images(images)  # an unreadable image fails before any image is coded
     torch_device = pick_device(device, "--device")
     model, stored = load_model(checkpoint, model_name, torch_device, update)
     labels = resolve_labels(checkpoint, stored, model_name, variant, lmbda, seed)
     meta = {
-        "variant": str(labels["variant"]), "lmbda": labels["lmbda"], "seed": labels["seed"],
+        "variant": str(labels["variant"]),
+        "lmbda": labels["lmbda"],
+        "seed": labels["seed"],
         "dataset": dataset_name or dataset.name,
         "model": getattr(model, "name", model_name or ""),
         "checkpoint": str(checkpoint),
@@ -346,8 +440,9 @@ def evaluate(checkpoint: str | Path, dataset: str | Path, output: str | Path,
     for path in tqdm(images, desc=f"evaluate {meta['dataset']}", unit="img"):
         x = load_image(path, torch_device)
         name = str(path.relative_to(dataset)) if path != dataset else path.name
-        save_to = Path(reconstructions) / Path(name).with_suffix(".png") \
-            if reconstructions else None
+        save_to = (
+            Path(reconstructions) / Path(name).with_suffix(".png") if reconstructions else None
+        )
         results.append(evaluate_image(model, x, name, save_to))
     write_csv(output, results, meta)
     if json_path:
@@ -359,27 +454,48 @@ def evaluate(checkpoint: str | Path, dataset: str | Path, output: str | Path,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hpcm.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m hpcm.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--checkpoint", required=True, help="model weights (.pth.tar)")
     parser.add_argument("--dataset", required=True, help="image folder (searched recursively)")
     parser.add_argument("--output", required=True, help="per-image CSV to write")
     parser.add_argument("--json", help="CompressAI-format JSON to write")
-    parser.add_argument("--model", help="architecture (default: the checkpoint's metadata, else inferred)")
-    parser.add_argument("--device", default="auto",
-                        help="auto (CUDA when present), cpu, cuda or cuda:N: the networks of the encoder "
-                             "and of the decoder run there (both on the same device: bit-exact)")
+    parser.add_argument(
+        "--model", help="architecture (default: the checkpoint's metadata, else inferred)"
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA when present), cpu, cuda or cuda:N: the networks of the encoder "
+        "and of the decoder run there (both on the same device: bit-exact)",
+    )
     parser.add_argument("--dataset-name", help="name in the outputs (default: folder name)")
-    parser.add_argument("--variant", help="variant label (required unless the checkpoint stores it; "
-                        "must agree with it)")
-    parser.add_argument("--lmbda", type=float, help="lambda label (required unless the checkpoint stores it; "
-                        "must agree with it)")
-    parser.add_argument("--seed", type=int, help="training seed label (default: the checkpoint's; must agree)")
+    parser.add_argument(
+        "--variant",
+        help="variant label (required unless the checkpoint stores it; must agree with it)",
+    )
+    parser.add_argument(
+        "--lmbda",
+        type=float,
+        help="lambda label (required unless the checkpoint stores it; must agree with it)",
+    )
+    parser.add_argument(
+        "--seed", type=int, help="training seed label (default: the checkpoint's; must agree)"
+    )
     parser.add_argument("--limit", type=int, help="evaluate only the first N images")
-    parser.add_argument("--no-update", action="store_true",
-                        help="use the coder tables stored in the checkpoint as they are")
-    parser.add_argument("--save-reconstructions", metavar="DIR",
-                        help="also write every decoded image as an 8-bit PNG under DIR")
+    parser.add_argument(
+        "--no-update",
+        action="store_true",
+        help="use the coder tables stored in the checkpoint as they are",
+    )
+    parser.add_argument(
+        "--save-reconstructions",
+        metavar="DIR",
+        help="also write every decoded image as an 8-bit PNG under DIR",
+    )
     return parser
 
 
@@ -389,13 +505,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> None:
-    results = evaluate(args.checkpoint, args.dataset, args.output, args.json, args.model,
-                       args.device, args.dataset_name, args.variant, args.lmbda, args.limit,
-                       not args.no_update, args.save_reconstructions, args.seed)
+    results = evaluate(
+        args.checkpoint,
+        args.dataset,
+        args.output,
+        args.json,
+        args.model,
+        args.device,
+        args.dataset_name,
+        args.variant,
+        args.lmbda,
+        args.limit,
+        not args.no_update,
+        args.save_reconstructions,
+        args.seed,
+    )
     means = dataset_means(results)
-    print(f"{len(results)} image(s): bpp {means['bpp']:.4f} (estimated {means['bpp_est']:.4f}), "
-          f"PSNR {means['psnr']:.3f} dB, MS-SSIM {means['ms_ssim']:.4f}, decode "
-          f"{'ok' if all(r.decode_ok for r in results) else 'MISMATCH'}")
+    print(
+        f"{len(results)} image(s): bpp {means['bpp']:.4f} (estimated {means['bpp_est']:.4f}), "
+        f"PSNR {means['psnr']:.3f} dB, MS-SSIM {means['ms_ssim']:.4f}, decode "
+        f"{'ok' if all(r.decode_ok for r in results) else 'MISMATCH'}"
+    )
 
 
 if __name__ == "__main__":

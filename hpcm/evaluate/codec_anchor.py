@@ -34,18 +34,44 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from hpcm.evaluate.codecs import (CODECS, COLOUR_PILLOW, COLOUR_YCBCR, POINT_FORMAT, measure,
-                                  yuv_psnr)
 from hpcm.data.images import list_images
+from hpcm.evaluate.codecs import (
+    CODECS,
+    COLOUR_PILLOW,
+    COLOUR_YCBCR,
+    POINT_FORMAT,
+    measure,
+    yuv_psnr,
+)
 from hpcm.evaluate.metrics import ms_ssim_to_db
 from hpcm.util.cli import run_command
 from hpcm.util.io import atomic_write_text
 
 IMAGE_COLUMNS = (
-    "dataset", "anchor", "codec", "image", "quality", "width", "height", "bytes", "bpp", "psnr",
-    "ms_ssim", "ms_ssim_db", "psnr_y", "psnr_u", "psnr_v", "psnr_yuv", "psnr_yuv_vtm", "enc_time",
+    "dataset",
+    "anchor",
+    "codec",
+    "image",
+    "quality",
+    "width",
+    "height",
+    "bytes",
+    "bpp",
+    "psnr",
+    "ms_ssim",
+    "ms_ssim_db",
+    "psnr_y",
+    "psnr_u",
+    "psnr_v",
+    "psnr_yuv",
+    "psnr_yuv_vtm",
+    "enc_time",
     "dec_time",
-    "version", "cfg_sha256", "image_sha256", "encode_cmd", "decode_cmd",
+    "version",
+    "cfg_sha256",
+    "image_sha256",
+    "encode_cmd",
+    "decode_cmd",
 )
 REQUIRED_NUMBERS = ("bytes", "bpp", "psnr", "enc_time", "dec_time")
 
@@ -92,22 +118,29 @@ def image_frame(records: Iterable[dict[str, Any]]):
     dup = frame.duplicated(subset=["dataset", "anchor", "image", "quality"])
     if dup.any():
         r = frame[dup].iloc[0]
-        raise ValueError(f"point ({r['dataset']}, {r['anchor']}, {r['image']}, quality "
-                         f"{r['quality']}) given twice")
+        raise ValueError(
+            f"point ({r['dataset']}, {r['anchor']}, {r['image']}, quality "
+            f"{r['quality']}) given twice"
+        )
     return frame.sort_values(["quality", "image"], kind="stable").reset_index(drop=True)
 
 
-def curve_document(frame, provenance: dict[str, Any], expected_pairs: int | None = None,
-                   skipped: Sequence[str] = (), expected_images: int | None = None
-                   ) -> dict[str, Any]:
+def curve_document(
+    frame,
+    provenance: dict[str, Any],
+    expected_pairs: int | None = None,
+    skipped: Sequence[str] = (),
+    expected_images: int | None = None,
+) -> dict[str, Any]:
     """CompressAI-style JSON of a per-image frame: means over images per quality (a quality
     missing any of the anchor's images, ``expected_images`` or else every image in the frame,
     is left out of ``results`` and named in ``meta.incomplete_qualities``)."""
     images = sorted(frame["image"].unique())
     n_images = expected_images or len(images)
     qualities, incomplete = [], {}
-    results: dict[str, list[float]] = {k: [] for k in (
-        "bpp", "psnr-rgb", "ms-ssim-rgb", "encoding_time", "decoding_time")}
+    results: dict[str, list[float]] = {
+        k: [] for k in ("bpp", "psnr-rgb", "ms-ssim-rgb", "encoding_time", "decoding_time")
+    }
     for quality, group in frame.groupby("quality", sort=True):
         if len(group) != n_images:
             incomplete[int(quality)] = int(len(group))
@@ -120,52 +153,71 @@ def curve_document(frame, provenance: dict[str, Any], expected_pairs: int | None
         results["decoding_time"].append(float(group["dec_time"].mean()))
     order = sorted(range(len(qualities)), key=lambda i: results["bpp"][i])
     not_measured = [k for k, v in results.items() if any(math.isnan(x) for x in v)]
-    complete = {"pairs": int(len(frame)), "expected_pairs": expected_pairs,
-                "images": len(images), "expected_images": n_images, "skipped": list(skipped)}
+    complete = {
+        "pairs": int(len(frame)),
+        "expected_pairs": expected_pairs,
+        "images": len(images),
+        "expected_images": n_images,
+        "skipped": list(skipped),
+    }
     dataset, anchor = frame["dataset"].iloc[0], frame["anchor"].iloc[0]
     return {
         "name": anchor,
         "description": f"{provenance.get('version', anchor)} on {dataset}, measured by this "
-                       "project (per-image means; hpcm.evaluate.codec_anchor)",
-        "results": {k: [v[i] for i in order] for k, v in results.items()
-                    if k not in not_measured},
-        "meta": {"dataset": dataset, "quality": [qualities[i] for i in order],
-                 "n_images": n_images, "incomplete_qualities": incomplete,
-                 "not_measured": not_measured, "complete": complete,
-                 "provenance": provenance},
+        "project (per-image means; hpcm.evaluate.codec_anchor)",
+        "results": {k: [v[i] for i in order] for k, v in results.items() if k not in not_measured},
+        "meta": {
+            "dataset": dataset,
+            "quality": [qualities[i] for i in order],
+            "n_images": n_images,
+            "incomplete_qualities": incomplete,
+            "not_measured": not_measured,
+            "complete": complete,
+            "provenance": provenance,
+        },
     }
 
 
 def provenance_of(frame, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the rows say about how they were made (codec, versions, cfg hashes), plus ``extra``."""
+
     def unique(column):
         values = sorted({str(v) for v in frame[column] if str(v) not in ("", "nan")})
         return None if not values else values[0] if len(values) == 1 else values
 
     codec = unique("codec")
-    provenance = {"measured_by": "this project (hpcm.evaluate.codec_anchor, through "
-                                 "compressai.utils.bench's codec classes)",
-                  "codec": codec, "version": unique("version"),
-                  "cfg_sha256": unique("cfg_sha256"),
-                  "commands": "every encode / decode command line is in the per-image CSV "
-                              "(columns encode_cmd, decode_cmd)"}
+    provenance = {
+        "measured_by": "this project (hpcm.evaluate.codec_anchor, through "
+        "compressai.utils.bench's codec classes)",
+        "codec": codec,
+        "version": unique("version"),
+        "cfg_sha256": unique("cfg_sha256"),
+        "commands": "every encode / decode command line is in the per-image CSV "
+        "(columns encode_cmd, decode_cmd)",
+    }
     provenance["colour"] = COLOUR_YCBCR if codec == "vtm" else COLOUR_PILLOW
     provenance.update(extra or {})
     return provenance
 
 
-def collect(points: Sequence[str | Path], csv: str | Path, json_path: str | Path,
-            expected_pairs: int | None = None, extra: dict[str, Any] | None = None) -> list[Path]:
+def collect(
+    points: Sequence[str | Path],
+    csv: str | Path,
+    json_path: str | Path,
+    expected_pairs: int | None = None,
+    extra: dict[str, Any] | None = None,
+) -> list[Path]:
     records, skipped = [], []
     for path in points:
         record, why = read_point(path)
         (records.append(record) if record else skipped.append(why))
     if not records:
-        raise ValueError(f"no complete point files among {len(points)} given"
-                         + (f" (first: {skipped[0]})" if skipped else ""))
+        raise ValueError(
+            f"no complete point files among {len(points)} given"
+            + (f" (first: {skipped[0]})" if skipped else "")
+        )
     frame = image_frame(records)
-    doc = curve_document(frame, provenance_of(frame, extra), expected_pairs or len(points),
-                         skipped)
+    doc = curve_document(frame, provenance_of(frame, extra), expected_pairs or len(points), skipped)
     atomic_write_text(csv, frame.to_csv(index=False))
     atomic_write_text(json_path, json.dumps(doc, indent=2) + "\n")
     return [Path(csv), Path(json_path)]
@@ -185,15 +237,18 @@ def _point(args: argparse.Namespace) -> list[Path]:
     key = f"datasets.{args.dataset}.anchors.{args.anchor}"
     options = {"build_dir": args.build_dir, "cfg": args.cfg}
     record = measure(args.codec, options, args.image, args.quality, key)
-    record.update(dataset=args.dataset, anchor=args.anchor,
-                  image=args.name or Path(args.image).name)
+    record.update(
+        dataset=args.dataset, anchor=args.anchor, image=args.name or Path(args.image).name
+    )
     return [write_point(record, args.output)]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hpcm.evaluate.codec_anchor",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m hpcm.evaluate.codec_anchor",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("point", help="measure one (image, quality)")
     p.add_argument("--codec", required=True, choices=list(CODECS))

@@ -41,9 +41,11 @@ from hpcm.config.run_config import MS_SSIM_MIN_SIDE
 POINT_FORMAT = "hpcm-codec-point/1"
 # VTM's encoder and decoder binaries in its build's bin/ folder (CompressAI's names on Linux)
 VTM_ENCODER, VTM_DECODER = "EncoderAppStatic", "DecoderAppStatic"
-COLOUR_YCBCR = ("RGB -> YCbCr 4:4:4, 8-bit (compressai.transforms.functional.rgb2ycbcr, BT.601 "
-                "full range, values truncated to 8 bits); decoded YCbCr -> RGB (ycbcr2rgb), "
-                "truncated to 8 bits; PSNR / MS-SSIM on RGB against the original PNG")
+COLOUR_YCBCR = (
+    "RGB -> YCbCr 4:4:4, 8-bit (compressai.transforms.functional.rgb2ycbcr, BT.601 "
+    "full range, values truncated to 8 bits); decoded YCbCr -> RGB (ycbcr2rgb), "
+    "truncated to 8 bits; PSNR / MS-SSIM on RGB against the original PNG"
+)
 COLOUR_PILLOW = "Pillow's own (JPEG: YCbCr 4:2:0 by default; WebP: YUV 4:2:0); metrics on RGB"
 
 
@@ -77,8 +79,9 @@ def check_codec(codec: str, options: dict[str, Any], key: str) -> None:
     """Refuse an unknown codec, qualities out of range, a missing VTM build or cfg; ``key`` is
     the anchor's config key (``datasets.<dataset>.anchors.<anchor>``)."""
     if codec not in CODECS:
-        raise CodecError(f"config key '{key}.codec': unknown codec {codec!r}; choose one of "
-                         f"{', '.join(CODECS)}")
+        raise CodecError(
+            f"config key '{key}.codec': unknown codec {codec!r}; choose one of {', '.join(CODECS)}"
+        )
     spec = CODECS[codec]
     low, high = spec.quality_range
     bad = [q for q in options.get("qualities") or [] if not low <= int(q) <= high]
@@ -88,18 +91,24 @@ def check_codec(codec: str, options: dict[str, Any], key: str) -> None:
         return
     build_dir = options.get("build_dir")
     if not build_dir:
-        raise CodecError(f"config key '{key}.build_dir' is not set: name the folder holding "
-                         f"{VTM_ENCODER} and {VTM_DECODER} (VTM's bin/ after `make EncoderApp "
-                         "DecoderApp`; see docs/anchors.md)")
+        raise CodecError(
+            f"config key '{key}.build_dir' is not set: name the folder holding "
+            f"{VTM_ENCODER} and {VTM_DECODER} (VTM's bin/ after `make EncoderApp "
+            "DecoderApp`; see docs/anchors.md)"
+        )
     for binary in vtm_binaries(build_dir):
         if not binary.is_file():
-            raise CodecError(f"config key '{key}.build_dir': VTM build not found: {binary} does "
-                             "not exist. Build VTM (docs/anchors.md) and set this key to the "
-                             "folder holding its binaries, or remove the anchor")
+            raise CodecError(
+                f"config key '{key}.build_dir': VTM build not found: {binary} does "
+                "not exist. Build VTM (docs/anchors.md) and set this key to the "
+                "folder holding its binaries, or remove the anchor"
+            )
     cfg = options.get("cfg")
     if not cfg or not Path(cfg).is_file():
-        raise CodecError(f"config key '{key}.cfg': VTM config file not found: {cfg!r} (e.g. "
-                         "<VTM source>/cfg/encoder_intra_vtm.cfg)")
+        raise CodecError(
+            f"config key '{key}.cfg': VTM config file not found: {cfg!r} (e.g. "
+            "<VTM source>/cfg/encoder_intra_vtm.cfg)"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,8 +137,9 @@ def recorded_commands(module) -> Iterator[list[Command]]:
         text = done.stdout.decode("utf-8", "replace")
         commands.append(Command(argv, time.perf_counter() - start, text))
         if done.returncode and done.returncode not in (ignore_returncodes or ()):
-            raise CodecError(f"command failed (exit {done.returncode}): {' '.join(argv)}\n"
-                             f"{text[-2000:]}")
+            raise CodecError(
+                f"command failed (exit {done.returncode}): {' '.join(argv)}\n{text[-2000:]}"
+            )
         return text
 
     module.run_command = run
@@ -142,8 +152,10 @@ def recorded_commands(module) -> Iterator[list[Command]]:
 VERSION_RE = re.compile(r"VTM (?:Encoder|Decoder) Version (\S+)")
 # VTM-22.0's totals: a header "Total Frames |  Bitrate  Y-PSNR  U-PSNR  V-PSNR  YUV-PSNR", then
 # "<frames>  a  <bitrate>  <Y>  <U>  <V>  <YUV>" (the first block: all frames of layer 0)
-TOTALS_RE = re.compile(r"Total Frames \|\s+Bitrate\s+Y-PSNR\s+U-PSNR\s+V-PSNR\s+YUV-PSNR[^\n]*\n"
-                       r"\s*\d+\s+a\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)")
+TOTALS_RE = re.compile(
+    r"Total Frames \|\s+Bitrate\s+Y-PSNR\s+U-PSNR\s+V-PSNR\s+YUV-PSNR[^\n]*\n"
+    r"\s*\d+\s+a\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)"
+)
 
 
 def parse_vtm_log(text: str) -> dict[str, Any]:
@@ -151,11 +163,18 @@ def parse_vtm_log(text: str) -> dict[str, Any]:
     version = VERSION_RE.search(text)
     summary = TOTALS_RE.search(text)
     if version is None or summary is None:
-        raise CodecError("VTM encoder log has no 'VTM Encoder Version' line or no 'Total "
-                         f"Frames' totals; is this VTM? Log tail:\n{text[-1500:]}")
+        raise CodecError(
+            "VTM encoder log has no 'VTM Encoder Version' line or no 'Total "
+            f"Frames' totals; is this VTM? Log tail:\n{text[-1500:]}"
+        )
     _, y, u, v, yuv = (float(g) for g in summary.groups())
-    return {"version": f"VTM {version.group(1)}", "psnr_y": y, "psnr_u": u, "psnr_v": v,
-            "psnr_yuv_vtm": yuv}
+    return {
+        "version": f"VTM {version.group(1)}",
+        "psnr_y": y,
+        "psnr_u": u,
+        "psnr_v": v,
+        "psnr_yuv_vtm": yuv,
+    }
 
 
 def _pillow_version(codec: str) -> str:
@@ -170,8 +189,9 @@ def _metrics_for(path: Path) -> list[str]:
     return ["psnr-rgb"] if small else ["psnr-rgb", "ms-ssim-rgb"]
 
 
-def measure(codec: str, options: dict[str, Any], image: str | Path, quality: int,
-            key: str) -> dict[str, Any]:
+def measure(
+    codec: str, options: dict[str, Any], image: str | Path, quality: int, key: str
+) -> dict[str, Any]:
     """One (image, quality) through CompressAI's codec class: a point record (``POINT_FORMAT``)."""
     import compressai.utils.bench.codecs as bench  # why: imports torch (~1 s); measuring only
 
@@ -182,9 +202,14 @@ def measure(codec: str, options: dict[str, Any], image: str | Path, quality: int
     with Image.open(image) as opened:
         width, height = opened.size
     metrics = _metrics_for(image)
-    record: dict[str, Any] = {"format": POINT_FORMAT, "codec": codec, "quality": int(quality),
-                              "image_sha256": sha256_of(image), "width": width,
-                              "height": height}
+    record: dict[str, Any] = {
+        "format": POINT_FORMAT,
+        "codec": codec,
+        "quality": int(quality),
+        "image_sha256": sha256_of(image),
+        "width": width,
+        "height": height,
+    }
     if codec == "vtm":
         build_dir, cfg = options["build_dir"], options["cfg"]
         runner = bench.VTM(SimpleNamespace(build_dir=str(build_dir), config=str(cfg), rgb=False))
@@ -192,19 +217,30 @@ def measure(codec: str, options: dict[str, Any], image: str | Path, quality: int
             info = runner.run(str(image), int(quality), metrics)
         encode, decode = commands
         record.update(parse_vtm_log(encode.output))
-        record.update(cfg=str(cfg), cfg_sha256=sha256_of(cfg), colour=COLOUR_YCBCR,
-                      encode_cmd=" ".join(encode.argv), decode_cmd=" ".join(decode.argv))
+        record.update(
+            cfg=str(cfg),
+            cfg_sha256=sha256_of(cfg),
+            colour=COLOUR_YCBCR,
+            encode_cmd=" ".join(encode.argv),
+            decode_cmd=" ".join(decode.argv),
+        )
     else:
         runner = {"jpeg": bench.JPEG, "webp": bench.WebP}[codec](SimpleNamespace())
         info = runner.run(str(image), int(quality), metrics)
-        record.update(version=_pillow_version(codec), colour=COLOUR_PILLOW,
-                      encode_cmd=f"PIL.Image.save(format={runner.fmt!r}, quality={int(quality)})",
-                      decode_cmd="PIL.Image.open().load()")
+        record.update(
+            version=_pillow_version(codec),
+            colour=COLOUR_PILLOW,
+            encode_cmd=f"PIL.Image.save(format={runner.fmt!r}, quality={int(quality)})",
+            decode_cmd="PIL.Image.open().load()",
+        )
     pixels = width * height
     record.update(
-        bytes=int(round(info["bpp"] * pixels / 8)), bpp=float(info["bpp"]),
-        psnr=float(info["psnr-rgb"]), ms_ssim=float(info.get("ms-ssim-rgb", math.nan)),
-        enc_time=float(info["encoding_time"]), dec_time=float(info["decoding_time"]),
+        bytes=int(round(info["bpp"] * pixels / 8)),
+        bpp=float(info["bpp"]),
+        psnr=float(info["psnr-rgb"]),
+        ms_ssim=float(info.get("ms-ssim-rgb", math.nan)),
+        enc_time=float(info["encoding_time"]),
+        dec_time=float(info["decoding_time"]),
         compressai_class=f"compressai.utils.bench.codecs.{type(runner).__name__}",
     )
     return record
@@ -215,4 +251,3 @@ def yuv_psnr(record: dict[str, Any]) -> float:
     if not all(k in record for k in ("psnr_y", "psnr_u", "psnr_v")):
         return math.nan
     return (6 * record["psnr_y"] + record["psnr_u"] + record["psnr_v"]) / 8
-

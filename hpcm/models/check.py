@@ -52,9 +52,12 @@ from hpcm.util.io import atomic_write_text, sha256_file
 UNDETECTABLE = (
     "not detectable: which of the six lambdas (or MSE vs MS-SSIM) an unlabelled file was trained at, "
     "when its name carries no lambda (all twelve models of one architecture have the same tensor shapes); "
-    "shape-free settings (attention windows, heads) of files without a stored model config")
+    "shape-free settings (attention windows, heads) of files without a stored model config"
+)
 _PREFIXED = re.compile(r"(?:lmbda|lambda)[_=-]?(\d+(?:\.\d+)?(?:e-?\d+)?)", re.IGNORECASE)
-_DECIMAL = re.compile(r"(?<!\d)(?<!\d\.)(\d+\.\d+)(?!\d|\.\d)")  # 0.0067 in "0.0067.pth.tar", not in "1.0.0067"
+_DECIMAL = re.compile(
+    r"(?<!\d)(?<!\d\.)(\d+\.\d+)(?!\d|\.\d)"
+)  # 0.0067 in "0.0067.pth.tar", not in "1.0.0067"
 
 
 def same_lambda(a: float, b: float) -> bool:
@@ -74,7 +77,9 @@ def lambdas_in_path(path: str | os.PathLike) -> list[tuple[str, float]]:
     found: list[tuple[str, float]] = []
     for where, name in (("file name", Path(path).name), ("folder name", Path(path).parent.name)):
         prefixed = [float(m) for m in _PREFIXED.findall(name)]
-        released = [float(m) for m in _DECIMAL.findall(name) if released_distortion(float(m)) is not None]
+        released = [
+            float(m) for m in _DECIMAL.findall(name) if released_distortion(float(m)) is not None
+        ]
         for value in prefixed + released:
             if not any(same_lambda(value, v) for w, v in found if w == where):
                 found.append((where, value))
@@ -109,7 +114,9 @@ def distortions_in_labels(obj: Any) -> list[tuple[str, str]]:
     return found
 
 
-def check_checkpoint(path: str | os.PathLike, model: str, lmbda: float, distortion: str = "mse") -> dict[str, Any]:
+def check_checkpoint(
+    path: str | os.PathLike, model: str, lmbda: float, distortion: str = "mse"
+) -> dict[str, Any]:
     """The report of a file that passes every check; a CheckpointError naming the file otherwise."""
     path = os.fspath(path)
     if model not in PRESETS:
@@ -120,51 +127,84 @@ def check_checkpoint(path: str | os.PathLike, model: str, lmbda: float, distorti
         raise ValueError(f"--lmbda {lmbda!r}: must be a positive number")
     other = released_distortion(lmbda)
     if other is not None and other != distortion:
-        raise CheckpointError(f"{path}: lambda {lmbda:g} is a released {other.upper()} lambda but the study's "
-                              f"distortion is {distortion}; set `distortion: {other}` or use the "
-                              f"{distortion} lambdas {', '.join(f'{v:g}' for v in OFFICIAL_LAMBDAS[distortion])}")
+        raise CheckpointError(
+            f"{path}: lambda {lmbda:g} is a released {other.upper()} lambda but the study's "
+            f"distortion is {distortion}; set `distortion: {other}` or use the "
+            f"{distortion} lambdas {', '.join(f'{v:g}' for v in OFFICIAL_LAMBDAS[distortion])}"
+        )
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path} (official_checkpoints names local files: download "
-                                "the released weights there first)")
+        raise FileNotFoundError(
+            f"checkpoint not found: {path} (official_checkpoints names local files: download "
+            "the released weights there first)"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # what load_checkpoint_and_metadata would say, before the shape check
-        raise CheckpointUnreadableError(f"{path}: not a torch checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointUnreadableError(
+            f"{path}: not a torch checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
     stated = lambdas_in_labels(obj) + lambdas_in_path(path)
     for where, value in distortions_in_labels(obj):
         if value != distortion:
-            raise CheckpointError(f"{path}: its {where} say distortion {value}, but the study's "
-                                  f"distortion is {distortion}; list a {distortion} model here or "
-                                  f"set `distortion: {value}`")
+            raise CheckpointError(
+                f"{path}: its {where} say distortion {value}, but the study's "
+                f"distortion is {distortion}; list a {distortion} model here or "
+                f"set `distortion: {value}`"
+            )
     del obj
     for where, value in stated:
         if not same_lambda(value, lmbda):
             kind = released_distortion(value)
             what = f" (a released {kind.upper()} lambda)" if kind else ""
-            raise CheckpointError(f"{path}: its {where} states lambda {value:g}{what}, but it is listed for lambda "
-                                  f"{lmbda:g}; list it under its own lambda or fix the file")
+            raise CheckpointError(
+                f"{path}: its {where} states lambda {value:g}{what}, but it is listed for lambda "
+                f"{lmbda:g}; list it under its own lambda or fix the file"
+            )
     loaded, _ = load_checkpoint_and_metadata(path, name=model)  # CheckpointError on any misfit
     return {
-        "file": path, "sha256": sha256_file(path), "bytes": os.path.getsize(path), "model": model,
-        "lmbda": lmbda, "distortion": distortion,
+        "file": path,
+        "sha256": sha256_file(path),
+        "bytes": os.path.getsize(path),
+        "model": model,
+        "lmbda": lmbda,
+        "distortion": distortion,
         "parameters": sum(p.numel() for p in loaded.parameters()),
-        "lambda_stated_by": [where for where, _ in stated] or ["nothing (unlabelled file, no lambda in its name)"],
+        "lambda_stated_by": [where for where, _ in stated]
+        or ["nothing (unlabelled file, no lambda in its name)"],
         "cannot_detect": UNDETECTABLE,
     }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hpcm.models.check", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("file", help="weights file (official raw state dict or a project checkpoint)")
-    parser.add_argument("--model", required=True, help=f"configured architecture ({', '.join(PRESETS)})")
-    parser.add_argument("--lmbda", required=True, type=float, help="the lambda this file is listed for")
-    parser.add_argument("--distortion", default="mse", choices=DISTORTIONS, help="the study's distortion")
-    parser.add_argument("--output", help="write the JSON report here (atomically); printed otherwise")
+    parser = argparse.ArgumentParser(
+        prog="python -m hpcm.models.check",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "file", help="weights file (official raw state dict or a project checkpoint)"
+    )
+    parser.add_argument(
+        "--model", required=True, help=f"configured architecture ({', '.join(PRESETS)})"
+    )
+    parser.add_argument(
+        "--lmbda", required=True, type=float, help="the lambda this file is listed for"
+    )
+    parser.add_argument(
+        "--distortion", default="mse", choices=DISTORTIONS, help="the study's distortion"
+    )
+    parser.add_argument(
+        "--output", help="write the JSON report here (atomically); printed otherwise"
+    )
     args = parser.parse_args(argv)
 
     def action() -> list[Path]:
-        report = json.dumps(check_checkpoint(args.file, args.model, args.lmbda, args.distortion), indent=2) + "\n"
+        report = (
+            json.dumps(
+                check_checkpoint(args.file, args.model, args.lmbda, args.distortion), indent=2
+            )
+            + "\n"
+        )
         if args.output:
             atomic_write_text(args.output, report)
             return [Path(args.output)]

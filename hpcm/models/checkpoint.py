@@ -83,7 +83,7 @@ def _strip_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
             changed = False
             for prefix in PREFIXES:
                 if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
+                    key, changed = key[len(prefix) :], True
         out[key] = value
     return out
 
@@ -91,7 +91,9 @@ def _strip_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def _split_checkpoint(obj: Any, path: str) -> tuple[dict[str, Tensor], str | None, dict | None]:
     """(state_dict, model_name or None, model_config dict or None) of a loaded file."""
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path}: expected a state dict or a dict holding one, got {type(obj).__name__}")
+        raise CheckpointError(
+            f"{path}: expected a state dict or a dict holding one, got {type(obj).__name__}"
+        )
     if obj and all(torch.is_tensor(v) for v in obj.values()):
         return _strip_prefixes(obj), None, None
     for key in STATE_DICT_KEYS:
@@ -146,8 +148,9 @@ def load_checkpoint(path: str | os.PathLike, name: str | None = None, map_locati
     return load_checkpoint_and_metadata(path, name, map_location)[0]
 
 
-def load_checkpoint_and_metadata(path: str | os.PathLike, name: str | None = None,
-                                 map_location="cpu") -> tuple[HPCM, dict[str, Any]]:
+def load_checkpoint_and_metadata(
+    path: str | os.PathLike, name: str | None = None, map_location="cpu"
+) -> tuple[HPCM, dict[str, Any]]:
     """:func:`load_checkpoint` and the run labels stored in the file ({} when it has none)."""
     path = os.fspath(path)
     if name is not None:
@@ -161,7 +164,8 @@ def load_checkpoint_and_metadata(path: str | os.PathLike, name: str | None = Non
         what = "is empty (0 bytes)" if size == 0 else f"is unreadable or truncated ({size} bytes)"
         raise CheckpointUnreadableError(
             f"{path} {what}: not a torch checkpoint ({type(exc).__name__}: {exc or 'no detail'}); "
-            "restore or re-create the file") from exc
+            "restore or re-create the file"
+        ) from exc
     metadata = _run_metadata(obj)
     state, stored_name, stored_config = _split_checkpoint(obj, path)
     if stored_name is None and isinstance(metadata.get("model"), str):
@@ -187,7 +191,9 @@ def load_checkpoint_and_metadata(path: str | os.PathLike, name: str | None = Non
         raise CheckpointError(f"{path} does not fit {name}: {mismatch}")
 
     model = HPCM(config, name=name)
-    missing = sorted(k for k in model.state_dict() if k.startswith(ADAPTIVE_PREFIX) and k not in state)
+    missing = sorted(
+        k for k in model.state_dict() if k.startswith(ADAPTIVE_PREFIX) and k not in state
+    )
     if missing:
         warnings.warn(
             f"{path}: no {ADAPTIVE_PREFIX}* in the checkpoint (an official release from before the "

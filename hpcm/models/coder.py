@@ -102,9 +102,13 @@ class CoderTables:
         return len(self.cdf_lengths)
 
     @classmethod
-    def from_tensors(cls, quantized_cdf: Tensor, cdf_length: Tensor, offset: Tensor) -> "CoderTables":
+    def from_tensors(
+        cls, quantized_cdf: Tensor, cdf_length: Tensor, offset: Tensor
+    ) -> "CoderTables":
         if quantized_cdf.dim() != 2 or quantized_cdf.numel() == 0:
-            raise ValueError(f"quantized_cdf must be a non-empty 2-D table, got {tuple(quantized_cdf.shape)}")
+            raise ValueError(
+                f"quantized_cdf must be a non-empty 2-D table, got {tuple(quantized_cdf.shape)}"
+            )
         n = quantized_cdf.shape[0]
         if cdf_length.shape != (n,) or offset.shape != (n,):
             raise ValueError(
@@ -131,7 +135,9 @@ def update_coder_buffers(
         scale_table = get_scale_table()
     scale_table = scale_table.detach()
     if scale_table.dim() != 1 or scale_table.numel() < 2:
-        raise ValueError(f"scale_table must be 1-D with >= 2 entries, got {tuple(scale_table.shape)}")
+        raise ValueError(
+            f"scale_table must be 1-D with >= 2 entries, got {tuple(scale_table.shape)}"
+        )
     if not bool((scale_table[1:] > scale_table[:-1]).all()):
         raise ValueError("scale_table must be strictly increasing")
     device = scales_hyper.device
@@ -174,7 +180,9 @@ def coder_tables(module: nn.Module, which: str) -> CoderTables:
     """The y or z tables of ``module`` as coder lists; clear error when ``update()`` was not run."""
     if which not in ("y", "z"):
         raise ValueError(f"which must be 'y' or 'z', got {which!r}")
-    buffers = tuple(getattr(module, f"{name}_{which}") for name in ("quantized_cdf", "cdf_length", "offset"))
+    buffers = tuple(
+        getattr(module, f"{name}_{which}") for name in ("quantized_cdf", "cdf_length", "offset")
+    )
     if buffers[0].numel() == 0:
         raise RuntimeError(
             f"entropy coder tables (quantized_cdf_{which}) are empty: call model.update() "
@@ -184,7 +192,10 @@ def coder_tables(module: nn.Module, which: str) -> CoderTables:
     cached = _TABLES_CACHE.setdefault(module, {}).get(which)
     if cached is not None:
         snapshot, tables = cached
-        if all(a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(snapshot, values)):
+        if all(
+            a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+            for a, b in zip(snapshot, values)
+        ):
             return tables
     tables = CoderTables.from_tensors(*values)
     _TABLES_CACHE[module][which] = (tuple(v.clone() for v in values), tables)
@@ -216,10 +227,14 @@ def _check_indexes(indexes: Tensor, tables: CoderTables) -> list[int]:
     return flat.numpy().tolist()  # numpy's tolist is ~1.7x faster than torch's
 
 
-def encode_symbols(encoder: BufferedRansEncoder, symbols: Tensor, indexes: Tensor, tables: CoderTables) -> None:
+def encode_symbols(
+    encoder: BufferedRansEncoder, symbols: Tensor, indexes: Tensor, tables: CoderTables
+) -> None:
     """Push integer-valued ``symbols`` (any dtype) coded with table ``indexes`` (same shape)."""
     if symbols.shape != indexes.shape:
-        raise ValueError(f"symbols {tuple(symbols.shape)} and indexes {tuple(indexes.shape)} differ in shape")
+        raise ValueError(
+            f"symbols {tuple(symbols.shape)} and indexes {tuple(indexes.shape)} differ in shape"
+        )
     flat = symbols.detach().reshape(-1).to("cpu")
     if flat.dtype.is_floating_point:
         if not bool(torch.isfinite(flat).all()):
@@ -232,7 +247,11 @@ def encode_symbols(encoder: BufferedRansEncoder, symbols: Tensor, indexes: Tenso
             f"symbol magnitude {int(values.abs().max())} exceeds the coder's escape range {MAX_ABS_SYMBOL}"
         )
     encoder.encode_with_indexes(
-        values.numpy().tolist(), _check_indexes(indexes, tables), tables.cdfs, tables.cdf_lengths, tables.offsets
+        values.numpy().tolist(),
+        _check_indexes(indexes, tables),
+        tables.cdfs,
+        tables.cdf_lengths,
+        tables.offsets,
     )
 
 

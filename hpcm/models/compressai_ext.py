@@ -21,7 +21,9 @@ def _load_extension(name: str) -> ModuleType:
         return sys.modules[qualified]
     package = importlib.util.find_spec("compressai")
     if package is None or not package.submodule_search_locations:
-        raise ImportError("compressai is not installed; install the pinned environment (make install)")
+        raise ImportError(
+            "compressai is not installed; install the pinned environment (make install)"
+        )
     directory = Path(package.submodule_search_locations[0])
     candidates = sorted(directory.glob(f"{name}.*.so")) + sorted(directory.glob(f"{name}.*.pyd"))
     if not candidates:

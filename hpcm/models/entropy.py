@@ -128,7 +128,9 @@ class GGM(nn.Module):
     def _cdf(self, t: Tensor) -> Tensor:
         return gennorm_cdf(t, self.beta)
 
-    def likelihood_unbounded(self, inputs: Tensor, scales: Tensor, means: Tensor | None = None) -> Tensor:
+    def likelihood_unbounded(
+        self, inputs: Tensor, scales: Tensor, means: Tensor | None = None
+    ) -> Tensor:
         """F((r+1/2)/s) - F((r-1/2)/s) before the 1e-9 floor (s already bounded below)."""
         values = inputs - means if means is not None else inputs
         if values.dtype in (torch.float16, torch.bfloat16):  # gammainc needs float32 or wider

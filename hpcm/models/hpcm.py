@@ -60,7 +60,7 @@ def add_uniform_noise(x: Tensor, shard: tuple[int, int] = (0, 1)) -> Tensor:
     rows = x.shape[0]
     noise = torch.empty((rows * world_size, *x.shape[1:]), dtype=x.dtype, device=x.device)
     noise.uniform_(-0.5, 0.5)
-    return x + (noise if world_size == 1 else noise[rank * rows:(rank + 1) * rows])
+    return x + (noise if world_size == 1 else noise[rank * rows : (rank + 1) * rows])
 
 
 def combine_step(t: Tensor, parts: int) -> Tensor:
@@ -157,8 +157,12 @@ class _Reader:
     def __call__(self, scale: int, scales: Tensor, means: Tensor, mask: Tensor) -> Tensor:
         parts = PARTS_PER_SCALE[scale]
         # indexes built on the host, where the decoder needs them: one device->host copy per step
-        indexes = build_indexes_conditional(combine_step(scales * mask, parts).cpu(), self.scale_table)
-        symbols = coder.decode_symbols(self.decoder, indexes, self.tables).to(means.device, means.dtype)
+        indexes = build_indexes_conditional(
+            combine_step(scales * mask, parts).cpu(), self.scale_table
+        )
+        symbols = coder.decode_symbols(self.decoder, indexes, self.tables).to(
+            means.device, means.dtype
+        )
         y_q = torch.cat([symbols] * parts, dim=1) * mask
         return y_q + means * mask
 
@@ -188,12 +192,20 @@ class HPCM(nn.Module):
         self.h_a = hyper_analysis(M, N, cfg.hyper_blocks, pr, mr)
         self.h_s = hyper_synthesis(M, N, cfg.hyper_blocks, pr, mr)
 
-        self.y_spatial_prior_adaptor_list_s1 = nn.ModuleList(conv1x1(3 * M, 3 * M) for _ in range(1))
-        self.y_spatial_prior_adaptor_list_s2 = nn.ModuleList(conv1x1(3 * M, 3 * M) for _ in range(3))
-        self.y_spatial_prior_adaptor_list_s3 = nn.ModuleList(conv1x1(3 * M, 3 * M) for _ in range(6))
+        self.y_spatial_prior_adaptor_list_s1 = nn.ModuleList(
+            conv1x1(3 * M, 3 * M) for _ in range(1)
+        )
+        self.y_spatial_prior_adaptor_list_s2 = nn.ModuleList(
+            conv1x1(3 * M, 3 * M) for _ in range(3)
+        )
+        self.y_spatial_prior_adaptor_list_s3 = nn.ModuleList(
+            conv1x1(3 * M, 3 * M) for _ in range(6)
+        )
         self.y_spatial_prior_s1_s2 = SpatialPrior(M, *cfg.prior_s1_s2_blocks)
         self.y_spatial_prior_s3 = SpatialPrior(M, *cfg.prior_s3_blocks)
-        self.adaptive_params_list = nn.ParameterList(nn.Parameter(torch.ones(1, 3 * M, 1, 1)) for _ in range(10))
+        self.adaptive_params_list = nn.ParameterList(
+            nn.Parameter(torch.ones(1, 3 * M, 1, 1)) for _ in range(10)
+        )
 
         w1, w2, w3 = cfg.attn_windows
         self.attn_s1 = CrossAttentionCell(2 * M, w1, cfg.attn_heads)
@@ -221,7 +233,9 @@ class HPCM(nn.Module):
         if x.dim() != 4:
             raise ValueError(f"input must be 4-D (B, 3, H, W), got shape {tuple(x.shape)}")
         if x.shape[1] != 3:
-            raise ValueError(f"input must have 3 channels (RGB), got {x.shape[1]} in shape {tuple(x.shape)}")
+            raise ValueError(
+                f"input must have 3 channels (RGB), got {x.shape[1]} in shape {tuple(x.shape)}"
+            )
         if x.numel() == 0:
             raise ValueError(f"input is empty: shape {tuple(x.shape)}")
         if not x.dtype.is_floating_point:
@@ -236,7 +250,9 @@ class HPCM(nn.Module):
 
     def _labels(self, which: int, height: int, width: int, device) -> Tensor:
         key = (height, width, str(torch.device(device) if device is not None else "cpu"))
-        maps = self._label_cache.get(key, lambda: torch.stack(label_maps(self.M, height, width, device)))
+        maps = self._label_cache.get(
+            key, lambda: torch.stack(label_maps(self.M, height, width, device))
+        )
         return maps[which]
 
     def scale_map(self, y_height: int, y_width: int, device=None) -> Tensor:
@@ -250,12 +266,16 @@ class HPCM(nn.Module):
     def scale_bits(self, likelihood_y: Tensor) -> Tensor:
         """(B, 3) bits of s1, s2, s3: -log2 p summed over each scale's elements (differentiable)."""
         if likelihood_y.dim() != 4 or likelihood_y.shape[1] != self.M:
-            raise ValueError(f"likelihood_y must be (B, {self.M}, Hy, Wy), got {tuple(likelihood_y.shape)}")
+            raise ValueError(
+                f"likelihood_y must be (B, {self.M}, Hy, Wy), got {tuple(likelihood_y.shape)}"
+            )
         height, width = likelihood_y.shape[-2:]
         device, dtype = likelihood_y.device, likelihood_y.dtype
         one_hot = self._scale_one_hot_cache.get(
             (height, width, str(device), dtype),
-            lambda: torch.stack([self.scale_map(height, width, device) == s for s in (1, 2, 3)]).to(dtype),
+            lambda: torch.stack([self.scale_map(height, width, device) == s for s in (1, 2, 3)]).to(
+                dtype
+            ),
         )
         bits = -torch.log2(likelihood_y)
         return torch.einsum("bchw,schw->bs", bits, one_hot)
@@ -292,7 +312,9 @@ class HPCM(nn.Module):
                 adaptor = adaptors[scale][ADAPTOR_ORDER[scale][i]]
                 quant = self.adaptive_params_list[QUANT_VECTOR_ORDER[scale][i]]
                 context = priors[scale](adaptor(inputs), quant)
-                if scale < 2 or i < len(steps[2]) - 1:  # the last step's context flow would feed nothing
+                if (
+                    scale < 2 or i < len(steps[2]) - 1
+                ):  # the last step's context flow would feed nothing
                     context_next = attns[scale](context, context_next)
                 y_hat = y_hat + code_step(scale, *context.chunk(2, 1), mask)
         return y_hat, part
@@ -305,7 +327,9 @@ class HPCM(nn.Module):
         z_res = z - self.means_hyper
         if self.training:
             z_hat = ste_round(z_res) + self.means_hyper
-            z_likelihoods = self.entropy_estimation(add_uniform_noise(z_res, self.noise_shard), self.scales_hyper)
+            z_likelihoods = self.entropy_estimation(
+                add_uniform_noise(z_res, self.noise_shard), self.scales_hyper
+            )
         else:
             z_res_hat = torch.round(z_res)
             z_hat = z_res_hat + self.means_hyper
@@ -313,8 +337,13 @@ class HPCM(nn.Module):
 
         # Rounding and likelihoods in float32 even under bf16 autocast: bf16 cannot hold the
         # integer part of large latents. (float32 and float64 tensors stay as they are.)
-        y, params = (t if t.dtype in (torch.float32, torch.float64) else t.float() for t in (y, self.h_s(z_hat)))
-        quantizer = _Quantizer(self._partitions.get(*params.shape[-2:], params.device, params.dtype), y, self.training)
+        y, params = (
+            t if t.dtype in (torch.float32, torch.float64) else t.float()
+            for t in (y, self.h_s(z_hat))
+        )
+        quantizer = _Quantizer(
+            self._partitions.get(*params.shape[-2:], params.device, params.dtype), y, self.training
+        )
         y_hat, _ = self._progressive(params, quantizer)
         y_res = quantizer.full(quantizer.res)
         scales_y = quantizer.full(quantizer.scales)
@@ -357,7 +386,9 @@ class HPCM(nn.Module):
             y = self.g_a(image)
             z_res = torch.round(self.h_a(y) - self.means_hyper)
             params = self.h_s(z_res + self.means_hyper)
-            steps = _StepSymbols(self._partitions.get(*params.shape[-2:], params.device, params.dtype), y)
+            steps = _StepSymbols(
+                self._partitions.get(*params.shape[-2:], params.device, params.dtype), y
+            )
             self._progressive(params, steps)
             host = torch.cat(steps.symbols + steps.scales + [z_res.reshape(-1)]).cpu()
             n_y = sum(t.numel() for t in steps.symbols)
@@ -402,11 +433,15 @@ class HPCM(nn.Module):
         return {"x_hat": torch.cat(images, dim=0)}
 
     # ------------------------------------------------------------------ checkpoints
-    def load_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True, assign: bool = False):
+    def load_state_dict(
+        self, state_dict: Mapping[str, Tensor], strict: bool = True, assign: bool = False
+    ):
         """Like nn.Module's, but coder tables of any size load (they are resized first)."""
         coder.resize_coder_buffers(self, state_dict)
         self._tables_built_for = None
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        if self.quantized_cdf_z.numel() > 0:  # tables came with the file: valid for its scales_hyper
+        if (
+            self.quantized_cdf_z.numel() > 0
+        ):  # tables came with the file: valid for its scales_hyper
             self._tables_built_for = self.scales_hyper.detach().clone()
         return result

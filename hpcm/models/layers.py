@@ -59,7 +59,9 @@ class _ResidualMLP(nn.Module):
         # it; values and gradients are bit-equal, and a forward saves a fresh tensor per block
         # (the CPU forward speed-up is measured in docs/results-log.md, CPU runs 5-14).
         act = nn.LeakyReLU(inplace=True)
-        self.branch = nn.Sequential(spatial, conv1x1(channels, hidden), act, conv1x1(hidden, channels))
+        self.branch = nn.Sequential(
+            spatial, conv1x1(channels, hidden), act, conv1x1(hidden, channels)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.branch(x)
@@ -70,7 +72,9 @@ class PConvRB(_ResidualMLP):
 
     def __init__(self, channels: int, partial_ratio: int = 4, mlp_ratio: int = 4):
         if channels % partial_ratio:
-            raise ValueError(f"PConvRB channels {channels} not divisible by partial_ratio {partial_ratio}")
+            raise ValueError(
+                f"PConvRB channels {channels} not divisible by partial_ratio {partial_ratio}"
+            )
         super().__init__(PartialConv3x3(channels, channels // partial_ratio), channels, mlp_ratio)
 
 
@@ -91,7 +95,9 @@ class SpatialPrior(nn.Module):
     def __init__(self, M: int, n_before: int, n_after: int):
         super().__init__()
         self.branch_1 = nn.Sequential(*(DWConvRB(3 * M) for _ in range(n_before)))
-        self.branch_2 = nn.Sequential(*(DWConvRB(3 * M) for _ in range(n_after)), conv1x1(3 * M, 2 * M))
+        self.branch_2 = nn.Sequential(
+            *(DWConvRB(3 * M) for _ in range(n_after)), conv1x1(3 * M, 2 * M)
+        )
 
     def forward(self, x: Tensor, quant_step: Tensor) -> Tensor:
         return self.branch_2(self.branch_1(x) * quant_step)
@@ -124,7 +130,9 @@ class CrossAttentionCell(nn.Module):
     def __init__(self, channels: int, window_size: int, num_heads: int):
         super().__init__()
         if channels % num_heads:
-            raise ValueError(f"attention channels {channels} not divisible by num_heads {num_heads}")
+            raise ValueError(
+                f"attention channels {channels} not divisible by num_heads {num_heads}"
+            )
         self.channels = channels
         self.num_heads = num_heads
         self.head_dim = channels // num_heads
@@ -167,8 +175,13 @@ class Transform(nn.Module):
         return self.branch(x)
 
 
-def analysis_transform(M: int, channels: tuple[int, int, int], blocks: tuple[int, int, int],
-                       partial_ratio: int, mlp_ratio: int) -> Transform:
+def analysis_transform(
+    M: int,
+    channels: tuple[int, int, int],
+    blocks: tuple[int, int, int],
+    partial_ratio: int,
+    mlp_ratio: int,
+) -> Transform:
     """g_a: conv4x4 down to c0, then per stage PConvRB blocks and a 2x2 down conv (total stride 16)."""
     layers: list[nn.Module] = [conv4x4_down(3, channels[0])]
     widths = (*channels, M)
@@ -178,8 +191,13 @@ def analysis_transform(M: int, channels: tuple[int, int, int], blocks: tuple[int
     return Transform(*layers)
 
 
-def synthesis_transform(M: int, channels: tuple[int, int, int], blocks: tuple[int, int, int],
-                        partial_ratio: int, mlp_ratio: int) -> Transform:
+def synthesis_transform(
+    M: int,
+    channels: tuple[int, int, int],
+    blocks: tuple[int, int, int],
+    partial_ratio: int,
+    mlp_ratio: int,
+) -> Transform:
     """g_s: mirror of g_a, ending in a 4x4 transposed conv to RGB (no clamp)."""
     widths = (M, *reversed(channels))
     layers: list[nn.Module] = []

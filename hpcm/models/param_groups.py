@@ -51,20 +51,27 @@ class GroupOf:
 # Top-level module (the first part of a parameter name) -> its group, and for context modules the
 # scales served. adaptive_params_list is resolved per index below.
 _MODULE_RULES: dict[str, GroupOf] = {
-    "g_a": GroupOf("transforms", SCALES), "g_s": GroupOf("transforms", SCALES),
-    "h_a": GroupOf("hyperprior", SCALES), "h_s": GroupOf("hyperprior", SCALES),
-    "means_hyper": GroupOf("hyperprior", SCALES), "scales_hyper": GroupOf("hyperprior", SCALES),
+    "g_a": GroupOf("transforms", SCALES),
+    "g_s": GroupOf("transforms", SCALES),
+    "h_a": GroupOf("hyperprior", SCALES),
+    "h_s": GroupOf("hyperprior", SCALES),
+    "means_hyper": GroupOf("hyperprior", SCALES),
+    "scales_hyper": GroupOf("hyperprior", SCALES),
     "y_spatial_prior_adaptor_list_s1": GroupOf("context", ("s1",)),
     "y_spatial_prior_adaptor_list_s2": GroupOf("context", ("s2",)),
     "y_spatial_prior_adaptor_list_s3": GroupOf("context", ("s3",)),
     "y_spatial_prior_s1_s2": GroupOf("context", ("s1", "s2")),
     "y_spatial_prior_s3": GroupOf("context", ("s3",)),
-    "attn_s1": GroupOf("context", ("s1",)), "attn_s2": GroupOf("context", ("s2",)),
+    "attn_s1": GroupOf("context", ("s1",)),
+    "attn_s2": GroupOf("context", ("s2",)),
     "attn_s3": GroupOf("context", ("s3",)),
 }
 _CONTEXT_NET_SCALES = {"0": ("s2",), "1": ("s3",)}  # merge into s2's grid, into s3's grid
-_QUANT_VECTOR_SCALE = {str(index): (SCALES[scale],)
-                       for scale, indices in enumerate(QUANT_VECTOR_ORDER) for index in indices}
+_QUANT_VECTOR_SCALE = {
+    str(index): (SCALES[scale],)
+    for scale, indices in enumerate(QUANT_VECTOR_ORDER)
+    for index in indices
+}
 assert set(rule.group for rule in _MODULE_RULES.values()) <= set(PARAMETER_GROUPS)
 
 
@@ -80,7 +87,8 @@ def group_of(name: str) -> GroupOf:
         return GroupOf("context", _QUANT_VECTOR_SCALE[index])
     raise UnknownParameterError(
         f"parameter {name!r} belongs to no Phase 4 parameter group ({', '.join(PARAMETER_GROUPS)}); "
-        "add its module to hpcm/models/param_groups.py")
+        "add its module to hpcm/models/param_groups.py"
+    )
 
 
 def assign(named_parameters: Iterable[tuple[str, torch.nn.Parameter]]) -> dict[str, GroupOf]:

@@ -70,7 +70,9 @@ STEPS_PER_SCALE = (2, 3, 6)
 
 def check_channels(M: int) -> None:
     if M <= 0 or M % 8:
-        raise ValueError(f"latent channels M={M} must be a positive multiple of 8 (8 channel groups)")
+        raise ValueError(
+            f"latent channels M={M} must be a positive multiple of 8 (8 channel groups)"
+        )
 
 
 def check_latent_size(height: int, width: int) -> None:
@@ -91,12 +93,18 @@ class Partition:
     M: int
     height: int
     width: int
-    idx_s2: Tensor  # (M,) channel index into pixel_unshuffle(y, 2) selecting each channel's s2 phase
+    idx_s2: (
+        Tensor  # (M,) channel index into pixel_unshuffle(y, 2) selecting each channel's s2 phase
+    )
     idx_s1: Tensor  # (M,) same on the s2 grid for the s1 phase
-    quirk_gather: Tensor  # (M, H2*W2) flat y index feeding the s2 grid's hyperprior (official layout)
+    quirk_gather: (
+        Tensor  # (M, H2*W2) flat y index feeding the s2 grid's hyperprior (official layout)
+    )
     s2_hyper_mask: Tensor  # (1, M, H2, W2): 1 at s2-grid positions that are not s1
     s3_hyper_mask: Tensor  # (1, M, Hy, Wy): 1 at y positions that are not in the s2 lattice
-    step_masks: tuple[tuple[Tensor, ...], tuple[Tensor, ...], tuple[Tensor, ...]]  # per scale, per step
+    step_masks: tuple[
+        tuple[Tensor, ...], tuple[Tensor, ...], tuple[Tensor, ...]
+    ]  # per scale, per step
 
     # ---- moving tensors between the three grids -------------------------------------------------
     def y_to_s2(self, t: Tensor) -> Tensor:
@@ -160,27 +168,35 @@ def _pattern_mask(M: int, h: int, w: int, pattern_of_channel: Tensor) -> Tensor:
     return table[pattern_of_channel][:, rows, cols].unsqueeze(0)
 
 
-def build_partition(M: int, height: int, width: int, device: torch.device, dtype: torch.dtype) -> Partition:
+def build_partition(
+    M: int, height: int, width: int, device: torch.device, dtype: torch.dtype
+) -> Partition:
     check_channels(M)
     check_latent_size(height, width)
     h2, w2, h1, w1 = height // 2, width // 2, height // 4, width // 4
     g8, g4, g2 = _group_of(M, 8), _group_of(M, 4), _group_of(M, 2)
 
     # s1 steps on the s1 grid: checkerboard, channel halves take opposite parities
-    even = ((torch.arange(h1).view(h1, 1) + torch.arange(w1).view(1, w1)) % 2 == 0).view(1, 1, h1, w1)
+    even = ((torch.arange(h1).view(h1, 1) + torch.arange(w1).view(1, w1)) % 2 == 0).view(
+        1, 1, h1, w1
+    )
     half = (g2 == 0).view(1, M, 1, 1)
     s1_steps = (even == half, even != half)
     # s2 steps 3..5 on the s2 grid
     s2_steps = tuple(_phase_mask(M, h2, w2, torch.tensor(FOUR_ORDER[i])[g4]) for i in (1, 2, 3))
     # s3 steps 6..11 on the y grid
-    s3_steps = tuple(_pattern_mask(M, height, width, torch.tensor(EIGHT_ORDER[i])[g8]) for i in range(2, 8))
+    s3_steps = tuple(
+        _pattern_mask(M, height, width, torch.tensor(EIGHT_ORDER[i])[g8]) for i in range(2, 8)
+    )
 
     s1_on_s2 = _phase_mask(M, h2, w2, torch.tensor(S1_PHASE_ON_S2)[g4])
     s2_on_y = _phase_mask(M, height, width, torch.tensor(S2_PHASE)[g8])
 
     # Official get_s2_hyper_with_mask: the k-th (row-major) y position of "s2 lattice minus the
     # quirk s1 point" fills the k-th (row-major) s2-grid position that is not s1, per channel.
-    quirk_first = torch.tensor([EIGHT_PATTERNS[QUIRK_S1_PATTERN[g]][0] for g in range(8)])[g8]  # (M, 2)
+    quirk_first = torch.tensor([EIGHT_PATTERNS[QUIRK_S1_PATTERN[g]][0] for g in range(8)])[
+        g8
+    ]  # (M, 2)
     rows = (torch.arange(height) % 4).view(1, height, 1)
     cols = (torch.arange(width) % 4).view(1, 1, width)
     quirk_s1 = (rows == quirk_first[:, 0].view(M, 1, 1)) & (cols == quirk_first[:, 1].view(M, 1, 1))
@@ -202,7 +218,8 @@ def build_partition(M: int, height: int, width: int, device: torch.device, dtype
         s2_hyper_mask=(~s1_on_s2).to(device=device, dtype=dtype),
         s3_hyper_mask=(~s2_on_y).to(device=device, dtype=dtype),
         step_masks=tuple(
-            tuple(m.to(device=device, dtype=dtype) for m in masks) for masks in (s1_steps, s2_steps, s3_steps)
+            tuple(m.to(device=device, dtype=dtype) for m in masks)
+            for masks in (s1_steps, s2_steps, s3_steps)
         ),
     )
 
@@ -254,10 +271,14 @@ class PartitionCache(BoundedCache):
 
     def get(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> Partition:
         key = (height, width, str(device), dtype)
-        return super().get(key, lambda: build_partition(self.M, height, width, torch.device(device), dtype))
+        return super().get(
+            key, lambda: build_partition(self.M, height, width, torch.device(device), dtype)
+        )
 
 
-def label_maps(M: int, height: int, width: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+def label_maps(
+    M: int, height: int, width: int, device: torch.device | None = None
+) -> tuple[Tensor, Tensor]:
     """(scale_map, step_map): LongTensors (M, Hy, Wy) with values 1..3 and 1..11."""
     part = build_partition(M, height, width, torch.device("cpu"), torch.float32)
     lifts = (part.s1_to_y, part.s2_to_y, lambda t: t)

@@ -19,7 +19,11 @@ from hpcm.models.partition import check_channels
 class HPCMConfig:
     M: int = 320  # latent y channels (8 channel groups of M/8)
     N: int = 256  # hyper-latent z channels
-    transform_channels: tuple[int, int, int] = (96, 192, 384)  # g_a / g_s stage widths, shallow first
+    transform_channels: tuple[int, int, int] = (
+        96,
+        192,
+        384,
+    )  # g_a / g_s stage widths, shallow first
     analysis_blocks: tuple[int, int, int] = (2, 2, 4)  # PConvRB per g_a stage, shallow first
     synthesis_blocks: tuple[int, int, int] = (4, 2, 2)  # PConvRB per g_s stage, deep first
     hyper_blocks: int = 3  # PConvRB(N) in h_a and in h_s
@@ -41,7 +45,9 @@ class HPCMConfig:
             raise ValueError(f"attn_windows must be >= 1, got {self.attn_windows}")
         for ch in (*self.transform_channels, self.M, self.N, 2 * self.M):
             if ch % self.partial_ratio:
-                raise ValueError(f"channel count {ch} not divisible by partial_ratio={self.partial_ratio}")
+                raise ValueError(
+                    f"channel count {ch} not divisible by partial_ratio={self.partial_ratio}"
+                )
 
     @property
     def pad_multiple(self) -> int:

@@ -19,8 +19,20 @@ from hpcm.optim.registry import build_optimizer, register_optimizer
 from hpcm.optim.step import backward_and_step
 
 __all__ = [
-    "Balanced", "CautiousAdam", "HierarchicalBalanced", "build_optimizer", "backward_and_step",
-    "register_optimizer", "qp_task_weights", "OPTIMIZER_NAMES", "OPTIMIZER_SPECS", "OptimizerSpec",
-    "optimizer_spec", "UPDATE_MODES", "WEIGHTINGS", "HIERARCHICAL_TASKS", "SEED_TASK_NAMES",
+    "Balanced",
+    "CautiousAdam",
+    "HierarchicalBalanced",
+    "build_optimizer",
+    "backward_and_step",
+    "register_optimizer",
+    "qp_task_weights",
+    "OPTIMIZER_NAMES",
+    "OPTIMIZER_SPECS",
+    "OptimizerSpec",
+    "optimizer_spec",
+    "UPDATE_MODES",
+    "WEIGHTINGS",
+    "HIERARCHICAL_TASKS",
+    "SEED_TASK_NAMES",
     "LOG_EPS",
 ]

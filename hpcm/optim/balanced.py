@@ -106,11 +106,21 @@ class Balanced(CautiousAdam):
         foreach: bool | None = None,
         sync_free: bool = False,
     ):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, cautious=cautious, foreach=foreach, sync_free=sync_free)
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            cautious=cautious,
+            foreach=foreach,
+            sync_free=sync_free,
+        )
         if sync_free and weighting != "famo":
-            raise ValueError("sync_free=True supports weighting='famo' only "
-                             "(QP solves on the host)")
+            raise ValueError(
+                "sync_free=True supports weighting='famo' only (QP solves on the host)"
+            )
         if int(n_tasks) != n_tasks or n_tasks < 1:
             raise ValueError(f"n_tasks must be a positive integer, got {n_tasks!r}")
         if update_mode not in UPDATE_MODES:
@@ -123,14 +133,19 @@ class Balanced(CautiousAdam):
             raise ValueError(f"max_norm must be >= 0 (0 disables clipping), got {max_norm}")
         # configuration
         self.n_tasks = int(n_tasks)
-        self.task_names = (list(task_names) if task_names is not None
-                           else default_task_names(self.n_tasks))
+        self.task_names = (
+            list(task_names) if task_names is not None else default_task_names(self.n_tasks)
+        )
         if len(self.task_names) != self.n_tasks:
-            raise ValueError(f"task_names has {len(self.task_names)} names for "
-                             f"n_tasks={self.n_tasks}")
+            raise ValueError(
+                f"task_names has {len(self.task_names)} names for n_tasks={self.n_tasks}"
+            )
         first = next((p for g in self.param_groups for p in g["params"]), None)
-        self.device = torch.device(device) if device is not None else (
-            first.device if first is not None else torch.device("cpu"))
+        self.device = (
+            torch.device(device)
+            if device is not None
+            else (first.device if first is not None else torch.device("cpu"))
+        )
         self.max_norm = float(max_norm)
         self.update_mode = update_mode
         self.weighting = weighting
@@ -187,8 +202,11 @@ class Balanced(CautiousAdam):
                 return loss
         self._clip_record = None
         if self.max_norm > 0 and shared_parameters is not None:
-            clipped = ([shared_parameters] if torch.is_tensor(shared_parameters)
-                       else list(shared_parameters))
+            clipped = (
+                [shared_parameters]
+                if torch.is_tensor(shared_parameters)
+                else list(shared_parameters)
+            )
             norm = torch.nn.utils.clip_grad_norm_(clipped, self.max_norm)
             self._record_clip(norm, clipped)
         return loss
@@ -222,8 +240,9 @@ class Balanced(CautiousAdam):
         values = checked.detach().float()
         if self.update_mode == "next_batch":  # the pending update, with these losses as L'
             self._skipped_weight_updates.add_((flags.pending & ~ok).float())
-            self._apply_weight_update(torch.where(ok, values, self.prev_loss),
-                                      apply=flags.pending & ok)
+            self._apply_weight_update(
+                torch.where(ok, values, self.prev_loss), apply=flags.pending & ok
+            )
             flags.pending = torch.zeros((), dtype=torch.bool, device=self.device)
         flags.ok_losses = ok
         flags.prev_valid = ok
@@ -238,17 +257,20 @@ class Balanced(CautiousAdam):
         if losses.dtype not in (torch.float32, torch.float64):
             losses = losses.float()  # fp16/bf16 losses from autocast
         detached = losses.detach()
-        finite, below = torch.stack([
-            torch.isfinite(detached).all(),
-            (detached - self.min_losses + LOG_EPS <= 0).any(),
-        ]).tolist()  # one device sync for both checks
+        finite, below = torch.stack(
+            [
+                torch.isfinite(detached).all(),
+                (detached - self.min_losses + LOG_EPS <= 0).any(),
+            ]
+        ).tolist()  # one device sync for both checks
         if not finite:
             return None
         if below:
             raise ValueError(
                 f"{what} {detached.tolist()} are at or below min_losses {self.min_losses.tolist()} "
                 f"(task names {self.task_names}); log(L - m) is undefined. Lower the bounds with "
-                "set_min_losses (the official value is -1).")
+                "set_min_losses (the official value is -1)."
+            )
         return losses
 
     def _sync_free_check(self, losses: torch.Tensor, what: str) -> torch.Tensor:
@@ -295,15 +317,17 @@ class Balanced(CautiousAdam):
             self.prev_loss = None
             return torch.tensor(float("nan"), device=self.device)
         self._skip_next_step = False
-        self.qp_weights, task_grads = self._solve_qp(checked, retain_graph=False,
-                                                     average_gradients=average_gradients)
+        self.qp_weights, task_grads = self._solve_qp(
+            checked, retain_graph=False, average_gradients=average_gradients
+        )
         self.prev_loss = checked.detach().clone()
         loss = self._surrogate(self.prev_loss, self._surrogate_weights(self.qp_weights))
         coefficient_list = self.last_effective_weights.tolist()
         with torch.no_grad():
             for k, p in enumerate(self._trainable_parameters()):
-                parts = [(a, g[k]) for a, g in zip(coefficient_list, task_grads)
-                         if g[k] is not None]
+                parts = [
+                    (a, g[k]) for a, g in zip(coefficient_list, task_grads) if g[k] is not None
+                ]
                 if not parts:
                     continue
                 combined = sum(a * g for a, g in parts)
@@ -320,8 +344,9 @@ class Balanced(CautiousAdam):
         task_grads = []
         for i in range(self.n_tasks):
             keep = retain_graph or i < self.n_tasks - 1
-            grads = list(torch.autograd.grad(losses[i], params, retain_graph=keep,
-                                             allow_unused=True))
+            grads = list(
+                torch.autograd.grad(losses[i], params, retain_graph=keep, allow_unused=True)
+            )
             if average_gradients is not None:
                 average_gradients(grads)
             task_grads.append(grads)
@@ -333,8 +358,11 @@ class Balanced(CautiousAdam):
 
     # ================================================================== 2. the parameter step
     @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None,
-             task_losses: torch.Tensor | None = None):
+    def step(
+        self,
+        closure: Callable[[], torch.Tensor] | None = None,
+        task_losses: torch.Tensor | None = None,
+    ):
         """Cautious Adam step; skipped when the losses or the gradients are not finite.
 
         ``task_losses`` is accepted for the official call signature; the official code only
@@ -417,14 +445,18 @@ class Balanced(CautiousAdam):
                 return None
         return norm
 
-    def _finite_flags(self, losses: torch.Tensor | None,
-                      grad_norm: torch.Tensor | None) -> tuple[bool, bool]:
+    def _finite_flags(
+        self, losses: torch.Tensor | None, grad_norm: torch.Tensor | None
+    ) -> tuple[bool, bool]:
         """(all gradients finite, ``losses`` given and finite), read with a single device sync.
 
         ``grad_norm``: the norm over every gradient, when the clip has computed it already.
         """
-        grads = [] if grad_norm is not None else [
-            p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        grads = (
+            []
+            if grad_norm is not None
+            else [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        )
         flags = []
         if grad_norm is not None:
             flags.append(torch.isfinite(grad_norm).to(self.device))
@@ -452,14 +484,16 @@ class Balanced(CautiousAdam):
         if self.update_mode == "next_batch":
             raise RuntimeError(
                 "update_task_weights is not used with update_mode='next_batch': the next "
-                "get_weighted_loss call applies the update with the next batch's losses")
+                "get_weighted_loss call applies the update with the next batch's losses"
+            )
         if self.sync_free:
             flags = self._sf
             ok = self._sync_free_check(curr_loss.detach(), "post-step losses")
             not_skipped = ~flags.last_skipped & flags.prev_valid
             self._skipped_weight_updates.add_((flags.last_skipped | (not_skipped & ~ok)).float())
-            self._apply_weight_update(torch.where(ok, curr_loss.detach().float(), self.prev_loss),
-                                      apply=not_skipped & ok)
+            self._apply_weight_update(
+                torch.where(ok, curr_loss.detach().float(), self.prev_loss), apply=not_skipped & ok
+            )
             return
         if self._last_step_skipped:
             self.skipped_weight_updates += 1
@@ -472,8 +506,9 @@ class Balanced(CautiousAdam):
             return
         self._apply_weight_update(checked)
 
-    def _apply_weight_update(self, curr_loss: torch.Tensor,
-                             apply: torch.Tensor | None = None) -> None:
+    def _apply_weight_update(
+        self, curr_loss: torch.Tensor, apply: torch.Tensor | None = None
+    ) -> None:
         """One Adam step on w; with ``apply`` (sync_free) w and its state change only where true."""
         if self.prev_loss is None:
             return
@@ -483,7 +518,8 @@ class Balanced(CautiousAdam):
             return
         with torch.no_grad():
             delta = (self.prev_loss - self.min_losses + LOG_EPS).log() - (
-                curr_loss - self.min_losses + LOG_EPS).log()
+                curr_loss - self.min_losses + LOG_EPS
+            ).log()
             z = F.softmax(self.w, -1)
             # Vector-Jacobian product of softmax: (diag(z) - z z^T) delta.
             grad = z * (delta - (z * delta).sum())
@@ -515,8 +551,9 @@ class Balanced(CautiousAdam):
         if value.ndim == 0:
             value = value.expand(self.n_tasks).clone()
         if value.shape != (self.n_tasks,):
-            raise ValueError(f"min_losses must have shape ({self.n_tasks},), "
-                             f"got {tuple(value.shape)}")
+            raise ValueError(
+                f"min_losses must have shape ({self.n_tasks},), got {tuple(value.shape)}"
+            )
         if not torch.isfinite(value).all():
             raise ValueError(f"min_losses must be finite, got {value.tolist()}")
         self.min_losses = value
@@ -567,7 +604,8 @@ class Balanced(CautiousAdam):
                 f"task losses {self._sf.below_losses.tolist()} were at or below min_losses "
                 f"{self.min_losses.tolist()} (task names {self.task_names}); log(L - m) is "
                 "undefined (those steps were skipped). Lower the bounds with set_min_losses "
-                "(the official value is -1).")
+                "(the official value is -1)."
+            )
 
     def get_task_weights(self) -> dict[str, float]:
         """z = softmax(w) (FAMO) or the last QP weights, by task name."""
@@ -593,12 +631,17 @@ class Balanced(CautiousAdam):
         if extra is None:
             raise ValueError(
                 "optimizer state has no 'balancing' entry: it was not saved by Balanced "
-                "(a torch Adam state cannot resume Balanced; start a fresh optimizer instead)")
-        for key, mine in (("n_tasks", self.n_tasks), ("weighting", self.weighting),
-                          ("update_mode", self.update_mode)):
+                "(a torch Adam state cannot resume Balanced; start a fresh optimizer instead)"
+            )
+        for key, mine in (
+            ("n_tasks", self.n_tasks),
+            ("weighting", self.weighting),
+            ("update_mode", self.update_mode),
+        ):
             if extra[key] != mine:
-                raise ValueError(f"saved Balanced state has {key}={extra[key]!r}, "
-                                 f"this optimizer {mine!r}")
+                raise ValueError(
+                    f"saved Balanced state has {key}={extra[key]!r}, this optimizer {mine!r}"
+                )
         super().load_state_dict(state_dict)
         self._load_balancing_state(extra)
 
@@ -684,8 +727,9 @@ class SyncFreeFlags:
 
 
 @contextmanager
-def gated(apply: torch.Tensor, params: list[torch.Tensor],
-          optimizer: torch.optim.Optimizer) -> Iterator[None]:
+def gated(
+    apply: torch.Tensor, params: list[torch.Tensor], optimizer: torch.optim.Optimizer
+) -> Iterator[None]:
     """Run an optimizer step whose effect (parameters and state) is kept only where ``apply``.
 
     A state entry created by the step (first step) is reverted to zeros, which torch Adam
@@ -694,8 +738,10 @@ def gated(apply: torch.Tensor, params: list[torch.Tensor],
     """
     with torch.no_grad():
         before = [p.detach().clone() for p in params]
-        saved = [{k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v)}
-                 for p in params]
+        saved = [
+            {k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v)}
+            for p in params
+        ]
     yield
     with torch.no_grad():
         for p, old in zip(params, before):
@@ -704,23 +750,66 @@ def gated(apply: torch.Tensor, params: list[torch.Tensor],
             for key, value in optimizer.state[p].items():
                 if torch.is_tensor(value):
                     old = old_state.get(key)
-                    value.copy_(torch.where(apply.to(value.device), value,
-                                            torch.zeros_like(value) if old is None else old))
+                    value.copy_(
+                        torch.where(
+                            apply.to(value.device),
+                            value,
+                            torch.zeros_like(value) if old is None else old,
+                        )
+                    )
 
 
 # ---------------------------------------------------------------------- registration
 @register_optimizer("balanced")
-def build_balanced(params: Iterable, lr: float, *, max_norm: float, min_losses: float,
-                   sync_free: bool, gamma: float, w_lr: float, update_mode: str) -> Balanced:
-    return Balanced(params, lr=lr, n_tasks=len(RD_TASKS), gamma=gamma, w_lr=w_lr, max_norm=max_norm,
-                    min_losses=min_losses, update_mode=update_mode, weighting="famo",
-                    task_names=RD_TASKS, sync_free=sync_free)
+def build_balanced(
+    params: Iterable,
+    lr: float,
+    *,
+    max_norm: float,
+    min_losses: float,
+    sync_free: bool,
+    gamma: float,
+    w_lr: float,
+    update_mode: str,
+) -> Balanced:
+    return Balanced(
+        params,
+        lr=lr,
+        n_tasks=len(RD_TASKS),
+        gamma=gamma,
+        w_lr=w_lr,
+        max_norm=max_norm,
+        min_losses=min_losses,
+        update_mode=update_mode,
+        weighting="famo",
+        task_names=RD_TASKS,
+        sync_free=sync_free,
+    )
 
 
 @register_optimizer("qp")
-def build_qp(params: Iterable, lr: float, *, max_norm: float, min_losses: float, sync_free: bool,
-             gamma: float, w_lr: float, update_mode: str) -> Balanced:
+def build_qp(
+    params: Iterable,
+    lr: float,
+    *,
+    max_norm: float,
+    min_losses: float,
+    sync_free: bool,
+    gamma: float,
+    w_lr: float,
+    update_mode: str,
+) -> Balanced:
     del sync_free  # QP solves its weights on the host: always the host path
-    return Balanced(params, lr=lr, n_tasks=len(RD_TASKS), gamma=gamma, w_lr=w_lr, max_norm=max_norm,
-                    min_losses=min_losses, update_mode=update_mode, weighting="qp",
-                    task_names=RD_TASKS, sync_free=False)
+    return Balanced(
+        params,
+        lr=lr,
+        n_tasks=len(RD_TASKS),
+        gamma=gamma,
+        w_lr=w_lr,
+        max_norm=max_norm,
+        min_losses=min_losses,
+        update_mode=update_mode,
+        weighting="qp",
+        task_names=RD_TASKS,
+        sync_free=False,
+    )

@@ -93,18 +93,27 @@ class CautiousAdam(Optimizer):
         if not weight_decay >= 0.0:
             raise ValueError(f"Invalid weight_decay={weight_decay}")
         if fused and (foreach is not None or sync_free):
-            raise ValueError(f"fused=True (the CPU C kernel) excludes foreach={foreach!r} and "
-                             f"sync_free={sync_free!r}")
+            raise ValueError(
+                f"fused=True (the CPU C kernel) excludes foreach={foreach!r} and "
+                f"sync_free={sync_free!r}"
+            )
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-            amsgrad=amsgrad, cautious=cautious, foreach=foreach, fused=fused,
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            cautious=cautious,
+            foreach=foreach,
+            fused=fused,
         )
         super().__init__(params, defaults)
         if fused:
             devices = {p.device.type for g in self.param_groups for p in g["params"]}
             if devices != {"cpu"}:
-                raise ValueError(f"fused=True is the CPU C kernel; parameters are on "
-                                 f"{sorted(devices)}")
+                raise ValueError(
+                    f"fused=True is the CPU C kernel; parameters are on {sorted(devices)}"
+                )
             native_library()  # raises NativeKernelUnavailable with the reason, before any step
         # sync_free: skip decision, step counters and skip count stay on the device (see
         # ``sync_free_update``); the default keeps Python-int steps and host-side decisions.
@@ -152,7 +161,7 @@ class CautiousAdam(Optimizer):
             state = self.state[p]
             if len(state) == 0:
                 state["step"] = 0
-                for key in MOMENT_KEYS[:3 if amsgrad else 2]:
+                for key in MOMENT_KEYS[: 3 if amsgrad else 2]:
                     state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["step"] += 1
             params.append(p)
@@ -161,9 +170,13 @@ class CautiousAdam(Optimizer):
         if not params:
             return
         options = dict(
-            amsgrad=amsgrad, cautious=group["cautious"],
-            beta1=group["betas"][0], beta2=group["betas"][1], lr=group["lr"],
-            weight_decay=group["weight_decay"], eps=group["eps"],
+            amsgrad=amsgrad,
+            cautious=group["cautious"],
+            beta1=group["betas"][0],
+            beta2=group["betas"][1],
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
         )
         if group["foreach"] is False:
             single_tensor_update(params, grads, *_moment_lists(states, amsgrad), **options)
@@ -176,17 +189,23 @@ class CautiousAdam(Optimizer):
             if len(buckets) == 1:
                 bucket_params, bucket_grads, bucket_states = params, grads, states
             else:
-                bucket_params, bucket_grads, bucket_states = ([items[i] for i in index]
-                                                              for items in (params, grads, states))
+                bucket_params, bucket_grads, bucket_states = (
+                    [items[i] for i in index] for items in (params, grads, states)
+                )
             moments = _moment_lists(bucket_states, amsgrad)
             steps = moments[-1]
             if not p_dtype == g_dtype == m_dtype:  # e.g. fp16 params with fp32 moments
                 update = single_tensor_update
-            elif (group["foreach"] is None and device.type == "cpu"
-                  and steps.count(steps[0]) == len(steps)
-                  and _kernel_serves(group["fused"], g_dtype,
-                                     [*bucket_params, *bucket_grads, *moments[0], *moments[1],
-                                      *moments[2]])):
+            elif (
+                group["foreach"] is None
+                and device.type == "cpu"
+                and steps.count(steps[0]) == len(steps)
+                and _kernel_serves(
+                    group["fused"],
+                    g_dtype,
+                    [*bucket_params, *bucket_grads, *moments[0], *moments[1], *moments[2]],
+                )
+            ):
                 update = fused_update
             else:
                 update = foreach_update
@@ -202,8 +221,9 @@ class CautiousAdam(Optimizer):
         return self._skipped_device
 
     @torch.no_grad()
-    def sync_free_step(self, ok: torch.Tensor | None = None,
-                       grads_are_finite: torch.Tensor | None = None) -> torch.Tensor:
+    def sync_free_step(
+        self, ok: torch.Tensor | None = None, grads_are_finite: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """One step decided on the device: applied where ``ok`` and every gradient is finite.
 
         ``grads_are_finite``: that second condition when the caller knows it already (from the
@@ -212,8 +232,11 @@ class CautiousAdam(Optimizer):
         """
         if grads_are_finite is None:
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            device = grads[0].device if grads else next(
-                p for g in self.param_groups for p in g["params"]).device
+            device = (
+                grads[0].device
+                if grads
+                else next(p for g in self.param_groups for p in g["params"]).device
+            )
             finite = grads_finite(grads, device)
         else:
             finite = grads_are_finite
@@ -221,8 +244,9 @@ class CautiousAdam(Optimizer):
         ok = finite if ok is None else (ok.to(device) & finite)
         self.skipped_steps_device.add_((~ok).float())
         if self._step_bound is None:  # once after construction or loading: one read
-            self._step_bound = max((int(s["step"]) for s in self.state.values() if "step" in s),
-                                   default=0)
+            self._step_bound = max(
+                (int(s["step"]) for s in self.state.values() if "step" in s), default=0
+            )
         self._step_bound += 1
         for number, group in enumerate(self.param_groups):
             self._sync_free_group(number, group, ok)
@@ -236,13 +260,15 @@ class CautiousAdam(Optimizer):
             if p.grad.is_sparse:
                 raise RuntimeError("CautiousAdam does not support sparse gradients")
             if p.grad.dtype != p.dtype or p.dtype not in (torch.float32, torch.float64):
-                raise RuntimeError(f"sync_free CautiousAdam needs fp32/fp64 params and grads, got "
-                                   f"{p.dtype} / {p.grad.dtype}")
+                raise RuntimeError(
+                    f"sync_free CautiousAdam needs fp32/fp64 params and grads, got "
+                    f"{p.dtype} / {p.grad.dtype}"
+                )
             state = self.state[p]
             fresh.append(len(state) == 0)
             if len(state) == 0:
                 state["step"] = torch.zeros((), device=p.device)
-                for key in MOMENT_KEYS[:3 if group["amsgrad"] else 2]:
+                for key in MOMENT_KEYS[: 3 if group["amsgrad"] else 2]:
                     state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
             elif not torch.is_tensor(state["step"]):
                 state["step"] = torch.tensor(float(state["step"]), device=p.device)
@@ -262,15 +288,24 @@ class CautiousAdam(Optimizer):
         for (device, _), index in buckets.items():
             states = [moments[i] for i in index]
             sync_free_update(
-                [params[i] for i in index], [grads[i] for i in index],
+                [params[i] for i in index],
+                [grads[i] for i in index],
                 *_moment_lists(states, group["amsgrad"]),
-                ok=ok.to(device), uniform_steps=uniform, max_step=self._step_bound,
-                amsgrad=group["amsgrad"], cautious=group["cautious"], beta1=group["betas"][0],
-                beta2=group["betas"][1], lr=group["lr"], weight_decay=group["weight_decay"],
-                eps=group["eps"])
+                ok=ok.to(device),
+                uniform_steps=uniform,
+                max_step=self._step_bound,
+                amsgrad=group["amsgrad"],
+                cautious=group["cautious"],
+                beta1=group["betas"][0],
+                beta2=group["betas"][1],
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+            )
 
-    def _steps_uniform(self, number: int, params: list, steps: list[torch.Tensor],
-                       fresh: list[bool]) -> bool:
+    def _steps_uniform(
+        self, number: int, params: list, steps: list[torch.Tensor], fresh: list[bool]
+    ) -> bool:
         """Whether every counter of this step's parameters is equal, known on the host.
 
         Read from the device once (after construction or loading); then kept true while the same
@@ -301,22 +336,38 @@ class CautiousAdam(Optimizer):
 
 def _moment_lists(states: list[dict], amsgrad: bool) -> tuple[list, list, list, list]:
     """exp_avgs, exp_avg_sqs, max_exp_avg_sqs ([] without amsgrad) and steps, from the states."""
-    return ([s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            [s["max_exp_avg_sq"] for s in states] if amsgrad else [], [s["step"] for s in states])
+    return (
+        [s["exp_avg"] for s in states],
+        [s["exp_avg_sq"] for s in states],
+        [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
+        [s["step"] for s in states],
+    )
 
 
 @register_optimizer("cautious_adam")
-def build_cautious_adam(params: Iterable, lr: float, *, max_norm: float, min_losses: float,
-                        sync_free: bool) -> CautiousAdam:
+def build_cautious_adam(
+    params: Iterable, lr: float, *, max_norm: float, min_losses: float, sync_free: bool
+) -> CautiousAdam:
     del max_norm, min_losses  # clipped by backward_and_step; no task losses
     return CautiousAdam(params, lr=lr, sync_free=sync_free)
 
 
 # ====================================================================== the update paths
 def single_tensor_update(
-    params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, *,
-    amsgrad: bool, cautious: bool, beta1: float, beta2: float, lr: float,
-    weight_decay: float, eps: float,
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_sqs,
+    steps,
+    *,
+    amsgrad: bool,
+    cautious: bool,
+    beta1: float,
+    beta2: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
 ) -> None:
     """The definition: the official per-tensor loop, written out plainly."""
     for i, param in enumerate(params):
@@ -341,9 +392,21 @@ def single_tensor_update(
 
 
 def foreach_update(
-    params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, *,
-    amsgrad: bool, cautious: bool, beta1: float, beta2: float, lr: float,
-    weight_decay: float, eps: float, host_scales: bool | None = None,
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_sqs,
+    steps,
+    *,
+    amsgrad: bool,
+    cautious: bool,
+    beta1: float,
+    beta2: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+    host_scales: bool | None = None,
 ) -> None:
     """Same maths on tensor lists: a few list kernels instead of ~10 launches per tensor.
 
@@ -372,23 +435,27 @@ def foreach_update(
     # One scalar when every tensor is at the same step (the usual case): a scalar list costs a
     # wrapped-tensor copy per tensor on CPU.
     same_step = len(set(steps)) == 1
-    torch._foreach_div_(denom, math.sqrt(1 - beta2**steps[0]) if same_step
-                        else [math.sqrt(1 - beta2**s) for s in steps])
+    torch._foreach_div_(
+        denom,
+        math.sqrt(1 - beta2 ** steps[0]) if same_step else [math.sqrt(1 - beta2**s) for s in steps],
+    )
     torch._foreach_add_(denom, eps)
     direction = scale_direction(exp_avgs, grads, cautious=cautious, host_scales=host_scales)
     torch._foreach_div_(direction, denom)
     if same_step:
-        apply_step(params, direction, -(lr / (1 - beta1**steps[0])))
+        apply_step(params, direction, -(lr / (1 - beta1 ** steps[0])))
     else:  # one call per distinct step
         for step in sorted(set(steps)):
             index = [i for i, s in enumerate(steps) if s == step]
-            apply_step([params[i] for i in index], [direction[i] for i in index],
-                       -(lr / (1 - beta1**step)))
+            apply_step(
+                [params[i] for i in index], [direction[i] for i in index], -(lr / (1 - beta1**step))
+            )
 
 
 @lru_cache(maxsize=64)
-def element_counts(numels: tuple[int, ...], dtype: torch.dtype,
-                   device: torch.device) -> torch.Tensor:
+def element_counts(
+    numels: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     """Per-tensor sizes on the device, built once: a fresh ``torch.tensor(..., device=cuda)``
     every step would be a blocking host-to-device copy (a synchronisation)."""
     return torch.tensor(numels, dtype=dtype, device=device)
@@ -411,14 +478,18 @@ def scale_direction(exp_avgs, grads, *, cautious: bool, host_scales: bool) -> li
         counts = torch.stack(torch._foreach_norm(mask, 1))
     numels = element_counts(tuple(m.numel() for m in mask), counts.dtype, counts.device)
     scales = (1 / (counts / numels).clamp_(min=MASK_MEAN_FLOOR)).clamp_(max=MASK_SCALE_CAP)
-    direction = torch._foreach_mul(exp_avgs,
-                                   scales.tolist() if host_scales else list(scales.unbind(0)))
+    direction = torch._foreach_mul(
+        exp_avgs, scales.tolist() if host_scales else list(scales.unbind(0))
+    )
     torch._foreach_mul_(direction, mask)
     return direction
 
 
-def apply_step(params: list[torch.Tensor], direction: list[torch.Tensor],
-               step_size: float | torch.Tensor | list[torch.Tensor]) -> None:
+def apply_step(
+    params: list[torch.Tensor],
+    direction: list[torch.Tensor],
+    step_size: float | torch.Tensor | list[torch.Tensor],
+) -> None:
     """params += step_size * direction, rounded the same way whatever form ``step_size`` takes.
 
     The host paths pass a Python float, the sync-free path a float32 device tensor (0-dim, or one
@@ -443,25 +514,53 @@ def apply_step(params: list[torch.Tensor], direction: list[torch.Tensor],
 
 # ---------------------------------------------------------------------- the C kernel (CPU)
 def fused_update(
-    params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, *,
-    amsgrad: bool, cautious: bool, beta1: float, beta2: float, lr: float,
-    weight_decay: float, eps: float,
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_sqs,
+    steps,
+    *,
+    amsgrad: bool,
+    cautious: bool,
+    beta1: float,
+    beta2: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
 ) -> None:
     """The C kernel of ``cautious_native`` (contiguous float32 CPU tensors): both passes of every
     tensor in one call per distinct step, bitwise ``single_tensor_update`` (``native_library``)."""
     library = native_library()
-    options = dict(amsgrad=amsgrad, cautious=cautious, beta1=beta1, beta2=beta2, lr=lr,
-                   weight_decay=weight_decay, eps=eps, mask_mean_floor=MASK_MEAN_FLOOR,
-                   mask_scale_cap=MASK_SCALE_CAP)
+    options = dict(
+        amsgrad=amsgrad,
+        cautious=cautious,
+        beta1=beta1,
+        beta2=beta2,
+        lr=lr,
+        weight_decay=weight_decay,
+        eps=eps,
+        mask_mean_floor=MASK_MEAN_FLOOR,
+        mask_scale_cap=MASK_SCALE_CAP,
+    )
     if steps.count(steps[0]) == len(steps):
-        cautious_native.native_update(library, params, grads, exp_avgs, exp_avg_sqs, max_sqs,
-                                      steps[0], **options)
+        cautious_native.native_update(
+            library, params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps[0], **options
+        )
         return
     for step in sorted(set(steps)):
         index = [i for i, s in enumerate(steps) if s == step]
-        pick = lambda items: [items[i] for i in index] if items else items  # noqa: E731
-        cautious_native.native_update(library, pick(params), pick(grads), pick(exp_avgs),
-                                      pick(exp_avg_sqs), pick(max_sqs), step, **options)
+        pick = lambda items, index=index: [items[i] for i in index] if items else items  # noqa: E731
+        cautious_native.native_update(
+            library,
+            pick(params),
+            pick(grads),
+            pick(exp_avgs),
+            pick(exp_avg_sqs),
+            pick(max_sqs),
+            step,
+            **options,
+        )
 
 
 @lru_cache(maxsize=1)
@@ -474,12 +573,15 @@ def native_library():
     """
     library = cautious_native.load()
     shapes = [(1,), (7,), (33, 3), (1000,), (4099,)]
-    options = dict(amsgrad=True, cautious=True, beta1=0.9, beta2=0.999, lr=1e-2, weight_decay=0.01,
-                   eps=1e-8)
+    options = dict(
+        amsgrad=True, cautious=True, beta1=0.9, beta2=0.999, lr=1e-2, weight_decay=0.01, eps=1e-8
+    )
     results = []
     for use_kernel in (False, True):
-        params = [torch.randn(shape, generator=torch.Generator().manual_seed(i))
-                  for i, shape in enumerate(shapes)]
+        params = [
+            torch.randn(shape, generator=torch.Generator().manual_seed(i))
+            for i, shape in enumerate(shapes)
+        ]
         moments = [[torch.zeros_like(p) for p in params] for _ in MOMENT_KEYS]
         generator = torch.Generator().manual_seed(1)
         for step in range(1, 4):
@@ -487,9 +589,16 @@ def native_library():
             for grad in grads:
                 grad[::5] = 0.0
             if use_kernel:
-                cautious_native.native_update(library, params, grads, *moments, step,
-                                              mask_mean_floor=MASK_MEAN_FLOOR,
-                                              mask_scale_cap=MASK_SCALE_CAP, **options)
+                cautious_native.native_update(
+                    library,
+                    params,
+                    grads,
+                    *moments,
+                    step,
+                    mask_mean_floor=MASK_MEAN_FLOOR,
+                    mask_scale_cap=MASK_SCALE_CAP,
+                    **options,
+                )
             else:
                 single_tensor_update(params, grads, *moments, [step] * len(params), **options)
         tensors = (*params, *(m for ms in moments for m in ms))
@@ -497,7 +606,8 @@ def native_library():
     if not torch.equal(*results):
         raise cautious_native.NativeKernelUnavailable(
             "the kernel does not reproduce torch's CPU arithmetic here (ATen CPU capability "
-            f"{torch.backends.cpu.get_cpu_capability()}); the torch path keeps results exact")
+            f"{torch.backends.cpu.get_cpu_capability()}); the torch path keeps results exact"
+        )
     return library
 
 
@@ -518,15 +628,21 @@ def warn_fallback_once(reason: str) -> None:
     global _warned
     if not _warned:
         _warned = True
-        warnings.warn(f"hpcm: CautiousAdam uses the slower torch CPU path: {reason}",
-                      RuntimeWarning, stacklevel=4)
+        warnings.warn(
+            f"hpcm: CautiousAdam uses the slower torch CPU path: {reason}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 def _kernel_serves(fused: bool | None, dtype: torch.dtype, tensors: list[torch.Tensor]) -> bool:
     """Whether a CPU bucket (one dtype, every step equal) takes the kernel; ``fused=True`` raises
     where it cannot, ``fused=None`` on float32 warns once and takes the list kernels."""
-    reason = "fused=False" if fused is False else (
-        cautious_native.ineligible_reason(dtype, tensors) or native_unavailable_reason())
+    reason = (
+        "fused=False"
+        if fused is False
+        else (cautious_native.ineligible_reason(dtype, tensors) or native_unavailable_reason())
+    )
     if reason is None:
         return True
     if fused:
@@ -538,9 +654,23 @@ def _kernel_serves(fused: bool | None, dtype: torch.dtype, tensors: list[torch.T
 
 # ---------------------------------------------------------------------- sync_free (no host sync)
 def sync_free_update(
-    params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, *,
-    amsgrad: bool, cautious: bool, beta1: float, beta2: float, lr: float,
-    weight_decay: float, eps: float, ok: torch.Tensor, uniform_steps: bool, max_step: int,
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_sqs,
+    steps,
+    *,
+    amsgrad: bool,
+    cautious: bool,
+    beta1: float,
+    beta2: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+    ok: torch.Tensor,
+    uniform_steps: bool,
+    max_step: int,
 ) -> None:
     """``foreach_update`` applied only where the 0-dim device bool ``ok``: no host synchronisation.
 
@@ -620,10 +750,16 @@ class BiasTables:
             size *= 2
         steps = range(size)
         # step 0 never reaches an applied update (the counter is >= 1 when ok); 1.0 keeps it finite
-        self.bc1 = torch.tensor([1 - self.beta1**k if k else 1.0 for k in steps],
-                                dtype=torch.float64, device=self.device)
-        self.bc2_sqrt = torch.tensor([math.sqrt(1 - self.beta2**k) if k else 1.0 for k in steps],
-                                     dtype=torch.float64, device=self.device)
+        self.bc1 = torch.tensor(
+            [1 - self.beta1**k if k else 1.0 for k in steps],
+            dtype=torch.float64,
+            device=self.device,
+        )
+        self.bc2_sqrt = torch.tensor(
+            [math.sqrt(1 - self.beta2**k) if k else 1.0 for k in steps],
+            dtype=torch.float64,
+            device=self.device,
+        )
         self.size = size
 
 
@@ -684,8 +820,10 @@ def memory_order(t: torch.Tensor) -> list[int]:
         return list(range(t.dim()))
     order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), -t.shape[d]))
     if not t.permute(order).is_contiguous():
-        raise RuntimeError(f"sync_free CautiousAdam needs dense gradients, got strides "
-                           f"{t.stride()} for shape {tuple(t.shape)}")
+        raise RuntimeError(
+            f"sync_free CautiousAdam needs dense gradients, got strides "
+            f"{t.stride()} for shape {tuple(t.shape)}"
+        )
     return order
 
 

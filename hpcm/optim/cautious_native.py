@@ -40,7 +40,15 @@ from typing import Sequence
 import torch
 
 SOURCE = Path(__file__).with_name("cautious_native.c")
-FLAGS = ("-O3", "-march=native", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno")
+FLAGS = (
+    "-O3",
+    "-march=native",
+    "-std=c11",
+    "-fPIC",
+    "-shared",
+    "-ffp-contract=off",
+    "-fno-math-errno",
+)
 COMPILE_TIMEOUT_S = 300
 
 
@@ -50,7 +58,8 @@ class NativeKernelUnavailable(RuntimeError):
 
 def cache_dir() -> Path:
     root = os.environ.get("HPCM_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hpcm")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hpcm"
+    )
     return Path(root) / "native"
 
 
@@ -58,7 +67,11 @@ def _cpu_identity() -> str:
     """What -march=native depends on: the CPU model and its feature flags (Linux), else the platform."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
-        keep = [line for line in lines if line.startswith(("model name", "flags", "Features", "CPU part"))]
+        keep = [
+            line
+            for line in lines
+            if line.startswith(("model name", "flags", "Features", "CPU part"))
+        ]
         return "\n".join(sorted(set(keep)))
     except OSError:
         return f"{platform.machine()} {platform.processor()}"
@@ -68,14 +81,21 @@ def _compiler() -> str:
     name = os.environ.get("CC", "cc")
     path = shutil.which(name)
     if path is None:
-        raise NativeKernelUnavailable(f"no C compiler: {name!r} (from $CC, default 'cc') is not on PATH")
+        raise NativeKernelUnavailable(
+            f"no C compiler: {name!r} (from $CC, default 'cc') is not on PATH"
+        )
     return path
 
 
 def library_path(compiler: str) -> Path:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, " ".join(FLAGS),
-                                    _cpu_identity()]).encode()).hexdigest()[:16]
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=False
+    ).stdout
+    key = hashlib.sha256(
+        "\0".join(
+            [SOURCE.read_text(), compiler, version, " ".join(FLAGS), _cpu_identity()]
+        ).encode()
+    ).hexdigest()[:16]
     return cache_dir() / f"cautious_native-{key}.so"
 
 
@@ -88,20 +108,32 @@ def build(compiler: str, target: Path) -> None:
     temporary = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
+        handle, temporary = tempfile.mkstemp(
+            prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent
+        )
         os.close(handle)
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", temporary, "-lm"],
-                                capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, check=False)
+        result = subprocess.run(
+            [compiler, *FLAGS, str(SOURCE), "-o", temporary, "-lm"],
+            capture_output=True,
+            text=True,
+            timeout=COMPILE_TIMEOUT_S,
+            check=False,
+        )
         if result.returncode != 0:
             raise NativeKernelUnavailable(
                 f"compiling {SOURCE} with {compiler} failed (exit {result.returncode}):\n"
-                f"{(result.stderr or result.stdout)[-2000:]}")
+                f"{(result.stderr or result.stdout)[-2000:]}"
+            )
         os.chmod(temporary, 0o755)  # mkstemp makes it private; a shared cache serves every user
         os.replace(temporary, target)
     except subprocess.TimeoutExpired as error:
-        raise NativeKernelUnavailable(f"compiling {SOURCE} with {compiler} took over {error.timeout} s") from error
+        raise NativeKernelUnavailable(
+            f"compiling {SOURCE} with {compiler} took over {error.timeout} s"
+        ) from error
     except OSError as error:
-        raise NativeKernelUnavailable(f"cannot build the kernel into {target.parent}: {error}") from error
+        raise NativeKernelUnavailable(
+            f"cannot build the kernel into {target.parent}: {error}"
+        ) from error
     finally:
         if temporary is not None and os.path.exists(temporary):
             os.unlink(temporary)
@@ -122,9 +154,28 @@ def load() -> ctypes.CDLL:
         raise NativeKernelUnavailable(f"cannot load {target}: {error}") from error
     pointer, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     library.cautious_step.restype = None
-    library.cautious_step.argtypes = [i64, pointer, pointer, pointer, pointer, pointer, pointer,
-                                      f32, f32, f32, f32, i32, f32, f32, f32, i32, f32, f32, f32,
-                                      pointer]
+    library.cautious_step.argtypes = [
+        i64,
+        pointer,
+        pointer,
+        pointer,
+        pointer,
+        pointer,
+        pointer,
+        f32,
+        f32,
+        f32,
+        f32,
+        i32,
+        f32,
+        f32,
+        f32,
+        i32,
+        f32,
+        f32,
+        f32,
+        pointer,
+    ]
     library.cautious_sqrt.restype = None
     library.cautious_sqrt.argtypes = [pointer, i64, pointer, pointer]
     library.sqrt_function = _torch_sqrt_function(library)
@@ -151,7 +202,9 @@ def _torch_sqrt_function(library: ctypes.CDLL) -> int | None:
     for name in ("libtorch_cpu.so", "libtorch_cpu.dylib", "torch_cpu.dll"):
         if (lib_dir / name).is_file():
             try:
-                address = ctypes.cast(ctypes.CDLL(str(lib_dir / name)).vsSqrt, ctypes.c_void_p).value
+                address = ctypes.cast(
+                    ctypes.CDLL(str(lib_dir / name)).vsSqrt, ctypes.c_void_p
+                ).value
                 candidates.append(("MKL vsSqrt", address))
             except (OSError, AttributeError):
                 pass  # torch built without MKL: its sqrt is the vectorised hardware one
@@ -162,7 +215,8 @@ def _torch_sqrt_function(library: ctypes.CDLL) -> int | None:
             return address
     raise NativeKernelUnavailable(
         f"torch.sqrt on this CPU matches none of {[name for name, _ in candidates]}; the kernel would "
-        "not be bit-identical to the torch path")
+        "not be bit-identical to the torch path"
+    )
 
 
 def ineligible_reason(dtype: torch.dtype, tensors: Sequence[torch.Tensor]) -> str | None:
@@ -190,20 +244,49 @@ def _float32(name: str, value: float) -> float:
     return value
 
 
-def native_update(library: ctypes.CDLL, params: list[torch.Tensor], grads: list[torch.Tensor],
-                  exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
-                  max_exp_avg_sqs: list[torch.Tensor], step: int, *, amsgrad: bool, cautious: bool,
-                  beta1: float, beta2: float, lr: float, weight_decay: float, eps: float,
-                  mask_mean_floor: float, mask_scale_cap: float) -> None:
+def native_update(
+    library: ctypes.CDLL,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    max_exp_avg_sqs: list[torch.Tensor],
+    step: int,
+    *,
+    amsgrad: bool,
+    cautious: bool,
+    beta1: float,
+    beta2: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+    mask_mean_floor: float,
+    mask_scale_cap: float,
+) -> None:
     """One Cautious Adam step of tensors all at ``step`` with the kernel (contiguous float32 each;
     ``ineligible_reason`` says when not), in place; the scalars as the definition computes them."""
     numels = (ctypes.c_int64 * len(params))(*[p.numel() for p in params])
     max_sq = _pointers(max_exp_avg_sqs) if amsgrad else None
     lr, beta1, beta2 = float(lr), float(beta1), float(beta2)
     library.cautious_step(
-        len(params), numels, _pointers(grads), _pointers(params), _pointers(exp_avgs),
-        _pointers(exp_avg_sqs), max_sq,
-        beta1, 1 - beta1, beta2, 1 - beta2, int(cautious), float(mask_mean_floor),
-        float(mask_scale_cap), _float32("1 - lr * weight_decay", 1 - lr * weight_decay),
-        int(weight_decay != 0), math.sqrt(1 - beta2**step), _float32("eps", float(eps)),
-        _float32("lr / (1 - beta1**step)", -(lr / (1 - beta1**step))), library.sqrt_function)
+        len(params),
+        numels,
+        _pointers(grads),
+        _pointers(params),
+        _pointers(exp_avgs),
+        _pointers(exp_avg_sqs),
+        max_sq,
+        beta1,
+        1 - beta1,
+        beta2,
+        1 - beta2,
+        int(cautious),
+        float(mask_mean_floor),
+        float(mask_scale_cap),
+        _float32("1 - lr * weight_decay", 1 - lr * weight_decay),
+        int(weight_decay != 0),
+        math.sqrt(1 - beta2**step),
+        _float32("eps", float(eps)),
+        _float32("lr / (1 - beta1**step)", -(lr / (1 - beta1**step))),
+        library.sqrt_function,
+    )

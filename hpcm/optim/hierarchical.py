@@ -21,6 +21,7 @@ import torch
 
 from hpcm.config.optimizers import W_LR
 from hpcm.config.presets import DEFAULT_GAMMAS, DEFAULT_SCALE_WEIGHTS
+
 # Defined once in hpcm.config.tasks; hpcm.optim re-exports HIERARCHICAL_TASKS and SEED_TASK_NAMES.
 from hpcm.config.tasks import HIERARCHICAL_TASKS, SCALES, SEED_TASK_NAMES, TASK_SCALE  # noqa: F401
 from hpcm.optim.balanced import Balanced
@@ -60,9 +61,19 @@ class HierarchicalBalanced(Balanced):
         if kwargs.get("weighting", "famo") != "famo":
             raise ValueError("HierarchicalBalanced supports weighting='famo' only")
         kwargs.setdefault("task_names", SEED_TASK_NAMES)
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, n_tasks=5, gamma=0.0, w_lr=w_lr,
-                         max_norm=max_norm, **kwargs)
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            n_tasks=5,
+            gamma=0.0,
+            w_lr=w_lr,
+            max_norm=max_norm,
+            **kwargs,
+        )
         self.set_scale_gammas(gamma_s1, gamma_s2, gamma_s3)
         self.set_scale_weights(DEFAULT_SCALE_WEIGHTS if scale_weights is None else scale_weights)
 
@@ -86,8 +97,9 @@ class HierarchicalBalanced(Balanced):
 
     @property
     def scale_gammas(self) -> dict[str, float]:
-        return {scale: float(self.task_gammas[TASK_SCALE.index(i)])
-                for i, scale in enumerate(SCALES)}
+        return {
+            scale: float(self.task_gammas[TASK_SCALE.index(i)]) for i, scale in enumerate(SCALES)
+        }
 
     def set_scale_weights(self, scale_weights: Sequence[float]) -> None:
         factors = per_task(scale_weights, "scale_weights")
@@ -115,12 +127,29 @@ class HierarchicalBalanced(Balanced):
 
 
 @register_optimizer("hierarchical_balanced")
-def build_hierarchical_balanced(params: Iterable, lr: float, *, max_norm: float,
-                                min_losses: float, sync_free: bool, gammas: Sequence[float],
-                                w_lr: float, update_mode: str,
-                                scale_weights: Sequence[float]) -> HierarchicalBalanced:
+def build_hierarchical_balanced(
+    params: Iterable,
+    lr: float,
+    *,
+    max_norm: float,
+    min_losses: float,
+    sync_free: bool,
+    gammas: Sequence[float],
+    w_lr: float,
+    update_mode: str,
+    scale_weights: Sequence[float],
+) -> HierarchicalBalanced:
     g1, g2, g3 = (float(g) for g in gammas)
-    return HierarchicalBalanced(params, lr=lr, gamma_s1=g1, gamma_s2=g2, gamma_s3=g3, w_lr=w_lr,
-                                max_norm=max_norm, scale_weights=scale_weights,
-                                min_losses=min_losses, update_mode=update_mode,
-                                sync_free=sync_free)
+    return HierarchicalBalanced(
+        params,
+        lr=lr,
+        gamma_s1=g1,
+        gamma_s2=g2,
+        gamma_s3=g3,
+        w_lr=w_lr,
+        max_norm=max_norm,
+        scale_weights=scale_weights,
+        min_losses=min_losses,
+        update_mode=update_mode,
+        sync_free=sync_free,
+    )

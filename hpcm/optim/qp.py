@@ -28,7 +28,9 @@ def gram_matrix(task_grads: list[list[torch.Tensor | None]]) -> torch.Tensor:
     n_params = len(task_grads[0]) if n else 0
     # Accumulated on the gradients' device and moved to the host once: a .cpu() per parameter
     # tensor would be one blocking synchronisation each on CUDA.
-    device = next((g.device for grads in task_grads for g in grads if g is not None), torch.device("cpu"))
+    device = next(
+        (g.device for grads in task_grads for g in grads if g is not None), torch.device("cpu")
+    )
     gram = torch.zeros(n, n, dtype=torch.float64, device=device)
     for k in range(n_params):
         present = [i for i in range(n) if task_grads[i][k] is not None]
@@ -94,7 +96,9 @@ def clip_and_renormalise(weights: torch.Tensor) -> torch.Tensor:
 def qp_task_weights(gram: torch.Tensor) -> torch.Tensor:
     """Clipped, renormalised Solution-2 weights for a Gram matrix of log-loss gradients."""
     if gram.ndim != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] < 1:
-        raise ValueError(f"gram must be a square (n, n) matrix with n >= 1, got shape {tuple(gram.shape)}")
+        raise ValueError(
+            f"gram must be a square (n, n) matrix with n >= 1, got shape {tuple(gram.shape)}"
+        )
     if not torch.isfinite(gram).all():
         raise ValueError("gram contains non-finite entries")
     raw = two_task_weights(gram) if gram.shape[0] == 2 else equality_qp_weights(gram)

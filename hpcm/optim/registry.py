@@ -23,23 +23,34 @@ BUILDERS: dict[str, Builder] = {}
 def register_optimizer(name: str) -> Callable[[Builder], Builder]:
     """Decorator: ``builder`` builds the optimizer ``name`` (which needs an ``OptimizerSpec``)."""
     if name not in OPTIMIZER_SPECS:
-        raise ValueError(f"register_optimizer({name!r}): no OptimizerSpec of that name in "
-                         "hpcm/config/optimizers.py (add one: the run config, schema and loop "
-                         "read it)")
+        raise ValueError(
+            f"register_optimizer({name!r}): no OptimizerSpec of that name in "
+            "hpcm/config/optimizers.py (add one: the run config, schema and loop "
+            "read it)"
+        )
 
     def decorator(builder: Builder) -> Builder:
         if name in BUILDERS:
-            raise ValueError(f"register_optimizer({name!r}): already registered by "
-                             f"{BUILDERS[name].__module__}.{BUILDERS[name].__qualname__}")
+            raise ValueError(
+                f"register_optimizer({name!r}): already registered by "
+                f"{BUILDERS[name].__module__}.{BUILDERS[name].__qualname__}"
+            )
         BUILDERS[name] = builder
         return builder
 
     return decorator
 
 
-def build_optimizer(name: str, params: Iterable, lr: float, *, max_norm: float = 1.0,
-                    min_losses: float = -1.0, sync_free: bool = False,
-                    **hyperparameters) -> torch.optim.Optimizer:
+def build_optimizer(
+    name: str,
+    params: Iterable,
+    lr: float,
+    *,
+    max_norm: float = 1.0,
+    min_losses: float = -1.0,
+    sync_free: bool = False,
+    **hyperparameters,
+) -> torch.optim.Optimizer:
     """One optimizer from its run-config name; an unknown name raises ValueError listing the others.
 
     ``hyperparameters``: run-config keys (``gamma``, ``w_lr``, ``update_mode``, ``gammas``,
@@ -50,22 +61,29 @@ def build_optimizer(name: str, params: Iterable, lr: float, *, max_norm: float =
     spec = optimizer_spec(name)
     unknown = sorted(set(hyperparameters) - set(HYPERPARAMETERS))
     if unknown:
-        raise TypeError(f"build_optimizer({name!r}): unknown hyperparameters {unknown}; "
-                        f"the registered optimizers read {list(HYPERPARAMETERS)}")
+        raise TypeError(
+            f"build_optimizer({name!r}): unknown hyperparameters {unknown}; "
+            f"the registered optimizers read {list(HYPERPARAMETERS)}"
+        )
     builder = BUILDERS.get(name)
     if builder is None:
-        raise ValueError(f"optimizer {name!r} has a spec but no builder: decorate one with "
-                         f"@register_optimizer({name!r}) and import its module in "
-                         "hpcm/optim/__init__.py")
-    options = {key: hyperparameters.get(key, default)
-               for key, default in spec.hyperparameters.items()}
-    return builder(params, lr, max_norm=max_norm, min_losses=min_losses, sync_free=sync_free,
-                   **options)
+        raise ValueError(
+            f"optimizer {name!r} has a spec but no builder: decorate one with "
+            f"@register_optimizer({name!r}) and import its module in "
+            "hpcm/optim/__init__.py"
+        )
+    options = {
+        key: hyperparameters.get(key, default) for key, default in spec.hyperparameters.items()
+    }
+    return builder(
+        params, lr, max_norm=max_norm, min_losses=min_losses, sync_free=sync_free, **options
+    )
 
 
 @register_optimizer("adam")
-def build_adam(params: Iterable, lr: float, *, max_norm: float, min_losses: float,
-               sync_free: bool) -> torch.optim.Adam:
+def build_adam(
+    params: Iterable, lr: float, *, max_norm: float, min_losses: float, sync_free: bool
+) -> torch.optim.Adam:
     """torch's Adam, the baseline (no file of ours). Fused (CPU and CUDA): it honours
     ``found_inf``, so training skips a non-finite batch on the device without a host sync
     (``backward_and_step`` sets it before the step, and clips with ``max_norm`` itself)."""

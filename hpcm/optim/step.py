@@ -44,12 +44,15 @@ def backward_and_step(
     """
     if isinstance(optimizer, Balanced):
         if task_losses is None:
-            raise ValueError(f"backward_and_step: {type(optimizer).__name__} weights task losses; "
-                             "pass the task vector (its spec's task_names) as task_losses")
+            raise ValueError(
+                f"backward_and_step: {type(optimizer).__name__} weights task losses; "
+                "pass the task vector (its spec's task_names) as task_losses"
+            )
         # 1. the surrogate's backward (FAMO) or one backward per task and the QP weights; the
         #    gradient average; the clip to the optimizer's max_norm
-        optimizer.backward_with_task_balancing(task_losses, params,
-                                               average_gradients=average_gradients)
+        optimizer.backward_with_task_balancing(
+            task_losses, params, average_gradients=average_gradients
+        )
         # 2. the Cautious Adam step, skipped (and counted) on non-finite losses or gradients
         optimizer.step(task_losses=task_losses)
         # 3. same_batch FAMO: the logits' update from the updated model's losses on this batch.

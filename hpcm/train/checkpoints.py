@@ -126,7 +126,8 @@ def load_initial_model(path: str, name: str) -> torch.nn.Module:
                 found = tuple(weights[key].shape) if key in weights else "missing"
                 raise models.CheckpointError(
                     f"{path} does not fit {name}: parameter {key!r} is {found}, "
-                    f"the model expects {tuple(param.shape)}") from None
+                    f"the model expects {tuple(param.shape)}"
+                ) from None
         model.load_state_dict(weights)
         return model
 
@@ -146,11 +147,15 @@ def load_latest_state(run_dir: str | Path, map_location: Any = "cpu") -> dict[st
     for path in present:
         try:
             loaded.append((path, _read_state(path, map_location)))
-        except Exception as exc:  # any failure to unpickle means "corrupt", whatever its exception type
+        except (
+            Exception
+        ) as exc:  # any failure to unpickle means "corrupt", whatever its exception type
             problems.append(f"{path}: {type(exc).__name__}: {exc}")
     if not loaded:
-        raise CheckpointCorruptError("no readable training checkpoint in {}:\n  {}\nmove the files aside "
-                                     "to start over".format(run_dir, "\n  ".join(problems)))
+        raise CheckpointCorruptError(
+            "no readable training checkpoint in {}:\n  {}\nmove the files aside "
+            "to start over".format(run_dir, "\n  ".join(problems))
+        )
     path, state = max(loaded, key=lambda item: item[1]["step"])
     if problems:
         moved = ""
@@ -159,14 +164,19 @@ def load_latest_state(run_dir: str | Path, map_location: Any = "cpu") -> dict[st
             # The next save rotates last -> prev: a corrupt last must not replace the valid prev.
             os.replace(last, run_dir / CHECKPOINT_CORRUPT)
             moved = f"\nmoved the unreadable {last.name} aside to {CHECKPOINT_CORRUPT}"
-        warnings.warn("ignoring unreadable checkpoint(s):\n  {}\nresuming from {} (step {}){}".format(
-            "\n  ".join(problems), path, state["step"], moved), stacklevel=2)
+        warnings.warn(
+            "ignoring unreadable checkpoint(s):\n  {}\nresuming from {} (step {}){}".format(
+                "\n  ".join(problems), path, state["step"], moved
+            ),
+            stacklevel=2,
+        )
     state["_path"] = str(path)
     return state
 
 
-def state_to_resume(run_dir: Path, cfg: RunConfig, total_steps: int,
-                    train_images: int) -> dict[str, Any] | None:
+def state_to_resume(
+    run_dir: Path, cfg: RunConfig, total_steps: int, train_images: int
+) -> dict[str, Any] | None:
     """The newest training state of ``run_dir`` (None for a fresh run), once it is known to continue
     the same experiment: a changed experiment key or run length raises ConfigError."""
     state = load_latest_state(run_dir, map_location="cpu")
@@ -179,7 +189,8 @@ def state_to_resume(run_dir: Path, cfg: RunConfig, total_steps: int,
         raise ConfigError(
             f"the run length changed from {state['total_steps']} steps (checkpoint) to "
             f"{total_steps} (epochs = {cfg.epochs!r} over {train_images} training images); "
-            "restore the data or use a new output directory")
+            "restore the data or use a new output directory"
+        )
     return state
 
 
@@ -206,8 +217,13 @@ def coder_ready_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def run_labels(cfg: RunConfig) -> dict[str, Any]:
     """What a run's best model is, from its run config: model, variant, lambda, seed, distortion
     (``hpcm.models.check`` tells an MSE from an MS-SSIM model by the last)."""
-    return {"model": str(cfg.model), "variant": str(cfg.variant), "lmbda": float(cfg.lmbda),
-            "seed": int(cfg.seed), "distortion": str(cfg.distortion)}
+    return {
+        "model": str(cfg.model),
+        "variant": str(cfg.variant),
+        "lmbda": float(cfg.lmbda),
+        "seed": int(cfg.seed),
+        "distortion": str(cfg.distortion),
+    }
 
 
 def save_model_export(model: torch.nn.Module, path: str | Path, labels: dict[str, Any]) -> Path:
@@ -216,8 +232,12 @@ def save_model_export(model: torch.nn.Module, path: str | Path, labels: dict[str
     return Path(path)
 
 
-def save_best_model(model: torch.nn.Module, run_dir: str | Path, labels: dict[str, Any],
-                    save_balanced_state: Callable[[Path], None] | None = None) -> Path:
+def save_best_model(
+    model: torch.nn.Module,
+    run_dir: str | Path,
+    labels: dict[str, Any],
+    save_balanced_state: Callable[[Path], None] | None = None,
+) -> Path:
     """``epoch_best.pth.tar`` (``save_model_export``), and for the balanced optimizers the seed's
     ``balanced_state_best.pth`` (``save_balanced_state``, their atomic ``save_state``)."""
     path = save_model_export(model, Path(run_dir) / BEST_MODEL, labels)
@@ -236,8 +256,14 @@ def snapshot_steps(run_dir: str | Path) -> list[int]:
     return sorted(steps)
 
 
-def save_snapshot(model: torch.nn.Module, run_dir: str | Path, step: int, labels: dict[str, Any], keep: int,
-                  save_balanced_state: Callable[[Path], None] | None = None) -> Path:
+def save_snapshot(
+    model: torch.nn.Module,
+    run_dir: str | Path,
+    step: int,
+    labels: dict[str, Any],
+    keep: int,
+    save_balanced_state: Callable[[Path], None] | None = None,
+) -> Path:
     """Write ``epoch_{step}.pth.tar`` (+ ``balanced_state_{step}.pth``), then keep the newest ``keep`` (0 = all).
 
     Every file is written atomically; older snapshots are deleted only after the new one is complete.
@@ -250,7 +276,7 @@ def save_snapshot(model: torch.nn.Module, run_dir: str | Path, step: int, labels
         save_balanced_state(run_dir / SNAPSHOT_BALANCED_STATE.format(step=step))
     if keep:
         others = [s for s in snapshot_steps(run_dir) if s != step]  # the new one is always kept
-        for old in others[:max(len(others) - (keep - 1), 0)]:
+        for old in others[: max(len(others) - (keep - 1), 0)]:
             for name in (SNAPSHOT_MODEL, SNAPSHOT_BALANCED_STATE):
                 (run_dir / name.format(step=old)).unlink(missing_ok=True)
     return path

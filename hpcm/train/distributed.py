@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from hpcm.config.run_config import ConfigError
+from hpcm.config.run_config import ConfigError, RunConfig
 
 # On CUDA the stop flag's all-reduce is read on the host (a sync), so it is agreed every
 # STOP_CHECK_EVERY_CUDA steps (a second or two of HPCM_Base: far inside SLURM's grace period);
@@ -63,10 +63,14 @@ class CollectiveFailed(RuntimeError):
 class Processes:
     """The processes of one run: rank, world size, and the collectives training needs."""
 
-    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0, owns_group: bool = False):
+    def __init__(
+        self, rank: int = 0, world_size: int = 1, local_rank: int = 0, owns_group: bool = False
+    ):
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.enabled = world_size > 1
-        self.is_writer = rank == 0  # rank 0 alone writes checkpoints, metrics.csv, wandb, run.yaml, done
+        self.is_writer = (
+            rank == 0
+        )  # rank 0 alone writes checkpoints, metrics.csv, wandb, run.yaml, done
         self._owns_group = owns_group
         self.stop_check_every = 1
 
@@ -77,17 +81,25 @@ class Processes:
         if world_size == 1 and not dist.is_initialized():
             return cls()
         if cfg.batch_size % world_size:
-            raise ConfigError(f"run config: key 'batch_size' = {cfg.batch_size!r}: the global batch must "
-                              f"split evenly over the {world_size} processes (WORLD_SIZE); use a multiple of "
-                              f"{world_size} or another --nproc-per-node")
+            raise ConfigError(
+                f"run config: key 'batch_size' = {cfg.batch_size!r}: the global batch must "
+                f"split evenly over the {world_size} processes (WORLD_SIZE); use a multiple of "
+                f"{world_size} or another --nproc-per-node"
+            )
         if device.type == "cuda" and ":" in str(cfg.device):
-            raise ConfigError(f"run config: key 'device' = {cfg.device!r}: under torchrun each process "
-                              "uses cuda:LOCAL_RANK; set device to auto or cuda")
+            raise ConfigError(
+                f"run config: key 'device' = {cfg.device!r}: under torchrun each process "
+                "uses cuda:LOCAL_RANK; set device to auto or cuda"
+            )
         owns = not dist.is_initialized()
         if owns:  # a caller (a test) may have set the group up already; then it also ends it
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                    timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
-        processes = cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
+            dist.init_process_group(
+                "nccl" if device.type == "cuda" else "gloo",
+                timeout=datetime.timedelta(seconds=cfg.dist_timeout_s),
+            )
+        processes = cls(
+            dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns
+        )
         if device.type == "cuda":
             processes.stop_check_every = STOP_CHECK_EVERY_CUDA
         return processes
@@ -104,20 +116,31 @@ class Processes:
             dist.destroy_process_group()
 
     # -- collectives (each one a no-op on one process)
-    def mean_over_ranks(self, metrics: dict[str, torch.Tensor], tasks: torch.Tensor | None
-                        ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    def mean_over_ranks(
+        self, metrics: dict[str, torch.Tensor], tasks: torch.Tensor | None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """The objective's scalars (and task vector) as means over the ranks, in one all_gather;
         gradients flow to this rank's own values (see the module docstring)."""
         if not self.enabled:
             return metrics, tasks
-        keys = [k for k, v in metrics.items() if torch.is_tensor(v) and v.ndim == 0 and v.is_floating_point()]
+        keys = [
+            k
+            for k, v in metrics.items()
+            if torch.is_tensor(v) and v.ndim == 0 and v.is_floating_point()
+        ]
         parts = [metrics[k] for k in keys] + ([] if tasks is None else list(tasks.unbind()))
-        dtype = functools.reduce(torch.promote_types, [p.dtype for p in parts], torch.float32)  # float64 stays
-        means = _MeanOverRanks.apply(torch.stack([p.to(dtype) for p in parts]), self.world_size).unbind()
+        dtype = functools.reduce(
+            torch.promote_types, [p.dtype for p in parts], torch.float32
+        )  # float64 stays
+        means = _MeanOverRanks.apply(
+            torch.stack([p.to(dtype) for p in parts]), self.world_size
+        ).unbind()
         out = {**metrics, **dict(zip(keys, means))}
-        if "psnr" in out and "mse" in out:  # the PSNR of the mean MSE (as losses.rate_distortion), not a mean PSNR
+        if (
+            "psnr" in out and "mse" in out
+        ):  # the PSNR of the mean MSE (as losses.rate_distortion), not a mean PSNR
             out["psnr"] = 10 * torch.log10(1.0 / out["mse"].detach().clamp_min(1e-20))
-        global_tasks = None if tasks is None else torch.stack(means[len(keys):])
+        global_tasks = None if tasks is None else torch.stack(means[len(keys) :])
         return out, global_tasks
 
     @torch.no_grad()
@@ -158,7 +181,11 @@ class Processes:
             self._collective(dist.barrier)
 
     def _collective_device(self) -> torch.device:
-        return torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+        return (
+            torch.device("cuda", self.local_rank)
+            if dist.get_backend() == "nccl"
+            else torch.device("cpu")
+        )
 
     def _collective(self, operation, *args, **kwargs) -> None:
         try:
@@ -166,7 +193,8 @@ class Processes:
         except (RuntimeError, dist.DistBackendError) as exc:
             raise CollectiveFailed(
                 f"rank {self.rank} of {self.world_size}: {operation.__name__} failed: another rank crashed or "
-                f"did not answer within dist_timeout_s; see that rank's log. ({exc})") from exc
+                f"did not answer within dist_timeout_s; see that rank's log. ({exc})"
+            ) from exc
 
 
 class _MeanOverRanks(torch.autograd.Function):
@@ -182,7 +210,8 @@ class _MeanOverRanks(torch.autograd.Function):
         except (RuntimeError, dist.DistBackendError) as exc:
             raise CollectiveFailed(
                 f"rank {dist.get_rank()} of {world_size}: all_gather of the losses failed: another rank crashed "
-                f"or did not answer within dist_timeout_s; see that rank's log. ({exc})") from exc
+                f"or did not answer within dist_timeout_s; see that rank's log. ({exc})"
+            ) from exc
         total = gathered[0].clone()
         for part in gathered[1:]:
             total += part

@@ -31,5 +31,7 @@ def build_ema(model: torch.nn.Module, decay: float) -> AveragedModel | None:
         raise ValueError(f"ema_decay = {decay!r}: must be 0 (off) or in (0, 1)")
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
     ema.module.requires_grad_(False)  # never trained, only averaged (and validated under no_grad)
-    ema.update_parameters(model)  # n_averaged 0: a copy, so the average starts at w_0 (as torch_ema's shadow)
+    ema.update_parameters(
+        model
+    )  # n_averaged 0: a copy, so the average starts at w_0 (as torch_ema's shadow)
     return ema

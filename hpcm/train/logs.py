@@ -34,18 +34,39 @@ from hpcm.util.io import atomic_write_text
 METRIC_COLUMNS = (
     # loss: mean over the logging window; loss_std (ddof=0) and loss_steps describe that window's
     # per-step losses, so the stability table can pool the per-step spread exactly.
-    "step", "epoch", "lr", "loss", "loss_std", "loss_steps", "distortion", "bpp", "y_bpp", "z_bpp",
-    "mse", "psnr",
-    "val_loss", "val_distortion", "val_bpp", "val_psnr", "val_mse", "val_y_bpp", "val_z_bpp",
-    "task_weight_distortion", "task_weight_bpp",
+    "step",
+    "epoch",
+    "lr",
+    "loss",
+    "loss_std",
+    "loss_steps",
+    "distortion",
+    "bpp",
+    "y_bpp",
+    "z_bpp",
+    "mse",
+    "psnr",
+    "val_loss",
+    "val_distortion",
+    "val_bpp",
+    "val_psnr",
+    "val_mse",
+    "val_y_bpp",
+    "val_z_bpp",
+    "task_weight_distortion",
+    "task_weight_bpp",
     *(f"task_weight_{t}" for t in SEED_TASK_NAMES),
-    "gamma", *(f"gamma_{s}" for s in SCALES),
+    "gamma",
+    *(f"gamma_{s}" for s in SCALES),
     *SEED_TASK_NAMES,
     *(f"scale_contribution_{s}" for s in SCALES),
-    "skipped_steps", "step_time",
+    "skipped_steps",
+    "step_time",
     # Phase 4 (hpcm.train.phase4): the parameter groups updating at the step and their size; the
     # validation y rate of each scale's elements (every run)
-    "trainable_groups", "trainable_params", *(f"val_{s}_bpp" for s in SCALES),
+    "trainable_groups",
+    "trainable_params",
+    *(f"val_{s}_bpp" for s in SCALES),
 )
 
 # wandb key -> metrics.csv column. The names are the seed trainers' (yutendo0714/LIC-HPCM-Balanced):
@@ -54,19 +75,34 @@ METRIC_COLUMNS = (
 # The last three keys are this trainer's own.
 WANDB_KEYS: dict[str, str] = {
     "epoch": "epoch",
-    "train/loss": "loss", "train/distortion": "distortion", "train/bpp_loss": "bpp", "train/mse_loss": "mse",
-    "train/psnr": "psnr", "train/y_bpp": "y_bpp", "train/z_bpp": "z_bpp", "train/lr": "lr",
-    "train/task_weight_distortion": "task_weight_distortion", "train/task_weight_bpp": "task_weight_bpp",
+    "train/loss": "loss",
+    "train/distortion": "distortion",
+    "train/bpp_loss": "bpp",
+    "train/mse_loss": "mse",
+    "train/psnr": "psnr",
+    "train/y_bpp": "y_bpp",
+    "train/z_bpp": "z_bpp",
+    "train/lr": "lr",
+    "train/task_weight_distortion": "task_weight_distortion",
+    "train/task_weight_bpp": "task_weight_bpp",
     "train/gamma": "gamma",
     **{f"train/{task}": task for task in SEED_TASK_NAMES},
     **{f"weights/{task}": f"task_weight_{task}" for task in SEED_TASK_NAMES},
     **{f"scale_contrib/{scale}": f"scale_contribution_{scale}" for scale in SCALES},
     **{f"gamma/{scale}": f"gamma_{scale}" for scale in SCALES},
-    "test/loss": "val_loss", "test/distortion": "val_distortion", "test/mse_loss": "val_mse",
-    "test/bpp_loss": "val_bpp", "test/bpp": "val_bpp", "test/psnr": "val_psnr", "test/y_bpp": "val_y_bpp",
+    "test/loss": "val_loss",
+    "test/distortion": "val_distortion",
+    "test/mse_loss": "val_mse",
+    "test/bpp_loss": "val_bpp",
+    "test/bpp": "val_bpp",
+    "test/psnr": "val_psnr",
+    "test/y_bpp": "val_y_bpp",
     "test/z_bpp": "val_z_bpp",
-    "train/loss_std": "loss_std", "train/skipped_steps": "skipped_steps", "train/step_time": "step_time",
-    "phase4/trainable_groups": "trainable_groups", "phase4/trainable_params": "trainable_params",
+    "train/loss_std": "loss_std",
+    "train/skipped_steps": "skipped_steps",
+    "train/step_time": "step_time",
+    "phase4/trainable_groups": "trainable_groups",
+    "phase4/trainable_params": "trainable_params",
     **{f"test/{scale}_y_bpp": f"val_{scale}_bpp" for scale in SCALES},
 }
 
@@ -141,10 +177,17 @@ class WandbLogger:
             run_id = secrets.token_hex(8)  # wandb run ids: lowercase letters and digits
             atomic_write_text(id_file, run_id + "\n")
         self.run = wandb.init(
-            mode=cfg.wandb_mode, project=cfg.wandb_project, entity=cfg.wandb_entity,
-            group=cfg.variant, name=f"lmbda{cfg.lmbda}", id=run_id, resume="allow",
-            dir=str(run_dir), config=resolved_config,
-            settings=wandb.Settings(silent=bool(cfg.quiet), console="off"))
+            mode=cfg.wandb_mode,
+            project=cfg.wandb_project,
+            entity=cfg.wandb_entity,
+            group=cfg.variant,
+            name=f"lmbda{cfg.lmbda}",
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            config=resolved_config,
+            settings=wandb.Settings(silent=bool(cfg.quiet), console="off"),
+        )
 
     def log(self, row: dict[str, Any], step: int) -> None:
         if self.run is not None:
@@ -159,8 +202,17 @@ class WandbLogger:
 def log_line(row: dict[str, Any], total_steps: int) -> str:
     """One compact line per logged step for quiet (cluster) mode."""
     parts = [f"step {row['step']}/{total_steps}"]
-    for column, fmt in (("loss", ".4f"), ("bpp", ".4f"), ("psnr", ".2f"), ("lr", ".2e"), ("val_loss", ".4f"),
-                        ("val_bpp", ".4f"), ("val_psnr", ".2f"), ("skipped_steps", "d"), ("step_time", ".3f")):
+    for column, fmt in (
+        ("loss", ".4f"),
+        ("bpp", ".4f"),
+        ("psnr", ".2f"),
+        ("lr", ".2e"),
+        ("val_loss", ".4f"),
+        ("val_bpp", ".4f"),
+        ("val_psnr", ".2f"),
+        ("skipped_steps", "d"),
+        ("step_time", ".3f"),
+    ):
         value = row.get(column)
         if value is not None:
             parts.append(f"{column} {value:{fmt}}")
@@ -171,16 +223,31 @@ def print_err(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def write_run_yaml(run_dir: Path, cfg: RunConfig, *, device: str, total_steps: int,
-                   steps_per_epoch: int, train_images: int, val_images: int, resumed_from_step: int,
-                   world_size: int) -> None:
+def write_run_yaml(
+    run_dir: Path,
+    cfg: RunConfig,
+    *,
+    device: str,
+    total_steps: int,
+    steps_per_epoch: int,
+    train_images: int,
+    val_images: int,
+    resumed_from_step: int,
+    world_size: int,
+) -> None:
     """``run_dir/run.yaml``: the resolved config (a valid run config itself) and a ``meta`` block of
     versions, commit, command and the run's sizes."""
     meta = {
-        "hpcm_version": hpcm.__version__, "git_commit": git_commit(Path(__file__).resolve().parent),
-        "torch_version": str(torch.__version__), "device": device, "total_steps": total_steps,
-        "steps_per_epoch": steps_per_epoch, "train_images": train_images, "val_images": val_images,
-        "resumed_from_step": resumed_from_step, "command": " ".join(sys.argv),
+        "hpcm_version": hpcm.__version__,
+        "git_commit": git_commit(Path(__file__).resolve().parent),
+        "torch_version": str(torch.__version__),
+        "device": device,
+        "total_steps": total_steps,
+        "steps_per_epoch": steps_per_epoch,
+        "train_images": train_images,
+        "val_images": val_images,
+        "resumed_from_step": resumed_from_step,
+        "command": " ".join(sys.argv),
         "world_size": world_size,
     }
     text = yaml.safe_dump({**cfg.as_dict(), "meta": meta}, sort_keys=False)
@@ -190,11 +257,22 @@ def write_run_yaml(run_dir: Path, cfg: RunConfig, *, device: str, total_steps: i
 def git_commit(path: str | Path) -> str:
     """The commit of the repository holding ``path`` (with ``-dirty``), or 'unknown' outside git."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=path,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=path,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return commit + ("-dirty" if dirty else "")
-

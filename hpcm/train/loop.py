@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import random
 import signal
 import sys
 import time
@@ -64,9 +63,8 @@ from hpcm.config.run_config import RunConfig
 from hpcm.config.tasks import SCALES, SEED_TASK_NAMES
 from hpcm.data import images as data
 from hpcm.train import checkpoints as checkpointing
-from hpcm.train import distributed, losses, phase4, schedules
+from hpcm.train import distributed, losses, phase4, schedules, validation
 from hpcm.train import lock as run_lock
-from hpcm.train import validation
 from hpcm.train.ema import build_ema
 from hpcm.train.interrupt import StopFlag
 from hpcm.train.logs import MetricsCSV, WandbLogger, log_line, print_err, write_run_yaml
@@ -86,24 +84,51 @@ METRICS_CSV = run_config.METRICS_CSV
 Objective = tuple[dict[str, torch.Tensor], torch.Tensor | None]
 # Running sums kept on the device between log rows (no per-step host sync): column -> loss-dict key.
 # The loss comes first (its square is summed too, for loss_std); the scale tasks only in Phase 3.
-TRAIN_SUMS = {"loss": "loss", "distortion": "distortion", "bpp": "bpp_loss", "y_bpp": "y_bpp", "z_bpp": "z_bpp",
-              "mse": "mse", "psnr": "psnr", **{task: task for task in SEED_TASK_NAMES}}
+TRAIN_SUMS = {
+    "loss": "loss",
+    "distortion": "distortion",
+    "bpp": "bpp_loss",
+    "y_bpp": "y_bpp",
+    "z_bpp": "z_bpp",
+    "mse": "mse",
+    "psnr": "psnr",
+    **{task: task for task in SEED_TASK_NAMES},
+}
 
 
 # ----------------------------------------------------------------------------- the pieces of a run
 
+
+def scale_losses(metrics: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The three scales' losses of a Phase 3 step: [s1_d + s1_b, s2_d + s2_b, s3_b]."""
+    m = metrics
+    return torch.stack([m["s1_d"] + m["s1_b"], m["s2_d"] + m["s2_b"], m["s3_b"]]).detach().float()
+
+
 class Run:
     """Everything one training run wires together: ``open_data``, then ``build`` (fresh or from a state)."""
 
-    def __init__(self, cfg: RunConfig, out: Path, processes: distributed.Processes = distributed.SINGLE_PROCESS):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        out: Path,
+        processes: distributed.Processes = distributed.SINGLE_PROCESS,
+    ):
         self.cfg, self.out, self.processes = cfg, out, processes
         self.device = processes.device(pick_device(cfg.device, "run config: key 'device'"))
         self.cuda = self.device.type == "cuda"
-        self.sync_free = self.cuda  # skip decisions on the device; benchmarks/gpu_check.py also builds the host path
+        self.sync_free = (
+            self.cuda
+        )  # skip decisions on the device; benchmarks/gpu_check.py also builds the host path
         if cfg.bf16 and not self.cuda:
-            warnings.warn("bf16 autocast is only used on CUDA; this CPU run trains in float32", stacklevel=2)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and self.cuda
-                         else nullcontext())
+            warnings.warn(
+                "bf16 autocast is only used on CUDA; this CPU run trains in float32", stacklevel=2
+            )
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if cfg.bf16 and self.cuda
+            else nullcontext()
+        )
         # what the loop does for this optimizer comes from its registry traits, not its name
         self.optimizer_spec = optimizer_spec(cfg.optimizer)
         self.balanced = self.optimizer_spec.task_weights
@@ -117,8 +142,9 @@ class Run:
     # -- data (scanned before the model is built: bad data fails before any work)
     def open_data(self) -> None:
         cfg = self.cfg
-        self.train_set = data.open_image_set(cfg.train_data, "train", "train_data", cfg.skip_bad_images,
-                                             min_size=cfg.patch_size)
+        self.train_set = data.open_image_set(
+            cfg.train_data, "train", "train_data", cfg.skip_bad_images, min_size=cfg.patch_size
+        )
         self.val_set = data.open_image_set(cfg.val_data, "val", "val_data", cfg.skip_bad_images)
         self.val_set = validation.check_validation_images(self.val_set, cfg)  # decoded, sized
         self.steps_per_epoch = math.ceil(len(self.train_set) / cfg.batch_size)
@@ -136,13 +162,15 @@ class Run:
         if cfg.patch_size % self.model.pad_multiple:
             raise run_config.ConfigError(
                 f"run config: key 'patch_size' = {cfg.patch_size!r}: must be a multiple of "
-                f"{self.model.pad_multiple} for model {cfg.model!r}")
+                f"{self.model.pad_multiple} for model {cfg.model!r}"
+            )
         self.model.to(self.device)
         if cfg.threads:  # one per job when jobs share the cores (docs/speed.md)
             torch.set_num_threads(cfg.threads)
         # channels_last: CUDA by default; on CPU the run key (oneDNN convolutions, docs/speed.md)
         self.channels_last = cfg.memory_format == "channels_last" or (
-            cfg.memory_format == "auto" and self.cuda)
+            cfg.memory_format == "auto" and self.cuda
+        )
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if self.cuda:
@@ -159,39 +187,74 @@ class Run:
             from torch._inductor import (
                 config as inductor_config,  # here: only compiled runs load inductor
             )
+
             inductor_config.fallback_random = True
             self._forward_and_loss = torch.compile(self.forward_and_loss)
 
-        self.decomposition = losses.build_decomposition(cfg.decomposition, cfg.lmbda, cfg.distortion).to(self.device) \
-            if self.hierarchical else None
+        self.decomposition = (
+            losses.build_decomposition(cfg.decomposition, cfg.lmbda, cfg.distortion).to(self.device)
+            if self.hierarchical
+            else None
+        )
         params = list(self.model.parameters())
         extra = []
         if self.decomposition is not None and hasattr(self.decomposition, "ratio_parameters"):
-            extra = list(self.decomposition.ratio_parameters())  # the seed's learnable ratios train with the model
+            extra = list(
+                self.decomposition.ratio_parameters()
+            )  # the seed's learnable ratios train with the model
         params += extra
         # Phase 4 (hpcm.train.phase4): one optimizer param group per parameter group, with its lr ratio
-        self.phase4 = phase4.Phase4(self.model, cfg, self.total_steps, extra) if phase4.is_active(cfg) else None
+        self.phase4 = (
+            phase4.Phase4(self.model, cfg, self.total_steps, extra)
+            if phase4.is_active(cfg)
+            else None
+        )
         # CUDA: the skip decisions stay on the device (no host sync per step)
         self.optimizer = optim.build_optimizer(
-            cfg.optimizer, params if self.phase4 is None else self.phase4.optimizer_groups(), cfg.lr, gamma=cfg.gamma, w_lr=cfg.w_lr,
-            max_norm=cfg.clip_max_norm, update_mode=cfg.update_mode, gammas=cfg.gammas,
-            scale_weights=cfg.scale_weights, sync_free=self.sync_free)
+            cfg.optimizer,
+            params if self.phase4 is None else self.phase4.optimizer_groups(),
+            cfg.lr,
+            gamma=cfg.gamma,
+            w_lr=cfg.w_lr,
+            max_norm=cfg.clip_max_norm,
+            update_mode=cfg.update_mode,
+            gammas=cfg.gammas,
+            scale_weights=cfg.scale_weights,
+            sync_free=self.sync_free,
+        )
         self.params = params
-        self.gamma_schedule = schedules.GammaSchedule(
-            cfg.gamma_schedule, cfg.gamma, cfg.gamma_final, self.total_steps, warmup=cfg.gamma_warmup,
-            milestones=cfg.gamma_step_milestones, factor=cfg.gamma_step_factor) \
-            if self.optimizer_spec.gamma_schedule == "single" else None
-        self.gamma_manager = schedules.ScaleGammaManager(
-            cfg.gammas, cfg.gamma_strategy, total_epochs=self.total_steps,
-            final_gammas=cfg.gammas_final) \
-            if self.optimizer_spec.gamma_schedule == "per_scale" else None
+        self.gamma_schedule = (
+            schedules.GammaSchedule(
+                cfg.gamma_schedule,
+                cfg.gamma,
+                cfg.gamma_final,
+                self.total_steps,
+                warmup=cfg.gamma_warmup,
+                milestones=cfg.gamma_step_milestones,
+                factor=cfg.gamma_step_factor,
+            )
+            if self.optimizer_spec.gamma_schedule == "single"
+            else None
+        )
+        self.gamma_manager = (
+            schedules.ScaleGammaManager(
+                cfg.gammas,
+                cfg.gamma_strategy,
+                total_epochs=self.total_steps,
+                final_gammas=cfg.gammas_final,
+            )
+            if self.optimizer_spec.gamma_schedule == "per_scale"
+            else None
+        )
 
         # bookkeeping restored from a checkpoint
         self.step = 0
         self.best_val_loss = math.inf
         self.pending_row: dict[str, Any] | None = None  # hpcm.train.validation: a failed one's row
         self.skipped = torch.zeros((), device=self.device)  # skipped steps of adam / cautious_adam
-        self.epoch_scale_losses = torch.zeros(3, device=self.device)  # adaptive gamma strategy input
+        self.epoch_scale_losses = torch.zeros(
+            3, device=self.device
+        )  # adaptive gamma strategy input
         if state is not None:
             self.restore(state)
         if self.gamma_manager is not None and self.gamma_manager.strategy == "fixed":
@@ -208,7 +271,9 @@ class Run:
         if self.gamma_manager is not None:
             self.gamma_manager.load_state_dict(state["gamma_manager"])
         if self.gamma_schedule is not None and state.get("gamma_schedule") is not None:
-            self.gamma_schedule.load_state_dict(state["gamma_schedule"])  # adaptive's validation losses
+            self.gamma_schedule.load_state_dict(
+                state["gamma_schedule"]
+            )  # adaptive's validation losses
         if self.phase4 is not None:
             self.phase4.load_state_dict(state["phase4"])
         self.step = int(state["step"])
@@ -220,16 +285,29 @@ class Run:
 
     def training_state(self) -> dict[str, Any]:
         return {
-            "step": self.step, "epoch": self.epoch(self.step), "total_steps": self.total_steps,
-            "config": self.cfg.as_dict(), "hpcm_version": hpcm.__version__,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch(self.step),
+            "total_steps": self.total_steps,
+            "config": self.cfg.as_dict(),
+            "hpcm_version": hpcm.__version__,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
-            "decomposition": None if self.decomposition is None else self.decomposition.state_dict(),
-            "gamma_manager": None if self.gamma_manager is None else self.gamma_manager.state_dict(),
-            "gamma_schedule": None if self.gamma_schedule is None else self.gamma_schedule.state_dict(),
+            "decomposition": None
+            if self.decomposition is None
+            else self.decomposition.state_dict(),
+            "gamma_manager": None
+            if self.gamma_manager is None
+            else self.gamma_manager.state_dict(),
+            "gamma_schedule": None
+            if self.gamma_schedule is None
+            else self.gamma_schedule.state_dict(),
             "phase4": None if self.phase4 is None else self.phase4.state_dict(),
-            "lr": self.lr_at(self.step + 1),  # the schedule is a pure function of step; kept for readers
-            "best_val_loss": self.best_val_loss, "skipped_steps": self.skipped_steps(),
+            "lr": self.lr_at(
+                self.step + 1
+            ),  # the schedule is a pure function of step; kept for readers
+            "best_val_loss": self.best_val_loss,
+            "skipped_steps": self.skipped_steps(),
             "epoch_scale_losses": self.epoch_scale_losses.detach().cpu(),
             "data_sampler": {"seed": self.cfg.seed, "next_step": self.step + 1},
             "rng": checkpointing.rng_state(),
@@ -264,13 +342,16 @@ class Run:
     def stack_metrics(self, metrics: dict[str, torch.Tensor]) -> torch.Tensor:
         """This step's values of ``sum_columns`` (float32), in a buffer reused by the next step."""
         try:
-            return torch.stack([metrics[key].detach() for key in self._sum_keys], out=self._step_values)
+            return torch.stack(
+                [metrics[key].detach() for key in self._sum_keys], out=self._step_values
+            )
         except KeyError as error:
             raise KeyError(
                 f"the loss of optimizer {self.cfg.optimizer!r} (decomposition {self.cfg.decomposition!r}) "
                 f"returned no {error.args[0]!r}, needed for metrics.csv column(s) "
                 f"{[c for c, k in zip(self.sum_columns, self._sum_keys) if k == error.args[0]]}; "
-                f"it returned {sorted(metrics)}") from None
+                f"it returned {sorted(metrics)}"
+            ) from None
 
     # -- one optimisation step, from batch to optimizer
     def forward_and_loss(self, x: torch.Tensor) -> Objective:
@@ -280,8 +361,10 @@ class Run:
         with self.autocast:
             out = self.model(x)
         if cfg.bf16 and self.cuda:  # losses and bit counts in float32, whatever autocast produced
-            out = {"x_hat": out["x_hat"].float(),
-                   "likelihoods": {k: v.float() for k, v in out["likelihoods"].items()}}
+            out = {
+                "x_hat": out["x_hat"].float(),
+                "likelihoods": {k: v.float() for k, v in out["likelihoods"].items()},
+            }
         if self.decomposition is not None:  # Phase 3: the 5 scale tasks
             y = out["likelihoods"]["y"]
             bits = self.model.scale_bits(y) if cfg.decomposition == "measured" else None
@@ -290,6 +373,11 @@ class Run:
         metrics = losses.rate_distortion(out, x, cfg.lmbda, cfg.distortion)
         tasks = torch.stack([metrics["distortion"], metrics["bpp_loss"]]) if self.balanced else None
         return metrics, tasks
+
+    def batch_on_device(self, x: torch.Tensor) -> torch.Tensor:
+        """The batch on the run's device, in the model's memory format."""
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def train_step(self, step: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Optimizer step ``step`` (1-based) on the batch ``x``; returns the loss dict (metrics)."""
@@ -303,30 +391,29 @@ class Run:
         manager = self.gamma_manager
         if manager is not None and manager.strategy not in ("adaptive", "fixed"):
             optimizer.set_scale_gammas(*manager.step(step - 1).values())
-        x = x.to(self.device, non_blocking=True)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-
-        def objective() -> Objective:
-            return processes.mean_over_ranks(*self._forward_and_loss(x))  # means over the processes
+        x = self.batch_on_device(x)
+        # the R-D objective of this batch, averaged over the processes (one pass with autograd)
+        objective = lambda: processes.mean_over_ranks(*self._forward_and_loss(x))  # noqa: E731
         optimizer.zero_grad(set_to_none=True)
         if self.phase4 is not None and not self.phase4.any_trainable:
             with torch.no_grad():  # Phase 4 stopped every group: the weights stay as they are
                 metrics = objective()[0]
         else:
             metrics, tasks = objective()
-            # backward, mean gradient over ranks, clip, step (skipped if not finite); reevaluate:
-            # the second no-grad forward of same_batch task weights
-            skipped = optim.backward_and_step(
-                optimizer, self.params, metrics["loss"], tasks, max_norm=self.cfg.clip_max_norm,
+            # backward, gradient mean over ranks, clip, step (skipped if not finite); reevaluate:
+            skipped = optim.backward_and_step(  # the second no-grad forward of same_batch
+                optimizer,
+                self.params,
+                metrics["loss"],
+                tasks,
+                max_norm=self.cfg.clip_max_norm,
                 reevaluate=lambda: objective()[1],
-                average_gradients=processes.average_gradients if processes.enabled else None)
+                average_gradients=processes.average_gradients if processes.enabled else None,
+            )
             if skipped is not None:  # adam / cautious_adam; the Balanced optimizers count their own
                 self.skipped += skipped
             if self.hierarchical:  # the adaptive gamma strategy's input (adapt_gammas_at_epoch_end)
-                m = metrics
-                scale = torch.stack([m["s1_d"] + m["s1_b"], m["s2_d"] + m["s2_b"], m["s3_b"]])
-                self.epoch_scale_losses += scale.detach().float()
+                self.epoch_scale_losses += scale_losses(metrics)
         # every step, skipped and frozen ones too: no host sync, and the average still converges
         if self.ema is not None:
             self.ema.update_parameters(self.model)
@@ -342,8 +429,15 @@ class Run:
     def validate(self) -> dict[str, float]:
         model = self.eval_model
         model.eval()
-        columns = {"val_loss": "loss", "val_distortion": "distortion", "val_bpp": "bpp_loss", "val_psnr": "psnr",
-                   "val_mse": "mse", "val_y_bpp": "y_bpp", "val_z_bpp": "z_bpp"}
+        columns = {
+            "val_loss": "loss",
+            "val_distortion": "distortion",
+            "val_bpp": "bpp_loss",
+            "val_psnr": "psnr",
+            "val_mse": "mse",
+            "val_y_bpp": "y_bpp",
+            "val_z_bpp": "z_bpp",
+        }
         sums = torch.zeros(len(columns) + len(SCALES), device=self.device)
         count = 0
         for _, x in data.validation_images(self.val_set, self.cfg.skip_bad_images):
@@ -353,15 +447,26 @@ class Run:
                 padded = padded.contiguous(memory_format=torch.channels_last)
             with self.autocast:
                 out = model(padded)
-            out = {"x_hat": models.crop_image(out["x_hat"], pad).float(), "likelihoods": out["likelihoods"]}
-            rd = losses.rate_distortion(out, x, self.cfg.lmbda, self.cfg.distortion)  # bpp over the original pixels
+            out = {
+                "x_hat": models.crop_image(out["x_hat"], pad).float(),
+                "likelihoods": out["likelihoods"],
+            }
+            rd = losses.rate_distortion(
+                out, x, self.cfg.lmbda, self.cfg.distortion
+            )  # bpp over the original pixels
             # the y rate of each scale's elements (HPCM.scale_bits), over the same pixels as y_bpp
-            scale_bpp = model.scale_bits(out["likelihoods"]["y"].float()).sum(0) / (x.shape[0] * x.shape[2] * x.shape[3])
-            sums += torch.cat([torch.stack([rd[key] for key in columns.values()]).float(), scale_bpp.float()])
+            scale_bpp = model.scale_bits(out["likelihoods"]["y"].float()).sum(0) / (
+                x.shape[0] * x.shape[2] * x.shape[3]
+            )
+            sums += torch.cat(
+                [torch.stack([rd[key] for key in columns.values()]).float(), scale_bpp.float()]
+            )
             count += 1
         model.train()
         if count == 0:
-            raise data.ImageError(f"no readable validation image in val_data = {self.cfg.val_data!r}")
+            raise data.ImageError(
+                f"no readable validation image in val_data = {self.cfg.val_data!r}"
+            )
         return dict(zip([*columns, *(f"val_{s}_bpp" for s in SCALES)], (sums / count).tolist()))
 
     # -- reporting
@@ -373,10 +478,20 @@ class Run:
         if self.hierarchical:
             row.update({f"task_weight_{t}": v for t, v in weights.items()})
             row.update({f"gamma_{s}": v for s, v in self.optimizer.scale_gammas.items()})
-            row.update({f"scale_contribution_{s}": v for s, v in self.optimizer.get_scale_contributions().items()})
+            row.update(
+                {
+                    f"scale_contribution_{s}": v
+                    for s, v in self.optimizer.get_scale_contributions().items()
+                }
+            )
         else:
-            row.update({"task_weight_distortion": weights["distortion"], "task_weight_bpp": weights["bpp"],
-                        "gamma": self.optimizer.gamma})
+            row.update(
+                {
+                    "task_weight_distortion": weights["distortion"],
+                    "task_weight_bpp": weights["bpp"],
+                    "gamma": self.optimizer.gamma,
+                }
+            )
         return row
 
     def phase4_columns(self) -> dict[str, Any]:
@@ -385,16 +500,34 @@ class Run:
 
 # ----------------------------------------------------------------------------- the training loop
 
+
 def save_checkpoint(run: Run) -> None:
     if run.processes.is_writer:  # every rank holds the same state
         checkpointing.save_training_state(run.out, run.training_state())
 
 
+def save_snapshot(run: Run, step: int) -> None:
+    """epoch_<step>.pth.tar of the model that validation uses (+ the Balanced state)."""
+    balanced_state = run.optimizer.save_state if run.balanced else None
+    checkpointing.save_snapshot(
+        run.eval_model,
+        run.out,
+        step,
+        checkpointing.run_labels(run.cfg),
+        keep=run.cfg.snapshot_keep,
+        save_balanced_state=balanced_state,
+    )
+
+
 def save_best(run: Run) -> None:
     if run.processes.is_writer:  # balanced optimizers: also the seed's balanced_state_best.pth
         balanced_state = run.optimizer.save_state if run.balanced else None
-        checkpointing.save_best_model(run.eval_model, run.out, checkpointing.run_labels(run.cfg),
-                                      save_balanced_state=balanced_state)
+        checkpointing.save_best_model(
+            run.eval_model,
+            run.out,
+            checkpointing.run_labels(run.cfg),
+            save_balanced_state=balanced_state,
+        )
 
 
 class LogWindow:
@@ -424,9 +557,18 @@ class LogWindow:
         # std (ddof=0) of the per-step losses of this window, and its size, so that
         # hpcm.analysis.tables pools the per-step spread exactly (the row's loss is only a mean).
         loss_std = math.sqrt(max(mean_square - means["loss"] ** 2, 0.0))
-        row = {"step": step, "epoch": run.epoch(step), "lr": lr, **means, "loss_std": loss_std,
-               "loss_steps": self.steps, "skipped_steps": run.skipped_steps(),
-               "step_time": (now - self.start) / self.steps, **run.weight_columns(), **run.phase4_columns()}
+        row = {
+            "step": step,
+            "epoch": run.epoch(step),
+            "lr": lr,
+            **means,
+            "loss_std": loss_std,
+            "loss_steps": self.steps,
+            "skipped_steps": run.skipped_steps(),
+            "step_time": (now - self.start) / self.steps,
+            **run.weight_columns(),
+            **run.phase4_columns(),
+        }
         self.sums.zero_()
         self.steps, self.start = 0, now
         return row
@@ -444,16 +586,19 @@ def validate_and_keep_best(run: Run) -> dict[str, float]:
     if run.phase4 is not None:
         stopping = run.phase4.observe_validation(run.step, val)
         if stopping and run.processes.is_writer:
-            print_err(f"step {run.step}: scale(s) {', '.join(stopping)} stopped improving their validation rate "
-                      f"for {run.cfg.scale_early_stop_patience} validations; their context parameters stop")
+            print_err(
+                f"step {run.step}: scale(s) {', '.join(stopping)} stopped improving their validation rate "
+                f"for {run.cfg.scale_early_stop_patience} validations; their context parameters stop"
+            )
     if val["val_loss"] < run.best_val_loss:
         run.best_val_loss = val["val_loss"]
         save_best(run)
     return val
 
 
-def finish_pending_validation(run: Run, metrics_csv: MetricsCSV | None,
-                              wandb_logger: WandbLogger | None) -> None:
+def finish_pending_validation(
+    run: Run, metrics_csv: MetricsCSV | None, wandb_logger: WandbLogger | None
+) -> None:
     """Validate the step whose validation failed before the resume, log its whole row, save
     (hpcm.train.validation); the snapshot that the step would then have written, too."""
     step = run.step
@@ -463,7 +608,7 @@ def finish_pending_validation(run: Run, metrics_csv: MetricsCSV | None,
     run.pending_row = None
     if run.processes.is_writer:
         if run.cfg.snapshot_every and step % run.cfg.snapshot_every == 0:
-            save_snapshot(run)
+            save_snapshot(run, step)
         metrics_csv.write(row)
         wandb_logger.log(row, step)
         if run.cfg.quiet:
@@ -476,13 +621,30 @@ def train(run: Run, stop: StopFlag) -> int:
     start_step = run.step
     writer = processes.is_writer  # rank 0 alone writes the run folder and the log
     metrics_csv = MetricsCSV(out / METRICS_CSV, resume_step=start_step) if writer else None
-    wandb_logger = WandbLogger(cfg, out, {**cfg.as_dict(), "total_steps": run.total_steps}) if writer else None
-    loader = data.train_loader(run.train_set, cfg.patch_size, cfg.batch_size, cfg.seed, run.total_steps,
-                               start_step=start_step, num_workers=cfg.num_workers,
-                               skip_bad_images=cfg.skip_bad_images, pin_memory=run.cuda,
-                               rank=processes.rank, world_size=processes.world_size)
-    bar = tqdm(total=run.total_steps, initial=start_step, disable=cfg.quiet or not writer, desc=f"{cfg.variant} "
-               f"lmbda={cfg.lmbda}", dynamic_ncols=True, file=sys.stderr)
+    wandb_logger = (
+        WandbLogger(cfg, out, {**cfg.as_dict(), "total_steps": run.total_steps}) if writer else None
+    )
+    loader = data.train_loader(
+        run.train_set,
+        cfg.patch_size,
+        cfg.batch_size,
+        cfg.seed,
+        run.total_steps,
+        start_step=start_step,
+        num_workers=cfg.num_workers,
+        skip_bad_images=cfg.skip_bad_images,
+        pin_memory=run.cuda,
+        rank=processes.rank,
+        world_size=processes.world_size,
+    )
+    bar = tqdm(
+        total=run.total_steps,
+        initial=start_step,
+        disable=cfg.quiet or not writer,
+        desc=f"{cfg.variant} lmbda={cfg.lmbda}",
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
     window = LogWindow(run)
     exit_code = EXIT_CRASH
     try:
@@ -497,37 +659,54 @@ def train(run: Run, stop: StopFlag) -> int:
             run.adapt_gammas_at_epoch_end(step)
             bar.update(1)
 
-            last, stopping = step == run.total_steps, processes.agree_to_stop(stop.signum is not None, step)
+            last, stopping = (
+                step == run.total_steps,
+                processes.agree_to_stop(stop.signum is not None, step),
+            )
             row = window.row(step, lr) if step % cfg.log_every == 0 or last or stopping else None
             validating = step % cfg.val_every == 0 or last
             if validating:  # the row so far is kept in the checkpoint if validation fails
-                run.pending_row = row or {"step": step, "epoch": run.epoch(step), "lr": lr,
-                                          **run.phase4_columns()}
+                run.pending_row = row or {
+                    "step": step,
+                    "epoch": run.epoch(step),
+                    "lr": lr,
+                    **run.phase4_columns(),
+                }
                 row = {**run.pending_row, **validate_and_keep_best(run)}
                 run.pending_row = None
                 window.restart_clock()
             if cfg.snapshot_every and step % cfg.snapshot_every == 0 and writer:
-                balanced_state = run.optimizer.save_state if run.balanced else None
-                checkpointing.save_snapshot(run.eval_model, out, step, checkpointing.run_labels(cfg),
-                                            keep=cfg.snapshot_keep, save_balanced_state=balanced_state)
+                save_snapshot(run, step)
                 window.restart_clock()
             if row is not None and writer:
                 metrics_csv.write(row)
                 wandb_logger.log(row, step)
                 if "loss" in row:  # validation-only rows carry no training loss
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", bpp=f"{row['bpp']:.4f}", psnr=f"{row['psnr']:.2f}",
-                                    refresh=False)
+                    bar.set_postfix(
+                        loss=f"{row['loss']:.4f}",
+                        bpp=f"{row['bpp']:.4f}",
+                        psnr=f"{row['psnr']:.2f}",
+                        refresh=False,
+                    )
                 if cfg.quiet:
                     print_err(log_line(row, run.total_steps))
-            if validating or not processes.enabled:  # again: a signal may have come during validation
+            if (
+                validating or not processes.enabled
+            ):  # again: a signal may have come during validation
                 stopping = processes.agree_to_stop(stop.signum is not None, step, force=True)
             if step % cfg.checkpoint_every == 0 or last or stopping:
                 save_checkpoint(run)
             if stopping and not last:
                 processes.barrier()  # no rank exits (torchrun then stops the others) before rank 0 has saved
-                cause = f"received {signal.Signals(stop.signum).name}" if stop.signum else "another rank was signalled"
-                print_err(f"{cause}: checkpoint saved at step {step}; "
-                          f"re-run the same command to resume (exit code {EXIT_INTERRUPTED})")
+                cause = (
+                    f"received {signal.Signals(stop.signum).name}"
+                    if stop.signum
+                    else "another rank was signalled"
+                )
+                print_err(
+                    f"{cause}: checkpoint saved at step {step}; "
+                    f"re-run the same command to resume (exit code {EXIT_INTERRUPTED})"
+                )
                 exit_code = EXIT_INTERRUPTED
                 return exit_code
         if run.step < run.total_steps:  # the loader ended early: should not happen
@@ -535,8 +714,10 @@ def train(run: Run, stop: StopFlag) -> int:
         if writer and not (out / checkpointing.BEST_MODEL).exists():  # e.g. val loss never finite
             save_best(run)
         if writer:
-            atomic_write_text(out / DONE_MARKER, f"finished {run.total_steps} steps; best val loss "
-                                                 f"{run.best_val_loss!r}\n")
+            atomic_write_text(
+                out / DONE_MARKER,
+                f"finished {run.total_steps} steps; best val loss {run.best_val_loss!r}\n",
+            )
         processes.barrier()  # the run is finished for every rank once rank 0 wrote done
         exit_code = EXIT_OK
         return exit_code
@@ -549,16 +730,22 @@ def train(run: Run, stop: StopFlag) -> int:
         bar.close()
         if writer:
             metrics_csv.close()
-            wandb_logger.finish(exit_code=0 if exit_code in (EXIT_OK, EXIT_INTERRUPTED) else exit_code)
+            wandb_logger.finish(
+                exit_code=0 if exit_code in (EXIT_OK, EXIT_INTERRUPTED) else exit_code
+            )
 
 
 def run_training(cfg: RunConfig, out: Path) -> int:
     """Resume or start the run in ``out``, holding its lock (one writer per folder); the exit code."""
     if out.exists() and not out.is_dir():
-        print_err(f"error: --output-dir {out} is a file, not a directory; pass a directory (created if missing)")
+        print_err(
+            f"error: --output-dir {out} is a file, not a directory; pass a directory (created if missing)"
+        )
         return EXIT_CONFIG
     try:
-        processes = distributed.Processes.start(cfg, pick_device(cfg.device, "run config: key 'device'"))
+        processes = distributed.Processes.start(
+            cfg, pick_device(cfg.device, "run config: key 'device'")
+        )
     except (run_config.ConfigError, DeviceUnavailableError) as exc:
         print_err(f"error: {exc}")
         return EXIT_CONFIG
@@ -570,13 +757,17 @@ def run_training(cfg: RunConfig, out: Path) -> int:
         print_err(f"error: {exc}")
         return EXIT_CONFIG
     except distributed.CollectiveFailed as exc:
-        print_err(f"error: {exc}\nthe last saved checkpoint is intact; re-run the same command to resume")
+        print_err(
+            f"error: {exc}\nthe last saved checkpoint is intact; re-run the same command to resume"
+        )
         return EXIT_CRASH
     finally:
         processes.close()
 
 
-def _run_locked(cfg: RunConfig, out: Path, processes: distributed.Processes = distributed.SINGLE_PROCESS) -> int:
+def _run_locked(
+    cfg: RunConfig, out: Path, processes: distributed.Processes = distributed.SINGLE_PROCESS
+) -> int:
     if (out / DONE_MARKER).exists():
         # Compare first: a changed experiment key must fail as it does for an unfinished run, not
         # report "nothing to do" for a model this folder does not hold.
@@ -595,45 +786,78 @@ def _run_locked(cfg: RunConfig, out: Path, processes: distributed.Processes = di
             run.open_data()
             state = checkpointing.state_to_resume(out, cfg, run.total_steps, len(run.train_set))
             run.build(state)
-        except (run_config.ConfigError, DeviceUnavailableError, data.DataConfigError, data.ImageError, models.CheckpointError,
-                checkpointing.CheckpointCorruptError) as exc:
+        except (
+            run_config.ConfigError,
+            DeviceUnavailableError,
+            data.DataConfigError,
+            data.ImageError,
+            models.CheckpointError,
+            checkpointing.CheckpointCorruptError,
+        ) as exc:
             print_err(f"error: {exc}")
             return EXIT_CONFIG
         resumed = 0 if state is None else run.step
         if state is not None:
             print_err(f"resuming {out} from step {run.step} ({state['_path']})")
         if processes.is_writer:
-            write_run_yaml(out, cfg, device=str(run.device), total_steps=run.total_steps,
-                           steps_per_epoch=run.steps_per_epoch, train_images=len(run.train_set),
-                           val_images=len(run.val_set), resumed_from_step=resumed,
-                           world_size=processes.world_size)
+            write_run_yaml(
+                out,
+                cfg,
+                device=str(run.device),
+                total_steps=run.total_steps,
+                steps_per_epoch=run.steps_per_epoch,
+                train_images=len(run.train_set),
+                val_images=len(run.val_set),
+                resumed_from_step=resumed,
+                world_size=processes.world_size,
+            )
         try:
             return train(run, stop)
         except data.ImageError as exc:  # an image that became unreadable mid-run
             if (out / checkpointing.CHECKPOINT_LAST).exists():
-                advice = (f"training state saved at step {run.step}; fix or remove the image (or set "
-                          "skip_bad_images) and re-run the same command to resume")
+                advice = (
+                    f"training state saved at step {run.step}; fix or remove the image (or set "
+                    "skip_bad_images) and re-run the same command to resume"
+                )
             else:  # failed before the first checkpoint: there is nothing to resume from
-                advice = ("nothing was saved (no step finished); fix or remove the image (or set "
-                          "skip_bad_images) and run the command again")
+                advice = (
+                    "nothing was saved (no step finished); fix or remove the image (or set "
+                    "skip_bad_images) and run the command again"
+                )
             print_err(f"error: {exc}\n{advice}")
             return EXIT_CONFIG
 
 
 # ----------------------------------------------------------------------------- command line
 
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m hpcm.train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m hpcm.train",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train one (variant, lambda) HPCM run; re-run the same command to resume.",
-        epilog=run_config.help_text() + f"\n\nexit codes: {EXIT_OK} finished (or already finished), "
+        epilog=run_config.help_text()
+        + f"\n\nexit codes: {EXIT_OK} finished (or already finished), "
         f"{EXIT_CONFIG} bad command line/config/data (nothing done; or no readable checkpoint, or an "
         f"image unreadable mid-run after saving the state), {EXIT_INTERRUPTED} stopped by "
-        f"SIGTERM/SIGINT after saving a checkpoint (re-run to resume), {EXIT_CRASH} crash.")
-    parser.add_argument("--config", help="run config YAML (flat key: value mapping); omitted = defaults only")
-    parser.add_argument("--output-dir", required=True, help="run directory (created; resumed when it has a checkpoint)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a run-config key (repeatable; the value is YAML, lists as [a,b])")
+        f"SIGTERM/SIGINT after saving a checkpoint (re-run to resume), {EXIT_CRASH} crash.",
+    )
+    parser.add_argument(
+        "--config", help="run config YAML (flat key: value mapping); omitted = defaults only"
+    )
+    parser.add_argument(
+        "--output-dir",
+        required=True,
+        help="run directory (created; resumed when it has a checkpoint)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a run-config key (repeatable; the value is YAML, lists as [a,b])",
+    )
     return parser.parse_args(argv)
 
 

@@ -79,7 +79,13 @@ DECOMPOSITIONS = ("fixed_ratio", "adaptive", "measured")
 SEED_DISTORTION_RATIOS = (0.40, 0.35, 0.25)
 SEED_BPP_RATIOS = (0.30, 0.40, 0.30)
 _LN2 = math.log(2.0)
-MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # pytorch_msssim's defaults (Wang et al. 2003)
+MS_SSIM_WEIGHTS = (
+    0.0448,
+    0.2856,
+    0.3001,
+    0.2363,
+    0.1333,
+)  # pytorch_msssim's defaults (Wang et al. 2003)
 _MS_SSIM_WINDOW, _MS_SSIM_SIGMA = 11, 1.5
 
 
@@ -93,7 +99,9 @@ def _check_images(output: Mapping, target: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"model output needs keys 'x_hat' and 'likelihoods', got {sorted(output)}")
     x_hat = output["x_hat"]
     if x_hat.shape != target.shape or target.ndim != 4:
-        raise ValueError(f"x_hat shape {tuple(x_hat.shape)} must equal target shape {tuple(target.shape)} (B,C,H,W)")
+        raise ValueError(
+            f"x_hat shape {tuple(x_hat.shape)} must equal target shape {tuple(target.shape)} (B,C,H,W)"
+        )
     return x_hat
 
 
@@ -107,11 +115,13 @@ def check_ms_ssim_size(target: torch.Tensor) -> None:
         raise ValueError(
             f"MS-SSIM (pytorch_msssim: 5 scales, 11-tap window) needs images with a side of at least "
             f"{MS_SSIM_MIN_SIDE} px, got {tuple(target.shape[-2:])}; use patch_size >= 192 (and validation "
-            "images that large) or distortion: mse")
+            "images that large) or distortion: mse"
+        )
 
 
-def rate_distortion(output: Mapping, target: torch.Tensor, lmbda: float,
-                    distortion: str = "mse") -> dict[str, torch.Tensor]:
+def rate_distortion(
+    output: Mapping, target: torch.Tensor, lmbda: float, distortion: str = "mse"
+) -> dict[str, torch.Tensor]:
     """The standard loss: keys loss, distortion, bpp_loss, y_bpp, z_bpp, mse, psnr (+ ms_ssim when
     ``distortion`` is ``ms_ssim``: then distortion = lmbda * (1 - MS-SSIM))."""
     if distortion not in DISTORTIONS:
@@ -195,9 +205,13 @@ def _details(rd: dict[str, torch.Tensor], tasks: Sequence[torch.Tensor]) -> dict
 class HierarchicalLoss(nn.Module):
     """Seed Phase-3 decomposition with fixed ratios (see the module docstring)."""
 
-    def __init__(self, lmbda: float = 0.013,
-                 distortion_ratios: Sequence[float] = SEED_DISTORTION_RATIOS,
-                 bpp_ratios: Sequence[float] = SEED_BPP_RATIOS, distortion: str = "mse"):
+    def __init__(
+        self,
+        lmbda: float = 0.013,
+        distortion_ratios: Sequence[float] = SEED_DISTORTION_RATIOS,
+        bpp_ratios: Sequence[float] = SEED_BPP_RATIOS,
+        distortion: str = "mse",
+    ):
         super().__init__()
         self.lmbda = float(lmbda)
         self.distortion = distortion
@@ -207,7 +221,9 @@ class HierarchicalLoss(nn.Module):
     def ratios(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.distortion_ratios, self.bpp_ratios
 
-    def forward(self, output: Mapping, target: torch.Tensor, scale_bits: torch.Tensor | None = None):
+    def forward(
+        self, output: Mapping, target: torch.Tensor, scale_bits: torch.Tensor | None = None
+    ):
         rd = rate_distortion(output, target, self.lmbda, self.distortion)
         d_ratio, b_ratio = self.ratios()
         d, r = rd["distortion"], rd["bpp_loss"]
@@ -225,9 +241,13 @@ class AdaptiveHierarchicalLoss(HierarchicalLoss):
     additive log r_k terms, which pull weight away from heavily weighted tasks (module docstring).
     """
 
-    def __init__(self, lmbda: float = 0.013,
-                 distortion_ratios: Sequence[float] = SEED_DISTORTION_RATIOS,
-                 bpp_ratios: Sequence[float] = SEED_BPP_RATIOS, distortion: str = "mse"):
+    def __init__(
+        self,
+        lmbda: float = 0.013,
+        distortion_ratios: Sequence[float] = SEED_DISTORTION_RATIOS,
+        bpp_ratios: Sequence[float] = SEED_BPP_RATIOS,
+        distortion: str = "mse",
+    ):
         super().__init__(lmbda, distortion_ratios, bpp_ratios, distortion)
         self.distortion_logits = nn.Parameter(self.distortion_ratios.log().clone())
         self.bpp_logits = nn.Parameter(self.bpp_ratios.log().clone())
@@ -242,10 +262,18 @@ class AdaptiveHierarchicalLoss(HierarchicalLoss):
 class MeasuredHierarchicalLoss(nn.Module):
     """Exact per-scale rate and a Haar split of the distortion; tasks sum to the standard loss."""
 
-    def __init__(self, lmbda: float = 0.013, levels: int = 1, rate_rtol: float = 1e-4, distortion: str = "mse"):
+    def __init__(
+        self,
+        lmbda: float = 0.013,
+        levels: int = 1,
+        rate_rtol: float = 1e-4,
+        distortion: str = "mse",
+    ):
         super().__init__()
         if distortion == "ms_ssim" and levels != 1:
-            raise ValueError(f"the MS-SSIM split is defined at the first level only, got levels={levels}")
+            raise ValueError(
+                f"the MS-SSIM split is defined at the first level only, got levels={levels}"
+            )
         self.lmbda = float(lmbda)
         self.distortion = distortion
         self.levels = int(levels)
@@ -254,13 +282,19 @@ class MeasuredHierarchicalLoss(nn.Module):
         # the partition; checking every step would cost a host sync per step on CUDA.
         self._checked_shapes: set[tuple[int, ...]] = set()
 
-    def forward(self, output: Mapping, target: torch.Tensor, scale_bits: torch.Tensor | None = None):
+    def forward(
+        self, output: Mapping, target: torch.Tensor, scale_bits: torch.Tensor | None = None
+    ):
         if scale_bits is None:
-            raise ValueError("the measured decomposition needs scale_bits (B, 3) from model.scale_bits(likelihoods_y)")
+            raise ValueError(
+                "the measured decomposition needs scale_bits (B, 3) from model.scale_bits(likelihoods_y)"
+            )
         rd = rate_distortion(output, target, self.lmbda, self.distortion)
         batch = target.shape[0]
         if scale_bits.shape != (batch, 3):
-            raise ValueError(f"scale_bits must have shape ({batch}, 3), got {tuple(scale_bits.shape)}")
+            raise ValueError(
+                f"scale_bits must have shape ({batch}, 3), got {tuple(scale_bits.shape)}"
+            )
         num_pixels = batch * target.shape[2] * target.shape[3]
         scale_bpp = _at_least_fp32(scale_bits).sum(0) / num_pixels
         if tuple(target.shape) not in self._checked_shapes:
@@ -273,10 +307,18 @@ class MeasuredHierarchicalLoss(nn.Module):
             coarse_distortion = rd["distortion"] * coarse_share
         else:
             error = _at_least_fp32(output["x_hat"]) - _at_least_fp32(target)
-            coarse_distortion = haar_coarse_band(error, self.levels).square().sum() * (self.lmbda * 255**2 / error.numel())
+            coarse_distortion = haar_coarse_band(error, self.levels).square().sum() * (
+                self.lmbda * 255**2 / error.numel()
+            )
         # Parseval (MSE) or the definition (MS-SSIM): s1_d + s2_d = D by construction.
         detail_distortion = rd["distortion"] - coarse_distortion
-        tasks = [coarse_distortion, scale_bpp[0], detail_distortion, scale_bpp[1], scale_bpp[2] + rd["z_bpp"]]
+        tasks = [
+            coarse_distortion,
+            scale_bpp[0],
+            detail_distortion,
+            scale_bpp[1],
+            scale_bpp[2] + rd["z_bpp"],
+        ]
         return torch.stack(tasks), _details(rd, tasks)
 
     def _check_rate(self, scale_total: torch.Tensor, y_bpp: torch.Tensor) -> None:
@@ -286,7 +328,8 @@ class MeasuredHierarchicalLoss(nn.Module):
         if abs(scale_value - y_value) > self.rate_rtol * max(abs(y_value), 1e-12):
             raise ValueError(
                 f"scale_bits sum to {scale_value:.6g} bpp but the y likelihoods give {y_value:.6g} bpp; "
-                "scale_bits must partition the bits of y")
+                "scale_bits must partition the bits of y"
+            )
 
 
 def build_decomposition(name: str, lmbda: float, distortion: str = "mse") -> nn.Module:

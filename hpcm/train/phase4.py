@@ -39,6 +39,7 @@ from typing import Any, Iterable
 
 import torch
 
+from hpcm.config.run_config import RunConfig
 from hpcm.config.tasks import PARAMETER_GROUPS, SCALES
 from hpcm.models import param_groups
 
@@ -48,8 +49,12 @@ METRIC_COLUMNS = ("trainable_groups", "trainable_params", *(f"val_{s}_bpp" for s
 
 def is_active(cfg: RunConfig) -> bool:
     """Whether any Phase 4 key differs from its no-op default."""
-    return (any(r != 1.0 for r in cfg.group_lr.values()) or bool(cfg.freeze) or bool(cfg.unfreeze_schedule)
-            or cfg.scale_early_stop_patience > 0)
+    return (
+        any(r != 1.0 for r in cfg.group_lr.values())
+        or bool(cfg.freeze)
+        or bool(cfg.unfreeze_schedule)
+        or cfg.scale_early_stop_patience > 0
+    )
 
 
 def unfreeze_step(fraction: float, total_steps: int) -> int:
@@ -60,11 +65,18 @@ def unfreeze_step(fraction: float, total_steps: int) -> int:
 class Phase4:
     """Which parameters train at each step, their lr ratios, and the per-scale early stopping."""
 
-    def __init__(self, model: torch.nn.Module, cfg: RunConfig, total_steps: int,
-                 extra: Iterable[torch.Tensor] = ()):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: RunConfig,
+        total_steps: int,
+        extra: Iterable[torch.Tensor] = (),
+    ):
         named = list(model.named_parameters())
         self.extra = list(extra)  # never frozen: while they train, a step is taken
-        self.assignment = param_groups.assign(named)  # UnknownParameterError on a name no rule covers
+        self.assignment = param_groups.assign(
+            named
+        )  # UnknownParameterError on a name no rule covers
         self.params = dict(named)
         self.ratios = dict(cfg.group_lr)
         self.frozen = set(cfg.freeze)
@@ -73,14 +85,22 @@ class Phase4:
         self.active = is_active(cfg)
         self.best = {s: math.inf for s in SCALES}
         self.bad_validations = {s: 0 for s in SCALES}
-        self.stopped_at: dict[str, int | None] = {s: None for s in SCALES}  # the step after which it stops
+        self.stopped_at: dict[str, int | None] = {
+            s: None for s in SCALES
+        }  # the step after which it stops
         self._trainable: dict[str, bool] | None = None
 
     # -- the optimizer's parameter groups
     def optimizer_groups(self) -> list[dict[str, Any]]:
         """One torch param group per parameter group (and one for ``extra``), each with its lr_ratio."""
-        groups = [{"params": [p for n, p in self.params.items() if self.assignment[n].group == g],
-                   "group": g, "lr_ratio": self.ratios[g]} for g in PARAMETER_GROUPS]
+        groups = [
+            {
+                "params": [p for n, p in self.params.items() if self.assignment[n].group == g],
+                "group": g,
+                "lr_ratio": self.ratios[g],
+            }
+            for g in PARAMETER_GROUPS
+        ]
         groups = [g for g in groups if g["params"]]
         if self.extra:
             groups.append({"params": self.extra, "group": EXTRA_GROUP, "lr_ratio": 1.0})
@@ -106,7 +126,9 @@ class Phase4:
     def apply(self, step: int) -> list[str]:
         """Set requires_grad for ``step``; returns the names whose state changed (for the log)."""
         trainable = self.trainable_at(step)
-        changed = [n for n, t in trainable.items() if self._trainable is None or self._trainable[n] != t]
+        changed = [
+            n for n, t in trainable.items() if self._trainable is None or self._trainable[n] != t
+        ]
         for name in changed:
             self.params[name].requires_grad_(trainable[name])
         self._trainable = trainable
@@ -154,8 +176,11 @@ class Phase4:
         return {"trainable_groups": "+".join(parts) or "none", "trainable_params": count}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": dict(self.best), "bad_validations": dict(self.bad_validations),
-                "stopped_at": dict(self.stopped_at)}
+        return {
+            "best": dict(self.best),
+            "bad_validations": dict(self.bad_validations),
+            "stopped_at": dict(self.stopped_at),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best = {s: float(state["best"][s]) for s in SCALES}

@@ -68,13 +68,22 @@ def _progress(step: float, total: float) -> float:
     return min(max(step / total, 0.0), 1.0)
 
 
-def lr_at(step: int, total: int, base_lr: float, milestones: Sequence[float] = (),
-          values: Sequence[float] = ()) -> float:
+def lr_at(
+    step: int,
+    total: int,
+    base_lr: float,
+    milestones: Sequence[float] = (),
+    values: Sequence[float] = (),
+) -> float:
     """Piecewise-constant lr: ``values[k]`` from ``round(milestones[k] * total)`` on, else ``base_lr``."""
     if len(milestones) != len(values):
-        raise ValueError(f"lr_milestones {list(milestones)} and lr_values {list(values)} differ in length")
+        raise ValueError(
+            f"lr_milestones {list(milestones)} and lr_values {list(values)} differ in length"
+        )
     if any(not 0.0 <= m <= 1.0 for m in milestones) or list(milestones) != sorted(milestones):
-        raise ValueError(f"lr_milestones must be increasing fractions in [0, 1], got {list(milestones)}")
+        raise ValueError(
+            f"lr_milestones must be increasing fractions in [0, 1], got {list(milestones)}"
+        )
     lr = base_lr
     for fraction, value in zip(milestones, values):
         if step >= round(fraction * total):
@@ -91,13 +100,22 @@ def set_lr(optimizer, lr: float) -> None:
 def _check_milestones(milestones: Sequence[float]) -> tuple[float, ...]:
     values = tuple(float(m) for m in milestones)
     if any(not 0.0 < m < 1.0 for m in values) or list(values) != sorted(values):
-        raise ValueError(f"gamma_step_milestones must be increasing fractions in (0, 1), got {list(values)}")
+        raise ValueError(
+            f"gamma_step_milestones must be increasing fractions in (0, 1), got {list(values)}"
+        )
     return values
 
 
-def gamma_at(schedule: str, progress: float, initial: float, final: float | None = None, *,
-             warmup: float = 0.0, milestones: Sequence[float] = SEED_GAMMA_STEP_MILESTONES,
-             factor: float = SEED_GAMMA_STEP_FACTOR) -> float:
+def gamma_at(
+    schedule: str,
+    progress: float,
+    initial: float,
+    final: float | None = None,
+    *,
+    warmup: float = 0.0,
+    milestones: Sequence[float] = SEED_GAMMA_STEP_MILESTONES,
+    factor: float = SEED_GAMMA_STEP_FACTOR,
+) -> float:
     """One gamma at ``progress`` in [0, 1] (clamped) of a stateless schedule (module docstring).
 
     ``adaptive`` is the cosine base here; its loss-driven factor lives in ``GammaSchedule``.
@@ -117,7 +135,7 @@ def gamma_at(schedule: str, progress: float, initial: float, final: float | None
         if not 0.0 < factor <= 1.0:
             raise ValueError(f"gamma_step_factor must be in (0, 1], got {factor}")
         drops = sum(1 for m in _check_milestones(milestones) if p >= m)
-        return max(initial * factor ** drops, final)
+        return max(initial * factor**drops, final)
     q = min((p - warmup) / (1.0 - warmup), 1.0)
     if schedule == "linear":
         return initial - (initial - final) * q
@@ -146,26 +164,57 @@ class GammaSchedule:
     validation, and the history is part of ``state_dict`` so that a resumed run continues exactly.
     """
 
-    def __init__(self, schedule: str, initial: float, final: float | None, total_steps: int, *,
-                 warmup: float = 0.0, milestones: Sequence[float] = SEED_GAMMA_STEP_MILESTONES,
-                 factor: float = SEED_GAMMA_STEP_FACTOR, window: int = ADAPTIVE_WINDOW):
-        gamma_at(schedule, 0.0, initial, final, warmup=warmup, milestones=milestones,
-                 factor=factor)  # validates the arguments
+    def __init__(
+        self,
+        schedule: str,
+        initial: float,
+        final: float | None,
+        total_steps: int,
+        *,
+        warmup: float = 0.0,
+        milestones: Sequence[float] = SEED_GAMMA_STEP_MILESTONES,
+        factor: float = SEED_GAMMA_STEP_FACTOR,
+        window: int = ADAPTIVE_WINDOW,
+    ):
+        gamma_at(
+            schedule, 0.0, initial, final, warmup=warmup, milestones=milestones, factor=factor
+        )  # validates the arguments
         if schedule == "step":
             _check_milestones(milestones)
         if not total_steps > 0:
             raise ValueError(f"total_steps must be > 0, got {total_steps}")
         if window < 2:
             raise ValueError(f"adaptive window must be >= 2, got {window}")
-        self.schedule, self.initial, self.final, self.total_steps = schedule, initial, final, total_steps
-        self.warmup, self.milestones, self.factor, self.window = warmup, tuple(milestones), factor, window
+        self.schedule, self.initial, self.final, self.total_steps = (
+            schedule,
+            initial,
+            final,
+            total_steps,
+        )
+        self.warmup, self.milestones, self.factor, self.window = (
+            warmup,
+            tuple(milestones),
+            factor,
+            window,
+        )
         self.loss_history: list[float] = []
 
     def __call__(self, step: int) -> float:
         progress = _progress(step, self.total_steps)
-        gamma = gamma_at(self.schedule, progress, self.initial, self.final, warmup=self.warmup,
-                         milestones=self.milestones, factor=self.factor)
-        if self.schedule != "adaptive" or progress < self.warmup or len(self.loss_history) < self.window:
+        gamma = gamma_at(
+            self.schedule,
+            progress,
+            self.initial,
+            self.final,
+            warmup=self.warmup,
+            milestones=self.milestones,
+            factor=self.factor,
+        )
+        if (
+            self.schedule != "adaptive"
+            or progress < self.warmup
+            or len(self.loss_history) < self.window
+        ):
             return gamma
         gamma *= adaptive_factor(self.loss_history, self.window)
         return min(max(gamma, self.final), 1.5 * self.initial)
@@ -173,7 +222,7 @@ class GammaSchedule:
     def observe(self, loss: float) -> None:
         """Record one validation loss (used by ``adaptive`` only; kept for every schedule)."""
         self.loss_history.append(float(loss))
-        del self.loss_history[:-self.window]  # only the window is ever read
+        del self.loss_history[: -self.window]  # only the window is ever read
 
     def apply(self, optimizer, step: int) -> float:
         gamma = self(step)
@@ -187,7 +236,9 @@ class GammaSchedule:
         self.loss_history = [float(v) for v in state["loss_history"]]
 
 
-def _interpolate(knots: Sequence[float], boundaries: Sequence[float], progress: float, smooth: bool) -> float:
+def _interpolate(
+    knots: Sequence[float], boundaries: Sequence[float], progress: float, smooth: bool
+) -> float:
     points = (0.0, *boundaries, 1.0)
     for k in range(len(points) - 1):
         left, right = points[k], points[k + 1]
@@ -229,8 +280,14 @@ class ScaleGammaManager:
         if interpolation not in ("linear", "smooth"):
             raise ValueError(f"interpolation must be 'linear' or 'smooth', got {interpolation!r}")
         bounds = [float(b) for b in phase_boundaries]
-        if len(bounds) != 3 or not all(0.0 < b < 1.0 for b in bounds) or bounds != sorted(set(bounds)):
-            raise ValueError(f"phase_boundaries must be 3 increasing fractions in (0, 1), got {bounds}")
+        if (
+            len(bounds) != 3
+            or not all(0.0 < b < 1.0 for b in bounds)
+            or bounds != sorted(set(bounds))
+        ):
+            raise ValueError(
+                f"phase_boundaries must be 3 increasing fractions in (0, 1), got {bounds}"
+            )
         if not total_epochs > 0:
             raise ValueError(f"total_epochs must be > 0, got {total_epochs}")
         if window_size < 2:
@@ -238,28 +295,40 @@ class ScaleGammaManager:
         self.strategy = strategy
         self.total_epochs = total_epochs
         self.initial_gammas = _as_scale_dict(
-            initial_gammas if initial_gammas is not None else DEFAULT_GAMMAS, "initial gammas")
-        self.final_gammas = (_as_scale_dict(final_gammas, "final gammas") if final_gammas is not None
-                             else {s: 0.5 * g for s, g in self.initial_gammas.items()})
+            initial_gammas if initial_gammas is not None else DEFAULT_GAMMAS, "initial gammas"
+        )
+        self.final_gammas = (
+            _as_scale_dict(final_gammas, "final gammas")
+            if final_gammas is not None
+            else {s: 0.5 * g for s, g in self.initial_gammas.items()}
+        )
         self.phase_boundaries = tuple(bounds)
         self.interpolation = interpolation
         self.window_size = window_size
         self.current_gammas = dict(self.initial_gammas)
         self.scale_losses_history: dict[str, list[float]] = {s: [] for s in SCALES}
 
-    def step(self, epoch: float, scale_losses: Mapping[str, float] | None = None) -> dict[str, float]:
+    def step(
+        self, epoch: float, scale_losses: Mapping[str, float] | None = None
+    ) -> dict[str, float]:
         progress = _progress(epoch, self.total_epochs)
         if self.strategy in ("fixed", "linear", "cosine"):
             self.current_gammas = {
-                s: gamma_at(self.strategy, progress, self.initial_gammas[s], self.final_gammas[s]) for s in SCALES}
+                s: gamma_at(self.strategy, progress, self.initial_gammas[s], self.final_gammas[s])
+                for s in SCALES
+            }
         elif self.strategy == "hierarchical":
             smooth = self.interpolation == "smooth"
             self.current_gammas = {
-                s: self.initial_gammas[s] * _interpolate(HIERARCHICAL_KNOTS[s], self.phase_boundaries, progress, smooth)
-                for s in SCALES}
+                s: self.initial_gammas[s]
+                * _interpolate(HIERARCHICAL_KNOTS[s], self.phase_boundaries, progress, smooth)
+                for s in SCALES
+            }
         else:
             if scale_losses is None:
-                raise ValueError("gamma_strategy 'adaptive' needs scale_losses {'s1','s2','s3'} at every step")
+                raise ValueError(
+                    "gamma_strategy 'adaptive' needs scale_losses {'s1','s2','s3'} at every step"
+                )
             self._adapt(_as_scale_dict(scale_losses, "scale_losses"))
         return dict(self.current_gammas)
 
@@ -267,7 +336,7 @@ class ScaleGammaManager:
         for s in SCALES:
             history = self.scale_losses_history[s]
             history.append(scale_losses[s])
-            del history[:-self.window_size]
+            del history[: -self.window_size]
             if len(history) < self.window_size:
                 continue  # adapt only once the window is full
             mean = sum(history) / len(history)
@@ -282,9 +351,13 @@ class ScaleGammaManager:
             self.current_gammas[s] = min(max(gamma, min(low, high)), high)
 
     def state_dict(self) -> dict:
-        return {"current_gammas": dict(self.current_gammas),
-                "scale_losses_history": {s: list(v) for s, v in self.scale_losses_history.items()}}
+        return {
+            "current_gammas": dict(self.current_gammas),
+            "scale_losses_history": {s: list(v) for s, v in self.scale_losses_history.items()},
+        }
 
     def load_state_dict(self, state: Mapping) -> None:
         self.current_gammas = _as_scale_dict(state["current_gammas"], "current_gammas")
-        self.scale_losses_history = {s: [float(v) for v in state["scale_losses_history"][s]] for s in SCALES}
+        self.scale_losses_history = {
+            s: [float(v) for v in state["scale_losses_history"][s]] for s in SCALES
+        }

@@ -31,19 +31,22 @@ def check_validation_images(images: ImageSet, cfg: RunConfig) -> ImageSet:
     large enough; raises ImageError / DataConfigError naming the key, the file and what to do."""
     source = cfg.val_data
     keep = []
-    for index, label in enumerate(images.labels):
+    for index in range(len(images.labels)):
         try:
             images.load(index)
         except ImageError as exc:
             if not cfg.skip_bad_images:
-                raise ImageError(f"run config: key 'val_data' = {source!r}: {exc}; fix or remove "
-                                 "the image (or set skip_bad_images)") from None
+                raise ImageError(
+                    f"run config: key 'val_data' = {source!r}: {exc}; fix or remove "
+                    "the image (or set skip_bad_images)"
+                ) from None
             warnings.warn(f"skipping unreadable validation image: {exc}", stacklevel=2)
             continue
         keep.append(index)
     if not keep:
-        raise DataConfigError(f"run config: key 'val_data' = {source!r}: no readable validation "
-                              "image")
+        raise DataConfigError(
+            f"run config: key 'val_data' = {source!r}: no readable validation image"
+        )
     if cfg.distortion == "ms_ssim":
         small = [i for i in keep if min(images.sizes[i]) < MS_SSIM_MIN_SIDE]
         if small:
@@ -53,12 +56,16 @@ def check_validation_images(images: ImageSet, cfg: RunConfig) -> ImageSet:
                 f"image(s) smaller than {MS_SSIM_MIN_SIDE} px on a side, e.g. "
                 f"{images.labels[small[0]]} ({height}x{width} px); distortion ms_ssim (5-scale "
                 f"MS-SSIM) needs at least {MS_SSIM_MIN_SIDE} x {MS_SSIM_MIN_SIDE} px: use larger "
-                "validation images")
+                "validation images"
+            )
     if len(keep) == len(images):
         return images
-    return ImageSet(labels=[images.labels[i] for i in keep], sizes=[images.sizes[i] for i in keep],
-                    paths=None if images.paths is None else [images.paths[i] for i in keep],
-                    arrays=None if images.arrays is None else [images.arrays[i] for i in keep])
+    return ImageSet(
+        labels=[images.labels[i] for i in keep],
+        sizes=[images.sizes[i] for i in keep],
+        paths=None if images.paths is None else [images.paths[i] for i in keep],
+        arrays=None if images.arrays is None else [images.arrays[i] for i in keep],
+    )
 
 
 def pending_row(state: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -66,7 +66,10 @@ def validation_metrics(model: torch.nn.Module, val_data: str, lmbda: float) -> d
     for _, x in data.validation_images(images):
         padded, pad = models.pad_image(x, model.pad_multiple)
         out = model(padded)
-        out = {"x_hat": models.crop_image(out["x_hat"], pad).float(), "likelihoods": out["likelihoods"]}
+        out = {
+            "x_hat": models.crop_image(out["x_hat"], pad).float(),
+            "likelihoods": out["likelihoods"],
+        }
         rd = losses.rate_distortion(out, x, lmbda)
         totals["loss"] += float(rd["loss"])
         totals["bpp"] += float(rd["bpp_loss"])
@@ -91,35 +94,54 @@ def export(runs: str | Path, output: str | Path, val_data: str = "samples") -> d
     runs, output = Path(runs), Path(output)
     run_dirs = sorted(p.parent for p in runs.glob("lmbda*/seed*/final.pth.tar"))
     if not run_dirs:
-        raise WarmStartError(f"no lmbda<L>/seed<k>/final.pth.tar under {runs}; run the pretraining study first")
+        raise WarmStartError(
+            f"no lmbda<L>/seed<k>/final.pth.tar under {runs}; run the pretraining study first"
+        )
     lambda_dirs = [run_dir.parent.name for run_dir in run_dirs]
     repeated = sorted({name for name in lambda_dirs if lambda_dirs.count(name) > 1})
     if repeated:
-        raise WarmStartError(f"{runs}: several seeds for {', '.join(repeated)}; a warm start is one model per "
-                             "lambda: train one seed (seeds: [0] in the pretraining config) or move the others away")
+        raise WarmStartError(
+            f"{runs}: several seeds for {', '.join(repeated)}; a warm start is one model per "
+            "lambda: train one seed (seeds: [0] in the pretraining config) or move the others away"
+        )
     entries = []
     for run_dir in run_dirs:
         saved = read_run_yaml(run_dir)
         if not saved:  # the defaults would name another model: say what is missing instead
-            raise WarmStartError(f"{run_dir / RUN_YAML}: missing or empty; export needs the run config "
-                                 "that hpcm.train wrote beside final.pth.tar")
+            raise WarmStartError(
+                f"{run_dir / RUN_YAML}: missing or empty; export needs the run config "
+                "that hpcm.train wrote beside final.pth.tar"
+            )
         cfg = from_saved(saved, str(run_dir / RUN_YAML))
         model = models.load_checkpoint(run_dir / "final.pth.tar", name=cfg.model)
         lmbda = run_dir.parent.name.removeprefix("lmbda")
         path = output / file_name(cfg.model, lmbda)
-        payload = {"model_name": model.name, "model_config": dataclasses.asdict(model.config),
-                   "state_dict": half_state(model), "lmbda": float(cfg.lmbda)}
+        payload = {
+            "model_name": model.name,
+            "model_config": dataclasses.asdict(model.config),
+            "state_dict": half_state(model),
+            "lmbda": float(cfg.lmbda),
+        }
         atomic_torch_save(payload, path)
         shipped = models.load_checkpoint(path, name=cfg.model)
         best_loss, best_step = _best_val_loss(run_dir)
-        entries.append({
-            "file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size,
-            "model": cfg.model, "lmbda": float(cfg.lmbda), "steps": int(cfg.steps),
-            "selected_step": best_step, "batch_size": int(cfg.batch_size),
-            "patch_size": int(cfg.patch_size), "lr": float(cfg.lr), "seed": int(cfg.seed),
-            "train_val_loss_fp32": best_loss,
-            **validation_metrics(shipped, val_data, float(cfg.lmbda)),
-        })
+        entries.append(
+            {
+                "file": path.name,
+                "sha256": sha256_file(path),
+                "bytes": path.stat().st_size,
+                "model": cfg.model,
+                "lmbda": float(cfg.lmbda),
+                "steps": int(cfg.steps),
+                "selected_step": best_step,
+                "batch_size": int(cfg.batch_size),
+                "patch_size": int(cfg.patch_size),
+                "lr": float(cfg.lr),
+                "seed": int(cfg.seed),
+                "train_val_loss_fp32": best_loss,
+                **validation_metrics(shipped, val_data, float(cfg.lmbda)),
+            }
+        )
     manifest = {"format": "hpcm-warm-starts/1", "val_data": val_data, "warm_starts": entries}
     atomic_write_text(output / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     atomic_write_text(output / SUMS, "".join(f"{e['sha256']}  {e['file']}\n" for e in entries))
@@ -142,8 +164,10 @@ def verify(directory: str | Path, check_loss: bool = True) -> list[dict[str, Any
         path = directory / entry["file"]
         digest = sha256_file(path) if path.is_file() else "missing"
         if digest != entry["sha256"]:
-            raise WarmStartError(f"{path}: SHA-256 {digest} differs from the recorded {entry['sha256']} "
-                                 "(re-export with `python -m hpcm.train.warm_starts export`)")
+            raise WarmStartError(
+                f"{path}: SHA-256 {digest} differs from the recorded {entry['sha256']} "
+                "(re-export with `python -m hpcm.train.warm_starts export`)"
+            )
         result = {"file": entry["file"], "recorded_val_loss": entry["val_loss"]}
         if check_loss:
             model = models.load_checkpoint(path, name=entry["model"])
@@ -153,18 +177,27 @@ def verify(directory: str | Path, check_loss: bool = True) -> list[dict[str, Any
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hpcm.train.warm_starts", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m hpcm.train.warm_starts",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     e = sub.add_parser("export", help="fp16 warm starts from a pretraining study's runs")
-    e.add_argument("--runs", required=True, help="folder of the run folders (results/train/pretrain)")
+    e.add_argument(
+        "--runs", required=True, help="folder of the run folders (results/train/pretrain)"
+    )
     e.add_argument("--output", required=True, help="where the .pt files and the manifest go")
-    e.add_argument("--val-data", default="samples", help="validation images (default: the samples' val split)")
+    e.add_argument(
+        "--val-data", default="samples", help="validation images (default: the samples' val split)"
+    )
     v = sub.add_parser("verify", help="check hashes and recompute the validation loss")
     v.add_argument("--dir", required=True)
     args = parser.parse_args(argv)
     if args.command == "export":
-        return run_command(lambda: print(json.dumps(export(args.runs, args.output, args.val_data), indent=2)))
+        return run_command(
+            lambda: print(json.dumps(export(args.runs, args.output, args.val_data), indent=2))
+        )
     return run_command(lambda: print(json.dumps(verify(args.dir), indent=2)))
 
 

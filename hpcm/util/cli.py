@@ -14,8 +14,10 @@ from pathlib import Path
 EXIT_INPUT_ERROR = 2
 
 
-def run_command(action: Callable[[], Iterable[Path] | None],
-                errors: tuple[type[BaseException], ...] = (ValueError, OSError)) -> int:
+def run_command(
+    action: Callable[[], Iterable[Path] | None],
+    errors: tuple[type[BaseException], ...] = (ValueError, OSError),
+) -> int:
     """Run ``action``; print the paths it returns (if any), or the error it raised."""
     try:
         written = action()

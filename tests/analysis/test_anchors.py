@@ -30,16 +30,27 @@ def test_every_row_has_provenance(table):
 def test_required_anchors_present(table):
     for dataset in ("kodak", "clic2020-professional"):
         names = anchors.anchor_names(dataset, table)
-        for name in ("vtm", "hm", "bpg444", "bmshj2018-hyperprior", "mbt2018", "cheng2020-anchor",
-                     "hpcm-base", "hpcm-large"):
+        for name in (
+            "vtm",
+            "hm",
+            "bpg444",
+            "bmshj2018-hyperprior",
+            "mbt2018",
+            "cheng2020-anchor",
+            "hpcm-base",
+            "hpcm-large",
+        ):
             assert name in names, (dataset, name)
 
 
 # Git blob SHA-1 prefixes of CompressAI commit 869a9f5, as listed in orchestration.md §1.7.
 BLOB_PREFIXES = {
-    ("kodak", "vtm"): "a760c0cb466b", ("kodak", "bpg444"): "1e60de14418d",
-    ("kodak", "hm"): "c3045c2eb07c", ("clic2020-professional", "vtm"): "bcc193aabeb3",
-    ("kodak", "bmshj2018-hyperprior"): "7b1d24d92b61", ("kodak", "mbt2018"): "83b98bb19e80",
+    ("kodak", "vtm"): "a760c0cb466b",
+    ("kodak", "bpg444"): "1e60de14418d",
+    ("kodak", "hm"): "c3045c2eb07c",
+    ("clic2020-professional", "vtm"): "bcc193aabeb3",
+    ("kodak", "bmshj2018-hyperprior"): "7b1d24d92b61",
+    ("kodak", "mbt2018"): "83b98bb19e80",
     ("kodak", "cheng2020-anchor"): "7d065b6775f7",
 }
 
@@ -50,12 +61,17 @@ def test_blob_hashes_match_published_files(table, key):
     assert rows["blob_sha1"].str.startswith(BLOB_PREFIXES[key]).all()
 
 
-@pytest.mark.skipif(not SHARED_ANCHORS.is_dir(),
-                    reason=f"needs the published anchor JSON files' exact bytes (not at {SHARED_ANCHORS})")
+@pytest.mark.skipif(
+    not SHARED_ANCHORS.is_dir(),
+    reason=f"needs the published anchor JSON files' exact bytes (not at {SHARED_ANCHORS})",
+)
 def test_values_equal_the_shared_json_files(table):
-    files = {("kodak", "vtm"): "kodak/vtm.json", ("kodak", "hm"): "kodak/hm.json",
-             ("kodak", "mbt2018"): "kodak/compressai-mbt2018_mse_ans_cuda.json",
-             ("clic2020-professional", "vtm"): "clic2020-professional/vtm.json"}
+    files = {
+        ("kodak", "vtm"): "kodak/vtm.json",
+        ("kodak", "hm"): "kodak/hm.json",
+        ("kodak", "mbt2018"): "kodak/compressai-mbt2018_mse_ans_cuda.json",
+        ("clic2020-professional", "vtm"): "clic2020-professional/vtm.json",
+    }
     for (dataset, name), rel in files.items():
         data = (SHARED_ANCHORS / rel).read_bytes()
         assert anchors.git_blob_sha1(data).startswith(BLOB_PREFIXES[(dataset, name)])
@@ -70,18 +86,25 @@ def test_hpcm_points_match_the_research_notes(table):
     # hpcm.md §4: HPCM-Base Kodak lowest and highest λ; HPCM-Large CLIC MS-SSIM highest λ.
     bpp, psnr = anchors.anchor_curve("kodak", "hpcm-base", "psnr", table)
     assert (bpp[0], psnr[0], bpp[-1], psnr[-1]) == (0.1211, 29.4022, 0.8209, 37.7525)
-    bpp, db = anchors.anchor_curve("clic2020-professional", "hpcm-large-msssim", "ms_ssim_db", table)
+    bpp, db = anchors.anchor_curve(
+        "clic2020-professional", "hpcm-large-msssim", "ms_ssim_db", table
+    )
     assert (bpp[-1], db[-1]) == (0.4755, 21.4103)
     with pytest.raises(ValueError, match="no psnr values"):
         anchors.anchor_curve("kodak", "hpcm-base-msssim", "psnr", table)
 
 
 # BD-rates computed independently with bjontegaard 1.3.0 (orchestration.md §4.3), pchip, vs VTM.
-REGRESSION = [("kodak", "bmshj2018-hyperprior", 31.03), ("kodak", "mbt2018", 11.47),
-              ("kodak", "cheng2020-anchor", 3.96), ("kodak", "bpg444", 21.99),
-              ("kodak", "hm", 23.31), ("clic2020-professional", "bmshj2018-hyperprior", 44.67),
-              ("clic2020-professional", "mbt2018", 11.03),
-              ("clic2020-professional", "cheng2020-anchor", 4.08)]
+REGRESSION = [
+    ("kodak", "bmshj2018-hyperprior", 31.03),
+    ("kodak", "mbt2018", 11.47),
+    ("kodak", "cheng2020-anchor", 3.96),
+    ("kodak", "bpg444", 21.99),
+    ("kodak", "hm", 23.31),
+    ("clic2020-professional", "bmshj2018-hyperprior", 44.67),
+    ("clic2020-professional", "mbt2018", 11.03),
+    ("clic2020-professional", "cheng2020-anchor", 4.08),
+]
 
 
 @pytest.mark.parametrize("dataset,name,expected", REGRESSION)

@@ -13,24 +13,42 @@ from hpcm.evaluate import metrics
 
 # Test vectors of orchestration.md §4.2: (anchor rate, anchor PSNR, test rate, test PSNR).
 VECTORS = {
-    "vceg_m33": ([90.33, 181.03, 332.99, 547.79], [27.95, 31.17, 34.44, 38.11],
-                 [127.1719, 186.14, 307.2924, 481.5588], [29.9286, 32.4165, 34.7013, 37.4561]),
+    "vceg_m33": (
+        [90.33, 181.03, 332.99, 547.79],
+        [27.95, 31.17, 34.44, 38.11],
+        [127.1719, 186.14, 307.2924, 481.5588],
+        [29.9286, 32.4165, 34.7013, 37.4561],
+    ),
     "etro_barb512": (
         [2.99899, 1.99884, 1.49673, 0.99707, 0.745941, 0.596436, 0.495148, 0.29425, 0.244049],
         [48.6681, 43.8357, 41.3982, 38.0124, 35.5122, 33.8673, 32.6658, 29.4505, 28.484],
         [2.997253, 1.968292, 1.472565, 0.994965, 0.748871, 0.58902, 0.499176, 0.296753, 0.249634],
-        [48.5637, 43.7318, 41.2727, 38.0001, 35.6375, 33.9057, 32.8318, 29.6851, 28.8244]),
-    "fau_x265": ([9487.76, 4593.60, 2486.44, 1358.24], [40.037, 38.615, 36.845, 34.851],
-                 [9787.80, 4469.00, 2451.52, 1356.24], [40.121, 38.651, 36.970, 34.987]),
-    "fau_high_rates": ([82472.76, 26875.24, 9487.76, 4593.6], [43.825, 41.404, 40.037, 38.615],
-                       [99896.96, 33952.04, 9787.8, 4469.0], [44.731, 41.875, 40.121, 38.651]),
+        [48.5637, 43.7318, 41.2727, 38.0001, 35.6375, 33.9057, 32.8318, 29.6851, 28.8244],
+    ),
+    "fau_x265": (
+        [9487.76, 4593.60, 2486.44, 1358.24],
+        [40.037, 38.615, 36.845, 34.851],
+        [9787.80, 4469.00, 2451.52, 1356.24],
+        [40.121, 38.651, 36.970, 34.987],
+    ),
+    "fau_high_rates": (
+        [82472.76, 26875.24, 9487.76, 4593.6],
+        [43.825, 41.404, 40.037, 38.615],
+        [99896.96, 33952.04, 9787.8, 4469.0],
+        [44.731, 41.875, 40.121, 38.651],
+    ),
     "fau_six_points": (
         [82472.76, 26875.24, 9487.76, 4593.6, 3600, 2900],
         [43.825, 41.404, 40.037, 38.615, 36.5, 35.1],
         [99896.96, 33952.04, 9787.8, 4469.0, 4040, 3300],
-        [44.731, 41.875, 40.121, 38.651, 37, 36.5]),
-    "anserw_sample1": ([686.76, 309.58, 157.11, 85.95], [40.28, 37.18, 34.24, 31.42],
-                       [893.34, 407.8, 204.93, 112.75], [40.39, 37.21, 34.17, 31.24]),
+        [44.731, 41.875, 40.121, 38.651, 37, 36.5],
+    ),
+    "anserw_sample1": (
+        [686.76, 309.58, 157.11, 85.95],
+        [40.28, 37.18, 34.24, 31.42],
+        [893.34, 407.8, 204.93, 112.75],
+        [40.39, 37.21, 34.17, 31.24],
+    ),
 }
 
 # Values asserted outside this project: tbr/bjontegaard_cpp example.cpp (cubic, VCEG-M33 method).
@@ -46,8 +64,13 @@ def _reference(kind, ra, da, rt, dt, method):
     fn = bjontegaard.bd_rate if kind == "rate" else bjontegaard.bd_psnr
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return fn(*_sorted(ra, da), *_sorted(rt, dt), method=method,
-                  require_matching_points=False, min_overlap=0.0)
+        return fn(
+            *_sorted(ra, da),
+            *_sorted(rt, dt),
+            method=method,
+            require_matching_points=False,
+            min_overlap=0.0,
+        )
 
 
 @pytest.mark.parametrize("method", bd.METHODS)
@@ -113,9 +136,11 @@ def test_two_and_three_point_curves_match_package_for_pchip_and_akima():
     rt, dt = [0.12, 0.35, 0.8], [28.5, 31.2, 34.8]
     for method in ("pchip", "akima"):
         assert bd.bd_rate(ra, da, rt, dt, method, 0) == pytest.approx(
-            _reference("rate", ra, da, rt, dt, method), abs=1e-6)
+            _reference("rate", ra, da, rt, dt, method), abs=1e-6
+        )
         assert bd.bd_psnr(ra[:2], da[:2], rt[:2], dt[:2], method, 0) == pytest.approx(
-            _reference("psnr", ra[:2], da[:2], rt[:2], dt[:2], method), abs=1e-6)
+            _reference("psnr", ra[:2], da[:2], rt[:2], dt[:2], method), abs=1e-6
+        )
 
 
 def test_identical_curves_give_zero():
@@ -168,8 +193,9 @@ def test_ms_ssim_to_db_keeps_nan_and_follows_compressai():
 
 
 def _eval_csv(path, lmbda):
-    path.write_text("image,variant,lmbda,dataset,bpp,psnr,ms_ssim\n"
-                    f"a.png,phase1,{lmbda},kodak,0.2,30.0,0.95\n")
+    path.write_text(
+        f"image,variant,lmbda,dataset,bpp,psnr,ms_ssim\na.png,phase1,{lmbda},kodak,0.2,30.0,0.95\n"
+    )
     return path
 
 
@@ -189,8 +215,11 @@ def test_a_dataset_without_the_anchor_is_an_na_row_with_the_reason():
 
     from hpcm.analysis.anchors import anchor_curves_by_dataset
 
-    rows = [(d, "phase1", lm, bpp, psnr) for d in ("kodak", "samples")
-            for lm, bpp, psnr in ((0.0035, 0.2, 29.0), (0.013, 0.45, 32.0), (0.0483, 0.9, 35.0))]
+    rows = [
+        (d, "phase1", lm, bpp, psnr)
+        for d in ("kodak", "samples")
+        for lm, bpp, psnr in ((0.0035, 0.2, 29.0), (0.013, 0.45, 32.0), (0.0483, 0.9, 35.0))
+    ]
     points = pd.DataFrame(rows, columns=["dataset", "variant", "lmbda", "bpp", "psnr"])
     curves = anchor_curves_by_dataset("vtm", "psnr", datasets=points["dataset"].unique())
     assert isinstance(curves["kodak"], tuple) and "samples" in curves["samples"]
@@ -201,23 +230,39 @@ def test_a_dataset_without_the_anchor_is_an_na_row_with_the_reason():
     # A curve mapping without the dataset at all still yields the row, with a reason.
     table = bd.bd_table(points, "vtm", "psnr", "pchip", {"kodak": curves["kodak"]})
     assert table.loc[table["dataset"] == "samples", "error"].item() == (
-        "no 'vtm' curve for dataset 'samples'")
+        "no 'vtm' curve for dataset 'samples'"
+    )
 
 
 def test_curve_documents_are_strict_json_without_unmeasured_metrics(tmp_path):
     import json
 
     csv_path = tmp_path / "small.csv"
-    csv_path.write_text("image,variant,lmbda,dataset,bpp,psnr,ms_ssim,enc_time,dec_time\n"
-                        "a.png,phase1,0.0067,kodak,0.2,30.0,nan,0.1,0.2\n"
-                        "a.png,phase1,0.013,kodak,0.4,32.0,0.97,0.1,0.2\n")
-    assert rd.main(["points", "--eval-csv", str(csv_path), "--output", str(tmp_path / "p.csv"),
-                    "--curves-dir", str(tmp_path / "curves")]) == 0
+    csv_path.write_text(
+        "image,variant,lmbda,dataset,bpp,psnr,ms_ssim,enc_time,dec_time\n"
+        "a.png,phase1,0.0067,kodak,0.2,30.0,nan,0.1,0.2\n"
+        "a.png,phase1,0.013,kodak,0.4,32.0,0.97,0.1,0.2\n"
+    )
+    assert (
+        rd.main(
+            [
+                "points",
+                "--eval-csv",
+                str(csv_path),
+                "--output",
+                str(tmp_path / "p.csv"),
+                "--curves-dir",
+                str(tmp_path / "curves"),
+            ]
+        )
+        == 0
+    )
 
     def reject(constant):
         raise AssertionError(f"bare {constant} in the JSON")
 
-    doc = json.loads((tmp_path / "curves" / "kodak" / "phase1.json").read_text(),
-                     parse_constant=reject)
+    doc = json.loads(
+        (tmp_path / "curves" / "kodak" / "phase1.json").read_text(), parse_constant=reject
+    )
     assert doc["results"]["psnr-rgb"] == [30.0, 32.0] and "ms-ssim-rgb" not in doc["results"]
     assert doc["meta"]["not_measured"] == ["ms-ssim-rgb"]

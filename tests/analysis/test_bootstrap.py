@@ -24,7 +24,7 @@ def _per_image_study(rng, n_images, rate_factor=0.8, psnr_shift=0.3, slope=6.0, 
     offset = rng.normal(0.0, 2.0, size=n_images)  # image PSNR level
     ref_bpp = lam * scale
     ref_psnr = 30.0 + slope * np.log10(lam) + offset
-    w = rng.lognormal(-noise**2 / 2, noise, size=n_images)  # per-image rate noise, mean 1
+    w = rng.lognormal(-(noise**2) / 2, noise, size=n_images)  # per-image rate noise, mean 1
     v = rng.normal(0.0, noise, size=n_images)  # per-image PSNR noise, mean 0
     test_bpp = ref_bpp * rate_factor * w
     test_psnr = ref_psnr + psnr_shift + v
@@ -50,10 +50,16 @@ def _independent_bootstrap(ref, test, resamples, seed):
         rt, dt = test.bpp[:, idx].mean(1), test.dist[:, idx].mean(1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            rates.append(bjontegaard.bd_rate(ra, da, rt, dt, method="pchip",
-                                             require_matching_points=False, min_overlap=0.0))
-            psnrs.append(bjontegaard.bd_psnr(ra, da, rt, dt, method="pchip",
-                                             require_matching_points=False, min_overlap=0.0))
+            rates.append(
+                bjontegaard.bd_rate(
+                    ra, da, rt, dt, method="pchip", require_matching_points=False, min_overlap=0.0
+                )
+            )
+            psnrs.append(
+                bjontegaard.bd_psnr(
+                    ra, da, rt, dt, method="pchip", require_matching_points=False, min_overlap=0.0
+                )
+            )
     return np.percentile(rates, [2.5, 97.5]), np.percentile(psnrs, [2.5, 97.5])
 
 
@@ -129,20 +135,45 @@ def test_interval_table_from_per_image_rows():
     for name, curve in (("baseline", ref), ("phase1", test)):
         for li, lmbda in enumerate([0.001, 0.01, 0.1, 0.2]):
             for i in range(6):
-                rows.append({"dataset": "d", "variant": name, "lmbda": lmbda, "image": f"im{i}",
-                             "bpp": curve.bpp[li, i], "psnr": curve.dist[li, i], "ms_ssim": 0.9})
+                rows.append(
+                    {
+                        "dataset": "d",
+                        "variant": name,
+                        "lmbda": lmbda,
+                        "image": f"im{i}",
+                        "bpp": curve.bpp[li, i],
+                        "psnr": curve.dist[li, i],
+                        "ms_ssim": 0.9,
+                    }
+                )
     table = bootstrap.interval_table(pd.DataFrame(rows), "baseline", resamples=200, seed=0)
     by = table.set_index("variant")
-    assert by.loc["baseline", ["rate_low", "rate_high", "psnr_low", "psnr_high"]].tolist() == [0, 0, 0, 0]
+    assert by.loc["baseline", ["rate_low", "rate_high", "psnr_low", "psnr_high"]].tolist() == [
+        0,
+        0,
+        0,
+        0,
+    ]
     direct = bootstrap.bd_interval(ref, test, bootstrap.resample_indices(6, 200, 0))
     assert by.loc["phase1", "rate_low"] == direct.rate_low
     assert by.loc["phase1", "psnr_high"] == direct.psnr_high
 
 
 def test_unpaired_images_are_an_error():
-    rows = [{"dataset": "d", "variant": v, "lmbda": lm, "image": im, "bpp": 0.1 * (lm + 1),
-             "psnr": 30 + lm, "ms_ssim": 0.9}
-            for v in ("baseline", "x") for lm in (0, 1) for im in ("a", "b")]
+    rows = [
+        {
+            "dataset": "d",
+            "variant": v,
+            "lmbda": lm,
+            "image": im,
+            "bpp": 0.1 * (lm + 1),
+            "psnr": 30 + lm,
+            "ms_ssim": 0.9,
+        }
+        for v in ("baseline", "x")
+        for lm in (0, 1)
+        for im in ("a", "b")
+    ]
     rows = [r for r in rows if not (r["variant"] == "x" and r["image"] == "b" and r["lmbda"] == 1)]
     with pytest.raises(ValueError, match="d/x: not every lambda"):
         bootstrap.interval_table(pd.DataFrame(rows), "baseline", resamples=10)

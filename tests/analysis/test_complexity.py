@@ -32,7 +32,11 @@ def test_counter_equals_the_closed_form_of_one_conv():
     model = _Strided()
     macs = complexity.count_macs(model, 32, 48)
     # 8 output channels x 16 x 24 positions x 3 input channels x 25 taps
-    assert macs["total"] == 8 * 16 * 24 * 3 * 25 == conv_macs(model.g_a, (1, 3, 32, 48), (1, 8, 16, 24))
+    assert (
+        macs["total"]
+        == 8 * 16 * 24 * 3 * 25
+        == conv_macs(model.g_a, (1, 3, 32, 48), (1, 8, 16, 24))
+    )
     assert macs["g_a"] == macs["total"] and macs["context"] == 0
 
 
@@ -40,14 +44,20 @@ def test_tiny_analysis_transform_equals_the_sum_of_its_convs():
     """g_a of HPCM_Tiny holds only convolutions: the counter's part equals the closed form summed by hooks."""
     model = build_model("HPCM_Tiny").eval()
     closed = []
-    hooks = [m.register_forward_hook(lambda m, i, o: closed.append(conv_macs(m, i[0].shape, o.shape)))
-             for m in model.g_a.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: closed.append(conv_macs(m, i[0].shape, o.shape)))
+        for m in model.g_a.modules()
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))
+    ]
     macs = complexity.count_macs(model, 64, 64)
     for hook in hooks:
         hook.remove()
     assert len(closed) > 3
     assert macs["g_a"] == sum(closed)
-    assert macs["encoder"] == macs["total"] - macs["g_s"] and macs["decoder"] == macs["total"] - macs["g_a"] - macs["h_a"]
+    assert (
+        macs["encoder"] == macs["total"] - macs["g_s"]
+        and macs["decoder"] == macs["total"] - macs["g_a"] - macs["h_a"]
+    )
     assert macs["context"] > 0
 
 

@@ -17,11 +17,23 @@ from tests.analysis.test_seed_interval import synthetic_study
 LAMBDAS = [0.001, 0.002, 0.004, 0.008]
 
 
-def write_eval(path: Path, curve: bootstrap.Curve, variant: str, seed: int,
-               images: list[str]) -> Path:
-    rows = [{"variant": variant, "lmbda": lmbda, "seed": seed, "dataset": "kodak", "image": name,
-             "bpp": curve.bpp[li, i], "psnr": curve.dist[li, i], "ms_ssim": 0.95}
-            for li, lmbda in enumerate(LAMBDAS) for i, name in enumerate(images)]
+def write_eval(
+    path: Path, curve: bootstrap.Curve, variant: str, seed: int, images: list[str]
+) -> Path:
+    rows = [
+        {
+            "variant": variant,
+            "lmbda": lmbda,
+            "seed": seed,
+            "dataset": "kodak",
+            "image": name,
+            "bpp": curve.bpp[li, i],
+            "psnr": curve.dist[li, i],
+            "ms_ssim": 0.95,
+        }
+        for li, lmbda in enumerate(LAMBDAS)
+        for i, name in enumerate(images)
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
@@ -52,14 +64,22 @@ def test_rows_per_step_and_the_final_points(study):
     snapshots, finals, curves = study
     frame = convergence.convergence_frame(snapshots, finals, 20, "baseline", resamples=200, seed=1)
     assert list(zip(frame["step"], frame["images"])) == [
-        (5, "first 3 images"), (10, "first 3 images"), (20, "first 3 images"), (20, "all 6 images")]
+        (5, "first 3 images"),
+        (10, "first 3 images"),
+        (20, "first 3 images"),
+        (20, "all 6 images"),
+    ]
     assert set(frame["variant"]) == {"phase1"} and set(frame["interval"]) == {"seeds and images"}
     # the last row: every image of the final evaluations, as the seed table would give it
-    direct = bootstrap.seed_image_interval(curves["baseline"], curves["phase1"],
-                                           bootstrap.resample_indices(6, 200, 1))
+    direct = bootstrap.seed_image_interval(
+        curves["baseline"], curves["phase1"], bootstrap.resample_indices(6, 200, 1)
+    )
     last = frame.iloc[-1]
     assert (last["BD-rate (%)"], last["CI low (%)"], last["CI high (%)"]) == (
-        direct.bd_rate, direct.low, direct.high)
+        direct.bd_rate,
+        direct.low,
+        direct.high,
+    )
     # step 20 on the subset: the final evaluations' first 3 images
     sub = [bootstrap.Curve(c.bpp[:, :3], c.dist[:, :3]) for c in curves["baseline"]]
     sub_test = [bootstrap.Curve(c.bpp[:, :3], c.dist[:, :3]) for c in curves["phase1"]]
@@ -70,8 +90,15 @@ def test_rows_per_step_and_the_final_points(study):
 
 def test_build_writes_table_and_plot(study, tmp_path):
     snapshots, finals, _ = study
-    written = convergence.build(snapshots, finals, 20, "baseline", tmp_path / "tables",
-                                tmp_path / "plots" / "c.png", resamples=50)
+    written = convergence.build(
+        snapshots,
+        finals,
+        20,
+        "baseline",
+        tmp_path / "tables",
+        tmp_path / "plots" / "c.png",
+        resamples=50,
+    )
     names = sorted(p.name for p in written)
     assert names == ["c.pdf", "c.png", "convergence.csv", "convergence.md", "convergence.tex"]
     assert "same step" in (tmp_path / "tables" / "convergence.md").read_text()

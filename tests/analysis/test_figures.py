@@ -29,13 +29,26 @@ BASE_PSNR = np.array([[22.0], [27.0]]) + RNG.normal(0, 1.0, size=(1, 6))
 GRID_VARIANT = "g-gamma0.01-w_lr0.05"
 # variant -> (rate factor per training seed): equal per-image quality at bpp x factor, so the
 # BD-rate of seed s against the reference is exactly (factor_s - 1) x 100 %
-FACTORS = {"baseline": (1.0,), "better": (0.78, 0.82), "same": (1.0,), "worse": (1.10,),
-           "s1var": (0.95,), GRID_VARIANT: (0.90,)}
+FACTORS = {
+    "baseline": (1.0,),
+    "better": (0.78, 0.82),
+    "same": (1.0,),
+    "worse": (1.10,),
+    "s1var": (0.95,),
+    GRID_VARIANT: (0.90,),
+}
 STUDY_ANALYSIS = {
-    "reference": "baseline", "bd_method": "pchip", "anchors": [], "metric": "psnr",
+    "reference": "baseline",
+    "bd_method": "pchip",
+    "anchors": [],
+    "metric": "psnr",
     "gains": {"phase1": "better"},
-    "studies": {"study1": {"title": "Study 1: scale weights",
-                           "rows": {"equal": "s1var", "emphasis": "better"}}},
+    "studies": {
+        "study1": {
+            "title": "Study 1: scale weights",
+            "rows": {"equal": "s1var", "emphasis": "better"},
+        }
+    },
 }
 NAMED = ["baseline", "better", "same", "worse", "s1var"]
 
@@ -67,7 +80,8 @@ def _write_run(root: Path, variant: str, lmbda: float, seed: int) -> None:
     init = "init_checkpoint: warm.pt\n" if variant != "s1var" else ""
     (run / "run.yaml").write_text(
         f"variant: {variant}\nlmbda: {lmbda}\nseed: {seed}\nmodel: HPCM_Tiny\nsteps: 40\n"
-        f"batch_size: 8\npatch_size: 64\noptimizer: adam\n{grid}{init}meta:\n  device: cpu\n")
+        f"batch_size: 8\npatch_size: 64\noptimizer: adam\n{grid}{init}meta:\n  device: cpu\n"
+    )
     lines = ["step,epoch,lr,loss,val_loss,step_time"]
     lines += [f"{s},1,1e-4,{5 - 0.01 * s},,0.5" for s in range(1, 41)] + ["40,1,,,4.5,"]
     (run / "metrics.csv").write_text("\n".join(lines) + "\n")
@@ -82,30 +96,119 @@ def study(tmp_path_factory):
             for li, lmbda in enumerate(LAMBDAS):
                 csvs.append(_write_eval(root, variant, li, seed, factor))
                 _write_run(root / "train", variant, lmbda, seed)
-    assert rd.main(["points", "--eval-csv", *map(str, csvs), "--output", str(root / "points.csv"),
-                    "--images", str(root / "images.csv")]) == 0
+    assert (
+        rd.main(
+            [
+                "points",
+                "--eval-csv",
+                *map(str, csvs),
+                "--output",
+                str(root / "points.csv"),
+                "--images",
+                str(root / "images.csv"),
+            ]
+        )
+        == 0
+    )
     (root / "analysis.yaml").write_text(yaml.safe_dump({"analysis": STUDY_ANALYSIS}))
     tabs = root / "tables"
-    assert tables.main(["--points", str(root / "points.csv"), "--runs", str(root / "train"),
-                        "--config", str(root / "analysis.yaml"), "--output-dir", str(tabs),
-                        "--images", str(root / "images.csv"), "--resamples", "1000"]) == 0
+    assert (
+        tables.main(
+            [
+                "--points",
+                str(root / "points.csv"),
+                "--runs",
+                str(root / "train"),
+                "--config",
+                str(root / "analysis.yaml"),
+                "--output-dir",
+                str(tabs),
+                "--images",
+                str(root / "images.csv"),
+                "--resamples",
+                "1000",
+            ]
+        )
+        == 0
+    )
     numeric, table = summary.summary_tables(
-        pd.read_csv(root / "points.csv"), summary.run_costs(root / "train"), STUDY_ANALYSIS,
-        NAMED, csvs, complexity={"HPCM_Tiny": {"encoder": 1.0, "decoder": 1.0, "total": 1.5}})
+        pd.read_csv(root / "points.csv"),
+        summary.run_costs(root / "train"),
+        STUDY_ANALYSIS,
+        NAMED,
+        csvs,
+        complexity={"HPCM_Tiny": {"encoder": 1.0, "decoder": 1.0, "total": 1.5}},
+    )
     numeric.to_csv(tabs / "summary.csv", index=False)
-    phase2.build(root / "points.csv", root / "train", "g", tabs, root / "plots", ["better"],
-                 "baseline", "pchip", "psnr", csvs)
-    assert forest.main(["--summary", str(tabs / "summary.csv"), "--config",
-                        str(root / "analysis.yaml"), "--variants", *NAMED, "--grid-table",
-                        str(tabs / "g.csv"), "--images", str(root / "images.csv"),
-                        "--output-dir", str(root / "forest")]) == 0
-    assert delta.main(["--points", str(root / "points.csv"), "--config",
-                       str(root / "analysis.yaml"), "--variants", *NAMED, "--grids", "g",
-                       "--images", str(root / "images.csv"), "--resamples", "300",
-                       "--output-dir", str(root / "delta")]) == 0
-    assert answer.main(["--summary", str(tabs / "summary.csv"), "--config",
-                        str(root / "analysis.yaml"), "--runs", str(root / "train"), "--images",
-                        str(root / "images.csv"), "--output", str(root / "answer.rst")]) == 0
+    phase2.build(
+        root / "points.csv",
+        root / "train",
+        "g",
+        tabs,
+        root / "plots",
+        ["better"],
+        "baseline",
+        "pchip",
+        "psnr",
+        csvs,
+    )
+    assert (
+        forest.main(
+            [
+                "--summary",
+                str(tabs / "summary.csv"),
+                "--config",
+                str(root / "analysis.yaml"),
+                "--variants",
+                *NAMED,
+                "--grid-table",
+                str(tabs / "g.csv"),
+                "--images",
+                str(root / "images.csv"),
+                "--output-dir",
+                str(root / "forest"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        delta.main(
+            [
+                "--points",
+                str(root / "points.csv"),
+                "--config",
+                str(root / "analysis.yaml"),
+                "--variants",
+                *NAMED,
+                "--grids",
+                "g",
+                "--images",
+                str(root / "images.csv"),
+                "--resamples",
+                "300",
+                "--output-dir",
+                str(root / "delta"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        answer.main(
+            [
+                "--summary",
+                str(tabs / "summary.csv"),
+                "--config",
+                str(root / "analysis.yaml"),
+                "--runs",
+                str(root / "train"),
+                "--images",
+                str(root / "images.csv"),
+                "--output",
+                str(root / "answer.rst"),
+            ]
+        )
+        == 0
+    )
     return root
 
 
@@ -116,14 +219,18 @@ def _drawn(fig) -> dict[str, dict]:
     for line in ax.lines:
         gid = line.get_gid() or ""
         if gid.startswith(("point:", "seeds:")):
-            out[gid] = {"x": [float(v) for v in line.get_xdata()],
-                        "y": [float(v) for v in line.get_ydata()]}
+            out[gid] = {
+                "x": [float(v) for v in line.get_xdata()],
+                "y": [float(v) for v in line.get_ydata()],
+            }
     for collection in ax.collections:
         gid = collection.get_gid() or ""
         if gid.startswith("bar:"):
             [segment] = collection.get_segments()
-            out[gid] = {"x": [float(segment[0][0]), float(segment[1][0])],
-                        "y": [float(segment[0][1])]}
+            out[gid] = {
+                "x": [float(segment[0][0]), float(segment[1][0])],
+                "y": [float(segment[0][1])],
+            }
     return out
 
 
@@ -148,7 +255,8 @@ def test_forest_points_and_bars_are_the_tables_numbers(study, metric):
     # phases (better, same, worse), Study 1 (s1var, better), and the grid's two points in PSNR
     assert checked == (7 if metric == "psnr" else 5)
     assert list(dict.fromkeys(drawn["group"])) == (
-        ["Phases", "Study 1: scale weights"] + (["Phase 2 grid g"] if metric == "psnr" else []))
+        ["Phases", "Study 1: scale weights"] + (["Phase 2 grid g"] if metric == "psnr" else [])
+    )
     # the closed forms: equal quality at bpp x factor
     phases = drawn[drawn["group"] == "Phases"].set_index("variant")
     assert phases.loc["better", "bd_rate"] == pytest.approx(-20.0, abs=1e-9)
@@ -168,8 +276,9 @@ def test_forest_says_whether_the_interval_excludes_zero_as_the_bd_table(study):
     bd = pd.read_csv(study / "tables" / "bd_vs_baseline.csv").set_index("variant")
     drawn = pd.read_csv(study / "forest" / "forest_samples_psnr.csv")
     for row in drawn[drawn["group"] == "Phases"].itertuples():
-        assert ("yes" if row.excludes_zero else "no") == bd.loc[row.variant,
-                                                                "BD-rate CI excludes 0"]
+        assert ("yes" if row.excludes_zero else "no") == bd.loc[
+            row.variant, "BD-rate CI excludes 0"
+        ]
     verdicts = drawn[drawn["group"] == "Phases"].set_index("variant")["excludes_zero"]
     assert verdicts["better"] and verdicts["worse"] and not verdicts["same"]
 
@@ -181,8 +290,9 @@ def test_per_seed_marks_are_each_seeds_bd_with_the_tables_spread(study):
     # seed 0 was trained at factor 0.78, seed 1 at 0.82; the reference has seed 0 only
     assert seeds == pytest.approx([-22.0, -18.0], abs=1e-9)
     bd = pd.read_csv(study / "tables" / "bd_vs_baseline.csv").set_index("variant")
-    assert np.std(seeds, ddof=1) == pytest.approx(bd.loc["better", "BD-rate seed std (%)"],
-                                                  rel=1e-9)
+    assert np.std(seeds, ddof=1) == pytest.approx(
+        bd.loc["better", "BD-rate seed std (%)"], rel=1e-9
+    )
     assert drawn.loc[drawn["variant"] == "same", "seed_values"].eq("").all()  # one seed: no marks
     table = pd.read_csv(study / "tables" / "summary.csv")
     values = forest.per_seed_bd_rates(pd.read_csv(study / "images.csv"), "baseline", "pchip")
@@ -194,8 +304,9 @@ def test_per_seed_marks_are_each_seeds_bd_with_the_tables_spread(study):
 
 def test_forest_files_exist_per_dataset_and_metric(study):
     names = sorted(p.name for p in (study / "forest").iterdir())
-    assert names == sorted(f"forest_samples_{m}.{ext}" for m in ("psnr", "ms_ssim_db")
-                           for ext in ("png", "pdf", "csv"))
+    assert names == sorted(
+        f"forest_samples_{m}.{ext}" for m in ("psnr", "ms_ssim_db") for ext in ("png", "pdf", "csv")
+    )
 
 
 def test_a_study_row_missing_from_the_summary_is_named(study):
@@ -263,23 +374,35 @@ def test_delta_band_is_the_percentile_of_independent_resampled_differences(study
     images = pd.read_csv(study / "images.csv")
     sel = images[images["seed"] == 0]
     rates = np.array([0.2, 0.25, 0.3])
-    low, high = delta.delta_band(images[images["variant"].isin(["baseline", "s1var"])],
-                                 "samples", "s1var", "baseline", "psnr", "pchip", rates, 200, 3)
+    low, high = delta.delta_band(
+        images[images["variant"].isin(["baseline", "s1var"])],
+        "samples",
+        "s1var",
+        "baseline",
+        "psnr",
+        "pchip",
+        rates,
+        200,
+        3,
+    )
     # independently: per resample, the mean curves, then the straight lines in log-rate
     order = sorted(sel["image"].unique())
     idx = np.random.default_rng(3).integers(0, len(order), size=(200, len(order)))
     per_image = {}
     for variant in ("baseline", "s1var"):
-        v = sel[sel["variant"] == variant].pivot_table(index="lmbda", columns="image",
-                                                       values=["bpp", "psnr"])
+        v = sel[sel["variant"] == variant].pivot_table(
+            index="lmbda", columns="image", values=["bpp", "psnr"]
+        )
         per_image[variant] = (v["bpp"][order].to_numpy(), v["psnr"][order].to_numpy())
     draws = []
     for pick in idx:
         curves = {}
         for variant, (bpp, psnr) in per_image.items():
             curves[variant] = np.polyfit(np.log10(bpp[:, pick].mean(1)), psnr[:, pick].mean(1), 1)
-        draws.append(np.polyval(curves["s1var"], np.log10(rates))
-                     - np.polyval(curves["baseline"], np.log10(rates)))
+        draws.append(
+            np.polyval(curves["s1var"], np.log10(rates))
+            - np.polyval(curves["baseline"], np.log10(rates))
+        )
     draws = np.asarray(draws)
     assert low == pytest.approx(np.percentile(draws, 2.5, axis=0), abs=1e-9)
     assert high == pytest.approx(np.percentile(draws, 97.5, axis=0), abs=1e-9)
@@ -297,12 +420,12 @@ def test_answer_page_carries_the_summarys_values_and_the_scale(study):
         row = dict(zip(table.columns, r))
         for label in ("PSNR", "MS-SSIM"):
             key = f"{label} BD-rate vs baseline (%)"
-            cell = (f"{row[key]:+.2f} [{row[key + ' low']:+.2f}, {row[key + ' high']:+.2f}]")
+            cell = f"{row[key]:+.2f} [{row[key + ' low']:+.2f}, {row[key + ' high']:+.2f}]"
             assert f"     - {cell}\n" in text, (row["variant"], cell)
         assert f"   * - {row['variant']}\n" in text
-    better = text[text.index("   * - better"):].splitlines()
+    better = text[text.index("   * - better") :].splitlines()
     assert better[1].strip().startswith("- -20.00 [") and better[2].strip() == "- **yes**"
-    same = text[text.index("   * - same"):].splitlines()
+    same = text[text.index("   * - same") :].splitlines()
     assert same[2].strip() == "- no"
     assert "   * - baseline" not in text  # the reference against itself is no answer
     assert "- **model**: HPCM_Tiny" in text
@@ -316,6 +439,9 @@ def test_answer_page_carries_the_summarys_values_and_the_scale(study):
 def test_answer_page_is_valid_restructuredtext(study):
     from docutils.core import publish_parts
 
-    html = publish_parts((study / "answer.rst").read_text(), writer="html",
-                         settings_overrides={"halt_level": 2, "report_level": 2})["html_body"]
+    html = publish_parts(
+        (study / "answer.rst").read_text(),
+        writer="html",
+        settings_overrides={"halt_level": 2, "report_level": 2},
+    )["html_body"]
     assert "<table" in html and "-20.00 [" in html

@@ -32,13 +32,30 @@ def image_psnr(i: int, qp: int) -> float:
 
 def point(i: int, qp: int, anchor: str = "vtm-test") -> dict:
     rate = image_rate(i, qp)
-    return {"format": POINT_FORMAT, "dataset": "kodak", "anchor": anchor, "codec": "vtm",
-            "image": IMAGES[i], "quality": qp, "width": 768, "height": 512,
-            "bytes": int(rate * 768 * 512 / 8), "bpp": rate, "psnr": image_psnr(i, qp),
-            "ms_ssim": 0.99, "psnr_y": image_psnr(i, qp) - 1, "psnr_u": 40.0, "psnr_v": 41.0,
-            "psnr_yuv_vtm": image_psnr(i, qp) + 0.5,
-            "enc_time": 30.0, "dec_time": 0.2, "version": "VTM 22.0", "cfg_sha256": "ab" * 32,
-            "encode_cmd": f"EncoderAppStatic -q {qp}", "decode_cmd": "DecoderAppStatic"}
+    return {
+        "format": POINT_FORMAT,
+        "dataset": "kodak",
+        "anchor": anchor,
+        "codec": "vtm",
+        "image": IMAGES[i],
+        "quality": qp,
+        "width": 768,
+        "height": 512,
+        "bytes": int(rate * 768 * 512 / 8),
+        "bpp": rate,
+        "psnr": image_psnr(i, qp),
+        "ms_ssim": 0.99,
+        "psnr_y": image_psnr(i, qp) - 1,
+        "psnr_u": 40.0,
+        "psnr_v": 41.0,
+        "psnr_yuv_vtm": image_psnr(i, qp) + 0.5,
+        "enc_time": 30.0,
+        "dec_time": 0.2,
+        "version": "VTM 22.0",
+        "cfg_sha256": "ab" * 32,
+        "encode_cmd": f"EncoderAppStatic -q {qp}",
+        "decode_cmd": "DecoderAppStatic",
+    }
 
 
 @pytest.fixture()
@@ -51,8 +68,16 @@ def shipped(tmp_path) -> Path:
                 write_point(point(i, qp), points / f"q{qp}" / f"{IMAGES[i]}.json")
     (points / "q27" / "kodim03.png.json").write_text('{"format": "hpcm-codec-')  # killed mid-write
     out = tmp_path / "measured" / "vtm-test"
-    measured.assemble(points, "kodak", "vtm-test", out, n_images=3, qualities=QPS,
-                      label="VTM test", provenance={"tag": "VTM-22.0", "source_repo": "x/y"})
+    measured.assemble(
+        points,
+        "kodak",
+        "vtm-test",
+        out,
+        n_images=3,
+        qualities=QPS,
+        label="VTM test",
+        provenance={"tag": "VTM-22.0", "source_repo": "x/y"},
+    )
     return out / "kodak.csv"
 
 
@@ -117,9 +142,18 @@ def variant_images(scale: float) -> pd.DataFrame:
     rows = []
     for lmbda, qp in zip((0.1, 0.2, 0.3), (41, 36, 33)):
         for i, name in enumerate(IMAGES):
-            rows.append({"dataset": "kodak", "variant": "model", "lmbda": lmbda, "seed": 0,
-                         "image": name, "bpp": scale * image_rate(i, qp),
-                         "psnr": image_psnr(i, qp), "ms_ssim": 0.99})
+            rows.append(
+                {
+                    "dataset": "kodak",
+                    "variant": "model",
+                    "lmbda": lmbda,
+                    "seed": 0,
+                    "image": name,
+                    "bpp": scale * image_rate(i, qp),
+                    "psnr": image_psnr(i, qp),
+                    "ms_ssim": 0.99,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -147,13 +181,18 @@ def test_intervals_need_the_same_images(shipped):
 
 def test_bd_table_against_a_measured_anchor_has_intervals(shipped):
     images = variant_images(0.9)
-    points = (images.groupby(["dataset", "variant", "lmbda"])[["bpp", "psnr", "ms_ssim"]].mean()
-              .reset_index())
+    points = (
+        images.groupby(["dataset", "variant", "lmbda"])[["bpp", "psnr", "ms_ssim"]]
+        .mean()
+        .reset_index()
+    )
     table = anchors.load_anchors(measured=[shipped])
-    unc = anchor_uncertainty(images, measured.read_measured(shipped), "vtm-test", "psnr", "pchip",
-                             resamples=50)
-    result = bd_vs(points, "baseline", "pchip", "psnr", anchor="vtm-test", unc=unc,
-                   anchor_table=table)
+    unc = anchor_uncertainty(
+        images, measured.read_measured(shipped), "vtm-test", "psnr", "pchip", resamples=50
+    )
+    result = bd_vs(
+        points, "baseline", "pchip", "psnr", anchor="vtm-test", unc=unc, anchor_table=table
+    )
     row = result.frame.iloc[0]
     assert result.name == "bd_vs_anchor-vtm-test"
     assert row["BD-rate CI low (%)"] == pytest.approx(-10.0)
@@ -171,6 +210,10 @@ def test_list_and_bd_commands_show_a_measured_anchor(shipped, capsys):
     out = capsys.readouterr().out
     assert "vtm-test" in out and "kodak/vtm-test: measured by this project: VTM 22.0" in out
     assert "11 of 12 (image, quality) pairs complete" in out
-    assert anchors.main(["bd", "--dataset", "kodak", "--reference", "vtm-test",
-                         "--measured", str(shipped)]) == 0
+    assert (
+        anchors.main(
+            ["bd", "--dataset", "kodak", "--reference", "vtm-test", "--measured", str(shipped)]
+        )
+        == 0
+    )
     assert "hpcm-base" in capsys.readouterr().out

@@ -15,8 +15,12 @@ from tests.paths import REPO
 
 
 def _points(path: Path) -> Path:
-    rows = [("kodak", "baseline", 0.0035, 0.20, 29.0), ("kodak", "baseline", 0.013, 0.45, 32.0),
-            ("kodak", "phase3", 0.0035, 0.18, 29.4), ("kodak", "phase3", 0.013, 0.42, 32.5)]
+    rows = [
+        ("kodak", "baseline", 0.0035, 0.20, 29.0),
+        ("kodak", "baseline", 0.013, 0.45, 32.0),
+        ("kodak", "phase3", 0.0035, 0.18, 29.4),
+        ("kodak", "phase3", 0.013, 0.42, 32.5),
+    ]
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["dataset", "variant", "lmbda", "bpp", "psnr", "ms_ssim_db"])
@@ -31,15 +35,22 @@ def _run(root: Path, variant: str, lmbda: float, phase3: bool) -> None:
     (run / "run.yaml").write_text(f"variant: {variant}\nlmbda: {lmbda}\n")
     cols = ["step", "loss", "val_loss", "task_weight_distortion", "task_weight_bpp"]
     if phase3:
-        cols += [f"task_weight_{t}" for t in ("s1_distortion", "s1_bpp", "s2_distortion",
-                                               "s2_bpp", "s3_bpp")]
+        cols += [
+            f"task_weight_{t}"
+            for t in ("s1_distortion", "s1_bpp", "s2_distortion", "s2_bpp", "s3_bpp")
+        ]
         cols += ["scale_contribution_s1", "scale_contribution_s2", "scale_contribution_s3"]
     with open(run / "metrics.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(cols)
         for step in range(1, 21):
-            values = {"step": step, "loss": 3.0 / step, "val_loss": 3.1 / step if step % 5 == 0
-                      else "", "task_weight_distortion": 0.5, "task_weight_bpp": 0.5}
+            values = {
+                "step": step,
+                "loss": 3.0 / step,
+                "val_loss": 3.1 / step if step % 5 == 0 else "",
+                "task_weight_distortion": 0.5,
+                "task_weight_bpp": 0.5,
+            }
             values.update({c: 0.2 for c in cols if c.startswith("task_weight_s")})
             values.update({c: 1 / 3 for c in cols if c.startswith("scale_contribution")})
             writer.writerow([values.get(c, "") for c in cols])
@@ -51,9 +62,17 @@ def captured(monkeypatch):
     original = plots.save_figure
 
     def capture(fig, output_dir, stem):
-        figures[stem] = [(ax.get_xlabel(), ax.get_ylabel(),
-                          [(line.get_label(), line.get_color(), line.get_linestyle(),
-                            line.get_marker()) for line in ax.get_lines()]) for ax in fig.axes]
+        figures[stem] = [
+            (
+                ax.get_xlabel(),
+                ax.get_ylabel(),
+                [
+                    (line.get_label(), line.get_color(), line.get_linestyle(), line.get_marker())
+                    for line in ax.get_lines()
+                ],
+            )
+            for ax in fig.axes
+        ]
         figures[stem + ":suptitle"] = fig._suptitle.get_text() if fig._suptitle else ""
         return original(fig, output_dir, stem)
 
@@ -66,13 +85,31 @@ def test_all_figures_written_with_units_and_consistent_colours(tmp_path, capture
     _run(runs, "baseline", 0.0035, False)
     _run(runs, "phase3", 0.0035, True)
     out = tmp_path / "plots"
-    code = plots.main(["all", "--points", str(_points(tmp_path / "points.csv")), "--runs",
-                       str(runs), "--output-dir", str(out), "--anchors", "vtm", "hpcm-base",
-                       "--total-epochs", "300"])
+    code = plots.main(
+        [
+            "all",
+            "--points",
+            str(_points(tmp_path / "points.csv")),
+            "--runs",
+            str(runs),
+            "--output-dir",
+            str(out),
+            "--anchors",
+            "vtm",
+            "hpcm-base",
+            "--total-epochs",
+            "300",
+        ]
+    )
     assert code == 0
-    for stem in ("rd_kodak_psnr", "training_lmbda0.0035", "task_weights_baseline_lmbda0.0035",
-                 "task_weights_scales_phase3_lmbda0.0035",
-                 "scale_contributions_phase3_lmbda0.0035", "gamma_schedules"):
+    for stem in (
+        "rd_kodak_psnr",
+        "training_lmbda0.0035",
+        "task_weights_baseline_lmbda0.0035",
+        "task_weights_scales_phase3_lmbda0.0035",
+        "scale_contributions_phase3_lmbda0.0035",
+        "gamma_schedules",
+    ):
         for ext in ("png", "pdf"):
             assert (out / f"{stem}.{ext}").stat().st_size > 1000, stem
     assert not (out / "scale_contributions_baseline_lmbda0.0035.png").exists()
@@ -82,7 +119,10 @@ def test_all_figures_written_with_units_and_consistent_colours(tmp_path, capture
     xlabel, ylabel, lines = captured["rd_kodak_psnr"][0]
     assert (xlabel, ylabel) == ("Rate (bpp, log scale)", "PSNR (dB)")
     styles = {label: (color, style, marker) for label, color, style, marker in lines}
-    vtm, hpcm_base = styles["VTM (CompressAI; version unrecorded) (published)"], styles["HPCM-Base (paper) (published)"]
+    vtm, hpcm_base = (
+        styles["VTM (CompressAI; version unrecorded) (published)"],
+        styles["HPCM-Base (paper) (published)"],
+    )
     assert vtm[1] != "-" and hpcm_base[1] != "-"  # anchors are never solid
     assert vtm[1:] != hpcm_base[1:]  # and each has its own dash pattern / marker
     assert styles["phase3"][1] == "-"
@@ -98,9 +138,25 @@ def test_all_reads_every_run_once(tmp_path, monkeypatch):
     _run(runs, "phase3", 0.0035, True)
     reads = []
     original = run_discovery.read_run_yaml
-    monkeypatch.setattr(run_discovery, "read_run_yaml", lambda folder: reads.append(folder) or original(folder))
-    assert plots.main(["all", "--points", str(_points(tmp_path / "points.csv")), "--runs", str(runs),
-                       "--output-dir", str(tmp_path / "plots"), "--total-epochs", "20"]) == 0
+    monkeypatch.setattr(
+        run_discovery, "read_run_yaml", lambda folder: reads.append(folder) or original(folder)
+    )
+    assert (
+        plots.main(
+            [
+                "all",
+                "--points",
+                str(_points(tmp_path / "points.csv")),
+                "--runs",
+                str(runs),
+                "--output-dir",
+                str(tmp_path / "plots"),
+                "--total-epochs",
+                "20",
+            ]
+        )
+        == 0
+    )
     assert sorted(reads) == [runs / "baseline" / "lmbda0.0035", runs / "phase3" / "lmbda0.0035"]
 
 
@@ -133,16 +189,33 @@ def test_separate_calls_with_the_variant_list_colour_a_variant_alike(tmp_path, c
     _run(runs, "warmup", 0.0035, False)  # trained but never evaluated: only in the runs figures
     _run(runs, "phase3", 0.0035, True)
     order = ["warmup", "baseline", "phase3"]
-    assert plots.main(["rd", "--points", str(_points(tmp_path / "points.csv")), "--output-dir",
-                       str(tmp_path / "a"), "--variants", *order]) == 0
-    assert plots.main(["runs", "--runs", str(runs), "--output-dir", str(tmp_path / "b"),
-                       "--variants", *order]) == 0
+    assert (
+        plots.main(
+            [
+                "rd",
+                "--points",
+                str(_points(tmp_path / "points.csv")),
+                "--output-dir",
+                str(tmp_path / "a"),
+                "--variants",
+                *order,
+            ]
+        )
+        == 0
+    )
+    assert (
+        plots.main(
+            ["runs", "--runs", str(runs), "--output-dir", str(tmp_path / "b"), "--variants", *order]
+        )
+        == 0
+    )
     rd_colors = {label: color for label, color, _, _ in captured["rd_kodak_psnr"][0][2]}
     train = {label: color for label, color, _, _ in captured["training_lmbda0.0035"][0][2]}
     assert train["phase3 train"] == rd_colors["phase3"] == plots.variant_colors(order)["phase3"]
     assert train["warmup train"] not in (rd_colors["phase3"], rd_colors["baseline"])
-    code = plots.main(["runs", "--runs", str(runs), "--output-dir", str(tmp_path / "c"),
-                       "--variants", "baseline"])
+    code = plots.main(
+        ["runs", "--runs", str(runs), "--output-dir", str(tmp_path / "c"), "--variants", "baseline"]
+    )
     assert code == 2  # a variant missing from the list would get no fixed colour
 
 

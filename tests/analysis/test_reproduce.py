@@ -41,10 +41,13 @@ def test_equals_the_bjontegaard_package(against_compressai_vtm, method):
         test = anchors.anchor_curve("kodak", model, "psnr", table)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            expected = bjontegaard.bd_rate(*ref, *test, method=method, min_overlap=0,
-                                           require_matching_points=False)
-        got = against_compressai_vtm[(against_compressai_vtm["choice"] == choice)
-                                     & (against_compressai_vtm["model"] == model)]
+            expected = bjontegaard.bd_rate(
+                *ref, *test, method=method, min_overlap=0, require_matching_points=False
+            )
+        got = against_compressai_vtm[
+            (against_compressai_vtm["choice"] == choice)
+            & (against_compressai_vtm["model"] == model)
+        ]
         assert got["BD-rate (%)"].iloc[0] == pytest.approx(expected, abs=1e-9)
 
 
@@ -57,6 +60,7 @@ def test_published_curve_offers_method_and_point_choices_only(against_compressai
     table = anchors.load_anchors()
     bpp, psnr = anchors.anchor_curve("kodak", "vtm", "psnr", table)
     from hpcm.analysis.bd import bd_rate
+
     test = anchors.anchor_curve("kodak", "hpcm-base", "psnr", table)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

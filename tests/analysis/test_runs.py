@@ -9,7 +9,9 @@ from hpcm.analysis.runs import RunDiscoveryError, find_runs
 
 def _run(folder, variant="phase1", lmbda=0.013, metrics=True):
     folder.mkdir(parents=True)
-    (folder / "run.yaml").write_text(f"variant: {variant}\nlmbda: {lmbda}\nmeta: {{git_commit: abc}}\n")
+    (folder / "run.yaml").write_text(
+        f"variant: {variant}\nlmbda: {lmbda}\nmeta: {{git_commit: abc}}\n"
+    )
     if metrics:
         (folder / "metrics.csv").write_text("step,loss\n1,2.0\n")
     return folder
@@ -17,20 +19,29 @@ def _run(folder, variant="phase1", lmbda=0.013, metrics=True):
 
 def test_runs_are_found_at_any_depth(tmp_path):
     flat = _run(tmp_path / "baseline" / "lmbda0.013", "baseline")
-    seeded = [_run(tmp_path / "phase1" / "lmbda0.0035" / f"seed{k}", "phase1", 0.0035) for k in (0, 1)]
+    seeded = [
+        _run(tmp_path / "phase1" / "lmbda0.0035" / f"seed{k}", "phase1", 0.0035) for k in (0, 1)
+    ]
     runs = find_runs(tmp_path)
     assert [r.path for r in runs] == [flat, *seeded]
-    assert [(r.variant, r.lmbda) for r in runs] == [("baseline", 0.013), ("phase1", 0.0035), ("phase1", 0.0035)]
+    assert [(r.variant, r.lmbda) for r in runs] == [
+        ("baseline", 0.013),
+        ("phase1", 0.0035),
+        ("phase1", 0.0035),
+    ]
     assert runs[0].metrics_csv == flat / "metrics.csv" and "meta" not in runs[0].config
 
 
-@pytest.mark.parametrize("case, message", [
-    ("empty", "no metrics.csv under"),
-    ("no_metrics", "run.yaml but no metrics.csv"),
-    ("orphan_metrics", "metrics.csv but no run.yaml"),
-    ("no_lambda", "lacks 'variant' or 'lmbda'"),
-    ("missing_root", "runs folder not found"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("empty", "no metrics.csv under"),
+        ("no_metrics", "run.yaml but no metrics.csv"),
+        ("orphan_metrics", "metrics.csv but no run.yaml"),
+        ("no_lambda", "lacks 'variant' or 'lmbda'"),
+        ("missing_root", "runs folder not found"),
+    ],
+)
 def test_bad_run_folders_are_named(tmp_path, case, message):
     root = tmp_path / "train"
     root.mkdir()

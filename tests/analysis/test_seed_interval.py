@@ -26,8 +26,9 @@ RATE_FACTOR, PSNR_SHIFT = 0.9, 0.1  # test = reference with bpp x 0.9 and PSNR +
 TRUE_RATE = (10 ** (math.log10(RATE_FACTOR) - PSNR_SHIFT / SLOPE) - 1) * 100
 
 
-def synthetic_study(rng, seeds=3, images=24, seed_sd=0.15, image_sd=0.15, rate_sd=0.05,
-                    noise_sd=0.05):
+def synthetic_study(
+    rng, seeds=3, images=24, seed_sd=0.15, image_sd=0.15, rate_sd=0.05, noise_sd=0.05
+):
     """(reference curves, test curves), one Curve per seed, (L lambdas, n images) each.
 
     PSNR = 30 + SLOPE*log10(rate) + image level (shared by both variants)
@@ -41,11 +42,11 @@ def synthetic_study(rng, seeds=3, images=24, seed_sd=0.15, image_sd=0.15, rate_s
     complexity = rng.lognormal(0.0, 0.3, size=images)
     level = rng.normal(0.0, 2.0, size=images)
     v = rng.normal(0.0, image_sd, size=images)
-    w = rng.lognormal(-image_sd**2 / 2, image_sd, size=images)
+    w = rng.lognormal(-(image_sd**2) / 2, image_sd, size=images)
 
     def run(shared, test):
         own = rng.normal(0.0, seed_sd / math.sqrt(2), size=(len(RATES), 1))
-        factor = rng.lognormal(-rate_sd**2 / 2, rate_sd)
+        factor = rng.lognormal(-(rate_sd**2) / 2, rate_sd)
         psnr = 30.0 + SLOPE * np.log10(lam) + level + shared + own
         psnr = psnr + rng.normal(0.0, noise_sd, size=(len(RATES), images))
         bpp = lam * complexity * factor
@@ -64,8 +65,9 @@ def synthetic_study(rng, seeds=3, images=24, seed_sd=0.15, image_sd=0.15, rate_s
 def _bd_rate(ra, da, rt, dt):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return bjontegaard.bd_rate(ra, da, rt, dt, method="pchip", require_matching_points=False,
-                                   min_overlap=0.0)
+        return bjontegaard.bd_rate(
+            ra, da, rt, dt, method="pchip", require_matching_points=False, min_overlap=0.0
+        )
 
 
 def independent_interval(ref, test, resamples, seed):
@@ -73,13 +75,17 @@ def independent_interval(ref, test, resamples, seed):
     n, seeds = ref[0].bpp.shape[1], len(ref)
 
     def mean_curves(curves, idx):
-        return (np.mean([c.bpp[:, idx].mean(1) for c in curves], axis=0),
-                np.mean([c.dist[:, idx].mean(1) for c in curves], axis=0))
+        return (
+            np.mean([c.bpp[:, idx].mean(1) for c in curves], axis=0),
+            np.mean([c.dist[:, idx].mean(1) for c in curves], axis=0),
+        )
 
     every = np.arange(n)
     value = _bd_rate(*mean_curves(ref, every), *mean_curves(test, every))
-    per_seed = [_bd_rate(r.bpp.mean(1), r.dist.mean(1), t.bpp.mean(1), t.dist.mean(1))
-                for r, t in zip(ref, test)]
+    per_seed = [
+        _bd_rate(r.bpp.mean(1), r.dist.mean(1), t.bpp.mean(1), t.dist.mean(1))
+        for r, t in zip(ref, test)
+    ]
     draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
     boot = [_bd_rate(*mean_curves(ref, idx), *mean_curves(test, idx)) for idx in draws]
     v_seed = np.var(per_seed, ddof=1) / seeds
@@ -95,8 +101,9 @@ def test_one_case_equals_an_independent_implementation():
     value, low, high, per_seed = independent_interval(ref, test, 300, 4)
     assert ours.invalid == 0
     # measured agreement ~1e-12 (same formulas, different operation order)
-    np.testing.assert_allclose([ours.bd_rate, ours.low, ours.high], [value, low, high],
-                               rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(
+        [ours.bd_rate, ours.low, ours.high], [value, low, high], rtol=1e-8, atol=1e-8
+    )
     np.testing.assert_allclose(ours.seed_bd, per_seed, rtol=1e-8, atol=1e-8)
     assert ours.seed_sd == pytest.approx(np.std(per_seed, ddof=1), rel=1e-8)
 
@@ -174,10 +181,18 @@ def _image_rows(curves_by_variant):
         for seed, c in enumerate(curves):
             for li, lmbda in enumerate([0.001, 0.002, 0.004, 0.008]):
                 for i in range(c.bpp.shape[1]):
-                    rows.append({"dataset": "kodak", "variant": variant, "lmbda": lmbda,
-                                 "seed": seed, "image": f"im{i:02d}", "bpp": c.bpp[li, i],
-                                 "psnr": c.dist[li, i],
-                                 "ms_ssim": 0.9})
+                    rows.append(
+                        {
+                            "dataset": "kodak",
+                            "variant": variant,
+                            "lmbda": lmbda,
+                            "seed": seed,
+                            "image": f"im{i:02d}",
+                            "bpp": c.bpp[li, i],
+                            "psnr": c.dist[li, i],
+                            "ms_ssim": 0.9,
+                        }
+                    )
     return pd.DataFrame(rows)
 
 
@@ -210,7 +225,10 @@ def test_seed_table_rows_and_a_single_seed_control_in_the_notes():
     row = table.frame.iloc[0]
     direct = bootstrap.seed_image_interval(ref, test, bootstrap.resample_indices(6, 200, 2))
     assert (row["BD-rate (%)"], row["CI low (%)"], row["CI high (%)"]) == (
-        direct.bd_rate, direct.low, direct.high)
+        direct.bd_rate,
+        direct.low,
+        direct.high,
+    )
     per_seed = ", ".join(f"s{s}: {b:+.2f}" for s, b in enumerate(direct.seed_bd))
     assert row["per-seed BD-rate (%)"] == per_seed
     assert row["CI excludes 0"] == ("yes" if direct.excludes_zero else "no")

@@ -26,19 +26,27 @@ CURVES = {
     "study1_s1": [(0.20, 29.0), None, None],  # a single point: no curve
 }
 ANALYSIS = {
-    "reference": "baseline", "bd_method": "pchip", "anchors": [],
+    "reference": "baseline",
+    "bd_method": "pchip",
+    "anchors": [],
     "gains": {"phase1": "phase1", "phase2": "phase2", "phase3": "phase3"},
-    "studies": {"study1": {"title": "Study 1: scale weights",
-                           "rows": {"equal": "study1_equal", "s1_emphasis": "study1_s1",
-                                    "s2_emphasis": "phase3"}}},
+    "studies": {
+        "study1": {
+            "title": "Study 1: scale weights",
+            "rows": {"equal": "study1_equal", "s1_emphasis": "study1_s1", "s2_emphasis": "phase3"},
+        }
+    },
 }
 OPTIMIZERS = {"baseline": "adam", "phase1": "balanced", "phase2": "balanced"}
 
 
 def _val_losses(variant: str) -> list[float]:
     # Best 2.0 at epoch 5; 2.015 (within 1 %) first reached at epoch 4 for phase runs, 5 else.
-    return [10.0, 5.0, 3.0, 2.015, 2.0, 2.1] if variant.startswith("phase") else \
-        [10.0, 5.0, 3.0, 2.5, 2.0, 2.3]
+    return (
+        [10.0, 5.0, 3.0, 2.015, 2.0, 2.1]
+        if variant.startswith("phase")
+        else [10.0, 5.0, 3.0, 2.5, 2.0, 2.3]
+    )
 
 
 def _write_run(root: Path, variant: str, lmbda: float, seed: int) -> np.ndarray:
@@ -47,7 +55,8 @@ def _write_run(root: Path, variant: str, lmbda: float, seed: int) -> np.ndarray:
     optimizer = OPTIMIZERS.get(variant, "hierarchical_balanced")
     (run / "run.yaml").write_text(
         f"variant: {variant}\nlmbda: {lmbda}\noptimizer: {optimizer}\ndecomposition: measured\n"
-        "scale_weights: [0.3, 0.4, 0.3]\ngammas: [0.008, 0.006, 0.004]\n")
+        "scale_weights: [0.3, 0.4, 0.3]\ngammas: [0.008, 0.006, 0.004]\n"
+    )
     rng = np.random.default_rng(seed)
     losses = 5.0 + rng.normal(0, 0.1, 60)
     vals = iter(_val_losses(variant))
@@ -56,8 +65,17 @@ def _write_run(root: Path, variant: str, lmbda: float, seed: int) -> np.ndarray:
         writer = csv.writer(handle)
         writer.writerow(["step", "epoch", "lr", "loss", "val_loss", "skipped_steps", "step_time"])
         for step in range(1, 61):
-            writer.writerow([step, (step - 1) // 10 + 1, 1e-4, losses[step - 1], "",
-                             1 if step > 30 and variant == "phase3" else 0, 0.5])
+            writer.writerow(
+                [
+                    step,
+                    (step - 1) // 10 + 1,
+                    1e-4,
+                    losses[step - 1],
+                    "",
+                    1 if step > 30 and variant == "phase3" else 0,
+                    0.5,
+                ]
+            )
             if step % 10 == 0:
                 writer.writerow([step, step // 10, "", "", next(vals), "", ""])
     return losses
@@ -68,11 +86,22 @@ def _write_eval_csv(root: Path, variant: str, lmbda: float, bpp: float, psnr: fl
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["image", "variant", "lmbda", "dataset", "bpp", "psnr", "ms_ssim",
-                         "decode_ok"])
+        writer.writerow(
+            ["image", "variant", "lmbda", "dataset", "bpp", "psnr", "ms_ssim", "decode_ok"]
+        )
         for k, delta in enumerate((-0.25, 0.25)):  # two images around the point
-            writer.writerow([f"img{k}.png", variant, lmbda, "kodak", bpp + delta * 0.1,
-                             psnr + delta, 0.95, True])
+            writer.writerow(
+                [
+                    f"img{k}.png",
+                    variant,
+                    lmbda,
+                    "kodak",
+                    bpp + delta * 0.1,
+                    psnr + delta,
+                    0.95,
+                    True,
+                ]
+            )
     return path
 
 
@@ -85,21 +114,48 @@ def synthetic(tmp_path_factory):
             losses[(variant, lmbda)] = _write_run(root / "train", variant, lmbda, seed * 10 + i)
             if point is not None:
                 eval_csvs.append(_write_eval_csv(root, variant, lmbda, *point))
-    assert rd.main(["points", "--eval-csv", *map(str, eval_csvs), "--output",
-                    str(root / "points.csv"), "--curves-dir", str(root / "curves")]) == 0
+    assert (
+        rd.main(
+            [
+                "points",
+                "--eval-csv",
+                *map(str, eval_csvs),
+                "--output",
+                str(root / "points.csv"),
+                "--curves-dir",
+                str(root / "curves"),
+            ]
+        )
+        == 0
+    )
     bench = root / "bench" / "baseline"
     bench.mkdir(parents=True)
     for lmbda in LAMBDAS:
         (bench / f"lmbda{lmbda}.tsv").write_text(
-            "s\th:m:s\tmax_rss\tmax_vms\n12.5\t0:00:12\t812.5\t2000\n")
+            "s\th:m:s\tmax_rss\tmax_vms\n12.5\t0:00:12\t812.5\t2000\n"
+        )
     config = root / "config.yaml"
     import yaml
 
     config.write_text(yaml.safe_dump({"analysis": ANALYSIS}))
     out = root / "tables"
-    assert tables.main(["--points", str(root / "points.csv"), "--runs", str(root / "train"),
-                        "--config", str(config), "--output-dir", str(out), "--benchmarks",
-                        str(root / "bench")]) == 0
+    assert (
+        tables.main(
+            [
+                "--points",
+                str(root / "points.csv"),
+                "--runs",
+                str(root / "train"),
+                "--config",
+                str(config),
+                "--output-dir",
+                str(out),
+                "--benchmarks",
+                str(root / "bench"),
+            ]
+        )
+        == 0
+    )
     return {"root": root, "out": out, "losses": losses}
 
 
@@ -114,8 +170,10 @@ def _package_bd(variant: str, reference: str = "baseline") -> tuple[float, float
     args = ([p[0] for p in ref], [p[1] for p in ref], [p[0] for p in test], [p[1] for p in test])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return (bjontegaard.bd_rate(*args, method="pchip", require_matching_points=False),
-                bjontegaard.bd_psnr(*args, method="pchip", require_matching_points=False))
+        return (
+            bjontegaard.bd_rate(*args, method="pchip", require_matching_points=False),
+            bjontegaard.bd_psnr(*args, method="pchip", require_matching_points=False),
+        )
 
 
 def test_all_formats_written(synthetic):
@@ -153,10 +211,10 @@ def test_expected_gains_convergence_epoch(synthetic):
     ref_rate, ref_psnr = _package_bd("baseline", "baseline")
     assert float(rows["baseline"]["BD-rate (%)"]) == pytest.approx(ref_rate, abs=1e-9)
     assert float(rows["baseline"]["BD-PSNR (dB)"]) == pytest.approx(ref_psnr, abs=1e-9)
-    assert float(rows["phase1"]["BD-rate (%)"]) == pytest.approx(_package_bd("phase1")[0],
-                                                                   abs=1e-6)
-    assert float(rows["phase2"]["BD-PSNR (dB)"]) == pytest.approx(_package_bd("phase2")[1],
-                                                                    abs=1e-6)
+    assert float(rows["phase1"]["BD-rate (%)"]) == pytest.approx(_package_bd("phase1")[0], abs=1e-6)
+    assert float(rows["phase2"]["BD-PSNR (dB)"]) == pytest.approx(
+        _package_bd("phase2")[1], abs=1e-6
+    )
     assert rows["phase3"]["lambdas"] == "2"
 
 
@@ -180,7 +238,7 @@ def _windows(losses: np.ndarray, every: int, with_std: bool, with_count: bool = 
 
     rows = []
     for end in range(every, losses.size + 1, every):
-        window = losses[end - every:end]
+        window = losses[end - every : end]
         row = {"step": end, "epoch": 1, "loss": window.mean(), "val_loss": np.nan}
         if with_std:
             row["loss_std"] = window.std()
@@ -221,7 +279,9 @@ def test_study_column_is_per_step_only_when_every_run_logged_loss_std(tmp_path, 
     assert tables.LOGGED_CV in table.frame.columns and tables.PER_STEP_CV not in table.frame
     # A study row naming the reference is measured like the others (its curve against itself).
     reference_row = table.frame[table.frame["config"] == "reference"].iloc[0]
-    assert reference_row["BD-rate (%)"] == pytest.approx(_package_bd("baseline", "baseline")[0], abs=1e-9)
+    assert reference_row["BD-rate (%)"] == pytest.approx(
+        _package_bd("baseline", "baseline")[0], abs=1e-9
+    )
     # Give phase3's runs per-step statistics: the column switches to the per-step CoV.
     for lmbda in LAMBDAS:
         run = tmp_path / "train" / f"lmbda{lmbda}"
@@ -232,8 +292,13 @@ def test_study_column_is_per_step_only_when_every_run_logged_loss_std(tmp_path, 
     runs = tables.load_runs(tmp_path / "train")
     table = tables.study_table("s", "S", spec, points, runs, "baseline", "pchip", "psnr")
     # Windows of 2 steps ending at >= 60 - 0.1 * 58: steps 55..60 of each run's losses.
-    expected = np.mean([np.std(synthetic["losses"][("phase3", lm)][54:], ddof=1)
-                        / np.mean(synthetic["losses"][("phase3", lm)][54:]) for lm in LAMBDAS])
+    expected = np.mean(
+        [
+            np.std(synthetic["losses"][("phase3", lm)][54:], ddof=1)
+            / np.mean(synthetic["losses"][("phase3", lm)][54:])
+            for lm in LAMBDAS
+        ]
+    )
     assert table.frame[tables.PER_STEP_CV].iloc[0] == pytest.approx(expected)
 
 
@@ -250,8 +315,11 @@ def test_missing_required_metrics_column(tmp_path):
     run = tmp_path / "r"
     run.mkdir()
     (run / "metrics.csv").write_text("step,epoch,loss\n1,1,2.0\n")
-    with pytest.raises(tables.TableError, match=r"metrics.csv: missing required column\(s\) "
-                                                r"\['val_loss'\]"):
+    with pytest.raises(
+        tables.TableError,
+        match=r"metrics.csv: missing required column\(s\) "
+        r"\['val_loss'\]",
+    ):
         tables.read_metrics(run / "metrics.csv")
 
 
@@ -267,7 +335,9 @@ def test_points_and_curves_follow_compressai_aggregation(synthetic):
     assert (phase3["source_sha256"].str.len() == 64).all()
     parsed = parse_json_file(synthetic["root"] / "curves" / "kodak" / "phase3.json", "psnr")
     assert parsed["name"] == "phase3"
-    assert parsed["xs"] == pytest.approx([0.17, 0.85]) and parsed["ys"] == pytest.approx([29.5, 35.5])
+    assert parsed["xs"] == pytest.approx([0.17, 0.85]) and parsed["ys"] == pytest.approx(
+        [29.5, 35.5]
+    )
 
 
 def test_overhead_from_the_step_benchmark(tmp_path):
@@ -277,9 +347,15 @@ def test_overhead_from_the_step_benchmark(tmp_path):
 
     benchmark = load_script(REPO / "benchmarks" / "optimizer_overhead.py")
     table = benchmark.variants("next_batch")
-    rounds = {"adam": [0.20, 0.40], "balanced next_batch": [0.21, 0.40], "hier measured next_batch": [0.22, 0.40]}
-    results = {name: {"rounds_s": r, "median_s": sum(r) / 2, "min_s": min(r), "peak_mb": 100.0 + i}
-               for i, (name, r) in enumerate(rounds.items())}
+    rounds = {
+        "adam": [0.20, 0.40],
+        "balanced next_batch": [0.21, 0.40],
+        "hier measured next_batch": [0.22, 0.40],
+    }
+    results = {
+        name: {"rounds_s": r, "median_s": sum(r) / 2, "min_s": min(r), "peak_mb": 100.0 + i}
+        for i, (name, r) in enumerate(rounds.items())
+    }
     args = argparse.Namespace(model="HPCM_Tiny", batch_size=2, patch_size=64, rounds=2, steps=1)
     path = tmp_path / "overhead.json"
     path.write_text(json.dumps(benchmark.json_document(results, table, {}, args, "cpu")))
@@ -301,12 +377,26 @@ def test_overhead_from_the_step_benchmark(tmp_path):
 
 
 def test_phase4_keys_in_words():
-    assert tables.phase4_summary({"group_lr": {"transforms": 1.0, "hyperprior": 0.5, "context": 0.1}}) == \
-        "lr x hyperprior 0.5, context 0.1"
-    assert tables.phase4_summary({"freeze": ["hyperprior"], "unfreeze_schedule": {"context": 0.4},
-                                  "scale_early_stop_patience": 2}) == \
-        "frozen: hyperprior; unfrozen at: context 0.4; scale early stop after 2 validations"
-    assert tables.phase4_summary({"group_lr": {"context": 1.0}, "freeze": [], "scale_early_stop_patience": 0}) == ""
+    assert (
+        tables.phase4_summary({"group_lr": {"transforms": 1.0, "hyperprior": 0.5, "context": 0.1}})
+        == "lr x hyperprior 0.5, context 0.1"
+    )
+    assert (
+        tables.phase4_summary(
+            {
+                "freeze": ["hyperprior"],
+                "unfreeze_schedule": {"context": 0.4},
+                "scale_early_stop_patience": 2,
+            }
+        )
+        == "frozen: hyperprior; unfrozen at: context 0.4; scale early stop after 2 validations"
+    )
+    assert (
+        tables.phase4_summary(
+            {"group_lr": {"context": 1.0}, "freeze": [], "scale_early_stop_patience": 0}
+        )
+        == ""
+    )
 
 
 # ------------------------------------------------------------------------------ the table registry
@@ -318,16 +408,31 @@ def test_the_command_writes_exactly_the_registered_names(synthetic):
     """What the workflow expects (table_names) is what the command wrote, file for file."""
     written = {p.stem for p in synthetic["out"].iterdir()}
     assert written == set(tables.table_names(ANALYSIS))
-    assert tables.table_names(ANALYSIS) == ["bd_vs_baseline", "expected_gains", "study1",
-                                            "overhead"]
+    assert tables.table_names(ANALYSIS) == [
+        "bd_vs_baseline",
+        "expected_gains",
+        "study1",
+        "overhead",
+    ]
 
 
 def test_table_names_follow_the_analysis_section():
-    analysis = {"reference": "phase1", "anchors": ["vtm", "hpcm-base"], "gains": {},
-                "studies": {"s1": {"rows": {}}, "s2": {"rows": {}}}, "overhead_json": "x.json"}
+    analysis = {
+        "reference": "phase1",
+        "anchors": ["vtm", "hpcm-base"],
+        "gains": {},
+        "studies": {"s1": {"rows": {}}, "s2": {"rows": {}}},
+        "overhead_json": "x.json",
+    }
     assert tables.table_names(analysis) == [
-        "bd_vs_phase1", "bd_vs_anchor-vtm", "bd_vs_anchor-hpcm-base", "s1", "s2", "overhead",
-        "overhead_benchmark"]
+        "bd_vs_phase1",
+        "bd_vs_anchor-vtm",
+        "bd_vs_anchor-hpcm-base",
+        "s1",
+        "s2",
+        "overhead",
+        "overhead_benchmark",
+    ]
 
 
 def test_every_registered_caption_exists_and_every_caption_is_registered():
@@ -346,8 +451,9 @@ def test_a_kind_registers_once_and_a_builder_must_match_its_names(tmp_path, synt
         return [tables.Table("not_extra", "t", inputs.runs.head(1), {}, [])]
 
     with pytest.raises(RuntimeError, match=r"'extra' built \['not_extra'\], declared \['extra'\]"):
-        tables.build_all(synthetic["root"] / "points.csv", synthetic["root"] / "train", ANALYSIS,
-                         tmp_path)
+        tables.build_all(
+            synthetic["root"] / "points.csv", synthetic["root"] / "train", ANALYSIS, tmp_path
+        )
 
 
 def test_a_registered_table_is_written_and_named_for_the_workflow(tmp_path, synthetic, monkeypatch):
@@ -359,8 +465,9 @@ def test_a_registered_table_is_written_and_named_for_the_workflow(tmp_path, synt
         frame = inputs.runs.groupby("variant").size().rename("runs").reset_index()
         return [tables.Table("run_count", "Runs per variant", frame, {}, [])]
 
-    tables.build_all(synthetic["root"] / "points.csv", synthetic["root"] / "train", ANALYSIS,
-                     tmp_path)
+    tables.build_all(
+        synthetic["root"] / "points.csv", synthetic["root"] / "train", ANALYSIS, tmp_path
+    )
     assert tables.table_names(ANALYSIS)[-1] == "run_count"
     rows = {r["variant"]: int(r["runs"]) for r in _read(tmp_path, "run_count")}
     assert rows == {variant: len(LAMBDAS) for variant in CURVES}

@@ -17,8 +17,10 @@ from tests.analysis.test_tables import _write_run
 
 LAMBDAS = (2.4, 8.73, 31.73)
 # (bpp, linear MS-SSIM) per lambda; both images of a point carry these exact values
-CURVES = {"baseline": [(0.10, 0.950), (0.21, 0.975), (0.41, 0.988)],
-          "phase1": [(0.10, 0.953), (0.20, 0.976), (0.40, 0.989)]}
+CURVES = {
+    "baseline": [(0.10, 0.950), (0.21, 0.975), (0.41, 0.988)],
+    "phase1": [(0.10, 0.953), (0.20, 0.976), (0.40, 0.989)],
+}
 
 
 def to_db(value: float) -> float:
@@ -36,24 +38,68 @@ def written(tmp_path_factory):
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "w", newline="") as handle:
                 writer = csv.writer(handle)
-                writer.writerow(["image", "variant", "lmbda", "dataset", "bpp", "psnr", "ms_ssim", "decode_ok"])
+                writer.writerow(
+                    ["image", "variant", "lmbda", "dataset", "bpp", "psnr", "ms_ssim", "decode_ok"]
+                )
                 for k in range(2):
-                    writer.writerow([f"img{k}.png", variant, lmbda, "kodak", bpp, 30.0 + 3 * i + 0.1 * seed,
-                                     ms_ssim, True])
+                    writer.writerow(
+                        [
+                            f"img{k}.png",
+                            variant,
+                            lmbda,
+                            "kodak",
+                            bpp,
+                            30.0 + 3 * i + 0.1 * seed,
+                            ms_ssim,
+                            True,
+                        ]
+                    )
             evals.append(path)
-    assert rd.main(["points", "--eval-csv", *map(str, evals), "--output", str(root / "points.csv")]) == 0
+    assert (
+        rd.main(["points", "--eval-csv", *map(str, evals), "--output", str(root / "points.csv")])
+        == 0
+    )
     config = root / "analysis.yaml"
-    config.write_text(yaml.safe_dump({"analysis": {"reference": "baseline", "metric": "ms_ssim_db", "anchors": [],
-                                                   "gains": {"phase1": "phase1"}, "studies": {}}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "analysis": {
+                    "reference": "baseline",
+                    "metric": "ms_ssim_db",
+                    "anchors": [],
+                    "gains": {"phase1": "phase1"},
+                    "studies": {},
+                }
+            }
+        )
+    )
     out = root / "tables"
-    assert tables.main(["--points", str(root / "points.csv"), "--runs", str(root / "train"),
-                        "--config", str(config), "--output-dir", str(out)]) == 0
+    assert (
+        tables.main(
+            [
+                "--points",
+                str(root / "points.csv"),
+                "--runs",
+                str(root / "train"),
+                "--config",
+                str(config),
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def test_bd_is_measured_on_ms_ssim_db(written):
     ref, test = CURVES["baseline"], CURVES["phase1"]
-    args = ([p[0] for p in ref], [to_db(p[1]) for p in ref], [p[0] for p in test], [to_db(p[1]) for p in test])
+    args = (
+        [p[0] for p in ref],
+        [to_db(p[1]) for p in ref],
+        [p[0] for p in test],
+        [to_db(p[1]) for p in test],
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rate = bjontegaard.bd_rate(*args, method="pchip", require_matching_points=False)

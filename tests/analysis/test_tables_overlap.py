@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from hpcm.analysis import tables
-from tests.analysis.test_tables import ANALYSIS, synthetic  # noqa: F401 (a fixture)
+from tests.analysis.test_tables import ANALYSIS, synthetic  # noqa: F401, F811 (a fixture)
 
 REFERENCE = ([0.1, 0.2, 0.4, 0.8], [30.0, 32.0, 34.0, 36.0])
 CURVES = {
@@ -26,8 +26,9 @@ QUALITY_OVERLAP = (36.0 - 34.0) / (40.0 - 30.0)
 def points() -> pd.DataFrame:
     rows = []
     for variant, (bpp, psnr) in {"baseline": REFERENCE, **CURVES}.items():
-        rows += [{"dataset": "kodak", "variant": variant, "bpp": b, "psnr": p}
-                 for b, p in zip(bpp, psnr)]
+        rows += [
+            {"dataset": "kodak", "variant": variant, "bpp": b, "psnr": p} for b, p in zip(bpp, psnr)
+        ]
     return pd.DataFrame(rows)
 
 
@@ -45,15 +46,18 @@ def test_the_table_shows_the_smaller_overlap_and_its_range():
     assert "100 %" not in markdown and "| 100 |" not in markdown
 
 
-def test_every_table_says_when_the_test_photos_were_not_held_out(synthetic, tmp_path):
+def test_every_table_says_when_the_test_photos_were_not_held_out(synthetic, tmp_path):  # noqa: F811 (the imported fixture)
     """allow_test_data_in_training (hpcm.config.study): the analysis YAML lists the overlaps and
     every table of hpcm tables repeats them in its notes (issue 26 point 2)."""
-    sentence = ("val_data (results/data/samples/test) holds the images of the evaluated dataset "
-                "datasets.samples (results/data/samples/test)")
+    sentence = (
+        "val_data (results/data/samples/test) holds the images of the evaluated dataset "
+        "datasets.samples (results/data/samples/test)"
+    )
     root = synthetic["root"]
     analysis = {**ANALYSIS, tables.NOT_HELD_OUT: [sentence]}
-    written = tables.build_all(root / "points.csv", root / "train", analysis, tmp_path,
-                               benchmarks=root / "bench")
+    written = tables.build_all(
+        root / "points.csv", root / "train", analysis, tmp_path, benchmarks=root / "bench"
+    )
     markdown = [p for p in written if p.suffix == ".md"]
     assert len(markdown) >= 4
     for path in markdown:

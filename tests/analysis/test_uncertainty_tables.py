@@ -29,11 +29,15 @@ def _write_eval(root: Path, variant: str, lmbda_index: int, bpp, psnr, seed: int
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["image", "variant", "lmbda", "dataset", "bpp", "psnr", "ms_ssim"]
-                        + ([] if seed is None else ["seed"]))
+        writer.writerow(
+            ["image", "variant", "lmbda", "dataset", "bpp", "psnr", "ms_ssim"]
+            + ([] if seed is None else ["seed"])
+        )
         for image, b, p in zip(IMAGES, bpp, psnr):
-            writer.writerow([image, variant, LAMBDAS[lmbda_index], "samples", b, p, 0.95]
-                            + ([] if seed is None else [seed]))
+            writer.writerow(
+                [image, variant, LAMBDAS[lmbda_index], "samples", b, p, 0.95]
+                + ([] if seed is None else [seed])
+            )
     return path
 
 
@@ -45,20 +49,55 @@ def study(tmp_path_factory):
         csvs.append(_write_eval(root, "baseline", li, BASE_BPP[li], BASE_PSNR[li], None))
         for seed, factor in ((0, 0.78), (1, 0.82)):  # two seeds of a clearly better variant
             csvs.append(_write_eval(root, "better", li, BASE_BPP[li] * factor, BASE_PSNR[li], seed))
-        csvs.append(_write_eval(root, "same", li, BASE_BPP[li] * (1 + 0.01 * (li - 0.5)),
-                                BASE_PSNR[li] + 0.01, None))
+        csvs.append(
+            _write_eval(
+                root, "same", li, BASE_BPP[li] * (1 + 0.01 * (li - 0.5)), BASE_PSNR[li] + 0.01, None
+            )
+        )
     for i, lmbda in enumerate(LAMBDAS):
         for variant in ("baseline", "better", "same"):
             _write_run(root / "train", variant, lmbda, i)
-    assert rd.main(["points", "--eval-csv", *map(str, csvs), "--output", str(root / "points.csv"),
-                    "--images", str(root / "images.csv")]) == 0
-    analysis = {"reference": "baseline", "bd_method": "pchip", "anchors": [],
-                "gains": {"better": "better", "same": "same"},
-                "studies": {"s": {"title": "S", "rows": {"b": "better", "ref": "baseline"}}}}
+    assert (
+        rd.main(
+            [
+                "points",
+                "--eval-csv",
+                *map(str, csvs),
+                "--output",
+                str(root / "points.csv"),
+                "--images",
+                str(root / "images.csv"),
+            ]
+        )
+        == 0
+    )
+    analysis = {
+        "reference": "baseline",
+        "bd_method": "pchip",
+        "anchors": [],
+        "gains": {"better": "better", "same": "same"},
+        "studies": {"s": {"title": "S", "rows": {"b": "better", "ref": "baseline"}}},
+    }
     (root / "config.yaml").write_text(yaml.safe_dump({"analysis": analysis}))
-    assert tables.main(["--points", str(root / "points.csv"), "--runs", str(root / "train"),
-                        "--config", str(root / "config.yaml"), "--output-dir", str(root / "tables"),
-                        "--images", str(root / "images.csv"), "--resamples", "1000"]) == 0
+    assert (
+        tables.main(
+            [
+                "--points",
+                str(root / "points.csv"),
+                "--runs",
+                str(root / "train"),
+                "--config",
+                str(root / "config.yaml"),
+                "--output-dir",
+                str(root / "tables"),
+                "--images",
+                str(root / "images.csv"),
+                "--resamples",
+                "1000",
+            ]
+        )
+        == 0
+    )
     return root
 
 

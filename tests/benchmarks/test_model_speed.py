@@ -36,7 +36,9 @@ class _ConvStack(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.convs = nn.Sequential(nn.Conv2d(3, 128, 3, padding=1), nn.Conv2d(128, 128, 1), nn.Conv2d(128, 3, 1))
+        self.convs = nn.Sequential(
+            nn.Conv2d(3, 128, 3, padding=1), nn.Conv2d(128, 128, 1), nn.Conv2d(128, 3, 1)
+        )
 
     def forward(self, x):
         return {"x_hat": self.convs(x), "likelihoods": {}}
@@ -57,13 +59,36 @@ def test_compute_share_sees_the_convolution_kernels():
 def test_script_prints_the_train_steps_arithmetic(capsys, tmp_path):
     threads = torch.get_num_threads()
     try:
-        model_speed.main(["--presets", "HPCM_Tiny", "--size", "64", "64", "--batch", "1", "--repeats", "1",
-                          "--threads", "1", "--skip-coding", "--device", "cpu", "--json", str(tmp_path / "speed.json")])
+        model_speed.main(
+            [
+                "--presets",
+                "HPCM_Tiny",
+                "--size",
+                "64",
+                "64",
+                "--batch",
+                "1",
+                "--repeats",
+                "1",
+                "--threads",
+                "1",
+                "--skip-coding",
+                "--device",
+                "cpu",
+                "--json",
+                str(tmp_path / "speed.json"),
+            ]
+        )
     finally:
         torch.set_num_threads(threads)  # main() sets it for the whole process
     out = capsys.readouterr().out
-    gflop, rate, share = (float(v) for v in re.search(
-        r"train step ours: ([0-9.]+) GFLOP at ([0-9.]+) GFLOP/s, ([0-9.]+)% of profiled steps in convolution", out).groups())
+    gflop, rate, share = (
+        float(v)
+        for v in re.search(
+            r"train step ours: ([0-9.]+) GFLOP at ([0-9.]+) GFLOP/s, ([0-9.]+)% of profiled steps in convolution",
+            out,
+        ).groups()
+    )
     assert gflop > 0 and rate > 0 and 0 < share < 100
     assert "ceiling" not in out  # only with --official
     record = json.loads((tmp_path / "speed.json").read_text())["presets"]["HPCM_Tiny"]

@@ -15,9 +15,12 @@ throughput = load_script(REPO / "benchmarks" / "train_throughput.py")
 
 
 def test_summary_is_the_median_of_paired_ratios_and_the_share_of_the_gemm_rate():
-    result = {"seconds": {"default": [1.0, 2.0, 4.0], "fast": [0.5, 1.0, 1.0]},
-              "pixels": {"default": 100, "fast": 200}, "flops": {"default": 10e9, "fast": 20e9},
-              "gemm_flop_s": [40e9, 50e9, 60e9]}
+    result = {
+        "seconds": {"default": [1.0, 2.0, 4.0], "fast": [0.5, 1.0, 1.0]},
+        "pixels": {"default": 100, "fast": 200},
+        "flops": {"default": 10e9, "fast": 20e9},
+        "gemm_flop_s": [40e9, 50e9, 60e9],
+    }
     rows = {row["setting"]: row for row in throughput.summarise(result)}
     # pixels/s ratios per repeat: 200/0.5 / (100/1) = 4, 200/1 / (100/2) = 4, 200/1 / (100/4) = 8
     assert rows["fast"]["speedup"] == 4.0 and rows["default"]["speedup"] == 1.0
@@ -42,21 +45,40 @@ def test_script_times_the_trainers_own_step(tmp_path, monkeypatch, capsys):
         return real_step(self, step, x)
 
     monkeypatch.setattr(train.Run, "train_step", counted)
-    monkeypatch.setitem(throughput.SETTINGS, "default", {"batch_size": 1, "patch_size": 64,
-                                                         "memory_format": "contiguous"})
+    monkeypatch.setitem(
+        throughput.SETTINGS,
+        "default",
+        {"batch_size": 1, "patch_size": 64, "memory_format": "contiguous"},
+    )
     monkeypatch.setattr(throughput, "DEFAULT", throughput.SETTINGS["default"])
-    monkeypatch.setitem(throughput.SETTINGS, "demo channels_last",
-                        {"batch_size": 1, "patch_size": 64, "memory_format": "channels_last"})
+    monkeypatch.setitem(
+        throughput.SETTINGS,
+        "demo channels_last",
+        {"batch_size": 1, "patch_size": 64, "memory_format": "channels_last"},
+    )
     threads = torch.get_num_threads()
     out = tmp_path / "t.json"
     try:
-        record = throughput.main(["--presets", "HPCM_Tiny", "--settings", "demo channels_last",
-                                  "--threads", "1", "--repeats", "2", "--json", str(out)])
+        record = throughput.main(
+            [
+                "--presets",
+                "HPCM_Tiny",
+                "--settings",
+                "demo channels_last",
+                "--threads",
+                "1",
+                "--repeats",
+                "2",
+                "--json",
+                str(out),
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     # flop count + warm-up + 2 repeats, per setting; channels_last batches for the channels_last run
-    assert sorted(calls) == sorted([("contiguous", (1, 3, 64, 64), True)] * 4
-                                   + [("channels_last", (1, 3, 64, 64), False)] * 4)
+    assert sorted(calls) == sorted(
+        [("contiguous", (1, 3, 64, 64), True)] * 4 + [("channels_last", (1, 3, 64, 64), False)] * 4
+    )
     saved = json.loads(out.read_text())
     assert saved["format"] == throughput.JSON_FORMAT
     rows = {row["setting"]: row for row in saved["presets"]["HPCM_Tiny"]["rows"]}

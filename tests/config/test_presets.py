@@ -14,20 +14,29 @@ from hpcm.optim import HierarchicalBalanced
 
 def test_study_values_are_the_issue_values():
     assert {k: v["scale_weights"] for k, v in STUDY1_SCALE_WEIGHTS.items()} == {
-        "equal": [0.33, 0.33, 0.34], "s1_emphasis": [0.5, 0.3, 0.2],
-        "s2_emphasis": [0.3, 0.4, 0.3], "s3_emphasis": [0.2, 0.3, 0.5]}
+        "equal": [0.33, 0.33, 0.34],
+        "s1_emphasis": [0.5, 0.3, 0.2],
+        "s2_emphasis": [0.3, 0.4, 0.3],
+        "s3_emphasis": [0.2, 0.3, 0.5],
+    }
     assert {k: v["gammas"] for k, v in STUDY2_GAMMAS.items()} == {
-        "uniform": [0.006] * 3, "increasing": [0.004, 0.006, 0.008], "decreasing": [0.008, 0.006, 0.004]}
+        "uniform": [0.006] * 3,
+        "increasing": [0.004, 0.006, 0.008],
+        "decreasing": [0.008, 0.006, 0.004],
+    }
 
 
 def test_every_preset_builds_an_optimizer_and_lookups_validate():
     for name in STUDY1_SCALE_WEIGHTS:
-        opt = HierarchicalBalanced([torch.zeros(1, requires_grad=True)],
-                                   **ablation_overrides("study1_scale_weights", name))
+        opt = HierarchicalBalanced(
+            [torch.zeros(1, requires_grad=True)], **ablation_overrides("study1_scale_weights", name)
+        )
         assert opt.scale_weights == STUDY1_SCALE_WEIGHTS[name]["scale_weights"]
     for name in STUDY2_GAMMAS:
         g1, g2, g3 = ablation_overrides("study2_gammas", name)["gammas"]
-        opt = HierarchicalBalanced([torch.zeros(1, requires_grad=True)], gamma_s1=g1, gamma_s2=g2, gamma_s3=g3)
+        opt = HierarchicalBalanced(
+            [torch.zeros(1, requires_grad=True)], gamma_s1=g1, gamma_s2=g2, gamma_s3=g3
+        )
         assert list(opt.scale_gammas.values()) == pytest.approx([g1, g2, g3])
     with pytest.raises(ValueError, match="study2_gammas"):
         ablation_overrides("study3", "x")
@@ -57,4 +66,5 @@ def test_seed_defaults_are_the_seed_values():
     assert opt.task_gammas.tolist() == pytest.approx([0.008, 0.008, 0.006, 0.006, 0.004])
     assert opt.scale_weights == pytest.approx([0.3, 0.4, 0.3])
     assert ScaleGammaManager(strategy="fixed", total_epochs=10).initial_gammas == pytest.approx(
-        {"s1": 0.008, "s2": 0.006, "s3": 0.004})
+        {"s1": 0.008, "s2": 0.006, "s3": 0.004}
+    )

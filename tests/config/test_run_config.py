@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import csv
+import dataclasses
 
 import pytest
 import yaml
@@ -33,7 +33,9 @@ def test_variant_presets_sit_under_user_values():
     assert phase2.gamma_schedule == "cosine" and phase2.gamma_final == 0.001
     assert resolve(variant="phase3").optimizer == "hierarchical_balanced"
     assert resolve(variant="phase1", gamma=0.006).gamma == 0.006
-    ablation = resolve(variant="study1_s1", optimizer="hierarchical_balanced", scale_weights=[0.5, 0.3, 0.2])
+    ablation = resolve(
+        variant="study1_s1", optimizer="hierarchical_balanced", scale_weights=[0.5, 0.3, 0.2]
+    )
     assert ablation.variant == "study1_s1" and ablation.scale_weights == [0.5, 0.3, 0.2]
 
 
@@ -42,41 +44,71 @@ def test_scale_weights_and_gammas_may_name_the_ablation_presets():
     cfg = run_config.load(None, ["steps=3", "scale_weights=s3_emphasis", "gammas=uniform"])
     assert cfg.scale_weights == [0.2, 0.3, 0.5] and cfg.gammas == [0.006, 0.006, 0.006]
     assert resolve().scale_weights == [0.3, 0.4, 0.3] and resolve().gammas == [0.008, 0.006, 0.004]
-    assert "or a Study 1 preset: equal, s1_emphasis, s2_emphasis, s3_emphasis" in run_config.help_text()
+    assert (
+        "or a Study 1 preset: equal, s1_emphasis, s2_emphasis, s3_emphasis"
+        in run_config.help_text()
+    )
 
 
 def test_set_values_are_yaml_and_numbers_in_exponent_form_work(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("lmbda: 0.0067\nsteps: 5\nlr: 1e-4\n")
-    cfg = run_config.load(config, ["gammas=[0.004, 0.006, 0.008]", "lr=2e-4", "bf16=true", "init_checkpoint=null",
-                                   "lr_milestones=[0.5]", "lr_values=[1e-5]"])
+    cfg = run_config.load(
+        config,
+        [
+            "gammas=[0.004, 0.006, 0.008]",
+            "lr=2e-4",
+            "bf16=true",
+            "init_checkpoint=null",
+            "lr_milestones=[0.5]",
+            "lr_values=[1e-5]",
+        ],
+    )
     assert cfg.lmbda == 0.0067 and cfg.lr == 2e-4 and cfg.bf16 is True
     assert cfg.gammas == [0.004, 0.006, 0.008] and cfg.init_checkpoint is None
     assert isinstance(cfg.steps, int)
 
 
-@pytest.mark.parametrize("user, fragments", [
-    ({"bogus": 1}, ["unknown key 'bogus'", "1"]),
-    ({"lmbda": "a lot"}, ["'lmbda'", "'a lot'", "number"]),
-    ({"batch_size": 2.5}, ["'batch_size'", "2.5", "integer"]),
-    ({"batch_size": True}, ["'batch_size'", "True"]),
-    ({"lmbda": 0.0}, ["'lmbda'", "0.0", "> 0"]),
-    ({"gammas": [0.1, 0.2]}, ["'gammas'", "[0.1, 0.2]", "3 values"]),
-    ({"gammas": "flat"}, ["'gammas'", "'flat'", "uniform, increasing, decreasing"]),
-    ({"scale_weights": "equal", "gammas": "equal"}, ["'gammas'", "'equal'", "study2_gammas"]),
-    ({"update_mode": "later"}, ["'update_mode'", "'later'", "same_batch"]),
-    ({"lr_milestones": [0.9, 0.5], "lr_values": [1, 2]}, ["'lr_milestones'", "increasing"]),
-    ({"lr_values": [1e-5]}, ["'lr_milestones'", "'lr_values'", "same length"]),
-    ({"lr": 1e-5}, ["'lr_values' = [3e-05, 1e-05, 1e-06]", "above 'lr' = 1e-05", "[0.3, 0.1, 0.01] x lr"]),
-    ({"lr_milestones": [0.5, 0.8], "lr_values": [1e-5, 5e-5]}, ["'lr_values' = [1e-05, 5e-05]", "(to 5e-05)"]),
-    ({"scale_early_stop_patience": 2, "freeze": ["context"]}, ["'scale_early_stop_patience' = 2", "'freeze'"]),
-    ({"scale_early_stop_patience": 2, "unfreeze_schedule": {"context": 0.5}}, ["'scale_early_stop_patience' = 2"]),
-    ({"gamma_schedule": "cosine"}, ["'gamma_schedule'", "'gamma_final'"]),
-    ({"device": "tpu"}, ["'device'", "'tpu'"]),
-    ({"train_data": "/no/such/folder"}, ["'train_data'", "'/no/such/folder'", "does not exist"]),
-    ({"quiet": "maybe"}, ["'quiet'", "'maybe'"]),
-    ({"lmbda": float("nan")}, ["'lmbda'", "nan", "finite"]),
-])
+@pytest.mark.parametrize(
+    "user, fragments",
+    [
+        ({"bogus": 1}, ["unknown key 'bogus'", "1"]),
+        ({"lmbda": "a lot"}, ["'lmbda'", "'a lot'", "number"]),
+        ({"batch_size": 2.5}, ["'batch_size'", "2.5", "integer"]),
+        ({"batch_size": True}, ["'batch_size'", "True"]),
+        ({"lmbda": 0.0}, ["'lmbda'", "0.0", "> 0"]),
+        ({"gammas": [0.1, 0.2]}, ["'gammas'", "[0.1, 0.2]", "3 values"]),
+        ({"gammas": "flat"}, ["'gammas'", "'flat'", "uniform, increasing, decreasing"]),
+        ({"scale_weights": "equal", "gammas": "equal"}, ["'gammas'", "'equal'", "study2_gammas"]),
+        ({"update_mode": "later"}, ["'update_mode'", "'later'", "same_batch"]),
+        ({"lr_milestones": [0.9, 0.5], "lr_values": [1, 2]}, ["'lr_milestones'", "increasing"]),
+        ({"lr_values": [1e-5]}, ["'lr_milestones'", "'lr_values'", "same length"]),
+        (
+            {"lr": 1e-5},
+            ["'lr_values' = [3e-05, 1e-05, 1e-06]", "above 'lr' = 1e-05", "[0.3, 0.1, 0.01] x lr"],
+        ),
+        (
+            {"lr_milestones": [0.5, 0.8], "lr_values": [1e-5, 5e-5]},
+            ["'lr_values' = [1e-05, 5e-05]", "(to 5e-05)"],
+        ),
+        (
+            {"scale_early_stop_patience": 2, "freeze": ["context"]},
+            ["'scale_early_stop_patience' = 2", "'freeze'"],
+        ),
+        (
+            {"scale_early_stop_patience": 2, "unfreeze_schedule": {"context": 0.5}},
+            ["'scale_early_stop_patience' = 2"],
+        ),
+        ({"gamma_schedule": "cosine"}, ["'gamma_schedule'", "'gamma_final'"]),
+        ({"device": "tpu"}, ["'device'", "'tpu'"]),
+        (
+            {"train_data": "/no/such/folder"},
+            ["'train_data'", "'/no/such/folder'", "does not exist"],
+        ),
+        ({"quiet": "maybe"}, ["'quiet'", "'maybe'"]),
+        ({"lmbda": float("nan")}, ["'lmbda'", "nan", "finite"]),
+    ],
+)
 def test_bad_values_name_key_and_value(user, fragments):
     with pytest.raises(ConfigError) as error:
         resolve(**user)
@@ -148,12 +180,29 @@ def test_metrics_csv_drops_rows_after_the_checkpoint_and_crash_cut_lines(tmp_pat
 # The schema's `training` keys and every variant's keys are run-config keys: their types, choices,
 # bounds and defaults must be those of run_config.KEYS (the one home of these facts).
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
-JSON_TYPES = {"str": {"string"}, "float": {"number"}, "int": {"integer"}, "bool": {"boolean"},
-              "floats3": {"array"}, "floats": {"array"}, "groups": {"array"}, "group_floats": {"object"}}
+JSON_TYPES = {
+    "str": {"string"},
+    "float": {"number"},
+    "int": {"integer"},
+    "bool": {"boolean"},
+    "floats3": {"array"},
+    "floats": {"array"},
+    "groups": {"array"},
+    "group_floats": {"object"},
+}
 # `training` defaults that deliberately differ from hpcm.train's: the demo study trains a tiny model
 # on the embedded samples in minutes (docs/workflow.md); every other default must be KEYS' default.
-STUDY_DEFAULTS = {"steps", "patch_size", "batch_size", "num_workers", "log_every", "val_every",
-                  "checkpoint_every", "wandb_mode", "quiet"}
+STUDY_DEFAULTS = {
+    "steps",
+    "patch_size",
+    "batch_size",
+    "num_workers",
+    "log_every",
+    "val_every",
+    "checkpoint_every",
+    "wandb_mode",
+    "quiet",
+}
 
 
 def _schema() -> dict:
@@ -180,18 +229,34 @@ def _alternatives(schema: dict, node: dict) -> list[dict]:
 
 def _bounds_agree(key: str, spec, node: dict) -> list[str]:
     """Probe KEYS' check at the schema's bounds (and far outside them where the schema has none)."""
-    bounds = node.get("items", node) if node["type"] == "array" else \
-        node.get("additionalProperties", node) if node["type"] == "object" else node
+    bounds = (
+        node.get("items", node)
+        if node["type"] == "array"
+        else node.get("additionalProperties", node)
+        if node["type"] == "object"
+        else node
+    )
     step = 1 if spec.kind == "int" else 1e-9
 
     def accepts(value):
-        wrapped = [value] * 3 if spec.kind == "floats3" else [value] if spec.kind == "floats" else \
-            {"context": value} if spec.kind == "group_floats" else value
+        wrapped = (
+            [value] * 3
+            if spec.kind == "floats3"
+            else [value]
+            if spec.kind == "floats"
+            else {"context": value}
+            if spec.kind == "group_floats"
+            else value
+        )
         return spec.check is None or bool(spec.check(wrapped))
 
     probes = []  # (value, schema accepts it)
-    for name, sign, inclusive in (("minimum", -1, True), ("exclusiveMinimum", -1, False),
-                                  ("maximum", 1, True), ("exclusiveMaximum", 1, False)):
+    for name, sign, inclusive in (
+        ("minimum", -1, True),
+        ("exclusiveMinimum", -1, False),
+        ("maximum", 1, True),
+        ("exclusiveMaximum", 1, False),
+    ):
         if name in bounds:
             b = bounds[name]
             probes += [(b, inclusive), (b + sign * step, False), (b - sign * step, True)]
@@ -199,8 +264,12 @@ def _bounds_agree(key: str, spec, node: dict) -> list[str]:
         probes.append((-1000 * step if spec.kind == "int" else -1.0, True))
     if not any(n in bounds for n in ("maximum", "exclusiveMaximum")):
         probes.append((1000, True))
-    return [f"{key}: schema {'accepts' if ok else 'rejects'} {value!r}, KEYS "
-            f"{'accepts' if accepts(value) else 'rejects'} it" for value, ok in probes if accepts(value) != ok]
+    return [
+        f"{key}: schema {'accepts' if ok else 'rejects'} {value!r}, KEYS "
+        f"{'accepts' if accepts(value) else 'rejects'} it"
+        for value, ok in probes
+        if accepts(value) != ok
+    ]
 
 
 def _disagreements(schema: dict, key: str, node: dict, inherits: bool) -> list[str]:
@@ -213,11 +282,15 @@ def _disagreements(schema: dict, key: str, node: dict, inherits: bool) -> list[s
     expected = JSON_TYPES[spec.kind] | ({"string"} if key in presets.NAMED_KEYS else set())
     if types - {"null"} != expected:
         problems.append(f"{key}: schema types {sorted(types - {'null'})}, KEYS kind {spec.kind!r}")
-    if "null" in types and not (inherits or spec.optional):  # a study may require what KEYS leaves optional
+    if "null" in types and not (
+        inherits or spec.optional
+    ):  # a study may require what KEYS leaves optional
         problems.append(f"{key}: schema allows null, KEYS optional={spec.optional}")
     node = _resolve_ref(schema, node)
     enum = node.get("enum")
-    if (enum is None) != (spec.choices is None) or (enum and [c for c in enum if c is not None] != list(spec.choices)):
+    if (enum is None) != (spec.choices is None) or (
+        enum and [c for c in enum if c is not None] != list(spec.choices)
+    ):
         problems.append(f"{key}: schema enum {enum}, KEYS choices {spec.choices}")
     for alt in alternatives:
         if alt["type"] in JSON_TYPES[spec.kind] - {"string"} or alt["type"] in ("array", "object"):
@@ -233,8 +306,17 @@ def test_schema_training_and_variant_keys_agree_with_the_run_config_table():
     schema = _schema()
     training = schema["properties"]["training"]["properties"]
     variant_keys = schema["$defs"]["variant_keys"]
-    problems = [p for key, node in training.items() for p in _disagreements(schema, key, node, inherits=False)]
-    problems += [p for key, node in variant_keys.items() for p in _disagreements(schema, key, node, inherits=True)]
+    problems = [
+        p
+        for key, node in training.items()
+        if key != "settings"  # further run keys for every run, checked by study.check_settings
+        for p in _disagreements(schema, key, node, inherits=False)
+    ]
+    problems += [
+        p
+        for key, node in variant_keys.items()
+        for p in _disagreements(schema, key, node, inherits=True)
+    ]
     assert not problems, "\n".join(problems)
     # every variant key is a property of a variant, and the study defaults that differ are named
     assert set(variant_keys) <= set(schema["$defs"]["variant"]["properties"])
@@ -245,8 +327,12 @@ def test_schema_check_finds_a_disagreement():
     schema = _schema()
     node = {"type": "number", "minimum": 0, "default": 0.5}  # KEYS: lr > 0, default 1e-4
     problems = _disagreements(schema, "lr", node, inherits=False)
-    assert any("schema accepts 0" in p for p in problems) and any("default 0.5" in p for p in problems)
-    assert _disagreements(schema, "update_mode", {"type": "string", "enum": ["same_batch"]}, inherits=False)
+    assert any("schema accepts 0" in p for p in problems) and any(
+        "default 0.5" in p for p in problems
+    )
+    assert _disagreements(
+        schema, "update_mode", {"type": "string", "enum": ["same_batch"]}, inherits=False
+    )
 
 
 def test_schema_study_keys_name_the_package_facts():

@@ -41,5 +41,6 @@ def test_the_opt_out_passes_and_names_every_overlap():
     s = load(small(val_data="results/data/samples/test", allow_test_data_in_training=True))
     assert s.test_data_in_training() == [
         "val_data (results/data/samples/test) holds the images of the evaluated dataset "
-        "datasets.samples (results/data/samples/test)"]
+        "datasets.samples (results/data/samples/test)"
+    ]
     assert load(small()).test_data_in_training() == []

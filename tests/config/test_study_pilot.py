@@ -36,20 +36,33 @@ def test_snapshot_paths_one_per_step():
     s = load(cfg)
     assert s.convergence_steps() == [2, 4, 6]
     assert s.snapshot_csvs("phase1", "0.0018", 1) == [
-        f"results/eval_snapshots/samples/phase1/lmbda0.0018/seed1/step{k}.csv" for k in (2, 4, 6)]
+        f"results/eval_snapshots/samples/phase1/lmbda0.0018/seed1/step{k}.csv" for k in (2, 4, 6)
+    ]
     assert len(s.all_snapshot_csvs()) == 2 * 2 * 2 * 3
     assert study.PATHS["snapshot_eval_csv"].startswith("results/eval_snapshots/")
 
 
-@pytest.mark.parametrize("changes, key, words", [
-    ({"training": {"steps": 8}}, "training.snapshot_every", "snapshots before the last step"),
-    ({"training": {"steps": 8, "snapshot_every": 8}}, "training.snapshot_every",
-     "before the last step"),
-    ({"training": {"steps": 8, "snapshot_every": 2, "snapshot_keep": 1}}, "training.snapshot_keep",
-     "keep all"),
-    ({"training": {"steps": 8, "snapshot_every": 2}, "convergence": {"dataset": "kodak"}},
-     "convergence.dataset", "not a configured dataset"),
-])
+@pytest.mark.parametrize(
+    "changes, key, words",
+    [
+        ({"training": {"steps": 8}}, "training.snapshot_every", "snapshots before the last step"),
+        (
+            {"training": {"steps": 8, "snapshot_every": 8}},
+            "training.snapshot_every",
+            "before the last step",
+        ),
+        (
+            {"training": {"steps": 8, "snapshot_every": 2, "snapshot_keep": 1}},
+            "training.snapshot_keep",
+            "keep all",
+        ),
+        (
+            {"training": {"steps": 8, "snapshot_every": 2}, "convergence": {"dataset": "kodak"}},
+            "convergence.dataset",
+            "not a configured dataset",
+        ),
+    ],
+)
 def test_convergence_errors_name_the_key(changes, key, words):
     cfg = small(convergence={"dataset": "samples"})
     cfg.update(changes)
@@ -70,21 +83,26 @@ def test_control_rows_of_the_demo():
     s = load(DEMO)
     assert DEMO["control"] is True
     controls = s.control_csvs()
-    assert controls == [f"results/eval/samples/{study.CONTROL_VARIANT}/lmbda{lmbda}/seed0.csv"
-                        for lmbda in s.lambdas]
+    assert controls == [
+        f"results/eval/samples/{study.CONTROL_VARIANT}/lmbda{lmbda}/seed0.csv"
+        for lmbda in s.lambdas
+    ]
     assert set(controls) <= set(s.eval_csvs())
 
 
 def test_control_needs_an_official_checkpoint_per_lambda():
-    with pytest.raises(study.StudyConfigError,
-                       match="official_checkpoints entries for lambda 0.0018") as err:
+    with pytest.raises(
+        study.StudyConfigError, match="official_checkpoints entries for lambda 0.0018"
+    ) as err:
         load(small(control=True))
     assert err.value.key == "control"
 
 
 def test_control_name_cannot_be_a_variant():
-    cfg = small(control=True, official_checkpoints=[{"lmbda": 0.0018, "path": "a.pt"},
-                                                    {"lmbda": 0.0067, "path": "b.pt"}])
+    cfg = small(
+        control=True,
+        official_checkpoints=[{"lmbda": 0.0018, "path": "a.pt"}, {"lmbda": 0.0067, "path": "b.pt"}],
+    )
     cfg["variants"][study.CONTROL_VARIANT] = {"optimizer": "adam"}
     with pytest.raises(study.StudyConfigError) as err:
         load(cfg)

@@ -14,8 +14,10 @@ from tests.paths import KODAK, REPO
 
 SUBSET = ["kodim01.png", "kodim02.png", "kodim03.png"]
 # Only this check needs Kodak's exact bytes; the others run the same code on stand-in files.
-needs_kodak = pytest.mark.skipif(not (KODAK / "kodim01.png").is_file(),
-                                 reason=f"needs the shared Kodak copy's exact bytes (not at {KODAK})")
+needs_kodak = pytest.mark.skipif(
+    not (KODAK / "kodim01.png").is_file(),
+    reason=f"needs the shared Kodak copy's exact bytes (not at {KODAK})",
+)
 
 
 @pytest.fixture()
@@ -30,17 +32,22 @@ def kodak_copy(tmp_path, monkeypatch):
     folder.mkdir()
     for name, image in zip(SUBSET, (data.astronaut(), data.coffee(), data.chelsea())):
         Image.fromarray(image[:64, :96]).save(folder / name)
-        monkeypatch.setitem(datasets.KODAK_SHA256, name, hashlib.sha256((folder / name).read_bytes()).hexdigest())
+        monkeypatch.setitem(
+            datasets.KODAK_SHA256, name, hashlib.sha256((folder / name).read_bytes()).hexdigest()
+        )
     return folder
 
 
 @needs_kodak
 def test_pinned_hashes_match_shared_copy_independently():
     # hashlib directly, not our helper; plus the whole-corpus digest of orchestration.md §5.1
-    listing = "".join(f"{hashlib.sha256((KODAK / n).read_bytes()).hexdigest()}  {n}\n"
-                      for n in sorted(datasets.KODAK_SHA256))
+    listing = "".join(
+        f"{hashlib.sha256((KODAK / n).read_bytes()).hexdigest()}  {n}\n"
+        for n in sorted(datasets.KODAK_SHA256)
+    )
     assert hashlib.sha256(listing.encode()).hexdigest() == (
-        "3eaa5bd52eb8c894d351cf607028f5d3d80e778fd0267eeff8c73d66539a25d5")
+        "3eaa5bd52eb8c894d351cf607028f5d3d80e778fd0267eeff8c73d66539a25d5"
+    )
     assert len(datasets.KODAK_SHA256) == 24
 
 
@@ -108,14 +115,21 @@ def test_clic_zip_verified_forks_dropped_and_manifest_written(tmp_path, monkeypa
     out = tmp_path / "clic"
     hashed = []
     real_sha256_file = datasets.sha256_file
-    monkeypatch.setattr(datasets, "sha256_file", lambda path: hashed.append(Path(path)) or real_sha256_file(path))
+    monkeypatch.setattr(
+        datasets, "sha256_file", lambda path: hashed.append(Path(path)) or real_sha256_file(path)
+    )
     paths = datasets.prepare_clic(archive, out, expected_sha256=digest, expected_images=3)
     assert hashed == [archive]  # the images are hashed from the bytes written, not read back
     assert sorted(p.name for p in paths) == ["img0.png", "img1.png", "img2.png"]
-    assert sorted(p.name for p in out.iterdir()) == ["SHA256SUMS", "img0.png", "img1.png",
-                                                      "img2.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "SHA256SUMS",
+        "img0.png",
+        "img1.png",
+        "img2.png",
+    ]
     assert (out / "SHA256SUMS").read_text() == "".join(
-        f"{hashlib.sha256(f'png-bytes-{i}'.encode()).hexdigest()}  img{i}.png\n" for i in range(3))
+        f"{hashlib.sha256(f'png-bytes-{i}'.encode()).hexdigest()}  img{i}.png\n" for i in range(3)
+    )
     assert datasets.verify_manifest(out) == paths
     (out / "img1.png").write_bytes(b"changed")
     with pytest.raises(datasets.ChecksumError, match="img1.png"):
@@ -137,8 +151,21 @@ def test_clic_checksum_mismatch_names_archive_and_hashes(tmp_path):
 
 def test_cli_prepare_and_verify(kodak_copy, tmp_path, capsys):
     out = tmp_path / "k"
-    assert commands.main(["prepare", "kodak", "--source", str(kodak_copy), "--output", str(out),
-                          "--only", "kodim01.png,kodim03"]) == 0
+    assert (
+        commands.main(
+            [
+                "prepare",
+                "kodak",
+                "--source",
+                str(kodak_copy),
+                "--output",
+                str(out),
+                "--only",
+                "kodim01.png,kodim03",
+            ]
+        )
+        == 0
+    )
     assert commands.main(["verify", "kodak", str(out)]) == 2  # only 2 of 24 present
     assert "kodim02.png" in capsys.readouterr().err
     assert commands.main(["verify", "kodak", str(out), "--only", "kodim01.png,kodim03.png"]) == 0
@@ -146,8 +173,10 @@ def test_cli_prepare_and_verify(kodak_copy, tmp_path, capsys):
 
 def test_cli_refuses_an_option_the_kind_does_not_take(kodak_copy, tmp_path, capsys):
     out = tmp_path / "c"
-    assert commands.main(["prepare", "clic2020-professional", "--output", str(out),
-                          "--only", "a.png"]) == 2
+    assert (
+        commands.main(["prepare", "clic2020-professional", "--output", str(out), "--only", "a.png"])
+        == 2
+    )
     assert "--only applies to kodak, not clic2020-professional" in capsys.readouterr().err
     assert commands.main(["verify", "kodak", str(kodak_copy), "--manifest", "m"]) == 2
     assert "--manifest applies to tecnick, not kodak" in capsys.readouterr().err
@@ -186,7 +215,8 @@ def test_a_kind_registers_once_with_known_options(monkeypatch):
         datasets.register_dataset(kodak)
     with pytest.raises(ValueError, match=r"unknown options \['subset'\]"):
         datasets.register_dataset(
-            datasets.DatasetKind("mine", kodak.prepare, kodak.verify, ("subset",)))
+            datasets.DatasetKind("mine", kodak.prepare, kodak.verify, ("subset",))
+        )
 
 
 # ------------------------------------------------------------------------------------------ Tecnick
@@ -215,26 +245,38 @@ def _tecnick_folder(root: Path, files: dict[str, bytes]) -> Path:
     folder.mkdir(parents=True)
     for name, data in files.items():
         (folder / name).write_bytes(data)
-    (root / "testimages" / "RGB" / "RGB_R02_0600x0600_001.png").write_bytes(_png((600, 600)))  # other size: ignored
+    (root / "testimages" / "RGB" / "RGB_R02_0600x0600_001.png").write_bytes(
+        _png((600, 600))
+    )  # other size: ignored
     return root / "testimages"
 
 
-def test_tecnick_first_copy_writes_the_manifest_and_says_so(tmp_path, tecnick_files, capsys, monkeypatch):
+def test_tecnick_first_copy_writes_the_manifest_and_says_so(
+    tmp_path, tecnick_files, capsys, monkeypatch
+):
     monkeypatch.setattr(datasets, "TECNICK_PINNED", tmp_path / "absent.sha256")
     out = tmp_path / "tecnick"
     paths = datasets.prepare_tecnick(_tecnick_folder(tmp_path, tecnick_files), out)
     assert [p.name for p in paths] == TECNICK_NAMES
-    listing = "".join(f"{hashlib.sha256(tecnick_files[n]).hexdigest()}  {n}\n" for n in TECNICK_NAMES)
+    listing = "".join(
+        f"{hashlib.sha256(tecnick_files[n]).hexdigest()}  {n}\n" for n in TECNICK_NAMES
+    )
     assert (out / datasets.MANIFEST).read_text() == listing  # hashlib directly, sha256sum format
     assert "no pinned Tecnick manifest" in capsys.readouterr().err
     mtime = (out / TECNICK_NAMES[0]).stat().st_mtime_ns
-    datasets.prepare_tecnick(tmp_path / "elsewhere", out)  # prepared and verified: no-op, source unused
+    datasets.prepare_tecnick(
+        tmp_path / "elsewhere", out
+    )  # prepared and verified: no-op, source unused
     assert (out / TECNICK_NAMES[0]).stat().st_mtime_ns == mtime
 
 
-def test_tecnick_pinned_manifest_catches_a_changed_image_in_an_archive(tmp_path, tecnick_files, monkeypatch):
+def test_tecnick_pinned_manifest_catches_a_changed_image_in_an_archive(
+    tmp_path, tecnick_files, monkeypatch
+):
     pinned = tmp_path / "tecnick.sha256"
-    pinned.write_text("".join(f"{hashlib.sha256(tecnick_files[n]).hexdigest()}  {n}\n" for n in TECNICK_NAMES))
+    pinned.write_text(
+        "".join(f"{hashlib.sha256(tecnick_files[n]).hexdigest()}  {n}\n" for n in TECNICK_NAMES)
+    )
     monkeypatch.setattr(datasets, "TECNICK_PINNED", pinned)
     archive = tmp_path / "testimages.zip"
     changed = dict(tecnick_files, **{TECNICK_NAMES[41]: _png(marker=999)})
@@ -255,7 +297,9 @@ def test_tecnick_pinned_manifest_catches_a_changed_image_in_an_archive(tmp_path,
 
 def test_tecnick_wrong_count_size_or_source_fails_clearly(tmp_path, tecnick_files):
     few = dict(list(tecnick_files.items())[:99])
-    with pytest.raises(ValueError, match=r"99 Tecnick images.*missing \['RGB_OR_1200x1200_100.png'\]"):
+    with pytest.raises(
+        ValueError, match=r"99 Tecnick images.*missing \['RGB_OR_1200x1200_100.png'\]"
+    ):
         datasets.prepare_tecnick(_tecnick_folder(tmp_path / "a", few), tmp_path / "out_a")
     small = dict(tecnick_files, **{TECNICK_NAMES[0]: _png((1200, 1199))})
     with pytest.raises(ValueError, match="1200x1199 RGB"):

@@ -20,8 +20,12 @@ def checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = build_model("HPCM_Tiny")
     path = tmp_path_factory.mktemp("ckpt") / "epoch_best.pth.tar"
-    torch.save(with_run_metadata(model.state_dict(), model="HPCM_Tiny", variant="baseline",
-                                 lmbda=0.0067, seed=0), path)
+    torch.save(
+        with_run_metadata(
+            model.state_dict(), model="HPCM_Tiny", variant="baseline", lmbda=0.0067, seed=0
+        ),
+        path,
+    )
     return path
 
 
@@ -48,14 +52,24 @@ def coded(monkeypatch) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("broken", [b"", b"\x89PNG\r\n\x1a\n" + b"\0" * 20],
-                         ids=["zero_byte", "truncated"])
-def test_an_unreadable_image_is_refused_before_any_image_is_coded(tmp_path, capsys, checkpoint,
-                                                                 coded, broken):
+@pytest.mark.parametrize(
+    "broken", [b"", b"\x89PNG\r\n\x1a\n" + b"\0" * 20], ids=["zero_byte", "truncated"]
+)
+def test_an_unreadable_image_is_refused_before_any_image_is_coded(
+    tmp_path, capsys, checkpoint, coded, broken
+):
     data = photos(tmp_path / "photos")
     (data / "z_last.png").write_bytes(broken)  # sorted after the good ones: its turn comes last
-    code = bitstreams.main(["--checkpoint", str(checkpoint), "--dataset", str(data),
-                            "--output", str(tmp_path / "out.csv")])
+    code = bitstreams.main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--dataset",
+            str(data),
+            "--output",
+            str(tmp_path / "out.csv"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and str(data / "z_last.png") in err and "Traceback" not in err
     assert coded == [] and not (tmp_path / "out.csv").exists()
@@ -66,15 +80,36 @@ def test_save_reconstructions_that_is_a_file_names_the_option(tmp_path, capsys, 
     taken = tmp_path / "recon"
     taken.write_text("a file")
     for target in (taken, taken / "sub"):
-        code = bitstreams.main(["--checkpoint", str(checkpoint), "--dataset", str(data),
-                                "--output", str(tmp_path / "out.csv"),
-                                "--save-reconstructions", str(target)])
+        code = bitstreams.main(
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--dataset",
+                str(data),
+                "--output",
+                str(tmp_path / "out.csv"),
+                "--save-reconstructions",
+                str(target),
+            ]
+        )
         err = capsys.readouterr().err
         assert code == 2 and f"--save-reconstructions {target}" in err and "needs a folder" in err
         assert "Errno" not in err
     assert coded == [] and taken.read_text() == "a file"
     # a folder (created when missing) works
-    assert bitstreams.main(["--checkpoint", str(checkpoint), "--dataset", str(data), "--output",
-                            str(tmp_path / "out.csv"), "--save-reconstructions",
-                            str(tmp_path / "new" / "recon")]) == 0
+    assert (
+        bitstreams.main(
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--dataset",
+                str(data),
+                "--output",
+                str(tmp_path / "out.csv"),
+                "--save-reconstructions",
+                str(tmp_path / "new" / "recon"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "new" / "recon" / "a0.png").is_file()

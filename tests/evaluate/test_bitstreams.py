@@ -36,7 +36,10 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     data = root / "photos"
     data.mkdir()
-    originals = {f"{name}.png": _centre_crop(image, data / f"{name}.png") for name, image in sample_images("test")}
+    originals = {
+        f"{name}.png": _centre_crop(image, data / f"{name}.png")
+        for name, image in sample_images("test")
+    }
     assert sorted(originals) == NAMES
     run_dir = root / "run"
     run_dir.mkdir()
@@ -44,18 +47,42 @@ def run(tmp_path_factory):
     model = build_model("HPCM_Tiny")
     # Official layout: a raw state dict, the labels in its metadata (as hpcm.train saves it);
     # a run.yaml beside it that says otherwise is not read.
-    torch.save(with_run_metadata(model.state_dict(), model="HPCM_Tiny", variant="phase1", lmbda=0.0067, seed=3),
-               run_dir / "epoch_best.pth.tar")
+    torch.save(
+        with_run_metadata(
+            model.state_dict(), model="HPCM_Tiny", variant="phase1", lmbda=0.0067, seed=3
+        ),
+        run_dir / "epoch_best.pth.tar",
+    )
     (run_dir / "run.yaml").write_text("model: HPCM_Small\nvariant: baseline\nlmbda: 0.0483\n")
     out_csv, out_json, recon = root / "out.csv", root / "out.json", root / "recon"
-    code = main(["--checkpoint", str(run_dir / "epoch_best.pth.tar"), "--dataset", str(data),
-                 "--output", str(out_csv), "--json", str(out_json), "--dataset-name", "photos",
-                 "--save-reconstructions", str(recon)])
+    code = main(
+        [
+            "--checkpoint",
+            str(run_dir / "epoch_best.pth.tar"),
+            "--dataset",
+            str(data),
+            "--output",
+            str(out_csv),
+            "--json",
+            str(out_json),
+            "--dataset-name",
+            "photos",
+            "--save-reconstructions",
+            str(recon),
+        ]
+    )
     assert code == 0
     with open(out_csv) as handle:
         rows = list(csv.DictReader(handle))
-    return {"rows": rows, "json": out_json, "recon": recon, "originals": originals,
-            "data": data, "run_dir": run_dir, "root": root}
+    return {
+        "rows": rows,
+        "json": out_json,
+        "recon": recon,
+        "originals": originals,
+        "data": data,
+        "run_dir": run_dir,
+        "root": root,
+    }
 
 
 def test_rows_metadata_and_decode_check(run):
@@ -63,7 +90,12 @@ def test_rows_metadata_and_decode_check(run):
     assert [r["image"] for r in rows] == NAMES
     for row in rows:
         assert (row["variant"], float(row["lmbda"]), row["seed"], row["dataset"], row["model"]) == (
-            "phase1", 0.0067, "3", "photos", "HPCM_Tiny")
+            "phase1",
+            0.0067,
+            "3",
+            "photos",
+            "HPCM_Tiny",
+        )
         assert (int(row["width"]), int(row["height"])) == (CROP, CROP)
         assert row["decode_ok"] == "True"
         assert float(row["decode_max_abs_diff"]) < 1 / 255
@@ -105,7 +137,7 @@ def _decode_here(run_dir: Path, original: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         enc = model.compress(padded)
         decoded = model.decompress(enc["strings"], enc["shape"])["x_hat"]
-    decoded = decoded[..., top:top + height, left:left + width].clamp(0, 1)
+    decoded = decoded[..., top : top + height, left : left + width].clamp(0, 1)
     return (decoded[0].permute(1, 2, 0).numpy().astype(np.float64) * 255).round()
 
 
@@ -156,8 +188,23 @@ def test_json_is_strict_when_a_metric_was_not_measured(run, tmp_path):
     Image.fromarray(run["originals"][NAMES[1]][:64, :64]).save(small / "a.png")
     ckpt = run["run_dir"] / "epoch_best.pth.tar"
     out_json = tmp_path / "small.json"
-    assert main(["--checkpoint", str(ckpt), "--dataset", str(small), "--output",
-                 str(tmp_path / "small.csv"), "--json", str(out_json), "--model", "HPCM_Tiny"]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(ckpt),
+                "--dataset",
+                str(small),
+                "--output",
+                str(tmp_path / "small.csv"),
+                "--json",
+                str(out_json),
+                "--model",
+                "HPCM_Tiny",
+            ]
+        )
+        == 0
+    )
 
     def reject(constant):
         raise AssertionError(f"bare {constant} in the JSON")
@@ -176,7 +223,11 @@ def test_rd_points_from_the_evaluation_csv(run):
     assert len(points) == 1
     point = points.iloc[0]
     assert (point["dataset"], point["variant"], point["lmbda"], point["n_images"]) == (
-        "photos", "phase1", 0.0067, len(NAMES))
+        "photos",
+        "phase1",
+        0.0067,
+        len(NAMES),
+    )
     assert point["psnr"] == pytest.approx(np.mean([float(r["psnr"]) for r in run["rows"]]))
     assert bool(point["decode_ok"])
 
@@ -187,19 +238,36 @@ def test_clear_errors(run, tmp_path, capsys):
     ckpt = str(run["run_dir"] / "epoch_best.pth.tar")
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(["--checkpoint", ckpt, "--dataset", str(empty), "--output",
-                 str(tmp_path / "a.csv")]) == 2
+    assert (
+        main(["--checkpoint", ckpt, "--dataset", str(empty), "--output", str(tmp_path / "a.csv")])
+        == 2
+    )
     assert f"no PNG/JPEG images found under {empty}" in capsys.readouterr().err
 
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "broken.png").write_bytes(b"not a png at all")
-    assert main(["--checkpoint", ckpt, "--dataset", str(bad), "--output",
-                 str(tmp_path / "b.csv")]) == 2
+    assert (
+        main(["--checkpoint", ckpt, "--dataset", str(bad), "--output", str(tmp_path / "b.csv")])
+        == 2
+    )
     assert "broken.png" in capsys.readouterr().err
 
-    assert main(["--checkpoint", ckpt, "--dataset", str(run["data"]), "--output",
-                 str(tmp_path / "c.csv"), "--model", "HPCM_Small"]) == 2
+    assert (
+        main(
+            [
+                "--checkpoint",
+                ckpt,
+                "--dataset",
+                str(run["data"]),
+                "--output",
+                str(tmp_path / "c.csv"),
+                "--model",
+                "HPCM_Small",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "does not fit HPCM_Small" in err and "key" in err and "drop --model" in err
     assert not any(tmp_path.glob("*.csv"))  # nothing half-written

@@ -93,8 +93,9 @@ def test_point_files_collect_into_csv_and_json(photo, tmp_path):
         paths.append(write_point(record, tmp_path / f"q{quality}.json"))
     (tmp_path / "broken.json").write_text("{")
     assert read_point(tmp_path / "broken.json")[0] is None
-    csv, doc_path = collect([*paths, tmp_path / "broken.json"], tmp_path / "a.csv",
-                            tmp_path / "a.json")
+    csv, doc_path = collect(
+        [*paths, tmp_path / "broken.json"], tmp_path / "a.csv", tmp_path / "a.json"
+    )
     doc = json.loads(doc_path.read_text())
     bpps = [reference_jpeg(photo, q)[0] * 8 / (200 * 176) for q in (20, 60)]
     assert doc["results"]["bpp"] == pytest.approx(bpps)
@@ -116,26 +117,34 @@ VTM_LOG_TAIL = (
 
 def test_vtm_log_parsing():
     parsed = codecs.parse_vtm_log(VTM_LOG_TAIL)
-    assert parsed == {"version": "VTM 22.0", "psnr_y": 28.072, "psnr_u": 31.9254,
-                      "psnr_v": 40.3972, "psnr_yuv_vtm": 31.1691}
+    assert parsed == {
+        "version": "VTM 22.0",
+        "psnr_y": 28.072,
+        "psnr_u": 31.9254,
+        "psnr_v": 40.3972,
+        "psnr_yuv_vtm": 31.1691,
+    }
     assert codecs.yuv_psnr(parsed) == pytest.approx((6 * 28.072 + 31.9254 + 40.3972) / 8)
     with pytest.raises(codecs.CodecError, match="is this VTM"):
         codecs.parse_vtm_log("no summary here")
 
 
-@pytest.mark.skipif(not HAS_VTM,
-                    reason=f"no VTM build at {VTM_BIN} (set HPCM_VTM_BIN / HPCM_VTM_CFG)")
+@pytest.mark.skipif(
+    not HAS_VTM, reason=f"no VTM build at {VTM_BIN} (set HPCM_VTM_BIN / HPCM_VTM_CFG)"
+)
 def test_vtm_point_equals_compressai_vtm_class(tmp_path):
     """Our recorded run and CompressAI's own class give the same numbers on a small crop."""
-    import compressai.utils.bench.codecs as bench
     from types import SimpleNamespace
+
+    import compressai.utils.bench.codecs as bench
 
     name, array = next(iter(sample_images("test")))
     path = tmp_path / "crop.png"
     Image.fromarray(array[:64, :64]).save(path)
     record = codecs.measure("vtm", {"build_dir": str(VTM_BIN), "cfg": str(VTM_CFG)}, path, 47, "k")
     theirs = bench.VTM(SimpleNamespace(build_dir=str(VTM_BIN), config=str(VTM_CFG), rgb=False)).run(
-        str(path), 47, ["psnr-rgb"])
+        str(path), 47, ["psnr-rgb"]
+    )
     assert record["bpp"] == theirs["bpp"] and record["psnr"] == theirs["psnr-rgb"]
     assert record["version"] == "VTM 22.0"
     assert record["cfg_sha256"] == codecs.sha256_of(VTM_CFG)

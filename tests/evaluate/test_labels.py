@@ -25,16 +25,23 @@ def files(tmp_path_factory):
     images.mkdir()
     rng = np.random.default_rng(0)
     for k in range(2):
-        Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(images / f"im{k}.png")
+        Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(
+            images / f"im{k}.png"
+        )
     torch.manual_seed(0)
     model = build_model("HPCM_Tiny")
     # What hpcm.train writes: a baseline run's best model, which knows what it is ...
     baseline = root / "baseline" / checkpointing.BEST_MODEL
     baseline.parent.mkdir()
-    checkpointing.save_best_model(model, baseline.parent, {"model": "HPCM_Tiny", "variant": "baseline",
-                                                           "lmbda": 0.0067, "seed": 2})
+    checkpointing.save_best_model(
+        model,
+        baseline.parent,
+        {"model": "HPCM_Tiny", "variant": "baseline", "lmbda": 0.0067, "seed": 2},
+    )
     # ... beside a run.yaml of another run (the reported mislabelling).
-    (baseline.parent / "run.yaml").write_text("model: HPCM_Tiny\nvariant: phase1\nlmbda: 0.013\nseed: 0\n")
+    (baseline.parent / "run.yaml").write_text(
+        "model: HPCM_Tiny\nvariant: phase1\nlmbda: 0.013\nseed: 0\n"
+    )
     official = root / "official.pth.tar"  # an official release: a raw state dict, no labels
     torch.save(model.state_dict(), official)
     return {"root": root, "images": images, "baseline": baseline, "official": official}
@@ -46,12 +53,21 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 
 def args(checkpoint: Path, images: Path, output: Path, *extra: str) -> list[str]:
-    return ["--checkpoint", str(checkpoint), "--dataset", str(images), "--output", str(output), *extra]
+    return [
+        "--checkpoint",
+        str(checkpoint),
+        "--dataset",
+        str(images),
+        "--output",
+        str(output),
+        *extra,
+    ]
 
 
 @pytest.fixture
 def no_coding(monkeypatch):
     """Fail the test if any image is coded: the errors under test must come before evaluation."""
+
     def refuse(*a, **k):
         raise AssertionError("an image was evaluated before the error")
 
@@ -72,16 +88,37 @@ def test_labels_come_from_the_checkpoint_not_the_run_yaml_beside_it(files, tmp_p
     out = tmp_path / "e.csv"
     assert main(args(files["baseline"], files["images"], out, "--limit", "1")) == 0
     rows = read_rows(out)
-    assert [(r["variant"], float(r["lmbda"]), r["seed"]) for r in rows] == [("baseline", 0.0067, "2")]
+    assert [(r["variant"], float(r["lmbda"]), r["seed"]) for r in rows] == [
+        ("baseline", 0.0067, "2")
+    ]
     # agreeing command-line labels are accepted (the workflow passes them)
-    assert main(args(files["baseline"], files["images"], out, "--limit", "1", "--variant", "baseline",
-                     "--lmbda", "0.0067", "--seed", "2")) == 0
+    assert (
+        main(
+            args(
+                files["baseline"],
+                files["images"],
+                out,
+                "--limit",
+                "1",
+                "--variant",
+                "baseline",
+                "--lmbda",
+                "0.0067",
+                "--seed",
+                "2",
+            )
+        )
+        == 0
+    )
 
 
-@pytest.mark.parametrize("flag, value, stored", [("--lmbda", "0.013", "0.0067"), ("--variant", "phase1", "'baseline'"),
-                                                 ("--seed", "0", "2")])
-def test_command_line_contradicting_the_checkpoint_fails_before_evaluating(files, tmp_path, capsys, no_coding,
-                                                                          flag, value, stored):
+@pytest.mark.parametrize(
+    "flag, value, stored",
+    [("--lmbda", "0.013", "0.0067"), ("--variant", "phase1", "'baseline'"), ("--seed", "0", "2")],
+)
+def test_command_line_contradicting_the_checkpoint_fails_before_evaluating(
+    files, tmp_path, capsys, no_coding, flag, value, stored
+):
     out = tmp_path / "e.csv"
     assert main(args(files["baseline"], files["images"], out, flag, value)) == 2
     err = capsys.readouterr().err
@@ -101,8 +138,24 @@ def test_no_lambda_anywhere_fails_before_evaluating(files, tmp_path, capsys, no_
 
 def test_official_checkpoint_with_labels_from_the_command_line(files, tmp_path):
     out = tmp_path / "e.csv"
-    assert main(args(files["official"], files["images"], out, "--variant", "official", "--lmbda", "0.0483",
-                     "--model", "HPCM_Tiny", "--limit", "1")) == 0
+    assert (
+        main(
+            args(
+                files["official"],
+                files["images"],
+                out,
+                "--variant",
+                "official",
+                "--lmbda",
+                "0.0483",
+                "--model",
+                "HPCM_Tiny",
+                "--limit",
+                "1",
+            )
+        )
+        == 0
+    )
     row = read_rows(out)[0]
     assert (row["variant"], float(row["lmbda"]), row["seed"]) == ("official", 0.0483, "")
 
@@ -118,7 +171,9 @@ def test_limit_keeps_the_first_n_images(files):
 
 
 @pytest.mark.parametrize("flag", ["--output", "--json"])
-def test_output_that_is_a_folder_is_refused_before_evaluating(files, tmp_path, capsys, no_coding, flag):
+def test_output_that_is_a_folder_is_refused_before_evaluating(
+    files, tmp_path, capsys, no_coding, flag
+):
     folder = tmp_path / "folder"
     folder.mkdir()
     extra = ["--json", str(folder)] if flag == "--json" else []
@@ -132,16 +187,25 @@ def test_unreadable_checkpoints_say_so(files, tmp_path, capsys, no_coding):
     empty.write_bytes(b"")
     assert main(args(empty, files["images"], tmp_path / "e.csv", "--model", "HPCM_Tiny")) == 2
     err = capsys.readouterr().err.strip()
-    assert f"{empty} is empty (0 bytes)" in err and "does not fit" not in err and not err.endswith("()")
+    assert (
+        f"{empty} is empty (0 bytes)" in err
+        and "does not fit" not in err
+        and not err.endswith("()")
+    )
     truncated = tmp_path / "truncated.pth.tar"
     truncated.write_bytes(files["baseline"].read_bytes()[:5000])
     assert main(args(truncated, files["images"], tmp_path / "e.csv", "--model", "HPCM_Tiny")) == 2
     err = capsys.readouterr().err
-    assert f"{truncated} is unreadable or truncated (5000 bytes)" in err and "does not fit" not in err
+    assert (
+        f"{truncated} is unreadable or truncated (5000 bytes)" in err and "does not fit" not in err
+    )
 
 
 def test_architecture_mismatch_suggests_dropping_model(files, tmp_path, capsys, no_coding):
-    assert main(args(files["baseline"], files["images"], tmp_path / "e.csv", "--model", "HPCM_Small")) == 2
+    assert (
+        main(args(files["baseline"], files["images"], tmp_path / "e.csv", "--model", "HPCM_Small"))
+        == 2
+    )
     assert "drop --model" in capsys.readouterr().err
 
 

@@ -32,7 +32,9 @@ def test_a_raw_state_dict_of_the_configured_architecture_passes(tiny_state, tmp_
     report = check_checkpoint(path, "HPCM_Tiny", 0.0067, "mse")
     assert report["model"] == "HPCM_Tiny" and report["lmbda"] == 0.0067
     assert report["parameters"] == sum(p.numel() for p in build_model("HPCM_Tiny").parameters())
-    assert report["lambda_stated_by"] == ["file name"] and "not detectable" in report["cannot_detect"]
+    assert (
+        report["lambda_stated_by"] == ["file name"] and "not detectable" in report["cannot_detect"]
+    )
 
 
 def test_another_architecture_is_refused_naming_the_first_misfit(tmp_path):
@@ -46,17 +48,22 @@ def test_a_state_dict_with_a_foreign_key_is_refused(tiny_state, tmp_path):
     state = dict(tiny_state)
     state["context.extra.weight"] = torch.zeros(3)
     path = save_raw(state, tmp_path / "w.pth.tar")
-    with pytest.raises(CheckpointError, match="'context.extra.weight' in the checkpoint does not exist"):
+    with pytest.raises(
+        CheckpointError, match="'context.extra.weight' in the checkpoint does not exist"
+    ):
         check_checkpoint(path, "HPCM_Tiny", 0.013)
 
 
-@pytest.mark.parametrize("relative, stated", [
-    ("HPCM_Tiny/0.013.pth.tar", "file name states lambda 0.013"),
-    ("mse_0.0035/checkpoint.pth.tar", "folder name states lambda 0.0035"),
-    ("hpcm_tiny_lmbda0.0004.pt", "file name states lambda 0.0004"),
-    ("run_lambda=0.02/weights.pt", "folder name states lambda 0.02"),
-    ("ms_ssim/8.73.pth.tar", r"file name states lambda 8.73 \(a released MS_SSIM lambda\)"),
-])
+@pytest.mark.parametrize(
+    "relative, stated",
+    [
+        ("HPCM_Tiny/0.013.pth.tar", "file name states lambda 0.013"),
+        ("mse_0.0035/checkpoint.pth.tar", "folder name states lambda 0.0035"),
+        ("hpcm_tiny_lmbda0.0004.pt", "file name states lambda 0.0004"),
+        ("run_lambda=0.02/weights.pt", "folder name states lambda 0.02"),
+        ("ms_ssim/8.73.pth.tar", r"file name states lambda 8.73 \(a released MS_SSIM lambda\)"),
+    ],
+)
 def test_a_lambda_in_the_name_that_differs_is_refused(tiny_state, tmp_path, relative, stated):
     path = save_raw(tiny_state, tmp_path / relative)
     with pytest.raises(CheckpointError, match=f"{stated}.*, but it is listed for lambda 0.0067"):
@@ -69,7 +76,9 @@ def test_numbers_that_are_no_lambda_are_ignored():
 
 
 def test_labels_written_by_the_project_are_compared(tiny_state, tmp_path):
-    labelled = with_run_metadata(tiny_state.copy(), model="HPCM_Tiny", lmbda=0.025)  # an OrderedDict
+    labelled = with_run_metadata(
+        tiny_state.copy(), model="HPCM_Tiny", lmbda=0.025
+    )  # an OrderedDict
     path = tmp_path / "best.pth.tar"
     torch.save(labelled, path)
     with pytest.raises(CheckpointError, match="run labels states lambda 0.025"):
@@ -83,12 +92,19 @@ def test_labels_written_by_the_project_are_compared(tiny_state, tmp_path):
 
 def test_a_distortion_mix_up_is_refused(tiny_state, tmp_path):
     path = save_raw(tiny_state, tmp_path / "w.pth.tar")
-    with pytest.raises(CheckpointError, match="lambda 8.73 is a released MS_SSIM lambda but the study's distortion is mse"):
+    with pytest.raises(
+        CheckpointError,
+        match="lambda 8.73 is a released MS_SSIM lambda but the study's distortion is mse",
+    ):
         check_checkpoint(path, "HPCM_Tiny", 8.73, "mse")
-    with pytest.raises(CheckpointError, match="lambda 0.013 is a released MSE lambda .* distortion is ms_ssim"):
+    with pytest.raises(
+        CheckpointError, match="lambda 0.013 is a released MSE lambda .* distortion is ms_ssim"
+    ):
         check_checkpoint(path, "HPCM_Tiny", 0.013, "ms_ssim")
     # what it cannot tell: an unlabelled, unnamed file passes for any lambda of the right distortion
-    assert check_checkpoint(path, "HPCM_Tiny", 16.64, "ms_ssim")["lambda_stated_by"][0].startswith("nothing")
+    assert check_checkpoint(path, "HPCM_Tiny", 16.64, "ms_ssim")["lambda_stated_by"][0].startswith(
+        "nothing"
+    )
 
 
 def test_unreadable_and_missing_files(tmp_path):
@@ -103,12 +119,18 @@ def test_unreadable_and_missing_files(tmp_path):
 def test_command_line_writes_the_report_or_exits_2(tiny_state, tmp_path, capsys):
     path = save_raw(tiny_state, tmp_path / "0.013.pth.tar")
     report = tmp_path / "checks" / "lmbda0.013.json"
-    assert main([str(path), "--model", "HPCM_Tiny", "--lmbda", "0.013", "--output", str(report)]) == 0
+    assert (
+        main([str(path), "--model", "HPCM_Tiny", "--lmbda", "0.013", "--output", str(report)]) == 0
+    )
     assert json.loads(report.read_text())["sha256"]
     assert main([str(path), "--model", "HPCM_Tiny", "--lmbda", "0.025"]) == 2
     assert "listed for lambda 0.025" in capsys.readouterr().err
-    done = subprocess.run([sys.executable, "-m", "hpcm.models.check", "--help"], cwd=REPO, capture_output=True,
-                          text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "hpcm.models.check", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0 and "cannot detect" in done.stdout
 
 
@@ -121,8 +143,16 @@ def test_the_distortion_label_the_trainer_writes_catches_a_mix_up(tmp_path):
 
     torch.manual_seed(0)
     model = build_model("HPCM_Tiny")
-    cfg = run_config.resolve({"model": "HPCM_Tiny", "variant": "baseline", "lmbda": 0.5,
-                              "seed": 0, "distortion": "ms_ssim", "steps": 1})
+    cfg = run_config.resolve(
+        {
+            "model": "HPCM_Tiny",
+            "variant": "baseline",
+            "lmbda": 0.5,
+            "seed": 0,
+            "distortion": "ms_ssim",
+            "steps": 1,
+        }
+    )
     path = checkpointing.save_best_model(model, tmp_path, checkpointing.run_labels(cfg))
     assert load_checkpoint_and_metadata(path)[1]["distortion"] == "ms_ssim"
     assert check_checkpoint(path, "HPCM_Tiny", 0.5, "ms_ssim")["lmbda"] == 0.5

@@ -47,7 +47,9 @@ def test_raw_state_dict_with_module_prefix(tiny, tmp_path):
 
 def test_legacy_release_without_adaptive_params(tiny, tmp_path):
     path = tmp_path / "legacy.pth.tar"
-    state = {k: v for k, v in tiny.state_dict().items() if not k.startswith("adaptive_params_list.")}
+    state = {
+        k: v for k, v in tiny.state_dict().items() if not k.startswith("adaptive_params_list.")
+    }
     torch.save(state, path)
     with pytest.warns(UserWarning, match="adaptive_params_list"):
         loaded = load_checkpoint(path, name="HPCM_Tiny")
@@ -77,7 +79,9 @@ def test_wrong_architecture_names_first_mismatching_key(tiny, tmp_path):
     # first key where the layouts differ, found independently by walking both key lists
     ours = list(tiny.state_dict())
     theirs = other.state_dict()
-    first = next(k for k in ours if k not in theirs or theirs[k].shape != tiny.state_dict()[k].shape)
+    first = next(
+        k for k in ours if k not in theirs or theirs[k].shape != tiny.state_dict()[k].shape
+    )
     with pytest.raises(CheckpointError, match=first.replace(".", r"\.")):
         load_checkpoint(path, name="HPCM_Tiny")
     with pytest.raises(CheckpointError, match="match no known architecture"):
@@ -109,19 +113,27 @@ def test_own_checkpoint_with_tables_and_overrides(tmp_path):
     assert_same_weights(loaded, model)
     x = torch.rand(1, 3, 64, 64)
     enc = model.compress(x)  # the loaded tables decode the original's stream
-    assert torch.equal(loaded.decompress(enc["strings"], enc["shape"])["x_hat"],
-                       model.decompress(enc["strings"], enc["shape"])["x_hat"])
+    assert torch.equal(
+        loaded.decompress(enc["strings"], enc["shape"])["x_hat"],
+        model.decompress(enc["strings"], enc["shape"])["x_hat"],
+    )
     # a file without the config (nested training checkpoint, or a raw state dict as epoch_best):
     # the window override cannot be recovered from shapes; inferring the name says so loudly
-    torch.save({"model": model.state_dict(), "optimizer": {}, "epoch": 3}, tmp_path / "train.pth.tar")
+    torch.save(
+        {"model": model.state_dict(), "optimizer": {}, "epoch": 3}, tmp_path / "train.pth.tar"
+    )
     torch.save(model.state_dict(), tmp_path / "raw.pth.tar")
     for file in ("train.pth.tar", "raw.pth.tar"):
-        with pytest.warns(UserWarning, match=r"HPCM_Tiny.*preset defaults \(attn_windows=\(1, 2, 4\)"):
+        with pytest.warns(
+            UserWarning, match=r"HPCM_Tiny.*preset defaults \(attn_windows=\(1, 2, 4\)"
+        ):
             assert load_checkpoint(tmp_path / file).config.attn_windows == (1, 2, 4)
     # naming the preset is the caller's explicit choice of its defaults: no warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert load_checkpoint(tmp_path / "train.pth.tar", name="HPCM_Tiny").config.attn_windows == (1, 2, 4)
+        assert load_checkpoint(
+            tmp_path / "train.pth.tar", name="HPCM_Tiny"
+        ).config.attn_windows == (1, 2, 4)
 
 
 def test_infer_official_architectures_from_shapes():

@@ -32,7 +32,9 @@ class TinyPriorModel(nn.Module):
     def __init__(self, channels: int = 6) -> None:
         super().__init__()
         self.means_hyper = nn.Parameter(torch.zeros(1, channels, 1, 1))
-        self.scales_hyper = nn.Parameter(torch.linspace(0.05, 6.0, channels).view(1, channels, 1, 1))
+        self.scales_hyper = nn.Parameter(
+            torch.linspace(0.05, 6.0, channels).view(1, channels, 1, 1)
+        )
         self.entropy_estimation = GGM()
         register_coder_buffers(self)
 
@@ -53,8 +55,11 @@ def test_buffer_names_and_shapes_follow_official():
     for name in CODER_BUFFER_NAMES:  # registered empty, as the official BB.init does
         assert state[name].numel() == 0
     assert set(state) == set(CODER_BUFFER_NAMES) | {
-        "means_hyper", "scales_hyper", "entropy_estimation.beta",
-        "entropy_estimation.scale_lower_bound.bound", "entropy_estimation.likelihood_lower_bound.bound",
+        "means_hyper",
+        "scales_hyper",
+        "entropy_estimation.beta",
+        "entropy_estimation.scale_lower_bound.bound",
+        "entropy_estimation.likelihood_lower_bound.bound",
     }
     fresh.update()
     assert fresh.scale_table.shape == (60,)
@@ -90,7 +95,9 @@ def test_coding_before_update_is_a_clear_error():
         coder_tables(TinyPriorModel(), "x")
 
 
-def _escape_symbols(tables: CoderTables, indexes: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def _escape_symbols(
+    tables: CoderTables, indexes: torch.Tensor, gen: torch.Generator
+) -> torch.Tensor:
     """Random in-range symbols plus values just outside each table and huge ones (escape coding)."""
     offsets = torch.tensor(tables.offsets)[indexes.long()]
     lengths = torch.tensor(tables.cdf_lengths)[indexes.long()]
@@ -189,7 +196,11 @@ def _buffer_lists(module: nn.Module, which: str) -> tuple[list[list[int]], list[
     """The coder lists read straight from the buffers: each CDF row up to its cdf_length."""
     lengths = getattr(module, f"cdf_length_{which}").tolist()
     rows = getattr(module, f"quantized_cdf_{which}").tolist()
-    return [r[:n] for r, n in zip(rows, lengths)], lengths, getattr(module, f"offset_{which}").tolist()
+    return (
+        [r[:n] for r, n in zip(rows, lengths)],
+        lengths,
+        getattr(module, f"offset_{which}").tolist(),
+    )
 
 
 def _lists(tables: CoderTables) -> tuple[list[list[int]], list[int], list[int]]:

@@ -18,7 +18,9 @@ from tests.fixtures.hpcm_support import (
     single_thread,
 )
 
-STREAM_OVERHEAD_BYTES = 16  # per rANS stream: flushed state and padding (compressai writes 32-bit words)
+STREAM_OVERHEAD_BYTES = (
+    16  # per rANS stream: flushed state and padding (compressai writes 32-bit words)
+)
 
 
 one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
@@ -48,7 +50,9 @@ def round_trip(model, x: torch.Tensor):
 
 @pytest.mark.parametrize("size", [(200, 300), (400, 600)], ids=["photo_200x300", "photo_400x600"])
 def test_round_trip_equals_forward(tiny, size):
-    x = photo(*size)  # 400x600: all of skimage's coffee, a Kodak-sized photo that ships with the package
+    x = photo(
+        *size
+    )  # 400x600: all of skimage's coffee, a Kodak-sized photo that ships with the package
     padded, pad, forward, enc, dec = round_trip(tiny, x)
     assert padded.shape[-2] % 64 == 0 and padded.shape[-1] % 64 == 0
     assert enc["shape"] == (padded.shape[-2] // 64, padded.shape[-1] // 64)
@@ -97,7 +101,11 @@ def test_bitstream_close_to_estimated_rate(size):
     model = calibrated_tiny(3.0)
     model.update(scale_table=get_scale_table(0.12, 64, 480))
     for key, (actual, estimate) in rate_gaps(model, photo(*size)).items():
-        assert abs(actual - estimate) <= 0.02 * estimate + 8 * STREAM_OVERHEAD_BYTES, (key, actual, estimate)
+        assert abs(actual - estimate) <= 0.02 * estimate + 8 * STREAM_OVERHEAD_BYTES, (
+            key,
+            actual,
+            estimate,
+        )
 
 
 def test_official_scale_table_gap_comes_from_table_spacing():
@@ -123,7 +131,11 @@ def test_base_official_table_gap_on_a_photo_crop():
     calibrate_to_latents(model, x)
     model.update(scale_table=get_scale_table(0.12, 64, 60))
     for key, (actual, estimate) in rate_gaps(model, x).items():
-        assert abs(actual - estimate) <= 0.02 * estimate + 8 * STREAM_OVERHEAD_BYTES, (key, actual, estimate)
+        assert abs(actual - estimate) <= 0.02 * estimate + 8 * STREAM_OVERHEAD_BYTES, (
+            key,
+            actual,
+            estimate,
+        )
 
 
 def test_escape_count_sees_out_of_table_latents():
@@ -164,5 +176,7 @@ def test_loaded_weights_and_tables_replace_the_cached_tables():
     target.load_state_dict(source.state_dict())
     enc = target.compress(x)
     assert enc["strings"] == source.compress(x)["strings"]
-    assert torch.equal(target.decompress(enc["strings"], enc["shape"])["x_hat"],
-                       source.decompress(enc["strings"], enc["shape"])["x_hat"])
+    assert torch.equal(
+        target.decompress(enc["strings"], enc["shape"])["x_hat"],
+        source.decompress(enc["strings"], enc["shape"])["x_hat"],
+    )

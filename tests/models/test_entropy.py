@@ -54,7 +54,9 @@ def test_cdf_matches_scipy():
 
 def test_likelihood_matches_scipy_float64():
     gen = torch.Generator().manual_seed(0)
-    scales = torch.exp(torch.empty(4000, dtype=torch.float64).uniform_(math.log(0.12), math.log(60), generator=gen))
+    scales = torch.exp(
+        torch.empty(4000, dtype=torch.float64).uniform_(math.log(0.12), math.log(60), generator=gen)
+    )
     residual = torch.round(torch.randn(4000, dtype=torch.float64, generator=gen) * scales * 1.5)
     means = torch.randn(4000, dtype=torch.float64, generator=gen)
     ours = GGM().double()(residual + means, scales, means)
@@ -99,7 +101,9 @@ def test_likelihood_and_gradients_equal_official(golden):
 def test_gradient_is_analytic_pdf():
     """d P / d r and d P / d s from the closed-form gennorm pdf (scipy), in float64."""
     gen = torch.Generator().manual_seed(1)
-    scales = torch.exp(torch.empty(500, dtype=torch.float64).uniform_(math.log(0.2), math.log(30), generator=gen))
+    scales = torch.exp(
+        torch.empty(500, dtype=torch.float64).uniform_(math.log(0.2), math.log(30), generator=gen)
+    )
     residual = torch.randn(500, dtype=torch.float64, generator=gen) * scales
     r = residual.clone().requires_grad_(True)
     s = scales.clone().requires_grad_(True)
@@ -108,7 +112,9 @@ def test_gradient_is_analytic_pdf():
     pdf = lambda t: scipy.stats.gennorm.pdf(t, BETA)  # noqa: E731
     hi, lo = (rn + 0.5) / sn, (rn - 0.5) / sn
     np.testing.assert_allclose(r.grad.numpy(), (pdf(hi) - pdf(lo)) / sn, rtol=1e-9, atol=1e-14)
-    np.testing.assert_allclose(s.grad.numpy(), -(hi * pdf(hi) - lo * pdf(lo)) / sn, rtol=1e-9, atol=1e-14)
+    np.testing.assert_allclose(
+        s.grad.numpy(), -(hi * pdf(hi) - lo * pdf(lo)) / sn, rtol=1e-9, atol=1e-14
+    )
 
 
 def test_gradient_finite_differences():
@@ -160,16 +166,22 @@ def assert_tables_match_official(ours, official, what: str) -> None:
     np.testing.assert_array_equal(offset, official[2], err_msg=f"{what} offsets")
     diff = np.abs(cdf.astype(np.int64) - official[0])
     assert diff.max() <= 1, f"{what}: an entry differs by {diff.max()}"
-    assert (diff > 0).mean() <= CDF_MAX_DIFFERING_SHARE, f"{what}: {(diff > 0).sum()} of {diff.size} entries differ"
+    assert (diff > 0).mean() <= CDF_MAX_DIFFERING_SHARE, (
+        f"{what}: {(diff > 0).sum()} of {diff.size} entries differ"
+    )
 
 
 def test_quantized_cdf_equals_official(golden):
     ggm = GGM()
     ours = ggm.get_quantized_cdf(get_scale_table(0.12, 64, 60))
     assert all(t.dtype == torch.int32 for t in ours)
-    assert_tables_match_official(ours, (golden["y_cdf"], golden["y_len"], golden["y_off"]), "y tables")
+    assert_tables_match_official(
+        ours, (golden["y_cdf"], golden["y_len"], golden["y_off"]), "y tables"
+    )
     ours = ggm.get_quantized_cdf(torch.tensor(golden["z_scales"]))
-    assert_tables_match_official(ours, (golden["z_cdf"], golden["z_len"], golden["z_off"]), "z tables")
+    assert_tables_match_official(
+        ours, (golden["z_cdf"], golden["z_len"], golden["z_off"]), "z tables"
+    )
 
 
 def test_quantized_cdf_follows_scipy_pmf():
@@ -200,10 +212,12 @@ def test_quantized_cdf_rejects_bad_table():
 def test_indexes_first_entry_at_or_above_sigma():
     table = get_scale_table(0.12, 64, 60)
     gen = torch.Generator().manual_seed(3)
-    scales = torch.cat([
-        torch.exp(torch.empty(2000).uniform_(math.log(0.01), math.log(100), generator=gen)),
-        table,  # exact hits must map to their own entry
-    ]).view(1, 1, 4, -1)
+    scales = torch.cat(
+        [
+            torch.exp(torch.empty(2000).uniform_(math.log(0.01), math.log(100), generator=gen)),
+            table,  # exact hits must map to their own entry
+        ]
+    ).view(1, 1, 4, -1)
     idx = build_indexes_conditional(scales, table)
     brute = (scales.unsqueeze(-1) > table[:-1]).sum(-1)  # the official formula
     assert idx.dtype == torch.int32

@@ -46,17 +46,27 @@ def base_256(base):
 
 
 # the golden cases: (fixture arch, preset, height, width); benchmarks/equivalence.py prints their diffs
-GOLDEN_CASES = (("base", "HPCM_Base", 256, 256), ("base", "HPCM_Base", 256, 512), ("large", "HPCM_Large", 256, 256))
+GOLDEN_CASES = (
+    ("base", "HPCM_Base", 256, 256),
+    ("base", "HPCM_Base", 256, 512),
+    ("large", "HPCM_Large", 256, 256),
+)
 
 
 def golden_diffs(out, arch: str, h: int, w: int) -> dict[str, float]:
     """Max |ours - official| of x_hat, y and z likelihoods of image 0 of ``out``."""
     g = golden()
     diffs = {}
-    for name, ours in (("x_hat", out["x_hat"]), ("lik_y", out["likelihoods"]["y"]), ("lik_z", out["likelihoods"]["z"])):
+    for name, ours in (
+        ("x_hat", out["x_hat"]),
+        ("lik_y", out["likelihoods"]["y"]),
+        ("lik_z", out["likelihoods"]["z"]),
+    ):
         ref = torch.from_numpy(g[f"{arch}_{h}x{w}_{name}"])
         if ours[0].shape != ref.shape:
-            raise ValueError(f"{arch}_{h}x{w}_{name}: shape {tuple(ours[0].shape)} != golden {tuple(ref.shape)}")
+            raise ValueError(
+                f"{arch}_{h}x{w}_{name}: shape {tuple(ours[0].shape)} != golden {tuple(ref.shape)}"
+            )
         diffs[name] = float((ours[0] - ref).abs().max())
     return diffs
 
@@ -112,15 +122,21 @@ SCALE_MARGIN = 1e-4  # relative, a scale to the nearest table entry it is compar
 MAX_NEAR_SHARE = 0.01
 
 
-def assert_equal_away_from_boundaries(ours: torch.Tensor, official: torch.Tensor, near: torch.Tensor, what: str):
+def assert_equal_away_from_boundaries(
+    ours: torch.Tensor, official: torch.Tensor, near: torch.Tensor, what: str
+):
     share = float(near.float().mean())
     assert share <= MAX_NEAR_SHARE, (
-        f"input too close to a boundary: {share:.2%} of the {what} lie within the stated margin")
+        f"input too close to a boundary: {share:.2%} of the {what} lie within the stated margin"
+    )
     ours, official = ours.long(), official.long()
     differ = ours != official
     assert not bool((differ & ~near).any()), (
-        f"{what}: {int((differ & ~near).sum())} of {int((~near).sum())} differ away from any boundary")
-    assert bool(((ours - official)[near].abs() <= 1).all()), f"{what}: differ by more than one near a boundary"
+        f"{what}: {int((differ & ~near).sum())} of {int((~near).sum())} differ away from any boundary"
+    )
+    assert bool(((ours - official)[near].abs() <= 1).all()), (
+        f"{what}: differ by more than one near a boundary"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -133,11 +149,14 @@ def official_streams(base):
     z_indexes = build_indexes_z(z_shape)
     z_string = g["base_256x256_z_string"].tobytes()
     return {
-        "y_string": g["base_256x256_y_string"].tobytes(), "z_string": z_string,
+        "y_string": g["base_256x256_y_string"].tobytes(),
+        "z_string": z_string,
         "y_symbols": torch.from_numpy(g["base_256x256_y_symbols"]).float(),
         "y_indexes": torch.from_numpy(g["base_256x256_y_indexes"]).int(),
         "z_indexes": z_indexes,
-        "z_symbols": coder.decode_symbols(coder.make_decoder(z_string), z_indexes, coder.coder_tables(base, "z")),
+        "z_symbols": coder.decode_symbols(
+            coder.make_decoder(z_string), z_indexes, coder.coder_tables(base, "z")
+        ),
     }
 
 
@@ -149,7 +168,9 @@ def test_base_coder_writes_the_official_bytes_from_the_official_symbols(base, of
     tables are ours (no official copy for these per-channel scales; none differed in any test run)."""
     s = official_streams
     with np.load(FIXTURES / "entropy_golden.npz") as g:
-        tables_y = coder.CoderTables.from_tensors(*(torch.from_numpy(g[k]) for k in ("y_cdf", "y_len", "y_off")))
+        tables_y = coder.CoderTables.from_tensors(
+            *(torch.from_numpy(g[k]) for k in ("y_cdf", "y_len", "y_off"))
+        )
     tables_z = coder.coder_tables(base, "z")
     assert coder.encode_stream(s["y_symbols"], s["y_indexes"], tables_y) == s["y_string"]
     assert coder.encode_stream(s["z_symbols"], s["z_indexes"], tables_z) == s["z_string"]
@@ -162,15 +183,28 @@ def test_base_symbols_and_indexes_equal_official_away_from_boundaries(base, offi
     y - means and z - means_hyper to the official symbols and bins the scales to the official
     table indexes wherever the input lies at least the stated margin from a boundary."""
     s = official_streams
-    q = quantiser_inputs(base, image_tensor(golden()["image_256x256"]), s["z_symbols"], s["y_symbols"])
-    assert_equal_away_from_boundaries(torch.round(q["z_res"]), s["z_symbols"].reshape(-1),
-                                      distance_to_rounding_boundary(q["z_res"]) < Y_MARGIN, "z symbols")
-    assert_equal_away_from_boundaries(torch.round(q["y_res"]), s["y_symbols"],
-                                      distance_to_rounding_boundary(q["y_res"]) < Y_MARGIN, "y symbols")
+    q = quantiser_inputs(
+        base, image_tensor(golden()["image_256x256"]), s["z_symbols"], s["y_symbols"]
+    )
+    assert_equal_away_from_boundaries(
+        torch.round(q["z_res"]),
+        s["z_symbols"].reshape(-1),
+        distance_to_rounding_boundary(q["z_res"]) < Y_MARGIN,
+        "z symbols",
+    )
+    assert_equal_away_from_boundaries(
+        torch.round(q["y_res"]),
+        s["y_symbols"],
+        distance_to_rounding_boundary(q["y_res"]) < Y_MARGIN,
+        "y symbols",
+    )
     scale_table = base.scale_table.cpu()
-    assert_equal_away_from_boundaries(build_indexes_conditional(q["y_scales"], scale_table), s["y_indexes"],
-                                      distance_to_scale_thresholds(q["y_scales"], scale_table) < SCALE_MARGIN,
-                                      "y table indexes")
+    assert_equal_away_from_boundaries(
+        build_indexes_conditional(q["y_scales"], scale_table),
+        s["y_indexes"],
+        distance_to_scale_thresholds(q["y_scales"], scale_table) < SCALE_MARGIN,
+        "y table indexes",
+    )
 
 
 def test_base_bitstream_decodes_to_the_forward_reconstruction(base, base_256):
@@ -185,4 +219,6 @@ def test_base_bitstream_decodes_to_the_forward_reconstruction(base, base_256):
     q = quantiser_inputs(base, x)
     assert torch.equal(coded.y_symbols, torch.round(q["y_res"]))
     assert torch.equal(coded.z_symbols.reshape(-1), torch.round(q["z_res"]))
-    assert torch.equal(coded.y_indexes, build_indexes_conditional(q["y_scales"], base.scale_table.cpu()))
+    assert torch.equal(
+        coded.y_indexes, build_indexes_conditional(q["y_scales"], base.scale_table.cpu())
+    )

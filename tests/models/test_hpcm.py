@@ -143,7 +143,9 @@ def test_step_map_matches_official():
     step = model.step_map(16, 16)
     assert torch.equal(step, official)
     scale = model.scale_map(16, 16)
-    assert torch.equal(scale, torch.bucketize(step, torch.tensor([2, 5])) + 1)  # steps 1-2, 3-5, 6-11
+    assert torch.equal(
+        scale, torch.bucketize(step, torch.tensor([2, 5])) + 1
+    )  # steps 1-2, 3-5, 6-11
 
 
 def test_step_map_shares_any_size():
@@ -208,7 +210,9 @@ def test_quantizer_sums_equal_stacked_sums_bit_for_bit(tiny):
             assert torch.equal(ours.view(torch.int32), theirs.view(torch.int32))
         expected = part.s1_to_y(stacked[0]) + part.s2_to_y(stacked[1]) + stacked[2]
         assert torch.equal(q.full(sums).view(torch.int32), expected.view(torch.int32))
-    assert bool((torch.stack([s[0] for s in q.steps[1]]).view(torch.int32) == -(2**31)).any())  # -0 terms
+    assert bool(
+        (torch.stack([s[0] for s in q.steps[1]]).view(torch.int32) == -(2**31)).any()
+    )  # -0 terms
 
 
 def test_scale_bits_partition_exact(tiny):
@@ -236,7 +240,9 @@ def test_scale_bits_partition_exact(tiny):
     ref_small = closed_form_scale_map(tiny.M, 4, 4)
     for s in (1, 2, 3):
         expected = (-torch.log2(lik_small) * (ref_small == s)).sum((1, 2, 3))
-        torch.testing.assert_close(tiny.scale_bits(lik_small)[:, s - 1], expected, rtol=1e-13, atol=0)
+        torch.testing.assert_close(
+            tiny.scale_bits(lik_small)[:, s - 1], expected, rtol=1e-13, atol=0
+        )
 
 
 def test_train_mode_quantisation(tiny):
@@ -261,8 +267,13 @@ def test_train_mode_quantisation(tiny):
         tiny.zero_grad(set_to_none=False)
         rate = -torch.log2(b["likelihoods"]["y"]).sum() - torch.log2(b["likelihoods"]["z"]).sum()
         rate.backward()
-        for p in (tiny.means_hyper, tiny.h_a.branch[1].weight, tiny.y_spatial_prior_s3.branch_2[-1].weight,
-                  tiny.attn_s3.conv_q.weight, tiny.adaptive_params_list[9]):
+        for p in (
+            tiny.means_hyper,
+            tiny.h_a.branch[1].weight,
+            tiny.y_spatial_prior_s3.branch_2[-1].weight,
+            tiny.attn_s3.conv_q.weight,
+            tiny.adaptive_params_list[9],
+        ):
             assert float(p.grad.abs().sum()) > 0
     finally:
         tiny.eval()

@@ -24,11 +24,17 @@ def test_groups_partition_the_parameters_exactly(name):
     names = [n for n, _ in model.named_parameters()]
     assert max(grouped.values()) == 1, "a parameter in two groups"
     assert sorted(grouped) == sorted(names), "a parameter missing or invented"
-    assert sum(p.numel() for members in groups.values() for _, p in members) == \
-        sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for members in groups.values() for _, p in members) == sum(
+        p.numel() for p in model.parameters()
+    )
     # the module structure: transforms are g_a/g_s, the hyperprior h_a/h_s and the z prior
     assert {n.split(".")[0] for n, _ in groups["transforms"]} == {"g_a", "g_s"}
-    assert {n.split(".")[0] for n, _ in groups["hyperprior"]} == {"h_a", "h_s", "means_hyper", "scales_hyper"}
+    assert {n.split(".")[0] for n, _ in groups["hyperprior"]} == {
+        "h_a",
+        "h_s",
+        "means_hyper",
+        "scales_hyper",
+    }
 
 
 def test_an_unknown_module_is_an_error_naming_the_parameter():
@@ -45,17 +51,30 @@ def observed_scales(model: models.HPCM) -> dict[str, set[str]]:
     """parameter name -> the scales whose coding steps ran its module (one forward with hooks)."""
     since_last_step: list[str] = []  # module names run since the last coded step
     served: dict[str, set[str]] = {}
-    quant_names = {id(p): f"adaptive_params_list.{i}" for i, p in enumerate(model.adaptive_params_list)}
+    quant_names = {
+        id(p): f"adaptive_params_list.{i}" for i, p in enumerate(model.adaptive_params_list)
+    }
     hooks = []
     for name, module in model.named_modules():
         depth = name.count(".")
-        if name and (depth == 0 or (depth == 1 and name.split(".")[0].endswith(("_list_s1", "_list_s2", "_list_s3",
-                                                                                 "context_net")))):
-            hooks.append(module.register_forward_pre_hook(
-                lambda m, args, name=name: since_last_step.append(name)))
+        if name and (
+            depth == 0
+            or (
+                depth == 1
+                and name.split(".")[0].endswith(("_list_s1", "_list_s2", "_list_s3", "context_net"))
+            )
+        ):
+            hooks.append(
+                module.register_forward_pre_hook(
+                    lambda m, args, name=name: since_last_step.append(name)
+                )
+            )
     for prior in (model.y_spatial_prior_s1_s2, model.y_spatial_prior_s3):
-        hooks.append(prior.register_forward_pre_hook(
-            lambda m, args: since_last_step.append(quant_names[id(args[1])])))
+        hooks.append(
+            prior.register_forward_pre_hook(
+                lambda m, args: since_last_step.append(quant_names[id(args[1])])
+            )
+        )
     real_call = hpcm_module._Quantizer.__call__
 
     def coded_step(self, scale, *args):
@@ -82,7 +101,9 @@ def test_the_scales_of_each_context_parameter_are_those_whose_steps_run_it():
     torch.manual_seed(0)
     model = models.build_model("HPCM_Tiny")
     observed = observed_scales(model)
-    context = [n for n, _ in model.named_parameters() if param_groups.group_of(n).group == "context"]
+    context = [
+        n for n, _ in model.named_parameters() if param_groups.group_of(n).group == "context"
+    ]
     assert context
     for name in context:
         assert set(param_groups.group_of(name).scales) == observed[name], name

@@ -26,4 +26,6 @@ def kernel_refusal() -> str | None:
     return None
 
 
-needs_kernel = pytest.mark.skipif(kernel_refusal() is not None, reason=f"no usable kernel: {kernel_refusal()}")
+needs_kernel = pytest.mark.skipif(
+    kernel_refusal() is not None, reason=f"no usable kernel: {kernel_refusal()}"
+)

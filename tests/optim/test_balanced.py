@@ -24,13 +24,19 @@ EPS_LOG = 1e-8
 # ----------------------------------------------------------------------------- toy problem
 def make_params(seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(5, 4, generator=g, dtype=DT) * 0.5, torch.randn(5, generator=g, dtype=DT) * 0.1,
-            torch.randn(3, 5, generator=g, dtype=DT) * 0.5]
+    return [
+        torch.randn(5, 4, generator=g, dtype=DT) * 0.5,
+        torch.randn(5, generator=g, dtype=DT) * 0.1,
+        torch.randn(3, 5, generator=g, dtype=DT) * 0.5,
+    ]
 
 
 def make_batches(n: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(8, 4, generator=g, dtype=DT), torch.randn(8, 3, generator=g, dtype=DT)) for _ in range(n)]
+    return [
+        (torch.randn(8, 4, generator=g, dtype=DT), torch.randn(8, 3, generator=g, dtype=DT))
+        for _ in range(n)
+    ]
 
 
 def task_losses(params, x, y) -> torch.Tensor:
@@ -123,8 +129,16 @@ def run_reference(mode: str, steps: int, **kw):
 def run_mine(mode: str, steps: int, start=None, stop=None, foreach=None, **kw):
     batches = make_batches(steps + 1)
     params = [p.clone().requires_grad_(True) for p in make_params()]
-    opt = Balanced(params, lr=kw["lr"], gamma=kw["gamma"], w_lr=kw["w_lr"], max_norm=kw["max_norm"],
-                   min_losses=kw["min_losses"], update_mode=mode, foreach=foreach)
+    opt = Balanced(
+        params,
+        lr=kw["lr"],
+        gamma=kw["gamma"],
+        w_lr=kw["w_lr"],
+        max_norm=kw["max_norm"],
+        min_losses=kw["min_losses"],
+        update_mode=mode,
+        foreach=foreach,
+    )
     if start is not None:
         params_state, opt_state, _ = start
         with torch.no_grad():
@@ -175,7 +189,9 @@ def test_state_round_trip_equals_uninterrupted(mode):
     full_params, full_opt = run_mine(mode, 20, **KW)
     half_params, half_opt = run_mine(mode, 20, stop=9, **KW)
     buffer = io.BytesIO()
-    torch.save({"params": [p.detach().clone() for p in half_params], "opt": half_opt.state_dict()}, buffer)
+    torch.save(
+        {"params": [p.detach().clone() for p in half_params], "opt": half_opt.state_dict()}, buffer
+    )
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=False)
     resumed_params, resumed_opt = run_mine(mode, 20, start=(saved["params"], saved["opt"], 9), **KW)
@@ -195,8 +211,10 @@ def test_weighted_loss_gradient_is_convex_combination():
     gap = losses.detach() + 1.0 + EPS_LOG
     z = torch.softmax(torch.tensor([0.7, -0.2], dtype=DT), 0)
     a = (z / gap) / (z / gap).sum()
-    expected = [sum(a[i] * torch.autograd.grad(task_losses(params, x, y)[i], params)[k] for i in range(2))
-                for k in range(3)]
+    expected = [
+        sum(a[i] * torch.autograd.grad(task_losses(params, x, y)[i], params)[k] for i in range(2))
+        for k in range(3)
+    ]
     for p, e in zip(params, expected):
         torch.testing.assert_close(p.grad, e, rtol=1e-6, atol=1e-9)
     assert sum(opt.get_effective_weights().values()) == pytest.approx(1.0)
@@ -348,9 +366,13 @@ def golden_run_diffs(foreach: bool) -> dict[str, float]:
         opt.step(task_losses=losses)
         with torch.no_grad():
             opt.update_task_weights(task_losses(params, x, y))
-    params_diff = max(float((mine.detach().flatten() - torch.tensor(theirs)).abs().max())
-                      for mine, theirs in zip(params, golden["params"], strict=True))
-    w_diff = float((opt.w.detach().double() - torch.tensor(golden["w"], dtype=torch.float64)).abs().max())
+    params_diff = max(
+        float((mine.detach().flatten() - torch.tensor(theirs)).abs().max())
+        for mine, theirs in zip(params, golden["params"], strict=True)
+    )
+    w_diff = float(
+        (opt.w.detach().double() - torch.tensor(golden["w"], dtype=torch.float64)).abs().max()
+    )
     return {"params": params_diff, "w": w_diff}
 
 

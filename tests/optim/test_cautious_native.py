@@ -3,7 +3,6 @@ on real model shapes, built once into its cache, and clear about why it cannot b
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
@@ -14,13 +13,13 @@ from hpcm.optim import Balanced, CautiousAdam, cautious_adam, cautious_native
 from tests.optim.kernel import needs_kernel
 
 
-
-
-
 def clear_kernel_caches() -> None:
     """Forget the cached library and verdict (the next use builds, loads and checks again)."""
-    for cached in (cautious_native.load, cautious_adam.native_library,
-                   cautious_adam.native_unavailable_reason):
+    for cached in (
+        cautious_native.load,
+        cautious_adam.native_library,
+        cautious_adam.native_unavailable_reason,
+    ):
         cached.cache_clear()
 
 
@@ -33,7 +32,9 @@ def random_grads(params, step: int) -> None:
     generator = torch.Generator().manual_seed(1000 + step)
     for p in params:
         # a wide spread of magnitudes, with exact zeros (outside the mask) and tiny values
-        grad = torch.randn(p.shape, generator=generator) * 10.0 ** torch.randint(-8, 1, p.shape, generator=generator)
+        grad = torch.randn(p.shape, generator=generator) * 10.0 ** torch.randint(
+            -8, 1, p.shape, generator=generator
+        )
         grad[grad.abs() < 1e-7] = 0.0
         p.grad = grad
 
@@ -72,7 +73,9 @@ def test_kernel_sqrt_is_torch_sqrt():
 def test_default_cpu_path_is_the_kernel(monkeypatch):
     calls = []
     original = cautious_native.native_update
-    monkeypatch.setattr(cautious_native, "native_update", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(
+        cautious_native, "native_update", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
     params = model_params()
     opt = Balanced(params, lr=1e-3)
     random_grads(params, 0)
@@ -87,8 +90,12 @@ def test_library_is_built_once_into_the_cache(tmp_path, monkeypatch):
     target = cautious_native.library_path(compiler)
     assert target.parent == tmp_path / "native" and not target.exists()
     cautious_native.build(compiler, target)
-    assert target.is_file() and list(target.parent.iterdir()) == [target]  # no temporary left behind
-    assert cautious_native.library_path(compiler) == target  # same source, compiler and CPU: same file
+    assert target.is_file() and list(target.parent.iterdir()) == [
+        target
+    ]  # no temporary left behind
+    assert (
+        cautious_native.library_path(compiler) == target
+    )  # same source, compiler and CPU: same file
 
 
 @needs_kernel
@@ -120,7 +127,9 @@ def test_fused_true_without_compiler_raises_with_the_reason(no_compiler):
 def test_default_without_compiler_warns_once_and_matches(no_compiler):
     params, reference = model_params(), model_params()
     opt, ref_opt = CautiousAdam(params, lr=1e-3), CautiousAdam(reference, lr=1e-3, foreach=False)
-    with pytest.warns(RuntimeWarning, match="slower torch CPU path: no C compiler.*no-such-compiler-hpcm"):
+    with pytest.warns(
+        RuntimeWarning, match="slower torch CPU path: no C compiler.*no-such-compiler-hpcm"
+    ):
         random_grads(params, 0)
         opt.step()
     with warnings.catch_warnings():
@@ -147,9 +156,15 @@ def test_non_contiguous_gradient_falls_back_with_a_warning(monkeypatch):
     monkeypatch.setattr(cautious_adam, "_warned", False)
     weight = torch.randn(4, 6, requires_grad=True)
     reference = weight.detach().clone().requires_grad_(True)
-    opt, ref_opt = CautiousAdam([weight], lr=1e-2), CautiousAdam([reference], lr=1e-2, foreach=False)
+    opt, ref_opt = (
+        CautiousAdam([weight], lr=1e-2),
+        CautiousAdam([reference], lr=1e-2, foreach=False),
+    )
     grad = torch.randn(6, 4)
-    weight.grad, reference.grad = grad.t(), grad.t().contiguous()  # same values, one transposed view
+    weight.grad, reference.grad = (
+        grad.t(),
+        grad.t().contiguous(),
+    )  # same values, one transposed view
     with pytest.warns(RuntimeWarning, match=r"shape \(4, 6\) is not contiguous"):
         opt.step()
     ref_opt.step()
@@ -160,7 +175,9 @@ def test_non_contiguous_gradient_falls_back_with_a_warning(monkeypatch):
 def test_unwritable_cache_warns_and_falls_back(tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory\n")
-    monkeypatch.setenv("HPCM_CACHE_DIR", str(blocker))  # cache_dir() = a-file/native: cannot be made
+    monkeypatch.setenv(
+        "HPCM_CACHE_DIR", str(blocker)
+    )  # cache_dir() = a-file/native: cannot be made
     monkeypatch.setattr(cautious_adam, "_warned", False)
     clear_kernel_caches()
     try:

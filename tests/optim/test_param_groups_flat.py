@@ -28,7 +28,9 @@ def test_two_groups_step_like_one_group():
         assert torch.equal(a, b)
 
 
-def _train_then_freeze(make_optimizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _train_then_freeze(
+    make_optimizer,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Two steps with gradients on both tensors, then two with the first frozen (requires_grad off,
     grad None, as hpcm.train.phase4 freezes): (first after its last step, first at the end, second at the start and at the end)."""
     torch.manual_seed(1)
@@ -40,19 +42,29 @@ def _train_then_freeze(make_optimizer) -> tuple[torch.Tensor, torch.Tensor, torc
             frozen.requires_grad_(False)
             kept = frozen.detach().clone()
         optimizer.zero_grad(set_to_none=True)
-        loss = (trained ** 2).sum() + ((frozen ** 3).sum() if frozen.requires_grad else 0)
+        loss = (trained**2).sum() + ((frozen**3).sum() if frozen.requires_grad else 0)
         loss.backward()
         optimizer.step()
     return kept, frozen.detach(), trained_start, trained.detach()
 
 
-@pytest.mark.parametrize("make_optimizer", [
-    lambda p: torch.optim.Adam(p, lr=0.1, fused=True),
-    lambda p: CautiousAdam(p, lr=0.1),  # CPU default: the C kernel (or foreach)
-    lambda p: CautiousAdam(p, lr=0.1, foreach=True),
-    lambda p: CautiousAdam(p, lr=0.1, foreach=False),
-    lambda p: CautiousAdam(p, lr=0.1, sync_free=True),  # the CUDA path, run on CPU
-], ids=["torch_fused_adam", "cautious_default", "cautious_foreach", "cautious_single", "cautious_sync_free"])
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda p: torch.optim.Adam(p, lr=0.1, fused=True),
+        lambda p: CautiousAdam(p, lr=0.1),  # CPU default: the C kernel (or foreach)
+        lambda p: CautiousAdam(p, lr=0.1, foreach=True),
+        lambda p: CautiousAdam(p, lr=0.1, foreach=False),
+        lambda p: CautiousAdam(p, lr=0.1, sync_free=True),  # the CUDA path, run on CPU
+    ],
+    ids=[
+        "torch_fused_adam",
+        "cautious_default",
+        "cautious_foreach",
+        "cautious_single",
+        "cautious_sync_free",
+    ],
+)
 def test_a_parameter_without_gradient_does_not_move_on_its_momentum(make_optimizer):
     kept, end, trained_start, trained = _train_then_freeze(make_optimizer)
     assert torch.equal(kept, end)

@@ -55,7 +55,9 @@ def test_three_orthogonal_tasks_inverse_norm_weights():
 def test_degenerate_gram_matrices_give_uniform_weights():
     assert qp_task_weights(gram_of([1.0, 2.0], [1.0, 2.0])).tolist() == pytest.approx([0.5, 0.5])
     assert qp_task_weights(torch.zeros(3, 3, dtype=DT)).tolist() == pytest.approx([1 / 3] * 3)
-    assert qp_task_weights(gram_of([1.0, 1.0], [1.0, 1.0], [1.0, 1.0])).tolist() == pytest.approx([1 / 3] * 3)
+    assert qp_task_weights(gram_of([1.0, 1.0], [1.0, 1.0], [1.0, 1.0])).tolist() == pytest.approx(
+        [1 / 3] * 3
+    )
     assert qp_task_weights(gram_of([2.0])).tolist() == [1.0]
     with pytest.raises(ValueError, match="square"):
         qp_task_weights(torch.zeros(2, 3, dtype=DT))
@@ -78,6 +80,7 @@ def _problem(seed=0):
     def losses():
         out = x @ weight.T
         return torch.stack([10 * ((out - y) ** 2).mean(), (out**2).mean() + 0.1])
+
     return weight, losses
 
 
@@ -123,15 +126,24 @@ def test_qp_optimizer_trains_and_skips_non_finite():
 # ----------------------------------------------------------------------------- hierarchical
 def test_hierarchical_modulation_and_per_task_gammas_by_hand():
     weight = torch.zeros(2, requires_grad=True)
-    opt = HierarchicalBalanced([weight], gamma_s1=0.008, gamma_s2=0.006, gamma_s3=0.004,
-                               scale_weights=[0.3, 0.4, 0.3], min_losses=0.0, max_norm=0.0)
+    opt = HierarchicalBalanced(
+        [weight],
+        gamma_s1=0.008,
+        gamma_s2=0.006,
+        gamma_s3=0.004,
+        scale_weights=[0.3, 0.4, 0.3],
+        min_losses=0.0,
+        max_norm=0.0,
+    )
     assert opt.task_modulation.tolist() == pytest.approx([0.3, 0.3, 0.4, 0.4, 0.3])
     assert opt.task_gammas.tolist() == pytest.approx([0.008, 0.008, 0.006, 0.006, 0.004])
     logits = torch.tensor([0.2, -0.1, 0.3, 0.0, -0.4])
     with torch.no_grad():
         opt.w.copy_(logits)
     coeff = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
-    losses = (coeff * (1 + weight.sum())) + torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])  # w=0 -> 2,4,6,8,10
+    losses = (coeff * (1 + weight.sum())) + torch.tensor(
+        [1.0, 2.0, 3.0, 4.0, 5.0]
+    )  # w=0 -> 2,4,6,8,10
     opt.get_weighted_loss(losses).backward()
     z = torch.softmax(logits, 0)
     zm = z * torch.tensor([0.3, 0.3, 0.4, 0.4, 0.3])
@@ -149,10 +161,17 @@ def test_hierarchical_modulation_and_per_task_gammas_by_hand():
     assert opt.w.detach().tolist() == pytest.approx(expected.tolist(), abs=1e-6)
     contributions = opt.get_scale_contributions()
     z_now = torch.softmax(opt.w.detach(), 0)
-    assert contributions == pytest.approx({"s1": float(z_now[0] + z_now[1]), "s2": float(z_now[2] + z_now[3]),
-                                           "s3": float(z_now[4])})
+    assert contributions == pytest.approx(
+        {"s1": float(z_now[0] + z_now[1]), "s2": float(z_now[2] + z_now[3]), "s3": float(z_now[4])}
+    )
     assert sum(contributions.values()) == pytest.approx(1.0)
-    assert list(opt.get_task_weights()) == ["s1_distortion", "s1_bpp", "s2_distortion", "s2_bpp", "s3_bpp"]
+    assert list(opt.get_task_weights()) == [
+        "s1_distortion",
+        "s1_bpp",
+        "s2_distortion",
+        "s2_bpp",
+        "s3_bpp",
+    ]
 
 
 def test_equal_scale_weights_reduce_to_balanced_with_task_gammas():
@@ -161,14 +180,21 @@ def test_equal_scale_weights_reduce_to_balanced_with_task_gammas():
         opt = make(weight)
         for k in range(6):
             opt.zero_grad()
-            losses = torch.stack([(weight**2).sum() * (i + 1) + (weight * k).sum() ** 2 / 5 + i for i in range(5)])
+            losses = torch.stack(
+                [(weight**2).sum() * (i + 1) + (weight * k).sum() ** 2 / 5 + i for i in range(5)]
+            )
             opt.backward_with_task_balancing(losses, [weight])
             opt.step()
-            opt.update_task_weights(torch.stack([(weight**2).sum() * (i + 1) + i for i in range(5)]).detach())
+            opt.update_task_weights(
+                torch.stack([(weight**2).sum() * (i + 1) + i for i in range(5)]).detach()
+            )
         return weight.detach(), opt.w.detach()
 
-    hw, hz = run(lambda p: HierarchicalBalanced([p], lr=1e-2, scale_weights=[0.2, 0.2, 0.2],
-                                                gamma_s1=0.01, gamma_s2=0.01, gamma_s3=0.01))
+    hw, hz = run(
+        lambda p: HierarchicalBalanced(
+            [p], lr=1e-2, scale_weights=[0.2, 0.2, 0.2], gamma_s1=0.01, gamma_s2=0.01, gamma_s3=0.01
+        )
+    )
     bw, bz = run(lambda p: Balanced([p], lr=1e-2, n_tasks=5, gamma=0.01))
     torch.testing.assert_close(hw, bw, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(hz, bz, rtol=1e-5, atol=1e-7)
@@ -180,7 +206,9 @@ def test_set_scale_gammas_and_state_round_trip():
     opt.set_scale_gammas(0.001, 0.002, 0.003)
     assert opt.scale_gammas == pytest.approx({"s1": 0.001, "s2": 0.002, "s3": 0.003})
     opt.zero_grad()
-    opt.backward_with_task_balancing(torch.stack([weight.sum() * (i + 1) for i in range(5)]), [weight])
+    opt.backward_with_task_balancing(
+        torch.stack([weight.sum() * (i + 1) for i in range(5)]), [weight]
+    )
     opt.step()
     buffer = io.BytesIO()
     torch.save(opt.state_dict(), buffer)
@@ -256,14 +284,23 @@ def test_cautious_adam_state_round_trip_is_exact(amsgrad):
             p.grad = grad
             opt.step()
         return p.detach()
+
     assert torch.equal(run(None), run(5))
 
 
 def test_build_optimizer_names_and_gamma_property():
     p = torch.zeros(2, requires_grad=True)
     assert isinstance(build_optimizer("cautious_adam", [p], 1e-3), CautiousAdam)
-    assert build_optimizer("adam", [p], 1e-3).defaults["fused"] is True  # training relies on found_inf
-    hier = build_optimizer("hierarchical_balanced", [p], 1e-3, gammas=[0.004, 0.006, 0.008], scale_weights=[0.2, 0.3, 0.5])
+    assert (
+        build_optimizer("adam", [p], 1e-3).defaults["fused"] is True
+    )  # training relies on found_inf
+    hier = build_optimizer(
+        "hierarchical_balanced",
+        [p],
+        1e-3,
+        gammas=[0.004, 0.006, 0.008],
+        scale_weights=[0.2, 0.3, 0.5],
+    )
     assert hier.scale_gammas == pytest.approx({"s1": 0.004, "s2": 0.006, "s3": 0.008})
     assert hier.gamma == pytest.approx(0.006)  # the seed's average gamma
     balanced = build_optimizer("balanced", [p], 1e-3, gamma=0.001, update_mode="next_batch")

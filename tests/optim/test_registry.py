@@ -11,8 +11,14 @@ import pytest
 import torch
 
 from hpcm.config import run_config
-from hpcm.config.optimizers import (BASELINE_OPTIMIZER, GAMMA, OPTIMIZER_SPECS, W_LR, OptimizerSpec,
-                                    hyperparameter_default)
+from hpcm.config.optimizers import (
+    BASELINE_OPTIMIZER,
+    GAMMA,
+    OPTIMIZER_SPECS,
+    W_LR,
+    OptimizerSpec,
+    hyperparameter_default,
+)
 from hpcm.optim import Balanced, build_optimizer, register_optimizer
 from hpcm.optim.registry import BUILDERS
 from tests.paths import REPO
@@ -64,12 +70,24 @@ def test_hyperparameters_reach_the_optimizer_and_default_to_the_spec():
     assert default.gamma == pytest.approx(GAMMA) and default.w_opt.defaults["lr"] == W_LR
     assert default.update_mode == "same_batch"
     # gammas: not balanced's, ignored (the loop passes them all)
-    tuned = build_optimizer("balanced", small_params(), 1e-3, gamma=0.01, w_lr=0.5,
-                            update_mode="next_batch", gammas=(1.0, 2.0, 3.0))
+    tuned = build_optimizer(
+        "balanced",
+        small_params(),
+        1e-3,
+        gamma=0.01,
+        w_lr=0.5,
+        update_mode="next_batch",
+        gammas=(1.0, 2.0, 3.0),
+    )
     assert tuned.gamma == pytest.approx(0.01) and tuned.w_opt.defaults["lr"] == 0.5
     assert tuned.update_mode == "next_batch"
-    hierarchical = build_optimizer("hierarchical_balanced", small_params(), 1e-3,
-                                   gammas=[0.1, 0.2, 0.3], scale_weights=[1.0, 2.0, 3.0])
+    hierarchical = build_optimizer(
+        "hierarchical_balanced",
+        small_params(),
+        1e-3,
+        gammas=[0.1, 0.2, 0.3],
+        scale_weights=[1.0, 2.0, 3.0],
+    )
     assert list(hierarchical.scale_gammas.values()) == pytest.approx([0.1, 0.2, 0.3])
     assert hierarchical.scale_weights == [1.0, 2.0, 3.0]
 
@@ -78,19 +96,29 @@ def test_run_config_names_and_defaults_come_from_the_specs():
     assert run_config.OPTIMIZERS == tuple(OPTIMIZER_SPECS)
     assert run_config.KEYS["optimizer"].choices == tuple(OPTIMIZER_SPECS)
     assert run_config.BALANCED_OPTIMIZERS == tuple(
-        name for name, spec in OPTIMIZER_SPECS.items() if spec.task_weights)
+        name for name, spec in OPTIMIZER_SPECS.items() if spec.task_weights
+    )
     for spec in OPTIMIZER_SPECS.values():
         for key, default in spec.hyperparameters.items():
             assert key in run_config.KEYS, f"{spec.name}: {key!r} is not a run-config key"
             value = run_config.KEYS[key].default
             assert (list(value) if isinstance(value, (list, tuple)) else value) == (
-                list(default) if isinstance(default, (list, tuple)) else default), (spec.name, key)
+                list(default) if isinstance(default, (list, tuple)) else default
+            ), (spec.name, key)
 
 
 def test_two_specs_with_different_defaults_for_one_key_are_refused(monkeypatch):
-    monkeypatch.setitem(OPTIMIZER_SPECS, "other", OptimizerSpec(
-        "other", "test", task_names=("a", "b"), gamma_schedule="single",
-        hyperparameters={"gamma": 0.5}))
+    monkeypatch.setitem(
+        OPTIMIZER_SPECS,
+        "other",
+        OptimizerSpec(
+            "other",
+            "test",
+            task_names=("a", "b"),
+            gamma_schedule="single",
+            hyperparameters={"gamma": 0.5},
+        ),
+    )
     with pytest.raises(ValueError, match="'gamma': the specs give 2 defaults"):
         hyperparameter_default("gamma")
 
@@ -105,8 +133,11 @@ def test_bad_specs_and_registrations_are_refused(monkeypatch):
     with pytest.raises(ValueError, match="gamma_schedule 'cosine' is not one of"):
         OptimizerSpec("x", "test", task_names=("a",), gamma_schedule="cosine")
     monkeypatch.setitem(OPTIMIZER_SPECS, "unbuilt", OptimizerSpec("unbuilt", "test"))
-    with pytest.raises(ValueError, match=r"no builder: decorate one with "
-                                          r"@register_optimizer\('unbuilt'\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"no builder: decorate one with "
+        r"@register_optimizer\('unbuilt'\)",
+    ):
         build_optimizer("unbuilt", small_params(), 1e-3)
 
 
@@ -125,8 +156,11 @@ def _name_comparisons(source: str, label: str) -> list[str]:
         if not isinstance(node, ast.Compare):
             continue
         operands = [node.left, *node.comparators]
-        literals = [e for o in operands for e in ([o] if isinstance(o, ast.Constant) else
-                                                   getattr(o, "elts", []))]
+        literals = [
+            e
+            for o in operands
+            for e in ([o] if isinstance(o, ast.Constant) else getattr(o, "elts", []))
+        ]
         hits = [c.value for c in literals if isinstance(c, ast.Constant) and c.value in names]
         if hits:
             found.append(f"{label}:{node.lineno}: compares with {hits}")
@@ -136,14 +170,20 @@ def _name_comparisons(source: str, label: str) -> list[str]:
 def test_no_module_outside_the_optimizers_branches_on_an_optimizer_name():
     """The loop, the tables, the study checks ... read traits (hpcm.optim itself may name a
     Balanced weighting "qp", which is not the optimizer name)."""
-    modules = [p for p in sorted((REPO / "hpcm").rglob("*.py"))
-               if "optim" not in p.relative_to(REPO).parts]
-    problems = [p for path in modules
-                for p in _name_comparisons(path.read_text(), str(path.relative_to(REPO)))]
+    modules = [
+        p for p in sorted((REPO / "hpcm").rglob("*.py")) if "optim" not in p.relative_to(REPO).parts
+    ]
+    problems = [
+        p
+        for path in modules
+        for p in _name_comparisons(path.read_text(), str(path.relative_to(REPO)))
+    ]
     assert not problems, "\n".join(problems)
 
 
 def test_the_name_comparison_check_finds_one():
-    source = ('x = cfg["optimizer"] in ("balanced", "qp")\n'
-              'y = name == "hierarchical_balanced"\nz = a == "b"\n')
+    source = (
+        'x = cfg["optimizer"] in ("balanced", "qp")\n'
+        'y = name == "hierarchical_balanced"\nz = a == "b"\n'
+    )
     assert len(_name_comparisons(source, "probe.py")) == 2

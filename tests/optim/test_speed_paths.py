@@ -23,7 +23,10 @@ SHAPES = [(7, 5), (13,), (3, 4, 2, 2), (1,), (33,)]
 
 def make_params(seed: int = 0, dtype=torch.float32) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=generator, dtype=dtype).requires_grad_(True) for shape in SHAPES]
+    return [
+        torch.randn(shape, generator=generator, dtype=dtype).requires_grad_(True)
+        for shape in SHAPES
+    ]
 
 
 def run_steps(params, opt, steps: int, seed: int = 1, skip_first_grad_until: int = 0) -> None:
@@ -40,8 +43,10 @@ def run_steps(params, opt, steps: int, seed: int = 1, skip_first_grad_until: int
 FAST_PATHS = {"foreach": dict(foreach=True), "native": dict(fused=True)}
 
 
-@pytest.mark.parametrize("fast", [pytest.param(name, marks=needs_kernel if name == "native" else ())
-                                  for name in FAST_PATHS])
+@pytest.mark.parametrize(
+    "fast",
+    [pytest.param(name, marks=needs_kernel if name == "native" else ()) for name in FAST_PATHS],
+)
 @pytest.mark.parametrize("cautious", [True, False])
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
@@ -51,15 +56,23 @@ def test_fast_paths_equal_single_tensor_path_bitwise(fast, cautious, amsgrad, we
     results = []
     for options in (dict(foreach=False), FAST_PATHS[fast]):
         params = make_params()
-        opt = CautiousAdam(params, lr=1e-2, weight_decay=weight_decay, amsgrad=amsgrad,
-                           cautious=cautious, **options)
+        opt = CautiousAdam(
+            params,
+            lr=1e-2,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            cautious=cautious,
+            **options,
+        )
         run_steps(params, opt, steps=12, skip_first_grad_until=skip)
         results.append((params, opt))
     (p_single, o_single), (p_foreach, o_foreach) = results
     for a, b in zip(p_single, p_foreach):
         assert torch.equal(a, b)
         for key in o_single.state[a]:
-            assert torch.equal(torch.as_tensor(o_single.state[a][key]), torch.as_tensor(o_foreach.state[b][key]))
+            assert torch.equal(
+                torch.as_tensor(o_single.state[a][key]), torch.as_tensor(o_foreach.state[b][key])
+            )
 
 
 @pytest.mark.parametrize("host_scales", [False, True])
@@ -71,7 +84,9 @@ def test_device_and_host_rescale_variants_equal_single_tensor_path(monkeypatch, 
         return original(*args, **kwargs, host_scales=host_scales)
 
     reference = make_params()
-    run_steps(reference, CautiousAdam(reference, lr=1e-2, foreach=False), steps=8, skip_first_grad_until=2)
+    run_steps(
+        reference, CautiousAdam(reference, lr=1e-2, foreach=False), steps=8, skip_first_grad_until=2
+    )
     monkeypatch.setattr(cautious_module, "foreach_update", forced)
     params = make_params()
     run_steps(params, CautiousAdam(params, lr=1e-2), steps=8, skip_first_grad_until=2)
@@ -80,8 +95,10 @@ def test_device_and_host_rescale_variants_equal_single_tensor_path(monkeypatch, 
 
 def test_mixed_dtypes_are_grouped_and_each_group_matches():
     """float32 and float64 parameters in one group: each dtype bucket gives the per-tensor result."""
+
     def build():
         return make_params(0) + make_params(1, dtype=torch.float64)
+
     reference, params = build(), build()
     run_steps(reference, CautiousAdam(reference, lr=1e-2, foreach=False), steps=6)
     run_steps(params, CautiousAdam(params, lr=1e-2), steps=6)

@@ -24,8 +24,13 @@ def make_problem(seed: int = 0):
 def task_losses(net, batch, step: int, n_tasks: int = 2) -> torch.Tensor:
     x, y = batch
     error = net(x) - y
-    parts = [error.pow(2).mean(), error.abs().mean(), error[:, 0].pow(2).mean(),
-             error[:, 1].abs().mean(), error[:, 2:].pow(2).mean()][:n_tasks]
+    parts = [
+        error.pow(2).mean(),
+        error.abs().mean(),
+        error[:, 0].pow(2).mean(),
+        error[:, 1].abs().mean(),
+        error[:, 2:].pow(2).mean(),
+    ][:n_tasks]
     losses = torch.stack(parts)
     if step == NAN_LOSS_STEP:
         losses = losses * torch.tensor([float("nan")] + [1.0] * (n_tasks - 1))
@@ -53,7 +58,9 @@ def assert_same_state(a: Balanced, b: Balanced, net_a, net_b) -> None:
         assert int(a.state[p]["step"]) == int(b.state[q]["step"])
     assert torch.equal(a.w, b.w)
     wa, wb = a.w_opt.state[a.w], b.w_opt.state[b.w]
-    assert torch.equal(wa["exp_avg"], wb["exp_avg"]) and torch.equal(wa["exp_avg_sq"], wb["exp_avg_sq"])
+    assert torch.equal(wa["exp_avg"], wb["exp_avg"]) and torch.equal(
+        wa["exp_avg_sq"], wb["exp_avg_sq"]
+    )
     assert int(wa["step"]) == int(wb["step"])
     assert torch.equal(a.prev_loss, b.prev_loss)
     assert a.skipped_steps == b.skipped_steps
@@ -77,7 +84,10 @@ def test_cautious_adam_sync_free_is_bitwise_equal_and_skips_on_device():
     for p, q in zip(net_a.parameters(), net_b.parameters()):
         assert torch.equal(p, q)
         assert torch.equal(a.state[p]["exp_avg_sq"], b.state[q]["exp_avg_sq"])
-        assert torch.is_tensor(b.state[q]["step"]) and int(b.state[q]["step"]) == a.state[p]["step"] == STEPS - 1
+        assert (
+            torch.is_tensor(b.state[q]["step"])
+            and int(b.state[q]["step"]) == a.state[p]["step"] == STEPS - 1
+        )
     assert float(b.skipped_steps_device) == 1.0
 
 
@@ -158,14 +168,25 @@ def test_training_loop_with_sync_free_equals_the_host_path(tmp_path, monkeypatch
     from hpcm.config import run_config
     from hpcm.train import loop as train
 
-    tiny = {"model": "HPCM_Tiny", "patch_size": 64, "batch_size": 1, "num_workers": 0,
-            "wandb_mode": "disabled", "quiet": True, "steps": 10, "lr": 1e-3, **TRAIN_VARIANTS[name]}
+    tiny = {
+        "model": "HPCM_Tiny",
+        "patch_size": 64,
+        "batch_size": 1,
+        "num_workers": 0,
+        "wandb_mode": "disabled",
+        "quiet": True,
+        "steps": 10,
+        "lr": 1e-3,
+        **TRAIN_VARIANTS[name],
+    }
     torch.set_num_threads(1)
     runs = []
     original = optim.build_optimizer
     for sync_free in (False, True):
         if sync_free:
-            monkeypatch.setattr(optim, "build_optimizer", lambda *a, **k: original(*a, **{**k, "sync_free": True}))
+            monkeypatch.setattr(
+                optim, "build_optimizer", lambda *a, **k: original(*a, **{**k, "sync_free": True})
+            )
         run = train.Run(run_config.resolve(tiny), tmp_path / str(sync_free))
         run.open_data()
         run.build(None)
@@ -185,7 +206,9 @@ def test_training_loop_with_sync_free_equals_the_host_path(tmp_path, monkeypatch
     default, device_side = runs
     assert default.skipped_steps() == device_side.skipped_steps() == 1
     if default.balanced:
-        assert default.optimizer.skipped_weight_updates == device_side.optimizer.skipped_weight_updates
+        assert (
+            default.optimizer.skipped_weight_updates == device_side.optimizer.skipped_weight_updates
+        )
     for key, value in default.model.state_dict().items():
         assert torch.equal(value, device_side.model.state_dict()[key]), key
 
@@ -200,7 +223,9 @@ def test_sync_free_channels_last_mixed_steps_and_skips_match_the_host_path(amsgr
     net_b = copy.deepcopy(net_a)
     assert not net_a[0].weight.is_contiguous()
     a = CautiousAdam(net_a.parameters(), lr=1e-2, weight_decay=0.01, amsgrad=amsgrad)
-    b = CautiousAdam(net_b.parameters(), lr=1e-2, weight_decay=0.01, amsgrad=amsgrad, sync_free=True)
+    b = CautiousAdam(
+        net_b.parameters(), lr=1e-2, weight_decay=0.01, amsgrad=amsgrad, sync_free=True
+    )
     for step in range(STEPS):
         x = torch.randn(2, 3, 6, 6).contiguous(memory_format=torch.channels_last)
         for net, opt in ((net_a, a), (net_b, b)):
@@ -245,6 +270,9 @@ def test_sync_free_step_issues_no_per_tensor_copies():
     names = [e.name for e in events]
     assert names.count("aten::clone") == 0
     assert names.count("aten::item") == names.count("aten::_local_scalar_dense") == 0
-    copies = [e.input_shapes[0] for e in events if e.name == "aten::copy_" and e.input_shapes
-              and math.prod(e.input_shapes[0]) > 1]
+    copies = [
+        e.input_shapes[0]
+        for e in events
+        if e.name == "aten::copy_" and e.input_shapes and math.prod(e.input_shapes[0]) > 1
+    ]
     assert copies == []

@@ -38,8 +38,14 @@ def record_cautious_products(path: Path | None):
         before = torch.cat([p.detach().flatten() for p in stepped])
         real(self, group, *args, **kwargs)
         after = torch.cat([p.detach().flatten() for p in stepped])
-        steps.append({"product": torch.cat([(self.state[p]["exp_avg"] * p.grad).flatten() for p in stepped]),
-                      "delta": after - before})
+        steps.append(
+            {
+                "product": torch.cat(
+                    [(self.state[p]["exp_avg"] * p.grad).flatten() for p in stepped]
+                ),
+                "delta": after - before,
+            }
+        )
         kept["final"] = after
         kept["numels"] = [p.numel() for p in stepped]
 

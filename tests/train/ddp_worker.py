@@ -52,9 +52,19 @@ def keep_runs() -> dict:
 def dump(run, path: Path) -> None:
     """The parameters and the task weights' state: FAMO's logits w, or QP's last weights."""
     weighting = getattr(run.optimizer, "weighting", None)
-    w = {None: None, "famo": getattr(run.optimizer, "w", None), "qp": getattr(run.optimizer, "qp_weights", None)}[weighting]
-    torch.save({"model": {k: v.detach().clone() for k, v in run.model.state_dict().items()},
-                "w": None if w is None else w.detach().clone(), "step": run.step}, path)
+    w = {
+        None: None,
+        "famo": getattr(run.optimizer, "w", None),
+        "qp": getattr(run.optimizer, "qp_weights", None),
+    }[weighting]
+    torch.save(
+        {
+            "model": {k: v.detach().clone() for k, v in run.model.state_dict().items()},
+            "w": None if w is None else w.detach().clone(),
+            "step": run.step,
+        },
+        path,
+    )
 
 
 def main() -> int:
@@ -65,8 +75,10 @@ def main() -> int:
         dist.init_process_group("gloo")
         for name, overrides in spec["runs"].items():
             products = out / name / "products.pt" if RANK == 0 and spec["record"] else None
-            with train_in_float64() if spec["float64"] else contextlib.nullcontext(), \
-                    record_cautious_products(products):
+            with (
+                train_in_float64() if spec["float64"] else contextlib.nullcontext(),
+                record_cautious_products(products),
+            ):
                 code = loop.main(cli_args(out / name, **overrides))
             assert code == loop.EXIT_OK, (name, code)
             dump(kept["run"], out / name / f"rank{RANK}.pt")
@@ -88,7 +100,9 @@ def main() -> int:
         assert code == loop.EXIT_INTERRUPTED, code
         dump(kept["run"], out / "parted" / f"interrupted_rank{RANK}.pt")
         if RANK == 0:  # for resuming on another world size
-            shutil.copytree(out / "parted", out / "parted_w1", ignore=shutil.ignore_patterns("*.pt", ".lock"))
+            shutil.copytree(
+                out / "parted", out / "parted_w1", ignore=shutil.ignore_patterns("*.pt", ".lock")
+            )
         dist.barrier()
         loop.Run.train_step = real_step
         assert loop.main(cli_args(out / "parted", **spec)) == loop.EXIT_OK
@@ -100,7 +114,9 @@ def main() -> int:
 
         def hang_rank1_in_step_2(self, step, x):
             if RANK == 1 and self.step + 1 == 2:
-                signal.signal(signal.SIGTERM, lambda *_: os._exit(4))  # torchrun ends it once rank 0 failed
+                signal.signal(
+                    signal.SIGTERM, lambda *_: os._exit(4)
+                )  # torchrun ends it once rank 0 failed
                 time.sleep(spec["sleep_s"])
                 os._exit(3)  # the stuck rank gives up too, without another collective
             return real_step(self, step, x)

@@ -18,7 +18,12 @@ from tests.paths import REPO
 
 
 def state(step: int) -> dict:
-    return {"step": step, "model": {"w": torch.full((3,), float(step))}, "optimizer": {}, "config": {"seed": 0}}
+    return {
+        "step": step,
+        "model": {"w": torch.full((3,), float(step))},
+        "optimizer": {},
+        "config": {"seed": 0},
+    }
 
 
 def test_newest_checkpoint_is_resumed_and_previous_is_kept(tmp_path):
@@ -66,7 +71,9 @@ def test_saving_after_a_fallback_keeps_the_valid_previous_checkpoint(tmp_path):
 
 def test_every_checkpoint_corrupt_is_an_error_not_a_fresh_start(tmp_path):
     (tmp_path / checkpointing.CHECKPOINT_LAST).write_bytes(b"broken")
-    with pytest.raises(checkpointing.CheckpointCorruptError, match="no readable training checkpoint") as error:
+    with pytest.raises(
+        checkpointing.CheckpointCorruptError, match="no readable training checkpoint"
+    ) as error:
         checkpointing.load_latest_state(tmp_path)
     assert str(tmp_path / checkpointing.CHECKPOINT_LAST) in str(error.value)
     assert (tmp_path / checkpointing.CHECKPOINT_LAST).read_bytes() == b"broken"  # left as it was
@@ -89,8 +96,13 @@ def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint_intact(tmp_path
         torch.save = stalled_save
         checkpointing.save_training_state(run_dir, {{"step": 2, "model": {{}}, "optimizer": {{}}, "config": {{}}}})
     """)
-    process = subprocess.Popen([sys.executable, "-c", child], cwd=REPO, stdout=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    process = subprocess.Popen(
+        [sys.executable, "-c", child],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         assert process.stdout.readline().strip() == "mid-write"
         process.send_signal(signal.SIGKILL)
@@ -98,7 +110,9 @@ def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint_intact(tmp_path
     finally:
         if process.poll() is None:
             process.kill()
-    assert not (tmp_path / checkpointing.CHECKPOINT_LAST).exists()  # the half file was never renamed
+    assert not (
+        tmp_path / checkpointing.CHECKPOINT_LAST
+    ).exists()  # the half file was never renamed
     loaded = checkpointing.load_latest_state(tmp_path)
     assert loaded["step"] == 1 and torch.equal(loaded["model"]["w"], torch.ones(1000))
 
@@ -111,7 +125,9 @@ def test_rng_state_round_trip_replays_every_generator():
     first = (torch.rand(3), np.random.rand(3), random.random())
     checkpointing.set_rng_state(saved)
     second = (torch.rand(3), np.random.rand(3), random.random())
-    assert torch.equal(first[0], second[0]) and (first[1] == second[1]).all() and first[2] == second[2]
+    assert (
+        torch.equal(first[0], second[0]) and (first[1] == second[1]).all() and first[2] == second[2]
+    )
 
 
 def test_best_model_is_exported_with_coder_tables_and_training_model_untouched(tmp_path):
@@ -126,7 +142,11 @@ def test_best_model_is_exported_with_coder_tables_and_training_model_untouched(t
     assert exported._metadata["__hpcm_run__"] == labels  # the file says what it is
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert set(exported) == set(before)
-    changed = [k for k in exported if exported[k].shape != before[k].shape or not torch.equal(exported[k], before[k])]
+    changed = [
+        k
+        for k in exported
+        if exported[k].shape != before[k].shape or not torch.equal(exported[k], before[k])
+    ]
     assert changed, "update(force=True) built no coder table"
     weights = [k for k, v in before.items() if v.is_floating_point() and k not in changed]
     assert weights and all(torch.equal(exported[k], before[k]) for k in weights)

@@ -43,15 +43,23 @@ def test_compiled_run_equals_eager_and_resumes_with_plain_state_dict_names(tmp_p
 
     a, b = final_state(eager), final_state(compiled)
     assert b["step"] == 5 and b["config"]["compile"] is True
-    assert list(a["model"]) == list(b["model"]), "checkpoint keys differ from eager (e.g. _orig_mod.)"
+    assert list(a["model"]) == list(b["model"]), (
+        "checkpoint keys differ from eager (e.g. _orig_mod.)"
+    )
     best = torch.load(compiled / checkpointing.BEST_MODEL, map_location="cpu", weights_only=False)
     assert not [k for k in best if "_orig_mod" in k]
     # aot_eager runs eager's kernels. Measured once with inductor itself (phase1 same_batch, 5 steps, this
     # CPU): max |compiled - eager| = 3.9e-6 with fallback_random (Run sets it), 1.3e-3 without (other noise)
-    worst = max(float((a["model"][k].float() - b["model"][k].float()).abs().max()) if a["model"][k].numel() else 0.0
-                for k in a["model"])
+    worst = max(
+        float((a["model"][k].float() - b["model"][k].float()).abs().max())
+        if a["model"][k].numel()
+        else 0.0
+        for k in a["model"]
+    )
     assert worst <= 1e-4, worst
-    assert torch.allclose(a["optimizer"]["balancing"]["w"], b["optimizer"]["balancing"]["w"], atol=1e-4)
+    assert torch.allclose(
+        a["optimizer"]["balancing"]["w"], b["optimizer"]["balancing"]["w"], atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("optimizer", ["balanced", "hierarchical_balanced"])
@@ -72,8 +80,9 @@ def test_compiled_objective_graphs_hold_only_tensors_on_the_inputs_device(optimi
         graphs.append(found)
         return gm.forward
 
-    cfg = run_config.resolve({**TINY, "steps": 10, "device": "cpu", "optimizer": optimizer,
-                              "decomposition": "adaptive"})
+    cfg = run_config.resolve(
+        {**TINY, "steps": 10, "device": "cpu", "optimizer": optimizer, "decomposition": "adaptive"}
+    )
     run = train.Run(cfg, Path("/nonexistent-compile-check"))
     run.open_data()
     run.build(None)

@@ -31,11 +31,19 @@ def string_keyed_reads(source: str) -> list[tuple[int, str]]:
     """(line, text) of every ``cfg["key"]`` and ``cfg.get("key")`` in ``source``."""
     found = []
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Subscript) and _is_config(node.value) \
-                and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
+        if (
+            isinstance(node, ast.Subscript)
+            and _is_config(node.value)
+            and isinstance(node.slice, ast.Constant)
+            and isinstance(node.slice.value, str)
+        ):
             found.append((node.lineno, ast.unparse(node)))
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
-                and node.func.attr == "get" and _is_config(node.func.value):
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "get"
+            and _is_config(node.func.value)
+        ):
             found.append((node.lineno, ast.unparse(node)))
     return found
 
@@ -43,16 +51,17 @@ def string_keyed_reads(source: str) -> list[tuple[int, str]]:
 @pytest.mark.parametrize("path", sorted(TRAIN.rglob("*.py")), ids=lambda p: p.name)
 def test_no_string_keyed_run_config_reads_in_the_training_stage(path: Path):
     reads = string_keyed_reads(path.read_text())
-    assert not reads, (f"{path.relative_to(REPO)} reads the run config by string key: "
-                       + "; ".join(f"line {line}: {text}" for line, text in reads)
-                       + " - read the RunConfig attribute instead (cfg.lmbda)")
+    assert not reads, (
+        f"{path.relative_to(REPO)} reads the run config by string key: "
+        + "; ".join(f"line {line}: {text}" for line, text in reads)
+        + " - read the RunConfig attribute instead (cfg.lmbda)"
+    )
 
 
 def test_the_check_finds_string_keyed_reads():
-    source = ('x = cfg["lmbda"]\n'
-              'y = f"{self.cfg[\'model\']}"\n'
-              'z = run.cfg.get("seed")\n'
-              'ok = cfg.lmbda\n')
+    source = (
+        'x = cfg["lmbda"]\ny = f"{self.cfg[\'model\']}"\nz = run.cfg.get("seed")\nok = cfg.lmbda\n'
+    )
     assert sorted(line for line, _ in string_keyed_reads(source)) == [1, 2, 3]
 
 

@@ -44,9 +44,19 @@ PARAMETER_NAMES = [name for name, _ in train.models.build_model("HPCM_Tiny").nam
 
 def start_torchrun(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               str(WORKER), *args]
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(WORKER),
+        *args,
+    ]
+    return subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def finished(process: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -74,7 +84,9 @@ def final_state(run_dir: Path) -> dict:
 
 def differences(a: dict, b: dict) -> torch.Tensor:
     """|a - b| of every floating-point element of two state dicts, flattened."""
-    return torch.cat([(a[k].double() - b[k].double()).abs().flatten() for k in a if a[k].is_floating_point()])
+    return torch.cat(
+        [(a[k].double() - b[k].double()).abs().flatten() for k in a if a[k].is_floating_point()]
+    )
 
 
 def assert_equal_to_rounding(a: dict, b: dict, what: str, cautious: bool) -> None:
@@ -90,7 +102,9 @@ def assert_equal_to_rounding(a: dict, b: dict, what: str, cautious: bool) -> Non
     gap = differences(a, b)
     far = int((gap > 1e-5).sum())
     print(f"{what}: {far} of {gap.numel()} elements differ by > 1e-5; max {float(gap.max()):.3g}")
-    assert far <= (gap.numel() // 1000 if cautious else 0), f"{what}: {far} elements differ by more than 1e-5"
+    assert far <= (gap.numel() // 1000 if cautious else 0), (
+        f"{what}: {far} elements differ by more than 1e-5"
+    )
     assert float(gap.max()) <= 3e-4, f"{what}: max difference {float(gap.max()):.3g}"
 
 
@@ -130,13 +144,21 @@ def mask_flips(one: dict, ddp: dict) -> dict:
         flip = (p > 0) != (q > 0)
         ever |= flip
         scale = max(float(p.abs().max()), float(q.abs().max()))
-        nearness = float((p.abs() + q.abs())[flip].max()) / scale / FLOAT32_EPS if flip.any() else 0.0
+        nearness = (
+            float((p.abs() + q.abs())[flip].max()) / scale / FLOAT32_EPS if flip.any() else 0.0
+        )
         consequential = int((flip & ((a["delta"] - b["delta"]).abs() > 0.01 * LR)).sum())
-        steps.append({"flips": int(flip.sum()), "consequential": consequential, "nearness": nearness})
+        steps.append(
+            {"flips": int(flip.sum()), "consequential": consequential, "nearness": nearness}
+        )
     flipped_tensors = torch.zeros(len(numels), dtype=torch.bool)
     flipped_tensors[tensor_of[ever]] = True
-    return {"steps": steps, "gap": (one["final"].double() - ddp["final"].double()).abs(), "ever": ever,
-            "in_flipped_tensor": flipped_tensors[tensor_of]}
+    return {
+        "steps": steps,
+        "gap": (one["final"].double() - ddp["final"].double()).abs(),
+        "ever": ever,
+        "in_flipped_tensor": flipped_tensors[tensor_of],
+    }
 
 
 def assert_mask_flips_explain_the_differences(one: dict, ddp: dict, what: str) -> None:
@@ -168,18 +190,26 @@ def assert_mask_flips_explain_the_differences(one: dict, ddp: dict, what: str) -
     found = mask_flips(one, ddp)
     bounds, gap, ever = FLIP_BOUNDS[what], found["gap"], found["ever"]
     far = gap > 1e-5
-    per_step = [(s["flips"], s["consequential"], float(f"{s['nearness']:.2g}")) for s in found["steps"]]
-    summary = (f"{what}: flips/consequential/nearness(eps) per step {per_step}; "
-               f"far {int(far.sum())} (not flipped {int((far & ~ever).sum())}); max never flipped "
-               f"{float(gap[~ever].max()):.3g}; max in unflipped tensors "
-               f"{float(gap[~found['in_flipped_tensor']].max()):.3g}")
+    per_step = [
+        (s["flips"], s["consequential"], float(f"{s['nearness']:.2g}")) for s in found["steps"]
+    ]
+    summary = (
+        f"{what}: flips/consequential/nearness(eps) per step {per_step}; "
+        f"far {int(far.sum())} (not flipped {int((far & ~ever).sum())}); max never flipped "
+        f"{float(gap[~ever].max()):.3g}; max in unflipped tensors "
+        f"{float(gap[~found['in_flipped_tensor']].max()):.3g}"
+    )
     print(summary)
     for step, counts in enumerate(found["steps"], 1):
         assert counts["nearness"] < 1.0, f"{what}, step {step}: a flip far from zero; {summary}"
-        assert counts["flips"] <= ALL_FLIPS_PER_STEP * gap.numel(), f"{what}, step {step}: {summary}"
+        assert counts["flips"] <= ALL_FLIPS_PER_STEP * gap.numel(), (
+            f"{what}, step {step}: {summary}"
+        )
         assert counts["consequential"] <= bounds["consequential"], f"{what}, step {step}: {summary}"
     explained = ever | found["in_flipped_tensor"] if what == "hierarchical_measured" else ever
-    assert not (far & ~explained).any(), f"{what}: elements beyond 1e-5 without a mask flip; {summary}"
+    assert not (far & ~explained).any(), (
+        f"{what}: elements beyond 1e-5 without a mask flip; {summary}"
+    )
     assert float(gap[~ever].max()) <= bounds["never_flipped"], summary
     assert float(gap[~found["in_flipped_tensor"]].max()) <= bounds["untouched"], summary
 
@@ -189,7 +219,10 @@ def train_references(root: Path, runs: dict, float64: bool, record: bool) -> Non
     for name, overrides in runs.items():
         (root / name).mkdir(parents=True)
         products = root / name / "products.pt" if record else None
-        with train_in_float64() if float64 else contextlib.nullcontext(), record_cautious_products(products):
+        with (
+            train_in_float64() if float64 else contextlib.nullcontext(),
+            record_cautious_products(products),
+        ):
             assert train.main(cli_args(root / name, **overrides)) == train.EXIT_OK
 
 
@@ -206,7 +239,9 @@ def test_each_rank_takes_its_rows_of_the_global_batch_and_noise():
     whole = add_uniform_noise(x)
     for rank in range(2):
         torch.manual_seed(7)  # every rank draws from the same generator state
-        assert torch.equal(add_uniform_noise(x[2 * rank:2 * rank + 2], (rank, 2)), whole[2 * rank:2 * rank + 2])
+        assert torch.equal(
+            add_uniform_noise(x[2 * rank : 2 * rank + 2], (rank, 2)), whole[2 * rank : 2 * rank + 2]
+        )
     channels_last = x.contiguous(memory_format=torch.channels_last)
     torch.manual_seed(7)
     whole = add_uniform_noise(channels_last)
@@ -214,10 +249,17 @@ def test_each_rank_takes_its_rows_of_the_global_batch_and_noise():
     assert torch.equal(add_uniform_noise(channels_last[2:], (1, 2)), whole[2:])
 
 
-def test_a_global_batch_that_does_not_split_over_the_ranks_is_a_clear_error(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun sets it; the check comes before any process group
+def test_a_global_batch_that_does_not_split_over_the_ranks_is_a_clear_error(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv(
+        "WORLD_SIZE", "3"
+    )  # as torchrun sets it; the check comes before any process group
     assert train.main(cli_args(tmp_path / "run", batch_size=4, steps=1)) == train.EXIT_CONFIG
-    assert "'batch_size' = 4: the global batch must split evenly over the 3 processes" in capsys.readouterr().err
+    assert (
+        "'batch_size' = 4: the global batch must split evenly over the 3 processes"
+        in capsys.readouterr().err
+    )
 
 
 def check_two_ranks_against_one_process(tmp_path: Path, float64: bool, tolerance: float) -> None:
@@ -245,31 +287,44 @@ def check_two_ranks_against_one_process(tmp_path: Path, float64: bool, tolerance
         # every rank holds the same weights and task logits, bit for bit, and rank 0 saved them
         for key, value in ranks[0]["model"].items():
             assert torch.equal(value, ranks[1]["model"][key]), f"{name}: ranks differ in {key}"
-            assert torch.equal(value, saved["model"][key]), f"{name}: checkpoint differs from rank 0 in {key}"
+            assert torch.equal(value, saved["model"][key]), (
+                f"{name}: checkpoint differs from rank 0 in {key}"
+            )
         dtype = torch.float64 if float64 else torch.float32
         assert {v.dtype for v in one["model"].values() if v.is_floating_point()} == {dtype}, name
         gap = differences(saved["model"], one["model"])
-        print(f"{name} ({dtype}): max |2 ranks - 1 process| {float(gap.max()):.3g}, "
-              f"{int((gap > 1e-5).sum())} of {gap.numel()} elements beyond 1e-5")
+        print(
+            f"{name} ({dtype}): max |2 ranks - 1 process| {float(gap.max()):.3g}, "
+            f"{int((gap > 1e-5).sum())} of {gap.numel()} elements beyond 1e-5"
+        )
         if float64 or name == "adam":
             assert float(gap.max()) <= tolerance, f"{name}: max difference {float(gap.max()):.3g}"
         else:
             records = [torch.load(tmp_path / run / name / "products.pt") for run in ("one", "ddp")]
             for record, state in zip(records, (one, saved)):  # the records are of these runs
-                assert torch.equal(record["final"], torch.cat([state["model"][k].flatten() for k in PARAMETER_NAMES]))
+                assert torch.equal(
+                    record["final"],
+                    torch.cat([state["model"][k].flatten() for k in PARAMETER_NAMES]),
+                )
             assert_mask_flips_explain_the_differences(*records, name)
             for run in ("one", "ddp"):
                 (tmp_path / run / name / "products.pt").unlink()  # ~130 MB each
         checkpointing.seed_everything(0)  # the initial weights of both runs
         moved = differences(one["model"], train.models.build_model("HPCM_Tiny").state_dict())
-        assert float((moved > 1e-5).double().mean()) > 0.5, "the comparison is meaningless: weights barely moved"
+        assert float((moved > 1e-5).double().mean()) > 0.5, (
+            "the comparison is meaningless: weights barely moved"
+        )
         if ranks[0]["w"] is not None:
-            assert torch.equal(ranks[0]["w"], ranks[1]["w"]), f"{name}: task logits differ between ranks"
+            assert torch.equal(ranks[0]["w"], ranks[1]["w"]), (
+                f"{name}: task logits differ between ranks"
+            )
             w_one = one["optimizer"]["balancing"]["qp_weights" if name == "qp" else "w"]
             w_gap = float((ranks[0]["w"].double() - w_one.double()).abs().max())
             print(f"{name}: task weights max |2 ranks - 1 process| {w_gap:.3g}")
             assert w_gap <= tolerance, (name, ranks[0]["w"], w_one)
-            assert not torch.equal(w_one, torch.full_like(w_one, float(w_one[0]))), f"{name}: task weights never moved"
+            assert not torch.equal(w_one, torch.full_like(w_one, float(w_one[0]))), (
+                f"{name}: task weights never moved"
+            )
         meta = yaml.safe_load((tmp_path / "ddp" / name / "run.yaml").read_text())["meta"]
         assert meta["world_size"] == 2
         rows = list(csv.DictReader((tmp_path / "ddp" / name / "metrics.csv").open()))
@@ -303,7 +358,13 @@ def test_in_float64_two_ranks_train_like_one_process_everywhere(tmp_path):
 
 
 def test_sigterm_to_one_rank_stops_both_at_one_step_and_the_run_resumes(tmp_path):
-    settings = {"variant": "phase1", "batch_size": 2, "steps": 4, "val_every": 1000, "checkpoint_every": 1000}
+    settings = {
+        "variant": "phase1",
+        "batch_size": 2,
+        "steps": 4,
+        "val_every": 1000,
+        "checkpoint_every": 1000,
+    }
     checked(torchrun("interrupt", str(tmp_path), json.dumps(settings)))
     interrupted = [torch.load(tmp_path / "parted" / f"interrupted_rank{r}.pt") for r in range(2)]
     assert [state["step"] for state in interrupted] == [2, 2]  # both ranks stopped after step 2
@@ -313,7 +374,9 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_and_the_run_resumes(tmp_path
         parted = torch.load(tmp_path / "parted" / f"rank{rank}.pt")
         assert parted["step"] == full["step"] == 4
         for key, value in full["model"].items():
-            assert torch.equal(value, parted["model"][key]), f"rank {rank}: resumed weights differ in {key}"
+            assert torch.equal(value, parted["model"][key]), (
+                f"rank {rank}: resumed weights differ in {key}"
+            )
         assert torch.equal(full["w"], parted["w"])
     rows = list(csv.DictReader((tmp_path / "parted" / "metrics.csv").open()))
     assert [r["step"] for r in rows] == ["1", "2", "3", "4"]
@@ -324,8 +387,12 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_and_the_run_resumes(tmp_path
     assert train.main(cli_args(copy, **settings)) == train.EXIT_OK
     meta = yaml.safe_load((copy / "run.yaml").read_text())["meta"]
     assert (meta["world_size"], meta["resumed_from_step"]) == (1, 2)
-    assert_equal_to_rounding(final_state(copy)["model"], final_state(tmp_path / "full")["model"],
-                             "resumed on another world size", cautious=True)
+    assert_equal_to_rounding(
+        final_state(copy)["model"],
+        final_state(tmp_path / "full")["model"],
+        "resumed on another world size",
+        cautious=True,
+    )
 
 
 def test_a_hung_rank_ends_the_others_with_an_error_not_a_hang(tmp_path):

@@ -24,7 +24,9 @@ def weights(model: torch.nn.Module) -> dict[str, np.ndarray]:
     return {name: p.detach().double().numpy().copy() for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("overrides", [{"variant": "baseline"}, {"variant": "phase3"}], ids=["adam", "phase3"])
+@pytest.mark.parametrize(
+    "overrides", [{"variant": "baseline"}, {"variant": "phase3"}], ids=["adam", "phase3"]
+)
 def test_average_equals_the_closed_form_of_the_step_weights(tmp_path, overrides):
     decay = 0.6  # far from 1, so that four steps move the average well beyond the tolerance
     run = tiny_run(tmp_path, lr=1e-3, ema_decay=decay, **overrides)
@@ -40,8 +42,9 @@ def test_average_equals_the_closed_form_of_the_step_weights(tmp_path, overrides)
     moved = 0.0
     for name, value in averaged.items():
         # ema_T = d^T w_0 + sum_{t=1..T} (1 - d) d^(T - t) w_t, in float64
-        expected = decay ** steps * history[0][name] + sum(
-            (1 - decay) * decay ** (steps - t) * history[t][name] for t in range(1, steps + 1))
+        expected = decay**steps * history[0][name] + sum(
+            (1 - decay) * decay ** (steps - t) * history[t][name] for t in range(1, steps + 1)
+        )
         # float32 recurrence vs float64 sum: measured max |diff| 1.04e-7 under ATEN_CPU_CAPABILITY=avx2
         # and =default; the closed form of decay 0.7 instead is 4.7e-4 away
         np.testing.assert_allclose(value, expected, rtol=0, atol=1e-6, err_msg=name)
@@ -57,7 +60,9 @@ def test_validation_uses_the_average(tmp_path):
     for step in (1, 2, 3):
         run.train_step(step, x)
     with_average = run.validate()
-    raw = tiny_run(tmp_path, lr=1e-3)  # the same model class without an average, given the averaged weights
+    raw = tiny_run(
+        tmp_path, lr=1e-3
+    )  # the same model class without an average, given the averaged weights
     raw.model.load_state_dict(run.ema.module.state_dict())
     assert raw.validate() == with_average
     raw.model.load_state_dict(run.model.state_dict())
@@ -66,7 +71,10 @@ def test_validation_uses_the_average(tmp_path):
 
 def test_epoch_best_and_snapshots_hold_the_average(tmp_path):
     out = tmp_path / "run"
-    assert train.main(cli_args(out, steps=3, val_every=3, snapshot_every=3, ema_decay=0.5, lr=1e-3)) == train.EXIT_OK
+    assert (
+        train.main(cli_args(out, steps=3, val_every=3, snapshot_every=3, ema_decay=0.5, lr=1e-3))
+        == train.EXIT_OK
+    )
     state = torch.load(out / "checkpoint_last.pth.tar", map_location="cpu", weights_only=False)
     assert int(state["ema"]["n_averaged"]) == 4  # the copy of w_0, then one update per step
     parameters = {name for name, _ in models.build_model("HPCM_Tiny").named_parameters()}

@@ -30,7 +30,9 @@ with hold_run_folder(sys.argv[1]):
 
 def start_holder(run_dir: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], stdout=subprocess.PIPE, env=env, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(run_dir)], stdout=subprocess.PIPE, env=env, text=True
+    )
     assert proc.stdout.readline().strip() == "held"
     return proc
 
@@ -84,14 +86,23 @@ def test_two_trainers_on_one_folder_one_is_refused(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "hpcm.train"]
-    first = subprocess.Popen(cmd + cli_args(out, steps=400, lmbda=0.0067), env=env, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        cmd + cli_args(out, steps=400, lmbda=0.0067), env=env, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 120
         while not (out / lock.LOCK_FILE).exists() or not (out / lock.LOCK_FILE).read_text():
-            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.poll() else ""
+            assert first.poll() is None and time.monotonic() < deadline, (
+                first.stderr.read() if first.poll() else ""
+            )
             time.sleep(0.05)
-        second = subprocess.run(cmd + cli_args(out, steps=1, lmbda=0.013), env=env, capture_output=True, text=True,
-                                timeout=120)
+        second = subprocess.run(
+            cmd + cli_args(out, steps=1, lmbda=0.013),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert second.returncode == train.EXIT_CONFIG, second.stderr
         assert f"in use by pid {first.pid}" in second.stderr
     finally:

@@ -44,9 +44,17 @@ VARIANTS = {
     "phase2_cosine_gamma": {"variant": "phase2"},
     "qp": {"optimizer": "qp"},
     "phase3_measured": {"variant": "phase3"},
-    "phase3_fixed_ratio": {"variant": "phase3", "decomposition": "fixed_ratio", "gamma_strategy": "cosine",
-                           "gammas_final": [0.004, 0.003, 0.002]},
-    "phase3_adaptive": {"variant": "phase3", "decomposition": "adaptive", "gamma_strategy": "adaptive"},
+    "phase3_fixed_ratio": {
+        "variant": "phase3",
+        "decomposition": "fixed_ratio",
+        "gamma_strategy": "cosine",
+        "gammas_final": [0.004, 0.003, 0.002],
+    },
+    "phase3_adaptive": {
+        "variant": "phase3",
+        "decomposition": "adaptive",
+        "gamma_strategy": "adaptive",
+    },
 }
 
 
@@ -60,19 +68,24 @@ def test_every_variant_trains_on_a_fixed_batch(tmp_path, name):
         run.step = step
         losses.append(float(metrics["loss"].detach()))
     assert all(math.isfinite(v) for v in losses), losses
-    assert losses[-1] < 0.95 * losses[0], f"{name}: loss did not decrease on a fixed batch: {losses}"
+    assert losses[-1] < 0.95 * losses[0], (
+        f"{name}: loss did not decrease on a fixed batch: {losses}"
+    )
     assert run.skipped_steps() == 0
     if run.balanced:
         weights = list(run.optimizer.get_task_weights().values())
         n = len(weights)
         assert n == (5 if run.hierarchical else 2)
         assert abs(sum(weights) - 1) < 1e-5
-        assert max(abs(w - 1 / n) for w in weights) > 1e-6, f"{name}: task weights never moved: {weights}"
+        assert max(abs(w - 1 / n) for w in weights) > 1e-6, (
+            f"{name}: task weights never moved: {weights}"
+        )
     if name == "phase2_cosine_gamma":  # cosine from 0.003 towards 0.001 over 10 steps
         assert run.optimizer.gamma < 0.003
     if name == "phase3_adaptive":  # the learnable ratios are trained with the model
-        assert not torch.allclose(run.decomposition.distortion_logits.detach(),
-                                  torch.tensor([0.40, 0.35, 0.25]).log())
+        assert not torch.allclose(
+            run.decomposition.distortion_logits.detach(), torch.tensor([0.40, 0.35, 0.25]).log()
+        )
 
 
 def test_nonfinite_batch_is_skipped_and_counted(tmp_path):
@@ -107,14 +120,25 @@ def final_state(out: Path) -> dict:
     return torch.load(out / checkpointing.CHECKPOINT_LAST, map_location="cpu", weights_only=False)
 
 
-@pytest.mark.parametrize("variant", [
-    {"variant": "baseline"},
-    {"variant": "phase1", "update_mode": "same_batch"},
-    {"optimizer": "qp"},
-    {"variant": "phase3", "update_mode": "next_batch"},
-    {"variant": "phase3", "decomposition": "adaptive", "gamma_strategy": "adaptive"},
-    {"variant": "phase1", "ema_decay": 0.5, "val_every": 2},
-], ids=["baseline", "phase1_same_batch", "qp", "phase3_next_batch", "phase3_adaptive", "phase1_ema"])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"variant": "baseline"},
+        {"variant": "phase1", "update_mode": "same_batch"},
+        {"optimizer": "qp"},
+        {"variant": "phase3", "update_mode": "next_batch"},
+        {"variant": "phase3", "decomposition": "adaptive", "gamma_strategy": "adaptive"},
+        {"variant": "phase1", "ema_decay": 0.5, "val_every": 2},
+    ],
+    ids=[
+        "baseline",
+        "phase1_same_batch",
+        "qp",
+        "phase3_next_batch",
+        "phase3_adaptive",
+        "phase1_ema",
+    ],
+)
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, variant):
     settings = {"steps": 4, "checkpoint_every": 1, **variant}
     full, parted = tmp_path / "full", tmp_path / "parted"
@@ -129,11 +153,17 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, variant):
     assert a["step"] == b["step"] == 4
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), f"weights differ after resume: {key}"
-    if a["ema"] is not None:  # the moving average resumes too (and so do the validations that use it)
+    if (
+        a["ema"] is not None
+    ):  # the moving average resumes too (and so do the validations that use it)
         for key, value in a["ema"].items():
             assert torch.equal(value, b["ema"][key]), f"moving average differs after resume: {key}"
-        best_a, best_b = (torch.load(out / "epoch_best.pth.tar", weights_only=True) for out in (full, parted))
-        assert best_a.keys() == best_b.keys() and all(torch.equal(best_a[k], best_b[k]) for k in best_a)
+        best_a, best_b = (
+            torch.load(out / "epoch_best.pth.tar", weights_only=True) for out in (full, parted)
+        )
+        assert best_a.keys() == best_b.keys() and all(
+            torch.equal(best_a[k], best_b[k]) for k in best_a
+        )
     balancing_a, balancing_b = a["optimizer"].get("balancing"), b["optimizer"].get("balancing")
     if balancing_a is not None:
         assert torch.equal(balancing_a["w"], balancing_b["w"])
@@ -148,13 +178,21 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, variant):
 def test_outputs_of_a_balanced_run(tmp_path):
     out = tmp_path / "run"
     assert train.main(cli_args(out, variant="phase1", steps=2, val_every=2)) == train.EXIT_OK
-    for name in ("metrics.csv", "checkpoint_last.pth.tar", "epoch_best.pth.tar", "balanced_state_best.pth",
-                 "run.yaml", "done"):
+    for name in (
+        "metrics.csv",
+        "checkpoint_last.pth.tar",
+        "epoch_best.pth.tar",
+        "balanced_state_best.pth",
+        "run.yaml",
+        "done",
+    ):
         assert (out / name).is_file(), name
     rows = read_csv(out / "metrics.csv")
     assert list(rows[0]) == list(METRIC_COLUMNS)
     assert rows[-1]["val_loss"] and rows[-1]["val_bpp"] and rows[-1]["task_weight_distortion"]
-    assert float(rows[-1]["task_weight_distortion"]) + float(rows[-1]["task_weight_bpp"]) == pytest.approx(1)
+    assert float(rows[-1]["task_weight_distortion"]) + float(
+        rows[-1]["task_weight_bpp"]
+    ) == pytest.approx(1)
     # epoch_best is the official raw layout with coder tables: it loads and codes
     best = torch.load(out / "epoch_best.pth.tar", map_location="cpu", weights_only=True)
     assert all(torch.is_tensor(v) for v in best.values())
@@ -165,10 +203,18 @@ def test_outputs_of_a_balanced_run(tmp_path):
     import yaml
 
     meta = yaml.safe_load((out / "run.yaml").read_text())
-    assert meta["variant"] == "phase1" and meta["optimizer"] == "balanced" and meta["meta"]["git_commit"]
-    balanced_state = torch.load(out / "balanced_state_best.pth", map_location="cpu", weights_only=False)
+    assert (
+        meta["variant"] == "phase1"
+        and meta["optimizer"] == "balanced"
+        and meta["meta"]["git_commit"]
+    )
+    balanced_state = torch.load(
+        out / "balanced_state_best.pth", map_location="cpu", weights_only=False
+    )
     assert "w" in balanced_state["balancing"]
-    assert all(row["s1_distortion"] == "" and row["s3_bpp"] == "" for row in rows)  # Phase 3 columns only
+    assert all(
+        row["s1_distortion"] == "" and row["s3_bpp"] == "" for row in rows
+    )  # Phase 3 columns only
 
 
 def test_logged_rows_are_window_means_of_the_step_metrics(tmp_path, monkeypatch):
@@ -176,8 +222,16 @@ def test_logged_rows_are_window_means_of_the_step_metrics(tmp_path, monkeypatch)
     import numpy as np
 
     # metrics.csv column -> key of the loss dict that train_step returns
-    columns = {"loss": "loss", "distortion": "distortion", "bpp": "bpp_loss", "y_bpp": "y_bpp",
-               "psnr": "psnr", "s1_distortion": "s1_d", "s2_bpp": "s2_b", "s3_bpp": "s3_b"}
+    columns = {
+        "loss": "loss",
+        "distortion": "distortion",
+        "bpp": "bpp_loss",
+        "y_bpp": "y_bpp",
+        "psnr": "psnr",
+        "s1_distortion": "s1_d",
+        "s2_bpp": "s2_b",
+        "s3_bpp": "s3_b",
+    }
     per_step: list[dict[str, float]] = []
     real_step = train.Run.train_step
 
@@ -188,7 +242,10 @@ def test_logged_rows_are_window_means_of_the_step_metrics(tmp_path, monkeypatch)
 
     monkeypatch.setattr(train.Run, "train_step", recording_step)
     out = tmp_path / "run"
-    assert train.main(cli_args(out, variant="phase3", steps=4, log_every=2, val_every=4)) == train.EXIT_OK
+    assert (
+        train.main(cli_args(out, variant="phase3", steps=4, log_every=2, val_every=4))
+        == train.EXIT_OK
+    )
     rows = [r for r in read_csv(out / "metrics.csv") if r["loss"]]
     assert [r["step"] for r in rows] == ["2", "4"]
     for row, window in zip(rows, (per_step[0:2], per_step[2:4])):
@@ -237,7 +294,9 @@ def test_all_checkpoints_corrupt_is_a_clear_error_not_a_traceback(tmp_path, caps
     assert (out / checkpointing.CHECKPOINT_LAST).read_bytes() == b"truncated"  # nothing overwritten
 
 
-def test_an_image_that_breaks_mid_run_is_a_clear_error_and_work_is_kept(tmp_path, monkeypatch, capsys):
+def test_an_image_that_breaks_mid_run_is_a_clear_error_and_work_is_kept(
+    tmp_path, monkeypatch, capsys
+):
     from PIL import Image
 
     folder = tmp_path / "images"
@@ -266,11 +325,17 @@ def test_fine_tuning_from_an_official_layout_checkpoint(tmp_path):
     torch.manual_seed(123)
     source = models.build_model("HPCM_Tiny")
     # official layout: raw state dict, DataParallel prefix, legacy release without adaptive vectors
-    official = {f"module.{k}": v for k, v in source.state_dict().items() if not k.startswith("adaptive_params_list.")}
+    official = {
+        f"module.{k}": v
+        for k, v in source.state_dict().items()
+        if not k.startswith("adaptive_params_list.")
+    }
     path = tmp_path / "0.013.pth.tar"
     torch.save(official, path)
     with pytest.warns(UserWarning, match="adaptive"):
-        run = make_run(tmp_path / "ft", init_checkpoint=str(path), variant="phase2", optimizer="qp", lr=5e-5)
+        run = make_run(
+            tmp_path / "ft", init_checkpoint=str(path), variant="phase2", optimizer="qp", lr=5e-5
+        )
     loaded = run.model.state_dict()
     for key, value in official.items():
         assert torch.equal(loaded[key.removeprefix("module.")], value), key
@@ -281,14 +346,22 @@ def test_fine_tuning_from_an_official_layout_checkpoint(tmp_path):
 def test_fine_tuning_from_a_project_training_checkpoint_and_a_misfit(tmp_path, capsys):
     torch.manual_seed(7)
     source = models.build_model("HPCM_Tiny")
-    checkpointing.save_training_state(tmp_path / "old", {"step": 3, "model": source.state_dict(), "optimizer": {},
-                                                         "config": {}})
+    checkpointing.save_training_state(
+        tmp_path / "old", {"step": 3, "model": source.state_dict(), "optimizer": {}, "config": {}}
+    )
     path = tmp_path / "old" / checkpointing.CHECKPOINT_LAST
     run = make_run(tmp_path / "ft", init_checkpoint=str(path))
     for key, value in source.named_parameters():
         assert torch.equal(run.model.state_dict()[key], value.detach()), key
-    code = train.main(cli_args(tmp_path / "misfit", steps=1, model="HPCM_Small", patch_size=128,
-                               init_checkpoint=str(path)))
+    code = train.main(
+        cli_args(
+            tmp_path / "misfit",
+            steps=1,
+            model="HPCM_Small",
+            patch_size=128,
+            init_checkpoint=str(path),
+        )
+    )
     assert code == train.EXIT_CONFIG
     assert f"{path} does not fit HPCM_Small: parameter" in capsys.readouterr().err
 
@@ -297,8 +370,15 @@ def test_sigterm_to_the_process_group_saves_and_exits_with_the_documented_code(t
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     command = [sys.executable, "-m", "hpcm.train", *cli_args(out, steps=100000, num_workers=1)]
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               start_new_session=True, text=True)
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and process.poll() is None:
@@ -306,7 +386,9 @@ def test_sigterm_to_the_process_group_saves_and_exits_with_the_documented_code(t
                 break
             time.sleep(0.5)
         assert process.poll() is None, process.communicate()[1]
-        os.killpg(process.pid, signal.SIGTERM)  # SLURM signals every process of the job, workers included
+        os.killpg(
+            process.pid, signal.SIGTERM
+        )  # SLURM signals every process of the job, workers included
         _, stderr = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
@@ -318,16 +400,21 @@ def test_sigterm_to_the_process_group_saves_and_exits_with_the_documented_code(t
     assert not (out / "done").exists()
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    ({"lamda": 0.01}, ["'lamda'", "0.01", "unknown key"]),
-    ({"batch_size": "abc"}, ["'batch_size'", "'abc'"]),
-    ({"lmbda": -1}, ["'lmbda'", "-1", "> 0"]),
-    ({"lmbda": 0}, ["'lmbda'", "0"]),
-    ({"optimizer": "sgd"}, ["'optimizer'", "'sgd'", "balanced"]),
-    ({"patch_size": 96}, ["'patch_size'", "96", "multiple of 64"]),
-    ({"steps": 10, "epochs": 2}, ["'steps'", "'epochs'"]),
-])
-def test_bad_configs_fail_before_any_work_naming_key_and_value(tmp_path, capsys, overrides, expected):
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"lamda": 0.01}, ["'lamda'", "0.01", "unknown key"]),
+        ({"batch_size": "abc"}, ["'batch_size'", "'abc'"]),
+        ({"lmbda": -1}, ["'lmbda'", "-1", "> 0"]),
+        ({"lmbda": 0}, ["'lmbda'", "0"]),
+        ({"optimizer": "sgd"}, ["'optimizer'", "'sgd'", "balanced"]),
+        ({"patch_size": 96}, ["'patch_size'", "96", "multiple of 64"]),
+        ({"steps": 10, "epochs": 2}, ["'steps'", "'epochs'"]),
+    ],
+)
+def test_bad_configs_fail_before_any_work_naming_key_and_value(
+    tmp_path, capsys, overrides, expected
+):
     out = tmp_path / "run"
     code = train.main(cli_args(out, **{"steps": 2, **overrides}))
     message = capsys.readouterr().err
@@ -345,12 +432,19 @@ def test_bad_datasets_fail_naming_key_and_value(tmp_path, capsys):
     small = tmp_path / "small"
     small.mkdir()
     Image.new("RGB", (40, 48)).save(small / "a.png")
-    assert train.main(cli_args(tmp_path / "r1", steps=2, train_data=str(empty))) == train.EXIT_CONFIG
+    assert (
+        train.main(cli_args(tmp_path / "r1", steps=2, train_data=str(empty))) == train.EXIT_CONFIG
+    )
     assert f"'train_data' = '{empty}'" in capsys.readouterr().err
-    assert train.main(cli_args(tmp_path / "r2", steps=2, train_data=str(small))) == train.EXIT_CONFIG
+    assert (
+        train.main(cli_args(tmp_path / "r2", steps=2, train_data=str(small))) == train.EXIT_CONFIG
+    )
     message = capsys.readouterr().err
     assert "'patch_size' = 64" in message and "larger than every image" in message
-    assert train.main(cli_args(tmp_path / "r3", steps=2, train_data=str(tmp_path / "nope"))) == train.EXIT_CONFIG
+    assert (
+        train.main(cli_args(tmp_path / "r3", steps=2, train_data=str(tmp_path / "nope")))
+        == train.EXIT_CONFIG
+    )
     assert "'train_data'" in capsys.readouterr().err
 
 

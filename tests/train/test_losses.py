@@ -25,8 +25,14 @@ pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with require
 def fake_output(batch=2, h=16, w=16, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     target = torch.rand(batch, 3, h, w, generator=g, dtype=dtype)
-    x_hat = (target + 0.05 * torch.randn(batch, 3, h, w, generator=g, dtype=dtype)).requires_grad_(True)
-    y_lik = torch.rand(batch, 8, h // 4 or 1, w // 4 or 1, generator=g, dtype=dtype).clamp_min(0.05).requires_grad_(True)
+    x_hat = (target + 0.05 * torch.randn(batch, 3, h, w, generator=g, dtype=dtype)).requires_grad_(
+        True
+    )
+    y_lik = (
+        torch.rand(batch, 8, h // 4 or 1, w // 4 or 1, generator=g, dtype=dtype)
+        .clamp_min(0.05)
+        .requires_grad_(True)
+    )
     z_lik = torch.rand(batch, 4, 2, 2, generator=g, dtype=dtype).clamp_min(0.05)
     return {"x_hat": x_hat, "likelihoods": {"y": y_lik, "z": z_lik}}, target
 
@@ -58,7 +64,9 @@ def test_rate_distortion_shape_errors():
     with pytest.raises(ValueError, match="x_hat shape"):
         rate_distortion(out, target[:, :, :8], 0.01)
     with pytest.raises(ValueError, match="lacks"):
-        rate_distortion({"x_hat": out["x_hat"], "likelihoods": {"y": out["likelihoods"]["y"]}}, target, 0.01)
+        rate_distortion(
+            {"x_hat": out["x_hat"], "likelihoods": {"y": out["likelihoods"]["y"]}}, target, 0.01
+        )
 
 
 def reference_haar_energies(e: np.ndarray, levels: int) -> tuple[float, float]:
@@ -69,7 +77,11 @@ def reference_haar_energies(e: np.ndarray, levels: int) -> tuple[float, float]:
         band = np.pad(band, [(0, 0), (0, 0), (0, band.shape[2] % 2), (0, band.shape[3] % 2)])
         a, b = band[:, :, 0::2, 0::2], band[:, :, 0::2, 1::2]
         c, d = band[:, :, 1::2, 0::2], band[:, :, 1::2, 1::2]
-        detail += float((((a - b + c - d) / 2) ** 2 + ((a + b - c - d) / 2) ** 2 + ((a - b - c + d) / 2) ** 2).sum())
+        detail += float(
+            (
+                ((a - b + c - d) / 2) ** 2 + ((a + b - c - d) / 2) ** 2 + ((a - b - c + d) / 2) ** 2
+            ).sum()
+        )
         band = (a + b + c + d) / 2
     return float((band**2).sum()), detail
 
@@ -98,12 +110,18 @@ def test_haar_separates_constant_from_checkerboard():
 @pytest.mark.parametrize("hw", [(16, 16), (12, 20), (9, 13)])
 def test_measured_tasks_sum_to_standard_loss(dtype, rel, hw):
     out, target = fake_output(h=hw[0], w=hw[1], dtype=dtype)
-    tasks, details = MeasuredHierarchicalLoss(0.0067)(out, target, split_scale_bits(out["likelihoods"]["y"]))
+    tasks, details = MeasuredHierarchicalLoss(0.0067)(
+        out, target, split_scale_bits(out["likelihoods"]["y"])
+    )
     rd = {k: v.detach() for k, v in rate_distortion(out, target, 0.0067).items()}
     assert tasks.shape == (5,)
     assert float(tasks.detach().sum()) == pytest.approx(float(rd["loss"]), rel=rel)
-    assert float(tasks.detach()[0] + tasks.detach()[2]) == pytest.approx(float(rd["distortion"]), rel=rel)
-    assert float(tasks.detach()[1:].sum() - tasks.detach()[2]) == pytest.approx(float(rd["bpp_loss"]), rel=rel)
+    assert float(tasks.detach()[0] + tasks.detach()[2]) == pytest.approx(
+        float(rd["distortion"]), rel=rel
+    )
+    assert float(tasks.detach()[1:].sum() - tasks.detach()[2]) == pytest.approx(
+        float(rd["bpp_loss"]), rel=rel
+    )
     assert float(details["s3_b"].detach()) > float(rd["z_bpp"])  # z bits sit in s3_b
     # s1_d / s2_d are the coarse / detail band energies of the explicit transform, times lambda*255^2/N
     error = (out["x_hat"] - target).detach().double().numpy()
@@ -133,7 +151,9 @@ def test_fixed_ratio_values_follow_the_seed():
     tasks, details = HierarchicalLoss(0.013)(out, target)
     rd = rate_distortion(out, target, 0.013)
     d, r = float(rd["distortion"]), float(rd["bpp_loss"])
-    assert tasks.tolist() == pytest.approx([0.40 * d, 0.30 * r, 0.35 * d, 0.40 * r, 0.30 * r], rel=1e-6)
+    assert tasks.tolist() == pytest.approx(
+        [0.40 * d, 0.30 * r, 0.35 * d, 0.40 * r, 0.30 * r], rel=1e-6
+    )
     assert float(details["s2_distortion"]) == pytest.approx(0.35 * d, rel=1e-6)
 
 
@@ -165,7 +185,9 @@ def _toy(seed=0):
 
 def _toy_output(weight, x):
     x_hat = torch.nn.functional.conv2d(x, weight, padding=1)
-    y_lik = torch.sigmoid(torch.nn.functional.conv2d(x, weight, padding=1)[:, :, ::4, ::4]) * 0.9 + 0.05
+    y_lik = (
+        torch.sigmoid(torch.nn.functional.conv2d(x, weight, padding=1)[:, :, ::4, ::4]) * 0.9 + 0.05
+    )
     z_lik = torch.sigmoid(weight.sum() + torch.zeros(2, 2, 1, 1, dtype=torch.float64)) * 0.5 + 0.25
     return {"x_hat": x_hat, "likelihoods": {"y": y_lik, "z": z_lik}}
 
@@ -174,7 +196,9 @@ def test_fixed_ratio_under_famo_is_two_task_balanced():
     """Derivation point 1: with m = 0, 5 fixed-ratio tasks give (c_2/c_5) x 2-task Balanced, summed weights."""
     weight, x = _toy()
     logits = torch.tensor([0.3, -0.2, 0.1, 0.4, -0.5])
-    hier = HierarchicalBalanced([weight], min_losses=0.0, scale_weights=[1.0, 1.0, 1.0], max_norm=0.0)
+    hier = HierarchicalBalanced(
+        [weight], min_losses=0.0, scale_weights=[1.0, 1.0, 1.0], max_norm=0.0
+    )
     with torch.no_grad():
         hier.w.copy_(logits)
     tasks, _ = HierarchicalLoss(0.01)(_toy_output(weight, x), x)
@@ -213,8 +237,13 @@ def test_fixed_ratio_deltas_are_identical_within_groups_and_one_total_gives_no_s
     total_before = before.sum().detach()
     total_after = after.sum().detach()
     ratios = torch.tensor([0.1, 0.2, 0.3, 0.15, 0.25], dtype=torch.float64)
-    opt = HierarchicalBalanced([torch.zeros(1, requires_grad=True)], min_losses=0.0,
-                               gamma_s1=0.0, gamma_s2=0.0, gamma_s3=0.0)
+    opt = HierarchicalBalanced(
+        [torch.zeros(1, requires_grad=True)],
+        min_losses=0.0,
+        gamma_s1=0.0,
+        gamma_s2=0.0,
+        gamma_s3=0.0,
+    )
     with torch.no_grad():
         opt.w.copy_(torch.tensor([0.5, -0.3, 0.2, 0.0, 0.1]))
     opt.prev_loss = ratios * total_before

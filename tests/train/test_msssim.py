@@ -78,7 +78,9 @@ def test_small_images_are_refused_with_the_limit():
 
 
 def test_run_config_refuses_small_patches_for_ms_ssim():
-    with pytest.raises(run_config.ConfigError, match="'distortion' = 'ms_ssim' needs 'patch_size' >= 161"):
+    with pytest.raises(
+        run_config.ConfigError, match="'distortion' = 'ms_ssim' needs 'patch_size' >= 161"
+    ):
         run_config.resolve({**TINY, "steps": 3, "distortion": "ms_ssim"})
     with pytest.raises(run_config.ConfigError, match="must be one of mse, ms_ssim"):
         run_config.resolve({**TINY, "steps": 3, "distortion": "psnr"})
@@ -104,10 +106,14 @@ def test_measured_ms_ssim_tasks_sum_to_the_standard_loss():
     # measured relative difference 1.5e-8 (avx2) and 2.5e-9 (default)
     assert float(tasks[0]) == pytest.approx(float(rd["distortion"]) * share, rel=1e-5)
     # the split's gradients add up to the gradient of D
-    grads = [torch.autograd.grad(t, out["x_hat"], retain_graph=True)[0] for t in (tasks[0], tasks[2])]
+    grads = [
+        torch.autograd.grad(t, out["x_hat"], retain_graph=True)[0] for t in (tasks[0], tasks[2])
+    ]
     (d_grad,) = torch.autograd.grad(rd["distortion"], out["x_hat"])
     # float32: the two parts cancel in places; measured max difference 7.7e-9 against a max |grad| of 7.7e-4 (1e-5 of it)
-    torch.testing.assert_close(grads[0] + grads[1], d_grad, rtol=1e-4, atol=1e-3 * float(d_grad.abs().max()))
+    torch.testing.assert_close(
+        grads[0] + grads[1], d_grad, rtol=1e-4, atol=1e-3 * float(d_grad.abs().max())
+    )
 
 
 def test_measured_ms_ssim_split_separates_fine_from_coarse_errors():
@@ -119,7 +125,13 @@ def test_measured_ms_ssim_split_separates_fine_from_coarse_errors():
     loss = build_decomposition("measured", 8.73, "ms_ssim")
     shares = {}
     for name, x_hat in (("checkerboard", target + checker), ("offset", target + 0.1)):
-        out = {"x_hat": x_hat, "likelihoods": {"y": torch.full((1, 8, 12, 12), 0.5), "z": torch.full((1, 4, 3, 3), 0.5)}}
+        out = {
+            "x_hat": x_hat,
+            "likelihoods": {
+                "y": torch.full((1, 8, 12, 12), 0.5),
+                "z": torch.full((1, 4, 3, 3), 0.5),
+            },
+        }
         tasks, _ = loss(out, target, scale_bits=scale_bits_of(out["likelihoods"]["y"]))
         shares[name] = float(tasks[0] / (tasks[0] + tasks[2]))
     assert shares["checkerboard"] < 0.01 and shares["offset"] > 0.99
@@ -129,8 +141,18 @@ def test_measured_ms_ssim_split_separates_fine_from_coarse_errors():
 def test_three_steps_train_with_ms_ssim(tmp_path: Path, variant):
     """adam, Balanced (distortion task lmbda * (1 - MS-SSIM)) and the measured decomposition."""
     out = tmp_path / variant
-    code = train.main(cli_args(out, variant=variant, distortion="ms_ssim", lmbda=8.73, patch_size=192,
-                               steps=3, val_every=3, checkpoint_every=3))
+    code = train.main(
+        cli_args(
+            out,
+            variant=variant,
+            distortion="ms_ssim",
+            lmbda=8.73,
+            patch_size=192,
+            steps=3,
+            val_every=3,
+            checkpoint_every=3,
+        )
+    )
     assert code == train.EXIT_OK
     import pandas as pd
 

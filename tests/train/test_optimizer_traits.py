@@ -12,8 +12,16 @@ from hpcm.config.tasks import RD_TASKS
 from hpcm.optim.registry import BUILDERS
 from hpcm.train import loop as train
 
-TINY = {"model": "HPCM_Tiny", "patch_size": 64, "batch_size": 1, "num_workers": 0,
-        "wandb_mode": "disabled", "quiet": True, "steps": 4, "lr": 1e-3}
+TINY = {
+    "model": "HPCM_Tiny",
+    "patch_size": 64,
+    "batch_size": 1,
+    "num_workers": 0,
+    "wandb_mode": "disabled",
+    "quiet": True,
+    "steps": 4,
+    "lr": 1e-3,
+}
 
 
 def build_run(tmp_path, cfg: dict) -> train.Run:
@@ -23,15 +31,27 @@ def build_run(tmp_path, cfg: dict) -> train.Run:
     return run
 
 
-def test_a_new_balanced_like_optimizer_gets_its_gamma_schedule_from_its_trait(tmp_path,
-                                                                              monkeypatch):
-    spec = OptimizerSpec("balanced_probe", "a Balanced-like optimizer under a new name",
-                         task_names=RD_TASKS, gamma_schedule="single",
-                         hyperparameters=OPTIMIZER_SPECS["balanced"].hyperparameters)
+def test_a_new_balanced_like_optimizer_gets_its_gamma_schedule_from_its_trait(
+    tmp_path, monkeypatch
+):
+    spec = OptimizerSpec(
+        "balanced_probe",
+        "a Balanced-like optimizer under a new name",
+        task_names=RD_TASKS,
+        gamma_schedule="single",
+        hyperparameters=OPTIMIZER_SPECS["balanced"].hyperparameters,
+    )
     monkeypatch.setitem(OPTIMIZER_SPECS, spec.name, spec)
     monkeypatch.setitem(BUILDERS, spec.name, BUILDERS["balanced"])
-    cfg = run_config.resolve({**TINY, "optimizer": "balanced", "gamma": 0.004, "gamma_final": 0.001,
-                              "gamma_schedule": "linear"})
+    cfg = run_config.resolve(
+        {
+            **TINY,
+            "optimizer": "balanced",
+            "gamma": 0.004,
+            "gamma_final": 0.001,
+            "gamma_schedule": "linear",
+        }
+    )
     cfg["optimizer"] = spec.name  # the run config's choices were fixed at import
     run = build_run(tmp_path, cfg)
     assert run.balanced and not run.hierarchical

@@ -23,8 +23,16 @@ INITIAL = {"s1": 0.008, "s2": 0.006, "s3": 0.004}
 def test_hpcm_lr_milestones_at_known_epochs():
     def lr(epoch):
         return lr_at(epoch, 3000, 1e-4, HPCM_LR_MILESTONES, HPCM_LR_VALUES)
+
     assert [lr(0), lr(2749), lr(2750), lr(2849), lr(2850), lr(2950), lr(3000)] == [
-        1e-4, 1e-4, 3e-5, 3e-5, 1e-5, 1e-6, 1e-6]
+        1e-4,
+        1e-4,
+        3e-5,
+        3e-5,
+        1e-5,
+        1e-6,
+        1e-6,
+    ]
     with pytest.raises(ValueError, match="differ in length"):
         lr_at(0, 10, 1e-4, [0.5], [])
     with pytest.raises(ValueError, match="increasing"):
@@ -84,7 +92,9 @@ SEED_WARMUP_FRACTION = SEED_WARMUP / SEED_TOTAL
 
 
 @pytest.mark.parametrize("strategy", ["linear", "cosine", "step"])
-@pytest.mark.parametrize("epoch", [0, 50, 99, 100, 101, 999, 1000, 1550, 1999, 2000, 2499, 2500, 2999, 3000])
+@pytest.mark.parametrize(
+    "epoch", [0, 50, 99, 100, 101, 999, 1000, 1550, 1999, 2000, 2499, 2500, 2999, 3000]
+)
 def test_seed_schedules_with_warmup_at_known_epochs(strategy, epoch):
     assert ours(strategy, epoch) == pytest.approx(seed_scheduler(strategy, epoch), rel=1e-12)
 
@@ -93,29 +103,38 @@ def test_step_and_warmup_known_numbers():
     assert SEED_GAMMA_STEP_MILESTONES == pytest.approx((1 / 3, 2 / 3, 5 / 6))
     step = GammaSchedule("step", 0.006, 0.0012, 3000, warmup=SEED_WARMUP_FRACTION)
     # 0.006 -> 0.003 at epoch 1000 -> 0.0015 at 2000 -> 0.00075 floored at gamma_final 0.0012 at 2500
-    assert [step(e) for e in (0, 999, 1000, 2000, 2500)] == pytest.approx([0.006, 0.006, 0.003, 0.0015, 0.0012])
+    assert [step(e) for e in (0, 999, 1000, 2000, 2500)] == pytest.approx(
+        [0.006, 0.006, 0.003, 0.0015, 0.0012]
+    )
     cosine = GammaSchedule("cosine", 0.006, 0.001, 3000, warmup=SEED_WARMUP_FRACTION)
     # held at 0.006 until epoch 100, half-way (0.0035) at epoch 100 + 2900 / 2 = 1550
     assert [cosine(0), cosine(99), cosine(100), cosine(1550), cosine(3000)] == pytest.approx(
-        [0.006, 0.006, 0.006, 0.0035, 0.001])
-    assert GammaSchedule("step", 0.01, 0.0, 100, milestones=[0.5], factor=0.1)(50) == pytest.approx(0.001)
+        [0.006, 0.006, 0.006, 0.0035, 0.001]
+    )
+    assert GammaSchedule("step", 0.01, 0.0, 100, milestones=[0.5], factor=0.1)(50) == pytest.approx(
+        0.001
+    )
     with pytest.raises(ValueError, match="gamma_step_milestones"):
         GammaSchedule("step", 0.01, 0.0, 100, milestones=[0.7, 0.5])
     with pytest.raises(ValueError, match="gamma_warmup"):
         gamma_at("cosine", 0.5, 0.006, 0.001, warmup=1.0)
 
 
-@pytest.mark.parametrize("losses, factor", [
-    ([1.0 + 0.001 * (k % 2) for k in range(50)], 0.8),   # cv 0.0005: converged
-    ([1.0 + 0.05 * (k % 2) for k in range(50)], 1.0),    # cv 0.024: normal
-    ([1.0 + 0.3 * (k % 2) for k in range(50)], 1.2),     # cv 0.13: unstable
-    ([1.0 + 0.3 * (k % 2) for k in range(49)], 1.0),     # window not full: no adjustment
-])
+@pytest.mark.parametrize(
+    "losses, factor",
+    [
+        ([1.0 + 0.001 * (k % 2) for k in range(50)], 0.8),  # cv 0.0005: converged
+        ([1.0 + 0.05 * (k % 2) for k in range(50)], 1.0),  # cv 0.024: normal
+        ([1.0 + 0.3 * (k % 2) for k in range(50)], 1.2),  # cv 0.13: unstable
+        ([1.0 + 0.3 * (k % 2) for k in range(49)], 1.0),  # window not full: no adjustment
+    ],
+)
 def test_adaptive_factor_and_values_match_the_seed(losses, factor):
     assert adaptive_factor(losses) == factor
     for epoch in (50, 100, 700, 1550, 2900):
         assert ours("adaptive", epoch, test_losses=losses) == pytest.approx(
-            seed_scheduler("adaptive", epoch, test_losses=losses), rel=1e-12)
+            seed_scheduler("adaptive", epoch, test_losses=losses), rel=1e-12
+        )
 
 
 def test_adaptive_known_numbers_window_and_state():
@@ -135,9 +154,12 @@ def test_adaptive_known_numbers_window_and_state():
 def test_gamma_schedule_sets_optimizer_gamma():
     class Holder:
         gamma = None
+
     holder = Holder()
     schedule = GammaSchedule("cosine", 0.006, 0.001, total_steps=200)
-    assert schedule.apply(holder, 100) == pytest.approx(0.0035) and holder.gamma == pytest.approx(0.0035)
+    assert schedule.apply(holder, 100) == pytest.approx(0.0035) and holder.gamma == pytest.approx(
+        0.0035
+    )
 
 
 def seed_hierarchical(epoch):
@@ -148,12 +170,24 @@ def seed_hierarchical(epoch):
         return {"s1": i["s1"] * (1 + 0.2 * p), "s2": i["s2"] * 0.8, "s3": i["s3"] * 0.6}
     if epoch < 1500:
         p = (epoch - 300) / 1200
-        return {"s1": i["s1"] * (1.2 - 0.3 * p), "s2": i["s2"] * (0.8 + 0.3 * p), "s3": i["s3"] * (0.6 + 0.4 * p)}
+        return {
+            "s1": i["s1"] * (1.2 - 0.3 * p),
+            "s2": i["s2"] * (0.8 + 0.3 * p),
+            "s3": i["s3"] * (0.6 + 0.4 * p),
+        }
     if epoch < 2500:
         p = (epoch - 1500) / 1000
-        return {"s1": i["s1"] * (0.9 - 0.2 * p), "s2": i["s2"] * (1.1 - 0.3 * p), "s3": i["s3"] * (1.0 + 0.1 * p)}
+        return {
+            "s1": i["s1"] * (0.9 - 0.2 * p),
+            "s2": i["s2"] * (1.1 - 0.3 * p),
+            "s3": i["s3"] * (1.0 + 0.1 * p),
+        }
     p = (epoch - 2500) / 500
-    return {"s1": i["s1"] * (0.7 - 0.2 * p), "s2": i["s2"] * (0.8 - 0.3 * p), "s3": i["s3"] * (1.1 + 0.2 * p)}
+    return {
+        "s1": i["s1"] * (0.7 - 0.2 * p),
+        "s2": i["s2"] * (0.8 - 0.3 * p),
+        "s3": i["s3"] * (1.1 + 0.2 * p),
+    }
 
 
 @pytest.mark.parametrize("epoch", [0, 150, 299, 300, 900, 1499, 1500, 2000, 2500, 2750, 3000])
@@ -167,17 +201,23 @@ def test_hierarchical_matches_seed_values(epoch):
 def test_hierarchical_known_numbers_and_boundaries_as_fractions():
     # epoch 900: middle of phase 2 -> s1 0.008*1.05, s2 0.006*0.95, s3 0.004*0.8
     assert ScaleGammaManager(INITIAL, "hierarchical").step(900) == pytest.approx(
-        {"s1": 0.0084, "s2": 0.0057, "s3": 0.0032})
+        {"s1": 0.0084, "s2": 0.0057, "s3": 0.0032}
+    )
     # the same schedule on a 300-step run: step 90 is epoch 900
     assert ScaleGammaManager(INITIAL, "hierarchical", total_epochs=300).step(90) == pytest.approx(
-        {"s1": 0.0084, "s2": 0.0057, "s3": 0.0032})
-    custom = ScaleGammaManager(INITIAL, "hierarchical", total_epochs=100, phase_boundaries=(0.2, 0.4, 0.6))
+        {"s1": 0.0084, "s2": 0.0057, "s3": 0.0032}
+    )
+    custom = ScaleGammaManager(
+        INITIAL, "hierarchical", total_epochs=100, phase_boundaries=(0.2, 0.4, 0.6)
+    )
     assert custom.step(20)["s1"] == pytest.approx(0.008 * 1.2)
 
 
 @pytest.mark.parametrize("interpolation", ["linear", "smooth"])
 def test_hierarchical_has_no_jumps(interpolation):
-    manager = ScaleGammaManager(INITIAL, "hierarchical", total_epochs=1.0, interpolation=interpolation)
+    manager = ScaleGammaManager(
+        INITIAL, "hierarchical", total_epochs=1.0, interpolation=interpolation
+    )
     h = 1e-5
     grid = [k / 2000 for k in range(2001)]
     for t in grid + [0.1, 0.5, 2500 / 3000]:
@@ -233,7 +273,9 @@ def test_manager_validation():
         ScaleGammaManager({"s1": 1.0, "s2": 1.0}, "fixed")
 
 
-def test_the_trainer_feeds_validation_losses_to_the_adaptive_schedule_and_logs_step_gammas(tmp_path):
+def test_the_trainer_feeds_validation_losses_to_the_adaptive_schedule_and_logs_step_gammas(
+    tmp_path,
+):
     """Wiring in hpcm.train.loop: observe(val_loss) after every validation, history in the checkpoint."""
     import csv
 
@@ -242,22 +284,73 @@ def test_the_trainer_feeds_validation_losses_to_the_adaptive_schedule_and_logs_s
     from hpcm.train import checkpoints as checkpointing
     from hpcm.train import loop as train
 
-    common = ["--set", "model=HPCM_Tiny", "--set", "patch_size=64", "--set", "batch_size=1", "--set", "num_workers=0",
-              "--set", "wandb_mode=disabled", "--set", "quiet=true", "--set", "log_every=1", "--set", "steps=4",
-              "--set", "variant=phase1", "--set", "gamma=0.004", "--set", "gamma_final=0.001"]
+    common = [
+        "--set",
+        "model=HPCM_Tiny",
+        "--set",
+        "patch_size=64",
+        "--set",
+        "batch_size=1",
+        "--set",
+        "num_workers=0",
+        "--set",
+        "wandb_mode=disabled",
+        "--set",
+        "quiet=true",
+        "--set",
+        "log_every=1",
+        "--set",
+        "steps=4",
+        "--set",
+        "variant=phase1",
+        "--set",
+        "gamma=0.004",
+        "--set",
+        "gamma_final=0.001",
+    ]
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert train.main(["--output-dir", str(tmp_path / "a"), *common, "--set", "gamma_schedule=adaptive",
-                           "--set", "val_every=1"]) == train.EXIT_OK
-        assert train.main(["--output-dir", str(tmp_path / "s"), *common, "--set", "gamma_schedule=step",
-                           "--set", "gamma_step_milestones=[0.5]", "--set", "gamma_warmup=0.25"]) == train.EXIT_OK
+        assert (
+            train.main(
+                [
+                    "--output-dir",
+                    str(tmp_path / "a"),
+                    *common,
+                    "--set",
+                    "gamma_schedule=adaptive",
+                    "--set",
+                    "val_every=1",
+                ]
+            )
+            == train.EXIT_OK
+        )
+        assert (
+            train.main(
+                [
+                    "--output-dir",
+                    str(tmp_path / "s"),
+                    *common,
+                    "--set",
+                    "gamma_schedule=step",
+                    "--set",
+                    "gamma_step_milestones=[0.5]",
+                    "--set",
+                    "gamma_warmup=0.25",
+                ]
+            )
+            == train.EXIT_OK
+        )
     finally:
         torch.set_num_threads(previous)
-    state = torch.load(tmp_path / "a" / checkpointing.CHECKPOINT_LAST, map_location="cpu", weights_only=False)
+    state = torch.load(
+        tmp_path / "a" / checkpointing.CHECKPOINT_LAST, map_location="cpu", weights_only=False
+    )
     with open(tmp_path / "a" / "metrics.csv") as handle:
         val_losses = [float(r["val_loss"]) for r in csv.DictReader(handle) if r["val_loss"]]
-    assert len(val_losses) == 4 and state["gamma_schedule"]["loss_history"] == pytest.approx(val_losses)
+    assert len(val_losses) == 4 and state["gamma_schedule"]["loss_history"] == pytest.approx(
+        val_losses
+    )
     with open(tmp_path / "s" / "metrics.csv") as handle:
         gammas = [float(r["gamma"]) for r in csv.DictReader(handle) if r["gamma"]]
     # step s uses progress (s - 1) / 4: 0, 0.25 (warm-up ends), 0.5 (halved), 0.75

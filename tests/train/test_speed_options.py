@@ -20,8 +20,13 @@ from tests.train.tiny import cli_args, sigterm_at_step
 
 # phase1 with the official second forward: every part of the step (both task losses, the FAMO
 # weights, Cautious Adam) sees the layout's rounding.
-SETTINGS = {"steps": 4, "checkpoint_every": 1, "batch_size": 2, "variant": "phase1",
-            "update_mode": "same_batch"}
+SETTINGS = {
+    "steps": 4,
+    "checkpoint_every": 1,
+    "batch_size": 2,
+    "variant": "phase1",
+    "update_mode": "same_batch",
+}
 FAST = {"memory_format": "channels_last", "threads": 1}
 
 # channels_last vs contiguous after 6 steps of this phase1 run (batch 4, 64 px, lr 1e-4), measured
@@ -52,8 +57,11 @@ def test_fast_options_match_the_default_within_the_measured_tolerance(tmp_path):
             assert float(b[column]) == expected, (a["step"], column)
     state_a, state_b = final_state(default), final_state(fast)
     assert state_b["config"]["memory_format"] == "channels_last"
-    worst = max(float((state_a["model"][k].float() - state_b["model"][k].float()).abs().max())
-                for k in state_a["model"] if state_a["model"][k].numel())
+    worst = max(
+        float((state_a["model"][k].float() - state_b["model"][k].float()).abs().max())
+        for k in state_a["model"]
+        if state_a["model"][k].numel()
+    )
     assert worst <= WEIGHT_ATOL, worst
     logits_a, logits_b = (s["optimizer"]["balancing"]["w"] for s in (state_a, state_b))
     assert torch.allclose(logits_a, logits_b, atol=1e-3)
@@ -61,8 +69,17 @@ def test_fast_options_match_the_default_within_the_measured_tolerance(tmp_path):
 
 def test_fast_options_are_not_a_no_op():
     """The option reaches the model: weights and batches in channels_last, threads set."""
-    cfg = run_config.resolve({"model": "HPCM_Tiny", "steps": 1, "patch_size": 64, "num_workers": 0,
-                              "device": "cpu", "wandb_mode": "disabled", **FAST})
+    cfg = run_config.resolve(
+        {
+            "model": "HPCM_Tiny",
+            "steps": 1,
+            "patch_size": 64,
+            "num_workers": 0,
+            "device": "cpu",
+            "wandb_mode": "disabled",
+            **FAST,
+        }
+    )
     run = train.Run(cfg, Path("/nonexistent-speed-options"))
     run.open_data()
     torch.set_num_threads(2)
@@ -98,9 +115,14 @@ def test_changing_the_memory_format_on_resume_is_refused():
     assert run_config.resume_mismatch(older, current) is None  # a checkpoint older than the keys
 
 
-@pytest.mark.parametrize(("key", "value", "words"), [
-    ("memory_format", "nhwc", "must be one of"), ("threads", 0, "must be > 0"),
-    ("threads", "two", "integer")])
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        ("memory_format", "nhwc", "must be one of"),
+        ("threads", 0, "must be > 0"),
+        ("threads", "two", "integer"),
+    ],
+)
 def test_bad_values_name_the_key(key, value, words):
     with pytest.raises(run_config.ConfigError, match=f"'{key}'.*{words}"):
         run_config.resolve({"steps": 1, key: value})

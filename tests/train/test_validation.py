@@ -54,12 +54,17 @@ def without_time(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     return [{k: v for k, v in row.items() if k != "step_time"} for row in rows]
 
 
-@pytest.mark.parametrize("settings", [
-    {"steps": 3},  # the validation of the last step fails
-    {"steps": 4, "val_every": 2, "checkpoint_every": 1},  # a mid-run validation fails
-], ids=["last_step", "mid_run"])
-def test_a_failed_validation_is_redone_when_the_run_resumes(tmp_path, monkeypatch, capsys,
-                                                            settings):
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"steps": 3},  # the validation of the last step fails
+        {"steps": 4, "val_every": 2, "checkpoint_every": 1},  # a mid-run validation fails
+    ],
+    ids=["last_step", "mid_run"],
+)
+def test_a_failed_validation_is_redone_when_the_run_resumes(
+    tmp_path, monkeypatch, capsys, settings
+):
     images = write_images(tmp_path / "val", (64, 80))
     originals = [path.read_bytes() for path in images]
     settings = {**settings, "val_data": str(tmp_path / "val")}
@@ -83,8 +88,9 @@ def test_a_failed_validation_is_redone_when_the_run_resumes(tmp_path, monkeypatc
     assert failed["loss"] != "" and failed["val_loss"] != ""
     assert without_time(rows) == without_time(reference)
     # the best model is a validated one: the same file as the uninterrupted run's
-    best_full, best_parted = (torch.load(out / checkpointing.BEST_MODEL, weights_only=True)
-                              for out in (full, parted))
+    best_full, best_parted = (
+        torch.load(out / checkpointing.BEST_MODEL, weights_only=True) for out in (full, parted)
+    )
     assert best_full.keys() == best_parted.keys()
     assert all(torch.equal(best_full[k], best_parted[k]) for k in best_full)
     done = (parted / "done").read_text()
@@ -124,8 +130,9 @@ def test_a_broken_validation_image_is_skipped_when_asked(tmp_path, capsys):
     images[1].write_bytes(images[1].read_bytes()[:100])
     out = tmp_path / "run"
     with pytest.warns(UserWarning, match="skipping unreadable validation image"):
-        code = train.main(cli_args(out, steps=1, skip_bad_images=True,
-                                   val_data=str(tmp_path / "val")))
+        code = train.main(
+            cli_args(out, steps=1, skip_bad_images=True, val_data=str(tmp_path / "val"))
+        )
     assert code == train.EXIT_OK
     assert rows_of(out)[-1]["val_loss"] != ""
 
@@ -133,8 +140,9 @@ def test_a_broken_validation_image_is_skipped_when_asked(tmp_path, capsys):
 def test_ms_ssim_with_small_validation_images_is_refused_at_the_start(tmp_path, capsys):
     write_images(tmp_path / "val", (128, 200))
     out = tmp_path / "run"
-    code = train.main(cli_args(out, steps=1, distortion="ms_ssim", patch_size=192,
-                               val_data=str(tmp_path / "val")))
+    code = train.main(
+        cli_args(out, steps=1, distortion="ms_ssim", patch_size=192, val_data=str(tmp_path / "val"))
+    )
     err = capsys.readouterr().err
     assert code == train.EXIT_CONFIG
     assert f"'val_data' = '{tmp_path / 'val'}'" in err and "128x200" in err and "161" in err

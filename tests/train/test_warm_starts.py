@@ -18,14 +18,17 @@ REL_TOL = 1e-4
 def test_every_listed_file_exists_and_the_sums_file_agrees():
     manifest = warm_starts.read_manifest(PRETRAINED)
     listed = {e["file"]: e["sha256"] for e in manifest["warm_starts"]}
-    sums = dict(reversed(line.split("  ")) for line in
-                (PRETRAINED / warm_starts.SUMS).read_text().splitlines())
+    sums = dict(
+        reversed(line.split("  "))
+        for line in (PRETRAINED / warm_starts.SUMS).read_text().splitlines()
+    )
     assert sums == listed
     assert sum((PRETRAINED / f).stat().st_size for f in listed) <= 15 * 2**20
 
 
-@pytest.mark.parametrize("entry", warm_starts.read_manifest(PRETRAINED)["warm_starts"],
-                         ids=lambda e: e["file"])
+@pytest.mark.parametrize(
+    "entry", warm_starts.read_manifest(PRETRAINED)["warm_starts"], ids=lambda e: e["file"]
+)
 def test_warm_start_loads_and_reproduces_the_recorded_validation_loss(entry):
     warm_starts.verify(PRETRAINED, check_loss=False)  # every hash matches (raises otherwise)
     model = models.load_checkpoint(PRETRAINED / entry["file"], name=entry["model"])

@@ -9,8 +9,15 @@ from pathlib import Path
 from hpcm.train import loop
 
 TINY = {
-    "model": "HPCM_Tiny", "patch_size": 64, "batch_size": 1, "num_workers": 0, "wandb_mode": "disabled",
-    "quiet": True, "log_every": 1, "val_every": 1000, "checkpoint_every": 1000,
+    "model": "HPCM_Tiny",
+    "patch_size": 64,
+    "batch_size": 1,
+    "num_workers": 0,
+    "wandb_mode": "disabled",
+    "quiet": True,
+    "log_every": 1,
+    "val_every": 1000,
+    "checkpoint_every": 1000,
 }
 
 

@@ -43,4 +43,8 @@ def test_written_files_get_the_mode_open_would_give_them(tmp_path):
         plain.write_text("x")
     finally:
         os.umask(previous)
-    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o644
+    assert (
+        stat.S_IMODE((tmp_path / "a.txt").stat().st_mode)
+        == stat.S_IMODE(plain.stat().st_mode)
+        == 0o644
+    )

@@ -33,10 +33,19 @@ def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.Compl
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
     env["WANDB_MODE"] = "disabled"
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory",
-           str(workdir), *args]
-    return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        *args,
+    ]
+    return subprocess.run(
+        cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def write_config(workdir: Path, anchors: dict) -> Path:
@@ -72,8 +81,13 @@ def test_one_job_per_point_and_the_per_image_csv(jpeg_run):
     doc = json.loads((jpeg_run / "results/anchors/photos/jpeg.json").read_text())
     assert doc["name"] == "jpeg" and doc["meta"]["quality"] == QUALITIES
     assert doc["results"]["bpp"][0] == pytest.approx(rows[rows["quality"] == 20]["bpp"].mean())
-    assert doc["meta"]["complete"] == {"pairs": 4, "expected_pairs": 4, "images": 2,
-                                       "expected_images": 2, "skipped": []}
+    assert doc["meta"]["complete"] == {
+        "pairs": 4,
+        "expected_pairs": 4,
+        "images": 2,
+        "expected_images": 2,
+        "skipped": [],
+    }
 
 
 def test_rerun_keeps_points_and_redoes_only_a_lost_one(jpeg_run):
@@ -91,9 +105,17 @@ def test_rerun_keeps_points_and_redoes_only_a_lost_one(jpeg_run):
 
 
 def test_missing_vtm_build_stops_the_workflow_naming_the_key(tmp_path):
-    write_config(tmp_path, {"vtm-22.0": {"codec": "vtm", "qualities": [37],
-                                         "build_dir": str(tmp_path / "no-vtm"),
-                                         "cfg": str(tmp_path / "encoder_intra_vtm.cfg")}})
+    write_config(
+        tmp_path,
+        {
+            "vtm-22.0": {
+                "codec": "vtm",
+                "qualities": [37],
+                "build_dir": str(tmp_path / "no-vtm"),
+                "cfg": str(tmp_path / "encoder_intra_vtm.cfg"),
+            }
+        },
+    )
     result = snakemake(tmp_path, "-n", "--configfile", "config.yaml", timeout=300)
     assert result.returncode != 0
     out = result.stdout + result.stderr

@@ -36,7 +36,9 @@ DEMO = ROOT / "config.yaml"
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
 
 
-def snakemake(*args: str, cwd: Path | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
+def snakemake(
+    *args: str, cwd: Path | None = None, timeout: int = 240
+) -> subprocess.CompletedProcess:
     """`snakemake ARGS` with this interpreter's environment first on PATH and wandb off, run in
     ``cwd`` (default: a fresh temporary directory, never the checkout)."""
     if cwd is None:
@@ -51,7 +53,9 @@ def snakemake(*args: str, cwd: Path | None = None, timeout: int = 240) -> subpro
     cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), *args]
     if cwd is None:
         with tempfile.TemporaryDirectory(prefix="hpcm-snakemake-") as empty:
-            return subprocess.run(cmd, cwd=empty, env=env, capture_output=True, text=True, timeout=timeout)
+            return subprocess.run(
+                cmd, cwd=empty, env=env, capture_output=True, text=True, timeout=timeout
+            )
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -70,7 +74,9 @@ def job_counts(output: str) -> dict[str, int]:
 
 def expected_counts(cfg: dict) -> dict[str, int]:
     """Job counts a config must produce, derived from the config alone."""
-    n_grid = sum(math.prod(len(v) for v in g["axes"].values()) for g in cfg.get("grids", {}).values())
+    n_grid = sum(
+        math.prod(len(v) for v in g["axes"].values()) for g in cfg.get("grids", {}).values()
+    )
     n_runs = (len(cfg["variants"]) + n_grid) * len(cfg["lambdas"]) * len(cfg.get("seeds", [0]))
     datasets = cfg["datasets"]
     uses_samples = "samples" in (cfg["train_data"], cfg["val_data"]) or any(
@@ -128,7 +134,11 @@ def test_paper_dry_run_lists_every_job():
     cfg = yaml.safe_load(PAPER.read_text())
     assert cfg["model"] == "HPCM_Base"
     assert cfg["lambdas"] == [0.0018, 0.0035, 0.0067, 0.013, 0.025, 0.0483]
-    assert {d["kind"] for d in cfg["datasets"].values()} == {"kodak", "clic2020-professional", "tecnick"}
+    assert {d["kind"] for d in cfg["datasets"].values()} == {
+        "kodak",
+        "clic2020-professional",
+        "tecnick",
+    }
     counts = paper_counts()
     assert counts == expected_counts(cfg)
     # 17 named variants (5 of them Phase 4, its control included) + the seed's 4 x 3 phase-2 grid,
@@ -148,7 +158,9 @@ def test_adding_a_lambda_and_a_variant_adds_exactly_their_jobs(tmp_path):
     assert after["train"] - before["train"] == n_variants * n_lambdas - 29 * 6
     assert after["evaluate"] - before["evaluate"] == (n_variants * n_lambdas - 29 * 6) * n_datasets
     unchanged = {r: n for r, n in after.items() if r not in ("train", "run_config", "evaluate")}
-    assert unchanged == {r: n for r, n in before.items() if r not in ("train", "run_config", "evaluate")}
+    assert unchanged == {
+        r: n for r, n in before.items() if r not in ("train", "run_config", "evaluate")
+    }
 
 
 def test_seeds_repeat_every_run_and_evaluation(tmp_path):
@@ -163,12 +175,21 @@ def test_seeds_repeat_every_run_and_evaluation(tmp_path):
     assert after == expected_counts(cfg)
     for rule in ("run_config", "train", "evaluate"):
         assert after[rule] == 3 * before[rule]
-    result = snakemake("results/eval/kodak/phase2_qp/lmbda0.0067/seed2.csv", "-n", "-p", "--configfile", str(seeded))
+    result = snakemake(
+        "results/eval/kodak/phase2_qp/lmbda0.0067/seed2.csv",
+        "-n",
+        "-p",
+        "--configfile",
+        str(seeded),
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     output = result.stdout + result.stderr
     # the fine-tuning run starts from the baseline run of the same lambda and seed
     assert "results/train/baseline/lmbda0.0067/seed2/final.pth.tar" in output
-    assert "--lmbda 0.0067 --seed 2" in output and "--output-dir results/train/phase2_qp/lmbda0.0067/seed2" in output
+    assert (
+        "--lmbda 0.0067 --seed 2" in output
+        and "--output-dir results/train/phase2_qp/lmbda0.0067/seed2" in output
+    )
 
 
 def test_demo_config_covers_every_phase_and_ablation():
@@ -179,9 +200,17 @@ def test_demo_config_covers_every_phase_and_ablation():
     assert any(v.get("init_from") for v in variants.values()), "a Phase 2 fine-tuning variant"
     assert set(cfg["grids"]["phase2grid"]["axes"]) == {"gamma", "w_lr"}
     rows = {s: set(spec["rows"]) for s, spec in cfg["analysis"]["studies"].items()}
-    assert rows == {"study1": {"equal", "s1_emphasis", "s2_emphasis", "s3_emphasis"},
-                    "study2": {"uniform", "increasing", "decreasing"},
-                    "phase4": {"none (phase1)", "context_lr", "freeze_entropy", "progressive", "scale_early_stop"}}
+    assert rows == {
+        "study1": {"equal", "s1_emphasis", "s2_emphasis", "s3_emphasis"},
+        "study2": {"uniform", "increasing", "decreasing"},
+        "phase4": {
+            "none (phase1)",
+            "context_lr",
+            "freeze_entropy",
+            "progressive",
+            "scale_early_stop",
+        },
+    }
     assert set(cfg["analysis"]["studies"]["phase4"]["rows"].values()) <= set(variants)
     assert dry_run(DEMO) == expected_counts(cfg)
 
@@ -215,19 +244,44 @@ def write_config(tmp_path: Path, **changes) -> Path:
         ({"variants__phase1__optimizer": "sgd"}, "variants.phase1.optimizer", "sgd"),
         ({"analysis__reference": "nope"}, "analysis.reference", "unknown variant 'nope'"),
         ({"variants__phase2_qp__init_from": "ghost"}, "variants.phase2_qp.init_from", "ghost"),
-        ({"variants__phase2_qp__init_from": "official", "official_checkpoints": [], "variants__baseline__init_from": None,
-          "variants__phase1__init_from": None, "variants__phase3__init_from": None},
-         "variants.phase2_qp.init_from", "official_checkpoints"),
-        ({"variants__study1_s1__scale_weights": "s4_emphasis"}, "variants.study1_s1.scale_weights", "s3_emphasis"),
+        (
+            {
+                "variants__phase2_qp__init_from": "official",
+                "official_checkpoints": [],
+                "variants__baseline__init_from": None,
+                "variants__phase1__init_from": None,
+                "variants__phase3__init_from": None,
+            },
+            "variants.phase2_qp.init_from",
+            "official_checkpoints",
+        ),
+        (
+            {"variants__study1_s1__scale_weights": "s4_emphasis"},
+            "variants.study1_s1.scale_weights",
+            "s3_emphasis",
+        ),
         # issue 10 point 4: two lambdas, one folder
-        ({"lambdas": [0.0018, 0.0067, 0.00670000001]}, "lambdas.2", "lambdas[1] = 0.0067 and lambdas[2] = 0.00670000001"),
+        (
+            {"lambdas": [0.0018, 0.0067, 0.00670000001]},
+            "lambdas.2",
+            "lambdas[1] = 0.0067 and lambdas[2] = 0.00670000001",
+        ),
         # issue 10 point 6: every train job would fail on a crop the model cannot take
-        ({"training__patch_size": 50}, "training.patch_size", "not a multiple of 64, the pad multiple of HPCM_Tiny"),
+        (
+            {"training__patch_size": 50},
+            "training.patch_size",
+            "not a multiple of 64, the pad multiple of HPCM_Tiny",
+        ),
         ({"training__seed": 1}, "training.seed", "seeds"),
         # a fine-tuning lr with the study's absolute drops would rise at the first drop
-        ({"variants__phase2_qp__lr_milestones": [0.9, 0.95, 0.98], "variants__phase2_qp__lr_values": [3e-5, 1e-5, 1e-6]},
-         "variants.phase2_qp",
-         "'lr_values' = [3e-05, 1e-05, 1e-06] raise the learning rate above 'lr' = 1e-05"),
+        (
+            {
+                "variants__phase2_qp__lr_milestones": [0.9, 0.95, 0.98],
+                "variants__phase2_qp__lr_values": [3e-5, 1e-5, 1e-6],
+            },
+            "variants.phase2_qp",
+            "'lr_values' = [3e-05, 1e-05, 1e-06] raise the learning rate above 'lr' = 1e-05",
+        ),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, changes, key, words):
@@ -235,14 +289,24 @@ def test_config_errors_name_the_key(tmp_path, changes, key, words):
     them; one case goes through Snakemake itself (test_snakemake_stops_on_a_config_error)."""
     path = write_config(tmp_path, **changes)
     with pytest.raises(study_config.StudyConfigError) as error:
-        study_config.load(yaml.safe_load(path.read_text()), SCHEMA, lambda name: preset_config(name).pad_multiple,
-                          root=ROOT, dataset_kinds=dataset_options())
+        study_config.load(
+            yaml.safe_load(path.read_text()),
+            SCHEMA,
+            lambda name: preset_config(name).pad_multiple,
+            root=ROOT,
+            dataset_kinds=dataset_options(),
+        )
     assert f"config key '{key}'" in str(error.value), str(error.value)
     assert words in str(error.value), str(error.value)
 
 
 def test_snakemake_stops_on_a_config_error(tmp_path):
-    result = snakemake("-n", "--configfile", str(write_config(tmp_path, variants__phase1__optimizer="sgd")), cwd=tmp_path)
+    result = snakemake(
+        "-n",
+        "--configfile",
+        str(write_config(tmp_path, variants__phase1__optimizer="sgd")),
+        cwd=tmp_path,
+    )
     assert result.returncode != 0
     message = result.stdout + result.stderr
     assert "config key 'variants.phase1.optimizer'" in message and "sgd" in message, message
@@ -252,11 +316,24 @@ def test_a_variant_naming_presets_gets_their_numbers_in_its_run_config(tmp_path)
     """`scale_weights: equal` / `gammas: increasing` become the Study 1 / Study 2 lists (issue 3)."""
     images = tmp_path / "images"
     images.mkdir()
-    config = write_config(tmp_path, train_data=str(images), val_data=str(images), lambdas=[0.013],
-                          variants={"named": {"optimizer": "hierarchical_balanced", "scale_weights": "equal",
-                                              "gammas": "increasing"},
-                                    "child": {"extends": "named", "gammas": [0.001, 0.002, 0.003]}},
-                          grids={}, analysis__reference="named", analysis__gains={}, analysis__studies={})
+    config = write_config(
+        tmp_path,
+        train_data=str(images),
+        val_data=str(images),
+        lambdas=[0.013],
+        variants={
+            "named": {
+                "optimizer": "hierarchical_balanced",
+                "scale_weights": "equal",
+                "gammas": "increasing",
+            },
+            "child": {"extends": "named", "gammas": [0.001, 0.002, 0.003]},
+        },
+        grids={},
+        analysis__reference="named",
+        analysis__gains={},
+        analysis__studies={},
+    )
     targets = [f"results/configs/{name}/lmbda0.013/seed0.yaml" for name in ("named", "child")]
     result = snakemake(*targets, "--cores", "1", "--configfile", str(config), cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -273,7 +350,9 @@ def test_lint_is_clean():
 
 
 def test_every_rule_has_a_log_and_shell_rules_an_env():
-    rules_text = "\n".join(p.read_text() for p in sorted((ROOT / "workflow" / "rules").glob("*.smk")))
+    rules_text = "\n".join(
+        p.read_text() for p in sorted((ROOT / "workflow" / "rules").glob("*.smk"))
+    )
     blocks = re.split(r"^rule (\w+):\n", rules_text, flags=re.M)[1:]
     for name, body in zip(blocks[::2], blocks[1::2]):
         assert "    log:" in body, f"rule {name} has no log"
@@ -284,7 +363,7 @@ def test_every_rule_has_a_log_and_shell_rules_an_env():
 
 def train_job(output: str) -> tuple[str, dict[str, object]]:
     """(shell command, resources) of the first train job of a `-n -p` dry run."""
-    block = output[output.index("rule train:"):]
+    block = output[output.index("rule train:") :]
     resources = {}
     for item in re.search(r"^\s+resources: (.*)$", block, flags=re.M).group(1).split(", "):
         key, value = item.split("=", 1)
@@ -301,7 +380,9 @@ def gpu_config(tmp_path: Path, gpus: int, local_gpus: int) -> Path:
 def test_gpus_per_training_job_set_the_launcher_and_the_gpu_resource(tmp_path, gpus):
     """Issue 11 point 4: gpus 1 keeps the plain command; gpus N launches torchrun with N processes
     on one node and asks for N GPUs (locally counted against --resources gpu=M)."""
-    result = snakemake("-n", "-p", "--configfile", str(gpu_config(tmp_path, gpus, 8)), "--resources", "gpu=8")
+    result = snakemake(
+        "-n", "-p", "--configfile", str(gpu_config(tmp_path, gpus, 8)), "--resources", "gpu=8"
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     command, resources = train_job(result.stdout + result.stderr)
     assert resources["gpu"] == gpus
@@ -317,7 +398,10 @@ def test_one_gpu_per_job_keeps_todays_command():
     result = snakemake("-n", "-p")
     assert result.returncode == 0, result.stderr[-3000:]
     command, resources = train_job(result.stdout + result.stderr)
-    assert command.startswith("python -m hpcm.train --config results/configs/") and resources.get("gpu", 0) == 0
+    assert (
+        command.startswith("python -m hpcm.train --config results/configs/")
+        and resources.get("gpu", 0) == 0
+    )
 
 
 class Resources(dict):
@@ -335,14 +419,27 @@ def test_slurm_submission_asks_for_the_jobs_gpus_as_one_task(tmp_path, gpus):
     from snakemake_executor_plugin_slurm.utils import set_gres_string
 
     cfg = gpu_config(tmp_path, gpus, 0)
-    result = snakemake("-n", "-p", "--configfile", str(cfg), "--profile", str(ROOT / "profiles" / "slurm"))
+    result = snakemake(
+        "-n", "-p", "--configfile", str(cfg), "--profile", str(ROOT / "profiles" / "slurm")
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     command, resources = train_job(result.stdout + result.stderr)
-    assert command.startswith("python -m" if gpus == 1 else f"torchrun --standalone --nproc-per-node {gpus} -m")
+    assert command.startswith(
+        "python -m" if gpus == 1 else f"torchrun --standalone --nproc-per-node {gpus} -m"
+    )
     assert "gpu-lock.sh" not in command  # local_gpus 0: SLURM assigns the devices
-    job = SimpleNamespace(resources=Resources(resources), threads=yaml.safe_load(cfg.read_text())["compute"]["train"]["threads"])
-    params = {"run_uuid": "uuid", "slurm_logfile": "log", "comment_str": "rule_train", "account": "",
-              "partition": "", "workdir": str(tmp_path)}
+    job = SimpleNamespace(
+        resources=Resources(resources),
+        threads=yaml.safe_load(cfg.read_text())["compute"]["train"]["threads"],
+    )
+    params = {
+        "run_uuid": "uuid",
+        "slurm_logfile": "log",
+        "comment_str": "rule_train",
+        "account": "",
+        "partition": "",
+        "workdir": str(tmp_path),
+    }
     sbatch = get_submit_command(job, params) + set_gres_string(job)
     assert f"--gpus={gpus}" in sbatch and "--ntasks-per-gpu" not in sbatch, sbatch
     assert f"--cpus-per-task={job.threads}" in sbatch and "--signal=TERM@300" in sbatch, sbatch
@@ -352,19 +449,34 @@ def lock_prefix(local_gpus: int, needed: int) -> str:
     return f". {shlex.quote(str(ROOT / 'workflow' / 'scripts' / 'gpu-lock.sh'))} {local_gpus} {needed}; "
 
 
-def run_locking_jobs(tmp_path: Path, prefixes: list[str], hold: float = 3) -> list[tuple[int, str, str]]:
+def run_locking_jobs(
+    tmp_path: Path, prefixes: list[str], hold: float = 3
+) -> list[tuple[int, str, str]]:
     """Start one shell per prefix at once (each holds its devices for `hold` s): (rc, devices, stderr)."""
     env = {k: v for k, v in os.environ.items() if k != "SLURM_JOB_ID"}
-    jobs = [subprocess.Popen(["bash", "-c", f"set -euo pipefail; {prefix} echo $CUDA_VISIBLE_DEVICES; sleep {hold}"],
-                             cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            for prefix in prefixes]
-    return [(job.returncode, out.strip(), err) for job, (out, err) in ((j, j.communicate(timeout=60)) for j in jobs)]
+    jobs = [
+        subprocess.Popen(
+            ["bash", "-c", f"set -euo pipefail; {prefix} echo $CUDA_VISIBLE_DEVICES; sleep {hold}"],
+            cwd=tmp_path,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for prefix in prefixes
+    ]
+    return [
+        (job.returncode, out.strip(), err)
+        for job, (out, err) in ((j, j.communicate(timeout=60)) for j in jobs)
+    ]
 
 
 def test_local_gpu_jobs_each_lock_their_own_device(tmp_path):
     """With local_gpus: 2, the training command's prefix gives concurrent jobs distinct devices
     and refuses a third one."""
-    result = snakemake("-n", "-p", "--config", "device=cuda", "local_gpus=2", "--resources", "gpu=2")
+    result = snakemake(
+        "-n", "-p", "--config", "device=cuda", "local_gpus=2", "--resources", "gpu=2"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     command, _ = train_job(result.stdout + result.stderr)
     prefix = command[: command.index("python -m hpcm.train")]
@@ -373,7 +485,9 @@ def test_local_gpu_jobs_each_lock_their_own_device(tmp_path):
     devices = sorted(devs for rc, devs, _ in outcomes if rc == 0)
     refused = [err for rc, _, err in outcomes if rc != 0]
     assert devices == ["0", "1"]
-    assert len(refused) == 1 and "only 0 of the 2 local GPUs are free, this job needs 1" in refused[0]
+    assert (
+        len(refused) == 1 and "only 0 of the 2 local GPUs are free, this job needs 1" in refused[0]
+    )
 
 
 def test_multi_gpu_jobs_lock_all_their_devices_or_none(tmp_path):
@@ -385,11 +499,22 @@ def test_multi_gpu_jobs_lock_all_their_devices_or_none(tmp_path):
     refused = [err for rc, _, err in outcomes if rc != 0]
     assert len(granted) == 2 and all(len(g) == 4 for g in granted)
     assert sorted(granted[0] + granted[1], key=int) == [str(i) for i in range(8)]
-    assert len(refused) == 1 and "only 0 of the 8 local GPUs are free, this job needs 4" in refused[0]
+    assert (
+        len(refused) == 1 and "only 0 of the 8 local GPUs are free, this job needs 4" in refused[0]
+    )
     # a refused job holds nothing: with 6 of 8 taken, a 4-GPU job fails and a 2-GPU job still fits
     env = {k: v for k, v in os.environ.items() if k != "SLURM_JOB_ID"}
-    holder = subprocess.Popen(["bash", "-c", f"set -euo pipefail; {lock_prefix(8, 6)} echo $CUDA_VISIBLE_DEVICES; sleep 6"],
-                              cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE)
+    holder = subprocess.Popen(
+        [
+            "bash",
+            "-c",
+            f"set -euo pipefail; {lock_prefix(8, 6)} echo $CUDA_VISIBLE_DEVICES; sleep 6",
+        ],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+    )
     assert holder.stdout.readline().strip() == "0,1,2,3,4,5"
     big = run_locking_jobs(tmp_path, [lock_prefix(8, 4)], hold=0)
     assert big[0][0] != 0 and "only 2 of the 8 local GPUs are free, this job needs 4" in big[0][2]

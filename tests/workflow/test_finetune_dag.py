@@ -44,33 +44,51 @@ def expected_gpu_hours(cfg: dict) -> float:
         n_points = 1
         for values in grid["axes"].values():
             n_points *= len(values)
-        variants.update({f"{id(grid)}-{i}": optimizer_of(cfg, grid["base"]["extends"]) for i in range(n_points)})
+        variants.update(
+            {f"{id(grid)}-{i}": optimizer_of(cfg, grid["base"]["extends"]) for i in range(n_points)}
+        )
     for name, optimizer in variants.items():
         steps = cfg["variants"].get(name, {}).get("steps", cfg["training"]["steps"])
         hours += runs * steps / rates.get(optimizer, rates["default"]) / 3600
     return hours
 
 
-@pytest.mark.parametrize("name, distortion, metric, lambdas", [
-    ("finetune.yaml", "mse", "psnr", [0.0018, 0.0035, 0.0067, 0.013, 0.025, 0.0483]),
-    ("finetune_msssim.yaml", "ms_ssim", "ms_ssim_db", [2.4, 4.58, 8.73, 16.64, 31.73, 60.5]),
-])
+@pytest.mark.parametrize(
+    "name, distortion, metric, lambdas",
+    [
+        ("finetune.yaml", "mse", "psnr", [0.0018, 0.0035, 0.0067, 0.013, 0.025, 0.0483]),
+        ("finetune_msssim.yaml", "ms_ssim", "ms_ssim_db", [2.4, 4.58, 8.73, 16.64, 31.73, 60.5]),
+    ],
+)
 def test_finetune_studies_parse_and_print_their_price(tmp_path, name, distortion, metric, lambdas):
     cfg, path = with_fake_checkpoints(name, tmp_path)
-    assert cfg["model"] == "HPCM_Base" and cfg["distortion"] == distortion and cfg["lambdas"] == lambdas
+    assert (
+        cfg["model"] == "HPCM_Base"
+        and cfg["distortion"] == distortion
+        and cfg["lambdas"] == lambdas
+    )
     assert {d["kind"] for d in cfg["datasets"].values()} == {"kodak", "clic2020-professional"}
-    assert all(v.get("init_from") == "official" for v in cfg["variants"].values() if "extends" not in v)
+    assert all(
+        v.get("init_from") == "official" for v in cfg["variants"].values() if "extends" not in v
+    )
     assert cfg["training"]["steps"] == 50 * 649  # Solution 2: 50 epochs of Flickr2W at batch 32
     result = snakemake("-n", "--quiet", "rules", "--configfile", str(path), cwd=tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     counts = job_counts(output)
     assert counts == expected_counts(cfg)
-    assert counts["check_checkpoint"] == 6 and counts["train"] == 28 * 6 and counts["evaluate"] == 28 * 6 * 2
+    assert (
+        counts["check_checkpoint"] == 6
+        and counts["train"] == 28 * 6
+        and counts["evaluate"] == 28 * 6 * 2
+    )
     # the price: one line per variant and the total, in GPU-hours from compute.train.steps_per_s
     assert f"training cost of study '{cfg['study']}' (GPU-hours" in output
-    assert re.search(r"^  baseline\s+adam\s+6\s+32450\s+10\.15\s+5\.3\s+\[compute\.train\.steps_per_s\.adam\]",
-                     output, re.M), output[:3000]
+    assert re.search(
+        r"^  baseline\s+adam\s+6\s+32450\s+10\.15\s+5\.3\s+\[compute\.train\.steps_per_s\.adam\]",
+        output,
+        re.M,
+    ), output[:3000]
     total = re.search(r"total: 168 runs, (\d+) steps, ([\d.]+) GPU-hours", output)
     assert total and int(total.group(1)) == 168 * 32450
     assert float(total.group(2)) == pytest.approx(expected_gpu_hours(cfg), abs=0.05)
@@ -84,7 +102,9 @@ def test_finetune_studies_parse_and_print_their_price(tmp_path, name, distortion
 
 
 def test_paper_config_prints_its_price(tmp_path):
-    result = snakemake("-n", "--quiet", "rules", "--configfile", str(CONFIGS / "paper.yaml"), cwd=tmp_path)
+    result = snakemake(
+        "-n", "--quiet", "rules", "--configfile", str(CONFIGS / "paper.yaml"), cwd=tmp_path
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     cfg = yaml.safe_load((CONFIGS / "paper.yaml").read_text())

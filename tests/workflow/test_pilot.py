@@ -30,8 +30,9 @@ def mini_pilot(crops: Path) -> dict:
     # the dataset keeps its name, so that convergence.dataset still points at it
     cfg["datasets"] = {cfg["convergence"]["dataset"]: {"kind": "folder", "source": str(crops)}}
     cfg["convergence"]["images"] = 2
-    cfg["training"].update(steps=4, batch_size=2, snapshot_every=2, val_every=4, checkpoint_every=4,
-                           log_every=1)
+    cfg["training"].update(
+        steps=4, batch_size=2, snapshot_every=2, val_every=4, checkpoint_every=4, log_every=1
+    )
     cfg["analysis"]["gains"] = {"phase1": "phase1"}
     return cfg
 
@@ -81,10 +82,21 @@ def test_convergence_table_has_every_step_and_plot(finished_pilot):
     table = pd.read_csv(finished_pilot / "results" / "tables" / "convergence.csv")
     # step 2 (snapshot, subset), step 4 on the subset and step 4 on every image
     assert sorted(zip(table["step"], table["images"])) == [
-        (2, "first 2 images"), (4, "all 2 images"), (4, "first 2 images")]
+        (2, "first 2 images"),
+        (4, "all 2 images"),
+        (4, "first 2 images"),
+    ]
     assert set(table["variant"]) == {"phase1"} and set(table["n_seeds"]) == {2}
     assert set(table["interval"]) == {"seeds and images"}
     assert (finished_pilot / "results" / "plots" / "convergence.png").stat().st_size > 0
-    snapshot = (finished_pilot / "results" / "eval_snapshots" / "kodak" / "phase1" / "lmbda1"
-                / "seed1" / "step2.csv")
+    snapshot = (
+        finished_pilot
+        / "results"
+        / "eval_snapshots"
+        / "kodak"
+        / "phase1"
+        / "lmbda1"
+        / "seed1"
+        / "step2.csv"
+    )
     assert len(pd.read_csv(snapshot)) == 2

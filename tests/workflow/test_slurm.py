@@ -56,24 +56,31 @@ pytestmark = pytest.mark.skipif(missing_slurm() is not None, reason=str(missing_
 
 
 def daemon_logs() -> str:
-    return "\n".join(f"== {log}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-                     for log in sorted((CLUSTER_DIR / "log").glob("*.log")))
+    return "\n".join(
+        f"== {log}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        for log in sorted((CLUSTER_DIR / "log").glob("*.log"))
+    )
 
 
 @pytest.fixture(scope="module")
 def cluster():
     """SLURM_CONF of the running test cluster; the daemons are stopped afterwards."""
     env = {**os.environ, "HPCM_SLURM_DIR": str(CLUSTER_DIR)}
-    started = subprocess.run([str(SCRIPTS / "start-cluster.sh")], env=env, capture_output=True, text=True,
-                             timeout=120)
+    started = subprocess.run(
+        [str(SCRIPTS / "start-cluster.sh")], env=env, capture_output=True, text=True, timeout=120
+    )
     try:
         if started.returncode == 3:
             pytest.skip(started.stderr.strip())
         if started.returncode != 0:
-            pytest.fail(f"the test cluster did not start:\n{started.stdout}{started.stderr}\n{daemon_logs()}")
+            pytest.fail(
+                f"the test cluster did not start:\n{started.stdout}{started.stderr}\n{daemon_logs()}"
+            )
         yield str(CLUSTER_DIR / "slurm.conf")
     finally:
-        subprocess.run([str(SCRIPTS / "stop-cluster.sh")], env=env, capture_output=True, timeout=120)
+        subprocess.run(
+            [str(SCRIPTS / "stop-cluster.sh")], env=env, capture_output=True, timeout=120
+        )
 
 
 def write_eval_crops(folder: Path) -> None:
@@ -92,32 +99,55 @@ def mini_study(eval_folder: Path) -> dict:
     cfg = yaml.safe_load(DEMO.read_text())
     cfg["lambdas"] = LAMBDAS
     cfg["datasets"] = {"crops": {"kind": "folder", "source": str(eval_folder)}}
-    cfg["training"].update(steps=STEPS, batch_size=2, lr=1e-5, lr_milestones=[], lr_values=[],  # constant lr
-                           log_every=1, val_every=20, checkpoint_every=CHECKPOINT_EVERY, num_workers=0)
+    cfg["training"].update(
+        steps=STEPS,
+        batch_size=2,
+        lr=1e-5,
+        lr_milestones=[],
+        lr_values=[],  # constant lr
+        log_every=1,
+        val_every=20,
+        checkpoint_every=CHECKPOINT_EVERY,
+        num_workers=0,
+    )
     cfg["variants"] = {name: cfg["variants"][name] for name in VARIANTS}
     cfg["grids"] = {}
     cfg["analysis"]["gains"] = {"phase1": "phase1"}
     cfg["analysis"]["studies"] = {}
-    cfg["compute"] = {rule: {"threads": 1, "mem_mb": 1000, "runtime": 10, "max_runtime": 10, "retries": 0}
-                      for rule in ("train", "evaluate")}
+    cfg["compute"] = {
+        rule: {"threads": 1, "mem_mb": 1000, "runtime": 10, "max_runtime": 10, "retries": 0}
+        for rule in ("train", "evaluate")
+    }
     return cfg
 
 
 def snakemake_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--configfile", "config.yaml", *args]
+    return [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(SNAKEFILE),
+        "--configfile",
+        "config.yaml",
+        *args,
+    ]
 
 
 def job_env(slurm_conf: str) -> dict[str, str]:
     env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}/usr/sbin{os.pathsep}{env.get('PATH', '')}"
+    env["PATH"] = (
+        f"{Path(sys.executable).parent}{os.pathsep}/usr/sbin{os.pathsep}{env.get('PATH', '')}"
+    )
     env.update(WANDB_MODE="disabled", SLURM_CONF=slurm_conf, OMP_NUM_THREADS="1")
     return env
 
 
 def squeue_train_job(env: dict[str, str]) -> tuple[str, str] | None:
     """(job id, state) of the requeued run's training job, from its comment (set by the plugin)."""
-    out = subprocess.run(["squeue", "-h", "-o", "%i|%T|%k"], env=env, capture_output=True, text=True,
-                         timeout=30).stdout
+    out = subprocess.run(
+        ["squeue", "-h", "-o", "%i|%T|%k"], env=env, capture_output=True, text=True, timeout=30
+    ).stdout
     variant, lmbda = REQUEUED
     for line in out.splitlines():
         jobid, state, comment = line.split("|", 2)
@@ -127,7 +157,9 @@ def squeue_train_job(env: dict[str, str]) -> tuple[str, str] | None:
 
 
 def job_fields(jobid: str, env: dict[str, str]) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "show", "job", jobid], env=env, capture_output=True, text=True, timeout=30).stdout
+    out = subprocess.run(
+        ["scontrol", "show", "job", jobid], env=env, capture_output=True, text=True, timeout=30
+    ).stdout
     return dict(field.split("=", 1) for field in out.split() if "=" in field)
 
 
@@ -135,17 +167,24 @@ def requeue_mid_run(study: subprocess.Popen, run_dir: Path, env: dict[str, str],
     """Wait until the run has saved a checkpoint and is still training, then requeue its job."""
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
-        assert study.poll() is None, f"the study ended before the requeue:\n{log.read_text()[-5000:]}"
+        assert study.poll() is None, (
+            f"the study ended before the requeue:\n{log.read_text()[-5000:]}"
+        )
         assert not (run_dir / "done").exists(), (
-            f"{run_dir} finished before it could be requeued: raise STEPS ({STEPS})")
+            f"{run_dir} finished before it could be requeued: raise STEPS ({STEPS})"
+        )
         job = squeue_train_job(env)
         if job and job[1] == "RUNNING" and (run_dir / "checkpoint_last.pth.tar").exists():
-            requeued = subprocess.run(["scontrol", "requeue", job[0]], env=env, capture_output=True, text=True)
+            requeued = subprocess.run(
+                ["scontrol", "requeue", job[0]], env=env, capture_output=True, text=True
+            )
             assert requeued.returncode == 0, requeued.stderr
             release_requeued(job[0], env)
             return job[0]
         time.sleep(0.3)
-    raise AssertionError(f"no checkpoint of {run_dir} within 180 s:\n{log.read_text()[-5000:]}\n{daemon_logs()}")
+    raise AssertionError(
+        f"no checkpoint of {run_dir} within 180 s:\n{log.read_text()[-5000:]}\n{daemon_logs()}"
+    )
 
 
 def release_requeued(jobid: str, env: dict[str, str]) -> None:
@@ -155,12 +194,18 @@ def release_requeued(jobid: str, env: dict[str, str]) -> None:
     while time.monotonic() < deadline:
         fields = job_fields(jobid, env)
         if fields.get("JobState") == "PENDING":
-            released = subprocess.run(["scontrol", "update", f"JobId={jobid}", "StartTime=now"], env=env,
-                                      capture_output=True, text=True)
+            released = subprocess.run(
+                ["scontrol", "update", f"JobId={jobid}", "StartTime=now"],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
             assert released.returncode == 0, released.stderr
             return
         time.sleep(0.3)
-    raise AssertionError(f"requeued job {jobid} did not return to the queue: {job_fields(jobid, env)}")
+    raise AssertionError(
+        f"requeued job {jobid} did not return to the queue: {job_fields(jobid, env)}"
+    )
 
 
 def model_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -186,14 +231,31 @@ def test_mini_study_on_slurm_survives_a_requeue_and_matches_a_local_run(cluster,
         # The profile as a user runs it; only the status checks come sooner than on a real
         # cluster (first one: default 40 s; between rounds: default 10 s).
         study = subprocess.Popen(
-            snakemake_cmd("--profile", str(REPO / "profiles" / "slurm"),
-                          "--slurm-init-seconds-before-status-checks", "5", "--seconds-between-status-checks", "2"),
-            cwd=slurm_dir, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+            snakemake_cmd(
+                "--profile",
+                str(REPO / "profiles" / "slurm"),
+                "--slurm-init-seconds-before-status-checks",
+                "5",
+                "--seconds-between-status-checks",
+                "2",
+            ),
+            cwd=slurm_dir,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         try:
             jobid = requeue_mid_run(study, slurm_dir / run, env, study_log)
             # the same run locally, uninterrupted, while the cluster works
-            local = subprocess.run(snakemake_cmd("--cores", "1", f"{run}/final.pth.tar"), cwd=local_dir, env=env,
-                                   capture_output=True, text=True, timeout=300)
+            local = subprocess.run(
+                snakemake_cmd("--cores", "1", f"{run}/final.pth.tar"),
+                cwd=local_dir,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
             study.wait(timeout=max(10.0, STUDY_TIMEOUT - (time.monotonic() - started)))
         finally:
@@ -220,10 +282,15 @@ def test_mini_study_on_slurm_survives_a_requeue_and_matches_a_local_run(cluster,
     assert 0 < resumed_from < STEPS, (meta, train_log[-3000:])
     assert f"resuming {run} from step {resumed_from} " in train_log, train_log[-3000:]
     metrics = pd.read_csv(slurm_dir / run / "metrics.csv")
-    assert list(metrics["step"]) == list(range(1, STEPS + 1))  # every step logged once across both attempts
+    assert list(metrics["step"]) == list(
+        range(1, STEPS + 1)
+    )  # every step logged once across both attempts
 
     # ... and ended with exactly the weights of the uninterrupted local run
-    on_slurm, at_home = model_tensors(slurm_dir / run / "final.pth.tar"), model_tensors(local_dir / run / "final.pth.tar")
+    on_slurm, at_home = (
+        model_tensors(slurm_dir / run / "final.pth.tar"),
+        model_tensors(local_dir / run / "final.pth.tar"),
+    )
     assert on_slurm.keys() == at_home.keys() and on_slurm
     differing = [k for k in on_slurm if not torch.equal(on_slurm[k], at_home[k])]
     assert not differing, f"{len(differing)} tensors differ after the requeue, e.g. {differing[:3]}"
@@ -231,4 +298,6 @@ def test_mini_study_on_slurm_survives_a_requeue_and_matches_a_local_run(cluster,
     start = model_tensors(REPO / "pretrained" / f"hpcm_tiny_lmbda{lmbda}.pt")
     assert start.keys() == on_slurm.keys()
     assert sum(not torch.equal(on_slurm[k], start[k]) for k in start) > len(start) // 2
-    print(f"SLURM job {jobid} requeued, resumed from step {resumed_from}; study + local run took {elapsed:.0f} s")
+    print(
+        f"SLURM job {jobid} requeued, resumed from step {resumed_from}; study + local run took {elapsed:.0f} s"
+    )
