@@ -79,9 +79,9 @@ def main() -> int:
             seconds[name].append(best)
     reference = seconds[names[0]]
     print(
-        f"{args.model} ({sum(p.numel() for p in base) / 1e6:.2f} M parameters, {len(base)} tensors), "
-        f"device {device}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, "
-        f"{args.rounds} rounds x min of {args.reps} steps"
+        f"{args.model} ({sum(p.numel() for p in base) / 1e6:.2f} M parameters, {len(base)} "
+        f"tensors), device {device}, {torch.get_num_threads()} thread(s), torch "
+        f"{torch.__version__}, {args.rounds} rounds x min of {args.reps} steps"
     )
     print(f"{'path':<34}{'ms/step':>9}{'x reference':>13}{'spread':>16}")
     for name, values in seconds.items():

@@ -3,15 +3,16 @@
     python benchmarks/complexity.py                          # every preset, 256x256, CPU
     python benchmarks/complexity.py --presets HPCM_Base --size 256 --detail
 
-Counter (``hpcm.analysis.complexity.count_macs``): ``torch.utils.flop_counter.FlopCounterMode`` over one eval forward (``torch.no_grad``),
-MACs = FLOPs / 2 (the counter counts a multiply-add as 2 FLOPs). Per pixel means per pixel of the
-input image (256 * 256). What it counts: every aten convolution (Conv2d, ConvTranspose2d, the
-depth-wise and 1x1 convolutions) and matrix product (mm, addmm, bmm, baddbmm, and therefore
-Linear, matmul and einsum when they lower to those, and scaled-dot-product attention kernels).
-What it misses: element-wise work (bias adds, residual adds, the adaptive quantisation vectors'
-multiplications, GELU, softmax, normalisation), pooling, pixel shuffles, rounding, the GGM
-likelihoods and the entropy coder itself. Those are a few MACs per element against hundreds per
-output element of a convolution, so they change the total by well under 1 %.
+Counter (``hpcm.analysis.complexity.count_macs``): ``torch.utils.flop_counter.FlopCounterMode`` over
+one eval forward (``torch.no_grad``), MACs = FLOPs / 2 (the counter counts a multiply-add as 2
+FLOPs). Per pixel means per pixel of the input image (256 * 256). What it counts: every aten
+convolution (Conv2d, ConvTranspose2d, the depth-wise and 1x1 convolutions) and matrix product (mm,
+addmm, bmm, baddbmm, and therefore Linear, matmul and einsum when they lower to those, and
+scaled-dot-product attention kernels). What it misses: element-wise work (bias adds, residual adds,
+the adaptive quantisation vectors' multiplications, GELU, softmax, normalisation), pooling, pixel
+shuffles, rounding, the GGM likelihoods and the entropy coder itself. Those are a few MACs per
+element against hundreds per output element of a convolution, so they change the total by well under
+1 %.
 
 Parts (from the counter's per-module totals): the forward pass is g_a + h_a + h_s + the
 progressive context model (spatial priors, step adaptors, attention, context merges) + g_s.
@@ -27,7 +28,8 @@ cell on the 16x16 latent, 4 1x1 convolutions of 640 x 640 plus the window attent
 kMACs/px. With that cell counted (the model at commit 3f03c36) this counter gave 918.56, the
 official figure to 0.001 % (~0.7 M MACs per image, the handful of non-convolution calls that
 DeepSpeed's Python-level patching and this aten-level counter see differently). The paper's table
-reports the total; it is not the cost of encoding or decoding alone, which this script prints as well.
+reports the total; it is not the cost of encoding or decoding alone, which this script prints as
+well.
 """
 
 from __future__ import annotations
@@ -70,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         f"kMACs per pixel at {args.size}x{args.size} (torch.utils.flop_counter, MACs = FLOPs / 2; "
         f"convolutions and matrix products only), torch {torch.__version__}"
     )
-    header = f"{'preset':12s} {'params M':>9s} {'encoder':>9s} {'decoder':>9s} {'total':>9s}  official total"
+    header = (
+        f"{'preset':12s} {'params M':>9s} {'encoder':>9s} {'decoder':>9s} {'total':>9s}  official "
+        "total"
+    )
     if args.detail:
         header += "   g_a      h_a      h_s      context  g_s"
     print(header)

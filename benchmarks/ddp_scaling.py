@@ -1,7 +1,9 @@
-"""Data-parallel scaling (issue 11, point 6): training steps/s on 1 and 2 processes, same global batch.
+"""Data-parallel scaling (issue 11, point 6): training steps/s on 1 and 2 processes, same global
+batch.
 
-    nice python benchmarks/ddp_scaling.py                     # CPU, gloo: HPCM_Tiny, global batch 4 x 64 px
-    python benchmarks/ddp_scaling.py --device cuda --model HPCM_Base --patch-size 256 --batch-size 16
+    nice python benchmarks/ddp_scaling.py    # CPU, gloo: HPCM_Tiny, global batch 4 x 64 px
+    python benchmarks/ddp_scaling.py --device cuda --model HPCM_Base --patch-size 256
+        --batch-size 16
 
 Each measurement launches the trainer's own step (``hpcm.train.loop.Run.train_step``: forward,
 all-gather of the losses, backward, gradient all-reduce, clip, step) in fresh processes: one plain
@@ -133,8 +135,9 @@ def scaling(args: argparse.Namespace) -> None:
     efficiency = [r / 2 for r in ratios]
     backend = "NCCL" if args.device.startswith("cuda") else "gloo"
     print(
-        f"{args.model}, {args.optimizer}, global batch {args.batch_size} x {args.patch_size} px, {args.device} "
-        f"({backend}), {args.steps} timed steps after {args.warmup}, {args.rounds} rounds; median [min, max]:"
+        f"{args.model}, {args.optimizer}, global batch {args.batch_size} x {args.patch_size} px, "
+        f"{args.device} ({backend}), {args.steps} timed steps after {args.warmup}, {args.rounds} "
+        "rounds; median [min, max]:"
     )
     for name, values in (
         ("1 process   steps/s", one),
@@ -170,7 +173,8 @@ def main() -> None:
         available = torch.cuda.device_count()
         if available < 2:
             print(
-                f"GPU scaling not measured: {available} CUDA device(s) visible, 2 needed; measuring CPU (gloo)"
+                f"GPU scaling not measured: {available} CUDA device(s) visible, 2 needed; "
+                "measuring CPU (gloo)"
             )
             args.device = "cpu"
     scaling(args)

@@ -72,7 +72,8 @@ def per_call_overhead(table: torch.Tensor, seed: int, repeats: int) -> None:
     first = (time.perf_counter() - start) * 1e3
     again = median_ms(lambda: coder_tables(holder, "y"), repeats)
     print(
-        f"coder_tables(y): first call {first:.3f} ms, next calls {again:.4f} ms (median of {repeats})"
+        f"coder_tables(y): first call {first:.3f} ms, next calls {again:.4f} ms (median of "
+        f"{repeats})"
     )
 
     tables = coder_tables(holder, "y")
@@ -98,11 +99,13 @@ def per_call_overhead(table: torch.Tensor, seed: int, repeats: int) -> None:
     ):
         raise SystemExit("11-step coding: one push and 11 pushes differ, or decoding failed")
     print(
-        f"one Base 256x256 y stream ({BASE_256_Y_SYMBOLS} symbols, {len(stream)} B), median of {repeats}:"
+        f"one Base 256x256 y stream ({BASE_256_Y_SYMBOLS} symbols, {len(stream)} B), median of "
+        f"{repeats}:"
     )
     print(f"  encode, 11 calls {median_ms(lambda: encode(steps), repeats):8.2f} ms")
     print(
-        f"  encode, 1 call   {median_ms(lambda: encode([slice(0, BASE_256_Y_SYMBOLS)]), repeats):8.2f} ms"
+        "  encode, 1 call   "
+        f"{median_ms(lambda: encode([slice(0, BASE_256_Y_SYMBOLS)]), repeats):8.2f} ms"
     )
     print(f"  decode, 11 calls {median_ms(lambda: decode_steps(stream), repeats):8.2f} ms")
 
@@ -126,11 +129,13 @@ def main() -> None:
     start = time.perf_counter()
     tables = CoderTables.from_tensors(*ggm.get_quantized_cdf(table))
     print(
-        f"y tables (60 scales, max length {max(tables.cdf_lengths)}): {time.perf_counter() - start:.3f} s"
+        f"y tables (60 scales, max length {max(tables.cdf_lengths)}): "
+        f"{time.perf_counter() - start:.3f} s"
     )
 
     print(
-        f"{'regime':<26}{'ideal B':>10}{'actual B':>10}{'gap %':>8}{'enc Msym/s':>12}{'dec Msym/s':>12}"
+        f"{'regime':<26}{'ideal B':>10}{'actual B':>10}{'gap %':>8}"
+        f"{'enc Msym/s':>12}{'dec Msym/s':>12}"
     )
     for name, (low, high) in REGIMES.items():
         rng = np.random.default_rng(args.seed)

@@ -34,7 +34,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
-        f"torch {torch.__version__} threads={torch.get_num_threads()} float32 cpu (test tolerance {TOL:g})"
+        f"torch {torch.__version__} threads={torch.get_num_threads()} float32 cpu (test tolerance "
+        f"{TOL:g})"
     )
     print(f"{'model':<12}{'input':>9}{'x_hat':>12}{'y lik':>12}{'z lik':>12}")
     models: dict[str, torch.nn.Module] = {}

@@ -1,8 +1,8 @@
 """The one prepared GPU check (issue 15): exactness first, then the trainer's speed and memory.
 
-    make gpu-check                                   # = python benchmarks/gpu_check.py (CUDA defaults)
+    make gpu-check                                       # = python benchmarks/gpu_check.py (CUDA)
     python benchmarks/gpu_check.py --official .scratch/LIC-HPCM --out-dir "$OUT"
-    python benchmarks/gpu_check.py --device cpu --quick    # this CPU machine: HPCM_Tiny, < 2 minutes
+    python benchmarks/gpu_check.py --device cpu --quick  # this CPU machine: HPCM_Tiny, < 2 min
 
 Sections, in order of importance (``--budget-s`` skips what no longer fits, with a printed note):
 
@@ -145,7 +145,8 @@ def spread(values: list[float]) -> dict[str, float]:
 
 def free_device_memory() -> None:
     """Between CUDA cases: free the last case's tensors (cycles included), so the next case's peak
-    memory is its own. The CPU measures no peak memory, and a full collection costs 0.1-0.3 s there."""
+    memory is its own. The CPU measures no peak memory, and a full collection costs 0.1-0.3 s
+    there."""
     if torch.cuda.is_available():
         gc.collect()
         torch.cuda.empty_cache()
@@ -284,8 +285,9 @@ def section_environment(args: Namespace, device: torch.device, ctx: dict) -> dic
     except OSError:
         info["git_commit"] = None
     print(
-        f"python {info['python']}, torch {info['torch']}, CUDA {info['cuda_runtime']}, cuDNN {info['cudnn']}, "
-        f"numpy {info['numpy']}; device {device}: {info['device_name']} (capability {info['capability']})"
+        f"python {info['python']}, torch {info['torch']}, CUDA {info['cuda_runtime']}, cuDNN "
+        f"{info['cudnn']}, numpy {info['numpy']}; device {device}: {info['device_name']} "
+        f"(capability {info['capability']})"
     )
     return info
 
@@ -340,10 +342,11 @@ def section_cross_device(args: Namespace, device: torch.device, ctx: dict) -> di
     del x_dev
     note = " (CPU -> CPU: no second device here)" if device.type == "cpu" else ""
     print(
-        f"{source}: encode {device}, decode cpu{note}: bit-exact {result['bit_exact']}, max abs diff "
-        f"{result['max_abs_diff']}, strings equal to CPU-encoded {result['strings_equal_cpu_encoded']}, "
-        f"device decode == forward (8-bit) {result['same_device_decode_equals_forward_8bit']}, "
-        f"device-built tables equal {result['device_built_tables_equal']}"
+        f"{source}: encode {device}, decode cpu{note}: bit-exact {result['bit_exact']}, max abs "
+        f"diff {result['max_abs_diff']}, strings equal to CPU-encoded "
+        f"{result['strings_equal_cpu_encoded']}, device decode == forward (8-bit) "
+        f"{result['same_device_decode_equals_forward_8bit']}, device-built tables equal "
+        f"{result['device_built_tables_equal']}"
         + (f"; decode error {cross_error}" if cross_error else "")
     )
     return result
@@ -431,7 +434,8 @@ def _compare_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
 
 
 def _one_step(args: Namespace, overrides: dict, batch: torch.Tensor) -> dict:
-    """One ``train_step`` of the sync-free and the host path from the same weights, batch and RNG state."""
+    """One ``train_step`` of the sync-free and the host path from the same weights, batch and RNG
+    state."""
     outcome = {}
     weights = None
     for label, flag in (("sync_free", True), ("host", False)):
@@ -478,7 +482,8 @@ def section_sync_free(args: Namespace, device: torch.device, ctx: dict) -> dict:
         torch.are_deterministic_algorithms_enabled(),
     )
     # CUDA: the host path run twice then agrees (the noise floor). The CPU kernels are deterministic
-    # already, and the switch imports inductor (use_deterministic_algorithms sets its config): 2.5 s.
+    # already, and the switch imports inductor (use_deterministic_algorithms sets its config):
+    # 2.5 s.
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.deterministic = True
@@ -500,8 +505,8 @@ def section_sync_free(args: Namespace, device: torch.device, ctx: dict) -> dict:
         del probe
         one_step = {}
         print(
-            f"  one step from identical weights/batch/RNG, sync_free vs host (ulp: float32 eps * |host value|; "
-            f"equal = grads bit-equal and <= {ULP_TOLERANCE} ulp):"
+            "  one step from identical weights/batch/RNG, sync_free vs host (ulp: float32 eps * "
+            f"|host value|; equal = grads bit-equal and <= {ULP_TOLERANCE} ulp):"
         )
         for name, overrides in SYNC_FREE_OPTIMIZERS.items():
             r = one_step[name] = _one_step(args, overrides, batches[0])
@@ -548,9 +553,9 @@ def section_sync_free(args: Namespace, device: torch.device, ctx: dict) -> dict:
                 "skipped_steps": skipped,
             }
             print(
-                f"  {name:<20} {steps} steps (batch {SKIP_BATCH} NaN, skipped {skipped}), sync_free vs host: "
-                f"params {params:.3g}, task weights "
-                f"{weights:.3g} (host vs host {floor[0]:.3g} / {floor[1]:.3g}); "
+                f"  {name:<20} {steps} steps (batch {SKIP_BATCH} NaN, skipped {skipped}), "
+                f"sync_free vs host: params {params:.3g}, task weights {weights:.3g} (host vs host "
+                f"{floor[0]:.3g} / {floor[1]:.3g}); "
                 f"{'EQUAL' if results[name]['equal'] else 'different'}"
             )
         return {
@@ -572,7 +577,8 @@ def section_sync_free(args: Namespace, device: torch.device, ctx: dict) -> dict:
 def time_case(
     args: Namespace, overrides: dict, batch_size: int, bf16: bool, device: torch.device
 ) -> dict:
-    """Warm-up, then ``repeats`` x ``steps`` of ``Run.train_step``; peak memory of this run alone."""
+    """Warm-up, then ``repeats`` x ``steps`` of ``Run.train_step``; peak memory of this run
+    alone."""
     free_device_memory()
     start = time.perf_counter()
     run = make_run(args, overrides, batch_size, bf16=bf16)
@@ -690,7 +696,8 @@ def section_train_bf16(args, device, ctx):
 
 
 def section_train_compile(args, device, ctx):
-    """In a child process: a compile that overruns the budget is killed, the finished cases are kept."""
+    """In a child process: a compile that overruns the budget is killed, the finished cases are
+    kept."""
     if args.no_compile:
         raise SectionSkipped("--no-compile")
     if args.quick and not args.compile:
@@ -821,8 +828,9 @@ def section_official(args: Namespace, device: torch.device, ctx: dict) -> dict:
         results["cases"].append(case)
         print(
             f"  batch {batch_size} fp32: ours {case['ours_ms']['median']:.2f} ms, official "
-            f"{case['official_ms']['median']:.2f} ms, official/ours {stats['median']:.3f} (IQR {stats['iqr']:.3f}); "
-            f"goal >= {case['goal']}: {'met' if case['goal_met'] else 'NOT met'}"
+            f"{case['official_ms']['median']:.2f} ms, official/ours {stats['median']:.3f} (IQR "
+            f"{stats['iqr']:.3f}); goal >= {case['goal']}: "
+            f"{'met' if case['goal_met'] else 'NOT met'}"
         )
         del ours, opt, x, x_official
         official.zero_grad(set_to_none=True)
@@ -836,7 +844,8 @@ def flat_strings(strings: list) -> list[bytes]:
 
 
 def section_coding(args: Namespace, device: torch.device, ctx: dict) -> dict:
-    """model_speed.measure: ours and the official model interleaved repeat by repeat (one warm-up)."""
+    """model_speed.measure: ours and the official model interleaved repeat by repeat (one
+    warm-up)."""
     x, source = kodak_size_image(args)
     model = coding_model(args, x).to(device)
     padded, _ = pad_image(x.to(device), model.pad_multiple)
@@ -876,9 +885,9 @@ def section_coding(args: Namespace, device: torch.device, ctx: dict) -> dict:
             stats = spread([o / u for o, u in zip(times["official"][key], times["ours"][key])])
             result[f"ratio_{key}"], result[f"ratio_{key}_iqr"] = stats["median"], stats["iqr"]
         line += (
-            f"; official/ours compress {result['ratio_compress']:.2f} (IQR {result['ratio_compress_iqr']:.2f}), "
-            f"decompress {result['ratio_decompress']:.2f} (IQR {result['ratio_decompress_iqr']:.2f}), "
-            f"strings equal {same}"
+            f"; official/ours compress {result['ratio_compress']:.2f} (IQR "
+            f"{result['ratio_compress_iqr']:.2f}), decompress {result['ratio_decompress']:.2f} "
+            f"(IQR {result['ratio_decompress_iqr']:.2f}), strings equal {same}"
         )
     print(line)
     return result
@@ -886,9 +895,11 @@ def section_coding(args: Namespace, device: torch.device, ctx: dict) -> dict:
 
 PROFILE_OPTIMIZERS = ("adam", "balanced next_batch")
 PROFILE_ROWS = 15
-# host synchronisations seen by the profiler (CUDA runtime calls, device copies to the host, scalar reads)
-# the launch and copy counts of docs/results-log.md GPU run 2 (balanced next_batch: 1033 cudaMemcpyAsync and 1639
-# aten::copy_ per step before the sync-free step stopped cloning; adam 12 and 290)
+# host synchronisations seen by the profiler (CUDA runtime calls, device copies to the host,
+# scalar reads)
+# the launch and copy counts of docs/results-log.md GPU run 2 (balanced next_batch: 1033
+# cudaMemcpyAsync and 1639 aten::copy_ per step before the sync-free step stopped cloning; adam 12
+# and 290)
 COUNTED_EVENTS = ("aten::copy_", "aten::clone", "cudaLaunchKernel", "cudaMemcpyAsync")
 SYNC_EVENTS = (
     "cudaStreamSynchronize",
@@ -984,7 +995,8 @@ def section_profile(args: Namespace, device: torch.device, ctx: dict) -> dict:
         counts = ", ".join(f"{k} {v:g}" for k, v in r["op_counts_per_step"].items())
         print(
             f"  {name} batch {batch_size}: wall {r['wall_ms_per_step']:.2f} ms/step (profiled "
-            f"{r['profiled_wall_ms_per_step']:.2f}){kernels}; per step: {syncs or 'no host syncs'}; {counts}"
+            f"{r['profiled_wall_ms_per_step']:.2f}){kernels}; per step: "
+            f"{syncs or 'no host syncs'}; {counts}"
         )
         if cuda:
             _print_ops("top self CUDA", r["top_self_cuda"], "self_cuda_ms_per_step")
@@ -1019,8 +1031,9 @@ def print_table(doc: dict) -> None:
     print("\n" + "=" * 100)
     env = doc["sections"].get("environment", {}).get("results") or {}
     print(
-        f"gpu_check: {env.get('device_name', '?')} ({env.get('device', '?')}), torch {env.get('torch', '?')}, "
-        f"model {doc['setup']['model']} {doc['setup']['patch_size']}px, total {doc['total_s']:.0f} s"
+        f"gpu_check: {env.get('device_name', '?')} ({env.get('device', '?')}), torch "
+        f"{env.get('torch', '?')}, model {doc['setup']['model']} {doc['setup']['patch_size']}px, "
+        f"total {doc['total_s']:.0f} s"
     )
     print(f"{'section':<16}{'status':<9}{'s':>7}  summary")
     for name, sec in doc["sections"].items():
@@ -1029,8 +1042,8 @@ def print_table(doc: dict) -> None:
         if sec["status"] == "ok":
             if name == "cross_device":
                 summary = (
-                    f"bit-exact {r['bit_exact']}, max abs diff {r['max_abs_diff']}, strings == CPU-encoded "
-                    f"{r['strings_equal_cpu_encoded']}"
+                    f"bit-exact {r['bit_exact']}, max abs diff {r['max_abs_diff']}, strings == "
+                    f"CPU-encoded {r['strings_equal_cpu_encoded']}"
                     + (" (CPU -> CPU)" if r["degenerate_cpu_to_cpu"] else "")
                 )
             elif name == "sync_free":
@@ -1044,7 +1057,8 @@ def print_table(doc: dict) -> None:
                         if r["all_equal"]
                         else "DIFFERENT: "
                         + ", ".join(
-                            f"{k} {v['worst_tensor']} {v['tensors'][v['worst_tensor']]['max_ulp']:.3g} ulp"
+                            f"{k} {v['worst_tensor']} "
+                            f"{v['tensors'][v['worst_tensor']]['max_ulp']:.3g} ulp"
                             for k, v in one.items()
                             if not v["equal_up_to_rounding"]
                         )
@@ -1056,7 +1070,8 @@ def print_table(doc: dict) -> None:
                 )
             elif name == "profile":
                 summary = (
-                    f"balanced/adam wall x{r['wall_ratio']:.3f} ({r['wall_diff_ms_per_step']:+.2f} ms/step)"
+                    f"balanced/adam wall x{r['wall_ratio']:.3f} ({r['wall_diff_ms_per_step']:+.2f} "
+                    "ms/step)"
                     + (
                         f", kernels {r['cuda_kernel_diff_ms_per_step']:+.2f} ms/step"
                         if "cuda_kernel_diff_ms_per_step" in r
@@ -1065,7 +1080,8 @@ def print_table(doc: dict) -> None:
                 )
             elif name == "official":
                 summary = "; ".join(
-                    f"b{c['batch_size']}: official/ours {c['ratio_median']:.3f} (IQR {c['ratio_iqr']:.3f})"
+                    f"b{c['batch_size']}: official/ours {c['ratio_median']:.3f} (IQR "
+                    f"{c['ratio_iqr']:.3f})"
                     for c in r["cases"]
                     if "ratio_median" in c
                 )
@@ -1080,12 +1096,16 @@ def print_table(doc: dict) -> None:
                     )
                 )
             elif name == "environment":
-                summary = f"capability {r.get('capability')}, CUDA {r.get('cuda_runtime')}, python {r.get('python')}"
+                summary = (
+                    f"capability {r.get('capability')}, CUDA {r.get('cuda_runtime')}, python "
+                    f"{r.get('python')}"
+                )
             elif name == "train_compile" and any("error" in row for row in r.get("rows", [])):
                 errors = [row for row in r["rows"] if "error" in row]
                 summary = (
                     f"{len(errors)} of {len(r['rows'])} compiled cases failed; first: "
-                    f"{errors[0]['optimizer']} b{errors[0]['batch_size']} {errors[0]['dtype']}: {errors[0]['error']}"
+                    f"{errors[0]['optimizer']} b{errors[0]['batch_size']} {errors[0]['dtype']}: "
+                    f"{errors[0]['error']}"
                 )
             elif r.get("note"):
                 summary = r["note"]
@@ -1108,21 +1128,25 @@ def print_table(doc: dict) -> None:
             if not r["compile"]
         }
         print(
-            f"\n{'optimizer':<22}{'batch':>6}{'dtype':>6}{'compile':>8}{'ms/step':>10}{'IQR':>8}{'x adam':>8}"
+            f"\n{'optimizer':<22}{'batch':>6}{'dtype':>6}{'compile':>8}{'ms/step':>10}{'IQR':>8}"
+            f"{'x adam':>8}"
             f"{'x eager':>8}{'peak MiB':>10}{'compile s':>10}"
         )
         for r in rows:
             ref = adam.get((r["batch_size"], r["dtype"], r["compile"]))
             eag = eager.get((r["optimizer"], r["batch_size"], r["dtype"])) if r["compile"] else None
             print(
-                f"{r['optimizer']:<22}{r['batch_size']:>6}{r['dtype']:>6}{'yes' if r['compile'] else 'no':>8}"
-                f"{r['ms_median']:>10.2f}{r['ms_iqr']:>8.2f}{(r['ms_median'] / ref if ref else math.nan):>8.3f}"
+                f"{r['optimizer']:<22}{r['batch_size']:>6}{r['dtype']:>6}"
+                f"{'yes' if r['compile'] else 'no':>8}"
+                f"{r['ms_median']:>10.2f}{r['ms_iqr']:>8.2f}"
+                f"{(r['ms_median'] / ref if ref else math.nan):>8.3f}"
                 f"{(r['ms_median'] / eag if eag else math.nan):>8.3f}"
                 f"{(r['peak_mib'] if r['peak_mib'] is not None else math.nan):>10.0f}"
                 f"{r.get('compile_s', math.nan):>10.1f}"
             )
         print(
-            "x adam: median step time / adam's (same batch, dtype, compile); x eager: compiled / eager"
+            "x adam: median step time / adam's (same batch, dtype, compile); x eager: compiled / "
+            "eager"
         )
     failed = [n for n, s in doc["sections"].items() if s["status"] == "failed"]
     print(f"\nsections failed: {', '.join(failed) if failed else 'none'}")
@@ -1250,8 +1274,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     started = time.perf_counter()
-    # The imports left ~10^6 long-lived objects (torch, numpy) that every full collection walks again
-    # (free_device_memory's gc.collect() between CUDA cases: 0.3 s each on this CPU); frozen, they are not.
+    # The imports left ~10^6 long-lived objects (torch, numpy) that every full collection walks
+    # again (free_device_memory's gc.collect() between CUDA cases: 0.3 s each on this CPU); frozen,
+    # they are not.
     gc.freeze()
     try:
         return _main(argv, args, started)

@@ -3,7 +3,7 @@
     python benchmarks/model_speed.py                          # CPU: HPCM_Tiny, HPCM_Small
     python benchmarks/model_speed.py --size 64 64 --presets HPCM_Tiny
     python benchmarks/model_speed.py --presets HPCM_Base --size 256 256 --batch 1
-    python benchmarks/model_speed.py --threads 1 --skip-training   # coding only (compress, decompress)
+    python benchmarks/model_speed.py --threads 1 --skip-training   # coding only (compress, decode)
     python benchmarks/model_speed.py --device cuda --bf16     # CUDA: channels_last, bf16 autocast
     python benchmarks/model_speed.py --presets HPCM_Base --size 256 256 --official .scratch/LIC-HPCM
 
@@ -176,7 +176,8 @@ COMPUTE_OPS = frozenset(
 
 
 def train_step_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
-    """FLOPs of one train step (forward + loss + backward) as torch.utils.flop_counter counts them."""
+    """FLOPs of one train step (forward + loss + backward) as torch.utils.flop_counter counts
+    them."""
     from torch.utils.flop_counter import FlopCounterMode
 
     model.train()
@@ -270,7 +271,8 @@ def load_official(
     if expected != set(weights):  # (its load_state_dict override returns nothing to check)
         raise RuntimeError(
             f"our {name} weights do not fit the official model: missing "
-            f"{sorted(expected - set(weights))[:5]}, unexpected {sorted(set(weights) - expected)[:5]}"
+            f"{sorted(expected - set(weights))[:5]}, unexpected "
+            f"{sorted(set(weights) - expected)[:5]}"
         )
     official.load_state_dict(weights, strict=False)  # coder tables: built by update()
     return official
@@ -322,17 +324,23 @@ def print_arithmetic(
         }
     for label in models:
         flops = result["flops"][label]
-        line = f"  train step {label}: {flops / 1e9:.1f} GFLOP at {flops / 1e9 / seconds[label]:.1f} GFLOP/s"
+        line = (
+            f"  train step {label}: {flops / 1e9:.1f} GFLOP at {flops / 1e9 / seconds[label]:.1f} "
+            "GFLOP/s"
+        )
         if "compute_share" in result:
-            line += f", {result['compute_share'][label]:.1%} of profiled steps in convolution / matrix-product kernels"
+            line += (
+                f", {result['compute_share'][label]:.1%} of profiled steps in convolution / "
+                "matrix-product kernels"
+            )
         print(line)
     if "official" in models and "compute_share" in result:
         result["ceiling"] = seconds["official"] / (
             seconds["ours"] * result["compute_share"]["ours"]
         )
         print(
-            f"  ceiling: with everything but those kernels free, our step would be {result['ceiling']:.3f}x "
-            "the official speed"
+            "  ceiling: with everything but those kernels free, our step would be "
+            f"{result['ceiling']:.3f}x the official speed"
         )
     return result
 
@@ -380,8 +388,9 @@ def main(argv: list[str] | None = None) -> None:
     channels_last = device.type == "cuda" and not args.no_channels_last
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     print(
-        f"device={device} threads={torch.get_num_threads()} batch={args.batch} size={tuple(args.size)} "
-        f"bf16={args.bf16} channels_last={channels_last} repeats={args.repeats}"
+        f"device={device} threads={torch.get_num_threads()} batch={args.batch} "
+        f"size={tuple(args.size)} bf16={args.bf16} channels_last={channels_last} "
+        f"repeats={args.repeats}"
     )
 
     columns = ["forward", "train step", "compress", "decompress"]
@@ -394,7 +403,8 @@ def main(argv: list[str] | None = None) -> None:
         h, w = args.size
         if h % model.pad_multiple or w % model.pad_multiple:
             print(
-                f"{name:<22}{params:>10.3f}  skipped: size must be a multiple of {model.pad_multiple}"
+                f"{name:<22}{params:>10.3f}  skipped: size must be a multiple of "
+                f"{model.pad_multiple}"
             )
             continue
         x = torch.rand(args.batch, 3, h, w, device=device).to(memory_format=memory_format)
@@ -427,14 +437,16 @@ def main(argv: list[str] | None = None) -> None:
                     "  IQR (q1-q3)", {c: f"{r[1]:.3f}-{r[2]:.3f}" for c, r in ratios.items()}, ">16"
                 )
             )
-            # load on a shared machine only adds time: the ratio of the best repeats is a second estimate
+            # load on a shared machine only adds time: the ratio of the best repeats is a second
+            # estimate
             best = {c: min(times["official"][c]) / min(times["ours"][c]) for c in times["ours"]}
             print(row("  best official/best ours", best, ">16.3f"))
             for column, goal in GOALS_CPU.items():
                 if column in ratios and device.type == "cpu":
                     print(
                         f"  goal (CPU) {column}: ours >= {goal}x the official speed: "
-                        f"{'met' if ratios[column][0] >= goal else 'NOT met'} (median {ratios[column][0]:.3f})"
+                        f"{'met' if ratios[column][0] >= goal else 'NOT met'} (median "
+                        f"{ratios[column][0]:.3f})"
                     )
         record[name] = {"times_ms": times}
         if "train step" in times["ours"]:

@@ -1,12 +1,14 @@
 """Overhead of the study's optimizers (issue 3): the trainer's step time and peak memory, vs Adam.
 
-    python benchmarks/optimizer_overhead.py                      # CPU: HPCM_Tiny, 2 x 64 px, 1 thread
-    python benchmarks/optimizer_overhead.py --model HPCM_Base --patch-size 256 --batch-size 8 --device cuda --bf16
+    python benchmarks/optimizer_overhead.py          # CPU: HPCM_Tiny, 2 x 64 px, 1 thread
+    python benchmarks/optimizer_overhead.py --model HPCM_Base --patch-size 256 --batch-size 8
+        --device cuda --bf16
 
-Every variant is ``hpcm.train.loop.Run.train_step`` (the code ``python -m hpcm.train`` runs; data loading
-excluded, it runs in worker processes during training) on the same initial weights and the same batch: adam (the baseline, torch's
-fused kernel), cautious_adam, balanced in both weight-update modes, qp, and hierarchical_balanced
-with each decomposition (``--hier-mode``, next_batch by default, against balanced in that mode).
+Every variant is ``hpcm.train.loop.Run.train_step`` (the code ``python -m hpcm.train`` runs; data
+loading excluded, it runs in worker processes during training) on the same initial weights and the
+same batch: adam (the baseline, torch's fused kernel), cautious_adam, balanced in both weight-update
+modes, qp, and hierarchical_balanced with each decomposition (``--hier-mode``, next_batch by
+default, against balanced in that mode).
 
 Timing: ``--rounds`` rounds; in each, every variant runs ``--steps`` steps (order rotated per
 round). On a shared machine load drifts between rounds, so each round's variant/Adam ratio is
@@ -244,14 +246,16 @@ def memory_child(args) -> None:
 
 def report(results: dict, update_only: dict[str, float], args, device: str) -> None:
     print(
-        f"\nmodel {args.model}, batch {args.batch_size} x 3 x {args.patch_size}^2, device {device}, "
-        f"{args.rounds} rounds x {args.steps} steps, torch {torch.__version__}, threads {torch.get_num_threads()}"
+        f"\nmodel {args.model}, batch {args.batch_size} x 3 x {args.patch_size}^2, device "
+        f"{device}, {args.rounds} rounds x {args.steps} steps, torch {torch.__version__}, threads "
+        f"{torch.get_num_threads()}"
     )
     print(f"{'variant':<30}{'ms/step':>9}{'min ms':>9}{'x Adam':>9}{'peak MiB':>10}")
     for name, r in results.items():
         ratio = paired_ratio(results, name, "adam")
         print(
-            f"{name:<30}{r['median_s'] * 1e3:>9.1f}{r['min_s'] * 1e3:>9.1f}{ratio:>9.3f}{r['peak_mb']:>10.1f}"
+            f"{name:<30}{r['median_s'] * 1e3:>9.1f}{r['min_s'] * 1e3:>9.1f}{ratio:>9.3f}"
+            f"{r['peak_mb']:>10.1f}"
         )
     print("x Adam: median over rounds of (variant step time / Adam step time in the same round)")
     if update_only:
@@ -259,7 +263,8 @@ def report(results: dict, update_only: dict[str, float], args, device: str) -> N
         print(f"\noptimizer.step() alone on fixed gradients (min of {args.update_reps}):")
         for name, seconds in update_only.items():
             print(
-                f"  {name:<28}{seconds * 1e3:>8.2f} ms  ({seconds / adam * 100:5.2f} % of an Adam training step)"
+                f"  {name:<28}{seconds * 1e3:>8.2f} ms  ({seconds / adam * 100:5.2f} % of an Adam "
+                "training step)"
             )
     balanced = f"balanced {args.hier_mode}"
     pairs = [("balanced next_batch", "adam", 1.03)]
@@ -268,7 +273,8 @@ def report(results: dict, update_only: dict[str, float], args, device: str) -> N
     for name, reference, goal in pairs:
         ratio = paired_ratio(results, name, reference)
         print(
-            f"  {name} / {reference} = {ratio:.3f}  (goal <= {goal:.2f}: {'met' if ratio <= goal else 'NOT met'})"
+            f"  {name} / {reference} = {ratio:.3f}  (goal <= {goal:.2f}: "
+            f"{'met' if ratio <= goal else 'NOT met'})"
         )
 
 

@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
         model = init_like_golden(build_model(preset)).eval()
         if args.crop % model.pad_multiple:
             raise SystemExit(
-                f"--crop {args.crop} is not a multiple of {preset}'s pad multiple {model.pad_multiple}"
+                f"--crop {args.crop} is not a multiple of {preset}'s pad multiple "
+                f"{model.pad_multiple}"
             )
         for name, x in tqdm(images.items(), desc=preset, leave=False):
             scale = calibrate_to_latents(model, x)
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
         print(line(preset, "all", total))
     any_escape = any(t["y_esc"] + t["z_esc"] for t in totals.values())
     print(
-        f"latents escaped the tables: {'YES' if any_escape else 'no'}; {time.perf_counter() - start:.0f} s"
+        f"latents escaped the tables: {'YES' if any_escape else 'no'}; "
+        f"{time.perf_counter() - start:.0f} s"
     )
 
 

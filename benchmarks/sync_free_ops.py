@@ -3,9 +3,10 @@
     python benchmarks/sync_free_ops.py                 # HPCM_Tiny, 2 x 64 px, 1 thread, CPU
 
 The GPU cost of ``balanced next_batch`` is launches and device-to-device copies, not arithmetic
-(docs/results-log.md, GPU run 2). With no GPU, this counts the ATen ops one ``Run.train_step`` issues on
-CPU (torch.profiler; the ops are the same ones CUDA would launch, so the counts are a proxy for
-kernel launches): ``aten::copy_`` and ``aten::clone`` (the per-tensor copies), ``aten::item`` /
+(docs/results-log.md, GPU run 2). With no GPU, this counts the ATen ops one ``Run.train_step``
+issues on CPU (torch.profiler; the ops are the same ones CUDA would launch, so the counts are a
+proxy for kernel launches): ``aten::copy_`` and ``aten::clone`` (the per-tensor copies),
+``aten::item`` /
 ``aten::_local_scalar_dense`` (host reads = syncs on CUDA), and all leaf ops (ops with no child
 op: roughly one kernel each). Variants: adam (torch's fused Adam), balanced next_batch with the
 device-side decisions (``sync_free``, the CUDA path) and with the host path.
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in ratios:
             ratios[name].append(times[name] / times["adam"])
     print(
-        f"\nCPU step time / adam ({args.rounds} interleaved rounds of {args.steps} steps, thread CPU time)"
+        f"\nCPU step time / adam ({args.rounds} interleaved rounds of {args.steps} steps, thread "
+        "CPU time)"
     )
     for name, values in ratios.items():
         q1, med, q3 = statistics.quantiles(values, n=4)

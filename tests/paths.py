@@ -15,7 +15,8 @@ KODAK = SHARED / "data" / "kodak"
 
 
 def load_script(path: Path, name: str | None = None) -> ModuleType:
-    """A script that is not in a package (``benchmarks/*.py``, fixture generators), imported by path."""
+    """A script that is not in a package (``benchmarks/*.py``, fixture generators), imported by
+    path."""
     spec = importlib.util.spec_from_file_location(name or path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -51,7 +51,8 @@ def stage(module: str) -> str | None:
 
 
 def imported_modules(module: str, node: ast.AST) -> list[str]:
-    """The hpcm modules an import statement names (``from hpcm.x import y``: hpcm.x.y when y is a module)."""
+    """The hpcm modules an import statement names (``from hpcm.x import y``: hpcm.x.y when y is a
+    module)."""
     if isinstance(node, ast.Import):
         names = [alias.name for alias in node.names]
     else:
@@ -147,7 +148,8 @@ def test_the_cycle_finder_finds_a_cycle():
 
 
 def late_imports_without_a_reason(path: Path, root: Path = REPO) -> list[str]:
-    """Imports below the top of the module, or inside a function or class, whose line has no comment."""
+    """Imports below the top of the module, or inside a function or class, whose line has no
+    comment."""
     source = path.read_text()
     lines = source.splitlines()
     tree = ast.parse(source)

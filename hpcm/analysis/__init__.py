@@ -3,6 +3,6 @@
 model complexity (``complexity``), the Phase 2 search (``phase2``), the summary table (``summary``),
 measured codec anchors (``measured``) and the paper-table reproduction (``reproduce``).
 
-Imports run one way: points <- bd <- bootstrap <- measured <- anchors <- rd, tables, plots, reproduce
-<- phase2, summary.
+Imports run one way: points <- bd <- bootstrap <- measured <- anchors <- rd, tables, plots,
+reproduce <- phase2, summary.
 """

@@ -92,11 +92,11 @@ METRICS = ("psnr", "ms_ssim_db")
 VTM_22_STATUS = (
     "VTM-22.0: no published R-D points found, so no VTM-22.0 anchor. Searched: lyq133/LIC-HPCM "
     "R-D_Data.md and README.md (HPCM-Base/Large curves only; the paper's BD-rates vs VTM-22.0 come "
-    "without the VTM points), InterDigitalInc/CompressAI results/image (VTM curves with no version: "
-    "JSON 'description' is just 'VTM'; CompressAI issue #166 asks which version, unanswered). "
-    "'vtm' (above) is CompressAI's curve: BD numbers against it are not the paper's vs VTM-22.0. "
-    "To add VTM-22.0, encode the test set with VTM-22.0 (compressai.utils.bench vtm) and append the "
-    "JSON with add-compressai, recording repository, commit and file."
+    "without the VTM points), InterDigitalInc/CompressAI results/image (VTM curves with no "
+    "version: JSON 'description' is just 'VTM'; CompressAI issue #166 asks which version, "
+    "unanswered). 'vtm' (above) is CompressAI's curve: BD numbers against it are not the paper's "
+    "vs VTM-22.0. To add VTM-22.0, encode the test set with VTM-22.0 (compressai.utils.bench vtm) "
+    "and append the JSON with add-compressai, recording repository, commit and file."
 )
 
 

@@ -1,4 +1,5 @@
-"""MACs of one HPCM forward pass, in total and per part (encoder / decoder), with a defensible counter.
+"""MACs of one HPCM forward pass, in total and per part (encoder / decoder), with a defensible
+counter.
 
 ``torch.utils.flop_counter.FlopCounterMode`` over one eval forward; MACs = FLOPs / 2. It counts
 aten convolutions and matrix products (mm, addmm, bmm, baddbmm, attention kernels) and misses
@@ -18,7 +19,8 @@ DECODER_ONLY = ("g_s",)  # the encoder never runs this
 
 
 def count_macs(model: torch.nn.Module, height: int = 256, width: int = 256) -> dict[str, float]:
-    """MACs of one eval forward of ``model`` on a (1, 3, height, width) input, in total and per part.
+    """MACs of one eval forward of ``model`` on a (1, 3, height, width) input, in total and per
+    part.
 
     Returns ``{"total", "encoder", "decoder", "context", "g_a", "h_a", "h_s", "g_s"}`` in MACs
     (not per pixel): ``context`` is everything outside the four transforms.

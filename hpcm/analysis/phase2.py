@@ -1,4 +1,5 @@
-"""The Phase 2 search: BD-rate vs the reference over gamma x w_lr, a table, a heatmap, the best point.
+"""The Phase 2 search: BD-rate vs the reference over gamma x w_lr, a table, a heatmap, the best
+point.
 
 The seed's ``HyperparameterAnalyzer`` (phase2/src/utils/hparam_analyzer.py) ranks its grid by the
 best validation loss and draws a gamma x w_lr heatmap of it; here every point is ranked by what
@@ -19,8 +20,8 @@ Outputs: ``<output-dir>/<grid>.{csv,md,tex}`` and ``<plots-dir>/<grid>.{png,pdf}
 
 CLI::
 
-    python -m hpcm.analysis.phase2 --points results/rd/points.csv --runs results/train --grid phase2grid
-        [--include phase1] [--reference baseline] [--method pchip] [--metric psnr]
+    python -m hpcm.analysis.phase2 --points results/rd/points.csv --runs results/train
+        --grid phase2grid [--include phase1] [--reference baseline] [--method pchip] [--metric psnr]
         [--eval-csv results/eval/*/*/*.csv] --output-dir results/tables --plots-dir results/plots
 """
 
@@ -115,7 +116,8 @@ def phase2_table(
 ) -> Table:
     """One row per (dataset, point): BD vs ``reference``, interval if given, rank, best mark.
 
-    ``intervals``: a frame with ``dataset, variant, rate_low, rate_high`` (the bootstrap's), or None.
+    ``intervals``: a frame with ``dataset, variant, rate_low, rate_high`` (the bootstrap's), or
+    None.
     """
     absent = [v for v in variants if not (points["variant"] == v).any()]
     notes = list(notes) + [f"{v}: no R-D points (not evaluated), left out" for v in absent]
@@ -171,15 +173,20 @@ def phase2_table(
         elif best["BD-rate high (%)"] >= second["BD-rate low (%)"]:
             mark = "best (interval overlaps runner-up)"
             verdict = (
-                f"its interval overlaps the runner-up's (gamma={second['gamma']:g}, w_lr={second['w_lr']:g}: "
-                f"{second['BD-rate (%)']:+.2f} %): the search does not separate them"
+                f"its interval overlaps the runner-up's (gamma={second['gamma']:g}, "
+                f"w_lr={second['w_lr']:g}: {second['BD-rate (%)']:+.2f} %): the search does not "
+                "separate them"
             )
         else:
             mark = "best (separated from runner-up)"
-            verdict = f"its interval lies below the runner-up's (gamma={second['gamma']:g}, w_lr={second['w_lr']:g})"
+            verdict = (
+                f"its interval lies below the runner-up's (gamma={second['gamma']:g}, "
+                f"w_lr={second['w_lr']:g})"
+            )
         frame.loc[ranked.index[0], "best"] = mark
         notes.append(
-            f"{dataset}: best {where}, BD-rate {best['BD-rate (%)']:+.2f} % vs {reference}; {verdict}"
+            f"{dataset}: best {where}, BD-rate {best['BD-rate (%)']:+.2f} % vs {reference}; "
+            f"{verdict}"
         )
     notes += [f"{r.dataset}/{r.variant}: {r.error}" for r in frame.itertuples() if r.error]
     frame = frame.drop(columns="error")

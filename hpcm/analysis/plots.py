@@ -199,7 +199,8 @@ def plot_rd(
 
 
 def iter_runs(root: str | Path) -> Iterable[tuple[str, float, object]]:
-    """(variant, lmbda, metrics DataFrame) of every run folder under ``root`` (``hpcm.analysis.runs``)."""
+    """(variant, lmbda, metrics DataFrame) of every run folder under ``root``
+    (``hpcm.analysis.runs``)."""
     import pandas as pd  # why: slow to import, only the run figures need it
 
     for run in find_runs(root):

@@ -129,8 +129,8 @@ def rd_points(eval_csvs: Iterable[str | Path]):
         image_sets = {seed: frozenset(g["image"]) for seed, g in group.groupby("seed")}
         if len(set(image_sets.values())) > 1:
             raise ValueError(
-                f"point (dataset={key[0]}, variant={key[1]}, lmbda={key[2]}): the seeds "
-                f"were evaluated on different images ({ {s: len(v) for s, v in image_sets.items()} } "
+                f"point (dataset={key[0]}, variant={key[1]}, lmbda={key[2]}): the seeds were "
+                f"evaluated on different images ({ {s: len(v) for s, v in image_sets.items()} } "
                 "images per seed); evaluate every seed on the same set"
             )
         per_image = group.groupby("image").mean(numeric_only=True)
@@ -181,8 +181,8 @@ def refuse_nonfinite(csv_path: Path, key: tuple, group) -> None:
             raise ValueError(
                 f"{csv_path}: image {image!r} has {column} = {values[bad][0]!r} in the point "
                 f"(dataset={key[0]}, variant={key[1]}, lmbda={key[2]}); a mean over the other "
-                f"{int((~bad).sum())} of {len(values)} image(s) would not be this point. Re-evaluate "
-                "the checkpoint or remove the image from the dataset"
+                f"{int((~bad).sum())} of {len(values)} image(s) would not be this point. "
+                "Re-evaluate the checkpoint or remove the image from the dataset"
             )
 
 
@@ -204,7 +204,8 @@ def _optional_mean(group, column: str) -> float:
 def read_table(
     path: str | Path, columns, what: str, hint: str = "", error: type[Exception] = ValueError
 ):
-    """A CSV table of the analysis (floats read back exactly), checking it exists and has ``columns``;
+    """A CSV table of the analysis (floats read back exactly), checking it exists and has
+    ``columns``;
     ``what`` names the table and ``hint`` says how to write it in the error."""
     import pandas as pd  # why: slow to import (~0.5 s); the commands that need it load it
 

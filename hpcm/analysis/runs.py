@@ -1,4 +1,5 @@
-"""Training-run discovery: every folder under a root that holds a ``run.yaml`` written by hpcm.train.
+"""Training-run discovery: every folder under a root that holds a ``run.yaml`` written by
+hpcm.train.
 
 The one definition that ``hpcm tables`` and ``hpcm plots`` use. Discovery depends on the files,
 not on the folder depth, so ``results/train/<variant>/lmbda<L>/`` and
@@ -15,7 +16,8 @@ from hpcm.config.run_config import METRICS_CSV, RUN_YAML, read_run_yaml
 
 
 class RunDiscoveryError(ValueError):
-    """A runs folder without runs, or a run folder that lacks a file or key (the message says which)."""
+    """A runs folder without runs, or a run folder that lacks a file or key (the message says
+    which)."""
 
 
 @dataclass(frozen=True)

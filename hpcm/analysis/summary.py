@@ -272,8 +272,8 @@ def summary_tables(
         "lambdas (a fine-tuned variant counts its own steps, not those of its starting point)"
     )
     notes.append(
-        f"complexity: one forward at {size}x{size}, torch.utils.flop_counter MACs (convolutions and "
-        "matrix products), encoder = all but g_s, decoder = all but g_a/h_a"
+        f"complexity: one forward at {size}x{size}, torch.utils.flop_counter MACs (convolutions "
+        "and matrix products), encoder = all but g_s, decoder = all but g_a/h_a"
     )
     title = f"Summary: BD-rate vs {reference} and anchors, training cost, complexity"
     return pd.DataFrame(numeric), Table("summary", title, pd.DataFrame(display), {}, notes)

@@ -383,7 +383,8 @@ SEED_COLUMNS = ("n_seeds", "BD-rate seed std (%)", "BD-PSNR seed std (dB)")
 
 @dataclass
 class Uncertainty:
-    """Bootstrap intervals and seed spreads per (dataset, variant); ``None`` fields: not computed."""
+    """Bootstrap intervals and seed spreads per (dataset, variant); ``None`` fields: not
+    computed."""
 
     intervals: Any  # DataFrame of hpcm.analysis.bootstrap.interval_table, or None
     seeds: Any  # DataFrame dataset, variant, n_seeds, bd_rate_std, bd_psnr_std, or None
@@ -1064,10 +1065,10 @@ def overhead_from_benchmark(path: str | Path) -> Table:
         )
     setup = doc["setup"]
     notes = [
-        f"from {path.name}: {setup['model']}, batch {setup['batch_size']} x {setup['patch_size']}^2 "
-        f"on {setup['device']}; time: median step time; "
-        "time vs adam: median over rounds of the ratio within a round; peak memory: CUDA max "
-        "allocated, or peak RSS of a fresh process on CPU (empty: not measured)"
+        f"from {path.name}: {setup['model']}, batch {setup['batch_size']} x "
+        f"{setup['patch_size']}^2 on {setup['device']}; time: median step time; time vs adam: "
+        "median over rounds of the ratio within a round; peak memory: CUDA max allocated, or peak "
+        "RSS of a fresh process on CPU (empty: not measured)"
     ]
     return Table(
         "overhead_benchmark",

@@ -52,7 +52,8 @@ NAMED_KEYS: dict[str, str] = {"scale_weights": "study1_scale_weights", "gammas":
 
 
 def ablation_overrides(study: str, variant: str) -> dict[str, list[float]]:
-    """A copy of the run-config overrides of one ablation variant; unknown names raise ValueError."""
+    """A copy of the run-config overrides of one ablation variant; unknown names raise
+    ValueError."""
     if study not in STUDIES:
         raise ValueError(f"unknown ablation study {study!r}; valid: {', '.join(STUDIES)}")
     variants = STUDIES[study]

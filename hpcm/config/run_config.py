@@ -1,4 +1,5 @@
-"""Run configuration of ``python -m hpcm.train``: keys, defaults, types, validation, ``--set`` parsing.
+"""Run configuration of ``python -m hpcm.train``: keys, defaults, types, validation, ``--set``
+parsing.
 
 A run config is a flat YAML mapping. Values are resolved in this order (later wins):
 
@@ -99,9 +100,9 @@ KEYS: dict[str, Key] = {
     "distortion": Key(
         "str",
         "mse",
-        "distortion term of the loss (every optimizer's distortion task): mse, or "
-        "ms_ssim = pytorch_msssim's 5-scale MS-SSIM with data_range 1 (the HPCM maintainer's loss, "
-        f"official lambdas 2.4-60.5; patches and validation images need a side >= {MS_SSIM_MIN_SIDE} px)",
+        "distortion term of the loss (every optimizer's distortion task): mse, or ms_ssim = "
+        "pytorch_msssim's 5-scale MS-SSIM with data_range 1 (the HPCM maintainer's loss, official "
+        f"lambdas 2.4-60.5; patches and validation images need a side >= {MS_SSIM_MIN_SIDE} px)",
         choices=DISTORTIONS,
     ),
     # Balanced R-D (Phase 1/2)
@@ -654,7 +655,8 @@ def load_file(path: str | Path | None) -> dict[str, Any]:
         raise ConfigError(
             f"run config {str(path)!r}: expected a mapping of key: value, got {type(data).__name__}"
         )
-    # A run.yaml written by hpcm.train is a valid config: its ``meta`` block (versions, commit) is not.
+    # A run.yaml written by hpcm.train is a valid config: its ``meta`` block (versions, commit) is
+    # not.
     if isinstance(data.get("meta"), dict):
         data = {k: v for k, v in data.items() if k != "meta"}
     return data
@@ -703,14 +705,15 @@ def _check_across_keys(cfg: RunConfig) -> None:
         ratios = [round(v / HPCM_LR, 12) for v in HPCM_LR_VALUES]
         raise ConfigError(
             f"run config: 'lr_values' = {cfg.lr_values!r} raise the learning rate above 'lr' = "
-            f"{cfg.lr!r} or a previous value (to {raised[0]!r}); a schedule only lowers it. Give this run its own "
-            f"lr_values (the official drops are {ratios} x lr) or 'lr_milestones: []' and "
-            "'lr_values: []' for a constant lr"
+            f"{cfg.lr!r} or a previous value (to {raised[0]!r}); a schedule only lowers it. Give "
+            f"this run its own lr_values (the official drops are {ratios} x lr) or 'lr_milestones: "
+            "[]' and 'lr_values: []' for a constant lr"
         )
     if cfg.distortion == "ms_ssim" and cfg.patch_size < MS_SSIM_MIN_SIDE:
         raise ConfigError(
-            f"run config: 'distortion' = 'ms_ssim' needs 'patch_size' >= {MS_SSIM_MIN_SIDE} (pytorch_msssim's "
-            f"5 scales with an 11-tap window), got {cfg.patch_size!r}; use e.g. 192 or 256"
+            f"run config: 'distortion' = 'ms_ssim' needs 'patch_size' >= {MS_SSIM_MIN_SIDE} "
+            f"(pytorch_msssim's 5 scales with an 11-tap window), got {cfg.patch_size!r}; use e.g. "
+            "192 or 256"
         )
     if cfg.gamma_schedule != "fixed" and cfg.gamma_final is None:
         raise ConfigError(
@@ -727,8 +730,9 @@ def _check_across_keys(cfg: RunConfig) -> None:
     ):
         raise ConfigError(
             f"run config: 'scale_early_stop_patience' = {cfg.scale_early_stop_patience!r} stops "
-            "the context model's scales, but 'freeze' / 'unfreeze_schedule' keep the context frozen "
-            "(for some of) the run, so a scale could stop before it trained; use one or the other"
+            "the context model's scales, but 'freeze' / 'unfreeze_schedule' keep the context "
+            "frozen (for some of) the run, so a scale could stop before it trained; use one or "
+            "the other"
         )
     both = [g for g in cfg.freeze if g in cfg.unfreeze_schedule]
     if both:
@@ -787,11 +791,12 @@ def resume_mismatch(saved: Mapping[str, Any], current: RunConfig | Mapping[str, 
     if current.get("scale_early_stop_patience") and saved.get("val_every") != current.get(
         "val_every"
     ):
-        # validations decide when a scale stops (Phase 4): their cadence is part of the experiment here
+        # validations decide when a scale stops (Phase 4): their cadence is part of the experiment
+        # here
         return (
             f"run config key 'val_every' changed from {saved.get('val_every')!r} (checkpoint) to "
-            f"{current.get('val_every')!r} in a run with scale_early_stop_patience; use a new output "
-            "directory or restore the value"
+            f"{current.get('val_every')!r} in a run with scale_early_stop_patience; use a new "
+            "output directory or restore the value"
         )
     for key in KEYS:
         if key in RESUME_SAFE_KEYS:
@@ -800,8 +805,8 @@ def resume_mismatch(saved: Mapping[str, Any], current: RunConfig | Mapping[str, 
             continue  # a key newer than the checkpoint: its default is what the older code did
         if saved.get(key) != current.get(key):
             return (
-                f"run config key {key!r} changed from {saved.get(key)!r} (checkpoint) to {current.get(key)!r}; "
-                f"use a new output directory or restore the value"
+                f"run config key {key!r} changed from {saved.get(key)!r} (checkpoint) to "
+                f"{current.get(key)!r}; use a new output directory or restore the value"
             )
     return None
 
@@ -809,7 +814,8 @@ def resume_mismatch(saved: Mapping[str, Any], current: RunConfig | Mapping[str, 
 def help_text() -> str:
     """Every key with type, default and meaning, for ``--help``."""
     lines = [
-        "run-config keys (YAML file and --set key=value; later wins: defaults < variant preset < file < --set):"
+        "run-config keys (YAML file and --set key=value; later wins: defaults < variant preset < "
+        "file < --set):"
     ]
     for key, spec in KEYS.items():
         kind = {

@@ -124,7 +124,7 @@ PATHS = {
     "eval_json": "results/eval/{dataset}/{variant}/lmbda{lmbda}/seed{seed}.json",
     "eval_benchmark": "results/benchmarks/evaluate/{dataset}/{variant}/lmbda{lmbda}/seed{seed}.tsv",
     # `convergence`: each training snapshot evaluated on the fixed image subset
-    "snapshot_eval_csv": "results/eval_snapshots/{dataset}/{variant}/lmbda{lmbda}/seed{seed}/step{step}.csv",
+    "snapshot_eval_csv": "results/eval_snapshots/{dataset}/{variant}/lmbda{lmbda}/seed{seed}/step{step}.csv",  # noqa: E501
     # codec anchors of a dataset (datasets.<d>.anchors): one point file per (image, quality)
     "anchor_images": "results/anchors/{dataset}/images.txt",
     "anchor_point": "results/anchors/{dataset}/{anchor}/q{quality}/{image}.json",
@@ -299,7 +299,8 @@ def check_references(
             if missing:
                 raise StudyConfigError(
                     f"variants.{name}.init_from",
-                    f"'official' needs official_checkpoints entries for lambda {', '.join(missing)}",
+                    "'official' needs official_checkpoints entries for lambda "
+                    f"{', '.join(missing)}",
                 )
         elif source not in variants:
             raise StudyConfigError(f"variants.{name}.init_from", f"unknown variant {source!r}")
@@ -350,8 +351,8 @@ def check_patch_sizes(
     if default % pad_multiple:
         raise StudyConfigError(
             "training.patch_size",
-            f"{default} is not a multiple of {pad_multiple}, the pad "
-            f"multiple of {model}; use e.g. {max(pad_multiple, default // pad_multiple * pad_multiple)}",
+            f"{default} is not a multiple of {pad_multiple}, the pad multiple of {model}; use e.g. "
+            f"{max(pad_multiple, default // pad_multiple * pad_multiple)}",
         )
     for name, variant in variants.items():
         size = variant.get("patch_size", default)
@@ -753,9 +754,11 @@ class Study:
         rows = self.training_cost()
         width = max(len(r["variant"]) for r in rows)
         lines = [
-            f"training cost of study {self.config['study']!r} ({unit} = runs x steps / steps_per_s x GPUs per job; "
-            "measure steps/s from a short run's metrics.csv step_time and set compute.train.steps_per_s):",
-            f"  {'variant':<{width}}  {'optimizer':<21} {'runs':>4} {'steps/run':>10} {'steps/s':>8} {unit:>10}",
+            f"training cost of study {self.config['study']!r} ({unit} = runs x steps / steps_per_s "
+            "x GPUs per job; measure steps/s from a short run's metrics.csv step_time and set "
+            "compute.train.steps_per_s):",
+            f"  {'variant':<{width}}  {'optimizer':<21} {'runs':>4} {'steps/run':>10} "
+            f"{'steps/s':>8} {unit:>10}",
         ]
         for r in rows:
             lines.append(
@@ -767,13 +770,14 @@ class Study:
             and self.config["compute"]["train"].get("steps_per_s") is None
         ):
             lines.append(
-                "  (device cpu without compute.train.steps_per_s: the default is a GPU rate, the hours "
-                "below are not this machine's)"
+                "  (device cpu without compute.train.steps_per_s: the default is a GPU rate, the "
+                "hours below are not this machine's)"
             )
         total = sum(r["hours"] for r in rows)
         lines.append(
-            f"  total: {sum(r['runs'] for r in rows)} runs, {sum(r['runs'] * r['steps'] for r in rows)} "
-            f"steps, {total:.1f} {unit} ({total / 24:.1f} device-days)"
+            f"  total: {sum(r['runs'] for r in rows)} runs, "
+            f"{sum(r['runs'] * r['steps'] for r in rows)} steps, {total:.1f} {unit} "
+            f"({total / 24:.1f} device-days)"
         )
         return "\n".join(lines)
 
@@ -783,8 +787,8 @@ class Study:
         return 0 if self.config["device"] == "cpu" else self.config["compute"][rule]["gpus"]
 
     def train_launcher(self) -> str:
-        """What runs `-m hpcm.train`: plain python for one device, else torchrun with one process per
-        GPU on this node (--standalone: a local rendezvous, no address to configure)."""
+        """What runs `-m hpcm.train`: plain python for one device, else torchrun with one process
+        per GPU on this node (--standalone: a local rendezvous, no address to configure)."""
         gpus = self.gpus("train")
         return "python" if gpus <= 1 else f"torchrun --standalone --nproc-per-node {gpus}"
 

@@ -394,7 +394,8 @@ def verify_tecnick(folder: str | Path, manifest: str | Path | None = None) -> li
 def prepare_tecnick(
     source: str | Path | None, output: str | Path, manifest: str | Path | None = None
 ) -> list[Path]:
-    """Gather the 100 Tecnick images from the TESTIMAGES zip or a folder, check, hash, place them."""
+    """Gather the 100 Tecnick images from the TESTIMAGES zip or a folder, check, hash, place
+    them."""
     output = Path(output)
     with contextlib.suppress(FileNotFoundError, ChecksumError):
         if output.is_dir():
@@ -423,7 +424,8 @@ def prepare_tecnick(
         if set(digests) != expected:
             missing, extra = sorted(expected - set(digests)), sorted(set(digests) - expected)
             raise ValueError(
-                f"{source}: {len(digests)} Tecnick images, expected RGB_OR_1200x1200_001.png .. _100.png"
+                f"{source}: {len(digests)} Tecnick images, expected RGB_OR_1200x1200_001.png .. "
+                "_100.png"
                 + (
                     f"; missing {missing[:5]}{' ...' if len(missing) > 5 else ''}"
                     if missing
@@ -436,9 +438,9 @@ def prepare_tecnick(
     if pinned is None:
         archive = f" (archive SHA-256 {sha256_file(source)})" if source.is_file() else ""
         print(
-            f"warning: no pinned Tecnick manifest ({TECNICK_PINNED} or --manifest): the hashes were taken from "
-            f"this copy{archive} and written to {output / MANIFEST}. Pin them by copying that file to "
-            f"{TECNICK_PINNED}; every later copy is then verified against it.",
+            f"warning: no pinned Tecnick manifest ({TECNICK_PINNED} or --manifest): the hashes "
+            f"were taken from this copy{archive} and written to {output / MANIFEST}. Pin them by "
+            f"copying that file to {TECNICK_PINNED}; every later copy is then verified against it.",
             file=sys.stderr,
         )
     return [output / name for name in names]

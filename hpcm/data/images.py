@@ -203,7 +203,8 @@ class ImageSet:
 def open_image_set(
     source: str, split: str, key: str, skip_bad_images: bool = False, min_size: int = 0
 ) -> ImageSet:
-    """Scan a folder (or the ``samples`` split) and keep the images at least ``min_size`` on each side.
+    """Scan a folder (or the ``samples`` split) and keep the images at least ``min_size`` on each
+    side.
 
     Raises DataConfigError naming ``key`` and ``source`` when nothing usable remains.
     """
@@ -241,8 +242,8 @@ def open_image_set(
         if not keep:
             largest = max(image_set.sizes, key=min)
             raise DataConfigError(
-                f"run config: key 'patch_size' = {min_size!r} is larger than every image in {key} = {source!r} "
-                f"(largest usable image is {largest[0]}x{largest[1]})"
+                f"run config: key 'patch_size' = {min_size!r} is larger than every image in {key} "
+                f"= {source!r} (largest usable image is {largest[0]}x{largest[1]})"
             )
         if len(keep) < len(image_set):
             warnings.warn(
@@ -260,7 +261,8 @@ def open_image_set(
 
 
 def random_crop_flip(array: np.ndarray, patch: int, rng: np.random.Generator) -> np.ndarray:
-    """Uniform random ``patch`` x ``patch`` crop, then horizontal and vertical flips (each p = 0.5)."""
+    """Uniform random ``patch`` x ``patch`` crop, then horizontal and vertical flips (each p =
+    0.5)."""
     height, width = array.shape[:2]
     top = int(rng.integers(0, height - patch + 1))
     left = int(rng.integers(0, width - patch + 1))
@@ -273,7 +275,8 @@ def random_crop_flip(array: np.ndarray, patch: int, rng: np.random.Generator) ->
 
 
 class TrainCrops(torch.utils.data.Dataset):
-    """Random crops with flips. Indexed by ``(image_index, sample_seed)`` so augmentation is reproducible."""
+    """Random crops with flips. Indexed by ``(image_index, sample_seed)`` so augmentation is
+    reproducible."""
 
     def __init__(self, images: ImageSet, patch_size: int, skip_bad_images: bool = False):
         self.images = images
@@ -293,13 +296,15 @@ class TrainCrops(torch.utils.data.Dataset):
             except ImageError as exc:
                 if not self.skip_bad_images:
                     raise
-                # Deterministic replacement (the next image) keeps the data order a function of (seed, step).
+                # Deterministic replacement (the next image) keeps the data order a function of
+                # (seed, step).
                 warnings.warn(f"skipping unreadable image: {exc}", stacklevel=2)
                 continue
             if min(array.shape[:2]) < self.patch_size:
                 raise ImageError(
-                    f"image {self.images.labels[candidate]!r} is {array.shape[0]}x{array.shape[1]}, "
-                    f"smaller than patch_size {self.patch_size} (its header said otherwise)"
+                    f"image {self.images.labels[candidate]!r} is "
+                    f"{array.shape[0]}x{array.shape[1]}, smaller than patch_size {self.patch_size} "
+                    "(its header said otherwise)"
                 )
             return to_tensor(random_crop_flip(array, self.patch_size, rng))
         raise ImageError(
@@ -316,8 +321,8 @@ class StepBatchSampler(torch.utils.data.Sampler):
     """Batches for steps ``start_step+1 .. total_steps`` as lists of ``(image_index, sample_seed)``.
 
     The images form one endless stream of per-epoch permutations (epoch ``e`` is permuted by
-    ``default_rng([seed, e])``); step ``s`` takes positions ``(s-1)*B .. s*B-1`` of that stream, so a
-    batch may straddle two epochs. Every sample's crop and flips come from ``(seed, s, j)``.
+    ``default_rng([seed, e])``); step ``s`` takes positions ``(s-1)*B .. s*B-1`` of that stream, so
+    a batch may straddle two epochs. Every sample's crop and flips come from ``(seed, s, j)``.
     Data-parallel training: rank ``r`` of ``world_size`` takes rows ``r*B/W .. (r+1)*B/W - 1`` of
     each step's global batch (``batch_size`` is the global batch; j stays the global row).
     """
@@ -406,7 +411,8 @@ def train_loader(
         pin_memory=pin_memory,
         persistent_workers=False,
         worker_init_fn=ignore_stop_signals,
-        # A private generator: the loader must not draw from the global torch RNG (resume exactness).
+        # A private generator: the loader must not draw from the global torch RNG (resume
+        # exactness).
         generator=torch.Generator().manual_seed(seed),
         prefetch_factor=4 if num_workers > 0 else None,
     )

@@ -210,8 +210,8 @@ def load_model(checkpoint: Path, name: str | None, device: torch.device, update:
     except CheckpointError as err:
         hint = (
             (
-                f"; the weights are another architecture than --model {name}: drop --model to infer it "
-                "from the checkpoint"
+                f"; the weights are another architecture than --model {name}: drop --model to "
+                "infer it from the checkpoint"
             )
             if name
             else ""

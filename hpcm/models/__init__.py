@@ -34,7 +34,8 @@ MODEL_NAMES = tuple(PRESETS)
 
 
 def build_model(name: str, **overrides) -> HPCM:
-    """A freshly initialised HPCM of preset ``name`` (unknown name -> ValueError listing the valid ones)."""
+    """A freshly initialised HPCM of preset ``name`` (unknown name -> ValueError listing the valid
+    ones)."""
     return HPCM(preset_config(name, **overrides), name=name)
 
 

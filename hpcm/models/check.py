@@ -1,6 +1,7 @@
 """Check that a weights file is the model a fine-tuning run means to start from.
 
-    python -m hpcm.models.check FILE --model HPCM_Base --lmbda 0.013 [--distortion mse] [--output REPORT.json]
+    python -m hpcm.models.check FILE --model HPCM_Base --lmbda 0.013 [--distortion mse]
+        [--output REPORT.json]
 
 The workflow runs this once per ``official_checkpoints`` entry before any run starts from it
 (rule ``check_checkpoint``). It refuses, with a message naming the file and what is wrong:
@@ -50,9 +51,10 @@ from hpcm.util.cli import run_command
 from hpcm.util.io import atomic_write_text, sha256_file
 
 UNDETECTABLE = (
-    "not detectable: which of the six lambdas (or MSE vs MS-SSIM) an unlabelled file was trained at, "
-    "when its name carries no lambda (all twelve models of one architecture have the same tensor shapes); "
-    "shape-free settings (attention windows, heads) of files without a stored model config"
+    "not detectable: which of the six lambdas (or MSE vs MS-SSIM) an unlabelled file was trained "
+    "at, when its name carries no lambda (all twelve models of one architecture have the same "
+    "tensor shapes); shape-free settings (attention windows, heads) of files without a stored "
+    "model config"
 )
 _PREFIXED = re.compile(r"(?:lmbda|lambda)[_=-]?(\d+(?:\.\d+)?(?:e-?\d+)?)", re.IGNORECASE)
 _DECIMAL = re.compile(

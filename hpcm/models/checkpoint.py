@@ -102,7 +102,8 @@ def _split_checkpoint(obj: Any, path: str) -> tuple[dict[str, Tensor], str | Non
             config = obj.get("model_config")
             return _strip_prefixes(obj[key]), name if isinstance(name, str) else None, config
     raise CheckpointError(
-        f"{path}: no state dict found (not a tensor mapping, and none of the keys {STATE_DICT_KEYS})"
+        f"{path}: no state dict found (not a tensor mapping, and none of the keys "
+        f"{STATE_DICT_KEYS})"
     )
 
 
@@ -114,7 +115,8 @@ def _expected_shapes(config: HPCMConfig) -> dict[str, tuple[int, ...]]:
 
 
 def first_mismatch(expected: Mapping[str, tuple], state: Mapping[str, Tensor]) -> str | None:
-    """Message about the first key (in model order, then file order) that does not fit; None if all fit.
+    """Message about the first key (in model order, then file order) that does not fit; None if all
+    fit.
 
     Missing ``adaptive_params_list.*`` keys are tolerated (legacy releases).
     """
@@ -124,7 +126,10 @@ def first_mismatch(expected: Mapping[str, tuple], state: Mapping[str, Tensor]) -
                 continue
             return f"key {key!r} is missing from the checkpoint"
         if tuple(state[key].shape) != shape:
-            return f"key {key!r} has shape {tuple(state[key].shape)} in the checkpoint, the model expects {shape}"
+            return (
+                f"key {key!r} has shape {tuple(state[key].shape)} in the checkpoint, the model "
+                f"expects {shape}"
+            )
     for key in state:
         if key not in expected and key not in CODER_BUFFER_NAMES:
             return f"key {key!r} in the checkpoint does not exist in the model"
@@ -180,8 +185,8 @@ def load_checkpoint_and_metadata(
         # shapes fix the preset but not settings without weights (attention windows, heads):
         # a model trained with overridden ones would load "successfully" and code differently
         warnings.warn(
-            f"{path}: no model config stored and no name given; inferred {name} from the tensor shapes "
-            f"and assumed its preset defaults (attn_windows={config.attn_windows}, "
+            f"{path}: no model config stored and no name given; inferred {name} from the tensor "
+            f"shapes and assumed its preset defaults (attn_windows={config.attn_windows}, "
             f"attn_heads={config.attn_heads}). Pass name= (and rebuild with the run's overrides) "
             "or save with hpcm.models.save_checkpoint to keep them",
             stacklevel=2,

@@ -24,8 +24,9 @@ API
     error when ``update()`` was not called. Built once and reused while the model holds the same,
     unmodified buffers (``update()``, ``load_state_dict`` and ``.to()`` make it rebuild).
 ``encode_symbols(encoder, symbols, indexes, tables)`` push symbols into a shared
-    ``compressai.ans.BufferedRansEncoder`` (``make_encoder()``; ``encoder.flush()`` gives the bytes).
-    The encoder only buffers, so several pushes give the bytes of one push of their concatenation.
+    ``compressai.ans.BufferedRansEncoder`` (``make_encoder()``; ``encoder.flush()`` gives the
+    bytes). The encoder only buffers, so several pushes give the bytes of one push of their
+    concatenation.
 ``encode_stream(symbols, indexes, tables) -> bytes``  a fresh encoder, one push, flushed.
 ``decode_symbols(decoder, indexes, tables) -> Tensor`` pull the same step from a
     ``compressai.ans.RansDecoder`` (``make_decoder(bytes)``), in the same order as encoded;
@@ -36,8 +37,9 @@ How the model uses it (as the official ``HPCM_Base.compress``/``decompress``):
         z_string = encode_stream(z_res, idx, coder_tables(model, "z"))
         decode: z_res = decode_symbols(dec_z, build_indexes_z((1, N, h, w)), tables_z);
         z_hat = z_res + means_hyper.
-    y:  the 11 steps' symbols and indexes (build_indexes_conditional(scales_step, model.scale_table)),
-        concatenated in step order, in one stream per image: encode_stream(y_q, idx, tables_y).
+    y:  the 11 steps' symbols and indexes
+        (build_indexes_conditional(scales_step, model.scale_table)), concatenated in step order,
+        in one stream per image: encode_stream(y_q, idx, tables_y).
         Decode goes step by step with ``decode_symbols`` (each step's indexes depend on the last).
 """
 
@@ -112,7 +114,8 @@ class CoderTables:
         n = quantized_cdf.shape[0]
         if cdf_length.shape != (n,) or offset.shape != (n,):
             raise ValueError(
-                f"cdf_length {tuple(cdf_length.shape)} and offset {tuple(offset.shape)} must be ({n},)"
+                f"cdf_length {tuple(cdf_length.shape)} and offset {tuple(offset.shape)} must be "
+                f"({n},)"
             )
         lengths = cdf_length.int().tolist()
         if min(lengths) < 3 or max(lengths) > quantized_cdf.shape[1]:
@@ -155,7 +158,8 @@ def update_coder_buffers(
 def resize_coder_buffers(module: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
     """Give the coder buffers the shapes/dtypes found in ``state_dict`` so ``load_state_dict`` fits.
 
-    torch cannot load a (levels, L+2) table into an empty buffer; CompressAI resizes first, we do too.
+    torch cannot load a (levels, L+2) table into an empty buffer; CompressAI resizes first, we do
+    too.
     """
     for name in CODER_BUFFER_NAMES:
         if name not in state_dict:
@@ -222,7 +226,8 @@ def _check_indexes(indexes: Tensor, tables: CoderTables) -> list[int]:
     flat = indexes.reshape(-1).to(device="cpu", dtype=torch.int64)
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= tables.num_tables):
         raise ValueError(
-            f"indexes must lie in [0, {tables.num_tables - 1}], got [{int(flat.min())}, {int(flat.max())}]"
+            f"indexes must lie in [0, {tables.num_tables - 1}], got [{int(flat.min())}, "
+            f"{int(flat.max())}]"
         )
     return flat.numpy().tolist()  # numpy's tolist is ~1.7x faster than torch's
 
@@ -244,7 +249,8 @@ def encode_symbols(
     values = flat.to(torch.int64)
     if values.numel() and int(values.abs().max()) > MAX_ABS_SYMBOL:
         raise ValueError(
-            f"symbol magnitude {int(values.abs().max())} exceeds the coder's escape range {MAX_ABS_SYMBOL}"
+            f"symbol magnitude {int(values.abs().max())} exceeds the coder's escape range "
+            f"{MAX_ABS_SYMBOL}"
         )
     encoder.encode_with_indexes(
         values.numpy().tolist(),

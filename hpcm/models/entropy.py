@@ -20,8 +20,8 @@ API
 ``build_indexes_z(size)``: z uses one table per channel, so its index is the channel number.
 
 Gradients (checked against the official code): the CDF's backward returns ``grad * pdf(t)`` with
-pdf(t) = beta / (2 Gamma(1/beta)) exp(-|t|^beta) for ``t`` and nothing for ``beta``; both lower bounds
-pass the gradient through where ``x >= bound`` or where the gradient pushes ``x`` upwards
+pdf(t) = beta / (2 Gamma(1/beta)) exp(-|t|^beta) for ``t`` and nothing for ``beta``; both lower
+bounds pass the gradient through where ``x >= bound`` or where the gradient pushes ``x`` upwards
 (``grad_output < 0``), and block it otherwise.
 
 Note on the tables: like the official code, the tail mass of every row is taken from the first
@@ -57,7 +57,8 @@ CDF_PRECISION = 16  # bits of the quantised CDFs; compressai's rANS coder is fix
 
 
 class _LowerBoundFunction(torch.autograd.Function):
-    """max(x, bound); gradient passes where x >= bound or where it would raise x (CompressAI rule)."""
+    """max(x, bound); gradient passes where x >= bound or where it would raise x (CompressAI
+    rule)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, bound: Tensor) -> Tensor:
@@ -72,7 +73,8 @@ class _LowerBoundFunction(torch.autograd.Function):
 
 
 class LowerBound(nn.Module):
-    """Lower bound with the CompressAI gradient; the bound is a buffer named ``bound`` (shape [1])."""
+    """Lower bound with the CompressAI gradient; the bound is a buffer named ``bound`` (shape
+    [1])."""
 
     bound: Tensor
 
@@ -145,7 +147,8 @@ class GGM(nn.Module):
 
     def standardized_quantile(self, quantile: float) -> float:
         """Quantile of the standard generalized normal (scipy; only used to size the tables)."""
-        import scipy.stats  # here, not at the top: importing it costs ~1.2 s and only update() needs it
+        # here, not at the top: importing it costs ~1.2 s and only update() needs it
+        import scipy.stats
 
         return float(scipy.stats.gennorm.ppf(quantile, float(self.beta.item())))
 

@@ -50,8 +50,9 @@ def ste_round(x: Tensor) -> Tensor:
 
 def add_uniform_noise(x: Tensor, shard: tuple[int, int] = (0, 1)) -> Tensor:
     """x + U(-0.5, 0.5). ``shard = (rank, world_size)``: x is that rank's slice of a batch split
-    evenly over world_size processes; the noise of the whole batch is drawn (every rank from the same
-    generator state) and the rank keeps its rows, so each sample's noise does not depend on the split.
+    evenly over world_size processes; the noise of the whole batch is drawn (every rank from the
+    same generator state) and the rank keeps its rows, so each sample's noise does not depend on the
+    split.
 
     The noise is drawn in the logical (contiguous) element order whatever x's layout, so a
     channels_last run quantises with the same noise per element as a contiguous one (for a
@@ -90,7 +91,8 @@ class _Residuals:
 
 
 class _Quantizer(_Residuals):
-    """Step coder for forward(): quantise y, sum residuals and scales per grid for the likelihood."""
+    """Step coder for forward(): quantise y, sum residuals and scales per grid for the
+    likelihood."""
 
     def __init__(self, part: Partition, y: Tensor, training: bool):
         super().__init__(part, y)
@@ -140,7 +142,8 @@ class _StepSymbols(_Residuals):
 
 @dataclass(frozen=True)
 class CodedSymbols:
-    """What :meth:`HPCM.compress` writes for one image, on the host, with the coder table of each symbol."""
+    """What :meth:`HPCM.compress` writes for one image, on the host, with the coder table of each
+    symbol."""
 
     y_symbols: Tensor  # (n,) integer-valued float32, the 11 steps in bitstream order
     y_indexes: Tensor  # (n,) int32 rows of the y tables
@@ -219,7 +222,8 @@ class HPCM(nn.Module):
         # (3, M, Hy, Wy) scale one-hots of scale_bits, which runs every training step
         self._scale_one_hot_cache = BoundedCache(self._partitions.max_entries)
         self._tables_built_for: Tensor | None = None  # scales_hyper the z tables were built from
-        # (rank, world_size) of data-parallel training: see add_uniform_noise (not saved: a run setting)
+        # (rank, world_size) of data-parallel training: see add_uniform_noise (not saved: a run
+        # setting)
         self.noise_shard: tuple[int, int] = (0, 1)
 
     # ------------------------------------------------------------------ geometry and labels
@@ -280,7 +284,8 @@ class HPCM(nn.Module):
         bits = -torch.log2(likelihood_y)
         return torch.einsum("bchw,schw->bs", bits, one_hot)
 
-    # ------------------------------------------------------------------ the progressive context model
+    # ------------------------------------------------------------------ the progressive context
+    # model
     def _progressive(self, params: Tensor, code_step: StepCoder) -> tuple[Tensor, Partition]:
         """Run the 11 coding steps; returns y_hat on the y grid (and the partition used)."""
         _, _, H, W = params.shape

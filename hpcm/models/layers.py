@@ -182,7 +182,8 @@ def analysis_transform(
     partial_ratio: int,
     mlp_ratio: int,
 ) -> Transform:
-    """g_a: conv4x4 down to c0, then per stage PConvRB blocks and a 2x2 down conv (total stride 16)."""
+    """g_a: conv4x4 down to c0, then per stage PConvRB blocks and a 2x2 down conv (total stride
+    16)."""
     layers: list[nn.Module] = [conv4x4_down(3, channels[0])]
     widths = (*channels, M)
     for stage, count in enumerate(blocks):

@@ -1,4 +1,5 @@
-"""Pad images of any size to the model's multiple (centred zeros, as the official test.py) and back."""
+"""Pad images of any size to the model's multiple (centred zeros, as the official test.py) and
+back."""
 
 from __future__ import annotations
 

@@ -86,18 +86,20 @@ def group_of(name: str) -> GroupOf:
     if head == "adaptive_params_list" and index in _QUANT_VECTOR_SCALE:
         return GroupOf("context", _QUANT_VECTOR_SCALE[index])
     raise UnknownParameterError(
-        f"parameter {name!r} belongs to no Phase 4 parameter group ({', '.join(PARAMETER_GROUPS)}); "
-        "add its module to hpcm/models/param_groups.py"
+        f"parameter {name!r} belongs to no Phase 4 parameter group "
+        f"({', '.join(PARAMETER_GROUPS)}); add its module to hpcm/models/param_groups.py"
     )
 
 
 def assign(named_parameters: Iterable[tuple[str, torch.nn.Parameter]]) -> dict[str, GroupOf]:
-    """name -> GroupOf for every parameter (raises UnknownParameterError on the first unknown name)."""
+    """name -> GroupOf for every parameter (raises UnknownParameterError on the first unknown
+    name)."""
     return {name: group_of(name) for name, _ in named_parameters}
 
 
 def partition(model: torch.nn.Module) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
-    """group -> [(name, parameter)] in ``named_parameters`` order; every group present (maybe empty)."""
+    """group -> [(name, parameter)] in ``named_parameters`` order; every group present (maybe
+    empty)."""
     groups: dict[str, list[tuple[str, torch.nn.Parameter]]] = {g: [] for g in PARAMETER_GROUPS}
     for name, param in model.named_parameters():
         groups[group_of(name).group].append((name, param))

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # 2x2 phases are numbered r * 2 + c (the channel order of F.pixel_unshuffle(t, 2)).
-# s2 lattice of each of the 8 channel groups on y: (even,even), (odd,odd), (even,odd), (odd,even), twice.
+# s2 lattice of each of the 8 channel groups on y: (even,even), (odd,odd), (even,odd), (odd,even),
+# twice.
 S2_PHASE = (0, 3, 1, 2, 0, 3, 1, 2)
 # s1 lattice of each of the 4 channel groups on the s2 grid (official get_mask_for_rec_s2: m0..m3).
 S1_PHASE_ON_S2 = (0, 1, 2, 3)
@@ -78,7 +79,8 @@ def check_channels(M: int) -> None:
 def check_latent_size(height: int, width: int) -> None:
     if height <= 0 or width <= 0 or height % 4 or width % 4:
         raise ValueError(
-            f"latent size {height}x{width} must be a positive multiple of 4 (image a multiple of 64)"
+            f"latent size {height}x{width} must be a positive multiple of 4 (image a multiple of "
+            "64)"
         )
 
 
@@ -227,7 +229,8 @@ def build_partition(
 class BoundedCache:
     """A dict of at most ``max_entries`` built values; the oldest entry goes first.
 
-    Evaluation sees a new image size per dataset image, so per-size caches must not grow without bound.
+    Evaluation sees a new image size per dataset image, so per-size caches must not grow without
+    bound.
     """
 
     def __init__(self, max_entries: int = 16):
@@ -251,8 +254,8 @@ class BoundedCache:
 
 # torch._disable_dynamo, not torch.compiler.disable: the public decorator imports torch._dynamo (and
 # through it inductor and triton) when this module is imported, 2.5 s of CPU in every process that
-# never compiles (each Snakemake job, each gpu_check run); torch's own lazy form, which torch uses on
-# its own functions, imports it on the first call and is then the same torch._dynamo.disable.
+# never compiles (each Snakemake job, each gpu_check run); torch's own lazy form, which torch uses
+# on its own functions, imports it on the first call and is then the same torch._dynamo.disable.
 @torch._disable_dynamo
 def _build_eagerly(build: Callable[[], object]) -> object:
     """Run ``build`` outside torch.compile: the masks are built on the CPU (with data-dependent

@@ -64,7 +64,8 @@ def cache_dir() -> Path:
 
 
 def _cpu_identity() -> str:
-    """What -march=native depends on: the CPU model and its feature flags (Linux), else the platform."""
+    """What -march=native depends on: the CPU model and its feature flags (Linux), else the
+    platform."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         keep = [
@@ -141,7 +142,8 @@ def build(compiler: str, target: Path) -> None:
 
 @lru_cache(maxsize=1)
 def load() -> ctypes.CDLL:
-    """The kernel library (built on first use); raises ``NativeKernelUnavailable`` with the reason."""
+    """The kernel library (built on first use); raises ``NativeKernelUnavailable`` with the
+    reason."""
     if os.environ.get("HPCM_NATIVE", "1") == "0":
         raise NativeKernelUnavailable("turned off by HPCM_NATIVE=0")
     compiler = _compiler()
@@ -214,8 +216,8 @@ def _torch_sqrt_function(library: ctypes.CDLL) -> int | None:
         if torch.equal(out, expected):
             return address
     raise NativeKernelUnavailable(
-        f"torch.sqrt on this CPU matches none of {[name for name, _ in candidates]}; the kernel would "
-        "not be bit-identical to the torch path"
+        f"torch.sqrt on this CPU matches none of {[name for name, _ in candidates]}; the kernel "
+        "would not be bit-identical to the torch path"
     )
 
 

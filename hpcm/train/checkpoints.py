@@ -3,9 +3,9 @@
 A run directory keeps two generations of the full training state: ``checkpoint_last.pth.tar``
 (newest) and ``checkpoint_prev.pth.tar`` (the one before). Saving rotates last -> prev and then
 writes the new last atomically (``hpcm.util.io``: temporary file, fsync, rename), so at every
-instant at least one complete checkpoint exists. Resuming takes the newest checkpoint that loads and carries
-the expected format tag; an unreadable newest one falls back to the previous with a warning and
-is renamed aside to ``checkpoint_last.corrupt`` (so the next save cannot rotate it over the only
+instant at least one complete checkpoint exists. Resuming takes the newest checkpoint that loads and
+carries the expected format tag; an unreadable newest one falls back to the previous with a warning
+and is renamed aside to ``checkpoint_last.corrupt`` (so the next save cannot rotate it over the only
 valid generation in ``checkpoint_prev``).
 
 ``epoch_best.pth.tar`` is different on purpose: a raw model state dict in the official HPCM layout
@@ -92,7 +92,8 @@ def save_training_state(run_dir: str | Path, state: dict[str, Any]) -> Path:
 
 
 def _read_state(path: Path, map_location: Any) -> dict[str, Any]:
-    # weights_only=False: the file holds our own RNG states and config (python objects), not foreign data.
+    # weights_only=False: the file holds our own RNG states and config (python objects), not foreign
+    # data.
     state = torch.load(path, map_location=map_location, weights_only=False)
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
@@ -104,7 +105,8 @@ def _read_state(path: Path, map_location: Any) -> dict[str, Any]:
 
 
 def model_weights_of_training_state(path: str | Path) -> dict[str, torch.Tensor] | None:
-    """The model state dict inside a training checkpoint of this project, or None for any other file."""
+    """The model state dict inside a training checkpoint of this project, or None for any other
+    file."""
     try:
         return _read_state(Path(path), "cpu")["model"]
     except Exception:  # not ours (or unreadable): the caller reports its own error
@@ -136,7 +138,8 @@ def load_latest_state(run_dir: str | Path, map_location: Any = "cpu") -> dict[st
     """The newest valid training state in ``run_dir``, or None when there is none at all.
 
     Corrupt candidates are reported with a warning; if every candidate is corrupt, raise
-    CheckpointCorruptError (a RuntimeError) rather than silently starting over (that would overwrite the work the files stand for).
+    CheckpointCorruptError (a RuntimeError) rather than silently starting over (that would overwrite
+    the work the files stand for).
     """
     run_dir = Path(run_dir)
     candidates = [run_dir / CHECKPOINT_LAST, run_dir / CHECKPOINT_PREV]
@@ -205,7 +208,8 @@ def finished_run_config(run_dir: Path) -> dict[str, Any]:
 
 
 def coder_ready_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """CPU state dict of a copy of ``model`` with its entropy-coder tables built (``update(force=True)``).
+    """CPU state dict of a copy of ``model`` with its entropy-coder tables built
+    (``update(force=True)``).
 
     A copy, so the training model (and its RNG use, device and mode) is untouched.
     """
@@ -227,7 +231,8 @@ def run_labels(cfg: RunConfig) -> dict[str, Any]:
 
 
 def save_model_export(model: torch.nn.Module, path: str | Path, labels: dict[str, Any]) -> Path:
-    """The official raw layout, coder tables built, ``labels`` in its metadata (what hpcm.evaluate loads)."""
+    """The official raw layout, coder tables built, ``labels`` in its metadata (what hpcm.evaluate
+    loads)."""
     atomic_torch_save(with_run_metadata(coder_ready_state_dict(model), **labels), path)
     return Path(path)
 
@@ -247,7 +252,8 @@ def save_best_model(
 
 
 def snapshot_steps(run_dir: str | Path) -> list[int]:
-    """The steps of the snapshot files in ``run_dir`` (a model file, a balanced state or both), ascending."""
+    """The steps of the snapshot files in ``run_dir`` (a model file, a balanced state or both),
+    ascending."""
     steps = set()
     for path in Path(run_dir).iterdir():
         match = _SNAPSHOT_FILE.fullmatch(path.name)
@@ -264,9 +270,11 @@ def save_snapshot(
     keep: int,
     save_balanced_state: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write ``epoch_{step}.pth.tar`` (+ ``balanced_state_{step}.pth``), then keep the newest ``keep`` (0 = all).
+    """Write ``epoch_{step}.pth.tar`` (+ ``balanced_state_{step}.pth``), then keep the newest
+    ``keep`` (0 = all).
 
-    Every file is written atomically; older snapshots are deleted only after the new one is complete.
+    Every file is written atomically; older snapshots are deleted only after the new one is
+    complete.
     """
     if keep < 0:
         raise ValueError(f"snapshot_keep = {keep!r}: must be >= 0 (0 keeps every snapshot)")

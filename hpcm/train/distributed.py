@@ -1,4 +1,5 @@
-"""Data-parallel training over processes (``torchrun``): the one place that talks to torch.distributed.
+"""Data-parallel training over processes (``torchrun``): the one place that talks to
+torch.distributed.
 
     torchrun --nproc-per-node N -m hpcm.train --config RUN.yaml --output-dir DIR
 
@@ -7,7 +8,8 @@ MASTER_PORT); without it (``python -m hpcm.train``) it returns the single-proces
 methods change nothing, so one-process runs are bit-identical to the code without DDP. Backend:
 NCCL on CUDA (device ``cuda:LOCAL_RANK``), gloo on CPU.
 
-What makes N processes x B/N samples train like one process x B (``batch_size`` is the global batch):
+What makes N processes x B/N samples train like one process x B (``batch_size`` is the global
+batch):
 
 * data: rank r takes rows r*B/N .. (r+1)*B/N - 1 of each step's global batch (same images, same
   per-sample crops, ``hpcm.data.images.StepBatchSampler``); the quantisation noise of the whole
@@ -192,8 +194,8 @@ class Processes:
             operation(*args, **kwargs)
         except (RuntimeError, dist.DistBackendError) as exc:
             raise CollectiveFailed(
-                f"rank {self.rank} of {self.world_size}: {operation.__name__} failed: another rank crashed or "
-                f"did not answer within dist_timeout_s; see that rank's log. ({exc})"
+                f"rank {self.rank} of {self.world_size}: {operation.__name__} failed: another rank "
+                f"crashed or did not answer within dist_timeout_s; see that rank's log. ({exc})"
             ) from exc
 
 
@@ -209,8 +211,9 @@ class _MeanOverRanks(torch.autograd.Function):
             dist.all_gather(gathered, local.contiguous())
         except (RuntimeError, dist.DistBackendError) as exc:
             raise CollectiveFailed(
-                f"rank {dist.get_rank()} of {world_size}: all_gather of the losses failed: another rank crashed "
-                f"or did not answer within dist_timeout_s; see that rank's log. ({exc})"
+                f"rank {dist.get_rank()} of {world_size}: all_gather of the losses failed: another "
+                "rank crashed or did not answer within dist_timeout_s; see that rank's log. "
+                f"({exc})"
             ) from exc
         total = gathered[0].clone()
         for part in gathered[1:]:

@@ -10,8 +10,9 @@ entropy-coder tables, not running statistics, and AveragedModel copies them from
 every update. The averaged copy lives on the model's device; its ``n_averaged`` counter stays on
 the CPU (AveragedModel's default), so reading it is no device synchronisation.
 
-The official Balanced R-D trainer (``balanced-rd/train_balanced.py`` in yutendo0714/LIC-HPCM-Balanced)
-uses ``torch_ema.ExponentialMovingAverage(net.parameters(), decay=0.999)`` with torch_ema's default
+The official Balanced R-D trainer (``balanced-rd/train_balanced.py`` in
+yutendo0714/LIC-HPCM-Balanced) uses ``torch_ema.ExponentialMovingAverage(net.parameters(),
+decay=0.999)`` with torch_ema's default
 ``use_num_updates=True``: its effective decay is ``min(0.999, (1 + n) / (10 + n))`` at update n, a
 warm-up that reaches 0.999 after 8,990 updates. This module keeps the constant decay of
 ``get_ema_multi_avg_fn`` (no warm-up); see docs/workflow.md for the rest of the comparison.
@@ -24,7 +25,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 
 def build_ema(model: torch.nn.Module, decay: float) -> AveragedModel | None:
-    """The moving average of ``model``'s parameters, starting at their current values; None when decay is 0."""
+    """The moving average of ``model``'s parameters, starting at their current values; None when
+    decay is 0."""
     if decay == 0:
         return None
     if not 0 < decay < 1:

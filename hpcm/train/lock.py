@@ -86,15 +86,17 @@ def hold_run_folder(run_dir: str | Path, rank: int = 0) -> Iterator[Path | None]
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise RunFolderLocked(
-                f"{run_dir} is in use by {_holder(path)}; wait for that run to end (or stop it), or use "
-                "another output directory. The lock ends with its process, so no file needs removing"
+                f"{run_dir} is in use by {_holder(path)}; wait for that run to end (or stop it), "
+                "or use another output directory. The lock ends with its process, so no file "
+                "needs removing"
             ) from None
         except OSError as exc:
             if exc.errno in _UNSUPPORTED:
                 raise RunLockUnsupported(
-                    f"{run_dir}: the filesystem does not support file locks ({os.strerror(exc.errno)}); "
-                    "two trainers could then write one run folder. Use a run folder on a filesystem with "
-                    "working flock (see hpcm/train/lock.py for NFS/Lustre/BeeGFS mount options)"
+                    f"{run_dir}: the filesystem does not support file locks "
+                    f"({os.strerror(exc.errno)}); two trainers could then write one run folder. "
+                    "Use a run folder on a filesystem with working flock (see hpcm/train/lock.py "
+                    "for NFS/Lustre/BeeGFS mount options)"
                 ) from None
             raise
         os.ftruncate(fd, 0)

@@ -137,7 +137,8 @@ class MetricsCSV:
             reader = csv.DictReader(handle)
             if reader.fieldnames is None or not set(reader.fieldnames) <= set(METRIC_COLUMNS):
                 return []  # a foreign or empty file: start the table afresh
-            # (a header with fewer columns is this table before columns were added: its cells are kept)
+            # (a header with fewer columns is this table before columns were added: its cells are
+            # kept)
             for row in reader:
                 # a line cut by a crash has missing cells (None) or a non-integer step: drop it
                 if None in row.values() or not (row.get("step") or "").isdigit():

@@ -1,13 +1,15 @@
-"""Train one (variant, lambda) run of HPCM: ``python -m hpcm.train --config RUN.yaml --output-dir DIR``.
+"""Train one (variant, lambda) run of HPCM: ``python -m hpcm.train --config RUN.yaml --output-dir
+DIR``.
 
     python -m hpcm.train --config RUN.yaml --output-dir DIR [--set key=value ...]
 
 This module only wires the pieces together: models (``hpcm.models``), optimizers (``hpcm.optim``),
 losses (``hpcm.train.losses``), schedules (``hpcm.train.schedules``), data (``hpcm.data.images``),
-checkpoints and resuming (``hpcm.train.checkpoints``), the folder lock (``hpcm.train.lock``), signals
-(``hpcm.train.interrupt``) and logs (``hpcm.train.logs``). ``Run.train_step`` is one optimizer step,
-from batch to optimizer, on one screen. The run-config keys, their defaults and the variant presets
-are listed by ``--help`` and documented in ``hpcm.config.run_config`` (``RunConfig``).
+checkpoints and resuming (``hpcm.train.checkpoints``), the folder lock (``hpcm.train.lock``),
+signals (``hpcm.train.interrupt``) and logs (``hpcm.train.logs``). ``Run.train_step`` is one
+optimizer step, from batch to optimizer, on one screen. The run-config keys, their defaults and the
+variant presets are listed by ``--help`` and documented in ``hpcm.config.run_config``
+(``RunConfig``).
 
 Recipe (every variant, so that comparisons are fair): lr 1e-4 dropped to 3e-5 / 1e-5 / 1e-6 at the
 fractions 2750/3000, 2850/3000, 2950/3000 of the run (official HPCM), gradient-norm clip 1.0,
@@ -20,8 +22,9 @@ validation loss), ``balanced_state_best.pth`` (balanced optimizers), ``run.yaml`
 package version, git commit), wandb files (``wandb/``), and ``done``, written last. With
 ``ema_decay`` > 0 the moving average of the weights (``hpcm.train.ema``) is validated and exported
 instead of the raw weights; ``snapshot_every`` > 0 adds ``epoch_<step>.pth.tar`` snapshots
-(+ ``balanced_state_<step>.pth``), the newest ``snapshot_keep`` of them kept (``hpcm.train.checkpoints``).
-Phase 4 context-aware fine-tuning (``group_lr``, ``freeze``, ``unfreeze_schedule``,
+(+ ``balanced_state_<step>.pth``), the newest ``snapshot_keep`` of them kept
+(``hpcm.train.checkpoints``). Phase 4 context-aware fine-tuning (``group_lr``, ``freeze``,
+``unfreeze_schedule``,
 ``scale_early_stop_patience``) is ``hpcm.train.phase4``: per-group lr ratios, freezing before each
 step, and per-scale early stopping on the validation's per-scale y rates (``val_s{1,2,3}_bpp``).
 
@@ -106,7 +109,8 @@ def scale_losses(metrics: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 class Run:
-    """Everything one training run wires together: ``open_data``, then ``build`` (fresh or from a state)."""
+    """Everything one training run wires together: ``open_data``, then ``build`` (fresh or from a
+    state)."""
 
     def __init__(
         self,
@@ -155,7 +159,8 @@ class Run:
         cfg = self.cfg
         checkpointing.seed_everything(cfg.seed)
         if state is None and cfg.init_checkpoint:
-            # Phase 2 fine-tuning: official raw state dicts and project files alike; fresh optimizer.
+            # Phase 2 fine-tuning: official raw state dicts and project files alike; fresh
+            # optimizer.
             self.model = checkpointing.load_initial_model(cfg.init_checkpoint, cfg.model)
         else:
             self.model = models.build_model(cfg.model)
@@ -178,8 +183,9 @@ class Run:
         self.model.train()
         self.ema = build_ema(self.model, cfg.ema_decay)  # before restore(), which loads its state
         self.model.noise_shard = (self.processes.rank, self.processes.world_size)
-        # compile: forward and loss of a training step go through torch.compile; self.model stays the
-        # eager module (state-dict names without ``_orig_mod.``, checkpoints, validation, coder tables)
+        # compile: forward and loss of a training step go through torch.compile; self.model stays
+        # the eager module (state-dict names without ``_orig_mod.``, checkpoints, validation, coder
+        # tables)
         self._forward_and_loss = self.forward_and_loss
         if cfg.compile:
             # inductor's own RNG would draw other quantisation noise than eager (same seed, other
@@ -203,7 +209,8 @@ class Run:
                 self.decomposition.ratio_parameters()
             )  # the seed's learnable ratios train with the model
         params += extra
-        # Phase 4 (hpcm.train.phase4): one optimizer param group per parameter group, with its lr ratio
+        # Phase 4 (hpcm.train.phase4): one optimizer param group per parameter group, with its lr
+        # ratio
         self.phase4 = (
             phase4.Phase4(self.model, cfg, self.total_steps, extra)
             if phase4.is_active(cfg)
@@ -323,7 +330,8 @@ class Run:
         return data.epoch_of(step, self.cfg.batch_size, len(self.train_set))
 
     def adapt_gammas_at_epoch_end(self, step: int) -> None:
-        """The adaptive strategy moves once per epoch on the epoch's mean scale losses (as the seed)."""
+        """The adaptive strategy moves once per epoch on the epoch's mean scale losses (as the
+        seed)."""
         if self.gamma_manager is None or self.gamma_manager.strategy != "adaptive":
             return
         if step % self.steps_per_epoch and step != self.total_steps:
@@ -347,8 +355,9 @@ class Run:
             )
         except KeyError as error:
             raise KeyError(
-                f"the loss of optimizer {self.cfg.optimizer!r} (decomposition {self.cfg.decomposition!r}) "
-                f"returned no {error.args[0]!r}, needed for metrics.csv column(s) "
+                f"the loss of optimizer {self.cfg.optimizer!r} (decomposition "
+                f"{self.cfg.decomposition!r}) returned no {error.args[0]!r}, needed for "
+                "metrics.csv column(s) "
                 f"{[c for c, k in zip(self.sum_columns, self._sum_keys) if k == error.args[0]]}; "
                 f"it returned {sorted(metrics)}"
             ) from None
@@ -421,7 +430,8 @@ class Run:
 
     @property
     def eval_model(self) -> torch.nn.Module:
-        """The weights validated and exported (epoch_best, snapshots): the moving average when ema_decay > 0."""
+        """The weights validated and exported (epoch_best, snapshots): the moving average when
+        ema_decay > 0."""
         return self.model if self.ema is None else self.ema.module
 
     # -- validation on full images (padded to the model multiple), estimated rate
@@ -531,7 +541,8 @@ def save_best(run: Run) -> None:
 
 
 class LogWindow:
-    """Sums of the run's TRAIN_SUMS metrics, then of loss**2 (for loss_std), since the last logged row.
+    """Sums of the run's TRAIN_SUMS metrics, then of loss**2 (for loss_std), since the last logged
+    row.
 
     Kept on the device: the only host sync is the ``.tolist()`` of a logged step. float64 so that
     the variance (mean of squares minus squared mean) does not cancel away over long windows; the
@@ -550,7 +561,8 @@ class LogWindow:
         self.steps += 1
 
     def row(self, step: int, lr: float) -> dict[str, Any]:
-        """The metrics.csv row of this window (means, loss spread, skips, step time); starts a new window."""
+        """The metrics.csv row of this window (means, loss spread, skips, step time); starts a new
+        window."""
         run, now = self.run, time.perf_counter()
         *window_means, mean_square = (self.sums / self.steps).tolist()
         means = dict(zip(run.sum_columns, window_means))
@@ -587,8 +599,9 @@ def validate_and_keep_best(run: Run) -> dict[str, float]:
         stopping = run.phase4.observe_validation(run.step, val)
         if stopping and run.processes.is_writer:
             print_err(
-                f"step {run.step}: scale(s) {', '.join(stopping)} stopped improving their validation rate "
-                f"for {run.cfg.scale_early_stop_patience} validations; their context parameters stop"
+                f"step {run.step}: scale(s) {', '.join(stopping)} stopped improving their "
+                f"validation rate for {run.cfg.scale_early_stop_patience} validations; their "
+                "context parameters stop"
             )
     if val["val_loss"] < run.best_val_loss:
         run.best_val_loss = val["val_loss"]
@@ -697,7 +710,8 @@ def train(run: Run, stop: StopFlag) -> int:
             if step % cfg.checkpoint_every == 0 or last or stopping:
                 save_checkpoint(run)
             if stopping and not last:
-                processes.barrier()  # no rank exits (torchrun then stops the others) before rank 0 has saved
+                # no rank exits (torchrun then stops the others) before rank 0 has saved
+                processes.barrier()
                 cause = (
                     f"received {signal.Signals(stop.signum).name}"
                     if stop.signum
@@ -736,10 +750,12 @@ def train(run: Run, stop: StopFlag) -> int:
 
 
 def run_training(cfg: RunConfig, out: Path) -> int:
-    """Resume or start the run in ``out``, holding its lock (one writer per folder); the exit code."""
+    """Resume or start the run in ``out``, holding its lock (one writer per folder); the exit
+    code."""
     if out.exists() and not out.is_dir():
         print_err(
-            f"error: --output-dir {out} is a file, not a directory; pass a directory (created if missing)"
+            f"error: --output-dir {out} is a file, not a directory; pass a directory (created if "
+            "missing)"
         )
         return EXIT_CONFIG
     try:
@@ -837,10 +853,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train one (variant, lambda) HPCM run; re-run the same command to resume.",
         epilog=run_config.help_text()
-        + f"\n\nexit codes: {EXIT_OK} finished (or already finished), "
-        f"{EXIT_CONFIG} bad command line/config/data (nothing done; or no readable checkpoint, or an "
-        f"image unreadable mid-run after saving the state), {EXIT_INTERRUPTED} stopped by "
-        f"SIGTERM/SIGINT after saving a checkpoint (re-run to resume), {EXIT_CRASH} crash.",
+        + f"\n\nexit codes: {EXIT_OK} finished (or already finished), {EXIT_CONFIG} bad command "
+        "line/config/data (nothing done; or no readable checkpoint, or an image unreadable "
+        f"mid-run after saving the state), {EXIT_INTERRUPTED} stopped by SIGTERM/SIGINT after "
+        f"saving a checkpoint (re-run to resume), {EXIT_CRASH} crash.",
     )
     parser.add_argument(
         "--config", help="run config YAML (flat key: value mapping); omitted = defaults only"

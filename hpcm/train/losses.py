@@ -9,8 +9,8 @@ MS-SSIM loss (run-config ``distortion: ms_ssim``), the HPCM maintainer's (lyq133
     data_range=1.0) (5 scales, 11-tap Gaussian window, weights 0.0448 ... 0.1333, batch mean),
     loss = distortion + bpp_loss, with the official MS-SSIM lambdas 2.4 ... 60.5. The distortion
     task of Balanced / QP is then lmbda * (1 - MS-SSIM). Images need a side of at least
-    ``MS_SSIM_MIN_SIDE`` (161) px; smaller ones are refused (no silent fewer-scale variant: that would
-    be another metric than the evaluation's).
+    ``MS_SSIM_MIN_SIDE`` (161) px; smaller ones are refused (no silent fewer-scale variant: that
+    would be another metric than the evaluation's).
 
 Three decompositions, all ``forward(output, target, scale_bits=None) -> (tasks (5,), details)``:
 
@@ -24,9 +24,9 @@ Three decompositions, all ``forward(output, target, scale_bits=None) -> (tasks (
   D by a one-level orthonormal Haar transform of the error e = x_hat - x, per channel: s1_d is the
   coarse (LL) band energy, s2_d the three detail bands. Parseval (orthonormal transform; odd sizes
   are zero-padded, which adds no energy) makes s1_d + s2_d = D exactly, so s2_d is computed as
-  D - s1_d and the five tasks sum to the standard loss. The split is by spatial frequency of the error, not an attribution of
-  distortion to latent scales (the decoder mixes all scales); coarse error is what s1, the
-  coarse latent grid, mostly controls.
+  D - s1_d and the five tasks sum to the standard loss. The split is by spatial frequency of the
+  error, not an attribution of distortion to latent scales (the decoder mixes all scales); coarse
+  error is what s1, the coarse latent grid, mostly controls.
   With ``distortion: ms_ssim`` the same split is made at the same place, the first dyadic level,
   in MS-SSIM's own terms: -log MS-SSIM = sum_j w_j (-log cs_j) + w_5 (-log l_5 cs_5) over the five
   pyramid levels (per image and channel, averaged over the batch). The full-resolution term
@@ -100,7 +100,8 @@ def _check_images(output: Mapping, target: torch.Tensor) -> torch.Tensor:
     x_hat = output["x_hat"]
     if x_hat.shape != target.shape or target.ndim != 4:
         raise ValueError(
-            f"x_hat shape {tuple(x_hat.shape)} must equal target shape {tuple(target.shape)} (B,C,H,W)"
+            f"x_hat shape {tuple(x_hat.shape)} must equal target shape {tuple(target.shape)} "
+            "(B,C,H,W)"
         )
     return x_hat
 
@@ -113,9 +114,9 @@ def bits(likelihoods: torch.Tensor) -> torch.Tensor:
 def check_ms_ssim_size(target: torch.Tensor) -> None:
     if min(target.shape[-2:]) < MS_SSIM_MIN_SIDE:
         raise ValueError(
-            f"MS-SSIM (pytorch_msssim: 5 scales, 11-tap window) needs images with a side of at least "
-            f"{MS_SSIM_MIN_SIDE} px, got {tuple(target.shape[-2:])}; use patch_size >= 192 (and validation "
-            "images that large) or distortion: mse"
+            "MS-SSIM (pytorch_msssim: 5 scales, 11-tap window) needs images with a side of at "
+            f"least {MS_SSIM_MIN_SIDE} px, got {tuple(target.shape[-2:])}; use patch_size >= 192 "
+            "(and validation images that large) or distortion: mse"
         )
 
 
@@ -169,7 +170,8 @@ def ms_ssim_log_terms(x_hat: torch.Tensor, target: torch.Tensor) -> torch.Tensor
 
 
 def haar_coarse_band(error: torch.Tensor, levels: int = 1) -> torch.Tensor:
-    """The LL band of ``levels`` levels of the orthonormal 2-D Haar transform of ``error`` (B, C, H, W).
+    """The LL band of ``levels`` levels of the orthonormal 2-D Haar transform of ``error`` (B, C, H,
+    W).
 
     Each level zero-pads odd sizes (no energy added) and maps every 2x2 block (a b; c d) to
     LL = (a+b+c+d)/2, one 2x2 average pooling (cheaper, forward and backward, than four strided
@@ -287,7 +289,8 @@ class MeasuredHierarchicalLoss(nn.Module):
     ):
         if scale_bits is None:
             raise ValueError(
-                "the measured decomposition needs scale_bits (B, 3) from model.scale_bits(likelihoods_y)"
+                "the measured decomposition needs scale_bits (B, 3) from "
+                "model.scale_bits(likelihoods_y)"
             )
         rd = rate_distortion(output, target, self.lmbda, self.distortion)
         batch = target.shape[0]
@@ -301,7 +304,8 @@ class MeasuredHierarchicalLoss(nn.Module):
             self._check_rate(scale_bpp.detach().sum(), rd["y_bpp"].detach())
             self._checked_shapes.add(tuple(target.shape))
         if self.distortion == "ms_ssim":
-            # D's share of MS-SSIM's half-resolution and coarser levels in -log MS-SSIM (module docstring)
+            # D's share of MS-SSIM's half-resolution and coarser levels in -log MS-SSIM (module
+            # docstring)
             terms = ms_ssim_log_terms(output["x_hat"], target)
             coarse_share = terms[1:].sum() / terms.sum().clamp_min(1e-12)
             coarse_distortion = rd["distortion"] * coarse_share
@@ -327,8 +331,8 @@ class MeasuredHierarchicalLoss(nn.Module):
         scale_value, y_value = torch.stack([scale_total.double(), y_bpp.double()]).tolist()
         if abs(scale_value - y_value) > self.rate_rtol * max(abs(y_value), 1e-12):
             raise ValueError(
-                f"scale_bits sum to {scale_value:.6g} bpp but the y likelihoods give {y_value:.6g} bpp; "
-                "scale_bits must partition the bits of y"
+                f"scale_bits sum to {scale_value:.6g} bpp but the y likelihoods give {y_value:.6g} "
+                "bpp; scale_bits must partition the bits of y"
             )
 
 

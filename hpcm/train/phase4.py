@@ -58,7 +58,8 @@ def is_active(cfg: RunConfig) -> bool:
 
 
 def unfreeze_step(fraction: float, total_steps: int) -> int:
-    """The first step at which a group of ``unfreeze_schedule`` trains (lr_at's milestone convention)."""
+    """The first step at which a group of ``unfreeze_schedule`` trains (lr_at's milestone
+    convention)."""
     return round(fraction * total_steps) + 1
 
 
@@ -92,7 +93,8 @@ class Phase4:
 
     # -- the optimizer's parameter groups
     def optimizer_groups(self) -> list[dict[str, Any]]:
-        """One torch param group per parameter group (and one for ``extra``), each with its lr_ratio."""
+        """One torch param group per parameter group (and one for ``extra``), each with its
+        lr_ratio."""
         groups = [
             {
                 "params": [p for n, p in self.params.items() if self.assignment[n].group == g],
@@ -159,7 +161,8 @@ class Phase4:
 
     # -- log and state
     def columns(self) -> dict[str, Any]:
-        """metrics.csv cells: the groups updating now (context per scale when some stopped) and their size."""
+        """metrics.csv cells: the groups updating now (context per scale when some stopped) and
+        their size."""
         if not self.active or self._trainable is None:
             return {}
         parts = []

@@ -1,4 +1,5 @@
-"""Schedules: learning-rate milestones, single-gamma schedules (Phase 2), ScaleGammaManager (Phase 3).
+"""Schedules: learning-rate milestones, single-gamma schedules (Phase 2), ScaleGammaManager (Phase
+3).
 
 Everything is expressed in fractions of the run, so the same config drives a 3000-epoch paper run
 and a 200-step CPU demo. ``progress = step / total`` is clamped to [0, 1].
@@ -75,7 +76,8 @@ def lr_at(
     milestones: Sequence[float] = (),
     values: Sequence[float] = (),
 ) -> float:
-    """Piecewise-constant lr: ``values[k]`` from ``round(milestones[k] * total)`` on, else ``base_lr``."""
+    """Piecewise-constant lr: ``values[k]`` from ``round(milestones[k] * total)`` on, else
+    ``base_lr``."""
     if len(milestones) != len(values):
         raise ValueError(
             f"lr_milestones {list(milestones)} and lr_values {list(values)} differ in length"
@@ -92,7 +94,8 @@ def lr_at(
 
 
 def set_lr(optimizer, lr: float) -> None:
-    """Every param group to ``lr`` times its ``lr_ratio`` (Phase 4 groups, ``hpcm.train.phase4``; else 1)."""
+    """Every param group to ``lr`` times its ``lr_ratio`` (Phase 4 groups, ``hpcm.train.phase4``;
+    else 1)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_ratio", 1.0)
 

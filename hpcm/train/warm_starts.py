@@ -1,8 +1,8 @@
 """The demo's shipped warm starts: export trained runs as small fp16 files, and verify them.
 
 ``export`` reads the selected weights of each run of a pretraining study
-(``results/train/<variant>/lmbda<L>/seed<k>/final.pth.tar``, one seed per lambda, see workflow/configs/pretrain.yaml), stores
-the model's trained parameters in float16 with the
+(``results/train/<variant>/lmbda<L>/seed<k>/final.pth.tar``, one seed per lambda, see
+workflow/configs/pretrain.yaml), stores the model's trained parameters in float16 with the
 preset name and config (buffers as they are), as ``<output>/hpcm_tiny_lmbda<L>.pt``, and records in
 ``<output>/warm_starts.json`` each file's SHA-256 and size, the run's steps and best validation
 loss (float32, as trained), and the validation metrics of the shipped float16 weights loaded

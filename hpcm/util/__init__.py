@@ -1,1 +1,2 @@
-"""Helpers below every stage: atomic writes and hashes (``io``), the command wrapper (``cli``), devices."""
+"""Helpers below every stage: atomic writes and hashes (``io``), the command wrapper (``cli``),
+devices."""

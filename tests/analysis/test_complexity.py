@@ -1,4 +1,5 @@
-"""hpcm.analysis.complexity and benchmarks/complexity.py: the MAC counter against closed-form counts, and the script on HPCM_Tiny."""
+"""hpcm.analysis.complexity and benchmarks/complexity.py: the MAC counter against closed-form
+counts, and the script on HPCM_Tiny."""
 
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ def test_counter_equals_the_closed_form_of_one_conv():
 
 
 def test_tiny_analysis_transform_equals_the_sum_of_its_convs():
-    """g_a of HPCM_Tiny holds only convolutions: the counter's part equals the closed form summed by hooks."""
+    """g_a of HPCM_Tiny holds only convolutions: the counter's part equals the closed form summed by
+    hooks."""
     model = build_model("HPCM_Tiny").eval()
     closed = []
     hooks = [

@@ -1,4 +1,5 @@
-"""hpcm.analysis.phase2: BD-rates over gamma x w_lr against closed-form rate shifts, best point, overlap marks."""
+"""hpcm.analysis.phase2: BD-rates over gamma x w_lr against closed-form rate shifts, best point,
+overlap marks."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from hpcm.analysis.tables import TableError
 
 REFERENCE = [(0.20, 29.0), (0.45, 32.0), (0.90, 35.0), (1.50, 37.5)]
 LAMBDAS = (0.0035, 0.013, 0.0483, 0.1)
-# (gamma, w_lr) -> rate factor: the same PSNRs at bpp * factor, so BD-rate = (factor - 1) * 100 exactly
+# (gamma, w_lr) -> rate factor: the same PSNRs at bpp * factor, so BD-rate = (factor - 1) * 100
+# exactly
 GRID = {(0.001, 0.01): 0.97, (0.001, 0.05): 1.01, (0.01, 0.01): 0.95, (0.01, 0.05): 0.96}
 INCLUDED = ("phase1", (0.003, 0.025), 0.99)
 

@@ -1,4 +1,5 @@
-"""hpcm.analysis.summary: BD-rates vs the reference and an anchor from closed-form rate shifts, hours, complexity."""
+"""hpcm.analysis.summary: BD-rates vs the reference and an anchor from closed-form rate shifts,
+hours, complexity."""
 
 from __future__ import annotations
 

@@ -69,7 +69,8 @@ def gpu_check():
 
 
 def run_in_process(module, tmp_path: Path, capsys, *args: str) -> tuple[int, str, dict]:
-    """(exit code, stdout, JSON) of ``main`` with the --quick CPU options; the thread count it sets is restored."""
+    """(exit code, stdout, JSON) of ``main`` with the --quick CPU options; the thread count it sets
+    is restored."""
     threads = torch.get_num_threads()
     try:
         code = module.main(["--device", "cpu", "--quick", "--out-dir", str(tmp_path), *args])

@@ -24,7 +24,8 @@ class _OneConv(nn.Module):
 
 
 def test_train_step_flops_are_the_forward_and_weight_gradient_products():
-    """x needs no gradient, so the backward is the weight gradient alone: 2 x (2 * C_out * C_in * H * W)."""
+    """x needs no gradient, so the backward is the weight gradient alone: 2 x (2 * C_out * C_in * H
+    * W)."""
     model, x = _OneConv(), torch.rand(2, 3, 4, 6)
     forward = 2 * 5 * 3 * (2 * 4 * 6)
     assert model_speed.train_step_flops(model, x) == 2 * forward
@@ -85,7 +86,8 @@ def test_script_prints_the_train_steps_arithmetic(capsys, tmp_path):
     gflop, rate, share = (
         float(v)
         for v in re.search(
-            r"train step ours: ([0-9.]+) GFLOP at ([0-9.]+) GFLOP/s, ([0-9.]+)% of profiled steps in convolution",
+            r"train step ours: ([0-9.]+) GFLOP at ([0-9.]+) GFLOP/s, ([0-9.]+)% of profiled steps "
+            r"in convolution",
             out,
         ).groups()
     )

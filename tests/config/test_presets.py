@@ -56,7 +56,8 @@ def test_a_preset_name_stands_for_its_values_under_its_key_only():
 
 
 def test_seed_defaults_are_the_seed_values():
-    """The seed's HierarchicalBalanced / ScaleGammaManager defaults, spelled as the seed spells them."""
+    """The seed's HierarchicalBalanced / ScaleGammaManager defaults, spelled as the seed spells
+    them."""
     import torch
 
     from hpcm.optim import HierarchicalBalanced

@@ -1,4 +1,5 @@
-"""Run config: defaults, presets, --set parsing, types and impossible values; metrics/wandb logging."""
+"""Run config: defaults, presets, --set parsing, types and impossible values; metrics/wandb
+logging."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""hpcm.config.study on its own (no Snakemake): variants, paths, run YAMLs and every config check."""
+"""hpcm.config.study on its own (no Snakemake): variants, paths, run YAMLs and every config
+check."""
 
 from __future__ import annotations
 
@@ -222,8 +223,8 @@ def test_patch_size_must_be_a_multiple_of_the_models_pad_multiple(model, size):
     message = error_of(small(model=model, training={"patch_size": size}))
     multiple = preset_config(model).pad_multiple
     assert (
-        f"config key 'training.patch_size': {size} is not a multiple of {multiple}, the pad multiple of {model}"
-        in message
+        f"config key 'training.patch_size': {size} is not a multiple of {multiple}, the pad "
+        f"multiple of {model}" in message
     )
 
 

@@ -24,7 +24,8 @@ needs_kodak = pytest.mark.skipif(
 def kodak_copy(tmp_path, monkeypatch):
     """Stand-ins for kodim01-03: crops of photos that ship with scikit-image, under Kodak's names,
     with their hashes put into the pinned table, so that preparation, tampering, archives and the
-    CLI are tested on a clone without ../shared (the pinned Kodak hashes: test_pinned_hashes_...)."""
+    CLI are tested on a clone without ../shared (the pinned Kodak hashes:
+    test_pinned_hashes_...)."""
     from PIL import Image
     from skimage import data
 

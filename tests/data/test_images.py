@@ -1,4 +1,5 @@
-"""hpcm.data: image folders, conversions, bad images, the embedded sample split, step-pure data order."""
+"""hpcm.data: image folders, conversions, bad images, the embedded sample split, step-pure data
+order."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Evaluation labels come from the checkpoint; arguments and checkpoints are checked before any image
-is coded (issue 10, points 5, 6, 7). Small random images: no dataset needed."""
+"""Evaluation labels come from the checkpoint; arguments and checkpoints are checked before any
+image is coded (issue 10, points 5, 6, 7). Small random images: no dataset needed."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Checkpoint loading: official raw state dicts, prefixes, legacy releases, own files, wrong architecture."""
+"""Checkpoint loading: official raw state dicts, prefixes, legacy releases, own files, wrong
+architecture."""
 
 from __future__ import annotations
 

@@ -78,7 +78,8 @@ def test_compress_is_deterministic_and_per_image(tiny):
 
 
 def calibrated_tiny(scale_bias: float) -> torch.nn.Module:
-    """Golden-init Tiny with predicted scales near ``scale_bias`` and means 0 (latents inside the tables)."""
+    """Golden-init Tiny with predicted scales near ``scale_bias`` and means 0 (latents inside the
+    tables)."""
     return calibrate_output_biases(init_like_golden(build_model("HPCM_Tiny")).eval(), scale_bias)
 
 
@@ -97,7 +98,8 @@ def rate_gaps(model, x: torch.Tensor) -> dict[str, tuple[int, float]]:
 
 @pytest.mark.parametrize("size", [(256, 320), (192, 448)])
 def test_bitstream_close_to_estimated_rate(size):
-    """With a fine scale table the coder adds < 2 % (16-bit CDFs, rANS) plus a few bytes per stream."""
+    """With a fine scale table the coder adds < 2 % (16-bit CDFs, rANS) plus a few bytes per
+    stream."""
     model = calibrated_tiny(3.0)
     model.update(scale_table=get_scale_table(0.12, 64, 480))
     for key, (actual, estimate) in rate_gaps(model, photo(*size)).items():
@@ -166,7 +168,8 @@ def test_corrupt_strings_argument(tiny):
 
 
 def test_loaded_weights_and_tables_replace_the_cached_tables():
-    """compress() reuses the coder lists of the last call; a load_state_dict must not see the old ones."""
+    """compress() reuses the coder lists of the last call; a load_state_dict must not see the old
+    ones."""
     x = photo(64, 128)
     source = calibrated_tiny(1.0)
     source.update(scale_table=get_scale_table(0.12, 64, 120))

@@ -88,8 +88,8 @@ def test_likelihood_and_gradients_equal_official(golden):
     # values) on an AVX-512 CPU (issue 16): the vectorised exp/pow of each ISA round differently and
     # the CDF difference amplifies it. rtol 2e-5 is 4.5x the widest spread measured.
     np.testing.assert_allclose(lik.detach().numpy(), golden["likelihoods"], rtol=2e-5, atol=1e-12)
-    # Gradients: 9.5e-7 absolute, 1.4e-6 relative (2 ulp of |g| ~ 5) under default, 0 under avx2; not
-    # measured on AVX-512 (the likelihood check failed first there). Allowing the likelihoods'
+    # Gradients: 9.5e-7 absolute, 1.4e-6 relative (2 ulp of |g| ~ 5) under default, 0 under avx2;
+    # not measured on AVX-512 (the likelihood check failed first there). Allowing the likelihoods'
     # 23x growth from default to AVX-512 (1.9e-7 -> 4.4e-6) gives ~3e-5 relative; 1e-4 / 1e-5 keep
     # 3x over that, still 1000x below a wrong-formula error (>= 1e-1 relative).
     for name, tensor in (("inputs", inputs), ("scales", scales), ("means", means)):

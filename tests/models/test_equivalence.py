@@ -24,8 +24,8 @@ from tests.fixtures.hpcm_support import (
 )
 from tests.paths import FIXTURES
 
-# Max |ours - official| of x_hat and likelihoods (tests/fixtures/measure_golden_spread.py, 1 thread):
-# 1.34e-6 (HPCM_Large x_hat), the largest over ATEN_CPU_CAPABILITY=default / avx2,
+# Max |ours - official| of x_hat and likelihoods (tests/fixtures/measure_golden_spread.py, 1
+# thread): 1.34e-6 (HPCM_Large x_hat), the largest over ATEN_CPU_CAPABILITY=default / avx2,
 # MKL_ENABLE_INSTRUCTIONS=AVX2 and ONEDNN_MAX_CPU_ISA=SSE41 on this AVX2 CPU; these tests pass on
 # an AVX-512 CPU too (issue 16). 1e-4 is 75x that, and 1000x below one quantisation step of y.
 TOL = 1e-4
@@ -45,7 +45,8 @@ def base_256(base):
         return base(image_tensor(golden()["image_256x256"]))
 
 
-# the golden cases: (fixture arch, preset, height, width); benchmarks/equivalence.py prints their diffs
+# the golden cases: (fixture arch, preset, height, width); benchmarks/equivalence.py prints their
+# diffs
 GOLDEN_CASES = (
     ("base", "HPCM_Base", 256, 256),
     ("base", "HPCM_Base", 256, 512),
@@ -132,7 +133,8 @@ def assert_equal_away_from_boundaries(
     ours, official = ours.long(), official.long()
     differ = ours != official
     assert not bool((differ & ~near).any()), (
-        f"{what}: {int((differ & ~near).sum())} of {int((~near).sum())} differ away from any boundary"
+        f"{what}: {int((differ & ~near).sum())} of {int((~near).sum())} differ away from any "
+        "boundary"
     )
     assert bool(((ours - official)[near].abs() <= 1).all()), (
         f"{what}: differ by more than one near a boundary"
@@ -161,11 +163,12 @@ def official_streams(base):
 
 
 def test_base_coder_writes_the_official_bytes_from_the_official_symbols(base, official_streams):
-    """Integers only, so it holds on any CPU: the official y tables (tests/fixtures/entropy_golden.npz,
-    the official GGM's tables of the default scale table), the official symbols and indexes, our
-    symbol order and rANS coder -> the official bytes. Our own y tables may differ from the official
-    ones by one in a few entries on some kernels (test_entropy), so they are not used here. The z
-    tables are ours (no official copy for these per-channel scales; none differed in any test run)."""
+    """Integers only, so it holds on any CPU: the official y tables
+    (tests/fixtures/entropy_golden.npz, the official GGM's tables of the default scale table), the
+    official symbols and indexes, our symbol order and rANS coder -> the official bytes. Our own y
+    tables may differ from the official ones by one in a few entries on some kernels (test_entropy),
+    so they are not used here. The z tables are ours (no official copy for these per-channel scales;
+    none differed in any test run)."""
     s = official_streams
     with np.load(FIXTURES / "entropy_golden.npz") as g:
         tables_y = coder.CoderTables.from_tensors(

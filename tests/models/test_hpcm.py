@@ -1,4 +1,5 @@
-"""HPCM model family: presets, shapes, parameter counts, state-dict layout, scale partition, errors."""
+"""HPCM model family: presets, shapes, parameter counts, state-dict layout, scale partition,
+errors."""
 
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ def test_official_parameter_counts():
 
 @pytest.mark.parametrize("arch,name", [("base", "HPCM_Base"), ("large", "HPCM_Large")])
 def test_state_dict_layout_equals_official(arch, name):
-    """Keys, order and shapes equal the official model at the pinned commit (stored in the fixture)."""
+    """Keys, order and shapes equal the official model at the pinned commit (stored in the
+    fixture)."""
     g = golden()
     with torch.device("meta"):
         state = build_model(name).state_dict()

@@ -1,5 +1,6 @@
 """The Phase 4 parameter groups partition every preset's parameters, and the scales each context
-parameter serves are those whose coding steps run it (observed with hooks, not read from the table)."""
+parameter serves are those whose coding steps run it (observed with hooks, not read from the
+table)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Whether CautiousAdam's C kernel can serve on this machine (one definition for the optim tests)."""
+"""Whether CautiousAdam's C kernel can serve on this machine (one definition for the optim
+tests)."""
 
 from __future__ import annotations
 

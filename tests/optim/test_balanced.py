@@ -346,10 +346,11 @@ def test_save_state_and_load_state_files(tmp_path):
         fresh.load_state(tmp_path / "missing.pth")
 
 
-# Measured max |ours - official| after the 30 float32 steps (tests/fixtures/measure_golden_spread.py,
-# 1 thread): weights 6.0e-8 and task weights 3.3e-7 under ATEN_CPU_CAPABILITY=default, 0 under avx2
-# and MKL_ENABLE_INSTRUCTIONS=AVX2 on this AVX2 CPU (the fixture's); 1.07e-6 on an AVX-512 CPU
-# (issue 16, also with ATEN_CPU_CAPABILITY=avx2 there). 5e-6 is 4.7x the widest spread measured.
+# Measured max |ours - official| after the 30 float32 steps
+# (tests/fixtures/measure_golden_spread.py, 1 thread): weights 6.0e-8 and task weights 3.3e-7 under
+# ATEN_CPU_CAPABILITY=default, 0 under avx2 and MKL_ENABLE_INSTRUCTIONS=AVX2 on this AVX2 CPU (the
+# fixture's); 1.07e-6 on an AVX-512 CPU (issue 16, also with ATEN_CPU_CAPABILITY=avx2 there). 5e-6
+# is 4.7x the widest spread measured.
 GOLDEN_RUN_ATOL = 5e-6
 
 
@@ -378,6 +379,7 @@ def golden_run_diffs(foreach: bool) -> dict[str, float]:
 
 @pytest.mark.parametrize("foreach", [True, False])
 def test_matches_golden_run_of_the_official_class(foreach):
-    """30 float32 steps of the official Balanced (fixture made by tests/fixtures/make_official_balanced_golden.py)."""
+    """30 float32 steps of the official Balanced (fixture made by
+    tests/fixtures/make_official_balanced_golden.py)."""
     diffs = golden_run_diffs(foreach)
     assert diffs["params"] <= GOLDEN_RUN_ATOL and diffs["w"] <= GOLDEN_RUN_ATOL, diffs

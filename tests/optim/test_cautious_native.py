@@ -61,7 +61,8 @@ def test_native_equals_torch_paths_on_hpcm_tiny(amsgrad):
 
 @needs_kernel
 def test_kernel_sqrt_is_torch_sqrt():
-    """The kernel's square root (MKL's vsSqrt from torch's own library, or sqrtf) is torch.sqrt's."""
+    """The kernel's square root (MKL's vsSqrt from torch's own library, or sqrtf) is
+    torch.sqrt's."""
     library = cautious_native.load()
     values = torch.rand(100_003) * 1e-5
     out = torch.empty_like(values)

@@ -32,7 +32,8 @@ def _train_then_freeze(
     make_optimizer,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Two steps with gradients on both tensors, then two with the first frozen (requires_grad off,
-    grad None, as hpcm.train.phase4 freezes): (first after its last step, first at the end, second at the start and at the end)."""
+    grad None, as hpcm.train.phase4 freezes): (first after its last step, first at the end, second
+    at the start and at the end)."""
     torch.manual_seed(1)
     frozen, trained = torch.randn(6, requires_grad=True), torch.randn(5, requires_grad=True)
     trained_start = trained.detach().clone()

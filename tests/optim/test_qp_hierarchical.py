@@ -1,4 +1,5 @@
-"""QP weights (closed forms), the QP optimizer option, HierarchicalBalanced, CautiousAdam details."""
+"""QP weights (closed forms), the QP optimizer option, HierarchicalBalanced, CautiousAdam
+details."""
 
 from __future__ import annotations
 

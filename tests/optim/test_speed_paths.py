@@ -30,7 +30,8 @@ def make_params(seed: int = 0, dtype=torch.float32) -> list[torch.Tensor]:
 
 
 def run_steps(params, opt, steps: int, seed: int = 1, skip_first_grad_until: int = 0) -> None:
-    """Random gradients; the first parameter gets no gradient for the first steps (step counts differ)."""
+    """Random gradients; the first parameter gets no gradient for the first steps (step counts
+    differ)."""
     generator = torch.Generator().manual_seed(seed)
     for t in range(steps):
         for i, p in enumerate(params):
@@ -94,7 +95,8 @@ def test_device_and_host_rescale_variants_equal_single_tensor_path(monkeypatch, 
 
 
 def test_mixed_dtypes_are_grouped_and_each_group_matches():
-    """float32 and float64 parameters in one group: each dtype bucket gives the per-tensor result."""
+    """float32 and float64 parameters in one group: each dtype bucket gives the per-tensor
+    result."""
 
     def build():
         return make_params(0) + make_params(1, dtype=torch.float64)

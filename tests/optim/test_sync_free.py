@@ -197,8 +197,8 @@ def test_training_loop_with_sync_free_equals_the_host_path(tmp_path, monkeypatch
     bad = x.clone()
     bad[0, 0, 0, 0] = float("nan")
     for run in runs:
-        # seeded once: both paths must draw the same quantisation noise in the same order (same_batch
-        # runs its second forward after a skipped step too, on both paths)
+        # seeded once: both paths must draw the same quantisation noise in the same order
+        # (same_batch runs its second forward after a skipped step too, on both paths)
         torch.manual_seed(0)
         for step, batch in enumerate((x, bad, x, x), start=1):
             run.train_step(step, batch)
@@ -216,7 +216,8 @@ def test_training_loop_with_sync_free_equals_the_host_path(tmp_path, monkeypatch
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_sync_free_channels_last_mixed_steps_and_skips_match_the_host_path(amsgrad):
     """Conv weights in channels_last (the CUDA layout), a parameter left out of some steps (its
-    counter falls behind: per-tensor bias corrections) and a non-finite gradient (skip), 20 steps."""
+    counter falls behind: per-tensor bias corrections) and a non-finite gradient (skip), 20
+    steps."""
     torch.manual_seed(3)
     net_a = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
     net_a = net_a.to(memory_format=torch.channels_last)

@@ -2,8 +2,8 @@
 
     torchrun --nproc-per-node 2 tests/train/ddp_worker.py MODE OUT [JSON]
 
-MODE ``runs``: JSON {"runs": {name: overrides}, "float64": bool, "record": bool}: trains each run in OUT/<name>
-through ``hpcm.train.loop.main`` (one process group for all; in float64 with
+MODE ``runs``: JSON {"runs": {name: overrides}, "float64": bool, "record": bool}: trains each run in
+OUT/<name> through ``hpcm.train.loop.main`` (one process group for all; in float64 with
 ``ddp_probe.train_in_float64``), then writes what this rank holds (parameters, task logits) to
 OUT/<name>/rank<r>.pt, since only rank 0 writes the run folder; with "record", rank 0 also keeps
 the Cautious Adam products of every step (``ddp_probe.record_cautious_products``) in

@@ -94,7 +94,9 @@ def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint_intact(tmp_path
             print("mid-write", flush=True)
             time.sleep(600)
         torch.save = stalled_save
-        checkpointing.save_training_state(run_dir, {{"step": 2, "model": {{}}, "optimizer": {{}}, "config": {{}}}})
+        checkpointing.save_training_state(
+            run_dir, {{"step": 2, "model": {{}}, "optimizer": {{}}, "config": {{}}}}
+        )
     """)
     process = subprocess.Popen(
         [sys.executable, "-c", child],

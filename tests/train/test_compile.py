@@ -18,10 +18,10 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # inductor's CPU
 
 
 def test_compiled_run_equals_eager_and_resumes_with_plain_state_dict_names(tmp_path, monkeypatch):
-    # Inductor's C++ code generation and compile of this graph takes minutes of CPU time on the shared
-    # 2-core machine; the CPU test compiles through dynamo and AOT autograd (the same captured forward
-    # and backward graphs, run by torch's eager kernels). The inductor kernels are timed and checked
-    # by benchmarks/gpu_check.py's train_compile section.
+    # Inductor's C++ code generation and compile of this graph takes minutes of CPU time on the
+    # shared 2-core machine; the CPU test compiles through dynamo and AOT autograd (the same
+    # captured forward and backward graphs, run by torch's eager kernels). The inductor kernels are
+    # timed and checked by benchmarks/gpu_check.py's train_compile section.
     real_compile = torch.compile
     backends = []
 
@@ -48,8 +48,9 @@ def test_compiled_run_equals_eager_and_resumes_with_plain_state_dict_names(tmp_p
     )
     best = torch.load(compiled / checkpointing.BEST_MODEL, map_location="cpu", weights_only=False)
     assert not [k for k in best if "_orig_mod" in k]
-    # aot_eager runs eager's kernels. Measured once with inductor itself (phase1 same_batch, 5 steps, this
-    # CPU): max |compiled - eager| = 3.9e-6 with fallback_random (Run sets it), 1.3e-3 without (other noise)
+    # aot_eager runs eager's kernels. Measured once with inductor itself (phase1 same_batch, 5
+    # steps, this CPU): max |compiled - eager| = 3.9e-6 with fallback_random (Run sets it), 1.3e-3
+    # without (other noise)
     worst = max(
         float((a["model"][k].float() - b["model"][k].float()).abs().max())
         if a["model"][k].numel()
@@ -65,9 +66,10 @@ def test_compiled_run_equals_eager_and_resumes_with_plain_state_dict_names(tmp_p
 @pytest.mark.parametrize("optimizer", ["balanced", "hierarchical_balanced"])
 def test_compiled_objective_graphs_hold_only_tensors_on_the_inputs_device(optimizer):
     """Every tensor in every graph dynamo captures from the training objective lives on the
-    input's device. On the GPU (docs/results-log.md GPU run 1) ``compile: true`` failed in inductor's C++ (CPU)
-    code generation: the model's cached masks, built on the CPU on a cache miss, were traced into
-    CPU graphs inside the CUDA step. Checked on the "meta" device, where a CPU tensor stands out."""
+    input's device. On the GPU (docs/results-log.md GPU run 1) ``compile: true`` failed in
+    inductor's C++ (CPU) code generation: the model's cached masks, built on the CPU on a cache
+    miss, were traced into CPU graphs inside the CUDA step. Checked on the "meta" device, where a
+    CPU tensor stands out."""
     graphs: list[list[tuple[str, str]]] = []
 
     def record_devices(gm, example_inputs):

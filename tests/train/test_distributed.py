@@ -125,7 +125,8 @@ ALL_FLIPS_PER_STEP = 0.04  # of the elements (measured max 1.8 %, nearly all att
 
 
 def mask_flips(one: dict, ddp: dict) -> dict:
-    """Where the Cautious masks of two recorded runs (``ddp_probe.record_cautious_products``) differ.
+    """Where the Cautious masks of two recorded runs (``ddp_probe.record_cautious_products``)
+    differ.
 
     Per step: the count of flips (elements whose mask differs), the count of consequential flips
     (the element's step changed by > 1 % of lr between the runs), and the flips' nearness to zero:
@@ -162,7 +163,8 @@ def mask_flips(one: dict, ddp: dict) -> dict:
 
 
 def assert_mask_flips_explain_the_differences(one: dict, ddp: dict, what: str) -> None:
-    """Every difference beyond rounding between 2 ranks and 1 process comes from a Cautious mask flip.
+    """Every difference beyond rounding between 2 ranks and 1 process comes from a Cautious mask
+    flip.
 
     The 2-rank gradient (a mean of two half-batch gradients) differs from the 1-process one in the
     last bits; where the product p = m * g is that close to zero its sign (the mask) differs, and
@@ -173,8 +175,8 @@ def assert_mask_flips_explain_the_differences(one: dict, ddp: dict, what: str) -
       0.00033 eps hierarchical, 0.001 eps qp with default, <= 6.7e-8 eps same_batch and next_batch);
     * flips per step <= 4 % of the elements (measured max 30,714 = 1.8 % / 24,473). In the
       hierarchical run nearly all are in the attention's conv_q / conv_k tensors, whose gradients
-      are rounding noise (mean |g| <= 1.1e-14): their masks are coin flips in any two runs, and their
-      final differences stay below 1e-9;
+      are rounding noise (mean |g| <= 1.1e-14): their masks are coin flips in any two runs, and
+      their final differences stay below 1e-9;
     * consequential flips per step (the element's step differs by > 1 % of lr): same_batch <= 2 / 3,
       next_batch <= 2 / 2, qp 0 / 3, hierarchical <= 123 / 25 (its flips move the forward, and
       later steps flip more);
@@ -269,7 +271,8 @@ def check_two_ranks_against_one_process(tmp_path: Path, float64: bool, tolerance
     Cautious optimizers' differences are attributed to mask flips."""
     runs = {name: {**GLOBAL_BATCH, **overrides} for name, overrides in EQUIVALENCE.items()}
     record = not float64
-    # the 1-process references train here while the 2 ranks train (3 processes: less wall time on 2 cores)
+    # the 1-process references train here while the 2 ranks train (3 processes: less wall time on 2
+    # cores)
     spec = {"runs": runs, "float64": float64, "record": record}
     workers = start_torchrun("runs", str(tmp_path / "ddp"), json.dumps(spec))
     try:
@@ -344,9 +347,9 @@ def test_two_ranks_of_batch_2_train_like_one_process_of_batch_4(tmp_path):
 
 
 def test_in_float64_two_ranks_train_like_one_process_everywhere(tmp_path):
-    """float64 (``ddp_probe.train_in_float64``): the same runs agree to 1e-12, every element of every
-    optimizer, none excepted (a flip that mattered would move an element by ~lr = 1e-4). So the
-    float32 differences are rounding amplified by the mask's step function, not a difference in
+    """float64 (``ddp_probe.train_in_float64``): the same runs agree to 1e-12, every element of
+    every optimizer, none excepted (a flip that mattered would move an element by ~lr = 1e-4). So
+    the float32 differences are rounding amplified by the mask's step function, not a difference in
     what 2 ranks compute. Measured max |difference|
     (AVX2 / default): weights 2.2e-16 / 2.2e-16 (hierarchical 5.3e-16 / 5.0e-16), task weights
     <= 2.2e-14 / 1.8e-14. Cautious Adam's float64 update runs its foreach path (the native C kernel

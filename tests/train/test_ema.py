@@ -1,4 +1,5 @@
-"""ema_decay: the moving average against its closed form, and what is validated and exported with it."""
+"""ema_decay: the moving average against its closed form, and what is validated and exported with
+it."""
 
 from __future__ import annotations
 
@@ -45,8 +46,8 @@ def test_average_equals_the_closed_form_of_the_step_weights(tmp_path, overrides)
         expected = decay**steps * history[0][name] + sum(
             (1 - decay) * decay ** (steps - t) * history[t][name] for t in range(1, steps + 1)
         )
-        # float32 recurrence vs float64 sum: measured max |diff| 1.04e-7 under ATEN_CPU_CAPABILITY=avx2
-        # and =default; the closed form of decay 0.7 instead is 4.7e-4 away
+        # float32 recurrence vs float64 sum: measured max |diff| 1.04e-7 under
+        # ATEN_CPU_CAPABILITY=avx2 and =default; the closed form of decay 0.7 instead is 4.7e-4 away
         np.testing.assert_allclose(value, expected, rtol=0, atol=1e-6, err_msg=name)
         moved = max(moved, float(np.abs(expected - history[-1][name]).max()))
     assert moved > 1e-4, "the average equals the last weights: the test could not tell them apart"

@@ -1,4 +1,5 @@
-"""wandb keys: every metric key the seed trainers log exists under the seed's name; metrics.csv keeps its columns."""
+"""wandb keys: every metric key the seed trainers log exists under the seed's name; metrics.csv
+keeps its columns."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from hpcm.train import logs
 from hpcm.train import loop as train
 from tests.train.tiny import cli_args
 
-# The seed trainers' wandb.log keys, copied from yutendo0714/LIC-HPCM-Balanced (commit ffc0ab5), with
-# the metrics.csv column that holds the same quantity here (the seed's value named after the arrow):
+# The seed trainers' wandb.log keys, copied from yutendo0714/LIC-HPCM-Balanced (commit ffc0ab5),
+# with the metrics.csv column that holds the same quantity here (the seed's value named after the
+# arrow):
 PHASE1_SEED_KEYS = {  # phase1/train.py: train_one_epoch (per step) and test_epoch (per validation)
     "epoch": "epoch",
     "train/loss": "loss",
@@ -22,7 +24,8 @@ PHASE1_SEED_KEYS = {  # phase1/train.py: train_one_epoch (per step) and test_epo
     "train/y_bpp": "y_bpp",
     "train/z_bpp": "z_bpp",
     "train/lr": "lr",
-    "train/task_weight_distortion": "task_weight_distortion",  # softmax(optimizer.w)[0], Balanced runs
+    # softmax(optimizer.w)[0], Balanced runs
+    "train/task_weight_distortion": "task_weight_distortion",
     "train/task_weight_bpp": "task_weight_bpp",
     "test/loss": "val_loss",
     "test/distortion": "val_distortion",
@@ -36,7 +39,8 @@ PHASE2_SEED_KEYS = {
     **PHASE1_SEED_KEYS,
     "train/gamma": "gamma",
 }  # phase2/train.py adds optimizer.gamma
-PHASE3_SEED_KEYS = {  # phase3/train.py: train_one_epoch, test_epoch and the gamma_manager's wandb.log
+# phase3/train.py: train_one_epoch, test_epoch and the gamma_manager's wandb.log
+PHASE3_SEED_KEYS = {
     "epoch": "epoch",
     "train/loss": "loss",
     "train/psnr": "psnr",
@@ -51,7 +55,8 @@ PHASE3_SEED_KEYS = {  # phase3/train.py: train_one_epoch, test_epoch and the gam
     "weights/s2_distortion": "task_weight_s2_distortion",
     "weights/s2_bpp": "task_weight_s2_bpp",
     "weights/s3_bpp": "task_weight_s3_bpp",
-    # f'scale_contrib/{k}' over get_scale_contributions() (also /work/shared/seeds/000_*.txt), f'gamma/{k}'
+    # f'scale_contrib/{k}' over get_scale_contributions() (also /work/shared/seeds/000_*.txt),
+    # f'gamma/{k}'
     "scale_contrib/s1": "scale_contribution_s1",
     "scale_contrib/s2": "scale_contribution_s2",
     "scale_contrib/s3": "scale_contribution_s3",
@@ -62,7 +67,8 @@ PHASE3_SEED_KEYS = {  # phase3/train.py: train_one_epoch, test_epoch and the gam
     "test/psnr": "val_psnr",
     "test/bpp": "val_bpp",
 }
-# metrics.csv before the wandb keys were completed (commit f7dde30): these columns stay, named as they were.
+# metrics.csv before the wandb keys were completed (commit f7dde30): these columns stay, named as
+# they were.
 CSV_COLUMNS_BEFORE = (
     "step",
     "epoch",

@@ -1,4 +1,5 @@
-"""python -m hpcm.train on CPU with HPCM_Tiny: variants, resume equivalence, signals, fine-tuning."""
+"""python -m hpcm.train on CPU with HPCM_Tiny: variants, resume equivalence, signals,
+fine-tuning."""
 
 from __future__ import annotations
 

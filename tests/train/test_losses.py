@@ -1,4 +1,5 @@
-"""hpcm.train.losses: standard R-D loss, Haar split, the three five-task decompositions, FAMO reduction."""
+"""hpcm.train.losses: standard R-D loss, Haar split, the three five-task decompositions, FAMO
+reduction."""
 
 from __future__ import annotations
 
@@ -123,7 +124,8 @@ def test_measured_tasks_sum_to_standard_loss(dtype, rel, hw):
         float(rd["bpp_loss"]), rel=rel
     )
     assert float(details["s3_b"].detach()) > float(rd["z_bpp"])  # z bits sit in s3_b
-    # s1_d / s2_d are the coarse / detail band energies of the explicit transform, times lambda*255^2/N
+    # s1_d / s2_d are the coarse / detail band energies of the explicit transform, times
+    # lambda*255^2/N
     error = (out["x_hat"] - target).detach().double().numpy()
     ref_coarse, ref_detail = reference_haar_energies(error, 1)
     factor = 0.0067 * 255**2 / error.size
@@ -193,7 +195,8 @@ def _toy_output(weight, x):
 
 
 def test_fixed_ratio_under_famo_is_two_task_balanced():
-    """Derivation point 1: with m = 0, 5 fixed-ratio tasks give (c_2/c_5) x 2-task Balanced, summed weights."""
+    """Derivation point 1: with m = 0, 5 fixed-ratio tasks give (c_2/c_5) x 2-task Balanced, summed
+    weights."""
     weight, x = _toy()
     logits = torch.tensor([0.3, -0.2, 0.1, 0.4, -0.5])
     hier = HierarchicalBalanced(

@@ -110,7 +110,8 @@ def test_measured_ms_ssim_tasks_sum_to_the_standard_loss():
         torch.autograd.grad(t, out["x_hat"], retain_graph=True)[0] for t in (tasks[0], tasks[2])
     ]
     (d_grad,) = torch.autograd.grad(rd["distortion"], out["x_hat"])
-    # float32: the two parts cancel in places; measured max difference 7.7e-9 against a max |grad| of 7.7e-4 (1e-5 of it)
+    # float32: the two parts cancel in places; measured max difference 7.7e-9 against a max |grad|
+    # of 7.7e-4 (1e-5 of it)
     torch.testing.assert_close(
         grads[0] + grads[1], d_grad, rtol=1e-4, atol=1e-3 * float(d_grad.abs().max())
     )

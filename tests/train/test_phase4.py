@@ -59,7 +59,8 @@ def record_steps(monkeypatch) -> list[dict]:
 
 
 def scripted_validation(monkeypatch, rates: dict[str, list[float]]) -> None:
-    """Run.validate returns the scripted per-scale rates of the k-th validation (no images coded)."""
+    """Run.validate returns the scripted per-scale rates of the k-th validation (no images
+    coded)."""
 
     def validate(self):
         k = self.step // self.cfg.val_every - 1
@@ -145,9 +146,8 @@ def test_group_lr_ratios_compose_with_the_lr_schedule(tmp_path, monkeypatch):
         == train.EXIT_OK
     )
 
-    def schedule(
-        step,
-    ):  # closed form: lr until step 2, then 1e-4 from step 3 (round(0.5*4) = 2 steps done), 1e-5 from 4
+    # closed form: lr until step 2, then 1e-4 from step 3 (round(0.5*4) = 2 steps done), 1e-5 from 4
+    def schedule(step):
         return 1e-3 if step <= 2 else (1e-4 if step == 3 else 1e-5)
 
     assert [h["step"] for h in history] == [1, 2, 3, 4]
@@ -176,8 +176,8 @@ def test_progressive_unfreezing_starts_at_the_configured_step(tmp_path, monkeypa
 def test_a_scale_stops_when_its_validation_rate_stalls_for_the_patience(
     tmp_path, monkeypatch, optimizer
 ):
-    # patience 2, one validation per step: s3 never improves after validation 1 -> stops after step 3;
-    # s1 improves at validation 2, then not at 3 and 4 -> stops after step 4; s2 always improves.
+    # patience 2, one validation per step: s3 never improves after validation 1 -> stops after step
+    # 3; s1 improves at validation 2, then not at 3 and 4 -> stops after step 4; s2 always improves.
     scripted_validation(
         monkeypatch,
         {
@@ -336,8 +336,9 @@ def test_a_run_whose_every_group_stopped_finishes_without_moving(tmp_path, monke
 
 
 def test_the_weight_average_keeps_updating_after_every_group_stopped(tmp_path, monkeypatch):
-    """ema_T = decay**T w_0 + ...: the average must be updated at every step, also the steps at which
-    nothing trains, or it stays behind the final weights (validated and exported is the average)."""
+    """ema_T = decay**T w_0 + ...: the average must be updated at every step, also the steps at
+    which nothing trains, or it stays behind the final weights (validated and exported is the
+    average)."""
     scripted_validation(monkeypatch, {s: [1.0, 1.0, 1.0, 1.0] for s in SCALES})
     updates = []
     real = torch.optim.swa_utils.AveragedModel.update_parameters

@@ -1,4 +1,5 @@
-"""hpcm.train.schedules: lr milestones, single-gamma schedules, ScaleGammaManager (values from the seed formulas)."""
+"""hpcm.train.schedules: lr milestones, single-gamma schedules, ScaleGammaManager (values from the
+seed formulas)."""
 
 from __future__ import annotations
 
@@ -56,8 +57,9 @@ SEED_TOTAL, SEED_WARMUP = 3000, 100  # the seed's epochs; its train.py sets fina
 
 
 def seed_scheduler(strategy, epoch, initial=0.006, final=0.001, test_losses=()):
-    """The seed's AdaptiveGammaScheduler.step (phase2/src/utils/adaptive_gamma.py), transcribed for the test
-    with numpy, in epochs (warm-up 100, total 3000, steps at 1000/2000/2500, factor 0.5, window 50)."""
+    """The seed's AdaptiveGammaScheduler.step (phase2/src/utils/adaptive_gamma.py), transcribed for
+    the test with numpy, in epochs (warm-up 100, total 3000, steps at 1000/2000/2500, factor 0.5,
+    window 50)."""
     if epoch < SEED_WARMUP:
         return initial
     p = min((epoch - SEED_WARMUP) / (SEED_TOTAL - SEED_WARMUP), 1.0)
@@ -102,7 +104,8 @@ def test_seed_schedules_with_warmup_at_known_epochs(strategy, epoch):
 def test_step_and_warmup_known_numbers():
     assert SEED_GAMMA_STEP_MILESTONES == pytest.approx((1 / 3, 2 / 3, 5 / 6))
     step = GammaSchedule("step", 0.006, 0.0012, 3000, warmup=SEED_WARMUP_FRACTION)
-    # 0.006 -> 0.003 at epoch 1000 -> 0.0015 at 2000 -> 0.00075 floored at gamma_final 0.0012 at 2500
+    # 0.006 -> 0.003 at epoch 1000 -> 0.0015 at 2000 -> 0.00075 floored at gamma_final 0.0012 at
+    # 2500
     assert [step(e) for e in (0, 999, 1000, 2000, 2500)] == pytest.approx(
         [0.006, 0.006, 0.003, 0.0015, 0.0012]
     )
@@ -276,7 +279,8 @@ def test_manager_validation():
 def test_the_trainer_feeds_validation_losses_to_the_adaptive_schedule_and_logs_step_gammas(
     tmp_path,
 ):
-    """Wiring in hpcm.train.loop: observe(val_loss) after every validation, history in the checkpoint."""
+    """Wiring in hpcm.train.loop: observe(val_loss) after every validation, history in the
+    checkpoint."""
     import csv
 
     import torch

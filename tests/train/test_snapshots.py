@@ -1,4 +1,5 @@
-"""snapshot_every / snapshot_keep: the seed's epoch_{N}.pth.tar + balanced_state_{N}.pth, kept newest first."""
+"""snapshot_every / snapshot_keep: the seed's epoch_{N}.pth.tar + balanced_state_{N}.pth, kept
+newest first."""
 
 from __future__ import annotations
 

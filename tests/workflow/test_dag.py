@@ -126,7 +126,8 @@ def _paper_counts() -> tuple[tuple[str, int], ...]:
 
 
 def paper_counts() -> dict[str, int]:
-    """The paper study's dry-run job counts, one Snakemake run shared by the tests that need them."""
+    """The paper study's dry-run job counts, one Snakemake run shared by the tests that need
+    them."""
     return dict(_paper_counts())
 
 
@@ -164,7 +165,8 @@ def test_adding_a_lambda_and_a_variant_adds_exactly_their_jobs(tmp_path):
 
 
 def test_seeds_repeat_every_run_and_evaluation(tmp_path):
-    """`seeds: [0, 1, 2]` trains and evaluates every (variant, lambda) three times, one folder each."""
+    """`seeds: [0, 1, 2]` trains and evaluates every (variant, lambda) three times, one folder
+    each."""
     cfg = yaml.safe_load(PAPER.read_text())
     assert cfg["seeds"] == [0]  # the paper keeps one seed
     before = paper_counts()
@@ -313,7 +315,8 @@ def test_snakemake_stops_on_a_config_error(tmp_path):
 
 
 def test_a_variant_naming_presets_gets_their_numbers_in_its_run_config(tmp_path):
-    """`scale_weights: equal` / `gammas: increasing` become the Study 1 / Study 2 lists (issue 3)."""
+    """`scale_weights: equal` / `gammas: increasing` become the Study 1 / Study 2 lists (issue
+    3)."""
     images = tmp_path / "images"
     images.mkdir()
     config = write_config(
@@ -446,13 +449,17 @@ def test_slurm_submission_asks_for_the_jobs_gpus_as_one_task(tmp_path, gpus):
 
 
 def lock_prefix(local_gpus: int, needed: int) -> str:
-    return f". {shlex.quote(str(ROOT / 'workflow' / 'scripts' / 'gpu-lock.sh'))} {local_gpus} {needed}; "
+    return (
+        f". {shlex.quote(str(ROOT / 'workflow' / 'scripts' / 'gpu-lock.sh'))} {local_gpus} "
+        f"{needed}; "
+    )
 
 
 def run_locking_jobs(
     tmp_path: Path, prefixes: list[str], hold: float = 3
 ) -> list[tuple[int, str, str]]:
-    """Start one shell per prefix at once (each holds its devices for `hold` s): (rc, devices, stderr)."""
+    """Start one shell per prefix at once (each holds its devices for `hold` s): (rc, devices,
+    stderr)."""
     env = {k: v for k, v in os.environ.items() if k != "SLURM_JOB_ID"}
     jobs = [
         subprocess.Popen(

@@ -138,7 +138,8 @@ def test_tables_have_a_number_for_every_variant(finished_run):
         frame = pd.read_csv(tables / f"{name}.csv")
         label = "phase" if name == "expected_gains" else "config"
         assert expected <= set(frame[label]), frame
-        # the measured columns, named: a row count or a size would be a number even when nothing was measured
+        # the measured columns, named: a row count or a size would be a number even when nothing was
+        # measured
         measured = ["BD-rate (%)", "BD-PSNR (dB)"] + (
             ["convergence epoch"] if name == "expected_gains" else []
         )

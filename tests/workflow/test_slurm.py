@@ -36,9 +36,9 @@ VARIANTS = ["baseline", "phase1"]
 LAMBDAS = [0.0004, 0.0932]  # the lambdas of the shipped warm starts
 REQUEUED = ("baseline", "0.0004")  # the run whose job is requeued mid-training
 STEPS, CHECKPOINT_EVERY = 16, 2
-# Seconds for the whole study (with the local reference run beside it). Measured: 370 s and 301 s on the
-# 2-core machine at load average 8 (other jobs running, the test at nice 10); the cap is looser so
-# that a loaded machine does not fail the test (the time is printed).
+# Seconds for the whole study (with the local reference run beside it). Measured: 370 s and 301 s on
+# the 2-core machine at load average 8 (other jobs running, the test at nice 10); the cap is looser
+# so that a loaded machine does not fail the test (the time is printed).
 STUDY_TIMEOUT = 540
 
 
@@ -46,9 +46,15 @@ def missing_slurm() -> str | None:
     tools = ["munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol"]
     absent = [t for t in tools if not (shutil.which(t) or Path("/usr/sbin", t).exists())]
     if absent:
-        return f"SLURM not installed ({', '.join(absent)} missing): apt-get install slurm-wlm munge (.ci/run does)"
+        return (
+            f"SLURM not installed ({', '.join(absent)} missing): apt-get install slurm-wlm munge "
+            "(.ci/run does)"
+        )
     if os.geteuid() != 0:
-        return "the one-node test cluster needs root (slurmd runs jobs as their users); CI runs as root"
+        return (
+            "the one-node test cluster needs root (slurmd runs jobs as their users); CI runs as "
+            "root"
+        )
     return None
 
 
@@ -74,7 +80,8 @@ def cluster():
             pytest.skip(started.stderr.strip())
         if started.returncode != 0:
             pytest.fail(
-                f"the test cluster did not start:\n{started.stdout}{started.stderr}\n{daemon_logs()}"
+                "the test cluster did not "
+                f"start:\n{started.stdout}{started.stderr}\n{daemon_logs()}"
             )
         yield str(CLUSTER_DIR / "slurm.conf")
     finally:
@@ -299,5 +306,6 @@ def test_mini_study_on_slurm_survives_a_requeue_and_matches_a_local_run(cluster,
     assert start.keys() == on_slurm.keys()
     assert sum(not torch.equal(on_slurm[k], start[k]) for k in start) > len(start) // 2
     print(
-        f"SLURM job {jobid} requeued, resumed from step {resumed_from}; study + local run took {elapsed:.0f} s"
+        f"SLURM job {jobid} requeued, resumed from step {resumed_from}; study + local run took "
+        f"{elapsed:.0f} s"
     )
