@@ -147,8 +147,7 @@ class GGM(nn.Module):
 
     def standardized_quantile(self, quantile: float) -> float:
         """Quantile of the standard generalized normal (scipy; only used to size the tables)."""
-        # here, not at the top: importing it costs ~1.2 s and only update() needs it
-        import scipy.stats
+        import scipy.stats  # not at the top: its import costs ~1.2 s and only update() needs it
 
         return float(scipy.stats.gennorm.ppf(quantile, float(self.beta.item())))
 
