@@ -459,7 +459,10 @@ def check_control(
     missing = [text for text in lambdas if text not in official]
     if missing:
         raise StudyConfigError(
-            "control", f"needs official_checkpoints entries for lambda {', '.join(missing)}"
+            "control",
+            "evaluates each lambda's starting checkpoint untrained, so it needs an "
+            f"official_checkpoints entry for lambda {', '.join(missing)}; add them or set "
+            "control: false",
         )
 
 

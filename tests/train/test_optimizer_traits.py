@@ -4,6 +4,8 @@ task-weight logging that its spec claims."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from hpcm.config import run_config
@@ -52,15 +54,14 @@ def test_a_new_balanced_like_optimizer_gets_its_gamma_schedule_from_its_trait(
             "gamma_schedule": "linear",
         }
     )
-    cfg["optimizer"] = spec.name  # the run config's choices were fixed at import
+    cfg = dataclasses.replace(cfg, optimizer=spec.name)  # the choices were fixed at import
     run = build_run(tmp_path, cfg)
     assert run.balanced and not run.hierarchical
     assert run.gamma_schedule is not None and run.gamma_manager is None
     assert run.optimizer.gamma == pytest.approx(0.004)
-    run.apply_schedules(4)  # the schedule's progress at step 4 of 4 is 3/4: 0.004 - 3/4 * 0.003
-    assert run.optimizer.gamma == pytest.approx(0.00175)
     x = next(iter(train.data.train_loader(run.train_set, 64, 1, seed=0, total_steps=1)))
-    run.train_step(x)
+    run.train_step(4, x)  # the schedule's progress at step 4 of 4 is 3/4: 0.004 - 3/4 * 0.003
+    assert run.optimizer.gamma == pytest.approx(0.00175)
     assert sorted(run.optimizer.get_task_weights()) == sorted(RD_TASKS)
 
 

@@ -324,6 +324,7 @@ def test_a_variant_naming_presets_gets_their_numbers_in_its_run_config(tmp_path)
         train_data=str(images),
         val_data=str(images),
         lambdas=[0.013],
+        control=False,  # no warm start of this lambda to evaluate
         variants={
             "named": {
                 "optimizer": "hierarchical_balanced",

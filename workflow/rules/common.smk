@@ -209,7 +209,7 @@ def lookup_eval_dir(wildcards):
 
 
 def table_analysis():
-    """The analysis section the tables command reads (rule analysis_config writes it): the
+    """The analysis section the tables command reads (the analysis_config rule writes it), the
     config's, with the study's seeds, the resolved quality axis, the datasets' measured codec
     anchors (anchors.smk) and, when allow_test_data_in_training allows it, the sentences that say
     the test photos were not held out (every table repeats them: hpcm.analysis.tables.NOT_HELD_OUT).
