@@ -92,7 +92,7 @@ def test_control_rows_of_the_demo():
 
 def test_control_needs_an_official_checkpoint_per_lambda():
     with pytest.raises(
-        study.StudyConfigError, match="official_checkpoints entries for lambda 0.0018"
+        study.StudyConfigError, match="official_checkpoints entry for lambda 0.0018"
     ) as err:
         load(small(control=True))
     assert err.value.key == "control"

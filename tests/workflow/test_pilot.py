@@ -75,7 +75,7 @@ def test_seed_table_has_every_variant_with_both_seeds(finished_pilot):
     assert per_seed.startswith("s0: ") and ", s1: " in per_seed
     for column in ("BD-rate (%)", "CI low (%)", "CI high (%)", "seed SD (%)", "dof"):
         assert column in table.columns
-    assert row["CI excludes 0"] in ("yes", "no", "n/a")
+    assert row["CI excludes 0"] in ("yes", "no", "")  # empty: no BD yet (the notes say why)
     markdown = (finished_pilot / "results" / "tables" / "bd_seeds_vs_baseline.md").read_text()
     assert "Welch-Satterthwaite" in markdown
 
