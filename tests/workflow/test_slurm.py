@@ -275,8 +275,8 @@ def test_mini_study_on_slurm_survives_a_requeue_and_matches_a_local_run(cluster,
 
     # the study finished: every evaluation and table of the default target
     for v in VARIANTS:
-        for lmbda in LAMBDAS:
-            assert (slurm_dir / f"results/eval/crops/{v}/lmbda{lmbda}/seed0.csv").is_file()
+        for each_lmbda in LAMBDAS:  # not `lmbda`: that is the requeued run's, read below
+            assert (slurm_dir / f"results/eval/crops/{v}/lmbda{each_lmbda}/seed0.csv").is_file()
     assert (slurm_dir / "results/tables/bd_vs_baseline.csv").is_file()
 
     # the job ran twice (slurmctld keeps it for MinJobAge), and the second attempt resumed from the
