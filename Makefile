@@ -5,7 +5,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 CORES ?= 2
 
-.PHONY: install demo test lint bench gpu-check clean-demo
+.PHONY: install demo test lint bench gpu-check clean-demo pilot pilot-publish
 
 $(BIN)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,16 @@ install: $(BIN)/.installed
 # at several lambdas on sample photos, CPU, minutes. Results land in results/.
 demo: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" WANDB_MODE=disabled $(BIN)/snakemake --cores $(CORES)
+
+# The pilot study (docs/results.md): from scratch, 3 seeds, Kodak; ~75 min on 2 cores. It records
+# its wall time; `make pilot-publish` then copies its tables and plots to docs/results/pilot/.
+pilot: install
+	start=$$(date +%s); PATH="$(CURDIR)/$(BIN):$$PATH" WANDB_MODE=disabled \
+	  $(BIN)/snakemake --configfile workflow/configs/pilot.yaml --cores $(CORES) && \
+	  echo $$(( $$(date +%s) - start )) > results/pilot_wall_s.txt
+
+pilot-publish:
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash workflow/scripts/publish-pilot.sh
 
 # The test suite (CPU, no network).
 test: install

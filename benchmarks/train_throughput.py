@@ -49,17 +49,19 @@ from hpcm.train import loop as train  # noqa: E402
 # What the demo trains (config.yaml) and today's default layout: the reference of every ratio.
 DEMO = {"batch_size": 8, "patch_size": 64}
 DEFAULT = {**DEMO, "memory_format": "contiguous"}
-# The pilot's setting (workflow/configs/pilot.yaml): 128x128 crops in channels_last, the fastest
-# deterministic layout per pixel (docs/speed.md); batch 8, because pixels/s hardly grow past it.
-PILOT = {"batch_size": 8, "patch_size": 128, "memory_format": "channels_last"}
+# The demo's and the pilot's setting (config.yaml, workflow/configs/pilot.yaml): 64x64 crops in
+# channels_last. The pilot keeps 64x64 although 128x128 moves more pixels per second: from scratch,
+# at equal CPU time, more steps of 64x64 train further (docs/results.md, "Budget").
+PILOT = {**DEMO, "memory_format": "channels_last"}
+CROP128 = {"batch_size": 8, "patch_size": 128, "memory_format": "channels_last"}
 SETTINGS: dict[str, dict[str, Any]] = {
     "default": DEFAULT,
-    "demo channels_last": {**DEMO, "memory_format": "channels_last"},
-    "pilot contiguous": {**PILOT, "memory_format": "contiguous"},
     "pilot": PILOT,
-    "pilot b16": {**PILOT, "batch_size": 16},
+    "128 contiguous": {**CROP128, "memory_format": "contiguous"},
+    "128": CROP128,
+    "128 b16": {**CROP128, "batch_size": 16},
     # torch.compile (inductor, C++ on the CPU); its compilation is in the untimed warm-up
-    "pilot compiled": {**PILOT, "compile": True},
+    "128 compiled": {**CROP128, "compile": True},
 }
 GOAL_SPEEDUP, GOAL_OF_LIMIT = 4.0, 1 / 3  # issue 24, HPCM_Tiny at the pilot's setting, 2 cores
 JSON_FORMAT = "hpcm-train-throughput/1"
@@ -284,14 +286,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         gemm = statistics.median(result["gemm_flop_s"])
         print_table(model, rows, gemm, fitted)
         record["presets"][model] = {**result, "settings": fitted, "rows": rows}
-        pilot = next((row for row in rows if row["setting"] == "pilot"), None)
-        if model == "HPCM_Tiny" and pilot is not None:
-            met = pilot["speedup"] >= GOAL_SPEEDUP and pilot["of_limit"] >= GOAL_OF_LIMIT
-            print(
-                f"goal (HPCM_Tiny, pilot): >= {GOAL_SPEEDUP:.0f}x default pixels/s and >= 1/3 "
-                f"of the limit: {'met' if met else 'NOT met'} ({pilot['speedup']:.2f}x, "
-                f"{pilot['of_limit']:.1%})"
-            )
+        if model == "HPCM_Tiny":
+            for row in rows:
+                if row["setting"] == "default":
+                    continue
+                met = row["speedup"] >= GOAL_SPEEDUP and row["of_limit"] >= GOAL_OF_LIMIT
+                print(
+                    f"goal (HPCM_Tiny, {row['setting']}): >= {GOAL_SPEEDUP:.0f}x default "
+                    f"pixels/s and >= 1/3 of the limit: {'met' if met else 'NOT met'} "
+                    f"({row['speedup']:.2f}x, {row['of_limit']:.1%})"
+                )
     print(
         "speed-up: median (q1-q3) of per-repeat paired ratios to 'default'; "
         "of limit: GFLOP/s / GEMM GFLOP/s"

@@ -53,7 +53,7 @@ def test_script_times_the_trainers_own_step(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(throughput, "DEFAULT", throughput.SETTINGS["default"])
     monkeypatch.setitem(
         throughput.SETTINGS,
-        "demo channels_last",
+        "pilot",
         {"batch_size": 1, "patch_size": 64, "memory_format": "channels_last"},
     )
     threads = torch.get_num_threads()
@@ -64,7 +64,7 @@ def test_script_times_the_trainers_own_step(tmp_path, monkeypatch, capsys):
                 "--presets",
                 "HPCM_Tiny",
                 "--settings",
-                "demo channels_last",
+                "pilot",
                 "--threads",
                 "1",
                 "--repeats",
@@ -82,7 +82,7 @@ def test_script_times_the_trainers_own_step(tmp_path, monkeypatch, capsys):
     saved = json.loads(out.read_text())
     assert saved["format"] == throughput.JSON_FORMAT
     rows = {row["setting"]: row for row in saved["presets"]["HPCM_Tiny"]["rows"]}
-    assert rows["default"]["speedup"] == 1.0 and set(rows) == {"default", "demo channels_last"}
+    assert rows["default"]["speedup"] == 1.0 and set(rows) == {"default", "pilot"}
     assert all(row["gflop_per_step"] > 0 and 0 < row["of_limit"] < 2 for row in rows.values())
     assert record["presets"]["HPCM_Tiny"]["rows"] == saved["presets"]["HPCM_Tiny"]["rows"]
     assert "x default (IQR)" in capsys.readouterr().out
