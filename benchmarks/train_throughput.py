@@ -36,8 +36,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from model_speed import quartiles  # noqa: E402
@@ -46,13 +48,20 @@ from hpcm.config import run_config  # noqa: E402
 from hpcm.models.presets import preset_config  # noqa: E402
 from hpcm.train import loop as train  # noqa: E402
 
-# What the demo trains (config.yaml) and today's default layout: the reference of every ratio.
-DEMO = {"batch_size": 8, "patch_size": 64}
+
+def recipe(config: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The throughput-relevant run keys of a study's `training` section (config files keep them)."""
+    training = yaml.safe_load((REPO / config).read_text())["training"]
+    return {key: training[key] for key in keys}
+
+
+# The demo's crops and batch (config.yaml) in today's default layout: the reference of every ratio.
+DEMO = recipe("config.yaml", ("batch_size", "patch_size"))
 DEFAULT = {**DEMO, "memory_format": "contiguous"}
-# The demo's and the pilot's setting (config.yaml, workflow/configs/pilot.yaml): 64x64 crops in
-# channels_last. The pilot keeps 64x64 although 128x128 moves more pixels per second: from scratch,
-# at equal CPU time, more steps of 64x64 train further (docs/results.md, "Budget").
-PILOT = {**DEMO, "memory_format": "channels_last"}
+# The pilot's setting (workflow/configs/pilot.yaml). It keeps 64x64 crops although 128x128 moves
+# more pixels per second: from scratch, at equal CPU time, more steps of 64x64 train further
+# (docs/results.md, "Budget").
+PILOT = recipe("workflow/configs/pilot.yaml", ("batch_size", "patch_size", "memory_format"))
 CROP128 = {"batch_size": 8, "patch_size": 128, "memory_format": "channels_last"}
 SETTINGS: dict[str, dict[str, Any]] = {
     "default": DEFAULT,
