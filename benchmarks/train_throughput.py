@@ -71,6 +71,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "128 b16": {**CROP128, "batch_size": 16},
     # torch.compile (inductor, C++ on the CPU); its compilation is in the untimed warm-up
     "128 compiled": {**CROP128, "compile": True},
+    "pilot compiled": {**PILOT, "compile": True},
 }
 GOAL_SPEEDUP, GOAL_OF_LIMIT = 4.0, 1 / 3  # issue 24, HPCM_Tiny at the pilot's setting, 2 cores
 JSON_FORMAT = "hpcm-train-throughput/1"
