@@ -42,7 +42,7 @@ POINT_FORMAT = "hpcm-codec-point/1"
 # VTM's encoder and decoder binaries in its build's bin/ folder (CompressAI's names on Linux)
 VTM_ENCODER, VTM_DECODER = "EncoderAppStatic", "DecoderAppStatic"
 COLOUR_YCBCR = (
-    "RGB -> YCbCr 4:4:4, 8-bit (compressai.transforms.functional.rgb2ycbcr, BT.601 "
+    "RGB -> YCbCr 4:4:4, 8-bit (compressai.transforms.functional.rgb2ycbcr, ITU-R BT.709 "
     "full range, values truncated to 8 bits); decoded YCbCr -> RGB (ycbcr2rgb), "
     "truncated to 8 bits; PSNR / MS-SSIM on RGB against the original PNG"
 )
