@@ -189,22 +189,24 @@ def train_step_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def compute_share(model: torch.nn.Module, x: torch.Tensor, steps: int = 2) -> float:
-    """Share of ``steps`` profiled CPU train steps' thread time spent in :data:`COMPUTE_OPS`.
+    """Share of ``steps`` profiled CPU train steps' wall time spent in :data:`COMPUTE_OPS`.
 
-    Measured against the steps' whole thread time, so the interpreter and autograd time between
+    Measured against the steps' whole wall time, so the interpreter and autograd time between
     ops counts as outside the kernels; the profiler's own overhead, which falls mostly on the many
     small ops, lengthens the steps too. Both make the share smaller and a ceiling built on it
     larger (looser). A share, not the kernels' absolute time, so that the machine's speed drifting
-    between the profiled and the timed steps cancels."""
+    between the profiled and the timed steps cancels. Wall time, because the profiler's op times
+    are wall durations: divided by thread CPU time, a loaded machine (the thread descheduled
+    inside an op) gave shares above 1 (1.18 measured)."""
     from torch.profiler import ProfilerActivity, profile
 
     model.train()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        start = time.thread_time()
+        start = time.perf_counter()
         for _ in range(steps):
             model.zero_grad(set_to_none=True)
             rd_loss(model(x), x).backward()
-        elapsed = time.thread_time() - start
+        elapsed = time.perf_counter() - start
     model.zero_grad(set_to_none=True)
     return (
         sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in COMPUTE_OPS)
