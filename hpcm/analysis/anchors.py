@@ -14,10 +14,13 @@ Contents (see the ``note`` column for details):
 - HPCM-Base / HPCM-Large published points (lyq133/LIC-HPCM README.md and R-D_Data.md) on Kodak,
   CLIC Pro Valid and Tecnick, PSNR models and MS-SSIM models (``*-msssim``, MS-SSIM in dB only).
 
-VTM-22.0 (the HPCM paper's anchor): no public source gives its R-D points, so the table has no
-VTM-22.0 curve (``VTM_22_STATUS`` says what was searched; ``list`` prints it). ``vtm`` is
-CompressAI's VTM, labelled "VTM (CompressAI; version unrecorded)": CompressAI's JSONs name no
-VTM version (its issue #166 asks, unanswered), so its BD numbers are not the paper's.
+VTM-22.0 (the HPCM paper's anchor): no public source gives its R-D points (``VTM_22_STATUS`` says
+what was searched), so this project measures it with the workflow's anchor rule and ships it as
+a measured anchor (``vtm-22.0``, per-image data in hpcm/analysis/measured/vtm-22.0/,
+hpcm.analysis.measured), appended to this table's curves; Kodak's encodes are underway
+(docs/anchors.md). ``vtm`` is CompressAI's VTM, labelled "VTM (CompressAI; version
+unrecorded)": CompressAI's JSONs name no VTM version (its issue #166 asks, unanswered), so its BD
+numbers are not the paper's.
 
 Caution (measured with ``hpcm anchors bd``): on Kodak the CompressAI curves reproduce
 the BD-rates of orchestration.md §4.3 and HPCM-Base/Large come out at -16.0 % / -20.0 % vs
@@ -88,9 +91,10 @@ COLUMNS = (
     "note",
 )
 METRICS = ("psnr", "ms_ssim_db")
-# Where VTM-22.0 points were looked for (at the commits in anchors.csv) and why none is here.
+# Where published VTM-22.0 points were looked for (at the commits in anchors.csv) and why none is
+# in anchors.csv; printed by ``list`` for a dataset without a measured one.
 VTM_22_STATUS = (
-    "VTM-22.0: no published R-D points found, so no VTM-22.0 anchor. Searched: lyq133/LIC-HPCM "
+    "No published VTM-22.0 R-D points found. Searched: lyq133/LIC-HPCM "
     "R-D_Data.md and README.md (HPCM-Base/Large curves only; the paper's BD-rates vs VTM-22.0 come "
     "without the VTM points), InterDigitalInc/CompressAI results/image (VTM curves with no "
     "version: JSON 'description' is just 'VTM'; CompressAI issue #166 asks which version, "
@@ -270,13 +274,18 @@ def _cmd_list(args: argparse.Namespace) -> None:
         for (dataset, anchor), group in measured.groupby(["dataset", "anchor"], sort=True):
             print(f"  {dataset}/{anchor}: {group['note'].iloc[0]}")
     print()
-    if "vtm-22.0" in set(table["anchor"]):
+    with_vtm22 = sorted(set(table.loc[table["anchor"] == "vtm-22.0", "dataset"]))
+    without = sorted(set(table["dataset"]) - set(with_vtm22))
+    if with_vtm22:
         print(
-            "VTM-22.0: measured by this project (see above); 'vtm' is CompressAI's curve, "
-            "version unrecorded."
+            f"VTM-22.0: measured by this project on {', '.join(with_vtm22)} (see above); 'vtm' "
+            "is CompressAI's curve, version unrecorded."
         )
-    else:
-        print(VTM_22_STATUS)
+    if without:
+        print(
+            f"VTM-22.0 on {', '.join(without)}: none. {VTM_22_STATUS} Or measure it with the "
+            "workflow's anchor rule (datasets.<name>.anchors, docs/anchors.md)."
+        )
 
 
 def _cmd_bd(args: argparse.Namespace) -> None:
