@@ -7,7 +7,8 @@ DAG is re-run or resumed. ``collect`` gathers the point files of one (dataset, a
 
 - the per-image CSV (``IMAGE_COLUMNS``: image, quality, bytes, bpp, RGB PSNR, MS-SSIM, VTM's
   Y / U / V PSNR, their (6 Y + U + V) / 8 and VTM's own YUV-PSNR, encode / decode seconds,
-  version, cfg SHA-256, both command lines);
+  version, colour conversion (``round`` / ``truncate`` for VTM, ``pillow``), cfg SHA-256,
+  both command lines);
 - a CompressAI-style JSON (``name``, ``description``, ``results`` with ``bpp``, ``psnr-rgb``,
   ``ms-ssim-rgb``, ``encoding_time``, ``decoding_time`` averaged over images per quality, as
   ``compressai.utils.bench`` averages) with ``meta.provenance``.
@@ -37,9 +38,9 @@ from typing import Any, Iterable, Sequence
 from hpcm.data.images import list_images
 from hpcm.evaluate.codecs import (
     CODECS,
-    COLOUR_PILLOW,
-    COLOUR_YCBCR,
+    COLOURS,
     POINT_FORMAT,
+    VTM_COLOURS,
     measure,
     yuv_psnr,
 )
@@ -68,6 +69,7 @@ IMAGE_COLUMNS = (
     "enc_time",
     "dec_time",
     "version",
+    "colour",
     "cfg_sha256",
     "image_sha256",
     "encode_cmd",
@@ -105,7 +107,7 @@ def image_row(record: dict[str, Any]) -> dict[str, Any]:
     row = {column: record.get(column, math.nan) for column in IMAGE_COLUMNS}
     row["ms_ssim_db"] = ms_ssim_to_db(float(record.get("ms_ssim", math.nan)))
     row["psnr_yuv"] = yuv_psnr(record)
-    for text in ("version", "cfg_sha256", "encode_cmd", "decode_cmd"):
+    for text in ("version", "colour", "cfg_sha256", "encode_cmd", "decode_cmd"):
         row[text] = record.get(text, "")
     return row
 
@@ -195,7 +197,10 @@ def provenance_of(frame, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         "commands": "every encode / decode command line is in the per-image CSV "
         "(columns encode_cmd, decode_cmd)",
     }
-    provenance["colour"] = COLOUR_YCBCR if codec == "vtm" else COLOUR_PILLOW
+    colour = unique("colour")
+    provenance["colour"] = (
+        COLOURS[colour] if isinstance(colour, str) and colour in COLOURS else colour
+    )
     provenance.update(extra or {})
     return provenance
 
@@ -235,7 +240,7 @@ def list_dataset_images(data: str | Path, output: str | Path) -> list[Path]:
 
 def _point(args: argparse.Namespace) -> list[Path]:
     key = f"datasets.{args.dataset}.anchors.{args.anchor}"
-    options = {"build_dir": args.build_dir, "cfg": args.cfg}
+    options = {"build_dir": args.build_dir, "cfg": args.cfg, "colour": args.colour}
     record = measure(args.codec, options, args.image, args.quality, key)
     record.update(
         dataset=args.dataset, anchor=args.anchor, image=args.name or Path(args.image).name
@@ -259,6 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anchor", required=True)
     p.add_argument("--build-dir", help="vtm: folder of EncoderAppStatic / DecoderAppStatic")
     p.add_argument("--cfg", help="vtm: encoder cfg (e.g. cfg/encoder_intra_vtm.cfg)")
+    p.add_argument(
+        "--colour",
+        choices=list(VTM_COLOURS),
+        help="vtm: round (default) or truncate the 8-bit colour conversions (CompressAI truncates)",
+    )
     p.add_argument("--output", required=True)
     p.set_defaults(func=_point)
     c = sub.add_parser("collect", help="point files -> per-image CSV + CompressAI-style JSON")

@@ -1,7 +1,9 @@
 """The codec-anchor rules end to end through Snakemake with a real codec (JPEG through Pillow, as
 compressai.utils.bench runs it) on two small photos: one job per (image, quality), a per-image CSV
 equal to an independent Pillow + numpy computation, nothing redone on a re-run, only the lost
-point redone after one is deleted; and the error a missing VTM build gives before anything runs.
+point redone after one is deleted; the VTM anchor's ``colour`` option reaching the jobs (with a
+lossless stand-in for VTM's binaries); and the error a missing VTM build gives before anything
+runs.
 
 Snakemake runs as a subprocess in a temporary directory, with this checkout first on PYTHONPATH
 (the jobs' ``python -m hpcm...`` must import this code, not another installed copy)."""
@@ -21,7 +23,7 @@ import yaml
 from PIL import Image
 
 from hpcm.data.images import sample_images
-from tests.evaluate.test_codecs import reference_jpeg
+from tests.evaluate.test_codecs import LOSSLESS_VTM, VTM_LOG_TAIL, reference_jpeg
 from tests.paths import REPO
 
 QUALITIES = [20, 60]
@@ -121,3 +123,26 @@ def test_missing_vtm_build_stops_the_workflow_naming_the_key(tmp_path):
     out = result.stdout + result.stderr
     assert "config key 'datasets.photos.anchors.vtm-22.0.build_dir'" in out
     assert "EncoderAppStatic does not exist" in out
+
+
+def test_vtm_colour_option_reaches_the_jobs(tmp_path):
+    """Two VTM anchors that differ only in ``colour``, through the rules, with a lossless
+    stand-in for VTM (tests/evaluate/test_codecs.py): the CSV records each conversion, and the
+    rounded one is the better round trip (52.9 against 43.7 dB on these crops)."""
+    bin_dir = tmp_path / "vtm-bin"
+    bin_dir.mkdir()
+    for name in ("EncoderAppStatic", "DecoderAppStatic"):
+        (bin_dir / name).write_text(LOSSLESS_VTM.format(python=sys.executable, log=VTM_LOG_TAIL))
+        (bin_dir / name).chmod(0o755)
+    cfg = tmp_path / "encoder_intra_vtm.cfg"
+    cfg.write_text("# not read by the stand-in\n")
+    spec = {"codec": "vtm", "qualities": [37], "build_dir": str(bin_dir), "cfg": str(cfg)}
+    write_config(tmp_path, {a: {**spec, "colour": a} for a in ("round", "truncate")})
+    targets = [f"results/anchors/photos/{a}.csv" for a in ("round", "truncate")]
+    result = snakemake(tmp_path, "--cores", "2", *targets, "--configfile", "config.yaml")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    rounded, truncated = (pd.read_csv(tmp_path / t) for t in targets)
+    assert set(rounded["colour"]) == {"round"} and set(truncated["colour"]) == {"truncate"}
+    assert (rounded["psnr"] > truncated["psnr"] + 5).all()
+    doc = json.loads((tmp_path / "results/anchors/photos/truncate.json").read_text())
+    assert "truncated to 8 bits" in doc["meta"]["provenance"]["colour"]

@@ -33,7 +33,7 @@ def anchor_image(wildcards):
 def anchor_codec_args(wildcards):
     spec = anchor_spec(wildcards)
     args = ["--codec", spec["codec"]]
-    for key in ("build_dir", "cfg"):
+    for key in ("build_dir", "cfg", "colour"):
         if spec.get(key):
             args += [f"--{key.replace('_', '-')}", spec[key]]
     return " ".join(shlex.quote(str(a)) for a in args)
