@@ -16,9 +16,10 @@ Contents (see the ``note`` column for details):
 
 VTM-22.0 (the HPCM paper's anchor): no public source gives its R-D points (``VTM_22_STATUS`` says
 what was searched), so this project measures it with the workflow's anchor rule and ships it as
-a measured anchor (``vtm-22.0``, per-image data in hpcm/analysis/measured/vtm-22.0/,
-hpcm.analysis.measured), appended to this table's curves; Kodak's encodes are underway
-(docs/anchors.md). ``vtm`` is CompressAI's VTM, labelled "VTM (CompressAI; version
+measured anchors (per-image data in hpcm/analysis/measured/<anchor>/, hpcm.analysis.measured),
+appended to this table's curves: ``vtm-22.0-truncated`` (Kodak; RGB <-> YCbCr truncated to 8 bits
+as compressai.utils.bench does) and ``vtm-22.0`` (the same, rounded; Kodak's encodes are
+underway, docs/anchors.md). ``vtm`` is CompressAI's VTM, labelled "VTM (CompressAI; version
 unrecorded)": CompressAI's JSONs name no VTM version (its issue #166 asks, unanswered), so its BD
 numbers are not the paper's.
 
@@ -274,7 +275,8 @@ def _cmd_list(args: argparse.Namespace) -> None:
         for (dataset, anchor), group in measured.groupby(["dataset", "anchor"], sort=True):
             print(f"  {dataset}/{anchor}: {group['note'].iloc[0]}")
     print()
-    with_vtm22 = sorted(set(table.loc[table["anchor"] == "vtm-22.0", "dataset"]))
+    is_vtm22 = table["anchor"].astype(str).str.startswith("vtm-22.0")
+    with_vtm22 = sorted(set(table.loc[is_vtm22, "dataset"]))
     without = sorted(set(table["dataset"]) - set(with_vtm22))
     if with_vtm22:
         print(

@@ -122,13 +122,17 @@ def test_unknown_anchor_lists_the_available_ones(table):
         anchors.anchor_curve("kodak", "vvc", "psnr", table)
 
 
-def test_list_says_there_is_no_vtm_22_and_labels_compressai_vtm_unversioned(table, capsys):
+def test_list_says_where_vtm_22_is_measured_and_labels_compressai_vtm_unversioned(table, capsys):
     assert anchors.main(["list"]) == 0
     out = capsys.readouterr().out
-    # no dataset has a measured VTM-22.0 shipped yet (docs/anchors.md: the Kodak one is underway)
-    assert "VTM-22.0 on clic2020-professional, kodak, tecnick: none" in out
+    # Kodak has measured VTM-22.0 anchors shipped (hpcm/analysis/measured/); the others have none
+    assert "VTM-22.0: measured by this project on kodak" in out
+    assert "VTM-22.0 on clic2020-professional, tecnick: none" in out
     assert "No published VTM-22.0 R-D points found" in out and "issue #166" in out
     vtm = table[table["anchor"] == "vtm"]
     assert set(vtm["label"]) == {"VTM (CompressAI; version unrecorded)"}
     assert set(vtm["source_repo"]) == {"InterDigitalInc/CompressAI"}
-    assert not table["label"].str.contains("22.0").any()  # no curve claims to be VTM-22.0
+    # only this project's measured curves claim to be VTM-22.0, and they say so
+    claims = table[table["label"].str.contains("22.0")]
+    assert claims["note"].str.startswith("measured by this project").all()
+    assert claims["label"].str.contains("(measured)", regex=False).all()
