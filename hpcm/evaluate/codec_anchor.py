@@ -165,8 +165,9 @@ def curve_document(
     dataset, anchor = frame["dataset"].iloc[0], frame["anchor"].iloc[0]
     return {
         "name": anchor,
-        "description": f"{provenance.get('version', anchor)} on {dataset}, measured by this "
-        "project (per-image means; hpcm.evaluate.codec_anchor)",
+        "description": f"{provenance.get('version', anchor)} on {dataset}"
+        + (f", colour {colour}" if (colour := frame["colour"].iloc[0]) in VTM_COLOURS else "")
+        + ", measured by this project (per-image means; hpcm.evaluate.codec_anchor)",
         "results": {k: [v[i] for i in order] for k, v in results.items() if k not in not_measured},
         "meta": {
             "dataset": dataset,
@@ -198,9 +199,14 @@ def provenance_of(frame, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         "(columns encode_cmd, decode_cmd)",
     }
     colour = unique("colour")
-    provenance["colour"] = (
-        COLOURS[colour] if isinstance(colour, str) and colour in COLOURS else colour
-    )
+    if isinstance(colour, list):
+        # e.g. truncated points left in a folder that a rounded run then completes
+        raise ValueError(
+            f"anchor {frame['dataset'].iloc[0]}/{frame['anchor'].iloc[0]} mixes colour "
+            f"conversions {colour} (CSV column 'colour'): one anchor is one conversion; move "
+            "the points of the other into a folder of their own, under another anchor name"
+        )
+    provenance["colour"] = COLOURS.get(colour, colour) if colour else None
     provenance.update(extra or {})
     return provenance
 

@@ -105,6 +105,18 @@ def test_point_files_collect_into_csv_and_json(photo, tmp_path):
     assert doc["meta"]["provenance"]["codec"] == "jpeg"
 
 
+def test_collect_refuses_an_anchor_that_mixes_colour_conversions(photo, tmp_path):
+    paths = []
+    for quality, colour in ((20, "round"), (60, "truncate")):
+        record = codecs.measure("jpeg", {}, photo, quality, "k")
+        record.update(dataset="d", anchor="vtm-x", image=photo.name, colour=colour)
+        paths.append(write_point(record, tmp_path / f"q{quality}.json"))
+    with pytest.raises(
+        ValueError, match=r"d/vtm-x mixes colour conversions \['round', 'truncate'\]"
+    ):
+        collect(paths, tmp_path / "a.csv", tmp_path / "a.json")
+
+
 # Lines of a real VTM-22.0 encoder log (this build, a 64 x 64 crop at QP 47), abridged
 VTM_LOG_TAIL = (
     "VVCSoftware: VTM Encoder Version 22.0 [Linux][GCC 12.2.0][64 bit] [SIMD=AVX2] \n"
