@@ -62,11 +62,33 @@ def write_config(workdir: Path, anchors: dict) -> Path:
     return path
 
 
+def lossless_vtm(folder: Path) -> dict:
+    """The options of a VTM anchor whose binaries are a lossless stand-in for VTM
+    (tests/evaluate/test_codecs.py): what it measures is the colour conversion alone."""
+    bin_dir = folder / "vtm-bin"
+    bin_dir.mkdir()
+    for name in ("EncoderAppStatic", "DecoderAppStatic"):
+        (bin_dir / name).write_text(LOSSLESS_VTM.format(python=sys.executable, log=VTM_LOG_TAIL))
+        (bin_dir / name).chmod(0o755)
+    cfg = folder / "encoder_intra_vtm.cfg"
+    cfg.write_text("# not read by the stand-in\n")
+    return {"codec": "vtm", "qualities": [37], "build_dir": str(bin_dir), "cfg": str(cfg)}
+
+
+COLOUR_TARGETS = [f"results/anchors/photos/{colour}.csv" for colour in ("round", "truncate")]
+
+
 @pytest.fixture(scope="module")
 def jpeg_run(tmp_path_factory) -> Path:
+    """One Snakemake run: the JPEG anchor, and two stand-in VTM anchors that differ only in
+    ``colour`` (one run, because each Snakemake start costs about 20 s)."""
     workdir = tmp_path_factory.mktemp("anchor")
-    write_config(workdir, {"jpeg": {"codec": "jpeg", "qualities": QUALITIES}})
-    result = snakemake(workdir, "--cores", "2", TARGET, "--configfile", "config.yaml")
+    vtm = lossless_vtm(workdir)
+    anchors = {"jpeg": {"codec": "jpeg", "qualities": QUALITIES}}
+    anchors.update({colour: {**vtm, "colour": colour} for colour in ("round", "truncate")})
+    write_config(workdir, anchors)
+    targets = [TARGET, *COLOUR_TARGETS]
+    result = snakemake(workdir, "--cores", "2", *targets, "--configfile", "config.yaml")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return workdir
 
@@ -125,24 +147,11 @@ def test_missing_vtm_build_stops_the_workflow_naming_the_key(tmp_path):
     assert "EncoderAppStatic does not exist" in out
 
 
-def test_vtm_colour_option_reaches_the_jobs(tmp_path):
-    """Two VTM anchors that differ only in ``colour``, through the rules, with a lossless
-    stand-in for VTM (tests/evaluate/test_codecs.py): the CSV records each conversion, and the
-    rounded one is the better round trip (52.9 against 43.7 dB on these crops)."""
-    bin_dir = tmp_path / "vtm-bin"
-    bin_dir.mkdir()
-    for name in ("EncoderAppStatic", "DecoderAppStatic"):
-        (bin_dir / name).write_text(LOSSLESS_VTM.format(python=sys.executable, log=VTM_LOG_TAIL))
-        (bin_dir / name).chmod(0o755)
-    cfg = tmp_path / "encoder_intra_vtm.cfg"
-    cfg.write_text("# not read by the stand-in\n")
-    spec = {"codec": "vtm", "qualities": [37], "build_dir": str(bin_dir), "cfg": str(cfg)}
-    write_config(tmp_path, {a: {**spec, "colour": a} for a in ("round", "truncate")})
-    targets = [f"results/anchors/photos/{a}.csv" for a in ("round", "truncate")]
-    result = snakemake(tmp_path, "--cores", "2", *targets, "--configfile", "config.yaml")
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    rounded, truncated = (pd.read_csv(tmp_path / t) for t in targets)
+def test_vtm_colour_option_reaches_the_jobs(jpeg_run):
+    """The CSV of each stand-in VTM anchor records its conversion, and the rounded one is the
+    better round trip (52.9 against 43.7 dB on these crops)."""
+    rounded, truncated = (pd.read_csv(jpeg_run / t) for t in COLOUR_TARGETS)
     assert set(rounded["colour"]) == {"round"} and set(truncated["colour"]) == {"truncate"}
     assert (rounded["psnr"] > truncated["psnr"] + 5).all()
-    doc = json.loads((tmp_path / "results/anchors/photos/truncate.json").read_text())
+    doc = json.loads((jpeg_run / "results/anchors/photos/truncate.json").read_text())
     assert "truncated to 8 bits" in doc["meta"]["provenance"]["colour"]
