@@ -40,6 +40,7 @@ from hpcm.evaluate.codecs import (
     CODECS,
     COLOURS,
     POINT_FORMAT,
+    VTM_COLOUR_DEFAULT,
     VTM_COLOURS,
     measure,
     yuv_psnr,
@@ -273,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--colour",
         choices=list(VTM_COLOURS),
-        help="vtm: round (default) or truncate the 8-bit colour conversions (CompressAI truncates)",
+        help=f"vtm: round or truncate the 8-bit colour conversions (CompressAI truncates; "
+        f"default {VTM_COLOUR_DEFAULT})",
     )
     p.add_argument("--output", required=True)
     p.set_defaults(func=_point)

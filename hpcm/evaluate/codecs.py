@@ -17,8 +17,8 @@ Two parts of CompressAI are replaced, for the duration of one VTM measurement:
 - with the anchor option ``colour: round`` (the default), its two colour conversions. Why:
   CompressAI truncates RGB -> YCbCr and the decoded YCbCr -> RGB to 8 bits (``astype``), which
   on its own, with no codec in between, costs Kodak 9.3 dB of PSNR (round trip 43.66 dB against
-  53.00 dB rounded) and an anchor up to 1.2 dB at QP 22 (docs/anchors.md). ``colour: truncate``
-  keeps CompressAI's class exactly as it is (``VTM_COLOURS``).
+  53.00 dB rounded) and an anchor about 1 dB at QP 22 (0.8-1.6 dB per image; docs/anchors.md).
+  ``colour: truncate`` keeps CompressAI's class exactly as it is (``VTM_COLOURS``).
 
 A missing VTM build or cfg is a :class:`CodecError` naming the config key to set
 (``datasets.<dataset>.anchors.<anchor>.build_dir`` / ``.cfg``), raised by :func:`check_codec`
@@ -52,7 +52,8 @@ _YCBCR = (
     "full range, values {how} to 8 bits); decoded YCbCr -> RGB (ycbcr2rgb), {how} to 8 bits; "
     "PSNR / MS-SSIM on RGB against the original PNG"
 )
-# The colour option of a vtm anchor -> what its provenance says; the first is the default
+# The colour option of a vtm anchor -> what its provenance says
+VTM_COLOUR_DEFAULT = "round"
 VTM_COLOURS = {
     "round": _YCBCR.format(how="rounded") + " (this project's conversion; CompressAI truncates)",
     "truncate": _YCBCR.format(how="truncated") + " (compressai.utils.bench's VTM class as is)",
@@ -253,7 +254,7 @@ def measure(
     }
     if codec == "vtm":
         build_dir, cfg = options["build_dir"], options["cfg"]
-        colour = options.get("colour") or next(iter(VTM_COLOURS))
+        colour = options.get("colour") or VTM_COLOUR_DEFAULT
         runner = bench.VTM(SimpleNamespace(build_dir=str(build_dir), config=str(cfg), rgb=False))
         conversion = rounded_colour(bench) if colour == "round" else nullcontext()
         with recorded_commands(bench) as commands, conversion:

@@ -33,6 +33,11 @@ SHIPPED = {
 }
 
 
+@pytest.fixture(scope="module")
+def table() -> pd.DataFrame:
+    return anchors.load_anchors()
+
+
 @pytest.fixture(scope="module", params=sorted(SHIPPED))
 def anchor(request) -> str:
     return request.param
@@ -87,16 +92,15 @@ def test_json_is_compressai_style_with_the_csv_means(anchor, rows):
     assert doc["meta"]["complete"]["pairs"] == doc["meta"]["complete"]["expected_pairs"] == 144
 
 
-def test_listed_as_an_anchor_of_kodak(anchor):
-    table = anchors.load_anchors()
+def test_listed_as_an_anchor_of_kodak(anchor, table):
     assert anchor in anchors.anchor_names("kodak", table)
     bpp, _ = anchors.anchor_curve("kodak", anchor, "psnr", table)
     assert len(bpp) == 6
 
 
 @pytest.fixture(scope="module")
-def reproduced(anchor) -> pd.DataFrame:
-    return reproduce.reproduce("kodak", anchor)
+def reproduced(anchor, table) -> pd.DataFrame:
+    return reproduce.reproduce("kodak", anchor, table=table)
 
 
 def test_default_pins_the_reproduced_bd_rates(anchor, reproduced):
@@ -108,8 +112,7 @@ def test_default_pins_the_reproduced_bd_rates(anchor, reproduced):
 
 
 @pytest.mark.parametrize("method", ["pchip", "akima"])
-def test_equals_the_bjontegaard_package(anchor, reproduced, method):
-    table = anchors.load_anchors()
+def test_equals_the_bjontegaard_package(anchor, table, reproduced, method):
     ref = anchors.anchor_curve("kodak", anchor, "psnr", table)
     choice = "default" if method == "pchip" else f"method={method}"
     for model in SHIPPED[anchor]["bd"]:

@@ -199,6 +199,19 @@ else:
 """
 
 
+def lossless_vtm(folder: Path) -> dict:
+    """The options of a VTM anchor whose binaries are ``LOSSLESS_VTM`` in ``folder``/vtm-bin: what
+    it measures is the colour conversion alone."""
+    bin_dir = folder / "vtm-bin"
+    bin_dir.mkdir()
+    for name in (codecs.VTM_ENCODER, codecs.VTM_DECODER):
+        (bin_dir / name).write_text(LOSSLESS_VTM.format(python=sys.executable, log=VTM_LOG_TAIL))
+        (bin_dir / name).chmod(0o755)
+    cfg = folder / "encoder_intra_vtm.cfg"
+    cfg.write_text("# not read by the stand-in\n")
+    return {"codec": "vtm", "qualities": [37], "build_dir": str(bin_dir), "cfg": str(cfg)}
+
+
 def numpy_round_trip(rgb8: np.ndarray, to_8bit) -> np.ndarray:
     """RGB -> YCbCr (ITU-R BT.709 full range) -> 8 bits -> RGB -> 8 bits, written here from the
     standard's coefficients, without CompressAI or torch."""
@@ -220,13 +233,7 @@ def test_vtm_colour_conversion_equals_numpy(photo, tmp_path, colour, to_8bit):
     in float32, numpy here in float64; 271 of 105,600 values land on the other side of a rounding
     boundary (1-2 levels), 0.011 dB (round) and 0.019 dB (truncate). BT.601 coefficients instead
     would move the PSNR by 0.10 dB (round) and 0.25 dB (truncate)."""
-    for name in (codecs.VTM_ENCODER, codecs.VTM_DECODER):
-        binary = tmp_path / name
-        binary.write_text(LOSSLESS_VTM.format(python=sys.executable, log=VTM_LOG_TAIL))
-        binary.chmod(0o755)
-    cfg = tmp_path / "encoder_intra_vtm.cfg"
-    cfg.write_text("# not read by the stand-in\n")
-    options = {"build_dir": str(tmp_path), "cfg": str(cfg), "colour": colour}
+    options = {**lossless_vtm(tmp_path), "colour": colour}
     record = codecs.measure("vtm", options, photo, 22, "k")
     rgb8 = np.asarray(Image.open(photo).convert("RGB"))
     mse = np.mean((numpy_round_trip(rgb8, to_8bit) - rgb8) ** 2)

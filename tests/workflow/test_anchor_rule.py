@@ -23,7 +23,7 @@ import yaml
 from PIL import Image
 
 from hpcm.data.images import sample_images
-from tests.evaluate.test_codecs import LOSSLESS_VTM, VTM_LOG_TAIL, reference_jpeg
+from tests.evaluate.test_codecs import lossless_vtm, reference_jpeg
 from tests.paths import REPO
 
 QUALITIES = [20, 60]
@@ -60,19 +60,6 @@ def write_config(workdir: Path, anchors: dict) -> Path:
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
-
-
-def lossless_vtm(folder: Path) -> dict:
-    """The options of a VTM anchor whose binaries are a lossless stand-in for VTM
-    (tests/evaluate/test_codecs.py): what it measures is the colour conversion alone."""
-    bin_dir = folder / "vtm-bin"
-    bin_dir.mkdir()
-    for name in ("EncoderAppStatic", "DecoderAppStatic"):
-        (bin_dir / name).write_text(LOSSLESS_VTM.format(python=sys.executable, log=VTM_LOG_TAIL))
-        (bin_dir / name).chmod(0o755)
-    cfg = folder / "encoder_intra_vtm.cfg"
-    cfg.write_text("# not read by the stand-in\n")
-    return {"codec": "vtm", "qualities": [37], "build_dir": str(bin_dir), "cfg": str(cfg)}
 
 
 COLOUR_TARGETS = [f"results/anchors/photos/{colour}.csv" for colour in ("round", "truncate")]
