@@ -59,6 +59,7 @@ from hpcm.evaluate.metrics import ms_ssim_8bit, ms_ssim_to_db, psnr_8bit, to_8bi
 from hpcm.models import (
     CheckpointError,
     CheckpointUnreadableError,
+    NonFiniteScalesError,
     crop_image,
     load_checkpoint_and_metadata,
     pad_image,
@@ -443,7 +444,14 @@ def evaluate(
         save_to = (
             Path(reconstructions) / Path(name).with_suffix(".png") if reconstructions else None
         )
-        results.append(evaluate_image(model, x, name, save_to))
+        try:
+            results.append(evaluate_image(model, x, name, save_to))
+        except NonFiniteScalesError as err:
+            raise EvaluationError(
+                f"{checkpoint} on {path}: {err}: the model's activations overflow on this image, "
+                "as a diverged training run leaves them (its metrics.csv shows NaN losses or "
+                "skipped steps); train it again, e.g. with a lower lr. Nothing was written"
+            ) from None
     write_csv(output, results, meta)
     if json_path:
         seed_part = f"-seed{meta['seed']}" if meta["seed"] != "" else ""

@@ -26,6 +26,7 @@ from hpcm.models.checkpoint import (
     save_checkpoint,
     with_run_metadata,
 )
+from hpcm.models.entropy import NonFiniteScalesError
 from hpcm.models.hpcm import HPCM
 from hpcm.models.padding import crop_image, pad_image
 from hpcm.models.presets import PRESETS, HPCMConfig, preset_config
@@ -43,6 +44,7 @@ __all__ = [
     "HPCM",
     "HPCMConfig",
     "MODEL_NAMES",
+    "NonFiniteScalesError",
     "PRESETS",
     "CheckpointError",
     "CheckpointUnreadableError",

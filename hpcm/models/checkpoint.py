@@ -194,6 +194,12 @@ def load_checkpoint_and_metadata(
     mismatch = first_mismatch(_expected_shapes(config), state)
     if mismatch:
         raise CheckpointError(f"{path} does not fit {name}: {mismatch}")
+    not_finite = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+    if not_finite:  # otherwise the coder fails later, on the first image, without naming the file
+        raise CheckpointError(
+            f"{path}: {len(not_finite)} weight tensor(s) hold NaN or inf (first: {not_finite[0]}); "
+            "the training run that saved it diverged. Train it again (e.g. with a lower lr)"
+        )
 
     model = HPCM(config, name=name)
     missing = sorted(

@@ -56,6 +56,10 @@ TAIL_MASS = 1e-6  # probability mass left to the escape symbol when building tab
 CDF_PRECISION = 16  # bits of the quantised CDFs; compressai's rANS coder is fixed to 16
 
 
+class NonFiniteScalesError(ValueError):
+    """The model predicted NaN or infinite scales: its activations overflowed (a diverged model)."""
+
+
 class _LowerBoundFunction(torch.autograd.Function):
     """max(x, bound); gradient passes where x >= bound or where it would raise x (CompressAI
     rule)."""
@@ -202,7 +206,7 @@ def build_indexes_conditional(scales: Tensor, scale_table: Tensor) -> Tensor:
     if scale_table.dim() != 1 or scale_table.numel() == 0:
         raise ValueError("scale_table is empty: call model.update() before coding")
     if not torch.isfinite(scales).all():
-        raise ValueError("scales contain NaN or inf; cannot pick a coding table")
+        raise NonFiniteScalesError("scales contain NaN or inf; cannot pick a coding table")
     dtype = torch.promote_types(scales.dtype, torch.float32)  # never compare in half precision
     thresholds = scale_table[:-1].to(device=scales.device, dtype=dtype)
     # searchsorted(left) == number of entries strictly below sigma, without a (..., levels) tensor

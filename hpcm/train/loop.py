@@ -13,7 +13,8 @@ variant presets are listed by ``--help`` and documented in ``hpcm.config.run_con
 
 Recipe (every variant, so that comparisons are fair): lr 1e-4 dropped to 3e-5 / 1e-5 / 1e-6 at the
 fractions 2750/3000, 2850/3000, 2950/3000 of the run (official HPCM), gradient-norm clip 1.0,
-batches whose gradient norm is not finite are skipped (and counted, with no task-weight update).
+batches whose gradient norm is not finite are skipped (and counted, with no task-weight update);
+``DIVERGED_AFTER_SKIPS`` skipped in a row stop the run with an error (it has diverged).
 
 Writes in DIR: ``metrics.csv`` (window means per logged step, plus ``loss_std``/``loss_steps``
 of the window's per-step losses), ``checkpoint_last.pth.tar`` (+ ``checkpoint_prev.pth.tar``, the
@@ -40,7 +41,8 @@ uninterrupted one.
 Exit codes: 0 finished (or already finished), 2 bad command line / config / data (nothing was
 done; also every checkpoint unreadable, or an image unreadable mid-run after saving the state),
 75 interrupted by SIGTERM/SIGINT after saving a checkpoint (EX_TEMPFAIL: re-run to
-resume), 1 anything else (a crash; the last checkpoint is intact).
+resume), 1 anything else (a crash; the last checkpoint is intact), including a run that diverged
+(``DIVERGED_AFTER_SKIPS`` batches skipped in a row: it stops and says so).
 """
 
 from __future__ import annotations
@@ -80,6 +82,16 @@ EXIT_OK = 0
 EXIT_CRASH = 1
 EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 75  # sysexits EX_TEMPFAIL: state saved, run the same command again to resume
+
+# A run that skips this many batches in a row (non-finite loss or gradient at every one) has
+# diverged: its weights or activations overflowed and no later step can change them, so it stops
+# rather than train on and export a model that cannot code an image.
+DIVERGED_AFTER_SKIPS = 50
+
+
+class Diverged(RuntimeError):
+    """Every batch of the last ``DIVERGED_AFTER_SKIPS`` (or more) steps was skipped."""
+
 
 DONE_MARKER = "done"
 METRICS_CSV = run_config.METRICS_CSV
@@ -553,6 +565,9 @@ class LogWindow:
         self.run = run
         self.sums = torch.zeros(len(run.sum_columns) + 1, dtype=torch.float64, device=run.device)
         self.steps, self.start = 0, time.perf_counter()
+        # skipped steps at the last row, and skips in a row up to it (whole windows only: a window
+        # with one good step resets the count)
+        self.skipped, self.skipped_in_a_row = run.skipped_steps(), 0
 
     def add(self, metrics: dict[str, torch.Tensor]) -> None:
         stacked = self.run.stack_metrics(metrics)
@@ -581,6 +596,11 @@ class LogWindow:
             **run.weight_columns(),
             **run.phase4_columns(),
         }
+        skipped_now = row["skipped_steps"] - self.skipped
+        self.skipped_in_a_row = (
+            self.skipped_in_a_row + self.steps if skipped_now >= self.steps else 0
+        )
+        self.skipped = row["skipped_steps"]
         self.sums.zero_()
         self.steps, self.start = 0, now
         return row
@@ -677,6 +697,17 @@ def train(run: Run, stop: StopFlag) -> int:
                 processes.agree_to_stop(stop.signum is not None, step),
             )
             row = window.row(step, lr) if step % cfg.log_every == 0 or last or stopping else None
+            if window.skipped_in_a_row >= DIVERGED_AFTER_SKIPS:
+                if writer and row is not None:
+                    metrics_csv.write(row)
+                raise Diverged(
+                    f"{out}: the last {window.skipped_in_a_row} steps (to step {step}) were all "
+                    "skipped, the loss or its gradient not finite at every batch: the run has "
+                    f"diverged (lr {lr:g}, clip_max_norm {cfg.clip_max_norm}). Nothing is saved "
+                    f"from here on; checkpoints written after step {step - window.skipped_in_a_row}"
+                    " may hold the diverged weights. Lower `lr` (or the lambda), delete the run "
+                    "folder and start the run again"
+                )
             validating = step % cfg.val_every == 0 or last
             if validating:  # the row so far is kept in the checkpoint if validation fails
                 run.pending_row = row or {
@@ -829,6 +860,9 @@ def _run_locked(
             )
         try:
             return train(run, stop)
+        except Diverged as exc:
+            print_err(f"error: {exc}")
+            return EXIT_CRASH
         except data.ImageError as exc:  # an image that became unreadable mid-run
             if (out / checkpointing.CHECKPOINT_LAST).exists():
                 advice = (

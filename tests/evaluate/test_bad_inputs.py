@@ -113,3 +113,30 @@ def test_save_reconstructions_that_is_a_file_names_the_option(tmp_path, capsys, 
         == 0
     )
     assert (tmp_path / "new" / "recon" / "a0.png").is_file()
+
+
+def test_a_model_whose_activations_overflow_names_the_checkpoint_and_image(tmp_path, capsys):
+    """A diverged run can leave finite weights whose activations overflow on real images (seen
+    at lr 2e-3, lambda 0.0932): the error names both files and says what to do, and writes
+    nothing."""
+    from hpcm.models import build_model, with_run_metadata
+
+    torch.manual_seed(0)
+    model = build_model("HPCM_Tiny")
+    with torch.no_grad():  # the last hyper-synthesis layer: the scales overflow to inf
+        model.h_s.branch[3].branch[3].weight.mul_(1e38)
+    checkpoint = tmp_path / "diverged.pth.tar"
+    torch.save(
+        with_run_metadata(model.state_dict(), model="HPCM_Tiny", variant="baseline", lmbda=0.1),
+        checkpoint,
+    )
+    data = photos(tmp_path / "photos", count=1)
+    out = tmp_path / "out.csv"
+    code = bitstreams.main(
+        ["--checkpoint", str(checkpoint), "--dataset", str(data), "--output", str(out)]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert str(checkpoint) in err and str(data / "a0.png") in err
+    assert "diverged" in err and "lower lr" in err
+    assert not out.exists()

@@ -91,6 +91,17 @@ def test_wrong_architecture_names_first_mismatching_key(tiny, tmp_path):
         load_checkpoint(path, name="HPCM_Small")
 
 
+def test_non_finite_weights_are_refused_naming_the_tensor(tiny, tmp_path):
+    state = {k: v.clone() for k, v in tiny.state_dict().items()}
+    key = next(k for k, v in state.items() if k.startswith("g_s") and v.is_floating_point())
+    state[key].view(-1)[0] = float("nan")
+    path = tmp_path / "diverged.pth.tar"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match="diverged") as info:
+        load_checkpoint(path, name="HPCM_Tiny")
+    assert str(path) in str(info.value) and key in str(info.value)
+
+
 def test_unknown_and_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         load_checkpoint(tmp_path / "nope.pth")

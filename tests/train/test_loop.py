@@ -104,6 +104,34 @@ def test_nonfinite_batch_is_skipped_and_counted(tmp_path):
     assert run.skipped_steps() == 1
 
 
+def test_a_run_that_skips_every_batch_stops_and_says_it_diverged(tmp_path, monkeypatch, capsys):
+    """Weights whose activations overflow make every loss NaN, so every batch is skipped; the run
+    stops once DIVERGED_AFTER_SKIPS are skipped in a row (counted over log windows of 10 steps),
+    names the step and the lr, and neither finishes nor saves a checkpoint."""
+    real_build = train.Run.build
+
+    def poisoned(self, state):
+        real_build(self, state)
+        with torch.no_grad():
+            next(self.model.g_s.parameters()).fill_(float("inf"))
+
+    monkeypatch.setattr(train.Run, "build", poisoned)
+    out = tmp_path / "run"
+    steps = train.DIVERGED_AFTER_SKIPS + 20
+    code = train.main(cli_args(out, steps=steps, log_every=10, checkpoint_every=steps))
+    err = capsys.readouterr().err
+    assert code == train.EXIT_CRASH
+    assert (
+        f"the last {train.DIVERGED_AFTER_SKIPS} steps (to step {train.DIVERGED_AFTER_SKIPS})" in err
+    )
+    assert "diverged (lr 0.0001" in err and "Lower `lr`" in err and "Traceback" not in err
+    assert not (out / train.DONE_MARKER).exists()
+    assert not (out / checkpointing.CHECKPOINT_LAST).exists()
+    rows = read_csv(out / "metrics.csv")
+    assert rows[-1]["step"] == str(train.DIVERGED_AFTER_SKIPS)
+    assert rows[-1]["skipped_steps"] == str(train.DIVERGED_AFTER_SKIPS)
+
+
 def test_lr_follows_the_official_milestone_fractions(tmp_path):
     run = make_run(tmp_path, steps=3000)
     assert run.lr_at(1) == 1e-4 and run.lr_at(2750) == 1e-4
