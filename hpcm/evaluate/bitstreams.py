@@ -450,7 +450,7 @@ def evaluate(
             raise EvaluationError(
                 f"{checkpoint} on {path}: {err}: the model's activations overflow on this image, "
                 "as a diverged training run leaves them (its metrics.csv shows NaN losses or "
-                "skipped steps); train it again, e.g. with a lower lr. Nothing was written"
+                "skipped steps); train it again, e.g. with a lower lr. No CSV or JSON was written"
             ) from None
     write_csv(output, results, meta)
     if json_path:

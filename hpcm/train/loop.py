@@ -14,7 +14,9 @@ variant presets are listed by ``--help`` and documented in ``hpcm.config.run_con
 Recipe (every variant, so that comparisons are fair): lr 1e-4 dropped to 3e-5 / 1e-5 / 1e-6 at the
 fractions 2750/3000, 2850/3000, 2950/3000 of the run (official HPCM), gradient-norm clip 1.0,
 batches whose gradient norm is not finite are skipped (and counted, with no task-weight update);
-``DIVERGED_AFTER_SKIPS`` skipped in a row stop the run with an error (it has diverged).
+a run that skips ``DIVERGED_SHARE`` (90 %) of the batches of every log window for
+``DIVERGED_AFTER_STEPS`` (50) steps or more has diverged: it stops with an error, writes the
+``diverged`` marker, and refuses to resume.
 
 Writes in DIR: ``metrics.csv`` (window means per logged step, plus ``loss_std``/``loss_steps``
 of the window's per-step losses), ``checkpoint_last.pth.tar`` (+ ``checkpoint_prev.pth.tar``, the
@@ -39,10 +41,11 @@ and every RNG state is checkpointed, so on CPU a resumed run ends with the same 
 uninterrupted one.
 
 Exit codes: 0 finished (or already finished), 2 bad command line / config / data (nothing was
-done; also every checkpoint unreadable, or an image unreadable mid-run after saving the state),
+done; also every checkpoint unreadable, an image unreadable mid-run after saving the state, or
+a run folder marked ``diverged``),
 75 interrupted by SIGTERM/SIGINT after saving a checkpoint (EX_TEMPFAIL: re-run to
-resume), 1 anything else (a crash; the last checkpoint is intact), including a run that diverged
-(``DIVERGED_AFTER_SKIPS`` batches skipped in a row: it stops and says so).
+resume), 1 anything else (a crash; the last checkpoint is intact), or a run that diverged (its
+checkpoints may hold the diverged weights; it leaves ``diverged``, and running it again exits 2).
 """
 
 from __future__ import annotations
@@ -83,14 +86,18 @@ EXIT_CRASH = 1
 EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 75  # sysexits EX_TEMPFAIL: state saved, run the same command again to resume
 
-# A run that skips this many batches in a row (non-finite loss or gradient at every one) has
-# diverged: its weights or activations overflowed and no later step can change them, so it stops
-# rather than train on and export a model that cannot code an image.
-DIVERGED_AFTER_SKIPS = 50
+# A run that skipped at least DIVERGED_SHARE of its batches (non-finite loss or gradient) in every
+# log window of its last DIVERGED_AFTER_STEPS steps or more has diverged: its weights or
+# activations overflowed and the odd batch that still passes cannot bring it back. It stops,
+# leaves the DIVERGED_MARKER, and refuses to resume, rather than train on (or be retried by the
+# workflow) and export a model that cannot code an image.
+DIVERGED_AFTER_STEPS = 50
+DIVERGED_SHARE = 0.9
+DIVERGED_MARKER = "diverged"
 
 
 class Diverged(RuntimeError):
-    """Every batch of the last ``DIVERGED_AFTER_SKIPS`` (or more) steps was skipped."""
+    """The run skipped most batches for ``DIVERGED_AFTER_STEPS`` steps or more."""
 
 
 DONE_MARKER = "done"
@@ -565,9 +572,10 @@ class LogWindow:
         self.run = run
         self.sums = torch.zeros(len(run.sum_columns) + 1, dtype=torch.float64, device=run.device)
         self.steps, self.start = 0, time.perf_counter()
-        # skipped steps at the last row, and skips in a row up to it (whole windows only: a window
-        # with one good step resets the count)
-        self.skipped, self.skipped_in_a_row = run.skipped_steps(), 0
+        # skipped steps at the last row; the last logged step whose window skipped less than
+        # DIVERGED_SHARE of its batches, and the batches skipped since then
+        self.skipped = run.skipped_steps()
+        self.healthy_step, self.skipped_since_healthy = run.step, 0
 
     def add(self, metrics: dict[str, torch.Tensor]) -> None:
         stacked = self.run.stack_metrics(metrics)
@@ -596,14 +604,19 @@ class LogWindow:
             **run.weight_columns(),
             **run.phase4_columns(),
         }
-        skipped_now = row["skipped_steps"] - self.skipped
-        self.skipped_in_a_row = (
-            self.skipped_in_a_row + self.steps if skipped_now >= self.steps else 0
-        )
-        self.skipped = row["skipped_steps"]
+        skipped_now, self.skipped = row["skipped_steps"] - self.skipped, row["skipped_steps"]
+        if skipped_now < DIVERGED_SHARE * self.steps:
+            self.healthy_step, self.skipped_since_healthy = step, 0
+        else:
+            self.skipped_since_healthy += skipped_now
         self.sums.zero_()
         self.steps, self.start = 0, now
         return row
+
+    def diverged(self, step: int) -> bool:
+        """At a logged ``step``: did every window of the last DIVERGED_AFTER_STEPS steps or more
+        skip DIVERGED_SHARE of its batches?"""
+        return step - self.healthy_step >= DIVERGED_AFTER_STEPS
 
     def restart_clock(self) -> None:
         """Validation time is not step time."""
@@ -697,17 +710,19 @@ def train(run: Run, stop: StopFlag) -> int:
                 processes.agree_to_stop(stop.signum is not None, step),
             )
             row = window.row(step, lr) if step % cfg.log_every == 0 or last or stopping else None
-            if window.skipped_in_a_row >= DIVERGED_AFTER_SKIPS:
-                if writer and row is not None:
-                    metrics_csv.write(row)
-                raise Diverged(
-                    f"{out}: the last {window.skipped_in_a_row} steps (to step {step}) were all "
-                    "skipped, the loss or its gradient not finite at every batch: the run has "
-                    f"diverged (lr {lr:g}, clip_max_norm {cfg.clip_max_norm}). Nothing is saved "
-                    f"from here on; checkpoints written after step {step - window.skipped_in_a_row}"
-                    " may hold the diverged weights. Lower `lr` (or the lambda), delete the run "
-                    "folder and start the run again"
+            if row is not None and window.diverged(step):
+                healthy = window.healthy_step
+                message = (
+                    f"{out}: {window.skipped_since_healthy} of the {step - healthy} batches after "
+                    f"step {healthy} were skipped (loss or gradient not finite): the run diverged "
+                    f"at lr {lr:g}, clip_max_norm {cfg.clip_max_norm}, and stopped at step {step}. "
+                    f"Checkpoints from step {healthy} on may hold the diverged weights. Lower "
+                    "`lr` (or the lambda), delete the run folder and start the run again"
                 )
+                if writer:
+                    metrics_csv.write(row)
+                    atomic_write_text(out / DIVERGED_MARKER, message + "\n")
+                raise Diverged(message)
             validating = step % cfg.val_every == 0 or last
             if validating:  # the row so far is kept in the checkpoint if validation fails
                 run.pending_row = row or {
@@ -815,6 +830,9 @@ def run_training(cfg: RunConfig, out: Path) -> int:
 def _run_locked(
     cfg: RunConfig, out: Path, processes: distributed.Processes = distributed.SINGLE_PROCESS
 ) -> int:
+    if (out / DIVERGED_MARKER).exists():  # resuming would diverge again, or go on from bad weights
+        print_err(f"error: refusing to resume: {(out / DIVERGED_MARKER).read_text().strip()}")
+        return EXIT_CONFIG
     if (out / DONE_MARKER).exists():
         # Compare first: a changed experiment key must fail as it does for an unfinished run, not
         # report "nothing to do" for a model this folder does not hold.
@@ -888,9 +906,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Train one (variant, lambda) HPCM run; re-run the same command to resume.",
         epilog=run_config.help_text()
         + f"\n\nexit codes: {EXIT_OK} finished (or already finished), {EXIT_CONFIG} bad command "
-        "line/config/data (nothing done; or no readable checkpoint, or an image unreadable "
-        f"mid-run after saving the state), {EXIT_INTERRUPTED} stopped by SIGTERM/SIGINT after "
-        f"saving a checkpoint (re-run to resume), {EXIT_CRASH} crash.",
+        "line/config/data (nothing done; or no readable checkpoint, an image unreadable "
+        f"mid-run after saving the state, or a run folder marked {DIVERGED_MARKER!r}), "
+        f"{EXIT_INTERRUPTED} stopped by SIGTERM/SIGINT after saving a checkpoint (re-run to "
+        f"resume), {EXIT_CRASH} crash, or the run diverged (it writes {DIVERGED_MARKER!r}).",
     )
     parser.add_argument(
         "--config", help="run config YAML (flat key: value mapping); omitted = defaults only"
