@@ -3,7 +3,6 @@ fine-tuning."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import signal
@@ -21,7 +20,7 @@ from hpcm.train import checkpoints as checkpointing
 from hpcm.train import loop as train
 from hpcm.train.logs import METRIC_COLUMNS
 from tests.paths import REPO
-from tests.train.tiny import TINY, cli_args, sigterm_at_step
+from tests.train.tiny import TINY, before_each_step, cli_args, sigterm_at_step
 
 
 # Small and fast: 64 px crops of the embedded samples, no wandb, data in the main process.
@@ -105,23 +104,18 @@ def test_nonfinite_batch_is_skipped_and_counted(tmp_path):
     assert run.skipped_steps() == 1
 
 
-@contextlib.contextmanager
 def nan_batches(which):
     """Within: the batch of every step for which ``which(step)`` holds has a NaN pixel, so its
     loss is not finite and the optimizer skips it (as a diverged model's batches are)."""
-    real_step = train.Run.train_step
 
-    def poisoned(self, step, x):
-        if which(step):
-            x = x.clone()
-            x[0, 0, 0, 0] = float("nan")
-        return real_step(self, step, x)
+    def poison(step, x):
+        if not which(step):
+            return x
+        x = x.clone()
+        x[0, 0, 0, 0] = float("nan")
+        return x
 
-    train.Run.train_step = poisoned
-    try:
-        yield
-    finally:
-        train.Run.train_step = real_step
+    return before_each_step(poison)
 
 
 @pytest.mark.parametrize(

@@ -30,17 +30,27 @@ def cli_args(out: Path, **overrides) -> list[str]:
 
 
 @contextlib.contextmanager
-def sigterm_at_step(step: int):
-    """Within: the trainer receives SIGTERM in the middle of ``step``, as SLURM would send it."""
+def before_each_step(hook):
+    """Within: every ``Run.train_step(step, x)`` first calls ``hook(step, x)`` and trains on the
+    batch it returns."""
     real_step = loop.Run.train_step
 
-    def interrupted(self, current, x):
-        if current == step:
-            signal.raise_signal(signal.SIGTERM)
-        return real_step(self, current, x)
+    def hooked(self, step, x):
+        return real_step(self, step, hook(step, x))
 
-    loop.Run.train_step = interrupted
+    loop.Run.train_step = hooked
     try:
         yield
     finally:
         loop.Run.train_step = real_step
+
+
+def sigterm_at_step(step: int):
+    """Within: the trainer receives SIGTERM in the middle of ``step``, as SLURM would send it."""
+
+    def signal_at(current, x):
+        if current == step:
+            signal.raise_signal(signal.SIGTERM)
+        return x
+
+    return before_each_step(signal_at)
