@@ -17,11 +17,11 @@ Contents (see the ``note`` column for details):
 VTM-22.0 (the HPCM paper's anchor): no public source gives its R-D points (``VTM_22_STATUS`` says
 what was searched), so this project measures it with the workflow's anchor rule and ships it as
 measured anchors (per-image data in hpcm/analysis/measured/<anchor>/, hpcm.analysis.measured),
-appended to this table's curves: today ``vtm-22.0-truncated`` (Kodak; RGB <-> YCbCr truncated to
-8 bits as compressai.utils.bench does); ``vtm-22.0`` (the same, rounded) joins when its Kodak
-encodes are complete (docs/anchors.md). ``vtm`` is CompressAI's VTM, labelled "VTM
-(CompressAI; version unrecorded)": CompressAI's JSONs name no VTM version (its issue #166 asks,
-unanswered), so its BD numbers are not the paper's.
+appended to this table's curves: ``vtm-22.0`` (Kodak; RGB <-> YCbCr rounded to 8 bits: the
+paper's BD-rates within 0.13 / 0.21 points) and ``vtm-22.0-truncated`` (the same encoder with the
+conversion truncated as compressai.utils.bench does; docs/anchors.md). ``vtm`` is
+CompressAI's VTM, labelled "VTM (CompressAI; version unrecorded)": CompressAI's JSONs name no VTM
+version (its issue #166 asks, unanswered), so its BD numbers are not the paper's.
 
 Caution (measured with ``hpcm anchors bd``): on Kodak the CompressAI curves reproduce
 the BD-rates of orchestration.md §4.3 and HPCM-Base/Large come out at -16.0 % / -20.0 % vs

@@ -3,10 +3,9 @@
 The HPCM paper (ICCV 2025) reports, on Kodak against VTM-22.0, BD-rate -15.31 % (HPCM-Base) and
 -19.19 % (HPCM-Large) (``PAPER``). The models' points are those of the anchor table
 (``hpcm-base`` / ``hpcm-large``: lyq133/LIC-HPCM README). This module computes the same BD-rate
-against any anchor of the table (``vtm-22.0-truncated`` measured by this project, ``vtm-22.0`` once
-its encodes are complete, or CompressAI's ``vtm``)
-and varies one choice at a time from the default (pchip, RGB PSNR, every complete quality,
-per-image averaging):
+against any anchor of the table (``vtm-22.0`` and ``vtm-22.0-truncated``, measured by this project
+with the colour conversion rounded and truncated, or CompressAI's ``vtm``) and varies one choice
+at a time from the default (pchip, RGB PSNR, every complete quality, per-image averaging):
 
 - ``method``: pchip (JVET), akima, cubic (VCEG-M33);
 - ``distortion`` (measured anchors): RGB PSNR; (6 Y + U + V) / 8 of VTM's PSNRs; VTM's own
@@ -21,7 +20,7 @@ curve of mean points only ``method`` and ``qualities`` (its points are numbered 
 
 CLI::
 
-    python -m hpcm.analysis.reproduce [--reference vtm-22.0-truncated] [--dataset kodak]
+    python -m hpcm.analysis.reproduce [--reference vtm-22.0] [--dataset kodak]
         [--measured results/anchors/kodak/vtm-22.0.csv] [--markdown]
 """
 
@@ -50,8 +49,8 @@ from hpcm.util.cli import run_command
 
 # HPCM paper, Kodak, PSNR BD-rate vs VTM-22.0 (research notes: /work/shared/research/anchors.md)
 PAPER = {"hpcm-base": -15.31, "hpcm-large": -19.19}
-# the VTM-22.0 anchor shipped today (hpcm/analysis/measured/); the rounded vtm-22.0 is underway
-REFERENCE = "vtm-22.0-truncated"
+# the measured VTM-22.0 anchor with the colour conversion rounded (hpcm/analysis/measured/vtm-22.0)
+REFERENCE = "vtm-22.0"
 DEFAULT = {"method": "pchip", "distortion": "psnr", "averaging": "image", "qualities": "all"}
 MIN_POINTS = 4
 

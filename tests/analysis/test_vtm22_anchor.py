@@ -26,6 +26,10 @@ CFG_SHA256 = "5647353c1d7a5a64c4180afee1f7f5f902ada9198c08839baa972395a3dc1e34"
 # anchor -> its colour conversion and the BD-rates (%) of the README's Kodak points against it:
 # pchip, RGB PSNR, all six QPs, per-image averaging (docs/models.md). Paper: -15.31 / -19.19.
 SHIPPED = {
+    "vtm-22.0": {
+        "colour": "round",
+        "bd": {"hpcm-base": -15.4407, "hpcm-large": -19.4003},
+    },
     "vtm-22.0-truncated": {
         "colour": "truncate",
         "bd": {"hpcm-base": -20.3349, "hpcm-large": -23.9285},
