@@ -573,9 +573,9 @@ class LogWindow:
         self.sums = torch.zeros(len(run.sum_columns) + 1, dtype=torch.float64, device=run.device)
         self.steps, self.start = 0, time.perf_counter()
         # skipped steps at the last row; the last logged step whose window skipped less than
-        # DIVERGED_SHARE of its batches, and the batches skipped since then
+        # DIVERGED_SHARE of its batches, and the skipped steps then
         self.skipped = run.skipped_steps()
-        self.healthy_step, self.skipped_since_healthy = run.step, 0
+        self.healthy_step, self.skipped_when_healthy = run.step, self.skipped
 
     def add(self, metrics: dict[str, torch.Tensor]) -> None:
         stacked = self.run.stack_metrics(metrics)
@@ -606,9 +606,7 @@ class LogWindow:
         }
         skipped_now, self.skipped = row["skipped_steps"] - self.skipped, row["skipped_steps"]
         if skipped_now < DIVERGED_SHARE * self.steps:
-            self.healthy_step, self.skipped_since_healthy = step, 0
-        else:
-            self.skipped_since_healthy += skipped_now
+            self.healthy_step, self.skipped_when_healthy = step, self.skipped
         self.sums.zero_()
         self.steps, self.start = 0, now
         return row
@@ -712,8 +710,9 @@ def train(run: Run, stop: StopFlag) -> int:
             row = window.row(step, lr) if step % cfg.log_every == 0 or last or stopping else None
             if row is not None and window.diverged(step):
                 healthy = window.healthy_step
+                skipped = window.skipped - window.skipped_when_healthy
                 message = (
-                    f"{out}: {window.skipped_since_healthy} of the {step - healthy} batches after "
+                    f"{out}: {skipped} of the {step - healthy} batches after "
                     f"step {healthy} were skipped (loss or gradient not finite): the run diverged "
                     f"at lr {lr:g}, clip_max_norm {cfg.clip_max_norm}, and stopped at step {step}. "
                     f"Checkpoints from step {healthy} on may hold the diverged weights. Lower "
